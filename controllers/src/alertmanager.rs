@@ -1,0 +1,115 @@
+//! Offline checks of an AMP alertmanager definition: a YAML document with an
+//! `alertmanager_config` string (Alertmanager's own configuration) and optional `template_files`.
+//! Checks the structure, that every receiver a route names exists, and the grouping durations.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use marked_yaml::Spanned;
+use serde::Deserialize;
+
+use crate::diag::{Diagnostics, SourceFile};
+use crate::rules::parse_yaml;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Definition {
+    alertmanager_config: Spanned<String>,
+    #[serde(default)]
+    template_files: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct Config {
+    route: Option<Route>,
+    #[serde(default)]
+    receivers: Vec<Receiver>,
+}
+
+#[derive(Deserialize)]
+struct Route {
+    receiver: Option<Spanned<String>>,
+    group_wait: Option<Spanned<String>>,
+    group_interval: Option<Spanned<String>>,
+    repeat_interval: Option<Spanned<String>>,
+    #[serde(default)]
+    routes: Vec<Route>,
+}
+
+#[derive(Deserialize)]
+struct Receiver {
+    name: Spanned<String>,
+}
+
+/// Checks a definition file; every problem is reported against the definition file. Positions
+/// inside the embedded configuration are counted from the line `alertmanager_config` starts on.
+pub fn check_definition(file: &SourceFile, diags: &mut Diagnostics) {
+    let Some(def): Option<Definition> = parse_yaml(file, diags, "alertmanager definition") else {
+        return;
+    };
+    let _ = def.template_files;
+    let start_line = def.alertmanager_config.span().start().map(|m| m.line()).unwrap_or(1);
+    let inner = SourceFile::new(file.path.clone(), file.display.clone(), def.alertmanager_config.as_str().to_string());
+    let mut inner_diags = Diagnostics::default();
+    let parsed: Option<Config> = parse_yaml(&inner, &mut inner_diags, "alertmanager_config");
+    for d in inner_diags.into_sorted() {
+        // The block scalar's content starts on the line after the key.
+        diags.error(
+            crate::diag::Loc { line: d.loc.line + start_line, ..d.loc },
+            d.message,
+        );
+    }
+    let Some(config) = parsed else { return };
+    let at = |s: &marked_yaml::Span| {
+        let line = s.start().map(|m| m.line()).unwrap_or(0) + start_line;
+        let col = s.start().map(|m| m.column()).unwrap_or(1);
+        crate::diag::Loc { file: file.display.clone(), line, column: col }
+    };
+    let names: BTreeSet<&str> = config.receivers.iter().map(|r| r.name.as_str()).collect();
+    let Some(route) = &config.route else {
+        diags.at(file, 0, "alertmanager_config has no `route`");
+        return;
+    };
+    if route.receiver.is_none() {
+        diags.at(file, 0, "the top-level route needs a `receiver`");
+    }
+    let mut stack = vec![route];
+    while let Some(r) = stack.pop() {
+        if let Some(recv) = &r.receiver {
+            if !names.contains(recv.as_str()) {
+                diags.error(at(recv.span()), format!("route names receiver `{}`, which is not defined", recv.as_str()));
+            }
+        }
+        for d in [&r.group_wait, &r.group_interval, &r.repeat_interval].into_iter().flatten() {
+            if let Err(e) = promql_parser::util::parse_duration(d.as_str()) {
+                diags.error(at(d.span()), format!("`{}` is not a duration ({e})", d.as_str()));
+            }
+        }
+        stack.extend(r.routes.iter());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str) -> Vec<String> {
+        let f = SourceFile::new("am.yml".into(), "am.yml".into(), text.into());
+        let mut d = Diagnostics::default();
+        check_definition(&f, &mut d);
+        d.into_sorted().iter().map(|d| d.to_string()).collect()
+    }
+
+    #[test]
+    fn accepts_routes_to_defined_receivers() {
+        let errs = check("alertmanager_config: |\n  route:\n    receiver: a\n    routes:\n      - receiver: b\n        group_wait: 30s\n  receivers:\n    - name: a\n    - name: b\n");
+        assert!(errs.is_empty(), "{errs:?}");
+    }
+
+    #[test]
+    fn reports_undefined_receivers_where_they_are_named() {
+        let errs = check("alertmanager_config: |\n  route:\n    receiver: a\n    routes:\n      - receiver: nope\n  receivers:\n    - name: a\n");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].starts_with("am.yml:5:"), "{errs:?}");
+        assert!(errs[0].contains("`nope`"), "{errs:?}");
+    }
+}

@@ -1,0 +1,140 @@
+//! What a pass wants to do: one [`Change`] per resource, with the field-level diff a person reads
+//! and the operations the controller executes.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::model::ResourceId;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// `+`: the resource does not exist and will be created.
+    Create,
+    /// `~`: the resource exists and some fields differ.
+    Update,
+    /// `-`: an owned resource no longer in the desired state, deleted under
+    /// `deletion_policy = "delete"` or `--prune`.
+    Delete,
+    /// `!`: an owned resource no longer in the desired state, left as it is.
+    Orphan,
+}
+
+impl Action {
+    pub fn symbol(self) -> char {
+        match self {
+            Action::Create => '+',
+            Action::Update => '~',
+            Action::Delete => '-',
+            Action::Orphan => '!',
+        }
+    }
+}
+
+/// One field that differs. `None` means absent. Sensitive values are never stored here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldChange {
+    pub field: String,
+    pub before: Option<String>,
+    pub after: Option<String>,
+}
+
+impl FieldChange {
+    pub fn new(field: impl Into<String>, before: Option<String>, after: Option<String>) -> Self {
+        FieldChange {
+            field: field.into(),
+            before,
+            after,
+        }
+    }
+}
+
+/// The change a pass makes to one resource.
+#[derive(Debug, Clone, Serialize)]
+pub struct Change<Op> {
+    pub id: ResourceId,
+    pub action: Action,
+    /// The AWS object, e.g. `role demo-prometheus` or `workspace ws-1234`.
+    pub object: String,
+    pub fields: Vec<FieldChange>,
+    /// Things a person should know (immutable fields, adoption).
+    pub notes: Vec<String>,
+    /// Shown, never applied.
+    pub observe_only: bool,
+    #[serde(skip)]
+    pub ops: Vec<Op>,
+}
+
+impl<Op> Change<Op> {
+    pub fn new(id: ResourceId, action: Action, object: impl Into<String>) -> Self {
+        Change {
+            id,
+            action,
+            object: object.into(),
+            fields: Vec::new(),
+            notes: Vec::new(),
+            observe_only: false,
+            ops: Vec::new(),
+        }
+    }
+
+    pub fn field(&mut self, field: impl Into<String>, before: Option<String>, after: Option<String>) {
+        self.fields.push(FieldChange::new(field, before, after));
+    }
+
+    pub fn op(&mut self, op: Op) {
+        self.ops.push(op);
+    }
+
+    /// Whether applying it would write anything.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty() && self.fields.is_empty() && self.action == Action::Update
+    }
+
+    pub fn map_ops<T>(self, f: impl FnMut(Op) -> T) -> Change<T> {
+        Change {
+            id: self.id,
+            action: self.action,
+            object: self.object,
+            fields: self.fields,
+            notes: self.notes,
+            observe_only: self.observe_only,
+            ops: self.ops.into_iter().map(f).collect(),
+        }
+    }
+}
+
+impl<Op> fmt::Display for Change<Op> {
+    /// The plan's text form: the resource line, then each field `before → after`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} ({})", self.action.symbol(), self.id, self.object)?;
+        if self.observe_only {
+            f.write_str(" [observe only: not applied]")?;
+        }
+        writeln!(f)?;
+        for c in &self.fields {
+            let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "(none)".into());
+            match (&c.before, &c.after) {
+                (None, Some(a)) if self.action == Action::Create => {
+                    writeln!(f, "    {}: {}", c.field, a)?
+                }
+                _ => writeln!(f, "    {}: {} → {}", c.field, show(&c.before), show(&c.after))?,
+            }
+        }
+        for n in &self.notes {
+            writeln!(f, "    note: {n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Compares two optional display values and records a field change when they differ.
+pub fn diff_field<Op>(change: &mut Change<Op>, field: &str, before: Option<String>, after: Option<String>) -> bool {
+    if before != after {
+        change.field(field, before, after);
+        true
+    } else {
+        false
+    }
+}

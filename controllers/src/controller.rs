@@ -1,0 +1,164 @@
+//! The one shape every resource controller has: batched observe, pure diff, apply.
+//!
+//! The runtime owns *when* a controller runs; a controller owns *what* its kinds look like in AWS.
+//! `diff` is a pure function of the desired resource, the observed state and the resolved
+//! references, so it is unit-tested without any network and can be recomputed right before
+//! applying with values created earlier in the same pass.
+
+use std::any::Any;
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::change::Change;
+use crate::desired::{DesiredState, Resource};
+use crate::error::Result;
+use crate::model::{Kind, Outputs, Refs, ResourceId};
+
+/// What a controller needs to talk to AWS. Built once by the runtime and shared.
+#[derive(Clone)]
+pub struct Context {
+    pub iam: aws_sdk_iam::Client,
+    pub amp: aws_sdk_amp::Client,
+    pub region: String,
+    pub waits: Waits,
+}
+
+/// How long and how often to poll AWS for asynchronous work (a workspace leaving CREATING).
+#[derive(Debug, Clone, Copy)]
+pub struct Waits {
+    pub poll: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for Waits {
+    fn default() -> Self {
+        Waits {
+            poll: Duration::from_secs(2),
+            timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A resource controller.
+#[async_trait]
+pub trait Controller: Send + Sync + 'static {
+    /// Everything `observe` read, for all resources of the controller's kinds.
+    type Observed: Send + Sync + 'static;
+    /// One AWS write, self-contained (every reference already resolved).
+    type Op: fmt::Debug + Send + Sync + 'static;
+
+    fn kinds(&self) -> &'static [Kind];
+
+    /// Batched reads: the objects the desired state names or adopts, and every object that carries
+    /// this stack's ownership tag (so removed resources are found).
+    async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Self::Observed>;
+
+    /// Attribute values of every desired resource that exists.
+    fn outputs(&self, desired: &DesiredState, observed: &Self::Observed) -> Vec<(ResourceId, Outputs)>;
+
+    /// Pure: the change that takes one resource from observed to desired, `None` when in sync.
+    /// An error means the resource cannot be reconciled as is (e.g. its name is taken by an
+    /// object stackwarden does not own).
+    fn diff(
+        &self,
+        desired: &DesiredState,
+        resource: &Resource,
+        observed: &Self::Observed,
+        refs: &Refs,
+    ) -> Result<Option<Change<Self::Op>>>;
+
+    /// Pure: owned objects that the desired state no longer names, orphaned or (when `prune`)
+    /// deleted.
+    fn removed(
+        &self,
+        desired: &DesiredState,
+        observed: &Self::Observed,
+        prune: bool,
+    ) -> Vec<Change<Self::Op>>;
+
+    /// Executes one operation. Returns attribute values it created (a new ARN), if any.
+    async fn apply(&self, ctx: &Context, op: &Self::Op) -> Result<Option<Outputs>>;
+}
+
+/// An operation of any controller; only the controller that made it can apply it.
+pub struct AnyOp(Box<dyn Any + Send + Sync>, String);
+
+impl fmt::Debug for AnyOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.1)
+    }
+}
+
+/// Observed state of any controller.
+pub type AnyObserved = Box<dyn Any + Send + Sync>;
+
+/// [`Controller`] with its types erased, so the runtime can hold every kind in one list.
+#[async_trait]
+pub trait DynController: Send + Sync {
+    fn kinds(&self) -> &'static [Kind];
+    async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<AnyObserved>;
+    fn outputs(&self, desired: &DesiredState, observed: &AnyObserved) -> Vec<(ResourceId, Outputs)>;
+    fn diff(
+        &self,
+        desired: &DesiredState,
+        resource: &Resource,
+        observed: &AnyObserved,
+        refs: &Refs,
+    ) -> Result<Option<Change<AnyOp>>>;
+    fn removed(&self, desired: &DesiredState, observed: &AnyObserved, prune: bool) -> Vec<Change<AnyOp>>;
+    async fn apply(&self, ctx: &Context, op: &AnyOp) -> Result<Option<Outputs>>;
+}
+
+fn erase<Op: fmt::Debug + Send + Sync + 'static>(op: Op) -> AnyOp {
+    let shown = format!("{op:?}");
+    AnyOp(Box::new(op), shown)
+}
+
+fn typed<C: Controller>(observed: &AnyObserved) -> &C::Observed {
+    observed
+        .downcast_ref()
+        .expect("observed state handed to the controller that produced it")
+}
+
+#[async_trait]
+impl<C: Controller> DynController for C {
+    fn kinds(&self) -> &'static [Kind] {
+        Controller::kinds(self)
+    }
+
+    async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<AnyObserved> {
+        Ok(Box::new(Controller::observe(self, ctx, desired).await?))
+    }
+
+    fn outputs(&self, desired: &DesiredState, observed: &AnyObserved) -> Vec<(ResourceId, Outputs)> {
+        Controller::outputs(self, desired, typed::<C>(observed))
+    }
+
+    fn diff(
+        &self,
+        desired: &DesiredState,
+        resource: &Resource,
+        observed: &AnyObserved,
+        refs: &Refs,
+    ) -> Result<Option<Change<AnyOp>>> {
+        Ok(Controller::diff(self, desired, resource, typed::<C>(observed), refs)?
+            .map(|c| c.map_ops(erase)))
+    }
+
+    fn removed(&self, desired: &DesiredState, observed: &AnyObserved, prune: bool) -> Vec<Change<AnyOp>> {
+        Controller::removed(self, desired, typed::<C>(observed), prune)
+            .into_iter()
+            .map(|c| c.map_ops(erase))
+            .collect()
+    }
+
+    async fn apply(&self, ctx: &Context, op: &AnyOp) -> Result<Option<Outputs>> {
+        let op = op
+            .0
+            .downcast_ref::<C::Op>()
+            .expect("operation applied by the controller that planned it");
+        Controller::apply(self, ctx, op).await
+    }
+}

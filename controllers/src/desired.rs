@@ -1,0 +1,326 @@
+//! The desired state: what the user's directory says, validated and with every referenced file
+//! read. Built only by the loader, and only when every check passed, so controllers never see
+//! half-valid input and never touch the filesystem.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::diag::{Diagnostics, Origin, SourceFile};
+use crate::model::{scan_refs, Kind, ResourceId, Target};
+use crate::{amg, amp, grafana, host, host_config, iam};
+
+/// Files larger than this are rejected: a desired-state file is configuration, not data.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Ownership tag: the stack that created the resource.
+pub const TAG_STACK: &str = "stackwarden:stack";
+/// Ownership tag: the resource's address in the desired state (`iam.role.prometheus`).
+pub const TAG_ID: &str = "stackwarden:id";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeletionPolicy {
+    /// Resources removed from the desired state are left in AWS and reported (`!` in plan).
+    #[default]
+    Orphan,
+    /// Resources removed from the desired state are deleted (`-` in plan).
+    Delete,
+}
+
+/// `[stack]`: once, in any file of the directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StackSpec {
+    pub name: Spanned<String>,
+    /// AWS region; `--region` and the standard AWS settings win over it.
+    pub region: Option<String>,
+    /// Tags put on every resource the stack creates.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// The specification of one resource, by kind.
+#[derive(Debug, Clone)]
+pub enum Spec {
+    IamRole(iam::RoleSpec),
+    IamPolicy(iam::PolicySpec),
+    IamInstanceProfile(iam::InstanceProfileSpec),
+    AmpWorkspace(amp::WorkspaceSpec),
+    AmgWorkspace(amg::WorkspaceSpec),
+    Host(host::HostSpec),
+    Grafana(grafana::GrafanaSpec),
+    HostConfig(host_config::HostConfigSpec),
+}
+
+impl Spec {
+    /// Deserializes the TOML table of one resource into the schema of its kind.
+    pub fn deserialize<'de, D>(kind: Kind, de: D) -> Result<Spec, D::Error>
+    where
+        D: serde::Deserializer<'de>,
+    {
+        Ok(match kind {
+            Kind::IamRole => Spec::IamRole(Deserialize::deserialize(de)?),
+            Kind::IamPolicy => Spec::IamPolicy(Deserialize::deserialize(de)?),
+            Kind::IamInstanceProfile => Spec::IamInstanceProfile(Deserialize::deserialize(de)?),
+            Kind::AmpWorkspace => Spec::AmpWorkspace(Deserialize::deserialize(de)?),
+            Kind::AmgWorkspace => Spec::AmgWorkspace(Deserialize::deserialize(de)?),
+            Kind::Host => Spec::Host(Deserialize::deserialize(de)?),
+            Kind::Grafana => Spec::Grafana(Deserialize::deserialize(de)?),
+            Kind::HostConfig => Spec::HostConfig(Deserialize::deserialize(de)?),
+        })
+    }
+
+    /// Checks what the schema alone cannot: referenced files, their syntax, value ranges.
+    pub fn validate(&mut self, v: &mut Validator<'_>) {
+        match self {
+            Spec::IamRole(s) => s.validate(v),
+            Spec::IamPolicy(s) => s.validate(v),
+            Spec::IamInstanceProfile(s) => s.validate(v),
+            Spec::AmpWorkspace(s) => s.validate(v),
+            Spec::AmgWorkspace(s) => s.validate(v),
+            Spec::Host(s) => s.validate(v),
+            Spec::Grafana(s) => s.validate(v),
+            Spec::HostConfig(s) => s.validate(v),
+        }
+    }
+}
+
+/// One resource of the desired state.
+#[derive(Debug, Clone)]
+pub struct Resource {
+    pub id: ResourceId,
+    /// Where its table starts.
+    pub origin: Origin,
+    /// Take over an existing AWS object by its name or id instead of creating one.
+    pub adopt: Option<String>,
+    /// Show drift in plan, never write.
+    pub observe_only: bool,
+    pub spec: Spec,
+    /// Resources this one references, directly (its strings and its files).
+    pub depends_on: BTreeSet<ResourceId>,
+}
+
+/// A validated desired-state directory.
+#[derive(Debug, Clone)]
+pub struct DesiredState {
+    pub dir: PathBuf,
+    pub stack: StackSpec,
+    pub resources: BTreeMap<ResourceId, Resource>,
+    /// Content hash of every file read (the GitOps generation when the directory is no checkout).
+    pub content_hash: String,
+}
+
+impl DesiredState {
+    pub fn stack_name(&self) -> &str {
+        self.stack.name.get_ref()
+    }
+
+    pub fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Resource> {
+        self.resources.values().filter(move |r| r.id.kind == kind)
+    }
+
+    /// The AWS name of a resource that has no explicit name: `<stack>-<name>`.
+    pub fn default_name(&self, id: &ResourceId) -> String {
+        format!("{}-{}", self.stack_name(), id.name)
+    }
+
+    /// Resources in an order where everything comes after what it references (validation
+    /// rejected cycles); ties broken by kind order, then by name.
+    pub fn apply_order(&self) -> Vec<&ResourceId> {
+        let mut done: BTreeSet<&ResourceId> = BTreeSet::new();
+        let mut order = Vec::with_capacity(self.resources.len());
+        let mut ids: Vec<&ResourceId> = self.resources.keys().collect();
+        ids.sort_by_key(|id| (id.kind, &id.name));
+        while order.len() < ids.len() {
+            let before = order.len();
+            for id in &ids {
+                if done.contains(id) {
+                    continue;
+                }
+                let ready = self.resources[*id]
+                    .depends_on
+                    .iter()
+                    .all(|d| done.contains(d) || !self.resources.contains_key(d));
+                if ready {
+                    done.insert(id);
+                    order.push(*id);
+                }
+            }
+            if order.len() == before {
+                // A cycle: validation rejects these, but never loop forever.
+                order.extend(ids.iter().filter(|id| !done.contains(*id)));
+                break;
+            }
+        }
+        order
+    }
+
+    /// Ownership and common tags for a resource stackwarden creates.
+    pub fn tags_for(&self, id: &ResourceId, own: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let mut tags = self.stack.tags.clone();
+        tags.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
+        tags.insert(TAG_STACK.into(), self.stack_name().to_string());
+        tags.insert(TAG_ID.into(), id.to_string());
+        tags
+    }
+}
+
+/// A file a TOML value points at, read and kept with where it was named.
+#[derive(Debug, Clone)]
+pub struct FileRef {
+    /// The path as written, relative to the desired directory.
+    pub path: String,
+    /// Where the path was written.
+    pub named_at: Origin,
+    pub file: Arc<SourceFile>,
+}
+
+impl FileRef {
+    pub fn text(&self) -> &str {
+        &self.file.text
+    }
+}
+
+/// What a spec's `validate` needs: where to read files, where to report, and where to record the
+/// references it finds inside files.
+pub struct Validator<'a> {
+    pub dir: &'a Path,
+    /// The TOML file the resource is written in.
+    pub file: &'a Arc<SourceFile>,
+    pub diags: &'a mut Diagnostics,
+    /// Where the resource's table is, for errors about the resource as a whole.
+    pub span: std::ops::Range<usize>,
+    /// References found in files, with where they are.
+    pub refs: Vec<(Origin, Target)>,
+}
+
+impl<'a> Validator<'a> {
+    pub fn error(&mut self, span: &std::ops::Range<usize>, message: impl Into<String>) {
+        self.diags.at(self.file, span.start, message);
+    }
+
+    /// Reports a problem with the resource as a whole, at its table.
+    pub fn here(&mut self, message: impl Into<String>) {
+        let span = self.span.clone();
+        self.error(&span, message);
+    }
+
+    pub fn error_in(&mut self, file: &SourceFile, offset: usize, message: impl Into<String>) {
+        self.diags.at(file, offset, message);
+    }
+
+    fn origin(&self, span: &std::ops::Range<usize>) -> Origin {
+        Origin {
+            file: self.file.clone(),
+            span: span.clone(),
+        }
+    }
+
+    /// Reads a file named by a TOML value, relative to the desired directory. Reports a missing,
+    /// unreadable, enormous or escaping path and returns `None`.
+    pub fn read(&mut self, path: &Spanned<String>) -> Option<FileRef> {
+        let span = path.span();
+        let rel = Path::new(path.get_ref());
+        if rel.is_absolute() || rel.components().any(|c| matches!(c, Component::ParentDir)) {
+            self.error(
+                &span,
+                format!(
+                    "`{}`: files must be inside the desired directory (a relative path without `..`)",
+                    path.get_ref()
+                ),
+            );
+            return None;
+        }
+        let full = self.dir.join(rel);
+        let display = full.display().to_string();
+        match std::fs::metadata(&full) {
+            Ok(m) if !m.is_file() => {
+                self.error(&span, format!("`{}` is not a file", path.get_ref()));
+                return None;
+            }
+            Ok(m) if m.len() > MAX_FILE_BYTES => {
+                self.error(
+                    &span,
+                    format!(
+                        "`{}` is {} bytes; referenced files are limited to {} bytes",
+                        path.get_ref(),
+                        m.len(),
+                        MAX_FILE_BYTES
+                    ),
+                );
+                return None;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.error(&span, format!("cannot read `{}`: {e}", path.get_ref()));
+                return None;
+            }
+        }
+        match std::fs::read(&full).map(String::from_utf8) {
+            Ok(Ok(text)) => Some(FileRef {
+                path: path.get_ref().clone(),
+                named_at: self.origin(&span),
+                file: SourceFile::new(full, display, text),
+            }),
+            Ok(Err(_)) => {
+                self.error(&span, format!("`{}` is not UTF-8 text", path.get_ref()));
+                None
+            }
+            Err(e) => {
+                self.error(&span, format!("cannot read `{}`: {e}", path.get_ref()));
+                None
+            }
+        }
+    }
+
+    /// Records the references written in a file's text (checked against the desired state
+    /// later, like those written in TOML).
+    pub fn scan_file_refs(&mut self, file: &FileRef) {
+        for r in scan_refs(&file.file.text) {
+            let origin = Origin {
+                file: file.file.clone(),
+                span: r.range.clone(),
+            };
+            match r.target {
+                Ok(t) => self.refs.push((origin, t)),
+                Err(msg) => self.diags.at_origin(&origin, msg),
+            }
+        }
+    }
+}
+
+/// Checks a TOML duration string the way Prometheus parses durations (`15s`, `5m`, `1h30m`).
+pub fn check_duration(v: &mut Validator<'_>, d: &Spanned<String>, what: &str) -> Option<std::time::Duration> {
+    match promql_parser::util::parse_duration(d.get_ref()) {
+        Ok(dur) => Some(dur),
+        Err(e) => {
+            v.error(
+                &d.span(),
+                format!("{what}: `{}` is not a duration ({e}); write e.g. `30s`, `5m`, `1h`", d.get_ref()),
+            );
+            None
+        }
+    }
+}
+
+/// Checks AWS tag limits: keys 1..=128, values 0..=256, `aws:` reserved.
+pub fn check_tags(v: &mut Validator<'_>, tags: &Spanned<BTreeMap<String, String>>) {
+    let span = tags.span();
+    for (k, val) in tags.get_ref() {
+        if k.is_empty() || k.chars().count() > 128 {
+            v.error(&span, format!("tag key `{k}` must be 1 to 128 characters"));
+        }
+        if val.chars().count() > 256 {
+            v.error(&span, format!("tag `{k}`: values are at most 256 characters"));
+        }
+        if k.to_ascii_lowercase().starts_with("aws:") || k.starts_with("stackwarden:") {
+            v.error(&span, format!("tag key `{k}` is reserved"));
+        }
+    }
+}

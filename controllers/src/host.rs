@@ -1,0 +1,164 @@
+//! Generic EC2 hosts (the Prometheus host is one, with a `prometheus` table): schema and offline
+//! checks. The controller that reconciles hosts, their volumes and the config pushed over SSM is
+//! not part of this version; `plan` says so for every `host` resource.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::desired::{check_duration, check_tags, Validator};
+
+/// `[host.<name>]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostSpec {
+    /// A literal AMI id or `resolve:ssm:<public parameter>`.
+    pub ami: String,
+    pub instance_type: String,
+    pub subnet: String,
+    /// Instance profile name, usually `${iam.instance_profile.<name>.name}`.
+    pub instance_profile: Option<String>,
+    /// First-boot script (file); changing it never recreates the instance.
+    pub user_data: Option<Spanned<String>>,
+    pub key_name: Option<String>,
+    #[serde(default)]
+    pub security_group: SecurityGroupSpec,
+    #[serde(default)]
+    pub volumes: Vec<VolumeSpec>,
+    pub prometheus: Option<PrometheusSpec>,
+    pub tags: Option<Spanned<BTreeMap<String, String>>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityGroupSpec {
+    pub vpc: Option<String>,
+    #[serde(default)]
+    pub ingress: Vec<IngressRule>,
+}
+
+/// One ingress rule: a port (or range) from CIDRs or from another security group.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressRule {
+    pub port: u16,
+    pub to_port: Option<u16>,
+    #[serde(default = "tcp")]
+    pub protocol: String,
+    #[serde(default)]
+    pub cidrs: Vec<String>,
+    /// Security group ids, usually `${host.<name>.security_group_id}`.
+    #[serde(default)]
+    pub security_groups: Vec<String>,
+    pub description: Option<String>,
+}
+
+fn tcp() -> String {
+    "tcp".into()
+}
+
+/// An EBS data volume, kept when the instance is replaced.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSpec {
+    pub device: String,
+    pub size_gib: Spanned<i64>,
+    #[serde(default = "gp3")]
+    pub r#type: String,
+    pub iops: Option<i32>,
+    pub throughput: Option<i32>,
+    #[serde(default = "yes")]
+    pub encrypted: bool,
+    pub kms_key_id: Option<String>,
+    pub mount: Option<String>,
+}
+
+fn gp3() -> String {
+    "gp3".into()
+}
+fn yes() -> bool {
+    true
+}
+
+/// The Prometheus role of a host: a raw `config` file, or one rendered from these fields.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrometheusSpec {
+    pub config: Option<Spanned<String>>,
+    pub scrape_interval: Option<Spanned<String>>,
+    pub evaluation_interval: Option<Spanned<String>>,
+    #[serde(default)]
+    pub external_labels: BTreeMap<String, String>,
+    /// Prometheus rule files from the desired directory.
+    #[serde(default)]
+    pub rule_files: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub alertmanagers: Vec<String>,
+    #[serde(default)]
+    pub scrape: Vec<ScrapeJob>,
+    pub remote_write: Option<RemoteWrite>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScrapeJob {
+    pub job: String,
+    #[serde(default)]
+    pub targets: Vec<String>,
+    pub ec2_port: Option<u16>,
+    #[serde(default)]
+    pub ec2_tags: BTreeMap<String, String>,
+    pub metrics_path: Option<String>,
+    pub interval: Option<Spanned<String>>,
+}
+
+/// `remote_write` to AMP, signed with SigV4.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteWrite {
+    /// Usually `${amp.workspace.<name>.remote_write_url}`.
+    pub url: String,
+    pub region: Option<String>,
+}
+
+impl HostSpec {
+    pub fn validate(&mut self, v: &mut Validator<'_>) {
+        if !(self.ami.starts_with("ami-") || self.ami.starts_with("resolve:ssm:") || self.ami.contains("${")) {
+            v.here(format!("ami `{}` is neither an AMI id (ami-...) nor `resolve:ssm:<parameter>`", self.ami));
+        }
+        if let Some(u) = &self.user_data {
+            v.read(u);
+        }
+        for vol in &self.volumes {
+            let size = *vol.size_gib.get_ref();
+            if !(1..=16384).contains(&size) {
+                v.error(&vol.size_gib.span(), format!("volume size {size} GiB is outside 1..=16384"));
+            }
+            if !["gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"].contains(&vol.r#type.as_str()) {
+                v.here(format!("volume type `{}` is not an EBS volume type", vol.r#type));
+            }
+        }
+        if let Some(p) = &self.prometheus {
+            for d in [&p.scrape_interval, &p.evaluation_interval].into_iter().flatten() {
+                check_duration(v, d, "interval");
+            }
+            if let Some(c) = &p.config {
+                v.read(c);
+            }
+            for f in &p.rule_files {
+                if let Some(file) = v.read(f) {
+                    crate::rules::check_rule_file(&file.file, v.diags);
+                }
+            }
+            for job in &p.scrape {
+                if let Some(i) = &job.interval {
+                    check_duration(v, i, "interval");
+                }
+            }
+        }
+        if let Some(tags) = &self.tags {
+            check_tags(v, tags);
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! The domain of stackwarden: one module per resource kind, each owning its part of the
+//! desired-state schema and its observe / diff / apply, plus what they share: the
+//! [`Controller`](controller::Controller) trait, [`Change`](change::Change), references,
+//! ownership tags and error classification.
+//!
+//! Nothing here reads the desired directory or decides when to run: that is the runtime's job
+//! (the `stackwarden` binary).
+
+pub mod alertmanager;
+pub mod amg;
+pub mod amp;
+pub mod change;
+pub mod controller;
+pub mod desired;
+pub mod diag;
+pub mod error;
+pub mod grafana;
+pub mod host;
+pub mod host_config;
+pub mod iam;
+pub mod model;
+pub mod policy;
+pub mod rules;
+
+pub use change::{Action, Change, FieldChange};
+pub use controller::{Context, Controller, DynController, Waits};
+pub use desired::{DesiredState, Resource, Spec};
+pub use error::{Error, ErrorClass, Result};
+pub use model::{Kind, Refs, ResourceId};
+
+/// Every controller this version has, in the order their kinds are applied.
+pub fn controllers() -> Vec<Box<dyn DynController>> {
+    vec![Box::new(iam::IamController), Box::new(amp::AmpController)]
+}

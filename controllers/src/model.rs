@@ -1,0 +1,356 @@
+//! Resource identity and references between resources.
+//!
+//! A resource is addressed as `<kind>.<name>` (`iam.role.prometheus`, `host.prometheus`); a
+//! reference to one of its attributes is written `${iam.role.prometheus.arn}` in any string of
+//! the desired state or of a file it points at. References are resolved from *observed* state at
+//! plan time, never from memory, so a resource recreated out of band updates everything that
+//! names it in the same pass.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+/// Every resource kind of the desired-state format, in the order a pass applies them when no
+/// reference says otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum Kind {
+    IamPolicy,
+    IamRole,
+    IamInstanceProfile,
+    AmpWorkspace,
+    AmgWorkspace,
+    Host,
+    Grafana,
+    HostConfig,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 8] = [
+        Kind::IamPolicy,
+        Kind::IamRole,
+        Kind::IamInstanceProfile,
+        Kind::AmpWorkspace,
+        Kind::AmgWorkspace,
+        Kind::Host,
+        Kind::Grafana,
+        Kind::HostConfig,
+    ];
+
+    /// The dotted path of the kind in TOML and in references.
+    pub fn path(self) -> &'static str {
+        match self {
+            Kind::IamPolicy => "iam.policy",
+            Kind::IamRole => "iam.role",
+            Kind::IamInstanceProfile => "iam.instance_profile",
+            Kind::AmpWorkspace => "amp.workspace",
+            Kind::AmgWorkspace => "amg.workspace",
+            Kind::Host => "host",
+            Kind::Grafana => "grafana",
+            Kind::HostConfig => "host_config",
+        }
+    }
+
+    pub fn from_path(path: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.path() == path)
+    }
+
+    /// Attributes a reference may name, and that the controller reports once the resource exists.
+    pub fn attributes(self) -> &'static [&'static str] {
+        match self {
+            Kind::IamPolicy => &["name", "arn"],
+            Kind::IamRole => &["name", "arn", "id"],
+            Kind::IamInstanceProfile => &["name", "arn"],
+            Kind::AmpWorkspace => &[
+                "id",
+                "arn",
+                "alias",
+                "prometheus_endpoint",
+                "remote_write_url",
+                "query_url",
+            ],
+            Kind::AmgWorkspace => &["id", "arn", "endpoint"],
+            Kind::Host => &[
+                "instance_id",
+                "private_ip",
+                "public_ip",
+                "private_dns",
+                "security_group_id",
+            ],
+            Kind::Grafana => &[
+                "alb_dns_name",
+                "alb_arn",
+                "target_group_arn",
+                "asg_name",
+                "security_group_id",
+            ],
+            Kind::HostConfig => &["hash"],
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.path())
+    }
+}
+
+/// The address of one resource of the desired state.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ResourceId {
+    pub kind: Kind,
+    pub name: String,
+}
+
+impl ResourceId {
+    pub fn new(kind: Kind, name: impl Into<String>) -> Self {
+        ResourceId {
+            kind,
+            name: name.into(),
+        }
+    }
+
+    /// Parses `iam.role.prometheus`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (kind, name) = s.rsplit_once('.')?;
+        Some(ResourceId::new(Kind::from_path(kind)?, name))
+    }
+}
+
+impl fmt::Display for ResourceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.kind.path(), self.name)
+    }
+}
+
+impl serde::Serialize for ResourceId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// What a `${...}` names.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Target {
+    /// `${stack.name}`, `${stack.region}`.
+    Stack(String),
+    /// `${iam.role.prometheus.arn}`.
+    Resource(ResourceId, String),
+}
+
+/// One `${...}` occurrence in a string: byte range of the whole `${...}` and what it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefUse {
+    pub range: std::ops::Range<usize>,
+    pub target: Result<Target, String>,
+}
+
+pub const STACK_ATTRIBUTES: &[&str] = &["name", "region"];
+
+/// Finds every `${...}` in `text`. `$${` is an escaped literal `${`.
+pub fn scan_refs(text: &str) -> Vec<RefUse> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    let bytes = text.as_bytes();
+    while let Some(pos) = text[i..].find("${") {
+        let start = i + pos;
+        if start > 0 && bytes[start - 1] == b'$' {
+            i = start + 2;
+            continue;
+        }
+        let Some(len) = text[start + 2..].find('}') else {
+            out.push(RefUse {
+                range: start..text.len(),
+                target: Err("unterminated `${`: a reference ends with `}`".into()),
+            });
+            break;
+        };
+        let inner = &text[start + 2..start + 2 + len];
+        out.push(RefUse {
+            range: start..start + 3 + len,
+            target: parse_target(inner),
+        });
+        i = start + 3 + len;
+    }
+    out
+}
+
+fn parse_target(inner: &str) -> Result<Target, String> {
+    let inner = inner.trim();
+    let Some((path, attr)) = inner.rsplit_once('.') else {
+        return Err(format!(
+            "`${{{inner}}}` is not a reference: write `${{<kind>.<name>.<attribute>}}`, e.g. `${{amp.workspace.main.arn}}`"
+        ));
+    };
+    if path == "stack" {
+        return if STACK_ATTRIBUTES.contains(&attr) {
+            Ok(Target::Stack(attr.to_string()))
+        } else {
+            Err(format!(
+                "`stack` has no attribute `{attr}` (known: {})",
+                STACK_ATTRIBUTES.join(", ")
+            ))
+        };
+    }
+    let Some(id) = ResourceId::parse(path) else {
+        let kinds: Vec<_> = Kind::ALL.iter().map(|k| k.path()).collect();
+        return Err(format!(
+            "`${{{inner}}}` names no resource kind (known kinds: {})",
+            kinds.join(", ")
+        ));
+    };
+    if !id.kind.attributes().contains(&attr) {
+        return Err(format!(
+            "{} has no attribute `{attr}` (known: {})",
+            id.kind,
+            id.kind.attributes().join(", ")
+        ));
+    }
+    Ok(Target::Resource(id, attr.to_string()))
+}
+
+/// Attribute values of one existing resource.
+pub type Outputs = BTreeMap<String, String>;
+
+/// Shown wherever a value depends on a resource that does not exist yet.
+pub const KNOWN_AFTER_APPLY: &str = "(known after apply)";
+
+/// The values references resolve to in one pass: the stack's own attributes and the outputs of
+/// every resource that exists (observed, or created earlier in this pass).
+#[derive(Debug, Clone, Default)]
+pub struct Refs {
+    pub stack: BTreeMap<String, String>,
+    pub outputs: BTreeMap<ResourceId, Outputs>,
+}
+
+/// A string with its references substituted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub value: String,
+    /// Resources whose attributes were not known (they do not exist yet).
+    pub unknown: BTreeSet<ResourceId>,
+}
+
+impl Rendered {
+    pub fn is_known(&self) -> bool {
+        self.unknown.is_empty()
+    }
+}
+
+impl Refs {
+    pub fn lookup(&self, target: &Target) -> Option<&str> {
+        match target {
+            Target::Stack(attr) => self.stack.get(attr).map(String::as_str),
+            Target::Resource(id, attr) => self.outputs.get(id)?.get(attr).map(String::as_str),
+        }
+    }
+
+    /// Substitutes every reference; unknown ones become [`KNOWN_AFTER_APPLY`]. References were
+    /// checked by validation, so a malformed one here is left as written.
+    pub fn render(&self, text: &str) -> Rendered {
+        let mut value = String::with_capacity(text.len());
+        let mut unknown = BTreeSet::new();
+        let mut last = 0;
+        for r in scan_refs(text) {
+            value.push_str(&text[last..r.range.start]);
+            match &r.target {
+                Ok(t) => match self.lookup(t) {
+                    Some(v) => value.push_str(v),
+                    None => {
+                        if let Target::Resource(id, _) = t {
+                            unknown.insert(id.clone());
+                        }
+                        value.push_str(KNOWN_AFTER_APPLY);
+                    }
+                },
+                Err(_) => value.push_str(&text[r.range.clone()]),
+            }
+            last = r.range.end;
+        }
+        value.push_str(&text[last..]);
+        Rendered {
+            value: value.replace("$${", "${"),
+            unknown,
+        }
+    }
+
+    /// Renders every string inside a JSON document.
+    pub fn render_json(&self, doc: &serde_json::Value) -> (serde_json::Value, BTreeSet<ResourceId>) {
+        let mut unknown = BTreeSet::new();
+        let value = self.render_json_inner(doc, &mut unknown);
+        (value, unknown)
+    }
+
+    fn render_json_inner(
+        &self,
+        doc: &serde_json::Value,
+        unknown: &mut BTreeSet<ResourceId>,
+    ) -> serde_json::Value {
+        use serde_json::Value;
+        match doc {
+            Value::String(s) => {
+                let r = self.render(s);
+                unknown.extend(r.unknown);
+                Value::String(r.value)
+            }
+            Value::Array(a) => Value::Array(
+                a.iter()
+                    .map(|v| self.render_json_inner(v, unknown))
+                    .collect(),
+            ),
+            Value::Object(o) => Value::Object(
+                o.iter()
+                    .map(|(k, v)| (k.clone(), self.render_json_inner(v, unknown)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scans_references_with_their_ranges() {
+        let refs = scan_refs("a ${amp.workspace.main.arn} b ${stack.name}");
+        assert_eq!(refs.len(), 2);
+        assert_eq!(refs[0].range, 2..27);
+        assert_eq!(
+            refs[0].target,
+            Ok(Target::Resource(
+                ResourceId::new(Kind::AmpWorkspace, "main"),
+                "arn".into()
+            ))
+        );
+        assert_eq!(refs[1].target, Ok(Target::Stack("name".into())));
+    }
+
+    #[test]
+    fn rejects_unknown_kinds_attributes_and_unterminated_references() {
+        assert!(scan_refs("${amp.wrkspace.main.arn}")[0].target.is_err());
+        assert!(scan_refs("${amp.workspace.main.nope}")[0].target.is_err());
+        assert!(scan_refs("${iam.role.x.arn")[0].target.is_err());
+        assert!(scan_refs("${oops}")[0].target.is_err());
+    }
+
+    #[test]
+    fn escaped_dollar_is_literal() {
+        assert!(scan_refs("$${aws:username}").is_empty());
+        let refs = Refs::default();
+        assert_eq!(refs.render("$${aws:username}").value, "${aws:username}");
+    }
+
+    #[test]
+    fn renders_known_values_and_marks_unknown_ones() {
+        let mut refs = Refs::default();
+        let ws = ResourceId::new(Kind::AmpWorkspace, "main");
+        refs.outputs
+            .insert(ws.clone(), [("arn".into(), "arn:ws".into())].into());
+        let r = refs.render("x ${amp.workspace.main.arn} y");
+        assert_eq!(r.value, "x arn:ws y");
+        assert!(r.is_known());
+        let r = refs.render("${iam.role.a.arn}");
+        assert_eq!(r.value, KNOWN_AFTER_APPLY);
+        assert!(r.unknown.contains(&ResourceId::new(Kind::IamRole, "a")));
+    }
+}
