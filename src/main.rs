@@ -1,1 +1,263 @@
-fn main() {}
+//! `stackwarden`: the CLI. Parses arguments, loads the desired state, builds the AWS clients and
+//! runs one of validate / plan / reconcile. Exit codes follow `terraform plan
+//! -detailed-exitcode`: see [`ExitCode`]s below and the README.
+
+mod aws;
+mod engine;
+mod load;
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use stackwarden_controllers::{Context, DesiredState, Waits};
+
+use crate::aws::{AwsOptions, CallCounter};
+use crate::engine::Engine;
+
+/// Reconciles an AWS monitoring stack (Prometheus on EC2, Grafana, AMP, AMG, IAM) with a
+/// desired-state directory.
+#[derive(Parser)]
+#[command(name = "stackwarden", version)]
+struct Cli {
+    /// AWS region (default: AWS_REGION, the profile's region, then `[stack] region`).
+    #[arg(long, global = true)]
+    region: Option<String>,
+    /// Named profile from the shared AWS config files.
+    #[arg(long, global = true)]
+    profile: Option<String>,
+    /// Send every AWS call to this endpoint (an emulator). AWS_ENDPOINT_URL and
+    /// AWS_ENDPOINT_URL_<SERVICE> are honoured too.
+    #[arg(long, global = true)]
+    endpoint_url: Option<String>,
+    /// Print the AWS API calls made, by service and operation, to stderr when done.
+    #[arg(long, global = true)]
+    stats: bool,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "STACKWARDEN_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check the desired state offline (no AWS call). Exit 0 valid, 1 invalid.
+    Validate {
+        #[arg(default_value = "desired")]
+        dir: PathBuf,
+    },
+    /// Show what reconcile would change. Exit 0 in sync, 2 changes pending, 1 error.
+    Plan {
+        #[arg(default_value = "desired")]
+        dir: PathBuf,
+        /// Machine-readable plan on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Delete owned resources that are no longer in the desired state.
+        #[arg(long)]
+        prune: bool,
+    },
+    /// Converge AWS to the desired state: once (`--once`), or continuously.
+    Reconcile {
+        #[arg(default_value = "desired")]
+        dir: PathBuf,
+        /// One pass, then exit: 0 converged, 1 error.
+        #[arg(long)]
+        once: bool,
+        /// Only plan (same output and exit codes as `plan`).
+        #[arg(long)]
+        dry_run: bool,
+        /// Delete owned resources that are no longer in the desired state.
+        #[arg(long)]
+        prune: bool,
+        /// Time between passes when running continuously.
+        #[arg(long, default_value = "60s", value_parser = parse_interval)]
+        interval: Duration,
+    },
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    promql_duration(s)
+}
+
+fn promql_duration(s: &str) -> Result<Duration, String> {
+    // Same syntax as every duration in the desired state.
+    let mut total = 0u64;
+    let mut num = String::new();
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 30s, 5m, 1h"))?;
+        num.clear();
+        total += n * match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            _ => return Err(format!("`{s}` is not a duration like 30s, 5m, 1h")),
+        };
+    }
+    if !num.is_empty() || total == 0 {
+        return Err(format!("`{s}` is not a duration like 30s, 5m, 1h"));
+    }
+    Ok(Duration::from_secs(total))
+}
+
+/// Exit codes, fixed by the CLI's contract.
+const EXIT_OK: u8 = 0;
+const EXIT_ERROR: u8 = 1;
+const EXIT_CHANGES: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // Help and version are successes; a usage error is an error (1), never "changes" (2).
+            return ExitCode::from(if e.use_stderr() { EXIT_ERROR } else { EXIT_OK });
+        }
+    };
+    init_logging(cli.log_format, matches!(cli.command, Command::Reconcile { dry_run: false, .. }));
+    let counter = CallCounter::new();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let code = runtime.block_on(run(&cli, &counter));
+    if cli.stats {
+        eprint!("{}", aws::render_stats(&counter));
+    }
+    match code {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, verbose: bool) {
+    let default = if verbose { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Loads the desired state, printing every error; `None` when invalid.
+fn load_or_report(dir: &Path) -> Option<DesiredState> {
+    match load::load(dir) {
+        Ok(d) => Some(d),
+        Err(diags) => {
+            for d in &diags {
+                eprintln!("{d}");
+            }
+            eprintln!("{}: {} error(s); nothing was applied", dir.display(), diags.len());
+            None
+        }
+    }
+}
+
+async fn engine_for(cli: &Cli, desired: &DesiredState, counter: &Arc<CallCounter>) -> anyhow::Result<Engine> {
+    let opts = AwsOptions { region: cli.region.clone(), profile: cli.profile.clone(), endpoint_url: cli.endpoint_url.clone() };
+    let sdk = aws::sdk_config(&opts, desired.stack.region.as_deref()).await?;
+    let waits = match std::env::var("STACKWARDEN_POLL_INTERVAL").ok().map(|s| promql_duration(&s)) {
+        Some(Ok(poll)) => Waits { poll, ..Waits::default() },
+        Some(Err(e)) => anyhow::bail!("STACKWARDEN_POLL_INTERVAL: {e}"),
+        None => Waits::default(),
+    };
+    Ok(Engine::new(Context::new(&sdk, vec![counter.interceptor()], waits)))
+}
+
+async fn run(cli: &Cli, counter: &Arc<CallCounter>) -> anyhow::Result<u8> {
+    match &cli.command {
+        Command::Validate { dir } => Ok(match load_or_report(dir) {
+            Some(d) => {
+                println!("{}: valid (stack {}, {} resources)", dir.display(), d.stack_name(), d.resources.len());
+                EXIT_OK
+            }
+            None => EXIT_ERROR,
+        }),
+        Command::Plan { dir, json, prune } => plan(cli, dir, *json, *prune, counter).await,
+        Command::Reconcile { dir, dry_run: true, prune, .. } => plan(cli, dir, false, *prune, counter).await,
+        Command::Reconcile { dir, once: true, prune, .. } => {
+            let Some(desired) = load_or_report(dir) else { return Ok(EXIT_ERROR) };
+            let engine = engine_for(cli, &desired, counter).await?;
+            let converged = reconcile_once(&engine, &desired, *prune).await;
+            Ok(if converged { EXIT_OK } else { EXIT_ERROR })
+        }
+        Command::Reconcile { dir, prune, interval, .. } => run_loop(cli, dir, *prune, *interval, counter).await,
+    }
+}
+
+async fn plan(cli: &Cli, dir: &Path, json: bool, prune: bool, counter: &Arc<CallCounter>) -> anyhow::Result<u8> {
+    let Some(desired) = load_or_report(dir) else { return Ok(EXIT_ERROR) };
+    let engine = engine_for(cli, &desired, counter).await?;
+    let obs = engine.observe(&desired).await;
+    let plan = engine.plan(&desired, &obs, prune);
+    if let Some(w) = report::unsupported_warning(&plan.unsupported) {
+        eprintln!("{w}");
+    }
+    if json {
+        println!("{}", report::plan_json(&desired, &engine.ctx.region, &plan));
+    } else {
+        print!("{}", report::plan_text(&desired, &engine.ctx.region, &plan));
+    }
+    Ok(if !plan.errors.is_empty() {
+        EXIT_ERROR
+    } else if plan.has_pending() {
+        EXIT_CHANGES
+    } else {
+        EXIT_OK
+    })
+}
+
+/// One full pass with confirmation; prints the summary. Returns whether it converged.
+async fn reconcile_once(engine: &Engine, desired: &DesiredState, prune: bool) -> bool {
+    let obs = engine.observe(desired).await;
+    let applied = engine.apply(desired, &obs, prune).await;
+    let after = engine.observe(desired).await;
+    let check = engine.plan(desired, &after, prune);
+    if let Some(w) = report::unsupported_warning(&check.unsupported) {
+        eprintln!("{w}");
+    }
+    print!("{}", report::reconcile_text(&applied.changes, &applied.errors, &check));
+    applied.errors.is_empty() && check.errors.is_empty() && !check.has_pending()
+}
+
+/// Continuous reconciliation: a pass every `interval`, the desired directory re-read each time
+/// (an invalid one is reported and the last valid one kept). Ctrl-C or SIGTERM stops it after
+/// the pass in flight.
+async fn run_loop(cli: &Cli, dir: &Path, prune: bool, interval: Duration, counter: &Arc<CallCounter>) -> anyhow::Result<u8> {
+    let mut desired = load_or_report(dir).context("the desired state is invalid; nothing was applied")?;
+    let engine = engine_for(cli, &desired, counter).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        reconcile_once(&engine, &desired, prune).await;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(EXIT_OK),
+            _ = term.recv() => return Ok(EXIT_OK),
+        }
+        match load::load(dir) {
+            Ok(d) => desired = d,
+            Err(diags) => {
+                for d in &diags {
+                    tracing::error!("{d}");
+                }
+                tracing::error!("the desired state is invalid; still enforcing the last valid one");
+            }
+        }
+    }
+}

@@ -25,6 +25,29 @@ pub struct Context {
     pub waits: Waits,
 }
 
+impl Context {
+    /// Clients for every service, built from one SDK configuration, each with the given
+    /// interceptors (the runtime's call counter).
+    pub fn new(
+        sdk: &aws_config::SdkConfig,
+        interceptors: Vec<aws_smithy_runtime_api::client::interceptors::SharedInterceptor>,
+        waits: Waits,
+    ) -> Self {
+        let mut iam = aws_sdk_iam::config::Builder::from(sdk);
+        let mut amp = aws_sdk_amp::config::Builder::from(sdk);
+        for i in interceptors {
+            iam.push_interceptor(i.clone());
+            amp.push_interceptor(i);
+        }
+        Context {
+            iam: aws_sdk_iam::Client::from_conf(iam.build()),
+            amp: aws_sdk_amp::Client::from_conf(amp.build()),
+            region: sdk.region().map(|r| r.to_string()).unwrap_or_default(),
+            waits,
+        }
+    }
+}
+
 /// How long and how often to poll AWS for asynchronous work (a workspace leaving CREATING).
 #[derive(Debug, Clone, Copy)]
 pub struct Waits {

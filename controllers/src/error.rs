@@ -23,7 +23,7 @@ pub enum ErrorClass {
     Terminal,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// An AWS call failed.
     #[error("{service}:{operation} failed: {message}")]

@@ -349,8 +349,9 @@ pub fn aws_name(desired: &DesiredState, r: &Resource) -> String {
     r.adopt.clone().or(explicit).unwrap_or_else(|| desired.default_name(&r.id))
 }
 
+/// A document on one line, as written (IAM's own spelling for observed ones).
 fn compact(v: &Value) -> String {
-    policy::normalize(v).to_string()
+    v.to_string()
 }
 
 /// Tag changes: what to set and which keys to remove. Keys under `aws:` are AWS's own.
@@ -677,7 +678,12 @@ impl Controller for IamController {
                 obs.roles.insert(name, role);
             }
             for p in page.policies() {
-                let name = p.policy_name().unwrap_or_default().to_string();
+                // Some emulators leave PolicyName out; the ARN ends with it either way.
+                let arn = p.arn().unwrap_or_default();
+                let name = p
+                    .policy_name()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| arn.rsplit('/').next().unwrap_or_default().to_string());
                 let versions = p
                     .policy_version_list()
                     .iter()

@@ -1,0 +1,114 @@
+//! AWS plumbing: the SDK configuration (standard credential chain, region, endpoint override)
+//! and the interceptor that counts every API call by service and operation.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use aws_config::meta::region::RegionProviderChain;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
+use aws_smithy_runtime_api::client::interceptors::{Intercept, SharedInterceptor};
+use aws_smithy_runtime_api::client::orchestrator::Metadata;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::config_bag::ConfigBag;
+
+/// Where and as whom to call AWS. Unset fields fall back to the standard AWS settings
+/// (`AWS_REGION`, `AWS_PROFILE`, `AWS_ENDPOINT_URL`, `AWS_ENDPOINT_URL_<SERVICE>`, the shared
+/// config files, instance metadata).
+#[derive(Debug, Clone, Default)]
+pub struct AwsOptions {
+    pub region: Option<String>,
+    pub profile: Option<String>,
+    pub endpoint_url: Option<String>,
+}
+
+/// Loads the SDK configuration. The region comes from `--region`, then the standard chain,
+/// then the desired state's `stack.region`.
+pub async fn sdk_config(opts: &AwsOptions, stack_region: Option<&str>) -> anyhow::Result<SdkConfig> {
+    // Explicit settings first, then the stack's own region, and only then instance metadata.
+    let mut chain = RegionProviderChain::first_try(opts.region.clone().map(Region::new))
+        .or_else(aws_config::environment::EnvironmentVariableRegionProvider::new());
+    let mut profile = aws_config::profile::ProfileFileRegionProvider::builder();
+    if let Some(p) = &opts.profile {
+        profile = profile.profile_name(p);
+    }
+    chain = chain.or_else(profile.build());
+    if let Some(r) = stack_region {
+        chain = chain.or_else(Region::new(r.to_string()));
+    }
+    let chain = chain.or_default_provider();
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(chain);
+    if let Some(p) = &opts.profile {
+        loader = loader.profile_name(p);
+    }
+    if let Some(url) = &opts.endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    let config = loader.load().await;
+    if config.region().is_none() {
+        anyhow::bail!("no AWS region: pass --region, set AWS_REGION, or set `region` in [stack]");
+    }
+    Ok(config)
+}
+
+/// Counts API calls (each attempt that reaches the wire) by service and operation.
+#[derive(Debug, Default)]
+pub struct CallCounter {
+    counts: Mutex<BTreeMap<(String, String), u64>>,
+}
+
+impl CallCounter {
+    pub fn new() -> Arc<Self> {
+        Arc::new(CallCounter::default())
+    }
+
+    pub fn interceptor(self: &Arc<Self>) -> SharedInterceptor {
+        SharedInterceptor::new(Counting(self.clone()))
+    }
+
+    /// (service, operation) → calls.
+    pub fn snapshot(&self) -> BTreeMap<(String, String), u64> {
+        self.counts.lock().expect("counter lock").clone()
+    }
+
+}
+
+/// Whether an operation writes (everything that is not a Get, List or Describe).
+pub fn is_write(operation: &str) -> bool {
+    !["Get", "List", "Describe"].iter().any(|p| operation.starts_with(p))
+}
+
+#[derive(Debug)]
+struct Counting(Arc<CallCounter>);
+
+impl Intercept for Counting {
+    fn name(&self) -> &'static str {
+        "stackwarden.CallCounter"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        if let Some(m) = cfg.load::<Metadata>() {
+            let key = (m.service().to_string(), m.name().to_string());
+            *self.0.counts.lock().expect("counter lock").entry(key).or_default() += 1;
+        }
+        Ok(())
+    }
+}
+
+/// The `--stats` report.
+pub fn render_stats(counter: &CallCounter) -> String {
+    let snapshot = counter.snapshot();
+    let total: u64 = snapshot.values().sum();
+    let writes: u64 = snapshot.iter().filter(|((_, op), _)| is_write(op)).map(|(_, n)| n).sum();
+    let mut out = format!("AWS API calls: {total} ({} reads, {writes} writes)\n", total - writes);
+    for ((service, op), n) in &snapshot {
+        out.push_str(&format!("  {n:>5}  {service} {op}\n"));
+    }
+    out
+}

@@ -1,0 +1,462 @@
+//! Loading the desired-state directory: every `*.toml` file at its top level, plus the files
+//! their values point at. All-or-nothing: either every check passes and a [`DesiredState`]
+//! comes back, or every problem found comes back as `path:line:column: message`.
+//!
+//! Offline by construction: nothing here touches the network.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::de::IntoDeserializer;
+use sha2::{Digest, Sha256};
+use stackwarden_controllers::desired::{StackSpec, Validator, MAX_FILE_BYTES};
+use stackwarden_controllers::diag::{Diagnostic, Diagnostics, Loc, Origin, SourceFile};
+use stackwarden_controllers::model::{scan_refs, Kind, ResourceId, Target};
+use stackwarden_controllers::{iam, DesiredState, Resource, Spec};
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+/// Sections and, for those that group several kinds, the kinds inside them.
+const SECTIONS: &[(&str, &[(&str, Kind)])] = &[
+    ("stack", &[]),
+    (
+        "iam",
+        &[("role", Kind::IamRole), ("policy", Kind::IamPolicy), ("instance_profile", Kind::IamInstanceProfile)],
+    ),
+    ("amp", &[("workspace", Kind::AmpWorkspace)]),
+    ("amg", &[("workspace", Kind::AmgWorkspace)]),
+    ("host", &[("", Kind::Host)]),
+    ("grafana", &[("", Kind::Grafana)]),
+    ("host_config", &[("", Kind::HostConfig)]),
+];
+
+/// Keys every resource table may have, whatever its kind.
+const COMMON_KEYS: &[&str] = &["adopt", "observe_only"];
+
+/// A resource as parsed, before its files are validated.
+struct Parsed {
+    id: ResourceId,
+    origin: Origin,
+    adopt: Option<String>,
+    observe_only: bool,
+    spec: Spec,
+    /// References written in the TOML, with where.
+    refs: Vec<(Origin, Target)>,
+}
+
+/// Loads and validates a desired-state directory.
+pub fn load(dir: &Path) -> Result<DesiredState, Vec<Diagnostic>> {
+    let mut diags = Diagnostics::default();
+    let files = match toml_files(dir) {
+        Ok(f) => f,
+        Err(msg) => {
+            diags.error(Loc { file: dir.display().to_string(), line: 1, column: 1 }, msg);
+            return Err(diags.into_sorted());
+        }
+    };
+    let mut stack: Option<(StackSpec, Origin)> = None;
+    let mut parsed: Vec<Parsed> = Vec::new();
+    for path in &files {
+        let Some(file) = read_source(path, &mut diags) else { continue };
+        let (root, errors) = DeTable::parse_recoverable(&file.text);
+        for e in &errors {
+            diags.at(&file, e.span().map(|s| s.start).unwrap_or(0), format!("invalid TOML: {}", e.message().trim()));
+        }
+        if !errors.is_empty() {
+            continue;
+        }
+        parse_file(&file, root.into_inner(), &mut stack, &mut parsed, &mut diags);
+    }
+    let Some((stack, stack_origin)) = stack else {
+        let file = files.first().map(|f| f.display().to_string()).unwrap_or_else(|| dir.display().to_string());
+        diags.error(Loc { file, line: 1, column: 1 }, "no `[stack]` table: one file must name the stack (`[stack] name = \"...\"`)");
+        return Err(diags.into_sorted());
+    };
+    check_stack(&stack, &stack_origin, &mut diags);
+
+    // Duplicates across files.
+    let mut resources: BTreeMap<ResourceId, Resource> = BTreeMap::new();
+    let mut toml_refs: BTreeMap<ResourceId, Vec<(Origin, Target)>> = BTreeMap::new();
+    for p in parsed {
+        if let Some(first) = resources.get(&p.id) {
+            diags.at_origin(&p.origin, format!("{} is defined twice (first at {})", p.id, first.origin.loc()));
+            continue;
+        }
+        toml_refs.insert(p.id.clone(), p.refs);
+        resources.insert(
+            p.id.clone(),
+            Resource {
+                id: p.id,
+                origin: p.origin,
+                adopt: p.adopt,
+                observe_only: p.observe_only,
+                spec: p.spec,
+                depends_on: BTreeSet::new(),
+            },
+        );
+    }
+
+    // Each kind's own checks (files, PromQL, policy JSON), then every reference.
+    let ids: BTreeSet<ResourceId> = resources.keys().cloned().collect();
+    for r in resources.values_mut() {
+        let file = r.origin.file.clone();
+        let mut v = Validator { dir, file: &file, diags: &mut diags, span: r.origin.span.clone(), refs: Vec::new() };
+        r.spec.validate(&mut v);
+        let file_refs = std::mem::take(&mut v.refs);
+        for (origin, target) in toml_refs.remove(&r.id).unwrap_or_default().into_iter().chain(file_refs) {
+            let Target::Resource(dep, attr) = &target else { continue };
+            if dep == &r.id {
+                diags.at_origin(&origin, format!("{} references itself (`${{{dep}.{attr}}}`)", r.id));
+            } else if !ids.contains(dep) {
+                diags.at_origin(
+                    &origin,
+                    format!("`${{{dep}.{attr}}}` names {dep}, which the desired state does not define{}", suggest(&dep.to_string(), ids.iter().map(|i| i.to_string()))),
+                );
+            } else {
+                r.depends_on.insert(dep.clone());
+            }
+        }
+    }
+    check_cycles(&resources, &mut diags);
+
+    let desired = DesiredState { dir: dir.to_path_buf(), stack, resources, content_hash: content_hash(dir) };
+    check_conflicting_names(&desired, &mut diags);
+    if diags.is_empty() {
+        Ok(desired)
+    } else {
+        Err(diags.into_sorted())
+    }
+}
+
+fn toml_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read the desired-state directory: {e}"))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml") && p.is_file())
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err("the desired-state directory has no .toml file".into());
+    }
+    Ok(files)
+}
+
+fn read_source(path: &Path, diags: &mut Diagnostics) -> Option<Arc<SourceFile>> {
+    let display = path.display().to_string();
+    let at_start = |diags: &mut Diagnostics, msg: String| diags.error(Loc { file: display.clone(), line: 1, column: 1 }, msg);
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() > MAX_FILE_BYTES => {
+            at_start(diags, format!("file is {} bytes; desired-state files are limited to {MAX_FILE_BYTES} bytes", m.len()));
+            return None;
+        }
+        Err(e) => {
+            at_start(diags, format!("cannot read: {e}"));
+            return None;
+        }
+        _ => {}
+    }
+    match std::fs::read(path).map(String::from_utf8) {
+        Ok(Ok(text)) => Some(SourceFile::new(path.to_path_buf(), display, text)),
+        Ok(Err(_)) => {
+            at_start(diags, "not UTF-8 text".into());
+            None
+        }
+        Err(e) => {
+            at_start(diags, format!("cannot read: {e}"));
+            None
+        }
+    }
+}
+
+fn origin(file: &Arc<SourceFile>, span: std::ops::Range<usize>) -> Origin {
+    Origin { file: file.clone(), span }
+}
+
+fn parse_file(
+    file: &Arc<SourceFile>,
+    root: DeTable<'_>,
+    stack: &mut Option<(StackSpec, Origin)>,
+    parsed: &mut Vec<Parsed>,
+    diags: &mut Diagnostics,
+) {
+    for (key, value) in root {
+        let section = key.get_ref().as_ref();
+        let Some((_, kinds)) = SECTIONS.iter().find(|(s, _)| *s == section) else {
+            let known = SECTIONS.iter().map(|(s, _)| s.to_string());
+            diags.at(file, key.span().start, format!("unknown section `{section}`{}", suggest(section, known)));
+            continue;
+        };
+        if section == "stack" {
+            let o = origin(file, key.span());
+            if let Some((_, first)) = stack {
+                diags.at_origin(&o, format!("`[stack]` is defined twice (first at {})", first.loc()));
+                continue;
+            }
+            let span = value.span();
+            match StackSpec::deserialize_from(Spanned::new(span, value.into_inner())) {
+                Ok(s) => *stack = Some((s, o)),
+                Err(e) => report_de(file, &e, key.span().start, diags),
+            }
+            continue;
+        }
+        let Some(table) = as_table(file, &key, value, diags) else { continue };
+        if kinds.len() == 1 && kinds[0].0.is_empty() {
+            parse_resources(file, kinds[0].1, table, parsed, diags);
+            continue;
+        }
+        for (sub, value) in table {
+            let name = sub.get_ref().as_ref();
+            let Some((_, kind)) = kinds.iter().find(|(k, _)| *k == name) else {
+                let known = kinds.iter().map(|(k, _)| format!("{section}.{k}"));
+                diags.at(file, sub.span().start, format!("unknown kind `{section}.{name}`{}", suggest(&format!("{section}.{name}"), known)));
+                continue;
+            };
+            if let Some(t) = as_table(file, &sub, value, diags) {
+                parse_resources(file, *kind, t, parsed, diags);
+            }
+        }
+    }
+}
+
+fn as_table<'i>(
+    file: &SourceFile,
+    key: &Spanned<std::borrow::Cow<'i, str>>,
+    value: Spanned<DeValue<'i>>,
+    diags: &mut Diagnostics,
+) -> Option<DeTable<'i>> {
+    let span = value.span();
+    match value.into_inner() {
+        DeValue::Table(t) => Some(t),
+        other => {
+            diags.at(file, span.start, format!("`{}` must be a table, found {}", key.get_ref(), type_name(&other)));
+            None
+        }
+    }
+}
+
+fn type_name(v: &DeValue<'_>) -> &'static str {
+    match v {
+        DeValue::String(_) => "a string",
+        DeValue::Integer(_) => "an integer",
+        DeValue::Float(_) => "a float",
+        DeValue::Boolean(_) => "a boolean",
+        DeValue::Datetime(_) => "a datetime",
+        DeValue::Array(_) => "an array",
+        DeValue::Table(_) => "a table",
+    }
+}
+
+fn valid_resource_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn parse_resources(file: &Arc<SourceFile>, kind: Kind, table: DeTable<'_>, parsed: &mut Vec<Parsed>, diags: &mut Diagnostics) {
+    for (key, value) in table {
+        let name = key.get_ref().to_string();
+        let id = ResourceId::new(kind, name.clone());
+        if !valid_resource_name(&name) {
+            diags.at(file, key.span().start, format!("`{id}`: resource names are 1 to 64 letters, digits, `_` or `-`"));
+            continue;
+        }
+        let span = value.span();
+        let DeValue::Table(t) = value.into_inner() else {
+            diags.at(file, span.start, format!("{id} must be a table"));
+            continue;
+        };
+        let mut refs = Vec::new();
+        collect_refs(file, &t, &mut refs, diags);
+
+        // The keys every kind has are taken out before the kind's own schema sees the table.
+        let mut adopt = None;
+        let mut observe_only = false;
+        let mut rest = DeTable::new();
+        for (k, v) in t {
+            match k.get_ref().as_ref() {
+                "adopt" => match v.get_ref() {
+                    DeValue::String(s) if !s.is_empty() => adopt = Some(s.to_string()),
+                    other => diags.at(file, v.span().start, format!("`adopt` is the name or id of the object to adopt (a string), found {}", type_name(other))),
+                },
+                "observe_only" => match v.get_ref() {
+                    DeValue::Boolean(b) => observe_only = *b,
+                    other => diags.at(file, v.span().start, format!("`observe_only` is true or false, found {}", type_name(other))),
+                },
+                _ => {
+                    rest.insert(k, v);
+                }
+            }
+        }
+        let value = Spanned::new(span.clone(), DeValue::Table(rest));
+        match Spec::deserialize(kind, value.into_deserializer()) {
+            Ok(spec) => parsed.push(Parsed {
+                id,
+                origin: origin(file, key.span().start..span.end),
+                adopt,
+                observe_only,
+                spec,
+                refs,
+            }),
+            Err(e) => report_de(file, &e, key.span().start, diags),
+        }
+    }
+}
+
+/// A schema error, at the span the deserializer reports (or the resource's key).
+fn report_de(file: &SourceFile, e: &toml::de::Error, fallback: usize, diags: &mut Diagnostics) {
+    let at = e.span().map(|s| s.start).unwrap_or(fallback);
+    let mut msg = e.message().trim().to_string();
+    if let Some(rest) = msg.strip_prefix("unexpected keys in table: ") {
+        msg = format!("unknown key: {}", rest.replace(", available keys:", "; the keys here are:"));
+        msg.push_str(&format!(" (plus {})", COMMON_KEYS.join(", ")));
+    }
+    diags.at(file, at, msg);
+}
+
+/// Every `${...}` written in the strings of a table.
+fn collect_refs(file: &Arc<SourceFile>, t: &DeTable<'_>, out: &mut Vec<(Origin, Target)>, diags: &mut Diagnostics) {
+    fn walk(file: &Arc<SourceFile>, v: &Spanned<DeValue<'_>>, out: &mut Vec<(Origin, Target)>, diags: &mut Diagnostics) {
+        match v.get_ref() {
+            DeValue::String(s) => {
+                // Positions inside the string: exact for strings without escapes.
+                let base = v.span().start + 1;
+                for r in scan_refs(s) {
+                    let o = origin(file, base + r.range.start..base + r.range.end);
+                    match r.target {
+                        Ok(t) => out.push((o, t)),
+                        Err(msg) => diags.at_origin(&o, msg),
+                    }
+                }
+            }
+            DeValue::Array(a) => a.iter().for_each(|i| walk(file, i, out, diags)),
+            DeValue::Table(t) => t.values().for_each(|i| walk(file, i, out, diags)),
+            _ => {}
+        }
+    }
+    for v in t.values() {
+        walk(file, v, out, diags);
+    }
+}
+
+trait DeserializeFrom: Sized {
+    fn deserialize_from(v: Spanned<DeValue<'_>>) -> Result<Self, toml::de::Error>;
+}
+
+impl DeserializeFrom for StackSpec {
+    fn deserialize_from(v: Spanned<DeValue<'_>>) -> Result<Self, toml::de::Error> {
+        serde::Deserialize::deserialize(v.into_deserializer())
+    }
+}
+
+fn check_stack(stack: &StackSpec, at: &Origin, diags: &mut Diagnostics) {
+    let name = stack.name.get_ref();
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic());
+    if !ok {
+        diags.at(&at.file, stack.name.span().start, format!("stack name `{name}` must be 1 to 32 letters, digits or `-`, starting with a letter"));
+    }
+    if let Some(region) = &stack.region {
+        let ok = region.split('-').count() >= 3 && region.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if !ok {
+            diags.at_origin(at, format!("`{region}` is not an AWS region name (e.g. us-east-1)"));
+        }
+    }
+    for k in stack.tags.keys() {
+        if k.to_ascii_lowercase().starts_with("aws:") || k.starts_with("stackwarden:") {
+            diags.at_origin(at, format!("tag key `{k}` is reserved"));
+        }
+    }
+}
+
+/// Reference cycles make an order impossible: report each resource on one.
+fn check_cycles(resources: &BTreeMap<ResourceId, Resource>, diags: &mut Diagnostics) {
+    fn reaches(resources: &BTreeMap<ResourceId, Resource>, from: &ResourceId, to: &ResourceId, seen: &mut BTreeSet<ResourceId>) -> bool {
+        let Some(r) = resources.get(from) else { return false };
+        r.depends_on.iter().any(|d| d == to || (seen.insert(d.clone()) && reaches(resources, d, to, seen)))
+    }
+    for (id, r) in resources {
+        if reaches(resources, id, id, &mut BTreeSet::new()) {
+            diags.at_origin(&r.origin, format!("{id} is part of a reference cycle; references must form no loop"));
+        }
+    }
+}
+
+/// Two resources of a kind with the same AWS name would fight over one object.
+fn check_conflicting_names(desired: &DesiredState, diags: &mut Diagnostics) {
+    for kind in [Kind::IamRole, Kind::IamPolicy, Kind::IamInstanceProfile] {
+        let mut seen: BTreeMap<String, &Resource> = BTreeMap::new();
+        for r in desired.of_kind(kind) {
+            let name = iam::aws_name(desired, r);
+            if let Some(first) = seen.get(&name) {
+                diags.at_origin(&r.origin, format!("{} and {} both name the {kind} `{name}`", first.id, r.id));
+            } else {
+                seen.insert(name, r);
+            }
+        }
+    }
+}
+
+/// `; did you mean ...?` when a known word is close.
+fn suggest(word: &str, known: impl Iterator<Item = String>) -> String {
+    let best = known.map(|k| (edit_distance(word, &k), k)).min();
+    match best {
+        Some((d, k)) if d <= 3 && d < word.len() => format!("; did you mean `{k}`?"),
+        _ => String::new(),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Hash of every file under the directory (names and contents), `.git` excluded: the
+/// generation of a desired state that is not a git checkout.
+fn content_hash(dir: &Path) -> String {
+    fn walk(dir: &Path, root: &Path, out: &mut Vec<(String, PathBuf)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.file_name().is_some_and(|n| n == ".git") {
+                continue;
+            }
+            if p.is_dir() {
+                walk(&p, root, out);
+            } else {
+                out.push((p.strip_prefix(root).unwrap_or(&p).display().to_string(), p));
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(dir, dir, &mut files);
+    files.sort();
+    let mut h = Sha256::new();
+    for (name, path) in files {
+        h.update(name.as_bytes());
+        h.update([0]);
+        h.update(std::fs::read(&path).unwrap_or_default());
+        h.update([0]);
+    }
+    hex::encode(&h.finalize()[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggests_close_words_only() {
+        assert_eq!(suggest("iamm", ["iam".to_string(), "host".to_string()].into_iter()), "; did you mean `iam`?");
+        assert_eq!(suggest("zzzzzz", ["iam".to_string()].into_iter()), "");
+    }
+}

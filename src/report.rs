@@ -1,0 +1,158 @@
+//! What the user reads: the plan as text (`+ ~ - !`) or JSON, and the summary of a reconcile.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use stackwarden_controllers::change::Action;
+use stackwarden_controllers::controller::AnyOp;
+use stackwarden_controllers::{Change, DesiredState, ResourceId};
+
+use crate::engine::{Plan, ResourceError};
+
+#[derive(Serialize)]
+struct Counts {
+    create: usize,
+    update: usize,
+    delete: usize,
+    orphaned: usize,
+    in_sync: usize,
+    errors: usize,
+}
+
+fn counts(plan: &Plan) -> Counts {
+    let active = || plan.changes.iter().map(|(_, c)| c).filter(|c| !c.observe_only);
+    Counts {
+        create: active().filter(|c| c.action == Action::Create).count(),
+        update: active().filter(|c| c.action == Action::Update).count(),
+        delete: plan.removed.iter().filter(|(_, c)| c.action == Action::Delete).count(),
+        orphaned: plan.removed.iter().filter(|(_, c)| c.action == Action::Orphan).count(),
+        in_sync: plan.in_sync.len(),
+        errors: plan.errors.len(),
+    }
+}
+
+fn write_change(out: &mut String, c: &Change<AnyOp>) {
+    let _ = write!(out, "{c}");
+    if c.action == Action::Orphan {
+        let _ = writeln!(out, "    note: no longer in the desired state; left as it is (deletion_policy = \"delete\" or --prune deletes it)");
+    }
+}
+
+fn write_errors(out: &mut String, errors: &[ResourceError]) {
+    for e in errors {
+        let _ = writeln!(out, "error: {}: {}", e.resource, e.error);
+    }
+}
+
+pub fn unsupported_warning(ids: &[ResourceId]) -> Option<String> {
+    if ids.is_empty() {
+        return None;
+    }
+    let names: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    Some(format!(
+        "warning: no controller in this version for {}: validated, not reconciled",
+        names.join(", ")
+    ))
+}
+
+pub fn plan_text(desired: &DesiredState, region: &str, plan: &Plan) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "stack {} ({region}), desired state {}", desired.stack_name(), desired.content_hash);
+    let _ = writeln!(out);
+    for (_, c) in &plan.changes {
+        write_change(&mut out, c);
+    }
+    for (_, c) in &plan.removed {
+        write_change(&mut out, c);
+    }
+    let n = counts(plan);
+    if !plan.changes.is_empty() || !plan.removed.is_empty() {
+        let _ = writeln!(out);
+    }
+    if plan.has_pending() {
+        let _ = writeln!(
+            out,
+            "Plan: {} to create, {} to update, {} to delete, {} orphaned; {} in sync.",
+            n.create, n.update, n.delete, n.orphaned, n.in_sync
+        );
+    } else {
+        let _ = writeln!(out, "No changes: {} resources in sync, {} orphaned.", n.in_sync, n.orphaned);
+    }
+    write_errors(&mut out, &plan.errors);
+    out
+}
+
+#[derive(Serialize)]
+struct PlanJson<'a> {
+    stack: &'a str,
+    region: &'a str,
+    generation: &'a str,
+    pending: bool,
+    summary: Counts,
+    changes: Vec<&'a Change<AnyOp>>,
+    removed: Vec<&'a Change<AnyOp>>,
+    errors: &'a [ResourceError],
+    unsupported: &'a [ResourceId],
+}
+
+pub fn plan_json(desired: &DesiredState, region: &str, plan: &Plan) -> String {
+    let doc = PlanJson {
+        stack: desired.stack_name(),
+        region,
+        generation: &desired.content_hash,
+        pending: plan.has_pending(),
+        summary: counts(plan),
+        changes: plan.changes.iter().map(|(_, c)| c).collect(),
+        removed: plan.removed.iter().map(|(_, c)| c).collect(),
+        errors: &plan.errors,
+        unsupported: &plan.unsupported,
+    };
+    serde_json::to_string_pretty(&doc).expect("plan serializes")
+}
+
+/// After `reconcile --once`: what was applied, what failed, and whether the re-observed state
+/// matches.
+pub fn reconcile_text(applied: &[Change<AnyOp>], errors: &[ResourceError], after: &Plan) -> String {
+    let mut out = String::new();
+    if applied.is_empty() {
+        let _ = writeln!(out, "Nothing to apply.");
+    } else {
+        let _ = writeln!(out, "Applied:");
+        for c in applied {
+            let _ = write!(out, "{c}");
+        }
+    }
+    let mut all_errors: Vec<&ResourceError> = errors.iter().collect();
+    for e in &after.errors {
+        if !all_errors.iter().any(|x| x.resource == e.resource) {
+            all_errors.push(e);
+        }
+    }
+    for (_, c) in after.removed.iter().filter(|(_, c)| c.action == Action::Orphan) {
+        let _ = writeln!(out, "orphaned: {} ({})", c.id, c.object);
+    }
+    for (_, c) in after.changes.iter().filter(|(_, c)| c.observe_only) {
+        let _ = writeln!(out, "drift (observe only, not applied): {} ({})", c.id, c.object);
+    }
+    let pending: Vec<&Change<AnyOp>> = after.changes.iter().map(|(_, c)| c).filter(|c| !c.observe_only).collect();
+    for c in &pending {
+        if !all_errors.iter().any(|e| e.resource == c.id) {
+            let _ = writeln!(out, "not converged: {} still differs after apply:", c.id);
+            let _ = write!(out, "{c}");
+        }
+    }
+    for e in &all_errors {
+        let _ = writeln!(out, "error: {}: {}", e.resource, e.error);
+    }
+    if all_errors.is_empty() && !after.has_pending() {
+        let _ = writeln!(out, "Converged: {} resources in sync.", after.in_sync.len());
+    } else {
+        let _ = writeln!(
+            out,
+            "Not converged: {} resources failed, {} still differ.",
+            all_errors.len(),
+            pending.len()
+        );
+    }
+    out
+}
