@@ -47,22 +47,29 @@ pub fn check_definition(file: &SourceFile, diags: &mut Diagnostics) {
         return;
     };
     let _ = def.template_files;
+    // The block scalar's span starts on its first content line; its content is de-indented.
     let start_line = def.alertmanager_config.span().start().map(|m| m.line()).unwrap_or(1);
+    let indent = file
+        .text
+        .lines()
+        .nth(start_line - 1)
+        .map(|l| l.len() - l.trim_start().len())
+        .unwrap_or(0);
+    let to_file = |line: usize, column: usize| crate::diag::Loc {
+        file: file.display.clone(),
+        line: start_line + line - 1,
+        column: column + indent,
+    };
     let inner = SourceFile::new(file.path.clone(), file.display.clone(), def.alertmanager_config.as_str().to_string());
     let mut inner_diags = Diagnostics::default();
     let parsed: Option<Config> = parse_yaml(&inner, &mut inner_diags, "alertmanager_config");
     for d in inner_diags.into_sorted() {
-        // The block scalar's content starts on the line after the key.
-        diags.error(
-            crate::diag::Loc { line: d.loc.line + start_line, ..d.loc },
-            d.message,
-        );
+        diags.error(to_file(d.loc.line, d.loc.column), d.message);
     }
     let Some(config) = parsed else { return };
     let at = |s: &marked_yaml::Span| {
-        let line = s.start().map(|m| m.line()).unwrap_or(0) + start_line;
-        let col = s.start().map(|m| m.column()).unwrap_or(1);
-        crate::diag::Loc { file: file.display.clone(), line, column: col }
+        let (line, column) = s.start().map(|m| (m.line(), m.column())).unwrap_or((1, 1));
+        to_file(line, column)
     };
     let names: BTreeSet<&str> = config.receivers.iter().map(|r| r.name.as_str()).collect();
     let Some(route) = &config.route else {
@@ -109,7 +116,7 @@ mod tests {
     fn reports_undefined_receivers_where_they_are_named() {
         let errs = check("alertmanager_config: |\n  route:\n    receiver: a\n    routes:\n      - receiver: nope\n  receivers:\n    - name: a\n");
         assert_eq!(errs.len(), 1, "{errs:?}");
-        assert!(errs[0].starts_with("am.yml:5:"), "{errs:?}");
+        assert!(errs[0].starts_with("am.yml:5:19:"), "{errs:?}");
         assert!(errs[0].contains("`nope`"), "{errs:?}");
     }
 }

@@ -1,0 +1,159 @@
+//! Test support: start moto, copy a desired-state directory, run the CLI, talk to the emulator
+//! through the SDK for out-of-band changes.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A moto server owned by one test; killed on drop.
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+}
+
+fn moto_binary() -> PathBuf {
+    let path = std::env::var_os("STACKWARDEN_MOTO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/moto_server"));
+    assert!(
+        path.is_file(),
+        "moto not found at {}: run the tests with tests/run.sh, which installs it (or set STACKWARDEN_MOTO)",
+        path.display()
+    );
+    path
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(moto_binary())
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .env("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto did not listen on port {port} within 60s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Moto { child, endpoint: format!("http://127.0.0.1:{port}") }
+    }
+
+    pub async fn sdk(&self) -> aws_config::SdkConfig {
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(&self.endpoint)
+            .region(aws_config::Region::new("us-east-1"))
+            .credentials_provider(aws_sdk_iam::config::Credentials::new("testing", "testing", None, None, "test"))
+            .load()
+            .await
+    }
+
+    pub async fn iam(&self) -> aws_sdk_iam::Client {
+        aws_sdk_iam::Client::new(&self.sdk().await)
+    }
+
+    pub async fn amp(&self) -> aws_sdk_amp::Client {
+        aws_sdk_amp::Client::new(&self.sdk().await)
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The outcome of one CLI run.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// AWS calls the run reported with `--stats`: (total, writes).
+    pub fn calls(&self) -> (u64, u64) {
+        let line = self
+            .stderr
+            .lines()
+            .find(|l| l.starts_with("AWS API calls: "))
+            .unwrap_or_else(|| panic!("no call statistics in stderr:\n{}", self.stderr));
+        let nums: Vec<u64> = line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().unwrap())
+            .collect();
+        (nums[0], nums[2])
+    }
+
+    #[track_caller]
+    pub fn expect(&self, code: i32) -> &Self {
+        assert_eq!(self.code, code, "exit code\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        self
+    }
+}
+
+/// Runs `stackwarden ARGS --stats` against an endpoint (none: the AWS settings are unusable,
+/// so any call would fail).
+pub fn stackwarden(endpoint: Option<&str>, args: &[&str]) -> Run {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stackwarden"));
+    cmd.args(args)
+        .arg("--stats")
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .env("STACKWARDEN_POLL_INTERVAL", "1s")
+        .env("RUST_LOG", "warn")
+        .env_remove("AWS_PROFILE");
+    match endpoint {
+        Some(e) => cmd.env("AWS_ENDPOINT_URL", e),
+        None => cmd.env("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
+    };
+    let out = cmd.output().expect("run stackwarden");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A copy of the repository's default desired state, to modify freely.
+pub fn default_stack() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("desired"), dir.path());
+    dir
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+/// Replaces text in a file of a desired directory; the text must be there.
+#[track_caller]
+pub fn edit(dir: &Path, file: &str, from: &str, to: &str) {
+    let path = dir.join(file);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(from), "{file} does not contain {from:?}");
+    std::fs::write(path, text.replacen(from, to, 1)).unwrap();
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}

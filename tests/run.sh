@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, then runs every test.
+#   - moto (the AWS emulator) into .venv/ inside the repository;
+#   - the Rust tests (unit tests of both crates and the one integration test binary).
+# The integration tests start their own moto servers on free loopback ports and fail loudly
+# when moto is missing; they never skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/moto_server ] || ! .venv/bin/pip freeze 2>/dev/null | grep -qx 'moto==5.2.5'; then
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+fi
+export STACKWARDEN_MOTO="$PWD/.venv/bin/moto_server"
+
+cargo test --workspace "$@"
