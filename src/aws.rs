@@ -25,7 +25,10 @@ pub struct AwsOptions {
 
 /// Loads the SDK configuration. The region comes from `--region`, then the standard chain,
 /// then the desired state's `stack.region`.
-pub async fn sdk_config(opts: &AwsOptions, stack_region: Option<&str>) -> anyhow::Result<SdkConfig> {
+pub async fn sdk_config(
+    opts: &AwsOptions,
+    stack_region: Option<&str>,
+) -> anyhow::Result<SdkConfig> {
     // Explicit settings first, then the stack's own region, and only then instance metadata.
     let mut chain = RegionProviderChain::first_try(opts.region.clone().map(Region::new))
         .or_else(aws_config::environment::EnvironmentVariableRegionProvider::new());
@@ -71,12 +74,13 @@ impl CallCounter {
     pub fn snapshot(&self) -> BTreeMap<(String, String), u64> {
         self.counts.lock().expect("counter lock").clone()
     }
-
 }
 
 /// Whether an operation writes (everything that is not a Get, List or Describe).
 pub fn is_write(operation: &str) -> bool {
-    !["Get", "List", "Describe"].iter().any(|p| operation.starts_with(p))
+    !["Get", "List", "Describe"]
+        .iter()
+        .any(|p| operation.starts_with(p))
 }
 
 #[derive(Debug)]
@@ -95,7 +99,13 @@ impl Intercept for Counting {
     ) -> Result<(), BoxError> {
         if let Some(m) = cfg.load::<Metadata>() {
             let key = (m.service().to_string(), m.name().to_string());
-            *self.0.counts.lock().expect("counter lock").entry(key).or_default() += 1;
+            *self
+                .0
+                .counts
+                .lock()
+                .expect("counter lock")
+                .entry(key)
+                .or_default() += 1;
         }
         Ok(())
     }
@@ -105,8 +115,15 @@ impl Intercept for Counting {
 pub fn render_stats(counter: &CallCounter) -> String {
     let snapshot = counter.snapshot();
     let total: u64 = snapshot.values().sum();
-    let writes: u64 = snapshot.iter().filter(|((_, op), _)| is_write(op)).map(|(_, n)| n).sum();
-    let mut out = format!("AWS API calls: {total} ({} reads, {writes} writes)\n", total - writes);
+    let writes: u64 = snapshot
+        .iter()
+        .filter(|((_, op), _)| is_write(op))
+        .map(|(_, n)| n)
+        .sum();
+    let mut out = format!(
+        "AWS API calls: {total} ({} reads, {writes} writes)\n",
+        total - writes
+    );
     for ((service, op), n) in &snapshot {
         out.push_str(&format!("  {n:>5}  {service} {op}\n"));
     }

@@ -13,7 +13,9 @@ use stackwarden_controllers::change::Action;
 use stackwarden_controllers::controller::{AnyObserved, AnyOp};
 use stackwarden_controllers::desired::DeletionPolicy;
 use stackwarden_controllers::model::Refs;
-use stackwarden_controllers::{Change, Context, DesiredState, DynController, Error, ErrorClass, Kind, ResourceId};
+use stackwarden_controllers::{
+    Change, Context, DesiredState, DynController, Error, ErrorClass, Kind, ResourceId,
+};
 use tracing::Instrument;
 
 pub struct Engine {
@@ -37,7 +39,11 @@ pub struct ResourceError {
 
 impl ResourceError {
     fn new(resource: ResourceId, e: &Error) -> Self {
-        ResourceError { resource, class: e.class(), error: e.to_string() }
+        ResourceError {
+            resource,
+            class: e.class(),
+            error: e.to_string(),
+        }
     }
 }
 
@@ -55,7 +61,8 @@ pub struct Plan {
 impl Plan {
     /// Whether `reconcile` would write anything.
     pub fn has_pending(&self) -> bool {
-        self.changes.iter().any(|(_, c)| !c.observe_only) || self.removed.iter().any(|(_, c)| c.action == Action::Delete)
+        self.changes.iter().any(|(_, c)| !c.observe_only)
+            || self.removed.iter().any(|(_, c)| c.action == Action::Delete)
     }
 }
 
@@ -68,16 +75,24 @@ pub struct Applied {
 
 impl Engine {
     pub fn new(ctx: Context) -> Self {
-        Engine { controllers: stackwarden_controllers::controllers(), ctx }
+        Engine {
+            controllers: stackwarden_controllers::controllers(),
+            ctx,
+        }
     }
 
     fn controller_for(&self, kind: Kind) -> Option<usize> {
-        self.controllers.iter().position(|c| c.kinds().contains(&kind))
+        self.controllers
+            .iter()
+            .position(|c| c.kinds().contains(&kind))
     }
 
     /// Reads everything, all controllers at once.
     pub async fn observe(&self, desired: &DesiredState) -> Observation {
-        let reads = self.controllers.iter().map(|c| c.observe(&self.ctx, desired));
+        let reads = self
+            .controllers
+            .iter()
+            .map(|c| c.observe(&self.ctx, desired));
         let observed = futures::future::join_all(reads).await;
         let mut refs = Refs {
             stack: BTreeMap::from([
@@ -97,7 +112,13 @@ impl Engine {
 
     /// Pure: the plan for a desired state against an observation.
     pub fn plan(&self, desired: &DesiredState, obs: &Observation, prune: bool) -> Plan {
-        let mut plan = Plan { changes: Vec::new(), removed: Vec::new(), errors: Vec::new(), unsupported: Vec::new(), in_sync: Vec::new() };
+        let mut plan = Plan {
+            changes: Vec::new(),
+            removed: Vec::new(),
+            errors: Vec::new(),
+            unsupported: Vec::new(),
+            in_sync: Vec::new(),
+        };
         let mut failed: BTreeSet<ResourceId> = BTreeSet::new();
         for id in desired.apply_order() {
             let r = &desired.resources[id];
@@ -108,7 +129,11 @@ impl Engine {
             let result = match &obs.observed[ci] {
                 Err(e) => Err(e.clone()),
                 Ok(_) if r.depends_on.iter().any(|d| failed.contains(d)) => {
-                    let dep = r.depends_on.iter().find(|d| failed.contains(*d)).expect("found above");
+                    let dep = r
+                        .depends_on
+                        .iter()
+                        .find(|d| failed.contains(*d))
+                        .expect("found above");
                     Err(Error::Dependency(dep.clone()))
                 }
                 Ok(o) => self.controllers[ci].diff(desired, r, o, &obs.refs),
@@ -128,7 +153,8 @@ impl Engine {
         let delete = prune || desired.stack.deletion_policy == DeletionPolicy::Delete;
         for (ci, (c, o)) in self.controllers.iter().zip(&obs.observed).enumerate().rev() {
             if let Ok(o) = o {
-                plan.removed.extend(c.removed(desired, o, delete).into_iter().map(|ch| (ci, ch)));
+                plan.removed
+                    .extend(c.removed(desired, o, delete).into_iter().map(|ch| (ci, ch)));
             }
         }
         plan
@@ -142,16 +168,24 @@ impl Engine {
         let mut failed: BTreeSet<ResourceId> = BTreeSet::new();
         for id in desired.apply_order() {
             let r = &desired.resources[id];
-            let Some(ci) = self.controller_for(id.kind) else { continue };
+            let Some(ci) = self.controller_for(id.kind) else {
+                continue;
+            };
             let ctrl = &self.controllers[ci];
             let span = tracing::info_span!("reconcile", resource = %id);
             let result = async {
                 let o = obs.observed[ci].as_ref().map_err(Clone::clone)?;
                 // Everything referenced must exist now (created earlier in this pass, or before).
-                if let Some(dep) = r.depends_on.iter().find(|d| failed.contains(*d) || !refs.outputs.contains_key(*d)) {
+                if let Some(dep) = r
+                    .depends_on
+                    .iter()
+                    .find(|d| failed.contains(*d) || !refs.outputs.contains_key(*d))
+                {
                     return Err(Error::Dependency(dep.clone()));
                 }
-                let Some(change) = ctrl.diff(desired, r, o, &refs)? else { return Ok(None) };
+                let Some(change) = ctrl.diff(desired, r, o, &refs)? else {
+                    return Ok(None);
+                };
                 if r.observe_only {
                     tracing::info!("drift on an observe-only resource: not applied");
                     return Ok(None);

@@ -22,7 +22,11 @@ const SECTIONS: &[(&str, &[(&str, Kind)])] = &[
     ("stack", &[]),
     (
         "iam",
-        &[("role", Kind::IamRole), ("policy", Kind::IamPolicy), ("instance_profile", Kind::IamInstanceProfile)],
+        &[
+            ("role", Kind::IamRole),
+            ("policy", Kind::IamPolicy),
+            ("instance_profile", Kind::IamInstanceProfile),
+        ],
     ),
     ("amp", &[("workspace", Kind::AmpWorkspace)]),
     ("amg", &[("workspace", Kind::AmgWorkspace)]),
@@ -51,26 +55,55 @@ pub fn load(dir: &Path) -> Result<DesiredState, Vec<Diagnostic>> {
     let files = match toml_files(dir) {
         Ok(f) => f,
         Err(msg) => {
-            diags.error(Loc { file: dir.display().to_string(), line: 1, column: 1 }, msg);
+            diags.error(
+                Loc {
+                    file: dir.display().to_string(),
+                    line: 1,
+                    column: 1,
+                },
+                msg,
+            );
             return Err(diags.into_sorted());
         }
     };
     let mut stack: Option<(StackSpec, Origin)> = None;
     let mut parsed: Vec<Parsed> = Vec::new();
     for path in &files {
-        let Some(file) = read_source(path, &mut diags) else { continue };
+        let Some(file) = read_source(path, &mut diags) else {
+            continue;
+        };
         let (root, errors) = DeTable::parse_recoverable(&file.text);
         for e in &errors {
-            diags.at(&file, e.span().map(|s| s.start).unwrap_or(0), format!("invalid TOML: {}", e.message().trim()));
+            diags.at(
+                &file,
+                e.span().map(|s| s.start).unwrap_or(0),
+                format!("invalid TOML: {}", e.message().trim()),
+            );
         }
         if !errors.is_empty() {
             continue;
         }
-        parse_file(&file, root.into_inner(), &mut stack, &mut parsed, &mut diags);
+        parse_file(
+            &file,
+            root.into_inner(),
+            &mut stack,
+            &mut parsed,
+            &mut diags,
+        );
     }
     let Some((stack, stack_origin)) = stack else {
-        let file = files.first().map(|f| f.display().to_string()).unwrap_or_else(|| dir.display().to_string());
-        diags.error(Loc { file, line: 1, column: 1 }, "no `[stack]` table: one file must name the stack (`[stack] name = \"...\"`)");
+        let file = files
+            .first()
+            .map(|f| f.display().to_string())
+            .unwrap_or_else(|| dir.display().to_string());
+        diags.error(
+            Loc {
+                file,
+                line: 1,
+                column: 1,
+            },
+            "no `[stack]` table: one file must name the stack (`[stack] name = \"...\"`)",
+        );
         return Err(diags.into_sorted());
     };
     check_stack(&stack, &stack_origin, &mut diags);
@@ -80,7 +113,14 @@ pub fn load(dir: &Path) -> Result<DesiredState, Vec<Diagnostic>> {
     let mut toml_refs: BTreeMap<ResourceId, Vec<(Origin, Target)>> = BTreeMap::new();
     for p in parsed {
         if let Some(first) = resources.get(&p.id) {
-            diags.at_origin(&p.origin, format!("{} is defined twice (first at {})", p.id, first.origin.loc()));
+            diags.at_origin(
+                &p.origin,
+                format!(
+                    "{} is defined twice (first at {})",
+                    p.id,
+                    first.origin.loc()
+                ),
+            );
             continue;
         }
         toml_refs.insert(p.id.clone(), p.refs);
@@ -101,13 +141,29 @@ pub fn load(dir: &Path) -> Result<DesiredState, Vec<Diagnostic>> {
     let ids: BTreeSet<ResourceId> = resources.keys().cloned().collect();
     for r in resources.values_mut() {
         let file = r.origin.file.clone();
-        let mut v = Validator { dir, file: &file, diags: &mut diags, span: r.origin.span.clone(), refs: Vec::new() };
+        let mut v = Validator {
+            dir,
+            file: &file,
+            diags: &mut diags,
+            span: r.origin.span.clone(),
+            refs: Vec::new(),
+        };
         r.spec.validate(&mut v);
         let file_refs = std::mem::take(&mut v.refs);
-        for (origin, target) in toml_refs.remove(&r.id).unwrap_or_default().into_iter().chain(file_refs) {
-            let Target::Resource(dep, attr) = &target else { continue };
+        for (origin, target) in toml_refs
+            .remove(&r.id)
+            .unwrap_or_default()
+            .into_iter()
+            .chain(file_refs)
+        {
+            let Target::Resource(dep, attr) = &target else {
+                continue;
+            };
             if dep == &r.id {
-                diags.at_origin(&origin, format!("{} references itself (`${{{dep}.{attr}}}`)", r.id));
+                diags.at_origin(
+                    &origin,
+                    format!("{} references itself (`${{{dep}.{attr}}}`)", r.id),
+                );
             } else if !ids.contains(dep) {
                 diags.at_origin(
                     &origin,
@@ -120,7 +176,12 @@ pub fn load(dir: &Path) -> Result<DesiredState, Vec<Diagnostic>> {
     }
     check_cycles(&resources, &mut diags);
 
-    let desired = DesiredState { dir: dir.to_path_buf(), stack, resources, content_hash: content_hash(dir) };
+    let desired = DesiredState {
+        dir: dir.to_path_buf(),
+        stack,
+        resources,
+        content_hash: content_hash(dir),
+    };
     check_conflicting_names(&desired, &mut diags);
     if diags.is_empty() {
         Ok(desired)
@@ -130,7 +191,8 @@ pub fn load(dir: &Path) -> Result<DesiredState, Vec<Diagnostic>> {
 }
 
 fn toml_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read the desired-state directory: {e}"))?;
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot read the desired-state directory: {e}"))?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok())
         .map(|e| e.path())
@@ -145,10 +207,25 @@ fn toml_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
 
 fn read_source(path: &Path, diags: &mut Diagnostics) -> Option<Arc<SourceFile>> {
     let display = path.display().to_string();
-    let at_start = |diags: &mut Diagnostics, msg: String| diags.error(Loc { file: display.clone(), line: 1, column: 1 }, msg);
+    let at_start = |diags: &mut Diagnostics, msg: String| {
+        diags.error(
+            Loc {
+                file: display.clone(),
+                line: 1,
+                column: 1,
+            },
+            msg,
+        )
+    };
     match std::fs::metadata(path) {
         Ok(m) if m.len() > MAX_FILE_BYTES => {
-            at_start(diags, format!("file is {} bytes; desired-state files are limited to {MAX_FILE_BYTES} bytes", m.len()));
+            at_start(
+                diags,
+                format!(
+                    "file is {} bytes; desired-state files are limited to {MAX_FILE_BYTES} bytes",
+                    m.len()
+                ),
+            );
             return None;
         }
         Err(e) => {
@@ -171,7 +248,10 @@ fn read_source(path: &Path, diags: &mut Diagnostics) -> Option<Arc<SourceFile>> 
 }
 
 fn origin(file: &Arc<SourceFile>, span: std::ops::Range<usize>) -> Origin {
-    Origin { file: file.clone(), span }
+    Origin {
+        file: file.clone(),
+        span,
+    }
 }
 
 fn parse_file(
@@ -185,13 +265,20 @@ fn parse_file(
         let section = key.get_ref().as_ref();
         let Some((_, kinds)) = SECTIONS.iter().find(|(s, _)| *s == section) else {
             let known = SECTIONS.iter().map(|(s, _)| s.to_string());
-            diags.at(file, key.span().start, format!("unknown section `{section}`{}", suggest(section, known)));
+            diags.at(
+                file,
+                key.span().start,
+                format!("unknown section `{section}`{}", suggest(section, known)),
+            );
             continue;
         };
         if section == "stack" {
             let o = origin(file, key.span());
             if let Some((_, first)) = stack {
-                diags.at_origin(&o, format!("`[stack]` is defined twice (first at {})", first.loc()));
+                diags.at_origin(
+                    &o,
+                    format!("`[stack]` is defined twice (first at {})", first.loc()),
+                );
                 continue;
             }
             let span = value.span();
@@ -201,7 +288,9 @@ fn parse_file(
             }
             continue;
         }
-        let Some(table) = as_table(file, &key, value, diags) else { continue };
+        let Some(table) = as_table(file, &key, value, diags) else {
+            continue;
+        };
         if kinds.len() == 1 && kinds[0].0.is_empty() {
             parse_resources(file, kinds[0].1, table, parsed, diags);
             continue;
@@ -210,7 +299,14 @@ fn parse_file(
             let name = sub.get_ref().as_ref();
             let Some((_, kind)) = kinds.iter().find(|(k, _)| *k == name) else {
                 let known = kinds.iter().map(|(k, _)| format!("{section}.{k}"));
-                diags.at(file, sub.span().start, format!("unknown kind `{section}.{name}`{}", suggest(&format!("{section}.{name}"), known)));
+                diags.at(
+                    file,
+                    sub.span().start,
+                    format!(
+                        "unknown kind `{section}.{name}`{}",
+                        suggest(&format!("{section}.{name}"), known)
+                    ),
+                );
                 continue;
             };
             if let Some(t) = as_table(file, &sub, value, diags) {
@@ -230,7 +326,15 @@ fn as_table<'i>(
     match value.into_inner() {
         DeValue::Table(t) => Some(t),
         other => {
-            diags.at(file, span.start, format!("`{}` must be a table, found {}", key.get_ref(), type_name(&other)));
+            diags.at(
+                file,
+                span.start,
+                format!(
+                    "`{}` must be a table, found {}",
+                    key.get_ref(),
+                    type_name(&other)
+                ),
+            );
             None
         }
     }
@@ -249,15 +353,29 @@ fn type_name(v: &DeValue<'_>) -> &'static str {
 }
 
 fn valid_resource_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
-fn parse_resources(file: &Arc<SourceFile>, kind: Kind, table: DeTable<'_>, parsed: &mut Vec<Parsed>, diags: &mut Diagnostics) {
+fn parse_resources(
+    file: &Arc<SourceFile>,
+    kind: Kind,
+    table: DeTable<'_>,
+    parsed: &mut Vec<Parsed>,
+    diags: &mut Diagnostics,
+) {
     for (key, value) in table {
         let name = key.get_ref().to_string();
         let id = ResourceId::new(kind, name.clone());
         if !valid_resource_name(&name) {
-            diags.at(file, key.span().start, format!("`{id}`: resource names are 1 to 64 letters, digits, `_` or `-`"));
+            diags.at(
+                file,
+                key.span().start,
+                format!("`{id}`: resource names are 1 to 64 letters, digits, `_` or `-`"),
+            );
             continue;
         }
         let span = value.span();
@@ -276,11 +394,25 @@ fn parse_resources(file: &Arc<SourceFile>, kind: Kind, table: DeTable<'_>, parse
             match k.get_ref().as_ref() {
                 "adopt" => match v.get_ref() {
                     DeValue::String(s) if !s.is_empty() => adopt = Some(s.to_string()),
-                    other => diags.at(file, v.span().start, format!("`adopt` is the name or id of the object to adopt (a string), found {}", type_name(other))),
+                    other => diags.at(
+                        file,
+                        v.span().start,
+                        format!(
+                            "`adopt` is the name or id of the object to adopt (a string), found {}",
+                            type_name(other)
+                        ),
+                    ),
                 },
                 "observe_only" => match v.get_ref() {
                     DeValue::Boolean(b) => observe_only = *b,
-                    other => diags.at(file, v.span().start, format!("`observe_only` is true or false, found {}", type_name(other))),
+                    other => diags.at(
+                        file,
+                        v.span().start,
+                        format!(
+                            "`observe_only` is true or false, found {}",
+                            type_name(other)
+                        ),
+                    ),
                 },
                 _ => {
                     rest.insert(k, v);
@@ -307,15 +439,28 @@ fn report_de(file: &SourceFile, e: &toml::de::Error, fallback: usize, diags: &mu
     let at = e.span().map(|s| s.start).unwrap_or(fallback);
     let mut msg = e.message().trim().to_string();
     if let Some(rest) = msg.strip_prefix("unexpected keys in table: ") {
-        msg = format!("unknown key: {}", rest.replace(", available keys:", "; the keys here are:"));
+        msg = format!(
+            "unknown key: {}",
+            rest.replace(", available keys:", "; the keys here are:")
+        );
         msg.push_str(&format!(" (plus {})", COMMON_KEYS.join(", ")));
     }
     diags.at(file, at, msg);
 }
 
 /// Every `${...}` written in the strings of a table.
-fn collect_refs(file: &Arc<SourceFile>, t: &DeTable<'_>, out: &mut Vec<(Origin, Target)>, diags: &mut Diagnostics) {
-    fn walk(file: &Arc<SourceFile>, v: &Spanned<DeValue<'_>>, out: &mut Vec<(Origin, Target)>, diags: &mut Diagnostics) {
+fn collect_refs(
+    file: &Arc<SourceFile>,
+    t: &DeTable<'_>,
+    out: &mut Vec<(Origin, Target)>,
+    diags: &mut Diagnostics,
+) {
+    fn walk(
+        file: &Arc<SourceFile>,
+        v: &Spanned<DeValue<'_>>,
+        out: &mut Vec<(Origin, Target)>,
+        diags: &mut Diagnostics,
+    ) {
         match v.get_ref() {
             DeValue::String(s) => {
                 // Positions inside the string: exact for strings without escapes.
@@ -358,9 +503,15 @@ fn check_stack(stack: &StackSpec, at: &Origin, diags: &mut Diagnostics) {
         diags.at(&at.file, stack.name.span().start, format!("stack name `{name}` must be 1 to 32 letters, digits or `-`, starting with a letter"));
     }
     if let Some(region) = &stack.region {
-        let ok = region.split('-').count() >= 3 && region.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        let ok = region.split('-').count() >= 3
+            && region
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
         if !ok {
-            diags.at_origin(at, format!("`{region}` is not an AWS region name (e.g. us-east-1)"));
+            diags.at_origin(
+                at,
+                format!("`{region}` is not an AWS region name (e.g. us-east-1)"),
+            );
         }
     }
     for k in stack.tags.keys() {
@@ -372,13 +523,25 @@ fn check_stack(stack: &StackSpec, at: &Origin, diags: &mut Diagnostics) {
 
 /// Reference cycles make an order impossible: report each resource on one.
 fn check_cycles(resources: &BTreeMap<ResourceId, Resource>, diags: &mut Diagnostics) {
-    fn reaches(resources: &BTreeMap<ResourceId, Resource>, from: &ResourceId, to: &ResourceId, seen: &mut BTreeSet<ResourceId>) -> bool {
-        let Some(r) = resources.get(from) else { return false };
-        r.depends_on.iter().any(|d| d == to || (seen.insert(d.clone()) && reaches(resources, d, to, seen)))
+    fn reaches(
+        resources: &BTreeMap<ResourceId, Resource>,
+        from: &ResourceId,
+        to: &ResourceId,
+        seen: &mut BTreeSet<ResourceId>,
+    ) -> bool {
+        let Some(r) = resources.get(from) else {
+            return false;
+        };
+        r.depends_on
+            .iter()
+            .any(|d| d == to || (seen.insert(d.clone()) && reaches(resources, d, to, seen)))
     }
     for (id, r) in resources {
         if reaches(resources, id, id, &mut BTreeSet::new()) {
-            diags.at_origin(&r.origin, format!("{id} is part of a reference cycle; references must form no loop"));
+            diags.at_origin(
+                &r.origin,
+                format!("{id} is part of a reference cycle; references must form no loop"),
+            );
         }
     }
 }
@@ -390,7 +553,10 @@ fn check_conflicting_names(desired: &DesiredState, diags: &mut Diagnostics) {
         for r in desired.of_kind(kind) {
             let name = iam::aws_name(desired, r);
             if let Some(first) = seen.get(&name) {
-                diags.at_origin(&r.origin, format!("{} and {} both name the {kind} `{name}`", first.id, r.id));
+                diags.at_origin(
+                    &r.origin,
+                    format!("{} and {} both name the {kind} `{name}`", first.id, r.id),
+                );
             } else {
                 seen.insert(name, r);
             }
@@ -413,7 +579,11 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+            cur.push(
+                (prev[j] + usize::from(ca != *cb))
+                    .min(prev[j + 1] + 1)
+                    .min(cur[j] + 1),
+            );
         }
         prev = cur;
     }
@@ -424,7 +594,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// generation of a desired state that is not a git checkout.
 fn content_hash(dir: &Path) -> String {
     fn walk(dir: &Path, root: &Path, out: &mut Vec<(String, PathBuf)>) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
         for e in entries.flatten() {
             let p = e.path();
             if p.file_name().is_some_and(|n| n == ".git") {
@@ -456,7 +628,10 @@ mod tests {
 
     #[test]
     fn suggests_close_words_only() {
-        assert_eq!(suggest("iamm", ["iam".to_string(), "host".to_string()].into_iter()), "; did you mean `iam`?");
+        assert_eq!(
+            suggest("iamm", ["iam".to_string(), "host".to_string()].into_iter()),
+            "; did you mean `iam`?"
+        );
         assert_eq!(suggest("zzzzzz", ["iam".to_string()].into_iter()), "");
     }
 }

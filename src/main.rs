@@ -100,7 +100,9 @@ fn promql_duration(s: &str) -> Result<Duration, String> {
             num.push(c);
             continue;
         }
-        let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 30s, 5m, 1h"))?;
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}` is not a duration like 30s, 5m, 1h"))?;
         num.clear();
         total += n * match c {
             's' => 1,
@@ -129,9 +131,15 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_ERROR } else { EXIT_OK });
         }
     };
-    init_logging(cli.log_format, matches!(cli.command, Command::Reconcile { dry_run: false, .. }));
+    init_logging(
+        cli.log_format,
+        matches!(cli.command, Command::Reconcile { dry_run: false, .. }),
+    );
     let counter = CallCounter::new();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let code = runtime.block_on(run(&cli, &counter));
     if cli.stats {
         eprint!("{}", aws::render_stats(&counter));
@@ -147,8 +155,11 @@ fn main() -> ExitCode {
 
 fn init_logging(format: LogFormat, verbose: bool) {
     let default = if verbose { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -163,46 +174,98 @@ fn load_or_report(dir: &Path) -> Option<DesiredState> {
             for d in &diags {
                 eprintln!("{d}");
             }
-            eprintln!("{}: {} error(s); nothing was applied", dir.display(), diags.len());
+            eprintln!(
+                "{}: {} error(s); nothing was applied",
+                dir.display(),
+                diags.len()
+            );
             None
         }
     }
 }
 
-async fn engine_for(cli: &Cli, desired: &DesiredState, counter: &Arc<CallCounter>) -> anyhow::Result<Engine> {
-    let opts = AwsOptions { region: cli.region.clone(), profile: cli.profile.clone(), endpoint_url: cli.endpoint_url.clone() };
+async fn engine_for(
+    cli: &Cli,
+    desired: &DesiredState,
+    counter: &Arc<CallCounter>,
+) -> anyhow::Result<Engine> {
+    let opts = AwsOptions {
+        region: cli.region.clone(),
+        profile: cli.profile.clone(),
+        endpoint_url: cli.endpoint_url.clone(),
+    };
     let sdk = aws::sdk_config(&opts, desired.stack.region.as_deref()).await?;
-    let waits = match std::env::var("STACKWARDEN_POLL_INTERVAL").ok().map(|s| promql_duration(&s)) {
-        Some(Ok(poll)) => Waits { poll, ..Waits::default() },
+    let waits = match std::env::var("STACKWARDEN_POLL_INTERVAL")
+        .ok()
+        .map(|s| promql_duration(&s))
+    {
+        Some(Ok(poll)) => Waits {
+            poll,
+            ..Waits::default()
+        },
         Some(Err(e)) => anyhow::bail!("STACKWARDEN_POLL_INTERVAL: {e}"),
         None => Waits::default(),
     };
-    Ok(Engine::new(Context::new(&sdk, vec![counter.interceptor()], waits)))
+    Ok(Engine::new(Context::new(
+        &sdk,
+        vec![counter.interceptor()],
+        waits,
+    )))
 }
 
 async fn run(cli: &Cli, counter: &Arc<CallCounter>) -> anyhow::Result<u8> {
     match &cli.command {
         Command::Validate { dir } => Ok(match load_or_report(dir) {
             Some(d) => {
-                println!("{}: valid (stack {}, {} resources)", dir.display(), d.stack_name(), d.resources.len());
+                println!(
+                    "{}: valid (stack {}, {} resources)",
+                    dir.display(),
+                    d.stack_name(),
+                    d.resources.len()
+                );
                 EXIT_OK
             }
             None => EXIT_ERROR,
         }),
         Command::Plan { dir, json, prune } => plan(cli, dir, *json, *prune, counter).await,
-        Command::Reconcile { dir, dry_run: true, prune, .. } => plan(cli, dir, false, *prune, counter).await,
-        Command::Reconcile { dir, once: true, prune, .. } => {
-            let Some(desired) = load_or_report(dir) else { return Ok(EXIT_ERROR) };
+        Command::Reconcile {
+            dir,
+            dry_run: true,
+            prune,
+            ..
+        } => plan(cli, dir, false, *prune, counter).await,
+        Command::Reconcile {
+            dir,
+            once: true,
+            prune,
+            ..
+        } => {
+            let Some(desired) = load_or_report(dir) else {
+                return Ok(EXIT_ERROR);
+            };
             let engine = engine_for(cli, &desired, counter).await?;
             let converged = reconcile_once(&engine, &desired, *prune).await;
             Ok(if converged { EXIT_OK } else { EXIT_ERROR })
         }
-        Command::Reconcile { dir, prune, interval, .. } => run_loop(cli, dir, *prune, *interval, counter).await,
+        Command::Reconcile {
+            dir,
+            prune,
+            interval,
+            ..
+        } => run_loop(cli, dir, *prune, *interval, counter).await,
     }
 }
 
-async fn plan(cli: &Cli, dir: &Path, json: bool, prune: bool, counter: &Arc<CallCounter>) -> anyhow::Result<u8> {
-    let Some(desired) = load_or_report(dir) else { return Ok(EXIT_ERROR) };
+async fn plan(
+    cli: &Cli,
+    dir: &Path,
+    json: bool,
+    prune: bool,
+    counter: &Arc<CallCounter>,
+) -> anyhow::Result<u8> {
+    let Some(desired) = load_or_report(dir) else {
+        return Ok(EXIT_ERROR);
+    };
     let engine = engine_for(cli, &desired, counter).await?;
     let obs = engine.observe(&desired).await;
     let plan = engine.plan(&desired, &obs, prune);
@@ -232,15 +295,25 @@ async fn reconcile_once(engine: &Engine, desired: &DesiredState, prune: bool) ->
     if let Some(w) = report::unsupported_warning(&check.unsupported) {
         eprintln!("{w}");
     }
-    print!("{}", report::reconcile_text(&applied.changes, &applied.errors, &check));
+    print!(
+        "{}",
+        report::reconcile_text(&applied.changes, &applied.errors, &check)
+    );
     applied.errors.is_empty() && check.errors.is_empty() && !check.has_pending()
 }
 
 /// Continuous reconciliation: a pass every `interval`, the desired directory re-read each time
 /// (an invalid one is reported and the last valid one kept). Ctrl-C or SIGTERM stops it after
 /// the pass in flight.
-async fn run_loop(cli: &Cli, dir: &Path, prune: bool, interval: Duration, counter: &Arc<CallCounter>) -> anyhow::Result<u8> {
-    let mut desired = load_or_report(dir).context("the desired state is invalid; nothing was applied")?;
+async fn run_loop(
+    cli: &Cli,
+    dir: &Path,
+    prune: bool,
+    interval: Duration,
+    counter: &Arc<CallCounter>,
+) -> anyhow::Result<u8> {
+    let mut desired =
+        load_or_report(dir).context("the desired state is invalid; nothing was applied")?;
     let engine = engine_for(cli, &desired, counter).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {

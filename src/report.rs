@@ -20,12 +20,25 @@ struct Counts {
 }
 
 fn counts(plan: &Plan) -> Counts {
-    let active = || plan.changes.iter().map(|(_, c)| c).filter(|c| !c.observe_only);
+    let active = || {
+        plan.changes
+            .iter()
+            .map(|(_, c)| c)
+            .filter(|c| !c.observe_only)
+    };
     Counts {
         create: active().filter(|c| c.action == Action::Create).count(),
         update: active().filter(|c| c.action == Action::Update).count(),
-        delete: plan.removed.iter().filter(|(_, c)| c.action == Action::Delete).count(),
-        orphaned: plan.removed.iter().filter(|(_, c)| c.action == Action::Orphan).count(),
+        delete: plan
+            .removed
+            .iter()
+            .filter(|(_, c)| c.action == Action::Delete)
+            .count(),
+        orphaned: plan
+            .removed
+            .iter()
+            .filter(|(_, c)| c.action == Action::Orphan)
+            .count(),
         in_sync: plan.in_sync.len(),
         errors: plan.errors.len(),
     }
@@ -57,7 +70,12 @@ pub fn unsupported_warning(ids: &[ResourceId]) -> Option<String> {
 
 pub fn plan_text(desired: &DesiredState, region: &str, plan: &Plan) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "stack {} ({region}), desired state {}", desired.stack_name(), desired.content_hash);
+    let _ = writeln!(
+        out,
+        "stack {} ({region}), desired state {}",
+        desired.stack_name(),
+        desired.content_hash
+    );
     let _ = writeln!(out);
     for (_, c) in &plan.changes {
         write_change(&mut out, c);
@@ -76,7 +94,11 @@ pub fn plan_text(desired: &DesiredState, region: &str, plan: &Plan) -> String {
             n.create, n.update, n.delete, n.orphaned, n.in_sync
         );
     } else {
-        let _ = writeln!(out, "No changes: {} resources in sync, {} orphaned.", n.in_sync, n.orphaned);
+        let _ = writeln!(
+            out,
+            "No changes: {} resources in sync, {} orphaned.",
+            n.in_sync, n.orphaned
+        );
     }
     write_errors(&mut out, &plan.errors);
     out
@@ -128,13 +150,26 @@ pub fn reconcile_text(applied: &[Change<AnyOp>], errors: &[ResourceError], after
             all_errors.push(e);
         }
     }
-    for (_, c) in after.removed.iter().filter(|(_, c)| c.action == Action::Orphan) {
+    for (_, c) in after
+        .removed
+        .iter()
+        .filter(|(_, c)| c.action == Action::Orphan)
+    {
         let _ = writeln!(out, "orphaned: {} ({})", c.id, c.object);
     }
     for (_, c) in after.changes.iter().filter(|(_, c)| c.observe_only) {
-        let _ = writeln!(out, "drift (observe only, not applied): {} ({})", c.id, c.object);
+        let _ = writeln!(
+            out,
+            "drift (observe only, not applied): {} ({})",
+            c.id, c.object
+        );
     }
-    let pending: Vec<&Change<AnyOp>> = after.changes.iter().map(|(_, c)| c).filter(|c| !c.observe_only).collect();
+    let pending: Vec<&Change<AnyOp>> = after
+        .changes
+        .iter()
+        .map(|(_, c)| c)
+        .filter(|c| !c.observe_only)
+        .collect();
     for c in &pending {
         if !all_errors.iter().any(|e| e.resource == c.id) {
             let _ = writeln!(out, "not converged: {} still differs after apply:", c.id);

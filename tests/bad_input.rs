@@ -10,72 +10,141 @@ use crate::harness::{default_stack, edit, path_str, stackwarden};
 #[track_caller]
 fn rejected(dir: &Path, file: &str, line: usize, expect: &str) {
     let d = path_str(dir);
-    for args in [vec!["validate", d], vec!["plan", d], vec!["reconcile", "--once", d]] {
+    for args in [
+        vec!["validate", d],
+        vec!["plan", d],
+        vec!["reconcile", "--once", d],
+    ] {
         let run = stackwarden(None, &args);
         run.expect(1);
         let at = format!("{}:{line}:", dir.join(file).display());
-        let line_ok = run.stderr.lines().any(|l| l.starts_with(&at) && l.contains(expect));
-        assert!(line_ok, "{args:?}: expected `{at}<column>: ...{expect}...` in:\n{}", run.stderr);
+        let line_ok = run
+            .stderr
+            .lines()
+            .any(|l| l.starts_with(&at) && l.contains(expect));
+        assert!(
+            line_ok,
+            "{args:?}: expected `{at}<column>: ...{expect}...` in:\n{}",
+            run.stderr
+        );
         let (total, _) = run.calls();
         assert_eq!(total, 0, "{args:?} called AWS");
-        assert!(run.stdout.is_empty(), "{args:?} printed a plan:\n{}", run.stdout);
+        assert!(
+            run.stdout.is_empty(),
+            "{args:?} printed a plan:\n{}",
+            run.stdout
+        );
     }
 }
 
 #[test]
 fn malformed_toml() {
     let dir = default_stack();
-    edit(dir.path(), "amp.toml", "alias = \"monitoring\"", "alias = \"monitoring");
+    edit(
+        dir.path(),
+        "amp.toml",
+        "alias = \"monitoring\"",
+        "alias = \"monitoring",
+    );
     rejected(dir.path(), "amp.toml", 4, "invalid TOML");
 }
 
 #[test]
 fn unknown_key() {
     let dir = default_stack();
-    edit(dir.path(), "iam.toml", "managed_policies = [\n  \"arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore\",", "managed_polices = [\n  \"arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore\",");
+    edit(
+        dir.path(),
+        "iam.toml",
+        "managed_policies = [\n  \"arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore\",",
+        "managed_polices = [\n  \"arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore\",",
+    );
     rejected(dir.path(), "iam.toml", 7, "managed_polices");
 }
 
 #[test]
 fn unknown_section_with_a_suggestion() {
     let dir = default_stack();
-    std::fs::write(dir.path().join("extra.toml"), "[iamm.role.x]\ntrust = { services = [\"ec2.amazonaws.com\"] }\n").unwrap();
+    std::fs::write(
+        dir.path().join("extra.toml"),
+        "[iamm.role.x]\ntrust = { services = [\"ec2.amazonaws.com\"] }\n",
+    )
+    .unwrap();
     rejected(dir.path(), "extra.toml", 1, "did you mean `iam`?");
 }
 
 #[test]
 fn wrong_type() {
     let dir = default_stack();
-    edit(dir.path(), "stack.toml", "tags = { project = \"monitoring\" }", "tags = [\"monitoring\"]");
+    edit(
+        dir.path(),
+        "stack.toml",
+        "tags = { project = \"monitoring\" }",
+        "tags = [\"monitoring\"]",
+    );
     rejected(dir.path(), "stack.toml", 9, "");
 }
 
 #[test]
 fn dangling_reference() {
     let dir = default_stack();
-    edit(dir.path(), "iam.toml", "role = \"${iam.role.grafana.name}\"", "role = \"${iam.role.grafna.name}\"");
-    rejected(dir.path(), "iam.toml", 36, "iam.role.grafna, which the desired state does not define");
+    edit(
+        dir.path(),
+        "iam.toml",
+        "role = \"${iam.role.grafana.name}\"",
+        "role = \"${iam.role.grafna.name}\"",
+    );
+    rejected(
+        dir.path(),
+        "iam.toml",
+        36,
+        "iam.role.grafna, which the desired state does not define",
+    );
 }
 
 #[test]
 fn dangling_reference_inside_a_policy_file() {
     let dir = default_stack();
-    edit(dir.path(), "policies/amp-query.json", "${amp.workspace.main.arn}", "${amp.workspace.other.arn}");
-    rejected(dir.path(), "policies/amp-query.json", 8, "amp.workspace.other");
+    edit(
+        dir.path(),
+        "policies/amp-query.json",
+        "${amp.workspace.main.arn}",
+        "${amp.workspace.other.arn}",
+    );
+    rejected(
+        dir.path(),
+        "policies/amp-query.json",
+        8,
+        "amp.workspace.other",
+    );
 }
 
 #[test]
 fn invalid_promql() {
     let dir = default_stack();
-    edit(dir.path(), "rules/node.yml", "expr: up == 0", "expr: up == (0");
+    edit(
+        dir.path(),
+        "rules/node.yml",
+        "expr: up == 0",
+        "expr: up == (0",
+    );
     rejected(dir.path(), "rules/node.yml", 48, "invalid PromQL");
 }
 
 #[test]
 fn invalid_policy_json() {
     let dir = default_stack();
-    edit(dir.path(), "policies/ec2-discovery.json", "\"Resource\": \"*\"", "\"Resource\": \"*\",");
-    rejected(dir.path(), "policies/ec2-discovery.json", 9, "invalid policy JSON");
+    edit(
+        dir.path(),
+        "policies/ec2-discovery.json",
+        "\"Resource\": \"*\"",
+        "\"Resource\": \"*\",",
+    );
+    rejected(
+        dir.path(),
+        "policies/ec2-discovery.json",
+        9,
+        "invalid policy JSON",
+    );
 }
 
 #[test]
@@ -88,16 +157,41 @@ fn missing_referenced_file() {
 #[test]
 fn conflicting_names() {
     let dir = default_stack();
-    edit(dir.path(), "iam.toml", "[iam.role.grafana]\n", "[iam.role.grafana]\nname = \"monitoring-prometheus\"\n");
-    rejected(dir.path(), "iam.toml", 4, "both name the iam.role `monitoring-prometheus`");
+    edit(
+        dir.path(),
+        "iam.toml",
+        "[iam.role.grafana]\n",
+        "[iam.role.grafana]\nname = \"monitoring-prometheus\"\n",
+    );
+    rejected(
+        dir.path(),
+        "iam.toml",
+        4,
+        "both name the iam.role `monitoring-prometheus`",
+    );
 }
 
 #[test]
 fn every_error_is_reported_at_once() {
     let dir = default_stack();
-    edit(dir.path(), "rules/node.yml", "expr: up == 0", "expr: up == (0");
-    edit(dir.path(), "policies/ec2-discovery.json", "\"Resource\": \"*\"", "\"Resource\": \"*\",");
-    edit(dir.path(), "iam.toml", "role = \"${iam.role.grafana.name}\"", "role = \"${iam.role.grafna.name}\"");
+    edit(
+        dir.path(),
+        "rules/node.yml",
+        "expr: up == 0",
+        "expr: up == (0",
+    );
+    edit(
+        dir.path(),
+        "policies/ec2-discovery.json",
+        "\"Resource\": \"*\"",
+        "\"Resource\": \"*\",",
+    );
+    edit(
+        dir.path(),
+        "iam.toml",
+        "role = \"${iam.role.grafana.name}\"",
+        "role = \"${iam.role.grafna.name}\"",
+    );
     let run = stackwarden(None, &["validate", path_str(dir.path())]);
     run.expect(1);
     assert!(run.stderr.contains("3 error(s)"), "{}", run.stderr);
@@ -105,7 +199,10 @@ fn every_error_is_reported_at_once() {
 
 #[test]
 fn the_default_stack_is_valid() {
-    let run = stackwarden(None, &["validate", concat!(env!("CARGO_MANIFEST_DIR"), "/desired")]);
+    let run = stackwarden(
+        None,
+        &["validate", concat!(env!("CARGO_MANIFEST_DIR"), "/desired")],
+    );
     run.expect(0);
     assert_eq!(run.calls().0, 0);
 }

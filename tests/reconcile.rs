@@ -18,7 +18,12 @@ async fn workspace_id(moto: &Moto) -> String {
     let owned: Vec<_> = list
         .workspaces()
         .iter()
-        .filter(|w| w.tags().and_then(|t| t.get("stackwarden:id")).map(String::as_str) == Some("amp.workspace.main"))
+        .filter(|w| {
+            w.tags()
+                .and_then(|t| t.get("stackwarden:id"))
+                .map(String::as_str)
+                == Some("amp.workspace.main")
+        })
         .filter(|w| w.status().map(|s| s.status_code().as_str()) != Some("DELETING"))
         .collect();
     assert_eq!(owned.len(), 1, "exactly one owned workspace: {owned:?}");
@@ -29,10 +34,25 @@ async fn policy_default_document(moto: &Moto, name: &str) -> serde_json::Value {
     let iam = moto.iam().await;
     let arn = format!("arn:aws:iam::123456789012:policy/{name}");
     let p = iam.get_policy().policy_arn(&arn).send().await.unwrap();
-    let version = p.policy().unwrap().default_version_id().unwrap().to_string();
-    let v = iam.get_policy_version().policy_arn(&arn).version_id(version).send().await.unwrap();
+    let version = p
+        .policy()
+        .unwrap()
+        .default_version_id()
+        .unwrap()
+        .to_string();
+    let v = iam
+        .get_policy_version()
+        .policy_arn(&arn)
+        .version_id(version)
+        .send()
+        .await
+        .unwrap();
     let raw = v.policy_version().unwrap().document().unwrap().to_string();
-    let decoded = if raw.starts_with('{') { raw } else { percent_decode(&raw) };
+    let decoded = if raw.starts_with('{') {
+        raw
+    } else {
+        percent_decode(&raw)
+    };
     serde_json::from_str(&decoded).unwrap()
 }
 
@@ -60,22 +80,42 @@ async fn reconciles_from_empty_then_plan_is_clean_and_reads_only() {
 
     let cold = stackwarden(Some(&moto.endpoint), &["reconcile", "--once", dir]);
     cold.expect(0);
-    assert!(cold.stdout.contains("Converged: 7 resources in sync."), "{}", cold.stdout);
+    assert!(
+        cold.stdout.contains("Converged: 7 resources in sync."),
+        "{}",
+        cold.stdout
+    );
     let (_, writes) = cold.calls();
     assert!(writes > 0);
 
     let plan = stackwarden(Some(&moto.endpoint), &["plan", dir]);
     plan.expect(0);
-    assert!(plan.stdout.contains("No changes: 7 resources in sync"), "{}", plan.stdout);
+    assert!(
+        plan.stdout.contains("No changes: 7 resources in sync"),
+        "{}",
+        plan.stdout
+    );
     let (total, writes) = plan.calls();
     assert_eq!(writes, 0, "a converged plan only reads");
-    assert!(total <= 14, "a converged plan reads in batches, got {total} calls:\n{}", plan.stderr);
+    assert!(
+        total <= 14,
+        "a converged plan reads in batches, got {total} calls:\n{}",
+        plan.stderr
+    );
 
     // Every object carries both ownership tags.
     let iam = moto.iam().await;
-    let tags = iam.list_role_tags().role_name(PROMETHEUS_ROLE).send().await.unwrap();
+    let tags = iam
+        .list_role_tags()
+        .role_name(PROMETHEUS_ROLE)
+        .send()
+        .await
+        .unwrap();
     let keys: Vec<&str> = tags.tags().iter().map(|t| t.key()).collect();
-    assert!(keys.contains(&"stackwarden:stack") && keys.contains(&"stackwarden:id"), "{keys:?}");
+    assert!(
+        keys.contains(&"stackwarden:stack") && keys.contains(&"stackwarden:id"),
+        "{keys:?}"
+    );
 
     // The policy names the workspace's ARN, resolved at plan time.
     let ws = workspace_id(&moto).await;
@@ -101,7 +141,12 @@ async fn out_of_band_drift_makes_plan_exit_2_and_reconcile_fixes_it() {
     let ws = workspace_id(&moto).await;
 
     // A managed policy detached, an inline policy edited, a rule group changed, a tag removed.
-    iam.detach_role_policy().role_name(PROMETHEUS_ROLE).policy_arn(SSM_CORE).send().await.unwrap();
+    iam.detach_role_policy()
+        .role_name(PROMETHEUS_ROLE)
+        .policy_arn(SSM_CORE)
+        .send()
+        .await
+        .unwrap();
     iam.put_role_policy()
         .role_name(PROMETHEUS_ROLE)
         .policy_name("ec2_discovery")
@@ -116,7 +161,12 @@ async fn out_of_band_drift_makes_plan_exit_2_and_reconcile_fixes_it() {
         .send()
         .await
         .unwrap();
-    iam.untag_role().role_name("monitoring-grafana").tag_keys("project").send().await.unwrap();
+    iam.untag_role()
+        .role_name("monitoring-grafana")
+        .tag_keys("project")
+        .send()
+        .await
+        .unwrap();
 
     let plan = stackwarden(Some(&moto.endpoint), &["plan", dir]);
     plan.expect(2);
@@ -129,18 +179,45 @@ async fn out_of_band_drift_makes_plan_exit_2_and_reconcile_fixes_it() {
         "~ iam.role.grafana",
         "tags:",
     ] {
-        assert!(plan.stdout.contains(expected), "plan lacks {expected:?}:\n{}", plan.stdout);
+        assert!(
+            plan.stdout.contains(expected),
+            "plan lacks {expected:?}:\n{}",
+            plan.stdout
+        );
     }
 
     stackwarden(Some(&moto.endpoint), &["reconcile", "--once", dir]).expect(0);
     stackwarden(Some(&moto.endpoint), &["plan", dir]).expect(0);
 
-    let attached = iam.list_attached_role_policies().role_name(PROMETHEUS_ROLE).send().await.unwrap();
-    assert!(attached.attached_policies().iter().any(|p| p.policy_arn() == Some(SSM_CORE)));
-    let tags = iam.list_role_tags().role_name("monitoring-grafana").send().await.unwrap();
-    assert!(tags.tags().iter().any(|t| t.key() == "project" && t.value() == "monitoring"));
-    let ns = amp.describe_rule_groups_namespace().workspace_id(&ws).name("node").send().await.unwrap();
-    let data = String::from_utf8(ns.rule_groups_namespace().unwrap().data().as_ref().to_vec()).unwrap();
+    let attached = iam
+        .list_attached_role_policies()
+        .role_name(PROMETHEUS_ROLE)
+        .send()
+        .await
+        .unwrap();
+    assert!(attached
+        .attached_policies()
+        .iter()
+        .any(|p| p.policy_arn() == Some(SSM_CORE)));
+    let tags = iam
+        .list_role_tags()
+        .role_name("monitoring-grafana")
+        .send()
+        .await
+        .unwrap();
+    assert!(tags
+        .tags()
+        .iter()
+        .any(|t| t.key() == "project" && t.value() == "monitoring"));
+    let ns = amp
+        .describe_rule_groups_namespace()
+        .workspace_id(&ws)
+        .name("node")
+        .send()
+        .await
+        .unwrap();
+    let data =
+        String::from_utf8(ns.rule_groups_namespace().unwrap().data().as_ref().to_vec()).unwrap();
     assert!(data.contains("HighCpuUsage"), "{data}");
 }
 
@@ -150,8 +227,18 @@ async fn same_named_resources_without_our_tags_are_never_touched() {
     let iam = moto.iam().await;
     let amp = moto.amp().await;
     let trust = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"lambda.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
-    iam.create_role().role_name(PROMETHEUS_ROLE).assume_role_policy_document(trust).send().await.unwrap();
-    let foreign = amp.create_workspace().alias("monitoring").send().await.unwrap();
+    iam.create_role()
+        .role_name(PROMETHEUS_ROLE)
+        .assume_role_policy_document(trust)
+        .send()
+        .await
+        .unwrap();
+    let foreign = amp
+        .create_workspace()
+        .alias("monitoring")
+        .send()
+        .await
+        .unwrap();
 
     let dir = default_stack();
     let dir = path_str(dir.path());
@@ -163,20 +250,47 @@ async fn same_named_resources_without_our_tags_are_never_touched() {
         run.stdout
     );
     // What references the role waits; everything unrelated converged.
-    assert!(run.stdout.contains("error: iam.instance_profile.prometheus: waiting for iam.role.prometheus"), "{}", run.stdout);
+    assert!(
+        run.stdout
+            .contains("error: iam.instance_profile.prometheus: waiting for iam.role.prometheus"),
+        "{}",
+        run.stdout
+    );
     let plan = stackwarden(Some(&moto.endpoint), &["plan", dir]);
     plan.expect(1);
-    assert!(!plan.stdout.contains("iam.role.grafana"), "grafana converged:\n{}", plan.stdout);
+    assert!(
+        !plan.stdout.contains("iam.role.grafana"),
+        "grafana converged:\n{}",
+        plan.stdout
+    );
 
     // The foreign role is exactly as it was: no tags, its own trust policy, nothing attached.
-    let role = iam.get_role().role_name(PROMETHEUS_ROLE).send().await.unwrap();
+    let role = iam
+        .get_role()
+        .role_name(PROMETHEUS_ROLE)
+        .send()
+        .await
+        .unwrap();
     let role = role.role().unwrap();
     assert!(role.tags().is_empty(), "{:?}", role.tags());
-    assert!(role.assume_role_policy_document().unwrap().contains("lambda"));
-    let attached = iam.list_attached_role_policies().role_name(PROMETHEUS_ROLE).send().await.unwrap();
+    assert!(role
+        .assume_role_policy_document()
+        .unwrap()
+        .contains("lambda"));
+    let attached = iam
+        .list_attached_role_policies()
+        .role_name(PROMETHEUS_ROLE)
+        .send()
+        .await
+        .unwrap();
     assert!(attached.attached_policies().is_empty());
     // The foreign workspace with the same alias is untouched; ours is another one.
-    let w = amp.describe_workspace().workspace_id(foreign.workspace_id()).send().await.unwrap();
+    let w = amp
+        .describe_workspace()
+        .workspace_id(foreign.workspace_id())
+        .send()
+        .await
+        .unwrap();
     assert!(w.workspace().unwrap().tags().is_none_or(|t| t.is_empty()));
     assert_ne!(workspace_id(&moto).await, foreign.workspace_id());
 }
@@ -188,14 +302,23 @@ async fn recreated_workspace_updates_the_policy_naming_its_arn_in_the_same_pass(
     let dir = path_str(dir.path());
     converge(&moto, dir);
     let old = workspace_id(&moto).await;
-    moto.amp().await.delete_workspace().workspace_id(&old).send().await.unwrap();
+    moto.amp()
+        .await
+        .delete_workspace()
+        .workspace_id(&old)
+        .send()
+        .await
+        .unwrap();
 
     stackwarden(Some(&moto.endpoint), &["plan", dir]).expect(2);
     let run = stackwarden(Some(&moto.endpoint), &["reconcile", "--once", dir]);
     run.expect(0);
     let new = workspace_id(&moto).await;
     assert_ne!(old, new);
-    for policy in ["monitoring-prometheus_remote_write", "monitoring-grafana_query"] {
+    for policy in [
+        "monitoring-prometheus_remote_write",
+        "monitoring-grafana_query",
+    ] {
         let doc = policy_default_document(&moto, policy).await.to_string();
         assert!(doc.contains(&new) && !doc.contains(&old), "{policy}: {doc}");
     }
@@ -207,24 +330,56 @@ async fn adopting_an_existing_role_tags_it_without_recreating_it() {
     let moto = Moto::start();
     let iam = moto.iam().await;
     let trust = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
-    let created = iam.create_role().role_name("legacy-prometheus").assume_role_policy_document(trust).send().await.unwrap();
+    let created = iam
+        .create_role()
+        .role_name("legacy-prometheus")
+        .assume_role_policy_document(trust)
+        .send()
+        .await
+        .unwrap();
     let role_id = created.role().unwrap().role_id().to_string();
 
     let dir = default_stack();
-    edit(dir.path(), "iam.toml", "[iam.role.prometheus]\n", "[iam.role.prometheus]\nadopt = \"legacy-prometheus\"\n");
+    edit(
+        dir.path(),
+        "iam.toml",
+        "[iam.role.prometheus]\n",
+        "[iam.role.prometheus]\nadopt = \"legacy-prometheus\"\n",
+    );
     let dir = path_str(dir.path());
     let plan = stackwarden(Some(&moto.endpoint), &["plan", dir]);
     plan.expect(2);
-    assert!(plan.stdout.contains("adopting existing role `legacy-prometheus`"), "{}", plan.stdout);
+    assert!(
+        plan.stdout
+            .contains("adopting existing role `legacy-prometheus`"),
+        "{}",
+        plan.stdout
+    );
     converge(&moto, dir);
     stackwarden(Some(&moto.endpoint), &["plan", dir]).expect(0);
 
-    let role = iam.get_role().role_name("legacy-prometheus").send().await.unwrap();
+    let role = iam
+        .get_role()
+        .role_name("legacy-prometheus")
+        .send()
+        .await
+        .unwrap();
     let role = role.role().unwrap();
     assert_eq!(role.role_id(), role_id, "adopted, not recreated");
-    assert!(role.tags().iter().any(|t| t.key() == "stackwarden:id" && t.value() == "iam.role.prometheus"));
-    let profile = iam.get_instance_profile().instance_profile_name("monitoring-prometheus").send().await.unwrap();
-    assert_eq!(profile.instance_profile().unwrap().roles()[0].role_name(), "legacy-prometheus");
+    assert!(role
+        .tags()
+        .iter()
+        .any(|t| t.key() == "stackwarden:id" && t.value() == "iam.role.prometheus"));
+    let profile = iam
+        .get_instance_profile()
+        .instance_profile_name("monitoring-prometheus")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        profile.instance_profile().unwrap().roles()[0].role_name(),
+        "legacy-prometheus"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -232,19 +387,47 @@ async fn observe_only_resources_show_drift_but_are_never_written() {
     let moto = Moto::start();
     let dir = default_stack();
     converge(&moto, path_str(dir.path()));
-    edit(dir.path(), "iam.toml", "[iam.role.grafana]\n", "[iam.role.grafana]\nobserve_only = true\n");
+    edit(
+        dir.path(),
+        "iam.toml",
+        "[iam.role.grafana]\n",
+        "[iam.role.grafana]\nobserve_only = true\n",
+    );
     let dir = path_str(dir.path());
     let iam = moto.iam().await;
-    iam.detach_role_policy().role_name("monitoring-grafana").policy_arn(SSM_CORE).send().await.unwrap();
+    iam.detach_role_policy()
+        .role_name("monitoring-grafana")
+        .policy_arn(SSM_CORE)
+        .send()
+        .await
+        .unwrap();
 
     let plan = stackwarden(Some(&moto.endpoint), &["plan", dir]);
     plan.expect(0);
-    assert!(plan.stdout.contains("~ iam.role.grafana (role monitoring-grafana) [observe only: not applied]"), "{}", plan.stdout);
+    assert!(
+        plan.stdout
+            .contains("~ iam.role.grafana (role monitoring-grafana) [observe only: not applied]"),
+        "{}",
+        plan.stdout
+    );
     let run = stackwarden(Some(&moto.endpoint), &["reconcile", "--once", dir]);
     run.expect(0);
-    assert!(run.stdout.contains("drift (observe only, not applied): iam.role.grafana"), "{}", run.stdout);
-    let attached = iam.list_attached_role_policies().role_name("monitoring-grafana").send().await.unwrap();
-    assert!(!attached.attached_policies().iter().any(|p| p.policy_arn() == Some(SSM_CORE)));
+    assert!(
+        run.stdout
+            .contains("drift (observe only, not applied): iam.role.grafana"),
+        "{}",
+        run.stdout
+    );
+    let attached = iam
+        .list_attached_role_policies()
+        .role_name("monitoring-grafana")
+        .send()
+        .await
+        .unwrap();
+    assert!(!attached
+        .attached_policies()
+        .iter()
+        .any(|p| p.policy_arn() == Some(SSM_CORE)));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -253,21 +436,53 @@ async fn removed_resources_are_orphaned_unless_pruned() {
     let dir = default_stack();
     converge(&moto, path_str(dir.path()));
     // Remove the Grafana instance profile from the desired state.
-    edit(dir.path(), "iam.toml", "[iam.instance_profile.grafana]\nrole = \"${iam.role.grafana.name}\"\n", "");
+    edit(
+        dir.path(),
+        "iam.toml",
+        "[iam.instance_profile.grafana]\nrole = \"${iam.role.grafana.name}\"\n",
+        "",
+    );
     let dir = path_str(dir.path());
 
     let plan = stackwarden(Some(&moto.endpoint), &["plan", dir]);
     plan.expect(0);
-    assert!(plan.stdout.contains("! iam.instance_profile.grafana (instance profile monitoring-grafana)"), "{}", plan.stdout);
+    assert!(
+        plan.stdout
+            .contains("! iam.instance_profile.grafana (instance profile monitoring-grafana)"),
+        "{}",
+        plan.stdout
+    );
     converge(&moto, dir);
     let iam = moto.iam().await;
-    assert!(iam.get_instance_profile().instance_profile_name("monitoring-grafana").send().await.is_ok(), "orphaned, not deleted");
+    assert!(
+        iam.get_instance_profile()
+            .instance_profile_name("monitoring-grafana")
+            .send()
+            .await
+            .is_ok(),
+        "orphaned, not deleted"
+    );
 
     let plan = stackwarden(Some(&moto.endpoint), &["plan", "--prune", dir]);
     plan.expect(2);
-    assert!(plan.stdout.contains("- iam.instance_profile.grafana"), "{}", plan.stdout);
-    stackwarden(Some(&moto.endpoint), &["reconcile", "--once", "--prune", dir]).expect(0);
-    assert!(iam.get_instance_profile().instance_profile_name("monitoring-grafana").send().await.is_err(), "pruned");
+    assert!(
+        plan.stdout.contains("- iam.instance_profile.grafana"),
+        "{}",
+        plan.stdout
+    );
+    stackwarden(
+        Some(&moto.endpoint),
+        &["reconcile", "--once", "--prune", dir],
+    )
+    .expect(0);
+    assert!(
+        iam.get_instance_profile()
+            .instance_profile_name("monitoring-grafana")
+            .send()
+            .await
+            .is_err(),
+        "pruned"
+    );
     stackwarden(Some(&moto.endpoint), &["plan", "--prune", dir]).expect(0);
 }
 
@@ -279,13 +494,27 @@ async fn policy_changes_make_new_versions_and_never_exceed_five() {
     let dir = path_str(path);
     converge(&moto, dir);
     for i in 0..6 {
-        let sid = if i == 0 { "RemoteWrite".to_string() } else { format!("RemoteWrite{i}") };
-        edit(path, "policies/amp-remote-write.json", &format!("\"Sid\": \"{sid}\""), &format!("\"Sid\": \"RemoteWrite{}\"", i + 1));
+        let sid = if i == 0 {
+            "RemoteWrite".to_string()
+        } else {
+            format!("RemoteWrite{i}")
+        };
+        edit(
+            path,
+            "policies/amp-remote-write.json",
+            &format!("\"Sid\": \"{sid}\""),
+            &format!("\"Sid\": \"RemoteWrite{}\"", i + 1),
+        );
         converge(&moto, dir);
     }
     let iam = moto.iam().await;
     let arn = "arn:aws:iam::123456789012:policy/monitoring-prometheus_remote_write";
-    let versions = iam.list_policy_versions().policy_arn(arn).send().await.unwrap();
+    let versions = iam
+        .list_policy_versions()
+        .policy_arn(arn)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(versions.versions().len(), 5, "{:?}", versions.versions());
     let doc = policy_default_document(&moto, "monitoring-prometheus_remote_write").await;
     assert_eq!(doc["Statement"][0]["Sid"], "RemoteWrite6");

@@ -48,7 +48,12 @@ pub fn check_definition(file: &SourceFile, diags: &mut Diagnostics) {
     };
     let _ = def.template_files;
     // The block scalar's span starts on its first content line; its content is de-indented.
-    let start_line = def.alertmanager_config.span().start().map(|m| m.line()).unwrap_or(1);
+    let start_line = def
+        .alertmanager_config
+        .span()
+        .start()
+        .map(|m| m.line())
+        .unwrap_or(1);
     let indent = file
         .text
         .lines()
@@ -60,7 +65,11 @@ pub fn check_definition(file: &SourceFile, diags: &mut Diagnostics) {
         line: start_line + line - 1,
         column: column + indent,
     };
-    let inner = SourceFile::new(file.path.clone(), file.display.clone(), def.alertmanager_config.as_str().to_string());
+    let inner = SourceFile::new(
+        file.path.clone(),
+        file.display.clone(),
+        def.alertmanager_config.as_str().to_string(),
+    );
     let mut inner_diags = Diagnostics::default();
     let parsed: Option<Config> = parse_yaml(&inner, &mut inner_diags, "alertmanager_config");
     for d in inner_diags.into_sorted() {
@@ -83,12 +92,24 @@ pub fn check_definition(file: &SourceFile, diags: &mut Diagnostics) {
     while let Some(r) = stack.pop() {
         if let Some(recv) = &r.receiver {
             if !names.contains(recv.as_str()) {
-                diags.error(at(recv.span()), format!("route names receiver `{}`, which is not defined", recv.as_str()));
+                diags.error(
+                    at(recv.span()),
+                    format!(
+                        "route names receiver `{}`, which is not defined",
+                        recv.as_str()
+                    ),
+                );
             }
         }
-        for d in [&r.group_wait, &r.group_interval, &r.repeat_interval].into_iter().flatten() {
+        for d in [&r.group_wait, &r.group_interval, &r.repeat_interval]
+            .into_iter()
+            .flatten()
+        {
             if let Err(e) = promql_parser::util::parse_duration(d.as_str()) {
-                diags.error(at(d.span()), format!("`{}` is not a duration ({e})", d.as_str()));
+                diags.error(
+                    at(d.span()),
+                    format!("`{}` is not a duration ({e})", d.as_str()),
+                );
             }
         }
         stack.extend(r.routes.iter());

@@ -62,18 +62,28 @@ impl WorkspaceSpec {
     pub fn validate(&mut self, v: &mut Validator<'_>) {
         for p in &self.authentication_providers {
             if p != "AWS_SSO" && p != "SAML" {
-                v.here(format!("authentication provider `{p}` is not AWS_SSO or SAML"));
+                v.here(format!(
+                    "authentication provider `{p}` is not AWS_SSO or SAML"
+                ));
             }
         }
         if !["SERVICE_MANAGED", "CUSTOMER_MANAGED"].contains(&self.permission_type.as_str()) {
-            v.here(format!("permission_type `{}` is not SERVICE_MANAGED or CUSTOMER_MANAGED", self.permission_type));
+            v.here(format!(
+                "permission_type `{}` is not SERVICE_MANAGED or CUSTOMER_MANAGED",
+                self.permission_type
+            ));
         }
         if !["CURRENT_ACCOUNT", "ORGANIZATION"].contains(&self.account_access_type.as_str()) {
-            v.here(format!("account_access_type `{}` is not CURRENT_ACCOUNT or ORGANIZATION", self.account_access_type));
+            v.here(format!(
+                "account_access_type `{}` is not CURRENT_ACCOUNT or ORGANIZATION",
+                self.account_access_type
+            ));
         }
         for role in self.roles.keys() {
             if !["admin", "editor", "viewer"].contains(&role.as_str()) {
-                v.here(format!("Grafana role `{role}` is not admin, editor or viewer"));
+                v.here(format!(
+                    "Grafana role `{role}` is not admin, editor or viewer"
+                ));
             }
         }
         if let Some(tags) = &self.tags {

@@ -87,7 +87,9 @@ impl WorkspaceSpec {
             }
             let Some(file) = v.read(path) else { continue };
             if crate::rules::check_rule_file(&file.file, v.diags).is_some() {
-                self.loaded.rule_groups.insert(ns.clone(), file.text().to_string());
+                self.loaded
+                    .rule_groups
+                    .insert(ns.clone(), file.text().to_string());
             }
         }
         if let Some(path) = &self.alertmanager {
@@ -124,12 +126,18 @@ pub struct ObservedWorkspace {
 
 impl ObservedWorkspace {
     fn outputs(&self, region: &str) -> Outputs {
-        let endpoint = format!("https://aps-workspaces.{region}.amazonaws.com/workspaces/{}/", self.id);
+        let endpoint = format!(
+            "https://aps-workspaces.{region}.amazonaws.com/workspaces/{}/",
+            self.id
+        );
         Outputs::from([
             ("id".into(), self.id.clone()),
             ("arn".into(), self.arn.clone()),
             ("alias".into(), self.alias.clone().unwrap_or_default()),
-            ("remote_write_url".into(), format!("{endpoint}api/v1/remote_write")),
+            (
+                "remote_write_url".into(),
+                format!("{endpoint}api/v1/remote_write"),
+            ),
             ("query_url".into(), format!("{endpoint}api/v1/query")),
             ("prometheus_endpoint".into(), endpoint),
         ])
@@ -171,16 +179,47 @@ pub enum Op {
         namespaces: Vec<(String, String, BTreeMap<String, String>)>,
         log_group_arn: Option<String>,
     },
-    UpdateAlias { workspace: String, alias: String },
-    Tag { arn: String, tags: BTreeMap<String, String> },
-    Untag { arn: String, keys: Vec<String> },
-    CreateNamespace { workspace: String, name: String, data: String, tags: BTreeMap<String, String> },
-    PutNamespace { workspace: String, name: String, data: String },
-    DeleteNamespace { workspace: String, name: String },
-    CreateLogging { workspace: String, log_group_arn: String },
-    UpdateLogging { workspace: String, log_group_arn: String },
-    DeleteLogging { workspace: String },
-    DeleteWorkspace { workspace: String },
+    UpdateAlias {
+        workspace: String,
+        alias: String,
+    },
+    Tag {
+        arn: String,
+        tags: BTreeMap<String, String>,
+    },
+    Untag {
+        arn: String,
+        keys: Vec<String>,
+    },
+    CreateNamespace {
+        workspace: String,
+        name: String,
+        data: String,
+        tags: BTreeMap<String, String>,
+    },
+    PutNamespace {
+        workspace: String,
+        name: String,
+        data: String,
+    },
+    DeleteNamespace {
+        workspace: String,
+        name: String,
+    },
+    CreateLogging {
+        workspace: String,
+        log_group_arn: String,
+    },
+    UpdateLogging {
+        workspace: String,
+        log_group_arn: String,
+    },
+    DeleteLogging {
+        workspace: String,
+    },
+    DeleteWorkspace {
+        workspace: String,
+    },
 }
 
 /// Rule file content as compared: parsed YAML when it parses, else the text.
@@ -192,14 +231,18 @@ fn canonical_rules(data: &str) -> String {
 }
 
 fn alias_of(desired: &DesiredState, r: &Resource, s: &WorkspaceSpec) -> String {
-    s.alias.clone().unwrap_or_else(|| desired.default_name(&r.id))
+    s.alias
+        .clone()
+        .unwrap_or_else(|| desired.default_name(&r.id))
 }
 
 fn namespace_tags(desired: &DesiredState, r: &Resource) -> BTreeMap<String, String> {
     desired.tags_for(&r.id, &BTreeMap::new())
 }
 
-fn amp_err<E, R>(op: &'static str) -> impl FnOnce(aws_smithy_runtime_api::client::result::SdkError<E, R>) -> Error
+fn amp_err<E, R>(
+    op: &'static str,
+) -> impl FnOnce(aws_smithy_runtime_api::client::result::SdkError<E, R>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: crate::error::HttpStatus + std::fmt::Debug,
@@ -212,7 +255,8 @@ fn hash_map(t: &BTreeMap<String, String>) -> HashMap<String, String> {
 }
 
 fn sorted(t: Option<&HashMap<String, String>>) -> BTreeMap<String, String> {
-    t.map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect()).unwrap_or_default()
+    t.map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default()
 }
 
 fn show_tags(t: &BTreeMap<String, String>) -> String {
@@ -231,11 +275,16 @@ async fn wait_active(ctx: &Context, workspace: &str) -> Result<()> {
             .send()
             .await
             .map_err(amp_err("DescribeWorkspace"))?;
-        let status = out.workspace().and_then(|w| w.status()).map(|s| s.status_code().clone());
+        let status = out
+            .workspace()
+            .and_then(|w| w.status())
+            .map(|s| s.status_code().clone());
         match status {
             Some(WorkspaceStatusCode::Active) => return Ok(()),
             Some(WorkspaceStatusCode::CreationFailed) => {
-                return Err(Error::Invalid(format!("workspace {workspace} failed to create")))
+                return Err(Error::Invalid(format!(
+                    "workspace {workspace} failed to create"
+                )))
             }
             other => {
                 if start.elapsed() > ctx.waits.timeout {
@@ -262,15 +311,23 @@ impl Controller for AmpController {
 
     async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Observed> {
         let stack = desired.stack_name();
-        let adopted: Vec<&str> = desired.of_kind(Kind::AmpWorkspace).filter_map(|r| r.adopt.as_deref()).collect();
+        let adopted: Vec<&str> = desired
+            .of_kind(Kind::AmpWorkspace)
+            .filter_map(|r| r.adopt.as_deref())
+            .collect();
         let mut found = Vec::new();
         let mut pages = ctx.amp.list_workspaces().into_paginator().send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(amp_err("ListWorkspaces"))?;
             for w in page.workspaces() {
                 let tags = sorted(w.tags());
-                let status = w.status().map(|s| s.status_code().as_str().to_string()).unwrap_or_default();
-                if tags.get(TAG_STACK).map(String::as_str) == Some(stack) || adopted.contains(&w.workspace_id()) {
+                let status = w
+                    .status()
+                    .map(|s| s.status_code().as_str().to_string())
+                    .unwrap_or_default();
+                if tags.get(TAG_STACK).map(String::as_str) == Some(stack)
+                    || adopted.contains(&w.workspace_id())
+                {
                     found.push(ObservedWorkspace {
                         id: w.workspace_id().to_string(),
                         arn: w.arn().to_string(),
@@ -287,11 +344,20 @@ impl Controller for AmpController {
             if w.status == "DELETING" || w.status == "CREATING" {
                 return Ok(w);
             }
-            let mut pages = ctx.amp.list_rule_groups_namespaces().workspace_id(&w.id).into_paginator().send();
+            let mut pages = ctx
+                .amp
+                .list_rule_groups_namespaces()
+                .workspace_id(&w.id)
+                .into_paginator()
+                .send();
             let mut names = Vec::new();
             while let Some(page) = pages.next().await {
                 let page = page.map_err(amp_err("ListRuleGroupsNamespaces"))?;
-                names.extend(page.rule_groups_namespaces().iter().map(|n| (n.name().to_string(), sorted(n.tags()))));
+                names.extend(
+                    page.rule_groups_namespaces()
+                        .iter()
+                        .map(|n| (n.name().to_string(), sorted(n.tags()))),
+                );
             }
             let reads = names.into_iter().map(|(name, tags)| {
                 let id = w.id.clone();
@@ -315,7 +381,13 @@ impl Controller for AmpController {
                 let (name, ns) = res?;
                 w.namespaces.insert(name, ns);
             }
-            w.log_group_arn = match ctx.amp.describe_logging_configuration().workspace_id(&w.id).send().await {
+            w.log_group_arn = match ctx
+                .amp
+                .describe_logging_configuration()
+                .workspace_id(&w.id)
+                .send()
+                .await
+            {
                 Ok(out) => out
                     .logging_configuration()
                     .map(|l| l.log_group_arn().to_string())
@@ -325,7 +397,10 @@ impl Controller for AmpController {
             };
             Ok::<_, Error>(w)
         });
-        let workspaces = futures::future::join_all(reads).await.into_iter().collect::<Result<Vec<_>>>()?;
+        let workspaces = futures::future::join_all(reads)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
         Ok(Observed {
             region: ctx.region.clone(),
             workspaces,
@@ -339,22 +414,45 @@ impl Controller for AmpController {
             .collect()
     }
 
-    fn diff(&self, desired: &DesiredState, r: &Resource, obs: &Observed, refs: &Refs) -> Result<Option<Change<Op>>> {
-        let Spec::AmpWorkspace(s) = &r.spec else { return Ok(None) };
+    fn diff(
+        &self,
+        desired: &DesiredState,
+        r: &Resource,
+        obs: &Observed,
+        refs: &Refs,
+    ) -> Result<Option<Change<Op>>> {
+        let Spec::AmpWorkspace(s) = &r.spec else {
+            return Ok(None);
+        };
         let alias = alias_of(desired, r, s);
-        let tags = desired.tags_for(&r.id, &s.tags.as_ref().map(|t| t.get_ref().clone()).unwrap_or_default());
+        let tags = desired.tags_for(
+            &r.id,
+            &s.tags
+                .as_ref()
+                .map(|t| t.get_ref().clone())
+                .unwrap_or_default(),
+        );
         let ns_tags = namespace_tags(desired, r);
-        let log_group = s.logging.as_ref().map(|l| refs.render(&l.log_group_arn).value);
+        let log_group = s
+            .logging
+            .as_ref()
+            .map(|l| refs.render(&l.log_group_arn).value);
 
         let Some(w) = obs.find(desired, r) else {
             if let Some(id) = &r.adopt {
-                return Err(Error::Invalid(format!("workspace `{id}` to adopt does not exist")));
+                return Err(Error::Invalid(format!(
+                    "workspace `{id}` to adopt does not exist"
+                )));
             }
             let mut c = Change::new(r.id.clone(), Action::Create, format!("workspace {alias}"));
             c.field("alias", None, Some(alias.clone()));
             c.field("tags", None, Some(show_tags(&tags)));
             for ns in s.loaded.rule_groups.keys() {
-                c.field(format!("rule_groups.{ns}"), None, Some("(rule file)".into()));
+                c.field(
+                    format!("rule_groups.{ns}"),
+                    None,
+                    Some("(rule file)".into()),
+                );
             }
             if let Some(l) = &log_group {
                 c.field("logging.log_group_arn", None, Some(l.clone()));
@@ -377,32 +475,56 @@ impl Controller for AmpController {
 
         let mut c = Change::new(r.id.clone(), Action::Update, format!("workspace {}", w.id));
         if w.status == "CREATING" {
-            return Err(Error::Pending(format!("workspace {} is still CREATING", w.id)));
+            return Err(Error::Pending(format!(
+                "workspace {} is still CREATING",
+                w.id
+            )));
         }
         if r.adopt.is_some() && !owned_by(&w.tags, desired.stack_name(), &r.id) {
-            c.notes.push(format!("adopting existing workspace {}", w.id));
+            c.notes
+                .push(format!("adopting existing workspace {}", w.id));
         }
         if w.alias.as_deref() != Some(alias.as_str()) {
             c.field("alias", w.alias.clone(), Some(alias.clone()));
-            c.op(Op::UpdateAlias { workspace: w.id.clone(), alias });
+            c.op(Op::UpdateAlias {
+                workspace: w.id.clone(),
+                alias,
+            });
         }
-        let set: BTreeMap<String, String> =
-            tags.iter().filter(|(k, v)| w.tags.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
-        let remove: Vec<String> =
-            w.tags.keys().filter(|k| !tags.contains_key(*k) && !k.starts_with("aws:")).cloned().collect();
+        let set: BTreeMap<String, String> = tags
+            .iter()
+            .filter(|(k, v)| w.tags.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let remove: Vec<String> = w
+            .tags
+            .keys()
+            .filter(|k| !tags.contains_key(*k) && !k.starts_with("aws:"))
+            .cloned()
+            .collect();
         if !set.is_empty() || !remove.is_empty() {
             c.field("tags", Some(show_tags(&w.tags)), Some(show_tags(&tags)));
         }
         if !set.is_empty() {
-            c.op(Op::Tag { arn: w.arn.clone(), tags: set });
+            c.op(Op::Tag {
+                arn: w.arn.clone(),
+                tags: set,
+            });
         }
         if !remove.is_empty() {
-            c.op(Op::Untag { arn: w.arn.clone(), keys: remove });
+            c.op(Op::Untag {
+                arn: w.arn.clone(),
+                keys: remove,
+            });
         }
         for (ns, data) in &s.loaded.rule_groups {
             match w.namespaces.get(ns) {
                 None => {
-                    c.field(format!("rule_groups.{ns}"), None, Some("(rule file)".into()));
+                    c.field(
+                        format!("rule_groups.{ns}"),
+                        None,
+                        Some("(rule file)".into()),
+                    );
                     c.op(Op::CreateNamespace {
                         workspace: w.id.clone(),
                         name: ns.clone(),
@@ -416,29 +538,54 @@ impl Controller for AmpController {
                         Some(format!("sha256:{}", short_hash(&cur.data))),
                         Some(format!("sha256:{}", short_hash(data))),
                     );
-                    c.op(Op::PutNamespace { workspace: w.id.clone(), name: ns.clone(), data: data.clone() });
+                    c.op(Op::PutNamespace {
+                        workspace: w.id.clone(),
+                        name: ns.clone(),
+                        data: data.clone(),
+                    });
                 }
                 Some(_) => {}
             }
         }
         for (ns, cur) in &w.namespaces {
-            if !s.loaded.rule_groups.contains_key(ns) && owner_id(&cur.tags, desired.stack_name()).is_some() {
-                c.field(format!("rule_groups.{ns}"), Some(format!("sha256:{}", short_hash(&cur.data))), None);
-                c.op(Op::DeleteNamespace { workspace: w.id.clone(), name: ns.clone() });
+            if !s.loaded.rule_groups.contains_key(ns)
+                && owner_id(&cur.tags, desired.stack_name()).is_some()
+            {
+                c.field(
+                    format!("rule_groups.{ns}"),
+                    Some(format!("sha256:{}", short_hash(&cur.data))),
+                    None,
+                );
+                c.op(Op::DeleteNamespace {
+                    workspace: w.id.clone(),
+                    name: ns.clone(),
+                });
             }
         }
         match (&w.log_group_arn, &log_group) {
             (None, Some(want)) => {
                 c.field("logging.log_group_arn", None, Some(want.clone()));
-                c.op(Op::CreateLogging { workspace: w.id.clone(), log_group_arn: want.clone() });
+                c.op(Op::CreateLogging {
+                    workspace: w.id.clone(),
+                    log_group_arn: want.clone(),
+                });
             }
             (Some(cur), Some(want)) if cur != want => {
-                c.field("logging.log_group_arn", Some(cur.clone()), Some(want.clone()));
-                c.op(Op::UpdateLogging { workspace: w.id.clone(), log_group_arn: want.clone() });
+                c.field(
+                    "logging.log_group_arn",
+                    Some(cur.clone()),
+                    Some(want.clone()),
+                );
+                c.op(Op::UpdateLogging {
+                    workspace: w.id.clone(),
+                    log_group_arn: want.clone(),
+                });
             }
             (Some(cur), None) => {
                 c.field("logging.log_group_arn", Some(cur.clone()), None);
-                c.op(Op::DeleteLogging { workspace: w.id.clone() });
+                c.op(Op::DeleteLogging {
+                    workspace: w.id.clone(),
+                });
             }
             _ => {}
         }
@@ -456,15 +603,26 @@ impl Controller for AmpController {
             .filter(|w| w.status != "DELETING")
             .filter_map(|w| {
                 let id = owner_id(&w.tags, stack)?;
-                let wanted = desired.resources.get(&id).is_some_and(|r| obs.find(desired, r).map(|f| &f.id) == Some(&w.id));
-                let adopted = desired.of_kind(Kind::AmpWorkspace).any(|r| r.adopt.as_deref() == Some(w.id.as_str()));
+                let wanted = desired
+                    .resources
+                    .get(&id)
+                    .is_some_and(|r| obs.find(desired, r).map(|f| &f.id) == Some(&w.id));
+                let adopted = desired
+                    .of_kind(Kind::AmpWorkspace)
+                    .any(|r| r.adopt.as_deref() == Some(w.id.as_str()));
                 if wanted || adopted {
                     return None;
                 }
-                let action = if prune { Action::Delete } else { Action::Orphan };
+                let action = if prune {
+                    Action::Delete
+                } else {
+                    Action::Orphan
+                };
                 let mut c = Change::new(id, action, format!("workspace {}", w.id));
                 if prune {
-                    c.op(Op::DeleteWorkspace { workspace: w.id.clone() });
+                    c.op(Op::DeleteWorkspace {
+                        workspace: w.id.clone(),
+                    });
                 }
                 Some(c)
             })
@@ -474,7 +632,13 @@ impl Controller for AmpController {
     async fn apply(&self, ctx: &Context, op: &Op) -> Result<Option<Outputs>> {
         let amp = &ctx.amp;
         match op {
-            Op::CreateWorkspace { alias, kms_key_arn, tags, namespaces, log_group_arn } => {
+            Op::CreateWorkspace {
+                alias,
+                kms_key_arn,
+                tags,
+                namespaces,
+                log_group_arn,
+            } => {
                 let out = amp
                     .create_workspace()
                     .alias(alias)
@@ -494,12 +658,24 @@ impl Controller for AmpController {
                 for (name, data, tags) in namespaces {
                     Box::pin(self.apply(
                         ctx,
-                        &Op::CreateNamespace { workspace: w.id.clone(), name: name.clone(), data: data.clone(), tags: tags.clone() },
+                        &Op::CreateNamespace {
+                            workspace: w.id.clone(),
+                            name: name.clone(),
+                            data: data.clone(),
+                            tags: tags.clone(),
+                        },
                     ))
                     .await?;
                 }
                 if let Some(arn) = log_group_arn {
-                    Box::pin(self.apply(ctx, &Op::CreateLogging { workspace: w.id.clone(), log_group_arn: arn.clone() })).await?;
+                    Box::pin(self.apply(
+                        ctx,
+                        &Op::CreateLogging {
+                            workspace: w.id.clone(),
+                            log_group_arn: arn.clone(),
+                        },
+                    ))
+                    .await?;
                 }
                 return Ok(Some(w.outputs(&ctx.region)));
             }
@@ -512,7 +688,12 @@ impl Controller for AmpController {
                     .map_err(amp_err("UpdateWorkspaceAlias"))?;
             }
             Op::Tag { arn, tags } => {
-                amp.tag_resource().resource_arn(arn).set_tags(Some(hash_map(tags))).send().await.map_err(amp_err("TagResource"))?;
+                amp.tag_resource()
+                    .resource_arn(arn)
+                    .set_tags(Some(hash_map(tags)))
+                    .send()
+                    .await
+                    .map_err(amp_err("TagResource"))?;
             }
             Op::Untag { arn, keys } => {
                 amp.untag_resource()
@@ -522,7 +703,12 @@ impl Controller for AmpController {
                     .await
                     .map_err(amp_err("UntagResource"))?;
             }
-            Op::CreateNamespace { workspace, name, data, tags } => {
+            Op::CreateNamespace {
+                workspace,
+                name,
+                data,
+                tags,
+            } => {
                 amp.create_rule_groups_namespace()
                     .workspace_id(workspace)
                     .name(name)
@@ -532,7 +718,11 @@ impl Controller for AmpController {
                     .await
                     .map_err(amp_err("CreateRuleGroupsNamespace"))?;
             }
-            Op::PutNamespace { workspace, name, data } => {
+            Op::PutNamespace {
+                workspace,
+                name,
+                data,
+            } => {
                 amp.put_rule_groups_namespace()
                     .workspace_id(workspace)
                     .name(name)
@@ -542,13 +732,22 @@ impl Controller for AmpController {
                     .map_err(amp_err("PutRuleGroupsNamespace"))?;
             }
             Op::DeleteNamespace { workspace, name } => {
-                match amp.delete_rule_groups_namespace().workspace_id(workspace).name(name).send().await {
+                match amp
+                    .delete_rule_groups_namespace()
+                    .workspace_id(workspace)
+                    .name(name)
+                    .send()
+                    .await
+                {
                     Ok(_) => {}
                     Err(e) if e.code() == Some("ResourceNotFoundException") => {}
                     Err(e) => return Err(amp_err("DeleteRuleGroupsNamespace")(e)),
                 }
             }
-            Op::CreateLogging { workspace, log_group_arn } => {
+            Op::CreateLogging {
+                workspace,
+                log_group_arn,
+            } => {
                 amp.create_logging_configuration()
                     .workspace_id(workspace)
                     .log_group_arn(log_group_arn)
@@ -556,7 +755,10 @@ impl Controller for AmpController {
                     .await
                     .map_err(amp_err("CreateLoggingConfiguration"))?;
             }
-            Op::UpdateLogging { workspace, log_group_arn } => {
+            Op::UpdateLogging {
+                workspace,
+                log_group_arn,
+            } => {
                 amp.update_logging_configuration()
                     .workspace_id(workspace)
                     .log_group_arn(log_group_arn)
@@ -571,11 +773,13 @@ impl Controller for AmpController {
                     .await
                     .map_err(amp_err("DeleteLoggingConfiguration"))?;
             }
-            Op::DeleteWorkspace { workspace } => match amp.delete_workspace().workspace_id(workspace).send().await {
-                Ok(_) => {}
-                Err(e) if e.code() == Some("ResourceNotFoundException") => {}
-                Err(e) => return Err(amp_err("DeleteWorkspace")(e)),
-            },
+            Op::DeleteWorkspace { workspace } => {
+                match amp.delete_workspace().workspace_id(workspace).send().await {
+                    Ok(_) => {}
+                    Err(e) if e.code() == Some("ResourceNotFoundException") => {}
+                    Err(e) => return Err(amp_err("DeleteWorkspace")(e)),
+                }
+            }
         }
         Ok(None)
     }
@@ -583,7 +787,10 @@ impl Controller for AmpController {
 
 fn add_alertmanager_note(c: &mut Change<Op>, s: &WorkspaceSpec) {
     if s.loaded.alertmanager.is_some() {
-        c.notes.push("the alertmanager definition is validated but not yet reconciled by this version".into());
+        c.notes.push(
+            "the alertmanager definition is validated but not yet reconciled by this version"
+                .into(),
+        );
     }
 }
 

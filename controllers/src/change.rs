@@ -79,7 +79,12 @@ impl<Op> Change<Op> {
         }
     }
 
-    pub fn field(&mut self, field: impl Into<String>, before: Option<String>, after: Option<String>) {
+    pub fn field(
+        &mut self,
+        field: impl Into<String>,
+        before: Option<String>,
+        after: Option<String>,
+    ) {
         self.fields.push(FieldChange::new(field, before, after));
     }
 
@@ -119,7 +124,13 @@ impl<Op> fmt::Display for Change<Op> {
                 (None, Some(a)) if self.action == Action::Create => {
                     writeln!(f, "    {}: {}", c.field, a)?
                 }
-                _ => writeln!(f, "    {}: {} → {}", c.field, show(&c.before), show(&c.after))?,
+                _ => writeln!(
+                    f,
+                    "    {}: {} → {}",
+                    c.field,
+                    show(&c.before),
+                    show(&c.after)
+                )?,
             }
         }
         for n in &self.notes {
@@ -130,7 +141,12 @@ impl<Op> fmt::Display for Change<Op> {
 }
 
 /// Compares two optional display values and records a field change when they differ.
-pub fn diff_field<Op>(change: &mut Change<Op>, field: &str, before: Option<String>, after: Option<String>) -> bool {
+pub fn diff_field<Op>(
+    change: &mut Change<Op>,
+    field: &str,
+    before: Option<String>,
+    after: Option<String>,
+) -> bool {
     if before != after {
         change.field(field, before, after);
         true

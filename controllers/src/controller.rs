@@ -79,7 +79,11 @@ pub trait Controller: Send + Sync + 'static {
     async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Self::Observed>;
 
     /// Attribute values of every desired resource that exists.
-    fn outputs(&self, desired: &DesiredState, observed: &Self::Observed) -> Vec<(ResourceId, Outputs)>;
+    fn outputs(
+        &self,
+        desired: &DesiredState,
+        observed: &Self::Observed,
+    ) -> Vec<(ResourceId, Outputs)>;
 
     /// Pure: the change that takes one resource from observed to desired, `None` when in sync.
     /// An error means the resource cannot be reconciled as is (e.g. its name is taken by an
@@ -122,7 +126,8 @@ pub type AnyObserved = Box<dyn Any + Send + Sync>;
 pub trait DynController: Send + Sync {
     fn kinds(&self) -> &'static [Kind];
     async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<AnyObserved>;
-    fn outputs(&self, desired: &DesiredState, observed: &AnyObserved) -> Vec<(ResourceId, Outputs)>;
+    fn outputs(&self, desired: &DesiredState, observed: &AnyObserved)
+        -> Vec<(ResourceId, Outputs)>;
     fn diff(
         &self,
         desired: &DesiredState,
@@ -130,7 +135,12 @@ pub trait DynController: Send + Sync {
         observed: &AnyObserved,
         refs: &Refs,
     ) -> Result<Option<Change<AnyOp>>>;
-    fn removed(&self, desired: &DesiredState, observed: &AnyObserved, prune: bool) -> Vec<Change<AnyOp>>;
+    fn removed(
+        &self,
+        desired: &DesiredState,
+        observed: &AnyObserved,
+        prune: bool,
+    ) -> Vec<Change<AnyOp>>;
     async fn apply(&self, ctx: &Context, op: &AnyOp) -> Result<Option<Outputs>>;
 }
 
@@ -155,7 +165,11 @@ impl<C: Controller> DynController for C {
         Ok(Box::new(Controller::observe(self, ctx, desired).await?))
     }
 
-    fn outputs(&self, desired: &DesiredState, observed: &AnyObserved) -> Vec<(ResourceId, Outputs)> {
+    fn outputs(
+        &self,
+        desired: &DesiredState,
+        observed: &AnyObserved,
+    ) -> Vec<(ResourceId, Outputs)> {
         Controller::outputs(self, desired, typed::<C>(observed))
     }
 
@@ -166,11 +180,18 @@ impl<C: Controller> DynController for C {
         observed: &AnyObserved,
         refs: &Refs,
     ) -> Result<Option<Change<AnyOp>>> {
-        Ok(Controller::diff(self, desired, resource, typed::<C>(observed), refs)?
-            .map(|c| c.map_ops(erase)))
+        Ok(
+            Controller::diff(self, desired, resource, typed::<C>(observed), refs)?
+                .map(|c| c.map_ops(erase)),
+        )
     }
 
-    fn removed(&self, desired: &DesiredState, observed: &AnyObserved, prune: bool) -> Vec<Change<AnyOp>> {
+    fn removed(
+        &self,
+        desired: &DesiredState,
+        observed: &AnyObserved,
+        prune: bool,
+    ) -> Vec<Change<AnyOp>> {
         Controller::removed(self, desired, typed::<C>(observed), prune)
             .into_iter()
             .map(|c| c.map_ops(erase))
@@ -178,10 +199,9 @@ impl<C: Controller> DynController for C {
     }
 
     async fn apply(&self, ctx: &Context, op: &AnyOp) -> Result<Option<Outputs>> {
-        let op = op
-            .0
-            .downcast_ref::<C::Op>()
-            .expect("operation applied by the controller that planned it");
+        let op =
+            op.0.downcast_ref::<C::Op>()
+                .expect("operation applied by the controller that planned it");
         Controller::apply(self, ctx, op).await
     }
 }

@@ -162,7 +162,11 @@ impl DesiredState {
     }
 
     /// Ownership and common tags for a resource stackwarden creates.
-    pub fn tags_for(&self, id: &ResourceId, own: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    pub fn tags_for(
+        &self,
+        id: &ResourceId,
+        own: &BTreeMap<String, String>,
+    ) -> BTreeMap<String, String> {
         let mut tags = self.stack.tags.clone();
         tags.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
         tags.insert(TAG_STACK.into(), self.stack_name().to_string());
@@ -296,13 +300,20 @@ impl<'a> Validator<'a> {
 }
 
 /// Checks a TOML duration string the way Prometheus parses durations (`15s`, `5m`, `1h30m`).
-pub fn check_duration(v: &mut Validator<'_>, d: &Spanned<String>, what: &str) -> Option<std::time::Duration> {
+pub fn check_duration(
+    v: &mut Validator<'_>,
+    d: &Spanned<String>,
+    what: &str,
+) -> Option<std::time::Duration> {
     match promql_parser::util::parse_duration(d.get_ref()) {
         Ok(dur) => Some(dur),
         Err(e) => {
             v.error(
                 &d.span(),
-                format!("{what}: `{}` is not a duration ({e}); write e.g. `30s`, `5m`, `1h`", d.get_ref()),
+                format!(
+                    "{what}: `{}` is not a duration ({e}); write e.g. `30s`, `5m`, `1h`",
+                    d.get_ref()
+                ),
             );
             None
         }
@@ -317,7 +328,10 @@ pub fn check_tags(v: &mut Validator<'_>, tags: &Spanned<BTreeMap<String, String>
             v.error(&span, format!("tag key `{k}` must be 1 to 128 characters"));
         }
         if val.chars().count() > 256 {
-            v.error(&span, format!("tag `{k}`: values are at most 256 characters"));
+            v.error(
+                &span,
+                format!("tag `{k}`: values are at most 256 characters"),
+            );
         }
         if k.to_ascii_lowercase().starts_with("aws:") || k.starts_with("stackwarden:") {
             v.error(&span, format!("tag key `{k}` is reserved"));

@@ -217,7 +217,10 @@ mod tests {
                 ErrorClass::Throttled
             );
         }
-        assert_eq!(classify_service_error(None, Some(429)), ErrorClass::Throttled);
+        assert_eq!(
+            classify_service_error(None, Some(429)),
+            ErrorClass::Throttled
+        );
     }
 
     #[test]
@@ -226,7 +229,10 @@ mod tests {
             classify_service_error(Some("InternalFailure"), Some(500)),
             ErrorClass::Retryable
         );
-        assert_eq!(classify_service_error(None, Some(503)), ErrorClass::Retryable);
+        assert_eq!(
+            classify_service_error(None, Some(503)),
+            ErrorClass::Retryable
+        );
         for code in [
             "ValidationException",
             "AccessDenied",

@@ -86,20 +86,31 @@ pub struct ProvisioningSpec {
 impl GrafanaSpec {
     pub fn validate(&mut self, v: &mut Validator<'_>) {
         if self.min_size < 0 || self.max_size < self.min_size {
-            v.here(format!("sizes must satisfy 0 <= min_size ({}) <= max_size ({})", self.min_size, self.max_size));
+            v.here(format!(
+                "sizes must satisfy 0 <= min_size ({}) <= max_size ({})",
+                self.min_size, self.max_size
+            ));
         }
         if let Some(d) = self.desired_capacity {
             if d < self.min_size || d > self.max_size {
-                v.here(format!("desired_capacity {d} is outside min_size..=max_size"));
+                v.here(format!(
+                    "desired_capacity {d} is outside min_size..=max_size"
+                ));
             }
         }
         if !(0..=100).contains(&self.min_healthy_percentage) {
             v.here("min_healthy_percentage is a percentage (0 to 100)");
         }
         if !["internet-facing", "internal"].contains(&self.alb.scheme.as_str()) {
-            v.here(format!("alb.scheme `{}` is not internet-facing or internal", self.alb.scheme));
+            v.here(format!(
+                "alb.scheme `{}` is not internet-facing or internal",
+                self.alb.scheme
+            ));
         }
-        for d in [&self.health_check_grace_period, &self.alb.idle_timeout].into_iter().flatten() {
+        for d in [&self.health_check_grace_period, &self.alb.idle_timeout]
+            .into_iter()
+            .flatten()
+        {
             check_duration(v, d, "duration");
         }
         if let Some(u) = &self.user_data {
@@ -113,7 +124,9 @@ impl GrafanaSpec {
                 }
             }
         }
-        if self.provisioning.admin_password_ssm_parameter.is_some() && self.provisioning.admin_password_secret.is_some() {
+        if self.provisioning.admin_password_ssm_parameter.is_some()
+            && self.provisioning.admin_password_secret.is_some()
+        {
             v.here("give the admin password as an SSM parameter or a secret, not both");
         }
         if let Some(tags) = &self.tags {

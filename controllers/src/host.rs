@@ -124,8 +124,14 @@ pub struct RemoteWrite {
 
 impl HostSpec {
     pub fn validate(&mut self, v: &mut Validator<'_>) {
-        if !(self.ami.starts_with("ami-") || self.ami.starts_with("resolve:ssm:") || self.ami.contains("${")) {
-            v.here(format!("ami `{}` is neither an AMI id (ami-...) nor `resolve:ssm:<parameter>`", self.ami));
+        if !(self.ami.starts_with("ami-")
+            || self.ami.starts_with("resolve:ssm:")
+            || self.ami.contains("${"))
+        {
+            v.here(format!(
+                "ami `{}` is neither an AMI id (ami-...) nor `resolve:ssm:<parameter>`",
+                self.ami
+            ));
         }
         if let Some(u) = &self.user_data {
             v.read(u);
@@ -133,14 +139,25 @@ impl HostSpec {
         for vol in &self.volumes {
             let size = *vol.size_gib.get_ref();
             if !(1..=16384).contains(&size) {
-                v.error(&vol.size_gib.span(), format!("volume size {size} GiB is outside 1..=16384"));
+                v.error(
+                    &vol.size_gib.span(),
+                    format!("volume size {size} GiB is outside 1..=16384"),
+                );
             }
-            if !["gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"].contains(&vol.r#type.as_str()) {
-                v.here(format!("volume type `{}` is not an EBS volume type", vol.r#type));
+            if !["gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"]
+                .contains(&vol.r#type.as_str())
+            {
+                v.here(format!(
+                    "volume type `{}` is not an EBS volume type",
+                    vol.r#type
+                ));
             }
         }
         if let Some(p) = &self.prometheus {
-            for d in [&p.scrape_interval, &p.evaluation_interval].into_iter().flatten() {
+            for d in [&p.scrape_interval, &p.evaluation_interval]
+                .into_iter()
+                .flatten()
+            {
                 check_duration(v, d, "interval");
             }
             if let Some(c) = &p.config {

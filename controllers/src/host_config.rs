@@ -55,10 +55,16 @@ impl HostConfigSpec {
         }
         for f in &self.files {
             if !f.path.starts_with('/') {
-                v.error(&f.source.span(), format!("`{}` must be an absolute path on the host", f.path));
+                v.error(
+                    &f.source.span(),
+                    format!("`{}` must be an absolute path on the host", f.path),
+                );
             }
             if f.mode.len() != 4 || !f.mode.chars().all(|c| ('0'..='7').contains(&c)) {
-                v.error(&f.source.span(), format!("mode `{}` is not an octal mode like 0644", f.mode));
+                v.error(
+                    &f.source.span(),
+                    format!("mode `{}` is not an octal mode like 0644", f.mode),
+                );
             }
             v.read(&f.source);
         }

@@ -23,7 +23,9 @@ use toml::Spanned;
 
 use crate::change::{Action, Change};
 use crate::controller::{Context, Controller};
-use crate::desired::{check_duration, check_tags, DesiredState, FileRef, Resource, Spec, Validator, TAG_ID, TAG_STACK};
+use crate::desired::{
+    check_duration, check_tags, DesiredState, FileRef, Resource, Spec, Validator, TAG_ID, TAG_STACK,
+};
 use crate::error::{aws_error, Error, Result};
 use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
 use crate::policy;
@@ -112,9 +114,12 @@ fn check_iam_name(v: &mut Validator<'_>, name: &Option<String>, max: usize) {
     if let Some(n) = name {
         let ok = !n.is_empty()
             && n.len() <= max
-            && n.chars().all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c));
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c));
         if !ok {
-            v.here(format!("IAM name `{n}` must be 1 to {max} characters of letters, digits and +=,.@_-"));
+            v.here(format!(
+                "IAM name `{n}` must be 1 to {max} characters of letters, digits and +=,.@_-"
+            ));
         }
     }
 }
@@ -149,10 +154,18 @@ impl RoleSpec {
         check_iam_name(v, &self.name, 64);
         check_path(v, &self.path);
         let t = &self.trust;
-        match (&t.policy, t.services.is_empty() && t.aws.is_empty() && t.federated.is_empty()) {
+        match (
+            &t.policy,
+            t.services.is_empty() && t.aws.is_empty() && t.federated.is_empty(),
+        ) {
             (Some(p), true) => self.loaded.trust = load_policy(v, p),
-            (Some(p), false) => v.error(&p.span(), "`trust.policy` replaces the principal lists; give one or the other"),
-            (None, true) => v.here("`trust` names no principal: set `services`, `aws`, `federated` or `policy`"),
+            (Some(p), false) => v.error(
+                &p.span(),
+                "`trust.policy` replaces the principal lists; give one or the other",
+            ),
+            (None, true) => {
+                v.here("`trust` names no principal: set `services`, `aws`, `federated` or `policy`")
+            }
             (None, false) => self.loaded.trust = Some(principals_trust(t)),
         }
         for (name, file) in &self.inline_policies {
@@ -185,7 +198,8 @@ fn principals_trust(t: &TrustSpec) -> Value {
         principal.insert("AWS".into(), json!(t.aws));
     }
     if !principal.is_empty() {
-        statements.push(json!({"Effect": "Allow", "Principal": principal, "Action": "sts:AssumeRole"}));
+        statements
+            .push(json!({"Effect": "Allow", "Principal": principal, "Action": "sts:AssumeRole"}));
     }
     if !t.federated.is_empty() {
         statements.push(json!({"Effect": "Allow", "Principal": {"Federated": t.federated}, "Action": "sts:AssumeRoleWithWebIdentity"}));
@@ -250,7 +264,10 @@ pub struct ObservedPolicy {
 
 impl ObservedPolicy {
     pub fn default_document(&self) -> Option<&Value> {
-        self.versions.iter().find(|v| v.is_default).map(|v| &v.document)
+        self.versions
+            .iter()
+            .find(|v| v.is_default)
+            .map(|v| &v.document)
     }
 }
 
@@ -271,18 +288,27 @@ pub struct Observed {
 }
 
 fn tag_map(tags: &[Tag]) -> BTreeMap<String, String> {
-    tags.iter().map(|t| (t.key().to_string(), t.value().to_string())).collect()
+    tags.iter()
+        .map(|t| (t.key().to_string(), t.value().to_string()))
+        .collect()
 }
 
 fn tag_list(tags: &BTreeMap<String, String>) -> Vec<Tag> {
     tags.iter()
-        .map(|(k, v)| Tag::builder().key(k).value(v).build().expect("key and value are set"))
+        .map(|(k, v)| {
+            Tag::builder()
+                .key(k)
+                .value(v)
+                .build()
+                .expect("key and value are set")
+        })
         .collect()
 }
 
 /// Whether an object carries this resource's ownership tags.
 pub fn owned_by(tags: &BTreeMap<String, String>, stack: &str, id: &ResourceId) -> bool {
-    tags.get(TAG_STACK).map(String::as_str) == Some(stack) && tags.get(TAG_ID) == Some(&id.to_string())
+    tags.get(TAG_STACK).map(String::as_str) == Some(stack)
+        && tags.get(TAG_ID) == Some(&id.to_string())
 }
 
 /// The address an object's ownership tags give it, when it belongs to `stack`.
@@ -309,15 +335,43 @@ pub enum Op {
         max_session_seconds: Option<i32>,
         tags: BTreeMap<String, String>,
     },
-    UpdateTrust { role: String, trust: Value },
-    UpdateRole { role: String, description: Option<String>, max_session_seconds: Option<i32> },
-    AttachPolicy { role: String, arn: String },
-    DetachPolicy { role: String, arn: String },
-    PutInline { role: String, name: String, document: Value },
-    DeleteInline { role: String, name: String },
-    TagRole { role: String, tags: BTreeMap<String, String> },
-    UntagRole { role: String, keys: Vec<String> },
-    DeleteRole { role: String },
+    UpdateTrust {
+        role: String,
+        trust: Value,
+    },
+    UpdateRole {
+        role: String,
+        description: Option<String>,
+        max_session_seconds: Option<i32>,
+    },
+    AttachPolicy {
+        role: String,
+        arn: String,
+    },
+    DetachPolicy {
+        role: String,
+        arn: String,
+    },
+    PutInline {
+        role: String,
+        name: String,
+        document: Value,
+    },
+    DeleteInline {
+        role: String,
+        name: String,
+    },
+    TagRole {
+        role: String,
+        tags: BTreeMap<String, String>,
+    },
+    UntagRole {
+        role: String,
+        keys: Vec<String>,
+    },
+    DeleteRole {
+        role: String,
+    },
     CreatePolicy {
         name: String,
         path: String,
@@ -325,17 +379,49 @@ pub enum Op {
         document: Value,
         tags: BTreeMap<String, String>,
     },
-    DeletePolicyVersion { arn: String, version: String },
-    CreatePolicyVersion { arn: String, document: Value },
-    TagPolicy { arn: String, tags: BTreeMap<String, String> },
-    UntagPolicy { arn: String, keys: Vec<String> },
-    DeletePolicy { arn: String },
-    CreateProfile { name: String, path: String, tags: BTreeMap<String, String> },
-    AddRoleToProfile { profile: String, role: String },
-    RemoveRoleFromProfile { profile: String, role: String },
-    TagProfile { profile: String, tags: BTreeMap<String, String> },
-    UntagProfile { profile: String, keys: Vec<String> },
-    DeleteProfile { profile: String },
+    DeletePolicyVersion {
+        arn: String,
+        version: String,
+    },
+    CreatePolicyVersion {
+        arn: String,
+        document: Value,
+    },
+    TagPolicy {
+        arn: String,
+        tags: BTreeMap<String, String>,
+    },
+    UntagPolicy {
+        arn: String,
+        keys: Vec<String>,
+    },
+    DeletePolicy {
+        arn: String,
+    },
+    CreateProfile {
+        name: String,
+        path: String,
+        tags: BTreeMap<String, String>,
+    },
+    AddRoleToProfile {
+        profile: String,
+        role: String,
+    },
+    RemoveRoleFromProfile {
+        profile: String,
+        role: String,
+    },
+    TagProfile {
+        profile: String,
+        tags: BTreeMap<String, String>,
+    },
+    UntagProfile {
+        profile: String,
+        keys: Vec<String>,
+    },
+    DeleteProfile {
+        profile: String,
+    },
 }
 
 /// The AWS name a desired IAM resource has.
@@ -346,7 +432,10 @@ pub fn aws_name(desired: &DesiredState, r: &Resource) -> String {
         Spec::IamInstanceProfile(s) => s.name.clone(),
         _ => None,
     };
-    r.adopt.clone().or(explicit).unwrap_or_else(|| desired.default_name(&r.id))
+    r.adopt
+        .clone()
+        .or(explicit)
+        .unwrap_or_else(|| desired.default_name(&r.id))
 }
 
 /// A document on one line, as written (IAM's own spelling for observed ones).
@@ -378,7 +467,9 @@ fn show_tags(t: &BTreeMap<String, String>) -> String {
 }
 
 fn spec_tags(tags: &Option<Spanned<BTreeMap<String, String>>>) -> BTreeMap<String, String> {
-    tags.as_ref().map(|t| t.get_ref().clone()).unwrap_or_default()
+    tags.as_ref()
+        .map(|t| t.get_ref().clone())
+        .unwrap_or_default()
 }
 
 /// Decides how an observed object relates to the desired resource: ours, adoptable, or someone
@@ -406,11 +497,22 @@ fn ownership(
 }
 
 impl IamController {
-    fn diff_role(&self, desired: &DesiredState, r: &Resource, s: &RoleSpec, obs: &Observed, refs: &Refs) -> Result<Option<Change<Op>>> {
+    fn diff_role(
+        &self,
+        desired: &DesiredState,
+        r: &Resource,
+        s: &RoleSpec,
+        obs: &Observed,
+        refs: &Refs,
+    ) -> Result<Option<Change<Op>>> {
         let name = aws_name(desired, r);
         let tags = desired.tags_for(&r.id, &spec_tags(&s.tags));
         let (trust, _) = refs.render_json(s.loaded.trust.as_ref().unwrap_or(&Value::Null));
-        let managed: BTreeSet<String> = s.managed_policies.iter().map(|a| refs.render(a).value).collect();
+        let managed: BTreeSet<String> = s
+            .managed_policies
+            .iter()
+            .map(|a| refs.render(a).value)
+            .collect();
         let inline: BTreeMap<String, Value> = s
             .loaded
             .inline
@@ -420,7 +522,9 @@ impl IamController {
 
         let Some(o) = obs.roles.get(&name) else {
             if r.adopt.is_some() {
-                return Err(Error::Invalid(format!("role `{name}` to adopt does not exist")));
+                return Err(Error::Invalid(format!(
+                    "role `{name}` to adopt does not exist"
+                )));
             }
             let mut c = Change::new(r.id.clone(), Action::Create, format!("role {name}"));
             c.field("trust", None, Some(compact(&trust)));
@@ -440,10 +544,17 @@ impl IamController {
                 tags,
             });
             for (k, v) in inline {
-                c.op(Op::PutInline { role: name.clone(), name: k, document: v });
+                c.op(Op::PutInline {
+                    role: name.clone(),
+                    name: k,
+                    document: v,
+                });
             }
             for arn in managed {
-                c.op(Op::AttachPolicy { role: name.clone(), arn });
+                c.op(Op::AttachPolicy {
+                    role: name.clone(),
+                    arn,
+                });
             }
             return Ok(Some(c));
         };
@@ -455,10 +566,14 @@ impl IamController {
         }
         if !policy::equivalent(&o.trust, &trust) {
             c.field("trust", Some(compact(&o.trust)), Some(compact(&trust)));
-            c.op(Op::UpdateTrust { role: name.clone(), trust });
+            c.op(Op::UpdateTrust {
+                role: name.clone(),
+                trust,
+            });
         }
         let wants_desc = s.description.is_some() && s.description != o.description;
-        let wants_session = s.loaded.max_session_seconds.is_some() && s.loaded.max_session_seconds != o.max_session_seconds;
+        let wants_session = s.loaded.max_session_seconds.is_some()
+            && s.loaded.max_session_seconds != o.max_session_seconds;
         if wants_desc {
             c.field("description", o.description.clone(), s.description.clone());
         }
@@ -478,25 +593,42 @@ impl IamController {
         }
         for arn in managed.difference(&o.attached) {
             c.field("managed_policies", None, Some(arn.clone()));
-            c.op(Op::AttachPolicy { role: name.clone(), arn: arn.clone() });
+            c.op(Op::AttachPolicy {
+                role: name.clone(),
+                arn: arn.clone(),
+            });
         }
         for arn in o.attached.difference(&managed) {
             c.field("managed_policies", Some(arn.clone()), None);
-            c.op(Op::DetachPolicy { role: name.clone(), arn: arn.clone() });
+            c.op(Op::DetachPolicy {
+                role: name.clone(),
+                arn: arn.clone(),
+            });
         }
         for (k, v) in &inline {
             match o.inline.get(k) {
                 Some(cur) if policy::equivalent(cur, v) => {}
                 cur => {
-                    c.field(format!("inline_policies.{k}"), cur.map(compact), Some(compact(v)));
-                    c.op(Op::PutInline { role: name.clone(), name: k.clone(), document: v.clone() });
+                    c.field(
+                        format!("inline_policies.{k}"),
+                        cur.map(compact),
+                        Some(compact(v)),
+                    );
+                    c.op(Op::PutInline {
+                        role: name.clone(),
+                        name: k.clone(),
+                        document: v.clone(),
+                    });
                 }
             }
         }
         for (k, cur) in &o.inline {
             if !inline.contains_key(k) {
                 c.field(format!("inline_policies.{k}"), Some(compact(cur)), None);
-                c.op(Op::DeleteInline { role: name.clone(), name: k.clone() });
+                c.op(Op::DeleteInline {
+                    role: name.clone(),
+                    name: k.clone(),
+                });
             }
         }
         let (set, remove) = tag_diff(&o.tags, &tags);
@@ -504,22 +636,43 @@ impl IamController {
             c.field("tags", Some(show_tags(&o.tags)), Some(show_tags(&tags)));
         }
         if !set.is_empty() {
-            c.op(Op::TagRole { role: name.clone(), tags: set });
+            c.op(Op::TagRole {
+                role: name.clone(),
+                tags: set,
+            });
         }
         if !remove.is_empty() {
-            c.op(Op::UntagRole { role: name.clone(), keys: remove });
+            c.op(Op::UntagRole {
+                role: name.clone(),
+                keys: remove,
+            });
         }
         Ok((!c.ops.is_empty()).then_some(c))
     }
 
-    fn diff_policy(&self, desired: &DesiredState, r: &Resource, s: &PolicySpec, obs: &Observed, refs: &Refs) -> Result<Option<Change<Op>>> {
+    fn diff_policy(
+        &self,
+        desired: &DesiredState,
+        r: &Resource,
+        s: &PolicySpec,
+        obs: &Observed,
+        refs: &Refs,
+    ) -> Result<Option<Change<Op>>> {
         let name = aws_name(desired, r);
         let tags = desired.tags_for(&r.id, &spec_tags(&s.tags));
         let (doc, unknown) = refs.render_json(s.loaded.as_ref().unwrap_or(&Value::Null));
-        let shown = |d: &Value| if unknown.is_empty() { compact(d) } else { format!("{} {KNOWN_AFTER_APPLY}", compact(d)) };
+        let shown = |d: &Value| {
+            if unknown.is_empty() {
+                compact(d)
+            } else {
+                format!("{} {KNOWN_AFTER_APPLY}", compact(d))
+            }
+        };
         let Some(o) = obs.policies.get(&name) else {
             if r.adopt.is_some() {
-                return Err(Error::Invalid(format!("policy `{name}` to adopt does not exist")));
+                return Err(Error::Invalid(format!(
+                    "policy `{name}` to adopt does not exist"
+                )));
             }
             let mut c = Change::new(r.id.clone(), Action::Create, format!("policy {name}"));
             c.field("document", None, Some(shown(&doc)));
@@ -543,53 +696,104 @@ impl IamController {
             c.field("document", current.map(compact), Some(shown(&doc)));
             // IAM keeps at most five versions: make room by deleting the oldest non-default one.
             if o.versions.len() >= 5 {
-                if let Some(oldest) = o.versions.iter().filter(|v| !v.is_default).min_by_key(|v| (v.created, v.id.clone())) {
-                    c.notes.push(format!("deletes old version {} to stay within IAM's five versions", oldest.id));
-                    c.op(Op::DeletePolicyVersion { arn: o.arn.clone(), version: oldest.id.clone() });
+                if let Some(oldest) = o
+                    .versions
+                    .iter()
+                    .filter(|v| !v.is_default)
+                    .min_by_key(|v| (v.created, v.id.clone()))
+                {
+                    c.notes.push(format!(
+                        "deletes old version {} to stay within IAM's five versions",
+                        oldest.id
+                    ));
+                    c.op(Op::DeletePolicyVersion {
+                        arn: o.arn.clone(),
+                        version: oldest.id.clone(),
+                    });
                 }
             }
-            c.op(Op::CreatePolicyVersion { arn: o.arn.clone(), document: doc });
+            c.op(Op::CreatePolicyVersion {
+                arn: o.arn.clone(),
+                document: doc,
+            });
         }
         let (set, remove) = tag_diff(&o.tags, &tags);
         if !set.is_empty() || !remove.is_empty() {
             c.field("tags", Some(show_tags(&o.tags)), Some(show_tags(&tags)));
         }
         if !set.is_empty() {
-            c.op(Op::TagPolicy { arn: o.arn.clone(), tags: set });
+            c.op(Op::TagPolicy {
+                arn: o.arn.clone(),
+                tags: set,
+            });
         }
         if !remove.is_empty() {
-            c.op(Op::UntagPolicy { arn: o.arn.clone(), keys: remove });
+            c.op(Op::UntagPolicy {
+                arn: o.arn.clone(),
+                keys: remove,
+            });
         }
         Ok((!c.ops.is_empty()).then_some(c))
     }
 
-    fn diff_profile(&self, desired: &DesiredState, r: &Resource, s: &InstanceProfileSpec, obs: &Observed, refs: &Refs) -> Result<Option<Change<Op>>> {
+    fn diff_profile(
+        &self,
+        desired: &DesiredState,
+        r: &Resource,
+        s: &InstanceProfileSpec,
+        obs: &Observed,
+        refs: &Refs,
+    ) -> Result<Option<Change<Op>>> {
         let name = aws_name(desired, r);
         let tags = desired.tags_for(&r.id, &spec_tags(&s.tags));
         let role = refs.render(&s.role).value;
         let Some(o) = obs.profiles.get(&name) else {
             if r.adopt.is_some() {
-                return Err(Error::Invalid(format!("instance profile `{name}` to adopt does not exist")));
+                return Err(Error::Invalid(format!(
+                    "instance profile `{name}` to adopt does not exist"
+                )));
             }
-            let mut c = Change::new(r.id.clone(), Action::Create, format!("instance profile {name}"));
+            let mut c = Change::new(
+                r.id.clone(),
+                Action::Create,
+                format!("instance profile {name}"),
+            );
             c.field("role", None, Some(role.clone()));
             c.field("tags", None, Some(show_tags(&tags)));
-            c.op(Op::CreateProfile { name: name.clone(), path: s.path.clone(), tags });
-            c.op(Op::AddRoleToProfile { profile: name, role });
+            c.op(Op::CreateProfile {
+                name: name.clone(),
+                path: s.path.clone(),
+                tags,
+            });
+            c.op(Op::AddRoleToProfile {
+                profile: name,
+                role,
+            });
             return Ok(Some(c));
         };
         let adopting = ownership(desired, r, &o.tags, "instance profile", &name)?;
-        let mut c = Change::new(r.id.clone(), Action::Update, format!("instance profile {name}"));
+        let mut c = Change::new(
+            r.id.clone(),
+            Action::Update,
+            format!("instance profile {name}"),
+        );
         if adopting {
-            c.notes.push(format!("adopting existing instance profile `{name}`"));
+            c.notes
+                .push(format!("adopting existing instance profile `{name}`"));
         }
         if o.roles != [role.clone()] {
             c.field("role", o.roles.first().cloned(), Some(role.clone()));
             for old in o.roles.iter().filter(|r| **r != role) {
-                c.op(Op::RemoveRoleFromProfile { profile: name.clone(), role: old.clone() });
+                c.op(Op::RemoveRoleFromProfile {
+                    profile: name.clone(),
+                    role: old.clone(),
+                });
             }
             if !o.roles.contains(&role) {
-                c.op(Op::AddRoleToProfile { profile: name.clone(), role });
+                c.op(Op::AddRoleToProfile {
+                    profile: name.clone(),
+                    role,
+                });
             }
         }
         let (set, remove) = tag_diff(&o.tags, &tags);
@@ -597,10 +801,16 @@ impl IamController {
             c.field("tags", Some(show_tags(&o.tags)), Some(show_tags(&tags)));
         }
         if !set.is_empty() {
-            c.op(Op::TagProfile { profile: name.clone(), tags: set });
+            c.op(Op::TagProfile {
+                profile: name.clone(),
+                tags: set,
+            });
         }
         if !remove.is_empty() {
-            c.op(Op::UntagProfile { profile: name, keys: remove });
+            c.op(Op::UntagProfile {
+                profile: name,
+                keys: remove,
+            });
         }
         Ok((!c.ops.is_empty()).then_some(c))
     }
@@ -608,17 +818,27 @@ impl IamController {
 
 /// The desired AWS names of each IAM kind, with adopted names.
 fn desired_names(desired: &DesiredState, kind: Kind) -> BTreeMap<String, &Resource> {
-    desired.of_kind(kind).map(|r| (aws_name(desired, r), r)).collect()
+    desired
+        .of_kind(kind)
+        .map(|r| (aws_name(desired, r), r))
+        .collect()
 }
 
 /// Whether an observed object is one of the desired resources (by name and ownership/adoption).
-fn is_desired(desired: &DesiredState, kind: Kind, name: &str, tags: &BTreeMap<String, String>) -> bool {
-    desired_names(desired, kind)
-        .get(name)
-        .is_some_and(|r| owned_by(tags, desired.stack_name(), &r.id) || r.adopt.as_deref() == Some(name))
+fn is_desired(
+    desired: &DesiredState,
+    kind: Kind,
+    name: &str,
+    tags: &BTreeMap<String, String>,
+) -> bool {
+    desired_names(desired, kind).get(name).is_some_and(|r| {
+        owned_by(tags, desired.stack_name(), &r.id) || r.adopt.as_deref() == Some(name)
+    })
 }
 
-fn iam_err<E, R>(op: &'static str) -> impl FnOnce(aws_smithy_runtime_api::client::result::SdkError<E, R>) -> Error
+fn iam_err<E, R>(
+    op: &'static str,
+) -> impl FnOnce(aws_smithy_runtime_api::client::result::SdkError<E, R>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     R: crate::error::HttpStatus + std::fmt::Debug,
@@ -626,7 +846,9 @@ where
     aws_error("iam", op)
 }
 
-fn is_no_such_entity<E: ProvideErrorMetadata, R>(e: &aws_smithy_runtime_api::client::result::SdkError<E, R>) -> bool {
+fn is_no_such_entity<E: ProvideErrorMetadata, R>(
+    e: &aws_smithy_runtime_api::client::result::SdkError<E, R>,
+) -> bool {
     e.code() == Some("NoSuchEntity")
 }
 
@@ -655,8 +877,11 @@ impl Controller for IamController {
             for r in page.role_detail_list() {
                 let name = r.role_name().unwrap_or_default().to_string();
                 let tags = tag_map(r.tags());
-                let profiles: Vec<String> =
-                    r.instance_profile_list().iter().map(|p| p.instance_profile_name().to_string()).collect();
+                let profiles: Vec<String> = r
+                    .instance_profile_list()
+                    .iter()
+                    .map(|p| p.instance_profile_name().to_string())
+                    .collect();
                 if owner_id(&tags, stack).is_some() {
                     profile_names.extend(profiles.iter().cloned());
                 }
@@ -664,14 +889,28 @@ impl Controller for IamController {
                     name: name.clone(),
                     arn: r.arn().unwrap_or_default().to_string(),
                     id: r.role_id().unwrap_or_default().to_string(),
-                    trust: r.assume_role_policy_document().map(policy::decode).transpose().map_err(Error::Invalid)?.unwrap_or(Value::Null),
+                    trust: r
+                        .assume_role_policy_document()
+                        .map(policy::decode)
+                        .transpose()
+                        .map_err(Error::Invalid)?
+                        .unwrap_or(Value::Null),
                     tags,
                     inline: r
                         .role_policy_list()
                         .iter()
-                        .filter_map(|p| Some((p.policy_name()?.to_string(), policy::decode(p.policy_document()?).ok()?)))
+                        .filter_map(|p| {
+                            Some((
+                                p.policy_name()?.to_string(),
+                                policy::decode(p.policy_document()?).ok()?,
+                            ))
+                        })
                         .collect(),
-                    attached: r.attached_managed_policies().iter().filter_map(|p| p.policy_arn().map(str::to_string)).collect(),
+                    attached: r
+                        .attached_managed_policies()
+                        .iter()
+                        .filter_map(|p| p.policy_arn().map(str::to_string))
+                        .collect(),
                     profiles,
                     ..Default::default()
                 };
@@ -691,7 +930,10 @@ impl Controller for IamController {
                         id: v.version_id().unwrap_or_default().to_string(),
                         is_default: v.is_default_version(),
                         created: v.create_date().map(|d| d.secs()).unwrap_or_default(),
-                        document: v.document().and_then(|d| policy::decode(d).ok()).unwrap_or(Value::Null),
+                        document: v
+                            .document()
+                            .and_then(|d| policy::decode(d).ok())
+                            .unwrap_or(Value::Null),
                     })
                     .collect();
                 obs.policies.insert(
@@ -712,8 +954,16 @@ impl Controller for IamController {
         for r in desired.of_kind(Kind::IamRole) {
             let Spec::IamRole(s) = &r.spec else { continue };
             let name = aws_name(desired, r);
-            if (s.description.is_some() || s.max_session_duration.is_some()) && obs.roles.contains_key(&name) {
-                let out = ctx.iam.get_role().role_name(&name).send().await.map_err(iam_err("GetRole"))?;
+            if (s.description.is_some() || s.max_session_duration.is_some())
+                && obs.roles.contains_key(&name)
+            {
+                let out = ctx
+                    .iam
+                    .get_role()
+                    .role_name(&name)
+                    .send()
+                    .await
+                    .map_err(iam_err("GetRole"))?;
                 if let (Some(role), Some(o)) = (out.role(), obs.roles.get_mut(&name)) {
                     o.description = role.description().map(str::to_string);
                     o.max_session_seconds = role.max_session_duration();
@@ -733,13 +983,22 @@ impl Controller for IamController {
         let candidates: Vec<(String, String)> = obs
             .policies
             .values()
-            .filter(|p| wanted.contains_key(&p.name) || owned_role_arns.contains(&p.arn) || p.path.starts_with("/stackwarden/"))
+            .filter(|p| {
+                wanted.contains_key(&p.name)
+                    || owned_role_arns.contains(&p.arn)
+                    || p.path.starts_with("/stackwarden/")
+            })
             .map(|p| (p.name.clone(), p.arn.clone()))
             .collect();
         let reads = candidates.iter().map(|(name, arn)| {
             let iam = ctx.iam.clone();
             async move {
-                let out = iam.list_policy_tags().policy_arn(arn).send().await.map_err(iam_err("ListPolicyTags"))?;
+                let out = iam
+                    .list_policy_tags()
+                    .policy_arn(arn)
+                    .send()
+                    .await
+                    .map_err(iam_err("ListPolicyTags"))?;
                 Ok::<_, Error>((name.clone(), tag_map(out.tags())))
             }
         });
@@ -755,11 +1014,20 @@ impl Controller for IamController {
         let reads = profile_names.into_iter().map(|name| {
             let iam = ctx.iam.clone();
             async move {
-                match iam.get_instance_profile().instance_profile_name(&name).send().await {
+                match iam
+                    .get_instance_profile()
+                    .instance_profile_name(&name)
+                    .send()
+                    .await
+                {
                     Ok(out) => Ok(out.instance_profile().map(|p| ObservedProfile {
                         name: p.instance_profile_name().to_string(),
                         arn: p.arn().to_string(),
-                        roles: p.roles().iter().map(|r| r.role_name().to_string()).collect(),
+                        roles: p
+                            .roles()
+                            .iter()
+                            .map(|r| r.role_name().to_string())
+                            .collect(),
                         tags: tag_map(p.tags()),
                     })),
                     Err(e) if is_no_such_entity(&e) => Ok(None),
@@ -780,10 +1048,16 @@ impl Controller for IamController {
         for r in desired.resources.values() {
             let name = aws_name(desired, r);
             let adopted = r.adopt.as_deref() == Some(name.as_str());
-            let mine = |tags: &BTreeMap<String, String>| adopted || owned_by(tags, desired.stack_name(), &r.id);
+            let mine = |tags: &BTreeMap<String, String>| {
+                adopted || owned_by(tags, desired.stack_name(), &r.id)
+            };
             let values: Option<Vec<(&str, String)>> = match r.id.kind {
                 Kind::IamRole => obs.roles.get(&name).filter(|o| mine(&o.tags)).map(|o| {
-                    vec![("name", o.name.clone()), ("arn", o.arn.clone()), ("id", o.id.clone())]
+                    vec![
+                        ("name", o.name.clone()),
+                        ("arn", o.arn.clone()),
+                        ("id", o.id.clone()),
+                    ]
                 }),
                 Kind::IamPolicy => obs
                     .policies
@@ -798,13 +1072,22 @@ impl Controller for IamController {
                 _ => None,
             };
             if let Some(v) = values {
-                out.push((r.id.clone(), v.into_iter().map(|(k, v)| (k.to_string(), v)).collect()));
+                out.push((
+                    r.id.clone(),
+                    v.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+                ));
             }
         }
         out
     }
 
-    fn diff(&self, desired: &DesiredState, r: &Resource, obs: &Observed, refs: &Refs) -> Result<Option<Change<Op>>> {
+    fn diff(
+        &self,
+        desired: &DesiredState,
+        r: &Resource,
+        obs: &Observed,
+        refs: &Refs,
+    ) -> Result<Option<Change<Op>>> {
         match &r.spec {
             Spec::IamRole(s) => self.diff_role(desired, r, s, obs, refs),
             Spec::IamPolicy(s) => self.diff_policy(desired, r, s, obs, refs),
@@ -815,51 +1098,80 @@ impl Controller for IamController {
 
     fn removed(&self, desired: &DesiredState, obs: &Observed, prune: bool) -> Vec<Change<Op>> {
         let stack = desired.stack_name();
-        let action = if prune { Action::Delete } else { Action::Orphan };
+        let action = if prune {
+            Action::Delete
+        } else {
+            Action::Orphan
+        };
         let mut out = Vec::new();
         for p in obs.profiles.values() {
-            let Some(id) = owner_id(&p.tags, stack) else { continue };
+            let Some(id) = owner_id(&p.tags, stack) else {
+                continue;
+            };
             if is_desired(desired, Kind::IamInstanceProfile, &p.name, &p.tags) {
                 continue;
             }
             let mut c = Change::new(id, action, format!("instance profile {}", p.name));
             if prune {
                 for role in &p.roles {
-                    c.op(Op::RemoveRoleFromProfile { profile: p.name.clone(), role: role.clone() });
+                    c.op(Op::RemoveRoleFromProfile {
+                        profile: p.name.clone(),
+                        role: role.clone(),
+                    });
                 }
-                c.op(Op::DeleteProfile { profile: p.name.clone() });
+                c.op(Op::DeleteProfile {
+                    profile: p.name.clone(),
+                });
             }
             out.push(c);
         }
         for r in obs.roles.values() {
-            let Some(id) = owner_id(&r.tags, stack) else { continue };
+            let Some(id) = owner_id(&r.tags, stack) else {
+                continue;
+            };
             if is_desired(desired, Kind::IamRole, &r.name, &r.tags) {
                 continue;
             }
             let mut c = Change::new(id, action, format!("role {}", r.name));
             if prune {
                 for profile in &r.profiles {
-                    c.op(Op::RemoveRoleFromProfile { profile: profile.clone(), role: r.name.clone() });
+                    c.op(Op::RemoveRoleFromProfile {
+                        profile: profile.clone(),
+                        role: r.name.clone(),
+                    });
                 }
                 for arn in &r.attached {
-                    c.op(Op::DetachPolicy { role: r.name.clone(), arn: arn.clone() });
+                    c.op(Op::DetachPolicy {
+                        role: r.name.clone(),
+                        arn: arn.clone(),
+                    });
                 }
                 for name in r.inline.keys() {
-                    c.op(Op::DeleteInline { role: r.name.clone(), name: name.clone() });
+                    c.op(Op::DeleteInline {
+                        role: r.name.clone(),
+                        name: name.clone(),
+                    });
                 }
-                c.op(Op::DeleteRole { role: r.name.clone() });
+                c.op(Op::DeleteRole {
+                    role: r.name.clone(),
+                });
             }
             out.push(c);
         }
         for p in obs.policies.values() {
-            let Some(id) = owner_id(&p.tags, stack) else { continue };
+            let Some(id) = owner_id(&p.tags, stack) else {
+                continue;
+            };
             if is_desired(desired, Kind::IamPolicy, &p.name, &p.tags) {
                 continue;
             }
             let mut c = Change::new(id, action, format!("policy {}", p.name));
             if prune {
                 for v in p.versions.iter().filter(|v| !v.is_default) {
-                    c.op(Op::DeletePolicyVersion { arn: p.arn.clone(), version: v.id.clone() });
+                    c.op(Op::DeletePolicyVersion {
+                        arn: p.arn.clone(),
+                        version: v.id.clone(),
+                    });
                 }
                 c.op(Op::DeletePolicy { arn: p.arn.clone() });
             }
@@ -871,7 +1183,14 @@ impl Controller for IamController {
     async fn apply(&self, ctx: &Context, op: &Op) -> Result<Option<Outputs>> {
         let iam = &ctx.iam;
         match op {
-            Op::CreateRole { name, path, trust, description, max_session_seconds, tags } => {
+            Op::CreateRole {
+                name,
+                path,
+                trust,
+                description,
+                max_session_seconds,
+                tags,
+            } => {
                 let out = iam
                     .create_role()
                     .role_name(name)
@@ -883,7 +1202,9 @@ impl Controller for IamController {
                     .send()
                     .await
                     .map_err(iam_err("CreateRole"))?;
-                let role = out.role().ok_or_else(|| Error::Invalid("CreateRole returned no role".into()))?;
+                let role = out
+                    .role()
+                    .ok_or_else(|| Error::Invalid("CreateRole returned no role".into()))?;
                 return Ok(Some(Outputs::from([
                     ("name".into(), role.role_name().to_string()),
                     ("arn".into(), role.arn().to_string()),
@@ -898,7 +1219,11 @@ impl Controller for IamController {
                     .await
                     .map_err(iam_err("UpdateAssumeRolePolicy"))?;
             }
-            Op::UpdateRole { role, description, max_session_seconds } => {
+            Op::UpdateRole {
+                role,
+                description,
+                max_session_seconds,
+            } => {
                 iam.update_role()
                     .role_name(role)
                     .set_description(description.clone())
@@ -908,14 +1233,29 @@ impl Controller for IamController {
                     .map_err(iam_err("UpdateRole"))?;
             }
             Op::AttachPolicy { role, arn } => {
-                iam.attach_role_policy().role_name(role).policy_arn(arn).send().await.map_err(iam_err("AttachRolePolicy"))?;
+                iam.attach_role_policy()
+                    .role_name(role)
+                    .policy_arn(arn)
+                    .send()
+                    .await
+                    .map_err(iam_err("AttachRolePolicy"))?;
             }
-            Op::DetachPolicy { role, arn } => match iam.detach_role_policy().role_name(role).policy_arn(arn).send().await {
+            Op::DetachPolicy { role, arn } => match iam
+                .detach_role_policy()
+                .role_name(role)
+                .policy_arn(arn)
+                .send()
+                .await
+            {
                 Ok(_) => {}
                 Err(e) if is_no_such_entity(&e) => {}
                 Err(e) => return Err(iam_err("DetachRolePolicy")(e)),
             },
-            Op::PutInline { role, name, document } => {
+            Op::PutInline {
+                role,
+                name,
+                document,
+            } => {
                 iam.put_role_policy()
                     .role_name(role)
                     .policy_name(name)
@@ -924,23 +1264,45 @@ impl Controller for IamController {
                     .await
                     .map_err(iam_err("PutRolePolicy"))?;
             }
-            Op::DeleteInline { role, name } => match iam.delete_role_policy().role_name(role).policy_name(name).send().await {
+            Op::DeleteInline { role, name } => match iam
+                .delete_role_policy()
+                .role_name(role)
+                .policy_name(name)
+                .send()
+                .await
+            {
                 Ok(_) => {}
                 Err(e) if is_no_such_entity(&e) => {}
                 Err(e) => return Err(iam_err("DeleteRolePolicy")(e)),
             },
             Op::TagRole { role, tags } => {
-                iam.tag_role().role_name(role).set_tags(Some(tag_list(tags))).send().await.map_err(iam_err("TagRole"))?;
+                iam.tag_role()
+                    .role_name(role)
+                    .set_tags(Some(tag_list(tags)))
+                    .send()
+                    .await
+                    .map_err(iam_err("TagRole"))?;
             }
             Op::UntagRole { role, keys } => {
-                iam.untag_role().role_name(role).set_tag_keys(Some(keys.clone())).send().await.map_err(iam_err("UntagRole"))?;
+                iam.untag_role()
+                    .role_name(role)
+                    .set_tag_keys(Some(keys.clone()))
+                    .send()
+                    .await
+                    .map_err(iam_err("UntagRole"))?;
             }
             Op::DeleteRole { role } => match iam.delete_role().role_name(role).send().await {
                 Ok(_) => {}
                 Err(e) if is_no_such_entity(&e) => {}
                 Err(e) => return Err(iam_err("DeleteRole")(e)),
             },
-            Op::CreatePolicy { name, path, description, document, tags } => {
+            Op::CreatePolicy {
+                name,
+                path,
+                description,
+                document,
+                tags,
+            } => {
                 let out = iam
                     .create_policy()
                     .policy_name(name)
@@ -951,14 +1313,22 @@ impl Controller for IamController {
                     .send()
                     .await
                     .map_err(iam_err("CreatePolicy"))?;
-                let p = out.policy().ok_or_else(|| Error::Invalid("CreatePolicy returned no policy".into()))?;
+                let p = out
+                    .policy()
+                    .ok_or_else(|| Error::Invalid("CreatePolicy returned no policy".into()))?;
                 return Ok(Some(Outputs::from([
                     ("name".into(), p.policy_name().unwrap_or(name).to_string()),
                     ("arn".into(), p.arn().unwrap_or_default().to_string()),
                 ])));
             }
             Op::DeletePolicyVersion { arn, version } => {
-                match iam.delete_policy_version().policy_arn(arn).version_id(version).send().await {
+                match iam
+                    .delete_policy_version()
+                    .policy_arn(arn)
+                    .version_id(version)
+                    .send()
+                    .await
+                {
                     Ok(_) => {}
                     Err(e) if is_no_such_entity(&e) => {}
                     Err(e) => return Err(iam_err("DeletePolicyVersion")(e)),
@@ -974,10 +1344,20 @@ impl Controller for IamController {
                     .map_err(iam_err("CreatePolicyVersion"))?;
             }
             Op::TagPolicy { arn, tags } => {
-                iam.tag_policy().policy_arn(arn).set_tags(Some(tag_list(tags))).send().await.map_err(iam_err("TagPolicy"))?;
+                iam.tag_policy()
+                    .policy_arn(arn)
+                    .set_tags(Some(tag_list(tags)))
+                    .send()
+                    .await
+                    .map_err(iam_err("TagPolicy"))?;
             }
             Op::UntagPolicy { arn, keys } => {
-                iam.untag_policy().policy_arn(arn).set_tag_keys(Some(keys.clone())).send().await.map_err(iam_err("UntagPolicy"))?;
+                iam.untag_policy()
+                    .policy_arn(arn)
+                    .set_tag_keys(Some(keys.clone()))
+                    .send()
+                    .await
+                    .map_err(iam_err("UntagPolicy"))?;
             }
             Op::DeletePolicy { arn } => {
                 // A policy attached to a role outside the stack cannot be deleted; IAM says so.
@@ -996,7 +1376,9 @@ impl Controller for IamController {
                     .send()
                     .await
                     .map_err(iam_err("CreateInstanceProfile"))?;
-                let p = out.instance_profile().ok_or_else(|| Error::Invalid("CreateInstanceProfile returned nothing".into()))?;
+                let p = out.instance_profile().ok_or_else(|| {
+                    Error::Invalid("CreateInstanceProfile returned nothing".into())
+                })?;
                 return Ok(Some(Outputs::from([
                     ("name".into(), p.instance_profile_name().to_string()),
                     ("arn".into(), p.arn().to_string()),
@@ -1011,7 +1393,13 @@ impl Controller for IamController {
                     .map_err(iam_err("AddRoleToInstanceProfile"))?;
             }
             Op::RemoveRoleFromProfile { profile, role } => {
-                match iam.remove_role_from_instance_profile().instance_profile_name(profile).role_name(role).send().await {
+                match iam
+                    .remove_role_from_instance_profile()
+                    .instance_profile_name(profile)
+                    .role_name(role)
+                    .send()
+                    .await
+                {
                     Ok(_) => {}
                     Err(e) if is_no_such_entity(&e) => {}
                     Err(e) => return Err(iam_err("RemoveRoleFromInstanceProfile")(e)),
@@ -1033,7 +1421,12 @@ impl Controller for IamController {
                     .await
                     .map_err(iam_err("UntagInstanceProfile"))?;
             }
-            Op::DeleteProfile { profile } => match iam.delete_instance_profile().instance_profile_name(profile).send().await {
+            Op::DeleteProfile { profile } => match iam
+                .delete_instance_profile()
+                .instance_profile_name(profile)
+                .send()
+                .await
+            {
                 Ok(_) => {}
                 Err(e) if is_no_such_entity(&e) => {}
                 Err(e) => return Err(iam_err("DeleteInstanceProfile")(e)),

@@ -273,7 +273,10 @@ impl Refs {
     }
 
     /// Renders every string inside a JSON document.
-    pub fn render_json(&self, doc: &serde_json::Value) -> (serde_json::Value, BTreeSet<ResourceId>) {
+    pub fn render_json(
+        &self,
+        doc: &serde_json::Value,
+    ) -> (serde_json::Value, BTreeSet<ResourceId>) {
         let mut unknown = BTreeSet::new();
         let value = self.render_json_inner(doc, &mut unknown);
         (value, unknown)

@@ -115,12 +115,16 @@ pub fn check(doc: &Value) -> Vec<String> {
     };
     for k in top.keys() {
         if !["Version", "Id", "Statement"].contains(&k.as_str()) {
-            problems.push(format!("unknown policy element `{k}` (expected Version, Id, Statement)"));
+            problems.push(format!(
+                "unknown policy element `{k}` (expected Version, Id, Statement)"
+            ));
         }
     }
     if let Some(v) = top.get("Version") {
         if v != "2012-10-17" && v != "2008-10-17" {
-            problems.push(format!("Version {v} is not a policy language version (use \"2012-10-17\")"));
+            problems.push(format!(
+                "Version {v} is not a policy language version (use \"2012-10-17\")"
+            ));
         }
     }
     let statements = match top.get("Statement") {
@@ -139,10 +143,14 @@ pub fn check(doc: &Value) -> Vec<String> {
         };
         match st.get("Effect").and_then(Value::as_str) {
             Some("Allow" | "Deny") => {}
-            _ => problems.push(format!("statement {n}: `Effect` must be \"Allow\" or \"Deny\"")),
+            _ => problems.push(format!(
+                "statement {n}: `Effect` must be \"Allow\" or \"Deny\""
+            )),
         }
         if st.contains_key("Action") == st.contains_key("NotAction") {
-            problems.push(format!("statement {n}: exactly one of `Action` or `NotAction` is required"));
+            problems.push(format!(
+                "statement {n}: exactly one of `Action` or `NotAction` is required"
+            ));
         }
     }
     problems
@@ -183,8 +191,14 @@ mod tests {
 
     #[test]
     fn checks_effect_and_action() {
-        assert!(check(&json!({"Statement":[{"Effect":"Allow","Action":"a","Resource":"*"}]})).is_empty());
-        assert_eq!(check(&json!({"Statement":[{"Effect":"allow","Resource":"*"}]})).len(), 2);
+        assert!(
+            check(&json!({"Statement":[{"Effect":"Allow","Action":"a","Resource":"*"}]}))
+                .is_empty()
+        );
+        assert_eq!(
+            check(&json!({"Statement":[{"Effect":"allow","Resource":"*"}]})).len(),
+            2
+        );
         assert_eq!(check(&json!({"Statement":[]})).len(), 1);
     }
 }

@@ -64,17 +64,28 @@ fn load_error_mark(e: &marked_yaml::LoadError) -> (usize, usize) {
 }
 
 /// Parses YAML with positions; reports a syntax or shape error and returns `None`.
-pub fn parse_yaml<T: serde::de::DeserializeOwned>(file: &SourceFile, diags: &mut Diagnostics, what: &str) -> Option<T> {
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(
+    file: &SourceFile,
+    diags: &mut Diagnostics,
+    what: &str,
+) -> Option<T> {
     let opts = marked_yaml::LoaderOptions::default().error_on_duplicate_keys(true);
     match marked_yaml::from_yaml_with_options(0, &file.text, opts) {
         Ok(v) => Some(v),
         Err(marked_yaml::FromYamlError::ParseYaml(e)) => {
             let (line, col) = load_error_mark(&e);
-            diags.at(file, file.offset_of(line, col), format!("{what}: invalid YAML: {e}"));
+            diags.at(
+                file,
+                file.offset_of(line, col),
+                format!("{what}: invalid YAML: {e}"),
+            );
             None
         }
         Err(marked_yaml::FromYamlError::FromNode(e)) => {
-            let (line, col) = e.start_mark().map(|m| (m.line(), m.column())).unwrap_or((1, 1));
+            let (line, col) = e
+                .start_mark()
+                .map(|m| (m.line(), m.column()))
+                .unwrap_or((1, 1));
             diags.at(file, file.offset_of(line, col), format!("{what}: {e}"));
             None
         }
@@ -83,7 +94,12 @@ pub fn parse_yaml<T: serde::de::DeserializeOwned>(file: &SourceFile, diags: &mut
 
 fn check_duration(diags: &mut Diagnostics, file: &SourceFile, d: &Spanned<String>, field: &str) {
     if let Err(e) = promql_parser::util::parse_duration(d.as_str()) {
-        report(diags, file, d.span(), format!("`{field}: {}` is not a duration ({e})", d.as_str()));
+        report(
+            diags,
+            file,
+            d.span(),
+            format!("`{field}: {}` is not a duration ({e})", d.as_str()),
+        );
     }
 }
 
@@ -112,7 +128,12 @@ pub fn check_rule_file(file: &SourceFile, diags: &mut Diagnostics) -> Option<usi
         if g.name.is_empty() {
             report(diags, file, g.name.span(), "group name is empty".into());
         } else if !names.insert(g.name.as_str().to_string()) {
-            report(diags, file, g.name.span(), format!("group `{}` is defined twice", g.name.as_str()));
+            report(
+                diags,
+                file,
+                g.name.span(),
+                format!("group `{}` is defined twice", g.name.as_str()),
+            );
         }
         if let Some(i) = &g.interval {
             check_duration(diags, file, i, "interval");
@@ -143,23 +164,38 @@ fn check_rule(file: &SourceFile, diags: &mut Diagnostics, r: &Rule) {
             r.expr.span(),
             "rule has neither `alert` nor `record`".into(),
         ),
-        (Some(a), None) if a.is_empty() => report(diags, file, a.span(), "alert name is empty".into()),
+        (Some(a), None) if a.is_empty() => {
+            report(diags, file, a.span(), "alert name is empty".into())
+        }
         (None, Some(rec)) => {
             if !valid_metric_name(rec.as_str()) {
                 report(
                     diags,
                     file,
                     rec.span(),
-                    format!("`{}` is not a valid metric name for a recording rule", rec.as_str()),
+                    format!(
+                        "`{}` is not a valid metric name for a recording rule",
+                        rec.as_str()
+                    ),
                 );
             }
             for (field, v) in [("for", &r.for_), ("keep_firing_for", &r.keep_firing_for)] {
                 if let Some(v) = v {
-                    report(diags, file, v.span(), format!("`{field}` applies to alerting rules only"));
+                    report(
+                        diags,
+                        file,
+                        v.span(),
+                        format!("`{field}` applies to alerting rules only"),
+                    );
                 }
             }
             if r.annotations.is_some() {
-                report(diags, file, r.expr.span(), "`annotations` apply to alerting rules only".into());
+                report(
+                    diags,
+                    file,
+                    r.expr.span(),
+                    "`annotations` apply to alerting rules only".into(),
+                );
             }
         }
         _ => {}
@@ -172,12 +208,22 @@ fn check_rule(file: &SourceFile, diags: &mut Diagnostics, r: &Rule) {
     }
     for label in r.labels.iter().flat_map(|l| l.keys()) {
         if !valid_label_name(label.as_str()) {
-            report(diags, file, label.span(), format!("`{}` is not a valid label name", label.as_str()));
+            report(
+                diags,
+                file,
+                label.span(),
+                format!("`{}` is not a valid label name", label.as_str()),
+            );
         }
     }
     if let Err(e) = promql_parser::parser::parse(r.expr.as_str()) {
         let e = e.trim().replace('\n', "; ");
-        report(diags, file, r.expr.span(), format!("invalid PromQL in `expr`: {e}"));
+        report(
+            diags,
+            file,
+            r.expr.span(),
+            format!("invalid PromQL in `expr`: {e}"),
+        );
     }
 }
 
@@ -204,14 +250,20 @@ mod tests {
     fn reports_invalid_promql_at_the_expr() {
         let errs = check("groups:\n- name: g\n  rules:\n  - alert: A\n    expr: sum(rate(x[5m])\n");
         assert_eq!(errs.len(), 1, "{errs:?}");
-        assert!(errs[0].starts_with("r.yml:5:11: invalid PromQL"), "{errs:?}");
+        assert!(
+            errs[0].starts_with("r.yml:5:11: invalid PromQL"),
+            "{errs:?}"
+        );
     }
 
     #[test]
     fn reports_bad_durations_unknown_keys_and_duplicate_groups() {
         let errs = check("groups:\n- name: g\n  rules:\n  - alert: A\n    expr: up\n    for: 5 minutes\n- name: g\n  rules: []\n");
         assert_eq!(errs.len(), 2, "{errs:?}");
-        assert!(errs[0].contains("r.yml:6:10") && errs[0].contains("not a duration"), "{errs:?}");
+        assert!(
+            errs[0].contains("r.yml:6:10") && errs[0].contains("not a duration"),
+            "{errs:?}"
+        );
         assert!(errs[1].contains("defined twice"), "{errs:?}");
         let errs = check("groups:\n- name: g\n  rulez: []\n");
         assert!(errs[0].contains("rulez"), "{errs:?}");
