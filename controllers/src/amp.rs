@@ -798,3 +798,160 @@ fn short_hash(data: &str) -> String {
     use sha2::Digest;
     hex::encode(&sha2::Sha256::digest(data.as_bytes())[..6])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{desired, owned_tags, resource};
+
+    const RULES: &str = "groups:\n- name: g\n  rules:\n  - alert: A\n    expr: up == 0\n";
+
+    fn spec() -> WorkspaceSpec {
+        let mut s: WorkspaceSpec =
+            toml::from_str("alias = \"main\"\nlogging = { log_group_arn = \"arn:lg\" }").unwrap();
+        s.loaded.rule_groups.insert("node".into(), RULES.into());
+        s
+    }
+
+    fn observed() -> Observed {
+        Observed {
+            region: "us-east-1".into(),
+            workspaces: vec![ObservedWorkspace {
+                id: "ws-1".into(),
+                arn: "arn:ws-1".into(),
+                alias: Some("main".into()),
+                status: "ACTIVE".into(),
+                tags: owned_tags("amp.workspace.main"),
+                namespaces: BTreeMap::from([(
+                    "node".into(),
+                    ObservedNamespace {
+                        data: RULES.into(),
+                        tags: owned_tags("amp.workspace.main"),
+                    },
+                )]),
+                log_group_arn: Some("arn:lg".into()),
+            }],
+        }
+    }
+
+    fn diff(s: WorkspaceSpec, o: &Observed) -> Result<Option<Change<Op>>> {
+        let r = resource(Kind::AmpWorkspace, "main", Spec::AmpWorkspace(s));
+        AmpController.diff(&desired(vec![r.clone()]), &r, o, &Refs::default())
+    }
+
+    #[test]
+    fn a_workspace_as_desired_has_no_change() {
+        assert!(diff(spec(), &observed()).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_missing_workspace_is_created_with_its_rules_tags_and_logging() {
+        let c = diff(spec(), &Observed::default()).unwrap().unwrap();
+        assert!(matches!(
+            &c.ops[..],
+            [Op::CreateWorkspace { alias, tags, namespaces, log_group_arn: Some(_), .. }]
+                if alias == "main" && tags.contains_key(crate::desired::TAG_ID) && namespaces.len() == 1
+        ));
+    }
+
+    #[test]
+    fn alias_and_tag_drift_is_corrected() {
+        let mut o = observed();
+        o.workspaces[0].alias = Some("renamed".into());
+        o.workspaces[0].tags.remove("team");
+        let c = diff(spec(), &o).unwrap().unwrap();
+        assert!(matches!(
+            &c.ops[..],
+            [Op::UpdateAlias { .. }, Op::Tag { .. }]
+        ));
+    }
+
+    #[test]
+    fn rule_groups_changed_missing_or_extra_are_corrected() {
+        let mut o = observed();
+        o.workspaces[0].namespaces.get_mut("node").unwrap().data = "groups: []\n".into();
+        o.workspaces[0].namespaces.insert(
+            "old".into(),
+            ObservedNamespace {
+                data: RULES.into(),
+                tags: owned_tags("amp.workspace.main"),
+            },
+        );
+        o.workspaces[0].namespaces.insert(
+            "theirs".into(),
+            ObservedNamespace {
+                data: RULES.into(),
+                tags: BTreeMap::new(),
+            },
+        );
+        let mut s = spec();
+        s.loaded.rule_groups.insert("new".into(), RULES.into());
+        let c = diff(s, &o).unwrap().unwrap();
+        assert!(c
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::PutNamespace { name, .. } if name == "node")));
+        assert!(c
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::CreateNamespace { name, .. } if name == "new")));
+        assert!(c
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::DeleteNamespace { name, .. } if name == "old")));
+        assert!(!c
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::DeleteNamespace { name, .. } if name == "theirs")));
+    }
+
+    #[test]
+    fn reformatted_rules_are_no_drift() {
+        let mut o = observed();
+        o.workspaces[0].namespaces.get_mut("node").unwrap().data =
+            "groups:\n  - name: g\n    rules:\n      - {alert: A, expr: up == 0}\n".into();
+        assert!(diff(spec(), &o).unwrap().is_none());
+    }
+
+    #[test]
+    fn logging_is_created_updated_and_removed() {
+        let mut o = observed();
+        o.workspaces[0].log_group_arn = None;
+        assert!(matches!(
+            &diff(spec(), &o).unwrap().unwrap().ops[..],
+            [Op::CreateLogging { .. }]
+        ));
+        o.workspaces[0].log_group_arn = Some("arn:other".into());
+        assert!(matches!(
+            &diff(spec(), &o).unwrap().unwrap().ops[..],
+            [Op::UpdateLogging { .. }]
+        ));
+        let mut s = spec();
+        s.logging = None;
+        assert!(matches!(
+            &diff(s, &observed()).unwrap().unwrap().ops[..],
+            [Op::DeleteLogging { .. }]
+        ));
+    }
+
+    #[test]
+    fn a_creating_workspace_is_waited_for() {
+        let mut o = observed();
+        o.workspaces[0].status = "CREATING".into();
+        assert!(matches!(diff(spec(), &o), Err(Error::Pending(_))));
+    }
+
+    #[test]
+    fn owned_workspaces_no_longer_desired_are_orphaned_or_deleted() {
+        let o = observed();
+        let d = desired(vec![]);
+        assert_eq!(
+            AmpController.removed(&d, &o, false)[0].action,
+            Action::Orphan
+        );
+        assert!(matches!(
+            &AmpController.removed(&d, &o, true)[0].ops[..],
+            [Op::DeleteWorkspace { .. }]
+        ));
+    }
+}

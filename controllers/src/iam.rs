@@ -1435,3 +1435,354 @@ impl Controller for IamController {
         Ok(None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{desired, owned_tags, resource};
+
+    fn role_spec(extra: &str) -> RoleSpec {
+        let mut s: RoleSpec = toml::from_str(&format!(
+            "trust = {{ services = [\"ec2.amazonaws.com\"] }}\nmanaged_policies = [\"arn:aws:iam::aws:policy/A\", \"${{iam.policy.p.arn}}\"]\n{extra}"
+        ))
+        .unwrap();
+        s.loaded.trust = Some(principals_trust(&s.trust));
+        s.loaded.inline.insert("inline".into(), doc("s3:GetObject"));
+        s
+    }
+
+    fn doc(action: &str) -> Value {
+        json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": action, "Resource": "*"}]})
+    }
+
+    fn refs() -> Refs {
+        let mut refs = Refs::default();
+        refs.outputs.insert(
+            ResourceId::new(Kind::IamPolicy, "p"),
+            Outputs::from([("arn".into(), "arn:aws:iam::1:policy/s-p".into())]),
+        );
+        refs
+    }
+
+    /// The role as stackwarden would have left it.
+    fn observed_role(r: &RoleSpec) -> Observed {
+        let mut o = Observed::default();
+        o.roles.insert(
+            "s-prometheus".into(),
+            ObservedRole {
+                name: "s-prometheus".into(),
+                arn: "arn:aws:iam::1:role/s-prometheus".into(),
+                id: "AROA".into(),
+                trust: r.loaded.trust.clone().unwrap(),
+                tags: owned_tags("iam.role.prometheus"),
+                inline: r.loaded.inline.clone(),
+                attached: [
+                    "arn:aws:iam::aws:policy/A".to_string(),
+                    "arn:aws:iam::1:policy/s-p".to_string(),
+                ]
+                .into(),
+                ..Default::default()
+            },
+        );
+        o
+    }
+
+    fn diff_role(spec: RoleSpec, obs: &Observed) -> Result<Option<Change<Op>>> {
+        let r = resource(Kind::IamRole, "prometheus", Spec::IamRole(spec));
+        let d = desired(vec![r.clone()]);
+        IamController.diff(&d, &r, obs, &refs())
+    }
+
+    #[test]
+    fn a_role_as_desired_has_no_change() {
+        let spec = role_spec("");
+        assert!(diff_role(spec.clone(), &observed_role(&spec))
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn a_missing_role_is_created_with_its_policies_and_tags() {
+        let c = diff_role(role_spec(""), &Observed::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.action, Action::Create);
+        assert!(
+            matches!(&c.ops[0], Op::CreateRole { name, tags, .. } if name == "s-prometheus" && tags == &owned_tags("iam.role.prometheus"))
+        );
+        assert_eq!(
+            c.ops
+                .iter()
+                .filter(|o| matches!(o, Op::AttachPolicy { .. }))
+                .count(),
+            2
+        );
+        assert_eq!(
+            c.ops
+                .iter()
+                .filter(|o| matches!(o, Op::PutInline { .. }))
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn trust_policy_drift_is_corrected() {
+        let spec = role_spec("");
+        let mut obs = observed_role(&spec);
+        obs.roles.get_mut("s-prometheus").unwrap().trust = json!({"Statement": [{"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}]});
+        let c = diff_role(spec, &obs).unwrap().unwrap();
+        assert!(matches!(&c.ops[..], [Op::UpdateTrust { .. }]));
+        assert_eq!(c.fields[0].field, "trust");
+    }
+
+    #[test]
+    fn detached_and_extra_managed_policies_are_corrected() {
+        let spec = role_spec("");
+        let mut obs = observed_role(&spec);
+        let role = obs.roles.get_mut("s-prometheus").unwrap();
+        role.attached.remove("arn:aws:iam::1:policy/s-p");
+        role.attached.insert("arn:aws:iam::aws:policy/Extra".into());
+        let c = diff_role(spec, &obs).unwrap().unwrap();
+        assert!(c.ops.iter().any(
+            |o| matches!(o, Op::AttachPolicy { arn, .. } if arn == "arn:aws:iam::1:policy/s-p")
+        ));
+        assert!(c.ops.iter().any(
+            |o| matches!(o, Op::DetachPolicy { arn, .. } if arn == "arn:aws:iam::aws:policy/Extra")
+        ));
+    }
+
+    #[test]
+    fn inline_policies_edited_added_or_extra_are_corrected() {
+        let spec = role_spec("");
+        let mut obs = observed_role(&spec);
+        let role = obs.roles.get_mut("s-prometheus").unwrap();
+        role.inline.insert("inline".into(), doc("s3:*"));
+        role.inline.insert("extra".into(), doc("ec2:*"));
+        let c = diff_role(spec.clone(), &obs).unwrap().unwrap();
+        assert!(c
+            .ops
+            .iter()
+            .any(|o| matches!(o, Op::PutInline { name, .. } if name == "inline")));
+        assert!(c
+            .ops
+            .iter()
+            .any(|o| matches!(o, Op::DeleteInline { name, .. } if name == "extra")));
+
+        // The same policy spelled differently by IAM is no drift.
+        let mut obs = observed_role(&spec);
+        obs.roles.get_mut("s-prometheus").unwrap().inline.insert(
+            "inline".into(),
+            json!({"Version": "2012-10-17", "Statement": {"Effect": "Allow", "Action": ["S3:GetObject"], "Resource": ["*"]}}),
+        );
+        assert!(diff_role(spec, &obs).unwrap().is_none());
+    }
+
+    #[test]
+    fn tags_are_restored_and_extra_ones_removed_but_aws_tags_kept() {
+        let spec = role_spec("");
+        let mut obs = observed_role(&spec);
+        let role = obs.roles.get_mut("s-prometheus").unwrap();
+        role.tags.remove("team");
+        role.tags.insert("extra".into(), "x".into());
+        role.tags
+            .insert("aws:cloudformation:stack-name".into(), "x".into());
+        let c = diff_role(spec, &obs).unwrap().unwrap();
+        assert!(c.ops.iter().any(|o| matches!(o, Op::TagRole { tags, .. } if tags.get("team").map(String::as_str) == Some("sre"))));
+        assert!(c.ops.iter().any(
+            |o| matches!(o, Op::UntagRole { keys, .. } if keys == &vec!["extra".to_string()])
+        ));
+    }
+
+    #[test]
+    fn description_and_session_duration_drift_is_corrected() {
+        let mut spec = role_spec("description = \"d\"");
+        spec.loaded.max_session_seconds = Some(7200);
+        let obs = observed_role(&spec);
+        let c = diff_role(spec, &obs).unwrap().unwrap();
+        assert!(
+            matches!(&c.ops[..], [Op::UpdateRole { description: Some(d), max_session_seconds: Some(7200), .. }] if d == "d")
+        );
+    }
+
+    #[test]
+    fn a_role_without_our_tags_is_not_ours_unless_adopted() {
+        let spec = role_spec("");
+        let mut obs = observed_role(&spec);
+        obs.roles.get_mut("s-prometheus").unwrap().tags.clear();
+        let err = diff_role(spec.clone(), &obs).unwrap_err();
+        assert!(matches!(err, Error::NotOwned(_)), "{err}");
+
+        let mut r = resource(Kind::IamRole, "prometheus", Spec::IamRole(spec));
+        r.adopt = Some("s-prometheus".into());
+        let d = desired(vec![r.clone()]);
+        let c = IamController.diff(&d, &r, &obs, &refs()).unwrap().unwrap();
+        assert!(c.notes[0].contains("adopting"));
+        assert!(c
+            .ops
+            .iter()
+            .any(|o| matches!(o, Op::TagRole { tags, .. } if tags.contains_key(TAG_ID))));
+    }
+
+    #[test]
+    fn an_unknown_reference_shows_as_known_after_apply() {
+        let r = resource(Kind::IamRole, "prometheus", Spec::IamRole(role_spec("")));
+        let d = desired(vec![r.clone()]);
+        let c = IamController
+            .diff(&d, &r, &Observed::default(), &Refs::default())
+            .unwrap()
+            .unwrap();
+        assert!(c.fields.iter().any(|f| f
+            .after
+            .as_deref()
+            .is_some_and(|a| a.contains(KNOWN_AFTER_APPLY))));
+    }
+
+    fn policy_fixture(versions: usize) -> (Resource, Observed) {
+        let mut spec: PolicySpec = toml::from_str("document = \"p.json\"").unwrap();
+        spec.loaded = Some(doc("aps:RemoteWrite"));
+        let r = resource(Kind::IamPolicy, "p", Spec::IamPolicy(spec));
+        let mut o = Observed::default();
+        o.policies.insert(
+            "s-p".into(),
+            ObservedPolicy {
+                name: "s-p".into(),
+                arn: "arn:p".into(),
+                path: "/".into(),
+                versions: (1..=versions)
+                    .map(|i| PolicyVersion {
+                        id: format!("v{i}"),
+                        is_default: i == versions,
+                        created: i as i64,
+                        document: doc(if i == versions {
+                            "aps:RemoteWrite"
+                        } else {
+                            "old:x"
+                        }),
+                    })
+                    .collect(),
+                tags: owned_tags("iam.policy.p"),
+            },
+        );
+        (r, o)
+    }
+
+    #[test]
+    fn a_policy_as_desired_has_no_change() {
+        let (r, o) = policy_fixture(1);
+        assert!(IamController
+            .diff(&desired(vec![r.clone()]), &r, &o, &Refs::default())
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn a_changed_document_makes_a_new_default_version() {
+        let (r, mut o) = policy_fixture(2);
+        o.policies.get_mut("s-p").unwrap().versions[1].document = doc("aps:*");
+        let c = IamController
+            .diff(&desired(vec![r.clone()]), &r, &o, &Refs::default())
+            .unwrap()
+            .unwrap();
+        assert!(matches!(&c.ops[..], [Op::CreatePolicyVersion { .. }]));
+    }
+
+    #[test]
+    fn the_oldest_version_is_deleted_before_the_five_version_limit() {
+        let (r, mut o) = policy_fixture(5);
+        o.policies.get_mut("s-p").unwrap().versions[4].document = doc("aps:*");
+        let c = IamController
+            .diff(&desired(vec![r.clone()]), &r, &o, &Refs::default())
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(&c.ops[..], [Op::DeletePolicyVersion { version, .. }, Op::CreatePolicyVersion { .. }] if version == "v1")
+        );
+    }
+
+    #[test]
+    fn policy_tag_drift_is_corrected() {
+        let (r, mut o) = policy_fixture(1);
+        o.policies
+            .get_mut("s-p")
+            .unwrap()
+            .tags
+            .insert("extra".into(), "1".into());
+        let c = IamController
+            .diff(&desired(vec![r.clone()]), &r, &o, &Refs::default())
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(&c.ops[..], [Op::UntagPolicy { keys, .. }] if keys == &vec!["extra".to_string()])
+        );
+    }
+
+    #[test]
+    fn an_instance_profile_gets_its_role_back_and_its_tags() {
+        let spec: InstanceProfileSpec = toml::from_str("role = \"s-prometheus\"").unwrap();
+        let r = resource(
+            Kind::IamInstanceProfile,
+            "prometheus",
+            Spec::IamInstanceProfile(spec),
+        );
+        let mut o = Observed::default();
+        o.profiles.insert(
+            "s-prometheus".into(),
+            ObservedProfile {
+                name: "s-prometheus".into(),
+                arn: "arn".into(),
+                roles: vec!["other".into()],
+                tags: BTreeMap::new(),
+            },
+        );
+        let mut tags = owned_tags("iam.instance_profile.prometheus");
+        tags.remove("team");
+        o.profiles.get_mut("s-prometheus").unwrap().tags = tags;
+        let c = IamController
+            .diff(&desired(vec![r.clone()]), &r, &o, &Refs::default())
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            &c.ops[..],
+            [Op::RemoveRoleFromProfile { role: old, .. }, Op::AddRoleToProfile { role: new, .. }, Op::TagProfile { .. }]
+                if old == "other" && new == "s-prometheus"
+        ));
+    }
+
+    #[test]
+    fn owned_objects_no_longer_desired_are_orphaned_or_deleted() {
+        let spec = role_spec("");
+        let obs = observed_role(&spec);
+        let d = desired(vec![]);
+        let orphans = IamController.removed(&d, &obs, false);
+        assert_eq!(orphans.len(), 1);
+        assert_eq!(orphans[0].action, Action::Orphan);
+        assert!(orphans[0].ops.is_empty());
+        let deletes = IamController.removed(&d, &obs, true);
+        assert_eq!(deletes[0].action, Action::Delete);
+        assert!(matches!(deletes[0].ops.last(), Some(Op::DeleteRole { .. })));
+        // Detach and delete inline policies first: IAM refuses to delete a role that has them.
+        assert!(deletes[0]
+            .ops
+            .iter()
+            .any(|o| matches!(o, Op::DetachPolicy { .. })));
+        assert!(deletes[0]
+            .ops
+            .iter()
+            .any(|o| matches!(o, Op::DeleteInline { .. })));
+    }
+
+    #[test]
+    fn objects_of_other_stacks_are_never_removed() {
+        let spec = role_spec("");
+        let mut obs = observed_role(&spec);
+        obs.roles
+            .get_mut("s-prometheus")
+            .unwrap()
+            .tags
+            .insert(TAG_STACK.into(), "other".into());
+        assert!(IamController
+            .removed(&desired(vec![]), &obs, true)
+            .is_empty());
+    }
+}

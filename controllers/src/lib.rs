@@ -32,3 +32,6 @@ pub use model::{Kind, Refs, ResourceId};
 pub fn controllers() -> Vec<Box<dyn DynController>> {
     vec![Box::new(iam::IamController), Box::new(amp::AmpController)]
 }
+
+#[cfg(test)]
+pub(crate) mod testing;
