@@ -315,12 +315,15 @@ async fn run_loop(
     let mut desired =
         load_or_report(dir).context("the desired state is invalid; nothing was applied")?;
     let engine = engine_for(cli, &desired, counter).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Registered before the first pass, so a signal during a pass is kept until it ends.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     loop {
         reconcile_once(&engine, &desired, prune).await;
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
-            _ = tokio::signal::ctrl_c() => return Ok(EXIT_OK),
+            _ = int.recv() => return Ok(EXIT_OK),
             _ = term.recv() => return Ok(EXIT_OK),
         }
         match load::load(dir) {
