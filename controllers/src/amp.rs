@@ -25,8 +25,8 @@ use crate::change::{Action, Change};
 use crate::controller::{Context, Controller};
 use crate::desired::{check_tags, DesiredState, Resource, Spec, Validator, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
-use crate::iam::{owned_by, owner_id};
 use crate::model::{Kind, Outputs, Refs, ResourceId};
+use crate::tags::{self, owned_by, owner_id};
 
 // ---------------------------------------------------------------------------------------------
 // Schema
@@ -259,11 +259,6 @@ fn sorted(t: Option<&HashMap<String, String>>) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-fn show_tags(t: &BTreeMap<String, String>) -> String {
-    let parts: Vec<String> = t.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    format!("{{{}}}", parts.join(", "))
-}
-
 /// Waits until a workspace is ACTIVE, logging progress; a workspace that fails is an error.
 async fn wait_active(ctx: &Context, workspace: &str) -> Result<()> {
     let start = tokio::time::Instant::now();
@@ -446,7 +441,7 @@ impl Controller for AmpController {
             }
             let mut c = Change::new(r.id.clone(), Action::Create, format!("workspace {alias}"));
             c.field("alias", None, Some(alias.clone()));
-            c.field("tags", None, Some(show_tags(&tags)));
+            c.field("tags", None, Some(tags::show(&tags)));
             for ns in s.loaded.rule_groups.keys() {
                 c.field(
                     format!("rule_groups.{ns}"),
@@ -491,19 +486,9 @@ impl Controller for AmpController {
                 alias,
             });
         }
-        let set: BTreeMap<String, String> = tags
-            .iter()
-            .filter(|(k, v)| w.tags.get(*k) != Some(*v))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let remove: Vec<String> = w
-            .tags
-            .keys()
-            .filter(|k| !tags.contains_key(*k) && !k.starts_with("aws:"))
-            .cloned()
-            .collect();
+        let (set, remove) = tags::diff(&w.tags, &tags);
         if !set.is_empty() || !remove.is_empty() {
-            c.field("tags", Some(show_tags(&w.tags)), Some(show_tags(&tags)));
+            c.field("tags", Some(tags::show(&w.tags)), Some(tags::show(&tags)));
         }
         if !set.is_empty() {
             c.op(Op::Tag {

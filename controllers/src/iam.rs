@@ -29,6 +29,7 @@ use crate::desired::{
 use crate::error::{aws_error, Error, Result};
 use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
 use crate::policy;
+use crate::tags::{self, owned_by, owner_id};
 
 // ---------------------------------------------------------------------------------------------
 // Schema
@@ -305,20 +306,6 @@ fn tag_list(tags: &BTreeMap<String, String>) -> Vec<Tag> {
         .collect()
 }
 
-/// Whether an object carries this resource's ownership tags.
-pub fn owned_by(tags: &BTreeMap<String, String>, stack: &str, id: &ResourceId) -> bool {
-    tags.get(TAG_STACK).map(String::as_str) == Some(stack)
-        && tags.get(TAG_ID) == Some(&id.to_string())
-}
-
-/// The address an object's ownership tags give it, when it belongs to `stack`.
-pub fn owner_id(tags: &BTreeMap<String, String>, stack: &str) -> Option<ResourceId> {
-    if tags.get(TAG_STACK).map(String::as_str) != Some(stack) {
-        return None;
-    }
-    ResourceId::parse(tags.get(TAG_ID)?)
-}
-
 // ---------------------------------------------------------------------------------------------
 // The controller
 
@@ -443,29 +430,6 @@ fn compact(v: &Value) -> String {
     v.to_string()
 }
 
-/// Tag changes: what to set and which keys to remove. Keys under `aws:` are AWS's own.
-fn tag_diff(
-    observed: &BTreeMap<String, String>,
-    desired: &BTreeMap<String, String>,
-) -> (BTreeMap<String, String>, Vec<String>) {
-    let set = desired
-        .iter()
-        .filter(|(k, v)| observed.get(*k) != Some(*v))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let remove = observed
-        .keys()
-        .filter(|k| !desired.contains_key(*k) && !k.starts_with("aws:"))
-        .cloned()
-        .collect();
-    (set, remove)
-}
-
-fn show_tags(t: &BTreeMap<String, String>) -> String {
-    let parts: Vec<String> = t.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    format!("{{{}}}", parts.join(", "))
-}
-
 fn spec_tags(tags: &Option<Spanned<BTreeMap<String, String>>>) -> BTreeMap<String, String> {
     tags.as_ref()
         .map(|t| t.get_ref().clone())
@@ -534,7 +498,7 @@ impl IamController {
             for (k, v) in &inline {
                 c.field(format!("inline_policies.{k}"), None, Some(compact(v)));
             }
-            c.field("tags", None, Some(show_tags(&tags)));
+            c.field("tags", None, Some(tags::show(&tags)));
             c.op(Op::CreateRole {
                 name: name.clone(),
                 path: s.path.clone(),
@@ -631,9 +595,9 @@ impl IamController {
                 });
             }
         }
-        let (set, remove) = tag_diff(&o.tags, &tags);
+        let (set, remove) = tags::diff(&o.tags, &tags);
         if !set.is_empty() || !remove.is_empty() {
-            c.field("tags", Some(show_tags(&o.tags)), Some(show_tags(&tags)));
+            c.field("tags", Some(tags::show(&o.tags)), Some(tags::show(&tags)));
         }
         if !set.is_empty() {
             c.op(Op::TagRole {
@@ -676,7 +640,7 @@ impl IamController {
             }
             let mut c = Change::new(r.id.clone(), Action::Create, format!("policy {name}"));
             c.field("document", None, Some(shown(&doc)));
-            c.field("tags", None, Some(show_tags(&tags)));
+            c.field("tags", None, Some(tags::show(&tags)));
             c.op(Op::CreatePolicy {
                 name,
                 path: s.path.clone(),
@@ -717,9 +681,9 @@ impl IamController {
                 document: doc,
             });
         }
-        let (set, remove) = tag_diff(&o.tags, &tags);
+        let (set, remove) = tags::diff(&o.tags, &tags);
         if !set.is_empty() || !remove.is_empty() {
-            c.field("tags", Some(show_tags(&o.tags)), Some(show_tags(&tags)));
+            c.field("tags", Some(tags::show(&o.tags)), Some(tags::show(&tags)));
         }
         if !set.is_empty() {
             c.op(Op::TagPolicy {
@@ -759,7 +723,7 @@ impl IamController {
                 format!("instance profile {name}"),
             );
             c.field("role", None, Some(role.clone()));
-            c.field("tags", None, Some(show_tags(&tags)));
+            c.field("tags", None, Some(tags::show(&tags)));
             c.op(Op::CreateProfile {
                 name: name.clone(),
                 path: s.path.clone(),
@@ -796,9 +760,9 @@ impl IamController {
                 });
             }
         }
-        let (set, remove) = tag_diff(&o.tags, &tags);
+        let (set, remove) = tags::diff(&o.tags, &tags);
         if !set.is_empty() || !remove.is_empty() {
-            c.field("tags", Some(show_tags(&o.tags)), Some(show_tags(&tags)));
+            c.field("tags", Some(tags::show(&o.tags)), Some(tags::show(&tags)));
         }
         if !set.is_empty() {
             c.op(Op::TagProfile {
@@ -850,6 +814,22 @@ fn is_no_such_entity<E: ProvideErrorMetadata, R>(
     e: &aws_smithy_runtime_api::client::result::SdkError<E, R>,
 ) -> bool {
     e.code() == Some("NoSuchEntity")
+}
+
+/// Removals are idempotent: an object already gone is success (a retried or resumed pass).
+fn gone_is_fine<T, E, R>(
+    result: std::result::Result<T, aws_smithy_runtime_api::client::result::SdkError<E, R>>,
+    op: &'static str,
+) -> Result<()>
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: crate::error::HttpStatus + std::fmt::Debug,
+{
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if is_no_such_entity(&e) => Ok(()),
+        Err(e) => Err(iam_err(op)(e)),
+    }
 }
 
 #[async_trait]
@@ -1240,17 +1220,14 @@ impl Controller for IamController {
                     .await
                     .map_err(iam_err("AttachRolePolicy"))?;
             }
-            Op::DetachPolicy { role, arn } => match iam
-                .detach_role_policy()
-                .role_name(role)
-                .policy_arn(arn)
-                .send()
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if is_no_such_entity(&e) => {}
-                Err(e) => return Err(iam_err("DetachRolePolicy")(e)),
-            },
+            Op::DetachPolicy { role, arn } => gone_is_fine(
+                iam.detach_role_policy()
+                    .role_name(role)
+                    .policy_arn(arn)
+                    .send()
+                    .await,
+                "DetachRolePolicy",
+            )?,
             Op::PutInline {
                 role,
                 name,
@@ -1264,17 +1241,14 @@ impl Controller for IamController {
                     .await
                     .map_err(iam_err("PutRolePolicy"))?;
             }
-            Op::DeleteInline { role, name } => match iam
-                .delete_role_policy()
-                .role_name(role)
-                .policy_name(name)
-                .send()
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if is_no_such_entity(&e) => {}
-                Err(e) => return Err(iam_err("DeleteRolePolicy")(e)),
-            },
+            Op::DeleteInline { role, name } => gone_is_fine(
+                iam.delete_role_policy()
+                    .role_name(role)
+                    .policy_name(name)
+                    .send()
+                    .await,
+                "DeleteRolePolicy",
+            )?,
             Op::TagRole { role, tags } => {
                 iam.tag_role()
                     .role_name(role)
@@ -1291,11 +1265,9 @@ impl Controller for IamController {
                     .await
                     .map_err(iam_err("UntagRole"))?;
             }
-            Op::DeleteRole { role } => match iam.delete_role().role_name(role).send().await {
-                Ok(_) => {}
-                Err(e) if is_no_such_entity(&e) => {}
-                Err(e) => return Err(iam_err("DeleteRole")(e)),
-            },
+            Op::DeleteRole { role } => {
+                gone_is_fine(iam.delete_role().role_name(role).send().await, "DeleteRole")?
+            }
             Op::CreatePolicy {
                 name,
                 path,
@@ -1321,19 +1293,14 @@ impl Controller for IamController {
                     ("arn".into(), p.arn().unwrap_or_default().to_string()),
                 ])));
             }
-            Op::DeletePolicyVersion { arn, version } => {
-                match iam
-                    .delete_policy_version()
+            Op::DeletePolicyVersion { arn, version } => gone_is_fine(
+                iam.delete_policy_version()
                     .policy_arn(arn)
                     .version_id(version)
                     .send()
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(e) if is_no_such_entity(&e) => {}
-                    Err(e) => return Err(iam_err("DeletePolicyVersion")(e)),
-                }
-            }
+                    .await,
+                "DeletePolicyVersion",
+            )?,
             Op::CreatePolicyVersion { arn, document } => {
                 iam.create_policy_version()
                     .policy_arn(arn)
@@ -1361,11 +1328,10 @@ impl Controller for IamController {
             }
             Op::DeletePolicy { arn } => {
                 // A policy attached to a role outside the stack cannot be deleted; IAM says so.
-                match iam.delete_policy().policy_arn(arn).send().await {
-                    Ok(_) => {}
-                    Err(e) if is_no_such_entity(&e) => {}
-                    Err(e) => return Err(iam_err("DeletePolicy")(e)),
-                }
+                gone_is_fine(
+                    iam.delete_policy().policy_arn(arn).send().await,
+                    "DeletePolicy",
+                )?
             }
             Op::CreateProfile { name, path, tags } => {
                 let out = iam
@@ -1392,19 +1358,14 @@ impl Controller for IamController {
                     .await
                     .map_err(iam_err("AddRoleToInstanceProfile"))?;
             }
-            Op::RemoveRoleFromProfile { profile, role } => {
-                match iam
-                    .remove_role_from_instance_profile()
+            Op::RemoveRoleFromProfile { profile, role } => gone_is_fine(
+                iam.remove_role_from_instance_profile()
                     .instance_profile_name(profile)
                     .role_name(role)
                     .send()
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(e) if is_no_such_entity(&e) => {}
-                    Err(e) => return Err(iam_err("RemoveRoleFromInstanceProfile")(e)),
-                }
-            }
+                    .await,
+                "RemoveRoleFromInstanceProfile",
+            )?,
             Op::TagProfile { profile, tags } => {
                 iam.tag_instance_profile()
                     .instance_profile_name(profile)
@@ -1421,16 +1382,13 @@ impl Controller for IamController {
                     .await
                     .map_err(iam_err("UntagInstanceProfile"))?;
             }
-            Op::DeleteProfile { profile } => match iam
-                .delete_instance_profile()
-                .instance_profile_name(profile)
-                .send()
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if is_no_such_entity(&e) => {}
-                Err(e) => return Err(iam_err("DeleteInstanceProfile")(e)),
-            },
+            Op::DeleteProfile { profile } => gone_is_fine(
+                iam.delete_instance_profile()
+                    .instance_profile_name(profile)
+                    .send()
+                    .await,
+                "DeleteInstanceProfile",
+            )?,
         }
         Ok(None)
     }

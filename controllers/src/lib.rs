@@ -21,6 +21,7 @@ pub mod iam;
 pub mod model;
 pub mod policy;
 pub mod rules;
+pub mod tags;
 
 pub use change::{Action, Change, FieldChange};
 pub use controller::{Context, Controller, DynController, Waits};

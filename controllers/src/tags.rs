@@ -1,0 +1,72 @@
+//! Ownership tags and tag diffs, shared by every controller.
+//!
+//! An object belongs to a desired resource when it carries both `stackwarden:stack = <stack>` and
+//! `stackwarden:id = <address>`. Tags under `aws:` are AWS's own and never touched.
+
+use std::collections::BTreeMap;
+
+use crate::desired::{TAG_ID, TAG_STACK};
+use crate::model::ResourceId;
+
+pub type Tags = BTreeMap<String, String>;
+
+/// Whether an object carries this resource's ownership tags.
+pub fn owned_by(tags: &Tags, stack: &str, id: &ResourceId) -> bool {
+    tags.get(TAG_STACK).map(String::as_str) == Some(stack)
+        && tags.get(TAG_ID) == Some(&id.to_string())
+}
+
+/// The address an object's ownership tags give it, when it belongs to `stack`.
+pub fn owner_id(tags: &Tags, stack: &str) -> Option<ResourceId> {
+    if tags.get(TAG_STACK).map(String::as_str) != Some(stack) {
+        return None;
+    }
+    ResourceId::parse(tags.get(TAG_ID)?)
+}
+
+/// What to set and which keys to remove to take `observed` to `desired`.
+pub fn diff(observed: &Tags, desired: &Tags) -> (Tags, Vec<String>) {
+    let set = desired
+        .iter()
+        .filter(|(k, v)| observed.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let remove = observed
+        .keys()
+        .filter(|k| !desired.contains_key(*k) && !k.starts_with("aws:"))
+        .cloned()
+        .collect();
+    (set, remove)
+}
+
+/// `{k=v, ...}` for plans.
+pub fn show(t: &Tags) -> String {
+    let parts: Vec<String> = t.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{{{}}}", parts.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_sets_missing_and_changed_removes_extra_keeps_aws_tags() {
+        let observed = Tags::from([
+            ("a".into(), "1".into()),
+            ("b".into(), "old".into()),
+            ("aws:x".into(), "y".into()),
+            ("c".into(), "3".into()),
+        ]);
+        let desired = Tags::from([
+            ("a".into(), "1".into()),
+            ("b".into(), "new".into()),
+            ("d".into(), "4".into()),
+        ]);
+        let (set, remove) = diff(&observed, &desired);
+        assert_eq!(
+            set,
+            Tags::from([("b".into(), "new".into()), ("d".into(), "4".into())])
+        );
+        assert_eq!(remove, vec!["c".to_string()]);
+    }
+}
