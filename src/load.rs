@@ -282,7 +282,9 @@ fn parse_file(
                 continue;
             }
             let span = value.span();
-            match StackSpec::deserialize_from(Spanned::new(span, value.into_inner())) {
+            match serde::Deserialize::deserialize(
+                Spanned::new(span, value.into_inner()).into_deserializer(),
+            ) {
                 Ok(s) => *stack = Some((s, o)),
                 Err(e) => report_de(file, &e, key.span().start, diags),
             }
@@ -480,16 +482,6 @@ fn collect_refs(
     }
     for v in t.values() {
         walk(file, v, out, diags);
-    }
-}
-
-trait DeserializeFrom: Sized {
-    fn deserialize_from(v: Spanned<DeValue<'_>>) -> Result<Self, toml::de::Error>;
-}
-
-impl DeserializeFrom for StackSpec {
-    fn deserialize_from(v: Spanned<DeValue<'_>>) -> Result<Self, toml::de::Error> {
-        serde::Deserialize::deserialize(v.into_deserializer())
     }
 }
 

@@ -88,33 +88,7 @@ enum Command {
 }
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
-    promql_duration(s)
-}
-
-fn promql_duration(s: &str) -> Result<Duration, String> {
-    // Same syntax as every duration in the desired state.
-    let mut total = 0u64;
-    let mut num = String::new();
-    for c in s.chars() {
-        if c.is_ascii_digit() {
-            num.push(c);
-            continue;
-        }
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("`{s}` is not a duration like 30s, 5m, 1h"))?;
-        num.clear();
-        total += n * match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            _ => return Err(format!("`{s}` is not a duration like 30s, 5m, 1h")),
-        };
-    }
-    if !num.is_empty() || total == 0 {
-        return Err(format!("`{s}` is not a duration like 30s, 5m, 1h"));
-    }
-    Ok(Duration::from_secs(total))
+    stackwarden_controllers::desired::parse_duration(s)
 }
 
 /// Exit codes, fixed by the CLI's contract.
@@ -197,7 +171,7 @@ async fn engine_for(
     let sdk = aws::sdk_config(&opts, desired.stack.region.as_deref()).await?;
     let waits = match std::env::var("STACKWARDEN_POLL_INTERVAL")
         .ok()
-        .map(|s| promql_duration(&s))
+        .map(|s| parse_interval(&s))
     {
         Some(Ok(poll)) => Waits {
             poll,

@@ -299,6 +299,12 @@ impl<'a> Validator<'a> {
     }
 }
 
+/// Parses a duration as Prometheus does (`15s`, `5m`, `1h30m`): the one duration syntax of
+/// stackwarden, in the desired state and on the command line.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    promql_parser::util::parse_duration(s)
+}
+
 /// Checks a TOML duration string the way Prometheus parses durations (`15s`, `5m`, `1h30m`).
 pub fn check_duration(
     v: &mut Validator<'_>,
