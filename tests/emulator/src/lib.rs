@@ -1,0 +1,268 @@
+//! An AWS emulator for the APIs moto lacks, in front of moto.
+//!
+//! It listens on loopback and serves, in their real wire formats:
+//! - Amazon Managed Grafana workspaces, tags and permissions (`grafana`, restJson1);
+//! - AMP alertmanager definitions (`aps`, restJson1; the rest of AMP is moto's);
+//! - SSM Run Command that really runs `AWS-RunShellScript` in a sandbox directory per instance
+//!   (`ssm`, awsJson1.1; the rest of SSM is moto's);
+//! - Auto Scaling instance refresh (`autoscaling`, awsQuery; the rest is moto's).
+//!
+//! Every other request goes to moto unchanged. Requests are routed by the service named in the
+//! SigV4 credential scope (grafana and aps share paths such as `/workspaces`), then by
+//! `X-Amz-Target` (JSON protocols) or `Action` (query protocols). Tests can make chosen
+//! operations throttle, fail, slow down or drop the connection ([`Fault`]).
+//!
+//! The emulator is test support: it keeps its state in memory, trusts every caller and checks
+//! no signature. It must not grow features the operator does not exercise.
+
+mod admin;
+mod alertmanager;
+mod faults;
+mod grafana;
+mod moto;
+mod refresh;
+mod route;
+mod ssm;
+mod wire;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+pub use faults::{Fault, FaultKind};
+pub use moto::Backend;
+pub use route::Call;
+
+/// What an instance without a sandbox does with a command sent to it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Unsandboxed {
+    /// Report Success without running anything (what moto does for every command).
+    #[default]
+    Succeed,
+    /// Report Failed, with an explanation on stderr.
+    Fail,
+}
+
+/// Tunables, changeable while running ([`Emulator::configure`], `PUT /_emulator/settings`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// How long asynchronous transitions take: a Managed Grafana workspace CREATING, UPDATING or
+    /// DELETING, an alertmanager definition CREATING, UPDATING or DELETING.
+    #[serde(with = "millis")]
+    pub transition_delay: Duration,
+    /// How many DescribeInstanceRefreshes calls a refresh takes to reach Successful.
+    pub refresh_polls: u32,
+    /// When set, every instance without an explicit sandbox gets `<dir>/<instance-id>`.
+    pub sandbox_dir: Option<PathBuf>,
+    /// Environment for every command run in a sandbox (such as `PROMETHEUS_URL`).
+    pub sandbox_env: BTreeMap<String, String>,
+    /// What happens to commands sent to an instance without a sandbox.
+    pub unsandboxed: Unsandboxed,
+    /// Seed of the random numbers that decide which calls a rate-based fault hits.
+    pub seed: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            transition_delay: Duration::from_millis(200),
+            refresh_polls: 3,
+            sandbox_dir: None,
+            sandbox_env: BTreeMap::new(),
+            unsandboxed: Unsandboxed::Succeed,
+            seed: 1,
+        }
+    }
+}
+
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+/// The directory and environment one emulated instance runs its commands in.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Sandbox {
+    /// Becomes `$STACKWARDEN_ROOT` and the working directory of the commands.
+    pub root: PathBuf,
+    /// Added to the environment of the commands, over [`Settings::sandbox_env`].
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// Shared state of a running emulator.
+pub(crate) struct State {
+    settings: Mutex<Settings>,
+    sandboxes: Mutex<BTreeMap<String, Sandbox>>,
+    pub(crate) moto: moto::Moto,
+    pub(crate) grafana: Mutex<grafana::Store>,
+    pub(crate) alertmanager: Mutex<alertmanager::Store>,
+    pub(crate) ssm: ssm::RunCommand,
+    pub(crate) refresh: Mutex<refresh::Store>,
+    pub(crate) faults: Mutex<faults::Faults>,
+    pub(crate) calls: Mutex<Vec<Call>>,
+}
+
+/// Locks a mutex, ignoring poisoning: a panic in one request must not wedge the emulator.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl State {
+    pub(crate) fn settings(&self) -> Settings {
+        lock(&self.settings).clone()
+    }
+
+    /// The sandbox of an instance: registered, or automatic under `sandbox_dir`.
+    pub(crate) fn sandbox(&self, instance: &str) -> Option<Sandbox> {
+        let settings = self.settings();
+        let explicit = lock(&self.sandboxes).get(instance).cloned();
+        let mut sandbox = explicit.or_else(|| {
+            settings.sandbox_dir.map(|dir| Sandbox {
+                root: dir.join(instance),
+                env: BTreeMap::new(),
+            })
+        })?;
+        let mut env = settings.sandbox_env;
+        env.append(&mut sandbox.env);
+        sandbox.env = env;
+        Some(sandbox)
+    }
+}
+
+/// Where the emulator listens and which moto it fronts.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub backend: Backend,
+    pub settings: Settings,
+}
+
+/// A running emulator, served from its own thread and runtime (so it keeps serving while a test
+/// blocks on a child process). Dropping it stops the server and the moto it started.
+pub struct Emulator {
+    endpoint: String,
+    state: Arc<State>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _moto: moto::Process,
+}
+
+impl Emulator {
+    /// Starts moto (or connects to a running one), binds, and serves in the background.
+    pub fn start(config: Config) -> anyhow::Result<Emulator> {
+        let (moto_process, moto_url) = moto::Process::start(&config.backend)?;
+        let listener = std::net::TcpListener::bind(config.listen)
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        listener.set_nonblocking(true)?;
+        let endpoint = format!("http://{}", listener.local_addr()?);
+        let state = Arc::new(State {
+            settings: Mutex::new(config.settings.clone()),
+            sandboxes: Mutex::new(BTreeMap::new()),
+            moto: moto::Moto::new(moto_url),
+            grafana: Mutex::default(),
+            alertmanager: Mutex::default(),
+            ssm: ssm::RunCommand::default(),
+            refresh: Mutex::default(),
+            faults: Mutex::new(faults::Faults::new(config.settings.seed)),
+            calls: Mutex::default(),
+        });
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let served = state.clone();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("emulator")
+            .build()?;
+        let thread = std::thread::Builder::new()
+            .name("emulator".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener)
+                        .expect("register the listener with the runtime");
+                    let app = route::router(served);
+                    let shutdown = async {
+                        let _ = rx.await;
+                    };
+                    if let Err(e) = axum::serve(listener, app)
+                        .with_graceful_shutdown(shutdown)
+                        .await
+                    {
+                        tracing::error!("emulator server failed: {e}");
+                    }
+                });
+                // Commands still running in sandboxes are killed with the runtime.
+                runtime.shutdown_timeout(Duration::from_secs(1));
+            })?;
+        Ok(Emulator {
+            endpoint,
+            state,
+            shutdown: Some(tx),
+            thread: Some(thread),
+            _moto: moto_process,
+        })
+    }
+
+    /// The URL to give the operator as `AWS_ENDPOINT_URL`.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The moto behind this emulator.
+    pub fn moto_endpoint(&self) -> &str {
+        self.state.moto.url()
+    }
+
+    /// Runs the commands sent to `instance` in `sandbox`.
+    pub fn set_sandbox(&self, instance: &str, sandbox: Sandbox) {
+        lock(&self.state.sandboxes).insert(instance.to_string(), sandbox);
+    }
+
+    /// Changes settings while running.
+    pub fn configure(&self, change: impl FnOnce(&mut Settings)) {
+        let mut settings = lock(&self.state.settings);
+        change(&mut settings);
+        lock(&self.state.faults).reseed(settings.seed);
+    }
+
+    /// Adds a fault; faults are tried in the order they were added.
+    pub fn inject(&self, fault: Fault) {
+        lock(&self.state.faults).add(fault);
+    }
+
+    /// Removes every fault.
+    pub fn clear_faults(&self) {
+        lock(&self.state.faults).clear();
+    }
+
+    /// Every request received so far, in order, with how it was answered.
+    pub fn calls(&self) -> Vec<Call> {
+        lock(&self.state.calls).clone()
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! moto: starting it, forwarding requests to it, and the few reads the emulated APIs need from
+//! it (EC2 instances for Run Command targets, Auto Scaling groups for instance refresh, AMP
+//! workspaces for alertmanager definitions).
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+
+use crate::route::Incoming;
+use crate::wire::ApiError;
+
+/// Which moto the emulator fronts.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    /// A moto server already running at this URL.
+    Url(String),
+    /// Start this `moto_server` executable on a free loopback port, and stop it on exit.
+    Spawn(PathBuf),
+}
+
+/// A moto child process, killed on drop.
+pub(crate) struct Process(Option<Child>);
+
+impl Process {
+    pub(crate) fn start(backend: &Backend) -> anyhow::Result<(Process, String)> {
+        let program = match backend {
+            Backend::Url(url) => return Ok((Process(None), url.trim_end_matches('/').into())),
+            Backend::Spawn(program) => program,
+        };
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut child = Command::new(program)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            // Without it, AWS managed policies such as AmazonSSMManagedInstanceCore do not exist.
+            .env("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start moto ({})", program.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = child.try_wait()? {
+                bail!("moto ({}) exited at start: {status}", program.display());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("moto did not listen on port {port} within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok((Process(Some(child)), format!("http://127.0.0.1:{port}")))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// An HTTP client for moto.
+pub(crate) struct Moto {
+    url: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// Hop-by-hop headers and those the client recomputes; everything else passes unchanged.
+const NOT_FORWARDED: [&str; 4] = ["host", "connection", "content-length", "transfer-encoding"];
+
+impl Moto {
+    pub(crate) fn new(url: String) -> Moto {
+        Moto {
+            url,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Sends a request to moto as it came and returns moto's answer as it is.
+    pub(crate) async fn forward(&self, req: &Incoming) -> Result<http::Response<Bytes>, ApiError> {
+        let uri = format!(
+            "{}{}",
+            self.url,
+            req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+        );
+        let mut builder = http::Request::builder().method(req.method.clone()).uri(uri);
+        for (name, value) in &req.headers {
+            if !NOT_FORWARDED.contains(&name.as_str()) {
+                builder = builder.header(name, value);
+            }
+        }
+        let request = builder
+            .body(Full::new(req.body.clone()))
+            .map_err(|e| ApiError::internal(format!("cannot build the request to moto: {e}")))?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| ApiError::internal(format!("moto did not answer: {e}")))?;
+        let (mut parts, body) = response.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| ApiError::internal(format!("moto's answer was cut: {e}")))?
+            .to_bytes();
+        for name in NOT_FORWARDED {
+            parts.headers.remove(name);
+        }
+        Ok(http::Response::from_parts(parts, body))
+    }
+
+    /// A query-protocol call to moto on behalf of a caller (same credentials and region).
+    async fn query(
+        &self,
+        caller: &Incoming,
+        service: &str,
+        params: &[(String, String)],
+    ) -> Result<String, ApiError> {
+        let body: String = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(params)
+            .finish();
+        let request = Incoming::internal(caller, service, "POST", "/", body.into());
+        let response = self.forward(&request).await?;
+        let text = String::from_utf8_lossy(response.body()).into_owned();
+        if !response.status().is_success() {
+            return Err(ApiError::internal(format!(
+                "moto answered {} to {service} {}: {text}",
+                response.status(),
+                params.first().map(|p| p.1.as_str()).unwrap_or("")
+            )));
+        }
+        Ok(text)
+    }
+
+    /// Running EC2 instances, optionally narrowed by EC2 filters (name, values).
+    pub(crate) async fn running_instances(
+        &self,
+        caller: &Incoming,
+        filters: &[(String, Vec<String>)],
+    ) -> Result<Vec<Instance>, ApiError> {
+        let mut params = vec![
+            ("Action".to_string(), "DescribeInstances".to_string()),
+            ("Version".to_string(), "2016-11-15".to_string()),
+            (
+                "Filter.1.Name".to_string(),
+                "instance-state-name".to_string(),
+            ),
+            ("Filter.1.Value.1".to_string(), "running".to_string()),
+        ];
+        for (i, (name, values)) in filters.iter().enumerate() {
+            params.push((format!("Filter.{}.Name", i + 2), name.clone()));
+            for (j, v) in values.iter().enumerate() {
+                params.push((format!("Filter.{}.Value.{}", i + 2, j + 1), v.clone()));
+            }
+        }
+        let text = self.query(caller, "ec2", &params).await?;
+        let doc = xml(&text)?;
+        let mut instances = Vec::new();
+        for node in doc
+            .root()
+            .descendants()
+            .filter(|n| n.has_tag_name("instancesSet"))
+        {
+            for item in node.children().filter(|n| n.has_tag_name("item")) {
+                let Some(id) = child_text(item, "instanceId") else {
+                    continue;
+                };
+                let name = item
+                    .children()
+                    .filter(|n| n.has_tag_name("tagSet"))
+                    .flat_map(|s| s.children().filter(|n| n.has_tag_name("item")))
+                    .find(|t| child_text(*t, "key").as_deref() == Some("Name"))
+                    .and_then(|t| child_text(t, "value"));
+                instances.push(Instance { id, name });
+            }
+        }
+        Ok(instances)
+    }
+
+    /// The instances of an Auto Scaling group, or None when there is no such group.
+    pub(crate) async fn group_instances(
+        &self,
+        caller: &Incoming,
+        group: &str,
+    ) -> Result<Option<Vec<String>>, ApiError> {
+        let params = [
+            ("Action", "DescribeAutoScalingGroups"),
+            ("Version", "2011-01-01"),
+            ("AutoScalingGroupNames.member.1", group),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let text = self.query(caller, "autoscaling", &params).await?;
+        let doc = xml(&text)?;
+        let Some(found) = doc
+            .root()
+            .descendants()
+            .find(|n| n.has_tag_name("AutoScalingGroups"))
+            .and_then(|groups| groups.children().find(|n| n.has_tag_name("member")))
+        else {
+            return Ok(None);
+        };
+        let ids = found
+            .children()
+            .filter(|n| n.has_tag_name("Instances"))
+            .flat_map(|i| i.children().filter(|n| n.has_tag_name("member")))
+            .filter_map(|m| child_text(m, "InstanceId"))
+            .collect();
+        Ok(Some(ids))
+    }
+
+    /// Terminates EC2 instances (moto's Auto Scaling then launches replacements from the group's
+    /// current launch template).
+    pub(crate) async fn terminate(
+        &self,
+        caller: &Incoming,
+        ids: &[String],
+    ) -> Result<(), ApiError> {
+        let mut params = vec![
+            ("Action".to_string(), "TerminateInstances".to_string()),
+            ("Version".to_string(), "2016-11-15".to_string()),
+        ];
+        for (i, id) in ids.iter().enumerate() {
+            params.push((format!("InstanceId.{}", i + 1), id.clone()));
+        }
+        self.query(caller, "ec2", &params).await.map(|_| ())
+    }
+
+    /// Whether an AMP workspace exists in moto (through the caller's own signature).
+    pub(crate) async fn amp_workspace_exists(
+        &self,
+        caller: &Incoming,
+        workspace: &str,
+    ) -> Result<bool, ApiError> {
+        let path = format!("/workspaces/{workspace}");
+        let request = Incoming::internal(caller, "aps", "GET", &path, Bytes::new());
+        let response = self.forward(&request).await?;
+        match response.status().as_u16() {
+            200 => Ok(true),
+            404 => Ok(false),
+            s => Err(ApiError::internal(format!(
+                "moto answered {s} to DescribeWorkspace {workspace}"
+            ))),
+        }
+    }
+}
+
+/// One running EC2 instance.
+pub(crate) struct Instance {
+    pub id: String,
+    pub name: Option<String>,
+}
+
+fn child_text(node: roxmltree::Node, tag: &str) -> Option<String> {
+    node.children()
+        .find(|n| n.has_tag_name(tag))
+        .and_then(|n| n.text())
+        .map(str::to_string)
+}
+
+fn xml(text: &str) -> Result<roxmltree::Document<'_>, ApiError> {
+    roxmltree::Document::parse(text)
+        .map_err(|e| ApiError::internal(format!("moto's answer is not XML: {e}")))
+}
