@@ -1,14 +1,16 @@
-//! Test support: start moto, copy a desired-state directory, run the CLI, talk to the emulator
+//! Test support: start the emulator (and its moto), copy a desired-state directory, run the CLI, talk to the emulator
 //! through the SDK for out-of-band changes.
 
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-/// A moto server owned by one test; killed on drop.
-pub struct Moto {
-    child: Child,
+use stackwarden_emulator::{Backend, Config, Emulator, Settings};
+
+/// The AWS stand-in of one test: the project's emulator (tests/emulator) in front of its own
+/// moto server, both on free loopback ports, stopped on drop. `endpoint` is what the operator
+/// gets as `AWS_ENDPOINT_URL`; `emulator` lets the test set sandboxes, settings and faults.
+pub struct Aws {
+    pub emulator: Emulator,
     pub endpoint: String,
 }
 
@@ -24,32 +26,20 @@ fn moto_binary() -> PathBuf {
     path
 }
 
-impl Moto {
-    pub fn start() -> Moto {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(moto_binary())
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .env("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "moto did not listen on port {port} within 60s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Moto {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        }
+impl Aws {
+    pub fn start() -> Aws {
+        Aws::with(Settings::default())
+    }
+
+    pub fn with(settings: Settings) -> Aws {
+        let emulator = Emulator::start(Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            backend: Backend::Spawn(moto_binary()),
+            settings,
+        })
+        .expect("start the emulator and its moto");
+        let endpoint = emulator.endpoint().to_string();
+        Aws { emulator, endpoint }
     }
 
     pub async fn sdk(&self) -> aws_config::SdkConfig {
@@ -59,6 +49,8 @@ impl Moto {
             .credentials_provider(aws_sdk_iam::config::Credentials::new(
                 "testing", "testing", None, None, "test",
             ))
+            // Errors are what the conformance tests look at: no retries hiding them.
+            .retry_config(aws_config::retry::RetryConfig::disabled())
             .load()
             .await
     }
@@ -70,12 +62,21 @@ impl Moto {
     pub async fn amp(&self) -> aws_sdk_amp::Client {
         aws_sdk_amp::Client::new(&self.sdk().await)
     }
-}
 
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub async fn grafana(&self) -> aws_sdk_grafana::Client {
+        aws_sdk_grafana::Client::new(&self.sdk().await)
+    }
+
+    pub async fn ssm(&self) -> aws_sdk_ssm::Client {
+        aws_sdk_ssm::Client::new(&self.sdk().await)
+    }
+
+    pub async fn ec2(&self) -> aws_sdk_ec2::Client {
+        aws_sdk_ec2::Client::new(&self.sdk().await)
+    }
+
+    pub async fn autoscaling(&self) -> aws_sdk_autoscaling::Client {
+        aws_sdk_autoscaling::Client::new(&self.sdk().await)
     }
 }
 

@@ -1,7 +1,8 @@
-//! Integration tests: the `stackwarden` binary against a real AWS emulator (moto), one moto
-//! server per test on a free loopback port. Modules of one test binary, so the AWS SDK is linked
-//! once.
+//! Integration tests: the `stackwarden` binary against the project's AWS emulator
+//! (tests/emulator) in front of moto, one of each per test on free loopback ports; and the
+//! emulator's own conformance. Modules of one test binary, so the AWS SDK is linked once.
 
 mod bad_input;
+mod emulator;
 mod harness;
 mod reconcile;

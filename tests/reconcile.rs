@@ -1,19 +1,19 @@
-//! `plan` and `reconcile --once` against moto: converging from empty, drift made out of band
+//! `plan` and `reconcile --once` against the emulator: converging from empty, drift made out of band
 //! through the SDK, ownership, adoption, observe-only, orphaning and pruning.
 
 use aws_sdk_amp::primitives::Blob;
 
-use crate::harness::{default_stack, edit, path_str, stackwarden, Moto};
+use crate::harness::{default_stack, edit, path_str, stackwarden, Aws};
 
 const PROMETHEUS_ROLE: &str = "monitoring-prometheus";
 const SSM_CORE: &str = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore";
 
-fn converge(moto: &Moto, dir: &str) {
-    stackwarden(Some(&moto.endpoint), &["reconcile", "--once", dir]).expect(0);
+fn converge(aws: &Aws, dir: &str) {
+    stackwarden(Some(&aws.endpoint), &["reconcile", "--once", dir]).expect(0);
 }
 
-async fn workspace_id(moto: &Moto) -> String {
-    let amp = moto.amp().await;
+async fn workspace_id(aws: &Aws) -> String {
+    let amp = aws.amp().await;
     let list = amp.list_workspaces().send().await.unwrap();
     let owned: Vec<_> = list
         .workspaces()
@@ -30,8 +30,8 @@ async fn workspace_id(moto: &Moto) -> String {
     owned[0].workspace_id().to_string()
 }
 
-async fn policy_default_document(moto: &Moto, name: &str) -> serde_json::Value {
-    let iam = moto.iam().await;
+async fn policy_default_document(aws: &Aws, name: &str) -> serde_json::Value {
+    let iam = aws.iam().await;
     let arn = format!("arn:aws:iam::123456789012:policy/{name}");
     let p = iam.get_policy().policy_arn(&arn).send().await.unwrap();
     let version = p
@@ -74,11 +74,11 @@ fn percent_decode(s: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reconciles_from_empty_then_plan_is_clean_and_reads_only() {
-    let moto = Moto::start();
+    let aws = Aws::start();
     let dir = default_stack();
     let dir = path_str(dir.path());
 
-    let cold = stackwarden(Some(&moto.endpoint), &["reconcile", "--once", dir]);
+    let cold = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", dir]);
     cold.expect(0);
     assert!(
         cold.stdout.contains("Converged: 7 resources in sync."),
@@ -88,7 +88,7 @@ async fn reconciles_from_empty_then_plan_is_clean_and_reads_only() {
     let (_, writes) = cold.calls();
     assert!(writes > 0);
 
-    let plan = stackwarden(Some(&moto.endpoint), &["plan", dir]);
+    let plan = stackwarden(Some(&aws.endpoint), &["plan", dir]);
     plan.expect(0);
     assert!(
         plan.stdout.contains("No changes: 7 resources in sync"),
@@ -104,7 +104,7 @@ async fn reconciles_from_empty_then_plan_is_clean_and_reads_only() {
     );
 
     // Every object carries both ownership tags.
-    let iam = moto.iam().await;
+    let iam = aws.iam().await;
     let tags = iam
         .list_role_tags()
         .role_name(PROMETHEUS_ROLE)
@@ -118,12 +118,12 @@ async fn reconciles_from_empty_then_plan_is_clean_and_reads_only() {
     );
 
     // The policy names the workspace's ARN, resolved at plan time.
-    let ws = workspace_id(&moto).await;
-    let doc = policy_default_document(&moto, "monitoring-prometheus_remote_write").await;
+    let ws = workspace_id(&aws).await;
+    let doc = policy_default_document(&aws, "monitoring-prometheus_remote_write").await;
     assert!(doc.to_string().contains(&ws), "{doc}");
 
     // The JSON plan says the same for tools.
-    let json = stackwarden(Some(&moto.endpoint), &["plan", "--json", dir]);
+    let json = stackwarden(Some(&aws.endpoint), &["plan", "--json", dir]);
     json.expect(0);
     let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
     assert_eq!(v["pending"], false);
@@ -132,13 +132,13 @@ async fn reconciles_from_empty_then_plan_is_clean_and_reads_only() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn out_of_band_drift_makes_plan_exit_2_and_reconcile_fixes_it() {
-    let moto = Moto::start();
+    let aws = Aws::start();
     let dir = default_stack();
     let dir = path_str(dir.path());
-    converge(&moto, dir);
-    let iam = moto.iam().await;
-    let amp = moto.amp().await;
-    let ws = workspace_id(&moto).await;
+    converge(&aws, dir);
+    let iam = aws.iam().await;
+    let amp = aws.amp().await;
+    let ws = workspace_id(&aws).await;
 
     // A managed policy detached, an inline policy edited, a rule group changed, a tag removed.
     iam.detach_role_policy()
@@ -168,7 +168,7 @@ async fn out_of_band_drift_makes_plan_exit_2_and_reconcile_fixes_it() {
         .await
         .unwrap();
 
-    let plan = stackwarden(Some(&moto.endpoint), &["plan", dir]);
+    let plan = stackwarden(Some(&aws.endpoint), &["plan", dir]);
     plan.expect(2);
     for expected in [
         "~ iam.role.prometheus",
@@ -186,8 +186,8 @@ async fn out_of_band_drift_makes_plan_exit_2_and_reconcile_fixes_it() {
         );
     }
 
-    stackwarden(Some(&moto.endpoint), &["reconcile", "--once", dir]).expect(0);
-    stackwarden(Some(&moto.endpoint), &["plan", dir]).expect(0);
+    stackwarden(Some(&aws.endpoint), &["reconcile", "--once", dir]).expect(0);
+    stackwarden(Some(&aws.endpoint), &["plan", dir]).expect(0);
 
     let attached = iam
         .list_attached_role_policies()
@@ -223,9 +223,9 @@ async fn out_of_band_drift_makes_plan_exit_2_and_reconcile_fixes_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn same_named_resources_without_our_tags_are_never_touched() {
-    let moto = Moto::start();
-    let iam = moto.iam().await;
-    let amp = moto.amp().await;
+    let aws = Aws::start();
+    let iam = aws.iam().await;
+    let amp = aws.amp().await;
     let trust = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"lambda.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
     iam.create_role()
         .role_name(PROMETHEUS_ROLE)
@@ -242,7 +242,7 @@ async fn same_named_resources_without_our_tags_are_never_touched() {
 
     let dir = default_stack();
     let dir = path_str(dir.path());
-    let run = stackwarden(Some(&moto.endpoint), &["reconcile", "--once", dir]);
+    let run = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", dir]);
     run.expect(1);
     assert!(
         run.stdout.contains("error: iam.role.prometheus: role `monitoring-prometheus` already exists and is not managed by this stack"),
@@ -256,7 +256,7 @@ async fn same_named_resources_without_our_tags_are_never_touched() {
         "{}",
         run.stdout
     );
-    let plan = stackwarden(Some(&moto.endpoint), &["plan", dir]);
+    let plan = stackwarden(Some(&aws.endpoint), &["plan", dir]);
     plan.expect(1);
     assert!(
         !plan.stdout.contains("iam.role.grafana"),
@@ -292,17 +292,17 @@ async fn same_named_resources_without_our_tags_are_never_touched() {
         .await
         .unwrap();
     assert!(w.workspace().unwrap().tags().is_none_or(|t| t.is_empty()));
-    assert_ne!(workspace_id(&moto).await, foreign.workspace_id());
+    assert_ne!(workspace_id(&aws).await, foreign.workspace_id());
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn recreated_workspace_updates_the_policy_naming_its_arn_in_the_same_pass() {
-    let moto = Moto::start();
+    let aws = Aws::start();
     let dir = default_stack();
     let dir = path_str(dir.path());
-    converge(&moto, dir);
-    let old = workspace_id(&moto).await;
-    moto.amp()
+    converge(&aws, dir);
+    let old = workspace_id(&aws).await;
+    aws.amp()
         .await
         .delete_workspace()
         .workspace_id(&old)
@@ -310,25 +310,25 @@ async fn recreated_workspace_updates_the_policy_naming_its_arn_in_the_same_pass(
         .await
         .unwrap();
 
-    stackwarden(Some(&moto.endpoint), &["plan", dir]).expect(2);
-    let run = stackwarden(Some(&moto.endpoint), &["reconcile", "--once", dir]);
+    stackwarden(Some(&aws.endpoint), &["plan", dir]).expect(2);
+    let run = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", dir]);
     run.expect(0);
-    let new = workspace_id(&moto).await;
+    let new = workspace_id(&aws).await;
     assert_ne!(old, new);
     for policy in [
         "monitoring-prometheus_remote_write",
         "monitoring-grafana_query",
     ] {
-        let doc = policy_default_document(&moto, policy).await.to_string();
+        let doc = policy_default_document(&aws, policy).await.to_string();
         assert!(doc.contains(&new) && !doc.contains(&old), "{policy}: {doc}");
     }
-    stackwarden(Some(&moto.endpoint), &["plan", dir]).expect(0);
+    stackwarden(Some(&aws.endpoint), &["plan", dir]).expect(0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn adopting_an_existing_role_tags_it_without_recreating_it() {
-    let moto = Moto::start();
-    let iam = moto.iam().await;
+    let aws = Aws::start();
+    let iam = aws.iam().await;
     let trust = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
     let created = iam
         .create_role()
@@ -347,7 +347,7 @@ async fn adopting_an_existing_role_tags_it_without_recreating_it() {
         "[iam.role.prometheus]\nadopt = \"legacy-prometheus\"\n",
     );
     let dir = path_str(dir.path());
-    let plan = stackwarden(Some(&moto.endpoint), &["plan", dir]);
+    let plan = stackwarden(Some(&aws.endpoint), &["plan", dir]);
     plan.expect(2);
     assert!(
         plan.stdout
@@ -355,8 +355,8 @@ async fn adopting_an_existing_role_tags_it_without_recreating_it() {
         "{}",
         plan.stdout
     );
-    converge(&moto, dir);
-    stackwarden(Some(&moto.endpoint), &["plan", dir]).expect(0);
+    converge(&aws, dir);
+    stackwarden(Some(&aws.endpoint), &["plan", dir]).expect(0);
 
     let role = iam
         .get_role()
@@ -384,9 +384,9 @@ async fn adopting_an_existing_role_tags_it_without_recreating_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn observe_only_resources_show_drift_but_are_never_written() {
-    let moto = Moto::start();
+    let aws = Aws::start();
     let dir = default_stack();
-    converge(&moto, path_str(dir.path()));
+    converge(&aws, path_str(dir.path()));
     edit(
         dir.path(),
         "iam.toml",
@@ -394,7 +394,7 @@ async fn observe_only_resources_show_drift_but_are_never_written() {
         "[iam.role.grafana]\nobserve_only = true\n",
     );
     let dir = path_str(dir.path());
-    let iam = moto.iam().await;
+    let iam = aws.iam().await;
     iam.detach_role_policy()
         .role_name("monitoring-grafana")
         .policy_arn(SSM_CORE)
@@ -402,7 +402,7 @@ async fn observe_only_resources_show_drift_but_are_never_written() {
         .await
         .unwrap();
 
-    let plan = stackwarden(Some(&moto.endpoint), &["plan", dir]);
+    let plan = stackwarden(Some(&aws.endpoint), &["plan", dir]);
     plan.expect(0);
     assert!(
         plan.stdout
@@ -410,7 +410,7 @@ async fn observe_only_resources_show_drift_but_are_never_written() {
         "{}",
         plan.stdout
     );
-    let run = stackwarden(Some(&moto.endpoint), &["reconcile", "--once", dir]);
+    let run = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", dir]);
     run.expect(0);
     assert!(
         run.stdout
@@ -432,9 +432,9 @@ async fn observe_only_resources_show_drift_but_are_never_written() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn removed_resources_are_orphaned_unless_pruned() {
-    let moto = Moto::start();
+    let aws = Aws::start();
     let dir = default_stack();
-    converge(&moto, path_str(dir.path()));
+    converge(&aws, path_str(dir.path()));
     // Remove the Grafana instance profile from the desired state.
     edit(
         dir.path(),
@@ -444,7 +444,7 @@ async fn removed_resources_are_orphaned_unless_pruned() {
     );
     let dir = path_str(dir.path());
 
-    let plan = stackwarden(Some(&moto.endpoint), &["plan", dir]);
+    let plan = stackwarden(Some(&aws.endpoint), &["plan", dir]);
     plan.expect(0);
     assert!(
         plan.stdout
@@ -452,8 +452,8 @@ async fn removed_resources_are_orphaned_unless_pruned() {
         "{}",
         plan.stdout
     );
-    converge(&moto, dir);
-    let iam = moto.iam().await;
+    converge(&aws, dir);
+    let iam = aws.iam().await;
     assert!(
         iam.get_instance_profile()
             .instance_profile_name("monitoring-grafana")
@@ -463,7 +463,7 @@ async fn removed_resources_are_orphaned_unless_pruned() {
         "orphaned, not deleted"
     );
 
-    let plan = stackwarden(Some(&moto.endpoint), &["plan", "--prune", dir]);
+    let plan = stackwarden(Some(&aws.endpoint), &["plan", "--prune", dir]);
     plan.expect(2);
     assert!(
         plan.stdout.contains("- iam.instance_profile.grafana"),
@@ -471,7 +471,7 @@ async fn removed_resources_are_orphaned_unless_pruned() {
         plan.stdout
     );
     stackwarden(
-        Some(&moto.endpoint),
+        Some(&aws.endpoint),
         &["reconcile", "--once", "--prune", dir],
     )
     .expect(0);
@@ -483,16 +483,16 @@ async fn removed_resources_are_orphaned_unless_pruned() {
             .is_err(),
         "pruned"
     );
-    stackwarden(Some(&moto.endpoint), &["plan", "--prune", dir]).expect(0);
+    stackwarden(Some(&aws.endpoint), &["plan", "--prune", dir]).expect(0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn policy_changes_make_new_versions_and_never_exceed_five() {
-    let moto = Moto::start();
+    let aws = Aws::start();
     let dir = default_stack();
     let path = dir.path();
     let dir = path_str(path);
-    converge(&moto, dir);
+    converge(&aws, dir);
     for i in 0..6 {
         let sid = if i == 0 {
             "RemoteWrite".to_string()
@@ -505,9 +505,9 @@ async fn policy_changes_make_new_versions_and_never_exceed_five() {
             &format!("\"Sid\": \"{sid}\""),
             &format!("\"Sid\": \"RemoteWrite{}\"", i + 1),
         );
-        converge(&moto, dir);
+        converge(&aws, dir);
     }
-    let iam = moto.iam().await;
+    let iam = aws.iam().await;
     let arn = "arn:aws:iam::123456789012:policy/monitoring-prometheus_remote_write";
     let versions = iam
         .list_policy_versions()
@@ -516,6 +516,6 @@ async fn policy_changes_make_new_versions_and_never_exceed_five() {
         .await
         .unwrap();
     assert_eq!(versions.versions().len(), 5, "{:?}", versions.versions());
-    let doc = policy_default_document(&moto, "monitoring-prometheus_remote_write").await;
+    let doc = policy_default_document(&aws, "monitoring-prometheus_remote_write").await;
     assert_eq!(doc["Statement"][0]["Sid"], "RemoteWrite6");
 }

@@ -1,0 +1,1267 @@
+//! Conformance of the project's emulator (tests/emulator): every operation it serves, driven
+//! through the real aws-sdk-rust clients, with its errors and pagination; Run Command scripts
+//! really running in their sandboxes; injected faults in each protocol's shape; and requests it
+//! does not serve reaching moto unchanged.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use aws_sdk_amp::primitives::Blob;
+use aws_sdk_grafana::types::{
+    AccountAccessType, AuthenticationProviderTypes, PermissionType, Role, UpdateAction,
+    UpdateInstruction, User, UserType,
+};
+use aws_sdk_ssm::types::{CommandInvocationStatus, CommandStatus, Target};
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+use stackwarden_emulator::{Fault, FaultKind, Sandbox, Settings, Unsandboxed};
+
+use crate::harness::Aws;
+
+/// Identity Center ids, in the format the service accepts.
+const ADMINS: &str = "9067729b3d-94f1e0c8-1d5b-4a0d-8e53-3c6d9d2c6f0a";
+const ALICE: &str = "9067729b3d-1b2c3d4e-0000-4000-8000-000000000001";
+const BOB: &str = "9067729b3d-1b2c3d4e-0000-4000-8000-000000000002";
+const CAROL: &str = "9067729b3d-1b2c3d4e-0000-4000-8000-000000000003";
+
+const AMI: &str = "ami-12c6146b";
+
+/// Polls `probe` until it returns Some, for at most 20 seconds.
+async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The error code of a failed SDK call.
+fn code<T: std::fmt::Debug, E: ProvideErrorMetadata + std::fmt::Debug>(
+    result: Result<T, E>,
+) -> String {
+    let err = result.expect_err("the call should fail");
+    err.code()
+        .unwrap_or_else(|| panic!("no error code in {err:?}"))
+        .to_string()
+}
+
+fn user(id: &str, kind: UserType) -> User {
+    User::builder().id(id).r#type(kind).build().unwrap()
+}
+
+fn instruction(action: UpdateAction, role: Role, users: Vec<User>) -> UpdateInstruction {
+    UpdateInstruction::builder()
+        .action(action)
+        .role(role)
+        .set_users(Some(users))
+        .build()
+        .unwrap()
+}
+
+async fn grafana_workspace(g: &aws_sdk_grafana::Client, name: &str) -> String {
+    let created = g
+        .create_workspace()
+        .workspace_name(name)
+        .account_access_type(AccountAccessType::CurrentAccount)
+        .permission_type(PermissionType::ServiceManaged)
+        .authentication_providers(AuthenticationProviderTypes::AwsSso)
+        .send()
+        .await
+        .unwrap();
+    created.workspace.unwrap().id
+}
+
+async fn wait_grafana_status(g: &aws_sdk_grafana::Client, id: &str, status: &str) {
+    eventually(&format!("workspace {id} {status}"), || async {
+        let w = g.describe_workspace().workspace_id(id).send().await.ok()?;
+        (w.workspace?.status.as_str() == status).then_some(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn grafana_workspace_lifecycle_with_tags_and_idempotent_create() {
+    let aws = Aws::start();
+    let g = aws.grafana().await;
+    let create = || {
+        g.create_workspace()
+            .workspace_name("monitoring")
+            .workspace_description("fleet dashboards")
+            .account_access_type(AccountAccessType::CurrentAccount)
+            .permission_type(PermissionType::CustomerManaged)
+            .workspace_role_arn("arn:aws:iam::123456789012:role/grafana")
+            .authentication_providers(AuthenticationProviderTypes::AwsSso)
+            .workspace_data_sources(aws_sdk_grafana::types::DataSourceType::Prometheus)
+            .tags("stackwarden:stack", "monitoring")
+            .client_token("token-1")
+            .send()
+    };
+    let first = create().await.unwrap().workspace.unwrap();
+    assert_eq!(first.status.as_str(), "CREATING");
+    assert!(first.id.starts_with("g-"), "{}", first.id);
+    assert_eq!(
+        first.endpoint,
+        format!("{}.grafana-workspace.us-east-1.amazonaws.com", first.id)
+    );
+    let retried = create().await.unwrap().workspace.unwrap();
+    assert_eq!(
+        retried.id, first.id,
+        "a repeated client token creates nothing"
+    );
+
+    wait_grafana_status(&g, &first.id, "ACTIVE").await;
+    let described = g
+        .describe_workspace()
+        .workspace_id(&first.id)
+        .send()
+        .await
+        .unwrap()
+        .workspace
+        .unwrap();
+    assert_eq!(
+        described.permission_type.unwrap().as_str(),
+        "CUSTOMER_MANAGED"
+    );
+    assert_eq!(
+        described.workspace_role_arn.as_deref(),
+        Some("arn:aws:iam::123456789012:role/grafana")
+    );
+    assert_eq!(described.data_sources.len(), 1);
+    assert_eq!(
+        described.authentication.unwrap().providers,
+        vec![AuthenticationProviderTypes::AwsSso]
+    );
+
+    let updated = g
+        .update_workspace()
+        .workspace_id(&first.id)
+        .workspace_description("fleet and AMP dashboards")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(updated.workspace.unwrap().status.as_str(), "UPDATING");
+    assert_eq!(
+        code(
+            g.update_workspace()
+                .workspace_id(&first.id)
+                .workspace_name("again")
+                .send()
+                .await
+        ),
+        "ConflictException",
+        "an update while UPDATING conflicts"
+    );
+    wait_grafana_status(&g, &first.id, "ACTIVE").await;
+
+    let arn = format!(
+        "arn:aws:grafana:us-east-1:123456789012:/workspaces/{}",
+        first.id
+    );
+    g.tag_resource()
+        .resource_arn(&arn)
+        .tags("team", "sre")
+        .send()
+        .await
+        .unwrap();
+    g.untag_resource()
+        .resource_arn(&arn)
+        .tag_keys("stackwarden:stack")
+        .send()
+        .await
+        .unwrap();
+    let tags = g
+        .list_tags_for_resource()
+        .resource_arn(&arn)
+        .send()
+        .await
+        .unwrap()
+        .tags
+        .unwrap();
+    assert_eq!(
+        tags,
+        BTreeMap::from([("team".to_string(), "sre".to_string())])
+            .into_iter()
+            .collect()
+    );
+
+    let deleted = g
+        .delete_workspace()
+        .workspace_id(&first.id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.workspace.unwrap().status.as_str(), "DELETING");
+    eventually("the workspace gone", || async {
+        let r = g.describe_workspace().workspace_id(&first.id).send().await;
+        match r {
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_resource_not_found_exception()) =>
+            {
+                Some(())
+            }
+            _ => None,
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn grafana_errors_and_workspace_pagination() {
+    let aws = Aws::start();
+    let g = aws.grafana().await;
+    let missing = g
+        .describe_workspace()
+        .workspace_id("g-0000000000")
+        .send()
+        .await;
+    let err = missing.expect_err("no such workspace");
+    assert!(err
+        .as_service_error()
+        .is_some_and(|e| e.is_resource_not_found_exception()));
+    assert_eq!(err.raw_response().unwrap().status().as_u16(), 404);
+
+    let bad_name = g
+        .create_workspace()
+        .workspace_name("has spaces")
+        .account_access_type(AccountAccessType::CurrentAccount)
+        .permission_type(PermissionType::ServiceManaged)
+        .authentication_providers(AuthenticationProviderTypes::AwsSso)
+        .send()
+        .await;
+    assert!(bad_name
+        .expect_err("invalid name")
+        .as_service_error()
+        .is_some_and(|e| e.is_validation_exception()));
+    let no_units = g
+        .create_workspace()
+        .account_access_type(AccountAccessType::Organization)
+        .permission_type(PermissionType::ServiceManaged)
+        .authentication_providers(AuthenticationProviderTypes::Saml)
+        .send()
+        .await;
+    assert_eq!(code(no_units), "ValidationException");
+
+    let mut ids = Vec::new();
+    for name in ["a", "b", "c"] {
+        ids.push(grafana_workspace(&g, name).await);
+    }
+    let first = g.list_workspaces().max_results(2).send().await.unwrap();
+    assert_eq!(first.workspaces.len(), 2);
+    assert!(first.next_token.is_some());
+    let mut listed: Vec<String> = g
+        .list_workspaces()
+        .max_results(2)
+        .into_paginator()
+        .items()
+        .send()
+        .collect::<Result<Vec<_>, _>>()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|w| w.id)
+        .collect();
+    listed.sort();
+    ids.sort();
+    assert_eq!(listed, ids);
+    assert_eq!(
+        code(g.list_workspaces().next_token("forged").send().await),
+        "ValidationException"
+    );
+    assert_eq!(
+        code(
+            g.update_permissions()
+                .workspace_id(&ids[0])
+                .update_instruction_batch(instruction(
+                    UpdateAction::Add,
+                    Role::Viewer,
+                    vec![user(ALICE, UserType::SsoUser)]
+                ))
+                .send()
+                .await
+        ),
+        "ConflictException",
+        "permissions of a workspace still CREATING"
+    );
+}
+
+#[tokio::test]
+async fn grafana_permissions_apply_per_entry_and_list_with_filters_and_pages() {
+    let aws = Aws::start();
+    let g = aws.grafana().await;
+    let id = grafana_workspace(&g, "access").await;
+    wait_grafana_status(&g, &id, "ACTIVE").await;
+
+    let answer = g
+        .update_permissions()
+        .workspace_id(&id)
+        .update_instruction_batch(instruction(
+            UpdateAction::Add,
+            Role::Admin,
+            vec![user(ADMINS, UserType::SsoGroup)],
+        ))
+        .update_instruction_batch(instruction(
+            UpdateAction::Add,
+            Role::Viewer,
+            vec![
+                user(ALICE, UserType::SsoUser),
+                user(BOB, UserType::SsoUser),
+                user("alice", UserType::SsoUser),
+            ],
+        ))
+        .update_instruction_batch(instruction(
+            UpdateAction::Revoke,
+            Role::Editor,
+            vec![user(CAROL, UserType::SsoUser)],
+        ))
+        .send()
+        .await
+        .unwrap();
+    let refused: Vec<(String, i32)> = answer
+        .errors
+        .iter()
+        .map(|e| {
+            let cause = e.caused_by.as_ref().unwrap();
+            (cause.users[0].id.clone(), e.code)
+        })
+        .collect();
+    assert_eq!(
+        refused,
+        vec![("alice".to_string(), 404), (CAROL.to_string(), 400)],
+        "the unknown user and the revoke of a role not held fail; the rest applies"
+    );
+
+    // Bob moves from VIEWER to EDITOR: a user holds one role.
+    g.update_permissions()
+        .workspace_id(&id)
+        .update_instruction_batch(instruction(
+            UpdateAction::Add,
+            Role::Editor,
+            vec![user(BOB, UserType::SsoUser)],
+        ))
+        .send()
+        .await
+        .unwrap();
+
+    let all: Vec<(String, String)> = g
+        .list_permissions()
+        .workspace_id(&id)
+        .max_results(1)
+        .into_paginator()
+        .items()
+        .send()
+        .collect::<Result<Vec<_>, _>>()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.user.unwrap().id, p.role.as_str().to_string()))
+        .collect();
+    assert_eq!(all.len(), 3, "{all:?}");
+    assert!(all.contains(&(ADMINS.to_string(), "ADMIN".to_string())));
+    assert!(all.contains(&(ALICE.to_string(), "VIEWER".to_string())));
+    assert!(all.contains(&(BOB.to_string(), "EDITOR".to_string())));
+
+    let groups = g
+        .list_permissions()
+        .workspace_id(&id)
+        .user_type(UserType::SsoGroup)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(groups.permissions.len(), 1);
+    let alice = g
+        .list_permissions()
+        .workspace_id(&id)
+        .user_id(ALICE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(alice.permissions.len(), 1);
+    assert_eq!(alice.permissions[0].role.as_str(), "VIEWER");
+
+    let revoked = g
+        .update_permissions()
+        .workspace_id(&id)
+        .update_instruction_batch(instruction(
+            UpdateAction::Revoke,
+            Role::Viewer,
+            vec![user(ALICE, UserType::SsoUser)],
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(revoked.errors.is_empty());
+    let left = g.list_permissions().workspace_id(&id).send().await.unwrap();
+    assert_eq!(left.permissions.len(), 2);
+}
+
+const ALERTMANAGER_OK: &str = r#"alertmanager_config: |
+  route:
+    receiver: default
+    group_wait: 30s
+  receivers:
+    - name: default
+      sns_configs:
+        - topic_arn: arn:aws:sns:us-east-1:123456789012:alerts
+"#;
+
+async fn definition_status(
+    amp: &aws_sdk_amp::Client,
+    ws: &str,
+) -> Option<(String, Option<String>)> {
+    let d = amp
+        .describe_alert_manager_definition()
+        .workspace_id(ws)
+        .send()
+        .await
+        .ok()?
+        .alert_manager_definition?;
+    let status = d.status?;
+    Some((
+        status.status_code.as_str().to_string(),
+        status.status_reason,
+    ))
+}
+
+async fn wait_definition(amp: &aws_sdk_amp::Client, ws: &str, code: &str) -> Option<String> {
+    eventually(&format!("alertmanager definition {code}"), || async {
+        let (c, reason) = definition_status(amp, ws).await?;
+        (c == code).then_some(reason)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn alertmanager_definitions_settle_fail_with_reasons_and_go_with_their_workspace() {
+    let aws = Aws::start();
+    let amp = aws.amp().await;
+    let ws = amp
+        .create_workspace()
+        .alias("alerts")
+        .send()
+        .await
+        .unwrap()
+        .workspace_id;
+
+    let missing = amp
+        .create_alert_manager_definition()
+        .workspace_id("ws-00000000-0000-0000-0000-000000000000")
+        .data(Blob::new(ALERTMANAGER_OK))
+        .send()
+        .await;
+    assert!(missing
+        .expect_err("no such workspace")
+        .as_service_error()
+        .is_some_and(|e| e.is_resource_not_found_exception()));
+    assert_eq!(
+        code(
+            amp.describe_alert_manager_definition()
+                .workspace_id(&ws)
+                .send()
+                .await
+        ),
+        "ResourceNotFoundException"
+    );
+
+    let created = amp
+        .create_alert_manager_definition()
+        .workspace_id(&ws)
+        .data(Blob::new(ALERTMANAGER_OK))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status.unwrap().status_code.as_str(), "CREATING");
+    assert_eq!(
+        code(
+            amp.create_alert_manager_definition()
+                .workspace_id(&ws)
+                .data(Blob::new(ALERTMANAGER_OK))
+                .send()
+                .await
+        ),
+        "ConflictException"
+    );
+    wait_definition(&amp, &ws, "ACTIVE").await;
+
+    let slack = ALERTMANAGER_OK.replace(
+        "sns_configs:\n        - topic_arn: arn:aws:sns:us-east-1:123456789012:alerts",
+        "slack_configs:\n        - channel: '#ops'",
+    );
+    let put = amp
+        .put_alert_manager_definition()
+        .workspace_id(&ws)
+        .data(Blob::new(slack))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status.unwrap().status_code.as_str(), "UPDATING");
+    let reason = wait_definition(&amp, &ws, "UPDATE_FAILED").await.unwrap();
+    assert!(
+        reason.contains("slack_configs is not supported"),
+        "{reason}"
+    );
+    let kept = amp
+        .describe_alert_manager_definition()
+        .workspace_id(&ws)
+        .send()
+        .await
+        .unwrap()
+        .alert_manager_definition
+        .unwrap();
+    assert_eq!(
+        kept.data.as_ref(),
+        ALERTMANAGER_OK.as_bytes(),
+        "a failed update keeps the definition in force"
+    );
+
+    let undefined = ALERTMANAGER_OK.replace("receiver: default", "receiver: pager");
+    amp.put_alert_manager_definition()
+        .workspace_id(&ws)
+        .data(Blob::new(undefined))
+        .send()
+        .await
+        .unwrap();
+    let reason = wait_definition(&amp, &ws, "UPDATE_FAILED").await.unwrap();
+    assert_eq!(reason, "undefined receiver \"pager\" used in route");
+
+    amp.delete_alert_manager_definition()
+        .workspace_id(&ws)
+        .send()
+        .await
+        .unwrap();
+    eventually("the definition gone", || async {
+        definition_status(&amp, &ws).await.is_none().then_some(())
+    })
+    .await;
+
+    let broken = amp
+        .create_alert_manager_definition()
+        .workspace_id(&ws)
+        .data(Blob::new("route: {}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(broken.status.unwrap().status_code.as_str(), "CREATING");
+    let reason = wait_definition(&amp, &ws, "CREATION_FAILED").await.unwrap();
+    assert!(reason.contains("route"), "{reason}");
+
+    amp.delete_workspace()
+        .workspace_id(&ws)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        code(
+            amp.describe_alert_manager_definition()
+                .workspace_id(&ws)
+                .send()
+                .await
+        ),
+        "ResourceNotFoundException",
+        "the definition goes with its workspace"
+    );
+}
+
+/// Launches `count` running instances in moto with the given tags.
+async fn instances(aws: &Aws, count: i32, tags: &[(&str, &str)]) -> Vec<String> {
+    let ec2 = aws.ec2().await;
+    let mut spec = aws_sdk_ec2::types::TagSpecification::builder()
+        .resource_type(aws_sdk_ec2::types::ResourceType::Instance);
+    for (k, v) in tags {
+        spec = spec.tags(aws_sdk_ec2::types::Tag::builder().key(*k).value(*v).build());
+    }
+    let mut run = ec2
+        .run_instances()
+        .image_id(AMI)
+        .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+        .min_count(count)
+        .max_count(count);
+    if !tags.is_empty() {
+        run = run.tag_specifications(spec.build());
+    }
+    let out = run.send().await.unwrap();
+    out.instances()
+        .iter()
+        .map(|i| i.instance_id().unwrap().to_string())
+        .collect()
+}
+
+async fn wait_command(ssm: &aws_sdk_ssm::Client, id: &str) -> aws_sdk_ssm::types::Command {
+    eventually(&format!("command {id} done"), || async {
+        let out = ssm.list_commands().command_id(id).send().await.ok()?;
+        let c = out.commands?.into_iter().next()?;
+        let open = matches!(
+            c.status,
+            Some(CommandStatus::Pending | CommandStatus::InProgress | CommandStatus::Cancelling)
+        );
+        (!open).then_some(c)
+    })
+    .await
+}
+
+async fn run_shell(
+    ssm: &aws_sdk_ssm::Client,
+    instances: &[String],
+    script: &str,
+) -> aws_sdk_ssm::types::Command {
+    let sent = ssm
+        .send_command()
+        .document_name("AWS-RunShellScript")
+        .set_instance_ids(Some(instances.to_vec()))
+        .parameters("commands", vec![script.to_string()])
+        .send()
+        .await
+        .unwrap()
+        .command
+        .unwrap();
+    wait_command(ssm, sent.command_id().unwrap()).await
+}
+
+#[tokio::test]
+async fn run_command_runs_each_script_in_its_instance_sandbox() {
+    let aws = Aws::start();
+    let ssm = aws.ssm().await;
+    let ids = instances(&aws, 2, &[("Role", "prometheus")]).await;
+    let roots: Vec<tempfile::TempDir> = ids.iter().map(|_| tempfile::tempdir().unwrap()).collect();
+    for (id, root) in ids.iter().zip(&roots) {
+        aws.emulator.set_sandbox(
+            id,
+            Sandbox {
+                root: root.path().to_path_buf(),
+                env: [(
+                    "PROMETHEUS_URL".to_string(),
+                    "http://127.0.0.1:9".to_string(),
+                )]
+                .into(),
+            },
+        );
+    }
+    let command = run_shell(
+        &ssm,
+        &ids,
+        "mkdir -p \"$STACKWARDEN_ROOT/etc/prometheus\"\necho scrape > \"$STACKWARDEN_ROOT/etc/prometheus/prometheus.yml\"\necho \"pushed to $PROMETHEUS_URL from $(pwd)\"",
+    )
+    .await;
+    assert_eq!(command.status, Some(CommandStatus::Success));
+    assert_eq!(command.target_count, 2);
+    assert_eq!(command.completed_count, 2);
+    assert_eq!(command.error_count, 0);
+    for (id, root) in ids.iter().zip(&roots) {
+        let written =
+            std::fs::read_to_string(root.path().join("etc/prometheus/prometheus.yml")).unwrap();
+        assert_eq!(written, "scrape\n");
+        let inv = ssm
+            .get_command_invocation()
+            .command_id(command.command_id().unwrap())
+            .instance_id(id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(inv.status, Some(CommandInvocationStatus::Success));
+        assert_eq!(inv.response_code, 0);
+        assert_eq!(
+            inv.standard_output_content.unwrap(),
+            format!(
+                "pushed to http://127.0.0.1:9 from {}\n",
+                root.path().display()
+            )
+        );
+        assert!(!inv.execution_end_date_time.unwrap().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_failing_script_is_a_failed_invocation_carrying_its_stderr() {
+    let aws = Aws::start();
+    let ssm = aws.ssm().await;
+    let ids = instances(&aws, 1, &[]).await;
+    let root = tempfile::tempdir().unwrap();
+    aws.emulator.set_sandbox(
+        &ids[0],
+        Sandbox {
+            root: root.path().to_path_buf(),
+            env: BTreeMap::new(),
+        },
+    );
+    let command = run_shell(
+        &ssm,
+        &ids,
+        "echo checking\necho 'promtool: prometheus.yml: parsing YAML file failed' >&2\nexit 3",
+    )
+    .await;
+    assert_eq!(command.status, Some(CommandStatus::Failed));
+    assert_eq!(command.status_details.as_deref(), Some("Failed"));
+    assert_eq!(command.error_count, 1);
+    let inv = ssm
+        .get_command_invocation()
+        .command_id(command.command_id().unwrap())
+        .instance_id(&ids[0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(inv.status, Some(CommandInvocationStatus::Failed));
+    assert_eq!(inv.response_code, 3);
+    assert_eq!(inv.standard_output_content.as_deref(), Some("checking\n"));
+    assert_eq!(
+        inv.standard_error_content.as_deref(),
+        Some("promtool: prometheus.yml: parsing YAML file failed\n")
+    );
+}
+
+#[tokio::test]
+async fn tag_targets_honour_max_concurrency_and_max_errors() {
+    let aws = Aws::start();
+    let sandboxes = tempfile::tempdir().unwrap();
+    aws.emulator
+        .configure(|s| s.sandbox_dir = Some(sandboxes.path().to_path_buf()));
+    let ssm = aws.ssm().await;
+    let fleet = instances(&aws, 3, &[("Role", "node")]).await;
+    instances(&aws, 1, &[("Role", "other")]).await;
+    let target = Target::builder().key("tag:Role").values("node").build();
+
+    // One at a time: the runs do not overlap.
+    let sent = ssm
+        .send_command()
+        .document_name("AWS-RunShellScript")
+        .targets(target.clone())
+        .max_concurrency("1")
+        .parameters(
+            "commands",
+            vec!["date +%s%N; sleep 0.2; date +%s%N".to_string()],
+        )
+        .send()
+        .await
+        .unwrap()
+        .command
+        .unwrap();
+    let id = sent.command_id().unwrap().to_string();
+    let done = wait_command(&ssm, &id).await;
+    assert_eq!(done.status, Some(CommandStatus::Success));
+    assert_eq!(done.target_count, 3, "only the tagged instances");
+    let mut spans: Vec<(u128, u128)> = Vec::new();
+    for inv in fleet.iter() {
+        let out = ssm
+            .get_command_invocation()
+            .command_id(&id)
+            .instance_id(inv)
+            .send()
+            .await
+            .unwrap()
+            .standard_output_content
+            .unwrap();
+        let t: Vec<u128> = out.lines().map(|l| l.parse().unwrap()).collect();
+        spans.push((t[0], t[1]));
+        assert!(sandboxes.path().join(inv).is_dir(), "automatic sandbox");
+    }
+    spans.sort();
+    assert!(
+        spans.windows(2).all(|w| w[0].1 <= w[1].0),
+        "runs overlapped with MaxConcurrency 1: {spans:?}"
+    );
+
+    // MaxErrors 0: after the first failure the rest are not sent.
+    let sent = ssm
+        .send_command()
+        .document_name("AWS-RunShellScript")
+        .targets(target)
+        .max_concurrency("1")
+        .max_errors("0")
+        .parameters("commands", vec!["exit 1".to_string()])
+        .send()
+        .await
+        .unwrap()
+        .command
+        .unwrap();
+    let done = wait_command(&ssm, sent.command_id().unwrap()).await;
+    assert_eq!(done.status, Some(CommandStatus::Failed));
+    assert_eq!(done.error_count, 1);
+    assert_eq!(done.completed_count, 3);
+    let invocations = ssm
+        .list_command_invocations()
+        .command_id(sent.command_id().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .command_invocations
+        .unwrap();
+    let mut details: Vec<String> = invocations
+        .iter()
+        .map(|i| i.status_details.clone().unwrap())
+        .collect();
+    details.sort();
+    assert_eq!(details, ["Failed", "Terminated", "Terminated"]);
+}
+
+#[tokio::test]
+async fn command_invocations_page_with_details_and_commands_cancel_and_time_out() {
+    let aws = Aws::start();
+    let sandboxes = tempfile::tempdir().unwrap();
+    aws.emulator
+        .configure(|s| s.sandbox_dir = Some(sandboxes.path().to_path_buf()));
+    let ssm = aws.ssm().await;
+    let ids = instances(&aws, 3, &[]).await;
+    let command = run_shell(&ssm, &ids, "echo out; echo err >&2").await;
+    let id = command.command_id().unwrap();
+    let page = ssm
+        .list_command_invocations()
+        .command_id(id)
+        .max_results(2)
+        .details(true)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.command_invocations().len(), 2);
+    assert!(page.next_token().is_some());
+    let all: Vec<_> = ssm
+        .list_command_invocations()
+        .command_id(id)
+        .max_results(2)
+        .details(true)
+        .into_paginator()
+        .items()
+        .send()
+        .collect::<Result<Vec<_>, _>>()
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 3);
+    for inv in &all {
+        let plugin = &inv.command_plugins()[0];
+        assert_eq!(plugin.name(), Some("aws:runShellScript"));
+        assert_eq!(plugin.response_code, 0);
+        assert_eq!(
+            plugin.output(),
+            Some("out\n\n----------ERROR-------\nerr\n")
+        );
+    }
+    assert_eq!(
+        code(
+            ssm.list_command_invocations()
+                .command_id(id)
+                .next_token("forged")
+                .send()
+                .await
+        ),
+        "InvalidNextToken"
+    );
+    let completed = ssm
+        .list_commands()
+        .filters(
+            aws_sdk_ssm::types::CommandFilter::builder()
+                .key(aws_sdk_ssm::types::CommandFilterKey::ExecutionStage)
+                .value("Complete")
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(completed.commands().len(), 1);
+
+    // Cancel kills a running script.
+    let sent = ssm
+        .send_command()
+        .document_name("AWS-RunShellScript")
+        .instance_ids(&ids[0])
+        .parameters("commands", vec!["sleep 30".to_string()])
+        .send()
+        .await
+        .unwrap()
+        .command
+        .unwrap();
+    let cid = sent.command_id().unwrap();
+    eventually("the script running", || async {
+        let inv = ssm
+            .get_command_invocation()
+            .command_id(cid)
+            .instance_id(&ids[0])
+            .send()
+            .await
+            .ok()?;
+        (inv.status == Some(CommandInvocationStatus::InProgress)).then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    ssm.cancel_command().command_id(cid).send().await.unwrap();
+    let done = wait_command(&ssm, cid).await;
+    assert_eq!(done.status, Some(CommandStatus::Cancelled));
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // The document's executionTimeout ends a script that runs too long.
+    let sent = ssm
+        .send_command()
+        .document_name("AWS-RunShellScript")
+        .instance_ids(&ids[1])
+        .parameters("commands", vec!["sleep 30".to_string()])
+        .parameters("executionTimeout", vec!["1".to_string()])
+        .send()
+        .await
+        .unwrap()
+        .command
+        .unwrap();
+    let done = wait_command(&ssm, sent.command_id().unwrap()).await;
+    assert_eq!(done.status, Some(CommandStatus::TimedOut));
+    let inv = ssm
+        .get_command_invocation()
+        .command_id(sent.command_id().unwrap())
+        .instance_id(&ids[1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(inv.status_details.as_deref(), Some("Execution Timed Out"));
+}
+
+#[tokio::test]
+async fn run_command_errors_and_unsandboxed_instances() {
+    let aws = Aws::start();
+    let ssm = aws.ssm().await;
+    let ids = instances(&aws, 1, &[]).await;
+    let send = |document: &str, instances: Vec<String>, script: String| {
+        ssm.send_command()
+            .document_name(document)
+            .set_instance_ids(Some(instances))
+            .parameters("commands", vec![script])
+            .send()
+    };
+    let unknown = send(
+        "AWS-RunShellScript",
+        vec!["i-0123456789abcdef0".into()],
+        "true".into(),
+    )
+    .await;
+    assert!(unknown
+        .expect_err("no such instance")
+        .as_service_error()
+        .is_some_and(|e| e.is_invalid_instance_id()));
+    assert_eq!(
+        code(send("AWS-RunPowerShellScript", ids.clone(), "true".into()).await),
+        "InvalidDocument"
+    );
+    assert_eq!(
+        code(send("AWS-RunShellScript", ids.clone(), "#".repeat(70_000)).await),
+        "InvalidParameters"
+    );
+    assert_eq!(
+        code(
+            send(
+                "AWS-RunShellScript",
+                vec![ids[0].clone(), ids[0].clone()],
+                "true".into()
+            )
+            .await
+        ),
+        "DuplicateInstanceId"
+    );
+
+    // No sandbox: succeed without running (the default), or fail when so configured.
+    let command = run_shell(&ssm, &ids, "exit 7").await;
+    assert_eq!(command.status, Some(CommandStatus::Success));
+    aws.emulator
+        .configure(|s| s.unsandboxed = Unsandboxed::Fail);
+    let command = run_shell(&ssm, &ids, "true").await;
+    assert_eq!(command.status, Some(CommandStatus::Failed));
+    let cid = command.command_id().unwrap();
+    let inv = ssm
+        .get_command_invocation()
+        .command_id(cid)
+        .instance_id(&ids[0])
+        .send()
+        .await
+        .unwrap();
+    assert!(inv.standard_error_content().unwrap().contains("no sandbox"));
+
+    let other = instances(&aws, 1, &[]).await;
+    assert!(ssm
+        .get_command_invocation()
+        .command_id(cid)
+        .instance_id(&other[0])
+        .send()
+        .await
+        .expect_err("not sent there")
+        .as_service_error()
+        .is_some_and(|e| e.is_invocation_does_not_exist()));
+    assert!(ssm
+        .get_command_invocation()
+        .command_id("00000000-0000-4000-8000-000000000000")
+        .instance_id(&ids[0])
+        .send()
+        .await
+        .expect_err("no such command")
+        .as_service_error()
+        .is_some_and(|e| e.is_invalid_command_id()));
+
+    // What the emulator does not serve reaches moto.
+    ssm.put_parameter()
+        .name("/stackwarden/test")
+        .value("v")
+        .r#type(aws_sdk_ssm::types::ParameterType::String)
+        .send()
+        .await
+        .unwrap();
+    let got = ssm
+        .get_parameter()
+        .name("/stackwarden/test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.parameter.unwrap().value.as_deref(), Some("v"));
+}
+
+#[tokio::test]
+async fn instance_refresh_runs_once_at_a_time_succeeds_and_replaces_instances() {
+    let aws = Aws::with(Settings {
+        refresh_polls: 3,
+        ..Settings::default()
+    });
+    let ec2 = aws.ec2().await;
+    let asg = aws.autoscaling().await;
+    let template = ec2
+        .create_launch_template()
+        .launch_template_name("grafana")
+        .launch_template_data(
+            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                .image_id(AMI)
+                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .launch_template
+        .unwrap();
+    asg.create_auto_scaling_group()
+        .auto_scaling_group_name("grafana")
+        .launch_template(
+            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                .launch_template_id(template.launch_template_id().unwrap())
+                .version("$Latest")
+                .build(),
+        )
+        .min_size(2)
+        .max_size(2)
+        .desired_capacity(2)
+        .availability_zones("us-east-1a")
+        .send()
+        .await
+        .unwrap();
+    let group_instances = || async {
+        let groups = asg
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names("grafana")
+            .send()
+            .await
+            .unwrap();
+        let mut ids: Vec<String> = groups.auto_scaling_groups()[0]
+            .instances()
+            .iter()
+            .map(|i| i.instance_id().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let before = group_instances().await;
+    assert_eq!(before.len(), 2);
+
+    assert_eq!(
+        code(
+            asg.start_instance_refresh()
+                .auto_scaling_group_name("nope")
+                .send()
+                .await
+        ),
+        "ValidationError"
+    );
+    let refresh_id = asg
+        .start_instance_refresh()
+        .auto_scaling_group_name("grafana")
+        .preferences(
+            aws_sdk_autoscaling::types::RefreshPreferences::builder()
+                .min_healthy_percentage(50)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .instance_refresh_id
+        .unwrap();
+    let again = asg
+        .start_instance_refresh()
+        .auto_scaling_group_name("grafana")
+        .send()
+        .await;
+    assert!(again
+        .expect_err("one refresh at a time")
+        .as_service_error()
+        .is_some_and(|e| e.is_instance_refresh_in_progress_fault()));
+
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let out = asg
+            .describe_instance_refreshes()
+            .auto_scaling_group_name("grafana")
+            .send()
+            .await
+            .unwrap();
+        let r = &out.instance_refreshes()[0];
+        assert_eq!(r.instance_refresh_id(), Some(refresh_id.as_str()));
+        assert_eq!(r.preferences().unwrap().min_healthy_percentage(), Some(50));
+        seen.push((
+            r.status().unwrap().as_str().to_string(),
+            r.percentage_complete().unwrap(),
+        ));
+    }
+    assert_eq!(
+        seen,
+        [
+            ("InProgress".to_string(), 33),
+            ("InProgress".to_string(), 66),
+            ("Successful".to_string(), 100)
+        ]
+    );
+    let after = eventually("replacement instances", || async {
+        let now = group_instances().await;
+        (now.len() == 2 && now.iter().all(|i| !before.contains(i))).then_some(now)
+    })
+    .await;
+    assert_eq!(after.len(), 2);
+
+    let second = asg
+        .start_instance_refresh()
+        .auto_scaling_group_name("grafana")
+        .send()
+        .await
+        .unwrap()
+        .instance_refresh_id
+        .unwrap();
+    let cancelled = asg
+        .cancel_instance_refresh()
+        .auto_scaling_group_name("grafana")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.instance_refresh_id(), Some(second.as_str()));
+    assert!(asg
+        .cancel_instance_refresh()
+        .auto_scaling_group_name("grafana")
+        .send()
+        .await
+        .expect_err("nothing to cancel")
+        .as_service_error()
+        .is_some_and(|e| e.is_active_instance_refresh_not_found_fault()));
+    let listed = asg
+        .describe_instance_refreshes()
+        .auto_scaling_group_name("grafana")
+        .max_records(1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.instance_refreshes().len(), 1);
+    assert_eq!(
+        listed.instance_refreshes()[0].status().unwrap().as_str(),
+        "Cancelled",
+        "newest first"
+    );
+    let rest = asg
+        .describe_instance_refreshes()
+        .auto_scaling_group_name("grafana")
+        .next_token(listed.next_token().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.instance_refreshes()[0].status().unwrap().as_str(),
+        "Successful"
+    );
+}
+
+#[tokio::test]
+async fn faults_take_each_protocols_shape_and_stop_after_their_count() {
+    let aws = Aws::start();
+    for (service, operation) in [
+        ("ec2", "DescribeInstances"),
+        ("iam", "ListRoles"),
+        ("ssm", "ListCommands"),
+        ("grafana", "ListWorkspaces"),
+    ] {
+        aws.emulator
+            .inject(Fault::on(service, operation, FaultKind::Throttle).times(1));
+    }
+    aws.emulator.inject(
+        Fault::on(
+            "autoscaling",
+            "DescribeAutoScalingGroups",
+            FaultKind::ServerError { status: 503 },
+        )
+        .times(1),
+    );
+    aws.emulator
+        .inject(Fault::on("aps", "ListWorkspaces", FaultKind::Reset).times(1));
+
+    let ec2 = aws.ec2().await;
+    let iam = aws.iam().await;
+    let ssm = aws.ssm().await;
+    let grafana = aws.grafana().await;
+    let asg = aws.autoscaling().await;
+    let amp = aws.amp().await;
+
+    let err = ec2
+        .describe_instances()
+        .send()
+        .await
+        .expect_err("throttled");
+    assert_eq!(err.code(), Some("RequestLimitExceeded"));
+    assert_eq!(err.raw_response().unwrap().status().as_u16(), 503);
+    assert_eq!(code(iam.list_roles().send().await), "Throttling");
+    assert_eq!(
+        code(ssm.list_commands().send().await),
+        "ThrottlingException"
+    );
+    let err = grafana
+        .list_workspaces()
+        .send()
+        .await
+        .expect_err("throttled");
+    assert!(err
+        .as_service_error()
+        .is_some_and(|e| e.is_throttling_exception()));
+    assert_eq!(err.raw_response().unwrap().status().as_u16(), 429);
+    let err = asg
+        .describe_auto_scaling_groups()
+        .send()
+        .await
+        .expect_err("unavailable");
+    assert_eq!(err.code(), Some("ServiceUnavailable"));
+    assert_eq!(err.raw_response().unwrap().status().as_u16(), 503);
+    let err = amp.list_workspaces().send().await.expect_err("reset");
+    assert!(
+        matches!(
+            err,
+            aws_sdk_amp::error::SdkError::ResponseError(_)
+                | aws_sdk_amp::error::SdkError::DispatchFailure(_)
+        ),
+        "a dropped connection: {err:?}"
+    );
+
+    // Each fault fired once; the next calls pass.
+    ec2.describe_instances().send().await.unwrap();
+    iam.list_roles().send().await.unwrap();
+    ssm.list_commands().send().await.unwrap();
+    grafana.list_workspaces().send().await.unwrap();
+    asg.describe_auto_scaling_groups().send().await.unwrap();
+    amp.list_workspaces().send().await.unwrap();
+
+    let calls = aws.emulator.calls();
+    assert_eq!(calls.iter().filter(|c| c.fault).count(), 6);
+    assert!(calls
+        .iter()
+        .any(|c| c.service == "grafana" && c.operation == "ListWorkspaces" && c.status == 429));
+    assert!(calls
+        .iter()
+        .any(|c| c.service == "aps" && c.operation == "ListWorkspaces" && c.status == 200));
+}
