@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dir="${1:-desired}"
 
-cargo build --quiet --bin stackwarden --bin stackwarden-emulator
+cargo build --quiet --bin stackwarden
+cargo build --quiet -p stackwarden-emulator
 bin=target/debug/stackwarden
 
 export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-testing}"

@@ -1265,3 +1265,95 @@ async fn faults_take_each_protocols_shape_and_stop_after_their_count() {
         .iter()
         .any(|c| c.service == "aps" && c.operation == "ListWorkspaces" && c.status == 200));
 }
+
+/// One HTTP/1.1 request to the emulator's control API: (status, body).
+fn control(aws: &Aws, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = aws.endpoint.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer[9..12].parse().unwrap();
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn the_control_api_sets_sandboxes_settings_and_faults_and_lists_calls() {
+    let aws = Aws::start();
+    let ssm = aws.ssm().await;
+    let ids = instances(&aws, 1, &[]).await;
+    let root = tempfile::tempdir().unwrap();
+    let sandbox = serde_json::json!({"root": root.path(), "env": {"GREETING": "hello"}});
+    let (status, _) = control(
+        &aws,
+        "PUT",
+        &format!("/_emulator/sandboxes/{}", ids[0]),
+        &sandbox.to_string(),
+    );
+    assert_eq!(status, 204);
+    let command = run_shell(
+        &ssm,
+        &ids,
+        "echo $GREETING > \"$STACKWARDEN_ROOT/greeting\"",
+    )
+    .await;
+    assert_eq!(command.status, Some(CommandStatus::Success));
+    assert_eq!(
+        std::fs::read_to_string(root.path().join("greeting")).unwrap(),
+        "hello\n"
+    );
+
+    let (status, settings) = control(
+        &aws,
+        "PUT",
+        "/_emulator/settings",
+        r#"{"refresh_polls": 7}"#,
+    );
+    assert_eq!(status, 200);
+    let settings: serde_json::Value = serde_json::from_str(&settings).unwrap();
+    assert_eq!(settings["refresh_polls"], 7);
+    assert_eq!(
+        settings["transition_delay"], 200,
+        "fields not given are kept"
+    );
+    let (status, _) = control(&aws, "PUT", "/_emulator/settings", r#"{"nope": 1}"#);
+    assert_eq!(status, 400);
+
+    let fault = r#"{"service": "ssm", "operation": "ListCommands", "kind": {"type": "server_error", "status": 500}, "count": 1}"#;
+    assert_eq!(control(&aws, "POST", "/_emulator/faults", fault).0, 201);
+    assert_eq!(
+        code(ssm.list_commands().send().await),
+        "InternalServerError"
+    );
+    ssm.list_commands().send().await.unwrap();
+    assert_eq!(control(&aws, "DELETE", "/_emulator/faults", "").0, 204);
+    assert_eq!(control(&aws, "GET", "/_emulator/faults", "").1, "[]");
+
+    let (status, calls) = control(&aws, "GET", "/_emulator/calls", "");
+    assert_eq!(status, 200);
+    let calls: Vec<serde_json::Value> = serde_json::from_str(&calls).unwrap();
+    let seen: Vec<(&str, &str)> = calls
+        .iter()
+        .map(|c| {
+            (
+                c["service"].as_str().unwrap(),
+                c["operation"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(seen[0], ("ec2", "RunInstances"));
+    assert!(seen.contains(&("ssm", "SendCommand")));
+    assert!(calls
+        .iter()
+        .any(|c| c["operation"] == "ListCommands" && c["status"] == 500 && c["fault"] == true));
+}

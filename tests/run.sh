@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, then runs every test.
-#   - moto (the AWS emulator) into .venv/ inside the repository;
-#   - the Rust tests (unit tests of both crates and the one integration test binary).
-# The integration tests start their own moto servers on free loopback ports and fail loudly
-# when moto is missing; they never skip.
+#   - moto (which the project's emulator fronts) into .venv/ inside the repository;
+#   - the Rust tests (unit tests of every crate and the one integration test binary).
+# The integration tests start the emulator (tests/emulator) and its moto on free loopback ports,
+# and fail loudly when moto is missing; they never skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
