@@ -131,6 +131,40 @@ fn invalid_promql() {
 }
 
 #[test]
+fn alertmanager_route_to_an_undefined_receiver() {
+    let dir = default_stack();
+    edit(
+        dir.path(),
+        "alertmanager/amp.yml",
+        "      - receiver: warning",
+        "      - receiver: warnings",
+    );
+    rejected(
+        dir.path(),
+        "alertmanager/amp.yml",
+        27,
+        "route names receiver `warnings`, which is not defined",
+    );
+}
+
+#[test]
+fn alertmanager_receiver_amp_cannot_deliver_to() {
+    let dir = default_stack();
+    edit(
+        dir.path(),
+        "alertmanager/amp.yml",
+        "    - name: email\n      sns_configs:",
+        "    - name: email\n      email_configs:\n        - to: ops@example.com\n      sns_configs:",
+    );
+    rejected(
+        dir.path(),
+        "alertmanager/amp.yml",
+        50,
+        "`email_configs` is not supported by Amazon Managed Service for Prometheus",
+    );
+}
+
+#[test]
 fn invalid_policy_json() {
     let dir = default_stack();
     edit(
@@ -205,4 +239,29 @@ fn the_default_stack_is_valid() {
     );
     run.expect(0);
     assert_eq!(run.calls().0, 0);
+}
+
+/// The default alertmanager definition is valid for Alertmanager itself, not only for our
+/// offline check: `amtool check-config` (Debian package prometheus-alertmanager) reads it.
+#[test]
+fn the_default_alertmanager_definition_passes_amtool() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("desired/alertmanager/amp.yml");
+    let definition: serde_json::Value =
+        marked_yaml::from_yaml(0, &std::fs::read_to_string(path).unwrap()).unwrap();
+    let config = definition["alertmanager_config"].as_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("alertmanager.yml");
+    std::fs::write(&file, config).unwrap();
+    let out = std::process::Command::new("amtool")
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .expect("amtool not found: run the tests with tests/run.sh, which installs prometheus-alertmanager");
+    assert!(
+        out.status.success(),
+        "amtool rejected the default definition:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 receivers"));
 }

@@ -519,3 +519,78 @@ async fn policy_changes_make_new_versions_and_never_exceed_five() {
     let doc = policy_default_document(&aws, "monitoring-prometheus_remote_write").await;
     assert_eq!(doc["Statement"][0]["Sid"], "RemoteWrite6");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn alertmanager_definition_is_put_on_change_and_a_rejection_is_reported_not_retried() {
+    let aws = Aws::start();
+    let dir = default_stack();
+    let d = path_str(dir.path());
+    converge(&aws, d);
+    let ws = workspace_id(&aws).await;
+    let amp = aws.amp().await;
+    let describe = || async {
+        amp.describe_alert_manager_definition()
+            .workspace_id(&ws)
+            .send()
+            .await
+            .unwrap()
+            .alert_manager_definition
+            .unwrap()
+    };
+    let active = describe().await;
+    assert_eq!(active.status.unwrap().status_code.as_str(), "ACTIVE");
+    let file = dir.path().join("alertmanager/amp.yml");
+    assert_eq!(active.data.as_ref(), std::fs::read(&file).unwrap());
+
+    // A changed file is put, and the next plan is clean.
+    edit(
+        dir.path(),
+        "alertmanager/amp.yml",
+        "group_interval: 15m",
+        "group_interval: 20m",
+    );
+    let plan = stackwarden(Some(&aws.endpoint), &["plan", d]);
+    plan.expect(2);
+    assert!(plan.stdout.contains("alertmanager"), "{}", plan.stdout);
+    converge(&aws, d);
+    stackwarden(Some(&aws.endpoint), &["plan", d]).expect(0);
+    let fixed_text = std::fs::read(&file).unwrap();
+    assert_eq!(describe().await.data.as_ref(), fixed_text);
+
+    // What only AMP checks (an SNS receiver without a topic) fails with AMP's reason, and the
+    // same definition is not put again on the next pass.
+    edit(
+        dir.path(),
+        "alertmanager/amp.yml",
+        "topic_arn: arn:aws:sns:us-east-1:123456789012:monitoring-pager",
+        "api_url: https://sns.us-east-1.amazonaws.com",
+    );
+    let run = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]);
+    run.expect(1);
+    assert!(
+        run.stderr
+            .contains("must provide either a Target ARN, Topic ARN, or Phone Number"),
+        "{}",
+        run.stderr
+    );
+    let again = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]);
+    again.expect(1);
+    assert!(again
+        .stderr
+        .contains("AMP rejected the alertmanager definition"));
+    assert!(
+        !again.stderr.contains("PutAlertManagerDefinition"),
+        "a rejected definition was put again:\n{}",
+        again.stderr
+    );
+    assert_eq!(
+        describe().await.data.as_ref(),
+        fixed_text,
+        "the definition in force is the last good one"
+    );
+
+    // Fixing the file puts it.
+    std::fs::write(&file, &fixed_text).unwrap();
+    converge(&aws, d);
+    stackwarden(Some(&aws.endpoint), &["plan", d]).expect(0);
+}

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, then runs every test.
 #   - moto (which the project's emulator fronts) into .venv/ inside the repository;
+#   - amtool (Debian package prometheus-alertmanager), which checks the default alertmanager
+#     definition the way Alertmanager itself reads it;
 #   - the Rust tests (unit tests of every crate and the one integration test binary).
 # The integration tests start the emulator (tests/emulator) and its moto on free loopback ports,
 # and fail loudly when moto is missing; they never skip.
@@ -12,5 +14,11 @@ if [ ! -x .venv/bin/moto_server ] || ! .venv/bin/pip freeze 2>/dev/null | grep -
   .venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 fi
 export STACKWARDEN_MOTO="$PWD/.venv/bin/moto_server"
+
+if ! command -v amtool >/dev/null; then
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus-alertmanager
+fi
 
 cargo test --workspace "$@"

@@ -38,6 +38,9 @@ struct Route {
 #[derive(Deserialize)]
 struct Receiver {
     name: Spanned<String>,
+    /// `sns_configs`, `slack_configs`, ...: AMP delivers only to SNS.
+    #[serde(flatten)]
+    integrations: BTreeMap<String, serde::de::IgnoredAny>,
 }
 
 /// Checks a definition file; every problem is reported against the definition file. Positions
@@ -81,6 +84,17 @@ pub fn check_definition(file: &SourceFile, diags: &mut Diagnostics) {
         to_file(line, column)
     };
     let names: BTreeSet<&str> = config.receivers.iter().map(|r| r.name.as_str()).collect();
+    for r in &config.receivers {
+        for key in r.integrations.keys().filter(|k| *k != "sns_configs") {
+            diags.error(
+                at(r.name.span()),
+                format!(
+                    "receiver `{}`: `{key}` is not supported by Amazon Managed Service for Prometheus, which delivers only to SNS (`sns_configs`); reach Slack or email through SNS topics",
+                    r.name.as_str()
+                ),
+            );
+        }
+    }
     let Some(route) = &config.route else {
         diags.at(file, 0, "alertmanager_config has no `route`");
         return;
@@ -105,7 +119,7 @@ pub fn check_definition(file: &SourceFile, diags: &mut Diagnostics) {
             .into_iter()
             .flatten()
         {
-            if let Err(e) = promql_parser::util::parse_duration(d.as_str()) {
+            if let Err(e) = parse_duration(d.as_str()) {
                 diags.error(
                     at(d.span()),
                     format!("`{}` is not a duration ({e})", d.as_str()),
@@ -114,6 +128,19 @@ pub fn check_definition(file: &SourceFile, diags: &mut Diagnostics) {
         }
         stack.extend(r.routes.iter());
     }
+}
+
+/// A Prometheus duration as Alertmanager reads it, where zero (`0s`) is allowed.
+fn parse_duration(text: &str) -> Result<(), String> {
+    let zero = text
+        .strip_prefix('0')
+        .is_some_and(|unit| ["", "ms", "s", "m", "h", "d", "w", "y"].contains(&unit));
+    if zero {
+        return Ok(());
+    }
+    promql_parser::util::parse_duration(text)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -139,5 +166,24 @@ mod tests {
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(errs[0].starts_with("am.yml:5:19:"), "{errs:?}");
         assert!(errs[0].contains("`nope`"), "{errs:?}");
+    }
+
+    #[test]
+    fn zero_durations_are_durations() {
+        assert!(parse_duration("0s").is_ok());
+        assert!(parse_duration("0").is_ok());
+        assert!(parse_duration("0x").is_err());
+        assert!(parse_duration("1h30m").is_ok());
+    }
+
+    #[test]
+    fn refuses_receivers_amp_cannot_deliver_to() {
+        let errs = check("alertmanager_config: |\n  route:\n    receiver: a\n  receivers:\n    - name: a\n      slack_configs:\n        - channel: '#ops'\n");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].starts_with("am.yml:5:13:"), "{errs:?}");
+        assert!(
+            errs[0].contains("`slack_configs` is not supported"),
+            "{errs:?}"
+        );
     }
 }

@@ -1,5 +1,5 @@
 //! Amazon Managed Service for Prometheus: workspaces (alias, tags), their rule groups namespaces
-//! from rule files, and logging configuration.
+//! from rule files, their alertmanager definition, and logging configuration.
 //!
 //! Workspaces are found by their ownership tags (aliases are not unique in AMP, so an unowned
 //! workspace with the same alias is simply another workspace and is never touched). Rule groups
@@ -11,6 +11,11 @@
 //!   the create leaves a workspace the next pass finds and completes, never a duplicate.
 //! - Rule groups namespaces of an owned workspace are deleted when removed from the desired state
 //!   only if they carry the stack's ownership tag.
+//! - The alertmanager definition is checked by AMP after it is accepted, and may end
+//!   CREATION_FAILED or UPDATE_FAILED. The hash of the definition last put is kept in the
+//!   workspace tag `stackwarden:alertmanager`, so a failed definition is reported (with AMP's
+//!   reason) instead of being put again every pass, and a fixed file is put at once. Only a
+//!   definition carrying that tag is deleted when the desired state drops it.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -113,6 +118,17 @@ pub struct ObservedNamespace {
     pub tags: BTreeMap<String, String>,
 }
 
+/// Workspace tag holding the hash of the alertmanager definition stackwarden put last.
+pub const TAG_ALERTMANAGER: &str = "stackwarden:alertmanager";
+
+#[derive(Debug, Clone, Default)]
+pub struct ObservedDefinition {
+    pub data: String,
+    /// ACTIVE, CREATING, UPDATING, DELETING, CREATION_FAILED or UPDATE_FAILED.
+    pub status: String,
+    pub reason: Option<String>,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct ObservedWorkspace {
     pub id: String,
@@ -122,6 +138,7 @@ pub struct ObservedWorkspace {
     pub tags: BTreeMap<String, String>,
     pub namespaces: BTreeMap<String, ObservedNamespace>,
     pub log_group_arn: Option<String>,
+    pub alertmanager: Option<ObservedDefinition>,
 }
 
 impl ObservedWorkspace {
@@ -178,6 +195,7 @@ pub enum Op {
         tags: BTreeMap<String, String>,
         namespaces: Vec<(String, String, BTreeMap<String, String>)>,
         log_group_arn: Option<String>,
+        alertmanager: Option<String>,
     },
     UpdateAlias {
         workspace: String,
@@ -217,9 +235,47 @@ pub enum Op {
     DeleteLogging {
         workspace: String,
     },
+    /// Creates the alertmanager definition, records its hash, waits for AMP's verdict.
+    CreateAlertmanager {
+        workspace: String,
+        arn: String,
+        data: String,
+    },
+    /// Replaces the alertmanager definition, records its hash, waits for AMP's verdict.
+    PutAlertmanager {
+        workspace: String,
+        arn: String,
+        data: String,
+    },
+    DeleteAlertmanager {
+        workspace: String,
+        arn: String,
+    },
+    /// The definition AMP rejected is still the desired one: reported as the resource's error
+    /// after the other changes are applied, until the file changes.
+    AlertmanagerRejected {
+        workspace: String,
+        reason: String,
+    },
     DeleteWorkspace {
         workspace: String,
     },
+}
+
+/// An alertmanager definition as compared: parsed YAML, with the embedded
+/// `alertmanager_config` parsed too, so formatting is no drift.
+fn canonical_definition(data: &str) -> String {
+    let Ok(mut v) = marked_yaml::from_yaml::<serde_json::Value>(0, data) else {
+        return data.to_string();
+    };
+    let inner = v
+        .get("alertmanager_config")
+        .and_then(|c| c.as_str())
+        .and_then(|c| marked_yaml::from_yaml::<serde_json::Value>(0, c).ok());
+    if let Some(inner) = inner {
+        v["alertmanager_config"] = inner;
+    }
+    v.to_string()
 }
 
 /// Rule file content as compared: parsed YAML when it parses, else the text.
@@ -390,6 +446,7 @@ impl Controller for AmpController {
                 Err(e) if e.code() == Some("ResourceNotFoundException") => None,
                 Err(e) => return Err(amp_err("DescribeLoggingConfiguration")(e)),
             };
+            w.alertmanager = describe_alertmanager(ctx, &w.id).await?;
             Ok::<_, Error>(w)
         });
         let workspaces = futures::future::join_all(reads)
@@ -463,8 +520,11 @@ impl Controller for AmpController {
                     .map(|(n, d)| (n.clone(), d.clone(), ns_tags.clone()))
                     .collect(),
                 log_group_arn: log_group,
+                alertmanager: s.loaded.alertmanager.clone(),
             });
-            add_alertmanager_note(&mut c, s);
+            if s.loaded.alertmanager.is_some() {
+                c.field("alertmanager", None, Some("(definition file)".into()));
+            }
             return Ok(Some(c));
         };
 
@@ -485,6 +545,11 @@ impl Controller for AmpController {
                 workspace: w.id.clone(),
                 alias,
             });
+        }
+        // The alertmanager hash tag is the controller's bookkeeping, not drift.
+        let mut tags = tags;
+        if let Some(h) = w.tags.get(TAG_ALERTMANAGER) {
+            tags.insert(TAG_ALERTMANAGER.into(), h.clone());
         }
         let (set, remove) = tags::diff(&w.tags, &tags);
         if !set.is_empty() || !remove.is_empty() {
@@ -574,10 +639,10 @@ impl Controller for AmpController {
             }
             _ => {}
         }
+        diff_alertmanager(&mut c, w, s.loaded.alertmanager.as_deref());
         if c.ops.is_empty() {
             return Ok(None);
         }
-        add_alertmanager_note(&mut c, s);
         Ok(Some(c))
     }
 
@@ -623,6 +688,7 @@ impl Controller for AmpController {
                 tags,
                 namespaces,
                 log_group_arn,
+                alertmanager,
             } => {
                 let out = amp
                     .create_workspace()
@@ -658,6 +724,17 @@ impl Controller for AmpController {
                         &Op::CreateLogging {
                             workspace: w.id.clone(),
                             log_group_arn: arn.clone(),
+                        },
+                    ))
+                    .await?;
+                }
+                if let Some(data) = alertmanager {
+                    Box::pin(self.apply(
+                        ctx,
+                        &Op::CreateAlertmanager {
+                            workspace: w.id.clone(),
+                            arn: w.arn.clone(),
+                            data: data.clone(),
                         },
                     ))
                     .await?;
@@ -758,6 +835,57 @@ impl Controller for AmpController {
                     .await
                     .map_err(amp_err("DeleteLoggingConfiguration"))?;
             }
+            Op::CreateAlertmanager {
+                workspace,
+                arn,
+                data,
+            } => {
+                amp.create_alert_manager_definition()
+                    .workspace_id(workspace)
+                    .data(Blob::new(data.as_bytes()))
+                    .send()
+                    .await
+                    .map_err(amp_err("CreateAlertManagerDefinition"))?;
+                settle_alertmanager(ctx, workspace, arn, data).await?;
+            }
+            Op::PutAlertmanager {
+                workspace,
+                arn,
+                data,
+            } => {
+                amp.put_alert_manager_definition()
+                    .workspace_id(workspace)
+                    .data(Blob::new(data.as_bytes()))
+                    .send()
+                    .await
+                    .map_err(amp_err("PutAlertManagerDefinition"))?;
+                settle_alertmanager(ctx, workspace, arn, data).await?;
+            }
+            Op::DeleteAlertmanager { workspace, arn } => {
+                match amp
+                    .delete_alert_manager_definition()
+                    .workspace_id(workspace)
+                    .send()
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if e.code() == Some("ResourceNotFoundException") => {}
+                    Err(e) => return Err(amp_err("DeleteAlertManagerDefinition")(e)),
+                }
+                Box::pin(self.apply(
+                    ctx,
+                    &Op::Untag {
+                        arn: arn.clone(),
+                        keys: vec![TAG_ALERTMANAGER.into()],
+                    },
+                ))
+                .await?;
+            }
+            Op::AlertmanagerRejected { workspace, reason } => {
+                return Err(Error::Invalid(format!(
+                    "AMP rejected the alertmanager definition of workspace {workspace}: {reason}; fix the definition file"
+                )));
+            }
             Op::DeleteWorkspace { workspace } => {
                 match amp.delete_workspace().workspace_id(workspace).send().await {
                     Ok(_) => {}
@@ -770,12 +898,129 @@ impl Controller for AmpController {
     }
 }
 
-fn add_alertmanager_note(c: &mut Change<Op>, s: &WorkspaceSpec) {
-    if s.loaded.alertmanager.is_some() {
-        c.notes.push(
-            "the alertmanager definition is validated but not yet reconciled by this version"
-                .into(),
-        );
+async fn describe_alertmanager(
+    ctx: &Context,
+    workspace: &str,
+) -> Result<Option<ObservedDefinition>> {
+    match ctx
+        .amp
+        .describe_alert_manager_definition()
+        .workspace_id(workspace)
+        .send()
+        .await
+    {
+        Ok(out) => Ok(out.alert_manager_definition().map(|d| ObservedDefinition {
+            data: String::from_utf8_lossy(d.data().as_ref()).into_owned(),
+            status: d
+                .status()
+                .map(|s| s.status_code().as_str().to_string())
+                .unwrap_or_default(),
+            reason: d
+                .status()
+                .and_then(|s| s.status_reason())
+                .map(str::to_string),
+        })),
+        Err(e) if e.code() == Some("ResourceNotFoundException") => Ok(None),
+        Err(e) => Err(amp_err("DescribeAlertManagerDefinition")(e)),
+    }
+}
+
+/// After a create or put: records the definition's hash on the workspace, then waits for AMP's
+/// verdict. A rejection is a terminal error carrying AMP's reason.
+async fn settle_alertmanager(ctx: &Context, workspace: &str, arn: &str, data: &str) -> Result<()> {
+    ctx.amp
+        .tag_resource()
+        .resource_arn(arn)
+        .tags(TAG_ALERTMANAGER, short_hash(data))
+        .send()
+        .await
+        .map_err(amp_err("TagResource"))?;
+    let start = tokio::time::Instant::now();
+    loop {
+        let status = describe_alertmanager(ctx, workspace).await?;
+        match status.as_ref().map(|d| d.status.as_str()) {
+            Some("ACTIVE") => return Ok(()),
+            Some(failed @ ("CREATION_FAILED" | "UPDATE_FAILED")) => {
+                let reason = status
+                    .as_ref()
+                    .and_then(|d| d.reason.clone())
+                    .unwrap_or_default();
+                return Err(Error::Invalid(format!(
+                    "AMP rejected the alertmanager definition of workspace {workspace} ({failed}): {reason}; fix the definition file"
+                )));
+            }
+            other => {
+                if start.elapsed() > ctx.waits.timeout {
+                    return Err(Error::Pending(format!(
+                        "the alertmanager definition of workspace {workspace} is still {other:?} after {:?}; the next pass goes on",
+                        ctx.waits.timeout
+                    )));
+                }
+                tracing::info!(workspace, status = ?other, "waiting for the alertmanager definition");
+                tokio::time::sleep(ctx.waits.poll).await;
+            }
+        }
+    }
+}
+
+/// The alertmanager part of a workspace's change.
+fn diff_alertmanager(c: &mut Change<Op>, w: &ObservedWorkspace, want: Option<&str>) {
+    let recorded = w.tags.get(TAG_ALERTMANAGER);
+    let show = |d: &str| format!("sha256:{}", short_hash(d));
+    match (&w.alertmanager, want) {
+        (None, Some(data)) => {
+            c.field("alertmanager", None, Some(show(data)));
+            c.op(Op::CreateAlertmanager {
+                workspace: w.id.clone(),
+                arn: w.arn.clone(),
+                data: data.to_string(),
+            });
+        }
+        (Some(cur), Some(data)) => {
+            let hash = short_hash(data);
+            match cur.status.as_str() {
+                "CREATING" | "UPDATING" | "DELETING" => c.notes.push(format!(
+                    "the alertmanager definition is {}; it is checked again next pass",
+                    cur.status
+                )),
+                "CREATION_FAILED" | "UPDATE_FAILED" if recorded == Some(&hash) => {
+                    c.field(
+                        "alertmanager",
+                        Some(format!("{} ({})", show(data), cur.status)),
+                        Some(show(data)),
+                    );
+                    c.op(Op::AlertmanagerRejected {
+                        workspace: w.id.clone(),
+                        reason: cur.reason.clone().unwrap_or_default(),
+                    });
+                }
+                status => {
+                    let failed = status != "ACTIVE";
+                    if failed || canonical_definition(&cur.data) != canonical_definition(data) {
+                        c.field("alertmanager", Some(show(&cur.data)), Some(show(data)));
+                        c.op(Op::PutAlertmanager {
+                            workspace: w.id.clone(),
+                            arn: w.arn.clone(),
+                            data: data.to_string(),
+                        });
+                    } else if recorded != Some(&hash) {
+                        // In force but not recorded as ours (adopted, or a crash after the put).
+                        c.op(Op::Tag {
+                            arn: w.arn.clone(),
+                            tags: BTreeMap::from([(TAG_ALERTMANAGER.into(), hash)]),
+                        });
+                    }
+                }
+            }
+        }
+        (Some(cur), None) if recorded.is_some() => {
+            c.field("alertmanager", Some(show(&cur.data)), None);
+            c.op(Op::DeleteAlertmanager {
+                workspace: w.id.clone(),
+                arn: w.arn.clone(),
+            });
+        }
+        _ => {}
     }
 }
 
@@ -815,8 +1060,81 @@ mod tests {
                     },
                 )]),
                 log_group_arn: Some("arn:lg".into()),
+                alertmanager: None,
             }],
         }
+    }
+
+    const AM: &str =
+        "alertmanager_config: |\n  route:\n    receiver: a\n  receivers:\n    - name: a\n";
+
+    fn with_definition(status: &str, data: &str, recorded: Option<&str>) -> Observed {
+        let mut o = observed();
+        o.workspaces[0].alertmanager = Some(ObservedDefinition {
+            data: data.into(),
+            status: status.into(),
+            reason: Some("undefined receiver".into()),
+        });
+        if let Some(h) = recorded {
+            o.workspaces[0]
+                .tags
+                .insert(TAG_ALERTMANAGER.into(), h.into());
+        }
+        o
+    }
+
+    fn spec_with_definition(data: &str) -> WorkspaceSpec {
+        let mut s = spec();
+        s.loaded.alertmanager = Some(data.into());
+        s
+    }
+
+    #[test]
+    fn a_missing_alertmanager_definition_is_created() {
+        let c = diff(spec_with_definition(AM), &observed())
+            .unwrap()
+            .unwrap();
+        assert!(matches!(&c.ops[..], [Op::CreateAlertmanager { data, .. }] if data == AM));
+    }
+
+    #[test]
+    fn an_alertmanager_definition_differing_only_in_format_is_in_sync() {
+        let reformatted =
+            "alertmanager_config: |\n  route: {receiver: a}\n  receivers: [{name: a}]\n";
+        let o = with_definition("ACTIVE", reformatted, Some(&short_hash(AM)));
+        assert!(diff(spec_with_definition(AM), &o).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_changed_alertmanager_definition_is_put() {
+        let o = with_definition("ACTIVE", AM, Some(&short_hash(AM)));
+        let changed = AM.replace(
+            "name: a",
+            "name: a\n      sns_configs: [{topic_arn: arn:t}]",
+        );
+        let c = diff(spec_with_definition(&changed), &o).unwrap().unwrap();
+        assert!(matches!(&c.ops[..], [Op::PutAlertmanager { .. }]));
+    }
+
+    #[test]
+    fn a_rejected_definition_is_reported_not_put_again_until_the_file_changes() {
+        let o = with_definition("UPDATE_FAILED", "old", Some(&short_hash(AM)));
+        let c = diff(spec_with_definition(AM), &o).unwrap().unwrap();
+        assert!(
+            matches!(&c.ops[..], [Op::AlertmanagerRejected { reason, .. }] if reason == "undefined receiver")
+        );
+        let fixed = AM.replace("a\n", "b\n");
+        let c = diff(spec_with_definition(&fixed), &o).unwrap().unwrap();
+        assert!(matches!(&c.ops[..], [Op::PutAlertmanager { .. }]));
+    }
+
+    #[test]
+    fn a_dropped_definition_is_deleted_only_when_stackwarden_put_it() {
+        let ours = with_definition("ACTIVE", AM, Some(&short_hash(AM)));
+        let c = diff(spec(), &ours).unwrap().unwrap();
+        assert!(matches!(&c.ops[..], [Op::DeleteAlertmanager { .. }]));
+        let theirs = with_definition("ACTIVE", AM, None);
+        assert!(diff(spec(), &theirs).unwrap().is_none());
     }
 
     fn diff(s: WorkspaceSpec, o: &Observed) -> Result<Option<Change<Op>>> {
