@@ -165,6 +165,39 @@ fn alertmanager_receiver_amp_cannot_deliver_to() {
 }
 
 #[test]
+fn grafana_role_member_that_is_not_an_identity_center_id() {
+    let dir = default_stack();
+    std::fs::write(
+        dir.path().join("amg.toml"),
+        "[amg.workspace.grafana]\nroles = { viewer = { users = [\"alice@example.com\"] } }\n",
+    )
+    .unwrap();
+    rejected(
+        dir.path(),
+        "amg.toml",
+        1,
+        "user `alice@example.com` in role `viewer` is not an IAM Identity Center user id",
+    );
+}
+
+#[test]
+fn grafana_group_in_two_roles() {
+    let dir = default_stack();
+    let group = "9067729b3d-94f1e0c8-1d5b-4a0d-8e53-3c6d9d2c6f0a";
+    std::fs::write(
+        dir.path().join("amg.toml"),
+        format!("[amg.workspace.grafana]\nroles = {{ admin = {{ groups = [\"{group}\"] }}, viewer = {{ groups = [\"{group}\"] }} }}\n"),
+    )
+    .unwrap();
+    rejected(
+        dir.path(),
+        "amg.toml",
+        1,
+        "is in both `admin` and `viewer`: a user or group holds one Grafana role",
+    );
+}
+
+#[test]
 fn invalid_policy_json() {
     let dir = default_stack();
     edit(

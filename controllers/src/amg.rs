@@ -48,6 +48,26 @@ pub struct RoleMembers {
     pub groups: Vec<String>,
 }
 
+/// IAM Identity Center user and group ids: a UUID, optionally after the identity store's
+/// 10-hex-digit prefix and a dash (`9067729b3d-94f1e0c8-1d5b-4a0d-8e53-3c6d9d2c6f0a`).
+pub fn is_identity_center_id(id: &str) -> bool {
+    let uuid = match id.split_at_checked(11) {
+        Some((prefix, rest))
+            if id.len() == 47
+                && prefix.ends_with('-')
+                && prefix[..10].bytes().all(|b| b.is_ascii_hexdigit()) =>
+        {
+            rest
+        }
+        _ => id,
+    };
+    let groups: Vec<&str> = uuid.split('-').collect();
+    groups.iter().map(|g| g.len()).eq([8, 4, 4, 4, 12])
+        && groups
+            .iter()
+            .all(|g| g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 fn default_auth() -> Vec<String> {
     vec!["AWS_SSO".into()]
 }
@@ -79,15 +99,56 @@ impl WorkspaceSpec {
                 self.account_access_type
             ));
         }
-        for role in self.roles.keys() {
+        // A user or group holds one role in a workspace.
+        let mut holder: BTreeMap<(&str, &str), &str> = BTreeMap::new();
+        for (role, members) in &self.roles {
             if !["admin", "editor", "viewer"].contains(&role.as_str()) {
                 v.here(format!(
                     "Grafana role `{role}` is not admin, editor or viewer"
                 ));
             }
+            let listed = members
+                .users
+                .iter()
+                .map(|u| ("user", u.as_str()))
+                .chain(members.groups.iter().map(|g| ("group", g.as_str())));
+            for (kind, id) in listed {
+                if !is_identity_center_id(id) {
+                    v.here(format!(
+                        "{kind} `{id}` in role `{role}` is not an IAM Identity Center {kind} id (a UUID, optionally after a 10-hex-digit identity store prefix and `-`)"
+                    ));
+                }
+                if let Some(other) = holder.insert((kind, id), role) {
+                    v.here(format!(
+                        "{kind} `{id}` is in both `{other}` and `{role}`: a user or group holds one Grafana role"
+                    ));
+                }
+            }
         }
         if let Some(tags) = &self.tags {
             check_tags(v, tags);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_center_ids_with_or_without_the_store_prefix() {
+        assert!(is_identity_center_id(
+            "94f1e0c8-1d5b-4a0d-8e53-3c6d9d2c6f0a"
+        ));
+        assert!(is_identity_center_id(
+            "9067729b3d-94f1e0c8-1d5b-4a0d-8e53-3c6d9d2c6f0a"
+        ));
+        assert!(!is_identity_center_id("alice"));
+        assert!(!is_identity_center_id(
+            "zz67729b3d-94f1e0c8-1d5b-4a0d-8e53-3c6d9d2c6f0a"
+        ));
+        assert!(!is_identity_center_id(
+            "94f1e0c8-1d5b-4a0d-8e53-3c6d9d2c6f0"
+        ));
     }
 }
