@@ -169,22 +169,25 @@ async fn engine_for(
         endpoint_url: cli.endpoint_url.clone(),
     };
     let sdk = aws::sdk_config(&opts, desired.stack.region.as_deref()).await?;
-    let waits = match std::env::var("STACKWARDEN_POLL_INTERVAL")
-        .ok()
-        .map(|s| parse_interval(&s))
-    {
-        Some(Ok(poll)) => Waits {
-            poll,
-            ..Waits::default()
-        },
-        Some(Err(e)) => anyhow::bail!("STACKWARDEN_POLL_INTERVAL: {e}"),
-        None => Waits::default(),
+    let waits = Waits {
+        poll: env_interval("STACKWARDEN_POLL_INTERVAL")?.unwrap_or(Waits::default().poll),
+        timeout: env_interval("STACKWARDEN_WAIT_TIMEOUT")?.unwrap_or(Waits::default().timeout),
     };
     Ok(Engine::new(Context::new(
         &sdk,
         vec![counter.interceptor()],
         waits,
     )))
+}
+
+/// A duration from the environment (Prometheus syntax), if set.
+fn env_interval(name: &str) -> anyhow::Result<Option<std::time::Duration>> {
+    match std::env::var(name) {
+        Ok(s) => parse_interval(&s)
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("{name}: {e}")),
+        Err(_) => Ok(None),
+    }
 }
 
 async fn run(cli: &Cli, counter: &Arc<CallCounter>) -> anyhow::Result<u8> {

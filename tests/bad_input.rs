@@ -218,7 +218,7 @@ fn invalid_policy_json() {
 fn missing_referenced_file() {
     let dir = default_stack();
     edit(dir.path(), "amp.toml", "rules/node.yml", "rules/nodes.yml");
-    rejected(dir.path(), "amp.toml", 8, "cannot read `rules/nodes.yml`");
+    rejected(dir.path(), "amp.toml", 10, "cannot read `rules/nodes.yml`");
 }
 
 #[test]

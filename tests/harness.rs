@@ -118,6 +118,11 @@ impl Run {
 /// Runs `stackwarden ARGS --stats` against an endpoint (none: the AWS settings are unusable,
 /// so any call would fail).
 pub fn stackwarden(endpoint: Option<&str>, args: &[&str]) -> Run {
+    stackwarden_with(endpoint, args, &[])
+}
+
+/// [`stackwarden`] with extra environment variables.
+pub fn stackwarden_with(endpoint: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_stackwarden"));
     cmd.args(args)
         .arg("--stats")
@@ -134,6 +139,7 @@ pub fn stackwarden(endpoint: Option<&str>, args: &[&str]) -> Run {
         Some(e) => cmd.env("AWS_ENDPOINT_URL", e),
         None => cmd.env("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
     };
+    cmd.envs(env.iter().copied());
     let out = cmd.output().expect("run stackwarden");
     Run {
         code: out.status.code().unwrap_or(-1),

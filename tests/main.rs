@@ -2,6 +2,7 @@
 //! (tests/emulator) in front of moto, one of each per test on free loopback ports; and the
 //! emulator's own conformance. Modules of one test binary, so the AWS SDK is linked once.
 
+mod amg;
 mod bad_input;
 mod emulator;
 mod harness;

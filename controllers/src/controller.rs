@@ -21,8 +21,13 @@ use crate::model::{Kind, Outputs, Refs, ResourceId};
 pub struct Context {
     pub iam: aws_sdk_iam::Client,
     pub amp: aws_sdk_amp::Client,
+    pub grafana: aws_sdk_grafana::Client,
+    pub sts: aws_sdk_sts::Client,
     pub region: String,
     pub waits: Waits,
+    /// The account id, asked of STS the first time an ARN must be built (Managed Grafana
+    /// returns none), then kept for the life of the process.
+    account: std::sync::Arc<tokio::sync::OnceCell<String>>,
 }
 
 impl Context {
@@ -35,16 +40,39 @@ impl Context {
     ) -> Self {
         let mut iam = aws_sdk_iam::config::Builder::from(sdk);
         let mut amp = aws_sdk_amp::config::Builder::from(sdk);
+        let mut grafana = aws_sdk_grafana::config::Builder::from(sdk);
+        let mut sts = aws_sdk_sts::config::Builder::from(sdk);
         for i in interceptors {
             iam.push_interceptor(i.clone());
-            amp.push_interceptor(i);
+            amp.push_interceptor(i.clone());
+            grafana.push_interceptor(i.clone());
+            sts.push_interceptor(i);
         }
         Context {
             iam: aws_sdk_iam::Client::from_conf(iam.build()),
             amp: aws_sdk_amp::Client::from_conf(amp.build()),
+            grafana: aws_sdk_grafana::Client::from_conf(grafana.build()),
+            sts: aws_sdk_sts::Client::from_conf(sts.build()),
             region: sdk.region().map(|r| r.to_string()).unwrap_or_default(),
             waits,
+            account: Default::default(),
         }
+    }
+
+    /// The account the credentials belong to.
+    pub async fn account(&self) -> crate::error::Result<String> {
+        self.account
+            .get_or_try_init(|| async {
+                let me = self
+                    .sts
+                    .get_caller_identity()
+                    .send()
+                    .await
+                    .map_err(crate::error::aws_error("sts", "GetCallerIdentity"))?;
+                Ok(me.account().unwrap_or_default().to_string())
+            })
+            .await
+            .cloned()
     }
 }
 

@@ -31,7 +31,11 @@ pub use model::{Kind, Refs, ResourceId};
 
 /// Every controller this version has, in the order their kinds are applied.
 pub fn controllers() -> Vec<Box<dyn DynController>> {
-    vec![Box::new(iam::IamController), Box::new(amp::AmpController)]
+    vec![
+        Box::new(iam::IamController),
+        Box::new(amp::AmpController),
+        Box::new(amg::AmgController),
+    ]
 }
 
 #[cfg(test)]
