@@ -25,12 +25,12 @@ use aws_sdk_grafana::types::{
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::change::{Action, Change};
-use crate::controller::{Context, Controller};
+use crate::change::{removal, Action, Change};
+use crate::controller::{wait_until, Context, Controller, Progress};
 use crate::desired::{check_tags, DesiredState, Resource, Spec, Validator, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
 use crate::model::{Kind, Outputs, Refs, ResourceId};
-use crate::tags::{self, owned_by, owner_id, Tags};
+use crate::tags::{self, owned_by, Tags};
 
 /// `[amg.workspace.<name>]`; `adopt = "<workspace id>"` manages an existing one.
 ///
@@ -485,8 +485,8 @@ fn observed_settings(w: &ObservedWorkspace) -> Settings {
 /// Waits until a workspace is ACTIVE; still CREATING after the timeout is pending, a failed
 /// creation an error.
 async fn wait_active(ctx: &Context, workspace: &str) -> Result<()> {
-    let start = tokio::time::Instant::now();
-    loop {
+    let what = format!("Managed Grafana workspace {workspace}");
+    wait_until(ctx, &what, || async {
         let out = ctx
             .grafana
             .describe_workspace()
@@ -494,26 +494,16 @@ async fn wait_active(ctx: &Context, workspace: &str) -> Result<()> {
             .send()
             .await
             .map_err(grafana_err("DescribeWorkspace"))?;
-        let status = out.workspace().map(|w| w.status().clone());
-        match status {
-            Some(WorkspaceStatus::Active) => return Ok(()),
-            Some(WorkspaceStatus::CreationFailed) | Some(WorkspaceStatus::Failed) => {
-                return Err(Error::Invalid(format!(
-                    "Managed Grafana workspace {workspace} failed to create"
-                )))
-            }
-            other => {
-                if start.elapsed() > ctx.waits.timeout {
-                    return Err(Error::Pending(format!(
-                        "Managed Grafana workspace {workspace} is still {other:?} after {:?}; the next pass goes on",
-                        ctx.waits.timeout
-                    )));
-                }
-                tracing::info!(workspace, status = ?other, "waiting for the Grafana workspace to become ACTIVE");
-                tokio::time::sleep(ctx.waits.poll).await;
-            }
+        match out.workspace().map(|w| w.status().clone()) {
+            Some(WorkspaceStatus::Active) => Ok(Progress::Done),
+            Some(WorkspaceStatus::CreationFailed | WorkspaceStatus::Failed) => Err(Error::Invalid(
+                format!("Managed Grafana workspace {workspace} failed to create"),
+            )),
+            Some(other) => Ok(Progress::Waiting(other.as_str().to_string())),
+            None => Ok(Progress::Waiting("unknown".into())),
         }
-    }
+    })
+    .await
 }
 
 async fn update_permissions(ctx: &Context, workspace: &str, batch: &[Instruction]) -> Result<()> {
@@ -865,34 +855,25 @@ impl Controller for AmgController {
     }
 
     fn removed(&self, desired: &DesiredState, obs: &Observed, prune: bool) -> Vec<Change<Op>> {
-        let stack = desired.stack_name();
         obs.workspaces
             .iter()
             .filter(|w| w.status != "DELETING")
             .filter_map(|w| {
-                let id = owner_id(&w.tags, stack)?;
-                let wanted = desired
-                    .resources
-                    .get(&id)
-                    .is_some_and(|r| obs.find(desired, r).map(|f| &f.id) == Some(&w.id));
-                let adopted = desired
-                    .of_kind(Kind::AmgWorkspace)
-                    .any(|r| r.adopt.as_deref() == Some(w.id.as_str()));
-                if wanted || adopted {
-                    return None;
-                }
-                let action = if prune {
-                    Action::Delete
-                } else {
-                    Action::Orphan
+                let manages = |r: &Resource| {
+                    r.adopt.as_deref() == Some(w.id.as_str())
+                        || obs.find(desired, r).map(|f| &f.id) == Some(&w.id)
                 };
-                let mut c = Change::new(id, action, format!("Grafana workspace {}", w.id));
-                if prune {
-                    c.op(Op::Delete {
+                removal(
+                    desired,
+                    Kind::AmgWorkspace,
+                    &w.tags,
+                    manages,
+                    format!("Grafana workspace {}", w.id),
+                    prune,
+                    || Op::Delete {
                         workspace: w.id.clone(),
-                    });
-                }
-                Some(c)
+                    },
+                )
             })
             .collect()
     }

@@ -26,8 +26,8 @@ use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::change::{Action, Change};
-use crate::controller::{Context, Controller};
+use crate::change::{removal, Action, Change};
+use crate::controller::{wait_until, Context, Controller, Progress};
 use crate::desired::{check_tags, DesiredState, Resource, Spec, Validator, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
 use crate::model::{Kind, Outputs, Refs, ResourceId};
@@ -317,8 +317,7 @@ fn sorted(t: Option<&HashMap<String, String>>) -> BTreeMap<String, String> {
 
 /// Waits until a workspace is ACTIVE, logging progress; a workspace that fails is an error.
 async fn wait_active(ctx: &Context, workspace: &str) -> Result<()> {
-    let start = tokio::time::Instant::now();
-    loop {
+    wait_until(ctx, &format!("workspace {workspace}"), || async {
         let out = ctx
             .amp
             .describe_workspace()
@@ -331,24 +330,16 @@ async fn wait_active(ctx: &Context, workspace: &str) -> Result<()> {
             .and_then(|w| w.status())
             .map(|s| s.status_code().clone());
         match status {
-            Some(WorkspaceStatusCode::Active) => return Ok(()),
-            Some(WorkspaceStatusCode::CreationFailed) => {
-                return Err(Error::Invalid(format!(
-                    "workspace {workspace} failed to create"
-                )))
-            }
-            other => {
-                if start.elapsed() > ctx.waits.timeout {
-                    return Err(Error::Pending(format!(
-                        "workspace {workspace} is still {other:?} after {:?}; the next pass goes on",
-                        ctx.waits.timeout
-                    )));
-                }
-                tracing::info!(workspace, status = ?other, "waiting for workspace to become ACTIVE");
-                tokio::time::sleep(ctx.waits.poll).await;
-            }
+            Some(WorkspaceStatusCode::Active) => Ok(Progress::Done),
+            Some(WorkspaceStatusCode::CreationFailed) => Err(Error::Invalid(format!(
+                "workspace {workspace} failed to create"
+            ))),
+            other => Ok(Progress::Waiting(
+                other.map_or_else(|| "unknown".to_string(), |s| s.as_str().to_string()),
+            )),
         }
-    }
+    })
+    .await
 }
 
 #[async_trait]
@@ -647,34 +638,25 @@ impl Controller for AmpController {
     }
 
     fn removed(&self, desired: &DesiredState, obs: &Observed, prune: bool) -> Vec<Change<Op>> {
-        let stack = desired.stack_name();
         obs.workspaces
             .iter()
             .filter(|w| w.status != "DELETING")
             .filter_map(|w| {
-                let id = owner_id(&w.tags, stack)?;
-                let wanted = desired
-                    .resources
-                    .get(&id)
-                    .is_some_and(|r| obs.find(desired, r).map(|f| &f.id) == Some(&w.id));
-                let adopted = desired
-                    .of_kind(Kind::AmpWorkspace)
-                    .any(|r| r.adopt.as_deref() == Some(w.id.as_str()));
-                if wanted || adopted {
-                    return None;
-                }
-                let action = if prune {
-                    Action::Delete
-                } else {
-                    Action::Orphan
+                let manages = |r: &Resource| {
+                    r.adopt.as_deref() == Some(w.id.as_str())
+                        || obs.find(desired, r).map(|f| &f.id) == Some(&w.id)
                 };
-                let mut c = Change::new(id, action, format!("workspace {}", w.id));
-                if prune {
-                    c.op(Op::DeleteWorkspace {
+                removal(
+                    desired,
+                    Kind::AmpWorkspace,
+                    &w.tags,
+                    manages,
+                    format!("workspace {}", w.id),
+                    prune,
+                    || Op::DeleteWorkspace {
                         workspace: w.id.clone(),
-                    });
-                }
-                Some(c)
+                    },
+                )
             })
             .collect()
     }
@@ -935,32 +917,24 @@ async fn settle_alertmanager(ctx: &Context, workspace: &str, arn: &str, data: &s
         .send()
         .await
         .map_err(amp_err("TagResource"))?;
-    let start = tokio::time::Instant::now();
-    loop {
-        let status = describe_alertmanager(ctx, workspace).await?;
-        match status.as_ref().map(|d| d.status.as_str()) {
-            Some("ACTIVE") => return Ok(()),
+    let what = format!("the alertmanager definition of workspace {workspace}");
+    wait_until(ctx, &what, || async {
+        let definition = describe_alertmanager(ctx, workspace).await?;
+        match definition.as_ref().map(|d| d.status.as_str()) {
+            Some("ACTIVE") => Ok(Progress::Done),
             Some(failed @ ("CREATION_FAILED" | "UPDATE_FAILED")) => {
-                let reason = status
+                let reason = definition
                     .as_ref()
                     .and_then(|d| d.reason.clone())
                     .unwrap_or_default();
-                return Err(Error::Invalid(format!(
+                Err(Error::Invalid(format!(
                     "AMP rejected the alertmanager definition of workspace {workspace} ({failed}): {reason}; fix the definition file"
-                )));
+                )))
             }
-            other => {
-                if start.elapsed() > ctx.waits.timeout {
-                    return Err(Error::Pending(format!(
-                        "the alertmanager definition of workspace {workspace} is still {other:?} after {:?}; the next pass goes on",
-                        ctx.waits.timeout
-                    )));
-                }
-                tracing::info!(workspace, status = ?other, "waiting for the alertmanager definition");
-                tokio::time::sleep(ctx.waits.poll).await;
-            }
+            other => Ok(Progress::Waiting(other.unwrap_or("absent").to_string())),
         }
-    }
+    })
+    .await
 }
 
 /// The alertmanager part of a workspace's change.

@@ -5,7 +5,9 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::model::ResourceId;
+use crate::desired::{DesiredState, Resource};
+use crate::model::{Kind, ResourceId};
+use crate::tags::{owner_id, Tags};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -153,4 +155,33 @@ pub fn diff_field<Op>(
     } else {
         false
     }
+}
+
+/// The change for an object the stack owns (by its tags) that no desired resource of `kind`
+/// manages any more: orphaned, or deleted with the operation `delete` makes under `prune`.
+/// None when the object is not the stack's, or some desired resource manages or adopts it
+/// (`manages`).
+pub fn removal<Op>(
+    desired: &DesiredState,
+    kind: Kind,
+    tags: &Tags,
+    manages: impl Fn(&Resource) -> bool,
+    label: String,
+    prune: bool,
+    delete: impl FnOnce() -> Op,
+) -> Option<Change<Op>> {
+    let id = owner_id(tags, desired.stack_name())?;
+    if desired.of_kind(kind).any(manages) {
+        return None;
+    }
+    let action = if prune {
+        Action::Delete
+    } else {
+        Action::Orphan
+    };
+    let mut c = Change::new(id, action, label);
+    if prune {
+        c.op(delete());
+    }
+    Some(c)
 }

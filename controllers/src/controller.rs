@@ -76,6 +76,37 @@ impl Context {
     }
 }
 
+/// What one look at asynchronous work saw: done, or still in this status.
+pub enum Progress {
+    Done,
+    Waiting(String),
+}
+
+/// Polls `look` every `ctx.waits.poll` until it reports done (or an error), logging progress.
+/// Still waiting after `ctx.waits.timeout` is [`crate::Error::Pending`]: the next pass goes on.
+pub async fn wait_until<F, Fut>(ctx: &Context, what: &str, mut look: F) -> crate::error::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = crate::error::Result<Progress>>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        match look().await? {
+            Progress::Done => return Ok(()),
+            Progress::Waiting(status) => {
+                if start.elapsed() > ctx.waits.timeout {
+                    return Err(crate::error::Error::Pending(format!(
+                        "{what} is still {status} after {:?}; the next pass goes on",
+                        ctx.waits.timeout
+                    )));
+                }
+                tracing::info!(status, "waiting for {what}");
+                tokio::time::sleep(ctx.waits.poll).await;
+            }
+        }
+    }
+}
+
 /// How long and how often to poll AWS for asynchronous work (a workspace leaving CREATING).
 #[derive(Debug, Clone, Copy)]
 pub struct Waits {
