@@ -6,4 +6,5 @@ mod amg;
 mod bad_input;
 mod emulator;
 mod harness;
+mod prometheus;
 mod reconcile;

@@ -98,6 +98,17 @@ pub struct PrometheusSpec {
     #[serde(default)]
     pub scrape: Vec<ScrapeJob>,
     pub remote_write: Option<RemoteWrite>,
+    #[serde(skip)]
+    pub loaded: PrometheusFiles,
+}
+
+/// The files a Prometheus host's spec names, read by `validate`.
+#[derive(Debug, Clone, Default)]
+pub struct PrometheusFiles {
+    /// The raw `config`, when given.
+    pub config: Option<String>,
+    /// Rule files: path in the desired directory → content.
+    pub rules: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -153,7 +164,7 @@ impl HostSpec {
                 ));
             }
         }
-        if let Some(p) = &self.prometheus {
+        if let Some(p) = &mut self.prometheus {
             for d in [&p.scrape_interval, &p.evaluation_interval]
                 .into_iter()
                 .flatten()
@@ -161,11 +172,16 @@ impl HostSpec {
                 check_duration(v, d, "interval");
             }
             if let Some(c) = &p.config {
-                v.read(c);
+                if let Some(file) = v.read(c) {
+                    p.loaded.config = Some(file.text().to_string());
+                }
             }
             for f in &p.rule_files {
                 if let Some(file) = v.read(f) {
                     crate::rules::check_rule_file(&file.file, v.diags);
+                    p.loaded
+                        .rules
+                        .insert(f.get_ref().clone(), file.text().to_string());
                 }
             }
             for job in &p.scrape {

@@ -20,6 +20,7 @@ pub mod host_config;
 pub mod iam;
 pub mod model;
 pub mod policy;
+pub mod push;
 pub mod rules;
 pub mod tags;
 

@@ -1,0 +1,225 @@
+//! Config pushed to running hosts: a bundle of files with the commands that validate and reload
+//! them, turned into one bash script for SSM Run Command (`AWS-RunShellScript`).
+//!
+//! The script (`push.sh`) stages the files, validates the staged copy, swaps each live file with
+//! a rename beside it, reloads, and puts the previous files back (and reloads again) when the
+//! reload fails. Paths are under `$STACKWARDEN_ROOT` and Prometheus is at `$PROMETHEUS_URL`, so
+//! tests run the very same script in a temporary directory against a real Prometheus.
+//!
+//! This module is pure: it renders text and computes hashes. Sending is the controllers' work.
+
+pub mod prometheus;
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use sha2::Digest;
+
+/// The emulator's and this tool's limit on the script sent in one command. AWS limits the size
+/// of a command's parameters too; a bundle over this is refused before anything is sent.
+pub const MAX_SCRIPT_BYTES: usize = 60 * 1024;
+
+/// Files for one host role, and how to check and apply them there.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bundle {
+    /// Names the bundle on the host (`prometheus`, `host_config.node_exporter`): its stage,
+    /// backup and installed-hash file.
+    pub name: String,
+    /// Absolute path on the host → content.
+    pub files: BTreeMap<String, File>,
+    /// Shell commands that validate the staged files; `$stage` prefixes their staged paths.
+    pub validate: Vec<String>,
+    /// Shell commands that make the running service read the new files, and check it did.
+    pub reload: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct File {
+    pub content: String,
+    /// Octal, such as `0644`.
+    pub mode: String,
+}
+
+impl File {
+    pub fn new(content: impl Into<String>) -> File {
+        File {
+            content: content.into(),
+            mode: "0644".into(),
+        }
+    }
+}
+
+impl Bundle {
+    /// The content hash: files (paths, modes, contents) and commands. What is recorded on the
+    /// host and in the instance tag, so an unchanged bundle is never sent again.
+    pub fn hash(&self) -> String {
+        let mut h = sha2::Sha256::new();
+        for (path, f) in &self.files {
+            for part in [path.as_str(), f.mode.as_str(), f.content.as_str()] {
+                h.update((part.len() as u64).to_le_bytes());
+                h.update(part.as_bytes());
+            }
+        }
+        for c in self.validate.iter().chain(&self.reload) {
+            h.update((c.len() as u64).to_le_bytes());
+            h.update(c.as_bytes());
+        }
+        hex::encode(h.finalize())
+    }
+
+    /// The script that installs the bundle.
+    pub fn script(&self) -> String {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let files: Vec<String> = self
+            .files
+            .iter()
+            .map(|(path, f)| {
+                let encoded = b64.encode(f.content.as_bytes());
+                let lines: Vec<&str> = encoded
+                    .as_bytes()
+                    .chunks(76)
+                    .map(|c| std::str::from_utf8(c).expect("base64 is ASCII"))
+                    .collect();
+                format!(
+                    "put {} {} <<'STACKWARDEN_EOF'\n{}\nSTACKWARDEN_EOF",
+                    shell_quote(path),
+                    f.mode,
+                    lines.join("\n")
+                )
+            })
+            .collect();
+        let paths: Vec<String> = self.files.keys().map(|p| shell_quote(p)).collect();
+        let indent = |cmds: &[String]| {
+            cmds.iter()
+                .map(|c| format!("  {c} || return 1"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        include_str!("push.sh")
+            .replace("@NAME@", &self.name)
+            .replace("@HASH@", &self.hash())
+            .replace("@PATHS@", &paths.join(" "))
+            .replace("@FILES@", &files.join("\n"))
+            .replace("@VALIDATE@", &indent(&self.validate))
+            .replace("@RELOAD@", &indent(&self.reload))
+    }
+}
+
+/// Quotes a word for bash.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+=:@,".contains(c))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle() -> Bundle {
+        Bundle {
+            name: "demo".into(),
+            files: BTreeMap::from([
+                ("/etc/demo/a.conf".into(), File::new("x = 1\n")),
+                (
+                    "/etc/demo/it's.conf".into(),
+                    File::new("héllo 'quoted' $HOME\n"),
+                ),
+            ]),
+            validate: vec!["test -s \"$stage/etc/demo/a.conf\"".into()],
+            reload: vec!["true".into()],
+        }
+    }
+
+    #[test]
+    fn the_hash_follows_every_part() {
+        let a = bundle();
+        let mut b = bundle();
+        assert_eq!(a.hash(), b.hash());
+        b.reload.push("systemctl reload demo".into());
+        assert_ne!(a.hash(), b.hash());
+        let mut c = bundle();
+        c.files.get_mut("/etc/demo/a.conf").unwrap().mode = "0600".into();
+        assert_ne!(a.hash(), c.hash());
+    }
+
+    #[test]
+    fn the_script_installs_exact_bytes_under_the_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(bundle().script())
+            .env("STACKWARDEN_ROOT", dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = std::fs::read_to_string(dir.join("etc/demo/it's.conf")).unwrap();
+        assert_eq!(text, "héllo 'quoted' $HOME\n");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains(&format!("installed demo sha256:{}", bundle().hash())));
+        let recorded =
+            std::fs::read_to_string(dir.join("var/lib/stackwarden/demo.sha256")).unwrap();
+        assert_eq!(recorded.trim(), bundle().hash());
+    }
+
+    #[test]
+    fn a_failed_reload_puts_the_previous_files_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::create_dir_all(dir.join("etc/demo")).unwrap();
+        std::fs::write(dir.join("etc/demo/a.conf"), "old\n").unwrap();
+        let mut b = bundle();
+        b.reload = vec!["grep -q old \"$STACKWARDEN_ROOT/etc/demo/a.conf\"".into()];
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(b.script())
+            .env("STACKWARDEN_ROOT", dir)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("reload failed; the previous files are back"),
+            "{stderr}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("etc/demo/a.conf")).unwrap(),
+            "old\n"
+        );
+        assert!(
+            !dir.join("etc/demo/it's.conf").exists(),
+            "a file the push added is removed"
+        );
+    }
+
+    #[test]
+    fn a_failed_validation_installs_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut b = bundle();
+        b.validate = vec!["echo 'line 3: bad' >&2; false".into()];
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(b.script())
+            .env("STACKWARDEN_ROOT", dir)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("validation failed; nothing was installed"),
+            "{stderr}"
+        );
+        assert!(stderr.contains("line 3: bad"), "{stderr}");
+        assert!(!dir.join("etc/demo/a.conf").exists());
+    }
+}

@@ -1,0 +1,343 @@
+//! The Prometheus host's bundle: `prometheus.yml` (rendered from the desired state, or a raw file)
+//! and the rule files, validated with promtool and reloaded through `POST /-/reload`.
+//!
+//! Rule files are installed under `/etc/prometheus/` at their path in the desired directory and
+//! referenced relatively from `prometheus.yml`, so promtool checks the staged rules together with
+//! the staged config, and the same files work under any `$STACKWARDEN_ROOT`.
+
+use std::collections::BTreeMap;
+
+use super::{shell_quote, Bundle, File};
+use crate::host::PrometheusSpec;
+use crate::model::Refs;
+
+pub const CONFIG_DIR: &str = "/etc/prometheus";
+pub const CONFIG_FILE: &str = "/etc/prometheus/prometheus.yml";
+
+/// A YAML value with ordered keys; strings are written JSON-quoted, which YAML reads as is.
+#[derive(Debug, Clone)]
+pub enum Yaml {
+    Str(String),
+    Int(i64),
+    Bool(bool),
+    List(Vec<Yaml>),
+    Map(Vec<(String, Yaml)>),
+}
+
+fn s(v: impl Into<String>) -> Yaml {
+    Yaml::Str(v.into())
+}
+
+fn map(entries: Vec<(&str, Yaml)>) -> Yaml {
+    Yaml::Map(
+        entries
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    )
+}
+
+impl Yaml {
+    fn scalar(&self) -> Option<String> {
+        match self {
+            Yaml::Str(t) => Some(serde_json::to_string(t).expect("strings serialize")),
+            Yaml::Int(i) => Some(i.to_string()),
+            Yaml::Bool(b) => Some(b.to_string()),
+            Yaml::List(l) if l.is_empty() => Some("[]".into()),
+            Yaml::Map(m) if m.is_empty() => Some("{}".into()),
+            _ => None,
+        }
+    }
+
+    fn key(k: &str) -> String {
+        if !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            k.to_string()
+        } else {
+            serde_json::to_string(k).expect("strings serialize")
+        }
+    }
+
+    fn write(&self, indent: usize, out: &mut String) {
+        let pad = " ".repeat(indent);
+        match self {
+            Yaml::Map(entries) => {
+                for (k, v) in entries {
+                    match v.scalar() {
+                        Some(text) => out.push_str(&format!("{pad}{}: {text}\n", Yaml::key(k))),
+                        None => {
+                            out.push_str(&format!("{pad}{}:\n", Yaml::key(k)));
+                            v.write(indent + 2, out);
+                        }
+                    }
+                }
+            }
+            Yaml::List(items) => {
+                for item in items {
+                    match item.scalar() {
+                        Some(text) => out.push_str(&format!("{pad}- {text}\n")),
+                        None => {
+                            let mut inner = String::new();
+                            item.write(indent + 2, &mut inner);
+                            out.push_str(&format!("{pad}- {}", &inner[indent + 2..]));
+                        }
+                    }
+                }
+            }
+            scalar => out.push_str(&format!("{pad}{}\n", scalar.scalar().unwrap_or_default())),
+        }
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        self.write(0, &mut out);
+        out
+    }
+}
+
+/// `prometheus.yml` from the desired state. `region` is the stack's, the default for EC2
+/// discovery and SigV4.
+pub fn render(spec: &PrometheusSpec, refs: &Refs, region: &str) -> String {
+    let mut global = vec![
+        (
+            "scrape_interval",
+            s(spec
+                .scrape_interval
+                .as_ref()
+                .map_or("15s", |d| d.get_ref().as_str())),
+        ),
+        (
+            "evaluation_interval",
+            s(spec
+                .evaluation_interval
+                .as_ref()
+                .map_or("15s", |d| d.get_ref().as_str())),
+        ),
+    ];
+    if !spec.external_labels.is_empty() {
+        global.push((
+            "external_labels",
+            Yaml::Map(
+                spec.external_labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), s(refs.render(v).value)))
+                    .collect(),
+            ),
+        ));
+    }
+    let mut doc = vec![("global", map(global))];
+    if !spec.rule_files.is_empty() {
+        doc.push((
+            "rule_files",
+            Yaml::List(
+                spec.rule_files
+                    .iter()
+                    .map(|f| s(f.get_ref().clone()))
+                    .collect(),
+            ),
+        ));
+    }
+    if !spec.alertmanagers.is_empty() {
+        let targets = spec
+            .alertmanagers
+            .iter()
+            .map(|t| s(refs.render(t).value))
+            .collect();
+        doc.push((
+            "alerting",
+            map(vec![(
+                "alertmanagers",
+                Yaml::List(vec![map(vec![(
+                    "static_configs",
+                    Yaml::List(vec![map(vec![("targets", Yaml::List(targets))])]),
+                )])]),
+            )]),
+        ));
+    }
+    let mut jobs = Vec::new();
+    if !spec.scrape.iter().any(|j| j.job == "prometheus") {
+        jobs.push(map(vec![
+            ("job_name", s("prometheus")),
+            (
+                "static_configs",
+                Yaml::List(vec![map(vec![(
+                    "targets",
+                    Yaml::List(vec![s("localhost:9090")]),
+                )])]),
+            ),
+        ]));
+    }
+    for job in &spec.scrape {
+        let mut j = vec![("job_name", s(job.job.clone()))];
+        if let Some(i) = &job.interval {
+            j.push(("scrape_interval", s(i.get_ref().clone())));
+        }
+        if let Some(p) = &job.metrics_path {
+            j.push(("metrics_path", s(p.clone())));
+        }
+        if !job.targets.is_empty() {
+            let targets = job
+                .targets
+                .iter()
+                .map(|t| s(refs.render(t).value))
+                .collect();
+            j.push((
+                "static_configs",
+                Yaml::List(vec![map(vec![("targets", Yaml::List(targets))])]),
+            ));
+        }
+        if let Some(port) = job.ec2_port {
+            let mut filters = vec![map(vec![
+                ("name", s("instance-state-name")),
+                ("values", Yaml::List(vec![s("running")])),
+            ])];
+            for (k, v) in &job.ec2_tags {
+                filters.push(map(vec![
+                    ("name", s(format!("tag:{k}"))),
+                    ("values", Yaml::List(vec![s(v.clone())])),
+                ]));
+            }
+            j.push((
+                "ec2_sd_configs",
+                Yaml::List(vec![map(vec![
+                    ("region", s(region)),
+                    ("port", Yaml::Int(port.into())),
+                    ("filters", Yaml::List(filters)),
+                ])]),
+            ));
+            // Instances are named by their Name tag, not by their address.
+            j.push((
+                "relabel_configs",
+                Yaml::List(vec![map(vec![
+                    ("source_labels", Yaml::List(vec![s("__meta_ec2_tag_Name")])),
+                    ("target_label", s("instance")),
+                ])]),
+            ));
+        }
+        jobs.push(map(j));
+    }
+    doc.push(("scrape_configs", Yaml::List(jobs)));
+    if let Some(rw) = &spec.remote_write {
+        let rw_region = rw
+            .region
+            .as_ref()
+            .map_or_else(|| region.to_string(), |r| refs.render(r).value);
+        doc.push((
+            "remote_write",
+            Yaml::List(vec![map(vec![
+                ("url", s(refs.render(&rw.url).value)),
+                ("sigv4", map(vec![("region", s(rw_region))])),
+                (
+                    "queue_config",
+                    map(vec![
+                        ("max_samples_per_send", Yaml::Int(1000)),
+                        ("max_shards", Yaml::Int(200)),
+                        ("capacity", Yaml::Int(2500)),
+                    ]),
+                ),
+            ])]),
+        ));
+    }
+    format!(
+        "# Rendered by stackwarden from the desired state; edits on the host are overwritten.\n{}",
+        map(doc).to_text()
+    )
+}
+
+/// The bundle for a Prometheus host: its config and rule files, checked with promtool, applied
+/// with a reload that must leave `prometheus_config_last_reload_successful` at 1.
+pub fn bundle(spec: &PrometheusSpec, refs: &Refs, region: &str) -> Bundle {
+    let config = match &spec.loaded.config {
+        Some(raw) => refs.render(raw).value,
+        None => render(spec, refs, region),
+    };
+    let mut files = BTreeMap::from([(CONFIG_FILE.to_string(), File::new(config))]);
+    for (path, text) in &spec.loaded.rules {
+        files.insert(format!("{CONFIG_DIR}/{path}"), File::new(text.clone()));
+    }
+    let mut validate = vec![format!(
+        "\"$PROMTOOL\" check config \"$stage\"{}",
+        shell_quote(CONFIG_FILE)
+    )];
+    if !spec.loaded.rules.is_empty() {
+        let staged: Vec<String> = spec
+            .loaded
+            .rules
+            .keys()
+            .map(|p| format!("\"$stage\"{}", shell_quote(&format!("{CONFIG_DIR}/{p}"))))
+            .collect();
+        validate.push(format!("\"$PROMTOOL\" check rules {}", staged.join(" ")));
+    }
+    Bundle {
+        name: "prometheus".into(),
+        files,
+        validate,
+        reload: vec![
+            "curl -sS --fail-with-body -X POST \"$PROMETHEUS_URL/-/reload\"".into(),
+            // grep reads everything (no -q): an early exit would fail curl, and the pipe with it.
+            "curl -sS --fail-with-body \"$PROMETHEUS_URL/metrics\" | grep -x 'prometheus_config_last_reload_successful 1' >/dev/null".into(),
+        ],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(text: &str) -> PrometheusSpec {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn renders_jobs_discovery_rules_and_remote_write() {
+        let mut p = spec(
+            r#"
+scrape_interval = "30s"
+external_labels = { cluster = "prod" }
+rule_files = ["rules/node.yml"]
+alertmanagers = ["10.0.0.5:9093"]
+scrape = [
+  { job = "node", ec2_port = 9100, ec2_tags = { Role = "app" } },
+  { job = "api", targets = ["10.0.0.7:8080"], metrics_path = "/internal/metrics" },
+]
+remote_write = { url = "https://aps/ws-1/api/v1/remote_write" }
+"#,
+        );
+        p.loaded
+            .rules
+            .insert("rules/node.yml".into(), "groups: []\n".into());
+        let text = render(&p, &Refs::default(), "eu-west-1");
+        let v: serde_json::Value = marked_yaml::from_yaml(0, &text).unwrap();
+        assert_eq!(v["global"]["scrape_interval"], "30s");
+        assert_eq!(v["global"]["external_labels"]["cluster"], "prod");
+        assert_eq!(v["rule_files"][0], "rules/node.yml");
+        assert_eq!(
+            v["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"][0],
+            "10.0.0.5:9093"
+        );
+        let jobs = v["scrape_configs"].as_array().unwrap();
+        assert_eq!(
+            jobs[0]["job_name"], "prometheus",
+            "the self job comes first"
+        );
+        let node = &jobs[1];
+        assert_eq!(node["ec2_sd_configs"][0]["region"], "eu-west-1");
+        assert_eq!(node["ec2_sd_configs"][0]["port"], "9100");
+        assert_eq!(node["ec2_sd_configs"][0]["filters"][1]["name"], "tag:Role");
+        assert_eq!(node["relabel_configs"][0]["target_label"], "instance");
+        assert_eq!(jobs[2]["metrics_path"], "/internal/metrics");
+        assert_eq!(v["remote_write"][0]["sigv4"]["region"], "eu-west-1");
+    }
+
+    #[test]
+    fn the_bundle_validates_config_and_rules_with_promtool() {
+        let mut p = spec("rule_files = [\"rules/node.yml\"]");
+        p.loaded
+            .rules
+            .insert("rules/node.yml".into(), "groups: []\n".into());
+        let b = bundle(&p, &Refs::default(), "us-east-1");
+        assert!(b.files.contains_key("/etc/prometheus/rules/node.yml"));
+        assert!(b.validate[0].contains("check config"));
+        assert!(b.validate[1].contains("check rules"));
+        assert!(b.reload[1].contains("prometheus_config_last_reload_successful 1"));
+    }
+}

@@ -1,0 +1,84 @@
+# stackwarden push of `@NAME@`, sha256 @HASH@.
+#
+# Installs a set of files on a running host without restarting anything: stages them, validates
+# the staged copy with the tool that owns them, swaps each live file for its new version with a
+# rename beside it, reloads, and checks the reload took. On any failure after the swap it puts
+# the previous files back and reloads again. Every path is under $STACKWARDEN_ROOT (empty on a
+# real host), so tests run this very script in a temporary directory.
+set -uo pipefail
+root="${STACKWARDEN_ROOT:-}"
+PROMETHEUS_URL="${PROMETHEUS_URL:-http://localhost:9090}"
+PROMTOOL="${PROMTOOL:-promtool}"
+export PROMETHEUS_URL PROMTOOL
+state="$root/var/lib/stackwarden"
+stage="$state/stage/@NAME@"
+backup="$state/backup/@NAME@"
+paths=(@PATHS@)
+
+fail() { printf 'stackwarden: %s\n' "$*" >&2; exit 1; }
+
+rm -rf "$stage" "$backup" && mkdir -p "$stage" "$backup" || fail "cannot prepare $state"
+
+# put PATH MODE, with the content as base64 on stdin.
+put() {
+  mkdir -p "$(dirname "$stage$1")" && base64 -d > "$stage$1" && chmod "$2" "$stage$1" \
+    || fail "cannot stage $1"
+}
+@FILES@
+
+validate() {
+  :
+@VALIDATE@
+}
+reload() {
+  :
+@RELOAD@
+}
+
+if ! out=$(validate 2>&1); then
+  rm -rf "$stage"
+  fail "validation failed; nothing was installed:
+$out"
+fi
+
+# Swap: each new file is copied beside the live one, then renamed over it (atomic on one file
+# system). The previous version goes to the backup first; files that did not exist are noted.
+created=()
+for f in "${paths[@]}"; do
+  live="$root$f"
+  mkdir -p "$(dirname "$live")" "$(dirname "$backup$f")" || fail "cannot create $(dirname "$live")"
+  if [ -e "$live" ]; then cp -p "$live" "$backup$f" || fail "cannot back up $f"; else created+=("$f"); fi
+done
+
+restore() {
+  for f in "${paths[@]}"; do
+    live="$root$f"
+    if [ -e "$backup$f" ]; then
+      cp -p "$backup$f" "$live.stackwarden-old" && mv -f "$live.stackwarden-old" "$live"
+    fi
+  done
+  for f in "${created[@]}"; do rm -f "$root$f"; done
+}
+
+for f in "${paths[@]}"; do
+  live="$root$f"
+  if ! { cp -p "$stage$f" "$live.stackwarden-new" && mv -f "$live.stackwarden-new" "$live"; }; then
+    restore
+    fail "cannot install $f; the previous files are back"
+  fi
+done
+
+if ! out=$(reload 2>&1); then
+  restore
+  if again=$(reload 2>&1); then
+    fail "reload failed; the previous files are back and reloaded:
+$out"
+  fi
+  fail "reload failed, and reloading the previous files failed too:
+$out
+$again"
+fi
+
+rm -rf "$stage" "$backup"
+printf '%s\n' "@HASH@" > "$state/@NAME@.sha256"
+echo "stackwarden: installed @NAME@ sha256:@HASH@"
