@@ -6,5 +6,6 @@ mod amg;
 mod bad_input;
 mod emulator;
 mod harness;
+mod hosts;
 mod prometheus;
 mod reconcile;

@@ -36,6 +36,11 @@ impl Prometheus {
             .arg(format!("--storage.tsdb.path={}", data.path().display()))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .arg("--web.enable-lifecycle")
+            // What an instance role gives it on EC2: remote_write with SigV4 needs credentials
+            // to apply the config (sending then fails against the fake AMP URL, harmlessly).
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -495,7 +495,7 @@ async fn wait_active(ctx: &Context, workspace: &str) -> Result<()> {
             .await
             .map_err(grafana_err("DescribeWorkspace"))?;
         match out.workspace().map(|w| w.status().clone()) {
-            Some(WorkspaceStatus::Active) => Ok(Progress::Done),
+            Some(WorkspaceStatus::Active) => Ok(Progress::Done(())),
             Some(WorkspaceStatus::CreationFailed | WorkspaceStatus::Failed) => Err(Error::Invalid(
                 format!("Managed Grafana workspace {workspace} failed to create"),
             )),
@@ -870,8 +870,10 @@ impl Controller for AmgController {
                     manages,
                     format!("Grafana workspace {}", w.id),
                     prune,
-                    || Op::Delete {
-                        workspace: w.id.clone(),
+                    || {
+                        vec![Op::Delete {
+                            workspace: w.id.clone(),
+                        }]
                     },
                 )
             })

@@ -330,7 +330,7 @@ async fn wait_active(ctx: &Context, workspace: &str) -> Result<()> {
             .and_then(|w| w.status())
             .map(|s| s.status_code().clone());
         match status {
-            Some(WorkspaceStatusCode::Active) => Ok(Progress::Done),
+            Some(WorkspaceStatusCode::Active) => Ok(Progress::Done(())),
             Some(WorkspaceStatusCode::CreationFailed) => Err(Error::Invalid(format!(
                 "workspace {workspace} failed to create"
             ))),
@@ -653,8 +653,10 @@ impl Controller for AmpController {
                     manages,
                     format!("workspace {}", w.id),
                     prune,
-                    || Op::DeleteWorkspace {
-                        workspace: w.id.clone(),
+                    || {
+                        vec![Op::DeleteWorkspace {
+                            workspace: w.id.clone(),
+                        }]
                     },
                 )
             })
@@ -921,7 +923,7 @@ async fn settle_alertmanager(ctx: &Context, workspace: &str, arn: &str, data: &s
     wait_until(ctx, &what, || async {
         let definition = describe_alertmanager(ctx, workspace).await?;
         match definition.as_ref().map(|d| d.status.as_str()) {
-            Some("ACTIVE") => Ok(Progress::Done),
+            Some("ACTIVE") => Ok(Progress::Done(())),
             Some(failed @ ("CREATION_FAILED" | "UPDATE_FAILED")) => {
                 let reason = definition
                     .as_ref()

@@ -158,7 +158,7 @@ pub fn diff_field<Op>(
 }
 
 /// The change for an object the stack owns (by its tags) that no desired resource of `kind`
-/// manages any more: orphaned, or deleted with the operation `delete` makes under `prune`.
+/// manages any more: orphaned, or deleted with the operations `delete` makes under `prune`.
 /// None when the object is not the stack's, or some desired resource manages or adopts it
 /// (`manages`).
 pub fn removal<Op>(
@@ -168,7 +168,7 @@ pub fn removal<Op>(
     manages: impl Fn(&Resource) -> bool,
     label: String,
     prune: bool,
-    delete: impl FnOnce() -> Op,
+    delete: impl FnOnce() -> Vec<Op>,
 ) -> Option<Change<Op>> {
     let id = owner_id(tags, desired.stack_name())?;
     if desired.of_kind(kind).any(manages) {
@@ -181,7 +181,7 @@ pub fn removal<Op>(
     };
     let mut c = Change::new(id, action, label);
     if prune {
-        c.op(delete());
+        c.ops = delete();
     }
     Some(c)
 }

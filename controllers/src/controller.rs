@@ -23,6 +23,8 @@ pub struct Context {
     pub amp: aws_sdk_amp::Client,
     pub grafana: aws_sdk_grafana::Client,
     pub sts: aws_sdk_sts::Client,
+    pub ec2: aws_sdk_ec2::Client,
+    pub ssm: aws_sdk_ssm::Client,
     pub region: String,
     pub waits: Waits,
     /// The account id, asked of STS the first time an ARN must be built (Managed Grafana
@@ -42,17 +44,23 @@ impl Context {
         let mut amp = aws_sdk_amp::config::Builder::from(sdk);
         let mut grafana = aws_sdk_grafana::config::Builder::from(sdk);
         let mut sts = aws_sdk_sts::config::Builder::from(sdk);
+        let mut ec2 = aws_sdk_ec2::config::Builder::from(sdk);
+        let mut ssm = aws_sdk_ssm::config::Builder::from(sdk);
         for i in interceptors {
             iam.push_interceptor(i.clone());
             amp.push_interceptor(i.clone());
             grafana.push_interceptor(i.clone());
-            sts.push_interceptor(i);
+            sts.push_interceptor(i.clone());
+            ec2.push_interceptor(i.clone());
+            ssm.push_interceptor(i);
         }
         Context {
             iam: aws_sdk_iam::Client::from_conf(iam.build()),
             amp: aws_sdk_amp::Client::from_conf(amp.build()),
             grafana: aws_sdk_grafana::Client::from_conf(grafana.build()),
             sts: aws_sdk_sts::Client::from_conf(sts.build()),
+            ec2: aws_sdk_ec2::Client::from_conf(ec2.build()),
+            ssm: aws_sdk_ssm::Client::from_conf(ssm.build()),
             region: sdk.region().map(|r| r.to_string()).unwrap_or_default(),
             waits,
             account: Default::default(),
@@ -76,23 +84,27 @@ impl Context {
     }
 }
 
-/// What one look at asynchronous work saw: done, or still in this status.
-pub enum Progress {
-    Done,
+/// What one look at asynchronous work saw: done (with what it found), or still in this status.
+pub enum Progress<T = ()> {
+    Done(T),
     Waiting(String),
 }
 
 /// Polls `look` every `ctx.waits.poll` until it reports done (or an error), logging progress.
 /// Still waiting after `ctx.waits.timeout` is [`crate::Error::Pending`]: the next pass goes on.
-pub async fn wait_until<F, Fut>(ctx: &Context, what: &str, mut look: F) -> crate::error::Result<()>
+pub async fn wait_until<T, F, Fut>(
+    ctx: &Context,
+    what: &str,
+    mut look: F,
+) -> crate::error::Result<T>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = crate::error::Result<Progress>>,
+    Fut: std::future::Future<Output = crate::error::Result<Progress<T>>>,
 {
     let start = tokio::time::Instant::now();
     loop {
         match look().await? {
-            Progress::Done => return Ok(()),
+            Progress::Done(v) => return Ok(v),
             Progress::Waiting(status) => {
                 if start.elapsed() > ctx.waits.timeout {
                     return Err(crate::error::Error::Pending(format!(

@@ -36,6 +36,7 @@ pub fn controllers() -> Vec<Box<dyn DynController>> {
         Box::new(iam::IamController),
         Box::new(amp::AmpController),
         Box::new(amg::AmgController),
+        Box::new(host::HostController),
     ]
 }
 

@@ -61,6 +61,9 @@ pub struct Settings {
     pub refresh_polls: u32,
     /// When set, every instance without an explicit sandbox gets `<dir>/<instance-id>`.
     pub sandbox_dir: Option<PathBuf>,
+    /// When set (and `sandbox_dir` is not), every instance without an explicit sandbox runs in
+    /// this one directory: for tests with one host whose id is not known in advance.
+    pub shared_sandbox: Option<PathBuf>,
     /// Environment for every command run in a sandbox (such as `PROMETHEUS_URL`).
     pub sandbox_env: BTreeMap<String, String>,
     /// What happens to commands sent to an instance without a sandbox.
@@ -75,6 +78,7 @@ impl Default for Settings {
             transition_delay: Duration::from_millis(200),
             refresh_polls: 3,
             sandbox_dir: None,
+            shared_sandbox: None,
             sandbox_env: BTreeMap::new(),
             unsandboxed: Unsandboxed::Succeed,
             seed: 1,
@@ -132,9 +136,13 @@ impl State {
     pub(crate) fn sandbox(&self, instance: &str) -> Option<Sandbox> {
         let settings = self.settings();
         let explicit = lock(&self.sandboxes).get(instance).cloned();
+        let automatic = settings
+            .sandbox_dir
+            .map(|dir| dir.join(instance))
+            .or(settings.shared_sandbox);
         let mut sandbox = explicit.or_else(|| {
-            settings.sandbox_dir.map(|dir| Sandbox {
-                root: dir.join(instance),
+            automatic.map(|root| Sandbox {
+                root,
                 env: BTreeMap::new(),
             })
         })?;

@@ -27,6 +27,9 @@ struct Args {
     /// Give every instance without an explicit sandbox the directory <DIR>/<instance-id>.
     #[arg(long)]
     sandbox_dir: Option<PathBuf>,
+    /// Run the commands of every instance without a sandbox in this one directory.
+    #[arg(long, conflicts_with = "sandbox_dir")]
+    shared_sandbox: Option<PathBuf>,
     /// Environment for commands run in sandboxes, KEY=VALUE (repeatable).
     #[arg(long = "sandbox-env", value_parser = key_value)]
     sandbox_env: Vec<(String, String)>,
@@ -80,6 +83,7 @@ fn main() -> anyhow::Result<()> {
         transition_delay: std::time::Duration::from_millis(args.transition_delay_ms),
         refresh_polls: args.refresh_polls,
         sandbox_dir: args.sandbox_dir,
+        shared_sandbox: args.shared_sandbox,
         sandbox_env: args.sandbox_env.into_iter().collect(),
         unsandboxed: args.unsandboxed,
         ..Settings::default()

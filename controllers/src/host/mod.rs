@@ -1,6 +1,9 @@
-//! Generic EC2 hosts (the Prometheus host is one, with a `prometheus` table): schema and offline
-//! checks. The controller that reconciles hosts, their volumes and the config pushed over SSM is
-//! not part of this version; `plan` says so for every `host` resource.
+//! Generic EC2 hosts (the Prometheus host is one, with a `prometheus` table): the schema and its
+//! offline checks here, the controller in `controller.rs`.
+
+mod controller;
+
+pub use controller::HostController;
 
 use std::collections::BTreeMap;
 
@@ -16,7 +19,8 @@ pub struct HostSpec {
     /// A literal AMI id or `resolve:ssm:<public parameter>`.
     pub ami: String,
     pub instance_type: String,
-    pub subnet: String,
+    /// Defaults to the default subnet of the region's default VPC in its first zone.
+    pub subnet: Option<String>,
     /// Instance profile name, usually `${iam.instance_profile.<name>.name}`.
     pub instance_profile: Option<String>,
     /// First-boot script (file); changing it never recreates the instance.
@@ -28,6 +32,9 @@ pub struct HostSpec {
     pub volumes: Vec<VolumeSpec>,
     pub prometheus: Option<PrometheusSpec>,
     pub tags: Option<Spanned<BTreeMap<String, String>>>,
+    /// The user data file's content, read by `validate`.
+    #[serde(skip)]
+    pub loaded_user_data: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -133,6 +140,27 @@ pub struct RemoteWrite {
     pub region: Option<String>,
 }
 
+/// `family.size`: letters and digits, a dot, letters and digits (`t3.medium`, `m7g.2xlarge`).
+pub fn valid_instance_type(t: &str) -> bool {
+    let Some((family, size)) = t.split_once('.') else {
+        return false;
+    };
+    let ok = |p: &str| {
+        !p.is_empty()
+            && p.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    };
+    ok(family) && ok(size) && family.starts_with(|c: char| c.is_ascii_lowercase())
+}
+
+/// Data volumes take `/dev/sd[f-p]` or `/dev/xvd[f-p]`, the names EC2 recommends for EBS.
+pub fn valid_device(d: &str) -> bool {
+    let letter = d
+        .strip_prefix("/dev/sd")
+        .or_else(|| d.strip_prefix("/dev/xvd"));
+    matches!(letter, Some(l) if l.len() == 1 && ('f'..='p').contains(&l.chars().next().unwrap_or('a')))
+}
+
 impl HostSpec {
     pub fn validate(&mut self, v: &mut Validator<'_>) {
         if !(self.ami.starts_with("ami-")
@@ -144,10 +172,28 @@ impl HostSpec {
                 self.ami
             ));
         }
-        if let Some(u) = &self.user_data {
-            v.read(u);
+        if !valid_instance_type(&self.instance_type) && !self.instance_type.contains("${") {
+            v.here(format!(
+                "instance_type `{}` is not an EC2 instance type (family.size, such as t3.medium)",
+                self.instance_type
+            ));
         }
+        if let Some(u) = &self.user_data {
+            if let Some(file) = v.read(u) {
+                self.loaded_user_data = Some(file.text().to_string());
+            }
+        }
+        let mut devices = std::collections::BTreeSet::new();
         for vol in &self.volumes {
+            if !valid_device(&vol.device) {
+                v.here(format!(
+                    "volume device `{}` is not a data device name (/dev/sdf to /dev/sdp, or /dev/xvdf to /dev/xvdp)",
+                    vol.device
+                ));
+            }
+            if !devices.insert(vol.device.as_str()) {
+                v.here(format!("two volumes use the device `{}`", vol.device));
+            }
             let size = *vol.size_gib.get_ref();
             if !(1..=16384).contains(&size) {
                 v.error(

@@ -1,0 +1,1604 @@
+//! The host controller: an EC2 instance with its security group and EBS data volumes, and the
+//! Prometheus config pushed to it over SSM Run Command.
+//!
+//! Everything is found by ownership tags: the instance and the security group carry the host's
+//! address, each data volume also its device (`stackwarden:device`). Volumes are separate from
+//! the instance (never deleted with it), so a terminated instance is replaced and the volumes,
+//! the Prometheus TSDB on them included, are attached to the replacement.
+//!
+//! # Guarantees
+//! - User data is first-boot only: changing it never replaces an instance (plan says so), and
+//!   neither does an AMI change.
+//! - A config is pushed only when the hash recorded on the instance (tag
+//!   `stackwarden:prometheus`) differs from the desired bundle's, so a converged pass sends no
+//!   SSM command. The tag is written only after the push succeeded on the host.
+//! - Creates re-discover by tag before running, so a crash between two steps of a launch leaves
+//!   objects the next pass completes, never duplicates (moto, like some AWS paths, ignores the
+//!   RunInstances client token).
+//!
+//! # Caveats
+//! - A volume is never shrunk: a smaller desired size is a terminal error at plan time.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use async_trait::async_trait;
+use aws_sdk_ec2::types::{
+    Filter, HttpTokensState, IamInstanceProfileSpecification, InstanceMetadataOptionsRequest,
+    InstanceStateName, InstanceType, IpPermission, IpRange, ResourceType, Tag, TagSpecification,
+    UserIdGroupPair, VolumeType,
+};
+use base64::Engine as _;
+
+use super::{HostSpec, VolumeSpec};
+use crate::change::{removal, Action, Change};
+use crate::controller::{wait_until, Context, Controller, Progress};
+use crate::desired::{DesiredState, Resource, Spec, TAG_STACK};
+use crate::error::{aws_error, Error, Result};
+use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
+use crate::push::{self, Bundle};
+use crate::tags::{self, owner_id, Tags};
+
+/// Volume tag: the device the volume belongs at.
+pub const TAG_DEVICE: &str = "stackwarden:device";
+/// Instance tag: the sha256 of the Prometheus bundle installed on the host.
+pub const TAG_PROMETHEUS: &str = "stackwarden:prometheus";
+
+// ---------------------------------------------------------------------------------------------
+// Observed state
+
+#[derive(Debug, Clone, Default)]
+pub struct ObservedInstance {
+    pub id: String,
+    pub state: String,
+    pub instance_type: String,
+    pub image_id: String,
+    pub subnet_id: String,
+    pub zone: String,
+    pub private_ip: String,
+    pub public_ip: String,
+    pub private_dns: String,
+    pub security_groups: Vec<String>,
+    pub tags: Tags,
+}
+
+/// One ingress rule as EC2 keeps it: protocol, port range, one source.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rule {
+    pub protocol: String,
+    pub from: i32,
+    pub to: i32,
+    pub source: Source,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Source {
+    Cidr(String),
+    Group(String),
+}
+
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ports = if self.from == self.to {
+            self.from.to_string()
+        } else {
+            format!("{}-{}", self.from, self.to)
+        };
+        let source = match &self.source {
+            Source::Cidr(c) => c.clone(),
+            Source::Group(g) => g.clone(),
+        };
+        write!(f, "{}/{ports} from {source}", self.protocol)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ObservedGroup {
+    pub id: String,
+    pub vpc: String,
+    pub tags: Tags,
+    pub ingress: BTreeSet<Rule>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ObservedVolume {
+    pub id: String,
+    pub size: i32,
+    pub volume_type: String,
+    pub iops: Option<i32>,
+    pub throughput: Option<i32>,
+    pub encrypted: bool,
+    pub zone: String,
+    pub state: String,
+    /// (instance, device) while attached.
+    pub attachment: Option<(String, String)>,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    pub region: String,
+    pub instances: Vec<ObservedInstance>,
+    pub groups: Vec<ObservedGroup>,
+    pub volumes: Vec<ObservedVolume>,
+    /// Subnet id → (VPC, zone), for the subnets the desired hosts name.
+    pub subnets: BTreeMap<String, (String, String)>,
+    /// The default VPC's default subnet in its first zone, when a host names no subnet.
+    pub default_subnet: Option<String>,
+}
+
+fn owned(tags: &Tags, desired: &DesiredState, id: &ResourceId) -> bool {
+    tags::owned_by(tags, desired.stack_name(), id)
+}
+
+impl Observed {
+    pub fn instance(&self, desired: &DesiredState, r: &Resource) -> Option<&ObservedInstance> {
+        self.instances
+            .iter()
+            .find(|i| owned(&i.tags, desired, &r.id))
+    }
+
+    pub fn group(&self, desired: &DesiredState, r: &Resource) -> Option<&ObservedGroup> {
+        self.groups.iter().find(|g| owned(&g.tags, desired, &r.id))
+    }
+
+    pub fn volume(
+        &self,
+        desired: &DesiredState,
+        r: &Resource,
+        device: &str,
+    ) -> Option<&ObservedVolume> {
+        self.volumes.iter().find(|v| {
+            owned(&v.tags, desired, &r.id)
+                && v.tags.get(TAG_DEVICE).map(String::as_str) == Some(device)
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations
+
+/// A data volume to create (or, with `existing`, to attach as it is).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VolumePlan {
+    pub existing: Option<String>,
+    pub device: String,
+    pub size: i32,
+    pub volume_type: String,
+    pub iops: Option<i32>,
+    pub throughput: Option<i32>,
+    pub encrypted: bool,
+    pub kms_key_id: Option<String>,
+    pub tags: Tags,
+}
+
+/// Everything a new (or replacement) instance needs, in one operation: the next steps need the
+/// ids the earlier ones create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Launch {
+    /// An existing security group, or the one to create with its rules.
+    pub group: Option<String>,
+    pub group_name: String,
+    pub vpc: String,
+    pub group_tags: Tags,
+    pub rules: Vec<Rule>,
+    pub volumes: Vec<VolumePlan>,
+    pub ami: String,
+    pub instance_type: String,
+    pub subnet: String,
+    pub instance_profile: Option<String>,
+    pub user_data: Option<String>,
+    pub key_name: Option<String>,
+    pub tags: Tags,
+    pub push: Option<PushPlan>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PushPlan {
+    pub name: String,
+    pub script: String,
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    Launch(Box<Launch>),
+    Start {
+        instance: String,
+    },
+    /// Stop, change the type, start: in place.
+    Resize {
+        instance: String,
+        instance_type: String,
+    },
+    Authorize {
+        group: String,
+        rules: Vec<Rule>,
+    },
+    Revoke {
+        group: String,
+        rules: Vec<Rule>,
+    },
+    /// Creates (or takes the existing) volume and attaches it.
+    AttachVolume {
+        instance: String,
+        zone: String,
+        volume: VolumePlan,
+    },
+    ModifyVolume {
+        volume: String,
+        size: i32,
+        volume_type: String,
+        iops: Option<i32>,
+        throughput: Option<i32>,
+    },
+    Tag {
+        resource: String,
+        tags: Tags,
+    },
+    Untag {
+        resource: String,
+        keys: Vec<String>,
+    },
+    Push {
+        instance: String,
+        push: PushPlan,
+    },
+    Terminate {
+        instance: String,
+    },
+    DeleteVolume {
+        volume: String,
+    },
+    DeleteGroup {
+        group: String,
+    },
+}
+
+// ---------------------------------------------------------------------------------------------
+// Desired values
+
+fn ec2_err<E, R>(
+    op: &'static str,
+) -> impl FnOnce(aws_smithy_runtime_api::client::result::SdkError<E, R>) -> Error
+where
+    E: aws_smithy_types::error::metadata::ProvideErrorMetadata
+        + std::error::Error
+        + Send
+        + Sync
+        + 'static,
+    R: crate::error::HttpStatus + std::fmt::Debug,
+{
+    aws_error("ec2", op)
+}
+
+fn desired_rules(s: &HostSpec, refs: &Refs) -> BTreeSet<Rule> {
+    let mut rules = BTreeSet::new();
+    for r in &s.security_group.ingress {
+        let (from, to) = (i32::from(r.port), i32::from(r.to_port.unwrap_or(r.port)));
+        for c in &r.cidrs {
+            rules.insert(Rule {
+                protocol: r.protocol.clone(),
+                from,
+                to,
+                source: Source::Cidr(c.clone()),
+            });
+        }
+        for g in &r.security_groups {
+            rules.insert(Rule {
+                protocol: r.protocol.clone(),
+                from,
+                to,
+                source: Source::Group(refs.render(g).value),
+            });
+        }
+    }
+    rules
+}
+
+fn volume_plan(desired: &DesiredState, r: &Resource, v: &VolumeSpec) -> VolumePlan {
+    let mut tags = desired.tags_for(&r.id, &BTreeMap::new());
+    tags.insert(TAG_DEVICE.into(), v.device.clone());
+    tags.insert(
+        "Name".into(),
+        format!(
+            "{}{}",
+            desired.default_name(&r.id),
+            v.device.replace('/', "-")
+        ),
+    );
+    VolumePlan {
+        existing: None,
+        device: v.device.clone(),
+        size: *v.size_gib.get_ref() as i32,
+        volume_type: v.r#type.clone(),
+        iops: v.iops,
+        throughput: v.throughput,
+        encrypted: v.encrypted,
+        kms_key_id: v.kms_key_id.clone(),
+        tags,
+    }
+}
+
+fn push_plan(s: &HostSpec, refs: &Refs, region: &str) -> Result<Option<(PushPlan, Bundle)>> {
+    let Some(p) = &s.prometheus else {
+        return Ok(None);
+    };
+    let bundle = push::prometheus::bundle(p, refs, region);
+    let script = bundle.script();
+    if script.len() > push::MAX_SCRIPT_BYTES {
+        return Err(Error::Invalid(format!(
+            "the Prometheus config and rule files make a {} KiB push, over the {} KiB a Run Command can carry; split the rule files across fewer, smaller files or trim them",
+            script.len() / 1024,
+            push::MAX_SCRIPT_BYTES / 1024
+        )));
+    }
+    Ok(Some((
+        PushPlan {
+            name: bundle.name.clone(),
+            hash: bundle.hash(),
+            script,
+        },
+        bundle,
+    )))
+}
+
+fn short(hash: &str) -> String {
+    format!("sha256:{}", &hash[..hash.len().min(12)])
+}
+
+// ---------------------------------------------------------------------------------------------
+// The controller
+
+pub struct HostController;
+
+#[async_trait]
+impl Controller for HostController {
+    type Observed = Observed;
+    type Op = Op;
+
+    fn kinds(&self) -> &'static [Kind] {
+        &[Kind::Host]
+    }
+
+    async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Observed> {
+        let stack = Filter::builder()
+            .name(format!("tag:{TAG_STACK}"))
+            .values(desired.stack_name())
+            .build();
+        let live = Filter::builder()
+            .name("instance-state-name")
+            .set_values(Some(
+                ["pending", "running", "stopping", "stopped"]
+                    .map(String::from)
+                    .to_vec(),
+            ))
+            .build();
+        let mut obs = Observed {
+            region: ctx.region.clone(),
+            ..Default::default()
+        };
+
+        let mut pages = ctx
+            .ec2
+            .describe_instances()
+            .filters(stack.clone())
+            .filters(live)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(ec2_err("DescribeInstances"))?;
+            for i in page.reservations().iter().flat_map(|r| r.instances()) {
+                obs.instances.push(ObservedInstance {
+                    id: i.instance_id().unwrap_or_default().into(),
+                    state: i
+                        .state()
+                        .and_then(|s| s.name())
+                        .map(|n| n.as_str().to_string())
+                        .unwrap_or_default(),
+                    instance_type: i
+                        .instance_type()
+                        .map(|t| t.as_str().to_string())
+                        .unwrap_or_default(),
+                    image_id: i.image_id().unwrap_or_default().into(),
+                    subnet_id: i.subnet_id().unwrap_or_default().into(),
+                    zone: i
+                        .placement()
+                        .and_then(|p| p.availability_zone())
+                        .unwrap_or_default()
+                        .into(),
+                    private_ip: i.private_ip_address().unwrap_or_default().into(),
+                    public_ip: i.public_ip_address().unwrap_or_default().into(),
+                    private_dns: i.private_dns_name().unwrap_or_default().into(),
+                    security_groups: i
+                        .security_groups()
+                        .iter()
+                        .filter_map(|g| g.group_id())
+                        .map(String::from)
+                        .collect(),
+                    tags: i
+                        .tags()
+                        .iter()
+                        .map(|t| {
+                            (
+                                t.key().unwrap_or_default().into(),
+                                t.value().unwrap_or_default().into(),
+                            )
+                        })
+                        .collect(),
+                });
+            }
+        }
+
+        let mut pages = ctx
+            .ec2
+            .describe_security_groups()
+            .filters(stack.clone())
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(ec2_err("DescribeSecurityGroups"))?;
+            for g in page.security_groups() {
+                let mut ingress = BTreeSet::new();
+                for p in g.ip_permissions() {
+                    let protocol = p.ip_protocol().unwrap_or_default().to_string();
+                    let (from, to) = (p.from_port().unwrap_or(-1), p.to_port().unwrap_or(-1));
+                    for r in p.ip_ranges() {
+                        ingress.insert(Rule {
+                            protocol: protocol.clone(),
+                            from,
+                            to,
+                            source: Source::Cidr(r.cidr_ip().unwrap_or_default().into()),
+                        });
+                    }
+                    for pair in p.user_id_group_pairs() {
+                        ingress.insert(Rule {
+                            protocol: protocol.clone(),
+                            from,
+                            to,
+                            source: Source::Group(pair.group_id().unwrap_or_default().into()),
+                        });
+                    }
+                }
+                obs.groups.push(ObservedGroup {
+                    id: g.group_id().unwrap_or_default().into(),
+                    vpc: g.vpc_id().unwrap_or_default().into(),
+                    tags: g
+                        .tags()
+                        .iter()
+                        .map(|t| {
+                            (
+                                t.key().unwrap_or_default().into(),
+                                t.value().unwrap_or_default().into(),
+                            )
+                        })
+                        .collect(),
+                    ingress,
+                });
+            }
+        }
+
+        let mut pages = ctx
+            .ec2
+            .describe_volumes()
+            .filters(stack)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(ec2_err("DescribeVolumes"))?;
+            for v in page.volumes() {
+                let attachment = v.attachments().iter().find(|a| {
+                    !matches!(
+                        a.state().map(|s| s.as_str()),
+                        Some("detaching" | "detached")
+                    )
+                });
+                obs.volumes.push(ObservedVolume {
+                    id: v.volume_id().unwrap_or_default().into(),
+                    size: v.size().unwrap_or_default(),
+                    volume_type: v
+                        .volume_type()
+                        .map(|t| t.as_str().to_string())
+                        .unwrap_or_default(),
+                    iops: v.iops(),
+                    throughput: v.throughput(),
+                    encrypted: v.encrypted().unwrap_or_default(),
+                    zone: v.availability_zone().unwrap_or_default().into(),
+                    state: v
+                        .state()
+                        .map(|s| s.as_str().to_string())
+                        .unwrap_or_default(),
+                    attachment: attachment.map(|a| {
+                        (
+                            a.instance_id().unwrap_or_default().into(),
+                            a.device().unwrap_or_default().into(),
+                        )
+                    }),
+                    tags: v
+                        .tags()
+                        .iter()
+                        .map(|t| {
+                            (
+                                t.key().unwrap_or_default().into(),
+                                t.value().unwrap_or_default().into(),
+                            )
+                        })
+                        .collect(),
+                });
+            }
+        }
+
+        // The subnets hosts name (literally), and the default one when some host names none.
+        let hosts: Vec<&HostSpec> = desired
+            .of_kind(Kind::Host)
+            .filter_map(|r| match &r.spec {
+                Spec::Host(h) => Some(h),
+                _ => None,
+            })
+            .collect();
+        let named: Vec<String> = hosts
+            .iter()
+            .filter_map(|h| h.subnet.clone())
+            .filter(|s| !s.contains("${"))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut lookups = Vec::new();
+        if !named.is_empty() {
+            lookups.push(
+                Filter::builder()
+                    .name("subnet-id")
+                    .set_values(Some(named))
+                    .build(),
+            );
+        }
+        if hosts.iter().any(|h| h.subnet.is_none()) {
+            lookups.push(
+                Filter::builder()
+                    .name("default-for-az")
+                    .values("true")
+                    .build(),
+            );
+        }
+        for filter in lookups {
+            let defaults = filter.name() == Some("default-for-az");
+            let out = ctx
+                .ec2
+                .describe_subnets()
+                .filters(filter)
+                .send()
+                .await
+                .map_err(ec2_err("DescribeSubnets"))?;
+            let mut found: Vec<(String, String, String)> = out
+                .subnets()
+                .iter()
+                .map(|s| {
+                    (
+                        s.availability_zone().unwrap_or_default().to_string(),
+                        s.subnet_id().unwrap_or_default().to_string(),
+                        s.vpc_id().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect();
+            found.sort();
+            if defaults {
+                obs.default_subnet = found.first().map(|(_, id, _)| id.clone());
+            }
+            for (zone, id, vpc) in found {
+                obs.subnets.insert(id, (vpc, zone));
+            }
+        }
+        Ok(obs)
+    }
+
+    fn outputs(&self, desired: &DesiredState, obs: &Observed) -> Vec<(ResourceId, Outputs)> {
+        desired
+            .of_kind(Kind::Host)
+            .filter_map(|r| {
+                let i = obs.instance(desired, r)?;
+                let mut out = Outputs::from([
+                    ("instance_id".into(), i.id.clone()),
+                    ("private_ip".into(), i.private_ip.clone()),
+                    ("public_ip".into(), i.public_ip.clone()),
+                    ("private_dns".into(), i.private_dns.clone()),
+                ]);
+                if let Some(g) = obs.group(desired, r) {
+                    out.insert("security_group_id".into(), g.id.clone());
+                }
+                Some((r.id.clone(), out))
+            })
+            .collect()
+    }
+
+    fn diff(
+        &self,
+        desired: &DesiredState,
+        r: &Resource,
+        obs: &Observed,
+        refs: &Refs,
+    ) -> Result<Option<Change<Op>>> {
+        let Spec::Host(s) = &r.spec else {
+            return Ok(None);
+        };
+        let name = desired.default_name(&r.id);
+        let mut tags = desired.tags_for(
+            &r.id,
+            &s.tags
+                .as_ref()
+                .map(|t| t.get_ref().clone())
+                .unwrap_or_default(),
+        );
+        tags.entry("Name".into()).or_insert_with(|| name.clone());
+        let rules = desired_rules(s, refs);
+        let push = push_plan(s, refs, &obs.region)?;
+        let group = obs.group(desired, r);
+
+        let Some(inst) = obs.instance(desired, r) else {
+            // New, or replacing a terminated instance: the volumes it had are attached again.
+            let subnet = match &s.subnet {
+                Some(sn) => refs.render(sn).value,
+                None => obs.default_subnet.clone().ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "{}: no `subnet` given and the region has no default VPC subnet",
+                        r.id
+                    ))
+                })?,
+            };
+            let vpc = s
+                .security_group
+                .vpc
+                .as_ref()
+                .map(|v| refs.render(v).value)
+                .or_else(|| obs.subnets.get(&subnet).map(|(vpc, _)| vpc.clone()))
+                .unwrap_or_else(|| KNOWN_AFTER_APPLY.to_string());
+            let volumes: Vec<VolumePlan> = s
+                .volumes
+                .iter()
+                .map(|v| {
+                    let mut plan = volume_plan(desired, r, v);
+                    plan.existing = obs.volume(desired, r, &v.device).map(|o| o.id.clone());
+                    plan
+                })
+                .collect();
+            let replacing = volumes.iter().any(|v| v.existing.is_some());
+            let mut c = Change::new(r.id.clone(), Action::Create, format!("host {name}"));
+            if replacing {
+                c.notes.push("the instance is gone: a new one is launched and the existing data volumes are attached to it".into());
+            }
+            c.field("instance_type", None, Some(s.instance_type.clone()));
+            c.field("ami", None, Some(s.ami.clone()));
+            c.field("subnet", None, Some(subnet.clone()));
+            if group.is_none() {
+                c.field(
+                    "security_group.ingress",
+                    None,
+                    Some(
+                        rules
+                            .iter()
+                            .map(Rule::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    ),
+                );
+            }
+            for v in &volumes {
+                let what = match &v.existing {
+                    Some(id) => format!("{id} (kept)"),
+                    None => format!("{} GiB {}", v.size, v.volume_type),
+                };
+                c.field(format!("volume {}", v.device), None, Some(what));
+            }
+            if let Some((p, _)) = &push {
+                c.field("prometheus", None, Some(short(&p.hash)));
+            }
+            let mut group_tags = desired.tags_for(&r.id, &BTreeMap::new());
+            group_tags.insert("Name".into(), name.clone());
+            c.op(Op::Launch(Box::new(Launch {
+                group: group.map(|g| g.id.clone()),
+                group_name: name.clone(),
+                vpc,
+                group_tags,
+                rules: rules.into_iter().collect(),
+                volumes,
+                ami: refs.render(&s.ami).value,
+                instance_type: s.instance_type.clone(),
+                subnet,
+                instance_profile: s.instance_profile.as_ref().map(|p| refs.render(p).value),
+                user_data: s.loaded_user_data.clone(),
+                key_name: s.key_name.clone(),
+                tags,
+                push: push.map(|(p, _)| p),
+            })));
+            return Ok(Some(c));
+        };
+
+        let mut c = Change::new(
+            r.id.clone(),
+            Action::Update,
+            format!("host {name} ({})", inst.id),
+        );
+        if s.loaded_user_data.is_some() {
+            // Nothing records what user data an instance booted with cheaply; say what happens.
+            c.notes.push(
+                "user data is first-boot only: a change to it never replaces the instance".into(),
+            );
+        }
+        if s.ami.starts_with("ami-") && s.ami != inst.image_id {
+            c.notes.push(format!(
+                "the instance runs {}; an AMI change does not replace it",
+                inst.image_id
+            ));
+        }
+        match inst.state.as_str() {
+            "stopped" | "stopping" => {
+                c.field("state", Some(inst.state.clone()), Some("running".into()));
+                c.op(Op::Start {
+                    instance: inst.id.clone(),
+                });
+            }
+            _ => {}
+        }
+        if inst.instance_type != s.instance_type {
+            c.field(
+                "instance_type",
+                Some(inst.instance_type.clone()),
+                Some(s.instance_type.clone()),
+            );
+            c.op(Op::Resize {
+                instance: inst.id.clone(),
+                instance_type: s.instance_type.clone(),
+            });
+        }
+        let (set, remove) = tags::diff(&inst.tags, &{
+            let mut want = tags.clone();
+            if let Some(h) = inst.tags.get(TAG_PROMETHEUS) {
+                want.insert(TAG_PROMETHEUS.into(), h.clone());
+            }
+            want
+        });
+        if !set.is_empty() || !remove.is_empty() {
+            c.field(
+                "tags",
+                Some(tags::show(&inst.tags)),
+                Some(tags::show(&tags)),
+            );
+        }
+        if !set.is_empty() {
+            c.op(Op::Tag {
+                resource: inst.id.clone(),
+                tags: set,
+            });
+        }
+        if !remove.is_empty() {
+            c.op(Op::Untag {
+                resource: inst.id.clone(),
+                keys: remove,
+            });
+        }
+        if let Some(g) = group {
+            let add: Vec<Rule> = rules.difference(&g.ingress).cloned().collect();
+            let extra: Vec<Rule> = g.ingress.difference(&rules).cloned().collect();
+            if !add.is_empty() || !extra.is_empty() {
+                let show = |r: &BTreeSet<Rule>| {
+                    r.iter().map(Rule::to_string).collect::<Vec<_>>().join(", ")
+                };
+                c.field(
+                    "security_group.ingress",
+                    Some(show(&g.ingress)),
+                    Some(show(&rules)),
+                );
+            }
+            if !extra.is_empty() {
+                c.op(Op::Revoke {
+                    group: g.id.clone(),
+                    rules: extra,
+                });
+            }
+            if !add.is_empty() {
+                c.op(Op::Authorize {
+                    group: g.id.clone(),
+                    rules: add,
+                });
+            }
+        }
+        for v in &s.volumes {
+            let want = volume_plan(desired, r, v);
+            match obs.volume(desired, r, &v.device) {
+                None => {
+                    c.field(
+                        format!("volume {}", v.device),
+                        None,
+                        Some(format!("{} GiB {}", want.size, want.volume_type)),
+                    );
+                    c.op(Op::AttachVolume {
+                        instance: inst.id.clone(),
+                        zone: inst.zone.clone(),
+                        volume: want,
+                    });
+                }
+                Some(have) => {
+                    if want.size < have.size {
+                        return Err(Error::Invalid(format!(
+                            "{}: volume {} is {} GiB and the desired state says {} GiB; EBS volumes cannot shrink",
+                            r.id, v.device, have.size, want.size
+                        )));
+                    }
+                    let modified = want.size != have.size
+                        || want.volume_type != have.volume_type
+                        || (want.iops.is_some() && want.iops != have.iops)
+                        || (want.throughput.is_some() && want.throughput != have.throughput);
+                    if modified {
+                        c.field(
+                            format!("volume {}", v.device),
+                            Some(format!("{} GiB {}", have.size, have.volume_type)),
+                            Some(format!("{} GiB {}", want.size, want.volume_type)),
+                        );
+                        c.op(Op::ModifyVolume {
+                            volume: have.id.clone(),
+                            size: want.size,
+                            volume_type: want.volume_type.clone(),
+                            iops: want.iops,
+                            throughput: want.throughput,
+                        });
+                    }
+                    let attached_here =
+                        have.attachment.as_ref().is_some_and(|(i, _)| i == &inst.id);
+                    if !attached_here {
+                        c.field(
+                            format!("volume {}", v.device),
+                            Some(format!("{} (detached)", have.id)),
+                            Some(format!("{} attached", have.id)),
+                        );
+                        c.op(Op::AttachVolume {
+                            instance: inst.id.clone(),
+                            zone: inst.zone.clone(),
+                            volume: VolumePlan {
+                                existing: Some(have.id.clone()),
+                                ..want
+                            },
+                        });
+                    }
+                }
+            }
+        }
+        if let Some((p, _)) = push {
+            let installed = inst.tags.get(TAG_PROMETHEUS);
+            if installed != Some(&p.hash) {
+                c.field(
+                    "prometheus",
+                    installed.map(|h| short(h)),
+                    Some(short(&p.hash)),
+                );
+                c.op(Op::Push {
+                    instance: inst.id.clone(),
+                    push: p,
+                });
+            }
+        }
+        if c.ops.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(c))
+    }
+
+    fn removed(&self, desired: &DesiredState, obs: &Observed, prune: bool) -> Vec<Change<Op>> {
+        // Everything the stack owns for a host no longer desired, grouped by the host.
+        let mut by_host: BTreeMap<ResourceId, (Vec<Op>, Tags)> = BTreeMap::new();
+        let stack = desired.stack_name();
+        for i in &obs.instances {
+            if let Some(id) = owner_id(&i.tags, stack) {
+                let e = by_host
+                    .entry(id)
+                    .or_insert_with(|| (Vec::new(), i.tags.clone()));
+                e.0.push(Op::Terminate {
+                    instance: i.id.clone(),
+                });
+            }
+        }
+        for v in &obs.volumes {
+            if let Some(id) = owner_id(&v.tags, stack) {
+                let e = by_host
+                    .entry(id)
+                    .or_insert_with(|| (Vec::new(), v.tags.clone()));
+                e.0.push(Op::DeleteVolume {
+                    volume: v.id.clone(),
+                });
+            }
+        }
+        for g in &obs.groups {
+            if let Some(id) = owner_id(&g.tags, stack) {
+                let e = by_host
+                    .entry(id)
+                    .or_insert_with(|| (Vec::new(), g.tags.clone()));
+                e.0.push(Op::DeleteGroup {
+                    group: g.id.clone(),
+                });
+            }
+        }
+        by_host
+            .into_iter()
+            .filter_map(|(id, (ops, tags))| {
+                let label = format!("host {}", desired.default_name(&id));
+                removal(
+                    desired,
+                    Kind::Host,
+                    &tags,
+                    |r| r.id == id,
+                    label,
+                    prune,
+                    || ops,
+                )
+            })
+            .collect()
+    }
+
+    async fn apply(&self, ctx: &Context, op: &Op) -> Result<Option<Outputs>> {
+        let ec2 = &ctx.ec2;
+        match op {
+            Op::Launch(l) => return launch(ctx, l).await.map(Some),
+            Op::Start { instance } => {
+                ec2.start_instances()
+                    .instance_ids(instance)
+                    .send()
+                    .await
+                    .map_err(ec2_err("StartInstances"))?;
+                wait_state(ctx, instance, InstanceStateName::Running).await?;
+            }
+            Op::Resize {
+                instance,
+                instance_type,
+            } => {
+                ec2.stop_instances()
+                    .instance_ids(instance)
+                    .send()
+                    .await
+                    .map_err(ec2_err("StopInstances"))?;
+                wait_state(ctx, instance, InstanceStateName::Stopped).await?;
+                ec2.modify_instance_attribute()
+                    .instance_id(instance)
+                    .instance_type(
+                        aws_sdk_ec2::types::AttributeValue::builder()
+                            .value(instance_type)
+                            .build(),
+                    )
+                    .send()
+                    .await
+                    .map_err(ec2_err("ModifyInstanceAttribute"))?;
+                ec2.start_instances()
+                    .instance_ids(instance)
+                    .send()
+                    .await
+                    .map_err(ec2_err("StartInstances"))?;
+                wait_state(ctx, instance, InstanceStateName::Running).await?;
+            }
+            Op::Authorize { group, rules } => {
+                ec2.authorize_security_group_ingress()
+                    .group_id(group)
+                    .set_ip_permissions(Some(permissions(rules)))
+                    .send()
+                    .await
+                    .map_err(ec2_err("AuthorizeSecurityGroupIngress"))?;
+            }
+            Op::Revoke { group, rules } => {
+                ec2.revoke_security_group_ingress()
+                    .group_id(group)
+                    .set_ip_permissions(Some(permissions(rules)))
+                    .send()
+                    .await
+                    .map_err(ec2_err("RevokeSecurityGroupIngress"))?;
+            }
+            Op::AttachVolume {
+                instance,
+                zone,
+                volume,
+            } => attach_volume(ctx, instance, zone, volume).await?,
+            Op::ModifyVolume {
+                volume,
+                size,
+                volume_type,
+                iops,
+                throughput,
+            } => {
+                ec2.modify_volume()
+                    .volume_id(volume)
+                    .size(*size)
+                    .volume_type(VolumeType::from(volume_type.as_str()))
+                    .set_iops(*iops)
+                    .set_throughput(*throughput)
+                    .send()
+                    .await
+                    .map_err(ec2_err("ModifyVolume"))?;
+            }
+            Op::Tag { resource, tags } => {
+                ec2.create_tags()
+                    .resources(resource)
+                    .set_tags(Some(ec2_tags(tags)))
+                    .send()
+                    .await
+                    .map_err(ec2_err("CreateTags"))?;
+            }
+            Op::Untag { resource, keys } => {
+                let tags = keys.iter().map(|k| Tag::builder().key(k).build()).collect();
+                ec2.delete_tags()
+                    .resources(resource)
+                    .set_tags(Some(tags))
+                    .send()
+                    .await
+                    .map_err(ec2_err("DeleteTags"))?;
+            }
+            Op::Push { instance, push } => push_config(ctx, instance, push).await?,
+            Op::Terminate { instance } => {
+                ec2.terminate_instances()
+                    .instance_ids(instance)
+                    .send()
+                    .await
+                    .map_err(ec2_err("TerminateInstances"))?;
+                wait_state(ctx, instance, InstanceStateName::Terminated).await?;
+            }
+            Op::DeleteVolume { volume } => {
+                wait_until(ctx, &format!("volume {volume} to be detached"), || async {
+                    let out = ec2
+                        .describe_volumes()
+                        .volume_ids(volume)
+                        .send()
+                        .await
+                        .map_err(ec2_err("DescribeVolumes"))?;
+                    let state = out
+                        .volumes()
+                        .first()
+                        .and_then(|v| v.state())
+                        .map(|s| s.as_str().to_string())
+                        .unwrap_or_default();
+                    Ok(if state == "in-use" {
+                        Progress::Waiting(state)
+                    } else {
+                        Progress::Done(())
+                    })
+                })
+                .await?;
+                ec2.delete_volume()
+                    .volume_id(volume)
+                    .send()
+                    .await
+                    .map_err(ec2_err("DeleteVolume"))?;
+            }
+            Op::DeleteGroup { group } => {
+                ec2.delete_security_group()
+                    .group_id(group)
+                    .send()
+                    .await
+                    .map_err(ec2_err("DeleteSecurityGroup"))?;
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn ec2_tags(tags: &Tags) -> Vec<Tag> {
+    tags.iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect()
+}
+
+fn tag_spec(kind: ResourceType, tags: &Tags) -> TagSpecification {
+    TagSpecification::builder()
+        .resource_type(kind)
+        .set_tags(Some(ec2_tags(tags)))
+        .build()
+}
+
+fn permissions(rules: &[Rule]) -> Vec<IpPermission> {
+    rules
+        .iter()
+        .map(|r| {
+            let p = IpPermission::builder()
+                .ip_protocol(&r.protocol)
+                .from_port(r.from)
+                .to_port(r.to);
+            match &r.source {
+                Source::Cidr(c) => p.ip_ranges(IpRange::builder().cidr_ip(c).build()),
+                Source::Group(g) => {
+                    p.user_id_group_pairs(UserIdGroupPair::builder().group_id(g).build())
+                }
+            }
+            .build()
+        })
+        .collect()
+}
+
+async fn wait_state(ctx: &Context, instance: &str, want: InstanceStateName) -> Result<()> {
+    wait_until(
+        ctx,
+        &format!("instance {instance} to be {}", want.as_str()),
+        || async {
+            let out = ctx
+                .ec2
+                .describe_instances()
+                .instance_ids(instance)
+                .send()
+                .await
+                .map_err(ec2_err("DescribeInstances"))?;
+            let state = out
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .find_map(|i| i.state().and_then(|s| s.name()).cloned());
+            Ok(match state {
+                Some(s) if s == want => Progress::Done(()),
+                Some(s) => Progress::Waiting(s.as_str().to_string()),
+                None => Progress::Waiting("unknown".into()),
+            })
+        },
+    )
+    .await
+}
+
+/// The AMI id, resolving `resolve:ssm:<parameter>` through SSM Parameter Store.
+async fn resolve_ami(ctx: &Context, ami: &str) -> Result<String> {
+    let Some(parameter) = ami.strip_prefix("resolve:ssm:") else {
+        return Ok(ami.to_string());
+    };
+    let out = ctx
+        .ssm
+        .get_parameter()
+        .name(parameter)
+        .send()
+        .await
+        .map_err(aws_error("ssm", "GetParameter"))?;
+    out.parameter()
+        .and_then(|p| p.value())
+        .map(str::to_string)
+        .ok_or_else(|| Error::Invalid(format!("SSM parameter {parameter} has no value")))
+}
+
+async fn launch(ctx: &Context, l: &Launch) -> Result<Outputs> {
+    let ec2 = &ctx.ec2;
+    let group = match &l.group {
+        Some(g) => g.clone(),
+        None => {
+            let vpc = if l.vpc == KNOWN_AFTER_APPLY {
+                let out = ec2
+                    .describe_subnets()
+                    .subnet_ids(&l.subnet)
+                    .send()
+                    .await
+                    .map_err(ec2_err("DescribeSubnets"))?;
+                out.subnets()
+                    .first()
+                    .and_then(|s| s.vpc_id())
+                    .unwrap_or_default()
+                    .to_string()
+            } else {
+                l.vpc.clone()
+            };
+            let out = ec2
+                .create_security_group()
+                .group_name(&l.group_name)
+                .description(format!("stackwarden host {}", l.group_name))
+                .vpc_id(vpc)
+                .tag_specifications(tag_spec(ResourceType::SecurityGroup, &l.group_tags))
+                .send()
+                .await
+                .map_err(ec2_err("CreateSecurityGroup"))?;
+            let id = out.group_id().unwrap_or_default().to_string();
+            if !l.rules.is_empty() {
+                ec2.authorize_security_group_ingress()
+                    .group_id(&id)
+                    .set_ip_permissions(Some(permissions(&l.rules)))
+                    .send()
+                    .await
+                    .map_err(ec2_err("AuthorizeSecurityGroupIngress"))?;
+            }
+            id
+        }
+    };
+    let ami = resolve_ami(ctx, &l.ami).await?;
+    let out = ec2
+        .run_instances()
+        .image_id(ami)
+        .instance_type(InstanceType::from(l.instance_type.as_str()))
+        .min_count(1)
+        .max_count(1)
+        .subnet_id(&l.subnet)
+        .security_group_ids(&group)
+        .set_iam_instance_profile(
+            l.instance_profile
+                .as_ref()
+                .map(|p| IamInstanceProfileSpecification::builder().name(p).build()),
+        )
+        .set_user_data(
+            l.user_data
+                .as_ref()
+                .map(|u| base64::engine::general_purpose::STANDARD.encode(u)),
+        )
+        .set_key_name(l.key_name.clone())
+        .metadata_options(
+            InstanceMetadataOptionsRequest::builder()
+                .http_tokens(HttpTokensState::Required)
+                .build(),
+        )
+        .tag_specifications(tag_spec(ResourceType::Instance, &l.tags))
+        .send()
+        .await
+        .map_err(ec2_err("RunInstances"))?;
+    let inst = out
+        .instances()
+        .first()
+        .ok_or_else(|| Error::Invalid("RunInstances returned no instance".into()))?;
+    let id = inst.instance_id().unwrap_or_default().to_string();
+    let zone = inst
+        .placement()
+        .and_then(|p| p.availability_zone())
+        .unwrap_or_default()
+        .to_string();
+    tracing::info!(instance = %id, "launched instance");
+    wait_state(ctx, &id, InstanceStateName::Running).await?;
+    for v in &l.volumes {
+        attach_volume(ctx, &id, &zone, v).await?;
+    }
+    let described = ec2
+        .describe_instances()
+        .instance_ids(&id)
+        .send()
+        .await
+        .map_err(ec2_err("DescribeInstances"))?;
+    let i = described
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .next();
+    let outputs = Outputs::from([
+        ("instance_id".into(), id.clone()),
+        (
+            "private_ip".into(),
+            i.and_then(|i| i.private_ip_address())
+                .unwrap_or_default()
+                .into(),
+        ),
+        (
+            "public_ip".into(),
+            i.and_then(|i| i.public_ip_address())
+                .unwrap_or_default()
+                .into(),
+        ),
+        (
+            "private_dns".into(),
+            i.and_then(|i| i.private_dns_name())
+                .unwrap_or_default()
+                .into(),
+        ),
+        ("security_group_id".into(), group),
+    ]);
+    if let Some(p) = &l.push {
+        push_config(ctx, &id, p).await?;
+    }
+    Ok(outputs)
+}
+
+/// Attaches a data volume, creating it first (in the instance's zone) unless it exists.
+async fn attach_volume(ctx: &Context, instance: &str, zone: &str, v: &VolumePlan) -> Result<()> {
+    let ec2 = &ctx.ec2;
+    let volume = match &v.existing {
+        Some(id) => id.clone(),
+        None => {
+            let out = ec2
+                .create_volume()
+                .availability_zone(zone)
+                .size(v.size)
+                .volume_type(VolumeType::from(v.volume_type.as_str()))
+                .set_iops(v.iops)
+                .set_throughput(v.throughput)
+                .encrypted(v.encrypted)
+                .set_kms_key_id(v.kms_key_id.clone())
+                .tag_specifications(tag_spec(ResourceType::Volume, &v.tags))
+                .send()
+                .await
+                .map_err(ec2_err("CreateVolume"))?;
+            out.volume_id().unwrap_or_default().to_string()
+        }
+    };
+    wait_until(ctx, &format!("volume {volume} to be available"), || async {
+        let out = ec2
+            .describe_volumes()
+            .volume_ids(&volume)
+            .send()
+            .await
+            .map_err(ec2_err("DescribeVolumes"))?;
+        let state = out
+            .volumes()
+            .first()
+            .and_then(|v| v.state())
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_default();
+        Ok(if state == "available" {
+            Progress::Done(())
+        } else {
+            Progress::Waiting(state)
+        })
+    })
+    .await?;
+    ec2.attach_volume()
+        .volume_id(&volume)
+        .instance_id(instance)
+        .device(&v.device)
+        .send()
+        .await
+        .map_err(ec2_err("AttachVolume"))?;
+    Ok(())
+}
+
+/// Sends a bundle's script to one instance, waits for the verdict, and records the hash on the
+/// instance when it was installed. A failure carries the script's stderr.
+async fn push_config(ctx: &Context, instance: &str, p: &PushPlan) -> Result<()> {
+    let sent = ctx
+        .ssm
+        .send_command()
+        .document_name("AWS-RunShellScript")
+        .instance_ids(instance)
+        .comment(format!("stackwarden {} {}", p.name, short(&p.hash)))
+        .parameters("commands", vec![p.script.clone()])
+        .parameters("executionTimeout", vec!["600".into()])
+        .send()
+        .await;
+    let sent = match sent {
+        Ok(s) => s,
+        // A new instance's agent registers a little after boot: the next pass pushes.
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|e| e.is_invalid_instance_id()) =>
+        {
+            return Err(Error::Pending(format!(
+                "instance {instance} is not yet reachable over SSM; the push is retried next pass"
+            )));
+        }
+        Err(e) => return Err(aws_error("ssm", "SendCommand")(e)),
+    };
+    let command = sent
+        .command()
+        .and_then(|c| c.command_id())
+        .unwrap_or_default()
+        .to_string();
+    tracing::info!(instance, command, bundle = %p.name, "pushed config, waiting for the host");
+    let (status, stderr) = wait_until(ctx, &format!("the {} push to {instance}", p.name), || {
+        let command = command.clone();
+        async move {
+            let inv = ctx
+                .ssm
+                .get_command_invocation()
+                .command_id(&command)
+                .instance_id(instance)
+                .send()
+                .await;
+            let inv = match inv {
+                Ok(inv) => inv,
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|e| e.is_invocation_does_not_exist()) =>
+                {
+                    return Ok(Progress::Waiting("Pending".into()))
+                }
+                Err(e) => return Err(aws_error("ssm", "GetCommandInvocation")(e)),
+            };
+            let status = inv
+                .status()
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_default();
+            match status.as_str() {
+                "Pending" | "InProgress" | "Delayed" | "Cancelling" => {
+                    Ok(Progress::Waiting(status))
+                }
+                _ => {
+                    let stderr = inv
+                        .standard_error_content()
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string();
+                    Ok(Progress::Done((status, stderr)))
+                }
+            }
+        }
+    })
+    .await?;
+    if status != "Success" {
+        return Err(Error::Invalid(format!(
+            "the {} push to {instance} ended {status}: {stderr}",
+            p.name
+        )));
+    }
+    ctx.ec2
+        .create_tags()
+        .resources(instance)
+        .tags(Tag::builder().key(TAG_PROMETHEUS).value(&p.hash).build())
+        .send()
+        .await
+        .map_err(ec2_err("CreateTags"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{desired, owned_tags, resource};
+
+    fn spec(text: &str) -> HostSpec {
+        toml::from_str(text).unwrap()
+    }
+
+    const HOST: &str = r#"
+ami = "ami-1"
+instance_type = "t3.medium"
+subnet = "subnet-1"
+security_group = { ingress = [{ port = 9090, cidrs = ["10.0.0.0/16"] }] }
+volumes = [{ device = "/dev/sdf", size_gib = 100 }]
+"#;
+
+    fn observed() -> Observed {
+        let tags = owned_tags("host.prom");
+        let mut vol_tags = tags.clone();
+        vol_tags.insert(TAG_DEVICE.into(), "/dev/sdf".into());
+        let mut inst_tags = tags.clone();
+        inst_tags.insert("Name".into(), "s-prom".into());
+        Observed {
+            region: "us-east-1".into(),
+            instances: vec![ObservedInstance {
+                id: "i-1".into(),
+                state: "running".into(),
+                instance_type: "t3.medium".into(),
+                image_id: "ami-1".into(),
+                subnet_id: "subnet-1".into(),
+                zone: "us-east-1a".into(),
+                tags: inst_tags,
+                ..Default::default()
+            }],
+            groups: vec![ObservedGroup {
+                id: "sg-1".into(),
+                vpc: "vpc-1".into(),
+                tags: tags.clone(),
+                ingress: BTreeSet::from([Rule {
+                    protocol: "tcp".into(),
+                    from: 9090,
+                    to: 9090,
+                    source: Source::Cidr("10.0.0.0/16".into()),
+                }]),
+            }],
+            volumes: vec![ObservedVolume {
+                id: "vol-1".into(),
+                size: 100,
+                volume_type: "gp3".into(),
+                encrypted: true,
+                zone: "us-east-1a".into(),
+                state: "in-use".into(),
+                attachment: Some(("i-1".into(), "/dev/sdf".into())),
+                tags: vol_tags,
+                ..Default::default()
+            }],
+            subnets: BTreeMap::from([("subnet-1".into(), ("vpc-1".into(), "us-east-1a".into()))]),
+            default_subnet: None,
+        }
+    }
+
+    fn diff(s: HostSpec, o: &Observed) -> Result<Option<Change<Op>>> {
+        let r = resource(Kind::Host, "prom", Spec::Host(s));
+        HostController.diff(&desired(vec![r.clone()]), &r, o, &Refs::default())
+    }
+
+    #[test]
+    fn a_host_as_desired_has_no_change() {
+        assert_eq!(diff(spec(HOST), &observed()).unwrap().map(|c| c.ops), None);
+    }
+
+    #[test]
+    fn a_missing_host_is_launched_with_group_and_volume() {
+        let c = diff(
+            spec(HOST),
+            &Observed {
+                subnets: observed().subnets,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+        .unwrap();
+        let [Op::Launch(l)] = &c.ops[..] else {
+            panic!("{:?}", c.ops)
+        };
+        assert_eq!(l.group, None);
+        assert_eq!(l.vpc, "vpc-1");
+        assert_eq!(l.rules.len(), 1);
+        assert_eq!(l.volumes[0].existing, None);
+        assert_eq!(l.tags.get("Name").map(String::as_str), Some("s-prom"));
+    }
+
+    #[test]
+    fn a_terminated_host_is_replaced_keeping_its_volume() {
+        let mut o = observed();
+        o.instances.clear();
+        o.volumes[0].attachment = None;
+        let c = diff(spec(HOST), &o).unwrap().unwrap();
+        let [Op::Launch(l)] = &c.ops[..] else {
+            panic!("{:?}", c.ops)
+        };
+        assert_eq!(l.group.as_deref(), Some("sg-1"));
+        assert_eq!(l.volumes[0].existing.as_deref(), Some("vol-1"));
+    }
+
+    #[test]
+    fn stopped_resized_and_opened_hosts_are_corrected() {
+        let mut o = observed();
+        o.instances[0].state = "stopped".into();
+        o.instances[0].instance_type = "t3.small".into();
+        o.groups[0].ingress.insert(Rule {
+            protocol: "tcp".into(),
+            from: 22,
+            to: 22,
+            source: Source::Cidr("0.0.0.0/0".into()),
+        });
+        let c = diff(spec(HOST), &o).unwrap().unwrap();
+        assert!(matches!(
+            &c.ops[..],
+            [Op::Start { .. }, Op::Resize { instance_type, .. }, Op::Revoke { rules, .. }]
+                if instance_type == "t3.medium" && rules[0].from == 22
+        ));
+    }
+
+    #[test]
+    fn volumes_grow_reattach_and_never_shrink() {
+        let mut o = observed();
+        o.volumes[0].size = 50;
+        o.volumes[0].attachment = None;
+        let c = diff(spec(HOST), &o).unwrap().unwrap();
+        assert!(
+            matches!(&c.ops[..], [Op::ModifyVolume { size: 100, .. }, Op::AttachVolume { volume, .. }] if volume.existing.as_deref() == Some("vol-1"))
+        );
+        let mut o = observed();
+        o.volumes[0].size = 200;
+        assert!(
+            matches!(diff(spec(HOST), &o), Err(Error::Invalid(m)) if m.contains("cannot shrink"))
+        );
+    }
+
+    #[test]
+    fn the_prometheus_config_is_pushed_when_its_hash_differs_only() {
+        let with_prom = format!("{HOST}prometheus = {{ scrape_interval = \"30s\" }}\n");
+        let c = diff(spec(&with_prom), &observed()).unwrap().unwrap();
+        let [Op::Push { push, .. }] = &c.ops[..] else {
+            panic!("{:?}", c.ops)
+        };
+        let mut o = observed();
+        o.instances[0]
+            .tags
+            .insert(TAG_PROMETHEUS.into(), push.hash.clone());
+        assert!(diff(spec(&with_prom), &o).unwrap().is_none());
+    }
+
+    #[test]
+    fn user_data_changes_never_replace_the_instance() {
+        let mut s = spec(HOST);
+        s.loaded_user_data = Some("#!/bin/bash\necho v2\n".into());
+        let mut o = observed();
+        o.instances[0].tags.remove("team");
+        let c = diff(s, &o).unwrap().unwrap();
+        assert!(c.notes.iter().any(|n| n.contains("first-boot only")));
+        assert!(!c
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::Launch(_) | Op::Terminate { .. })));
+    }
+
+    #[test]
+    fn removed_hosts_are_orphaned_or_terminated_with_their_volume_and_group() {
+        let d = desired(vec![]);
+        let o = observed();
+        assert_eq!(
+            HostController.removed(&d, &o, false)[0].action,
+            Action::Orphan
+        );
+        let pruned = HostController.removed(&d, &o, true);
+        assert!(matches!(
+            &pruned[0].ops[..],
+            [
+                Op::Terminate { .. },
+                Op::DeleteVolume { .. },
+                Op::DeleteGroup { .. }
+            ]
+        ));
+    }
+}

@@ -1,0 +1,348 @@
+//! Hosts against the emulator (moto's EC2 and EBS, the emulator's Run Command) with a real
+//! Prometheus in the host's sandbox: launched from empty with its volume and security group,
+//! config changes pushed without replacing anything, a config promtool rejects leaving the old
+//! one live, and out-of-band drift corrected.
+
+use aws_sdk_ec2::types::Filter;
+use stackwarden_emulator::Settings;
+
+use crate::harness::{default_stack, edit, path_str, stackwarden, Aws};
+use crate::prometheus::Prometheus;
+
+const HOSTS: &str = r#"# The Prometheus host
+[host.prometheus]
+ami = "ami-12c6146b"
+instance_type = "t3.medium"
+instance_profile = "${iam.instance_profile.prometheus.name}"
+user_data = "userdata/prometheus.sh"
+security_group = { ingress = [{ port = 9090, cidrs = ["10.0.0.0/16"] }] }
+volumes = [{ device = "/dev/sdf", size_gib = 50 }]
+
+[host.prometheus.prometheus]
+scrape_interval = "30s"
+rule_files = ["rules/node.yml"]
+scrape = [{ job = "node", ec2_port = 9100, ec2_tags = { Role = "app" } }]
+remote_write = { url = "${amp.workspace.main.remote_write_url}" }
+"#;
+
+/// The emulator, a Prometheus in the one sandbox every instance runs its commands in, and the
+/// default stack with a Prometheus host.
+struct Fixture {
+    aws: Aws,
+    prometheus: Prometheus,
+    dir: tempfile::TempDir,
+    _root: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let root = tempfile::tempdir().unwrap();
+        let prometheus = Prometheus::start(root.path());
+        let aws = Aws::with(Settings {
+            shared_sandbox: Some(root.path().to_path_buf()),
+            sandbox_env: [("PROMETHEUS_URL".to_string(), prometheus.url.clone())].into(),
+            ..Settings::default()
+        });
+        let dir = default_stack();
+        std::fs::write(dir.path().join("hosts.toml"), HOSTS).unwrap();
+        std::fs::create_dir_all(dir.path().join("userdata")).unwrap();
+        std::fs::write(
+            dir.path().join("userdata/prometheus.sh"),
+            "#!/bin/bash\ndnf install -y prometheus\n",
+        )
+        .unwrap();
+        Fixture {
+            aws,
+            prometheus,
+            dir,
+            _root: root,
+        }
+    }
+
+    fn d(&self) -> &str {
+        path_str(self.dir.path())
+    }
+
+    fn reconcile(&self) -> crate::harness::Run {
+        stackwarden(Some(&self.aws.endpoint), &["reconcile", "--once", self.d()])
+    }
+
+    fn plan(&self) -> crate::harness::Run {
+        stackwarden(Some(&self.aws.endpoint), &["plan", self.d()])
+    }
+
+    /// (instance id, state) of the stack's live instances.
+    async fn instances(&self) -> Vec<(String, String)> {
+        let ec2 = self.aws.ec2().await;
+        let out = ec2
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name("tag:stackwarden:id")
+                    .values("host.prometheus")
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        out.reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .map(|i| {
+                (
+                    i.instance_id().unwrap().to_string(),
+                    i.state().unwrap().name().unwrap().as_str().to_string(),
+                )
+            })
+            .filter(|(_, s)| s != "terminated")
+            .collect()
+    }
+
+    async fn volume(&self) -> aws_sdk_ec2::types::Volume {
+        let ec2 = self.aws.ec2().await;
+        let out = ec2
+            .describe_volumes()
+            .filters(
+                Filter::builder()
+                    .name("tag:stackwarden:id")
+                    .values("host.prometheus")
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            out.volumes().len(),
+            1,
+            "one data volume: {:?}",
+            out.volumes()
+        );
+        out.volumes()[0].clone()
+    }
+}
+
+fn ssm_calls(run: &crate::harness::Run) -> usize {
+    run.stderr
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some("SSM"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_is_launched_and_config_changes_reach_it_without_replacing_anything() {
+    let f = Fixture::new();
+    let pid = f.prometheus.pid();
+    let cold = f.reconcile();
+    cold.expect(0);
+
+    let instances = f.instances().await;
+    assert_eq!(instances.len(), 1, "{instances:?}");
+    let (instance, state) = &instances[0];
+    assert_eq!(state, "running");
+    let volume = f.volume().await;
+    assert_eq!(volume.size(), Some(50));
+    assert_eq!(
+        volume.attachments()[0].instance_id(),
+        Some(instance.as_str())
+    );
+    let config = f.prometheus.running_config();
+    assert!(config.contains("job_name: node"), "{config}");
+    assert!(config.contains("/api/v1/remote_write"), "{config}");
+    assert!(config.contains("scrape_interval: 30s"), "{config}");
+
+    let plan = f.plan();
+    plan.expect(0);
+    assert_eq!(
+        ssm_calls(&plan),
+        0,
+        "a converged pass sends no SSM call:\n{}",
+        plan.stderr
+    );
+
+    // A config change is pushed to the same instance and the same Prometheus process.
+    edit(
+        f.dir.path(),
+        "hosts.toml",
+        "scrape_interval = \"30s\"",
+        "scrape_interval = \"20s\"",
+    );
+    let plan = f.plan();
+    plan.expect(2);
+    assert!(
+        plan.stdout.contains("prometheus: sha256:"),
+        "{}",
+        plan.stdout
+    );
+    f.reconcile().expect(0);
+    assert!(f
+        .prometheus
+        .running_config()
+        .contains("scrape_interval: 20s"));
+    assert_eq!(f.prometheus.pid(), pid);
+    assert_eq!(&f.instances().await[0].0, instance, "no new instance");
+
+    // User data changes never replace the instance.
+    std::fs::write(
+        f.dir.path().join("userdata/prometheus.sh"),
+        "#!/bin/bash\necho v2\n",
+    )
+    .unwrap();
+    let run = f.reconcile();
+    run.expect(0);
+    assert_eq!(&f.instances().await[0].0, instance);
+    f.plan().expect(0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_config_promtool_rejects_fails_the_pass_and_the_old_one_stays_live() {
+    let f = Fixture::new();
+    f.reconcile().expect(0);
+    let live =
+        std::fs::read_to_string(f._root.path().join("etc/prometheus/prometheus.yml")).unwrap();
+
+    // A raw config with a key Prometheus does not know: only promtool, on the host, can tell.
+    std::fs::write(
+        f.dir.path().join("prometheus.yml"),
+        "global:\n  scrape_interval: 15s\nscrape_configs:\n  - job_name: api\n    bogus_key: 1\n",
+    )
+    .unwrap();
+    edit(
+        f.dir.path(),
+        "hosts.toml",
+        "scrape_interval = \"30s\"",
+        "config = \"prometheus.yml\"",
+    );
+    let run = f.reconcile();
+    run.expect(1);
+    assert!(
+        run.stdout.contains("bogus_key") || run.stderr.contains("bogus_key"),
+        "promtool's message names the problem:\n{}\n{}",
+        run.stdout,
+        run.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(f._root.path().join("etc/prometheus/prometheus.yml")).unwrap(),
+        live
+    );
+    assert!(f.prometheus.running_config().contains("job_name: node"));
+    assert!(!f.prometheus.running_config().contains("job_name: api"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn out_of_band_drift_is_corrected_by_one_reconcile_each() {
+    let f = Fixture::new();
+    f.reconcile().expect(0);
+    let ec2 = f.aws.ec2().await;
+    let (first, _) = f.instances().await.remove(0);
+
+    // Stopped: started.
+    ec2.stop_instances()
+        .instance_ids(&first)
+        .send()
+        .await
+        .unwrap();
+    f.plan().expect(2);
+    f.reconcile().expect(0);
+    assert_eq!(
+        f.instances().await,
+        vec![(first.clone(), "running".to_string())]
+    );
+
+    // A rule opened out of band: revoked.
+    let group = ec2
+        .describe_instances()
+        .instance_ids(&first)
+        .send()
+        .await
+        .unwrap()
+        .reservations()[0]
+        .instances()[0]
+        .security_groups()[0]
+        .group_id()
+        .unwrap()
+        .to_string();
+    ec2.authorize_security_group_ingress()
+        .group_id(&group)
+        .ip_protocol("tcp")
+        .from_port(22)
+        .to_port(22)
+        .cidr_ip("0.0.0.0/0")
+        .send()
+        .await
+        .unwrap();
+    f.plan().expect(2);
+    f.reconcile().expect(0);
+    let rules = ec2
+        .describe_security_groups()
+        .group_ids(&group)
+        .send()
+        .await
+        .unwrap();
+    let ports: Vec<i32> = rules.security_groups()[0]
+        .ip_permissions()
+        .iter()
+        .filter_map(|p| p.from_port())
+        .collect();
+    assert_eq!(ports, [9090]);
+
+    // Volume detached: attached again.
+    let volume = f.volume().await.volume_id().unwrap().to_string();
+    ec2.detach_volume()
+        .volume_id(&volume)
+        .instance_id(&first)
+        .device("/dev/sdf")
+        .send()
+        .await
+        .unwrap();
+    f.plan().expect(2);
+    f.reconcile().expect(0);
+    assert_eq!(
+        f.volume().await.attachments()[0].instance_id(),
+        Some(first.as_str())
+    );
+
+    // Terminated: replaced, the data volume kept and attached to the replacement.
+    ec2.terminate_instances()
+        .instance_ids(&first)
+        .send()
+        .await
+        .unwrap();
+    f.plan().expect(2);
+    f.reconcile().expect(0);
+    let now = f.instances().await;
+    assert_eq!(now.len(), 1);
+    assert_ne!(now[0].0, first);
+    let kept = f.volume().await;
+    assert_eq!(
+        kept.volume_id(),
+        Some(volume.as_str()),
+        "the same volume, data kept"
+    );
+    assert_eq!(kept.attachments()[0].instance_id(), Some(now[0].0.as_str()));
+    f.plan().expect(0);
+}
+
+#[test]
+fn bad_host_input_is_rejected_without_aws_calls() {
+    let dir = default_stack();
+    std::fs::write(
+        dir.path().join("hosts.toml"),
+        "[host.x]\nami = \"ami-1\"\ninstance_type = \"large\"\nvolumes = [{ device = \"/dev/sda1\", size_gib = 10 }]\n",
+    )
+    .unwrap();
+    let run = stackwarden(None, &["validate", path_str(dir.path())]);
+    run.expect(1);
+    assert!(
+        run.stderr
+            .contains("instance_type `large` is not an EC2 instance type"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("volume device `/dev/sda1` is not a data device name"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(run.calls().0, 0);
+}
