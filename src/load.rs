@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use stackwarden_controllers::desired::{StackSpec, Validator, MAX_FILE_BYTES};
 use stackwarden_controllers::diag::{Diagnostic, Diagnostics, Loc, Origin, SourceFile};
 use stackwarden_controllers::model::{scan_refs, Kind, ResourceId, Target};
-use stackwarden_controllers::{iam, DesiredState, Resource, Spec};
+use stackwarden_controllers::{host_config, iam, DesiredState, Resource, Spec};
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
@@ -183,6 +183,7 @@ pub fn load(dir: &Path) -> Result<DesiredState, Vec<Diagnostic>> {
         content_hash: content_hash(dir),
     };
     check_conflicting_names(&desired, &mut diags);
+    check_overlapping_files(&desired, &mut diags);
     if diags.is_empty() {
         Ok(desired)
     } else {
@@ -551,6 +552,40 @@ fn check_conflicting_names(desired: &DesiredState, diags: &mut Diagnostics) {
                 );
             } else {
                 seen.insert(name, r);
+            }
+        }
+    }
+}
+
+/// Two host_configs that write the same path and could select the same instance (no tag on
+/// which their targets disagree) would overwrite each other's file on every pass.
+fn check_overlapping_files(desired: &DesiredState, diags: &mut Diagnostics) {
+    let configs: Vec<(&Resource, &host_config::HostConfigSpec)> = desired
+        .of_kind(Kind::HostConfig)
+        .filter_map(|r| match &r.spec {
+            Spec::HostConfig(s) => Some((r, s)),
+            _ => None,
+        })
+        .collect();
+    for (i, (a, sa)) in configs.iter().enumerate() {
+        for (b, sb) in &configs[i + 1..] {
+            let disjoint = sa
+                .targets
+                .iter()
+                .any(|(k, v)| sb.targets.get(k).is_some_and(|w| w != v));
+            if disjoint {
+                continue;
+            }
+            for f in &sb.files {
+                if sa.files.iter().any(|g| g.path == f.path) {
+                    diags.at_origin(
+                        &b.origin,
+                        format!(
+                            "{} and {} both write `{}` to the instances their targets share",
+                            a.id, b.id, f.path
+                        ),
+                    );
+                }
             }
         }
     }

@@ -5,6 +5,7 @@
 mod amg;
 mod bad_input;
 mod emulator;
+mod fleet;
 mod harness;
 mod hosts;
 mod prometheus;

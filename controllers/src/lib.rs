@@ -37,6 +37,7 @@ pub fn controllers() -> Vec<Box<dyn DynController>> {
         Box::new(amp::AmpController),
         Box::new(amg::AmgController),
         Box::new(host::HostController),
+        Box::new(host_config::HostConfigController),
     ]
 }
 

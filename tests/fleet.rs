@@ -1,0 +1,212 @@
+//! host_config against the emulator: files pushed to every instance a tag selects, in each
+//! instance's sandbox, with the hash recorded so a converged pass sends nothing; instances that
+//! join later; a failure on some hosts reported with their output; overlapping files refused
+//! offline; and a push to 1,000 instances in batches, tracked without a call per host.
+
+use aws_sdk_ec2::types::{Filter, InstanceType, ResourceType, Tag, TagSpecification};
+use stackwarden_emulator::Settings;
+
+use crate::harness::{default_stack, path_str, stackwarden, Aws, Run};
+
+const NODE_EXPORTER: &str = r#"[host_config.node_exporter]
+targets = { Role = "app" }
+files = [{ path = "/etc/default/node_exporter", source = "hosts/node_exporter.env", validate = "grep -q ARGS {}" }]
+reload = "echo reloaded >> \"$STACKWARDEN_ROOT/reloads\""
+max_concurrency = "10%"
+max_errors = "0"
+"#;
+
+async fn launch(aws: &Aws, count: i32, role: &str) -> Vec<String> {
+    let ec2 = aws.ec2().await;
+    let out = ec2
+        .run_instances()
+        .image_id("ami-12c6146b")
+        .instance_type(InstanceType::T3Micro)
+        .min_count(count)
+        .max_count(count)
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Instance)
+                .tags(Tag::builder().key("Role").value(role).build())
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    out.instances()
+        .iter()
+        .map(|i| i.instance_id().unwrap().to_string())
+        .collect()
+}
+
+fn stack_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = default_stack();
+    for (path, text) in files {
+        let p = dir.path().join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    dir
+}
+
+/// Calls of one operation in a run's statistics.
+fn count(run: &Run, operation: &str) -> u64 {
+    run.stderr
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.split_whitespace();
+            let n = parts.next()?.parse::<u64>().ok()?;
+            let _service = parts.next()?;
+            (parts.next()? == operation).then_some(n)
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn files_reach_every_tagged_instance_once_and_later_joiners_next_pass() {
+    let sandboxes = tempfile::tempdir().unwrap();
+    let aws = Aws::with(Settings {
+        sandbox_dir: Some(sandboxes.path().to_path_buf()),
+        ..Settings::default()
+    });
+    let apps = launch(&aws, 3, "app").await;
+    let other = launch(&aws, 1, "db").await;
+    let dir = stack_with(&[
+        ("host_config.toml", NODE_EXPORTER),
+        ("hosts/node_exporter.env", "ARGS=--collector.systemd\n"),
+    ]);
+    let d = path_str(dir.path());
+
+    let run = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]);
+    run.expect(0);
+    assert_eq!(count(&run, "SendCommand"), 1, "{}", run.stderr);
+    for id in &apps {
+        let root = sandboxes.path().join(id);
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/default/node_exporter")).unwrap(),
+            "ARGS=--collector.systemd\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("reloads")).unwrap(),
+            "reloaded\n"
+        );
+    }
+    assert!(
+        !sandboxes.path().join(&other[0]).exists(),
+        "untagged instances get nothing"
+    );
+
+    let plan = stackwarden(Some(&aws.endpoint), &["plan", d]);
+    plan.expect(0);
+    assert_eq!(
+        count(&plan, "SendCommand") + count(&plan, "ListCommands"),
+        0
+    );
+
+    // An instance that joins later gets the files on the next pass, and only it.
+    let late = launch(&aws, 1, "app").await;
+    let plan = stackwarden(Some(&aws.endpoint), &["plan", d]);
+    plan.expect(2);
+    assert!(
+        plan.stdout.contains("1 of 4 instances lack"),
+        "{}",
+        plan.stdout
+    );
+    stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]).expect(0);
+    assert!(sandboxes
+        .path()
+        .join(&late[0])
+        .join("etc/default/node_exporter")
+        .exists());
+    assert_eq!(
+        std::fs::read_to_string(sandboxes.path().join(&apps[0]).join("reloads")).unwrap(),
+        "reloaded\n",
+        "instances that had the files were not sent them again"
+    );
+    stackwarden(Some(&aws.endpoint), &["plan", d]).expect(0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_its_validation_rejects_fails_with_the_hosts_output() {
+    let sandboxes = tempfile::tempdir().unwrap();
+    let aws = Aws::with(Settings {
+        sandbox_dir: Some(sandboxes.path().to_path_buf()),
+        ..Settings::default()
+    });
+    launch(&aws, 2, "app").await;
+    let dir = stack_with(&[
+        ("host_config.toml", NODE_EXPORTER),
+        ("hosts/node_exporter.env", "OPTIONS=nothing\n"),
+    ]);
+    let run = stackwarden(
+        Some(&aws.endpoint),
+        &["reconcile", "--once", path_str(dir.path())],
+    );
+    run.expect(1);
+    assert!(
+        run.stdout
+            .contains("instances failed to install host_config.node_exporter")
+            && run.stdout.contains("validation failed"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn overlapping_files_for_the_same_hosts_are_refused_offline() {
+    let dir = stack_with(&[
+        ("host_config.toml", NODE_EXPORTER),
+        (
+            "more.toml",
+            "[host_config.tuning]\ntargets = { Team = \"web\" }\nfiles = [{ path = \"/etc/default/node_exporter\", source = \"hosts/node_exporter.env\" }]\n",
+        ),
+        ("hosts/node_exporter.env", "ARGS=\n"),
+    ]);
+    let run = stackwarden(None, &["validate", path_str(dir.path())]);
+    run.expect(1);
+    assert!(
+        run.stderr.contains("host_config.node_exporter and host_config.tuning both write `/etc/default/node_exporter`"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(run.calls().0, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_push_to_a_thousand_instances_is_batched_and_tracked_in_pages() {
+    let aws = Aws::start();
+    for _ in 0..4 {
+        launch(&aws, 250, "app").await;
+    }
+    let ec2 = aws.ec2().await;
+    let tagged = ec2
+        .describe_instances()
+        .filters(Filter::builder().name("tag:Role").values("app").build())
+        .send()
+        .await
+        .unwrap();
+    let n: usize = tagged
+        .reservations()
+        .iter()
+        .map(|r| r.instances().len())
+        .sum();
+    assert_eq!(n, 1000);
+    let dir = stack_with(&[
+        ("host_config.toml", &NODE_EXPORTER.replace("10%", "100%")),
+        ("hosts/node_exporter.env", "ARGS=--collector.systemd\n"),
+    ]);
+    let d = path_str(dir.path());
+    let run = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]);
+    run.expect(0);
+    let sends = count(&run, "SendCommand");
+    let reads = count(&run, "ListCommands") + count(&run, "ListCommandInvocations");
+    assert_eq!(
+        sends, 20,
+        "1,000 instances in batches of 50:\n{}",
+        run.stderr
+    );
+    assert!(reads <= 25, "status reads: {reads}\n{}", run.stderr);
+    let plan = stackwarden(Some(&aws.endpoint), &["plan", d]);
+    plan.expect(0);
+    assert_eq!(count(&plan, "SendCommand"), 0);
+}
