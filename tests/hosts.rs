@@ -134,6 +134,11 @@ async fn a_host_is_launched_and_config_changes_reach_it_without_replacing_anythi
     let pid = f.prometheus.pid();
     let cold = f.reconcile();
     cold.expect(0);
+    assert!(
+        ssm_calls(&cold) > 0,
+        "the push is counted:\n{}",
+        cold.stderr
+    );
 
     let instances = f.instances().await;
     assert_eq!(instances.len(), 1, "{instances:?}");

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Benchmarks: prints the figures of the README's table. Builds the release binaries, starts the
+# emulator (and its moto) on a free loopback port, then measures with the operator's own call
+# counter (--stats) and /usr/bin/time -v:
+#   - a cold converge of the default stack, and a converged plan of it;
+#   - a host_config push to 1,000 running instances, and the converged pass after it.
+# Usage: tests/bench.sh [HOSTS]   (default 1000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source tests/install.sh
+hosts="${1:-1000}"
+
+cargo build --quiet --release --bin stackwarden
+cargo build --quiet --release -p stackwarden-emulator
+bin=target/release/stackwarden
+work=$(mktemp -d /tmp/stackwarden-bench.XXXXXX)
+trap 'kill $EMULATOR_PID 2>/dev/null; rm -rf "$work"' EXIT
+coproc EMULATOR { exec target/release/stackwarden-emulator --listen 127.0.0.1:0 \
+  --moto-server .venv/bin/moto_server 2>"$work/emulator.log"; }
+read -r line <&"${EMULATOR[0]}"
+export AWS_ENDPOINT_URL="${line#endpoint=}" AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing
+export AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true STACKWARDEN_POLL_INTERVAL=200ms RUST_LOG=error
+
+# run NAME ARGS...: runs the operator, keeps its statistics and time's report.
+run() {
+  local name=$1; shift
+  /usr/bin/time -v -o "$work/$name.time" "$bin" "$@" --stats >"$work/$name.out" 2>"$work/$name.err" || true
+}
+calls() { grep -m1 '^AWS API calls' "$work/$1.err" | sed 's/AWS API calls: //'; }
+op() { awk -v op="$2" '$3 == op { n += $1 } END { print n + 0 }' "$work/$1.err"; }
+service() { awk -v s="$2" '$2 == s { n += $1 } END { print n + 0 }' "$work/$1.err"; }
+wall() { sed -n 's/.*Elapsed (wall clock) time (h:mm:ss or m:ss): //p' "$work/$1.time"; }
+rss() { awk '/Maximum resident set size/ { printf "%.0f MiB", $6 / 1024 }' "$work/$1.time"; }
+
+cp -r desired "$work/stack"
+run cold reconcile --once "$work/stack"
+run converged plan "$work/stack"
+
+.venv/bin/python - "$hosts" <<'PY'
+import os, sys, boto3
+ec2 = boto3.client("ec2", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
+left = int(sys.argv[1])
+while left:
+    n = min(left, 250)
+    ec2.run_instances(ImageId="ami-12c6146b", InstanceType="t3.micro", MinCount=n, MaxCount=n,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "Role", "Value": "app"}]}])
+    left -= n
+PY
+mkdir -p "$work/stack/hosts"
+echo 'ARGS=--collector.systemd' > "$work/stack/hosts/node_exporter.env"
+cat > "$work/stack/fleet.toml" <<'TOML'
+[host_config.node_exporter]
+targets = { Role = "app" }
+files = [{ path = "/etc/default/node_exporter", source = "hosts/node_exporter.env" }]
+reload = "true"
+max_concurrency = "100%"
+TOML
+run push reconcile --once "$work/stack"
+run fleet plan "$work/stack"
+
+echo
+echo "| measurement | AWS API calls | wall time | max RSS |"
+echo "|---|---|---|---|"
+echo "| cold reconcile --once, default stack | $(calls cold) | $(wall cold) | $(rss cold) |"
+echo "| converged plan, default stack | $(calls converged) | $(wall converged) | $(rss converged) |"
+echo "| host_config push to $hosts instances | $(calls push); SendCommand $(op push SendCommand), status reads $(( $(op push ListCommands) + $(op push ListCommandInvocations) )) | $(wall push) | $(rss push) |"
+echo "| converged plan with $hosts fleet hosts | $(calls fleet); SSM $(service fleet SSM) | $(wall fleet) | $(rss fleet) |"
