@@ -11,7 +11,7 @@ use crate::prometheus::Prometheus;
 
 const HOSTS: &str = r#"# The Prometheus host
 [host.prometheus]
-ami = "ami-12c6146b"
+ami = "resolve:ssm:/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
 instance_type = "t3.medium"
 instance_profile = "${iam.instance_profile.prometheus.name}"
 user_data = "userdata/prometheus.sh"
@@ -144,6 +144,38 @@ async fn a_host_is_launched_and_config_changes_reach_it_without_replacing_anythi
     assert_eq!(instances.len(), 1, "{instances:?}");
     let (instance, state) = &instances[0];
     assert_eq!(state, "running");
+    let ssm = f.aws.ssm().await;
+    let ami = ssm
+        .get_parameter()
+        .name("/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64")
+        .send()
+        .await
+        .unwrap()
+        .parameter
+        .unwrap()
+        .value
+        .unwrap();
+    let ec2 = f.aws.ec2().await;
+    let described = ec2
+        .describe_instances()
+        .instance_ids(instance)
+        .send()
+        .await
+        .unwrap();
+    let launched = &described.reservations()[0].instances()[0];
+    assert_eq!(
+        launched.image_id(),
+        Some(ami.as_str()),
+        "resolve:ssm: resolved"
+    );
+    assert_eq!(
+        launched
+            .metadata_options()
+            .and_then(|m| m.http_tokens())
+            .map(|t| t.as_str()),
+        Some("required"),
+        "IMDSv2"
+    );
     let volume = f.volume().await;
     assert_eq!(volume.size(), Some(50));
     assert_eq!(
@@ -306,6 +338,27 @@ async fn out_of_band_drift_is_corrected_by_one_reconcile_each() {
         Some(first.as_str())
     );
 
+    // Instance type and volume size changed in the desired state: in place.
+    edit(
+        f.dir.path(),
+        "hosts.toml",
+        "instance_type = \"t3.medium\"",
+        "instance_type = \"t3.large\"",
+    );
+    edit(f.dir.path(), "hosts.toml", "size_gib = 50", "size_gib = 80");
+    f.reconcile().expect(0);
+    let described = ec2
+        .describe_instances()
+        .instance_ids(&first)
+        .send()
+        .await
+        .unwrap();
+    let i = &described.reservations()[0].instances()[0];
+    assert_eq!(i.instance_type().map(|t| t.as_str()), Some("t3.large"));
+    assert_eq!(i.state().unwrap().name().unwrap().as_str(), "running");
+    assert_eq!(f.volume().await.size(), Some(80));
+    f.plan().expect(0);
+
     // Terminated: replaced, the data volume kept and attached to the replacement.
     ec2.terminate_instances()
         .instance_ids(&first)
@@ -346,6 +399,24 @@ fn bad_host_input_is_rejected_without_aws_calls() {
     assert!(
         run.stderr
             .contains("volume device `/dev/sda1` is not a data device name"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(run.calls().0, 0);
+
+    // A Prometheus host writing to a workspace the desired state does not have.
+    let dir = default_stack();
+    std::fs::write(
+        dir.path().join("hosts.toml"),
+        HOSTS.replace("amp.workspace.main", "amp.workspace.metrics"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.path().join("userdata")).unwrap();
+    std::fs::write(dir.path().join("userdata/prometheus.sh"), "#!/bin/bash\n").unwrap();
+    let run = stackwarden(None, &["plan", path_str(dir.path())]);
+    run.expect(1);
+    assert!(
+        run.stderr.contains("hosts.toml:") && run.stderr.contains("amp.workspace.metrics"),
         "{}",
         run.stderr
     );
