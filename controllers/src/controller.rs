@@ -90,8 +90,10 @@ pub enum Progress<T = ()> {
     Waiting(String),
 }
 
-/// Polls `look` every `ctx.waits.poll` until it reports done (or an error), logging progress.
-/// Still waiting after `ctx.waits.timeout` is [`crate::Error::Pending`]: the next pass goes on.
+/// Polls `look` until it reports done (or an error), logging progress. The pause between looks
+/// starts at 100 ms and doubles up to `ctx.waits.poll`, so quick work is seen quickly and slow
+/// work is not polled hard. Still waiting after `ctx.waits.timeout` is
+/// [`crate::Error::Pending`]: the next pass goes on.
 pub async fn wait_until<T, F, Fut>(
     ctx: &Context,
     what: &str,
@@ -102,6 +104,7 @@ where
     Fut: std::future::Future<Output = crate::error::Result<Progress<T>>>,
 {
     let start = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(100).min(ctx.waits.poll);
     loop {
         match look().await? {
             Progress::Done(v) => return Ok(v),
@@ -113,7 +116,8 @@ where
                     )));
                 }
                 tracing::info!(status, "waiting for {what}");
-                tokio::time::sleep(ctx.waits.poll).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(ctx.waits.poll);
             }
         }
     }
@@ -274,5 +278,43 @@ impl<C: Controller> DynController for C {
             op.0.downcast_ref::<C::Op>()
                 .expect("operation applied by the controller that planned it");
         Controller::apply(self, ctx, op).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_back_off_up_to_the_poll_interval_then_leave_the_work_pending() {
+        let sdk = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .build();
+        let waits = Waits {
+            poll: Duration::from_secs(2),
+            timeout: Duration::from_secs(10),
+        };
+        let ctx = Context::new(&sdk, vec![], waits);
+        let looks = Arc::new(Mutex::new(Vec::new()));
+        let seen = looks.clone();
+        let outcome = wait_until(&ctx, "the thing", || {
+            seen.lock().unwrap().push(tokio::time::Instant::now());
+            async { Ok(Progress::<()>::Waiting("BUSY".into())) }
+        })
+        .await;
+        let message = match outcome {
+            Err(crate::error::Error::Pending(m)) => m,
+            other => panic!("{other:?}"),
+        };
+        assert!(message.contains("the thing is still BUSY"), "{message}");
+        let looks = looks.lock().unwrap();
+        let gaps: Vec<u128> = looks
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_millis())
+            .collect();
+        assert_eq!(&gaps[..6], &[100, 200, 400, 800, 1600, 2000]);
+        assert!(gaps.iter().all(|g| *g <= 2000));
     }
 }
