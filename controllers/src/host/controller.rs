@@ -12,9 +12,10 @@
 //! - A config is pushed only when the hash recorded on the instance (tag
 //!   `stackwarden:prometheus`) differs from the desired bundle's, so a converged pass sends no
 //!   SSM command. The tag is written only after the push succeeded on the host.
-//! - Creates re-discover by tag before running, so a crash between two steps of a launch leaves
-//!   objects the next pass completes, never duplicates (moto, like some AWS paths, ignores the
-//!   RunInstances client token).
+//! - Every object is found by tag before anything is created, so a crash between two steps of
+//!   a launch leaves objects the next pass completes. Should a launch be repeated anyway (moto
+//!   ignores the RunInstances client token), the second instance is seen and terminated: the
+//!   one the data volumes are attached to is kept.
 //!
 //! # Caveats
 //! - A volume is never shrunk: a smaller desired size is a terminal error at plan time.
@@ -131,10 +132,35 @@ fn owned(tags: &Tags, desired: &DesiredState, id: &ResourceId) -> bool {
 }
 
 impl Observed {
+    /// The host's instance. After an interrupted launch there can be two: the one its data
+    /// volumes are attached to wins, then the one that carries a pushed config, then the first.
     pub fn instance(&self, desired: &DesiredState, r: &Resource) -> Option<&ObservedInstance> {
+        let mut owned_here: Vec<&ObservedInstance> = self
+            .instances
+            .iter()
+            .filter(|i| owned(&i.tags, desired, &r.id))
+            .collect();
+        owned_here.sort_by_key(|i| {
+            let has_volume = self
+                .volumes
+                .iter()
+                .any(|v| v.attachment.as_ref().is_some_and(|(id, _)| id == &i.id));
+            (
+                !has_volume,
+                !i.tags.contains_key(TAG_PROMETHEUS),
+                i.id.clone(),
+            )
+        });
+        owned_here.first().copied()
+    }
+
+    /// Instances the host owns besides [`Observed::instance`]: duplicates to terminate.
+    pub fn extra_instances(&self, desired: &DesiredState, r: &Resource) -> Vec<&ObservedInstance> {
+        let keep = self.instance(desired, r).map(|i| i.id.as_str());
         self.instances
             .iter()
-            .find(|i| owned(&i.tags, desired, &r.id))
+            .filter(|i| owned(&i.tags, desired, &r.id) && Some(i.id.as_str()) != keep)
+            .collect()
     }
 
     pub fn group(&self, desired: &DesiredState, r: &Resource) -> Option<&ObservedGroup> {
@@ -716,6 +742,20 @@ impl Controller for HostController {
             Action::Update,
             format!("host {name} ({})", inst.id),
         );
+        for extra in obs.extra_instances(desired, r) {
+            c.notes.push(format!(
+                "{} is a second instance of this host (left by an interrupted launch): terminated",
+                extra.id
+            ));
+            c.field(
+                format!("instance {}", extra.id),
+                Some("duplicate".into()),
+                None,
+            );
+            c.op(Op::Terminate {
+                instance: extra.id.clone(),
+            });
+        }
         if s.loaded_user_data.is_some() {
             // Nothing records what user data an instance booted with cheaply; say what happens.
             c.notes.push(
@@ -1567,6 +1607,20 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
             .tags
             .insert(TAG_PROMETHEUS.into(), push.hash.clone());
         assert!(diff(spec(&with_prom), &o).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_duplicate_instance_from_an_interrupted_launch_is_terminated() {
+        let mut o = observed();
+        let mut twin = o.instances[0].clone();
+        twin.id = "i-0".into();
+        o.instances.push(twin);
+        let c = diff(spec(HOST), &o).unwrap().unwrap();
+        assert!(
+            matches!(&c.ops[..], [Op::Terminate { instance }] if instance == "i-0"),
+            "the instance with the volume stays: {:?}",
+            c.ops
+        );
     }
 
     #[test]
