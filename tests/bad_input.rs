@@ -198,6 +198,28 @@ fn grafana_group_in_two_roles() {
 }
 
 #[test]
+fn dashboard_query_that_is_not_promql() {
+    let dir = default_stack();
+    std::fs::write(
+        dir.path().join("grafana.toml"),
+        "[grafana.main]\nami = \"ami-12c6146b\"\ninstance_type = \"t3.small\"\nsubnets = [\"subnet-a\", \"subnet-b\"]\nmin_size = 2\nmax_size = 4\nalb = { subnets = [\"subnet-c\", \"subnet-d\"], allowed_cidrs = [\"0.0.0.0/0\"] }\nprovisioning = { dashboards = [\"dashboards/node.json\"] }\n",
+    )
+    .unwrap();
+    edit(
+        dir.path(),
+        "dashboards/node.json",
+        "avg by (instance) (rate(node_cpu_seconds_total",
+        "avg by instance) (rate(node_cpu_seconds_total",
+    );
+    rejected(
+        dir.path(),
+        "dashboards/node.json",
+        95,
+        "panel `CPU busy`: invalid PromQL",
+    );
+}
+
+#[test]
 fn invalid_policy_json() {
     let dir = default_stack();
     edit(
@@ -297,4 +319,45 @@ fn the_default_alertmanager_definition_passes_amtool() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("3 receivers"));
+}
+
+/// The default dashboards (for the Grafana provisioning) pass the same check `validate` applies
+/// to any dashboard, and show what the seeds show.
+#[test]
+fn the_default_dashboards_are_valid_portable_and_complete() {
+    use stackwarden_controllers::dashboard::check_dashboard;
+    use stackwarden_controllers::diag::{Diagnostics, SourceFile};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("desired/dashboards");
+    let mut titles = Vec::new();
+    for name in ["node.json", "application.json", "prometheus.json"] {
+        let path = dir.join(name);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let file = SourceFile::new(path.clone(), name.into(), text.clone());
+        let mut diags = Diagnostics::default();
+        check_dashboard(&file, &mut diags);
+        let found: Vec<String> = diags.into_sorted().iter().map(|d| d.to_string()).collect();
+        assert!(found.is_empty(), "{name}: {found:?}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        for p in v["panels"].as_array().unwrap() {
+            titles.push(p["title"].as_str().unwrap().to_string());
+        }
+    }
+    for wanted in [
+        "CPU busy",
+        "Memory used",
+        "Disk used",
+        "Disk IO",
+        "Network",
+        "Request rate",
+        "Errors by endpoint",
+        "Latency p50 / p95 / p99",
+        "Responses by status code",
+        "Targets up",
+        "Remote write to AMP: samples sent and failed",
+    ] {
+        assert!(
+            titles.iter().any(|t| t == wanted),
+            "no panel {wanted:?} in {titles:?}"
+        );
+    }
 }

@@ -118,10 +118,7 @@ impl GrafanaSpec {
         }
         for d in &self.provisioning.dashboards {
             if let Some(file) = v.read(d) {
-                if let Err(e) = serde_json::from_str::<serde_json::Value>(file.text()) {
-                    let at = file.file.offset_of(e.line(), e.column());
-                    v.error_in(&file.file, at, format!("invalid dashboard JSON: {e}"));
-                }
+                crate::dashboard::check_dashboard(&file.file, v.diags);
             }
         }
         if self.provisioning.admin_password_ssm_parameter.is_some()

@@ -11,6 +11,7 @@ pub mod amg;
 pub mod amp;
 pub mod change;
 pub mod controller;
+pub mod dashboard;
 pub mod desired;
 pub mod diag;
 pub mod error;
