@@ -4,6 +4,7 @@
 
 mod amg;
 mod bad_input;
+mod deploy;
 mod emulator;
 mod fleet;
 mod harness;
