@@ -921,37 +921,43 @@ impl Controller for HostController {
     }
 
     fn removed(&self, desired: &DesiredState, obs: &Observed, prune: bool) -> Vec<Change<Op>> {
-        // Everything the stack owns for a host no longer desired, grouped by the host.
+        // Everything the stack owns for a host no longer desired, grouped by the host, in the
+        // order it can be deleted: instances, then their volumes, then their security group.
+        let owned = obs
+            .instances
+            .iter()
+            .map(|i| {
+                (
+                    &i.tags,
+                    Op::Terminate {
+                        instance: i.id.clone(),
+                    },
+                )
+            })
+            .chain(obs.volumes.iter().map(|v| {
+                (
+                    &v.tags,
+                    Op::DeleteVolume {
+                        volume: v.id.clone(),
+                    },
+                )
+            }))
+            .chain(obs.groups.iter().map(|g| {
+                (
+                    &g.tags,
+                    Op::DeleteGroup {
+                        group: g.id.clone(),
+                    },
+                )
+            }));
         let mut by_host: BTreeMap<ResourceId, (Vec<Op>, Tags)> = BTreeMap::new();
-        let stack = desired.stack_name();
-        for i in &obs.instances {
-            if let Some(id) = owner_id(&i.tags, stack) {
-                let e = by_host
+        for (tags, op) in owned {
+            if let Some(id) = owner_id(tags, desired.stack_name()) {
+                by_host
                     .entry(id)
-                    .or_insert_with(|| (Vec::new(), i.tags.clone()));
-                e.0.push(Op::Terminate {
-                    instance: i.id.clone(),
-                });
-            }
-        }
-        for v in &obs.volumes {
-            if let Some(id) = owner_id(&v.tags, stack) {
-                let e = by_host
-                    .entry(id)
-                    .or_insert_with(|| (Vec::new(), v.tags.clone()));
-                e.0.push(Op::DeleteVolume {
-                    volume: v.id.clone(),
-                });
-            }
-        }
-        for g in &obs.groups {
-            if let Some(id) = owner_id(&g.tags, stack) {
-                let e = by_host
-                    .entry(id)
-                    .or_insert_with(|| (Vec::new(), g.tags.clone()));
-                e.0.push(Op::DeleteGroup {
-                    group: g.id.clone(),
-                });
+                    .or_insert_with(|| (Vec::new(), tags.clone()))
+                    .0
+                    .push(op);
             }
         }
         by_host
