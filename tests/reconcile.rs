@@ -3,7 +3,7 @@
 
 use aws_sdk_amp::primitives::Blob;
 
-use crate::harness::{default_stack, edit, path_str, stackwarden, Aws};
+use crate::harness::{default_stack, edit, path_str, stackwarden, stackwarden_with, Aws};
 
 const PROMETHEUS_ROLE: &str = "monitoring-prometheus";
 const SSM_CORE: &str = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore";
@@ -595,4 +595,27 @@ async fn alertmanager_definition_is_put_on_change_and_a_rejection_is_reported_no
     std::fs::write(&file, &fixed_text).unwrap();
     converge(&aws, d);
     stackwarden(Some(&aws.endpoint), &["plan", d]).expect(0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn per_service_endpoint_variables_are_honoured() {
+    let aws = Aws::start();
+    let dir = default_stack();
+    let e = aws.endpoint.as_str();
+    let per_service = [
+        ("AWS_ENDPOINT_URL_IAM", e),
+        ("AWS_ENDPOINT_URL_AMP", e),
+        ("AWS_ENDPOINT_URL_GRAFANA", e),
+        ("AWS_ENDPOINT_URL_EC2", e),
+        ("AWS_ENDPOINT_URL_SSM", e),
+        ("AWS_ENDPOINT_URL_STS", e),
+    ];
+    // The global AWS_ENDPOINT_URL points at a closed port: every call must use its service's.
+    let run = stackwarden_with(
+        None,
+        &["reconcile", "--once", path_str(dir.path())],
+        &per_service,
+    );
+    run.expect(0);
+    assert!(run.calls().1 > 0, "{}", run.stderr);
 }
