@@ -5,24 +5,23 @@
 //! The fleet is read with one paginated `DescribeInstances` per resource; each instance records
 //! the hash it has in the tag `stackwarden:host_config.<name>`, so a converged pass sends no SSM
 //! call and an instance that joins later (tagged, without the hash) gets the files on the next
-//! pass. The push fans out in batches of at most 50 instance ids per `SendCommand`, with the
-//! desired MaxConcurrency and MaxErrors, and is tracked with `ListCommands` (one call per 50
-//! commands) and, only for commands with failures, `ListCommandInvocations`: never one call per
-//! host.
+//! pass. The push goes out through [`crate::push::send`] with the desired MaxConcurrency and
+//! MaxErrors: batches of 50 instances, tracked by pages, never one call per host.
 
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use aws_sdk_ec2::types::{Filter, Tag};
+use aws_sdk_ec2::types::Filter;
 use serde::Deserialize;
 use toml::Spanned;
 
 use crate::change::{Action, Change};
-use crate::controller::{wait_until, Context, Controller, Progress};
+use crate::controller::{Context, Controller};
 use crate::desired::{DesiredState, Resource, Spec, Validator};
 use crate::error::{aws_error, Error, Result};
 use crate::model::{Kind, Outputs, Refs, ResourceId};
-use crate::push::{self, shell_quote, Bundle, File};
+use crate::push::send::{send, Controls};
+use crate::push::{self, shell_quote, Bundle, File, Prepared};
 
 /// `[host_config.<name>]`
 #[derive(Debug, Clone, Deserialize)]
@@ -119,7 +118,7 @@ impl HostConfigSpec {
             }
         }
         Bundle {
-            name: format!("host_config.{name}"),
+            name: bundle_name(name),
             files,
             validate,
             reload: self.reload.iter().cloned().collect(),
@@ -130,13 +129,10 @@ impl HostConfigSpec {
 // ---------------------------------------------------------------------------------------------
 // The controller
 
-/// The instance tag recording the hash of the `host_config.<name>` bundle an instance has.
-pub fn hash_tag(name: &str) -> String {
-    format!("stackwarden:host_config.{name}")
+/// The bundle of `[host_config.<name>]` on the hosts (`host_config.<name>`).
+pub fn bundle_name(name: &str) -> String {
+    format!("host_config.{name}")
 }
-
-/// Instance ids per SendCommand: the API's limit.
-pub const BATCH: usize = 50;
 
 #[derive(Debug, Clone, Default)]
 pub struct FleetInstance {
@@ -151,29 +147,17 @@ pub struct Observed {
     pub fleets: BTreeMap<ResourceId, Vec<FleetInstance>>,
 }
 
-/// One push to a fleet: the bundle's script, the instances that lack it, the error controls.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Fanout {
-    pub resource: String,
-    pub name: String,
-    pub script: String,
-    pub hash: String,
-    pub instances: Vec<String>,
-    pub max_concurrency: String,
-    pub max_errors: String,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
-    /// Sends the bundle's script to the instances, tracks it, tags the ones that installed it.
-    Push(Fanout),
+    /// Sends the bundle to the instances that lack it.
+    Push {
+        push: Prepared,
+        instances: Vec<String>,
+        controls: Controls,
+    },
 }
 
 pub struct HostConfigController;
-
-fn spec_name(id: &ResourceId) -> &str {
-    &id.name
-}
 
 #[async_trait]
 impl Controller for HostConfigController {
@@ -192,7 +176,7 @@ impl Controller for HostConfigController {
                 _ => None,
             })
             .map(|(r, s)| async move {
-                let tag = hash_tag(spec_name(&r.id));
+                let tag = push::hash_tag(&bundle_name(&r.id.name));
                 let mut call = ctx.ec2.describe_instances().filters(
                     Filter::builder()
                         .name("instance-state-name")
@@ -235,10 +219,7 @@ impl Controller for HostConfigController {
             .filter_map(|r| match &r.spec {
                 Spec::HostConfig(s) => Some((
                     r.id.clone(),
-                    Outputs::from([(
-                        "hash".into(),
-                        s.bundle(spec_name(&r.id), &Refs::default()).hash(),
-                    )]),
+                    Outputs::from([("hash".into(), s.bundle(&r.id.name, &Refs::default()).hash())]),
                 )),
                 _ => None,
             })
@@ -255,21 +236,11 @@ impl Controller for HostConfigController {
         let Spec::HostConfig(s) = &r.spec else {
             return Ok(None);
         };
-        let bundle = s.bundle(spec_name(&r.id), refs);
-        let hash = bundle.hash();
-        let script = bundle.script();
-        if script.len() > push::MAX_SCRIPT_BYTES {
-            return Err(Error::Invalid(format!(
-                "{}: the files make a {} KiB push, over the {} KiB a Run Command can carry",
-                r.id,
-                script.len() / 1024,
-                push::MAX_SCRIPT_BYTES / 1024
-            )));
-        }
+        let prepared = s.bundle(&r.id.name, refs).prepare()?;
         let fleet = obs.fleets.get(&r.id).map(Vec::as_slice).unwrap_or_default();
         let stale: Vec<String> = fleet
             .iter()
-            .filter(|i| i.installed.as_deref() != Some(hash.as_str()))
+            .filter(|i| i.installed.as_ref() != Some(&prepared.hash))
             .map(|i| i.id.clone())
             .collect();
         if stale.is_empty() {
@@ -293,22 +264,21 @@ impl Controller for HostConfigController {
         c.field(
             "installed",
             Some(format!(
-                "{} of {} instances lack sha256:{}",
+                "{} of {} instances lack {}",
                 stale.len(),
                 fleet.len(),
-                &hash[..12]
+                prepared.short_hash()
             )),
             Some(format!("all {} ({}{more})", fleet.len(), sample.join(", "))),
         );
-        c.op(Op::Push(Fanout {
-            resource: r.id.to_string(),
-            name: bundle.name.clone(),
-            script,
-            hash,
+        c.op(Op::Push {
+            push: prepared,
             instances: stale,
-            max_concurrency: s.max_concurrency.clone(),
-            max_errors: s.max_errors.clone(),
-        }));
+            controls: Controls {
+                max_concurrency: s.max_concurrency.clone(),
+                max_errors: s.max_errors.clone(),
+            },
+        });
         Ok(Some(c))
     }
 
@@ -318,8 +288,12 @@ impl Controller for HostConfigController {
     }
 
     async fn apply(&self, ctx: &Context, op: &Op) -> Result<Option<Outputs>> {
-        let Op::Push(push) = op;
-        fan_out(ctx, push).await?;
+        let Op::Push {
+            push,
+            instances,
+            controls,
+        } = op;
+        send(ctx, push, instances, controls).await?;
         Ok(None)
     }
 }
@@ -329,161 +303,6 @@ fn show_targets(t: &BTreeMap<String, String>) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// Sends, tracks and records one push to a fleet.
-async fn fan_out(ctx: &Context, push: &Fanout) -> Result<()> {
-    let Fanout {
-        resource,
-        name,
-        script,
-        hash,
-        instances,
-        max_concurrency,
-        max_errors,
-    } = push;
-    let mut commands: Vec<(String, Vec<String>)> = Vec::new();
-    for batch in instances.chunks(BATCH) {
-        let out = ctx
-            .ssm
-            .send_command()
-            .document_name("AWS-RunShellScript")
-            .set_instance_ids(Some(batch.to_vec()))
-            .comment(format!("stackwarden {name} sha256:{}", &hash[..12]))
-            .parameters("commands", vec![script.clone()])
-            .parameters("executionTimeout", vec!["600".into()])
-            .max_concurrency(max_concurrency)
-            .max_errors(max_errors)
-            .send()
-            .await
-            .map_err(aws_error("ssm", "SendCommand"))?;
-        let id = out
-            .command()
-            .and_then(|c| c.command_id())
-            .unwrap_or_default()
-            .to_string();
-        commands.push((id, batch.to_vec()));
-    }
-    tracing::info!(
-        resource,
-        instances = instances.len(),
-        commands = commands.len(),
-        "pushed files, tracking"
-    );
-    // One ListCommands page holds 50 commands: the status of the whole push in a call or two.
-    let done = wait_until(
-        ctx,
-        &format!("the {name} push to {} instances", instances.len()),
-        || async {
-            let mut status: BTreeMap<String, (String, i32, i32)> = BTreeMap::new();
-            let mut pages = ctx.ssm.list_commands().into_paginator().send();
-            while let Some(page) = pages.next().await {
-                let page = page.map_err(aws_error("ssm", "ListCommands"))?;
-                for c in page.commands() {
-                    let id = c.command_id().unwrap_or_default().to_string();
-                    if commands.iter().any(|(mine, _)| mine == &id) {
-                        let s = c
-                            .status()
-                            .map(|s| s.as_str().to_string())
-                            .unwrap_or_default();
-                        status.insert(id, (s, c.completed_count(), c.error_count()));
-                    }
-                }
-                if status.len() == commands.len() {
-                    break;
-                }
-            }
-            let completed: i32 = status.values().map(|s| s.1).sum();
-            let errors: i32 = status.values().map(|s| s.2).sum();
-            let open = commands.iter().any(|(id, _)| {
-                status.get(id).is_none_or(|(s, _, _)| {
-                    matches!(s.as_str(), "Pending" | "InProgress" | "Cancelling")
-                })
-            });
-            tracing::info!(
-                resource,
-                completed,
-                errors,
-                total = instances.len(),
-                "push progress"
-            );
-            Ok(if open {
-                Progress::Waiting(format!(
-                    "{completed} of {} done, {errors} failed",
-                    instances.len()
-                ))
-            } else {
-                Progress::Done(status)
-            })
-        },
-    )
-    .await?;
-
-    let mut succeeded: Vec<String> = Vec::new();
-    let mut failures: Vec<String> = Vec::new();
-    for (id, batch) in &commands {
-        let (status, _, _) = done.get(id).cloned().unwrap_or_default();
-        if status == "Success" {
-            succeeded.extend(batch.iter().cloned());
-            continue;
-        }
-        // Only commands with failures are read per invocation, a page of 50 at a time.
-        let mut pages = ctx
-            .ssm
-            .list_command_invocations()
-            .command_id(id)
-            .details(true)
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(aws_error("ssm", "ListCommandInvocations"))?;
-            for inv in page.command_invocations() {
-                let instance = inv.instance_id().unwrap_or_default().to_string();
-                match inv.status().map(|s| s.as_str()) {
-                    Some("Success") => succeeded.push(instance),
-                    other => {
-                        let output = inv
-                            .command_plugins()
-                            .first()
-                            .and_then(|p| p.output())
-                            .unwrap_or_default()
-                            .trim()
-                            .to_string();
-                        failures.push(format!(
-                            "{instance} ({}): {output}",
-                            other.unwrap_or("unknown")
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    // CreateTags takes up to 1000 resources per call.
-    for chunk in succeeded.chunks(1000) {
-        ctx.ec2
-            .create_tags()
-            .set_resources(Some(chunk.to_vec()))
-            .tags(
-                Tag::builder()
-                    .key(hash_tag(name.trim_start_matches("host_config.")))
-                    .value(hash)
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(aws_error("ec2", "CreateTags"))?;
-    }
-    if failures.is_empty() {
-        return Ok(());
-    }
-    let shown: Vec<&str> = failures.iter().take(3).map(String::as_str).collect();
-    Err(Error::Invalid(format!(
-        "{} of {} instances failed to install {name}: {}{}",
-        failures.len(),
-        instances.len(),
-        shown.join("; "),
-        if failures.len() > 3 { "; ..." } else { "" }
-    )))
 }
 
 #[cfg(test)]
@@ -531,7 +350,7 @@ mod tests {
     fn only_instances_lacking_the_hash_get_the_push() {
         let hash = spec().bundle("node_exporter", &Refs::default()).hash();
         let c = diff(&fleet(&[Some(&hash), None, Some("old")])).unwrap();
-        let [Op::Push(Fanout { instances, .. })] = &c.ops[..] else {
+        let [Op::Push { instances, .. }] = &c.ops[..] else {
             panic!()
         };
         assert_eq!(instances, &["i-1", "i-2"]);

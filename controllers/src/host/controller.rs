@@ -36,13 +36,17 @@ use crate::controller::{wait_until, Context, Controller, Progress};
 use crate::desired::{DesiredState, Resource, Spec, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
 use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
-use crate::push::{self, Bundle};
+use crate::push::send::{send, Controls};
+use crate::push::{self, Prepared};
 use crate::tags::{self, owner_id, Tags};
+
+/// Instance tag: the sha256 of the Prometheus bundle installed on the host.
+fn prometheus_tag() -> String {
+    push::hash_tag(push::prometheus::NAME)
+}
 
 /// Volume tag: the device the volume belongs at.
 pub const TAG_DEVICE: &str = "stackwarden:device";
-/// Instance tag: the sha256 of the Prometheus bundle installed on the host.
-pub const TAG_PROMETHEUS: &str = "stackwarden:prometheus";
 
 // ---------------------------------------------------------------------------------------------
 // Observed state
@@ -147,7 +151,7 @@ impl Observed {
                 .any(|v| v.attachment.as_ref().is_some_and(|(id, _)| id == &i.id));
             (
                 !has_volume,
-                !i.tags.contains_key(TAG_PROMETHEUS),
+                !i.tags.contains_key(&prometheus_tag()),
                 i.id.clone(),
             )
         });
@@ -215,14 +219,7 @@ pub struct Launch {
     pub user_data: Option<String>,
     pub key_name: Option<String>,
     pub tags: Tags,
-    pub push: Option<PushPlan>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct PushPlan {
-    pub name: String,
-    pub script: String,
-    pub hash: String,
+    pub push: Option<Prepared>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -267,7 +264,7 @@ pub enum Op {
     },
     Push {
         instance: String,
-        push: PushPlan,
+        push: Prepared,
     },
     Terminate {
         instance: String,
@@ -345,31 +342,12 @@ fn volume_plan(desired: &DesiredState, r: &Resource, v: &VolumeSpec) -> VolumePl
     }
 }
 
-fn push_plan(s: &HostSpec, refs: &Refs, region: &str) -> Result<Option<(PushPlan, Bundle)>> {
-    let Some(p) = &s.prometheus else {
-        return Ok(None);
-    };
-    let bundle = push::prometheus::bundle(p, refs, region);
-    let script = bundle.script();
-    if script.len() > push::MAX_SCRIPT_BYTES {
-        return Err(Error::Invalid(format!(
-            "the Prometheus config and rule files make a {} KiB push, over the {} KiB a Run Command can carry; split the rule files across fewer, smaller files or trim them",
-            script.len() / 1024,
-            push::MAX_SCRIPT_BYTES / 1024
-        )));
-    }
-    Ok(Some((
-        PushPlan {
-            name: bundle.name.clone(),
-            hash: bundle.hash(),
-            script,
-        },
-        bundle,
-    )))
-}
-
-fn short(hash: &str) -> String {
-    format!("sha256:{}", &hash[..hash.len().min(12)])
+/// The Prometheus bundle of a host with the Prometheus role.
+fn prometheus_push(s: &HostSpec, refs: &Refs, region: &str) -> Result<Option<Prepared>> {
+    s.prometheus
+        .as_ref()
+        .map(|p| push::prometheus::bundle(p, refs, region).prepare())
+        .transpose()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -655,7 +633,7 @@ impl Controller for HostController {
         );
         tags.entry("Name".into()).or_insert_with(|| name.clone());
         let rules = desired_rules(s, refs);
-        let push = push_plan(s, refs, &obs.region)?;
+        let push = prometheus_push(s, refs, &obs.region)?;
         let group = obs.group(desired, r);
 
         let Some(inst) = obs.instance(desired, r) else {
@@ -713,8 +691,8 @@ impl Controller for HostController {
                 };
                 c.field(format!("volume {}", v.device), None, Some(what));
             }
-            if let Some((p, _)) = &push {
-                c.field("prometheus", None, Some(short(&p.hash)));
+            if let Some(p) = &push {
+                c.field("prometheus", None, Some(p.short_hash()));
             }
             let mut group_tags = desired.tags_for(&r.id, &BTreeMap::new());
             group_tags.insert("Name".into(), name.clone());
@@ -732,7 +710,7 @@ impl Controller for HostController {
                 user_data: s.loaded_user_data.clone(),
                 key_name: s.key_name.clone(),
                 tags,
-                push: push.map(|(p, _)| p),
+                push,
             })));
             return Ok(Some(c));
         };
@@ -790,8 +768,8 @@ impl Controller for HostController {
         }
         let (set, remove) = tags::diff(&inst.tags, &{
             let mut want = tags.clone();
-            if let Some(h) = inst.tags.get(TAG_PROMETHEUS) {
-                want.insert(TAG_PROMETHEUS.into(), h.clone());
+            if let Some(h) = inst.tags.get(&prometheus_tag()) {
+                want.insert(prometheus_tag(), h.clone());
             }
             want
         });
@@ -900,13 +878,13 @@ impl Controller for HostController {
                 }
             }
         }
-        if let Some((p, _)) = push {
-            let installed = inst.tags.get(TAG_PROMETHEUS);
+        if let Some(p) = push {
+            let installed = inst.tags.get(&p.hash_tag());
             if installed != Some(&p.hash) {
                 c.field(
                     "prometheus",
-                    installed.map(|h| short(h)),
-                    Some(short(&p.hash)),
+                    installed.map(|h| format!("sha256:{}", &h[..h.len().min(12)])),
+                    Some(p.short_hash()),
                 );
                 c.op(Op::Push {
                     instance: inst.id.clone(),
@@ -1071,7 +1049,15 @@ impl Controller for HostController {
                     .await
                     .map_err(ec2_err("DeleteTags"))?;
             }
-            Op::Push { instance, push } => push_config(ctx, instance, push).await?,
+            Op::Push { instance, push } => {
+                send(
+                    ctx,
+                    push,
+                    std::slice::from_ref(instance),
+                    &Controls::default(),
+                )
+                .await?
+            }
             Op::Terminate { instance } => {
                 ec2.terminate_instances()
                     .instance_ids(instance)
@@ -1315,7 +1301,7 @@ async fn launch(ctx: &Context, l: &Launch) -> Result<Outputs> {
         ("security_group_id".into(), group),
     ]);
     if let Some(p) = &l.push {
-        push_config(ctx, &id, p).await?;
+        send(ctx, p, std::slice::from_ref(&id), &Controls::default()).await?;
     }
     Ok(outputs)
 }
@@ -1369,94 +1355,6 @@ async fn attach_volume(ctx: &Context, instance: &str, zone: &str, v: &VolumePlan
         .send()
         .await
         .map_err(ec2_err("AttachVolume"))?;
-    Ok(())
-}
-
-/// Sends a bundle's script to one instance, waits for the verdict, and records the hash on the
-/// instance when it was installed. A failure carries the script's stderr.
-async fn push_config(ctx: &Context, instance: &str, p: &PushPlan) -> Result<()> {
-    let sent = ctx
-        .ssm
-        .send_command()
-        .document_name("AWS-RunShellScript")
-        .instance_ids(instance)
-        .comment(format!("stackwarden {} {}", p.name, short(&p.hash)))
-        .parameters("commands", vec![p.script.clone()])
-        .parameters("executionTimeout", vec!["600".into()])
-        .send()
-        .await;
-    let sent = match sent {
-        Ok(s) => s,
-        // A new instance's agent registers a little after boot: the next pass pushes.
-        Err(e)
-            if e.as_service_error()
-                .is_some_and(|e| e.is_invalid_instance_id()) =>
-        {
-            return Err(Error::Pending(format!(
-                "instance {instance} is not yet reachable over SSM; the push is retried next pass"
-            )));
-        }
-        Err(e) => return Err(aws_error("ssm", "SendCommand")(e)),
-    };
-    let command = sent
-        .command()
-        .and_then(|c| c.command_id())
-        .unwrap_or_default()
-        .to_string();
-    tracing::info!(instance, command, bundle = %p.name, "pushed config, waiting for the host");
-    let (status, stderr) = wait_until(ctx, &format!("the {} push to {instance}", p.name), || {
-        let command = command.clone();
-        async move {
-            let inv = ctx
-                .ssm
-                .get_command_invocation()
-                .command_id(&command)
-                .instance_id(instance)
-                .send()
-                .await;
-            let inv = match inv {
-                Ok(inv) => inv,
-                Err(e)
-                    if e.as_service_error()
-                        .is_some_and(|e| e.is_invocation_does_not_exist()) =>
-                {
-                    return Ok(Progress::Waiting("Pending".into()))
-                }
-                Err(e) => return Err(aws_error("ssm", "GetCommandInvocation")(e)),
-            };
-            let status = inv
-                .status()
-                .map(|s| s.as_str().to_string())
-                .unwrap_or_default();
-            match status.as_str() {
-                "Pending" | "InProgress" | "Delayed" | "Cancelling" => {
-                    Ok(Progress::Waiting(status))
-                }
-                _ => {
-                    let stderr = inv
-                        .standard_error_content()
-                        .unwrap_or_default()
-                        .trim()
-                        .to_string();
-                    Ok(Progress::Done((status, stderr)))
-                }
-            }
-        }
-    })
-    .await?;
-    if status != "Success" {
-        return Err(Error::Invalid(format!(
-            "the {} push to {instance} ended {status}: {stderr}",
-            p.name
-        )));
-    }
-    ctx.ec2
-        .create_tags()
-        .resources(instance)
-        .tags(Tag::builder().key(TAG_PROMETHEUS).value(&p.hash).build())
-        .send()
-        .await
-        .map_err(ec2_err("CreateTags"))?;
     Ok(())
 }
 
@@ -1611,7 +1509,7 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         let mut o = observed();
         o.instances[0]
             .tags
-            .insert(TAG_PROMETHEUS.into(), push.hash.clone());
+            .insert(prometheus_tag(), push.hash.clone());
         assert!(diff(spec(&with_prom), &o).unwrap().is_none());
     }
 

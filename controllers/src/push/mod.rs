@@ -6,9 +6,10 @@
 //! reload fails. Paths are under `$STACKWARDEN_ROOT` and Prometheus is at `$PROMETHEUS_URL`, so
 //! tests run the very same script in a temporary directory against a real Prometheus.
 //!
-//! This module is pure: it renders text and computes hashes. Sending is the controllers' work.
+//! This module renders text and computes hashes; `send` is the one place that sends a bundle.
 
 pub mod prometheus;
+pub mod send;
 
 use std::collections::BTreeMap;
 
@@ -49,7 +50,51 @@ impl File {
     }
 }
 
+/// A bundle ready to send: its script, within the size a command can carry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prepared {
+    pub name: String,
+    pub hash: String,
+    pub script: String,
+}
+
+impl Prepared {
+    /// The instance tag recording which version of this bundle an instance has.
+    pub fn hash_tag(&self) -> String {
+        hash_tag(&self.name)
+    }
+
+    /// `sha256:<first 12 hex digits>`, for plans and logs.
+    pub fn short_hash(&self) -> String {
+        format!("sha256:{}", &self.hash[..self.hash.len().min(12)])
+    }
+}
+
+/// The instance tag recording the hash of the bundle `name` an instance has installed
+/// (`stackwarden:prometheus`, `stackwarden:host_config.node_exporter`).
+pub fn hash_tag(name: &str) -> String {
+    format!("stackwarden:{name}")
+}
+
 impl Bundle {
+    /// The script and hash, refused when the script is over what one command can carry.
+    pub fn prepare(&self) -> crate::error::Result<Prepared> {
+        let script = self.script();
+        if script.len() > MAX_SCRIPT_BYTES {
+            return Err(crate::error::Error::Invalid(format!(
+                "the {} files make a {} KiB push, over the {} KiB one Run Command can carry; trim or split them",
+                self.name,
+                script.len() / 1024,
+                MAX_SCRIPT_BYTES / 1024
+            )));
+        }
+        Ok(Prepared {
+            name: self.name.clone(),
+            hash: self.hash(),
+            script,
+        })
+    }
+
     /// The content hash: files (paths, modes, contents) and commands. What is recorded on the
     /// host and in the instance tag, so an unchanged bundle is never sent again.
     pub fn hash(&self) -> String {

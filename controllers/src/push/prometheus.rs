@@ -11,6 +11,8 @@ use super::{shell_quote, Bundle, File};
 use crate::host::PrometheusSpec;
 use crate::model::Refs;
 
+/// The bundle's name on the host (its stage, backup and hash files, and its instance tag).
+pub const NAME: &str = "prometheus";
 pub const CONFIG_DIR: &str = "/etc/prometheus";
 pub const CONFIG_FILE: &str = "/etc/prometheus/prometheus.yml";
 
@@ -268,7 +270,7 @@ pub fn bundle(spec: &PrometheusSpec, refs: &Refs, region: &str) -> Bundle {
         validate.push(format!("\"$PROMTOOL\" check rules {}", staged.join(" ")));
     }
     Bundle {
-        name: "prometheus".into(),
+        name: NAME.into(),
         files,
         validate,
         reload: vec![
