@@ -537,11 +537,6 @@ impl Controller for AmpController {
                 alias,
             });
         }
-        // The alertmanager hash tag is the controller's bookkeeping, not drift.
-        let mut tags = tags;
-        if let Some(h) = w.tags.get(TAG_ALERTMANAGER) {
-            tags.insert(TAG_ALERTMANAGER.into(), h.clone());
-        }
         let (set, remove) = tags::diff(&w.tags, &tags);
         if !set.is_empty() || !remove.is_empty() {
             c.field("tags", Some(tags::show(&w.tags)), Some(tags::show(&tags)));

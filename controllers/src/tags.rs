@@ -1,7 +1,9 @@
 //! Ownership tags and tag diffs, shared by every controller.
 //!
 //! An object belongs to a desired resource when it carries both `stackwarden:stack = <stack>` and
-//! `stackwarden:id = <address>`. Tags under `aws:` are AWS's own and never touched.
+//! `stackwarden:id = <address>`. Tags under `aws:` are AWS's own and never touched. Other
+//! `stackwarden:` tags are the controllers' bookkeeping (the hash of what was pushed or put),
+//! written by the controller that owns them and never removed as drift.
 
 use std::collections::BTreeMap;
 
@@ -24,7 +26,13 @@ pub fn owner_id(tags: &Tags, stack: &str) -> Option<ResourceId> {
     ResourceId::parse(tags.get(TAG_ID)?)
 }
 
-/// What to set and which keys to remove to take `observed` to `desired`.
+/// Whether a tag is a controller's bookkeeping rather than part of the desired tags.
+fn is_bookkeeping(key: &str) -> bool {
+    key.starts_with("stackwarden:") && key != TAG_STACK && key != TAG_ID
+}
+
+/// What to set and which keys to remove to take `observed` to `desired`. AWS's own tags and
+/// the controllers' bookkeeping tags are never removed.
 pub fn diff(observed: &Tags, desired: &Tags) -> (Tags, Vec<String>) {
     let set = desired
         .iter()
@@ -33,7 +41,7 @@ pub fn diff(observed: &Tags, desired: &Tags) -> (Tags, Vec<String>) {
         .collect();
     let remove = observed
         .keys()
-        .filter(|k| !desired.contains_key(*k) && !k.starts_with("aws:"))
+        .filter(|k| !desired.contains_key(*k) && !k.starts_with("aws:") && !is_bookkeeping(k))
         .cloned()
         .collect();
     (set, remove)
@@ -68,5 +76,16 @@ mod tests {
             Tags::from([("b".into(), "new".into()), ("d".into(), "4".into())])
         );
         assert_eq!(remove, vec!["c".to_string()]);
+    }
+
+    #[test]
+    fn bookkeeping_tags_stay_and_ownership_tags_are_diffed() {
+        let observed = Tags::from([
+            ("stackwarden:prometheus".into(), "abc".into()),
+            (TAG_ID.into(), "host.old".into()),
+        ]);
+        let (set, remove) = diff(&observed, &Tags::from([("a".into(), "1".into())]));
+        assert_eq!(set.len(), 1);
+        assert_eq!(remove, vec![TAG_ID.to_string()]);
     }
 }

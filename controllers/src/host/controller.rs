@@ -766,13 +766,7 @@ impl Controller for HostController {
                 instance_type: s.instance_type.clone(),
             });
         }
-        let (set, remove) = tags::diff(&inst.tags, &{
-            let mut want = tags.clone();
-            if let Some(h) = inst.tags.get(&prometheus_tag()) {
-                want.insert(prometheus_tag(), h.clone());
-            }
-            want
-        });
+        let (set, remove) = tags::diff(&inst.tags, &tags);
         if !set.is_empty() || !remove.is_empty() {
             c.field(
                 "tags",
