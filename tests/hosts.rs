@@ -189,6 +189,11 @@ async fn a_host_is_launched_and_config_changes_reach_it_without_replacing_anythi
 
     let plan = f.plan();
     plan.expect(0);
+    assert!(
+        !plan.stderr.contains("DescribeSubnets"),
+        "subnets are looked up only when launching:\n{}",
+        plan.stderr
+    );
     assert_eq!(
         ssm_calls(&plan),
         0,

@@ -35,7 +35,7 @@ use crate::change::{removal, Action, Change};
 use crate::controller::{wait_until, Context, Controller, Progress};
 use crate::desired::{DesiredState, Resource, Spec, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
-use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
+use crate::model::{Kind, Outputs, Refs, ResourceId};
 use crate::push::send::{send, Controls};
 use crate::push::{self, Prepared};
 use crate::tags::{self, owner_id, Tags};
@@ -57,12 +57,10 @@ pub struct ObservedInstance {
     pub state: String,
     pub instance_type: String,
     pub image_id: String,
-    pub subnet_id: String,
     pub zone: String,
     pub private_ip: String,
     pub public_ip: String,
     pub private_dns: String,
-    pub security_groups: Vec<String>,
     pub tags: Tags,
 }
 
@@ -99,7 +97,6 @@ impl std::fmt::Display for Rule {
 #[derive(Debug, Clone, Default)]
 pub struct ObservedGroup {
     pub id: String,
-    pub vpc: String,
     pub tags: Tags,
     pub ingress: BTreeSet<Rule>,
 }
@@ -111,9 +108,6 @@ pub struct ObservedVolume {
     pub volume_type: String,
     pub iops: Option<i32>,
     pub throughput: Option<i32>,
-    pub encrypted: bool,
-    pub zone: String,
-    pub state: String,
     /// (instance, device) while attached.
     pub attachment: Option<(String, String)>,
     pub tags: Tags,
@@ -125,10 +119,6 @@ pub struct Observed {
     pub instances: Vec<ObservedInstance>,
     pub groups: Vec<ObservedGroup>,
     pub volumes: Vec<ObservedVolume>,
-    /// Subnet id → (VPC, zone), for the subnets the desired hosts name.
-    pub subnets: BTreeMap<String, (String, String)>,
-    /// The default VPC's default subnet in its first zone, when a host names no subnet.
-    pub default_subnet: Option<String>,
 }
 
 fn owned(tags: &Tags, desired: &DesiredState, id: &ResourceId) -> bool {
@@ -208,13 +198,15 @@ pub struct Launch {
     /// An existing security group, or the one to create with its rules.
     pub group: Option<String>,
     pub group_name: String,
-    pub vpc: String,
+    /// The security group's VPC; none: the subnet's.
+    pub vpc: Option<String>,
     pub group_tags: Tags,
     pub rules: Vec<Rule>,
     pub volumes: Vec<VolumePlan>,
     pub ami: String,
     pub instance_type: String,
-    pub subnet: String,
+    /// None: the default VPC's default subnet in the region's first zone.
+    pub subnet: Option<String>,
     pub instance_profile: Option<String>,
     pub user_data: Option<String>,
     pub key_name: Option<String>,
@@ -404,7 +396,6 @@ impl Controller for HostController {
                         .map(|t| t.as_str().to_string())
                         .unwrap_or_default(),
                     image_id: i.image_id().unwrap_or_default().into(),
-                    subnet_id: i.subnet_id().unwrap_or_default().into(),
                     zone: i
                         .placement()
                         .and_then(|p| p.availability_zone())
@@ -413,22 +404,7 @@ impl Controller for HostController {
                     private_ip: i.private_ip_address().unwrap_or_default().into(),
                     public_ip: i.public_ip_address().unwrap_or_default().into(),
                     private_dns: i.private_dns_name().unwrap_or_default().into(),
-                    security_groups: i
-                        .security_groups()
-                        .iter()
-                        .filter_map(|g| g.group_id())
-                        .map(String::from)
-                        .collect(),
-                    tags: i
-                        .tags()
-                        .iter()
-                        .map(|t| {
-                            (
-                                t.key().unwrap_or_default().into(),
-                                t.value().unwrap_or_default().into(),
-                            )
-                        })
-                        .collect(),
+                    tags: tag_map(i.tags()),
                 });
             }
         }
@@ -465,17 +441,7 @@ impl Controller for HostController {
                 }
                 obs.groups.push(ObservedGroup {
                     id: g.group_id().unwrap_or_default().into(),
-                    vpc: g.vpc_id().unwrap_or_default().into(),
-                    tags: g
-                        .tags()
-                        .iter()
-                        .map(|t| {
-                            (
-                                t.key().unwrap_or_default().into(),
-                                t.value().unwrap_or_default().into(),
-                            )
-                        })
-                        .collect(),
+                    tags: tag_map(g.tags()),
                     ingress,
                 });
             }
@@ -505,92 +471,17 @@ impl Controller for HostController {
                         .unwrap_or_default(),
                     iops: v.iops(),
                     throughput: v.throughput(),
-                    encrypted: v.encrypted().unwrap_or_default(),
-                    zone: v.availability_zone().unwrap_or_default().into(),
-                    state: v
-                        .state()
-                        .map(|s| s.as_str().to_string())
-                        .unwrap_or_default(),
                     attachment: attachment.map(|a| {
                         (
                             a.instance_id().unwrap_or_default().into(),
                             a.device().unwrap_or_default().into(),
                         )
                     }),
-                    tags: v
-                        .tags()
-                        .iter()
-                        .map(|t| {
-                            (
-                                t.key().unwrap_or_default().into(),
-                                t.value().unwrap_or_default().into(),
-                            )
-                        })
-                        .collect(),
+                    tags: tag_map(v.tags()),
                 });
             }
         }
 
-        // The subnets hosts name (literally), and the default one when some host names none.
-        let hosts: Vec<&HostSpec> = desired
-            .of_kind(Kind::Host)
-            .filter_map(|r| match &r.spec {
-                Spec::Host(h) => Some(h),
-                _ => None,
-            })
-            .collect();
-        let named: Vec<String> = hosts
-            .iter()
-            .filter_map(|h| h.subnet.clone())
-            .filter(|s| !s.contains("${"))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let mut lookups = Vec::new();
-        if !named.is_empty() {
-            lookups.push(
-                Filter::builder()
-                    .name("subnet-id")
-                    .set_values(Some(named))
-                    .build(),
-            );
-        }
-        if hosts.iter().any(|h| h.subnet.is_none()) {
-            lookups.push(
-                Filter::builder()
-                    .name("default-for-az")
-                    .values("true")
-                    .build(),
-            );
-        }
-        for filter in lookups {
-            let defaults = filter.name() == Some("default-for-az");
-            let out = ctx
-                .ec2
-                .describe_subnets()
-                .filters(filter)
-                .send()
-                .await
-                .map_err(ec2_err("DescribeSubnets"))?;
-            let mut found: Vec<(String, String, String)> = out
-                .subnets()
-                .iter()
-                .map(|s| {
-                    (
-                        s.availability_zone().unwrap_or_default().to_string(),
-                        s.subnet_id().unwrap_or_default().to_string(),
-                        s.vpc_id().unwrap_or_default().to_string(),
-                    )
-                })
-                .collect();
-            found.sort();
-            if defaults {
-                obs.default_subnet = found.first().map(|(_, id, _)| id.clone());
-            }
-            for (zone, id, vpc) in found {
-                obs.subnets.insert(id, (vpc, zone));
-            }
-        }
         Ok(obs)
     }
 
@@ -638,22 +529,9 @@ impl Controller for HostController {
 
         let Some(inst) = obs.instance(desired, r) else {
             // New, or replacing a terminated instance: the volumes it had are attached again.
-            let subnet = match &s.subnet {
-                Some(sn) => refs.render(sn).value,
-                None => obs.default_subnet.clone().ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "{}: no `subnet` given and the region has no default VPC subnet",
-                        r.id
-                    ))
-                })?,
-            };
-            let vpc = s
-                .security_group
-                .vpc
-                .as_ref()
-                .map(|v| refs.render(v).value)
-                .or_else(|| obs.subnets.get(&subnet).map(|(vpc, _)| vpc.clone()))
-                .unwrap_or_else(|| KNOWN_AFTER_APPLY.to_string());
+            // Subnet and VPC are looked up when launching: a converged pass needs neither.
+            let subnet = s.subnet.as_ref().map(|sn| refs.render(sn).value);
+            let vpc = s.security_group.vpc.as_ref().map(|v| refs.render(v).value);
             let volumes: Vec<VolumePlan> = s
                 .volumes
                 .iter()
@@ -670,7 +548,15 @@ impl Controller for HostController {
             }
             c.field("instance_type", None, Some(s.instance_type.clone()));
             c.field("ami", None, Some(s.ami.clone()));
-            c.field("subnet", None, Some(subnet.clone()));
+            c.field(
+                "subnet",
+                None,
+                Some(
+                    subnet
+                        .clone()
+                        .unwrap_or_else(|| "(the default VPC's, first zone)".into()),
+                ),
+            );
             if group.is_none() {
                 c.field(
                     "security_group.ingress",
@@ -1099,6 +985,18 @@ impl Controller for HostController {
     }
 }
 
+/// EC2's tags as a map.
+fn tag_map(tags: &[Tag]) -> Tags {
+    tags.iter()
+        .map(|t| {
+            (
+                t.key().unwrap_or_default().to_string(),
+                t.value().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
 fn ec2_tags(tags: &Tags) -> Vec<Tag> {
     tags.iter()
         .map(|(k, v)| Tag::builder().key(k).value(v).build())
@@ -1176,26 +1074,47 @@ async fn resolve_ami(ctx: &Context, ami: &str) -> Result<String> {
         .ok_or_else(|| Error::Invalid(format!("SSM parameter {parameter} has no value")))
 }
 
+/// The subnet to launch into and its VPC: the named subnet, or the default VPC's default
+/// subnet in the first zone. One call, made only when launching.
+async fn locate_subnet(ctx: &Context, subnet: Option<&str>) -> Result<(String, String)> {
+    let filter = match subnet {
+        Some(id) => Filter::builder().name("subnet-id").values(id).build(),
+        None => Filter::builder()
+            .name("default-for-az")
+            .values("true")
+            .build(),
+    };
+    let out = ctx
+        .ec2
+        .describe_subnets()
+        .filters(filter)
+        .send()
+        .await
+        .map_err(aws_error("ec2", "DescribeSubnets"))?;
+    out.subnets()
+        .iter()
+        .min_by_key(|s| s.availability_zone().unwrap_or_default().to_string())
+        .map(|s| {
+            (
+                s.subnet_id().unwrap_or_default().to_string(),
+                s.vpc_id().unwrap_or_default().to_string(),
+            )
+        })
+        .ok_or_else(|| {
+            Error::Invalid(match subnet {
+                Some(id) => format!("subnet {id} does not exist"),
+                None => "no `subnet` given and the region has no default VPC subnet".into(),
+            })
+        })
+}
+
 async fn launch(ctx: &Context, l: &Launch) -> Result<Outputs> {
     let ec2 = &ctx.ec2;
+    let (subnet, subnet_vpc) = locate_subnet(ctx, l.subnet.as_deref()).await?;
     let group = match &l.group {
         Some(g) => g.clone(),
         None => {
-            let vpc = if l.vpc == KNOWN_AFTER_APPLY {
-                let out = ec2
-                    .describe_subnets()
-                    .subnet_ids(&l.subnet)
-                    .send()
-                    .await
-                    .map_err(ec2_err("DescribeSubnets"))?;
-                out.subnets()
-                    .first()
-                    .and_then(|s| s.vpc_id())
-                    .unwrap_or_default()
-                    .to_string()
-            } else {
-                l.vpc.clone()
-            };
+            let vpc = l.vpc.clone().unwrap_or(subnet_vpc);
             let out = ec2
                 .create_security_group()
                 .group_name(&l.group_name)
@@ -1224,7 +1143,7 @@ async fn launch(ctx: &Context, l: &Launch) -> Result<Outputs> {
         .instance_type(InstanceType::from(l.instance_type.as_str()))
         .min_count(1)
         .max_count(1)
-        .subnet_id(&l.subnet)
+        .subnet_id(&subnet)
         .security_group_ids(&group)
         .set_iam_instance_profile(
             l.instance_profile
@@ -1382,14 +1301,12 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
                 state: "running".into(),
                 instance_type: "t3.medium".into(),
                 image_id: "ami-1".into(),
-                subnet_id: "subnet-1".into(),
                 zone: "us-east-1a".into(),
                 tags: inst_tags,
                 ..Default::default()
             }],
             groups: vec![ObservedGroup {
                 id: "sg-1".into(),
-                vpc: "vpc-1".into(),
                 tags: tags.clone(),
                 ingress: BTreeSet::from([Rule {
                     protocol: "tcp".into(),
@@ -1402,15 +1319,10 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
                 id: "vol-1".into(),
                 size: 100,
                 volume_type: "gp3".into(),
-                encrypted: true,
-                zone: "us-east-1a".into(),
-                state: "in-use".into(),
                 attachment: Some(("i-1".into(), "/dev/sdf".into())),
                 tags: vol_tags,
                 ..Default::default()
             }],
-            subnets: BTreeMap::from([("subnet-1".into(), ("vpc-1".into(), "us-east-1a".into()))]),
-            default_subnet: None,
         }
     }
 
@@ -1426,20 +1338,13 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
 
     #[test]
     fn a_missing_host_is_launched_with_group_and_volume() {
-        let c = diff(
-            spec(HOST),
-            &Observed {
-                subnets: observed().subnets,
-                ..Default::default()
-            },
-        )
-        .unwrap()
-        .unwrap();
+        let c = diff(spec(HOST), &Observed::default()).unwrap().unwrap();
         let [Op::Launch(l)] = &c.ops[..] else {
             panic!("{:?}", c.ops)
         };
         assert_eq!(l.group, None);
-        assert_eq!(l.vpc, "vpc-1");
+        assert_eq!(l.subnet.as_deref(), Some("subnet-1"));
+        assert_eq!(l.vpc, None, "the subnet's VPC, looked up when launching");
         assert_eq!(l.rules.len(), 1);
         assert_eq!(l.volumes[0].existing, None);
         assert_eq!(l.tags.get("Name").map(String::as_str), Some("s-prom"));
