@@ -367,20 +367,6 @@ pub enum Op {
     },
 }
 
-fn grafana_err<E, R>(
-    op: &'static str,
-) -> impl FnOnce(aws_smithy_runtime_api::client::result::SdkError<E, R>) -> Error
-where
-    E: aws_smithy_types::error::metadata::ProvideErrorMetadata
-        + std::error::Error
-        + Send
-        + Sync
-        + 'static,
-    R: crate::error::HttpStatus + std::fmt::Debug,
-{
-    aws_error("grafana", op)
-}
-
 fn sorted(mut v: Vec<String>) -> Vec<String> {
     v.sort();
     v.dedup();
@@ -493,7 +479,7 @@ async fn wait_active(ctx: &Context, workspace: &str) -> Result<()> {
             .workspace_id(workspace)
             .send()
             .await
-            .map_err(grafana_err("DescribeWorkspace"))?;
+            .map_err(aws_error("grafana", "DescribeWorkspace"))?;
         match out.workspace().map(|w| w.status().clone()) {
             Some(WorkspaceStatus::Active) => Ok(Progress::Done(())),
             Some(WorkspaceStatus::CreationFailed | WorkspaceStatus::Failed) => Err(Error::Invalid(
@@ -533,7 +519,7 @@ async fn update_permissions(ctx: &Context, workspace: &str, batch: &[Instruction
     let out = call
         .send()
         .await
-        .map_err(grafana_err("UpdatePermissions"))?;
+        .map_err(aws_error("grafana", "UpdatePermissions"))?;
     if out.errors().is_empty() {
         return Ok(());
     }
@@ -580,7 +566,7 @@ impl Controller for AmgController {
         let mut found = Vec::new();
         let mut pages = ctx.grafana.list_workspaces().into_paginator().send();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(grafana_err("ListWorkspaces"))?;
+            let page = page.map_err(aws_error("grafana", "ListWorkspaces"))?;
             for w in page.workspaces() {
                 let tags: Tags = w
                     .tags()
@@ -609,7 +595,7 @@ impl Controller for AmgController {
                 .workspace_id(&w.id)
                 .send()
                 .await
-                .map_err(grafana_err("DescribeWorkspace"))?;
+                .map_err(aws_error("grafana", "DescribeWorkspace"))?;
             if let Some(d) = out.workspace() {
                 w.name = d.name().map(str::to_string);
                 w.description = d.description().map(str::to_string);
@@ -649,7 +635,7 @@ impl Controller for AmgController {
                 .into_paginator()
                 .send();
             while let Some(page) = pages.next().await {
-                let page = page.map_err(grafana_err("ListPermissions"))?;
+                let page = page.map_err(aws_error("grafana", "ListPermissions"))?;
                 for p in page.permissions() {
                     if let Some(u) = p.user() {
                         w.permissions.insert(
@@ -931,7 +917,7 @@ impl Controller for AmgController {
                         .client_token(client_token)
                         .send()
                         .await
-                        .map_err(grafana_err("CreateWorkspace"))?;
+                        .map_err(aws_error("grafana", "CreateWorkspace"))?;
                 let w = out.workspace().ok_or_else(|| {
                     Error::Invalid("CreateWorkspace returned no workspace".into())
                 })?;
@@ -982,7 +968,7 @@ impl Controller for AmgController {
                     .set_workspace_role_arn(settings.role_arn.clone())
                     .send()
                     .await
-                    .map_err(grafana_err("UpdateWorkspace"))?;
+                    .map_err(aws_error("grafana", "UpdateWorkspace"))?;
             }
             Op::Tag { workspace, tags } => {
                 g.tag_resource()
@@ -992,7 +978,7 @@ impl Controller for AmgController {
                     ))
                     .send()
                     .await
-                    .map_err(grafana_err("TagResource"))?;
+                    .map_err(aws_error("grafana", "TagResource"))?;
             }
             Op::Untag { workspace, keys } => {
                 g.untag_resource()
@@ -1000,7 +986,7 @@ impl Controller for AmgController {
                     .set_tag_keys(Some(keys.clone()))
                     .send()
                     .await
-                    .map_err(grafana_err("UntagResource"))?;
+                    .map_err(aws_error("grafana", "UntagResource"))?;
             }
             Op::AwaitActive {
                 workspace,
@@ -1018,7 +1004,7 @@ impl Controller for AmgController {
                     Err(e)
                         if e.as_service_error()
                             .is_some_and(|e| e.is_resource_not_found_exception()) => {}
-                    Err(e) => return Err(grafana_err("DeleteWorkspace")(e)),
+                    Err(e) => return Err(aws_error("grafana", "DeleteWorkspace")(e)),
                 }
             }
         }

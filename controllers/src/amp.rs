@@ -296,16 +296,6 @@ fn namespace_tags(desired: &DesiredState, r: &Resource) -> BTreeMap<String, Stri
     desired.tags_for(&r.id, &BTreeMap::new())
 }
 
-fn amp_err<E, R>(
-    op: &'static str,
-) -> impl FnOnce(aws_smithy_runtime_api::client::result::SdkError<E, R>) -> Error
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: crate::error::HttpStatus + std::fmt::Debug,
-{
-    aws_error("aps", op)
-}
-
 fn hash_map(t: &BTreeMap<String, String>) -> HashMap<String, String> {
     t.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
@@ -324,7 +314,7 @@ async fn wait_active(ctx: &Context, workspace: &str) -> Result<()> {
             .workspace_id(workspace)
             .send()
             .await
-            .map_err(amp_err("DescribeWorkspace"))?;
+            .map_err(aws_error("aps", "DescribeWorkspace"))?;
         let status = out
             .workspace()
             .and_then(|w| w.status())
@@ -360,7 +350,7 @@ impl Controller for AmpController {
         let mut found = Vec::new();
         let mut pages = ctx.amp.list_workspaces().into_paginator().send();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(amp_err("ListWorkspaces"))?;
+            let page = page.map_err(aws_error("aps", "ListWorkspaces"))?;
             for w in page.workspaces() {
                 let tags = sorted(w.tags());
                 let status = w
@@ -394,7 +384,7 @@ impl Controller for AmpController {
                 .send();
             let mut names = Vec::new();
             while let Some(page) = pages.next().await {
-                let page = page.map_err(amp_err("ListRuleGroupsNamespaces"))?;
+                let page = page.map_err(aws_error("aps", "ListRuleGroupsNamespaces"))?;
                 names.extend(
                     page.rule_groups_namespaces()
                         .iter()
@@ -411,7 +401,7 @@ impl Controller for AmpController {
                         .name(&name)
                         .send()
                         .await
-                        .map_err(amp_err("DescribeRuleGroupsNamespace"))?;
+                        .map_err(aws_error("aps", "DescribeRuleGroupsNamespace"))?;
                     let data = out
                         .rule_groups_namespace()
                         .map(|n| String::from_utf8_lossy(n.data().as_ref()).into_owned())
@@ -435,7 +425,7 @@ impl Controller for AmpController {
                     .map(|l| l.log_group_arn().to_string())
                     .filter(|a| !a.is_empty()),
                 Err(e) if e.code() == Some("ResourceNotFoundException") => None,
-                Err(e) => return Err(amp_err("DescribeLoggingConfiguration")(e)),
+                Err(e) => return Err(aws_error("aps", "DescribeLoggingConfiguration")(e)),
             };
             w.alertmanager = describe_alertmanager(ctx, &w.id).await?;
             Ok::<_, Error>(w)
@@ -676,7 +666,7 @@ impl Controller for AmpController {
                     .set_tags(Some(hash_map(tags)))
                     .send()
                     .await
-                    .map_err(amp_err("CreateWorkspace"))?;
+                    .map_err(aws_error("aps", "CreateWorkspace"))?;
                 let w = ObservedWorkspace {
                     id: out.workspace_id().to_string(),
                     arn: out.arn().to_string(),
@@ -726,7 +716,7 @@ impl Controller for AmpController {
                     .alias(alias)
                     .send()
                     .await
-                    .map_err(amp_err("UpdateWorkspaceAlias"))?;
+                    .map_err(aws_error("aps", "UpdateWorkspaceAlias"))?;
             }
             Op::Tag { arn, tags } => {
                 amp.tag_resource()
@@ -734,7 +724,7 @@ impl Controller for AmpController {
                     .set_tags(Some(hash_map(tags)))
                     .send()
                     .await
-                    .map_err(amp_err("TagResource"))?;
+                    .map_err(aws_error("aps", "TagResource"))?;
             }
             Op::Untag { arn, keys } => {
                 amp.untag_resource()
@@ -742,7 +732,7 @@ impl Controller for AmpController {
                     .set_tag_keys(Some(keys.clone()))
                     .send()
                     .await
-                    .map_err(amp_err("UntagResource"))?;
+                    .map_err(aws_error("aps", "UntagResource"))?;
             }
             Op::CreateNamespace {
                 workspace,
@@ -757,7 +747,7 @@ impl Controller for AmpController {
                     .set_tags(Some(hash_map(tags)))
                     .send()
                     .await
-                    .map_err(amp_err("CreateRuleGroupsNamespace"))?;
+                    .map_err(aws_error("aps", "CreateRuleGroupsNamespace"))?;
             }
             Op::PutNamespace {
                 workspace,
@@ -770,7 +760,7 @@ impl Controller for AmpController {
                     .data(Blob::new(data.as_bytes()))
                     .send()
                     .await
-                    .map_err(amp_err("PutRuleGroupsNamespace"))?;
+                    .map_err(aws_error("aps", "PutRuleGroupsNamespace"))?;
             }
             Op::DeleteNamespace { workspace, name } => {
                 match amp
@@ -782,7 +772,7 @@ impl Controller for AmpController {
                 {
                     Ok(_) => {}
                     Err(e) if e.code() == Some("ResourceNotFoundException") => {}
-                    Err(e) => return Err(amp_err("DeleteRuleGroupsNamespace")(e)),
+                    Err(e) => return Err(aws_error("aps", "DeleteRuleGroupsNamespace")(e)),
                 }
             }
             Op::CreateLogging {
@@ -794,7 +784,7 @@ impl Controller for AmpController {
                     .log_group_arn(log_group_arn)
                     .send()
                     .await
-                    .map_err(amp_err("CreateLoggingConfiguration"))?;
+                    .map_err(aws_error("aps", "CreateLoggingConfiguration"))?;
             }
             Op::UpdateLogging {
                 workspace,
@@ -805,14 +795,14 @@ impl Controller for AmpController {
                     .log_group_arn(log_group_arn)
                     .send()
                     .await
-                    .map_err(amp_err("UpdateLoggingConfiguration"))?;
+                    .map_err(aws_error("aps", "UpdateLoggingConfiguration"))?;
             }
             Op::DeleteLogging { workspace } => {
                 amp.delete_logging_configuration()
                     .workspace_id(workspace)
                     .send()
                     .await
-                    .map_err(amp_err("DeleteLoggingConfiguration"))?;
+                    .map_err(aws_error("aps", "DeleteLoggingConfiguration"))?;
             }
             Op::CreateAlertmanager {
                 workspace,
@@ -824,7 +814,7 @@ impl Controller for AmpController {
                     .data(Blob::new(data.as_bytes()))
                     .send()
                     .await
-                    .map_err(amp_err("CreateAlertManagerDefinition"))?;
+                    .map_err(aws_error("aps", "CreateAlertManagerDefinition"))?;
                 settle_alertmanager(ctx, workspace, arn, data).await?;
             }
             Op::PutAlertmanager {
@@ -837,7 +827,7 @@ impl Controller for AmpController {
                     .data(Blob::new(data.as_bytes()))
                     .send()
                     .await
-                    .map_err(amp_err("PutAlertManagerDefinition"))?;
+                    .map_err(aws_error("aps", "PutAlertManagerDefinition"))?;
                 settle_alertmanager(ctx, workspace, arn, data).await?;
             }
             Op::DeleteAlertmanager { workspace, arn } => {
@@ -849,7 +839,7 @@ impl Controller for AmpController {
                 {
                     Ok(_) => {}
                     Err(e) if e.code() == Some("ResourceNotFoundException") => {}
-                    Err(e) => return Err(amp_err("DeleteAlertManagerDefinition")(e)),
+                    Err(e) => return Err(aws_error("aps", "DeleteAlertManagerDefinition")(e)),
                 }
                 Box::pin(self.apply(
                     ctx,
@@ -869,7 +859,7 @@ impl Controller for AmpController {
                 match amp.delete_workspace().workspace_id(workspace).send().await {
                     Ok(_) => {}
                     Err(e) if e.code() == Some("ResourceNotFoundException") => {}
-                    Err(e) => return Err(amp_err("DeleteWorkspace")(e)),
+                    Err(e) => return Err(aws_error("aps", "DeleteWorkspace")(e)),
                 }
             }
         }
@@ -900,7 +890,7 @@ async fn describe_alertmanager(
                 .map(str::to_string),
         })),
         Err(e) if e.code() == Some("ResourceNotFoundException") => Ok(None),
-        Err(e) => Err(amp_err("DescribeAlertManagerDefinition")(e)),
+        Err(e) => Err(aws_error("aps", "DescribeAlertManagerDefinition")(e)),
     }
 }
 
@@ -913,7 +903,7 @@ async fn settle_alertmanager(ctx: &Context, workspace: &str, arn: &str, data: &s
         .tags(TAG_ALERTMANAGER, short_hash(data))
         .send()
         .await
-        .map_err(amp_err("TagResource"))?;
+        .map_err(aws_error("aps", "TagResource"))?;
     let what = format!("the alertmanager definition of workspace {workspace}");
     wait_until(ctx, &what, || async {
         let definition = describe_alertmanager(ctx, workspace).await?;

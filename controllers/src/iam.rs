@@ -800,16 +800,6 @@ fn is_desired(
     })
 }
 
-fn iam_err<E, R>(
-    op: &'static str,
-) -> impl FnOnce(aws_smithy_runtime_api::client::result::SdkError<E, R>) -> Error
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: crate::error::HttpStatus + std::fmt::Debug,
-{
-    aws_error("iam", op)
-}
-
 fn is_no_such_entity<E: ProvideErrorMetadata, R>(
     e: &aws_smithy_runtime_api::client::result::SdkError<E, R>,
 ) -> bool {
@@ -828,7 +818,7 @@ where
     match result {
         Ok(_) => Ok(()),
         Err(e) if is_no_such_entity(&e) => Ok(()),
-        Err(e) => Err(iam_err(op)(e)),
+        Err(e) => Err(aws_error("iam", op)(e)),
     }
 }
 
@@ -853,7 +843,7 @@ impl Controller for IamController {
             .send();
         let mut profile_names: BTreeSet<String> = BTreeSet::new();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(iam_err("GetAccountAuthorizationDetails"))?;
+            let page = page.map_err(aws_error("iam", "GetAccountAuthorizationDetails"))?;
             for r in page.role_detail_list() {
                 let name = r.role_name().unwrap_or_default().to_string();
                 let tags = tag_map(r.tags());
@@ -943,7 +933,7 @@ impl Controller for IamController {
                     .role_name(&name)
                     .send()
                     .await
-                    .map_err(iam_err("GetRole"))?;
+                    .map_err(aws_error("iam", "GetRole"))?;
                 if let (Some(role), Some(o)) = (out.role(), obs.roles.get_mut(&name)) {
                     o.description = role.description().map(str::to_string);
                     o.max_session_seconds = role.max_session_duration();
@@ -978,7 +968,7 @@ impl Controller for IamController {
                     .policy_arn(arn)
                     .send()
                     .await
-                    .map_err(iam_err("ListPolicyTags"))?;
+                    .map_err(aws_error("iam", "ListPolicyTags"))?;
                 Ok::<_, Error>((name.clone(), tag_map(out.tags())))
             }
         });
@@ -1011,7 +1001,7 @@ impl Controller for IamController {
                         tags: tag_map(p.tags()),
                     })),
                     Err(e) if is_no_such_entity(&e) => Ok(None),
-                    Err(e) => Err(iam_err("GetInstanceProfile")(e)),
+                    Err(e) => Err(aws_error("iam", "GetInstanceProfile")(e)),
                 }
             }
         });
@@ -1181,7 +1171,7 @@ impl Controller for IamController {
                     .set_tags(Some(tag_list(tags)))
                     .send()
                     .await
-                    .map_err(iam_err("CreateRole"))?;
+                    .map_err(aws_error("iam", "CreateRole"))?;
                 let role = out
                     .role()
                     .ok_or_else(|| Error::Invalid("CreateRole returned no role".into()))?;
@@ -1197,7 +1187,7 @@ impl Controller for IamController {
                     .policy_document(trust.to_string())
                     .send()
                     .await
-                    .map_err(iam_err("UpdateAssumeRolePolicy"))?;
+                    .map_err(aws_error("iam", "UpdateAssumeRolePolicy"))?;
             }
             Op::UpdateRole {
                 role,
@@ -1210,7 +1200,7 @@ impl Controller for IamController {
                     .set_max_session_duration(*max_session_seconds)
                     .send()
                     .await
-                    .map_err(iam_err("UpdateRole"))?;
+                    .map_err(aws_error("iam", "UpdateRole"))?;
             }
             Op::AttachPolicy { role, arn } => {
                 iam.attach_role_policy()
@@ -1218,7 +1208,7 @@ impl Controller for IamController {
                     .policy_arn(arn)
                     .send()
                     .await
-                    .map_err(iam_err("AttachRolePolicy"))?;
+                    .map_err(aws_error("iam", "AttachRolePolicy"))?;
             }
             Op::DetachPolicy { role, arn } => gone_is_fine(
                 iam.detach_role_policy()
@@ -1239,7 +1229,7 @@ impl Controller for IamController {
                     .policy_document(document.to_string())
                     .send()
                     .await
-                    .map_err(iam_err("PutRolePolicy"))?;
+                    .map_err(aws_error("iam", "PutRolePolicy"))?;
             }
             Op::DeleteInline { role, name } => gone_is_fine(
                 iam.delete_role_policy()
@@ -1255,7 +1245,7 @@ impl Controller for IamController {
                     .set_tags(Some(tag_list(tags)))
                     .send()
                     .await
-                    .map_err(iam_err("TagRole"))?;
+                    .map_err(aws_error("iam", "TagRole"))?;
             }
             Op::UntagRole { role, keys } => {
                 iam.untag_role()
@@ -1263,7 +1253,7 @@ impl Controller for IamController {
                     .set_tag_keys(Some(keys.clone()))
                     .send()
                     .await
-                    .map_err(iam_err("UntagRole"))?;
+                    .map_err(aws_error("iam", "UntagRole"))?;
             }
             Op::DeleteRole { role } => {
                 gone_is_fine(iam.delete_role().role_name(role).send().await, "DeleteRole")?
@@ -1284,7 +1274,7 @@ impl Controller for IamController {
                     .set_tags(Some(tag_list(tags)))
                     .send()
                     .await
-                    .map_err(iam_err("CreatePolicy"))?;
+                    .map_err(aws_error("iam", "CreatePolicy"))?;
                 let p = out
                     .policy()
                     .ok_or_else(|| Error::Invalid("CreatePolicy returned no policy".into()))?;
@@ -1308,7 +1298,7 @@ impl Controller for IamController {
                     .set_as_default(true)
                     .send()
                     .await
-                    .map_err(iam_err("CreatePolicyVersion"))?;
+                    .map_err(aws_error("iam", "CreatePolicyVersion"))?;
             }
             Op::TagPolicy { arn, tags } => {
                 iam.tag_policy()
@@ -1316,7 +1306,7 @@ impl Controller for IamController {
                     .set_tags(Some(tag_list(tags)))
                     .send()
                     .await
-                    .map_err(iam_err("TagPolicy"))?;
+                    .map_err(aws_error("iam", "TagPolicy"))?;
             }
             Op::UntagPolicy { arn, keys } => {
                 iam.untag_policy()
@@ -1324,7 +1314,7 @@ impl Controller for IamController {
                     .set_tag_keys(Some(keys.clone()))
                     .send()
                     .await
-                    .map_err(iam_err("UntagPolicy"))?;
+                    .map_err(aws_error("iam", "UntagPolicy"))?;
             }
             Op::DeletePolicy { arn } => {
                 // A policy attached to a role outside the stack cannot be deleted; IAM says so.
@@ -1341,7 +1331,7 @@ impl Controller for IamController {
                     .set_tags(Some(tag_list(tags)))
                     .send()
                     .await
-                    .map_err(iam_err("CreateInstanceProfile"))?;
+                    .map_err(aws_error("iam", "CreateInstanceProfile"))?;
                 let p = out.instance_profile().ok_or_else(|| {
                     Error::Invalid("CreateInstanceProfile returned nothing".into())
                 })?;
@@ -1356,7 +1346,7 @@ impl Controller for IamController {
                     .role_name(role)
                     .send()
                     .await
-                    .map_err(iam_err("AddRoleToInstanceProfile"))?;
+                    .map_err(aws_error("iam", "AddRoleToInstanceProfile"))?;
             }
             Op::RemoveRoleFromProfile { profile, role } => gone_is_fine(
                 iam.remove_role_from_instance_profile()
@@ -1372,7 +1362,7 @@ impl Controller for IamController {
                     .set_tags(Some(tag_list(tags)))
                     .send()
                     .await
-                    .map_err(iam_err("TagInstanceProfile"))?;
+                    .map_err(aws_error("iam", "TagInstanceProfile"))?;
             }
             Op::UntagProfile { profile, keys } => {
                 iam.untag_instance_profile()
@@ -1380,7 +1370,7 @@ impl Controller for IamController {
                     .set_tag_keys(Some(keys.clone()))
                     .send()
                     .await
-                    .map_err(iam_err("UntagInstanceProfile"))?;
+                    .map_err(aws_error("iam", "UntagInstanceProfile"))?;
             }
             Op::DeleteProfile { profile } => gone_is_fine(
                 iam.delete_instance_profile()

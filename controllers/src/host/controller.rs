@@ -272,20 +272,6 @@ pub enum Op {
 // ---------------------------------------------------------------------------------------------
 // Desired values
 
-fn ec2_err<E, R>(
-    op: &'static str,
-) -> impl FnOnce(aws_smithy_runtime_api::client::result::SdkError<E, R>) -> Error
-where
-    E: aws_smithy_types::error::metadata::ProvideErrorMetadata
-        + std::error::Error
-        + Send
-        + Sync
-        + 'static,
-    R: crate::error::HttpStatus + std::fmt::Debug,
-{
-    aws_error("ec2", op)
-}
-
 fn desired_rules(s: &HostSpec, refs: &Refs) -> BTreeSet<Rule> {
     let mut rules = BTreeSet::new();
     for r in &s.security_group.ingress {
@@ -382,7 +368,7 @@ impl Controller for HostController {
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(ec2_err("DescribeInstances"))?;
+            let page = page.map_err(aws_error("ec2", "DescribeInstances"))?;
             for i in page.reservations().iter().flat_map(|r| r.instances()) {
                 obs.instances.push(ObservedInstance {
                     id: i.instance_id().unwrap_or_default().into(),
@@ -416,7 +402,7 @@ impl Controller for HostController {
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(ec2_err("DescribeSecurityGroups"))?;
+            let page = page.map_err(aws_error("ec2", "DescribeSecurityGroups"))?;
             for g in page.security_groups() {
                 let mut ingress = BTreeSet::new();
                 for p in g.ip_permissions() {
@@ -454,7 +440,7 @@ impl Controller for HostController {
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
-            let page = page.map_err(ec2_err("DescribeVolumes"))?;
+            let page = page.map_err(aws_error("ec2", "DescribeVolumes"))?;
             for v in page.volumes() {
                 let attachment = v.attachments().iter().find(|a| {
                     !matches!(
@@ -844,7 +830,7 @@ impl Controller for HostController {
                     .instance_ids(instance)
                     .send()
                     .await
-                    .map_err(ec2_err("StartInstances"))?;
+                    .map_err(aws_error("ec2", "StartInstances"))?;
                 wait_state(ctx, instance, InstanceStateName::Running).await?;
             }
             Op::Resize {
@@ -855,7 +841,7 @@ impl Controller for HostController {
                     .instance_ids(instance)
                     .send()
                     .await
-                    .map_err(ec2_err("StopInstances"))?;
+                    .map_err(aws_error("ec2", "StopInstances"))?;
                 wait_state(ctx, instance, InstanceStateName::Stopped).await?;
                 ec2.modify_instance_attribute()
                     .instance_id(instance)
@@ -866,12 +852,12 @@ impl Controller for HostController {
                     )
                     .send()
                     .await
-                    .map_err(ec2_err("ModifyInstanceAttribute"))?;
+                    .map_err(aws_error("ec2", "ModifyInstanceAttribute"))?;
                 ec2.start_instances()
                     .instance_ids(instance)
                     .send()
                     .await
-                    .map_err(ec2_err("StartInstances"))?;
+                    .map_err(aws_error("ec2", "StartInstances"))?;
                 wait_state(ctx, instance, InstanceStateName::Running).await?;
             }
             Op::Authorize { group, rules } => {
@@ -880,7 +866,7 @@ impl Controller for HostController {
                     .set_ip_permissions(Some(permissions(rules)))
                     .send()
                     .await
-                    .map_err(ec2_err("AuthorizeSecurityGroupIngress"))?;
+                    .map_err(aws_error("ec2", "AuthorizeSecurityGroupIngress"))?;
             }
             Op::Revoke { group, rules } => {
                 ec2.revoke_security_group_ingress()
@@ -888,7 +874,7 @@ impl Controller for HostController {
                     .set_ip_permissions(Some(permissions(rules)))
                     .send()
                     .await
-                    .map_err(ec2_err("RevokeSecurityGroupIngress"))?;
+                    .map_err(aws_error("ec2", "RevokeSecurityGroupIngress"))?;
             }
             Op::AttachVolume {
                 instance,
@@ -910,7 +896,7 @@ impl Controller for HostController {
                     .set_throughput(*throughput)
                     .send()
                     .await
-                    .map_err(ec2_err("ModifyVolume"))?;
+                    .map_err(aws_error("ec2", "ModifyVolume"))?;
             }
             Op::Tag { resource, tags } => {
                 ec2.create_tags()
@@ -918,7 +904,7 @@ impl Controller for HostController {
                     .set_tags(Some(ec2_tags(tags)))
                     .send()
                     .await
-                    .map_err(ec2_err("CreateTags"))?;
+                    .map_err(aws_error("ec2", "CreateTags"))?;
             }
             Op::Untag { resource, keys } => {
                 let tags = keys.iter().map(|k| Tag::builder().key(k).build()).collect();
@@ -927,7 +913,7 @@ impl Controller for HostController {
                     .set_tags(Some(tags))
                     .send()
                     .await
-                    .map_err(ec2_err("DeleteTags"))?;
+                    .map_err(aws_error("ec2", "DeleteTags"))?;
             }
             Op::Push { instance, push } => {
                 send(
@@ -943,7 +929,7 @@ impl Controller for HostController {
                     .instance_ids(instance)
                     .send()
                     .await
-                    .map_err(ec2_err("TerminateInstances"))?;
+                    .map_err(aws_error("ec2", "TerminateInstances"))?;
                 wait_state(ctx, instance, InstanceStateName::Terminated).await?;
             }
             Op::DeleteVolume { volume } => {
@@ -953,7 +939,7 @@ impl Controller for HostController {
                         .volume_ids(volume)
                         .send()
                         .await
-                        .map_err(ec2_err("DescribeVolumes"))?;
+                        .map_err(aws_error("ec2", "DescribeVolumes"))?;
                     let state = out
                         .volumes()
                         .first()
@@ -971,14 +957,14 @@ impl Controller for HostController {
                     .volume_id(volume)
                     .send()
                     .await
-                    .map_err(ec2_err("DeleteVolume"))?;
+                    .map_err(aws_error("ec2", "DeleteVolume"))?;
             }
             Op::DeleteGroup { group } => {
                 ec2.delete_security_group()
                     .group_id(group)
                     .send()
                     .await
-                    .map_err(ec2_err("DeleteSecurityGroup"))?;
+                    .map_err(aws_error("ec2", "DeleteSecurityGroup"))?;
             }
         }
         Ok(None)
@@ -1040,7 +1026,7 @@ async fn wait_state(ctx: &Context, instance: &str, want: InstanceStateName) -> R
                 .instance_ids(instance)
                 .send()
                 .await
-                .map_err(ec2_err("DescribeInstances"))?;
+                .map_err(aws_error("ec2", "DescribeInstances"))?;
             let state = out
                 .reservations()
                 .iter()
@@ -1123,7 +1109,7 @@ async fn launch(ctx: &Context, l: &Launch) -> Result<Outputs> {
                 .tag_specifications(tag_spec(ResourceType::SecurityGroup, &l.group_tags))
                 .send()
                 .await
-                .map_err(ec2_err("CreateSecurityGroup"))?;
+                .map_err(aws_error("ec2", "CreateSecurityGroup"))?;
             let id = out.group_id().unwrap_or_default().to_string();
             if !l.rules.is_empty() {
                 ec2.authorize_security_group_ingress()
@@ -1131,7 +1117,7 @@ async fn launch(ctx: &Context, l: &Launch) -> Result<Outputs> {
                     .set_ip_permissions(Some(permissions(&l.rules)))
                     .send()
                     .await
-                    .map_err(ec2_err("AuthorizeSecurityGroupIngress"))?;
+                    .map_err(aws_error("ec2", "AuthorizeSecurityGroupIngress"))?;
             }
             id
         }
@@ -1164,7 +1150,7 @@ async fn launch(ctx: &Context, l: &Launch) -> Result<Outputs> {
         .tag_specifications(tag_spec(ResourceType::Instance, &l.tags))
         .send()
         .await
-        .map_err(ec2_err("RunInstances"))?;
+        .map_err(aws_error("ec2", "RunInstances"))?;
     let inst = out
         .instances()
         .first()
@@ -1185,7 +1171,7 @@ async fn launch(ctx: &Context, l: &Launch) -> Result<Outputs> {
         .instance_ids(&id)
         .send()
         .await
-        .map_err(ec2_err("DescribeInstances"))?;
+        .map_err(aws_error("ec2", "DescribeInstances"))?;
     let i = described
         .reservations()
         .iter()
@@ -1237,7 +1223,7 @@ async fn attach_volume(ctx: &Context, instance: &str, zone: &str, v: &VolumePlan
                 .tag_specifications(tag_spec(ResourceType::Volume, &v.tags))
                 .send()
                 .await
-                .map_err(ec2_err("CreateVolume"))?;
+                .map_err(aws_error("ec2", "CreateVolume"))?;
             out.volume_id().unwrap_or_default().to_string()
         }
     };
@@ -1247,7 +1233,7 @@ async fn attach_volume(ctx: &Context, instance: &str, zone: &str, v: &VolumePlan
             .volume_ids(&volume)
             .send()
             .await
-            .map_err(ec2_err("DescribeVolumes"))?;
+            .map_err(aws_error("ec2", "DescribeVolumes"))?;
         let state = out
             .volumes()
             .first()
@@ -1267,7 +1253,7 @@ async fn attach_volume(ctx: &Context, instance: &str, zone: &str, v: &VolumePlan
         .device(&v.device)
         .send()
         .await
-        .map_err(ec2_err("AttachVolume"))?;
+        .map_err(aws_error("ec2", "AttachVolume"))?;
     Ok(())
 }
 
