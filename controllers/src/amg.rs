@@ -25,7 +25,7 @@ use aws_sdk_grafana::types::{
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::change::{removal, Action, Change};
+use crate::change::{removed_objects, Action, Change};
 use crate::controller::{wait_until, Context, Controller, Progress};
 use crate::desired::{check_tags, DesiredState, Resource, Spec, Validator, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
@@ -841,29 +841,18 @@ impl Controller for AmgController {
     }
 
     fn removed(&self, desired: &DesiredState, obs: &Observed, prune: bool) -> Vec<Change<Op>> {
-        obs.workspaces
-            .iter()
-            .filter(|w| w.status != "DELETING")
-            .filter_map(|w| {
-                let manages = |r: &Resource| {
-                    r.adopt.as_deref() == Some(w.id.as_str())
-                        || obs.find(desired, r).map(|f| &f.id) == Some(&w.id)
-                };
-                removal(
-                    desired,
-                    Kind::AmgWorkspace,
-                    &w.tags,
-                    manages,
-                    format!("Grafana workspace {}", w.id),
-                    prune,
-                    || {
-                        vec![Op::Delete {
-                            workspace: w.id.clone(),
-                        }]
-                    },
-                )
-            })
-            .collect()
+        let live = obs.workspaces.iter().filter(|w| w.status != "DELETING");
+        removed_objects(
+            desired,
+            Kind::AmgWorkspace,
+            live.map(|w| (w.id.as_str(), &w.tags)),
+            |r| obs.find(desired, r).map(|w| w.id.as_str()),
+            "Grafana workspace",
+            prune,
+            |id| Op::Delete {
+                workspace: id.to_string(),
+            },
+        )
     }
 
     async fn apply(&self, ctx: &Context, op: &Op) -> Result<Option<Outputs>> {
