@@ -804,22 +804,18 @@ impl Controller for AmgController {
         } else {
             tags
         };
-        let (set, remove) = tags::diff(&w.tags, &tags);
-        if !set.is_empty() || !remove.is_empty() {
-            c.field("tags", Some(tags::show(&w.tags)), Some(tags::show(&tags)));
-        }
-        if !set.is_empty() {
-            c.op(Op::Tag {
+        c.tags(
+            &w.tags,
+            &tags,
+            |tags| Op::Tag {
                 workspace: w.id.clone(),
-                tags: set,
-            });
-        }
-        if !remove.is_empty() {
-            c.op(Op::Untag {
+                tags,
+            },
+            |keys| Op::Untag {
                 workspace: w.id.clone(),
-                keys: remove,
-            });
-        }
+                keys,
+            },
+        );
         if let Some(p) = &permissions {
             let batch = permission_batch(&w.permissions, p);
             if !batch.is_empty() {

@@ -527,22 +527,18 @@ impl Controller for AmpController {
                 alias,
             });
         }
-        let (set, remove) = tags::diff(&w.tags, &tags);
-        if !set.is_empty() || !remove.is_empty() {
-            c.field("tags", Some(tags::show(&w.tags)), Some(tags::show(&tags)));
-        }
-        if !set.is_empty() {
-            c.op(Op::Tag {
+        c.tags(
+            &w.tags,
+            &tags,
+            |tags| Op::Tag {
                 arn: w.arn.clone(),
-                tags: set,
-            });
-        }
-        if !remove.is_empty() {
-            c.op(Op::Untag {
+                tags,
+            },
+            |keys| Op::Untag {
                 arn: w.arn.clone(),
-                keys: remove,
-            });
-        }
+                keys,
+            },
+        );
         for (ns, data) in &s.loaded.rule_groups {
             match w.namespaces.get(ns) {
                 None => {

@@ -94,6 +94,32 @@ impl<Op> Change<Op> {
         self.ops.push(op);
     }
 
+    /// The tag part of a change: a `tags` line when `observed` differs from `desired`, and the
+    /// operations (`set`, `remove`) for the keys to set and to remove.
+    pub fn tags(
+        &mut self,
+        observed: &Tags,
+        desired: &Tags,
+        set: impl FnOnce(Tags) -> Op,
+        remove: impl FnOnce(Vec<String>) -> Op,
+    ) {
+        let (to_set, to_remove) = crate::tags::diff(observed, desired);
+        if to_set.is_empty() && to_remove.is_empty() {
+            return;
+        }
+        self.field(
+            "tags",
+            Some(crate::tags::show(observed)),
+            Some(crate::tags::show(desired)),
+        );
+        if !to_set.is_empty() {
+            self.op(set(to_set));
+        }
+        if !to_remove.is_empty() {
+            self.op(remove(to_remove));
+        }
+    }
+
     /// Whether applying it would write anything.
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty() && self.fields.is_empty() && self.action == Action::Update

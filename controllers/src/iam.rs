@@ -595,22 +595,18 @@ impl IamController {
                 });
             }
         }
-        let (set, remove) = tags::diff(&o.tags, &tags);
-        if !set.is_empty() || !remove.is_empty() {
-            c.field("tags", Some(tags::show(&o.tags)), Some(tags::show(&tags)));
-        }
-        if !set.is_empty() {
-            c.op(Op::TagRole {
+        c.tags(
+            &o.tags,
+            &tags,
+            |tags| Op::TagRole {
                 role: name.clone(),
-                tags: set,
-            });
-        }
-        if !remove.is_empty() {
-            c.op(Op::UntagRole {
+                tags,
+            },
+            |keys| Op::UntagRole {
                 role: name.clone(),
-                keys: remove,
-            });
-        }
+                keys,
+            },
+        );
         Ok((!c.ops.is_empty()).then_some(c))
     }
 
@@ -681,22 +677,18 @@ impl IamController {
                 document: doc,
             });
         }
-        let (set, remove) = tags::diff(&o.tags, &tags);
-        if !set.is_empty() || !remove.is_empty() {
-            c.field("tags", Some(tags::show(&o.tags)), Some(tags::show(&tags)));
-        }
-        if !set.is_empty() {
-            c.op(Op::TagPolicy {
+        c.tags(
+            &o.tags,
+            &tags,
+            |tags| Op::TagPolicy {
                 arn: o.arn.clone(),
-                tags: set,
-            });
-        }
-        if !remove.is_empty() {
-            c.op(Op::UntagPolicy {
+                tags,
+            },
+            |keys| Op::UntagPolicy {
                 arn: o.arn.clone(),
-                keys: remove,
-            });
-        }
+                keys,
+            },
+        );
         Ok((!c.ops.is_empty()).then_some(c))
     }
 
@@ -760,22 +752,18 @@ impl IamController {
                 });
             }
         }
-        let (set, remove) = tags::diff(&o.tags, &tags);
-        if !set.is_empty() || !remove.is_empty() {
-            c.field("tags", Some(tags::show(&o.tags)), Some(tags::show(&tags)));
-        }
-        if !set.is_empty() {
-            c.op(Op::TagProfile {
+        c.tags(
+            &o.tags,
+            &tags,
+            |tags| Op::TagProfile {
                 profile: name.clone(),
-                tags: set,
-            });
-        }
-        if !remove.is_empty() {
-            c.op(Op::UntagProfile {
-                profile: name,
-                keys: remove,
-            });
-        }
+                tags,
+            },
+            |keys| Op::UntagProfile {
+                profile: name.clone(),
+                keys,
+            },
+        );
         Ok((!c.ops.is_empty()).then_some(c))
     }
 }

@@ -638,26 +638,18 @@ impl Controller for HostController {
                 instance_type: s.instance_type.clone(),
             });
         }
-        let (set, remove) = tags::diff(&inst.tags, &tags);
-        if !set.is_empty() || !remove.is_empty() {
-            c.field(
-                "tags",
-                Some(tags::show(&inst.tags)),
-                Some(tags::show(&tags)),
-            );
-        }
-        if !set.is_empty() {
-            c.op(Op::Tag {
+        c.tags(
+            &inst.tags,
+            &tags,
+            |tags| Op::Tag {
                 resource: inst.id.clone(),
-                tags: set,
-            });
-        }
-        if !remove.is_empty() {
-            c.op(Op::Untag {
+                tags,
+            },
+            |keys| Op::Untag {
                 resource: inst.id.clone(),
-                keys: remove,
-            });
-        }
+                keys,
+            },
+        );
         if let Some(g) = group {
             let add: Vec<Rule> = rules.difference(&g.ingress).cloned().collect();
             let extra: Vec<Rule> = g.ingress.difference(&rules).cloned().collect();
