@@ -1357,3 +1357,34 @@ async fn the_control_api_sets_sandboxes_settings_and_faults_and_lists_calls() {
         .iter()
         .any(|c| c["operation"] == "ListCommands" && c["status"] == 500 && c["fault"] == true));
 }
+
+#[tokio::test]
+async fn an_emulator_can_front_a_moto_that_is_already_running() {
+    let first = Aws::start();
+    let second = stackwarden_emulator::Emulator::start(stackwarden_emulator::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        backend: stackwarden_emulator::Backend::Url(first.emulator.moto_endpoint().to_string()),
+        settings: Settings::default(),
+    })
+    .unwrap();
+    let iam = first.iam().await;
+    iam.create_role()
+        .role_name("made-through-the-first")
+        .assume_role_policy_document("{}")
+        .send()
+        .await
+        .unwrap();
+    let through_second = aws_sdk_iam::Client::from_conf(
+        aws_sdk_iam::config::Builder::from(&first.sdk().await)
+            .endpoint_url(second.endpoint())
+            .build(),
+    );
+    let role = through_second
+        .get_role()
+        .role_name("made-through-the-first")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(role.role().unwrap().role_name(), "made-through-the-first");
+    assert_eq!(second.moto_endpoint(), first.emulator.moto_endpoint());
+}
