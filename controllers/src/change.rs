@@ -197,7 +197,8 @@ pub fn removal<Op>(
     delete: impl FnOnce() -> Vec<Op>,
 ) -> Option<Change<Op>> {
     let id = owner_id(tags, desired.stack_name())?;
-    if desired.of_kind(kind).any(manages) {
+    // Objects of other kinds carry the stack's tags too (a Grafana group's instances).
+    if id.kind != kind || desired.of_kind(kind).any(manages) {
         return None;
     }
     let action = if prune {

@@ -25,6 +25,9 @@ pub struct Context {
     pub sts: aws_sdk_sts::Client,
     pub ec2: aws_sdk_ec2::Client,
     pub ssm: aws_sdk_ssm::Client,
+    pub autoscaling: aws_sdk_autoscaling::Client,
+    pub elb: aws_sdk_elasticloadbalancingv2::Client,
+    pub secrets: aws_sdk_secretsmanager::Client,
     pub region: String,
     pub waits: Waits,
     /// The account id, asked of STS the first time an ARN must be built (Managed Grafana
@@ -46,13 +49,19 @@ impl Context {
         let mut sts = aws_sdk_sts::config::Builder::from(sdk);
         let mut ec2 = aws_sdk_ec2::config::Builder::from(sdk);
         let mut ssm = aws_sdk_ssm::config::Builder::from(sdk);
+        let mut autoscaling = aws_sdk_autoscaling::config::Builder::from(sdk);
+        let mut elb = aws_sdk_elasticloadbalancingv2::config::Builder::from(sdk);
+        let mut secrets = aws_sdk_secretsmanager::config::Builder::from(sdk);
         for i in interceptors {
             iam.push_interceptor(i.clone());
             amp.push_interceptor(i.clone());
             grafana.push_interceptor(i.clone());
             sts.push_interceptor(i.clone());
             ec2.push_interceptor(i.clone());
-            ssm.push_interceptor(i);
+            ssm.push_interceptor(i.clone());
+            autoscaling.push_interceptor(i.clone());
+            elb.push_interceptor(i.clone());
+            secrets.push_interceptor(i);
         }
         Context {
             iam: aws_sdk_iam::Client::from_conf(iam.build()),
@@ -61,6 +70,9 @@ impl Context {
             sts: aws_sdk_sts::Client::from_conf(sts.build()),
             ec2: aws_sdk_ec2::Client::from_conf(ec2.build()),
             ssm: aws_sdk_ssm::Client::from_conf(ssm.build()),
+            autoscaling: aws_sdk_autoscaling::Client::from_conf(autoscaling.build()),
+            elb: aws_sdk_elasticloadbalancingv2::Client::from_conf(elb.build()),
+            secrets: aws_sdk_secretsmanager::Client::from_conf(secrets.build()),
             region: sdk.region().map(|r| r.to_string()).unwrap_or_default(),
             waits,
             account: Default::default(),

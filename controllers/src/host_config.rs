@@ -111,6 +111,7 @@ impl HostConfigSpec {
                 File {
                     content: refs.render(&content).value,
                     mode: f.mode.clone(),
+                    fingerprint: None,
                 },
             );
             if let Some(cmd) = &f.validate {

@@ -38,6 +38,7 @@ pub fn controllers() -> Vec<Box<dyn DynController>> {
         Box::new(amp::AmpController),
         Box::new(amg::AmgController),
         Box::new(host::HostController),
+        Box::new(grafana::GrafanaController),
         Box::new(host_config::HostConfigController),
     ]
 }

@@ -395,43 +395,7 @@ impl Controller for HostController {
             }
         }
 
-        let mut pages = ctx
-            .ec2
-            .describe_security_groups()
-            .filters(stack.clone())
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(aws_error("ec2", "DescribeSecurityGroups"))?;
-            for g in page.security_groups() {
-                let mut ingress = BTreeSet::new();
-                for p in g.ip_permissions() {
-                    let protocol = p.ip_protocol().unwrap_or_default().to_string();
-                    let (from, to) = (p.from_port().unwrap_or(-1), p.to_port().unwrap_or(-1));
-                    for r in p.ip_ranges() {
-                        ingress.insert(Rule {
-                            protocol: protocol.clone(),
-                            from,
-                            to,
-                            source: Source::Cidr(r.cidr_ip().unwrap_or_default().into()),
-                        });
-                    }
-                    for pair in p.user_id_group_pairs() {
-                        ingress.insert(Rule {
-                            protocol: protocol.clone(),
-                            from,
-                            to,
-                            source: Source::Group(pair.group_id().unwrap_or_default().into()),
-                        });
-                    }
-                }
-                obs.groups.push(ObservedGroup {
-                    id: g.group_id().unwrap_or_default().into(),
-                    tags: tag_map(g.tags()),
-                    ingress,
-                });
-            }
-        }
+        obs.groups = security_groups(ctx, stack.clone()).await?;
 
         let mut pages = ctx
             .ec2
@@ -963,8 +927,52 @@ impl Controller for HostController {
     }
 }
 
+/// The security groups `filter` selects, with their ingress rules one source per rule.
+pub(crate) async fn security_groups(ctx: &Context, filter: Filter) -> Result<Vec<ObservedGroup>> {
+    let mut groups = Vec::new();
+    let mut pages = ctx
+        .ec2
+        .describe_security_groups()
+        .filters(filter)
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(aws_error("ec2", "DescribeSecurityGroups"))?;
+        for g in page.security_groups() {
+            let mut ingress = BTreeSet::new();
+            for p in g.ip_permissions() {
+                let protocol = p.ip_protocol().unwrap_or_default().to_string();
+                let (from, to) = (p.from_port().unwrap_or(-1), p.to_port().unwrap_or(-1));
+                for r in p.ip_ranges() {
+                    ingress.insert(Rule {
+                        protocol: protocol.clone(),
+                        from,
+                        to,
+                        source: Source::Cidr(r.cidr_ip().unwrap_or_default().into()),
+                    });
+                }
+                for pair in p.user_id_group_pairs() {
+                    ingress.insert(Rule {
+                        protocol: protocol.clone(),
+                        from,
+                        to,
+                        source: Source::Group(pair.group_id().unwrap_or_default().into()),
+                    });
+                }
+            }
+            groups.push(ObservedGroup {
+                id: g.group_id().unwrap_or_default().into(),
+                tags: tag_map(g.tags()),
+                ingress,
+            });
+        }
+    }
+
+    Ok(groups)
+}
+
 /// EC2's tags as a map.
-fn tag_map(tags: &[Tag]) -> Tags {
+pub(crate) fn tag_map(tags: &[Tag]) -> Tags {
     tags.iter()
         .map(|t| {
             (
@@ -975,20 +983,20 @@ fn tag_map(tags: &[Tag]) -> Tags {
         .collect()
 }
 
-fn ec2_tags(tags: &Tags) -> Vec<Tag> {
+pub(crate) fn ec2_tags(tags: &Tags) -> Vec<Tag> {
     tags.iter()
         .map(|(k, v)| Tag::builder().key(k).value(v).build())
         .collect()
 }
 
-fn tag_spec(kind: ResourceType, tags: &Tags) -> TagSpecification {
+pub(crate) fn tag_spec(kind: ResourceType, tags: &Tags) -> TagSpecification {
     TagSpecification::builder()
         .resource_type(kind)
         .set_tags(Some(ec2_tags(tags)))
         .build()
 }
 
-fn permissions(rules: &[Rule]) -> Vec<IpPermission> {
+pub(crate) fn permissions(rules: &[Rule]) -> Vec<IpPermission> {
     rules
         .iter()
         .map(|r| {
@@ -1035,7 +1043,7 @@ async fn wait_state(ctx: &Context, instance: &str, want: InstanceStateName) -> R
 }
 
 /// The AMI id, resolving `resolve:ssm:<parameter>` through SSM Parameter Store.
-async fn resolve_ami(ctx: &Context, ami: &str) -> Result<String> {
+pub(crate) async fn resolve_ami(ctx: &Context, ami: &str) -> Result<String> {
     let Some(parameter) = ami.strip_prefix("resolve:ssm:") else {
         return Ok(ami.to_string());
     };
@@ -1054,7 +1062,7 @@ async fn resolve_ami(ctx: &Context, ami: &str) -> Result<String> {
 
 /// The subnet to launch into and its VPC: the named subnet, or the default VPC's default
 /// subnet in the first zone. One call, made only when launching.
-async fn locate_subnet(ctx: &Context, subnet: Option<&str>) -> Result<(String, String)> {
+pub(crate) async fn locate_subnet(ctx: &Context, subnet: Option<&str>) -> Result<(String, String)> {
     let filter = match subnet {
         Some(id) => Filter::builder().name("subnet-id").values(id).build(),
         None => Filter::builder()

@@ -1,7 +1,7 @@
 //! Generic EC2 hosts (the Prometheus host is one, with a `prometheus` table): the schema and its
 //! offline checks here, the controller in `controller.rs`.
 
-mod controller;
+pub(crate) mod controller;
 
 pub use controller::HostController;
 

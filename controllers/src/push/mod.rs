@@ -10,6 +10,7 @@
 
 pub mod prometheus;
 pub mod send;
+pub mod yaml;
 
 use std::collections::BTreeMap;
 
@@ -39,6 +40,10 @@ pub struct File {
     pub content: String,
     /// Octal, such as `0644`.
     pub mode: String,
+    /// Stands for the content in the bundle's hash when set: a secret is hashed by its version
+    /// (`ssm:/grafana/admin@3`), never by its value, so the hash recorded in an instance tag
+    /// reveals nothing about it, and a rotation still changes the hash.
+    pub fingerprint: Option<String>,
 }
 
 impl File {
@@ -46,16 +51,33 @@ impl File {
         File {
             content: content.into(),
             mode: "0644".into(),
+            fingerprint: None,
+        }
+    }
+
+    /// A file holding a secret: mode 0600, hashed by `fingerprint`.
+    pub fn secret(content: impl Into<String>, fingerprint: impl Into<String>) -> File {
+        File {
+            content: content.into(),
+            mode: "0600".into(),
+            fingerprint: Some(fingerprint.into()),
         }
     }
 }
 
 /// A bundle ready to send: its script, within the size a command can carry.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Prepared {
     pub name: String,
     pub hash: String,
     pub script: String,
+}
+
+/// Name and hash only: the script can carry a secret, and operations are logged.
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.name, self.short_hash())
+    }
 }
 
 impl Prepared {
@@ -100,7 +122,8 @@ impl Bundle {
     pub fn hash(&self) -> String {
         let mut h = sha2::Sha256::new();
         for (path, f) in &self.files {
-            for part in [path.as_str(), f.mode.as_str(), f.content.as_str()] {
+            let content = f.fingerprint.as_deref().unwrap_or(&f.content);
+            for part in [path.as_str(), f.mode.as_str(), content] {
                 h.update((part.len() as u64).to_le_bytes());
                 h.update(part.as_bytes());
             }

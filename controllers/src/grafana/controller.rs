@@ -1,0 +1,2336 @@
+//! The Grafana controller: per `grafana` resource, two security groups (the load balancer's,
+//! open to the allowed CIDRs; the instances', open only to the load balancer's), a launch
+//! template, a target group, an Application Load Balancer with its listeners, an Auto Scaling
+//! Group, and the provisioning pushed to the group's instances over SSM.
+//!
+//! Every object is found by its ownership tags (`stackwarden:role` tells the two security groups
+//! apart); load balancers and target groups are listed by the stack's name prefix and then their
+//! tags read in one batch.
+//!
+//! # Guarantees
+//! - A launch template change makes a new version of the same template, points the group at it
+//!   and starts one rolling instance refresh. The version the group's instances were refreshed to
+//!   is recorded on the group (tag `stackwarden:template-version`), and a refresh already under
+//!   way is waited for, never doubled: a pass during a refresh starts nothing.
+//! - `desired_capacity` is enforced only when given; otherwise scaling policies own it.
+//! - The provisioning is pushed only to instances whose hash tag (`stackwarden:grafana`) differs
+//!   from the desired bundle's; instances the group launches later get it on the next pass.
+//! - The admin password is read from SSM or Secrets Manager each pass and shown nowhere.
+//!
+//! # Caveats
+//! - The load balancer's scheme and the target group's port cannot change in place: a change is
+//!   a terminal error that says so.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use async_trait::async_trait;
+use aws_sdk_autoscaling::types::{
+    DesiredConfiguration, Filter as AsgFilter, LaunchTemplateSpecification, RefreshPreferences,
+    RefreshStrategy, Tag as AsgTag,
+};
+use aws_sdk_ec2::types::{
+    Filter, InstanceType, LaunchTemplateBlockDeviceMappingRequest,
+    LaunchTemplateEbsBlockDeviceRequest, LaunchTemplateHttpTokensState,
+    LaunchTemplateIamInstanceProfileSpecificationRequest,
+    LaunchTemplateInstanceMetadataEndpointState, LaunchTemplateInstanceMetadataOptionsRequest,
+    RequestLaunchTemplateData, ResourceType, VolumeType,
+};
+use aws_sdk_elasticloadbalancingv2::types::{
+    Action as ElbAction, ActionTypeEnum, Certificate, LoadBalancerAttribute,
+    LoadBalancerSchemeEnum, LoadBalancerTypeEnum, Matcher, ProtocolEnum, RedirectActionConfig,
+    RedirectActionStatusCodeEnum, Tag as ElbTag, TargetTypeEnum,
+};
+use base64::Engine as _;
+
+use super::provisioning::{self, AdminPassword};
+use super::{GrafanaSpec, PasswordSource};
+use crate::change::{removal, Action, Change};
+use crate::controller::{wait_until, Context, Controller, Progress};
+use crate::desired::{parse_duration, DesiredState, Resource, Spec, TAG_ID, TAG_STACK};
+use crate::error::{aws_error, Error, Result};
+use crate::host::controller::{
+    ec2_tags, locate_subnet, permissions, resolve_ami, security_groups, tag_map, tag_spec,
+    ObservedGroup, Rule, Source,
+};
+use crate::model::{Kind, Outputs, Refs, ResourceId};
+use crate::push::send::{send, Controls};
+use crate::push::{self, Prepared};
+use crate::tags::{self, owner_id, Tags};
+
+/// Security group tag: which of the resource's two groups this is.
+const TAG_ROLE: &str = "stackwarden:role";
+/// Auto Scaling Group tag: the launch template version its instances were refreshed to.
+const TAG_VERSION: &str = "stackwarden:template-version";
+/// Where the root volume of the AMIs stackwarden expects (Amazon Linux) is.
+const ROOT_DEVICE: &str = "/dev/xvda";
+/// ELB and target group names: AWS's limit.
+const MAX_ELB_NAME: usize = 32;
+
+fn hash_tag() -> String {
+    push::hash_tag(provisioning::NAME)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Observed state
+
+/// What a launch template version says, as far as stackwarden sets it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TemplateData {
+    pub ami: String,
+    pub instance_type: String,
+    pub security_groups: Vec<String>,
+    pub instance_profile: Option<String>,
+    /// Base64, as the API carries it.
+    pub user_data: Option<String>,
+    pub key_name: Option<String>,
+    pub imdsv2: bool,
+    /// Size, encrypted.
+    pub root: Option<(i32, bool)>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ObservedTemplate {
+    pub id: String,
+    pub name: String,
+    pub latest: i64,
+    pub data: TemplateData,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: i32,
+    pub timeout: i32,
+    pub healthy: i32,
+    pub unhealthy: i32,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ObservedTargetGroup {
+    pub arn: String,
+    pub name: String,
+    pub port: i32,
+    pub health: HealthCheck,
+    pub tags: Tags,
+}
+
+/// What a listener does with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forward {
+    To(String),
+    RedirectToHttps,
+    Other(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerSpec {
+    pub port: i32,
+    pub protocol: String,
+    pub certificate: Option<String>,
+    pub ssl_policy: Option<String>,
+    pub action: Forward,
+}
+
+impl std::fmt::Display for ListenerSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let action = match &self.action {
+            Forward::To(_) => "forward to the target group".to_string(),
+            Forward::RedirectToHttps => "redirect to HTTPS 443".to_string(),
+            Forward::Other(a) => a.clone(),
+        };
+        write!(f, "{} {}: {action}", self.protocol, self.port)?;
+        if let Some(p) = &self.ssl_policy {
+            write!(f, " ({p})")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ObservedBalancer {
+    pub arn: String,
+    pub name: String,
+    pub dns_name: String,
+    pub scheme: String,
+    pub subnets: BTreeSet<String>,
+    pub security_groups: BTreeSet<String>,
+    pub idle_timeout: i32,
+    pub deletion_protection: bool,
+    /// Listener ARN with what it is.
+    pub listeners: Vec<(String, ListenerSpec)>,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ObservedGroupRefresh {
+    pub id: String,
+    pub status: String,
+    pub percentage: i32,
+    pub version: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ObservedAsg {
+    pub name: String,
+    pub min: i32,
+    pub max: i32,
+    pub desired: i32,
+    pub template: Option<(String, String)>,
+    pub subnets: BTreeSet<String>,
+    pub health_check_type: String,
+    pub grace: i32,
+    pub target_groups: BTreeSet<String>,
+    pub tags: Tags,
+    /// The latest instance refresh, when the group has one.
+    pub refresh: Option<ObservedGroupRefresh>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct GroupInstance {
+    pub id: String,
+    pub installed: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Observed {
+    pub region: String,
+    pub security_groups: Vec<ObservedGroup>,
+    pub templates: Vec<ObservedTemplate>,
+    pub target_groups: Vec<ObservedTargetGroup>,
+    pub balancers: Vec<ObservedBalancer>,
+    pub groups: Vec<ObservedAsg>,
+    /// Running instances of each resource's group.
+    pub instances: BTreeMap<ResourceId, Vec<GroupInstance>>,
+    /// `resolve:ssm:` AMIs, resolved.
+    pub amis: BTreeMap<String, std::result::Result<String, Error>>,
+    pub passwords: BTreeMap<ResourceId, std::result::Result<AdminPassword, Error>>,
+}
+
+fn owned(tags: &Tags, desired: &DesiredState, id: &ResourceId) -> bool {
+    tags::owned_by(tags, desired.stack_name(), id)
+}
+
+impl Observed {
+    fn security_group(
+        &self,
+        desired: &DesiredState,
+        id: &ResourceId,
+        role: &str,
+    ) -> Option<&ObservedGroup> {
+        self.security_groups.iter().find(|g| {
+            owned(&g.tags, desired, id) && g.tags.get(TAG_ROLE).map(String::as_str) == Some(role)
+        })
+    }
+    fn template(&self, desired: &DesiredState, id: &ResourceId) -> Option<&ObservedTemplate> {
+        self.templates.iter().find(|t| owned(&t.tags, desired, id))
+    }
+    fn target_group(
+        &self,
+        desired: &DesiredState,
+        id: &ResourceId,
+    ) -> Option<&ObservedTargetGroup> {
+        self.target_groups
+            .iter()
+            .find(|t| owned(&t.tags, desired, id))
+    }
+    fn balancer(&self, desired: &DesiredState, id: &ResourceId) -> Option<&ObservedBalancer> {
+        self.balancers.iter().find(|b| owned(&b.tags, desired, id))
+    }
+    fn group(&self, desired: &DesiredState, id: &ResourceId) -> Option<&ObservedAsg> {
+        self.groups.iter().find(|g| owned(&g.tags, desired, id))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations
+
+/// Everything missing of one resource, created in dependency order in one operation (each step
+/// needs the ids the earlier ones create). Objects that exist are named and kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Build {
+    pub name: String,
+    pub vpc: Option<String>,
+    pub alb_subnets: Vec<String>,
+    pub alb_group: Option<String>,
+    pub alb_rules: Vec<Rule>,
+    pub instance_group: Option<String>,
+    pub port: i32,
+    pub group_tags: (Tags, Tags),
+    pub template: Option<String>,
+    pub template_data: TemplateData,
+    pub target_group: Option<String>,
+    pub health: HealthCheck,
+    pub balancer: Option<String>,
+    pub scheme: String,
+    pub attributes: Vec<(String, String)>,
+    pub listeners: Vec<ListenerSpec>,
+    pub sizes: Sizes,
+    pub tags: Tags,
+    pub push: Option<Prepared>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sizes {
+    pub min: i32,
+    pub max: i32,
+    pub desired: Option<i32>,
+    pub subnets: Vec<String>,
+    pub grace: i32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    Build(Box<Build>),
+    Authorize {
+        group: String,
+        rules: Vec<Rule>,
+    },
+    Revoke {
+        group: String,
+        rules: Vec<Rule>,
+    },
+    Ec2Tag {
+        resource: String,
+        tags: Tags,
+    },
+    Ec2Untag {
+        resource: String,
+        keys: Vec<String>,
+    },
+    ElbTag {
+        arn: String,
+        tags: Tags,
+    },
+    ElbUntag {
+        arn: String,
+        keys: Vec<String>,
+    },
+    AsgTag {
+        group: String,
+        tags: Tags,
+    },
+    AsgUntag {
+        group: String,
+        keys: Vec<String>,
+    },
+    HealthCheck {
+        target_group: String,
+        health: HealthCheck,
+    },
+    BalancerGroups {
+        balancer: String,
+        groups: Vec<String>,
+    },
+    BalancerSubnets {
+        balancer: String,
+        subnets: Vec<String>,
+    },
+    BalancerAttributes {
+        balancer: String,
+        attributes: Vec<(String, String)>,
+    },
+    CreateListener {
+        balancer: String,
+        listener: ListenerSpec,
+    },
+    ModifyListener {
+        listener: String,
+        spec: ListenerSpec,
+    },
+    DeleteListener {
+        listener: String,
+    },
+    UpdateGroup {
+        group: String,
+        sizes: Sizes,
+    },
+    AttachTargetGroup {
+        group: String,
+        target_group: String,
+    },
+    DetachTargetGroups {
+        group: String,
+        target_groups: Vec<String>,
+    },
+    /// A new template version when `data` is given (else `version`), the group pointed at it,
+    /// one rolling instance refresh, the version recorded on the group.
+    Roll {
+        group: String,
+        template: String,
+        data: Option<Box<TemplateData>>,
+        version: i64,
+        min_healthy: i32,
+        refresh: bool,
+    },
+    Push {
+        instances: Vec<String>,
+        push: Prepared,
+    },
+    DeleteGroup {
+        group: String,
+    },
+    DeleteBalancer {
+        balancer: String,
+    },
+    DeleteTargetGroup {
+        target_group: String,
+    },
+    DeleteTemplate {
+        template: String,
+    },
+    DeleteSecurityGroup {
+        group: String,
+    },
+}
+
+// ---------------------------------------------------------------------------------------------
+// Desired values
+
+fn seconds(d: &Option<toml::Spanned<String>>, default: u64) -> i32 {
+    d.as_ref()
+        .and_then(|d| parse_duration(d.get_ref()).ok())
+        .map_or(default, |d| d.as_secs()) as i32
+}
+
+fn alb_rules(s: &GrafanaSpec) -> BTreeSet<Rule> {
+    let mut ports = vec![80];
+    if s.alb.certificate_arn.is_some() {
+        ports.push(443);
+    }
+    let mut rules = BTreeSet::new();
+    for port in ports {
+        for c in &s.alb.allowed_cidrs {
+            rules.insert(Rule {
+                protocol: "tcp".into(),
+                from: port,
+                to: port,
+                source: Source::Cidr(c.clone()),
+            });
+        }
+    }
+    rules
+}
+
+fn instance_rules(s: &GrafanaSpec, alb_group: &str) -> BTreeSet<Rule> {
+    let port = i32::from(s.target_group.port);
+    BTreeSet::from([Rule {
+        protocol: "tcp".into(),
+        from: port,
+        to: port,
+        source: Source::Group(alb_group.to_string()),
+    }])
+}
+
+fn health(s: &GrafanaSpec) -> HealthCheck {
+    let tg = &s.target_group;
+    HealthCheck {
+        path: tg.health_check_path.clone(),
+        interval: seconds(&tg.health_check_interval, 30),
+        timeout: seconds(&tg.health_check_timeout, 5),
+        healthy: tg.healthy_threshold,
+        unhealthy: tg.unhealthy_threshold,
+    }
+}
+
+fn listeners(s: &GrafanaSpec, target_group: &str) -> Vec<ListenerSpec> {
+    match &s.alb.certificate_arn {
+        Some(cert) => vec![
+            ListenerSpec {
+                port: 80,
+                protocol: "HTTP".into(),
+                certificate: None,
+                ssl_policy: None,
+                action: Forward::RedirectToHttps,
+            },
+            ListenerSpec {
+                port: 443,
+                protocol: "HTTPS".into(),
+                certificate: Some(cert.clone()),
+                ssl_policy: Some(s.alb.ssl_policy.clone()),
+                action: Forward::To(target_group.to_string()),
+            },
+        ],
+        None => vec![ListenerSpec {
+            port: 80,
+            protocol: "HTTP".into(),
+            certificate: None,
+            ssl_policy: None,
+            action: Forward::To(target_group.to_string()),
+        }],
+    }
+}
+
+fn attributes(s: &GrafanaSpec) -> Vec<(String, String)> {
+    vec![
+        (
+            "idle_timeout.timeout_seconds".into(),
+            seconds(&s.alb.idle_timeout, 60).to_string(),
+        ),
+        (
+            "deletion_protection.enabled".into(),
+            s.alb.deletion_protection.to_string(),
+        ),
+    ]
+}
+
+fn sizes(s: &GrafanaSpec, refs: &Refs) -> Sizes {
+    Sizes {
+        min: s.min_size,
+        max: s.max_size,
+        desired: s.desired_capacity,
+        subnets: s.subnets.iter().map(|n| refs.render(n).value).collect(),
+        grace: seconds(&s.health_check_grace_period, 300),
+    }
+}
+
+fn template_data(s: &GrafanaSpec, refs: &Refs, ami: String, group: &str) -> TemplateData {
+    TemplateData {
+        ami,
+        instance_type: s.instance_type.clone(),
+        security_groups: vec![group.to_string()],
+        instance_profile: s.instance_profile.as_ref().map(|p| refs.render(p).value),
+        user_data: s
+            .loaded_user_data
+            .as_ref()
+            .map(|u| base64::engine::general_purpose::STANDARD.encode(u)),
+        key_name: s.key_name.clone(),
+        imdsv2: true,
+        root: Some((s.root_volume_size_gib, true)),
+    }
+}
+
+/// What differs between two template versions, by field name, for the plan.
+fn template_fields(
+    have: &TemplateData,
+    want: &TemplateData,
+) -> Vec<(&'static str, String, String)> {
+    let mut out = Vec::new();
+    let mut cmp = |name: &'static str, a: String, b: String| {
+        if a != b {
+            out.push((name, a, b));
+        }
+    };
+    cmp("ami", have.ami.clone(), want.ami.clone());
+    cmp(
+        "instance_type",
+        have.instance_type.clone(),
+        want.instance_type.clone(),
+    );
+    cmp(
+        "security_groups",
+        have.security_groups.join(","),
+        want.security_groups.join(","),
+    );
+    cmp(
+        "instance_profile",
+        have.instance_profile.clone().unwrap_or_default(),
+        want.instance_profile.clone().unwrap_or_default(),
+    );
+    if have.user_data != want.user_data {
+        cmp("user_data", "(changed)".into(), "(new)".into());
+    }
+    cmp(
+        "key_name",
+        have.key_name.clone().unwrap_or_default(),
+        want.key_name.clone().unwrap_or_default(),
+    );
+    cmp("imdsv2", have.imdsv2.to_string(), want.imdsv2.to_string());
+    let root = |r: &Option<(i32, bool)>| {
+        r.map(|(size, enc)| format!("{size} GiB{}", if enc { " encrypted" } else { "" }))
+            .unwrap_or_default()
+    };
+    cmp("root_volume", root(&have.root), root(&want.root));
+    out
+}
+
+fn show_rules(r: &BTreeSet<Rule>) -> String {
+    r.iter().map(Rule::to_string).collect::<Vec<_>>().join(", ")
+}
+
+fn provisioning_push(
+    s: &GrafanaSpec,
+    refs: &Refs,
+    obs: &Observed,
+    id: &ResourceId,
+) -> Result<Prepared> {
+    let password = match obs.passwords.get(id) {
+        Some(Ok(p)) => Some(p),
+        Some(Err(e)) => return Err(e.clone()),
+        None => None,
+    };
+    provisioning::bundle(s, refs, &obs.region, password).prepare()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The controller
+
+pub struct GrafanaController;
+
+#[async_trait]
+impl Controller for GrafanaController {
+    type Observed = Observed;
+    type Op = Op;
+
+    fn kinds(&self) -> &'static [Kind] {
+        &[Kind::Grafana]
+    }
+
+    async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Observed> {
+        let stack = desired.stack_name();
+        let mut obs = Observed {
+            region: ctx.region.clone(),
+            ..Default::default()
+        };
+        obs.groups = observe_groups(ctx, stack).await?;
+        let wanted: Vec<&Resource> = desired.of_kind(Kind::Grafana).collect();
+        if wanted.is_empty() && obs.groups.is_empty() {
+            // Nothing desired and no group left: no call for the rest.
+            return Ok(obs);
+        }
+        let stack_filter = Filter::builder()
+            .name(format!("tag:{TAG_STACK}"))
+            .values(stack)
+            .build();
+        let (sgs, templates, elb, instances) = futures::join!(
+            security_groups(ctx, stack_filter.clone()),
+            observe_templates(ctx, stack_filter.clone()),
+            observe_elb(ctx, desired),
+            observe_instances(ctx, stack_filter),
+        );
+        obs.security_groups = sgs?
+            .into_iter()
+            .filter(|g| owner_id(&g.tags, stack).is_some_and(|id| id.kind == Kind::Grafana))
+            .collect();
+        obs.templates = templates?;
+        (obs.target_groups, obs.balancers) = elb?;
+        obs.instances = instances?;
+        for r in &wanted {
+            let Spec::Grafana(s) = &r.spec else { continue };
+            if s.ami.starts_with("resolve:ssm:") && !obs.amis.contains_key(&s.ami) {
+                obs.amis
+                    .insert(s.ami.clone(), resolve_ami(ctx, &s.ami).await);
+            }
+            if let Some(source) = s.provisioning.password_source() {
+                obs.passwords
+                    .insert(r.id.clone(), read_password(ctx, &source).await);
+            }
+        }
+        Ok(obs)
+    }
+
+    fn outputs(&self, desired: &DesiredState, obs: &Observed) -> Vec<(ResourceId, Outputs)> {
+        desired
+            .of_kind(Kind::Grafana)
+            .filter_map(|r| {
+                let group = obs.group(desired, &r.id)?;
+                let mut out = Outputs::from([("asg_name".into(), group.name.clone())]);
+                if let Some(b) = obs.balancer(desired, &r.id) {
+                    out.insert("alb_dns_name".into(), b.dns_name.clone());
+                    out.insert("alb_arn".into(), b.arn.clone());
+                }
+                if let Some(t) = obs.target_group(desired, &r.id) {
+                    out.insert("target_group_arn".into(), t.arn.clone());
+                }
+                if let Some(g) = obs.security_group(desired, &r.id, "instances") {
+                    out.insert("security_group_id".into(), g.id.clone());
+                }
+                Some((r.id.clone(), out))
+            })
+            .collect()
+    }
+
+    fn diff(
+        &self,
+        desired: &DesiredState,
+        r: &Resource,
+        obs: &Observed,
+        refs: &Refs,
+    ) -> Result<Option<Change<Op>>> {
+        let Spec::Grafana(s) = &r.spec else {
+            return Ok(None);
+        };
+        let name = desired.default_name(&r.id);
+        if name.len() > MAX_ELB_NAME {
+            return Err(Error::Invalid(format!(
+                "{}: the load balancer and target group would be named `{name}`, over AWS's {MAX_ELB_NAME} characters; shorten the stack or resource name",
+                r.id
+            )));
+        }
+        let ami = match obs.amis.get(&s.ami) {
+            Some(Ok(a)) => a.clone(),
+            Some(Err(e)) => return Err(e.clone()),
+            None => refs.render(&s.ami).value,
+        };
+        let push = provisioning_push(s, refs, obs, &r.id)?;
+        let mut tags = desired.tags_for(
+            &r.id,
+            &s.tags
+                .as_ref()
+                .map(|t| t.get_ref().clone())
+                .unwrap_or_default(),
+        );
+        tags.entry("Name".into()).or_insert_with(|| name.clone());
+
+        let alb_sg = obs.security_group(desired, &r.id, "alb");
+        let inst_sg = obs.security_group(desired, &r.id, "instances");
+        let template = obs.template(desired, &r.id);
+        let tg = obs.target_group(desired, &r.id);
+        let lb = obs.balancer(desired, &r.id);
+        let group = obs.group(desired, &r.id);
+        let (Some(alb_sg), Some(inst_sg), Some(template), Some(tg), Some(lb), Some(group)) =
+            (alb_sg, inst_sg, template, tg, lb, group)
+        else {
+            return Ok(Some(build_change(
+                desired, r, s, obs, refs, &name, ami, tags, push,
+            )));
+        };
+
+        let mut c = Change::new(
+            r.id.clone(),
+            Action::Update,
+            format!("grafana {name} ({})", lb.dns_name),
+        );
+        if s.alb.certificate_arn.is_none() {
+            c.notes.push(
+                "no alb.certificate_arn: Grafana is served over plain HTTP on port 80".into(),
+            );
+        }
+
+        // Security groups.
+        for (g, want) in [
+            (alb_sg, alb_rules(s)),
+            (inst_sg, instance_rules(s, &alb_sg.id)),
+        ] {
+            let add: Vec<Rule> = want.difference(&g.ingress).cloned().collect();
+            let extra: Vec<Rule> = g.ingress.difference(&want).cloned().collect();
+            if add.is_empty() && extra.is_empty() {
+                continue;
+            }
+            let role = g.tags.get(TAG_ROLE).cloned().unwrap_or_default();
+            c.field(
+                format!("security_group.{role}.ingress"),
+                Some(show_rules(&g.ingress)),
+                Some(show_rules(&want)),
+            );
+            if !extra.is_empty() {
+                c.op(Op::Revoke {
+                    group: g.id.clone(),
+                    rules: extra,
+                });
+            }
+            if !add.is_empty() {
+                c.op(Op::Authorize {
+                    group: g.id.clone(),
+                    rules: add,
+                });
+            }
+        }
+
+        // Target group.
+        if tg.port != i32::from(s.target_group.port) {
+            return Err(Error::Invalid(format!(
+                "{}: the target group listens on {} and the desired port is {}; a target group's port cannot change in place (remove the resource with --prune, then add it again)",
+                r.id, tg.port, s.target_group.port
+            )));
+        }
+        let want_health = health(s);
+        if tg.health != want_health {
+            c.field(
+                "target_group.health_check",
+                Some(format!("{:?}", tg.health)),
+                Some(format!("{want_health:?}")),
+            );
+            c.op(Op::HealthCheck {
+                target_group: tg.arn.clone(),
+                health: want_health,
+            });
+        }
+
+        // Load balancer.
+        if lb.scheme != s.alb.scheme {
+            return Err(Error::Invalid(format!(
+                "{}: the load balancer is {} and the desired scheme is {}; a scheme cannot change in place",
+                r.id, lb.scheme, s.alb.scheme
+            )));
+        }
+        let want_groups = BTreeSet::from([alb_sg.id.clone()]);
+        if lb.security_groups != want_groups {
+            c.field(
+                "alb.security_groups",
+                Some(
+                    lb.security_groups
+                        .iter()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+                Some(alb_sg.id.clone()),
+            );
+            c.op(Op::BalancerGroups {
+                balancer: lb.arn.clone(),
+                groups: vec![alb_sg.id.clone()],
+            });
+        }
+        let want_subnets: BTreeSet<String> =
+            s.alb.subnets.iter().map(|n| refs.render(n).value).collect();
+        if lb.subnets != want_subnets {
+            c.field(
+                "alb.subnets",
+                Some(lb.subnets.iter().cloned().collect::<Vec<_>>().join(",")),
+                Some(want_subnets.iter().cloned().collect::<Vec<_>>().join(",")),
+            );
+            c.op(Op::BalancerSubnets {
+                balancer: lb.arn.clone(),
+                subnets: want_subnets.into_iter().collect(),
+            });
+        }
+        let have_attrs = [
+            ("idle_timeout.timeout_seconds", lb.idle_timeout.to_string()),
+            (
+                "deletion_protection.enabled",
+                lb.deletion_protection.to_string(),
+            ),
+        ];
+        let changed: Vec<(String, String)> = attributes(s)
+            .into_iter()
+            .filter(|(k, v)| have_attrs.iter().any(|(hk, hv)| hk == k && hv != v))
+            .collect();
+        for (k, v) in &changed {
+            let before = have_attrs
+                .iter()
+                .find(|(hk, _)| hk == k)
+                .map(|(_, v)| v.clone());
+            c.field(format!("alb.{k}"), before, Some(v.clone()));
+        }
+        if !changed.is_empty() {
+            c.op(Op::BalancerAttributes {
+                balancer: lb.arn.clone(),
+                attributes: changed,
+            });
+        }
+        let want_listeners = listeners(s, &tg.arn);
+        for want in &want_listeners {
+            match lb.listeners.iter().find(|(_, l)| l.port == want.port) {
+                None => {
+                    c.field(
+                        format!("listener {}", want.port),
+                        None,
+                        Some(want.to_string()),
+                    );
+                    c.op(Op::CreateListener {
+                        balancer: lb.arn.clone(),
+                        listener: want.clone(),
+                    });
+                }
+                Some((arn, have)) if have != want => {
+                    c.field(
+                        format!("listener {}", want.port),
+                        Some(have.to_string()),
+                        Some(want.to_string()),
+                    );
+                    c.op(Op::ModifyListener {
+                        listener: arn.clone(),
+                        spec: want.clone(),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        for (arn, have) in &lb.listeners {
+            if !want_listeners.iter().any(|w| w.port == have.port) {
+                c.field(
+                    format!("listener {}", have.port),
+                    Some(have.to_string()),
+                    None,
+                );
+                c.op(Op::DeleteListener {
+                    listener: arn.clone(),
+                });
+            }
+        }
+        c.tags(
+            &lb.tags,
+            &tags,
+            |tags| Op::ElbTag {
+                arn: lb.arn.clone(),
+                tags,
+            },
+            |keys| Op::ElbUntag {
+                arn: lb.arn.clone(),
+                keys,
+            },
+        );
+
+        // Auto Scaling Group: sizing, placement, health checks, target group, tags.
+        let want_sizes = sizes(s, refs);
+        let mut resize = false;
+        let mut cmp = |c: &mut Change<Op>, field: &str, have: String, want: String| {
+            if have != want {
+                c.field(field, Some(have), Some(want));
+                resize = true;
+            }
+        };
+        cmp(
+            &mut c,
+            "min_size",
+            group.min.to_string(),
+            want_sizes.min.to_string(),
+        );
+        cmp(
+            &mut c,
+            "max_size",
+            group.max.to_string(),
+            want_sizes.max.to_string(),
+        );
+        if let Some(d) = want_sizes.desired {
+            cmp(
+                &mut c,
+                "desired_capacity",
+                group.desired.to_string(),
+                d.to_string(),
+            );
+        }
+        let subnets: BTreeSet<String> = want_sizes.subnets.iter().cloned().collect();
+        cmp(
+            &mut c,
+            "subnets",
+            group.subnets.iter().cloned().collect::<Vec<_>>().join(","),
+            subnets.into_iter().collect::<Vec<_>>().join(","),
+        );
+        cmp(
+            &mut c,
+            "health_check_type",
+            group.health_check_type.clone(),
+            "ELB".into(),
+        );
+        cmp(
+            &mut c,
+            "health_check_grace_period",
+            format!("{}s", group.grace),
+            format!("{}s", want_sizes.grace),
+        );
+        if resize {
+            c.op(Op::UpdateGroup {
+                group: group.name.clone(),
+                sizes: want_sizes,
+            });
+        }
+        if !group.target_groups.contains(&tg.arn) {
+            c.field("target_groups", None, Some(tg.arn.clone()));
+            c.op(Op::AttachTargetGroup {
+                group: group.name.clone(),
+                target_group: tg.arn.clone(),
+            });
+        }
+        let extra_tgs: Vec<String> = group
+            .target_groups
+            .iter()
+            .filter(|t| **t != tg.arn)
+            .cloned()
+            .collect();
+        if !extra_tgs.is_empty() {
+            c.field("target_groups", Some(extra_tgs.join(",")), None);
+            c.op(Op::DetachTargetGroups {
+                group: group.name.clone(),
+                target_groups: extra_tgs,
+            });
+        }
+        c.tags(
+            &group.tags,
+            &tags,
+            |tags| Op::AsgTag {
+                group: group.name.clone(),
+                tags,
+            },
+            |keys| Op::AsgUntag {
+                group: group.name.clone(),
+                keys,
+            },
+        );
+
+        // Launch template and the rollout of its versions.
+        let want_data = template_data(s, refs, ami, &inst_sg.id);
+        let fields = template_fields(&template.data, &want_data);
+        let pinned = group.template.as_ref().map(|(_, v)| v.clone());
+        let refreshed = group.tags.get(TAG_VERSION).cloned();
+        let active = group.refresh.as_ref().filter(|f| {
+            matches!(
+                f.status.as_str(),
+                "Pending" | "InProgress" | "Cancelling" | "RollbackInProgress"
+            )
+        });
+        if !fields.is_empty() {
+            for (f, before, after) in &fields {
+                c.field(
+                    format!("launch_template.{f}"),
+                    Some(before.clone()),
+                    Some(after.clone()),
+                );
+            }
+            c.field(
+                "launch_template.version",
+                Some(template.latest.to_string()),
+                Some((template.latest + 1).to_string()),
+            );
+            if let Some(f) = active {
+                c.notes.push(format!(
+                    "instance refresh {} is {} ({}%): the new version is rolled out after it",
+                    f.id, f.status, f.percentage
+                ));
+            } else {
+                c.notes.push(format!(
+                    "a rolling instance refresh replaces the instances, keeping {}% healthy",
+                    s.min_healthy_percentage
+                ));
+            }
+            c.op(Op::Roll {
+                group: group.name.clone(),
+                template: template.id.clone(),
+                data: Some(Box::new(want_data)),
+                version: template.latest + 1,
+                min_healthy: s.min_healthy_percentage,
+                refresh: active.is_none(),
+            });
+        } else {
+            let latest = template.latest.to_string();
+            let behind = pinned.as_deref() != Some(latest.as_str());
+            let unrefreshed = refreshed.as_deref() != Some(latest.as_str());
+            // A refresh toward this very version already started (the tag was not written).
+            let started = group.refresh.as_ref().is_some_and(|f| {
+                f.version.as_deref() == Some(latest.as_str())
+                    && !matches!(
+                        f.status.as_str(),
+                        "Failed" | "Cancelled" | "RollbackSuccessful"
+                    )
+            });
+            if behind || (unrefreshed && active.is_none()) {
+                if behind {
+                    c.field(
+                        "launch_template.version",
+                        pinned.clone(),
+                        Some(latest.clone()),
+                    );
+                }
+                let refresh = active.is_none() && !started;
+                if refresh {
+                    c.field("instance_refresh", refreshed.clone(), Some(latest.clone()));
+                }
+                c.op(Op::Roll {
+                    group: group.name.clone(),
+                    template: template.id.clone(),
+                    data: None,
+                    version: template.latest,
+                    min_healthy: s.min_healthy_percentage,
+                    refresh,
+                });
+            }
+        }
+
+        // Provisioning.
+        let fleet = obs
+            .instances
+            .get(&r.id)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let stale: Vec<String> = fleet
+            .iter()
+            .filter(|i| i.installed.as_ref() != Some(&push.hash))
+            .map(|i| i.id.clone())
+            .collect();
+        if !stale.is_empty() {
+            c.field(
+                "provisioning",
+                Some(format!(
+                    "{} of {} instances lack {}",
+                    stale.len(),
+                    fleet.len(),
+                    push.short_hash()
+                )),
+                Some(format!("all {} ({})", fleet.len(), stale.join(", "))),
+            );
+            if let Some(source) = s.provisioning.password_source() {
+                c.field("admin_password", None, Some(source.describe()));
+            }
+            c.op(Op::Push {
+                instances: stale,
+                push,
+            });
+        }
+
+        if c.ops.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(c))
+    }
+
+    fn removed(&self, desired: &DesiredState, obs: &Observed, prune: bool) -> Vec<Change<Op>> {
+        // Per resource no longer desired, in the order it can be deleted: the group (and its
+        // instances), the load balancer, the target group, the template, the security groups.
+        let mut by_id: BTreeMap<ResourceId, (Vec<(u8, Op)>, Tags)> = BTreeMap::new();
+        let mut add = |tags: &Tags, order: u8, op: Op| {
+            if let Some(id) = owner_id(tags, desired.stack_name()) {
+                by_id
+                    .entry(id)
+                    .or_insert_with(|| (Vec::new(), tags.clone()))
+                    .0
+                    .push((order, op));
+            }
+        };
+        for g in &obs.groups {
+            add(
+                &g.tags,
+                0,
+                Op::DeleteGroup {
+                    group: g.name.clone(),
+                },
+            );
+        }
+        for b in &obs.balancers {
+            add(
+                &b.tags,
+                1,
+                Op::DeleteBalancer {
+                    balancer: b.arn.clone(),
+                },
+            );
+        }
+        for t in &obs.target_groups {
+            add(
+                &t.tags,
+                2,
+                Op::DeleteTargetGroup {
+                    target_group: t.arn.clone(),
+                },
+            );
+        }
+        for t in &obs.templates {
+            add(
+                &t.tags,
+                3,
+                Op::DeleteTemplate {
+                    template: t.id.clone(),
+                },
+            );
+        }
+        for g in &obs.security_groups {
+            let order = if g.tags.get(TAG_ROLE).map(String::as_str) == Some("instances") {
+                4
+            } else {
+                5
+            };
+            add(
+                &g.tags,
+                order,
+                Op::DeleteSecurityGroup {
+                    group: g.id.clone(),
+                },
+            );
+        }
+        by_id
+            .into_iter()
+            .filter_map(|(id, (mut ops, tags))| {
+                ops.sort_by_key(|(o, _)| *o);
+                let label = format!("grafana {}", desired.default_name(&id));
+                removal(
+                    desired,
+                    Kind::Grafana,
+                    &tags,
+                    |r| r.id == id,
+                    label,
+                    prune,
+                    || ops.into_iter().map(|(_, op)| op).collect(),
+                )
+            })
+            .collect()
+    }
+
+    async fn apply(&self, ctx: &Context, op: &Op) -> Result<Option<Outputs>> {
+        let (ec2, elb, asg) = (&ctx.ec2, &ctx.elb, &ctx.autoscaling);
+        match op {
+            Op::Build(b) => return build(ctx, b).await.map(Some),
+            Op::Authorize { group, rules } => {
+                ec2.authorize_security_group_ingress()
+                    .group_id(group)
+                    .set_ip_permissions(Some(permissions(rules)))
+                    .send()
+                    .await
+                    .map_err(aws_error("ec2", "AuthorizeSecurityGroupIngress"))?;
+            }
+            Op::Revoke { group, rules } => {
+                ec2.revoke_security_group_ingress()
+                    .group_id(group)
+                    .set_ip_permissions(Some(permissions(rules)))
+                    .send()
+                    .await
+                    .map_err(aws_error("ec2", "RevokeSecurityGroupIngress"))?;
+            }
+            Op::Ec2Tag { resource, tags } => {
+                ec2.create_tags()
+                    .resources(resource)
+                    .set_tags(Some(ec2_tags(tags)))
+                    .send()
+                    .await
+                    .map_err(aws_error("ec2", "CreateTags"))?;
+            }
+            Op::Ec2Untag { resource, keys } => {
+                let tags = keys
+                    .iter()
+                    .map(|k| aws_sdk_ec2::types::Tag::builder().key(k).build())
+                    .collect();
+                ec2.delete_tags()
+                    .resources(resource)
+                    .set_tags(Some(tags))
+                    .send()
+                    .await
+                    .map_err(aws_error("ec2", "DeleteTags"))?;
+            }
+            Op::ElbTag { arn, tags } => {
+                elb.add_tags()
+                    .resource_arns(arn)
+                    .set_tags(Some(elb_tags(tags)))
+                    .send()
+                    .await
+                    .map_err(aws_error("elasticloadbalancing", "AddTags"))?;
+            }
+            Op::ElbUntag { arn, keys } => {
+                elb.remove_tags()
+                    .resource_arns(arn)
+                    .set_tag_keys(Some(keys.clone()))
+                    .send()
+                    .await
+                    .map_err(aws_error("elasticloadbalancing", "RemoveTags"))?;
+            }
+            Op::AsgTag { group, tags } => {
+                asg.create_or_update_tags()
+                    .set_tags(Some(asg_tags(group, tags)))
+                    .send()
+                    .await
+                    .map_err(aws_error("autoscaling", "CreateOrUpdateTags"))?;
+            }
+            Op::AsgUntag { group, keys } => {
+                let tags = keys
+                    .iter()
+                    .map(|k| {
+                        AsgTag::builder()
+                            .resource_id(group)
+                            .resource_type("auto-scaling-group")
+                            .key(k)
+                            .build()
+                    })
+                    .collect();
+                asg.delete_tags()
+                    .set_tags(Some(tags))
+                    .send()
+                    .await
+                    .map_err(aws_error("autoscaling", "DeleteTags"))?;
+            }
+            Op::HealthCheck {
+                target_group,
+                health,
+            } => {
+                elb.modify_target_group()
+                    .target_group_arn(target_group)
+                    .health_check_path(&health.path)
+                    .health_check_interval_seconds(health.interval)
+                    .health_check_timeout_seconds(health.timeout)
+                    .healthy_threshold_count(health.healthy)
+                    .unhealthy_threshold_count(health.unhealthy)
+                    .send()
+                    .await
+                    .map_err(aws_error("elasticloadbalancing", "ModifyTargetGroup"))?;
+            }
+            Op::BalancerGroups { balancer, groups } => {
+                elb.set_security_groups()
+                    .load_balancer_arn(balancer)
+                    .set_security_groups(Some(groups.clone()))
+                    .send()
+                    .await
+                    .map_err(aws_error("elasticloadbalancing", "SetSecurityGroups"))?;
+            }
+            Op::BalancerSubnets { balancer, subnets } => {
+                elb.set_subnets()
+                    .load_balancer_arn(balancer)
+                    .set_subnets(Some(subnets.clone()))
+                    .send()
+                    .await
+                    .map_err(aws_error("elasticloadbalancing", "SetSubnets"))?;
+            }
+            Op::BalancerAttributes {
+                balancer,
+                attributes,
+            } => set_attributes(ctx, balancer, attributes).await?,
+            Op::CreateListener { balancer, listener } => {
+                create_listener(ctx, balancer, listener).await?
+            }
+            Op::ModifyListener { listener, spec } => {
+                elb.modify_listener()
+                    .listener_arn(listener)
+                    .port(spec.port)
+                    .protocol(ProtocolEnum::from(spec.protocol.as_str()))
+                    .set_ssl_policy(spec.ssl_policy.clone())
+                    .set_certificates(
+                        spec.certificate
+                            .as_ref()
+                            .map(|c| vec![Certificate::builder().certificate_arn(c).build()]),
+                    )
+                    .default_actions(elb_action(&spec.action))
+                    .send()
+                    .await
+                    .map_err(aws_error("elasticloadbalancing", "ModifyListener"))?;
+            }
+            Op::DeleteListener { listener } => {
+                elb.delete_listener()
+                    .listener_arn(listener)
+                    .send()
+                    .await
+                    .map_err(aws_error("elasticloadbalancing", "DeleteListener"))?;
+            }
+            Op::UpdateGroup { group, sizes } => {
+                asg.update_auto_scaling_group()
+                    .auto_scaling_group_name(group)
+                    .min_size(sizes.min)
+                    .max_size(sizes.max)
+                    .set_desired_capacity(sizes.desired)
+                    .vpc_zone_identifier(sizes.subnets.join(","))
+                    .health_check_type("ELB")
+                    .health_check_grace_period(sizes.grace)
+                    .send()
+                    .await
+                    .map_err(aws_error("autoscaling", "UpdateAutoScalingGroup"))?;
+            }
+            Op::AttachTargetGroup {
+                group,
+                target_group,
+            } => {
+                asg.attach_load_balancer_target_groups()
+                    .auto_scaling_group_name(group)
+                    .target_group_arns(target_group)
+                    .send()
+                    .await
+                    .map_err(aws_error("autoscaling", "AttachLoadBalancerTargetGroups"))?;
+            }
+            Op::DetachTargetGroups {
+                group,
+                target_groups,
+            } => {
+                asg.detach_load_balancer_target_groups()
+                    .auto_scaling_group_name(group)
+                    .set_target_group_arns(Some(target_groups.clone()))
+                    .send()
+                    .await
+                    .map_err(aws_error("autoscaling", "DetachLoadBalancerTargetGroups"))?;
+            }
+            Op::Roll {
+                group,
+                template,
+                data,
+                version,
+                min_healthy,
+                refresh,
+            } => {
+                roll(
+                    ctx,
+                    group,
+                    template,
+                    data.as_deref(),
+                    *version,
+                    *min_healthy,
+                    *refresh,
+                )
+                .await?
+            }
+            Op::Push { instances, push } => {
+                let controls = Controls {
+                    // Grafana restarts: half the group at a time keeps it serving.
+                    max_concurrency: "50%".into(),
+                    max_errors: "0".into(),
+                };
+                send(ctx, push, instances, &controls).await?
+            }
+            Op::DeleteGroup { group } => {
+                asg.delete_auto_scaling_group()
+                    .auto_scaling_group_name(group)
+                    .force_delete(true)
+                    .send()
+                    .await
+                    .map_err(aws_error("autoscaling", "DeleteAutoScalingGroup"))?;
+                wait_until(ctx, &format!("group {group} to be deleted"), || async {
+                    let out = asg
+                        .describe_auto_scaling_groups()
+                        .auto_scaling_group_names(group)
+                        .send()
+                        .await
+                        .map_err(aws_error("autoscaling", "DescribeAutoScalingGroups"))?;
+                    Ok(match out.auto_scaling_groups().first() {
+                        None => Progress::Done(()),
+                        Some(g) => Progress::Waiting(g.status().unwrap_or("deleting").to_string()),
+                    })
+                })
+                .await?;
+            }
+            Op::DeleteBalancer { balancer } => {
+                elb.delete_load_balancer()
+                    .load_balancer_arn(balancer)
+                    .send()
+                    .await
+                    .map_err(aws_error("elasticloadbalancing", "DeleteLoadBalancer"))?;
+            }
+            Op::DeleteTargetGroup { target_group } => {
+                elb.delete_target_group()
+                    .target_group_arn(target_group)
+                    .send()
+                    .await
+                    .map_err(aws_error("elasticloadbalancing", "DeleteTargetGroup"))?;
+            }
+            Op::DeleteTemplate { template } => {
+                ec2.delete_launch_template()
+                    .launch_template_id(template)
+                    .send()
+                    .await
+                    .map_err(aws_error("ec2", "DeleteLaunchTemplate"))?;
+            }
+            Op::DeleteSecurityGroup { group } => {
+                ec2.delete_security_group()
+                    .group_id(group)
+                    .send()
+                    .await
+                    .map_err(aws_error("ec2", "DeleteSecurityGroup"))?;
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// The change that creates what is missing of a resource.
+#[allow(clippy::too_many_arguments)]
+fn build_change(
+    desired: &DesiredState,
+    r: &Resource,
+    s: &GrafanaSpec,
+    obs: &Observed,
+    refs: &Refs,
+    name: &str,
+    ami: String,
+    tags: Tags,
+    push: Prepared,
+) -> Change<Op> {
+    let alb_sg = obs.security_group(desired, &r.id, "alb");
+    let inst_sg = obs.security_group(desired, &r.id, "instances");
+    let template = obs.template(desired, &r.id);
+    let tg = obs.target_group(desired, &r.id);
+    let lb = obs.balancer(desired, &r.id);
+    let mut c = Change::new(r.id.clone(), Action::Create, format!("grafana {name}"));
+    if s.alb.certificate_arn.is_none() {
+        c.notes
+            .push("no alb.certificate_arn: Grafana is served over plain HTTP on port 80".into());
+    }
+    if [
+        alb_sg.is_some(),
+        inst_sg.is_some(),
+        template.is_some(),
+        tg.is_some(),
+        lb.is_some(),
+    ]
+    .contains(&true)
+    {
+        c.notes.push("part of it exists (an interrupted create): the rest is created and the existing parts kept".into());
+    }
+    let sizes = sizes(s, refs);
+    c.field("instance_type", None, Some(s.instance_type.clone()));
+    c.field("ami", None, Some(s.ami.clone()));
+    c.field(
+        "size",
+        None,
+        Some(format!(
+            "min {} max {}{}",
+            sizes.min,
+            sizes.max,
+            sizes
+                .desired
+                .map(|d| format!(" desired {d}"))
+                .unwrap_or_default()
+        )),
+    );
+    c.field(
+        "alb",
+        None,
+        Some(format!("{} on {}", s.alb.scheme, s.alb.subnets.join(","))),
+    );
+    for l in listeners(s, "") {
+        c.field(format!("listener {}", l.port), None, Some(l.to_string()));
+    }
+    c.field("provisioning", None, Some(push.short_hash()));
+    if let Some(source) = s.provisioning.password_source() {
+        c.field("admin_password", None, Some(source.describe()));
+    }
+    let mut own = desired.tags_for(&r.id, &BTreeMap::new());
+    own.insert("Name".into(), format!("{name}-alb"));
+    let mut alb_tags = own.clone();
+    alb_tags.insert(TAG_ROLE.into(), "alb".into());
+    let mut inst_tags = own;
+    inst_tags.insert("Name".into(), format!("{name}-instances"));
+    inst_tags.insert(TAG_ROLE.into(), "instances".into());
+    c.op(Op::Build(Box::new(Build {
+        name: name.to_string(),
+        vpc: s.alb.vpc.as_ref().map(|v| refs.render(v).value),
+        alb_subnets: s.alb.subnets.iter().map(|n| refs.render(n).value).collect(),
+        alb_group: alb_sg.map(|g| g.id.clone()),
+        alb_rules: alb_rules(s).into_iter().collect(),
+        instance_group: inst_sg.map(|g| g.id.clone()),
+        port: i32::from(s.target_group.port),
+        group_tags: (alb_tags, inst_tags),
+        template: template.map(|t| t.id.clone()),
+        template_data: template_data(s, refs, ami, ""),
+        target_group: tg.map(|t| t.arn.clone()),
+        health: health(s),
+        balancer: lb.map(|b| b.arn.clone()),
+        scheme: s.alb.scheme.clone(),
+        attributes: attributes(s),
+        listeners: listeners(s, ""),
+        sizes,
+        tags,
+        push: Some(push),
+    })));
+    c
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reads
+
+async fn observe_groups(ctx: &Context, stack: &str) -> Result<Vec<ObservedAsg>> {
+    let mut groups = Vec::new();
+    let mut pages = ctx
+        .autoscaling
+        .describe_auto_scaling_groups()
+        .filters(
+            AsgFilter::builder()
+                .name(format!("tag:{TAG_STACK}"))
+                .values(stack)
+                .build(),
+        )
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(aws_error("autoscaling", "DescribeAutoScalingGroups"))?;
+        for g in page.auto_scaling_groups() {
+            groups.push(ObservedAsg {
+                name: g.auto_scaling_group_name().unwrap_or_default().into(),
+                min: g.min_size().unwrap_or_default(),
+                max: g.max_size().unwrap_or_default(),
+                desired: g.desired_capacity().unwrap_or_default(),
+                template: g.launch_template().map(|t| {
+                    (
+                        t.launch_template_id().unwrap_or_default().to_string(),
+                        t.version().unwrap_or_default().to_string(),
+                    )
+                }),
+                subnets: g
+                    .vpc_zone_identifier()
+                    .unwrap_or_default()
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                health_check_type: g.health_check_type().unwrap_or_default().into(),
+                grace: g.health_check_grace_period().unwrap_or_default(),
+                target_groups: g.target_group_arns().iter().cloned().collect(),
+                tags: g
+                    .tags()
+                    .iter()
+                    .map(|t| {
+                        (
+                            t.key().unwrap_or_default().to_string(),
+                            t.value().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect(),
+                refresh: None,
+            });
+        }
+    }
+    for g in &mut groups {
+        let out = ctx
+            .autoscaling
+            .describe_instance_refreshes()
+            .auto_scaling_group_name(&g.name)
+            .max_records(1)
+            .send()
+            .await
+            .map_err(aws_error("autoscaling", "DescribeInstanceRefreshes"))?;
+        g.refresh = out
+            .instance_refreshes()
+            .first()
+            .map(|f| ObservedGroupRefresh {
+                id: f.instance_refresh_id().unwrap_or_default().into(),
+                status: f
+                    .status()
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_default(),
+                percentage: f.percentage_complete().unwrap_or_default(),
+                version: f
+                    .desired_configuration()
+                    .and_then(|d| d.launch_template())
+                    .and_then(|t| t.version())
+                    .map(str::to_string),
+            });
+        if let Some(f) = &g.refresh {
+            if matches!(f.status.as_str(), "Pending" | "InProgress") {
+                tracing::info!(group = %g.name, refresh = %f.id, status = %f.status, percent = f.percentage, "instance refresh under way");
+            }
+        }
+    }
+    Ok(groups)
+}
+
+async fn observe_templates(ctx: &Context, stack: Filter) -> Result<Vec<ObservedTemplate>> {
+    let mut templates = Vec::new();
+    let mut pages = ctx
+        .ec2
+        .describe_launch_templates()
+        .filters(stack)
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(aws_error("ec2", "DescribeLaunchTemplates"))?;
+        for t in page.launch_templates() {
+            templates.push(ObservedTemplate {
+                id: t.launch_template_id().unwrap_or_default().into(),
+                name: t.launch_template_name().unwrap_or_default().into(),
+                latest: t.latest_version_number().unwrap_or_default(),
+                data: TemplateData::default(),
+                tags: tag_map(t.tags()),
+            });
+        }
+    }
+    for t in &mut templates {
+        let out = ctx
+            .ec2
+            .describe_launch_template_versions()
+            .launch_template_id(&t.id)
+            .versions(t.latest.to_string())
+            .send()
+            .await
+            .map_err(aws_error("ec2", "DescribeLaunchTemplateVersions"))?;
+        let Some(d) = out
+            .launch_template_versions()
+            .first()
+            .and_then(|v| v.launch_template_data())
+        else {
+            continue;
+        };
+        let mut groups: Vec<String> = d.security_group_ids().to_vec();
+        groups.sort();
+        t.data = TemplateData {
+            ami: d.image_id().unwrap_or_default().into(),
+            instance_type: d
+                .instance_type()
+                .map(|i| i.as_str().to_string())
+                .unwrap_or_default(),
+            security_groups: groups,
+            instance_profile: d
+                .iam_instance_profile()
+                .and_then(|p| p.name().or(p.arn()))
+                .map(str::to_string),
+            user_data: d.user_data().map(str::to_string),
+            key_name: d.key_name().map(str::to_string),
+            imdsv2: d
+                .metadata_options()
+                .and_then(|m| m.http_tokens())
+                .is_some_and(|t| *t == LaunchTemplateHttpTokensState::Required),
+            root: d
+                .block_device_mappings()
+                .iter()
+                .find(|m| m.device_name() == Some(ROOT_DEVICE))
+                .and_then(|m| m.ebs())
+                .map(|e| {
+                    (
+                        e.volume_size().unwrap_or_default(),
+                        e.encrypted().unwrap_or_default(),
+                    )
+                }),
+        };
+    }
+    Ok(templates)
+}
+
+/// Load balancers and target groups whose names start with the stack's, with their tags read in
+/// batches of 20; the owned load balancers' attributes and listeners.
+async fn observe_elb(
+    ctx: &Context,
+    desired: &DesiredState,
+) -> Result<(Vec<ObservedTargetGroup>, Vec<ObservedBalancer>)> {
+    let prefix = format!("{}-", desired.stack_name());
+    let elb = &ctx.elb;
+    let mut balancers = Vec::new();
+    let mut pages = elb.describe_load_balancers().into_paginator().send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(aws_error("elasticloadbalancing", "DescribeLoadBalancers"))?;
+        for b in page.load_balancers() {
+            let name = b.load_balancer_name().unwrap_or_default();
+            if !name.starts_with(&prefix) {
+                continue;
+            }
+            balancers.push(ObservedBalancer {
+                arn: b.load_balancer_arn().unwrap_or_default().into(),
+                name: name.into(),
+                dns_name: b.dns_name().unwrap_or_default().into(),
+                scheme: b
+                    .scheme()
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_default(),
+                subnets: b
+                    .availability_zones()
+                    .iter()
+                    .filter_map(|z| z.subnet_id().map(str::to_string))
+                    .collect(),
+                security_groups: b.security_groups().iter().cloned().collect(),
+                ..Default::default()
+            });
+        }
+    }
+    let mut target_groups = Vec::new();
+    let mut pages = elb.describe_target_groups().into_paginator().send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(aws_error("elasticloadbalancing", "DescribeTargetGroups"))?;
+        for t in page.target_groups() {
+            let name = t.target_group_name().unwrap_or_default();
+            if !name.starts_with(&prefix) {
+                continue;
+            }
+            target_groups.push(ObservedTargetGroup {
+                arn: t.target_group_arn().unwrap_or_default().into(),
+                name: name.into(),
+                port: t.port().unwrap_or_default(),
+                health: HealthCheck {
+                    path: t.health_check_path().unwrap_or_default().into(),
+                    interval: t.health_check_interval_seconds().unwrap_or_default(),
+                    timeout: t.health_check_timeout_seconds().unwrap_or_default(),
+                    healthy: t.healthy_threshold_count().unwrap_or_default(),
+                    unhealthy: t.unhealthy_threshold_count().unwrap_or_default(),
+                },
+                tags: Tags::new(),
+            });
+        }
+    }
+    let arns: Vec<String> = balancers
+        .iter()
+        .map(|b| b.arn.clone())
+        .chain(target_groups.iter().map(|t| t.arn.clone()))
+        .collect();
+    let mut all_tags: BTreeMap<String, Tags> = BTreeMap::new();
+    for batch in arns.chunks(20) {
+        let out = elb
+            .describe_tags()
+            .set_resource_arns(Some(batch.to_vec()))
+            .send()
+            .await
+            .map_err(aws_error("elasticloadbalancing", "DescribeTags"))?;
+        for d in out.tag_descriptions() {
+            all_tags.insert(
+                d.resource_arn().unwrap_or_default().into(),
+                d.tags()
+                    .iter()
+                    .map(|t| {
+                        (
+                            t.key().unwrap_or_default().to_string(),
+                            t.value().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect(),
+            );
+        }
+    }
+    let stack = desired.stack_name();
+    let ours = |tags: &Tags| owner_id(tags, stack).is_some_and(|id| id.kind == Kind::Grafana);
+    target_groups.retain_mut(|t| {
+        t.tags = all_tags.remove(&t.arn).unwrap_or_default();
+        ours(&t.tags)
+    });
+    balancers.retain_mut(|b| {
+        b.tags = all_tags.remove(&b.arn).unwrap_or_default();
+        ours(&b.tags)
+    });
+    for b in &mut balancers {
+        let attrs = elb
+            .describe_load_balancer_attributes()
+            .load_balancer_arn(&b.arn)
+            .send()
+            .await
+            .map_err(aws_error(
+                "elasticloadbalancing",
+                "DescribeLoadBalancerAttributes",
+            ))?;
+        for a in attrs.attributes() {
+            match (a.key().unwrap_or_default(), a.value().unwrap_or_default()) {
+                ("idle_timeout.timeout_seconds", v) => {
+                    b.idle_timeout = v.parse().unwrap_or_default()
+                }
+                ("deletion_protection.enabled", v) => b.deletion_protection = v == "true",
+                _ => {}
+            }
+        }
+        let out = elb
+            .describe_listeners()
+            .load_balancer_arn(&b.arn)
+            .send()
+            .await
+            .map_err(aws_error("elasticloadbalancing", "DescribeListeners"))?;
+        for l in out.listeners() {
+            let action = l.default_actions().first();
+            let forward = match action.and_then(|a| a.r#type()) {
+                Some(ActionTypeEnum::Forward) => Forward::To(
+                    action
+                        .and_then(|a| a.target_group_arn())
+                        .unwrap_or_default()
+                        .into(),
+                ),
+                Some(ActionTypeEnum::Redirect) => {
+                    let r = action.and_then(|a| a.redirect_config());
+                    let https = r.is_some_and(|r| {
+                        r.protocol() == Some("HTTPS")
+                            && r.port() == Some("443")
+                            && r.status_code() == Some(&RedirectActionStatusCodeEnum::Http301)
+                    });
+                    if https {
+                        Forward::RedirectToHttps
+                    } else {
+                        Forward::Other("redirect elsewhere".into())
+                    }
+                }
+                other => Forward::Other(format!(
+                    "{}",
+                    other.map(|t| t.as_str()).unwrap_or("no action")
+                )),
+            };
+            let https = l.protocol() == Some(&ProtocolEnum::Https);
+            b.listeners.push((
+                l.listener_arn().unwrap_or_default().into(),
+                ListenerSpec {
+                    port: l.port().unwrap_or_default(),
+                    protocol: l
+                        .protocol()
+                        .map(|p| p.as_str().to_string())
+                        .unwrap_or_default(),
+                    certificate: l
+                        .certificates()
+                        .first()
+                        .and_then(|c| c.certificate_arn())
+                        .map(str::to_string),
+                    ssl_policy: l.ssl_policy().filter(|_| https).map(str::to_string),
+                    action: forward,
+                },
+            ));
+        }
+    }
+    Ok((target_groups, balancers))
+}
+
+/// Running instances of the stack's Grafana groups (the group's tags propagate to them), with
+/// the provisioning hash each has installed.
+async fn observe_instances(
+    ctx: &Context,
+    stack: Filter,
+) -> Result<BTreeMap<ResourceId, Vec<GroupInstance>>> {
+    let tag = hash_tag();
+    let mut out: BTreeMap<ResourceId, Vec<GroupInstance>> = BTreeMap::new();
+    let mut pages = ctx
+        .ec2
+        .describe_instances()
+        .filters(stack)
+        .filters(
+            Filter::builder()
+                .name("tag-key")
+                .values("aws:autoscaling:groupName")
+                .build(),
+        )
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .values("running")
+                .build(),
+        )
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(aws_error("ec2", "DescribeInstances"))?;
+        for i in page.reservations().iter().flat_map(|r| r.instances()) {
+            let tags = tag_map(i.tags());
+            let Some(id) = tags.get(TAG_ID).and_then(|t| ResourceId::parse(t)) else {
+                continue;
+            };
+            if id.kind != Kind::Grafana {
+                continue;
+            }
+            out.entry(id).or_default().push(GroupInstance {
+                id: i.instance_id().unwrap_or_default().into(),
+                installed: tags.get(&tag).cloned(),
+            });
+        }
+    }
+    for fleet in out.values_mut() {
+        fleet.sort_by(|a, b| a.id.cmp(&b.id));
+    }
+    Ok(out)
+}
+
+/// The admin password and its version, from SSM Parameter Store (decrypted) or Secrets Manager.
+async fn read_password(ctx: &Context, source: &PasswordSource) -> Result<AdminPassword> {
+    match source {
+        PasswordSource::SsmParameter(name) => {
+            let out = ctx
+                .ssm
+                .get_parameter()
+                .name(name)
+                .with_decryption(true)
+                .send()
+                .await
+                .map_err(aws_error("ssm", "GetParameter"))?;
+            let p = out
+                .parameter()
+                .ok_or_else(|| Error::Invalid(format!("SSM parameter {name} has no value")))?;
+            Ok(AdminPassword {
+                value: p.value().unwrap_or_default().to_string(),
+                version: format!("ssm:{name}@{}", p.version()),
+            })
+        }
+        PasswordSource::Secret(name) => {
+            let out = ctx
+                .secrets
+                .get_secret_value()
+                .secret_id(name)
+                .send()
+                .await
+                .map_err(aws_error("secretsmanager", "GetSecretValue"))?;
+            let value = out.secret_string().ok_or_else(|| {
+                Error::Invalid(format!(
+                    "secret {name} has no string value (binary secrets are not supported)"
+                ))
+            })?;
+            Ok(AdminPassword {
+                value: value.to_string(),
+                version: format!(
+                    "secretsmanager:{name}@{}",
+                    out.version_id().unwrap_or_default()
+                ),
+            })
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writes
+
+fn elb_tags(tags: &Tags) -> Vec<ElbTag> {
+    tags.iter()
+        .map(|(k, v)| ElbTag::builder().key(k).value(v).build())
+        .collect()
+}
+
+fn asg_tags(group: &str, tags: &Tags) -> Vec<AsgTag> {
+    tags.iter()
+        .map(|(k, v)| {
+            AsgTag::builder()
+                .resource_id(group)
+                .resource_type("auto-scaling-group")
+                .key(k)
+                .value(v)
+                // Bookkeeping stays on the group; everything else marks the instances too.
+                .propagate_at_launch(k != TAG_VERSION)
+                .build()
+        })
+        .collect()
+}
+
+fn elb_action(f: &Forward) -> ElbAction {
+    match f {
+        Forward::To(tg) => ElbAction::builder()
+            .r#type(ActionTypeEnum::Forward)
+            .target_group_arn(tg)
+            .build(),
+        Forward::RedirectToHttps | Forward::Other(_) => ElbAction::builder()
+            .r#type(ActionTypeEnum::Redirect)
+            .redirect_config(
+                RedirectActionConfig::builder()
+                    .protocol("HTTPS")
+                    .port("443")
+                    .status_code(RedirectActionStatusCodeEnum::Http301)
+                    .build(),
+            )
+            .build(),
+    }
+}
+
+async fn create_listener(ctx: &Context, balancer: &str, l: &ListenerSpec) -> Result<()> {
+    ctx.elb
+        .create_listener()
+        .load_balancer_arn(balancer)
+        .port(l.port)
+        .protocol(ProtocolEnum::from(l.protocol.as_str()))
+        .set_ssl_policy(l.ssl_policy.clone())
+        .set_certificates(
+            l.certificate
+                .as_ref()
+                .map(|c| vec![Certificate::builder().certificate_arn(c).build()]),
+        )
+        .default_actions(elb_action(&l.action))
+        .send()
+        .await
+        .map_err(aws_error("elasticloadbalancing", "CreateListener"))?;
+    Ok(())
+}
+
+async fn set_attributes(
+    ctx: &Context,
+    balancer: &str,
+    attributes: &[(String, String)],
+) -> Result<()> {
+    ctx.elb
+        .modify_load_balancer_attributes()
+        .load_balancer_arn(balancer)
+        .set_attributes(Some(
+            attributes
+                .iter()
+                .map(|(k, v)| LoadBalancerAttribute::builder().key(k).value(v).build())
+                .collect(),
+        ))
+        .send()
+        .await
+        .map_err(aws_error(
+            "elasticloadbalancing",
+            "ModifyLoadBalancerAttributes",
+        ))?;
+    Ok(())
+}
+
+fn request_data(d: &TemplateData) -> RequestLaunchTemplateData {
+    let mut b = RequestLaunchTemplateData::builder()
+        .image_id(&d.ami)
+        .instance_type(InstanceType::from(d.instance_type.as_str()))
+        .set_security_group_ids(Some(d.security_groups.clone()))
+        .set_user_data(d.user_data.clone())
+        .set_key_name(d.key_name.clone())
+        .metadata_options(
+            LaunchTemplateInstanceMetadataOptionsRequest::builder()
+                .http_tokens(if d.imdsv2 {
+                    LaunchTemplateHttpTokensState::Required
+                } else {
+                    LaunchTemplateHttpTokensState::Optional
+                })
+                .http_endpoint(LaunchTemplateInstanceMetadataEndpointState::Enabled)
+                .build(),
+        );
+    if let Some(p) = &d.instance_profile {
+        let spec = LaunchTemplateIamInstanceProfileSpecificationRequest::builder();
+        b = b.iam_instance_profile(if p.starts_with("arn:") {
+            spec.arn(p).build()
+        } else {
+            spec.name(p).build()
+        });
+    }
+    if let Some((size, encrypted)) = d.root {
+        b = b.block_device_mappings(
+            LaunchTemplateBlockDeviceMappingRequest::builder()
+                .device_name(ROOT_DEVICE)
+                .ebs(
+                    LaunchTemplateEbsBlockDeviceRequest::builder()
+                        .volume_size(size)
+                        .volume_type(VolumeType::Gp3)
+                        .encrypted(encrypted)
+                        .delete_on_termination(true)
+                        .build(),
+                )
+                .build(),
+        );
+    }
+    b.build()
+}
+
+async fn roll(
+    ctx: &Context,
+    group: &str,
+    template: &str,
+    data: Option<&TemplateData>,
+    version: i64,
+    min_healthy: i32,
+    refresh: bool,
+) -> Result<()> {
+    let version = match data {
+        Some(d) => {
+            let out = ctx
+                .ec2
+                .create_launch_template_version()
+                .launch_template_id(template)
+                .launch_template_data(request_data(d))
+                .send()
+                .await
+                .map_err(aws_error("ec2", "CreateLaunchTemplateVersion"))?;
+            let v = out
+                .launch_template_version()
+                .and_then(|v| v.version_number())
+                .unwrap_or(version);
+            ctx.ec2
+                .modify_launch_template()
+                .launch_template_id(template)
+                .default_version(v.to_string())
+                .send()
+                .await
+                .map_err(aws_error("ec2", "ModifyLaunchTemplate"))?;
+            v
+        }
+        None => version,
+    }
+    .to_string();
+    let spec = LaunchTemplateSpecification::builder()
+        .launch_template_id(template)
+        .version(&version)
+        .build();
+    ctx.autoscaling
+        .update_auto_scaling_group()
+        .auto_scaling_group_name(group)
+        .launch_template(spec.clone())
+        .send()
+        .await
+        .map_err(aws_error("autoscaling", "UpdateAutoScalingGroup"))?;
+    if !refresh {
+        return Ok(());
+    }
+    ctx.autoscaling
+        .start_instance_refresh()
+        .auto_scaling_group_name(group)
+        .strategy(RefreshStrategy::Rolling)
+        .desired_configuration(
+            DesiredConfiguration::builder()
+                .launch_template(spec)
+                .build(),
+        )
+        .preferences(
+            RefreshPreferences::builder()
+                .min_healthy_percentage(min_healthy)
+                .skip_matching(true)
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(aws_error("autoscaling", "StartInstanceRefresh"))?;
+    tracing::info!(group, version, "instance refresh started");
+    ctx.autoscaling
+        .create_or_update_tags()
+        .set_tags(Some(asg_tags(
+            group,
+            &Tags::from([(TAG_VERSION.into(), version)]),
+        )))
+        .send()
+        .await
+        .map_err(aws_error("autoscaling", "CreateOrUpdateTags"))?;
+    Ok(())
+}
+
+/// Creates what is missing, in order: security groups, launch template, target group, load
+/// balancer with its attributes and listeners, the group; then pushes the provisioning to the
+/// instances the group started with.
+async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
+    let (ec2, elb) = (&ctx.ec2, &ctx.elb);
+    let vpc = match &b.vpc {
+        Some(v) => v.clone(),
+        None => {
+            locate_subnet(ctx, b.alb_subnets.first().map(String::as_str))
+                .await?
+                .1
+        }
+    };
+    let make_group = |name: String, tags: Tags| {
+        let vpc = vpc.clone();
+        async move {
+            let out = ec2
+                .create_security_group()
+                .group_name(&name)
+                .description(format!("stackwarden {name}"))
+                .vpc_id(vpc)
+                .tag_specifications(tag_spec(ResourceType::SecurityGroup, &tags))
+                .send()
+                .await
+                .map_err(aws_error("ec2", "CreateSecurityGroup"))?;
+            Ok::<_, Error>(out.group_id().unwrap_or_default().to_string())
+        }
+    };
+    let authorize = |group: String, rules: Vec<Rule>| async move {
+        if rules.is_empty() {
+            return Ok(());
+        }
+        ec2.authorize_security_group_ingress()
+            .group_id(group)
+            .set_ip_permissions(Some(permissions(&rules)))
+            .send()
+            .await
+            .map_err(aws_error("ec2", "AuthorizeSecurityGroupIngress"))?;
+        Ok::<_, Error>(())
+    };
+    let alb_group = match &b.alb_group {
+        Some(g) => g.clone(),
+        None => {
+            let g = make_group(format!("{}-alb", b.name), b.group_tags.0.clone()).await?;
+            authorize(g.clone(), b.alb_rules.clone()).await?;
+            g
+        }
+    };
+    let instance_group = match &b.instance_group {
+        Some(g) => g.clone(),
+        None => {
+            let g = make_group(format!("{}-instances", b.name), b.group_tags.1.clone()).await?;
+            let rule = Rule {
+                protocol: "tcp".into(),
+                from: b.port,
+                to: b.port,
+                source: Source::Group(alb_group.clone()),
+            };
+            authorize(g.clone(), vec![rule]).await?;
+            g
+        }
+    };
+    let mut data = b.template_data.clone();
+    data.security_groups = vec![instance_group.clone()];
+    let (template, version) = match &b.template {
+        Some(t) => (t.clone(), "$Default".to_string()),
+        None => {
+            let out = ec2
+                .create_launch_template()
+                .launch_template_name(&b.name)
+                .launch_template_data(request_data(&data))
+                .tag_specifications(tag_spec(ResourceType::LaunchTemplate, &b.tags))
+                .send()
+                .await
+                .map_err(aws_error("ec2", "CreateLaunchTemplate"))?;
+            let t = out.launch_template();
+            (
+                t.and_then(|t| t.launch_template_id())
+                    .unwrap_or_default()
+                    .to_string(),
+                t.and_then(|t| t.latest_version_number())
+                    .unwrap_or(1)
+                    .to_string(),
+            )
+        }
+    };
+    let target_group = match &b.target_group {
+        Some(t) => t.clone(),
+        None => {
+            let h = &b.health;
+            let out = elb
+                .create_target_group()
+                .name(&b.name)
+                .protocol(ProtocolEnum::Http)
+                .port(b.port)
+                .vpc_id(&vpc)
+                .target_type(TargetTypeEnum::Instance)
+                .health_check_path(&h.path)
+                .health_check_interval_seconds(h.interval)
+                .health_check_timeout_seconds(h.timeout)
+                .healthy_threshold_count(h.healthy)
+                .unhealthy_threshold_count(h.unhealthy)
+                .matcher(Matcher::builder().http_code("200").build())
+                .set_tags(Some(elb_tags(&b.tags)))
+                .send()
+                .await
+                .map_err(aws_error("elasticloadbalancing", "CreateTargetGroup"))?;
+            out.target_groups()
+                .first()
+                .and_then(|t| t.target_group_arn())
+                .unwrap_or_default()
+                .to_string()
+        }
+    };
+    let (balancer, dns) = match &b.balancer {
+        Some(arn) => (arn.clone(), None),
+        None => {
+            let out = elb
+                .create_load_balancer()
+                .name(&b.name)
+                .r#type(LoadBalancerTypeEnum::Application)
+                .scheme(LoadBalancerSchemeEnum::from(b.scheme.as_str()))
+                .set_subnets(Some(b.alb_subnets.clone()))
+                .security_groups(&alb_group)
+                .set_tags(Some(elb_tags(&b.tags)))
+                .send()
+                .await
+                .map_err(aws_error("elasticloadbalancing", "CreateLoadBalancer"))?;
+            let lb = out.load_balancers().first();
+            let arn = lb
+                .and_then(|l| l.load_balancer_arn())
+                .unwrap_or_default()
+                .to_string();
+            set_attributes(ctx, &arn, &b.attributes).await?;
+            for l in &b.listeners {
+                let mut l = l.clone();
+                if let Forward::To(_) = l.action {
+                    l.action = Forward::To(target_group.clone());
+                }
+                create_listener(ctx, &arn, &l).await?;
+            }
+            (arn, lb.and_then(|l| l.dns_name()).map(str::to_string))
+        }
+    };
+    let spec = LaunchTemplateSpecification::builder()
+        .launch_template_id(&template)
+        .version(&version)
+        .build();
+    let mut group_tags = b.tags.clone();
+    if version != "$Default" {
+        group_tags.insert(TAG_VERSION.into(), version.clone());
+    }
+    ctx.autoscaling
+        .create_auto_scaling_group()
+        .auto_scaling_group_name(&b.name)
+        .launch_template(spec)
+        .min_size(b.sizes.min)
+        .max_size(b.sizes.max)
+        .set_desired_capacity(b.sizes.desired)
+        .vpc_zone_identifier(b.sizes.subnets.join(","))
+        .health_check_type("ELB")
+        .health_check_grace_period(b.sizes.grace)
+        .target_group_arns(&target_group)
+        .set_tags(Some(asg_tags(&b.name, &group_tags)))
+        .send()
+        .await
+        .map_err(aws_error("autoscaling", "CreateAutoScalingGroup"))?;
+    tracing::info!(group = %b.name, "auto scaling group created");
+
+    if let Some(push) = &b.push {
+        let instances = group_instances(ctx, &b.name).await?;
+        if !instances.is_empty() {
+            send(ctx, push, &instances, &Controls::default()).await?;
+        }
+    }
+    let mut out = Outputs::from([
+        ("asg_name".into(), b.name.clone()),
+        ("alb_arn".into(), balancer),
+        ("target_group_arn".into(), target_group),
+        ("security_group_id".into(), instance_group),
+    ]);
+    if let Some(dns) = dns {
+        out.insert("alb_dns_name".into(), dns);
+    }
+    Ok(out)
+}
+
+/// The group's in-service instances right after it was created (none yet is fine: the next
+/// pass provisions them).
+async fn group_instances(ctx: &Context, group: &str) -> Result<Vec<String>> {
+    let out = ctx
+        .autoscaling
+        .describe_auto_scaling_groups()
+        .auto_scaling_group_names(group)
+        .send()
+        .await
+        .map_err(aws_error("autoscaling", "DescribeAutoScalingGroups"))?;
+    Ok(out
+        .auto_scaling_groups()
+        .iter()
+        .flat_map(|g| g.instances())
+        .filter(|i| {
+            i.lifecycle_state()
+                .is_some_and(|s| s.as_str() == "InService")
+        })
+        .filter_map(|i| i.instance_id().map(str::to_string))
+        .collect())
+}

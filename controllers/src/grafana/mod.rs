@@ -1,0 +1,318 @@
+//! Grafana as an Auto Scaling Group behind an Application Load Balancer, with its provisioning
+//! pushed over SSM: the schema and its offline checks here, what is pushed in
+//! `provisioning.rs`, the controller in `controller.rs`.
+
+mod controller;
+pub mod provisioning;
+
+pub use controller::GrafanaController;
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::desired::{check_duration, check_tags, Validator};
+
+/// `[grafana.<name>]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrafanaSpec {
+    /// A literal AMI id or `resolve:ssm:<public parameter>`.
+    pub ami: String,
+    pub instance_type: String,
+    /// Where the instances run: one subnet per availability zone.
+    pub subnets: Vec<String>,
+    /// Instance profile name, usually `${iam.instance_profile.<name>.name}`.
+    pub instance_profile: Option<String>,
+    /// First-boot script (file), part of the launch template.
+    pub user_data: Option<Spanned<String>>,
+    /// Size of the encrypted gp3 root volume.
+    #[serde(default = "twenty")]
+    pub root_volume_size_gib: i32,
+    pub key_name: Option<String>,
+    pub min_size: i32,
+    pub max_size: i32,
+    /// Unset: left to scaling policies.
+    pub desired_capacity: Option<i32>,
+    /// How long a new instance has before ELB health checks count (default 5m).
+    pub health_check_grace_period: Option<Spanned<String>>,
+    /// Instance refresh: the share of the group kept in service while it rolls.
+    #[serde(default = "ninety")]
+    pub min_healthy_percentage: i32,
+    pub alb: AlbSpec,
+    #[serde(default)]
+    pub target_group: TargetGroupSpec,
+    #[serde(default)]
+    pub provisioning: ProvisioningSpec,
+    pub tags: Option<Spanned<BTreeMap<String, String>>>,
+    /// The user data file's content, read by `validate`.
+    #[serde(skip)]
+    pub loaded_user_data: Option<String>,
+}
+
+fn twenty() -> i32 {
+    20
+}
+fn ninety() -> i32 {
+    90
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlbSpec {
+    #[serde(default = "internet_facing")]
+    pub scheme: String,
+    /// At least two, in different availability zones.
+    pub subnets: Vec<String>,
+    /// The VPC of the load balancer's and the instances' security groups; default: the subnets'.
+    pub vpc: Option<String>,
+    /// Who may reach the load balancer.
+    #[serde(default)]
+    pub allowed_cidrs: Vec<String>,
+    /// Default 60s.
+    pub idle_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub deletion_protection: bool,
+    /// HTTPS on 443 with HTTP 80 redirecting to it; without it, HTTP only (plan warns).
+    pub certificate_arn: Option<String>,
+    #[serde(default = "ssl_policy")]
+    pub ssl_policy: String,
+    /// Makes a missing `certificate_arn` an error instead of an HTTP-only warning.
+    #[serde(default)]
+    pub require_https: bool,
+}
+
+fn internet_facing() -> String {
+    "internet-facing".into()
+}
+fn ssl_policy() -> String {
+    "ELBSecurityPolicy-TLS13-1-2-2021-06".into()
+}
+
+/// The target group the load balancer forwards to: Grafana's port and health endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetGroupSpec {
+    #[serde(default = "grafana_port")]
+    pub port: u16,
+    #[serde(default = "health_path")]
+    pub health_check_path: String,
+    /// Default 30s.
+    pub health_check_interval: Option<Spanned<String>>,
+    /// Default 5s.
+    pub health_check_timeout: Option<Spanned<String>>,
+    #[serde(default = "three")]
+    pub healthy_threshold: i32,
+    #[serde(default = "three")]
+    pub unhealthy_threshold: i32,
+}
+
+impl Default for TargetGroupSpec {
+    fn default() -> Self {
+        TargetGroupSpec {
+            port: grafana_port(),
+            health_check_path: health_path(),
+            health_check_interval: None,
+            health_check_timeout: None,
+            healthy_threshold: three(),
+            unhealthy_threshold: three(),
+        }
+    }
+}
+
+fn grafana_port() -> u16 {
+    3000
+}
+fn health_path() -> String {
+    "/api/health".into()
+}
+fn three() -> i32 {
+    3
+}
+
+/// What is pushed to the instances over SSM.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvisioningSpec {
+    /// Dashboard JSON files.
+    #[serde(default)]
+    pub dashboards: Vec<Spanned<String>>,
+    /// grafana.ini overrides: section → key → value.
+    #[serde(default)]
+    pub ini: BTreeMap<String, BTreeMap<String, String>>,
+    /// Prometheus data source URL, e.g. `http://${host.prometheus.private_ip}:9090`.
+    pub prometheus_url: Option<String>,
+    /// AMP data source (queried with SigV4 as the instance role), e.g.
+    /// `${amp.workspace.main.prometheus_endpoint}`.
+    pub amp_url: Option<String>,
+    /// A CloudWatch data source (the instance role's credentials, the stack's region).
+    #[serde(default)]
+    pub cloudwatch: bool,
+    /// Admin password: the name of an SSM SecureString parameter or a Secrets Manager secret,
+    /// never the password itself.
+    pub admin_password_ssm_parameter: Option<String>,
+    pub admin_password_secret: Option<String>,
+    /// Dashboard files' contents by path, read by `validate`.
+    #[serde(skip)]
+    pub loaded_dashboards: BTreeMap<String, String>,
+}
+
+/// Where the admin password is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PasswordSource {
+    SsmParameter(String),
+    Secret(String),
+}
+
+impl ProvisioningSpec {
+    pub fn password_source(&self) -> Option<PasswordSource> {
+        match (
+            &self.admin_password_ssm_parameter,
+            &self.admin_password_secret,
+        ) {
+            (Some(p), _) => Some(PasswordSource::SsmParameter(p.clone())),
+            (None, Some(s)) => Some(PasswordSource::Secret(s.clone())),
+            (None, None) => None,
+        }
+    }
+}
+
+impl GrafanaSpec {
+    pub fn validate(&mut self, v: &mut Validator<'_>) {
+        if self.min_size < 0 || self.max_size < self.min_size {
+            v.here(format!(
+                "sizes must satisfy 0 <= min_size ({}) <= max_size ({})",
+                self.min_size, self.max_size
+            ));
+        }
+        if let Some(d) = self.desired_capacity {
+            if d < self.min_size || d > self.max_size {
+                v.here(format!(
+                    "desired_capacity {d} is outside min_size..=max_size ({}..={})",
+                    self.min_size, self.max_size
+                ));
+            }
+        }
+        if !(0..=100).contains(&self.min_healthy_percentage) {
+            v.here("min_healthy_percentage is a percentage (0 to 100)");
+        }
+        if !(8..=16384).contains(&self.root_volume_size_gib) {
+            v.here("root_volume_size_gib must be between 8 and 16384");
+        }
+        if self.subnets.is_empty() {
+            v.here("`subnets` is empty: the group needs at least one subnet to launch into");
+        }
+        if self.alb.subnets.len() < 2 {
+            v.here("alb.subnets: an Application Load Balancer needs subnets in at least two availability zones");
+        }
+        if !["internet-facing", "internal"].contains(&self.alb.scheme.as_str()) {
+            v.here(format!(
+                "alb.scheme `{}` is not internet-facing or internal",
+                self.alb.scheme
+            ));
+        }
+        if self.alb.certificate_arn.is_none() && self.alb.require_https {
+            v.here("alb.require_https is set but no alb.certificate_arn is given: an HTTPS listener on 443 needs a certificate");
+        }
+        for c in &self.alb.allowed_cidrs {
+            if !is_cidr(c) {
+                v.here(format!(
+                    "alb.allowed_cidrs: `{c}` is not an IPv4 CIDR such as 10.0.0.0/8"
+                ));
+            }
+        }
+        let tg = &self.target_group;
+        if tg.port == 0 {
+            v.here("target_group.port must be a port number (1 to 65535)");
+        }
+        if !tg.health_check_path.starts_with('/') {
+            v.here(format!(
+                "target_group.health_check_path `{}` must start with /",
+                tg.health_check_path
+            ));
+        }
+        for (what, n) in [
+            ("healthy_threshold", tg.healthy_threshold),
+            ("unhealthy_threshold", tg.unhealthy_threshold),
+        ] {
+            if !(2..=10).contains(&n) {
+                v.here(format!("target_group.{what} must be between 2 and 10"));
+            }
+        }
+        let durations = [
+            (&self.health_check_grace_period, "health_check_grace_period"),
+            (&self.alb.idle_timeout, "alb.idle_timeout"),
+            (
+                &tg.health_check_interval,
+                "target_group.health_check_interval",
+            ),
+            (
+                &tg.health_check_timeout,
+                "target_group.health_check_timeout",
+            ),
+        ];
+        for (d, what) in durations {
+            if let Some(d) = d {
+                check_duration(v, d, what);
+            }
+        }
+        if let Some(u) = &self.user_data {
+            if let Some(file) = v.read(u) {
+                self.loaded_user_data = Some(file.text().to_string());
+            }
+        }
+        for d in &self.provisioning.dashboards {
+            if let Some(file) = v.read(d) {
+                crate::dashboard::check_dashboard(&file.file, v.diags);
+                self.provisioning
+                    .loaded_dashboards
+                    .insert(d.get_ref().clone(), file.text().to_string());
+            }
+        }
+        let names: Vec<String> = self
+            .provisioning
+            .dashboards
+            .iter()
+            .map(|d| provisioning::dashboard_file_name(d.get_ref()))
+            .collect();
+        for (i, name) in names.iter().enumerate() {
+            if names[..i].contains(name) {
+                v.error(
+                    &self.provisioning.dashboards[i].span(),
+                    format!("two dashboards would be installed as `{name}`: rename one file"),
+                );
+            }
+        }
+        if self.provisioning.admin_password_ssm_parameter.is_some()
+            && self.provisioning.admin_password_secret.is_some()
+        {
+            v.here("give the admin password as an SSM parameter or a secret, not both");
+        }
+        for (section, keys) in &self.provisioning.ini {
+            if section == "security" && keys.contains_key("admin_password") {
+                v.here("provisioning.ini: the admin password never goes in the desired state; name an SSM SecureString parameter (admin_password_ssm_parameter) or a Secrets Manager secret (admin_password_secret)");
+            }
+            let bad = |s: &str| s.is_empty() || s.contains(['[', ']', '\n', '=']);
+            if bad(section)
+                || keys.keys().any(|k| bad(k))
+                || keys.values().any(|v| v.contains('\n'))
+            {
+                v.here(format!(
+                    "provisioning.ini.{section}: section and key names are words without `[`, `]` or `=`, values one line"
+                ));
+            }
+        }
+        if let Some(tags) = &self.tags {
+            check_tags(v, tags);
+        }
+    }
+}
+
+/// `a.b.c.d/n` with each part in range.
+fn is_cidr(s: &str) -> bool {
+    let Some((ip, bits)) = s.split_once('/') else {
+        return false;
+    };
+    ip.parse::<std::net::Ipv4Addr>().is_ok() && bits.parse::<u8>().is_ok_and(|b| b <= 32)
+}

@@ -1,0 +1,366 @@
+//! What is pushed to every Grafana instance of a group: `grafana.ini` overrides, the data
+//! sources and dashboard provider, the dashboards, and the admin password file, restarted into
+//! and checked through Grafana's health endpoint.
+//!
+//! The admin password is read from SSM Parameter Store or Secrets Manager by the operator and
+//! only ever travels inside the pushed script: it is written to its own 0600 file that
+//! `grafana.ini` reads (`$__file{...}`), hashed by its version rather than its value, and shown as
+//! `(sensitive)`. Grafana applies `admin_password` only when it creates its database, so the push
+//! also sets it with `grafana cli admin reset-admin-password`, which makes a rotation take effect.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::{GrafanaSpec, PasswordSource};
+use crate::model::Refs;
+use crate::push::yaml::{map, s, Yaml};
+use crate::push::{shell_quote, Bundle, File};
+
+/// The bundle's name on the host (its stage, backup and hash files, and its instance tag).
+pub const NAME: &str = "grafana";
+pub const INI: &str = "/etc/grafana/grafana.ini";
+pub const DATASOURCES: &str = "/etc/grafana/provisioning/datasources/stackwarden.yaml";
+pub const PROVIDERS: &str = "/etc/grafana/provisioning/dashboards/stackwarden.yaml";
+pub const DASHBOARD_DIR: &str = "/var/lib/grafana/dashboards/stackwarden";
+pub const PASSWORD_FILE: &str = "/etc/grafana/admin-password";
+
+/// The admin password with where it came from. Never printed: `Debug` shows `(sensitive)`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminPassword {
+    pub value: String,
+    /// `ssm:<name>@<version>` or `secretsmanager:<name>@<version id>`: what the bundle's hash
+    /// covers instead of the value.
+    pub version: String,
+}
+
+impl std::fmt::Debug for AdminPassword {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("(sensitive)")
+    }
+}
+
+impl PasswordSource {
+    /// How plans name it.
+    pub fn describe(&self) -> String {
+        match self {
+            PasswordSource::SsmParameter(p) => format!("(sensitive, SSM parameter {p})"),
+            PasswordSource::Secret(s) => format!("(sensitive, secret {s})"),
+        }
+    }
+}
+
+/// The name a dashboard file gets on the host: its file name.
+pub fn dashboard_file_name(path: &str) -> String {
+    Path::new(path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.to_string())
+}
+
+/// Data source names, in the order they are listed.
+const PROMETHEUS: &str = "Prometheus";
+const AMP: &str = "Amazon Managed Prometheus";
+const CLOUDWATCH: &str = "CloudWatch";
+
+/// `datasources/stackwarden.yaml`: the configured data sources, and the removal of those the
+/// desired state no longer has (Grafana keeps a provisioned data source otherwise).
+pub fn datasources(spec: &GrafanaSpec, refs: &Refs, region: &str) -> String {
+    let p = &spec.provisioning;
+    let mut list = Vec::new();
+    let mut gone = Vec::new();
+    let mut default_taken = false;
+    let mut is_default = || !std::mem::replace(&mut default_taken, true);
+    match &p.prometheus_url {
+        Some(url) => list.push(map(vec![
+            ("name", s(PROMETHEUS)),
+            ("uid", s("prometheus")),
+            ("type", s("prometheus")),
+            ("access", s("proxy")),
+            ("url", s(refs.render(url).value)),
+            ("isDefault", Yaml::Bool(is_default())),
+            ("editable", Yaml::Bool(false)),
+        ])),
+        None => gone.push(PROMETHEUS),
+    }
+    match &p.amp_url {
+        Some(url) => {
+            let url = refs.render(url).value;
+            list.push(map(vec![
+                ("name", s(AMP)),
+                ("uid", s("amp")),
+                ("type", s("prometheus")),
+                ("access", s("proxy")),
+                ("url", s(url.trim_end_matches('/'))),
+                ("isDefault", Yaml::Bool(is_default())),
+                ("editable", Yaml::Bool(false)),
+                (
+                    "jsonData",
+                    map(vec![
+                        ("httpMethod", s("POST")),
+                        ("sigV4Auth", Yaml::Bool(true)),
+                        ("sigV4AuthType", s("default")),
+                        ("sigV4Region", s(region)),
+                    ]),
+                ),
+            ]))
+        }
+        None => gone.push(AMP),
+    }
+    if p.cloudwatch {
+        list.push(map(vec![
+            ("name", s(CLOUDWATCH)),
+            ("uid", s("cloudwatch")),
+            ("type", s("cloudwatch")),
+            ("isDefault", Yaml::Bool(is_default())),
+            ("editable", Yaml::Bool(false)),
+            (
+                "jsonData",
+                map(vec![
+                    ("authType", s("default")),
+                    ("defaultRegion", s(region)),
+                ]),
+            ),
+        ]));
+    } else {
+        gone.push(CLOUDWATCH);
+    }
+    let mut doc = vec![("apiVersion", Yaml::Int(1))];
+    if !gone.is_empty() {
+        doc.push((
+            "deleteDatasources",
+            Yaml::List(
+                gone.into_iter()
+                    .map(|n| map(vec![("name", s(n)), ("orgId", Yaml::Int(1))]))
+                    .collect(),
+            ),
+        ));
+    }
+    doc.push(("datasources", Yaml::List(list)));
+    map(doc).to_text()
+}
+
+/// `dashboards/stackwarden.yaml`: one file provider for the pushed dashboards.
+fn providers() -> String {
+    map(vec![
+        ("apiVersion", Yaml::Int(1)),
+        (
+            "providers",
+            Yaml::List(vec![map(vec![
+                ("name", s("stackwarden")),
+                ("type", s("file")),
+                ("allowUiUpdates", Yaml::Bool(false)),
+                ("options", map(vec![("path", s(DASHBOARD_DIR))])),
+            ])]),
+        ),
+    ])
+    .to_text()
+}
+
+/// `grafana.ini`: only overrides (Grafana's defaults.ini has the rest), the admin password read
+/// from its file.
+pub fn ini(spec: &GrafanaSpec, refs: &Refs, with_password: bool) -> String {
+    let mut sections = spec.provisioning.ini.clone();
+    if with_password {
+        sections.entry("security".into()).or_default().insert(
+            "admin_password".into(),
+            format!("$__file{{{PASSWORD_FILE}}}"),
+        );
+    }
+    let mut out = String::from("; Written by stackwarden: overrides of Grafana's defaults.\n");
+    for (section, keys) in &sections {
+        out.push_str(&format!("\n[{section}]\n"));
+        for (k, v) in keys {
+            out.push_str(&format!("{k} = {}\n", refs.render(v).value));
+        }
+    }
+    out
+}
+
+/// The whole bundle for one group.
+pub fn bundle(
+    spec: &GrafanaSpec,
+    refs: &Refs,
+    region: &str,
+    password: Option<&AdminPassword>,
+) -> Bundle {
+    let mut files = BTreeMap::new();
+    files.insert(
+        INI.to_string(),
+        File::new(ini(spec, refs, password.is_some())),
+    );
+    files.insert(
+        DATASOURCES.to_string(),
+        File::new(datasources(spec, refs, region)),
+    );
+    files.insert(PROVIDERS.to_string(), File::new(providers()));
+    let mut names = Vec::new();
+    for d in &spec.provisioning.dashboards {
+        let name = dashboard_file_name(d.get_ref());
+        let content = spec
+            .provisioning
+            .loaded_dashboards
+            .get(d.get_ref())
+            .cloned()
+            .unwrap_or_default();
+        files.insert(format!("{DASHBOARD_DIR}/{name}"), File::new(content));
+        names.push(name);
+    }
+    if let Some(p) = password {
+        files.insert(
+            PASSWORD_FILE.to_string(),
+            File::secret(&p.value, &p.version),
+        );
+    }
+
+    let dir = format!("\"$root\"{}", shell_quote(DASHBOARD_DIR));
+    let keep: Vec<String> = names.iter().map(|n| shell_quote(n)).collect();
+    let mut reload = vec![
+        // Dashboards removed from the desired state leave the directory.
+        format!(
+            "for f in {dir}/*.json; do [ -e \"$f\" ] || continue; case \" {} \" in *\" $(basename \"$f\") \"*) ;; *) rm -f \"$f\" ;; esac; done",
+            keep.join(" ")
+        ),
+    ];
+    if password.is_some() {
+        let file = format!("\"$root\"{PASSWORD_FILE}");
+        reload.push(format!(
+            "{{ getent group grafana >/dev/null && chgrp grafana {file} && chmod 0640 {file}; }} || true"
+        ));
+    }
+    reload.push("${GRAFANA_RESTART:-systemctl restart grafana-server}".into());
+    reload.push(format!(
+        "ok=; for i in $(seq 1 60); do if curl -fsS -o /dev/null \"${{GRAFANA_HEALTH_URL:-http://localhost:{}{}}}\"; then ok=1; break; fi; sleep 1; done; [ -n \"$ok\" ] || {{ echo 'grafana is not healthy 60 s after the restart' >&2; false; }}",
+        spec.target_group.port, spec.target_group.health_check_path
+    ));
+    if password.is_some() {
+        reload.push(format!(
+            "${{GRAFANA_CLI:-grafana}} cli --homepath /usr/share/grafana --config \"$root\"{INI} admin reset-admin-password --password-from-stdin < \"$root\"{PASSWORD_FILE} >/dev/null"
+        ));
+    }
+    Bundle {
+        name: NAME.into(),
+        files,
+        validate: Vec::new(),
+        reload,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(extra: &str) -> GrafanaSpec {
+        let text = format!(
+            r#"
+ami = "ami-1"
+instance_type = "t3.small"
+subnets = ["subnet-a"]
+min_size = 1
+max_size = 2
+alb = {{ subnets = ["subnet-a", "subnet-b"] }}
+{extra}
+"#
+        );
+        toml::from_str(&text).unwrap()
+    }
+
+    fn parse(yaml: &str) -> marked_yaml::Node {
+        marked_yaml::parse_yaml(0, yaml).unwrap()
+    }
+
+    #[test]
+    fn datasources_are_yaml_with_sigv4_for_amp_and_remove_what_is_gone() {
+        let s = spec(
+            r#"provisioning = { prometheus_url = "http://10.0.0.5:9090", amp_url = "https://aps/workspaces/ws-1/" }"#,
+        );
+        let text = datasources(&s, &Refs::default(), "eu-west-1");
+        let doc = parse(&text);
+        let list = doc
+            .as_mapping()
+            .unwrap()
+            .get_sequence("datasources")
+            .unwrap();
+        assert_eq!(list.len(), 2);
+        let amp = list[1].as_mapping().unwrap();
+        assert_eq!(
+            amp.get_scalar("url").unwrap().as_str(),
+            "https://aps/workspaces/ws-1"
+        );
+        let json = amp.get_mapping("jsonData").unwrap();
+        assert_eq!(json.get_scalar("sigV4Auth").unwrap().as_str(), "true");
+        assert_eq!(
+            json.get_scalar("sigV4Region").unwrap().as_str(),
+            "eu-west-1"
+        );
+        assert_eq!(
+            list[0]
+                .as_mapping()
+                .unwrap()
+                .get_scalar("isDefault")
+                .unwrap()
+                .as_str(),
+            "true"
+        );
+        assert_eq!(amp.get_scalar("isDefault").unwrap().as_str(), "false");
+        assert!(text.contains("deleteDatasources"), "{text}");
+        assert!(text.contains("\"CloudWatch\""), "{text}");
+    }
+
+    #[test]
+    fn the_password_is_in_its_own_file_and_out_of_the_hash() {
+        let s = spec(r#"provisioning = { admin_password_ssm_parameter = "/grafana/admin" }"#);
+        let pw = |value: &str, version: &str| AdminPassword {
+            value: value.into(),
+            version: version.into(),
+        };
+        let a = bundle(&s, &Refs::default(), "us-east-1", Some(&pw("s3cret", "v1")));
+        let ini = &a.files[INI].content;
+        assert!(ini.contains("admin_password = $__file{/etc/grafana/admin-password}"));
+        assert!(!ini.contains("s3cret"));
+        assert_eq!(a.files[PASSWORD_FILE].mode, "0600");
+        // Same version, another value: same hash (the hash never covers the value) ...
+        let b = bundle(&s, &Refs::default(), "us-east-1", Some(&pw("other", "v1")));
+        assert_eq!(a.hash(), b.hash());
+        // ... and a new version changes it.
+        let c = bundle(&s, &Refs::default(), "us-east-1", Some(&pw("s3cret", "v2")));
+        assert_ne!(a.hash(), c.hash());
+        assert_eq!(format!("{:?}", pw("s3cret", "v1")), "(sensitive)");
+        assert!(!format!("{:?}", a.prepare().unwrap()).contains("s3cret"));
+    }
+
+    #[test]
+    fn the_script_installs_and_prunes_dashboards_under_the_root() {
+        let mut s = spec(r#"provisioning = { dashboards = ["dashboards/node.json"] }"#);
+        s.provisioning.loaded_dashboards.insert(
+            "dashboards/node.json".into(),
+            "{\"title\": \"Node\"}".into(),
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let old = dir.join("var/lib/grafana/dashboards/stackwarden/old.json");
+        std::fs::create_dir_all(old.parent().unwrap()).unwrap();
+        std::fs::write(&old, "{}").unwrap();
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(bundle(&s, &Refs::default(), "us-east-1", None).script())
+            .env("STACKWARDEN_ROOT", dir)
+            .env("GRAFANA_RESTART", "true")
+            .env("GRAFANA_HEALTH_URL", "file:///dev/null")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!old.exists(), "a dashboard no longer desired is removed");
+        let node = dir.join("var/lib/grafana/dashboards/stackwarden/node.json");
+        assert_eq!(
+            std::fs::read_to_string(node).unwrap(),
+            "{\"title\": \"Node\"}"
+        );
+        assert!(dir
+            .join("etc/grafana/provisioning/dashboards/stackwarden.yaml")
+            .exists());
+    }
+}
