@@ -194,6 +194,9 @@ async fn run(cli: &Cli, counter: &Arc<CallCounter>) -> anyhow::Result<u8> {
     match &cli.command {
         Command::Validate { dir } => Ok(match load_or_report(dir) {
             Some(d) => {
+                for w in d.warnings() {
+                    eprintln!("{w}");
+                }
                 println!(
                     "{}: valid (stack {}, {} resources)",
                     dir.display(),
@@ -249,6 +252,9 @@ async fn plan(
     if let Some(w) = report::unsupported_warning(&plan.unsupported) {
         eprintln!("{w}");
     }
+    for w in desired.warnings() {
+        eprintln!("{w}");
+    }
     if json {
         println!("{}", report::plan_json(&desired, &engine.ctx.region, &plan));
     } else {
@@ -270,6 +276,9 @@ async fn reconcile_once(engine: &Engine, desired: &DesiredState, prune: bool) ->
     let after = engine.observe(desired).await;
     let check = engine.plan(desired, &after, prune);
     if let Some(w) = report::unsupported_warning(&check.unsupported) {
+        eprintln!("{w}");
+    }
+    for w in desired.warnings() {
         eprintln!("{w}");
     }
     print!(

@@ -6,7 +6,7 @@
 use aws_sdk_ec2::types::{Filter, InstanceType, ResourceType, Tag, TagSpecification};
 use stackwarden_emulator::Settings;
 
-use crate::harness::{default_stack, path_str, stackwarden, Aws, Run};
+use crate::harness::{default_stack, path_str, stackwarden, Aws};
 
 const NODE_EXPORTER: &str = r#"[host_config.node_exporter]
 targets = { Role = "app" }
@@ -49,19 +49,6 @@ fn stack_with(files: &[(&str, &str)]) -> tempfile::TempDir {
     dir
 }
 
-/// Calls of one operation in a run's statistics.
-fn count(run: &Run, operation: &str) -> u64 {
-    run.stderr
-        .lines()
-        .find_map(|l| {
-            let mut parts = l.split_whitespace();
-            let n = parts.next()?.parse::<u64>().ok()?;
-            let _service = parts.next()?;
-            (parts.next()? == operation).then_some(n)
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn files_reach_every_tagged_instance_once_and_later_joiners_next_pass() {
     let sandboxes = tempfile::tempdir().unwrap();
@@ -79,7 +66,7 @@ async fn files_reach_every_tagged_instance_once_and_later_joiners_next_pass() {
 
     let run = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]);
     run.expect(0);
-    assert_eq!(count(&run, "SendCommand"), 1, "{}", run.stderr);
+    assert_eq!(run.count("SendCommand"), 1, "{}", run.stderr);
     for id in &apps {
         let root = sandboxes.path().join(id);
         assert_eq!(
@@ -98,10 +85,7 @@ async fn files_reach_every_tagged_instance_once_and_later_joiners_next_pass() {
 
     let plan = stackwarden(Some(&aws.endpoint), &["plan", d]);
     plan.expect(0);
-    assert_eq!(
-        count(&plan, "SendCommand") + count(&plan, "ListCommands"),
-        0
-    );
+    assert_eq!(plan.count("SendCommand") + plan.count("ListCommands"), 0);
 
     // An instance that joins later gets the files on the next pass, and only it.
     let late = launch(&aws, 1, "app").await;
@@ -198,8 +182,8 @@ async fn a_push_to_a_thousand_instances_is_batched_and_tracked_in_pages() {
     let d = path_str(dir.path());
     let run = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]);
     run.expect(0);
-    let sends = count(&run, "SendCommand");
-    let reads = count(&run, "ListCommands") + count(&run, "ListCommandInvocations");
+    let sends = run.count("SendCommand");
+    let reads = run.count("ListCommands") + run.count("ListCommandInvocations");
     assert_eq!(
         sends, 20,
         "1,000 instances in batches of 50:\n{}",
@@ -208,5 +192,5 @@ async fn a_push_to_a_thousand_instances_is_batched_and_tracked_in_pages() {
     assert!(reads <= 25, "status reads: {reads}\n{}", run.stderr);
     let plan = stackwarden(Some(&aws.endpoint), &["plan", d]);
     plan.expect(0);
-    assert_eq!(count(&plan, "SendCommand"), 0);
+    assert_eq!(plan.count("SendCommand"), 0);
 }

@@ -78,6 +78,10 @@ impl Aws {
     pub async fn autoscaling(&self) -> aws_sdk_autoscaling::Client {
         aws_sdk_autoscaling::Client::new(&self.sdk().await)
     }
+
+    pub async fn elb(&self) -> aws_sdk_elasticloadbalancingv2::Client {
+        aws_sdk_elasticloadbalancingv2::Client::new(&self.sdk().await)
+    }
 }
 
 /// The outcome of one CLI run.
@@ -102,6 +106,19 @@ impl Run {
             .map(|s| s.parse().unwrap())
             .collect();
         (nums[0], nums[2])
+    }
+
+    /// Calls of one operation the run reported with `--stats`.
+    pub fn count(&self, operation: &str) -> u64 {
+        self.stderr
+            .lines()
+            .find_map(|l| {
+                // `  <n>  <service, maybe several words> <operation>`
+                let mut parts = l.split_whitespace();
+                let n = parts.next()?.parse::<u64>().ok()?;
+                (parts.last()? == operation).then_some(n)
+            })
+            .unwrap_or(0)
     }
 
     #[track_caller]

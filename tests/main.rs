@@ -7,6 +7,7 @@ mod bad_input;
 mod deploy;
 mod emulator;
 mod fleet;
+mod grafana;
 mod harness;
 mod hosts;
 mod prometheus;

@@ -91,6 +91,17 @@ impl Spec {
     }
 }
 
+impl Spec {
+    /// What is valid but deserves the user's attention (HTTP only), shown by validate, plan and
+    /// reconcile.
+    pub fn warnings(&self) -> Vec<String> {
+        match self {
+            Spec::Grafana(s) => s.warnings(),
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// One resource of the desired state.
 #[derive(Debug, Clone)]
 pub struct Resource {
@@ -159,6 +170,19 @@ impl DesiredState {
             }
         }
         order
+    }
+
+    /// Every resource's warnings, as `warning: <address>: <message>` lines.
+    pub fn warnings(&self) -> Vec<String> {
+        self.resources
+            .values()
+            .flat_map(|r| {
+                r.spec
+                    .warnings()
+                    .into_iter()
+                    .map(move |w| format!("warning: {}: {w}", r.id))
+            })
+            .collect()
     }
 
     /// Ownership and common tags for a resource stackwarden creates.

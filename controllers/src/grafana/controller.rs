@@ -1798,10 +1798,7 @@ async fn observe_elb(
                         Forward::Other("redirect elsewhere".into())
                     }
                 }
-                other => Forward::Other(format!(
-                    "{}",
-                    other.map(|t| t.as_str()).unwrap_or("no action")
-                )),
+                other => Forward::Other(other.map_or("no action", |t| t.as_str()).to_string()),
             };
             let https = l.protocol() == Some(&ProtocolEnum::Https);
             b.listeners.push((

@@ -14,6 +14,9 @@ use toml::Spanned;
 
 use crate::desired::{check_duration, check_tags, Validator};
 
+/// What plan says of a load balancer without a certificate.
+pub const HTTP_ONLY: &str = "no alb.certificate_arn: Grafana is served over plain HTTP on port 80 (set certificate_arn for HTTPS on 443 with 80 redirecting, or require_https to make this an error)";
+
 /// `[grafana.<name>]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -179,6 +182,13 @@ impl ProvisioningSpec {
 }
 
 impl GrafanaSpec {
+    pub fn warnings(&self) -> Vec<String> {
+        if self.alb.certificate_arn.is_some() {
+            return Vec::new();
+        }
+        vec![HTTP_ONLY.to_string()]
+    }
+
     pub fn validate(&mut self, v: &mut Validator<'_>) {
         if self.min_size < 0 || self.max_size < self.min_size {
             v.here(format!(

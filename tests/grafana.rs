@@ -1,0 +1,578 @@
+//! Grafana behind an ALB against the emulator: created from empty with its provisioning on every
+//! instance of the group (files that parse, the password only in its file); drift in a listener,
+//! the health check, the group's size and the load balancer's security group corrected; a launch
+//! template change rolled out as one new version and one instance refresh, tracked across
+//! passes; the admin password in no output; bad input refused offline.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use aws_sdk_ec2::types::{Filter, IpPermission, IpRange};
+use aws_sdk_elasticloadbalancingv2::types::{Action, ActionTypeEnum, ProtocolEnum};
+use aws_sdk_ssm::types::ParameterType;
+use stackwarden_emulator::Settings;
+
+use crate::harness::{default_stack, edit, path_str, stackwarden, stackwarden_with, Aws, Run};
+
+const PASSWORD: &str = "Zq9-grafana-admin-s3cret";
+
+/// The stack's Grafana: two instances in two zones behind an HTTPS load balancer, data sources
+/// for the AMP workspace and CloudWatch, the default dashboards, the password from SSM.
+fn grafana_toml(subnets: &[String], certificate: &str) -> String {
+    format!(
+        r#"[grafana.main]
+ami = "ami-12c6146b"
+instance_type = "t3.small"
+subnets = ["{a}", "{b}"]
+min_size = 2
+max_size = 3
+desired_capacity = 2
+health_check_grace_period = "2m"
+min_healthy_percentage = 50
+user_data = "grafana/user-data.sh"
+
+[grafana.main.alb]
+subnets = ["{a}", "{b}"]
+allowed_cidrs = ["10.0.0.0/8"]
+certificate_arn = "{certificate}"
+idle_timeout = "120s"
+
+[grafana.main.provisioning]
+dashboards = ["dashboards/node.json", "dashboards/application.json"]
+amp_url = "${{amp.workspace.main.prometheus_endpoint}}"
+cloudwatch = true
+admin_password_ssm_parameter = "/grafana/admin"
+ini = {{ server = {{ domain = "grafana.example.com" }}, users = {{ allow_sign_up = "false" }} }}
+"#,
+        a = subnets[0],
+        b = subnets[1],
+    )
+}
+
+struct Setup {
+    aws: Aws,
+    sandboxes: tempfile::TempDir,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn dir(&self) -> &str {
+        path_str(self.dir.path())
+    }
+
+    /// Runs the CLI with debug logs, and checks the password is in none of its output.
+    fn run(&self, args: &[&str]) -> Run {
+        let mut full = args.to_vec();
+        full.push(self.dir());
+        let run = stackwarden_with(
+            Some(&self.aws.endpoint),
+            &full,
+            &[("RUST_LOG", "debug,aws=info,hyper=info,h2=info,rustls=info")],
+        );
+        assert!(
+            !run.stdout.contains(PASSWORD) && !run.stderr.contains(PASSWORD),
+            "the admin password appeared in the output of {args:?}"
+        );
+        run
+    }
+
+    async fn group_instances(&self) -> Vec<String> {
+        let out = self
+            .aws
+            .autoscaling()
+            .await
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names("monitoring-main")
+            .send()
+            .await
+            .unwrap();
+        let mut ids: Vec<String> = out.auto_scaling_groups()[0]
+            .instances()
+            .iter()
+            .map(|i| i.instance_id().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    }
+}
+
+async fn setup() -> Setup {
+    let sandboxes = tempfile::tempdir().unwrap();
+    let aws = Aws::with(Settings {
+        sandbox_dir: Some(sandboxes.path().to_path_buf()),
+        sandbox_env: BTreeMap::from([
+            ("GRAFANA_RESTART".into(), "true".into()),
+            ("GRAFANA_HEALTH_URL".into(), "file:///dev/null".into()),
+            ("GRAFANA_CLI".into(), "true".into()),
+        ]),
+        ..Settings::default()
+    });
+    let subnets = aws
+        .ec2()
+        .await
+        .describe_subnets()
+        .filters(
+            Filter::builder()
+                .name("default-for-az")
+                .values("true")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut subnets: Vec<(String, String)> = subnets
+        .subnets()
+        .iter()
+        .map(|s| {
+            (
+                s.availability_zone().unwrap().to_string(),
+                s.subnet_id().unwrap().to_string(),
+            )
+        })
+        .collect();
+    subnets.sort();
+    let subnets: Vec<String> = subnets.into_iter().map(|(_, s)| s).take(2).collect();
+    aws.ssm()
+        .await
+        .put_parameter()
+        .name("/grafana/admin")
+        .value(PASSWORD)
+        .r#type(ParameterType::SecureString)
+        .send()
+        .await
+        .unwrap();
+    let cert = aws
+        .iam()
+        .await
+        .upload_server_certificate()
+        .server_certificate_name("grafana")
+        .certificate_body("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+        .private_key("-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n")
+        .send()
+        .await
+        .unwrap();
+    let arn = cert
+        .server_certificate_metadata()
+        .unwrap()
+        .arn()
+        .to_string();
+    let dir = default_stack();
+    std::fs::write(
+        dir.path().join("grafana.toml"),
+        grafana_toml(&subnets, &arn),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.path().join("grafana")).unwrap();
+    std::fs::write(
+        dir.path().join("grafana/user-data.sh"),
+        "#!/bin/bash\ndnf install -y grafana\n",
+    )
+    .unwrap();
+    Setup {
+        aws,
+        sandboxes,
+        dir,
+    }
+}
+
+/// The provisioning files on one instance parse, and name what the desired state says.
+fn check_provisioning(root: &Path) {
+    let read = |p: &str| {
+        std::fs::read_to_string(root.join(p)).unwrap_or_else(|e| panic!("{p} on {root:?}: {e}"))
+    };
+    let ini = read("etc/grafana/grafana.ini");
+    assert!(
+        ini.contains("[server]\ndomain = grafana.example.com"),
+        "{ini}"
+    );
+    assert!(
+        ini.contains("admin_password = $__file{/etc/grafana/admin-password}"),
+        "{ini}"
+    );
+    assert!(!ini.contains(PASSWORD));
+    assert_eq!(read("etc/grafana/admin-password"), PASSWORD);
+    let datasources = read("etc/grafana/provisioning/datasources/stackwarden.yaml");
+    let doc = marked_yaml::parse_yaml(0, &datasources).unwrap();
+    let list = doc
+        .as_mapping()
+        .unwrap()
+        .get_sequence("datasources")
+        .unwrap();
+    let names: Vec<&str> = list
+        .iter()
+        .map(|d| d.as_mapping().unwrap().get_scalar("name").unwrap().as_str())
+        .collect();
+    assert_eq!(names, ["Amazon Managed Prometheus", "CloudWatch"]);
+    let amp = list[0].as_mapping().unwrap();
+    assert!(amp
+        .get_scalar("url")
+        .unwrap()
+        .as_str()
+        .contains("/workspaces/ws-"));
+    assert_eq!(
+        amp.get_mapping("jsonData")
+            .unwrap()
+            .get_scalar("sigV4Auth")
+            .unwrap()
+            .as_str(),
+        "true"
+    );
+    let providers = read("etc/grafana/provisioning/dashboards/stackwarden.yaml");
+    marked_yaml::parse_yaml(0, &providers).unwrap();
+    for d in ["node.json", "application.json"] {
+        let text = read(&format!("var/lib/grafana/dashboards/stackwarden/{d}"));
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(json["panels"].as_array().is_some_and(|p| !p.is_empty()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grafana_from_empty_then_drift_corrected_and_a_template_change_rolled_out_once() {
+    let s = setup().await;
+
+    // Plan from empty: what is created, the password as (sensitive).
+    let plan = s.run(&["plan"]);
+    plan.expect(2);
+    assert!(
+        plan.stdout.contains("grafana monitoring-main"),
+        "{}",
+        plan.stdout
+    );
+    assert!(
+        plan.stdout
+            .contains("(sensitive, SSM parameter /grafana/admin)"),
+        "{}",
+        plan.stdout
+    );
+
+    let run = s.run(&["reconcile", "--once"]);
+    run.expect(0);
+    let instances = s.group_instances().await;
+    assert_eq!(instances.len(), 2);
+    for id in &instances {
+        check_provisioning(&s.sandboxes.path().join(id));
+    }
+
+    // What AWS has: the group, its template, the load balancer and its listeners.
+    let asg = s.aws.autoscaling().await;
+    let group = asg
+        .describe_auto_scaling_groups()
+        .auto_scaling_group_names("monitoring-main")
+        .send()
+        .await
+        .unwrap();
+    let group = &group.auto_scaling_groups()[0];
+    assert_eq!(
+        (group.min_size(), group.max_size(), group.desired_capacity()),
+        (Some(2), Some(3), Some(2))
+    );
+    assert_eq!(group.health_check_type(), Some("ELB"));
+    assert_eq!(group.health_check_grace_period(), Some(120));
+    assert_eq!(group.target_group_arns().len(), 1);
+    let template = group.launch_template().unwrap();
+    assert_eq!(template.version(), Some("1"));
+    let ec2 = s.aws.ec2().await;
+    let versions = ec2
+        .describe_launch_template_versions()
+        .launch_template_id(template.launch_template_id().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let data = versions.launch_template_versions()[0]
+        .launch_template_data()
+        .unwrap();
+    assert_eq!(
+        data.metadata_options()
+            .unwrap()
+            .http_tokens()
+            .unwrap()
+            .as_str(),
+        "required"
+    );
+    let root = &data.block_device_mappings()[0];
+    assert_eq!(root.ebs().unwrap().encrypted(), Some(true));
+
+    let elb = s.aws.elb().await;
+    let lbs = elb
+        .describe_load_balancers()
+        .names("monitoring-main")
+        .send()
+        .await
+        .unwrap();
+    let lb = &lbs.load_balancers()[0];
+    let lb_arn = lb.load_balancer_arn().unwrap().to_string();
+    let alb_sg = lb.security_groups()[0].clone();
+    let listeners = elb
+        .describe_listeners()
+        .load_balancer_arn(&lb_arn)
+        .send()
+        .await
+        .unwrap();
+    let mut by_port: BTreeMap<i32, &aws_sdk_elasticloadbalancingv2::types::Listener> =
+        BTreeMap::new();
+    for l in listeners.listeners() {
+        by_port.insert(l.port().unwrap(), l);
+    }
+    assert_eq!(by_port.keys().copied().collect::<Vec<_>>(), [80, 443]);
+    let http = by_port[&80].default_actions()[0].redirect_config().unwrap();
+    assert_eq!((http.protocol(), http.port()), (Some("HTTPS"), Some("443")));
+    assert_eq!(by_port[&443].protocol(), Some(&ProtocolEnum::Https));
+    let tgs = elb
+        .describe_target_groups()
+        .names("monitoring-main")
+        .send()
+        .await
+        .unwrap();
+    let tg = &tgs.target_groups()[0];
+    assert_eq!(tg.port(), Some(3000));
+    assert_eq!(tg.health_check_path(), Some("/api/health"));
+    let tg_arn = tg.target_group_arn().unwrap().to_string();
+
+    // The instances' group admits only the load balancer's group.
+    let groups = ec2
+        .describe_security_groups()
+        .filters(
+            Filter::builder()
+                .name("group-name")
+                .values("monitoring-main-instances")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let inst_sg = &groups.security_groups()[0];
+    let perms = inst_sg.ip_permissions();
+    assert_eq!(perms.len(), 1);
+    assert!(perms[0].ip_ranges().is_empty());
+    assert_eq!(
+        perms[0].user_id_group_pairs()[0].group_id(),
+        Some(alb_sg.as_str())
+    );
+
+    // Converged: nothing to do, no SSM call.
+    let plan = s.run(&["plan"]);
+    plan.expect(0);
+    assert_eq!(plan.count("SendCommand"), 0);
+
+    // Drift out of band: the HTTP listener forwards instead of redirecting, the health check
+    // path changed, the group's max size changed, the load balancer's group opened to the world.
+    elb.modify_listener()
+        .listener_arn(by_port[&80].listener_arn().unwrap())
+        .default_actions(
+            Action::builder()
+                .r#type(ActionTypeEnum::Forward)
+                .target_group_arn(&tg_arn)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    elb.modify_target_group()
+        .target_group_arn(&tg_arn)
+        .health_check_path("/")
+        .send()
+        .await
+        .unwrap();
+    asg.update_auto_scaling_group()
+        .auto_scaling_group_name("monitoring-main")
+        .max_size(10)
+        .send()
+        .await
+        .unwrap();
+    ec2.authorize_security_group_ingress()
+        .group_id(&alb_sg)
+        .ip_permissions(
+            IpPermission::builder()
+                .ip_protocol("tcp")
+                .from_port(443)
+                .to_port(443)
+                .ip_ranges(IpRange::builder().cidr_ip("0.0.0.0/0").build())
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let plan = s.run(&["plan"]);
+    plan.expect(2);
+    for field in [
+        "listener 80",
+        "target_group.health_check",
+        "max_size",
+        "security_group.alb.ingress",
+    ] {
+        assert!(plan.stdout.contains(field), "{field} in\n{}", plan.stdout);
+    }
+    s.run(&["reconcile", "--once"]).expect(0);
+    s.run(&["plan"]).expect(0);
+    let tg = elb
+        .describe_target_groups()
+        .names("monitoring-main")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        tg.target_groups()[0].health_check_path(),
+        Some("/api/health")
+    );
+    let listeners = elb
+        .describe_listeners()
+        .load_balancer_arn(&lb_arn)
+        .send()
+        .await
+        .unwrap();
+    let http = listeners
+        .listeners()
+        .iter()
+        .find(|l| l.port() == Some(80))
+        .unwrap();
+    assert_eq!(
+        http.default_actions()[0].r#type(),
+        Some(&ActionTypeEnum::Redirect)
+    );
+
+    // A launch template change: one new version, one instance refresh, tracked across passes.
+    edit(s.dir.path(), "grafana.toml", "t3.small", "t3.medium");
+    let run = s.run(&["reconcile", "--once"]);
+    run.expect(0);
+    assert_eq!(
+        run.count("CreateLaunchTemplateVersion"),
+        1,
+        "{}",
+        run.stderr
+    );
+    assert_eq!(run.count("StartInstanceRefresh"), 1, "{}", run.stderr);
+    let mut refreshes = 1;
+    for _ in 0..6 {
+        let run = s.run(&["reconcile", "--once"]);
+        refreshes += run.count("StartInstanceRefresh");
+        assert_eq!(run.count("CreateLaunchTemplateVersion"), 0);
+    }
+    assert_eq!(refreshes, 1, "one refresh for one template change");
+    let group = asg
+        .describe_auto_scaling_groups()
+        .auto_scaling_group_names("monitoring-main")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        group.auto_scaling_groups()[0]
+            .launch_template()
+            .unwrap()
+            .version(),
+        Some("2")
+    );
+    let refreshed = asg
+        .describe_instance_refreshes()
+        .auto_scaling_group_name("monitoring-main")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refreshed.instance_refreshes().len(), 1);
+    assert_eq!(
+        refreshed.instance_refreshes()[0].status().unwrap().as_str(),
+        "Successful"
+    );
+    // The replacements got the provisioning too, and the stack is converged.
+    let replaced = s.group_instances().await;
+    assert!(
+        replaced.iter().all(|i| !instances.contains(i)),
+        "{replaced:?}"
+    );
+    for id in &replaced {
+        check_provisioning(&s.sandboxes.path().join(id));
+    }
+    s.run(&["plan"]).expect(0);
+
+    // Removed from the desired state and pruned: everything of it is gone.
+    std::fs::remove_file(s.dir.path().join("grafana.toml")).unwrap();
+    s.run(&["reconcile", "--once", "--prune"]).expect(0);
+    let left = asg.describe_auto_scaling_groups().send().await.unwrap();
+    assert!(left.auto_scaling_groups().is_empty());
+    let left = elb.describe_load_balancers().send().await.unwrap();
+    assert!(left.load_balancers().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_only_is_a_plan_warning() {
+    let s = setup().await;
+    let text = std::fs::read_to_string(s.dir.path().join("grafana.toml")).unwrap();
+    let text: String = text
+        .lines()
+        .filter(|l| !l.starts_with("certificate_arn"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(s.dir.path().join("grafana.toml"), text).unwrap();
+    s.run(&["reconcile", "--once"]).expect(0);
+    let elb = s.aws.elb().await;
+    let lbs = elb
+        .describe_load_balancers()
+        .names("monitoring-main")
+        .send()
+        .await
+        .unwrap();
+    let listeners = elb
+        .describe_listeners()
+        .load_balancer_arn(lbs.load_balancers()[0].load_balancer_arn().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listeners.listeners().len(), 1);
+    assert_eq!(
+        listeners.listeners()[0].default_actions()[0].r#type(),
+        Some(&ActionTypeEnum::Forward)
+    );
+    let plan = s.run(&["plan"]);
+    plan.expect(0);
+    assert!(
+        plan.stdout.contains("plain HTTP") || plan.stderr.contains("plain HTTP"),
+        "{}\n{}",
+        plan.stdout,
+        plan.stderr
+    );
+}
+
+#[test]
+fn bad_grafana_input_is_rejected_without_aws_calls() {
+    let cases: [(&str, &str, &str); 5] = [
+        ("min_size = 1\nmax_size = 2", "min_size = 3\nmax_size = 2", "0 <= min_size (3) <= max_size (2)"),
+        (
+            "subnets = [\"subnet-a\", \"subnet-b\"] }",
+            "subnets = [\"subnet-a\", \"subnet-b\"], require_https = true }",
+            "no alb.certificate_arn",
+        ),
+        ("dashboards = []", "dashboards = [\"broken.json\"]", "broken.json"),
+        (
+            "cloudwatch = true",
+            "cloudwatch = true, prometheus_url = \"http://${host.nothing.private_ip}:9090\"",
+            "host.nothing",
+        ),
+        ("cloudwatch = true", "cloudwatch = true, admin_password_secret = \"a\", admin_password_ssm_parameter = \"b\"", "not both"),
+    ];
+    for (from, to, message) in cases {
+        let dir = default_stack();
+        std::fs::write(
+            dir.path().join("grafana.toml"),
+            r#"[grafana.main]
+ami = "ami-12c6146b"
+instance_type = "t3.small"
+subnets = ["subnet-a"]
+min_size = 1
+max_size = 2
+alb = { subnets = ["subnet-a", "subnet-b"] }
+provisioning = { dashboards = [], cloudwatch = true }
+"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("broken.json"), "{\"panels\": [").unwrap();
+        edit(dir.path(), "grafana.toml", from, to);
+        let run = stackwarden(Some("http://127.0.0.1:9"), &["plan", path_str(dir.path())]);
+        run.expect(1);
+        assert!(run.stderr.contains(message), "{message} in\n{}", run.stderr);
+        assert!(
+            run.stderr.contains("grafana.toml:") || run.stderr.contains("broken.json:"),
+            "{}",
+            run.stderr
+        );
+        assert_eq!(run.calls().0, 0);
+    }
+}
