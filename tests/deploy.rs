@@ -23,17 +23,21 @@ fn actions(run: &Run) -> BTreeSet<String> {
     run.stderr
         .lines()
         .filter_map(|l| {
-            let mut parts = l.split_whitespace();
-            parts.next()?.parse::<u64>().ok()?;
-            let service = parts.next()?;
-            let op = parts.next()?;
-            let prefix = match service {
+            // `  <n>  <service, maybe several words> <operation>`
+            let mut parts: Vec<&str> = l.split_whitespace().collect();
+            parts.first()?.parse::<u64>().ok()?;
+            let op = parts.pop()?;
+            let service = parts[1..].join(" ");
+            let prefix = match service.as_str() {
                 "IAM" => "iam",
                 "amp" => "aps",
                 "grafana" => "grafana",
                 "EC2" => "ec2",
                 "SSM" => "ssm",
                 "STS" => "sts",
+                "Auto Scaling" => "autoscaling",
+                "Elastic Load Balancing v2" => "elasticloadbalancing",
+                "Secrets Manager" => "secretsmanager",
                 other => panic!("service {other} has no IAM prefix here; add it"),
             };
             Some(format!("{prefix}:{op}"))
@@ -92,6 +96,40 @@ async fn the_operators_policy_allows_every_call_it_makes() {
         "[host_config.node_exporter]\ntargets = { Role = \"app\" }\nfiles = [{ path = \"/etc/default/node_exporter\", source = \"hosts/ne.env\" }]\n",
     );
     write("hosts/ne.env", "ARGS=\n");
+    let subnets = ec2
+        .describe_subnets()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("default-for-az")
+                .values("true")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let subnets: Vec<&str> = subnets
+        .subnets()
+        .iter()
+        .map(|s| s.subnet_id().unwrap())
+        .take(2)
+        .collect();
+    aws.ssm()
+        .await
+        .put_parameter()
+        .name("/grafana/admin")
+        .value("not-in-the-toml")
+        .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+        .send()
+        .await
+        .unwrap();
+    write(
+        "grafana.toml",
+        &format!(
+            "[grafana.main]\nami = \"ami-12c6146b\"\ninstance_type = \"t3.small\"\nsubnets = [\"{a}\", \"{b}\"]\ninstance_profile = \"${{iam.instance_profile.grafana.name}}\"\nmin_size = 1\nmax_size = 2\nalb = {{ subnets = [\"{a}\", \"{b}\"], allowed_cidrs = [\"10.0.0.0/8\"] }}\nprovisioning = {{ cloudwatch = true, admin_password_ssm_parameter = \"/grafana/admin\" }}\n",
+            a = subnets[0],
+            b = subnets[1]
+        ),
+    );
     let d = path_str(dir.path());
     let mut seen = BTreeSet::new();
     let cold = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]);
@@ -106,10 +144,24 @@ async fn the_operators_policy_allows_every_call_it_makes() {
             .replace("size_gib = 20", "size_gib = 30")
             .replace("t3.medium", "t3.large"),
     );
+    let text = std::fs::read_to_string(dir.path().join("grafana.toml")).unwrap();
+    write(
+        "grafana.toml",
+        &text
+            .replace("t3.small", "t3.medium")
+            .replace("max_size = 2", "max_size = 3")
+            .replace("10.0.0.0/8", "10.1.0.0/16"),
+    );
     let update = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]);
     update.expect(0);
     seen.extend(actions(&update));
-    for f in ["amg.toml", "hosts.toml", "fleet.toml", "amp.toml"] {
+    for f in [
+        "amg.toml",
+        "hosts.toml",
+        "fleet.toml",
+        "amp.toml",
+        "grafana.toml",
+    ] {
         std::fs::remove_file(dir.path().join(f)).unwrap();
     }
     for policy in ["policies/amp-query.json", "policies/amp-remote-write.json"] {
@@ -146,6 +198,8 @@ async fn the_operators_policy_allows_every_call_it_makes() {
         "grafana:UpdatePermissions",
         "ssm:SendCommand",
         "aps:DeleteWorkspace",
+        "autoscaling:StartInstanceRefresh",
+        "elasticloadbalancing:DeleteLoadBalancer",
     ] {
         assert!(
             seen.contains(wanted),
