@@ -692,372 +692,27 @@ impl Controller for GrafanaController {
             format!("grafana {name} ({})", lb.dns_name),
         );
         if s.alb.certificate_arn.is_none() {
-            c.notes.push(
-                "no alb.certificate_arn: Grafana is served over plain HTTP on port 80".into(),
-            );
+            c.notes.push(super::HTTP_ONLY.into());
         }
 
-        // Security groups.
-        for (g, want) in [
-            (alb_sg, alb_rules(s)),
-            (inst_sg, instance_rules(s, &alb_sg.id)),
-        ] {
-            let add: Vec<Rule> = want.difference(&g.ingress).cloned().collect();
-            let extra: Vec<Rule> = g.ingress.difference(&want).cloned().collect();
-            if add.is_empty() && extra.is_empty() {
-                continue;
-            }
-            let role = g.tags.get(TAG_ROLE).cloned().unwrap_or_default();
-            c.field(
-                format!("security_group.{role}.ingress"),
-                Some(show_rules(&g.ingress)),
-                Some(show_rules(&want)),
-            );
-            if !extra.is_empty() {
-                c.op(Op::Revoke {
-                    group: g.id.clone(),
-                    rules: extra,
-                });
-            }
-            if !add.is_empty() {
-                c.op(Op::Authorize {
-                    group: g.id.clone(),
-                    rules: add,
-                });
-            }
-        }
-
-        // Target group.
-        if tg.port != i32::from(s.target_group.port) {
-            return Err(Error::Invalid(format!(
-                "{}: the target group listens on {} and the desired port is {}; a target group's port cannot change in place (remove the resource with --prune, then add it again)",
-                r.id, tg.port, s.target_group.port
-            )));
-        }
-        let want_health = health(s);
-        if tg.health != want_health {
-            c.field(
-                "target_group.health_check",
-                Some(format!("{:?}", tg.health)),
-                Some(format!("{want_health:?}")),
-            );
-            c.op(Op::HealthCheck {
-                target_group: tg.arn.clone(),
-                health: want_health,
-            });
-        }
-
-        // Load balancer.
-        if lb.scheme != s.alb.scheme {
-            return Err(Error::Invalid(format!(
-                "{}: the load balancer is {} and the desired scheme is {}; a scheme cannot change in place",
-                r.id, lb.scheme, s.alb.scheme
-            )));
-        }
-        let want_groups = BTreeSet::from([alb_sg.id.clone()]);
-        if lb.security_groups != want_groups {
-            c.field(
-                "alb.security_groups",
-                Some(
-                    lb.security_groups
-                        .iter()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(","),
-                ),
-                Some(alb_sg.id.clone()),
-            );
-            c.op(Op::BalancerGroups {
-                balancer: lb.arn.clone(),
-                groups: vec![alb_sg.id.clone()],
-            });
-        }
-        let want_subnets: BTreeSet<String> =
-            s.alb.subnets.iter().map(|n| refs.render(n).value).collect();
-        if lb.subnets != want_subnets {
-            c.field(
-                "alb.subnets",
-                Some(lb.subnets.iter().cloned().collect::<Vec<_>>().join(",")),
-                Some(want_subnets.iter().cloned().collect::<Vec<_>>().join(",")),
-            );
-            c.op(Op::BalancerSubnets {
-                balancer: lb.arn.clone(),
-                subnets: want_subnets.into_iter().collect(),
-            });
-        }
-        let have_attrs = [
-            ("idle_timeout.timeout_seconds", lb.idle_timeout.to_string()),
-            (
-                "deletion_protection.enabled",
-                lb.deletion_protection.to_string(),
-            ),
-        ];
-        let changed: Vec<(String, String)> = attributes(s)
-            .into_iter()
-            .filter(|(k, v)| have_attrs.iter().any(|(hk, hv)| hk == k && hv != v))
-            .collect();
-        for (k, v) in &changed {
-            let before = have_attrs
-                .iter()
-                .find(|(hk, _)| hk == k)
-                .map(|(_, v)| v.clone());
-            c.field(format!("alb.{k}"), before, Some(v.clone()));
-        }
-        if !changed.is_empty() {
-            c.op(Op::BalancerAttributes {
-                balancer: lb.arn.clone(),
-                attributes: changed,
-            });
-        }
-        let want_listeners = listeners(s, &tg.arn);
-        for want in &want_listeners {
-            match lb.listeners.iter().find(|(_, l)| l.port == want.port) {
-                None => {
-                    c.field(
-                        format!("listener {}", want.port),
-                        None,
-                        Some(want.to_string()),
-                    );
-                    c.op(Op::CreateListener {
-                        balancer: lb.arn.clone(),
-                        listener: want.clone(),
-                    });
-                }
-                Some((arn, have)) if have != want => {
-                    c.field(
-                        format!("listener {}", want.port),
-                        Some(have.to_string()),
-                        Some(want.to_string()),
-                    );
-                    c.op(Op::ModifyListener {
-                        listener: arn.clone(),
-                        spec: want.clone(),
-                    });
-                }
-                Some(_) => {}
-            }
-        }
-        for (arn, have) in &lb.listeners {
-            if !want_listeners.iter().any(|w| w.port == have.port) {
-                c.field(
-                    format!("listener {}", have.port),
-                    Some(have.to_string()),
-                    None,
-                );
-                c.op(Op::DeleteListener {
-                    listener: arn.clone(),
-                });
-            }
-        }
-        c.tags(
-            &lb.tags,
-            &tags,
-            |tags| Op::ElbTag {
-                arn: lb.arn.clone(),
-                tags,
-            },
-            |keys| Op::ElbUntag {
-                arn: lb.arn.clone(),
-                keys,
-            },
-        );
-
-        // Auto Scaling Group: sizing, placement, health checks, target group, tags.
-        let want_sizes = sizes(s, refs);
-        let mut resize = false;
-        let mut cmp = |c: &mut Change<Op>, field: &str, have: String, want: String| {
-            if have != want {
-                c.field(field, Some(have), Some(want));
-                resize = true;
-            }
+        let live = Live {
+            alb_sg,
+            inst_sg,
+            template,
+            tg,
+            lb,
+            group,
         };
-        cmp(
-            &mut c,
-            "min_size",
-            group.min.to_string(),
-            want_sizes.min.to_string(),
-        );
-        cmp(
-            &mut c,
-            "max_size",
-            group.max.to_string(),
-            want_sizes.max.to_string(),
-        );
-        if let Some(d) = want_sizes.desired {
-            cmp(
-                &mut c,
-                "desired_capacity",
-                group.desired.to_string(),
-                d.to_string(),
-            );
-        }
-        let subnets: BTreeSet<String> = want_sizes.subnets.iter().cloned().collect();
-        cmp(
-            &mut c,
-            "subnets",
-            group.subnets.iter().cloned().collect::<Vec<_>>().join(","),
-            subnets.into_iter().collect::<Vec<_>>().join(","),
-        );
-        cmp(
-            &mut c,
-            "health_check_type",
-            group.health_check_type.clone(),
-            "ELB".into(),
-        );
-        cmp(
-            &mut c,
-            "health_check_grace_period",
-            format!("{}s", group.grace),
-            format!("{}s", want_sizes.grace),
-        );
-        if resize {
-            c.op(Op::UpdateGroup {
-                group: group.name.clone(),
-                sizes: want_sizes,
-            });
-        }
-        if !group.target_groups.contains(&tg.arn) {
-            c.field("target_groups", None, Some(tg.arn.clone()));
-            c.op(Op::AttachTargetGroup {
-                group: group.name.clone(),
-                target_group: tg.arn.clone(),
-            });
-        }
-        let extra_tgs: Vec<String> = group
-            .target_groups
-            .iter()
-            .filter(|t| **t != tg.arn)
-            .cloned()
-            .collect();
-        if !extra_tgs.is_empty() {
-            c.field("target_groups", Some(extra_tgs.join(",")), None);
-            c.op(Op::DetachTargetGroups {
-                group: group.name.clone(),
-                target_groups: extra_tgs,
-            });
-        }
-        c.tags(
-            &group.tags,
-            &tags,
-            |tags| Op::AsgTag {
-                group: group.name.clone(),
-                tags,
-            },
-            |keys| Op::AsgUntag {
-                group: group.name.clone(),
-                keys,
-            },
-        );
-
-        // Launch template and the rollout of its versions.
-        let want_data = template_data(s, refs, ami, &inst_sg.id);
-        let fields = template_fields(&template.data, &want_data);
-        let pinned = group.template.as_ref().map(|(_, v)| v.clone());
-        let refreshed = group.tags.get(TAG_VERSION).cloned();
-        let active = group.refresh.as_ref().filter(|f| {
-            matches!(
-                f.status.as_str(),
-                "Pending" | "InProgress" | "Cancelling" | "RollbackInProgress"
-            )
-        });
-        if !fields.is_empty() {
-            for (f, before, after) in &fields {
-                c.field(
-                    format!("launch_template.{f}"),
-                    Some(before.clone()),
-                    Some(after.clone()),
-                );
-            }
-            c.field(
-                "launch_template.version",
-                Some(template.latest.to_string()),
-                Some((template.latest + 1).to_string()),
-            );
-            if let Some(f) = active {
-                c.notes.push(format!(
-                    "instance refresh {} is {} ({}%): the new version is rolled out after it",
-                    f.id, f.status, f.percentage
-                ));
-            } else {
-                c.notes.push(format!(
-                    "a rolling instance refresh replaces the instances, keeping {}% healthy",
-                    s.min_healthy_percentage
-                ));
-            }
-            c.op(Op::Roll {
-                group: group.name.clone(),
-                template: template.id.clone(),
-                data: Some(Box::new(want_data)),
-                version: template.latest + 1,
-                min_healthy: s.min_healthy_percentage,
-                refresh: active.is_none(),
-            });
-        } else {
-            let latest = template.latest.to_string();
-            let behind = pinned.as_deref() != Some(latest.as_str());
-            let unrefreshed = refreshed.as_deref() != Some(latest.as_str());
-            // A refresh toward this very version already started (the tag was not written).
-            let started = group.refresh.as_ref().is_some_and(|f| {
-                f.version.as_deref() == Some(latest.as_str())
-                    && !matches!(
-                        f.status.as_str(),
-                        "Failed" | "Cancelled" | "RollbackSuccessful"
-                    )
-            });
-            if behind || (unrefreshed && active.is_none()) {
-                if behind {
-                    c.field(
-                        "launch_template.version",
-                        pinned.clone(),
-                        Some(latest.clone()),
-                    );
-                }
-                let refresh = active.is_none() && !started;
-                if refresh {
-                    c.field("instance_refresh", refreshed.clone(), Some(latest.clone()));
-                }
-                c.op(Op::Roll {
-                    group: group.name.clone(),
-                    template: template.id.clone(),
-                    data: None,
-                    version: template.latest,
-                    min_healthy: s.min_healthy_percentage,
-                    refresh,
-                });
-            }
-        }
-
-        // Provisioning.
+        diff_security_groups(&mut c, s, &live);
+        diff_balancer(&mut c, s, refs, &live, &r.id, &tags)?;
+        diff_group(&mut c, s, refs, &live, &tags);
+        diff_rollout(&mut c, s, refs, &live, ami);
         let fleet = obs
             .instances
             .get(&r.id)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let stale: Vec<String> = fleet
-            .iter()
-            .filter(|i| i.installed.as_ref() != Some(&push.hash))
-            .map(|i| i.id.clone())
-            .collect();
-        if !stale.is_empty() {
-            c.field(
-                "provisioning",
-                Some(format!(
-                    "{} of {} instances lack {}",
-                    stale.len(),
-                    fleet.len(),
-                    push.short_hash()
-                )),
-                Some(format!("all {} ({})", fleet.len(), stale.join(", "))),
-            );
-            if let Some(source) = s.provisioning.password_source() {
-                c.field("admin_password", None, Some(source.describe()));
-            }
-            c.op(Op::Push {
-                instances: stale,
-                push,
-            });
-        }
-
+        diff_provisioning(&mut c, s, fleet, push);
         if c.ops.is_empty() {
             return Ok(None);
         }
@@ -1399,6 +1054,403 @@ impl Controller for GrafanaController {
             }
         }
         Ok(None)
+    }
+}
+
+/// The objects of one resource that all exist, for the update path of `diff`.
+struct Live<'a> {
+    alb_sg: &'a ObservedGroup,
+    inst_sg: &'a ObservedGroup,
+    template: &'a ObservedTemplate,
+    tg: &'a ObservedTargetGroup,
+    lb: &'a ObservedBalancer,
+    group: &'a ObservedAsg,
+}
+
+/// Both security groups' ingress rules, exactly.
+fn diff_security_groups(c: &mut Change<Op>, s: &GrafanaSpec, live: &Live) {
+    let Live {
+        alb_sg, inst_sg, ..
+    } = *live;
+    for (g, want) in [
+        (alb_sg, alb_rules(s)),
+        (inst_sg, instance_rules(s, &alb_sg.id)),
+    ] {
+        let add: Vec<Rule> = want.difference(&g.ingress).cloned().collect();
+        let extra: Vec<Rule> = g.ingress.difference(&want).cloned().collect();
+        if add.is_empty() && extra.is_empty() {
+            continue;
+        }
+        let role = g.tags.get(TAG_ROLE).cloned().unwrap_or_default();
+        c.field(
+            format!("security_group.{role}.ingress"),
+            Some(show_rules(&g.ingress)),
+            Some(show_rules(&want)),
+        );
+        if !extra.is_empty() {
+            c.op(Op::Revoke {
+                group: g.id.clone(),
+                rules: extra,
+            });
+        }
+        if !add.is_empty() {
+            c.op(Op::Authorize {
+                group: g.id.clone(),
+                rules: add,
+            });
+        }
+    }
+}
+
+/// The target group's health check, the load balancer, its listeners and tags.
+fn diff_balancer(
+    c: &mut Change<Op>,
+    s: &GrafanaSpec,
+    refs: &Refs,
+    live: &Live,
+    id: &ResourceId,
+    tags: &Tags,
+) -> Result<()> {
+    let Live { alb_sg, tg, lb, .. } = *live;
+    if tg.port != i32::from(s.target_group.port) {
+        return Err(Error::Invalid(format!(
+            "{}: the target group listens on {} and the desired port is {}; a target group's port cannot change in place (remove the resource with --prune, then add it again)",
+            id, tg.port, s.target_group.port
+        )));
+    }
+    let want_health = health(s);
+    if tg.health != want_health {
+        c.field(
+            "target_group.health_check",
+            Some(format!("{:?}", tg.health)),
+            Some(format!("{want_health:?}")),
+        );
+        c.op(Op::HealthCheck {
+            target_group: tg.arn.clone(),
+            health: want_health,
+        });
+    }
+
+    // Load balancer.
+    if lb.scheme != s.alb.scheme {
+        return Err(Error::Invalid(format!(
+            "{}: the load balancer is {} and the desired scheme is {}; a scheme cannot change in place",
+            id, lb.scheme, s.alb.scheme
+        )));
+    }
+    let want_groups = BTreeSet::from([alb_sg.id.clone()]);
+    if lb.security_groups != want_groups {
+        c.field(
+            "alb.security_groups",
+            Some(
+                lb.security_groups
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+            Some(alb_sg.id.clone()),
+        );
+        c.op(Op::BalancerGroups {
+            balancer: lb.arn.clone(),
+            groups: vec![alb_sg.id.clone()],
+        });
+    }
+    let want_subnets: BTreeSet<String> =
+        s.alb.subnets.iter().map(|n| refs.render(n).value).collect();
+    if lb.subnets != want_subnets {
+        c.field(
+            "alb.subnets",
+            Some(lb.subnets.iter().cloned().collect::<Vec<_>>().join(",")),
+            Some(want_subnets.iter().cloned().collect::<Vec<_>>().join(",")),
+        );
+        c.op(Op::BalancerSubnets {
+            balancer: lb.arn.clone(),
+            subnets: want_subnets.into_iter().collect(),
+        });
+    }
+    let have_attrs = [
+        ("idle_timeout.timeout_seconds", lb.idle_timeout.to_string()),
+        (
+            "deletion_protection.enabled",
+            lb.deletion_protection.to_string(),
+        ),
+    ];
+    let changed: Vec<(String, String)> = attributes(s)
+        .into_iter()
+        .filter(|(k, v)| have_attrs.iter().any(|(hk, hv)| hk == k && hv != v))
+        .collect();
+    for (k, v) in &changed {
+        let before = have_attrs
+            .iter()
+            .find(|(hk, _)| hk == k)
+            .map(|(_, v)| v.clone());
+        c.field(format!("alb.{k}"), before, Some(v.clone()));
+    }
+    if !changed.is_empty() {
+        c.op(Op::BalancerAttributes {
+            balancer: lb.arn.clone(),
+            attributes: changed,
+        });
+    }
+    let want_listeners = listeners(s, &tg.arn);
+    for want in &want_listeners {
+        match lb.listeners.iter().find(|(_, l)| l.port == want.port) {
+            None => {
+                c.field(
+                    format!("listener {}", want.port),
+                    None,
+                    Some(want.to_string()),
+                );
+                c.op(Op::CreateListener {
+                    balancer: lb.arn.clone(),
+                    listener: want.clone(),
+                });
+            }
+            Some((arn, have)) if have != want => {
+                c.field(
+                    format!("listener {}", want.port),
+                    Some(have.to_string()),
+                    Some(want.to_string()),
+                );
+                c.op(Op::ModifyListener {
+                    listener: arn.clone(),
+                    spec: want.clone(),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    for (arn, have) in &lb.listeners {
+        if !want_listeners.iter().any(|w| w.port == have.port) {
+            c.field(
+                format!("listener {}", have.port),
+                Some(have.to_string()),
+                None,
+            );
+            c.op(Op::DeleteListener {
+                listener: arn.clone(),
+            });
+        }
+    }
+    c.tags(
+        &lb.tags,
+        tags,
+        |tags| Op::ElbTag {
+            arn: lb.arn.clone(),
+            tags,
+        },
+        |keys| Op::ElbUntag {
+            arn: lb.arn.clone(),
+            keys,
+        },
+    );
+
+    Ok(())
+}
+
+/// The group's sizes, placement, health checks, target group and tags.
+fn diff_group(c: &mut Change<Op>, s: &GrafanaSpec, refs: &Refs, live: &Live, tags: &Tags) {
+    let Live { tg, group, .. } = *live;
+    let want_sizes = sizes(s, refs);
+    let mut resize = false;
+    let mut cmp = |c: &mut Change<Op>, field: &str, have: String, want: String| {
+        if have != want {
+            c.field(field, Some(have), Some(want));
+            resize = true;
+        }
+    };
+    cmp(
+        c,
+        "min_size",
+        group.min.to_string(),
+        want_sizes.min.to_string(),
+    );
+    cmp(
+        c,
+        "max_size",
+        group.max.to_string(),
+        want_sizes.max.to_string(),
+    );
+    if let Some(d) = want_sizes.desired {
+        cmp(
+            c,
+            "desired_capacity",
+            group.desired.to_string(),
+            d.to_string(),
+        );
+    }
+    let subnets: BTreeSet<String> = want_sizes.subnets.iter().cloned().collect();
+    cmp(
+        c,
+        "subnets",
+        group.subnets.iter().cloned().collect::<Vec<_>>().join(","),
+        subnets.into_iter().collect::<Vec<_>>().join(","),
+    );
+    cmp(
+        c,
+        "health_check_type",
+        group.health_check_type.clone(),
+        "ELB".into(),
+    );
+    cmp(
+        c,
+        "health_check_grace_period",
+        format!("{}s", group.grace),
+        format!("{}s", want_sizes.grace),
+    );
+    if resize {
+        c.op(Op::UpdateGroup {
+            group: group.name.clone(),
+            sizes: want_sizes,
+        });
+    }
+    if !group.target_groups.contains(&tg.arn) {
+        c.field("target_groups", None, Some(tg.arn.clone()));
+        c.op(Op::AttachTargetGroup {
+            group: group.name.clone(),
+            target_group: tg.arn.clone(),
+        });
+    }
+    let extra_tgs: Vec<String> = group
+        .target_groups
+        .iter()
+        .filter(|t| **t != tg.arn)
+        .cloned()
+        .collect();
+    if !extra_tgs.is_empty() {
+        c.field("target_groups", Some(extra_tgs.join(",")), None);
+        c.op(Op::DetachTargetGroups {
+            group: group.name.clone(),
+            target_groups: extra_tgs,
+        });
+    }
+    c.tags(
+        &group.tags,
+        tags,
+        |tags| Op::AsgTag {
+            group: group.name.clone(),
+            tags,
+        },
+        |keys| Op::AsgUntag {
+            group: group.name.clone(),
+            keys,
+        },
+    );
+}
+
+/// The launch template's latest version against the desired one, and the rollout: the group's
+/// pinned version and the instance refresh toward it.
+fn diff_rollout(c: &mut Change<Op>, s: &GrafanaSpec, refs: &Refs, live: &Live, ami: String) {
+    let Live {
+        inst_sg,
+        template,
+        group,
+        ..
+    } = *live;
+    let want_data = template_data(s, refs, ami, &inst_sg.id);
+    let fields = template_fields(&template.data, &want_data);
+    let pinned = group.template.as_ref().map(|(_, v)| v.clone());
+    let refreshed = group.tags.get(TAG_VERSION).cloned();
+    let active = group.refresh.as_ref().filter(|f| {
+        matches!(
+            f.status.as_str(),
+            "Pending" | "InProgress" | "Cancelling" | "RollbackInProgress"
+        )
+    });
+    if !fields.is_empty() {
+        for (f, before, after) in &fields {
+            c.field(
+                format!("launch_template.{f}"),
+                Some(before.clone()),
+                Some(after.clone()),
+            );
+        }
+        c.field(
+            "launch_template.version",
+            Some(template.latest.to_string()),
+            Some((template.latest + 1).to_string()),
+        );
+        if let Some(f) = active {
+            c.notes.push(format!(
+                "instance refresh {} is {} ({}%): the new version is rolled out after it",
+                f.id, f.status, f.percentage
+            ));
+        } else {
+            c.notes.push(format!(
+                "a rolling instance refresh replaces the instances, keeping {}% healthy",
+                s.min_healthy_percentage
+            ));
+        }
+        c.op(Op::Roll {
+            group: group.name.clone(),
+            template: template.id.clone(),
+            data: Some(Box::new(want_data)),
+            version: template.latest + 1,
+            min_healthy: s.min_healthy_percentage,
+            refresh: active.is_none(),
+        });
+    } else {
+        let latest = template.latest.to_string();
+        let behind = pinned.as_deref() != Some(latest.as_str());
+        let unrefreshed = refreshed.as_deref() != Some(latest.as_str());
+        // A refresh toward this very version already started (the tag was not written).
+        let started = group.refresh.as_ref().is_some_and(|f| {
+            f.version.as_deref() == Some(latest.as_str())
+                && !matches!(
+                    f.status.as_str(),
+                    "Failed" | "Cancelled" | "RollbackSuccessful"
+                )
+        });
+        if behind || (unrefreshed && active.is_none()) {
+            if behind {
+                c.field(
+                    "launch_template.version",
+                    pinned.clone(),
+                    Some(latest.clone()),
+                );
+            }
+            let refresh = active.is_none() && !started;
+            if refresh {
+                c.field("instance_refresh", refreshed.clone(), Some(latest.clone()));
+            }
+            c.op(Op::Roll {
+                group: group.name.clone(),
+                template: template.id.clone(),
+                data: None,
+                version: template.latest,
+                min_healthy: s.min_healthy_percentage,
+                refresh,
+            });
+        }
+    }
+}
+
+/// The provisioning push to the group's instances that lack it.
+fn diff_provisioning(c: &mut Change<Op>, s: &GrafanaSpec, fleet: &[GroupInstance], push: Prepared) {
+    let stale: Vec<String> = fleet
+        .iter()
+        .filter(|i| i.installed.as_ref() != Some(&push.hash))
+        .map(|i| i.id.clone())
+        .collect();
+    if !stale.is_empty() {
+        c.field(
+            "provisioning",
+            Some(format!(
+                "{} of {} instances lack {}",
+                stale.len(),
+                fleet.len(),
+                push.short_hash()
+            )),
+            Some(format!("all {} ({})", fleet.len(), stale.join(", "))),
+        );
+        if let Some(source) = s.provisioning.password_source() {
+            c.field("admin_password", None, Some(source.describe()));
+        }
+        c.op(Op::Push {
+            instances: stale,
+            push,
+        });
     }
 }
 
