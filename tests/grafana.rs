@@ -21,9 +21,10 @@ const PASSWORD: &str = "Zq9-grafana-admin-s3cret";
 fn grafana_toml(subnets: &[String], certificate: &str) -> String {
     format!(
         r#"[grafana.main]
-ami = "ami-12c6146b"
+ami = "resolve:ssm:/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
 instance_type = "t3.small"
 subnets = ["{a}", "{b}"]
+instance_profile = "${{iam.instance_profile.grafana.name}}"
 min_size = 2
 max_size = 3
 desired_capacity = 2
@@ -288,6 +289,14 @@ async fn grafana_from_empty_then_drift_corrected_and_a_template_change_rolled_ou
             .unwrap()
             .as_str(),
         "required"
+    );
+    assert!(
+        data.image_id().unwrap().starts_with("ami-"),
+        "resolved: {data:?}"
+    );
+    assert_eq!(
+        data.iam_instance_profile().unwrap().name(),
+        Some("monitoring-grafana")
     );
     let root = &data.block_device_mappings()[0];
     assert_eq!(root.ebs().unwrap().encrypted(), Some(true));
