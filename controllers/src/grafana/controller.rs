@@ -257,7 +257,8 @@ pub struct Build {
     pub instance_group: Option<String>,
     pub port: i32,
     pub group_tags: (Tags, Tags),
-    pub template: Option<String>,
+    /// An existing template with its latest version.
+    pub template: Option<(String, i64)>,
     pub template_data: TemplateData,
     pub target_group: Option<String>,
     pub health: HealthCheck,
@@ -353,16 +354,7 @@ pub enum Op {
         group: String,
         target_groups: Vec<String>,
     },
-    /// A new template version when `data` is given (else `version`), the group pointed at it,
-    /// one rolling instance refresh, the version recorded on the group.
-    Roll {
-        group: String,
-        template: String,
-        data: Option<Box<TemplateData>>,
-        version: i64,
-        min_healthy: i32,
-        refresh: bool,
-    },
+    Roll(Box<Roll>),
     Push {
         instances: Vec<String>,
         push: Prepared,
@@ -382,6 +374,30 @@ pub enum Op {
     DeleteSecurityGroup {
         group: String,
     },
+}
+
+/// A new template version when `data` is given (else `version`), the group pointed at it
+/// (when `repin`), then the instance refresh as `refresh` says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Roll {
+    pub group: String,
+    pub template: String,
+    pub data: Option<TemplateData>,
+    pub version: i64,
+    pub repin: bool,
+    pub min_healthy: i32,
+    pub refresh: Refresh,
+}
+
+/// What a rollout does about the instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refresh {
+    /// Start a rolling instance refresh toward the version, then record the version.
+    Start,
+    /// A refresh toward the version already ran (the record was not written): record it.
+    Record,
+    /// A refresh is under way: the next pass after it ends starts one.
+    Later,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -976,25 +992,7 @@ impl Controller for GrafanaController {
                     .await
                     .map_err(aws_error("autoscaling", "DetachLoadBalancerTargetGroups"))?;
             }
-            Op::Roll {
-                group,
-                template,
-                data,
-                version,
-                min_healthy,
-                refresh,
-            } => {
-                roll(
-                    ctx,
-                    group,
-                    template,
-                    data.as_deref(),
-                    *version,
-                    *min_healthy,
-                    *refresh,
-                )
-                .await?
-            }
+            Op::Roll(r) => roll(ctx, r).await?,
             Op::Push { instances, push } => {
                 let controls = Controls {
                     // Grafana restarts: half the group at a time keeps it serving.
@@ -1382,14 +1380,19 @@ fn diff_rollout(c: &mut Change<Op>, s: &GrafanaSpec, refs: &Refs, live: &Live, a
                 s.min_healthy_percentage
             ));
         }
-        c.op(Op::Roll {
+        c.op(Op::Roll(Box::new(Roll {
             group: group.name.clone(),
             template: template.id.clone(),
-            data: Some(Box::new(want_data)),
+            data: Some(want_data),
             version: template.latest + 1,
             min_healthy: s.min_healthy_percentage,
-            refresh: active.is_none(),
-        });
+            repin: true,
+            refresh: if active.is_some() {
+                Refresh::Later
+            } else {
+                Refresh::Start
+            },
+        })));
     } else {
         let latest = template.latest.to_string();
         let behind = pinned.as_deref() != Some(latest.as_str());
@@ -1410,18 +1413,23 @@ fn diff_rollout(c: &mut Change<Op>, s: &GrafanaSpec, refs: &Refs, live: &Live, a
                     Some(latest.clone()),
                 );
             }
-            let refresh = active.is_none() && !started;
-            if refresh {
+            let refresh = match (active, started) {
+                (Some(_), _) => Refresh::Later,
+                (None, true) => Refresh::Record,
+                (None, false) => Refresh::Start,
+            };
+            if refresh == Refresh::Start {
                 c.field("instance_refresh", refreshed.clone(), Some(latest.clone()));
             }
-            c.op(Op::Roll {
+            c.op(Op::Roll(Box::new(Roll {
                 group: group.name.clone(),
                 template: template.id.clone(),
                 data: None,
                 version: template.latest,
+                repin: behind,
                 min_healthy: s.min_healthy_percentage,
                 refresh,
-            });
+            })));
         }
     }
 }
@@ -1532,7 +1540,7 @@ fn build_change(
         instance_group: inst_sg.map(|g| g.id.clone()),
         port: i32::from(s.target_group.port),
         group_tags: (alb_tags, inst_tags),
-        template: template.map(|t| t.id.clone()),
+        template: template.map(|t| (t.id.clone(), t.latest)),
         template_data: template_data(s, refs, ami, ""),
         target_group: tg.map(|t| t.arn.clone()),
         health: health(s),
@@ -2095,16 +2103,17 @@ fn request_data(d: &TemplateData) -> RequestLaunchTemplateData {
     b.build()
 }
 
-async fn roll(
-    ctx: &Context,
-    group: &str,
-    template: &str,
-    data: Option<&TemplateData>,
-    version: i64,
-    min_healthy: i32,
-    refresh: bool,
-) -> Result<()> {
-    let version = match data {
+async fn roll(ctx: &Context, r: &Roll) -> Result<()> {
+    let Roll {
+        group,
+        template,
+        version,
+        min_healthy,
+        ..
+    } = r;
+    let (group, template, version, min_healthy) =
+        (group.as_str(), template.as_str(), *version, *min_healthy);
+    let version = match &r.data {
         Some(d) => {
             let out = ctx
                 .ec2
@@ -2134,35 +2143,39 @@ async fn roll(
         .launch_template_id(template)
         .version(&version)
         .build();
-    ctx.autoscaling
-        .update_auto_scaling_group()
-        .auto_scaling_group_name(group)
-        .launch_template(spec.clone())
-        .send()
-        .await
-        .map_err(aws_error("autoscaling", "UpdateAutoScalingGroup"))?;
-    if !refresh {
+    if r.repin {
+        ctx.autoscaling
+            .update_auto_scaling_group()
+            .auto_scaling_group_name(group)
+            .launch_template(spec.clone())
+            .send()
+            .await
+            .map_err(aws_error("autoscaling", "UpdateAutoScalingGroup"))?;
+    }
+    if r.refresh == Refresh::Later {
         return Ok(());
     }
-    ctx.autoscaling
-        .start_instance_refresh()
-        .auto_scaling_group_name(group)
-        .strategy(RefreshStrategy::Rolling)
-        .desired_configuration(
-            DesiredConfiguration::builder()
-                .launch_template(spec)
-                .build(),
-        )
-        .preferences(
-            RefreshPreferences::builder()
-                .min_healthy_percentage(min_healthy)
-                .skip_matching(true)
-                .build(),
-        )
-        .send()
-        .await
-        .map_err(aws_error("autoscaling", "StartInstanceRefresh"))?;
-    tracing::info!(group, version, "instance refresh started");
+    if r.refresh == Refresh::Start {
+        ctx.autoscaling
+            .start_instance_refresh()
+            .auto_scaling_group_name(group)
+            .strategy(RefreshStrategy::Rolling)
+            .desired_configuration(
+                DesiredConfiguration::builder()
+                    .launch_template(spec)
+                    .build(),
+            )
+            .preferences(
+                RefreshPreferences::builder()
+                    .min_healthy_percentage(min_healthy)
+                    .skip_matching(true)
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(aws_error("autoscaling", "StartInstanceRefresh"))?;
+        tracing::info!(group, version, "instance refresh started");
+    }
     ctx.autoscaling
         .create_or_update_tags()
         .set_tags(Some(asg_tags(
@@ -2240,7 +2253,7 @@ async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
     let mut data = b.template_data.clone();
     data.security_groups = vec![instance_group.clone()];
     let (template, version) = match &b.template {
-        Some(t) => (t.clone(), "$Default".to_string()),
+        Some((t, latest)) => (t.clone(), latest.to_string()),
         None => {
             let out = ec2
                 .create_launch_template()
@@ -2324,9 +2337,7 @@ async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
         .version(&version)
         .build();
     let mut group_tags = b.tags.clone();
-    if version != "$Default" {
-        group_tags.insert(TAG_VERSION.into(), version.clone());
-    }
+    group_tags.insert(TAG_VERSION.into(), version.clone());
     ctx.autoscaling
         .create_auto_scaling_group()
         .auto_scaling_group_name(&b.name)
@@ -2382,4 +2393,147 @@ async fn group_instances(ctx: &Context, group: &str) -> Result<Vec<String>> {
         })
         .filter_map(|i| i.instance_id().map(str::to_string))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> GrafanaSpec {
+        toml::from_str(
+            r#"
+ami = "ami-1"
+instance_type = "t3.small"
+subnets = ["subnet-a"]
+min_size = 1
+max_size = 2
+alb = { subnets = ["subnet-a", "subnet-b"] }
+"#,
+        )
+        .unwrap()
+    }
+
+    struct World {
+        alb_sg: ObservedGroup,
+        inst_sg: ObservedGroup,
+        template: ObservedTemplate,
+        tg: ObservedTargetGroup,
+        lb: ObservedBalancer,
+        group: ObservedAsg,
+    }
+
+    impl World {
+        /// Converged on version 2 of the template.
+        fn new(s: &GrafanaSpec) -> World {
+            let inst_sg = ObservedGroup {
+                id: "sg-i".into(),
+                ..Default::default()
+            };
+            World {
+                alb_sg: ObservedGroup {
+                    id: "sg-a".into(),
+                    ..Default::default()
+                },
+                template: ObservedTemplate {
+                    id: "lt-1".into(),
+                    latest: 2,
+                    data: template_data(s, &Refs::default(), "ami-1".into(), &inst_sg.id),
+                    ..Default::default()
+                },
+                inst_sg,
+                tg: ObservedTargetGroup::default(),
+                lb: ObservedBalancer::default(),
+                group: ObservedAsg {
+                    name: "g".into(),
+                    template: Some(("lt-1".into(), "2".into())),
+                    tags: Tags::from([(TAG_VERSION.into(), "2".into())]),
+                    ..Default::default()
+                },
+            }
+        }
+
+        fn rollout(&self, s: &GrafanaSpec) -> Vec<Op> {
+            let live = Live {
+                alb_sg: &self.alb_sg,
+                inst_sg: &self.inst_sg,
+                template: &self.template,
+                tg: &self.tg,
+                lb: &self.lb,
+                group: &self.group,
+            };
+            let mut c = Change::new(
+                ResourceId::new(Kind::Grafana, "main"),
+                Action::Update,
+                "grafana",
+            );
+            diff_rollout(&mut c, s, &Refs::default(), &live, "ami-1".into());
+            c.ops
+        }
+    }
+
+    fn refresh(status: &str, version: &str) -> Option<ObservedGroupRefresh> {
+        Some(ObservedGroupRefresh {
+            id: "r-1".into(),
+            status: status.into(),
+            percentage: 40,
+            version: Some(version.into()),
+        })
+    }
+
+    #[test]
+    fn a_converged_group_rolls_nothing() {
+        let s = spec();
+        assert!(World::new(&s).rollout(&s).is_empty());
+    }
+
+    #[test]
+    fn a_template_change_is_one_new_version_and_one_refresh() {
+        let s = spec();
+        let mut changed = spec();
+        changed.instance_type = "t3.medium".into();
+        let ops = World::new(&s).rollout(&changed);
+        let [Op::Roll(r)] = ops.as_slice() else {
+            panic!("{ops:?}")
+        };
+        assert_eq!(r.data.as_ref().unwrap().instance_type, "t3.medium");
+        assert_eq!((r.version, r.repin, r.min_healthy), (3, true, 90));
+        assert_eq!(r.refresh, Refresh::Start);
+    }
+
+    #[test]
+    fn a_refresh_under_way_is_waited_for_never_doubled() {
+        let s = spec();
+        // Version 3 made and a refresh toward it running: the pass starts nothing.
+        let mut w = World::new(&s);
+        w.template.latest = 3;
+        w.group.template = Some(("lt-1".into(), "3".into()));
+        w.group.refresh = refresh("InProgress", "3");
+        w.group.tags.insert(TAG_VERSION.into(), "3".into());
+        assert!(w.rollout(&s).is_empty());
+        // The operator died after starting the refresh, before recording it: still nothing new.
+        w.group.tags.insert(TAG_VERSION.into(), "2".into());
+        assert!(w.rollout(&s).is_empty());
+        // Once it succeeded, the missing record alone is not a reason for another refresh.
+        w.group.refresh = refresh("Successful", "3");
+        let ops = w.rollout(&s);
+        let [Op::Roll(r)] = ops.as_slice() else {
+            panic!("{ops:?}")
+        };
+        assert_eq!((r.data.is_none(), r.repin), (true, false));
+        assert_eq!(
+            r.refresh,
+            Refresh::Record,
+            "the version is recorded, nothing restarted"
+        );
+        // A template change during a refresh makes the version; the refresh comes after.
+        w.group.refresh = refresh("InProgress", "3");
+        let mut changed = spec();
+        changed.root_volume_size_gib = 30;
+        let ops = w.rollout(&changed);
+        let [Op::Roll(r)] = ops.as_slice() else {
+            panic!("{ops:?}")
+        };
+        assert!(r.data.is_some());
+        assert_eq!(r.refresh, Refresh::Later);
+    }
 }
