@@ -6,6 +6,7 @@ mod aws;
 mod engine;
 mod load;
 mod report;
+mod watch;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -288,9 +289,10 @@ async fn reconcile_once(engine: &Engine, desired: &DesiredState, prune: bool) ->
     applied.errors.is_empty() && check.errors.is_empty() && !check.has_pending()
 }
 
-/// Continuous reconciliation: a pass every `interval`, the desired directory re-read each time
-/// (an invalid one is reported and the last valid one kept). Ctrl-C or SIGTERM stops it after
-/// the pass in flight.
+/// Continuous reconciliation: a pass every `interval`, and one as soon as the desired directory
+/// changes (debounced). The directory is re-read before each pass; an invalid one is reported
+/// and the last valid one kept. Each pass logs the generation it enforces (the git HEAD commit,
+/// or the content hash). Ctrl-C or SIGTERM stops it after the pass in flight.
 async fn run_loop(
     cli: &Cli,
     dir: &Path,
@@ -305,21 +307,38 @@ async fn run_loop(
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut watch =
+        watch::Watch::start(dir).with_context(|| format!("cannot watch {}", dir.display()))?;
+    let mut generation = watch::generation(dir, &desired.content_hash);
     loop {
-        reconcile_once(&engine, &desired, prune).await;
+        tracing::info!(%generation, "pass starting");
+        let converged = reconcile_once(&engine, &desired, prune).await;
+        tracing::info!(%generation, converged, "pass done");
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
+            _ = watch.changed(WATCH_QUIET) => tracing::info!("the desired directory changed"),
             _ = int.recv() => return Ok(EXIT_OK),
             _ = term.recv() => return Ok(EXIT_OK),
         }
         match load::load(dir) {
-            Ok(d) => desired = d,
+            Ok(d) => {
+                generation = watch::generation(dir, &d.content_hash);
+                desired = d;
+            }
             Err(diags) => {
                 for d in &diags {
                     tracing::error!("{d}");
                 }
-                tracing::error!("the desired state is invalid; still enforcing the last valid one");
+                tracing::error!(
+                    invalid = %watch::generation(dir, "(no commit)"),
+                    %generation,
+                    "the desired state is invalid; still enforcing the last valid one"
+                );
             }
         }
     }
 }
+
+/// How long the desired directory must be quiet after a change before a pass starts: a
+/// checkout writes many files.
+const WATCH_QUIET: Duration = Duration::from_millis(200);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests and benchmarks need, once: moto (which the project's emulator fronts)
 # into .venv/ inside the repository, and the Debian packages prometheus (Prometheus and
-# promtool) and prometheus-alertmanager (amtool). Sourced by tests/run.sh and tests/bench.sh.
+# promtool), prometheus-alertmanager (amtool), curl, git and time. Sourced by tests/run.sh and tests/bench.sh.
 set -euo pipefail
 
 if [ ! -x .venv/bin/moto_server ] || ! .venv/bin/pip freeze 2>/dev/null | grep -qx 'moto==5.2.5'; then
@@ -14,6 +14,7 @@ missing=()
 command -v prometheus >/dev/null && command -v promtool >/dev/null || missing+=(prometheus)
 command -v amtool >/dev/null || missing+=(prometheus-alertmanager)
 command -v curl >/dev/null || missing+=(curl)
+command -v git >/dev/null || missing+=(git)
 [ -x /usr/bin/time ] || missing+=(time)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"

@@ -1,0 +1,198 @@
+//! `stackwarden reconcile` as a daemon against the emulator, its desired directory a git
+//! checkout: it converges and reports the HEAD commit it enforces; a commit is applied at once
+//! (the file watch, not the hour-long resync) and reported with its commit id; an invalid commit
+//! is reported and the previous state stays enforced; SIGTERM exits 0.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::harness::{default_stack, edit, Aws};
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "ci")
+        .env("GIT_AUTHOR_EMAIL", "ci@example.com")
+        .env("GIT_COMMITTER_NAME", "ci")
+        .env("GIT_COMMITTER_EMAIL", "ci@example.com")
+        .output()
+        .expect("git is installed (tests/install.sh)");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// The daemon with its JSON log lines collected as they come.
+struct Daemon {
+    child: Child,
+    lines: Arc<Mutex<Vec<serde_json::Value>>>,
+    /// Log lines before this were matched already: each wait looks only at what came after.
+    cursor: usize,
+}
+
+impl Daemon {
+    fn start(endpoint: &str, dir: &Path) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_stackwarden"))
+            .args([
+                "--endpoint-url",
+                endpoint,
+                "--region",
+                "us-east-1",
+                "--log-format",
+                "json",
+                "reconcile",
+                "--interval",
+                "1h",
+            ])
+            .arg(dir)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_CONFIG_FILE", "/nonexistent")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    sink.lock().unwrap().push(v);
+                }
+            }
+        });
+        Daemon {
+            child,
+            lines,
+            cursor: 0,
+        }
+    }
+
+    /// Waits for a log line after the last one matched with this message (and these fields),
+    /// returning when it was seen.
+    fn wait_for(&mut self, message: &str, fields: &[(&str, &str)]) -> Instant {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            {
+                let lines = self.lines.lock().unwrap();
+                let found = lines[self.cursor..].iter().position(|l| {
+                    let f = &l["fields"];
+                    f["message"] == message
+                        && fields.iter().all(|(k, v)| {
+                            f[*k].as_str() == Some(v)
+                                || f[*k] == v.parse::<serde_json::Value>().unwrap_or_default()
+                        })
+                });
+                if let Some(i) = found {
+                    self.cursor += i + 1;
+                    return Instant::now();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no `{message}` {fields:?} in the daemon's log:\n{:#?}",
+                self.lines.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_is_applied_at_once_an_invalid_one_is_not_and_sigterm_exits_cleanly() {
+    let aws = Aws::start();
+    let dir = default_stack();
+    let repo = dir.path();
+    git(repo, &["init", "-q", "-b", "main"]);
+    git(repo, &["add", "."]);
+    git(repo, &["commit", "-qm", "the default stack"]);
+    let first = git(repo, &["rev-parse", "HEAD"]);
+
+    let mut daemon = Daemon::start(&aws.endpoint, repo);
+    daemon.wait_for(
+        "pass done",
+        &[("generation", &first), ("converged", "true")],
+    );
+
+    // A commit: applied without waiting for the resync (an hour), reported with its id.
+    edit(
+        repo,
+        "stack.toml",
+        "project = \"monitoring\"",
+        "project = \"observability\"",
+    );
+    let committed = Instant::now();
+    git(repo, &["commit", "-qam", "rename the project tag"]);
+    let second = git(repo, &["rev-parse", "HEAD"]);
+    let started = daemon.wait_for("pass starting", &[("generation", &second)]);
+    let latency = started.duration_since(committed);
+    assert!(
+        latency < Duration::from_secs(2),
+        "the pass for the commit started {latency:?} after it"
+    );
+    daemon.wait_for(
+        "pass done",
+        &[("generation", &second), ("converged", "true")],
+    );
+    let role = aws
+        .iam()
+        .await
+        .get_role()
+        .role_name("monitoring-prometheus")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        role.role()
+            .unwrap()
+            .tags()
+            .iter()
+            .any(|t| t.key() == "project" && t.value() == "observability"),
+        "the commit reached AWS"
+    );
+
+    // An invalid commit: reported; the previous desired state is still the one enforced.
+    std::fs::write(repo.join("broken.toml"), "[iam.role.x\n").unwrap();
+    git(repo, &["add", "."]);
+    git(repo, &["commit", "-qm", "a typo"]);
+    let third = git(repo, &["rev-parse", "HEAD"]);
+    daemon.wait_for(
+        "the desired state is invalid; still enforcing the last valid one",
+        &[("invalid", &third), ("generation", &second)],
+    );
+    daemon.wait_for(
+        "pass done",
+        &[("generation", &second), ("converged", "true")],
+    );
+
+    // SIGTERM: the daemon stops after the pass in flight, with exit code 0.
+    let pid = daemon.child.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let code = loop {
+        if let Some(s) = daemon.child.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(Instant::now() < deadline, "the daemon did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(0));
+}
