@@ -502,7 +502,7 @@ async fn grafana_from_empty_then_drift_corrected_and_a_template_change_rolled_ou
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn http_only_is_a_plan_warning() {
+async fn http_only_is_a_plan_warning_and_the_password_can_be_a_secret() {
     let s = setup().await;
     let text = std::fs::read_to_string(s.dir.path().join("grafana.toml")).unwrap();
     let text: String = text
@@ -510,8 +510,33 @@ async fn http_only_is_a_plan_warning() {
         .filter(|l| !l.starts_with("certificate_arn"))
         .map(|l| format!("{l}\n"))
         .collect();
-    std::fs::write(s.dir.path().join("grafana.toml"), text).unwrap();
-    s.run(&["reconcile", "--once"]).expect(0);
+    std::fs::write(
+        s.dir.path().join("grafana.toml"),
+        text.replace(
+            "admin_password_ssm_parameter = \"/grafana/admin\"",
+            "admin_password_secret = \"grafana/admin\"",
+        ),
+    )
+    .unwrap();
+    s.aws
+        .secrets()
+        .await
+        .create_secret()
+        .name("grafana/admin")
+        .secret_string(PASSWORD)
+        .send()
+        .await
+        .unwrap();
+    let run = s.run(&["reconcile", "--once"]);
+    run.expect(0);
+    assert!(run.stderr.contains("plain HTTP"), "{}", run.stderr);
+    for id in s.group_instances().await {
+        let root = s.sandboxes.path().join(id);
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/grafana/admin-password")).unwrap(),
+            PASSWORD
+        );
+    }
     let elb = s.aws.elb().await;
     let lbs = elb
         .describe_load_balancers()
@@ -532,12 +557,33 @@ async fn http_only_is_a_plan_warning() {
     );
     let plan = s.run(&["plan"]);
     plan.expect(0);
+    assert!(plan.stderr.contains("plain HTTP"), "{}", plan.stderr);
+
+    // A rotation (a new secret version) is pushed; the hash tag reveals nothing of the value.
+    s.aws
+        .secrets()
+        .await
+        .put_secret_value()
+        .secret_id("grafana/admin")
+        .secret_string(format!("{PASSWORD}-rotated"))
+        .send()
+        .await
+        .unwrap();
+    let plan = s.run(&["plan"]);
+    plan.expect(2);
     assert!(
-        plan.stdout.contains("plain HTTP") || plan.stderr.contains("plain HTTP"),
-        "{}\n{}",
-        plan.stdout,
-        plan.stderr
+        plan.stdout.contains("(sensitive, secret grafana/admin)"),
+        "{}",
+        plan.stdout
     );
+    s.run(&["reconcile", "--once"]).expect(0);
+    for id in s.group_instances().await {
+        let root = s.sandboxes.path().join(id);
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/grafana/admin-password")).unwrap(),
+            format!("{PASSWORD}-rotated")
+        );
+    }
 }
 
 #[test]

@@ -82,6 +82,10 @@ impl Aws {
     pub async fn elb(&self) -> aws_sdk_elasticloadbalancingv2::Client {
         aws_sdk_elasticloadbalancingv2::Client::new(&self.sdk().await)
     }
+
+    pub async fn secrets(&self) -> aws_sdk_secretsmanager::Client {
+        aws_sdk_secretsmanager::Client::new(&self.sdk().await)
+    }
 }
 
 /// The outcome of one CLI run.
