@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use aws_config::meta::region::RegionProviderChain;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_smithy_runtime_api::box_error::BoxError;
-use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
+use aws_smithy_runtime_api::client::interceptors::context::{
+    BeforeTransmitInterceptorContextRef, FinalizerInterceptorContextRef,
+};
 use aws_smithy_runtime_api::client::interceptors::{Intercept, SharedInterceptor};
 use aws_smithy_runtime_api::client::orchestrator::Metadata;
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
@@ -55,10 +57,12 @@ pub async fn sdk_config(
     Ok(config)
 }
 
-/// Counts API calls (each attempt that reaches the wire) by service and operation.
+/// Counts API calls (each attempt that reaches the wire) by service and operation, and their
+/// outcomes (`ok`, `error`, `throttled`).
 #[derive(Debug, Default)]
 pub struct CallCounter {
     counts: Mutex<BTreeMap<(String, String), u64>>,
+    outcomes: Mutex<BTreeMap<(String, String, String), u64>>,
 }
 
 impl CallCounter {
@@ -73,6 +77,38 @@ impl CallCounter {
     /// (service, operation) → calls.
     pub fn snapshot(&self) -> BTreeMap<(String, String), u64> {
         self.counts.lock().expect("counter lock").clone()
+    }
+
+    /// (service, operation, outcome) → calls.
+    pub fn outcomes(&self) -> BTreeMap<(String, String, String), u64> {
+        self.outcomes.lock().expect("counter lock").clone()
+    }
+}
+
+/// How an attempt ended, from its HTTP response: throttling errors look different in each AWS
+/// protocol (EC2 `RequestLimitExceeded`, query `Throttling`, JSON `ThrottlingException`, S3-style
+/// `SlowDown`, HTTP 429), so the error body is read for them.
+fn outcome(status: Option<u16>, body: Option<&[u8]>) -> &'static str {
+    match status {
+        Some(s) if (200..300).contains(&s) => "ok",
+        Some(429) => "throttled",
+        Some(_) => {
+            let text = String::from_utf8_lossy(body.unwrap_or_default());
+            if [
+                "Throttl",
+                "RequestLimitExceeded",
+                "TooManyRequests",
+                "SlowDown",
+            ]
+            .iter()
+            .any(|w| text.contains(w))
+            {
+                "throttled"
+            } else {
+                "error"
+            }
+        }
+        None => "error",
     }
 }
 
@@ -102,6 +138,34 @@ impl Intercept for Counting {
             *self
                 .0
                 .counts
+                .lock()
+                .expect("counter lock")
+                .entry(key)
+                .or_default() += 1;
+        }
+        Ok(())
+    }
+
+    fn read_after_attempt(
+        &self,
+        context: &FinalizerInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        if let Some(m) = cfg.load::<Metadata>() {
+            let response = context.response();
+            let outcome = outcome(
+                response.map(|r| r.status().as_u16()),
+                response.and_then(|r| r.body().bytes()),
+            );
+            let key = (
+                m.service().to_string(),
+                m.name().to_string(),
+                outcome.to_string(),
+            );
+            *self
+                .0
+                .outcomes
                 .lock()
                 .expect("counter lock")
                 .entry(key)

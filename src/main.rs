@@ -6,6 +6,7 @@ mod aws;
 mod engine;
 mod load;
 mod report;
+mod status;
 mod watch;
 
 use std::path::{Path, PathBuf};
@@ -85,8 +86,24 @@ enum Command {
         /// Time between passes when running continuously.
         #[arg(long, default_value = "60s", value_parser = parse_interval)]
         interval: Duration,
+        /// Where the daemon serves /metrics, /healthz, /readyz and /status (port 0: any free
+        /// port, logged).
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        listen: std::net::SocketAddr,
+    },
+    /// Show the running daemon's status: every resource's state, last error and generation.
+    Status {
+        /// The daemon's `--listen` address.
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        listen: std::net::SocketAddr,
+        /// The status as JSON, as `/status` serves it.
+        #[arg(long)]
+        json: bool,
     },
 }
+
+/// Loopback: the endpoint shows the stack's state and is meant for the local Prometheus agent.
+const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
 
 fn parse_interval(s: &str) -> Result<Duration, String> {
     stackwarden_controllers::desired::parse_duration(s)
@@ -225,15 +242,37 @@ async fn run(cli: &Cli, counter: &Arc<CallCounter>) -> anyhow::Result<u8> {
                 return Ok(EXIT_ERROR);
             };
             let engine = engine_for(cli, &desired, counter).await?;
-            let converged = reconcile_once(&engine, &desired, *prune).await;
-            Ok(if converged { EXIT_OK } else { EXIT_ERROR })
+            let pass = reconcile_once(&engine, &desired, *prune).await;
+            Ok(if pass.converged() {
+                EXIT_OK
+            } else {
+                EXIT_ERROR
+            })
         }
         Command::Reconcile {
             dir,
             prune,
             interval,
+            listen,
             ..
-        } => run_loop(cli, dir, *prune, *interval, counter).await,
+        } => run_loop(cli, dir, *prune, *interval, *listen, counter).await,
+        Command::Status { listen, json } => {
+            let url = format!("http://{listen}/status");
+            let text = ureq::get(&url)
+                .call()
+                .and_then(|mut r| r.body_mut().read_to_string())
+                .with_context(|| {
+                    format!("cannot read {url}: is the daemon running with --listen {listen}?")
+                })?;
+            if *json {
+                println!("{text}");
+            } else {
+                let report: status::Report =
+                    serde_json::from_str(&text).context("the daemon's /status is not a status")?;
+                print!("{}", status::table(&report));
+            }
+            Ok(EXIT_OK)
+        }
     }
 }
 
@@ -271,7 +310,19 @@ async fn plan(
 }
 
 /// One full pass with confirmation; prints the summary. Returns whether it converged.
-async fn reconcile_once(engine: &Engine, desired: &DesiredState, prune: bool) -> bool {
+/// What one pass did and what the check after it found.
+struct Pass {
+    applied: engine::Applied,
+    check: engine::Plan,
+}
+
+impl Pass {
+    fn converged(&self) -> bool {
+        self.applied.errors.is_empty() && self.check.errors.is_empty() && !self.check.has_pending()
+    }
+}
+
+async fn reconcile_once(engine: &Engine, desired: &DesiredState, prune: bool) -> Pass {
     let obs = engine.observe(desired).await;
     let applied = engine.apply(desired, &obs, prune).await;
     let after = engine.observe(desired).await;
@@ -286,7 +337,7 @@ async fn reconcile_once(engine: &Engine, desired: &DesiredState, prune: bool) ->
         "{}",
         report::reconcile_text(&applied.changes, &applied.errors, &check)
     );
-    applied.errors.is_empty() && check.errors.is_empty() && !check.has_pending()
+    Pass { applied, check }
 }
 
 /// Continuous reconciliation: a pass every `interval`, and one as soon as the desired directory
@@ -298,8 +349,20 @@ async fn run_loop(
     dir: &Path,
     prune: bool,
     interval: Duration,
+    listen: std::net::SocketAddr,
     counter: &Arc<CallCounter>,
 ) -> anyhow::Result<u8> {
+    let status = status::Status::new(counter.clone());
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(address = %listener.local_addr()?, "serving /metrics, /healthz, /readyz and /status");
+    let app = status::router(status.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the status endpoint stopped");
+        }
+    });
     let mut desired =
         load_or_report(dir).context("the desired state is invalid; nothing was applied")?;
     let engine = engine_for(cli, &desired, counter).await?;
@@ -312,8 +375,15 @@ async fn run_loop(
     let mut generation = watch::generation(dir, &desired.content_hash);
     loop {
         tracing::info!(%generation, "pass starting");
-        let converged = reconcile_once(&engine, &desired, prune).await;
-        tracing::info!(%generation, converged, "pass done");
+        let started = std::time::Instant::now();
+        let pass = reconcile_once(&engine, &desired, prune).await;
+        status.pass(
+            &generation,
+            &pass.applied,
+            &pass.check,
+            started.elapsed().as_secs_f64(),
+        );
+        tracing::info!(%generation, converged = pass.converged(), "pass done");
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = watch.changed(WATCH_QUIET) => tracing::info!("the desired directory changed"),
@@ -324,13 +394,16 @@ async fn run_loop(
             Ok(d) => {
                 generation = watch::generation(dir, &d.content_hash);
                 desired = d;
+                status.invalid(None);
             }
             Err(diags) => {
                 for d in &diags {
                     tracing::error!("{d}");
                 }
+                let invalid = watch::generation(dir, "(no commit)");
+                status.invalid(Some(invalid.clone()));
                 tracing::error!(
-                    invalid = %watch::generation(dir, "(no commit)"),
+                    %invalid,
                     %generation,
                     "the desired state is invalid; still enforcing the last valid one"
                 );

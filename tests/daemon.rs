@@ -50,6 +50,8 @@ impl Daemon {
                 "reconcile",
                 "--interval",
                 "1h",
+                "--listen",
+                "127.0.0.1:0",
             ])
             .arg(dir)
             .env("AWS_ACCESS_KEY_ID", "testing")
@@ -75,6 +77,24 @@ impl Daemon {
             child,
             lines,
             cursor: 0,
+        }
+    }
+
+    /// The status endpoint's address, from the log.
+    fn address(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let found = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find_map(|l| l["fields"]["address"].as_str().map(str::to_string));
+            if let Some(a) = found {
+                return a;
+            }
+            assert!(Instant::now() < deadline, "the daemon logged no address");
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -180,6 +200,76 @@ async fn a_commit_is_applied_at_once_an_invalid_one_is_not_and_sigterm_exits_cle
     daemon.wait_for(
         "pass done",
         &[("generation", &second), ("converged", "true")],
+    );
+
+    // The endpoint: ready, every resource in sync at the commit, metrics promtool accepts, and
+    // `stackwarden status` showing the same.
+    let address = daemon.address();
+    let get = |path: &str| {
+        ureq::get(&format!("http://{address}{path}"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    };
+    assert_eq!(get("/healthz"), "ok\n");
+    assert_eq!(get("/readyz"), "ready\n");
+    let report: serde_json::Value = serde_json::from_str(&get("/status")).unwrap();
+    assert_eq!(report["generation"], second.as_str());
+    assert_eq!(report["invalid"], third.as_str());
+    let resources = report["resources"].as_object().unwrap();
+    assert_eq!(resources.len(), 7, "{report:#}");
+    for (id, r) in resources {
+        assert_eq!(r["state"], "in_sync", "{id}: {r}");
+        assert_eq!(r["generation"], second.as_str(), "{id}: {r}");
+    }
+    let metrics = get("/metrics");
+    for family in [
+        "stackwarden_reconciles_total{",
+        "stackwarden_pass_duration_seconds_count",
+        "stackwarden_resources{state=\"in_sync\"} 7",
+        "stackwarden_aws_calls_total{service=\"IAM\",operation=\"GetRole\",outcome=\"ok\"}",
+        "stackwarden_desired_state_invalid 1",
+        "stackwarden_last_success_timestamp_seconds",
+    ] {
+        assert!(metrics.contains(family), "{family} in\n{metrics}");
+    }
+    assert!(
+        metrics.contains(&format!("generation=\"{second}\"")),
+        "{metrics}"
+    );
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (tests/install.sh)");
+    use std::io::Write as _;
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = Command::new(env!("CARGO_BIN_EXE_stackwarden"))
+        .args(["status", "--listen", &address])
+        .output()
+        .unwrap();
+    assert!(table.status.success());
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(table.contains("iam.role.prometheus"), "{table}");
+    assert!(
+        table.contains(&format!("is invalid; still enforcing {second}")),
+        "{table}"
     );
 
     // SIGTERM: the daemon stops after the pass in flight, with exit code 0.
