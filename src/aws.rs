@@ -193,3 +193,26 @@ pub fn render_stats(counter: &CallCounter) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::outcome;
+
+    #[test]
+    fn throttling_is_recognised_in_every_protocols_shape() {
+        let ec2 = b"<Response><Errors><Error><Code>RequestLimitExceeded</Code></Error></Errors></Response>";
+        let query = b"<ErrorResponse><Error><Code>Throttling</Code></Error></ErrorResponse>";
+        let json = br#"{"__type":"ThrottlingException","message":"slow down"}"#;
+        for body in [&ec2[..], &query[..], &json[..]] {
+            assert_eq!(outcome(Some(400), Some(body)), "throttled");
+        }
+        assert_eq!(outcome(Some(503), Some(&ec2[..])), "throttled");
+        assert_eq!(outcome(Some(429), None), "throttled");
+        assert_eq!(
+            outcome(Some(400), Some(br#"{"__type":"ValidationException"}"#)),
+            "error"
+        );
+        assert_eq!(outcome(Some(200), None), "ok");
+        assert_eq!(outcome(None, None), "error");
+    }
+}

@@ -405,3 +405,17 @@ pub fn table(r: &Report) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_by_their_total_samples_and_eof_dropped() {
+        let om = "# HELP x_calls Calls.\n# TYPE x_calls counter\nx_calls_total{a=\"1\"} 2\n# HELP x_up Up.\n# TYPE x_up gauge\nx_up 1\n# EOF\n";
+        assert_eq!(
+            to_text_format(om),
+            "# HELP x_calls_total Calls.\n# TYPE x_calls_total counter\nx_calls_total{a=\"1\"} 2\n# HELP x_up Up.\n# TYPE x_up gauge\nx_up 1\n"
+        );
+    }
+}
