@@ -343,7 +343,8 @@ async fn reconcile_once(engine: &Engine, desired: &DesiredState, prune: bool) ->
 /// Continuous reconciliation: a pass every `interval`, and one as soon as the desired directory
 /// changes (debounced). The directory is re-read before each pass; an invalid one is reported
 /// and the last valid one kept. Each pass logs the generation it enforces (the git HEAD commit,
-/// or the content hash). Ctrl-C or SIGTERM stops it after the pass in flight.
+/// or the content hash). Ctrl-C or SIGTERM stops it after the pass in flight; a second signal
+/// stops it at once.
 async fn run_loop(
     cli: &Cli,
     dir: &Path,
@@ -376,7 +377,26 @@ async fn run_loop(
     loop {
         tracing::info!(%generation, "pass starting");
         let started = std::time::Instant::now();
-        let pass = reconcile_once(&engine, &desired, prune).await;
+        // A first signal lets the pass in flight finish (its changes are not cut in the middle),
+        // then exits; a second one exits at once.
+        let mut stopping = false;
+        let pass = {
+            let in_flight = reconcile_once(&engine, &desired, prune);
+            tokio::pin!(in_flight);
+            loop {
+                tokio::select! {
+                    p = &mut in_flight => break p,
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                if stopping {
+                    tracing::warn!("second signal: exiting without finishing the pass");
+                    return Ok(EXIT_ERROR);
+                }
+                stopping = true;
+                tracing::info!("signal: finishing the pass in flight, then exiting");
+            }
+        };
         status.pass(
             &generation,
             &pass.applied,
@@ -384,6 +404,9 @@ async fn run_loop(
             started.elapsed().as_secs_f64(),
         );
         tracing::info!(%generation, converged = pass.converged(), "pass done");
+        if stopping {
+            return Ok(EXIT_OK);
+        }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = watch.changed(WATCH_QUIET) => tracing::info!("the desired directory changed"),

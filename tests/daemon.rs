@@ -1,13 +1,16 @@
 //! `stackwarden reconcile` as a daemon against the emulator, its desired directory a git
 //! checkout: it converges and reports the HEAD commit it enforces; a commit is applied at once
 //! (the file watch, not the hour-long resync) and reported with its commit id; an invalid commit
-//! is reported and the previous state stays enforced; SIGTERM exits 0.
+//! is reported and the previous state stays enforced; the status endpoint; SIGTERM during a
+//! pass lets it finish and exits 0, a second signal exits at once.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use stackwarden_emulator::{Fault, FaultKind};
 
 use crate::harness::{default_stack, edit, Aws};
 
@@ -123,6 +126,30 @@ impl Daemon {
                 "no `{message}` {fields:?} in the daemon's log:\n{:#?}",
                 self.lines.lock().unwrap()
             );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Daemon {
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the daemon to exit.
+    fn exit_code(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                // Let the reader thread take the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return s.code();
+            }
+            assert!(Instant::now() < deadline, "the daemon did not stop");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -272,17 +299,26 @@ async fn a_commit_is_applied_at_once_an_invalid_one_is_not_and_sigterm_exits_cle
         "{table}"
     );
 
-    // SIGTERM: the daemon stops after the pass in flight, with exit code 0.
-    let pid = daemon.child.id().to_string();
-    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let code = loop {
-        if let Some(s) = daemon.child.try_wait().unwrap() {
-            break s.code();
-        }
-        assert!(Instant::now() < deadline, "the daemon did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(code, Some(0));
+    // SIGTERM during a pass: the pass finishes, then the daemon exits 0.
+    aws.emulator.inject(Fault::on(
+        "iam",
+        "GetRole",
+        FaultKind::Latency { millis: 300 },
+    ));
+    std::fs::write(repo.join("notes.txt"), "a change that starts a pass\n").unwrap();
+    daemon.wait_for("pass starting", &[("generation", &second)]);
+    daemon.signal("TERM");
+    daemon.wait_for("signal: finishing the pass in flight, then exiting", &[]);
+    daemon.wait_for("pass done", &[("generation", &second)]);
+    assert_eq!(daemon.exit_code(), Some(0));
+
+    // Two signals: the second exits at once, the pass unfinished.
+    std::fs::remove_file(repo.join("broken.toml")).unwrap();
+    let mut daemon = Daemon::start(&aws.endpoint, repo);
+    daemon.wait_for("pass starting", &[]);
+    daemon.signal("TERM");
+    daemon.wait_for("signal: finishing the pass in flight, then exiting", &[]);
+    daemon.signal("TERM");
+    assert_eq!(daemon.exit_code(), Some(1));
+    daemon.wait_for("second signal: exiting without finishing the pass", &[]);
 }
