@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use anyhow::Context as _;
 use aws_config::meta::region::RegionProviderChain;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_smithy_runtime_api::box_error::BoxError;
@@ -23,6 +24,8 @@ pub struct AwsOptions {
     pub region: Option<String>,
     pub profile: Option<String>,
     pub endpoint_url: Option<String>,
+    /// Client-side rate limits; none: the defaults.
+    pub limits: Option<crate::limit::Limits>,
 }
 
 /// Loads the SDK configuration. The region comes from `--region`, then the standard chain,
@@ -54,6 +57,23 @@ pub async fn sdk_config(
     if config.region().is_none() {
         anyhow::bail!("no AWS region: pass --region, set AWS_REGION, or set `region` in [stack]");
     }
+    // Every request waits for a token of its service; throttling that still happens slows the
+    // SDK's own adaptive retry down further.
+    let limits = opts
+        .limits
+        .clone()
+        .unwrap_or_else(|| crate::limit::Limits::parse(&[]).expect("the defaults parse"));
+    let http = config
+        .http_client()
+        .context("the SDK configuration has no HTTP client")?;
+    let config = config
+        .to_builder()
+        .http_client(crate::limit::Limited::wrap(
+            http,
+            crate::limit::Buckets::new(limits),
+        ))
+        .retry_config(aws_config::retry::RetryConfig::adaptive())
+        .build();
     Ok(config)
 }
 

@@ -4,6 +4,7 @@
 
 mod aws;
 mod engine;
+mod limit;
 mod load;
 mod report;
 mod status;
@@ -39,6 +40,11 @@ struct Cli {
     /// Print the AWS API calls made, by service and operation, to stderr when done.
     #[arg(long, global = true)]
     stats: bool,
+    /// Client-side rate limit of one AWS service, SERVICE=REQUESTS_PER_SECOND with the SigV4
+    /// service name (ec2, iam, aps, ssm, autoscaling, elasticloadbalancing, ...); `*` for every
+    /// service not named. Repeatable. Default: 20 per second per service.
+    #[arg(long = "rate-limit", global = true, value_name = "SERVICE=RPS")]
+    rate_limits: Vec<String>,
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "STACKWARDEN_LOG_FORMAT")]
     log_format: LogFormat,
@@ -185,6 +191,10 @@ async fn engine_for(
         region: cli.region.clone(),
         profile: cli.profile.clone(),
         endpoint_url: cli.endpoint_url.clone(),
+        limits: Some(
+            limit::Limits::parse(&cli.rate_limits)
+                .map_err(|e| anyhow::anyhow!("--rate-limit {e}"))?,
+        ),
     };
     let sdk = aws::sdk_config(&opts, desired.stack.region.as_deref()).await?;
     let waits = Waits {
