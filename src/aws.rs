@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use anyhow::Context as _;
 use aws_config::meta::region::RegionProviderChain;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_smithy_runtime_api::box_error::BoxError;
@@ -65,7 +64,7 @@ pub async fn sdk_config(
         .unwrap_or_else(|| crate::limit::Limits::parse(&[]).expect("the defaults parse"));
     let http = config
         .http_client()
-        .context("the SDK configuration has no HTTP client")?;
+        .unwrap_or_else(crate::limit::default_https_client);
     let config = config
         .to_builder()
         .http_client(crate::limit::Limited::wrap(

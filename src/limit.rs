@@ -121,6 +121,25 @@ fn service_of(request: &HttpRequest) -> String {
         .to_string()
 }
 
+/// The SDK's default HTTPS client (hyper with rustls and aws-lc, proxies from the environment),
+/// built here because the shared configuration does not carry it: each service client makes
+/// its own when none is set, and this one must wrap it.
+pub fn default_https_client() -> SharedHttpClient {
+    use aws_smithy_http_client::proxy::ProxyConfig;
+    use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+    use aws_smithy_http_client::{Builder, ConnectorBuilder};
+    Builder::new().build_with_connector_fn(|settings, components| {
+        let mut conn =
+            ConnectorBuilder::default().tls_provider(tls::Provider::Rustls(CryptoMode::AwsLc));
+        conn.set_connector_settings(settings.cloned());
+        if let Some(c) = components {
+            conn.set_sleep_impl(c.sleep_impl());
+        }
+        conn.set_proxy_config(Some(ProxyConfig::from_env()));
+        conn.build()
+    })
+}
+
 /// An HTTP client that takes a token from the request's service bucket before sending it.
 #[derive(Debug, Clone)]
 pub struct Limited {
