@@ -7,8 +7,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use aws_sdk_autoscaling::types::AutoScalingGroup;
 use aws_sdk_ec2::types::{Filter, IpPermission, IpRange};
-use aws_sdk_elasticloadbalancingv2::types::{Action, ActionTypeEnum, ProtocolEnum};
+use aws_sdk_elasticloadbalancingv2::types::{Action, ActionTypeEnum, Listener, ProtocolEnum};
 use aws_sdk_ssm::types::ParameterType;
 use stackwarden_emulator::Settings;
 
@@ -77,7 +78,8 @@ impl Setup {
         run
     }
 
-    async fn group_instances(&self) -> Vec<String> {
+    /// The stack's Auto Scaling Group as AWS has it.
+    async fn group(&self) -> AutoScalingGroup {
         let out = self
             .aws
             .autoscaling()
@@ -87,7 +89,34 @@ impl Setup {
             .send()
             .await
             .unwrap();
-        let mut ids: Vec<String> = out.auto_scaling_groups()[0]
+        out.auto_scaling_groups()[0].clone()
+    }
+
+    /// The load balancer's listeners by port.
+    async fn listeners(&self) -> BTreeMap<i32, Listener> {
+        let elb = self.aws.elb().await;
+        let lbs = elb
+            .describe_load_balancers()
+            .names("monitoring-main")
+            .send()
+            .await
+            .unwrap();
+        let out = elb
+            .describe_listeners()
+            .load_balancer_arn(lbs.load_balancers()[0].load_balancer_arn().unwrap())
+            .send()
+            .await
+            .unwrap();
+        out.listeners()
+            .iter()
+            .map(|l| (l.port().unwrap(), l.clone()))
+            .collect()
+    }
+
+    async fn group_instances(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .group()
+            .await
             .instances()
             .iter()
             .map(|i| i.instance_id().unwrap().to_string())
@@ -256,13 +285,7 @@ async fn grafana_from_empty_then_drift_corrected_and_a_template_change_rolled_ou
 
     // What AWS has: the group, its template, the load balancer and its listeners.
     let asg = s.aws.autoscaling().await;
-    let group = asg
-        .describe_auto_scaling_groups()
-        .auto_scaling_group_names("monitoring-main")
-        .send()
-        .await
-        .unwrap();
-    let group = &group.auto_scaling_groups()[0];
+    let group = s.group().await;
     assert_eq!(
         (group.min_size(), group.max_size(), group.desired_capacity()),
         (Some(2), Some(3), Some(2))
@@ -309,19 +332,8 @@ async fn grafana_from_empty_then_drift_corrected_and_a_template_change_rolled_ou
         .await
         .unwrap();
     let lb = &lbs.load_balancers()[0];
-    let lb_arn = lb.load_balancer_arn().unwrap().to_string();
     let alb_sg = lb.security_groups()[0].clone();
-    let listeners = elb
-        .describe_listeners()
-        .load_balancer_arn(&lb_arn)
-        .send()
-        .await
-        .unwrap();
-    let mut by_port: BTreeMap<i32, &aws_sdk_elasticloadbalancingv2::types::Listener> =
-        BTreeMap::new();
-    for l in listeners.listeners() {
-        by_port.insert(l.port().unwrap(), l);
-    }
+    let by_port = s.listeners().await;
     assert_eq!(by_port.keys().copied().collect::<Vec<_>>(), [80, 443]);
     let http = by_port[&80].default_actions()[0].redirect_config().unwrap();
     assert_eq!((http.protocol(), http.port()), (Some("HTTPS"), Some("443")));
@@ -423,19 +435,8 @@ async fn grafana_from_empty_then_drift_corrected_and_a_template_change_rolled_ou
         tg.target_groups()[0].health_check_path(),
         Some("/api/health")
     );
-    let listeners = elb
-        .describe_listeners()
-        .load_balancer_arn(&lb_arn)
-        .send()
-        .await
-        .unwrap();
-    let http = listeners
-        .listeners()
-        .iter()
-        .find(|l| l.port() == Some(80))
-        .unwrap();
     assert_eq!(
-        http.default_actions()[0].r#type(),
+        s.listeners().await[&80].default_actions()[0].r#type(),
         Some(&ActionTypeEnum::Redirect)
     );
 
@@ -457,17 +458,8 @@ async fn grafana_from_empty_then_drift_corrected_and_a_template_change_rolled_ou
         assert_eq!(run.count("CreateLaunchTemplateVersion"), 0);
     }
     assert_eq!(refreshes, 1, "one refresh for one template change");
-    let group = asg
-        .describe_auto_scaling_groups()
-        .auto_scaling_group_names("monitoring-main")
-        .send()
-        .await
-        .unwrap();
     assert_eq!(
-        group.auto_scaling_groups()[0]
-            .launch_template()
-            .unwrap()
-            .version(),
+        s.group().await.launch_template().unwrap().version(),
         Some("2")
     );
     let refreshed = asg
@@ -537,22 +529,10 @@ async fn http_only_is_a_plan_warning_and_the_password_can_be_a_secret() {
             PASSWORD
         );
     }
-    let elb = s.aws.elb().await;
-    let lbs = elb
-        .describe_load_balancers()
-        .names("monitoring-main")
-        .send()
-        .await
-        .unwrap();
-    let listeners = elb
-        .describe_listeners()
-        .load_balancer_arn(lbs.load_balancers()[0].load_balancer_arn().unwrap())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(listeners.listeners().len(), 1);
+    let listeners = s.listeners().await;
+    assert_eq!(listeners.keys().copied().collect::<Vec<_>>(), [80]);
     assert_eq!(
-        listeners.listeners()[0].default_actions()[0].r#type(),
+        listeners[&80].default_actions()[0].r#type(),
         Some(&ActionTypeEnum::Forward)
     );
     let plan = s.run(&["plan"]);

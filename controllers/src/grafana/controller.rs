@@ -49,8 +49,8 @@ use crate::controller::{wait_until, Context, Controller, Progress};
 use crate::desired::{parse_duration, DesiredState, Resource, Spec, TAG_ID, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
 use crate::host::controller::{
-    ec2_tags, locate_subnet, permissions, resolve_ami, security_groups, tag_map, tag_spec,
-    ObservedGroup, Rule, Source,
+    locate_subnet, resolve_ami, security_groups, tag_map, tag_spec, Ingress, ObservedGroup, Rule,
+    Source,
 };
 use crate::model::{Kind, Outputs, Refs, ResourceId};
 use crate::push::send::{send, Controls};
@@ -91,7 +91,6 @@ pub struct TemplateData {
 #[derive(Debug, Clone, Default)]
 pub struct ObservedTemplate {
     pub id: String,
-    pub name: String,
     pub latest: i64,
     pub data: TemplateData,
     pub tags: Tags,
@@ -109,7 +108,6 @@ pub struct HealthCheck {
 #[derive(Debug, Clone, Default)]
 pub struct ObservedTargetGroup {
     pub arn: String,
-    pub name: String,
     pub port: i32,
     pub health: HealthCheck,
     pub tags: Tags,
@@ -150,7 +148,6 @@ impl std::fmt::Display for ListenerSpec {
 #[derive(Debug, Clone, Default)]
 pub struct ObservedBalancer {
     pub arn: String,
-    pub name: String,
     pub dns_name: String,
     pub scheme: String,
     pub subnets: BTreeSet<String>,
@@ -283,22 +280,7 @@ pub struct Sizes {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
     Build(Box<Build>),
-    Authorize {
-        group: String,
-        rules: Vec<Rule>,
-    },
-    Revoke {
-        group: String,
-        rules: Vec<Rule>,
-    },
-    Ec2Tag {
-        resource: String,
-        tags: Tags,
-    },
-    Ec2Untag {
-        resource: String,
-        keys: Vec<String>,
-    },
+    Ingress(Ingress),
     ElbTag {
         arn: String,
         tags: Tags,
@@ -560,10 +542,6 @@ fn template_fields(
     out
 }
 
-fn show_rules(r: &BTreeSet<Rule>) -> String {
-    r.iter().map(Rule::to_string).collect::<Vec<_>>().join(", ")
-}
-
 fn provisioning_push(
     s: &GrafanaSpec,
     refs: &Refs,
@@ -820,42 +798,7 @@ impl Controller for GrafanaController {
         let (ec2, elb, asg) = (&ctx.ec2, &ctx.elb, &ctx.autoscaling);
         match op {
             Op::Build(b) => return build(ctx, b).await.map(Some),
-            Op::Authorize { group, rules } => {
-                ec2.authorize_security_group_ingress()
-                    .group_id(group)
-                    .set_ip_permissions(Some(permissions(rules)))
-                    .send()
-                    .await
-                    .map_err(aws_error("ec2", "AuthorizeSecurityGroupIngress"))?;
-            }
-            Op::Revoke { group, rules } => {
-                ec2.revoke_security_group_ingress()
-                    .group_id(group)
-                    .set_ip_permissions(Some(permissions(rules)))
-                    .send()
-                    .await
-                    .map_err(aws_error("ec2", "RevokeSecurityGroupIngress"))?;
-            }
-            Op::Ec2Tag { resource, tags } => {
-                ec2.create_tags()
-                    .resources(resource)
-                    .set_tags(Some(ec2_tags(tags)))
-                    .send()
-                    .await
-                    .map_err(aws_error("ec2", "CreateTags"))?;
-            }
-            Op::Ec2Untag { resource, keys } => {
-                let tags = keys
-                    .iter()
-                    .map(|k| aws_sdk_ec2::types::Tag::builder().key(k).build())
-                    .collect();
-                ec2.delete_tags()
-                    .resources(resource)
-                    .set_tags(Some(tags))
-                    .send()
-                    .await
-                    .map_err(aws_error("ec2", "DeleteTags"))?;
-            }
+            Op::Ingress(change) => change.apply(ctx).await?,
             Op::ElbTag { arn, tags } => {
                 elb.add_tags()
                     .resource_arns(arn)
@@ -1074,28 +1017,10 @@ fn diff_security_groups(c: &mut Change<Op>, s: &GrafanaSpec, live: &Live) {
         (alb_sg, alb_rules(s)),
         (inst_sg, instance_rules(s, &alb_sg.id)),
     ] {
-        let add: Vec<Rule> = want.difference(&g.ingress).cloned().collect();
-        let extra: Vec<Rule> = g.ingress.difference(&want).cloned().collect();
-        if add.is_empty() && extra.is_empty() {
-            continue;
-        }
         let role = g.tags.get(TAG_ROLE).cloned().unwrap_or_default();
-        c.field(
-            format!("security_group.{role}.ingress"),
-            Some(show_rules(&g.ingress)),
-            Some(show_rules(&want)),
-        );
-        if !extra.is_empty() {
-            c.op(Op::Revoke {
-                group: g.id.clone(),
-                rules: extra,
-            });
-        }
-        if !add.is_empty() {
-            c.op(Op::Authorize {
-                group: g.id.clone(),
-                rules: add,
-            });
+        if let Some(change) = Ingress::diff(c, &format!("security_group.{role}.ingress"), g, &want)
+        {
+            c.op(Op::Ingress(change));
         }
     }
 }
@@ -1656,7 +1581,6 @@ async fn observe_templates(ctx: &Context, stack: Filter) -> Result<Vec<ObservedT
         for t in page.launch_templates() {
             templates.push(ObservedTemplate {
                 id: t.launch_template_id().unwrap_or_default().into(),
-                name: t.launch_template_name().unwrap_or_default().into(),
                 latest: t.latest_version_number().unwrap_or_default(),
                 data: TemplateData::default(),
                 tags: tag_map(t.tags()),
@@ -1733,7 +1657,6 @@ async fn observe_elb(
             }
             balancers.push(ObservedBalancer {
                 arn: b.load_balancer_arn().unwrap_or_default().into(),
-                name: name.into(),
                 dns_name: b.dns_name().unwrap_or_default().into(),
                 scheme: b
                     .scheme()
@@ -1760,7 +1683,6 @@ async fn observe_elb(
             }
             target_groups.push(ObservedTargetGroup {
                 arn: t.target_group_arn().unwrap_or_default().into(),
-                name: name.into(),
                 port: t.port().unwrap_or_default(),
                 health: HealthCheck {
                     path: t.health_check_path().unwrap_or_default().into(),
@@ -2217,16 +2139,13 @@ async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
         }
     };
     let authorize = |group: String, rules: Vec<Rule>| async move {
-        if rules.is_empty() {
-            return Ok(());
+        Ingress {
+            group,
+            revoke: Vec::new(),
+            authorize: rules,
         }
-        ec2.authorize_security_group_ingress()
-            .group_id(group)
-            .set_ip_permissions(Some(permissions(&rules)))
-            .send()
-            .await
-            .map_err(aws_error("ec2", "AuthorizeSecurityGroupIngress"))?;
-        Ok::<_, Error>(())
+        .apply(ctx)
+        .await
     };
     let alb_group = match &b.alb_group {
         Some(g) => g.clone(),

@@ -101,6 +101,68 @@ pub struct ObservedGroup {
     pub ingress: BTreeSet<Rule>,
 }
 
+/// A security group's ingress taken to the desired rules: what to revoke, what to authorize.
+/// Hosts and Grafana groups keep their rules exact the same way.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ingress {
+    pub group: String,
+    pub revoke: Vec<Rule>,
+    pub authorize: Vec<Rule>,
+}
+
+fn show_rules(r: &BTreeSet<Rule>) -> String {
+    r.iter().map(Rule::to_string).collect::<Vec<_>>().join(", ")
+}
+
+impl Ingress {
+    /// The change that gives `group` exactly `want` (shown in the plan as `field`), if any.
+    pub(crate) fn diff<Op>(
+        c: &mut Change<Op>,
+        field: &str,
+        group: &ObservedGroup,
+        want: &BTreeSet<Rule>,
+    ) -> Option<Ingress> {
+        let authorize: Vec<Rule> = want.difference(&group.ingress).cloned().collect();
+        let revoke: Vec<Rule> = group.ingress.difference(want).cloned().collect();
+        if authorize.is_empty() && revoke.is_empty() {
+            return None;
+        }
+        c.field(
+            field,
+            Some(show_rules(&group.ingress)),
+            Some(show_rules(want)),
+        );
+        Some(Ingress {
+            group: group.id.clone(),
+            revoke,
+            authorize,
+        })
+    }
+
+    /// Revokes first, so a rule that only changed its source never doubles access.
+    pub(crate) async fn apply(&self, ctx: &Context) -> Result<()> {
+        if !self.revoke.is_empty() {
+            ctx.ec2
+                .revoke_security_group_ingress()
+                .group_id(&self.group)
+                .set_ip_permissions(Some(permissions(&self.revoke)))
+                .send()
+                .await
+                .map_err(aws_error("ec2", "RevokeSecurityGroupIngress"))?;
+        }
+        if !self.authorize.is_empty() {
+            ctx.ec2
+                .authorize_security_group_ingress()
+                .group_id(&self.group)
+                .set_ip_permissions(Some(permissions(&self.authorize)))
+                .send()
+                .await
+                .map_err(aws_error("ec2", "AuthorizeSecurityGroupIngress"))?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct ObservedVolume {
     pub id: String,
@@ -225,14 +287,7 @@ pub enum Op {
         instance: String,
         instance_type: String,
     },
-    Authorize {
-        group: String,
-        rules: Vec<Rule>,
-    },
-    Revoke {
-        group: String,
-        rules: Vec<Rule>,
-    },
+    Ingress(Ingress),
     /// Creates (or takes the existing) volume and attaches it.
     AttachVolume {
         instance: String,
@@ -614,31 +669,10 @@ impl Controller for HostController {
                 keys,
             },
         );
-        if let Some(g) = group {
-            let add: Vec<Rule> = rules.difference(&g.ingress).cloned().collect();
-            let extra: Vec<Rule> = g.ingress.difference(&rules).cloned().collect();
-            if !add.is_empty() || !extra.is_empty() {
-                let show = |r: &BTreeSet<Rule>| {
-                    r.iter().map(Rule::to_string).collect::<Vec<_>>().join(", ")
-                };
-                c.field(
-                    "security_group.ingress",
-                    Some(show(&g.ingress)),
-                    Some(show(&rules)),
-                );
-            }
-            if !extra.is_empty() {
-                c.op(Op::Revoke {
-                    group: g.id.clone(),
-                    rules: extra,
-                });
-            }
-            if !add.is_empty() {
-                c.op(Op::Authorize {
-                    group: g.id.clone(),
-                    rules: add,
-                });
-            }
+        if let Some(change) =
+            group.and_then(|g| Ingress::diff(&mut c, "security_group.ingress", g, &rules))
+        {
+            c.op(Op::Ingress(change));
         }
         for v in &s.volumes {
             let want = volume_plan(desired, r, v);
@@ -816,22 +850,7 @@ impl Controller for HostController {
                     .map_err(aws_error("ec2", "StartInstances"))?;
                 wait_state(ctx, instance, InstanceStateName::Running).await?;
             }
-            Op::Authorize { group, rules } => {
-                ec2.authorize_security_group_ingress()
-                    .group_id(group)
-                    .set_ip_permissions(Some(permissions(rules)))
-                    .send()
-                    .await
-                    .map_err(aws_error("ec2", "AuthorizeSecurityGroupIngress"))?;
-            }
-            Op::Revoke { group, rules } => {
-                ec2.revoke_security_group_ingress()
-                    .group_id(group)
-                    .set_ip_permissions(Some(permissions(rules)))
-                    .send()
-                    .await
-                    .map_err(aws_error("ec2", "RevokeSecurityGroupIngress"))?;
-            }
+            Op::Ingress(change) => change.apply(ctx).await?,
             Op::AttachVolume {
                 instance,
                 zone,
@@ -1363,8 +1382,8 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         let c = diff(spec(HOST), &o).unwrap().unwrap();
         assert!(matches!(
             &c.ops[..],
-            [Op::Start { .. }, Op::Resize { instance_type, .. }, Op::Revoke { rules, .. }]
-                if instance_type == "t3.medium" && rules[0].from == 22
+            [Op::Start { .. }, Op::Resize { instance_type, .. }, Op::Ingress(Ingress { revoke, authorize, .. })]
+                if instance_type == "t3.medium" && revoke[0].from == 22 && authorize.is_empty()
         ));
     }
 
