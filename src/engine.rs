@@ -1,5 +1,9 @@
-//! One pass: observe (every controller, concurrently, batched) → plan (pure) → apply (resource by
-//! resource in dependency order) → observe again to confirm.
+//! One pass: observe (every controller, concurrently, batched) → plan (pure) → apply (resources
+//! concurrently, bounded, each after everything it references) → observe again to confirm.
+//!
+//! A pass covers a [`Scope`]: everything (the CLI, the daemon's first pass and every new desired
+//! state), or the resources the daemon's schedule says are due. Only the controllers of those
+//! resources, and of what they reference, are observed.
 //!
 //! References are resolved from observed state. During apply, each resource's diff is computed
 //! again right before it is applied, with the values created earlier in the same pass, so a
@@ -7,6 +11,8 @@
 //! A failing resource stops only itself and what references it.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+use futures::stream::{FuturesUnordered, StreamExt};
 
 use serde::Serialize;
 use stackwarden_controllers::change::Action;
@@ -21,12 +27,39 @@ use tracing::Instrument;
 pub struct Engine {
     controllers: Vec<Box<dyn DynController>>,
     pub ctx: Context,
+    /// At most this many resources are applied at once.
+    concurrency: usize,
+    /// Asked right before every write: a daemon that lost its lease stops writing there.
+    may_write: Option<WriteGate>,
+}
+
+pub type WriteGate = std::sync::Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// What a pass covers.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// The resources reconciled.
+    pub resources: BTreeSet<ResourceId>,
+    /// Kinds whose owned objects no longer desired are looked for (orphaned or deleted).
+    pub removals: BTreeSet<Kind>,
+}
+
+impl Scope {
+    /// Every resource, every kind.
+    pub fn everything(desired: &DesiredState) -> Scope {
+        Scope {
+            resources: desired.resources.keys().cloned().collect(),
+            removals: Kind::ALL.into_iter().collect(),
+        }
+    }
 }
 
 /// What one observe read.
 pub struct Observation {
-    observed: Vec<Result<AnyObserved, Error>>,
+    /// By controller; `None` for a controller outside the scope.
+    observed: Vec<Option<Result<AnyObserved, Error>>>,
     pub refs: Refs,
+    scope: Scope,
 }
 
 /// A resource that could not be planned or applied.
@@ -66,6 +99,18 @@ impl Plan {
     }
 }
 
+/// What one pass did and what the check after it found.
+pub struct Pass {
+    pub applied: Applied,
+    pub check: Plan,
+}
+
+impl Pass {
+    pub fn converged(&self) -> bool {
+        self.applied.errors.is_empty() && self.check.errors.is_empty() && !self.check.has_pending()
+    }
+}
+
 /// What an apply did.
 #[derive(Default)]
 pub struct Applied {
@@ -74,11 +119,33 @@ pub struct Applied {
 }
 
 impl Engine {
-    pub fn new(ctx: Context) -> Self {
+    pub fn new(ctx: Context, concurrency: usize) -> Self {
         Engine {
             controllers: stackwarden_controllers::controllers(),
             ctx,
+            concurrency: concurrency.max(1),
+            may_write: None,
         }
+    }
+
+    /// Makes every write ask `gate` first; when it says no, the resource fails as pending.
+    pub fn gated(mut self, gate: WriteGate) -> Self {
+        self.may_write = Some(gate);
+        self
+    }
+
+    /// One operation, if writes are allowed now.
+    async fn write(
+        &self,
+        ctrl: &dyn DynController,
+        op: &AnyOp,
+    ) -> Result<Option<stackwarden_controllers::model::Outputs>, Error> {
+        if self.may_write.as_ref().is_some_and(|may| !may()) {
+            return Err(Error::Pending(
+                "the lease was lost: another daemon writes now".into(),
+            ));
+        }
+        ctrl.apply(&self.ctx, op).await
     }
 
     fn controller_for(&self, kind: Kind) -> Option<usize> {
@@ -87,12 +154,54 @@ impl Engine {
             .position(|c| c.kinds().contains(&kind))
     }
 
-    /// Reads everything, all controllers at once.
-    pub async fn observe(&self, desired: &DesiredState) -> Observation {
-        let reads = self
-            .controllers
-            .iter()
-            .map(|c| c.observe(&self.ctx, desired));
+    /// One pass over `scope`: observe; apply when `write` (a daemon without the lease only
+    /// observes); confirm with a second observation only when something was written, so a
+    /// converged pass is reads only.
+    pub async fn pass(
+        &self,
+        desired: &DesiredState,
+        scope: Scope,
+        prune: bool,
+        write: bool,
+    ) -> Pass {
+        let obs = self.observe(desired, scope.clone()).await;
+        if !write {
+            let check = self.plan(desired, &obs, prune);
+            return Pass {
+                applied: Applied::default(),
+                check,
+            };
+        }
+        let applied = self.apply(desired, &obs, prune).await;
+        let check = if applied.changes.is_empty() {
+            self.plan(desired, &obs, prune)
+        } else {
+            let after = self.observe(desired, scope).await;
+            self.plan(desired, &after, prune)
+        };
+        Pass { applied, check }
+    }
+
+    /// Reads what `scope` needs, all controllers at once: the controllers of its resources, of
+    /// what they reference, and of the kinds whose removals it looks for.
+    pub async fn observe(&self, desired: &DesiredState, scope: Scope) -> Observation {
+        let mut kinds: BTreeSet<Kind> = scope.removals.clone();
+        for id in &scope.resources {
+            kinds.insert(id.kind);
+            if let Some(r) = desired.resources.get(id) {
+                kinds.extend(r.depends_on.iter().map(|d| d.kind));
+            }
+        }
+        let reads = self.controllers.iter().map(|c| {
+            let needed = c.kinds().iter().any(|k| kinds.contains(k));
+            async move {
+                if needed {
+                    Some(c.observe(&self.ctx, desired).await)
+                } else {
+                    None
+                }
+            }
+        });
         let observed = futures::future::join_all(reads).await;
         let mut refs = Refs {
             stack: BTreeMap::from([
@@ -103,11 +212,46 @@ impl Engine {
         };
         for (c, o) in self.controllers.iter().zip(&observed) {
             match o {
-                Ok(o) => refs.outputs.extend(c.outputs(desired, o)),
-                Err(e) => tracing::warn!(error = %e, kinds = ?c.kinds(), "observe failed"),
+                Some(Ok(o)) => refs.outputs.extend(c.outputs(desired, o)),
+                Some(Err(e)) => tracing::warn!(error = %e, kinds = ?c.kinds(), "observe failed"),
+                None => {}
             }
         }
-        Observation { observed, refs }
+        Observation {
+            observed,
+            refs,
+            scope,
+        }
+    }
+
+    /// The observed state of one controller; an error when its observe failed.
+    fn observed<'o>(&self, obs: &'o Observation, ci: usize) -> Result<&'o AnyObserved, Error> {
+        match &obs.observed[ci] {
+            Some(Ok(o)) => Ok(o),
+            Some(Err(e)) => Err(e.clone()),
+            None => Err(Error::Pending(format!(
+                "{:?} were not observed in this pass",
+                self.controllers[ci].kinds()
+            ))),
+        }
+    }
+
+    /// Controllers whose removed objects the observation's scope looks for.
+    fn removals<'o>(
+        &self,
+        obs: &'o Observation,
+    ) -> impl Iterator<Item = (usize, &dyn DynController, &'o AnyObserved)> + use<'_, 'o> {
+        self.controllers
+            .iter()
+            .zip(&obs.observed)
+            .enumerate()
+            .rev()
+            .filter_map(move |(ci, (c, o))| match o {
+                Some(Ok(o)) if c.kinds().iter().any(|k| obs.scope.removals.contains(k)) => {
+                    Some((ci, c.as_ref(), o))
+                }
+                _ => None,
+            })
     }
 
     /// Pure: the plan for a desired state against an observation.
@@ -121,13 +265,16 @@ impl Engine {
         };
         let mut failed: BTreeSet<ResourceId> = BTreeSet::new();
         for id in desired.apply_order() {
+            if !obs.scope.resources.contains(id) {
+                continue;
+            }
             let r = &desired.resources[id];
             let Some(ci) = self.controller_for(id.kind) else {
                 plan.unsupported.push(id.clone());
                 continue;
             };
-            let result = match &obs.observed[ci] {
-                Err(e) => Err(e.clone()),
+            let result = match self.observed(obs, ci) {
+                Err(e) => Err(e),
                 Ok(_) if r.depends_on.iter().any(|d| failed.contains(d)) => {
                     let dep = r
                         .depends_on
@@ -151,68 +298,86 @@ impl Engine {
             }
         }
         let delete = prune || desired.stack.deletion_policy == DeletionPolicy::Delete;
-        for (ci, (c, o)) in self.controllers.iter().zip(&obs.observed).enumerate().rev() {
-            if let Ok(o) = o {
-                plan.removed
-                    .extend(c.removed(desired, o, delete).into_iter().map(|ch| (ci, ch)));
-            }
+        for (ci, c, o) in self.removals(obs) {
+            plan.removed
+                .extend(c.removed(desired, o, delete).into_iter().map(|ch| (ci, ch)));
         }
         plan
     }
 
-    /// Applies the desired state: every resource in dependency order, its diff recomputed with
-    /// the values known at that moment; then the removals.
+    /// Applies the scope: its resources concurrently (at most `concurrency` at once), each
+    /// started only when everything it references in the scope is done, its diff recomputed
+    /// with the values known at that moment; then the removals, one at a time.
     pub async fn apply(&self, desired: &DesiredState, obs: &Observation, prune: bool) -> Applied {
+        let order: Vec<&ResourceId> = desired
+            .apply_order()
+            .into_iter()
+            .filter(|id| obs.scope.resources.contains(*id))
+            .collect();
+        let position: BTreeMap<&ResourceId, usize> =
+            order.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        let mut waiting: Vec<&ResourceId> = order.clone();
+        let mut not_started: BTreeSet<&ResourceId> = order.iter().copied().collect();
         let mut refs = obs.refs.clone();
-        let mut applied = Applied::default();
         let mut failed: BTreeSet<ResourceId> = BTreeSet::new();
-        for id in desired.apply_order() {
-            let r = &desired.resources[id];
-            let Some(ci) = self.controller_for(id.kind) else {
-                continue;
-            };
-            let ctrl = &self.controllers[ci];
-            let span = tracing::info_span!("reconcile", resource = %id);
-            let result = async {
-                let o = obs.observed[ci].as_ref().map_err(Clone::clone)?;
-                // Everything referenced must exist now (created earlier in this pass, or before).
-                if let Some(dep) = r
+        let mut changes: Vec<(usize, Change<AnyOp>)> = Vec::new();
+        let mut errors: Vec<(usize, ResourceError)> = Vec::new();
+        let mut running = FuturesUnordered::new();
+        let mut in_flight: BTreeSet<&ResourceId> = BTreeSet::new();
+        loop {
+            // Start what is ready: nothing it references is still waiting or running.
+            let mut i = 0;
+            while running.len() < self.concurrency && i < waiting.len() {
+                let id = waiting[i];
+                let blocked = desired.resources[id]
                     .depends_on
                     .iter()
-                    .find(|d| failed.contains(*d) || !refs.outputs.contains_key(*d))
-                {
-                    return Err(Error::Dependency(dep.clone()));
+                    .any(|d| in_flight.contains(d) || not_started.contains(d));
+                if blocked {
+                    i += 1;
+                    continue;
                 }
-                let Some(change) = ctrl.diff(desired, r, o, &refs)? else {
-                    return Ok(None);
-                };
-                if r.observe_only {
-                    tracing::info!("drift on an observe-only resource: not applied");
-                    return Ok(None);
-                }
-                tracing::info!(action = ?change.action, ops = change.ops.len(), "applying");
-                for op in &change.ops {
-                    if let Some(out) = ctrl.apply(&self.ctx, op).await? {
-                        refs.outputs.entry(id.clone()).or_default().extend(out);
-                    }
-                }
-                Ok(Some(change))
+                waiting.remove(i);
+                not_started.remove(id);
+                in_flight.insert(id);
+                let refs = refs.clone();
+                let failed = failed.clone();
+                running.push(async move {
+                    let result = self
+                        .reconcile(desired, obs, id, &refs, &failed)
+                        .instrument(tracing::info_span!("reconcile", resource = %id))
+                        .await;
+                    (id, result)
+                });
             }
-            .instrument(span)
-            .await;
+            let Some((id, result)) = running.next().await else {
+                break;
+            };
+            in_flight.remove(id);
             match result {
-                Ok(Some(c)) => applied.changes.push(c),
+                Ok(Some((change, outputs))) => {
+                    if !outputs.is_empty() {
+                        refs.outputs.entry(id.clone()).or_default().extend(outputs);
+                    }
+                    changes.push((position[id], change));
+                }
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(resource = %id, error = %e, "reconcile failed");
                     failed.insert(id.clone());
-                    applied.errors.push(ResourceError::new(id.clone(), &e));
+                    errors.push((position[id], ResourceError::new(id.clone(), &e)));
                 }
             }
         }
+        // Reported in dependency order, whatever order they finished in.
+        changes.sort_by_key(|(i, _)| *i);
+        errors.sort_by_key(|(i, _)| *i);
+        let mut applied = Applied {
+            changes: changes.into_iter().map(|(_, c)| c).collect(),
+            errors: errors.into_iter().map(|(_, e)| e).collect(),
+        };
         let delete = prune || desired.stack.deletion_policy == DeletionPolicy::Delete;
-        for (ci, (c, o)) in self.controllers.iter().zip(&obs.observed).enumerate().rev() {
-            let Ok(o) = o else { continue };
+        for (_, c, o) in self.removals(obs) {
             for change in c.removed(desired, o, delete) {
                 if change.action != Action::Delete {
                     continue;
@@ -220,7 +385,7 @@ impl Engine {
                 let id = change.id.clone();
                 let mut result = Ok(());
                 for op in &change.ops {
-                    if let Err(e) = self.controllers[ci].apply(&self.ctx, op).await {
+                    if let Err(e) = self.write(c, op).await {
                         result = Err(e);
                         break;
                     }
@@ -232,5 +397,46 @@ impl Engine {
             }
         }
         applied
+    }
+
+    /// Reconciles one resource: its diff against the observation and the references known
+    /// now, then its operations. Returns the change applied and the values it created.
+    async fn reconcile(
+        &self,
+        desired: &DesiredState,
+        obs: &Observation,
+        id: &ResourceId,
+        refs: &Refs,
+        failed: &BTreeSet<ResourceId>,
+    ) -> Result<Option<(Change<AnyOp>, stackwarden_controllers::model::Outputs)>, Error> {
+        let r = &desired.resources[id];
+        let Some(ci) = self.controller_for(id.kind) else {
+            return Ok(None);
+        };
+        let ctrl = &self.controllers[ci];
+        let o = self.observed(obs, ci)?;
+        // Everything referenced must exist now (created earlier in this pass, or before).
+        if let Some(dep) = r
+            .depends_on
+            .iter()
+            .find(|d| failed.contains(*d) || !refs.outputs.contains_key(*d))
+        {
+            return Err(Error::Dependency(dep.clone()));
+        }
+        let Some(change) = ctrl.diff(desired, r, o, refs)? else {
+            return Ok(None);
+        };
+        if r.observe_only {
+            tracing::info!("drift on an observe-only resource: not applied");
+            return Ok(None);
+        }
+        tracing::info!(action = ?change.action, ops = change.ops.len(), "applying");
+        let mut outputs = stackwarden_controllers::model::Outputs::default();
+        for op in &change.ops {
+            if let Some(out) = self.write(ctrl.as_ref(), op).await? {
+                outputs.extend(out);
+            }
+        }
+        Ok(Some((change, outputs)))
     }
 }

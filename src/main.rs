@@ -3,10 +3,13 @@
 //! -detailed-exitcode`: see [`ExitCode`]s below and the README.
 
 mod aws;
+mod daemon;
 mod engine;
+mod lease;
 mod limit;
 mod load;
 mod report;
+mod schedule;
 mod status;
 mod watch;
 
@@ -89,9 +92,24 @@ enum Command {
         /// Delete owned resources that are no longer in the desired state.
         #[arg(long)]
         prune: bool,
-        /// Time between passes when running continuously.
-        #[arg(long, default_value = "60s", value_parser = parse_interval)]
-        interval: Duration,
+        /// Drift resync when running continuously: how often each kind is read again.
+        /// `DURATION` for every kind, `KIND=DURATION` for one (`host=5m`); repeatable.
+        /// Default 60s.
+        #[arg(long, alias = "interval", value_name = "[KIND=]DURATION")]
+        resync: Vec<String>,
+        /// At most this many resources are applied at once (independent ones only).
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Fast-forward the desired directory's git checkout from its upstream this often.
+        #[arg(long, value_parser = parse_interval, value_name = "INTERVAL")]
+        git_pull: Option<Duration>,
+        /// Write to AWS only while holding the lease in this DynamoDB table (created when
+        /// missing); without it the daemon only observes. For two management instances.
+        #[arg(long, value_name = "TABLE")]
+        lease: Option<String>,
+        /// How long a lease lasts without renewal (renewed every third of it).
+        #[arg(long, default_value = "30s", value_parser = parse_interval)]
+        lease_duration: Duration,
         /// Where the daemon serves /metrics, /healthz, /readyz and /status (port 0: any free
         /// port, logged).
         #[arg(long, default_value = DEFAULT_LISTEN)]
@@ -187,6 +205,12 @@ async fn engine_for(
     desired: &DesiredState,
     counter: &Arc<CallCounter>,
 ) -> anyhow::Result<Engine> {
+    let sdk = sdk_for(cli, desired).await?;
+    engine_with(&sdk, cli, counter)
+}
+
+/// The SDK configuration: the CLI's AWS settings, the stack's region, the rate limits.
+async fn sdk_for(cli: &Cli, desired: &DesiredState) -> anyhow::Result<aws_config::SdkConfig> {
     let opts = AwsOptions {
         region: cli.region.clone(),
         profile: cli.profile.clone(),
@@ -196,16 +220,26 @@ async fn engine_for(
                 .map_err(|e| anyhow::anyhow!("--rate-limit {e}"))?,
         ),
     };
-    let sdk = aws::sdk_config(&opts, desired.stack.region.as_deref()).await?;
+    aws::sdk_config(&opts, desired.stack.region.as_deref()).await
+}
+
+fn engine_with(
+    sdk: &aws_config::SdkConfig,
+    cli: &Cli,
+    counter: &Arc<CallCounter>,
+) -> anyhow::Result<Engine> {
+    let concurrency = match &cli.command {
+        Command::Reconcile { concurrency, .. } => *concurrency,
+        _ => 1,
+    };
     let waits = Waits {
         poll: env_interval("STACKWARDEN_POLL_INTERVAL")?.unwrap_or(Waits::default().poll),
         timeout: env_interval("STACKWARDEN_WAIT_TIMEOUT")?.unwrap_or(Waits::default().timeout),
     };
-    Ok(Engine::new(Context::new(
-        &sdk,
-        vec![counter.interceptor()],
-        waits,
-    )))
+    Ok(Engine::new(
+        Context::new(sdk, vec![counter.interceptor()], waits),
+        concurrency,
+    ))
 }
 
 /// A duration from the environment (Prometheus syntax), if set.
@@ -251,21 +285,30 @@ async fn run(cli: &Cli, counter: &Arc<CallCounter>) -> anyhow::Result<u8> {
             let Some(desired) = load_or_report(dir) else {
                 return Ok(EXIT_ERROR);
             };
-            let engine = engine_for(cli, &desired, counter).await?;
+            let sdk = sdk_for(cli, &desired).await?;
+            let engine = engine_with(&sdk, cli, counter)?;
+            // With --lease, a CI run and the daemon never write at once.
+            let (engine, lease) = with_lease(cli, engine, &sdk, &desired, counter).await?;
+            if let Some(l) = &lease {
+                if !l.held() {
+                    eprintln!(
+                        "error: the lease is held by {}; nothing was applied",
+                        l.holder_now().await
+                    );
+                    return Ok(EXIT_ERROR);
+                }
+            }
             let pass = reconcile_once(&engine, &desired, *prune).await;
+            if let Some(l) = lease {
+                l.release().await;
+            }
             Ok(if pass.converged() {
                 EXIT_OK
             } else {
                 EXIT_ERROR
             })
         }
-        Command::Reconcile {
-            dir,
-            prune,
-            interval,
-            listen,
-            ..
-        } => run_loop(cli, dir, *prune, *interval, *listen, counter).await,
+        Command::Reconcile { dir, .. } => run_daemon(cli, dir, counter).await,
         Command::Status { listen, json } => {
             let url = format!("http://{listen}/status");
             let text = ureq::get(&url)
@@ -297,7 +340,9 @@ async fn plan(
         return Ok(EXIT_ERROR);
     };
     let engine = engine_for(cli, &desired, counter).await?;
-    let obs = engine.observe(&desired).await;
+    let obs = engine
+        .observe(&desired, engine::Scope::everything(&desired))
+        .await;
     let plan = engine.plan(&desired, &obs, prune);
     if let Some(w) = report::unsupported_warning(&plan.unsupported) {
         eprintln!("{w}");
@@ -319,25 +364,12 @@ async fn plan(
     })
 }
 
-/// One full pass with confirmation; prints the summary. Returns whether it converged.
-/// What one pass did and what the check after it found.
-struct Pass {
-    applied: engine::Applied,
-    check: engine::Plan,
-}
-
-impl Pass {
-    fn converged(&self) -> bool {
-        self.applied.errors.is_empty() && self.check.errors.is_empty() && !self.check.has_pending()
-    }
-}
-
-async fn reconcile_once(engine: &Engine, desired: &DesiredState, prune: bool) -> Pass {
-    let obs = engine.observe(desired).await;
-    let applied = engine.apply(desired, &obs, prune).await;
-    let after = engine.observe(desired).await;
-    let check = engine.plan(desired, &after, prune);
-    if let Some(w) = report::unsupported_warning(&check.unsupported) {
+/// `reconcile --once`: one pass over everything; prints the summary.
+async fn reconcile_once(engine: &Engine, desired: &DesiredState, prune: bool) -> engine::Pass {
+    let pass = engine
+        .pass(desired, engine::Scope::everything(desired), prune, true)
+        .await;
+    if let Some(w) = report::unsupported_warning(&pass.check.unsupported) {
         eprintln!("{w}");
     }
     for w in desired.warnings() {
@@ -345,24 +377,58 @@ async fn reconcile_once(engine: &Engine, desired: &DesiredState, prune: bool) ->
     }
     print!(
         "{}",
-        report::reconcile_text(&applied.changes, &applied.errors, &check)
+        report::reconcile_text(&pass.applied.changes, &pass.applied.errors, &pass.check)
     );
-    Pass { applied, check }
+    pass
 }
 
-/// Continuous reconciliation: a pass every `interval`, and one as soon as the desired directory
-/// changes (debounced). The directory is re-read before each pass; an invalid one is reported
-/// and the last valid one kept. Each pass logs the generation it enforces (the git HEAD commit,
-/// or the content hash). Ctrl-C or SIGTERM stops it after the pass in flight; a second signal
-/// stops it at once.
-async fn run_loop(
+/// With `--lease`: the lease table ready, one attempt to take the lease made, and the engine
+/// writing only while it is held.
+async fn with_lease(
     cli: &Cli,
-    dir: &Path,
-    prune: bool,
-    interval: Duration,
-    listen: std::net::SocketAddr,
+    engine: Engine,
+    sdk: &aws_config::SdkConfig,
+    desired: &DesiredState,
     counter: &Arc<CallCounter>,
-) -> anyhow::Result<u8> {
+) -> anyhow::Result<(Engine, Option<Arc<lease::Lease>>)> {
+    let Command::Reconcile {
+        lease: Some(table),
+        lease_duration,
+        ..
+    } = &cli.command
+    else {
+        return Ok((engine, None));
+    };
+    let l = Arc::new(lease::Lease::new(
+        sdk,
+        counter.interceptor(),
+        table,
+        desired.stack_name(),
+        *lease_duration,
+    ));
+    l.prepare().await?;
+    l.try_acquire().await;
+    tracing::info!(holder = %l.holder, held = l.held(), table, "lease");
+    // Renewed for as long as the process runs (a long `--once` pass too).
+    tokio::spawn(l.clone().keep());
+    let gate = l.clone();
+    Ok((engine.gated(Arc::new(move || gate.held())), Some(l)))
+}
+
+/// `reconcile` without `--once`: serves the status endpoint, takes the lease when asked to,
+/// and runs the daemon's loop ([`daemon::run`]).
+async fn run_daemon(cli: &Cli, dir: &Path, counter: &Arc<CallCounter>) -> anyhow::Result<u8> {
+    let Command::Reconcile {
+        prune,
+        resync,
+        git_pull,
+        listen,
+        ..
+    } = &cli.command
+    else {
+        unreachable!("run_daemon is only called for reconcile");
+    };
+    let resync = schedule::Resync::parse(resync).map_err(|e| anyhow::anyhow!("--resync {e}"))?;
     let status = status::Status::new(counter.clone());
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -374,77 +440,20 @@ async fn run_loop(
             tracing::error!(error = %e, "the status endpoint stopped");
         }
     });
-    let mut desired =
+    let desired =
         load_or_report(dir).context("the desired state is invalid; nothing was applied")?;
-    let engine = engine_for(cli, &desired, counter).await?;
-    // Registered before the first pass, so a signal during a pass is kept until it ends.
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut watch =
-        watch::Watch::start(dir).with_context(|| format!("cannot watch {}", dir.display()))?;
-    let mut generation = watch::generation(dir, &desired.content_hash);
-    loop {
-        tracing::info!(%generation, "pass starting");
-        let started = std::time::Instant::now();
-        // A first signal lets the pass in flight finish (its changes are not cut in the middle),
-        // then exits; a second one exits at once.
-        let mut stopping = false;
-        let pass = {
-            let in_flight = reconcile_once(&engine, &desired, prune);
-            tokio::pin!(in_flight);
-            loop {
-                tokio::select! {
-                    p = &mut in_flight => break p,
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
-                if stopping {
-                    tracing::warn!("second signal: exiting without finishing the pass");
-                    return Ok(EXIT_ERROR);
-                }
-                stopping = true;
-                tracing::info!("signal: finishing the pass in flight, then exiting");
-            }
-        };
-        status.pass(
-            &generation,
-            &pass.applied,
-            &pass.check,
-            started.elapsed().as_secs_f64(),
-        );
-        tracing::info!(%generation, converged = pass.converged(), "pass done");
-        if stopping {
-            return Ok(EXIT_OK);
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = watch.changed(WATCH_QUIET) => tracing::info!("the desired directory changed"),
-            _ = int.recv() => return Ok(EXIT_OK),
-            _ = term.recv() => return Ok(EXIT_OK),
-        }
-        match load::load(dir) {
-            Ok(d) => {
-                generation = watch::generation(dir, &d.content_hash);
-                desired = d;
-                status.invalid(None);
-            }
-            Err(diags) => {
-                for d in &diags {
-                    tracing::error!("{d}");
-                }
-                let invalid = watch::generation(dir, "(no commit)");
-                status.invalid(Some(invalid.clone()));
-                tracing::error!(
-                    %invalid,
-                    %generation,
-                    "the desired state is invalid; still enforcing the last valid one"
-                );
-            }
-        }
+    let sdk = sdk_for(cli, &desired).await?;
+    let engine = engine_with(&sdk, cli, counter)?;
+    let (engine, lease) = with_lease(cli, engine, &sdk, &desired, counter).await?;
+    let opts = daemon::Options {
+        dir: dir.to_path_buf(),
+        prune: *prune,
+        resync,
+        git_pull: *git_pull,
+    };
+    let code = daemon::run(engine, desired, opts, status, lease.clone()).await;
+    if let Some(l) = lease {
+        l.release().await;
     }
+    code
 }
-
-/// How long the desired directory must be quiet after a change before a pass starts: a
-/// checkout writes many files.
-const WATCH_QUIET: Duration = Duration::from_millis(200);

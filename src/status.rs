@@ -25,7 +25,9 @@ use crate::engine::{Applied, Plan};
 /// One resource as the last pass left it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ResourceStatus {
-    /// `in_sync`, `changed` (the pass applied a change), `pending` (still converging) or `error`.
+    /// `in_sync`, `changed` (the pass applied a change), `pending` (still converging), `error`
+    /// (retried with backoff) or `parked` (a terminal error: retried when its desired state
+    /// changes).
     pub state: String,
     pub last_error: Option<String>,
     /// The generation of the desired state the resource last converged to.
@@ -178,6 +180,26 @@ impl Status {
         self.report.lock().expect("status lock").clone()
     }
 
+    /// Forgets resources that are no longer desired.
+    pub fn retain(&self, desired: &stackwarden_controllers::DesiredState) {
+        let mut r = self.report.lock().expect("status lock");
+        r.resources
+            .retain(|id, _| desired.resources.keys().any(|k| k.to_string() == *id));
+        self.count_states(&r);
+    }
+
+    fn count_states(&self, r: &Report) {
+        let m = &self.metrics;
+        m.resources.clear();
+        for s in r.resources.values() {
+            m.resources
+                .get_or_create(&StateLabels {
+                    state: s.state.clone(),
+                })
+                .inc();
+        }
+    }
+
     /// Records a reload that failed: the previous generation stays enforced.
     pub fn invalid(&self, generation: Option<String>) {
         self.metrics.invalid.set(i64::from(generation.is_some()));
@@ -219,9 +241,15 @@ impl Status {
             }
         }
         for e in applied.errors.iter().chain(&check.errors) {
+            // A terminal error parks the resource until its desired state changes.
+            let state = if e.class == stackwarden_controllers::ErrorClass::Terminal {
+                "parked"
+            } else {
+                "error"
+            };
             states.insert(
                 e.resource.to_string(),
-                ("error".into(), Some(e.error.clone())),
+                (state.into(), Some(e.error.clone())),
             );
         }
         let at = now();
@@ -230,7 +258,11 @@ impl Status {
                 .rsplit_once('.')
                 .map_or(id.as_str(), |(k, _)| k)
                 .to_string();
-            let outcome = if state == "error" { "error" } else { "ok" };
+            let outcome = if matches!(state.as_str(), "error" | "parked") {
+                "error"
+            } else {
+                "ok"
+            };
             m.reconciles
                 .get_or_create(&KindLabels {
                     kind,
@@ -254,17 +286,10 @@ impl Status {
             };
             r.resources.insert(id, entry);
         }
-        m.resources.clear();
-        for s in r.resources.values() {
-            m.resources
-                .get_or_create(&StateLabels {
-                    state: s.state.clone(),
-                })
-                .inc();
-        }
+        self.count_states(&r);
         if r.resources
             .values()
-            .all(|s| s.state != "error" && s.state != "pending")
+            .all(|s| matches!(s.state.as_str(), "in_sync" | "changed"))
         {
             r.last_success = Some(at);
             m.last_success.set(at as i64);

@@ -1,8 +1,10 @@
 //! `stackwarden reconcile` as a daemon against the emulator, its desired directory a git
 //! checkout: it converges and reports the HEAD commit it enforces; a commit is applied at once
-//! (the file watch, not the hour-long resync) and reported with its commit id; an invalid commit
-//! is reported and the previous state stays enforced; the status endpoint; SIGTERM during a
-//! pass lets it finish and exits 0, a second signal exits at once.
+//! (the file watch, not the resync) and reported with its commit id; an invalid commit is
+//! reported and the previous state stays enforced; out-of-band drift is corrected within one
+//! resync; the status endpoint; SIGTERM during a pass lets it finish and exits 0, a second
+//! signal exits at once. Two daemons sharing a lease, their checkouts kept up by `--git-pull`:
+//! only the holder writes, and the other takes over when it dies.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -12,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use stackwarden_emulator::{Fault, FaultKind};
 
-use crate::harness::{default_stack, edit, Aws};
+use crate::harness::{default_stack, edit, path_str, stackwarden, Aws};
 
 fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
@@ -41,7 +43,7 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(endpoint: &str, dir: &Path) -> Daemon {
+    fn start(endpoint: &str, dir: &Path, args: &[&str]) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_stackwarden"))
             .args([
                 "--endpoint-url",
@@ -51,11 +53,10 @@ impl Daemon {
                 "--log-format",
                 "json",
                 "reconcile",
-                "--interval",
-                "1h",
                 "--listen",
                 "127.0.0.1:0",
             ])
+            .args(args)
             .arg(dir)
             .env("AWS_ACCESS_KEY_ID", "testing")
             .env("AWS_SECRET_ACCESS_KEY", "testing")
@@ -162,8 +163,66 @@ impl Drop for Daemon {
     }
 }
 
+/// The `project` tag of the Prometheus role.
+async fn project_tag(aws: &Aws) -> Option<String> {
+    let role = aws
+        .iam()
+        .await
+        .get_role()
+        .role_name("monitoring-prometheus")
+        .send()
+        .await
+        .unwrap();
+    role.role()
+        .unwrap()
+        .tags()
+        .iter()
+        .find(|t| t.key() == "project")
+        .map(|t| t.value().to_string())
+}
+
+/// Out-of-band drift: someone removes the role's `project` tag.
+async fn drop_project_tag(aws: &Aws) {
+    aws.iam()
+        .await
+        .untag_role()
+        .role_name("monitoring-prometheus")
+        .tag_keys("project")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(project_tag(aws).await, None);
+}
+
+fn get(address: &str, path: &str) -> String {
+    ureq::get(&format!("http://{address}{path}"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+}
+
+/// The AWS write calls a daemon's `/metrics` counted (everything but reads), leaving out the
+/// lease's own DynamoDB calls.
+fn aws_writes(metrics: &str) -> Vec<String> {
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("stackwarden_aws_calls_total{"))
+        .filter(|l| !l.contains("service=\"DynamoDB\""))
+        .filter(|l| {
+            let op = l.split("operation=\"").nth(1).unwrap_or_default();
+            !["Describe", "List", "Get"]
+                .iter()
+                .any(|p| op.starts_with(p))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn a_commit_is_applied_at_once_an_invalid_one_is_not_and_sigterm_exits_cleanly() {
+async fn a_commit_is_applied_at_once_drift_within_a_resync_an_invalid_commit_is_not_and_sigterm_exits_cleanly(
+) {
     let aws = Aws::start();
     let dir = default_stack();
     let repo = dir.path();
@@ -172,13 +231,15 @@ async fn a_commit_is_applied_at_once_an_invalid_one_is_not_and_sigterm_exits_cle
     git(repo, &["commit", "-qm", "the default stack"]);
     let first = git(repo, &["rev-parse", "HEAD"]);
 
-    let mut daemon = Daemon::start(&aws.endpoint, repo);
+    let resync = Duration::from_secs(2);
+    let mut daemon = Daemon::start(&aws.endpoint, repo, &["--resync", "2s"]);
+    daemon.wait_for("pass starting", &[("generation", &first), ("full", "true")]);
     daemon.wait_for(
         "pass done",
         &[("generation", &first), ("converged", "true")],
     );
 
-    // A commit: applied without waiting for the resync (an hour), reported with its id.
+    // A commit: applied at once (the file watch), reported with its id.
     edit(
         repo,
         "stack.toml",
@@ -198,20 +259,9 @@ async fn a_commit_is_applied_at_once_an_invalid_one_is_not_and_sigterm_exits_cle
         "pass done",
         &[("generation", &second), ("converged", "true")],
     );
-    let role = aws
-        .iam()
-        .await
-        .get_role()
-        .role_name("monitoring-prometheus")
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        role.role()
-            .unwrap()
-            .tags()
-            .iter()
-            .any(|t| t.key() == "project" && t.value() == "observability"),
+    assert_eq!(
+        project_tag(&aws).await.as_deref(),
+        Some("observability"),
         "the commit reached AWS"
     );
 
@@ -224,38 +274,58 @@ async fn a_commit_is_applied_at_once_an_invalid_one_is_not_and_sigterm_exits_cle
         "the desired state is invalid; still enforcing the last valid one",
         &[("invalid", &third), ("generation", &second)],
     );
+
+    // Drift out of band is corrected by the next resync, to the last valid commit.
+    drop_project_tag(&aws).await;
+    let drifted = Instant::now();
     daemon.wait_for(
         "pass done",
-        &[("generation", &second), ("converged", "true")],
+        &[
+            ("generation", &second),
+            ("changes", "1"),
+            ("converged", "true"),
+        ],
+    );
+    let corrected = drifted.elapsed();
+    assert_eq!(project_tag(&aws).await.as_deref(), Some("observability"));
+    // One resync (at most 10% longer with jitter) plus the pass itself.
+    assert!(
+        corrected < resync.mul_f64(1.1) + Duration::from_secs(3),
+        "drift corrected {corrected:?} after it happened, with a {resync:?} resync"
+    );
+    daemon.wait_for(
+        "pass done",
+        &[
+            ("generation", &second),
+            ("changes", "0"),
+            ("converged", "true"),
+        ],
     );
 
     // The endpoint: ready, every resource in sync at the commit, metrics promtool accepts, and
     // `stackwarden status` showing the same.
     let address = daemon.address();
-    let get = |path: &str| {
-        ureq::get(&format!("http://{address}{path}"))
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap()
-    };
-    assert_eq!(get("/healthz"), "ok\n");
-    assert_eq!(get("/readyz"), "ready\n");
-    let report: serde_json::Value = serde_json::from_str(&get("/status")).unwrap();
+    assert_eq!(get(&address, "/healthz"), "ok\n");
+    assert_eq!(get(&address, "/readyz"), "ready\n");
+    let report: serde_json::Value = serde_json::from_str(&get(&address, "/status")).unwrap();
     assert_eq!(report["generation"], second.as_str());
     assert_eq!(report["invalid"], third.as_str());
     let resources = report["resources"].as_object().unwrap();
     assert_eq!(resources.len(), 7, "{report:#}");
     for (id, r) in resources {
-        assert_eq!(r["state"], "in_sync", "{id}: {r}");
+        // `changed`: its last pass applied a change and confirmed it (the commit, the drift).
+        assert!(
+            matches!(r["state"].as_str(), Some("in_sync" | "changed")),
+            "{id}: {r}"
+        );
         assert_eq!(r["generation"], second.as_str(), "{id}: {r}");
     }
-    let metrics = get("/metrics");
+    let metrics = get(&address, "/metrics");
     for family in [
         "stackwarden_reconciles_total{",
         "stackwarden_pass_duration_seconds_count",
-        "stackwarden_resources{state=\"in_sync\"} 7",
+        "stackwarden_resources{state=\"in_sync\"}",
+        "stackwarden_drift_corrections_total{kind=\"iam.role\"}",
         "stackwarden_aws_calls_total{service=\"IAM\",operation=\"GetRole\",outcome=\"ok\"}",
         "stackwarden_desired_state_invalid 1",
         "stackwarden_last_success_timestamp_seconds",
@@ -305,7 +375,6 @@ async fn a_commit_is_applied_at_once_an_invalid_one_is_not_and_sigterm_exits_cle
         "GetRole",
         FaultKind::Latency { millis: 300 },
     ));
-    std::fs::write(repo.join("notes.txt"), "a change that starts a pass\n").unwrap();
     daemon.wait_for("pass starting", &[("generation", &second)]);
     daemon.signal("TERM");
     daemon.wait_for("signal: finishing the pass in flight, then exiting", &[]);
@@ -314,11 +383,126 @@ async fn a_commit_is_applied_at_once_an_invalid_one_is_not_and_sigterm_exits_cle
 
     // Two signals: the second exits at once, the pass unfinished.
     std::fs::remove_file(repo.join("broken.toml")).unwrap();
-    let mut daemon = Daemon::start(&aws.endpoint, repo);
+    let mut daemon = Daemon::start(&aws.endpoint, repo, &[]);
     daemon.wait_for("pass starting", &[]);
     daemon.signal("TERM");
     daemon.wait_for("signal: finishing the pass in flight, then exiting", &[]);
     daemon.signal("TERM");
     assert_eq!(daemon.exit_code(), Some(1));
     daemon.wait_for("second signal: exiting without finishing the pass", &[]);
+}
+
+/// Two management instances, each with its own checkout that `--git-pull` keeps up with the
+/// remote, sharing one lease: only the holder writes; when it dies the other takes over.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_daemons_with_the_lease_never_both_write_and_the_standby_takes_over() {
+    let aws = Aws::start();
+    let work = default_stack();
+    let seed = work.path();
+    let remotes = tempfile::tempdir().unwrap();
+    let remote = remotes.path().join("desired.git");
+    git(
+        remotes.path(),
+        &["init", "-q", "--bare", "-b", "main", "desired.git"],
+    );
+    git(seed, &["init", "-q", "-b", "main"]);
+    git(seed, &["add", "."]);
+    git(seed, &["commit", "-qm", "the default stack"]);
+    git(seed, &["remote", "add", "origin", remote.to_str().unwrap()]);
+    git(seed, &["push", "-q", "-u", "origin", "main"]);
+    let first = git(seed, &["rev-parse", "HEAD"]);
+    for name in ["a", "b"] {
+        git(remotes.path(), &["clone", "-q", "desired.git", name]);
+    }
+    let args = [
+        "--lease",
+        "stackwarden-lease",
+        "--lease-duration",
+        "3s",
+        "--resync",
+        "1s",
+        "--git-pull",
+        "500ms",
+    ];
+    let mut a = Daemon::start(&aws.endpoint, &remotes.path().join("a"), &args);
+    a.wait_for(
+        "pass done",
+        &[("generation", &first), ("converged", "true")],
+    );
+    let mut b = Daemon::start(&aws.endpoint, &remotes.path().join("b"), &args);
+    b.wait_for(
+        "pass starting",
+        &[("generation", &first), ("write", "false")],
+    );
+    b.wait_for("pass done", &[("generation", &first)]);
+
+    // `reconcile --once` under the same lease (a CI job) writes nothing while a daemon holds it.
+    let ci = stackwarden(
+        Some(&aws.endpoint),
+        &[
+            "reconcile",
+            "--once",
+            "--lease",
+            "stackwarden-lease",
+            path_str(seed),
+        ],
+    );
+    ci.expect(1);
+    assert!(
+        ci.stderr.contains("the lease is held by") && ci.stderr.contains("nothing was applied"),
+        "{}",
+        ci.stderr
+    );
+    let (_, writes) = ci.calls();
+    assert_eq!(
+        writes,
+        ci.count("PutItem"),
+        "only lease attempts: {}",
+        ci.stderr
+    );
+
+    // A pushed commit reaches both checkouts; the holder applies it, the standby observes it.
+    edit(
+        seed,
+        "stack.toml",
+        "project = \"monitoring\"",
+        "project = \"observability\"",
+    );
+    git(seed, &["commit", "-qam", "rename the project tag"]);
+    git(seed, &["push", "-q"]);
+    let second = git(seed, &["rev-parse", "HEAD"]);
+    a.wait_for(
+        "pass done",
+        &[("generation", &second), ("converged", "true")],
+    );
+    b.wait_for(
+        "pass done",
+        &[("generation", &second), ("converged", "true")],
+    );
+    assert_eq!(project_tag(&aws).await.as_deref(), Some("observability"));
+
+    // Drift: the holder corrects it; the standby sees it and writes nothing.
+    drop_project_tag(&aws).await;
+    a.wait_for("pass done", &[("changes", "1")]);
+    b.wait_for("pass done", &[("write", "false")]);
+    assert_eq!(project_tag(&aws).await.as_deref(), Some("observability"));
+    let a_writes = aws_writes(&get(&a.address(), "/metrics"));
+    let b_writes = aws_writes(&get(&b.address(), "/metrics"));
+    assert!(!a_writes.is_empty(), "the holder wrote");
+    assert!(b_writes.is_empty(), "the standby wrote: {b_writes:#?}");
+
+    // The holder dies without a word: once its lease expires, the standby takes it and
+    // corrects the drift that happened meanwhile.
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    drop_project_tag(&aws).await;
+    b.wait_for("lease taken: this daemon writes", &[]);
+    b.wait_for("pass done", &[("write", "true"), ("converged", "true")]);
+    assert_eq!(project_tag(&aws).await.as_deref(), Some("observability"));
+    assert!(!aws_writes(&get(&b.address(), "/metrics")).is_empty());
+
+    // A clean shutdown gives the lease up.
+    b.signal("TERM");
+    b.wait_for("lease released", &[]);
+    assert_eq!(b.exit_code(), Some(0));
 }

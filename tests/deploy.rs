@@ -1,5 +1,6 @@
 //! The deploy/ files: the operator's own IAM policy allows every call the operator makes (a
-//! full scenario with every controller, from empty to pruned, counted by its `--stats`), and the
+//! full scenario with every controller, from empty to pruned, under the lease once, counted by
+//! its `--stats`), and the
 //! cloud-init and workflow files are valid YAML that carry the systemd unit and the commands.
 
 use std::collections::BTreeSet;
@@ -38,6 +39,7 @@ fn actions(run: &Run) -> BTreeSet<String> {
                 "Auto Scaling" => "autoscaling",
                 "Elastic Load Balancing v2" => "elasticloadbalancing",
                 "Secrets Manager" => "secretsmanager",
+                "DynamoDB" => "dynamodb",
                 other => panic!("service {other} has no IAM prefix here; add it"),
             };
             Some(format!("{prefix}:{op}"))
@@ -152,7 +154,11 @@ async fn the_operators_policy_allows_every_call_it_makes() {
             .replace("max_size = 2", "max_size = 3")
             .replace("10.0.0.0/8", "10.1.0.0/16"),
     );
-    let update = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]);
+    // Under the lease (created on first use) as a CI job next to the daemon runs it.
+    let update = stackwarden(
+        Some(&aws.endpoint),
+        &["reconcile", "--once", "--lease", "stackwarden-lease", d],
+    );
     update.expect(0);
     seen.extend(actions(&update));
     for f in [

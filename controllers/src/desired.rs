@@ -117,6 +117,18 @@ pub struct Resource {
     pub depends_on: BTreeSet<ResourceId>,
 }
 
+impl Resource {
+    /// Changes whenever what the user wrote for this resource changes (its table, the files it
+    /// reads, its position in its file), within one process: the daemon un-parks a resource a
+    /// terminal error stopped when this changes.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        format!("{:?}", (&self.spec, &self.adopt, self.observe_only)).hash(&mut h);
+        h.finish()
+    }
+}
+
 /// A validated desired-state directory.
 #[derive(Debug, Clone)]
 pub struct DesiredState {

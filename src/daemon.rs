@@ -1,0 +1,258 @@
+//! `stackwarden reconcile` without `--once`: the long-running controller.
+//!
+//! A first pass over everything, then batches of whatever the [`Schedule`] says is due: each
+//! kind at its resync interval, resources that failed at their backoff, everything when the
+//! desired directory changes (file watch, debounced; the git HEAD commit or the content hash is
+//! the generation). One batch runs at a time, so a resource is never reconciled twice at once;
+//! inside a batch the engine applies independent resources concurrently.
+//!
+//! Reloading is all-or-nothing: an invalid desired state is reported (log, `/status`, metric)
+//! and the last valid one stays enforced. With `--lease`, only the holder of the DynamoDB lease
+//! writes; the other daemon observes and serves its status. The first SIGTERM or SIGINT lets the
+//! batch in flight finish (its changes are not cut in the middle) and exits 0; a second exits
+//! at once with 1.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use stackwarden_controllers::{DesiredState, ResourceId};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::time::Instant;
+
+use crate::engine::{Engine, Pass, Scope};
+use crate::lease::Lease;
+use crate::schedule::{Backoff, Outcome, Resync, Schedule};
+use crate::status::Status;
+use crate::{load, report, watch, EXIT_ERROR, EXIT_OK};
+
+/// How long the desired directory must be quiet after a change before a pass starts: a
+/// checkout writes many files.
+const WATCH_QUIET: Duration = Duration::from_millis(200);
+
+pub struct Options {
+    pub dir: PathBuf,
+    pub prune: bool,
+    pub resync: Resync,
+    /// Fast-forward the checkout from its remote this often.
+    pub git_pull: Option<Duration>,
+}
+
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn register() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+pub async fn run(
+    engine: Engine,
+    mut desired: DesiredState,
+    opts: Options,
+    status: Status,
+    lease: Option<Arc<Lease>>,
+) -> anyhow::Result<u8> {
+    let dir = opts.dir.as_path();
+    // Registered before the first pass, so a signal during a pass is kept until it ends.
+    let mut signals = Signals::register()?;
+    let mut watch =
+        watch::Watch::start(dir).with_context(|| format!("cannot watch {}", dir.display()))?;
+    if let Some(every) = opts.git_pull {
+        tokio::spawn(git_pull(dir.to_path_buf(), every));
+    }
+    let mut generation = watch::generation(dir, &desired.content_hash);
+    let mut schedule = Schedule::new(
+        opts.resync.clone(),
+        Backoff::default(),
+        &desired,
+        Instant::now(),
+    );
+    for w in desired.warnings() {
+        tracing::warn!("{w}");
+    }
+    // Taking the lease makes everything due: the standby only observed until then.
+    let mut lease_changes = lease.as_ref().map(|l| l.subscribe());
+    let mut stopping = false;
+    loop {
+        let due = schedule.due(Instant::now());
+        if !due.is_empty() {
+            let write = lease.as_ref().is_none_or(|l| l.held());
+            let full = due.resources.len() == desired.resources.len();
+            tracing::info!(
+                %generation,
+                resources = due.resources.len(),
+                full,
+                write,
+                "pass starting"
+            );
+            let started = std::time::Instant::now();
+            let scope = Scope {
+                resources: due.resources.clone(),
+                removals: due.kinds.clone(),
+            };
+            let pass = {
+                let in_flight = engine.pass(&desired, scope, opts.prune, write);
+                tokio::pin!(in_flight);
+                loop {
+                    tokio::select! {
+                        p = &mut in_flight => break p,
+                        _ = signals.recv() => {}
+                    }
+                    if stopping {
+                        tracing::warn!("second signal: exiting without finishing the pass");
+                        return Ok(EXIT_ERROR);
+                    }
+                    stopping = true;
+                    tracing::info!("signal: finishing the pass in flight, then exiting");
+                }
+            };
+            if !pass.applied.changes.is_empty() || !pass.applied.errors.is_empty() {
+                print!(
+                    "{}",
+                    report::reconcile_text(
+                        &pass.applied.changes,
+                        &pass.applied.errors,
+                        &pass.check
+                    )
+                );
+            }
+            status.pass(
+                &generation,
+                &pass.applied,
+                &pass.check,
+                started.elapsed().as_secs_f64(),
+            );
+            schedule.record(&due, &outcomes(&pass, write), Instant::now());
+            tracing::info!(
+                %generation,
+                converged = pass.converged(),
+                write,
+                changes = pass.applied.changes.len(),
+                errors = pass.applied.errors.len() + pass.check.errors.len(),
+                "pass done"
+            );
+            for id in schedule.parked() {
+                tracing::debug!(resource = %id, "parked until its desired state changes");
+            }
+        }
+        if stopping {
+            return Ok(EXIT_OK);
+        }
+        let wake = schedule
+            .next_wake()
+            .unwrap_or_else(|| Instant::now() + opts.resync.default);
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = watch.changed(WATCH_QUIET) => {
+                tracing::info!("the desired directory changed");
+                if let Some(d) = reload(dir, &generation, &status) {
+                    generation = watch::generation(dir, &d.content_hash);
+                    desired = d;
+                    status.retain(&desired);
+                    schedule.reload(&desired, Instant::now());
+                    for w in desired.warnings() {
+                        tracing::warn!("{w}");
+                    }
+                }
+            }
+            Some(held) = lease_taken(&mut lease_changes) => {
+                if held {
+                    schedule.reload(&desired, Instant::now());
+                }
+            }
+            _ = signals.recv() => return Ok(EXIT_OK),
+        }
+    }
+}
+
+/// The lease's next change (`true`: taken); never, without a lease.
+async fn lease_taken(changes: &mut Option<tokio::sync::watch::Receiver<bool>>) -> Option<bool> {
+    match changes {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(*rx.borrow_and_update()),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// The desired state after a change; `None` (reported) when it is invalid.
+fn reload(dir: &Path, enforced: &str, status: &Status) -> Option<DesiredState> {
+    match load::load(dir) {
+        Ok(d) => {
+            status.invalid(None);
+            Some(d)
+        }
+        Err(diags) => {
+            for d in &diags {
+                tracing::error!("{d}");
+            }
+            let invalid = watch::generation(dir, "(no commit)");
+            status.invalid(Some(invalid.clone()));
+            tracing::error!(
+                %invalid,
+                generation = %enforced,
+                "the desired state is invalid; still enforcing the last valid one"
+            );
+            None
+        }
+    }
+}
+
+/// `--git-pull`: fast-forwards the checkout from its upstream every `every`. The file watch
+/// sees the new commit like any other change. A pull that fails (network, diverged history) is
+/// logged and tried again next time; local commits are never overwritten (`--ff-only`).
+async fn git_pull(dir: PathBuf, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let out = tokio::process::Command::new("git")
+            .args(["pull", "--ff-only", "--quiet"])
+            .current_dir(&dir)
+            .kill_on_drop(true)
+            .output()
+            .await;
+        match out {
+            Ok(o) if o.status.success() => tracing::debug!("git pull done"),
+            Ok(o) => tracing::warn!(
+                stderr = %String::from_utf8_lossy(&o.stderr).trim(),
+                "git pull --ff-only failed; the checkout stays as it is"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot run git pull"),
+        }
+    }
+}
+
+/// How each resource of a pass ended, for the schedule. Pending changes count as retries only
+/// when this daemon may write (a standby without the lease merely observes them).
+fn outcomes(pass: &Pass, wrote: bool) -> BTreeMap<ResourceId, Outcome> {
+    let mut out = BTreeMap::new();
+    if wrote {
+        for (_, c) in &pass.check.changes {
+            if !c.observe_only {
+                out.insert(c.id.clone(), Outcome::Retry);
+            }
+        }
+    }
+    for e in pass.check.errors.iter().chain(&pass.applied.errors) {
+        out.insert(e.resource.clone(), e.class.into());
+    }
+    out
+}
