@@ -3,6 +3,8 @@
 # emulator (and its moto) on a free loopback port, then measures with the operator's own call
 # counter (--stats) and /usr/bin/time -v:
 #   - a cold converge of the default stack, and a converged plan of it;
+#   - the daemon on the converged default stack for 1,000 passes: resident memory along the way,
+#     CPU time and AWS calls per pass, and from those the calls per hour at the default resync;
 #   - a host_config push to 1,000 running instances, and the converged pass after it.
 # Usage: tests/bench.sh [HOSTS]   (default 1000)
 set -euo pipefail
@@ -36,6 +38,53 @@ cp -r desired "$work/stack"
 run cold reconcile --once "$work/stack"
 run converged plan "$work/stack"
 
+# The daemon, converged, resyncing as fast as it can (10 ms, no rate limit) for 1,000 passes.
+"$bin" reconcile --resync 10ms --rate-limit '*=100000' --listen 127.0.0.1:0 --log-format json \
+  "$work/stack" >/dev/null 2>"$work/daemon.err" &
+daemon_pid=$!
+.venv/bin/python - "$daemon_pid" "$work/daemon.err" >"$work/daemon.txt" <<'PY'
+import json, os, sys, time, urllib.request
+pid, log = int(sys.argv[1]), sys.argv[2]
+address = None
+deadline = time.time() + 60
+while address is None:
+    assert time.time() < deadline, "the daemon logged no address"
+    time.sleep(0.05)
+    for line in open(log):
+        try:
+            address = json.loads(line)["fields"].get("address") or address
+        except ValueError:
+            pass
+def passes():
+    return json.load(urllib.request.urlopen(f"http://{address}/status"))["passes"]
+def calls():
+    text = urllib.request.urlopen(f"http://{address}/metrics").read().decode()
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+               if l.startswith("stackwarden_aws_calls_total{"))
+def rss_mib():
+    for l in open(f"/proc/{pid}/status"):
+        if l.startswith("VmRSS:"):
+            return int(l.split()[1]) / 1024
+def cpu_seconds():
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+samples = {}
+for target in (100, 500, 1000):
+    deadline = time.time() + 1800
+    while passes() < target:
+        assert time.time() < deadline, "the daemon stopped making passes"
+        time.sleep(0.1)
+    samples[target] = (passes(), rss_mib(), cpu_seconds(), calls())
+(p0, _, c0, a0), (p1, _, c1, a1) = samples[100], samples[1000]
+per_pass = (a1 - a0) / (p1 - p0)
+print("rss=" + " / ".join(f"{samples[t][1]:.1f}" for t in (100, 500, 1000)))
+print(f"cpu_ms={(c1 - c0) / (p1 - p0) * 1000:.1f}")
+print(f"calls_per_pass={per_pass:.1f}")
+print(f"calls_per_hour={per_pass * 3600 / 60:.0f}")
+PY
+kill -TERM "$daemon_pid"; wait "$daemon_pid" || true
+daemon() { sed -n "s/^$1=//p" "$work/daemon.txt"; }
+
 .venv/bin/python - "$hosts" <<'PY'
 import os, sys, boto3
 ec2 = boto3.client("ec2", endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
@@ -63,5 +112,6 @@ echo "| measurement | AWS API calls | wall time | max RSS |"
 echo "|---|---|---|---|"
 echo "| cold reconcile --once, default stack | $(calls cold) | $(wall cold) | $(rss cold) |"
 echo "| converged plan, default stack | $(calls converged) | $(wall converged) | $(rss converged) |"
+echo "| daemon, converged default stack, passes 100 / 500 / 1,000 | $(daemon calls_per_pass) per pass (reads); $(daemon calls_per_hour) per hour at the default 60 s resync | $(daemon cpu_ms) ms CPU per pass | $(daemon rss) MiB |"
 echo "| host_config push to $hosts instances | $(calls push); SendCommand $(op push SendCommand), status reads $(( $(op push ListCommands) + $(op push ListCommandInvocations) )) | $(wall push) | $(rss push) |"
 echo "| converged plan with $hosts fleet hosts | $(calls fleet); SSM $(service fleet SSM) | $(wall fleet) | $(rss fleet) |"
