@@ -316,59 +316,59 @@ impl Engine {
             .collect();
         let position: BTreeMap<&ResourceId, usize> =
             order.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-        let mut waiting: Vec<&ResourceId> = order.clone();
-        let mut not_started: BTreeSet<&ResourceId> = order.iter().copied().collect();
-        let mut refs = obs.refs.clone();
-        let mut failed: BTreeSet<ResourceId> = BTreeSet::new();
-        let mut changes: Vec<(usize, Change<AnyOp>)> = Vec::new();
-        let mut errors: Vec<(usize, ResourceError)> = Vec::new();
-        let mut running = FuturesUnordered::new();
-        let mut in_flight: BTreeSet<&ResourceId> = BTreeSet::new();
-        loop {
-            // Start what is ready: nothing it references is still waiting or running.
-            let mut i = 0;
-            while running.len() < self.concurrency && i < waiting.len() {
-                let id = waiting[i];
-                let blocked = desired.resources[id]
-                    .depends_on
-                    .iter()
-                    .any(|d| in_flight.contains(d) || not_started.contains(d));
-                if blocked {
-                    i += 1;
-                    continue;
-                }
-                waiting.remove(i);
-                not_started.remove(id);
-                in_flight.insert(id);
-                let refs = refs.clone();
-                let failed = failed.clone();
-                running.push(async move {
-                    let result = self
-                        .reconcile(desired, obs, id, &refs, &failed)
+        struct Progress {
+            refs: Refs,
+            failed: BTreeSet<ResourceId>,
+            changes: Vec<(usize, Change<AnyOp>)>,
+            errors: Vec<(usize, ResourceError)>,
+        }
+        let mut progress = Progress {
+            refs: obs.refs.clone(),
+            failed: BTreeSet::new(),
+            changes: Vec::new(),
+            errors: Vec::new(),
+        };
+        in_dependency_order(
+            &order,
+            |id| &desired.resources[id].depends_on,
+            self.concurrency,
+            &mut progress,
+            |p, id| {
+                // What it needs of the others, as known when it starts.
+                let refs = p.refs.clone();
+                let failed = p.failed.clone();
+                async move {
+                    self.reconcile(desired, obs, id, &refs, &failed)
                         .instrument(tracing::info_span!("reconcile", resource = %id))
-                        .await;
-                    (id, result)
-                });
-            }
-            let Some((id, result)) = running.next().await else {
-                break;
-            };
-            in_flight.remove(id);
-            match result {
+                        .await
+                }
+            },
+            |p, id, result| match result {
                 Ok(Some((change, outputs))) => {
                     if !outputs.is_empty() {
-                        refs.outputs.entry(id.clone()).or_default().extend(outputs);
+                        p.refs
+                            .outputs
+                            .entry(id.clone())
+                            .or_default()
+                            .extend(outputs);
                     }
-                    changes.push((position[id], change));
+                    p.changes.push((position[id], change));
                 }
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(resource = %id, error = %e, "reconcile failed");
-                    failed.insert(id.clone());
-                    errors.push((position[id], ResourceError::new(id.clone(), &e)));
+                    p.failed.insert(id.clone());
+                    p.errors
+                        .push((position[id], ResourceError::new(id.clone(), &e)));
                 }
-            }
-        }
+            },
+        )
+        .await;
+        let Progress {
+            mut changes,
+            mut errors,
+            ..
+        } = progress;
         // Reported in dependency order, whatever order they finished in.
         changes.sort_by_key(|(i, _)| *i);
         errors.sort_by_key(|(i, _)| *i);
@@ -438,5 +438,118 @@ impl Engine {
             }
         }
         Ok(Some((change, outputs)))
+    }
+}
+
+/// Runs `start(state, id)` for every id of `order` (a dependency order), at most `limit` at
+/// once, each only once everything it depends on within `order` has finished; `done(state, id,
+/// result)` records each as it finishes, so the work started after it sees its effects.
+/// Dependencies outside `order` count as finished. Each id runs exactly once.
+async fn in_dependency_order<'a, S, T, Fut>(
+    order: &[&'a ResourceId],
+    deps: impl Fn(&ResourceId) -> &'a BTreeSet<ResourceId>,
+    limit: usize,
+    state: &mut S,
+    mut start: impl FnMut(&mut S, &'a ResourceId) -> Fut,
+    mut done: impl FnMut(&mut S, &'a ResourceId, T),
+) where
+    Fut: std::future::Future<Output = T>,
+{
+    let mut waiting: Vec<&ResourceId> = order.to_vec();
+    let mut unfinished: BTreeSet<&ResourceId> = order.iter().copied().collect();
+    let mut running = FuturesUnordered::new();
+    loop {
+        let mut i = 0;
+        while running.len() < limit.max(1) && i < waiting.len() {
+            let id = waiting[i];
+            if deps(id).iter().any(|d| unfinished.contains(d)) {
+                i += 1;
+                continue;
+            }
+            waiting.remove(i);
+            let work = start(state, id);
+            running.push(async move { (id, work.await) });
+        }
+        let Some((id, result)) = running.next().await else {
+            break;
+        };
+        unfinished.remove(id);
+        done(state, id, result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    fn id(name: &str) -> ResourceId {
+        ResourceId::new(Kind::IamRole, name)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn independent_work_runs_concurrently_up_to_the_limit_and_dependents_wait() {
+        // a, b, c, d independent (1 s each); e depends on a and d.
+        let ids: Vec<ResourceId> = ["a", "b", "c", "d", "e"].into_iter().map(id).collect();
+        let order: Vec<&ResourceId> = ids.iter().collect();
+        let none = BTreeSet::new();
+        let e_deps = BTreeSet::from([id("a"), id("d")]);
+        let t0 = Instant::now();
+        // (running now, most at once, (id, started, finished) for each)
+        let mut state = (0usize, 0usize, Vec::<(String, u64, u64)>::new());
+        let started = std::sync::Mutex::new(BTreeMap::new());
+        in_dependency_order(
+            &order,
+            |i| if i.name == "e" { &e_deps } else { &none },
+            2,
+            &mut state,
+            |s, i| {
+                s.0 += 1;
+                s.1 = s.1.max(s.0);
+                started
+                    .lock()
+                    .unwrap()
+                    .insert(i.name.clone(), t0.elapsed().as_secs());
+                async { tokio::time::sleep(Duration::from_secs(1)).await }
+            },
+            |s, i, ()| {
+                s.0 -= 1;
+                let at = started.lock().unwrap()[&i.name];
+                s.2.push((i.name.clone(), at, t0.elapsed().as_secs()));
+            },
+        )
+        .await;
+        let (_, most, mut runs) = state;
+        assert_eq!(most, 2, "never more than the limit at once");
+        runs.sort();
+        assert_eq!(
+            runs,
+            vec![
+                ("a".into(), 0, 1),
+                ("b".into(), 0, 1),
+                ("c".into(), 1, 2),
+                ("d".into(), 1, 2),
+                ("e".into(), 2, 3),
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dependency_outside_the_batch_does_not_block() {
+        let ids = [id("x")];
+        let order: Vec<&ResourceId> = ids.iter().collect();
+        let deps = BTreeSet::from([id("not-in-this-batch")]);
+        let mut ran = Vec::new();
+        in_dependency_order(
+            &order,
+            |_| &deps,
+            4,
+            &mut ran,
+            |_, i| async move { i.name.clone() },
+            |ran, _, name| ran.push(name),
+        )
+        .await;
+        assert_eq!(ran, vec!["x".to_string()]);
     }
 }

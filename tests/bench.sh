@@ -39,9 +39,10 @@ run cold reconcile --once "$work/stack"
 run converged plan "$work/stack"
 
 # The daemon, converged, resyncing as fast as it can (10 ms, no rate limit) for 1,000 passes.
-"$bin" reconcile --resync 10ms --rate-limit '*=100000' --listen 127.0.0.1:0 --log-format json \
-  "$work/stack" >/dev/null 2>"$work/daemon.err" &
+RUST_LOG=info "$bin" reconcile --resync 10ms --rate-limit '*=100000' --listen 127.0.0.1:0 \
+  --log-format json "$work/stack" >/dev/null 2>"$work/daemon.err" &
 daemon_pid=$!
+trap 'kill $daemon_pid $EMULATOR_PID 2>/dev/null; rm -rf "$work"' EXIT
 .venv/bin/python - "$daemon_pid" "$work/daemon.err" >"$work/daemon.txt" <<'PY'
 import json, os, sys, time, urllib.request
 pid, log = int(sys.argv[1]), sys.argv[2]
