@@ -116,6 +116,8 @@ impl Pass {
 pub struct Applied {
     pub changes: Vec<Change<AnyOp>>,
     pub errors: Vec<ResourceError>,
+    /// How long each resource's reconcile (diff and writes) took, in seconds.
+    pub durations: Vec<(Kind, f64)>,
 }
 
 impl Engine {
@@ -321,12 +323,14 @@ impl Engine {
             failed: BTreeSet<ResourceId>,
             changes: Vec<(usize, Change<AnyOp>)>,
             errors: Vec<(usize, ResourceError)>,
+            durations: Vec<(Kind, f64)>,
         }
         let mut progress = Progress {
             refs: obs.refs.clone(),
             failed: BTreeSet::new(),
             changes: Vec::new(),
             errors: Vec::new(),
+            durations: Vec::new(),
         };
         in_dependency_order(
             &order,
@@ -338,28 +342,34 @@ impl Engine {
                 let refs = p.refs.clone();
                 let failed = p.failed.clone();
                 async move {
-                    self.reconcile(desired, obs, id, &refs, &failed)
+                    let started = std::time::Instant::now();
+                    let result = self
+                        .reconcile(desired, obs, id, &refs, &failed)
                         .instrument(tracing::info_span!("reconcile", resource = %id))
-                        .await
+                        .await;
+                    (result, started.elapsed().as_secs_f64())
                 }
             },
-            |p, id, result| match result {
-                Ok(Some((change, outputs))) => {
-                    if !outputs.is_empty() {
-                        p.refs
-                            .outputs
-                            .entry(id.clone())
-                            .or_default()
-                            .extend(outputs);
+            |p, id, (result, seconds)| {
+                p.durations.push((id.kind, seconds));
+                match result {
+                    Ok(Some((change, outputs))) => {
+                        if !outputs.is_empty() {
+                            p.refs
+                                .outputs
+                                .entry(id.clone())
+                                .or_default()
+                                .extend(outputs);
+                        }
+                        p.changes.push((position[id], change));
                     }
-                    p.changes.push((position[id], change));
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(resource = %id, error = %e, "reconcile failed");
-                    p.failed.insert(id.clone());
-                    p.errors
-                        .push((position[id], ResourceError::new(id.clone(), &e)));
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(resource = %id, error = %e, "reconcile failed");
+                        p.failed.insert(id.clone());
+                        p.errors
+                            .push((position[id], ResourceError::new(id.clone(), &e)));
+                    }
                 }
             },
         )
@@ -367,6 +377,7 @@ impl Engine {
         let Progress {
             mut changes,
             mut errors,
+            durations,
             ..
         } = progress;
         // Reported in dependency order, whatever order they finished in.
@@ -375,6 +386,7 @@ impl Engine {
         let mut applied = Applied {
             changes: changes.into_iter().map(|(_, c)| c).collect(),
             errors: errors.into_iter().map(|(_, e)| e).collect(),
+            durations,
         };
         let delete = prune || desired.stack.deletion_policy == DeletionPolicy::Delete;
         for (_, c, o) in self.removals(obs) {

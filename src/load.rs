@@ -67,6 +67,7 @@ pub fn load(dir: &Path) -> Result<DesiredState, Vec<Diagnostic>> {
         }
     };
     let mut stack: Option<(StackSpec, Origin)> = None;
+    let mut stack_seen = false;
     let mut parsed: Vec<Parsed> = Vec::new();
     for path in &files {
         let Some(file) = read_source(path, &mut diags) else {
@@ -87,11 +88,16 @@ pub fn load(dir: &Path) -> Result<DesiredState, Vec<Diagnostic>> {
             &file,
             root.into_inner(),
             &mut stack,
+            &mut stack_seen,
             &mut parsed,
             &mut diags,
         );
     }
     let Some((stack, stack_origin)) = stack else {
+        if stack_seen {
+            // A `[stack]` that failed to parse has its own error: no second one for it.
+            return Err(diags.into_sorted());
+        }
         let file = files
             .first()
             .map(|f| f.display().to_string())
@@ -259,6 +265,7 @@ fn parse_file(
     file: &Arc<SourceFile>,
     root: DeTable<'_>,
     stack: &mut Option<(StackSpec, Origin)>,
+    stack_seen: &mut bool,
     parsed: &mut Vec<Parsed>,
     diags: &mut Diagnostics,
 ) {
@@ -274,6 +281,7 @@ fn parse_file(
             continue;
         };
         if section == "stack" {
+            *stack_seen = true;
             let o = origin(file, key.span());
             if let Some((_, first)) = stack {
                 diags.at_origin(
@@ -507,9 +515,9 @@ fn check_stack(stack: &StackSpec, at: &Origin, diags: &mut Diagnostics) {
             );
         }
     }
-    for k in stack.tags.keys() {
-        if k.to_ascii_lowercase().starts_with("aws:") || k.starts_with("stackwarden:") {
-            diags.at_origin(at, format!("tag key `{k}` is reserved"));
+    if let Some(tags) = &stack.tags {
+        for problem in stackwarden_controllers::desired::tag_problems(tags.get_ref()) {
+            diags.at(&at.file, tags.span().start, problem);
         }
     }
 }

@@ -59,8 +59,13 @@ struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DriftLabels {
+struct KindLabel {
     kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServiceLabel {
+    service: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -75,14 +80,18 @@ struct GenerationLabels {
     generation: String,
 }
 
+/// From a quick in-sync check to a workspace creation waited on.
+const SECONDS_BUCKETS: [f64; 10] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+
 struct Metrics {
     registry: Registry,
     reconciles: Family<KindLabels, Counter>,
     pass_seconds: Histogram,
+    reconcile_seconds: Family<KindLabel, Histogram, fn() -> Histogram>,
     resources: Family<StateLabels, Gauge>,
-    drift: Family<DriftLabels, Counter>,
+    drift: Family<KindLabel, Counter>,
     calls: Family<CallLabels, Counter>,
-    throttled: Family<DriftLabels, Counter>,
+    throttled: Family<ServiceLabel, Counter>,
     generation: Family<GenerationLabels, Gauge>,
     last_success: Gauge,
     invalid: Gauge,
@@ -93,7 +102,8 @@ impl Metrics {
         let mut registry = Registry::with_prefix("stackwarden");
         let m = Metrics {
             reconciles: Family::default(),
-            pass_seconds: Histogram::new([0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+            pass_seconds: Histogram::new(SECONDS_BUCKETS),
+            reconcile_seconds: Family::new_with_constructor(|| Histogram::new(SECONDS_BUCKETS)),
             resources: Family::default(),
             drift: Family::default(),
             calls: Family::default(),
@@ -112,6 +122,11 @@ impl Metrics {
             "pass_duration_seconds",
             "Duration of a full pass (observe, apply, observe again)",
             m.pass_seconds.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of one resource's reconcile (diff and writes; observing is per pass), by kind",
+            m.reconcile_seconds.clone(),
         );
         registry.register(
             "resources",
@@ -210,6 +225,13 @@ impl Status {
     pub fn pass(&self, generation: &str, applied: &Applied, check: &Plan, seconds: f64) {
         let m = &self.metrics;
         m.pass_seconds.observe(seconds);
+        for (kind, s) in &applied.durations {
+            m.reconcile_seconds
+                .get_or_create(&KindLabel {
+                    kind: kind.to_string(),
+                })
+                .observe(*s);
+        }
         let mut r = self.report.lock().expect("status lock");
         if r.generation != generation {
             m.generation.clear();
@@ -231,7 +253,7 @@ impl Status {
         for c in &applied.changes {
             let kind = c.id.kind.to_string();
             if c.action == stackwarden_controllers::Action::Update {
-                m.drift.get_or_create(&DriftLabels { kind }).inc();
+                m.drift.get_or_create(&KindLabel { kind }).inc();
             }
             if states
                 .get(&c.id.to_string())
@@ -312,7 +334,7 @@ impl Status {
             c.inc_by(n.saturating_sub(c.get()));
         }
         for (service, n) in throttled {
-            let t = m.throttled.get_or_create(&DriftLabels { kind: service });
+            let t = m.throttled.get_or_create(&ServiceLabel { service });
             t.inc_by(n.saturating_sub(t.get()));
         }
         let mut out = String::new();

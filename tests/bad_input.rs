@@ -175,7 +175,7 @@ fn grafana_role_member_that_is_not_an_identity_center_id() {
     rejected(
         dir.path(),
         "amg.toml",
-        1,
+        2,
         "user `alice@example.com` in role `viewer` is not an IAM Identity Center user id",
     );
 }
@@ -192,7 +192,7 @@ fn grafana_group_in_two_roles() {
     rejected(
         dir.path(),
         "amg.toml",
-        1,
+        2,
         "is in both `admin` and `viewer`: a user or group holds one Grafana role",
     );
 }

@@ -324,6 +324,7 @@ async fn a_commit_is_applied_at_once_drift_within_a_resync_an_invalid_commit_is_
     for family in [
         "stackwarden_reconciles_total{",
         "stackwarden_pass_duration_seconds_count",
+        "stackwarden_reconcile_duration_seconds_count{kind=\"iam.role\"}",
         "stackwarden_resources{state=\"in_sync\"}",
         "stackwarden_drift_corrections_total{kind=\"iam.role\"}",
         "stackwarden_aws_calls_total{service=\"IAM\",operation=\"GetRole\",outcome=\"ok\"}",

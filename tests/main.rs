@@ -4,6 +4,7 @@
 
 mod amg;
 mod bad_input;
+mod corpus;
 mod daemon;
 mod deploy;
 mod emulator;

@@ -66,9 +66,9 @@ pub struct WorkspaceSpec {
 #[serde(deny_unknown_fields)]
 pub struct RoleMembers {
     #[serde(default)]
-    pub users: Vec<String>,
+    pub users: Vec<Spanned<String>>,
     #[serde(default)]
-    pub groups: Vec<String>,
+    pub groups: Vec<Spanned<String>>,
 }
 
 /// IAM Identity Center user and group ids: a UUID, optionally after the identity store's
@@ -160,16 +160,17 @@ impl WorkspaceSpec {
             let listed = members
                 .users
                 .iter()
-                .map(|u| ("user", u.as_str()))
-                .chain(members.groups.iter().map(|g| ("group", g.as_str())));
-            for (kind, id) in listed {
+                .map(|u| ("user", u))
+                .chain(members.groups.iter().map(|g| ("group", g)));
+            for (kind, member) in listed {
+                let id = member.get_ref().as_str();
                 if !is_identity_center_id(id) {
-                    v.here(format!(
+                    v.error(&member.span(), format!(
                         "{kind} `{id}` in role `{role}` is not an IAM Identity Center {kind} id (a UUID, optionally after a 10-hex-digit identity store prefix and `-`)"
                     ));
                 }
                 if let Some(other) = holder.insert((kind, id), role) {
-                    v.here(format!(
+                    v.error(&member.span(), format!(
                         "{kind} `{id}` is in both `{other}` and `{role}`: a user or group holds one Grafana role"
                     ));
                 }
@@ -379,10 +380,10 @@ fn desired_permissions(roles: &BTreeMap<String, RoleMembers>) -> BTreeMap<Member
     for (role, members) in roles {
         let role = role.to_uppercase();
         for u in &members.users {
-            out.insert(("SSO_USER".to_string(), u.clone()), role.clone());
+            out.insert(("SSO_USER".to_string(), u.get_ref().clone()), role.clone());
         }
         for g in &members.groups {
-            out.insert(("SSO_GROUP".to_string(), g.clone()), role.clone());
+            out.insert(("SSO_GROUP".to_string(), g.get_ref().clone()), role.clone());
         }
     }
     out

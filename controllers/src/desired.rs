@@ -39,8 +39,7 @@ pub struct StackSpec {
     /// AWS region; `--region` and the standard AWS settings win over it.
     pub region: Option<String>,
     /// Tags put on every resource the stack creates.
-    #[serde(default)]
-    pub tags: BTreeMap<String, String>,
+    pub tags: Option<Spanned<BTreeMap<String, String>>>,
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
 }
@@ -139,6 +138,16 @@ pub struct DesiredState {
     pub content_hash: String,
 }
 
+impl StackSpec {
+    /// The tags put on every resource (none when not given).
+    pub fn tags(&self) -> BTreeMap<String, String> {
+        self.tags
+            .as_ref()
+            .map(|t| t.get_ref().clone())
+            .unwrap_or_default()
+    }
+}
+
 impl DesiredState {
     pub fn stack_name(&self) -> &str {
         self.stack.name.get_ref()
@@ -203,7 +212,7 @@ impl DesiredState {
         id: &ResourceId,
         own: &BTreeMap<String, String>,
     ) -> BTreeMap<String, String> {
-        let mut tags = self.stack.tags.clone();
+        let mut tags = self.stack.tags();
         tags.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
         tags.insert(TAG_STACK.into(), self.stack_name().to_string());
         tags.insert(TAG_ID.into(), id.to_string());
@@ -364,19 +373,32 @@ pub fn check_duration(
 
 /// Checks AWS tag limits: keys 1..=128, values 0..=256, `aws:` reserved.
 pub fn check_tags(v: &mut Validator<'_>, tags: &Spanned<BTreeMap<String, String>>) {
-    let span = tags.span();
-    for (k, val) in tags.get_ref() {
+    for problem in tag_problems(tags.get_ref()) {
+        v.error(&tags.span(), problem);
+    }
+}
+
+/// What is wrong with a set of tags, by AWS's limits and the keys stackwarden reserves.
+pub fn tag_problems(tags: &BTreeMap<String, String>) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (k, val) in tags {
         if k.is_empty() || k.chars().count() > 128 {
-            v.error(&span, format!("tag key `{k}` must be 1 to 128 characters"));
+            problems.push(format!("tag key `{k}` must be 1 to 128 characters"));
         }
         if val.chars().count() > 256 {
-            v.error(
-                &span,
-                format!("tag `{k}`: values are at most 256 characters"),
-            );
+            problems.push(format!("tag `{k}`: values are at most 256 characters"));
         }
         if k.to_ascii_lowercase().starts_with("aws:") || k.starts_with("stackwarden:") {
-            v.error(&span, format!("tag key `{k}` is reserved"));
+            problems.push(format!("tag key `{k}` is reserved"));
         }
     }
+    problems
+}
+
+/// `a.b.c.d/n` with each part in range.
+pub fn is_ipv4_cidr(s: &str) -> bool {
+    let Some((ip, bits)) = s.split_once('/') else {
+        return false;
+    };
+    ip.parse::<std::net::Ipv4Addr>().is_ok() && bits.parse::<u8>().is_ok_and(|b| b <= 32)
 }

@@ -32,7 +32,8 @@ struct Group {
 struct Rule {
     alert: Option<Spanned<String>>,
     record: Option<Spanned<String>>,
-    expr: Spanned<String>,
+    /// Optional here only so that a missing one is reported at its rule, not at the file.
+    expr: Option<Spanned<String>>,
     #[serde(rename = "for")]
     for_: Option<Spanned<String>>,
     keep_firing_for: Option<Spanned<String>>,
@@ -144,13 +145,22 @@ pub fn check_rule_file(file: &SourceFile, diags: &mut Diagnostics) -> Option<usi
         let _ = (&g.limit, &g.labels);
         for r in &g.rules {
             count += 1;
-            check_rule(file, diags, r);
+            check_rule(file, diags, g.name.span(), r);
         }
     }
     Some(count)
 }
 
-fn check_rule(file: &SourceFile, diags: &mut Diagnostics, r: &Rule) {
+fn check_rule(file: &SourceFile, diags: &mut Diagnostics, group: &marked_yaml::Span, r: &Rule) {
+    let Some(expr) = &r.expr else {
+        let (at, what) = match (&r.alert, &r.record) {
+            (Some(a), _) => (a.span(), format!("alerting rule `{}`", a.as_str())),
+            (_, Some(rec)) => (rec.span(), format!("recording rule `{}`", rec.as_str())),
+            (None, None) => (group, "a rule".to_string()),
+        };
+        report(diags, file, at, format!("{what} has no `expr`"));
+        return;
+    };
     match (&r.alert, &r.record) {
         (Some(_), Some(rec)) => report(
             diags,
@@ -161,7 +171,7 @@ fn check_rule(file: &SourceFile, diags: &mut Diagnostics, r: &Rule) {
         (None, None) => report(
             diags,
             file,
-            r.expr.span(),
+            expr.span(),
             "rule has neither `alert` nor `record`".into(),
         ),
         (Some(a), None) if a.is_empty() => {
@@ -193,7 +203,7 @@ fn check_rule(file: &SourceFile, diags: &mut Diagnostics, r: &Rule) {
                 report(
                     diags,
                     file,
-                    r.expr.span(),
+                    expr.span(),
                     "`annotations` apply to alerting rules only".into(),
                 );
             }
@@ -216,12 +226,12 @@ fn check_rule(file: &SourceFile, diags: &mut Diagnostics, r: &Rule) {
             );
         }
     }
-    if let Err(e) = promql_parser::parser::parse(r.expr.as_str()) {
+    if let Err(e) = promql_parser::parser::parse(expr.as_str()) {
         let e = e.trim().replace('\n', "; ");
         report(
             diags,
             file,
-            r.expr.span(),
+            expr.span(),
             format!("invalid PromQL in `expr`: {e}"),
         );
     }

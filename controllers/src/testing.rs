@@ -31,7 +31,10 @@ pub fn desired(resources: Vec<Resource>) -> DesiredState {
         stack: StackSpec {
             name: Spanned::new(0..0, STACK.to_string()),
             region: Some("us-east-1".into()),
-            tags: BTreeMap::from([("team".into(), "sre".into())]),
+            tags: Some(Spanned::new(
+                0..0,
+                BTreeMap::from([("team".into(), "sre".into())]),
+            )),
             deletion_policy: DeletionPolicy::Orphan,
         },
         resources: resources.into_iter().map(|r| (r.id.clone(), r)).collect(),

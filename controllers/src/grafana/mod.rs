@@ -226,7 +226,7 @@ impl GrafanaSpec {
             v.here("alb.require_https is set but no alb.certificate_arn is given: an HTTPS listener on 443 needs a certificate");
         }
         for c in &self.alb.allowed_cidrs {
-            if !is_cidr(c) {
+            if !crate::desired::is_ipv4_cidr(c) {
                 v.here(format!(
                     "alb.allowed_cidrs: `{c}` is not an IPv4 CIDR such as 10.0.0.0/8"
                 ));
@@ -317,12 +317,4 @@ impl GrafanaSpec {
             check_tags(v, tags);
         }
     }
-}
-
-/// `a.b.c.d/n` with each part in range.
-fn is_cidr(s: &str) -> bool {
-    let Some((ip, bits)) = s.split_once('/') else {
-        return false;
-    };
-    ip.parse::<std::net::Ipv4Addr>().is_ok() && bits.parse::<u8>().is_ok_and(|b| b <= 32)
 }

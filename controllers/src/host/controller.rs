@@ -336,7 +336,7 @@ fn desired_rules(s: &HostSpec, refs: &Refs) -> BTreeSet<Rule> {
                 protocol: r.protocol.clone(),
                 from,
                 to,
-                source: Source::Cidr(c.clone()),
+                source: Source::Cidr(c.get_ref().clone()),
             });
         }
         for g in &r.security_groups {

@@ -54,7 +54,7 @@ pub struct IngressRule {
     #[serde(default = "tcp")]
     pub protocol: String,
     #[serde(default)]
-    pub cidrs: Vec<String>,
+    pub cidrs: Vec<Spanned<String>>,
     /// Security group ids, usually `${host.<name>.security_group_id}`.
     #[serde(default)]
     pub security_groups: Vec<String>,
@@ -181,6 +181,26 @@ impl HostSpec {
         if let Some(u) = &self.user_data {
             if let Some(file) = v.read(u) {
                 self.loaded_user_data = Some(file.text().to_string());
+            }
+        }
+        for rule in &self.security_group.ingress {
+            if rule.to_port.is_some_and(|to| to < rule.port) {
+                v.here(format!(
+                    "ingress: to_port {} is below port {}",
+                    rule.to_port.unwrap_or_default(),
+                    rule.port
+                ));
+            }
+            for c in &rule.cidrs {
+                if !crate::desired::is_ipv4_cidr(c.get_ref()) {
+                    v.error(
+                        &c.span(),
+                        format!(
+                            "ingress: `{}` is not an IPv4 CIDR such as 10.0.0.0/16",
+                            c.get_ref()
+                        ),
+                    );
+                }
             }
         }
         let mut devices = std::collections::BTreeSet::new();
