@@ -144,6 +144,19 @@ pub fn stackwarden(endpoint: Option<&str>, args: &[&str]) -> Run {
 
 /// [`stackwarden`] with extra environment variables.
 pub fn stackwarden_with(endpoint: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = command(endpoint, args);
+    cmd.envs(env.iter().copied());
+    let out = cmd.output().expect("run stackwarden");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `stackwarden ARGS --stats` against an endpoint, ready to run or spawn: test credentials,
+/// no shared AWS config, quick polls.
+pub fn command(endpoint: Option<&str>, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_stackwarden"));
     cmd.args(args)
         .arg("--stats")
@@ -160,13 +173,7 @@ pub fn stackwarden_with(endpoint: Option<&str>, args: &[&str], env: &[(&str, &st
         Some(e) => cmd.env("AWS_ENDPOINT_URL", e),
         None => cmd.env("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
     };
-    cmd.envs(env.iter().copied());
-    let out = cmd.output().expect("run stackwarden");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    cmd
 }
 
 /// A copy of the repository's default desired state, to modify freely.

@@ -247,6 +247,13 @@ pub enum Op {
         arn: String,
         data: String,
     },
+    /// The desired definition is being checked but its hash was never recorded (the process
+    /// died between the put and the tag): records the hash, waits for AMP's verdict.
+    SettleAlertmanager {
+        workspace: String,
+        arn: String,
+        data: String,
+    },
     DeleteAlertmanager {
         workspace: String,
         arn: String,
@@ -815,6 +822,11 @@ impl Controller for AmpController {
                     .map_err(aws_error("aps", "PutAlertManagerDefinition"))?;
                 settle_alertmanager(ctx, workspace, arn, data).await?;
             }
+            Op::SettleAlertmanager {
+                workspace,
+                arn,
+                data,
+            } => settle_alertmanager(ctx, workspace, arn, data).await?,
             Op::DeleteAlertmanager { workspace, arn } => {
                 match amp
                     .delete_alert_manager_definition()
@@ -924,7 +936,19 @@ fn diff_alertmanager(c: &mut Change<Op>, w: &ObservedWorkspace, want: Option<&st
         }
         (Some(cur), Some(data)) => {
             let hash = short_hash(data);
+            let same = canonical_definition(&cur.data) == canonical_definition(data);
             match cur.status.as_str() {
+                "CREATING" | "UPDATING" if same && recorded != Some(&hash) => {
+                    c.notes.push(format!(
+                        "the alertmanager definition is {}: it is recorded as stackwarden's and its verdict waited for",
+                        cur.status
+                    ));
+                    c.op(Op::SettleAlertmanager {
+                        workspace: w.id.clone(),
+                        arn: w.arn.clone(),
+                        data: data.to_string(),
+                    });
+                }
                 "CREATING" | "UPDATING" | "DELETING" => c.notes.push(format!(
                     "the alertmanager definition is {}; it is checked again next pass",
                     cur.status
@@ -942,7 +966,7 @@ fn diff_alertmanager(c: &mut Change<Op>, w: &ObservedWorkspace, want: Option<&st
                 }
                 status => {
                     let failed = status != "ACTIVE";
-                    if failed || canonical_definition(&cur.data) != canonical_definition(data) {
+                    if failed || !same {
                         c.field("alertmanager", Some(show(&cur.data)), Some(show(data)));
                         c.op(Op::PutAlertmanager {
                             workspace: w.id.clone(),
@@ -951,6 +975,9 @@ fn diff_alertmanager(c: &mut Change<Op>, w: &ObservedWorkspace, want: Option<&st
                         });
                     } else if recorded != Some(&hash) {
                         // In force but not recorded as ours (adopted, or a crash after the put).
+                        c.notes.push(
+                            "the alertmanager definition in force is the desired one: recorded as stackwarden's".into(),
+                        );
                         c.op(Op::Tag {
                             arn: w.arn.clone(),
                             tags: BTreeMap::from([(TAG_ALERTMANAGER.into(), hash)]),
@@ -1048,6 +1075,17 @@ mod tests {
         let reformatted =
             "alertmanager_config: |\n  route: {receiver: a}\n  receivers: [{name: a}]\n";
         let o = with_definition("ACTIVE", reformatted, Some(&short_hash(AM)));
+        assert!(diff(spec_with_definition(AM), &o).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_definition_put_but_never_recorded_is_recorded_and_waited_for_not_put_again() {
+        // The process died between CreateAlertManagerDefinition and the tag.
+        let o = with_definition("CREATING", AM, None);
+        let c = diff(spec_with_definition(AM), &o).unwrap().unwrap();
+        assert!(matches!(&c.ops[..], [Op::SettleAlertmanager { data, .. }] if data == AM));
+        // Recorded and being checked: nothing to do until the verdict.
+        let o = with_definition("CREATING", AM, Some(&short_hash(AM)));
         assert!(diff(spec_with_definition(AM), &o).unwrap().is_none());
     }
 

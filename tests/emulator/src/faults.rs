@@ -28,6 +28,12 @@ pub struct Fault {
     /// Hit at most this many calls, then stop.
     #[serde(default)]
     pub count: Option<u32>,
+    /// Only calls that change state (not Get, List or Describe; for REST APIs, not GET).
+    #[serde(default)]
+    pub writes_only: bool,
+    /// Let this many matching calls through untouched before hitting any.
+    #[serde(default)]
+    pub skip: u32,
 }
 
 fn always() -> f64 {
@@ -43,6 +49,26 @@ impl Fault {
             kind,
             rate: 1.0,
             count: None,
+            writes_only: false,
+            skip: 0,
+        }
+    }
+
+    /// Every call of every service fails with `kind`.
+    pub fn everywhere(kind: FaultKind) -> Fault {
+        Fault {
+            service: None,
+            operation: None,
+            ..Fault::on("", "", kind)
+        }
+    }
+
+    /// Every write call (of any service) after the first `skip` gets `kind`.
+    pub fn writes_after(skip: u32, kind: FaultKind) -> Fault {
+        Fault {
+            writes_only: true,
+            skip,
+            ..Fault::everywhere(kind)
         }
     }
 
@@ -79,7 +105,8 @@ pub(crate) enum Outcome {
 }
 
 pub(crate) struct Faults {
-    rules: Vec<(Fault, u32)>,
+    /// Each rule with the matching calls it let through (`skip`) and the calls it hit.
+    rules: Vec<(Fault, u32, u32)>,
     rng: fastrand::Rng,
 }
 
@@ -96,7 +123,7 @@ impl Faults {
     }
 
     pub fn add(&mut self, fault: Fault) {
-        self.rules.push((fault, 0));
+        self.rules.push((fault, 0, 0));
     }
 
     pub fn clear(&mut self) {
@@ -104,15 +131,20 @@ impl Faults {
     }
 
     pub fn list(&self) -> Vec<Fault> {
-        self.rules.iter().map(|(f, _)| f.clone()).collect()
+        self.rules.iter().map(|(f, _, _)| f.clone()).collect()
     }
 
     /// The fault, if any, for one call: the first rule that matches and fires.
-    pub fn pick(&mut self, service: &str, operation: &str) -> Option<Outcome> {
-        for (fault, hits) in &mut self.rules {
+    pub fn pick(&mut self, service: &str, operation: &str, write: bool) -> Option<Outcome> {
+        for (fault, skipped, hits) in &mut self.rules {
             let matches = fault.service.as_deref().is_none_or(|s| s == service)
-                && fault.operation.as_deref().is_none_or(|o| o == operation);
+                && fault.operation.as_deref().is_none_or(|o| o == operation)
+                && (write || !fault.writes_only);
             if !matches || fault.count.is_some_and(|c| *hits >= c) {
+                continue;
+            }
+            if *skipped < fault.skip {
+                *skipped += 1;
                 continue;
             }
             if fault.rate < 1.0 && self.rng.f64() >= fault.rate {
@@ -191,10 +223,22 @@ mod tests {
     fn a_counted_fault_stops_after_its_count() {
         let mut faults = Faults::new(1);
         faults.add(Fault::on("ssm", "SendCommand", FaultKind::Throttle).times(2));
-        assert!(faults.pick("ssm", "SendCommand").is_some());
-        assert!(faults.pick("ssm", "ListCommands").is_none());
-        assert!(faults.pick("ssm", "SendCommand").is_some());
-        assert!(faults.pick("ssm", "SendCommand").is_none());
+        assert!(faults.pick("ssm", "SendCommand", true).is_some());
+        assert!(faults.pick("ssm", "ListCommands", false).is_none());
+        assert!(faults.pick("ssm", "SendCommand", true).is_some());
+        assert!(faults.pick("ssm", "SendCommand", true).is_none());
+    }
+
+    #[test]
+    fn a_write_fault_lets_its_skip_through_then_hits_writes_only() {
+        let mut faults = Faults::new(1);
+        faults.add(Fault::writes_after(2, FaultKind::Reset));
+        assert!(faults.pick("iam", "CreateRole", true).is_none());
+        assert!(faults.pick("iam", "GetRole", false).is_none());
+        assert!(faults.pick("aps", "", true).is_none());
+        assert!(faults.pick("ec2", "DescribeInstances", false).is_none());
+        assert!(faults.pick("ec2", "RunInstances", true).is_some());
+        assert!(faults.pick("iam", "TagRole", true).is_some());
     }
 
     #[test]
@@ -203,7 +247,7 @@ mod tests {
             let mut faults = Faults::new(seed);
             faults.add(Fault::on("ec2", "RunInstances", FaultKind::Throttle).rate(0.3));
             (0..1000)
-                .map(|_| faults.pick("ec2", "RunInstances").is_some())
+                .map(|_| faults.pick("ec2", "RunInstances", true).is_some())
                 .collect::<Vec<_>>()
         };
         let hits = run(7).iter().filter(|h| **h).count();

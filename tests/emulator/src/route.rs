@@ -29,6 +29,8 @@ pub struct Call {
     pub status: u16,
     /// Whether a fault decided the answer.
     pub fault: bool,
+    /// Whether the call changes state ([`Incoming::is_write`]).
+    pub write: bool,
 }
 
 /// A request read in full, with what routing needs to know about it.
@@ -46,6 +48,17 @@ pub struct Incoming {
 }
 
 impl Incoming {
+    /// Whether the call changes state: by its HTTP method for REST APIs (whose operations the
+    /// emulator cannot always name), by its operation's verb otherwise.
+    pub fn is_write(&self) -> bool {
+        match self.protocol {
+            Protocol::RestJson => !matches!(self.method, Method::GET | Method::HEAD),
+            _ => !["Get", "List", "Describe"]
+                .iter()
+                .any(|verb| self.operation.starts_with(verb)),
+        }
+    }
+
     fn read(method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Incoming {
         let scope = headers
             .get(http::header::AUTHORIZATION)
@@ -207,7 +220,7 @@ async fn handle(Extract(state): Extract<Arc<State>>, req: http::Request<Body>) -
         }
     };
     let req = Incoming::read(parts.method, parts.uri, parts.headers, body);
-    let fault = lock(&state.faults).pick(&req.service, &req.operation);
+    let fault = lock(&state.faults).pick(&req.service, &req.operation, req.is_write());
     let (response, faulted) = match fault {
         Some(faults::Outcome::Answer(error)) => (error.render(req.protocol), true),
         Some(faults::Outcome::Reset) => (faults::reset(), true),
@@ -228,6 +241,7 @@ async fn handle(Extract(state): Extract<Arc<State>>, req: http::Request<Body>) -
         operation: req.operation.clone(),
         status: response.status().as_u16(),
         fault: faulted,
+        write: req.is_write(),
     });
     response
 }
