@@ -338,9 +338,22 @@ impl Engine {
             self.concurrency,
             &mut progress,
             |p, id| {
-                // What it needs of the others, as known when it starts.
-                let refs = p.refs.clone();
-                let failed = p.failed.clone();
+                // What it needs of the others (what it references), as known when it starts:
+                // copying only that keeps a large batch linear.
+                let deps = &desired.resources[id].depends_on;
+                let refs = Refs {
+                    stack: p.refs.stack.clone(),
+                    outputs: deps
+                        .iter()
+                        .chain([id])
+                        .filter_map(|d| Some((d.clone(), p.refs.outputs.get(d)?.clone())))
+                        .collect(),
+                };
+                let failed: BTreeSet<ResourceId> = deps
+                    .iter()
+                    .filter(|d| p.failed.contains(*d))
+                    .cloned()
+                    .collect();
                 async move {
                     let started = std::time::Instant::now();
                     let result = self

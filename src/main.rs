@@ -343,7 +343,14 @@ async fn plan(
     let obs = engine
         .observe(&desired, engine::Scope::everything(&desired))
         .await;
+    let started = std::time::Instant::now();
     let plan = engine.plan(&desired, &obs, prune);
+    // The pure part of a plan, without AWS: what tests/bench.sh reports for large states.
+    tracing::info!(
+        resources = desired.resources.len(),
+        micros = started.elapsed().as_micros() as u64,
+        "diff computed"
+    );
     if let Some(w) = report::unsupported_warning(&plan.unsupported) {
         eprintln!("{w}");
     }

@@ -5,7 +5,9 @@
 #   - a cold converge of the default stack, and a converged plan of it;
 #   - the daemon on the converged default stack for 1,000 passes: resident memory along the way,
 #     CPU time and AWS calls per pass, and from those the calls per hour at the default resync;
-#   - a host_config push to 1,000 running instances, and the converged pass after it.
+#   - a host_config push to 1,000 running instances, and the converged pass after it;
+#   - a synthetic desired state of 5,000 IAM roles, reconciled, then planned: the plan's pure
+#     diff time (logged by `plan` as `diff computed`), apart from its AWS reads.
 # Usage: tests/bench.sh [HOSTS]   (default 1000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -108,6 +110,16 @@ TOML
 run push reconcile --once "$work/stack"
 run fleet plan "$work/stack"
 
+# 5,000 resources: created once (no rate limit), then one converged plan.
+mkdir -p "$work/big"
+{ printf '[stack]\nname = "big"\n'
+  for i in $(seq 1 5000); do
+    printf '[iam.role.r%d]\ntrust = { services = ["ec2.amazonaws.com"] }\n' "$i"
+  done; } > "$work/big/stack.toml"
+run bigcold reconcile --once --rate-limit '*=100000' --concurrency 16 "$work/big"
+RUST_LOG=stackwarden=info run bigplan plan "$work/big"
+diff_ms() { sed 's/\x1b\[[0-9;]*m//g' "$work/bigplan.err" | sed -n 's/.*diff computed.*micros=\([0-9]*\).*/\1/p' | awk '{ printf "%.1f ms", $1 / 1000 }'; }
+
 echo
 echo "| measurement | AWS API calls | wall time | max RSS |"
 echo "|---|---|---|---|"
@@ -115,4 +127,5 @@ echo "| cold reconcile --once, default stack | $(calls cold) | $(wall cold) | $(
 echo "| converged plan, default stack | $(calls converged) | $(wall converged) | $(rss converged) |"
 echo "| daemon, converged default stack, passes 100 / 500 / 1,000 | $(daemon calls_per_pass) per pass (reads); $(daemon calls_per_hour) per hour at the default 60 s resync | $(daemon cpu_ms) ms CPU per pass | $(daemon rss) MiB |"
 echo "| host_config push to $hosts instances | $(calls push); SendCommand $(op push SendCommand), status reads $(( $(op push ListCommands) + $(op push ListCommandInvocations) )) | $(wall push) | $(rss push) |"
+echo "| converged plan, 5,000 IAM roles | $(calls bigplan) | $(wall bigplan); diff alone $(diff_ms) | $(rss bigplan) |"
 echo "| converged plan with $hosts fleet hosts | $(calls fleet); SSM $(service fleet SSM) | $(wall fleet) | $(rss fleet) |"

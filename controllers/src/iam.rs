@@ -776,16 +776,17 @@ fn desired_names(desired: &DesiredState, kind: Kind) -> BTreeMap<String, &Resour
         .collect()
 }
 
-/// Whether an observed object is one of the desired resources (by name and ownership/adoption).
+/// Whether an observed object is one of the desired resources (by name and ownership/adoption),
+/// given the desired resources of its kind by name ([`desired_names`], built once per pass).
 fn is_desired(
-    desired: &DesiredState,
-    kind: Kind,
+    wanted: &BTreeMap<String, &Resource>,
+    stack: &str,
     name: &str,
     tags: &BTreeMap<String, String>,
 ) -> bool {
-    desired_names(desired, kind).get(name).is_some_and(|r| {
-        owned_by(tags, desired.stack_name(), &r.id) || r.adopt.as_deref() == Some(name)
-    })
+    wanted
+        .get(name)
+        .is_some_and(|r| owned_by(tags, stack, &r.id) || r.adopt.as_deref() == Some(name))
 }
 
 fn is_no_such_entity<E: ProvideErrorMetadata, R>(
@@ -1062,11 +1063,14 @@ impl Controller for IamController {
             Action::Orphan
         };
         let mut out = Vec::new();
+        let profiles = desired_names(desired, Kind::IamInstanceProfile);
+        let roles = desired_names(desired, Kind::IamRole);
+        let policies = desired_names(desired, Kind::IamPolicy);
         for p in obs.profiles.values() {
             let Some(id) = owner_id(&p.tags, stack) else {
                 continue;
             };
-            if is_desired(desired, Kind::IamInstanceProfile, &p.name, &p.tags) {
+            if is_desired(&profiles, stack, &p.name, &p.tags) {
                 continue;
             }
             let mut c = Change::new(id, action, format!("instance profile {}", p.name));
@@ -1087,7 +1091,7 @@ impl Controller for IamController {
             let Some(id) = owner_id(&r.tags, stack) else {
                 continue;
             };
-            if is_desired(desired, Kind::IamRole, &r.name, &r.tags) {
+            if is_desired(&roles, stack, &r.name, &r.tags) {
                 continue;
             }
             let mut c = Change::new(id, action, format!("role {}", r.name));
@@ -1120,7 +1124,7 @@ impl Controller for IamController {
             let Some(id) = owner_id(&p.tags, stack) else {
                 continue;
             };
-            if is_desired(desired, Kind::IamPolicy, &p.name, &p.tags) {
+            if is_desired(&policies, stack, &p.name, &p.tags) {
                 continue;
             }
             let mut c = Change::new(id, action, format!("policy {}", p.name));
