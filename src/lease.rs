@@ -190,7 +190,9 @@ impl Lease {
     pub async fn keep(self: std::sync::Arc<Self>) {
         let mut tick = tokio::time::interval(self.duration / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut was = false;
+        // The first tick is immediate, and the caller has just made the first attempt.
+        tick.tick().await;
+        let mut was = self.held();
         loop {
             tick.tick().await;
             let held = self.try_acquire().await;

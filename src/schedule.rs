@@ -183,12 +183,7 @@ impl Schedule {
         self.resources
             .retain(|id, _| desired.resources.contains_key(id));
         // The stack's tags go on every resource: changing them is a change of each.
-        let stack = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            format!("{:?}", desired.stack).hash(&mut h);
-            h.finish()
-        };
+        let stack = desired.stack.fingerprint();
         for (id, r) in &desired.resources {
             let fingerprint = r.fingerprint() ^ stack;
             match self.resources.get_mut(id) {

@@ -121,11 +121,24 @@ impl Resource {
     /// reads, its position in its file), within one process: the daemon un-parks a resource a
     /// terminal error stopped when this changes.
     pub fn fingerprint(&self) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        format!("{:?}", (&self.spec, &self.adopt, self.observe_only)).hash(&mut h);
-        h.finish()
+        debug_hash(&(&self.spec, &self.adopt, self.observe_only))
     }
+}
+
+impl StackSpec {
+    /// Changes whenever the `[stack]` table does (its tags go on every resource).
+    pub fn fingerprint(&self) -> u64 {
+        debug_hash(self)
+    }
+}
+
+/// A hash of a value's Debug form: stable within one process, which is all a fingerprint
+/// needs here.
+fn debug_hash(value: &impl std::fmt::Debug) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    format!("{value:?}").hash(&mut h);
+    h.finish()
 }
 
 /// A validated desired-state directory.
