@@ -3,6 +3,10 @@
 # needed, starts the project's emulator (tests/emulator, which starts its own moto) on a free
 # loopback port, or uses $AWS_ENDPOINT_URL if already set; then runs validate,
 # reconcile --once and plan on the desired-state directory (default: desired/).
+#
+# Run Command pushes report success without running anything, as moto's do: the files and
+# reload commands of a desired state (`systemctl restart ...`) are meant for EC2 hosts, not for
+# this machine. The tests run pushes for real, in sandboxes of their own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir="${1:-desired}"
@@ -20,14 +24,13 @@ if [ -z "${AWS_ENDPOINT_URL:-}" ]; then
     .venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
   fi
   log=/tmp/stackwarden-emulator.log
-  sandboxes=$(mktemp -d /tmp/stackwarden-sandboxes.XXXXXX)
   coproc EMULATOR { exec target/debug/stackwarden-emulator --listen 127.0.0.1:0 \
-    --moto-server .venv/bin/moto_server --sandbox-dir "$sandboxes" 2>"$log"; }
+    --moto-server .venv/bin/moto_server 2>"$log"; }
   trap 'kill $EMULATOR_PID 2>/dev/null' EXIT
   # The emulator prints endpoint=<url> once it serves.
   read -r line <&"${EMULATOR[0]}" || { cat "$log"; exit 1; }
   export AWS_ENDPOINT_URL="${line#endpoint=}"
-  echo "emulator listening on $AWS_ENDPOINT_URL (log: $log; instance sandboxes: $sandboxes)"
+  echo "emulator listening on $AWS_ENDPOINT_URL (log: $log)"
 fi
 
 set -x

@@ -180,14 +180,14 @@ pub fn load(dir: &Path) -> Result<DesiredState, Vec<Diagnostic>> {
             }
         }
     }
-    check_cycles(&resources, &mut diags);
-
-    let desired = DesiredState {
+    let mut desired = DesiredState {
         dir: dir.to_path_buf(),
         stack,
         resources,
         content_hash: content_hash(dir),
     };
+    add_targeted_hosts(&mut desired);
+    check_cycles(&desired.resources, &mut diags);
     check_conflicting_names(&desired, &mut diags);
     check_overlapping_files(&desired, &mut diags);
     if diags.is_empty() {
@@ -567,6 +567,28 @@ fn check_conflicting_names(desired: &DesiredState, diags: &mut Diagnostics) {
 
 /// Two host_configs that write the same path and could select the same instance (no tag on
 /// which their targets disagree) would overwrite each other's file on every pass.
+/// A host_config depends on the stack's hosts its targets select, as on what it references: it
+/// is applied after them, so a host launched in a pass gets its files in that pass.
+fn add_targeted_hosts(desired: &mut DesiredState) {
+    let edges: Vec<(ResourceId, ResourceId)> = desired
+        .of_kind(Kind::HostConfig)
+        .filter_map(|r| match &r.spec {
+            Spec::HostConfig(s) => Some((r, s)),
+            _ => None,
+        })
+        .flat_map(|(r, s)| {
+            s.targeted_hosts(desired)
+                .map(|host| (r.id.clone(), host.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for (config, host) in edges {
+        if let Some(r) = desired.resources.get_mut(&config) {
+            r.depends_on.insert(host);
+        }
+    }
+}
+
 fn check_overlapping_files(desired: &DesiredState, diags: &mut Diagnostics) {
     let configs: Vec<(&Resource, &host_config::HostConfigSpec)> = desired
         .of_kind(Kind::HostConfig)

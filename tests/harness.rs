@@ -43,9 +43,14 @@ impl Aws {
     }
 
     pub async fn sdk(&self) -> aws_config::SdkConfig {
+        self.sdk_in("us-east-1").await
+    }
+
+    /// SDK settings for another region than the tests' usual us-east-1.
+    pub async fn sdk_in(&self, region: &'static str) -> aws_config::SdkConfig {
         aws_config::defaults(aws_config::BehaviorVersion::latest())
             .endpoint_url(&self.endpoint)
-            .region(aws_config::Region::new("us-east-1"))
+            .region(aws_config::Region::new(region))
             .credentials_provider(aws_sdk_iam::config::Credentials::new(
                 "testing", "testing", None, None, "test",
             ))
@@ -146,6 +151,11 @@ pub fn stackwarden(endpoint: Option<&str>, args: &[&str]) -> Run {
 pub fn stackwarden_with(endpoint: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Run {
     let mut cmd = command(endpoint, args);
     cmd.envs(env.iter().copied());
+    run(cmd)
+}
+
+/// Runs a [`command`] to its end.
+pub fn run(mut cmd: Command) -> Run {
     let out = cmd.output().expect("run stackwarden");
     Run {
         code: out.status.code().unwrap_or(-1),
@@ -186,7 +196,8 @@ pub fn default_stack() -> tempfile::TempDir {
     dir
 }
 
-fn copy_dir(from: &Path, to: &Path) {
+/// Copies a directory tree.
+pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();

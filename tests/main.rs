@@ -8,6 +8,7 @@ mod corpus;
 mod daemon;
 mod deploy;
 mod emulator;
+mod examples;
 mod faults;
 mod fleet;
 mod grafana;

@@ -342,9 +342,19 @@ impl<'a> Validator<'a> {
     }
 
     /// Records the references written in a file's text (checked against the desired state
-    /// later, like those written in TOML).
+    /// later, like those written in TOML). Every `${` must be one (or be written `$${`).
     pub fn scan_file_refs(&mut self, file: &FileRef) {
-        for r in scan_refs(&file.file.text) {
+        self.scan_refs_in(file, |_| true);
+    }
+
+    /// Records the references in a file pushed to hosts: only `${...}` meant as references
+    /// ([`crate::model::RefUse::is_meant`]); the host's own `${...}` variables stay as written.
+    pub fn scan_host_file_refs(&mut self, file: &FileRef) {
+        self.scan_refs_in(file, |r| r.is_meant(&file.file.text));
+    }
+
+    fn scan_refs_in(&mut self, file: &FileRef, keep: impl Fn(&crate::model::RefUse) -> bool) {
+        for r in scan_refs(&file.file.text).into_iter().filter(|r| keep(r)) {
             let origin = Origin {
                 file: file.file.clone(),
                 span: r.range.clone(),

@@ -19,7 +19,7 @@ use crate::change::{Action, Change};
 use crate::controller::{Context, Controller};
 use crate::desired::{DesiredState, Resource, Spec, Validator};
 use crate::error::{aws_error, Error, Result};
-use crate::model::{Kind, Outputs, Refs, ResourceId};
+use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
 use crate::push::send::{send, Controls};
 use crate::push::{self, shell_quote, Bundle, File, Prepared};
 
@@ -84,6 +84,9 @@ impl HostConfigSpec {
                 );
             }
             if let Some(file) = v.read(&f.source) {
+                // `${...}` in a file is rendered before the push, like in TOML: a file naming
+                // a resource is pushed after it exists, and again when it changes.
+                v.scan_host_file_refs(&file);
                 self.loaded.insert(f.path.clone(), file.text().to_string());
             }
         }
@@ -98,6 +101,22 @@ impl HostConfigSpec {
                 ));
             }
         }
+    }
+
+    /// The stack's hosts whose instances these targets select: a host_config is applied after
+    /// them, and a host launched in the same pass gets the files in that pass.
+    pub fn targeted_hosts<'a>(
+        &'a self,
+        desired: &'a DesiredState,
+    ) -> impl Iterator<Item = &'a ResourceId> + 'a {
+        desired.of_kind(Kind::Host).filter_map(move |r| {
+            let Spec::Host(h) = &r.spec else { return None };
+            let tags = h.instance_tags(desired, &r.id);
+            self.targets
+                .iter()
+                .all(|(k, v)| tags.get(k) == Some(v))
+                .then_some(&r.id)
+        })
     }
 
     /// The bundle every matching instance receives.
@@ -229,7 +248,7 @@ impl Controller for HostConfigController {
 
     fn diff(
         &self,
-        _desired: &DesiredState,
+        desired: &DesiredState,
         r: &Resource,
         obs: &Observed,
         refs: &Refs,
@@ -238,13 +257,26 @@ impl Controller for HostConfigController {
             return Ok(None);
         };
         let prepared = s.bundle(&r.id.name, refs).prepare()?;
-        let fleet = obs.fleets.get(&r.id).map(Vec::as_slice).unwrap_or_default();
+        let mut fleet = obs.fleets.get(&r.id).cloned().unwrap_or_default();
+        // The stack's own hosts it targets: one launched in this pass (after the fleet was
+        // read) is known by its outputs; one not launched yet, only by its address.
+        let mut unlaunched = Vec::new();
+        for host in s.targeted_hosts(desired) {
+            match refs.outputs.get(host).and_then(|o| o.get("instance_id")) {
+                Some(id) if !fleet.iter().any(|i| &i.id == id) => fleet.push(FleetInstance {
+                    id: id.clone(),
+                    installed: None,
+                }),
+                Some(_) => {}
+                None => unlaunched.push(format!("{host} {KNOWN_AFTER_APPLY}")),
+            }
+        }
         let stale: Vec<String> = fleet
             .iter()
             .filter(|i| i.installed.as_ref() != Some(&prepared.hash))
             .map(|i| i.id.clone())
             .collect();
-        if stale.is_empty() {
+        if stale.is_empty() && unlaunched.is_empty() {
             return Ok(None);
         }
         let mut c = Change::new(
@@ -256,21 +288,26 @@ impl Controller for HostConfigController {
                 show_targets(&s.targets)
             ),
         );
-        let sample: Vec<&str> = stale.iter().take(3).map(String::as_str).collect();
-        let more = if stale.len() > 3 {
-            format!(" and {} more", stale.len() - 3)
+        let total = fleet.len() + unlaunched.len();
+        let sample: Vec<&str> = stale
+            .iter()
+            .chain(&unlaunched)
+            .take(3)
+            .map(String::as_str)
+            .collect();
+        let more = if stale.len() + unlaunched.len() > 3 {
+            format!(" and {} more", stale.len() + unlaunched.len() - 3)
         } else {
             String::new()
         };
         c.field(
             "installed",
             Some(format!(
-                "{} of {} instances lack {}",
-                stale.len(),
-                fleet.len(),
+                "{} of {total} instances lack {}",
+                stale.len() + unlaunched.len(),
                 prepared.short_hash()
             )),
-            Some(format!("all {} ({}{more})", fleet.len(), sample.join(", "))),
+            Some(format!("all {total} ({}{more})", sample.join(", "))),
         );
         c.op(Op::Push {
             push: prepared,

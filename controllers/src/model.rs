@@ -143,6 +143,30 @@ pub struct RefUse {
     pub target: Result<Target, String>,
 }
 
+impl RefUse {
+    /// Whether this `${...}` of `text` is meant as a reference: it parses as one, or it begins
+    /// with `stack.` or the first word of a kind (`iam.`, `amp.`, `host.`, ...). Files pushed
+    /// to hosts use `${...}` for their own variables (Grafana's `${datasource}`, environment
+    /// expansion in promtail or the ADOT collector): those are left as written.
+    pub fn is_meant(&self, text: &str) -> bool {
+        let inner = text[self.range.clone()]
+            .trim_start_matches("${")
+            .trim_start();
+        self.target.is_ok()
+            || std::iter::once("stack")
+                .chain(
+                    Kind::ALL
+                        .iter()
+                        .map(|k| k.path().split('.').next().unwrap_or_default()),
+                )
+                .any(|word| {
+                    inner
+                        .strip_prefix(word)
+                        .is_some_and(|rest| rest.starts_with('.'))
+                })
+    }
+}
+
 pub const STACK_ATTRIBUTES: &[&str] = &["name", "region"];
 
 /// Finds every `${...}` in `text`. `$${` is an escaped literal `${`.
@@ -177,7 +201,7 @@ fn parse_target(inner: &str) -> Result<Target, String> {
     let inner = inner.trim();
     let Some((path, attr)) = inner.rsplit_once('.') else {
         return Err(format!(
-            "`${{{inner}}}` is not a reference: write `${{<kind>.<name>.<attribute>}}`, e.g. `${{amp.workspace.main.arn}}`"
+            "`${{{inner}}}` is not a reference: write `${{<kind>.<name>.<attribute>}}`, e.g. `${{amp.workspace.main.arn}}`; `$${{` writes a literal `${{`"
         ));
     };
     if path == "stack" {
@@ -334,6 +358,25 @@ mod tests {
         assert!(scan_refs("${amp.workspace.main.nope}")[0].target.is_err());
         assert!(scan_refs("${iam.role.x.arn")[0].target.is_err());
         assert!(scan_refs("${oops}")[0].target.is_err());
+    }
+
+    #[test]
+    fn only_references_meant_as_ours_count_in_host_files() {
+        let text =
+            "${datasource} ${env:HOME} ${amp.workspace.main.arn} ${host.app.colour} ${stack.name}";
+        let meant: Vec<&str> = scan_refs(text)
+            .iter()
+            .filter(|r| r.is_meant(text))
+            .map(|r| &text[r.range.clone()])
+            .collect();
+        assert_eq!(
+            meant,
+            [
+                "${amp.workspace.main.arn}",
+                "${host.app.colour}",
+                "${stack.name}"
+            ]
+        );
     }
 
     #[test]

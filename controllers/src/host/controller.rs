@@ -520,14 +520,7 @@ impl Controller for HostController {
             return Ok(None);
         };
         let name = desired.default_name(&r.id);
-        let mut tags = desired.tags_for(
-            &r.id,
-            &s.tags
-                .as_ref()
-                .map(|t| t.get_ref().clone())
-                .unwrap_or_default(),
-        );
-        tags.entry("Name".into()).or_insert_with(|| name.clone());
+        let tags = s.instance_tags(desired, &r.id);
         let rules = desired_rules(s, refs);
         let push = prometheus_push(s, refs, &obs.region)?;
         let group = obs.group(desired, r);

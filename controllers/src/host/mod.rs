@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::desired::{check_duration, check_tags, Validator};
+use crate::desired::{check_duration, check_tags, DesiredState, Validator};
+use crate::model::ResourceId;
 
 /// `[host.<name>]`
 #[derive(Debug, Clone, Deserialize)]
@@ -239,6 +240,8 @@ impl HostSpec {
             }
             if let Some(c) = &p.config {
                 if let Some(file) = v.read(c) {
+                    // Rendered with references before it is pushed, so they order the work.
+                    v.scan_host_file_refs(&file);
                     p.loaded.config = Some(file.text().to_string());
                 }
             }
@@ -259,5 +262,23 @@ impl HostSpec {
         if let Some(tags) = &self.tags {
             check_tags(v, tags);
         }
+    }
+
+    /// The tags its instance carries: the stack's, its own, the ownership tags, and `Name`
+    /// (`<stack>-<name>` unless its own tags set one).
+    pub fn instance_tags(
+        &self,
+        desired: &DesiredState,
+        id: &ResourceId,
+    ) -> BTreeMap<String, String> {
+        let own = self
+            .tags
+            .as_ref()
+            .map(|t| t.get_ref().clone())
+            .unwrap_or_default();
+        let mut tags = desired.tags_for(id, &own);
+        tags.entry("Name".into())
+            .or_insert_with(|| desired.default_name(id));
+        tags
     }
 }

@@ -1,0 +1,521 @@
+//! The example desired-state directories (examples/), one per seed stack that users build today
+//! with Terraform. Each validates offline, converges from empty in one `reconcile --once`
+//! against the emulator, then plans clean and reconciles again without a write; and what its
+//! seed describes is checked in AWS, including the configuration pushed to its hosts.
+//!
+//! Run Command pushes report success without running here (the emulator's default): the reload
+//! commands are `systemctl restart ...` for real hosts. The push script itself runs for real
+//! in tests/hosts.rs, tests/fleet.rs and tests/grafana.rs; here the pushed files are read back
+//! from the commands sent.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use aws_sdk_ec2::types::Filter;
+use base64::Engine as _;
+
+use crate::harness::{command, copy_dir, path_str, run, Aws, Run};
+
+/// An example copied to a temporary directory, with a fresh emulator to converge it against.
+struct Example {
+    aws: Aws,
+    dir: tempfile::TempDir,
+    sdk: aws_config::SdkConfig,
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
+}
+
+impl Example {
+    /// Validates `examples/<name>` as it is in the repository (offline, no AWS call), then
+    /// copies it for the test to fill in what a user fills in.
+    async fn copy(name: &str, region: &'static str) -> Example {
+        let original = examples().join(name);
+        let v = run(command(None, &["validate", path_str(&original)]));
+        v.expect(0);
+        assert!(
+            v.stderr.contains("AWS API calls: 0"),
+            "validate made AWS calls:\n{}",
+            v.stderr
+        );
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(&original, dir.path());
+        let aws = Aws::start();
+        let sdk = aws.sdk_in(region).await;
+        Example { aws, dir, sdk }
+    }
+
+    /// `stackwarden ARGS` on the copy, in the region its `[stack]` names.
+    fn stackwarden(&self, args: &[&str]) -> Run {
+        let mut cmd = command(Some(&self.aws.endpoint), args);
+        cmd.arg(path_str(self.dir.path())).env_remove("AWS_REGION");
+        run(cmd)
+    }
+
+    /// One `reconcile --once` converges it; `plan` then finds nothing to do, and a second pass
+    /// writes nothing.
+    fn converge(&self) -> Run {
+        let applied = self.stackwarden(&["reconcile", "--once"]);
+        applied.expect(0);
+        assert!(
+            applied.calls().1 > 0,
+            "nothing was written:\n{}",
+            applied.stderr
+        );
+        let plan = self.stackwarden(&["plan"]);
+        plan.expect(0);
+        assert!(plan.stdout.contains("No changes"), "{}", plan.stdout);
+        let again = self.stackwarden(&["reconcile", "--once"]);
+        again.expect(0);
+        assert_eq!(
+            again.calls().1,
+            0,
+            "a converged pass wrote:\n{}",
+            again.stderr
+        );
+        applied
+    }
+
+    /// Puts the emulator's default subnets (one per zone) where the example has the
+    /// placeholders a user replaces with their own subnet ids.
+    async fn fill_in_subnets(&self, file: &str, placeholders: &[&str]) {
+        let out = aws_sdk_ec2::Client::new(&self.sdk)
+            .describe_subnets()
+            .filters(
+                Filter::builder()
+                    .name("default-for-az")
+                    .values("true")
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        let mut subnets: Vec<&str> = out.subnets().iter().filter_map(|s| s.subnet_id()).collect();
+        subnets.sort();
+        for (placeholder, subnet) in placeholders.iter().zip(subnets) {
+            let path = self.dir.path().join(file);
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(text.contains(placeholder), "{file} lacks {placeholder}");
+            std::fs::write(path, text.replace(placeholder, subnet)).unwrap();
+        }
+    }
+
+    /// Running instances carrying a tag: (id, tags).
+    async fn instances(&self, key: &str, value: &str) -> Vec<(String, BTreeMap<String, String>)> {
+        let out = aws_sdk_ec2::Client::new(&self.sdk)
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name(format!("tag:{key}"))
+                    .values(value)
+                    .build(),
+            )
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .values("running")
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        out.reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .map(|i| {
+                let tags = i
+                    .tags()
+                    .iter()
+                    .map(|t| {
+                        (
+                            t.key().unwrap_or_default().to_string(),
+                            t.value().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect();
+                (i.instance_id().unwrap().to_string(), tags)
+            })
+            .collect()
+    }
+
+    /// The files the pushes carried: host path → content, the latest push of a path winning,
+    /// with the instances each latest push went to.
+    async fn pushed_files(&self) -> BTreeMap<String, (String, Vec<String>)> {
+        let ssm = aws_sdk_ssm::Client::new(&self.sdk);
+        let mut commands = Vec::new();
+        let mut pages = ssm.list_commands().into_paginator().send();
+        while let Some(page) = pages.next().await {
+            commands.extend(page.unwrap().commands().to_vec());
+        }
+        commands.sort_by_key(|c| c.requested_date_time().map(|t| t.as_nanos()));
+        let mut files = BTreeMap::new();
+        for c in commands {
+            let targets = c.instance_ids().to_vec();
+            let scripts = c
+                .parameters()
+                .and_then(|p| p.get("commands"))
+                .cloned()
+                .unwrap_or_default();
+            for (path, content) in scripts.iter().flat_map(|s| script_files(s)) {
+                files.insert(path, (content, targets.clone()));
+            }
+        }
+        files
+    }
+}
+
+/// The files a push script installs (its `put PATH MODE <<'STACKWARDEN_EOF'` blocks of base64).
+fn script_files(script: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut lines = script.lines();
+    while let Some(line) = lines.next() {
+        let Some(rest) = line
+            .strip_prefix("put ")
+            .and_then(|r| r.strip_suffix(" <<'STACKWARDEN_EOF'"))
+        else {
+            continue;
+        };
+        let (path, _mode) = rest.rsplit_once(' ').unwrap();
+        let path = path.trim_matches('\'').to_string();
+        let encoded: String = lines
+            .by_ref()
+            .take_while(|l| *l != "STACKWARDEN_EOF")
+            .collect();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap();
+        out.push((path, String::from_utf8(bytes).unwrap()));
+    }
+    out
+}
+
+fn yaml(text: &str) -> serde_json::Value {
+    marked_yaml::from_yaml(0, text).unwrap_or_else(|e| panic!("not YAML ({e}):\n{text}"))
+}
+
+/// Writes pushed files under `root` at their host paths, then runs the real `promtool check
+/// config` (Debian package prometheus) on the pushed prometheus.yml: the rendered config and
+/// every rule file it names must pass, as they must on the host before a reload.
+fn promtool_accepts(files: &BTreeMap<String, (String, Vec<String>)>) {
+    let root = tempfile::tempdir().unwrap();
+    for (path, (content, _)) in files {
+        let target = root.path().join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::write(target, content).unwrap();
+    }
+    let out = std::process::Command::new("promtool")
+        .args(["check", "config"])
+        .arg(root.path().join("etc/prometheus/prometheus.yml"))
+        .output()
+        .expect("promtool not found: run the tests with tests/run.sh, which installs prometheus");
+    assert!(
+        out.status.success(),
+        "promtool rejected the pushed config:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Ingress of a security group: (port, CIDRs, source groups).
+async fn ingress(ec2: &aws_sdk_ec2::Client, group: &str) -> Vec<(i32, Vec<String>, Vec<String>)> {
+    let out = ec2
+        .describe_security_groups()
+        .group_ids(group)
+        .send()
+        .await
+        .unwrap();
+    let mut rules: Vec<_> = out.security_groups()[0]
+        .ip_permissions()
+        .iter()
+        .map(|p| {
+            (
+                p.from_port().unwrap_or_default(),
+                p.ip_ranges()
+                    .iter()
+                    .filter_map(|r| r.cidr_ip().map(str::to_string))
+                    .collect(),
+                p.user_id_group_pairs()
+                    .iter()
+                    .filter_map(|g| g.group_id().map(str::to_string))
+                    .collect(),
+            )
+        })
+        .collect();
+    rules.sort();
+    rules
+}
+
+/// The one AMP workspace with this alias: (id, prometheus endpoint).
+async fn workspace(amp: &aws_sdk_amp::Client, alias: &str) -> (String, String) {
+    let list = amp.list_workspaces().alias(alias).send().await.unwrap();
+    let live: Vec<_> = list
+        .workspaces()
+        .iter()
+        .filter(|w| w.status().map(|s| s.status_code().as_str()) != Some("DELETING"))
+        .collect();
+    assert_eq!(live.len(), 1, "workspaces with alias {alias}: {live:?}");
+    let id = live[0].workspace_id().to_string();
+    let described = amp
+        .describe_workspace()
+        .workspace_id(&id)
+        .send()
+        .await
+        .unwrap();
+    let endpoint = described
+        .workspace()
+        .and_then(|w| w.prometheus_endpoint())
+        .unwrap()
+        .to_string();
+    (id, endpoint)
+}
+
+/// The default version of the customer managed policy with this name.
+async fn policy_document(iam: &aws_sdk_iam::Client, name: &str) -> String {
+    let list = iam
+        .list_policies()
+        .scope(aws_sdk_iam::types::PolicyScopeType::Local)
+        .send()
+        .await
+        .unwrap();
+    let p = list
+        .policies()
+        .iter()
+        .find(|p| p.policy_name() == Some(name))
+        .unwrap_or_else(|| panic!("no policy {name}"));
+    let version = iam
+        .get_policy_version()
+        .policy_arn(p.arn().unwrap())
+        .version_id(p.default_version_id().unwrap())
+        .send()
+        .await
+        .unwrap();
+    version
+        .policy_version()
+        .and_then(|v| v.document())
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seed_003_amp_amg_and_an_adot_host_converge_and_follow_a_recreated_workspace() {
+    let ex = Example::copy("amp-amg-adot", "eu-west-1").await;
+    ex.converge();
+    let amp = aws_sdk_amp::Client::new(&ex.sdk);
+    let iam = aws_sdk_iam::Client::new(&ex.sdk);
+
+    // AMP: the workspace, its rule groups and its alertmanager definition.
+    let (ws, endpoint) = workspace(&amp, "monitoring-test").await;
+    let namespaces = amp
+        .list_rule_groups_namespaces()
+        .workspace_id(&ws)
+        .send()
+        .await
+        .unwrap();
+    let names: Vec<&str> = namespaces
+        .rule_groups_namespaces()
+        .iter()
+        .map(|n| n.name())
+        .collect();
+    assert_eq!(names, ["host"]);
+    let definition = amp
+        .describe_alert_manager_definition()
+        .workspace_id(&ws)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        definition
+            .alert_manager_definition()
+            .and_then(|d| d.status())
+            .map(|s| s.status_code().as_str()),
+        Some("ACTIVE")
+    );
+
+    // Managed Grafana: Identity Center sign-in, the two groups in their roles.
+    let grafana = aws_sdk_grafana::Client::new(&ex.sdk);
+    let workspaces = grafana.list_workspaces().send().await.unwrap();
+    let g = workspaces
+        .workspaces()
+        .iter()
+        .find(|w| w.name() == Some("monitoring-test-grafana"))
+        .expect("the Grafana workspace");
+    let permissions = grafana
+        .list_permissions()
+        .workspace_id(g.id())
+        .send()
+        .await
+        .unwrap();
+    let mut roles: Vec<(String, String)> = permissions
+        .permissions()
+        .iter()
+        .map(|p| {
+            (
+                p.role().as_str().to_string(),
+                p.user().map(|u| u.id().to_string()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    roles.sort();
+    assert_eq!(
+        roles,
+        [
+            (
+                "ADMIN".to_string(),
+                "9067729b3d-94f1e0c8-1d5b-4a0d-8e53-3c6d9d2c6f0a".to_string()
+            ),
+            (
+                "VIEWER".to_string(),
+                "9067729b3d-3b0c7b2e-5f4e-4d61-9a38-0e1f2a3b4c5d".to_string()
+            ),
+        ]
+    );
+
+    // The host, with both agent configs pushed in the pass that launched it.
+    let hosts = ex.instances("Role", "monitored").await;
+    assert_eq!(hosts.len(), 1, "{hosts:?}");
+    let (host, tags) = &hosts[0];
+    for bundle in ["host_config.adot", "host_config.cloudwatch_agent"] {
+        assert!(
+            tags.contains_key(&format!("stackwarden:{bundle}")),
+            "{bundle} not recorded on {host}: {tags:?}"
+        );
+    }
+    let files = ex.pushed_files().await;
+    let (adot, to) = &files["/opt/aws/aws-otel-collector/etc/config.yaml"];
+    assert_eq!(to.as_slice(), std::slice::from_ref(host));
+    let adot = yaml(adot);
+    assert_eq!(
+        adot["exporters"]["prometheusremotewrite"]["endpoint"],
+        format!("{endpoint}api/v1/remote_write")
+    );
+    assert_eq!(adot["extensions"]["sigv4auth"]["region"], "eu-west-1");
+    let (agent, _) = &files["/opt/aws/amazon-cloudwatch-agent/etc/amazon-cloudwatch-agent.json"];
+    let agent: serde_json::Value = serde_json::from_str(agent).unwrap();
+    assert_eq!(
+        agent["logs"]["logs_collected"]["files"]["collect_list"][0]["log_group_name"],
+        "/monitoring-test/system"
+    );
+    assert!(policy_document(&iam, "monitoring-test-remote_write")
+        .await
+        .contains(&ws));
+
+    // The seed's pain: a recreated workspace broke the policy and the collector's endpoint.
+    // Here one pass follows it: a new workspace, the policy and ADOT's config naming it, and
+    // the same instance, never replaced.
+    amp.delete_workspace()
+        .workspace_id(&ws)
+        .send()
+        .await
+        .unwrap();
+    ex.converge();
+    let (recreated, endpoint) = workspace(&amp, "monitoring-test").await;
+    assert_ne!(recreated, ws);
+    assert!(policy_document(&iam, "monitoring-test-remote_write")
+        .await
+        .contains(&recreated));
+    let files = ex.pushed_files().await;
+    let adot = yaml(&files["/opt/aws/aws-otel-collector/etc/config.yaml"].0);
+    assert_eq!(
+        adot["exporters"]["prometheusremotewrite"]["endpoint"],
+        format!("{endpoint}api/v1/remote_write")
+    );
+    let after = ex.instances("Role", "monitored").await;
+    assert_eq!(after.len(), 1);
+    assert_eq!(&after[0].0, host, "the host was replaced");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seed_004_app_prometheus_and_grafana_hosts_with_node_exporter() {
+    let ex = Example::copy("ec2-metrics-only", "us-east-1").await;
+    ex.converge();
+    let ec2 = aws_sdk_ec2::Client::new(&ex.sdk);
+    let mut hosts = BTreeMap::new();
+    for role in ["app", "prometheus", "grafana"] {
+        let found = ex.instances("Role", role).await;
+        assert_eq!(found.len(), 1, "{role}: {found:?}");
+        hosts.insert(role, found[0].0.clone());
+    }
+    let describe = ec2
+        .describe_instances()
+        .set_instance_ids(Some(hosts.values().cloned().collect()))
+        .send()
+        .await
+        .unwrap();
+    let instance = |id: &str| {
+        describe
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .find(|i| i.instance_id() == Some(id))
+            .unwrap()
+            .clone()
+    };
+    let group = |id: &str| {
+        instance(id).security_groups()[0]
+            .group_id()
+            .unwrap()
+            .to_string()
+    };
+    let (app, prometheus, grafana) = (&hosts["app"], &hosts["prometheus"], &hosts["grafana"]);
+
+    // Ports 8080 and 9100 of the app admit only the Prometheus host's group.
+    assert_eq!(
+        ingress(&ec2, &group(app)).await,
+        [
+            (8080, vec![], vec![group(prometheus)]),
+            (9100, vec![], vec![group(prometheus)]),
+        ]
+    );
+    // The TSDB volume is attached to the Prometheus host.
+    let volumes = ec2
+        .describe_volumes()
+        .filters(
+            Filter::builder()
+                .name("attachment.instance-id")
+                .values(prometheus)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        volumes
+            .volumes()
+            .iter()
+            .any(|v| v.size() == Some(20) && v.encrypted() == Some(true)),
+        "{volumes:?}"
+    );
+
+    // What was pushed, and where: no private IP edited by hand anywhere.
+    let files = ex.pushed_files().await;
+    let (config, to) = &files["/etc/prometheus/prometheus.yml"];
+    assert_eq!(to.as_slice(), std::slice::from_ref(prometheus));
+    let config = yaml(config);
+    let jobs: Vec<&str> = config["scrape_configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j.get("ec2_sd_configs").is_some())
+        .map(|j| j["job_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(jobs, ["flask", "node"]);
+    promtool_accepts(&files);
+    let (env, to) = &files["/etc/default/node_exporter"];
+    assert_eq!(to.as_slice(), std::slice::from_ref(app));
+    assert!(env.contains("--collector.systemd"));
+    let (datasource, to) = &files["/etc/grafana/provisioning/datasources/prometheus.yaml"];
+    assert_eq!(to.as_slice(), std::slice::from_ref(grafana));
+    let ip = instance(prometheus)
+        .private_ip_address()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        yaml(datasource)["datasources"][0]["url"],
+        format!("http://{ip}:9090")
+    );
+    // Grafana's own `${datasource}` variables reach the dashboard untouched.
+    let (dashboard, _) = &files["/var/lib/grafana/dashboards/node.json"];
+    assert!(dashboard.contains("${datasource}"));
+    serde_json::from_str::<serde_json::Value>(dashboard).unwrap();
+}
