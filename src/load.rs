@@ -692,6 +692,35 @@ mod tests {
         assert_eq!(suggest("zzzzzz", ["iam".to_string()].into_iter()), "");
     }
 
+    /// A host_config depends on what its files reference and on the hosts its targets select
+    /// (their own tags, the stack's, `Name`), so it is applied after them.
+    #[test]
+    fn host_configs_depend_on_their_files_references_and_their_targeted_hosts() {
+        let dir =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/ec2-prometheus-loki-grafana");
+        let desired = load(&dir).unwrap();
+        let deps = |name: &str| -> Vec<String> {
+            desired.resources[&ResourceId::new(Kind::HostConfig, name)]
+                .depends_on
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(deps("promtail"), ["host.app", "host.loki"]);
+        assert_eq!(deps("loki"), ["host.loki"]);
+        assert_eq!(
+            deps("grafana"),
+            ["host.grafana", "host.loki", "host.prometheus"]
+        );
+        let order: Vec<String> = desired
+            .apply_order()
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
+        let at = |id: &str| order.iter().position(|o| o == id).unwrap();
+        assert!(at("host.loki") < at("host_config.promtail"));
+    }
+
     /// Copies a directory tree.
     fn copy(from: &Path, to: &Path) {
         std::fs::create_dir_all(to).unwrap();

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use aws_sdk_ec2::types::Filter;
 use base64::Engine as _;
 
-use crate::harness::{command, copy_dir, path_str, run, Aws, Run};
+use crate::harness::{command, copy_dir, edit, path_str, run, Aws, Run};
 
 /// An example copied to a temporary directory, with a fresh emulator to converge it against.
 struct Example {
@@ -518,4 +518,269 @@ async fn seed_004_app_prometheus_and_grafana_hosts_with_node_exporter() {
     let (dashboard, _) = &files["/var/lib/grafana/dashboards/node.json"];
     assert!(dashboard.contains("${datasource}"));
     serde_json::from_str::<serde_json::Value>(dashboard).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seed_002_app_prometheus_loki_and_grafana_hosts_with_promtail() {
+    let ex = Example::copy("ec2-prometheus-loki-grafana", "us-east-1").await;
+    ex.converge();
+    let ec2 = aws_sdk_ec2::Client::new(&ex.sdk);
+    let mut hosts = BTreeMap::new();
+    for role in ["app", "prometheus", "loki", "grafana"] {
+        let found = ex.instances("Role", role).await;
+        assert_eq!(found.len(), 1, "{role}: {found:?}");
+        hosts.insert(role, found[0].0.clone());
+    }
+    let describe = ec2
+        .describe_instances()
+        .set_instance_ids(Some(hosts.values().cloned().collect()))
+        .send()
+        .await
+        .unwrap();
+    let by_role: BTreeMap<&str, (String, String)> = hosts
+        .iter()
+        .map(|(role, id)| {
+            let i = describe
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+                .find(|i| i.instance_id() == Some(id))
+                .unwrap();
+            (
+                *role,
+                (
+                    i.private_ip_address().unwrap().to_string(),
+                    i.security_groups()[0].group_id().unwrap().to_string(),
+                ),
+            )
+        })
+        .collect();
+    let ip = |role: &str| by_role[role].0.clone();
+    let group = |role: &str| by_role[role].1.clone();
+
+    // Loki's push API from the app hosts, its queries from Grafana; nothing else.
+    let mut sources = vec![group("app"), group("grafana")];
+    sources.sort();
+    assert_eq!(
+        ingress(&ec2, &group("loki")).await,
+        [(3100, vec![], sources)]
+    );
+
+    let files = ex.pushed_files().await;
+    promtool_accepts(&files);
+    let (promtail, to) = &files["/etc/promtail/config.yml"];
+    assert_eq!(to.as_slice(), std::slice::from_ref(&hosts["app"]));
+    let promtail = yaml(promtail);
+    assert_eq!(
+        promtail["clients"][0]["url"],
+        format!("http://{}:3100/loki/api/v1/push", ip("loki"))
+    );
+    // promtail's own environment expansion is left for promtail.
+    assert_eq!(
+        promtail["scrape_configs"][0]["static_configs"][0]["labels"]["host"],
+        "${HOSTNAME}"
+    );
+    let (loki, to) = &files["/etc/loki/config.yml"];
+    assert_eq!(to.as_slice(), std::slice::from_ref(&hosts["loki"]));
+    assert_eq!(yaml(loki)["limits_config"]["retention_period"], "168h");
+    let (datasources, to) = &files["/etc/grafana/provisioning/datasources/observability.yaml"];
+    assert_eq!(to.as_slice(), std::slice::from_ref(&hosts["grafana"]));
+    let datasources = yaml(datasources);
+    assert_eq!(
+        datasources["datasources"][0]["url"],
+        format!("http://{}:9090", ip("prometheus"))
+    );
+    assert_eq!(
+        datasources["datasources"][1]["url"],
+        format!("http://{}:3100", ip("loki"))
+    );
+
+    // The seed baked configs into user data: a change meant a new instance. Here a longer
+    // retention is pushed to the running Loki host, and only to it.
+    let loki_file = ex.dir.path().join("hosts/loki.yml");
+    let text = std::fs::read_to_string(&loki_file).unwrap();
+    std::fs::write(&loki_file, text.replace("168h", "336h")).unwrap();
+    let changed = ex.converge();
+    assert_eq!(changed.count("SendCommand"), 1, "{}", changed.stderr);
+    assert_eq!(changed.count("RunInstances"), 0);
+    let files = ex.pushed_files().await;
+    assert_eq!(
+        yaml(&files["/etc/loki/config.yml"].0)["limits_config"]["retention_period"],
+        "336h"
+    );
+    assert_eq!(ex.instances("Role", "loki").await[0].0, hosts["loki"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seed_000_001_prometheus_with_ebs_alertmanager_and_grafana_behind_an_alb() {
+    let ex = Example::copy("ec2-prometheus-grafana-alb", "us-east-1").await;
+    // What the example asks a user to fill in: subnets, the certificate, and the admin
+    // password in SSM.
+    ex.fill_in_subnets(
+        "grafana.toml",
+        &["subnet-0aaaaaaaaaaaaaaa1", "subnet-0aaaaaaaaaaaaaaa2"],
+    )
+    .await;
+    ex.fill_in_subnets(
+        "grafana.toml",
+        &["subnet-0bbbbbbbbbbbbbbb1", "subnet-0bbbbbbbbbbbbbbb2"],
+    )
+    .await;
+    // The emulator's load balancers accept an IAM server certificate where ACM's would be.
+    let cert = aws_sdk_iam::Client::new(&ex.sdk)
+        .upload_server_certificate()
+        .server_certificate_name("grafana")
+        .certificate_body("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+        .private_key("-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n")
+        .send()
+        .await
+        .unwrap();
+    edit(
+        ex.dir.path(),
+        "grafana.toml",
+        "arn:aws:acm:us-east-1:123456789012:certificate/0c1d2e3f-4a5b-6c7d-8e9f-0a1b2c3d4e5f",
+        cert.server_certificate_metadata().unwrap().arn(),
+    );
+    aws_sdk_ssm::Client::new(&ex.sdk)
+        .put_parameter()
+        .name("/monitoring/grafana-admin")
+        .value("correct horse battery staple")
+        .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+        .send()
+        .await
+        .unwrap();
+    ex.converge();
+    let ec2 = aws_sdk_ec2::Client::new(&ex.sdk);
+
+    // The Prometheus host and its TSDB volume: 100 GiB gp3, 3000 IOPS, encrypted, attached.
+    let found = ex.instances("Role", "prometheus").await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    let prometheus = found[0].0.clone();
+    let volumes = ec2
+        .describe_volumes()
+        .filters(
+            Filter::builder()
+                .name("attachment.instance-id")
+                .values(&prometheus)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let data = volumes
+        .volumes()
+        .iter()
+        .find(|v| {
+            v.attachments()
+                .iter()
+                .any(|a| a.device() == Some("/dev/sdf"))
+        })
+        .expect("the data volume at /dev/sdf");
+    assert_eq!(data.size(), Some(100));
+    assert_eq!(data.volume_type().map(|t| t.as_str()), Some("gp3"));
+    assert_eq!(data.iops(), Some(3000));
+    assert_eq!(data.encrypted(), Some(true));
+
+    // Grafana: two instances in service, HTTP redirected to HTTPS with the certificate.
+    let asg = aws_sdk_autoscaling::Client::new(&ex.sdk)
+        .describe_auto_scaling_groups()
+        .auto_scaling_group_names("aws-monitoring-main")
+        .send()
+        .await
+        .unwrap();
+    let group = &asg.auto_scaling_groups()[0];
+    assert_eq!(
+        (group.min_size(), group.max_size(), group.desired_capacity()),
+        (Some(2), Some(4), Some(2))
+    );
+    let elb = aws_sdk_elasticloadbalancingv2::Client::new(&ex.sdk);
+    let lbs = elb
+        .describe_load_balancers()
+        .names("aws-monitoring-main")
+        .send()
+        .await
+        .unwrap();
+    let lb = &lbs.load_balancers()[0];
+    assert_eq!(lb.scheme().map(|s| s.as_str()), Some("internet-facing"));
+    let listeners = elb
+        .describe_listeners()
+        .load_balancer_arn(lb.load_balancer_arn().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let mut ports: Vec<(i32, String)> = listeners
+        .listeners()
+        .iter()
+        .map(|l| {
+            (
+                l.port().unwrap(),
+                l.default_actions()[0]
+                    .r#type()
+                    .unwrap()
+                    .as_str()
+                    .to_string(),
+            )
+        })
+        .collect();
+    ports.sort();
+    assert_eq!(
+        ports,
+        [(80, "redirect".to_string()), (443, "forward".to_string())]
+    );
+    let grafanas = ex.instances("stackwarden:id", "grafana.main").await;
+    assert_eq!(grafanas.len(), 2, "{grafanas:?}");
+    for (id, tags) in &grafanas {
+        assert!(tags.contains_key("stackwarden:grafana"), "{id}: {tags:?}");
+    }
+
+    // The pushed configs: Prometheus's (with the seed's rules) passes promtool, Alertmanager's
+    // passes amtool, and each went where it belongs.
+    let files = ex.pushed_files().await;
+    promtool_accepts(&files);
+    let config = yaml(&files["/etc/prometheus/prometheus.yml"].0);
+    assert_eq!(
+        config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"][0],
+        "localhost:9093"
+    );
+    assert_eq!(config["rule_files"].as_array().unwrap().len(), 3);
+    let (alertmanager, to) = &files["/etc/alertmanager/alertmanager.yml"];
+    assert_eq!(to.as_slice(), std::slice::from_ref(&prometheus));
+    let checked = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(checked.path(), alertmanager).unwrap();
+    let out = std::process::Command::new("amtool")
+        .arg("check-config")
+        .arg(checked.path())
+        .output()
+        .expect("amtool not found: run the tests with tests/run.sh, which installs prometheus-alertmanager");
+    assert!(
+        out.status.success(),
+        "amtool rejected the pushed alertmanager.yml:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        yaml(&files["/etc/prometheus/cloudwatch-exporter.yml"].0)["region"],
+        "us-east-1"
+    );
+    let (datasources, to) = &files["/etc/grafana/provisioning/datasources/stackwarden.yaml"];
+    let mut to = to.clone();
+    to.sort();
+    let mut grafana_ids: Vec<String> = grafanas.iter().map(|(id, _)| id.clone()).collect();
+    grafana_ids.sort();
+    assert_eq!(to, grafana_ids);
+    let ip = ec2
+        .describe_instances()
+        .instance_ids(&prometheus)
+        .send()
+        .await
+        .unwrap()
+        .reservations()[0]
+        .instances()[0]
+        .private_ip_address()
+        .unwrap()
+        .to_string();
+    assert!(
+        datasources.contains(&format!("http://{ip}:9090")),
+        "{datasources}"
+    );
 }
