@@ -300,12 +300,17 @@ impl Controller for HostConfigController {
         } else {
             String::new()
         };
+        // Files naming a resource not created yet hash differently once it exists.
+        let hash = if s.loaded.values().all(|text| refs.render(text).is_known()) {
+            prepared.short_hash()
+        } else {
+            KNOWN_AFTER_APPLY.to_string()
+        };
         c.field(
             "installed",
             Some(format!(
-                "{} of {total} instances lack {}",
+                "{} of {total} instances lack {hash}",
                 stale.len() + unlaunched.len(),
-                prepared.short_hash()
             )),
             Some(format!("all {total} ({}{more})", sample.join(", "))),
         );
