@@ -734,31 +734,48 @@ mod tests {
         }
     }
 
-    /// The loader never panics: the default desired state, with one file damaged at random
-    /// (bytes deleted, duplicated, replaced by TOML and YAML punctuation, or a line cut), is
-    /// either loaded or rejected with diagnostics that name a file. Seeded and bounded.
-    #[test]
-    fn damaged_input_is_rejected_never_panics() {
-        const PUNCTUATION: &[u8] = b"[]{}=\"'#:-\n $\t.,";
-        let desired = Path::new(env!("CARGO_MANIFEST_DIR")).join("desired");
+    /// Every file of a directory tree, relative to it.
+    fn files_under(root: &Path) -> Vec<PathBuf> {
         let mut files = Vec::new();
-        let mut stack = vec![desired.clone()];
+        let mut stack = vec![root.to_path_buf()];
         while let Some(dir) = stack.pop() {
             for e in std::fs::read_dir(dir).unwrap().flatten() {
                 if e.path().is_dir() {
                     stack.push(e.path());
                 } else {
-                    files.push(e.path().strip_prefix(&desired).unwrap().to_path_buf());
+                    files.push(e.path().strip_prefix(root).unwrap().to_path_buf());
                 }
             }
         }
         files.sort();
+        files
+    }
+
+    /// The loader never panics: the default desired state or one of the examples, with one
+    /// file damaged at random (bytes deleted, duplicated, replaced by TOML and YAML
+    /// punctuation, or a line cut), is either loaded or rejected with diagnostics that name a
+    /// file. Seeded and bounded.
+    #[test]
+    fn damaged_input_is_rejected_never_panics() {
+        const PUNCTUATION: &[u8] = b"[]{}=\"'#:-\n $\t.,";
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut sources = vec![repo.join("desired")];
+        let mut examples: Vec<PathBuf> = std::fs::read_dir(repo.join("examples"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        examples.sort();
+        sources.extend(examples);
+        let files: Vec<Vec<PathBuf>> = sources.iter().map(|s| files_under(s)).collect();
         let mut rng = fastrand::Rng::with_seed(7);
         let (mut loaded, mut rejected) = (0, 0);
-        for _ in 0..300 {
+        for _ in 0..400 {
+            let source = rng.usize(..sources.len());
             let tmp = tempfile::tempdir().unwrap();
-            copy(&desired, tmp.path());
-            let victim = tmp.path().join(&files[rng.usize(..files.len())]);
+            copy(&sources[source], tmp.path());
+            let names = &files[source];
+            let victim = tmp.path().join(&names[rng.usize(..names.len())]);
             let mut bytes = std::fs::read(&victim).unwrap();
             for _ in 0..rng.usize(1..4) {
                 if bytes.is_empty() {
