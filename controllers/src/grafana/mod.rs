@@ -299,6 +299,14 @@ impl GrafanaSpec {
         {
             v.here("give the admin password as an SSM parameter or a secret, not both");
         }
+        if let Some(name) = &self.provisioning.admin_password_ssm_parameter {
+            let first = name.trim_start_matches('/').to_ascii_lowercase();
+            if first.starts_with("aws") || first.starts_with("ssm") {
+                v.here(format!(
+                    "admin_password_ssm_parameter `{name}`: SSM reserves names beginning with `aws` or `ssm`, so no such parameter can be created; choose another name"
+                ));
+            }
+        }
         for (section, keys) in &self.provisioning.ini {
             if section == "security" && keys.contains_key("admin_password") {
                 v.here("provisioning.ini: the admin password never goes in the desired state; name an SSM SecureString parameter (admin_password_ssm_parameter) or a Secrets Manager secret (admin_password_secret)");
