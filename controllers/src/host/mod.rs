@@ -79,7 +79,6 @@ pub struct VolumeSpec {
     #[serde(default = "yes")]
     pub encrypted: bool,
     pub kms_key_id: Option<String>,
-    pub mount: Option<String>,
 }
 
 fn gp3() -> String {
