@@ -23,6 +23,16 @@ struct Example {
     sdk: aws_config::SdkConfig,
 }
 
+/// A running instance, as the tests look at it.
+#[derive(Debug)]
+struct Running {
+    id: String,
+    private_ip: String,
+    /// Its (first) security group.
+    group: String,
+    tags: BTreeMap<String, String>,
+}
+
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples")
 }
@@ -101,8 +111,8 @@ impl Example {
         }
     }
 
-    /// Running instances carrying a tag: (id, tags).
-    async fn instances(&self, key: &str, value: &str) -> Vec<(String, BTreeMap<String, String>)> {
+    /// Running instances carrying a tag.
+    async fn instances(&self, key: &str, value: &str) -> Vec<Running> {
         let out = aws_sdk_ec2::Client::new(&self.sdk)
             .describe_instances()
             .filters(
@@ -120,11 +130,15 @@ impl Example {
             .send()
             .await
             .unwrap();
-        out.reservations()
+        let mut found: Vec<Running> = out
+            .reservations()
             .iter()
             .flat_map(|r| r.instances())
-            .map(|i| {
-                let tags = i
+            .map(|i| Running {
+                id: i.instance_id().unwrap().to_string(),
+                private_ip: i.private_ip_address().unwrap_or_default().to_string(),
+                group: i.security_groups()[0].group_id().unwrap().to_string(),
+                tags: i
                     .tags()
                     .iter()
                     .map(|t| {
@@ -133,10 +147,18 @@ impl Example {
                             t.value().unwrap_or_default().to_string(),
                         )
                     })
-                    .collect();
-                (i.instance_id().unwrap().to_string(), tags)
+                    .collect(),
             })
-            .collect()
+            .collect();
+        found.sort_by(|a, b| a.id.cmp(&b.id));
+        found
+    }
+
+    /// The one running instance tagged `Role=<role>`.
+    async fn host(&self, role: &str) -> Running {
+        let mut found = self.instances("Role", role).await;
+        assert_eq!(found.len(), 1, "running instances of {role}: {found:?}");
+        found.remove(0)
     }
 
     /// The files the pushes carried: host path → content, the latest push of a path winning,
@@ -372,18 +394,16 @@ async fn seed_003_amp_amg_and_an_adot_host_converge_and_follow_a_recreated_works
     );
 
     // The host, with both agent configs pushed in the pass that launched it.
-    let hosts = ex.instances("Role", "monitored").await;
-    assert_eq!(hosts.len(), 1, "{hosts:?}");
-    let (host, tags) = &hosts[0];
+    let host = ex.host("monitored").await;
     for bundle in ["host_config.adot", "host_config.cloudwatch_agent"] {
         assert!(
-            tags.contains_key(&format!("stackwarden:{bundle}")),
-            "{bundle} not recorded on {host}: {tags:?}"
+            host.tags.contains_key(&format!("stackwarden:{bundle}")),
+            "{bundle} not recorded: {host:?}"
         );
     }
     let files = ex.pushed_files().await;
     let (adot, to) = &files["/opt/aws/aws-otel-collector/etc/config.yaml"];
-    assert_eq!(to.as_slice(), std::slice::from_ref(host));
+    assert_eq!(to.as_slice(), std::slice::from_ref(&host.id));
     let adot = yaml(adot);
     assert_eq!(
         adot["exporters"]["prometheusremotewrite"]["endpoint"],
@@ -420,9 +440,11 @@ async fn seed_003_amp_amg_and_an_adot_host_converge_and_follow_a_recreated_works
         adot["exporters"]["prometheusremotewrite"]["endpoint"],
         format!("{endpoint}api/v1/remote_write")
     );
-    let after = ex.instances("Role", "monitored").await;
-    assert_eq!(after.len(), 1);
-    assert_eq!(&after[0].0, host, "the host was replaced");
+    assert_eq!(
+        ex.host("monitored").await.id,
+        host.id,
+        "the host was replaced"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -430,41 +452,18 @@ async fn seed_004_app_prometheus_and_grafana_hosts_with_node_exporter() {
     let ex = Example::copy("ec2-metrics-only", "us-east-1").await;
     ex.converge();
     let ec2 = aws_sdk_ec2::Client::new(&ex.sdk);
-    let mut hosts = BTreeMap::new();
-    for role in ["app", "prometheus", "grafana"] {
-        let found = ex.instances("Role", role).await;
-        assert_eq!(found.len(), 1, "{role}: {found:?}");
-        hosts.insert(role, found[0].0.clone());
-    }
-    let describe = ec2
-        .describe_instances()
-        .set_instance_ids(Some(hosts.values().cloned().collect()))
-        .send()
-        .await
-        .unwrap();
-    let instance = |id: &str| {
-        describe
-            .reservations()
-            .iter()
-            .flat_map(|r| r.instances())
-            .find(|i| i.instance_id() == Some(id))
-            .unwrap()
-            .clone()
-    };
-    let group = |id: &str| {
-        instance(id).security_groups()[0]
-            .group_id()
-            .unwrap()
-            .to_string()
-    };
-    let (app, prometheus, grafana) = (&hosts["app"], &hosts["prometheus"], &hosts["grafana"]);
+    let (app, prometheus, grafana) = (
+        ex.host("app").await,
+        ex.host("prometheus").await,
+        ex.host("grafana").await,
+    );
 
     // Ports 8080 and 9100 of the app admit only the Prometheus host's group.
     assert_eq!(
-        ingress(&ec2, &group(app)).await,
+        ingress(&ec2, &app.group).await,
         [
-            (8080, vec![], vec![group(prometheus)]),
-            (9100, vec![], vec![group(prometheus)]),
+            (8080, vec![], vec![prometheus.group.clone()]),
+            (9100, vec![], vec![prometheus.group.clone()]),
         ]
     );
     // The TSDB volume is attached to the Prometheus host.
@@ -473,7 +472,7 @@ async fn seed_004_app_prometheus_and_grafana_hosts_with_node_exporter() {
         .filters(
             Filter::builder()
                 .name("attachment.instance-id")
-                .values(prometheus)
+                .values(&prometheus.id)
                 .build(),
         )
         .send()
@@ -490,7 +489,7 @@ async fn seed_004_app_prometheus_and_grafana_hosts_with_node_exporter() {
     // What was pushed, and where: no private IP edited by hand anywhere.
     let files = ex.pushed_files().await;
     let (config, to) = &files["/etc/prometheus/prometheus.yml"];
-    assert_eq!(to.as_slice(), std::slice::from_ref(prometheus));
+    assert_eq!(to.as_slice(), std::slice::from_ref(&prometheus.id));
     let config = yaml(config);
     let jobs: Vec<&str> = config["scrape_configs"]
         .as_array()
@@ -502,17 +501,13 @@ async fn seed_004_app_prometheus_and_grafana_hosts_with_node_exporter() {
     assert_eq!(jobs, ["flask", "node"]);
     promtool_accepts(&files);
     let (env, to) = &files["/etc/default/node_exporter"];
-    assert_eq!(to.as_slice(), std::slice::from_ref(app));
+    assert_eq!(to.as_slice(), std::slice::from_ref(&app.id));
     assert!(env.contains("--collector.systemd"));
     let (datasource, to) = &files["/etc/grafana/provisioning/datasources/prometheus.yaml"];
-    assert_eq!(to.as_slice(), std::slice::from_ref(grafana));
-    let ip = instance(prometheus)
-        .private_ip_address()
-        .unwrap()
-        .to_string();
+    assert_eq!(to.as_slice(), std::slice::from_ref(&grafana.id));
     assert_eq!(
         yaml(datasource)["datasources"][0]["url"],
-        format!("http://{ip}:9090")
+        format!("http://{}:9090", prometheus.private_ip)
     );
     // Grafana's own `${datasource}` variables reach the dashboard untouched.
     let (dashboard, _) = &files["/var/lib/grafana/dashboards/node.json"];
@@ -527,36 +522,11 @@ async fn seed_002_app_prometheus_loki_and_grafana_hosts_with_promtail() {
     let ec2 = aws_sdk_ec2::Client::new(&ex.sdk);
     let mut hosts = BTreeMap::new();
     for role in ["app", "prometheus", "loki", "grafana"] {
-        let found = ex.instances("Role", role).await;
-        assert_eq!(found.len(), 1, "{role}: {found:?}");
-        hosts.insert(role, found[0].0.clone());
+        hosts.insert(role, ex.host(role).await);
     }
-    let describe = ec2
-        .describe_instances()
-        .set_instance_ids(Some(hosts.values().cloned().collect()))
-        .send()
-        .await
-        .unwrap();
-    let by_role: BTreeMap<&str, (String, String)> = hosts
-        .iter()
-        .map(|(role, id)| {
-            let i = describe
-                .reservations()
-                .iter()
-                .flat_map(|r| r.instances())
-                .find(|i| i.instance_id() == Some(id))
-                .unwrap();
-            (
-                *role,
-                (
-                    i.private_ip_address().unwrap().to_string(),
-                    i.security_groups()[0].group_id().unwrap().to_string(),
-                ),
-            )
-        })
-        .collect();
-    let ip = |role: &str| by_role[role].0.clone();
-    let group = |role: &str| by_role[role].1.clone();
+    let ip = |role: &str| hosts[role].private_ip.clone();
+    let group = |role: &str| hosts[role].group.clone();
+    let id = |role: &str| hosts[role].id.clone();
 
     // Loki's push API from the app hosts, its queries from Grafana; nothing else.
     let mut sources = vec![group("app"), group("grafana")];
@@ -569,7 +539,7 @@ async fn seed_002_app_prometheus_loki_and_grafana_hosts_with_promtail() {
     let files = ex.pushed_files().await;
     promtool_accepts(&files);
     let (promtail, to) = &files["/etc/promtail/config.yml"];
-    assert_eq!(to.as_slice(), std::slice::from_ref(&hosts["app"]));
+    assert_eq!(to.as_slice(), [id("app")]);
     let promtail = yaml(promtail);
     assert_eq!(
         promtail["clients"][0]["url"],
@@ -581,10 +551,10 @@ async fn seed_002_app_prometheus_loki_and_grafana_hosts_with_promtail() {
         "${HOSTNAME}"
     );
     let (loki, to) = &files["/etc/loki/config.yml"];
-    assert_eq!(to.as_slice(), std::slice::from_ref(&hosts["loki"]));
+    assert_eq!(to.as_slice(), [id("loki")]);
     assert_eq!(yaml(loki)["limits_config"]["retention_period"], "168h");
     let (datasources, to) = &files["/etc/grafana/provisioning/datasources/observability.yaml"];
-    assert_eq!(to.as_slice(), std::slice::from_ref(&hosts["grafana"]));
+    assert_eq!(to.as_slice(), [id("grafana")]);
     let datasources = yaml(datasources);
     assert_eq!(
         datasources["datasources"][0]["url"],
@@ -608,7 +578,7 @@ async fn seed_002_app_prometheus_loki_and_grafana_hosts_with_promtail() {
         yaml(&files["/etc/loki/config.yml"].0)["limits_config"]["retention_period"],
         "336h"
     );
-    assert_eq!(ex.instances("Role", "loki").await[0].0, hosts["loki"]);
+    assert_eq!(ex.host("loki").await.id, id("loki"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -653,15 +623,13 @@ async fn seed_000_001_prometheus_with_ebs_alertmanager_and_grafana_behind_an_alb
     let ec2 = aws_sdk_ec2::Client::new(&ex.sdk);
 
     // The Prometheus host and its TSDB volume: 100 GiB gp3, 3000 IOPS, encrypted, attached.
-    let found = ex.instances("Role", "prometheus").await;
-    assert_eq!(found.len(), 1, "{found:?}");
-    let prometheus = found[0].0.clone();
+    let prometheus = ex.host("prometheus").await;
     let volumes = ec2
         .describe_volumes()
         .filters(
             Filter::builder()
                 .name("attachment.instance-id")
-                .values(&prometheus)
+                .values(&prometheus.id)
                 .build(),
         )
         .send()
@@ -729,8 +697,8 @@ async fn seed_000_001_prometheus_with_ebs_alertmanager_and_grafana_behind_an_alb
     );
     let grafanas = ex.instances("stackwarden:id", "grafana.main").await;
     assert_eq!(grafanas.len(), 2, "{grafanas:?}");
-    for (id, tags) in &grafanas {
-        assert!(tags.contains_key("stackwarden:grafana"), "{id}: {tags:?}");
+    for g in &grafanas {
+        assert!(g.tags.contains_key("stackwarden:grafana"), "{g:?}");
     }
 
     // The pushed configs: Prometheus's (with the seed's rules) passes promtool, Alertmanager's
@@ -744,7 +712,7 @@ async fn seed_000_001_prometheus_with_ebs_alertmanager_and_grafana_behind_an_alb
     );
     assert_eq!(config["rule_files"].as_array().unwrap().len(), 3);
     let (alertmanager, to) = &files["/etc/alertmanager/alertmanager.yml"];
-    assert_eq!(to.as_slice(), std::slice::from_ref(&prometheus));
+    assert_eq!(to.as_slice(), std::slice::from_ref(&prometheus.id));
     let checked = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(checked.path(), alertmanager).unwrap();
     let out = std::process::Command::new("amtool")
@@ -765,20 +733,9 @@ async fn seed_000_001_prometheus_with_ebs_alertmanager_and_grafana_behind_an_alb
     let (datasources, to) = &files["/etc/grafana/provisioning/datasources/stackwarden.yaml"];
     let mut to = to.clone();
     to.sort();
-    let mut grafana_ids: Vec<String> = grafanas.iter().map(|(id, _)| id.clone()).collect();
-    grafana_ids.sort();
+    let grafana_ids: Vec<String> = grafanas.iter().map(|g| g.id.clone()).collect();
     assert_eq!(to, grafana_ids);
-    let ip = ec2
-        .describe_instances()
-        .instance_ids(&prometheus)
-        .send()
-        .await
-        .unwrap()
-        .reservations()[0]
-        .instances()[0]
-        .private_ip_address()
-        .unwrap()
-        .to_string();
+    let ip = &prometheus.private_ip;
     assert!(
         datasources.contains(&format!("http://{ip}:9090")),
         "{datasources}"
