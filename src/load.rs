@@ -565,8 +565,6 @@ fn check_conflicting_names(desired: &DesiredState, diags: &mut Diagnostics) {
     }
 }
 
-/// Two host_configs that write the same path and could select the same instance (no tag on
-/// which their targets disagree) would overwrite each other's file on every pass.
 /// A host_config depends on the stack's hosts its targets select, as on what it references: it
 /// is applied after them, so a host launched in a pass gets its files in that pass.
 fn add_targeted_hosts(desired: &mut DesiredState) {
@@ -589,6 +587,8 @@ fn add_targeted_hosts(desired: &mut DesiredState) {
     }
 }
 
+/// Two host_configs that write the same path and could select the same instance (no tag on
+/// which their targets disagree) would overwrite each other's file on every pass.
 fn check_overlapping_files(desired: &DesiredState, diags: &mut Diagnostics) {
     let configs: Vec<(&Resource, &host_config::HostConfigSpec)> = desired
         .of_kind(Kind::HostConfig)
