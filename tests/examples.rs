@@ -161,6 +161,26 @@ impl Example {
         found.remove(0)
     }
 
+    /// The EBS volume attached to an instance at a device.
+    async fn data_volume(&self, instance: &Running, device: &str) -> aws_sdk_ec2::types::Volume {
+        let out = aws_sdk_ec2::Client::new(&self.sdk)
+            .describe_volumes()
+            .filters(
+                Filter::builder()
+                    .name("attachment.instance-id")
+                    .values(&instance.id)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        out.volumes()
+            .iter()
+            .find(|v| v.attachments().iter().any(|a| a.device() == Some(device)))
+            .unwrap_or_else(|| panic!("no volume at {device} on {}: {out:?}", instance.id))
+            .clone()
+    }
+
     /// The files the pushes carried: host path → content, the latest push of a path winning,
     /// with the instances each latest push went to.
     async fn pushed_files(&self) -> BTreeMap<String, (String, Vec<String>)> {
@@ -466,25 +486,11 @@ async fn seed_004_app_prometheus_and_grafana_hosts_with_node_exporter() {
             (9100, vec![], vec![prometheus.group.clone()]),
         ]
     );
-    // The TSDB volume is attached to the Prometheus host.
-    let volumes = ec2
-        .describe_volumes()
-        .filters(
-            Filter::builder()
-                .name("attachment.instance-id")
-                .values(&prometheus.id)
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        volumes
-            .volumes()
-            .iter()
-            .any(|v| v.size() == Some(20) && v.encrypted() == Some(true)),
-        "{volumes:?}"
-    );
+    // The TSDB volume: 20 GiB gp3, encrypted, attached to the Prometheus host.
+    let data = ex.data_volume(&prometheus, "/dev/sdf").await;
+    assert_eq!(data.size(), Some(20));
+    assert_eq!(data.volume_type().map(|t| t.as_str()), Some("gp3"));
+    assert_eq!(data.encrypted(), Some(true));
 
     // What was pushed, and where: no private IP edited by hand anywhere.
     let files = ex.pushed_files().await;
@@ -620,30 +626,10 @@ async fn seed_000_001_prometheus_with_ebs_alertmanager_and_grafana_behind_an_alb
         .await
         .unwrap();
     ex.converge();
-    let ec2 = aws_sdk_ec2::Client::new(&ex.sdk);
 
     // The Prometheus host and its TSDB volume: 100 GiB gp3, 3000 IOPS, encrypted, attached.
     let prometheus = ex.host("prometheus").await;
-    let volumes = ec2
-        .describe_volumes()
-        .filters(
-            Filter::builder()
-                .name("attachment.instance-id")
-                .values(&prometheus.id)
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
-    let data = volumes
-        .volumes()
-        .iter()
-        .find(|v| {
-            v.attachments()
-                .iter()
-                .any(|a| a.device() == Some("/dev/sdf"))
-        })
-        .expect("the data volume at /dev/sdf");
+    let data = ex.data_volume(&prometheus, "/dev/sdf").await;
     assert_eq!(data.size(), Some(100));
     assert_eq!(data.volume_type().map(|t| t.as_str()), Some("gp3"));
     assert_eq!(data.iops(), Some(3000));
