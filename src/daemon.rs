@@ -252,7 +252,7 @@ fn outcomes(pass: &Pass, wrote: bool) -> BTreeMap<ResourceId, Outcome> {
         }
     }
     for e in pass.check.errors.iter().chain(&pass.applied.errors) {
-        out.insert(e.resource.clone(), e.class.into());
+        out.insert(e.resource.clone(), Outcome::of(e.class, e.retry_after));
     }
     out
 }

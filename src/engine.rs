@@ -62,12 +62,15 @@ pub struct Observation {
     scope: Scope,
 }
 
-/// A resource that could not be planned or applied.
+/// A resource that could not be planned or applied, or is still converging
+/// ([`ErrorClass::Waiting`], with when to look again).
 #[derive(Debug, Clone, Serialize)]
 pub struct ResourceError {
     pub resource: ResourceId,
     pub class: ErrorClass,
     pub error: String,
+    #[serde(skip)]
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl ResourceError {
@@ -76,7 +79,12 @@ impl ResourceError {
             resource,
             class: e.class(),
             error: e.to_string(),
+            retry_after: e.retry_after(),
         }
+    }
+
+    pub fn is_waiting(&self) -> bool {
+        self.class == ErrorClass::Waiting
     }
 }
 
@@ -92,10 +100,16 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Whether `reconcile` would write anything.
+    /// Whether `reconcile` would write anything, or objects are still converging.
     pub fn has_pending(&self) -> bool {
         self.changes.iter().any(|(_, c)| !c.observe_only)
             || self.removed.iter().any(|(_, c)| c.action == Action::Delete)
+            || self.errors.iter().any(ResourceError::is_waiting)
+    }
+
+    /// Errors other than objects still converging.
+    pub fn failures(&self) -> impl Iterator<Item = &ResourceError> {
+        self.errors.iter().filter(|e| !e.is_waiting())
     }
 }
 
@@ -108,6 +122,16 @@ pub struct Pass {
 impl Pass {
     pub fn converged(&self) -> bool {
         self.applied.errors.is_empty() && self.check.errors.is_empty() && !self.check.has_pending()
+    }
+
+    /// When nothing failed and objects are still converging (so what waits on them may still
+    /// differ): how long until the soonest wants a look again.
+    pub fn only_waiting(&self) -> Option<std::time::Duration> {
+        let errors = || self.applied.errors.iter().chain(&self.check.errors);
+        if errors().any(|e| !e.is_waiting()) {
+            return None;
+        }
+        errors().filter_map(|e| e.retry_after).min()
     }
 }
 
@@ -194,11 +218,14 @@ impl Engine {
                 kinds.extend(r.depends_on.iter().map(|d| d.kind));
             }
         }
+        // One observation's shared reads (a list several kinds need is made once).
+        let ctx = self.ctx.for_observation();
         let reads = self.controllers.iter().map(|c| {
             let needed = c.kinds().iter().any(|k| kinds.contains(k));
+            let ctx = &ctx;
             async move {
                 if needed {
-                    Some(c.observe(&self.ctx, desired).await)
+                    Some(c.observe(ctx, desired).await)
                 } else {
                     None
                 }
@@ -294,7 +321,10 @@ impl Engine {
                 }
                 Ok(None) => plan.in_sync.push(id.clone()),
                 Err(e) => {
-                    failed.insert(id.clone());
+                    // An object still converging exists: what references it goes on.
+                    if e.class() != ErrorClass::Waiting {
+                        failed.insert(id.clone());
+                    }
                     plan.errors.push(ResourceError::new(id.clone(), &e));
                 }
             }
@@ -377,6 +407,11 @@ impl Engine {
                         p.changes.push((position[id], change));
                     }
                     Ok(None) => {}
+                    Err(e) if e.class() == ErrorClass::Waiting => {
+                        tracing::info!(resource = %id, "{e}");
+                        p.errors
+                            .push((position[id], ResourceError::new(id.clone(), &e)));
+                    }
                     Err(e) => {
                         tracing::warn!(resource = %id, error = %e, "reconcile failed");
                         p.failed.insert(id.clone());

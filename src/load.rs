@@ -180,6 +180,7 @@ pub fn load(dir: &Path) -> Result<DesiredState, Vec<Diagnostic>> {
             }
         }
     }
+    expand_composites(&mut resources);
     let mut desired = DesiredState {
         dir: dir.to_path_buf(),
         stack,
@@ -195,6 +196,20 @@ pub fn load(dir: &Path) -> Result<DesiredState, Vec<Diagnostic>> {
     } else {
         Err(diags.into_sorted())
     }
+}
+
+/// Replaces each composite table by its nodes: the table's own object keeps its address and
+/// what its own values reference; each part (an AMP workspace's rule groups namespaces,
+/// alertmanager definition, logging) becomes a node depending on it.
+fn expand_composites(resources: &mut BTreeMap<ResourceId, Resource>) {
+    let mut parts = Vec::new();
+    for r in resources.values_mut() {
+        if let Some((own_parts, own_refs)) = r.spec.parts(r) {
+            r.depends_on.retain(|d| own_refs.contains(d));
+            parts.extend(own_parts);
+        }
+    }
+    resources.extend(parts.into_iter().map(|p| (p.id.clone(), p)));
 }
 
 fn toml_files(dir: &Path) -> Result<Vec<PathBuf>, String> {

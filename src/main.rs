@@ -362,7 +362,7 @@ async fn plan(
     } else {
         print!("{}", report::plan_text(&desired, &engine.ctx.region, &plan));
     }
-    Ok(if !plan.errors.is_empty() {
+    Ok(if plan.failures().next().is_some() {
         EXIT_ERROR
     } else if plan.has_pending() {
         EXIT_CHANGES
@@ -371,11 +371,29 @@ async fn plan(
     })
 }
 
-/// `reconcile --once`: one pass over everything; prints the summary.
+/// `reconcile --once`: passes over everything until it converges, something fails, or only
+/// objects still converging remain after `STACKWARDEN_WAIT_TIMEOUT`; prints what it waits for
+/// meanwhile, then the summary.
 async fn reconcile_once(engine: &Engine, desired: &DesiredState, prune: bool) -> engine::Pass {
-    let pass = engine
-        .pass(desired, engine::Scope::everything(desired), prune, true)
-        .await;
+    let deadline = tokio::time::Instant::now() + engine.ctx.waits.timeout;
+    let mut applied = Vec::new();
+    let mut pass = loop {
+        let mut pass = engine
+            .pass(desired, engine::Scope::everything(desired), prune, true)
+            .await;
+        applied.append(&mut pass.applied.changes);
+        let Some(after) = pass.only_waiting() else {
+            break pass;
+        };
+        if tokio::time::Instant::now() + after > deadline {
+            break pass;
+        }
+        for e in pass.applied.errors.iter().chain(&pass.check.errors) {
+            eprintln!("{}: {}", e.resource, e.error);
+        }
+        tokio::time::sleep(after.min(engine.ctx.waits.poll)).await;
+    };
+    pass.applied.changes = applied;
     if let Some(w) = report::unsupported_warning(&pass.check.unsupported) {
         eprintln!("{w}");
     }

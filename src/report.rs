@@ -16,6 +16,7 @@ struct Counts {
     delete: usize,
     orphaned: usize,
     in_sync: usize,
+    waiting: usize,
     errors: usize,
 }
 
@@ -40,7 +41,8 @@ fn counts(plan: &Plan) -> Counts {
             .filter(|(_, c)| c.action == Action::Orphan)
             .count(),
         in_sync: plan.in_sync.len(),
-        errors: plan.errors.len(),
+        waiting: plan.errors.iter().filter(|e| e.is_waiting()).count(),
+        errors: plan.errors.iter().filter(|e| !e.is_waiting()).count(),
     }
 }
 
@@ -51,9 +53,14 @@ fn write_change(out: &mut String, c: &Change<AnyOp>) {
     }
 }
 
-fn write_errors(out: &mut String, errors: &[ResourceError]) {
+fn write_errors<'e>(out: &mut String, errors: impl IntoIterator<Item = &'e ResourceError>) {
     for e in errors {
-        let _ = writeln!(out, "error: {}: {}", e.resource, e.error);
+        if e.is_waiting() {
+            // The error's text says "waiting: ...".
+            let _ = writeln!(out, "{}: {}", e.resource, e.error);
+        } else {
+            let _ = writeln!(out, "error: {}: {}", e.resource, e.error);
+        }
     }
 }
 
@@ -90,8 +97,8 @@ pub fn plan_text(desired: &DesiredState, region: &str, plan: &Plan) -> String {
     if plan.has_pending() {
         let _ = writeln!(
             out,
-            "Plan: {} to create, {} to update, {} to delete, {} orphaned; {} in sync.",
-            n.create, n.update, n.delete, n.orphaned, n.in_sync
+            "Plan: {} to create, {} to update, {} to delete, {} orphaned; {} still converging; {} in sync.",
+            n.create, n.update, n.delete, n.orphaned, n.waiting, n.in_sync
         );
     } else {
         let _ = writeln!(
@@ -176,9 +183,7 @@ pub fn reconcile_text(applied: &[Change<AnyOp>], errors: &[ResourceError], after
             let _ = write!(out, "{c}");
         }
     }
-    for e in &all_errors {
-        let _ = writeln!(out, "error: {}: {}", e.resource, e.error);
-    }
+    write_errors(&mut out, all_errors.iter().copied());
     if all_errors.is_empty() && !after.has_pending() {
         let _ = writeln!(out, "Converged: {} resources in sync.", after.in_sync.len());
     } else {

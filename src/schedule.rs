@@ -110,12 +110,17 @@ pub enum Outcome {
     Retry,
     /// Failed in a way only a change of its desired state can fix.
     Terminal,
+    /// Still converging, not failing: look again after this long (no backoff).
+    Wait(Duration),
 }
 
-impl From<ErrorClass> for Outcome {
-    fn from(c: ErrorClass) -> Self {
-        match c {
+impl Outcome {
+    /// The outcome an error of this class (and, for an object still converging, this wait)
+    /// makes.
+    pub fn of(class: ErrorClass, retry_after: Option<Duration>) -> Self {
+        match class {
             ErrorClass::Terminal => Outcome::Terminal,
+            ErrorClass::Waiting => Outcome::Wait(retry_after.unwrap_or(Duration::from_secs(2))),
             ErrorClass::Retryable | ErrorClass::Throttled => Outcome::Retry,
         }
     }
@@ -270,6 +275,10 @@ impl Schedule {
                 Outcome::Terminal => {
                     e.parked = true;
                     e.retry_at = None;
+                }
+                Outcome::Wait(after) => {
+                    e.failures = 0;
+                    e.retry_at = Some(now + after);
                 }
             }
         }

@@ -263,11 +263,12 @@ impl Status {
             }
         }
         for e in applied.errors.iter().chain(&check.errors) {
-            // A terminal error parks the resource until its desired state changes.
-            let state = if e.class == stackwarden_controllers::ErrorClass::Terminal {
-                "parked"
-            } else {
-                "error"
+            // A terminal error parks the resource until its desired state changes; an object
+            // still converging is pending, not failing.
+            let state = match e.class {
+                stackwarden_controllers::ErrorClass::Terminal => "parked",
+                stackwarden_controllers::ErrorClass::Waiting => "pending",
+                _ => "error",
             };
             states.insert(
                 e.resource.to_string(),
@@ -276,10 +277,8 @@ impl Status {
         }
         let at = now();
         for (id, (state, error)) in states {
-            let kind = id
-                .rsplit_once('.')
-                .map_or(id.as_str(), |(k, _)| k)
-                .to_string();
+            let kind = stackwarden_controllers::ResourceId::parse(&id)
+                .map_or_else(|| id.clone(), |i| i.kind.to_string());
             let outcome = if matches!(state.as_str(), "error" | "parked") {
                 "error"
             } else {

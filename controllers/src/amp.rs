@@ -1,37 +1,57 @@
-//! Amazon Managed Service for Prometheus: workspaces (alias, tags), their rule groups namespaces
-//! from rule files, their alertmanager definition, and logging configuration.
+//! Amazon Managed Service for Prometheus. The `[amp.workspace.<name>]` table is a composite:
+//! loading expands it into one node per AWS object, each on the managed-object layer
+//! ([`crate::managed`]):
+//!
+//! | node | AWS object |
+//! |---|---|
+//! | `amp.workspace.<name>` | the workspace (alias, tags) |
+//! | `amp.workspace.<name>.rule_groups.<namespace>` | a rule groups namespace, from a rule file |
+//! | `amp.workspace.<name>.alertmanager` | the alertmanager definition |
+//! | `amp.workspace.<name>.logging` | the logging configuration |
+//!
+//! A policy naming the workspace's ARN depends on the workspace node alone, so it never waits
+//! for the rules or for AMP's verdict on the alertmanager definition; one lost namespace is
+//! created again alone.
 //!
 //! Workspaces are found by their ownership tags (aliases are not unique in AMP, so an unowned
-//! workspace with the same alias is simply another workspace and is never touched). Rule groups
-//! namespaces are compared by their parsed YAML, so a file that only changes formatting is no
-//! drift.
+//! workspace with the same alias is simply another workspace and is never touched); the parts
+//! are found inside the workspace their composite manages. Rule groups namespaces and
+//! definitions are compared by their parsed YAML, so a file that only changes formatting is no
+//! drift. The workspace list is read once per observation, whichever nodes need it.
 //!
 //! # Guarantees
 //! - A workspace is created with the ownership tags in the same call, so a crash right after
 //!   the create leaves a workspace the next pass finds and completes, never a duplicate.
-//! - Rule groups namespaces of an owned workspace are deleted when removed from the desired state
-//!   only if they carry the stack's ownership tag.
+//! - A part dropped from a workspace still desired is deleted, a rule groups namespace only if
+//!   it carries the stack's ownership tag.
 //! - The alertmanager definition is checked by AMP after it is accepted, and may end
 //!   CREATION_FAILED or UPDATE_FAILED. The hash of the definition last put is kept in the
 //!   workspace tag `stackwarden:alertmanager`, so a failed definition is reported (with AMP's
 //!   reason) instead of being put again every pass, and a fixed file is put at once. Only a
 //!   definition carrying that tag is deleted when the desired state drops it.
+//! - Nothing here waits: a workspace CREATING or a definition being checked is
+//!   [`Error::Waiting`], and the runtime looks again later.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_amp::primitives::Blob;
-use aws_sdk_amp::types::WorkspaceStatusCode;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::change::{removed_objects, Action, Change};
-use crate::controller::{wait_until, Context, Controller, Progress};
+use crate::change::FieldChange;
+use crate::controller::Context;
 use crate::desired::{check_tags, DesiredState, Resource, Spec, Validator, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
-use crate::model::{Kind, Outputs, Refs, ResourceId};
-use crate::tags::{self, owned_by, owner_id};
+use crate::managed::{Describe, ManagedObject, Readiness, LOOK_AGAIN};
+use crate::model::{scan_refs, Kind, Outputs, Refs, ResourceId, Target};
+use crate::tags::{owned_by, Tags};
+
+// ---------------------------------------------------------------------------------------------
+// Schema
 
 // ---------------------------------------------------------------------------------------------
 // Schema
@@ -112,165 +132,232 @@ impl WorkspaceSpec {
 // ---------------------------------------------------------------------------------------------
 // Observed state
 
-#[derive(Debug, Clone, Default)]
-pub struct ObservedNamespace {
+/// A rule groups namespace node: its rule file's content.
+#[derive(Debug, Clone)]
+pub struct RuleGroupsPart {
     pub data: String,
-    pub tags: BTreeMap<String, String>,
 }
+
+/// The alertmanager definition node: its file's content.
+#[derive(Debug, Clone)]
+pub struct AlertmanagerPart {
+    pub data: String,
+}
+
+/// The logging configuration node.
+#[derive(Debug, Clone)]
+pub struct LoggingPart {
+    pub log_group_arn: String,
+}
+
+impl WorkspaceSpec {
+    /// The nodes the table expands into besides the workspace itself, each depending on the
+    /// workspace node (and on what its own values reference).
+    pub fn parts(&self, workspace: &Resource) -> Vec<Resource> {
+        let node = |kind, key: Option<String>, spec, extra: BTreeSet<ResourceId>| Resource {
+            id: ResourceId::part(kind, workspace.id.name.clone(), key),
+            origin: workspace.origin.clone(),
+            adopt: None,
+            observe_only: workspace.observe_only,
+            spec,
+            depends_on: extra.into_iter().chain([workspace.id.clone()]).collect(),
+        };
+        let mut parts: Vec<Resource> = self
+            .loaded
+            .rule_groups
+            .iter()
+            .map(|(ns, data)| {
+                node(
+                    Kind::AmpRuleGroups,
+                    Some(ns.clone()),
+                    Spec::AmpRuleGroups(RuleGroupsPart { data: data.clone() }),
+                    BTreeSet::new(),
+                )
+            })
+            .collect();
+        if let Some(data) = &self.loaded.alertmanager {
+            parts.push(node(
+                Kind::AmpAlertmanager,
+                None,
+                Spec::AmpAlertmanager(AlertmanagerPart { data: data.clone() }),
+                BTreeSet::new(),
+            ));
+        }
+        if let Some(l) = &self.logging {
+            parts.push(node(
+                Kind::AmpLogging,
+                None,
+                Spec::AmpLogging(LoggingPart {
+                    log_group_arn: l.log_group_arn.clone(),
+                }),
+                resources_named(&l.log_group_arn),
+            ));
+        }
+        parts
+    }
+
+    /// What the workspace itself references (its parts reference the rest).
+    pub fn own_references(&self) -> BTreeSet<ResourceId> {
+        let mut refs = BTreeSet::new();
+        for s in self.alias.iter().chain(&self.kms_key_arn) {
+            refs.extend(resources_named(s));
+        }
+        if let Some(t) = &self.tags {
+            for v in t.get_ref().values() {
+                refs.extend(resources_named(v));
+            }
+        }
+        refs
+    }
+}
+
+/// The resources a string references.
+fn resources_named(s: &str) -> BTreeSet<ResourceId> {
+    scan_refs(s)
+        .into_iter()
+        .filter_map(|r| match r.target {
+            Ok(Target::Resource(id, _)) => Some(id),
+            _ => None,
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reads shared by the four kinds
 
 /// Workspace tag holding the hash of the alertmanager definition stackwarden put last.
 pub const TAG_ALERTMANAGER: &str = "stackwarden:alertmanager";
 
-#[derive(Debug, Clone, Default)]
-pub struct ObservedDefinition {
-    pub data: String,
-    /// ACTIVE, CREATING, UPDATING, DELETING, CREATION_FAILED or UPDATE_FAILED.
-    pub status: String,
-    pub reason: Option<String>,
-}
-
+/// A workspace as listed.
 #[derive(Debug, Clone, Default)]
 pub struct ObservedWorkspace {
     pub id: String,
     pub arn: String,
     pub alias: Option<String>,
     pub status: String,
-    pub tags: BTreeMap<String, String>,
-    pub namespaces: BTreeMap<String, ObservedNamespace>,
-    pub log_group_arn: Option<String>,
-    pub alertmanager: Option<ObservedDefinition>,
+    pub tags: Tags,
+    /// The region its endpoints are in.
+    pub region: String,
 }
 
 impl ObservedWorkspace {
-    fn outputs(&self, region: &str) -> Outputs {
-        let endpoint = format!(
-            "https://aps-workspaces.{region}.amazonaws.com/workspaces/{}/",
-            self.id
-        );
+    fn endpoints(id: &str, arn: &str, alias: &str, status: &str, region: &str) -> Outputs {
+        let endpoint = format!("https://aps-workspaces.{region}.amazonaws.com/workspaces/{id}/");
         Outputs::from([
-            ("id".into(), self.id.clone()),
-            ("arn".into(), self.arn.clone()),
-            ("alias".into(), self.alias.clone().unwrap_or_default()),
+            ("id".into(), id.to_string()),
+            ("arn".into(), arn.to_string()),
+            ("alias".into(), alias.to_string()),
             (
                 "remote_write_url".into(),
                 format!("{endpoint}api/v1/remote_write"),
             ),
             ("query_url".into(), format!("{endpoint}api/v1/query")),
             ("prometheus_endpoint".into(), endpoint),
+            // Not an attribute users reference: the parts read it to wait for ACTIVE.
+            ("status".into(), status.to_string()),
         ])
     }
-}
 
-#[derive(Debug, Clone, Default)]
-pub struct Observed {
-    pub region: String,
-    /// Workspaces owned by the stack or adopted by id.
-    pub workspaces: Vec<ObservedWorkspace>,
-}
-
-impl Observed {
-    /// The workspace a desired resource manages: adopted by id, or owned by tag.
-    pub fn find(&self, desired: &DesiredState, r: &Resource) -> Option<&ObservedWorkspace> {
-        match &r.adopt {
-            Some(id) => self.workspaces.iter().find(|w| &w.id == id),
-            None => self
-                .workspaces
-                .iter()
-                .find(|w| owned_by(&w.tags, desired.stack_name(), &r.id) && w.status != "DELETING"),
-        }
+    fn is_live(&self) -> bool {
+        self.status != "DELETING"
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The controller
-
-pub struct AmpController;
-
-#[derive(Debug, Clone)]
-pub enum Op {
-    /// Creates the workspace and everything in it, waiting for it to become ACTIVE in between.
-    CreateWorkspace {
-        alias: String,
-        kms_key_arn: Option<String>,
-        tags: BTreeMap<String, String>,
-        namespaces: Vec<(String, String, BTreeMap<String, String>)>,
-        log_group_arn: Option<String>,
-        alertmanager: Option<String>,
-    },
-    UpdateAlias {
-        workspace: String,
-        alias: String,
-    },
-    Tag {
-        arn: String,
-        tags: BTreeMap<String, String>,
-    },
-    Untag {
-        arn: String,
-        keys: Vec<String>,
-    },
-    CreateNamespace {
-        workspace: String,
-        name: String,
-        data: String,
-        tags: BTreeMap<String, String>,
-    },
-    PutNamespace {
-        workspace: String,
-        name: String,
-        data: String,
-    },
-    DeleteNamespace {
-        workspace: String,
-        name: String,
-    },
-    CreateLogging {
-        workspace: String,
-        log_group_arn: String,
-    },
-    UpdateLogging {
-        workspace: String,
-        log_group_arn: String,
-    },
-    DeleteLogging {
-        workspace: String,
-    },
-    /// Creates the alertmanager definition, records its hash, waits for AMP's verdict.
-    CreateAlertmanager {
-        workspace: String,
-        arn: String,
-        data: String,
-    },
-    /// Replaces the alertmanager definition, records its hash, waits for AMP's verdict.
-    PutAlertmanager {
-        workspace: String,
-        arn: String,
-        data: String,
-    },
-    /// The desired definition is being checked but its hash was never recorded (the process
-    /// died between the put and the tag): records the hash, waits for AMP's verdict.
-    SettleAlertmanager {
-        workspace: String,
-        arn: String,
-        data: String,
-    },
-    DeleteAlertmanager {
-        workspace: String,
-        arn: String,
-    },
-    /// The definition AMP rejected is still the desired one: reported as the resource's error
-    /// after the other changes are applied, until the file changes.
-    AlertmanagerRejected {
-        workspace: String,
-        reason: String,
-    },
-    DeleteWorkspace {
-        workspace: String,
-    },
+/// Every workspace the stack owns or adopts, listed once per observation.
+async fn workspaces(ctx: &Context, desired: &DesiredState) -> Result<Arc<Vec<ObservedWorkspace>>> {
+    let stack = desired.stack_name().to_string();
+    let adopted: Vec<String> = desired
+        .of_kind(Kind::AmpWorkspace)
+        .filter_map(|r| r.adopt.clone())
+        .collect();
+    ctx.shared("amp:ListWorkspaces", || async move {
+        let mut found = Vec::new();
+        let mut pages = ctx.amp.list_workspaces().into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(aws_error("aps", "ListWorkspaces"))?;
+            for w in page.workspaces() {
+                let tags = sorted(w.tags());
+                if tags.get(TAG_STACK) == Some(&stack)
+                    || adopted.iter().any(|a| a == w.workspace_id())
+                {
+                    found.push(ObservedWorkspace {
+                        id: w.workspace_id().to_string(),
+                        arn: w.arn().to_string(),
+                        alias: w.alias().map(str::to_string),
+                        status: w
+                            .status()
+                            .map(|s| s.status_code().as_str().to_string())
+                            .unwrap_or_default(),
+                        tags,
+                        region: ctx.region.clone(),
+                    });
+                }
+            }
+        }
+        Ok(found)
+    })
+    .await
 }
 
-/// An alertmanager definition as compared: parsed YAML, with the embedded
-/// `alertmanager_config` parsed too, so formatting is no drift.
+/// The workspace node that manages an observed workspace: the one adopting its id, or the one
+/// its ownership tags name.
+fn workspace_node(desired: &DesiredState, w: &ObservedWorkspace) -> Option<ResourceId> {
+    desired
+        .of_kind(Kind::AmpWorkspace)
+        .find(|r| r.adopt.as_deref() == Some(w.id.as_str()))
+        .map(|r| r.id.clone())
+        .or_else(|| {
+            crate::tags::owner_id(&w.tags, desired.stack_name())
+                .filter(|id| id.kind == Kind::AmpWorkspace)
+        })
+}
+
+/// Whether `w` is the workspace that the composite of `part` manages.
+fn is_parent(desired: &DesiredState, part: &Resource, w: &ObservedWorkspace) -> bool {
+    w.is_live() && workspace_node(desired, w) == Some(part.id.composite())
+}
+
+/// The ACTIVE workspace a part goes in, from the workspace node's attributes.
+fn parent(part: &Resource, refs: &Refs) -> Result<(String, String)> {
+    let ws = part.id.composite();
+    let Some(out) = refs.outputs.get(&ws) else {
+        return Err(Error::Dependency(ws));
+    };
+    let status = out.get("status").map(String::as_str).unwrap_or_default();
+    if status != "ACTIVE" {
+        return Err(Error::waiting(
+            format!(
+                "workspace {} is {status}",
+                out.get("id").cloned().unwrap_or_default()
+            ),
+            LOOK_AGAIN,
+        ));
+    }
+    Ok((out["id"].clone(), out["arn"].clone()))
+}
+
+/// The live, ACTIVE workspaces: the only ones whose contents can be read.
+async fn active_workspaces(
+    ctx: &Context,
+    desired: &DesiredState,
+) -> Result<Vec<ObservedWorkspace>> {
+    Ok(workspaces(ctx, desired)
+        .await?
+        .iter()
+        .filter(|w| w.status == "ACTIVE" || w.status == "UPDATING")
+        .cloned()
+        .collect())
+}
+
+fn hash_map(t: &Tags) -> HashMap<String, String> {
+    t.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+fn sorted(t: Option<&HashMap<String, String>>) -> Tags {
+    t.map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+        .unwrap_or_default()
+}
+
 fn canonical_definition(data: &str) -> String {
     let Ok(mut v) = marked_yaml::from_yaml::<serde_json::Value>(0, data) else {
         return data.to_string();
@@ -293,585 +380,710 @@ fn canonical_rules(data: &str) -> String {
     }
 }
 
-fn alias_of(desired: &DesiredState, r: &Resource, s: &WorkspaceSpec) -> String {
-    s.alias
-        .clone()
-        .unwrap_or_else(|| desired.default_name(&r.id))
+fn short_hash(data: &str) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(data.as_bytes())[..6])
 }
 
-fn namespace_tags(desired: &DesiredState, r: &Resource) -> BTreeMap<String, String> {
-    desired.tags_for(&r.id, &BTreeMap::new())
+fn shown(data: &str) -> String {
+    format!("sha256:{}", short_hash(data))
 }
 
-fn hash_map(t: &BTreeMap<String, String>) -> HashMap<String, String> {
-    t.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+async fn tag(ctx: &Context, arn: &str, set: &Tags) -> Result<()> {
+    ctx.amp
+        .tag_resource()
+        .resource_arn(arn)
+        .set_tags(Some(hash_map(set)))
+        .send()
+        .await
+        .map_err(aws_error("aps", "TagResource"))?;
+    Ok(())
 }
 
-fn sorted(t: Option<&HashMap<String, String>>) -> BTreeMap<String, String> {
-    t.map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-        .unwrap_or_default()
+async fn untag(ctx: &Context, arn: &str, keys: &[String]) -> Result<()> {
+    ctx.amp
+        .untag_resource()
+        .resource_arn(arn)
+        .set_tag_keys(Some(keys.to_vec()))
+        .send()
+        .await
+        .map_err(aws_error("aps", "UntagResource"))?;
+    Ok(())
 }
 
-/// Waits until a workspace is ACTIVE, logging progress; a workspace that fails is an error.
-async fn wait_active(ctx: &Context, workspace: &str) -> Result<()> {
-    wait_until(ctx, &format!("workspace {workspace}"), || async {
-        let out = ctx
-            .amp
-            .describe_workspace()
-            .workspace_id(workspace)
-            .send()
-            .await
-            .map_err(aws_error("aps", "DescribeWorkspace"))?;
-        let status = out
-            .workspace()
-            .and_then(|w| w.status())
-            .map(|s| s.status_code().clone());
-        match status {
-            Some(WorkspaceStatusCode::Active) => Ok(Progress::Done(())),
-            Some(WorkspaceStatusCode::CreationFailed) => Err(Error::Invalid(format!(
-                "workspace {workspace} failed to create"
-            ))),
-            other => Ok(Progress::Waiting(
-                other.map_or_else(|| "unknown".to_string(), |s| s.as_str().to_string()),
-            )),
+// ---------------------------------------------------------------------------------------------
+// The workspace
+
+pub struct Workspace;
+
+#[derive(Debug, Clone)]
+pub struct WorkspaceWant {
+    pub alias: String,
+    pub kms_key_arn: Option<String>,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone)]
+pub enum WorkspaceUpdate {
+    Alias { from: Option<String>, to: String },
+}
+
+impl Describe for WorkspaceUpdate {
+    fn field(&self) -> FieldChange {
+        match self {
+            WorkspaceUpdate::Alias { from, to } => {
+                FieldChange::new("alias", from.clone(), Some(to.clone()))
+            }
         }
-    })
-    .await
+    }
 }
 
 #[async_trait]
-impl Controller for AmpController {
-    type Observed = Observed;
-    type Op = Op;
+impl ManagedObject for Workspace {
+    type Desired = WorkspaceWant;
+    type Observed = ObservedWorkspace;
+    type Update = WorkspaceUpdate;
+    const KIND: Kind = Kind::AmpWorkspace;
+    const NOUN: &'static str = "workspace";
 
-    fn kinds(&self) -> &'static [Kind] {
-        &[Kind::AmpWorkspace]
-    }
-
-    async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Observed> {
-        let stack = desired.stack_name();
-        let adopted: Vec<&str> = desired
-            .of_kind(Kind::AmpWorkspace)
-            .filter_map(|r| r.adopt.as_deref())
-            .collect();
-        let mut found = Vec::new();
-        let mut pages = ctx.amp.list_workspaces().into_paginator().send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(aws_error("aps", "ListWorkspaces"))?;
-            for w in page.workspaces() {
-                let tags = sorted(w.tags());
-                let status = w
-                    .status()
-                    .map(|s| s.status_code().as_str().to_string())
-                    .unwrap_or_default();
-                if tags.get(TAG_STACK).map(String::as_str) == Some(stack)
-                    || adopted.contains(&w.workspace_id())
-                {
-                    found.push(ObservedWorkspace {
-                        id: w.workspace_id().to_string(),
-                        arn: w.arn().to_string(),
-                        alias: w.alias().map(str::to_string),
-                        status,
-                        tags,
-                        ..Default::default()
-                    });
-                }
-            }
-        }
-        // The contents of each workspace, workspaces concurrently.
-        let reads = found.into_iter().map(|mut w| async move {
-            if w.status == "DELETING" || w.status == "CREATING" {
-                return Ok(w);
-            }
-            let mut pages = ctx
-                .amp
-                .list_rule_groups_namespaces()
-                .workspace_id(&w.id)
-                .into_paginator()
-                .send();
-            let mut names = Vec::new();
-            while let Some(page) = pages.next().await {
-                let page = page.map_err(aws_error("aps", "ListRuleGroupsNamespaces"))?;
-                names.extend(
-                    page.rule_groups_namespaces()
+    fn desired(
+        &self,
+        desired: &DesiredState,
+        node: &Resource,
+        refs: &Refs,
+    ) -> Result<WorkspaceWant> {
+        let Spec::AmpWorkspace(s) = &node.spec else {
+            unreachable!("an amp.workspace node has a workspace spec")
+        };
+        Ok(WorkspaceWant {
+            alias: refs
+                .render(
+                    &s.alias
+                        .clone()
+                        .unwrap_or_else(|| desired.default_name(&node.id)),
+                )
+                .value,
+            kms_key_arn: s.kms_key_arn.as_ref().map(|k| refs.render(k).value),
+            tags: s
+                .tags
+                .as_ref()
+                .map(|t| {
+                    t.get_ref()
                         .iter()
-                        .map(|n| (n.name().to_string(), sorted(n.tags()))),
-                );
-            }
-            let reads = names.into_iter().map(|(name, tags)| {
-                let id = w.id.clone();
-                async move {
-                    let out = ctx
-                        .amp
-                        .describe_rule_groups_namespace()
-                        .workspace_id(id)
-                        .name(&name)
-                        .send()
-                        .await
-                        .map_err(aws_error("aps", "DescribeRuleGroupsNamespace"))?;
-                    let data = out
-                        .rule_groups_namespace()
-                        .map(|n| String::from_utf8_lossy(n.data().as_ref()).into_owned())
-                        .unwrap_or_default();
-                    Ok::<_, Error>((name, ObservedNamespace { data, tags }))
-                }
-            });
-            for res in futures::future::join_all(reads).await {
-                let (name, ns) = res?;
-                w.namespaces.insert(name, ns);
-            }
-            w.log_group_arn = match ctx
-                .amp
-                .describe_logging_configuration()
-                .workspace_id(&w.id)
-                .send()
-                .await
-            {
-                Ok(out) => out
-                    .logging_configuration()
-                    .map(|l| l.log_group_arn().to_string())
-                    .filter(|a| !a.is_empty()),
-                Err(e) if e.code() == Some("ResourceNotFoundException") => None,
-                Err(e) => return Err(aws_error("aps", "DescribeLoggingConfiguration")(e)),
-            };
-            w.alertmanager = describe_alertmanager(ctx, &w.id).await?;
-            Ok::<_, Error>(w)
-        });
-        let workspaces = futures::future::join_all(reads)
-            .await
-            .into_iter()
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Observed {
-            region: ctx.region.clone(),
-            workspaces,
+                        .map(|(k, v)| (k.clone(), refs.render(v).value))
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
     }
 
-    fn outputs(&self, desired: &DesiredState, obs: &Observed) -> Vec<(ResourceId, Outputs)> {
-        desired
-            .of_kind(Kind::AmpWorkspace)
-            .filter_map(|r| Some((r.id.clone(), obs.find(desired, r)?.outputs(&obs.region))))
-            .collect()
+    async fn observe(
+        &self,
+        ctx: &Context,
+        desired: &DesiredState,
+    ) -> Result<Vec<ObservedWorkspace>> {
+        Ok(workspaces(ctx, desired).await?.as_ref().clone())
     }
 
-    fn diff(
+    fn id(&self, o: &ObservedWorkspace) -> String {
+        o.id.clone()
+    }
+
+    fn tags<'o>(&self, o: &'o ObservedWorkspace) -> Option<&'o Tags> {
+        Some(&o.tags)
+    }
+
+    fn owner(&self, desired: &DesiredState, o: &ObservedWorkspace) -> Option<ResourceId> {
+        crate::tags::owner_id(&o.tags, desired.stack_name())
+            .filter(|id| id.kind == Kind::AmpWorkspace && o.is_live())
+    }
+
+    fn find<'o>(
         &self,
         desired: &DesiredState,
-        r: &Resource,
-        obs: &Observed,
-        refs: &Refs,
-    ) -> Result<Option<Change<Op>>> {
-        let Spec::AmpWorkspace(s) = &r.spec else {
-            return Ok(None);
-        };
-        let alias = alias_of(desired, r, s);
-        let tags = desired.tags_for(
-            &r.id,
-            &s.tags
-                .as_ref()
-                .map(|t| t.get_ref().clone())
-                .unwrap_or_default(),
-        );
-        let ns_tags = namespace_tags(desired, r);
-        let log_group = s
-            .logging
-            .as_ref()
-            .map(|l| refs.render(&l.log_group_arn).value);
-
-        let Some(w) = obs.find(desired, r) else {
-            if let Some(id) = &r.adopt {
-                return Err(Error::Invalid(format!(
-                    "workspace `{id}` to adopt does not exist"
-                )));
-            }
-            let mut c = Change::new(r.id.clone(), Action::Create, format!("workspace {alias}"));
-            c.field("alias", None, Some(alias.clone()));
-            c.field("tags", None, Some(tags::show(&tags)));
-            for ns in s.loaded.rule_groups.keys() {
-                c.field(
-                    format!("rule_groups.{ns}"),
-                    None,
-                    Some("(rule file)".into()),
-                );
-            }
-            if let Some(l) = &log_group {
-                c.field("logging.log_group_arn", None, Some(l.clone()));
-            }
-            c.op(Op::CreateWorkspace {
-                alias,
-                kms_key_arn: s.kms_key_arn.clone(),
-                tags,
-                namespaces: s
-                    .loaded
-                    .rule_groups
-                    .iter()
-                    .map(|(n, d)| (n.clone(), d.clone(), ns_tags.clone()))
-                    .collect(),
-                log_group_arn: log_group,
-                alertmanager: s.loaded.alertmanager.clone(),
-            });
-            if s.loaded.alertmanager.is_some() {
-                c.field("alertmanager", None, Some("(definition file)".into()));
-            }
-            return Ok(Some(c));
-        };
-
-        let mut c = Change::new(r.id.clone(), Action::Update, format!("workspace {}", w.id));
-        if w.status == "CREATING" {
-            return Err(Error::Pending(format!(
-                "workspace {} is still CREATING",
-                w.id
-            )));
-        }
-        if r.adopt.is_some() && !owned_by(&w.tags, desired.stack_name(), &r.id) {
-            c.notes
-                .push(format!("adopting existing workspace {}", w.id));
-        }
-        if w.alias.as_deref() != Some(alias.as_str()) {
-            c.field("alias", w.alias.clone(), Some(alias.clone()));
-            c.op(Op::UpdateAlias {
-                workspace: w.id.clone(),
-                alias,
-            });
-        }
-        c.tags(
-            &w.tags,
-            &tags,
-            |tags| Op::Tag {
-                arn: w.arn.clone(),
-                tags,
-            },
-            |keys| Op::Untag {
-                arn: w.arn.clone(),
-                keys,
-            },
-        );
-        for (ns, data) in &s.loaded.rule_groups {
-            match w.namespaces.get(ns) {
-                None => {
-                    c.field(
-                        format!("rule_groups.{ns}"),
-                        None,
-                        Some("(rule file)".into()),
-                    );
-                    c.op(Op::CreateNamespace {
-                        workspace: w.id.clone(),
-                        name: ns.clone(),
-                        data: data.clone(),
-                        tags: ns_tags.clone(),
-                    });
-                }
-                Some(cur) if canonical_rules(&cur.data) != canonical_rules(data) => {
-                    c.field(
-                        format!("rule_groups.{ns}"),
-                        Some(format!("sha256:{}", short_hash(&cur.data))),
-                        Some(format!("sha256:{}", short_hash(data))),
-                    );
-                    c.op(Op::PutNamespace {
-                        workspace: w.id.clone(),
-                        name: ns.clone(),
-                        data: data.clone(),
-                    });
-                }
-                Some(_) => {}
-            }
-        }
-        for (ns, cur) in &w.namespaces {
-            if !s.loaded.rule_groups.contains_key(ns)
-                && owner_id(&cur.tags, desired.stack_name()).is_some()
-            {
-                c.field(
-                    format!("rule_groups.{ns}"),
-                    Some(format!("sha256:{}", short_hash(&cur.data))),
-                    None,
-                );
-                c.op(Op::DeleteNamespace {
-                    workspace: w.id.clone(),
-                    name: ns.clone(),
-                });
-            }
-        }
-        match (&w.log_group_arn, &log_group) {
-            (None, Some(want)) => {
-                c.field("logging.log_group_arn", None, Some(want.clone()));
-                c.op(Op::CreateLogging {
-                    workspace: w.id.clone(),
-                    log_group_arn: want.clone(),
-                });
-            }
-            (Some(cur), Some(want)) if cur != want => {
-                c.field(
-                    "logging.log_group_arn",
-                    Some(cur.clone()),
-                    Some(want.clone()),
-                );
-                c.op(Op::UpdateLogging {
-                    workspace: w.id.clone(),
-                    log_group_arn: want.clone(),
-                });
-            }
-            (Some(cur), None) => {
-                c.field("logging.log_group_arn", Some(cur.clone()), None);
-                c.op(Op::DeleteLogging {
-                    workspace: w.id.clone(),
-                });
-            }
-            _ => {}
-        }
-        diff_alertmanager(&mut c, w, s.loaded.alertmanager.as_deref());
-        if c.ops.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(c))
+        node: &Resource,
+        observed: &'o [ObservedWorkspace],
+    ) -> Option<&'o ObservedWorkspace> {
+        observed.iter().find(|w| match &node.adopt {
+            Some(id) => &w.id == id,
+            None => w.is_live() && owned_by(&w.tags, desired.stack_name(), &node.id),
+        })
     }
 
-    fn removed(&self, desired: &DesiredState, obs: &Observed, prune: bool) -> Vec<Change<Op>> {
-        let live = obs.workspaces.iter().filter(|w| w.status != "DELETING");
-        removed_objects(
-            desired,
-            Kind::AmpWorkspace,
-            live.map(|w| (w.id.as_str(), &w.tags)),
-            |r| obs.find(desired, r).map(|w| w.id.as_str()),
-            "workspace",
-            prune,
-            |id| Op::DeleteWorkspace {
-                workspace: id.to_string(),
-            },
+    fn outputs(&self, o: &ObservedWorkspace) -> Outputs {
+        ObservedWorkspace::endpoints(
+            &o.id,
+            &o.arn,
+            o.alias.as_deref().unwrap_or_default(),
+            &o.status,
+            &o.region,
         )
     }
 
-    async fn apply(&self, ctx: &Context, op: &Op) -> Result<Option<Outputs>> {
-        let amp = &ctx.amp;
-        match op {
-            Op::CreateWorkspace {
-                alias,
-                kms_key_arn,
-                tags,
-                namespaces,
-                log_group_arn,
-                alertmanager,
-            } => {
-                let out = amp
-                    .create_workspace()
-                    .alias(alias)
-                    .set_kms_key_arn(kms_key_arn.clone())
-                    .set_tags(Some(hash_map(tags)))
-                    .send()
-                    .await
-                    .map_err(aws_error("aps", "CreateWorkspace"))?;
-                let w = ObservedWorkspace {
-                    id: out.workspace_id().to_string(),
-                    arn: out.arn().to_string(),
-                    alias: Some(alias.clone()),
-                    ..Default::default()
-                };
-                tracing::info!(workspace = %w.id, "created workspace");
-                wait_active(ctx, &w.id).await?;
-                for (name, data, tags) in namespaces {
-                    Box::pin(self.apply(
-                        ctx,
-                        &Op::CreateNamespace {
-                            workspace: w.id.clone(),
-                            name: name.clone(),
-                            data: data.clone(),
-                            tags: tags.clone(),
-                        },
-                    ))
-                    .await?;
-                }
-                if let Some(arn) = log_group_arn {
-                    Box::pin(self.apply(
-                        ctx,
-                        &Op::CreateLogging {
-                            workspace: w.id.clone(),
-                            log_group_arn: arn.clone(),
-                        },
-                    ))
-                    .await?;
-                }
-                if let Some(data) = alertmanager {
-                    Box::pin(self.apply(
-                        ctx,
-                        &Op::CreateAlertmanager {
-                            workspace: w.id.clone(),
-                            arn: w.arn.clone(),
-                            data: data.clone(),
-                        },
-                    ))
-                    .await?;
-                }
-                return Ok(Some(w.outputs(&ctx.region)));
-            }
-            Op::UpdateAlias { workspace, alias } => {
-                amp.update_workspace_alias()
-                    .workspace_id(workspace)
-                    .alias(alias)
+    fn readiness(&self, _want: &WorkspaceWant, have: &ObservedWorkspace) -> Result<Readiness> {
+        match have.status.as_str() {
+            "CREATING" | "UPDATING" => Ok(Readiness::Waiting(
+                format!("still {}", have.status),
+                Duration::from_secs(5),
+            )),
+            "CREATION_FAILED" => Err(Error::Invalid(format!(
+                "workspace {} failed to create; delete it and the next pass creates another",
+                have.id
+            ))),
+            _ => Ok(Readiness::Ready),
+        }
+    }
+
+    fn diff(&self, want: &WorkspaceWant, have: &ObservedWorkspace) -> Vec<WorkspaceUpdate> {
+        let mut out = Vec::new();
+        if have.alias.as_deref() != Some(want.alias.as_str()) {
+            out.push(WorkspaceUpdate::Alias {
+                from: have.alias.clone(),
+                to: want.alias.clone(),
+            });
+        }
+        out
+    }
+
+    fn own_tags(&self, want: &WorkspaceWant) -> Tags {
+        want.tags.clone()
+    }
+
+    fn create_fields(&self, want: &WorkspaceWant) -> Vec<FieldChange> {
+        let mut f = vec![FieldChange::new("alias", None, Some(want.alias.clone()))];
+        if let Some(k) = &want.kms_key_arn {
+            f.push(FieldChange::new("kms_key_arn", None, Some(k.clone())));
+        }
+        f
+    }
+
+    fn label(&self, want: &WorkspaceWant) -> String {
+        want.alias.clone()
+    }
+
+    async fn create(&self, ctx: &Context, want: &WorkspaceWant, tags: &Tags) -> Result<Outputs> {
+        let out = ctx
+            .amp
+            .create_workspace()
+            .alias(&want.alias)
+            .set_kms_key_arn(want.kms_key_arn.clone())
+            .set_tags(Some(hash_map(tags)))
+            .send()
+            .await
+            .map_err(aws_error("aps", "CreateWorkspace"))?;
+        tracing::info!(workspace = out.workspace_id(), "created workspace");
+        Ok(ObservedWorkspace::endpoints(
+            out.workspace_id(),
+            out.arn(),
+            &want.alias,
+            out.status()
+                .map(|s| s.status_code().as_str())
+                .unwrap_or("CREATING"),
+            &ctx.region,
+        ))
+    }
+
+    async fn update(
+        &self,
+        ctx: &Context,
+        have: &ObservedWorkspace,
+        change: &WorkspaceUpdate,
+    ) -> Result<()> {
+        match change {
+            WorkspaceUpdate::Alias { to, .. } => {
+                ctx.amp
+                    .update_workspace_alias()
+                    .workspace_id(&have.id)
+                    .alias(to)
                     .send()
                     .await
                     .map_err(aws_error("aps", "UpdateWorkspaceAlias"))?;
             }
-            Op::Tag { arn, tags } => {
-                amp.tag_resource()
-                    .resource_arn(arn)
-                    .set_tags(Some(hash_map(tags)))
-                    .send()
-                    .await
-                    .map_err(aws_error("aps", "TagResource"))?;
+        }
+        Ok(())
+    }
+
+    async fn tag(&self, ctx: &Context, have: &ObservedWorkspace, set: &Tags) -> Result<()> {
+        tag(ctx, &have.arn, set).await
+    }
+
+    async fn untag(&self, ctx: &Context, have: &ObservedWorkspace, keys: &[String]) -> Result<()> {
+        untag(ctx, &have.arn, keys).await
+    }
+
+    async fn delete(&self, ctx: &Context, have: &ObservedWorkspace) -> Result<()> {
+        ctx.amp
+            .delete_workspace()
+            .workspace_id(&have.id)
+            .send()
+            .await
+            .map_err(aws_error("aps", "DeleteWorkspace"))?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rule groups namespaces
+
+pub struct RuleGroups;
+
+#[derive(Debug, Clone)]
+pub struct RuleGroupsWant {
+    pub workspace: String,
+    pub name: String,
+    pub data: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ObservedNamespace {
+    pub workspace: ObservedWorkspace,
+    pub name: String,
+    pub arn: String,
+    pub data: String,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone)]
+pub enum RuleGroupsUpdate {
+    Data { from: String, to: String },
+}
+
+impl Describe for RuleGroupsUpdate {
+    fn field(&self) -> FieldChange {
+        match self {
+            RuleGroupsUpdate::Data { from, to } => {
+                FieldChange::new("data", Some(shown(from)), Some(shown(to)))
             }
-            Op::Untag { arn, keys } => {
-                amp.untag_resource()
-                    .resource_arn(arn)
-                    .set_tag_keys(Some(keys.clone()))
-                    .send()
-                    .await
-                    .map_err(aws_error("aps", "UntagResource"))?;
+        }
+    }
+}
+
+#[async_trait]
+impl ManagedObject for RuleGroups {
+    type Desired = RuleGroupsWant;
+    type Observed = ObservedNamespace;
+    type Update = RuleGroupsUpdate;
+    const KIND: Kind = Kind::AmpRuleGroups;
+    const NOUN: &'static str = "rule groups namespace";
+
+    fn desired(
+        &self,
+        _desired: &DesiredState,
+        node: &Resource,
+        refs: &Refs,
+    ) -> Result<RuleGroupsWant> {
+        let Spec::AmpRuleGroups(s) = &node.spec else {
+            unreachable!("a rule groups node has a rule groups spec")
+        };
+        let (workspace, _) = parent(node, refs)?;
+        Ok(RuleGroupsWant {
+            workspace,
+            name: node.id.key.clone().unwrap_or_default(),
+            data: s.data.clone(),
+        })
+    }
+
+    async fn observe(
+        &self,
+        ctx: &Context,
+        desired: &DesiredState,
+    ) -> Result<Vec<ObservedNamespace>> {
+        let reads =
+            active_workspaces(ctx, desired)
+                .await?
+                .into_iter()
+                .map(|w| async move {
+                    let mut pages = ctx
+                        .amp
+                        .list_rule_groups_namespaces()
+                        .workspace_id(&w.id)
+                        .into_paginator()
+                        .send();
+                    let mut listed = Vec::new();
+                    while let Some(page) = pages.next().await {
+                        let page = page.map_err(aws_error("aps", "ListRuleGroupsNamespaces"))?;
+                        listed.extend(page.rule_groups_namespaces().iter().map(|n| {
+                            (n.name().to_string(), n.arn().to_string(), sorted(n.tags()))
+                        }));
+                    }
+                    let reads = listed.into_iter().map(|(name, arn, tags)| {
+                        let w = w.clone();
+                        async move {
+                            let out = ctx
+                                .amp
+                                .describe_rule_groups_namespace()
+                                .workspace_id(&w.id)
+                                .name(&name)
+                                .send()
+                                .await
+                                .map_err(aws_error("aps", "DescribeRuleGroupsNamespace"))?;
+                            let data = out
+                                .rule_groups_namespace()
+                                .map(|n| String::from_utf8_lossy(n.data().as_ref()).into_owned())
+                                .unwrap_or_default();
+                            Ok::<_, Error>(ObservedNamespace {
+                                workspace: w,
+                                name,
+                                arn,
+                                data,
+                                tags,
+                            })
+                        }
+                    });
+                    futures::future::join_all(reads)
+                        .await
+                        .into_iter()
+                        .collect::<Result<Vec<_>>>()
+                });
+        Ok(futures::future::join_all(reads)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    fn id(&self, o: &ObservedNamespace) -> String {
+        format!("{}/{}", o.workspace.id, o.name)
+    }
+
+    fn tags<'o>(&self, o: &'o ObservedNamespace) -> Option<&'o Tags> {
+        Some(&o.tags)
+    }
+
+    /// A namespace is the stack's when it carries the stack's tag inside a workspace a node
+    /// manages (namespaces made before workspaces had parts carry the workspace's address).
+    fn owner(&self, desired: &DesiredState, o: &ObservedNamespace) -> Option<ResourceId> {
+        if o.tags.get(TAG_STACK).map(String::as_str) != Some(desired.stack_name()) {
+            return None;
+        }
+        let ws = workspace_node(desired, &o.workspace)?;
+        Some(ResourceId::part(
+            Kind::AmpRuleGroups,
+            ws.name,
+            Some(o.name.clone()),
+        ))
+    }
+
+    fn find<'o>(
+        &self,
+        desired: &DesiredState,
+        node: &Resource,
+        observed: &'o [ObservedNamespace],
+    ) -> Option<&'o ObservedNamespace> {
+        observed.iter().find(|o| {
+            Some(&o.name) == node.id.key.as_ref() && is_parent(desired, node, &o.workspace)
+        })
+    }
+
+    fn diff(&self, want: &RuleGroupsWant, have: &ObservedNamespace) -> Vec<RuleGroupsUpdate> {
+        if canonical_rules(&have.data) == canonical_rules(&want.data) {
+            return Vec::new();
+        }
+        vec![RuleGroupsUpdate::Data {
+            from: have.data.clone(),
+            to: want.data.clone(),
+        }]
+    }
+
+    fn create_fields(&self, want: &RuleGroupsWant) -> Vec<FieldChange> {
+        vec![FieldChange::new("data", None, Some(shown(&want.data)))]
+    }
+
+    fn label(&self, want: &RuleGroupsWant) -> String {
+        want.name.clone()
+    }
+
+    async fn create(&self, ctx: &Context, want: &RuleGroupsWant, tags: &Tags) -> Result<Outputs> {
+        ctx.amp
+            .create_rule_groups_namespace()
+            .workspace_id(&want.workspace)
+            .name(&want.name)
+            .data(Blob::new(want.data.as_bytes()))
+            .set_tags(Some(hash_map(tags)))
+            .send()
+            .await
+            .map_err(aws_error("aps", "CreateRuleGroupsNamespace"))?;
+        Ok(Outputs::new())
+    }
+
+    async fn update(
+        &self,
+        ctx: &Context,
+        have: &ObservedNamespace,
+        change: &RuleGroupsUpdate,
+    ) -> Result<()> {
+        let RuleGroupsUpdate::Data { to, .. } = change;
+        ctx.amp
+            .put_rule_groups_namespace()
+            .workspace_id(&have.workspace.id)
+            .name(&have.name)
+            .data(Blob::new(to.as_bytes()))
+            .send()
+            .await
+            .map_err(aws_error("aps", "PutRuleGroupsNamespace"))?;
+        Ok(())
+    }
+
+    async fn tag(&self, ctx: &Context, have: &ObservedNamespace, set: &Tags) -> Result<()> {
+        tag(ctx, &have.arn, set).await
+    }
+
+    async fn untag(&self, ctx: &Context, have: &ObservedNamespace, keys: &[String]) -> Result<()> {
+        untag(ctx, &have.arn, keys).await
+    }
+
+    async fn delete(&self, ctx: &Context, have: &ObservedNamespace) -> Result<()> {
+        ctx.amp
+            .delete_rule_groups_namespace()
+            .workspace_id(&have.workspace.id)
+            .name(&have.name)
+            .send()
+            .await
+            .map_err(aws_error("aps", "DeleteRuleGroupsNamespace"))?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The alertmanager definition
+
+pub struct Alertmanager;
+
+#[derive(Debug, Clone)]
+pub struct AlertmanagerWant {
+    pub workspace: String,
+    pub workspace_arn: String,
+    pub data: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ObservedDefinition {
+    pub workspace: ObservedWorkspace,
+    pub data: String,
+    /// ACTIVE, CREATING, UPDATING, DELETING, CREATION_FAILED or UPDATE_FAILED.
+    pub status: String,
+    pub reason: Option<String>,
+}
+
+impl ObservedDefinition {
+    /// The hash of the definition stackwarden put last, as recorded on the workspace.
+    fn recorded(&self) -> Option<&String> {
+        self.workspace.tags.get(TAG_ALERTMANAGER)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum AlertmanagerUpdate {
+    /// Replaces the definition and records its hash.
+    Put { from: String, to: String },
+    /// The definition in force (or being checked) is the desired one but was never recorded
+    /// as stackwarden's: adopted, or the process died between the put and the tag.
+    Record { data: String },
+}
+
+impl Describe for AlertmanagerUpdate {
+    fn field(&self) -> FieldChange {
+        match self {
+            AlertmanagerUpdate::Put { from, to } => {
+                FieldChange::new("data", Some(shown(from)), Some(shown(to)))
             }
-            Op::CreateNamespace {
-                workspace,
-                name,
-                data,
-                tags,
-            } => {
-                amp.create_rule_groups_namespace()
-                    .workspace_id(workspace)
-                    .name(name)
-                    .data(Blob::new(data.as_bytes()))
-                    .set_tags(Some(hash_map(tags)))
-                    .send()
-                    .await
-                    .map_err(aws_error("aps", "CreateRuleGroupsNamespace"))?;
+            AlertmanagerUpdate::Record { data } => {
+                FieldChange::new(TAG_ALERTMANAGER, None, Some(short_hash(data)))
             }
-            Op::PutNamespace {
-                workspace,
-                name,
-                data,
-            } => {
-                amp.put_rule_groups_namespace()
-                    .workspace_id(workspace)
-                    .name(name)
-                    .data(Blob::new(data.as_bytes()))
-                    .send()
-                    .await
-                    .map_err(aws_error("aps", "PutRuleGroupsNamespace"))?;
-            }
-            Op::DeleteNamespace { workspace, name } => {
-                match amp
-                    .delete_rule_groups_namespace()
-                    .workspace_id(workspace)
-                    .name(name)
-                    .send()
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(e) if e.code() == Some("ResourceNotFoundException") => {}
-                    Err(e) => return Err(aws_error("aps", "DeleteRuleGroupsNamespace")(e)),
-                }
-            }
-            Op::CreateLogging {
-                workspace,
-                log_group_arn,
-            } => {
-                amp.create_logging_configuration()
-                    .workspace_id(workspace)
-                    .log_group_arn(log_group_arn)
-                    .send()
-                    .await
-                    .map_err(aws_error("aps", "CreateLoggingConfiguration"))?;
-            }
-            Op::UpdateLogging {
-                workspace,
-                log_group_arn,
-            } => {
-                amp.update_logging_configuration()
-                    .workspace_id(workspace)
-                    .log_group_arn(log_group_arn)
-                    .send()
-                    .await
-                    .map_err(aws_error("aps", "UpdateLoggingConfiguration"))?;
-            }
-            Op::DeleteLogging { workspace } => {
-                amp.delete_logging_configuration()
-                    .workspace_id(workspace)
-                    .send()
-                    .await
-                    .map_err(aws_error("aps", "DeleteLoggingConfiguration"))?;
-            }
-            Op::CreateAlertmanager {
-                workspace,
-                arn,
-                data,
-            } => {
-                amp.create_alert_manager_definition()
-                    .workspace_id(workspace)
-                    .data(Blob::new(data.as_bytes()))
-                    .send()
-                    .await
-                    .map_err(aws_error("aps", "CreateAlertManagerDefinition"))?;
-                settle_alertmanager(ctx, workspace, arn, data).await?;
-            }
-            Op::PutAlertmanager {
-                workspace,
-                arn,
-                data,
-            } => {
-                amp.put_alert_manager_definition()
-                    .workspace_id(workspace)
-                    .data(Blob::new(data.as_bytes()))
+        }
+    }
+}
+
+#[async_trait]
+impl ManagedObject for Alertmanager {
+    type Desired = AlertmanagerWant;
+    type Observed = ObservedDefinition;
+    type Update = AlertmanagerUpdate;
+    const KIND: Kind = Kind::AmpAlertmanager;
+    const NOUN: &'static str = "alertmanager definition";
+
+    fn desired(
+        &self,
+        _desired: &DesiredState,
+        node: &Resource,
+        refs: &Refs,
+    ) -> Result<AlertmanagerWant> {
+        let Spec::AmpAlertmanager(s) = &node.spec else {
+            unreachable!("an alertmanager node has an alertmanager spec")
+        };
+        let (workspace, workspace_arn) = parent(node, refs)?;
+        Ok(AlertmanagerWant {
+            workspace,
+            workspace_arn,
+            data: s.data.clone(),
+        })
+    }
+
+    async fn observe(
+        &self,
+        ctx: &Context,
+        desired: &DesiredState,
+    ) -> Result<Vec<ObservedDefinition>> {
+        let reads = active_workspaces(ctx, desired)
+            .await?
+            .into_iter()
+            .map(|w| async move { describe_alertmanager(ctx, w).await });
+        Ok(futures::future::join_all(reads)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    fn id(&self, o: &ObservedDefinition) -> String {
+        o.workspace.id.clone()
+    }
+
+    fn tags<'o>(&self, _o: &'o ObservedDefinition) -> Option<&'o Tags> {
+        None
+    }
+
+    /// The stack's when its workspace is and the definition was recorded as put by stackwarden.
+    fn owner(&self, desired: &DesiredState, o: &ObservedDefinition) -> Option<ResourceId> {
+        o.recorded()?;
+        let ws = workspace_node(desired, &o.workspace)?;
+        Some(ResourceId::part(Kind::AmpAlertmanager, ws.name, None))
+    }
+
+    fn find<'o>(
+        &self,
+        desired: &DesiredState,
+        node: &Resource,
+        observed: &'o [ObservedDefinition],
+    ) -> Option<&'o ObservedDefinition> {
+        observed
+            .iter()
+            .find(|o| is_parent(desired, node, &o.workspace))
+    }
+
+    fn readiness(&self, want: &AlertmanagerWant, have: &ObservedDefinition) -> Result<Readiness> {
+        let hash = short_hash(&want.data);
+        let recorded = have.recorded() == Some(&hash);
+        let same = canonical_definition(&have.data) == canonical_definition(&want.data);
+        match have.status.as_str() {
+            // Put but never recorded: ready to be recorded (the diff says so).
+            "CREATING" | "UPDATING" if same && !recorded => Ok(Readiness::Ready),
+            "CREATING" | "UPDATING" | "DELETING" => Ok(Readiness::Waiting(
+                format!("AMP is checking it ({})", have.status),
+                LOOK_AGAIN,
+            )),
+            "CREATION_FAILED" | "UPDATE_FAILED" if recorded => Err(Error::Invalid(format!(
+                "AMP rejected the alertmanager definition of workspace {} ({}): {}; fix the definition file",
+                have.workspace.id,
+                have.status,
+                have.reason.clone().unwrap_or_default()
+            ))),
+            _ => Ok(Readiness::Ready),
+        }
+    }
+
+    fn diff(&self, want: &AlertmanagerWant, have: &ObservedDefinition) -> Vec<AlertmanagerUpdate> {
+        let same = canonical_definition(&have.data) == canonical_definition(&want.data);
+        let failed = matches!(have.status.as_str(), "CREATION_FAILED" | "UPDATE_FAILED");
+        if failed || !same {
+            vec![AlertmanagerUpdate::Put {
+                from: have.data.clone(),
+                to: want.data.clone(),
+            }]
+        } else if have.recorded() != Some(&short_hash(&want.data)) {
+            vec![AlertmanagerUpdate::Record {
+                data: want.data.clone(),
+            }]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn create_fields(&self, want: &AlertmanagerWant) -> Vec<FieldChange> {
+        vec![FieldChange::new("data", None, Some(shown(&want.data)))]
+    }
+
+    fn label(&self, want: &AlertmanagerWant) -> String {
+        want.workspace.clone()
+    }
+
+    async fn create(
+        &self,
+        ctx: &Context,
+        want: &AlertmanagerWant,
+        _tags: &Tags,
+    ) -> Result<Outputs> {
+        ctx.amp
+            .create_alert_manager_definition()
+            .workspace_id(&want.workspace)
+            .data(Blob::new(want.data.as_bytes()))
+            .send()
+            .await
+            .map_err(aws_error("aps", "CreateAlertManagerDefinition"))?;
+        record(ctx, &want.workspace_arn, &want.data).await?;
+        Ok(Outputs::new())
+    }
+
+    async fn update(
+        &self,
+        ctx: &Context,
+        have: &ObservedDefinition,
+        change: &AlertmanagerUpdate,
+    ) -> Result<()> {
+        match change {
+            AlertmanagerUpdate::Put { to, .. } => {
+                ctx.amp
+                    .put_alert_manager_definition()
+                    .workspace_id(&have.workspace.id)
+                    .data(Blob::new(to.as_bytes()))
                     .send()
                     .await
                     .map_err(aws_error("aps", "PutAlertManagerDefinition"))?;
-                settle_alertmanager(ctx, workspace, arn, data).await?;
+                record(ctx, &have.workspace.arn, to).await
             }
-            Op::SettleAlertmanager {
-                workspace,
-                arn,
-                data,
-            } => settle_alertmanager(ctx, workspace, arn, data).await?,
-            Op::DeleteAlertmanager { workspace, arn } => {
-                match amp
-                    .delete_alert_manager_definition()
-                    .workspace_id(workspace)
-                    .send()
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(e) if e.code() == Some("ResourceNotFoundException") => {}
-                    Err(e) => return Err(aws_error("aps", "DeleteAlertManagerDefinition")(e)),
-                }
-                Box::pin(self.apply(
-                    ctx,
-                    &Op::Untag {
-                        arn: arn.clone(),
-                        keys: vec![TAG_ALERTMANAGER.into()],
-                    },
-                ))
-                .await?;
-            }
-            Op::AlertmanagerRejected { workspace, reason } => {
-                return Err(Error::Invalid(format!(
-                    "AMP rejected the alertmanager definition of workspace {workspace}: {reason}; fix the definition file"
-                )));
-            }
-            Op::DeleteWorkspace { workspace } => {
-                match amp.delete_workspace().workspace_id(workspace).send().await {
-                    Ok(_) => {}
-                    Err(e) if e.code() == Some("ResourceNotFoundException") => {}
-                    Err(e) => return Err(aws_error("aps", "DeleteWorkspace")(e)),
-                }
-            }
+            AlertmanagerUpdate::Record { data } => record(ctx, &have.workspace.arn, data).await,
         }
-        Ok(None)
     }
+
+    async fn delete(&self, ctx: &Context, have: &ObservedDefinition) -> Result<()> {
+        match ctx
+            .amp
+            .delete_alert_manager_definition()
+            .workspace_id(&have.workspace.id)
+            .send()
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.code() == Some("ResourceNotFoundException") => {}
+            Err(e) => return Err(aws_error("aps", "DeleteAlertManagerDefinition")(e)),
+        }
+        untag(ctx, &have.workspace.arn, &[TAG_ALERTMANAGER.to_string()]).await
+    }
+}
+
+/// Records on the workspace the hash of the definition just put: a rejected definition is then
+/// reported, not put again each pass.
+async fn record(ctx: &Context, workspace_arn: &str, data: &str) -> Result<()> {
+    tag(
+        ctx,
+        workspace_arn,
+        &Tags::from([(TAG_ALERTMANAGER.to_string(), short_hash(data))]),
+    )
+    .await
 }
 
 async fn describe_alertmanager(
     ctx: &Context,
-    workspace: &str,
+    w: ObservedWorkspace,
 ) -> Result<Option<ObservedDefinition>> {
     match ctx
         .amp
         .describe_alert_manager_definition()
-        .workspace_id(workspace)
+        .workspace_id(&w.id)
         .send()
         .await
     {
@@ -885,360 +1097,591 @@ async fn describe_alertmanager(
                 .status()
                 .and_then(|s| s.status_reason())
                 .map(str::to_string),
+            workspace: w,
         })),
         Err(e) if e.code() == Some("ResourceNotFoundException") => Ok(None),
         Err(e) => Err(aws_error("aps", "DescribeAlertManagerDefinition")(e)),
     }
 }
 
-/// After a create or put: records the definition's hash on the workspace, then waits for AMP's
-/// verdict. A rejection is a terminal error carrying AMP's reason.
-async fn settle_alertmanager(ctx: &Context, workspace: &str, arn: &str, data: &str) -> Result<()> {
-    ctx.amp
-        .tag_resource()
-        .resource_arn(arn)
-        .tags(TAG_ALERTMANAGER, short_hash(data))
-        .send()
-        .await
-        .map_err(aws_error("aps", "TagResource"))?;
-    let what = format!("the alertmanager definition of workspace {workspace}");
-    wait_until(ctx, &what, || async {
-        let definition = describe_alertmanager(ctx, workspace).await?;
-        match definition.as_ref().map(|d| d.status.as_str()) {
-            Some("ACTIVE") => Ok(Progress::Done(())),
-            Some(failed @ ("CREATION_FAILED" | "UPDATE_FAILED")) => {
-                let reason = definition
-                    .as_ref()
-                    .and_then(|d| d.reason.clone())
-                    .unwrap_or_default();
-                Err(Error::Invalid(format!(
-                    "AMP rejected the alertmanager definition of workspace {workspace} ({failed}): {reason}; fix the definition file"
-                )))
-            }
-            other => Ok(Progress::Waiting(other.unwrap_or("absent").to_string())),
-        }
-    })
-    .await
+// ---------------------------------------------------------------------------------------------
+// The logging configuration
+
+pub struct Logging;
+
+#[derive(Debug, Clone)]
+pub struct LoggingWant {
+    pub workspace: String,
+    pub log_group_arn: String,
 }
 
-/// The alertmanager part of a workspace's change.
-fn diff_alertmanager(c: &mut Change<Op>, w: &ObservedWorkspace, want: Option<&str>) {
-    let recorded = w.tags.get(TAG_ALERTMANAGER);
-    let show = |d: &str| format!("sha256:{}", short_hash(d));
-    match (&w.alertmanager, want) {
-        (None, Some(data)) => {
-            c.field("alertmanager", None, Some(show(data)));
-            c.op(Op::CreateAlertmanager {
-                workspace: w.id.clone(),
-                arn: w.arn.clone(),
-                data: data.to_string(),
-            });
-        }
-        (Some(cur), Some(data)) => {
-            let hash = short_hash(data);
-            let same = canonical_definition(&cur.data) == canonical_definition(data);
-            match cur.status.as_str() {
-                "CREATING" | "UPDATING" if same && recorded != Some(&hash) => {
-                    c.notes.push(format!(
-                        "the alertmanager definition is {}: it is recorded as stackwarden's and its verdict waited for",
-                        cur.status
-                    ));
-                    c.op(Op::SettleAlertmanager {
-                        workspace: w.id.clone(),
-                        arn: w.arn.clone(),
-                        data: data.to_string(),
-                    });
-                }
-                "CREATING" | "UPDATING" | "DELETING" => c.notes.push(format!(
-                    "the alertmanager definition is {}; it is checked again next pass",
-                    cur.status
-                )),
-                "CREATION_FAILED" | "UPDATE_FAILED" if recorded == Some(&hash) => {
-                    c.field(
-                        "alertmanager",
-                        Some(format!("{} ({})", show(data), cur.status)),
-                        Some(show(data)),
-                    );
-                    c.op(Op::AlertmanagerRejected {
-                        workspace: w.id.clone(),
-                        reason: cur.reason.clone().unwrap_or_default(),
-                    });
-                }
-                status => {
-                    let failed = status != "ACTIVE";
-                    if failed || !same {
-                        c.field("alertmanager", Some(show(&cur.data)), Some(show(data)));
-                        c.op(Op::PutAlertmanager {
-                            workspace: w.id.clone(),
-                            arn: w.arn.clone(),
-                            data: data.to_string(),
-                        });
-                    } else if recorded != Some(&hash) {
-                        // In force but not recorded as ours (adopted, or a crash after the put).
-                        c.notes.push(
-                            "the alertmanager definition in force is the desired one: recorded as stackwarden's".into(),
-                        );
-                        c.op(Op::Tag {
-                            arn: w.arn.clone(),
-                            tags: BTreeMap::from([(TAG_ALERTMANAGER.into(), hash)]),
-                        });
-                    }
-                }
-            }
-        }
-        (Some(cur), None) if recorded.is_some() => {
-            c.field("alertmanager", Some(show(&cur.data)), None);
-            c.op(Op::DeleteAlertmanager {
-                workspace: w.id.clone(),
-                arn: w.arn.clone(),
-            });
-        }
-        _ => {}
+#[derive(Debug, Clone, Default)]
+pub struct ObservedLogging {
+    pub workspace: ObservedWorkspace,
+    pub log_group_arn: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum LoggingUpdate {
+    LogGroup { from: String, to: String },
+}
+
+impl Describe for LoggingUpdate {
+    fn field(&self) -> FieldChange {
+        let LoggingUpdate::LogGroup { from, to } = self;
+        FieldChange::new("log_group_arn", Some(from.clone()), Some(to.clone()))
     }
 }
 
-fn short_hash(data: &str) -> String {
-    use sha2::Digest;
-    hex::encode(&sha2::Sha256::digest(data.as_bytes())[..6])
+#[async_trait]
+impl ManagedObject for Logging {
+    type Desired = LoggingWant;
+    type Observed = ObservedLogging;
+    type Update = LoggingUpdate;
+    const KIND: Kind = Kind::AmpLogging;
+    const NOUN: &'static str = "logging configuration";
+
+    fn desired(
+        &self,
+        _desired: &DesiredState,
+        node: &Resource,
+        refs: &Refs,
+    ) -> Result<LoggingWant> {
+        let Spec::AmpLogging(s) = &node.spec else {
+            unreachable!("a logging node has a logging spec")
+        };
+        let (workspace, _) = parent(node, refs)?;
+        Ok(LoggingWant {
+            workspace,
+            log_group_arn: refs.render(&s.log_group_arn).value,
+        })
+    }
+
+    async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Vec<ObservedLogging>> {
+        let reads = active_workspaces(ctx, desired)
+            .await?
+            .into_iter()
+            .map(|w| async move {
+                match ctx
+                    .amp
+                    .describe_logging_configuration()
+                    .workspace_id(&w.id)
+                    .send()
+                    .await
+                {
+                    Ok(out) => Ok(out
+                        .logging_configuration()
+                        .map(|l| l.log_group_arn().to_string())
+                        .filter(|a| !a.is_empty())
+                        .map(|log_group_arn| ObservedLogging {
+                            workspace: w,
+                            log_group_arn,
+                        })),
+                    Err(e) if e.code() == Some("ResourceNotFoundException") => Ok(None),
+                    Err(e) => Err(aws_error("aps", "DescribeLoggingConfiguration")(e)),
+                }
+            });
+        Ok(futures::future::join_all(reads)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    fn id(&self, o: &ObservedLogging) -> String {
+        o.workspace.id.clone()
+    }
+
+    fn tags<'o>(&self, _o: &'o ObservedLogging) -> Option<&'o Tags> {
+        None
+    }
+
+    /// A logging configuration belongs to the workspace it configures.
+    fn owner(&self, desired: &DesiredState, o: &ObservedLogging) -> Option<ResourceId> {
+        let ws = workspace_node(desired, &o.workspace)?;
+        Some(ResourceId::part(Kind::AmpLogging, ws.name, None))
+    }
+
+    fn find<'o>(
+        &self,
+        desired: &DesiredState,
+        node: &Resource,
+        observed: &'o [ObservedLogging],
+    ) -> Option<&'o ObservedLogging> {
+        observed
+            .iter()
+            .find(|o| is_parent(desired, node, &o.workspace))
+    }
+
+    fn diff(&self, want: &LoggingWant, have: &ObservedLogging) -> Vec<LoggingUpdate> {
+        if have.log_group_arn == want.log_group_arn {
+            return Vec::new();
+        }
+        vec![LoggingUpdate::LogGroup {
+            from: have.log_group_arn.clone(),
+            to: want.log_group_arn.clone(),
+        }]
+    }
+
+    fn create_fields(&self, want: &LoggingWant) -> Vec<FieldChange> {
+        vec![FieldChange::new(
+            "log_group_arn",
+            None,
+            Some(want.log_group_arn.clone()),
+        )]
+    }
+
+    fn label(&self, want: &LoggingWant) -> String {
+        want.workspace.clone()
+    }
+
+    async fn create(&self, ctx: &Context, want: &LoggingWant, _tags: &Tags) -> Result<Outputs> {
+        ctx.amp
+            .create_logging_configuration()
+            .workspace_id(&want.workspace)
+            .log_group_arn(&want.log_group_arn)
+            .send()
+            .await
+            .map_err(aws_error("aps", "CreateLoggingConfiguration"))?;
+        Ok(Outputs::new())
+    }
+
+    async fn update(
+        &self,
+        ctx: &Context,
+        have: &ObservedLogging,
+        change: &LoggingUpdate,
+    ) -> Result<()> {
+        let LoggingUpdate::LogGroup { to, .. } = change;
+        ctx.amp
+            .update_logging_configuration()
+            .workspace_id(&have.workspace.id)
+            .log_group_arn(to)
+            .send()
+            .await
+            .map_err(aws_error("aps", "UpdateLoggingConfiguration"))?;
+        Ok(())
+    }
+
+    async fn delete(&self, ctx: &Context, have: &ObservedLogging) -> Result<()> {
+        ctx.amp
+            .delete_logging_configuration()
+            .workspace_id(&have.workspace.id)
+            .send()
+            .await
+            .map_err(aws_error("aps", "DeleteLoggingConfiguration"))?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::change::Action;
+    use crate::controller::Controller;
+    use crate::managed::{Managed, Op};
     use crate::testing::{desired, owned_tags, resource};
 
     const RULES: &str = "groups:\n- name: g\n  rules:\n  - alert: A\n    expr: up == 0\n";
+    const AM: &str =
+        "alertmanager_config: |\n  route:\n    receiver: a\n  receivers:\n    - name: a\n";
 
     fn spec() -> WorkspaceSpec {
         let mut s: WorkspaceSpec =
             toml::from_str("alias = \"main\"\nlogging = { log_group_arn = \"arn:lg\" }").unwrap();
         s.loaded.rule_groups.insert("node".into(), RULES.into());
+        s.loaded.alertmanager = Some(AM.into());
         s
     }
 
-    fn observed() -> Observed {
-        Observed {
+    /// The workspace table `amp.workspace.main` and its parts, as loading expands them.
+    fn nodes(s: WorkspaceSpec) -> DesiredState {
+        let table = resource(Kind::AmpWorkspace, "main", Spec::AmpWorkspace(s.clone()));
+        let mut all = s.parts(&table);
+        all.push(table);
+        desired(all)
+    }
+
+    fn workspace(status: &str) -> ObservedWorkspace {
+        ObservedWorkspace {
+            id: "ws-1".into(),
+            arn: "arn:ws-1".into(),
+            alias: Some("main".into()),
+            status: status.into(),
+            tags: owned_tags("amp.workspace.main"),
             region: "us-east-1".into(),
-            workspaces: vec![ObservedWorkspace {
-                id: "ws-1".into(),
-                arn: "arn:ws-1".into(),
-                alias: Some("main".into()),
-                status: "ACTIVE".into(),
-                tags: owned_tags("amp.workspace.main"),
-                namespaces: BTreeMap::from([(
-                    "node".into(),
-                    ObservedNamespace {
-                        data: RULES.into(),
-                        tags: owned_tags("amp.workspace.main"),
-                    },
-                )]),
-                log_group_arn: Some("arn:lg".into()),
-                alertmanager: None,
-            }],
         }
     }
 
-    const AM: &str =
-        "alertmanager_config: |\n  route:\n    receiver: a\n  receivers:\n    - name: a\n";
+    fn refs(status: &str) -> Refs {
+        let w = workspace(status);
+        Refs {
+            outputs: [(
+                ResourceId::new(Kind::AmpWorkspace, "main"),
+                Workspace.outputs(&w),
+            )]
+            .into(),
+            ..Default::default()
+        }
+    }
 
-    fn with_definition(status: &str, data: &str, recorded: Option<&str>) -> Observed {
-        let mut o = observed();
-        o.workspaces[0].alertmanager = Some(ObservedDefinition {
+    fn part(kind: Kind, key: Option<&str>) -> ResourceId {
+        ResourceId::part(kind, "main", key.map(str::to_string))
+    }
+
+    fn diff<K: ManagedObject>(
+        k: K,
+        d: &DesiredState,
+        id: &ResourceId,
+        observed: Vec<K::Observed>,
+        refs: &Refs,
+    ) -> Result<Option<crate::change::Change<Op<K>>>> {
+        Managed(k).diff(d, &d.resources[id], &observed, refs)
+    }
+
+    fn ws_id() -> ResourceId {
+        ResourceId::new(Kind::AmpWorkspace, "main")
+    }
+
+    #[test]
+    fn a_workspace_table_expands_into_one_node_per_object_each_depending_on_the_workspace() {
+        let d = nodes(spec());
+        let ids: Vec<String> = d.resources.keys().map(ToString::to_string).collect();
+        assert_eq!(
+            ids,
+            [
+                "amp.workspace.main",
+                "amp.workspace.main.rule_groups.node",
+                "amp.workspace.main.alertmanager",
+                "amp.workspace.main.logging",
+            ]
+        );
+        for (id, r) in &d.resources {
+            if id != &ws_id() {
+                assert_eq!(r.depends_on, BTreeSet::from([ws_id()]), "{id}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_workspace_as_desired_has_no_change() {
+        let d = nodes(spec());
+        assert!(diff(
+            Workspace,
+            &d,
+            &ws_id(),
+            vec![workspace("ACTIVE")],
+            &refs("ACTIVE")
+        )
+        .unwrap()
+        .is_none());
+    }
+
+    #[test]
+    fn a_missing_workspace_is_created_with_its_ownership_tags_in_the_same_call() {
+        let d = nodes(spec());
+        let c = diff(Workspace, &d, &ws_id(), vec![], &Refs::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.action, Action::Create);
+        assert!(matches!(
+            &c.ops[..],
+            [Op::Create { want, tags }]
+                if want.alias == "main" && tags[crate::desired::TAG_ID] == "amp.workspace.main"
+        ));
+        let shown: Vec<&str> = c.fields.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(shown, ["alias", "tags"]);
+    }
+
+    #[test]
+    fn alias_and_tag_drift_is_corrected_and_each_correction_is_a_plan_line() {
+        let d = nodes(spec());
+        let mut w = workspace("ACTIVE");
+        w.alias = Some("renamed".into());
+        w.tags.remove("team");
+        w.tags.insert("extra".into(), "x".into());
+        let c = diff(Workspace, &d, &ws_id(), vec![w], &refs("ACTIVE"))
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            &c.ops[..],
+            [Op::Update { change: WorkspaceUpdate::Alias { .. }, .. }, Op::Tag { .. }, Op::Untag { keys, .. }]
+                if keys == &["extra".to_string()]
+        ));
+        let shown: Vec<&str> = c.fields.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(shown, ["alias", "tags"]);
+    }
+
+    #[test]
+    fn a_creating_workspace_is_waited_for_without_polling() {
+        let d = nodes(spec());
+        let e = diff(
+            Workspace,
+            &d,
+            &ws_id(),
+            vec![workspace("CREATING")],
+            &refs("CREATING"),
+        )
+        .unwrap_err();
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(5)), "{e}");
+        assert!(e.to_string().contains("still CREATING"), "{e}");
+    }
+
+    #[test]
+    fn an_adopted_workspace_that_does_not_exist_is_an_error_never_a_create() {
+        let mut d = nodes(spec());
+        d.resources.get_mut(&ws_id()).unwrap().adopt = Some("ws-gone".into());
+        let e = diff(
+            Workspace,
+            &d,
+            &ws_id(),
+            vec![workspace("ACTIVE")],
+            &refs("ACTIVE"),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, Error::Invalid(ref m) if m.contains("`ws-gone` to adopt does not exist")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn owned_workspaces_no_longer_desired_are_orphaned_or_deleted() {
+        let d = desired(vec![]);
+        let observed = vec![workspace("ACTIVE")];
+        let orphaned = Managed(Workspace).removed(&d, &observed, false);
+        assert_eq!(orphaned.len(), 1);
+        assert_eq!(orphaned[0].action, Action::Orphan);
+        assert!(orphaned[0].ops.is_empty());
+        let deleted = Managed(Workspace).removed(&d, &observed, true);
+        assert_eq!(deleted.len(), 1);
+        assert!(matches!(&deleted[0].ops[..], [Op::Delete { .. }]));
+    }
+
+    fn namespace(name: &str, data: &str, tags: Tags) -> ObservedNamespace {
+        ObservedNamespace {
+            workspace: workspace("ACTIVE"),
+            name: name.into(),
+            arn: format!("arn:ws-1/{name}"),
+            data: data.into(),
+            tags,
+        }
+    }
+
+    #[test]
+    fn a_namespace_waits_for_its_workspace_to_be_active_then_is_created_in_it() {
+        let d = nodes(spec());
+        let node = part(Kind::AmpRuleGroups, Some("node"));
+        let e = diff(RuleGroups, &d, &node, vec![], &refs("CREATING")).unwrap_err();
+        assert!(e.retry_after().is_some(), "{e}");
+        let c = diff(RuleGroups, &d, &node, vec![], &refs("ACTIVE"))
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            &c.ops[..],
+            [Op::Create { want, tags }]
+                if want.workspace == "ws-1" && want.name == "node"
+                    && tags[crate::desired::TAG_ID] == "amp.workspace.main.rule_groups.node"
+        ));
+    }
+
+    #[test]
+    fn changed_rules_are_put_and_reformatted_rules_are_no_drift() {
+        let d = nodes(spec());
+        let node = part(Kind::AmpRuleGroups, Some("node"));
+        let tags = owned_tags("amp.workspace.main.rule_groups.node");
+        let changed = namespace("node", "groups: []\n", tags.clone());
+        let c = diff(RuleGroups, &d, &node, vec![changed], &refs("ACTIVE"))
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(&c.ops[..], [Op::Update { change: RuleGroupsUpdate::Data { to, .. }, .. }] if to == RULES)
+        );
+        let reformatted = namespace(
+            "node",
+            "groups:\n  - name: g\n    rules:\n      - {alert: A, expr: up == 0}\n",
+            tags,
+        );
+        assert!(
+            diff(RuleGroups, &d, &node, vec![reformatted], &refs("ACTIVE"))
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_namespace_tagged_with_its_workspace_address_is_taken_over_not_recreated() {
+        // Namespaces made before workspaces had parts carry the workspace's address.
+        let d = nodes(spec());
+        let node = part(Kind::AmpRuleGroups, Some("node"));
+        let old = namespace("node", RULES, owned_tags("amp.workspace.main"));
+        let c = diff(RuleGroups, &d, &node, vec![old], &refs("ACTIVE"))
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            &c.ops[..],
+            [Op::Tag { set, .. }] if set[crate::desired::TAG_ID] == "amp.workspace.main.rule_groups.node"
+        ));
+    }
+
+    #[test]
+    fn a_namespace_dropped_from_a_desired_workspace_is_deleted_only_when_the_stack_owns_it() {
+        let d = nodes(spec());
+        let observed = vec![
+            namespace(
+                "node",
+                RULES,
+                owned_tags("amp.workspace.main.rule_groups.node"),
+            ),
+            namespace(
+                "old",
+                RULES,
+                owned_tags("amp.workspace.main.rule_groups.old"),
+            ),
+            namespace("theirs", RULES, Tags::new()),
+        ];
+        let removed = Managed(RuleGroups).removed(&d, &observed, false);
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].id, part(Kind::AmpRuleGroups, Some("old")));
+        assert_eq!(removed[0].action, Action::Delete);
+        // With the workspace itself gone from the desired state, its parts follow the policy.
+        let removed = Managed(RuleGroups).removed(&desired(vec![]), &observed, false);
+        assert_eq!(removed.len(), 2);
+        assert!(removed.iter().all(|c| c.action == Action::Orphan));
+    }
+
+    fn definition(status: &str, data: &str, recorded: Option<&str>) -> ObservedDefinition {
+        let mut workspace = workspace("ACTIVE");
+        if let Some(h) = recorded {
+            workspace.tags.insert(TAG_ALERTMANAGER.into(), h.into());
+        }
+        ObservedDefinition {
+            workspace,
             data: data.into(),
             status: status.into(),
             reason: Some("undefined receiver".into()),
-        });
-        if let Some(h) = recorded {
-            o.workspaces[0]
-                .tags
-                .insert(TAG_ALERTMANAGER.into(), h.into());
         }
-        o
     }
 
-    fn spec_with_definition(data: &str) -> WorkspaceSpec {
+    fn am(
+        data: &str,
+        observed: Vec<ObservedDefinition>,
+    ) -> Result<Option<crate::change::Change<Op<Alertmanager>>>> {
         let mut s = spec();
         s.loaded.alertmanager = Some(data.into());
-        s
+        let d = nodes(s);
+        diff(
+            Alertmanager,
+            &d,
+            &part(Kind::AmpAlertmanager, None),
+            observed,
+            &refs("ACTIVE"),
+        )
     }
 
     #[test]
     fn a_missing_alertmanager_definition_is_created() {
-        let c = diff(spec_with_definition(AM), &observed())
-            .unwrap()
-            .unwrap();
-        assert!(matches!(&c.ops[..], [Op::CreateAlertmanager { data, .. }] if data == AM));
+        let c = am(AM, vec![]).unwrap().unwrap();
+        assert!(
+            matches!(&c.ops[..], [Op::Create { want, .. }] if want.data == AM && want.workspace == "ws-1")
+        );
     }
 
     #[test]
     fn an_alertmanager_definition_differing_only_in_format_is_in_sync() {
         let reformatted =
             "alertmanager_config: |\n  route: {receiver: a}\n  receivers: [{name: a}]\n";
-        let o = with_definition("ACTIVE", reformatted, Some(&short_hash(AM)));
-        assert!(diff(spec_with_definition(AM), &o).unwrap().is_none());
+        let o = definition("ACTIVE", reformatted, Some(&short_hash(AM)));
+        assert!(am(AM, vec![o]).unwrap().is_none());
     }
 
     #[test]
-    fn a_definition_put_but_never_recorded_is_recorded_and_waited_for_not_put_again() {
+    fn a_definition_put_but_never_recorded_is_recorded_not_put_again() {
         // The process died between CreateAlertManagerDefinition and the tag.
-        let o = with_definition("CREATING", AM, None);
-        let c = diff(spec_with_definition(AM), &o).unwrap().unwrap();
-        assert!(matches!(&c.ops[..], [Op::SettleAlertmanager { data, .. }] if data == AM));
-        // Recorded and being checked: nothing to do until the verdict.
-        let o = with_definition("CREATING", AM, Some(&short_hash(AM)));
-        assert!(diff(spec_with_definition(AM), &o).unwrap().is_none());
+        let c = am(AM, vec![definition("CREATING", AM, None)])
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            &c.ops[..],
+            [Op::Update {
+                change: AlertmanagerUpdate::Record { .. },
+                ..
+            }]
+        ));
+        // Recorded and being checked: waiting for the verdict, nothing written.
+        let e = am(AM, vec![definition("CREATING", AM, Some(&short_hash(AM)))]).unwrap_err();
+        assert_eq!(e.retry_after(), Some(LOOK_AGAIN), "{e}");
     }
 
     #[test]
     fn a_changed_alertmanager_definition_is_put() {
-        let o = with_definition("ACTIVE", AM, Some(&short_hash(AM)));
+        let o = definition("ACTIVE", AM, Some(&short_hash(AM)));
         let changed = AM.replace(
             "name: a",
             "name: a\n      sns_configs: [{topic_arn: arn:t}]",
         );
-        let c = diff(spec_with_definition(&changed), &o).unwrap().unwrap();
-        assert!(matches!(&c.ops[..], [Op::PutAlertmanager { .. }]));
+        let c = am(&changed, vec![o]).unwrap().unwrap();
+        assert!(
+            matches!(&c.ops[..], [Op::Update { change: AlertmanagerUpdate::Put { to, .. }, .. }] if to == &changed)
+        );
     }
 
     #[test]
     fn a_rejected_definition_is_reported_not_put_again_until_the_file_changes() {
-        let o = with_definition("UPDATE_FAILED", "old", Some(&short_hash(AM)));
-        let c = diff(spec_with_definition(AM), &o).unwrap().unwrap();
+        let o = definition("UPDATE_FAILED", "old", Some(&short_hash(AM)));
+        let e = am(AM, vec![o.clone()]).unwrap_err();
         assert!(
-            matches!(&c.ops[..], [Op::AlertmanagerRejected { reason, .. }] if reason == "undefined receiver")
+            matches!(e, Error::Invalid(ref m) if m.contains("undefined receiver")),
+            "{e}"
         );
         let fixed = AM.replace("a\n", "b\n");
-        let c = diff(spec_with_definition(&fixed), &o).unwrap().unwrap();
-        assert!(matches!(&c.ops[..], [Op::PutAlertmanager { .. }]));
+        let c = am(&fixed, vec![o]).unwrap().unwrap();
+        assert!(matches!(
+            &c.ops[..],
+            [Op::Update {
+                change: AlertmanagerUpdate::Put { .. },
+                ..
+            }]
+        ));
     }
 
     #[test]
     fn a_dropped_definition_is_deleted_only_when_stackwarden_put_it() {
-        let ours = with_definition("ACTIVE", AM, Some(&short_hash(AM)));
-        let c = diff(spec(), &ours).unwrap().unwrap();
-        assert!(matches!(&c.ops[..], [Op::DeleteAlertmanager { .. }]));
-        let theirs = with_definition("ACTIVE", AM, None);
-        assert!(diff(spec(), &theirs).unwrap().is_none());
-    }
-
-    fn diff(s: WorkspaceSpec, o: &Observed) -> Result<Option<Change<Op>>> {
-        let r = resource(Kind::AmpWorkspace, "main", Spec::AmpWorkspace(s));
-        AmpController.diff(&desired(vec![r.clone()]), &r, o, &Refs::default())
-    }
-
-    #[test]
-    fn a_workspace_as_desired_has_no_change() {
-        assert!(diff(spec(), &observed()).unwrap().is_none());
-    }
-
-    #[test]
-    fn a_missing_workspace_is_created_with_its_rules_tags_and_logging() {
-        let c = diff(spec(), &Observed::default()).unwrap().unwrap();
-        assert!(matches!(
-            &c.ops[..],
-            [Op::CreateWorkspace { alias, tags, namespaces, log_group_arn: Some(_), .. }]
-                if alias == "main" && tags.contains_key(crate::desired::TAG_ID) && namespaces.len() == 1
-        ));
-    }
-
-    #[test]
-    fn alias_and_tag_drift_is_corrected() {
-        let mut o = observed();
-        o.workspaces[0].alias = Some("renamed".into());
-        o.workspaces[0].tags.remove("team");
-        let c = diff(spec(), &o).unwrap().unwrap();
-        assert!(matches!(
-            &c.ops[..],
-            [Op::UpdateAlias { .. }, Op::Tag { .. }]
-        ));
-    }
-
-    #[test]
-    fn rule_groups_changed_missing_or_extra_are_corrected() {
-        let mut o = observed();
-        o.workspaces[0].namespaces.get_mut("node").unwrap().data = "groups: []\n".into();
-        o.workspaces[0].namespaces.insert(
-            "old".into(),
-            ObservedNamespace {
-                data: RULES.into(),
-                tags: owned_tags("amp.workspace.main"),
-            },
-        );
-        o.workspaces[0].namespaces.insert(
-            "theirs".into(),
-            ObservedNamespace {
-                data: RULES.into(),
-                tags: BTreeMap::new(),
-            },
-        );
         let mut s = spec();
-        s.loaded.rule_groups.insert("new".into(), RULES.into());
-        let c = diff(s, &o).unwrap().unwrap();
-        assert!(c
-            .ops
-            .iter()
-            .any(|op| matches!(op, Op::PutNamespace { name, .. } if name == "node")));
-        assert!(c
-            .ops
-            .iter()
-            .any(|op| matches!(op, Op::CreateNamespace { name, .. } if name == "new")));
-        assert!(c
-            .ops
-            .iter()
-            .any(|op| matches!(op, Op::DeleteNamespace { name, .. } if name == "old")));
-        assert!(!c
-            .ops
-            .iter()
-            .any(|op| matches!(op, Op::DeleteNamespace { name, .. } if name == "theirs")));
-    }
-
-    #[test]
-    fn reformatted_rules_are_no_drift() {
-        let mut o = observed();
-        o.workspaces[0].namespaces.get_mut("node").unwrap().data =
-            "groups:\n  - name: g\n    rules:\n      - {alert: A, expr: up == 0}\n".into();
-        assert!(diff(spec(), &o).unwrap().is_none());
+        s.loaded.alertmanager = None;
+        let d = nodes(s);
+        let ours = vec![definition("ACTIVE", AM, Some(&short_hash(AM)))];
+        let removed = Managed(Alertmanager).removed(&d, &ours, false);
+        assert_eq!(removed.len(), 1);
+        assert!(matches!(&removed[0].ops[..], [Op::Delete { .. }]));
+        let theirs = vec![definition("ACTIVE", AM, None)];
+        assert!(Managed(Alertmanager).removed(&d, &theirs, false).is_empty());
     }
 
     #[test]
     fn logging_is_created_updated_and_removed() {
-        let mut o = observed();
-        o.workspaces[0].log_group_arn = None;
-        assert!(matches!(
-            &diff(spec(), &o).unwrap().unwrap().ops[..],
-            [Op::CreateLogging { .. }]
-        ));
-        o.workspaces[0].log_group_arn = Some("arn:other".into());
-        assert!(matches!(
-            &diff(spec(), &o).unwrap().unwrap().ops[..],
-            [Op::UpdateLogging { .. }]
-        ));
+        let d = nodes(spec());
+        let node = part(Kind::AmpLogging, None);
+        let c = diff(Logging, &d, &node, vec![], &refs("ACTIVE"))
+            .unwrap()
+            .unwrap();
+        assert!(matches!(&c.ops[..], [Op::Create { want, .. }] if want.log_group_arn == "arn:lg"));
+        let other = ObservedLogging {
+            workspace: workspace("ACTIVE"),
+            log_group_arn: "arn:other".into(),
+        };
+        let c = diff(Logging, &d, &node, vec![other.clone()], &refs("ACTIVE"))
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(&c.ops[..], [Op::Update { change: LoggingUpdate::LogGroup { to, .. }, .. }] if to == "arn:lg")
+        );
         let mut s = spec();
         s.logging = None;
-        assert!(matches!(
-            &diff(s, &observed()).unwrap().unwrap().ops[..],
-            [Op::DeleteLogging { .. }]
-        ));
-    }
-
-    #[test]
-    fn a_creating_workspace_is_waited_for() {
-        let mut o = observed();
-        o.workspaces[0].status = "CREATING".into();
-        assert!(matches!(diff(spec(), &o), Err(Error::Pending(_))));
-    }
-
-    #[test]
-    fn owned_workspaces_no_longer_desired_are_orphaned_or_deleted() {
-        let o = observed();
-        let d = desired(vec![]);
-        assert_eq!(
-            AmpController.removed(&d, &o, false)[0].action,
-            Action::Orphan
-        );
-        assert!(matches!(
-            &AmpController.removed(&d, &o, true)[0].ops[..],
-            [Op::DeleteWorkspace { .. }]
-        ));
+        let removed = Managed(Logging).removed(&nodes(s), &vec![other], false);
+        assert_eq!(removed.len(), 1);
+        assert!(matches!(&removed[0].ops[..], [Op::Delete { .. }]));
     }
 }

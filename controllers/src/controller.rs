@@ -33,7 +33,20 @@ pub struct Context {
     /// The account id, asked of STS the first time an ARN must be built (Managed Grafana
     /// returns none), then kept for the life of the process.
     account: std::sync::Arc<tokio::sync::OnceCell<String>>,
+    /// Reads several kinds need within one observation, made once (see [`Context::shared`]).
+    reads: std::sync::Arc<SharedReads>,
 }
+
+/// Results of reads shared by the kinds observed together, by name.
+#[derive(Default)]
+struct SharedReads(
+    std::sync::Mutex<
+        std::collections::HashMap<
+            &'static str,
+            std::sync::Arc<tokio::sync::OnceCell<std::sync::Arc<dyn Any + Send + Sync>>>,
+        >,
+    >,
+);
 
 impl Context {
     /// Clients for every service, built from one SDK configuration, each with the given
@@ -76,7 +89,46 @@ impl Context {
             region: sdk.region().map(|r| r.to_string()).unwrap_or_default(),
             waits,
             account: Default::default(),
+            reads: Default::default(),
         }
+    }
+
+    /// The same clients with a fresh set of shared reads: one observation's.
+    pub fn for_observation(&self) -> Context {
+        Context {
+            reads: Default::default(),
+            ..self.clone()
+        }
+    }
+
+    /// The result of `read`, made once per observation whichever kinds ask for it (the AMP
+    /// workspace list serves the workspaces, their namespaces, definitions and logging). A
+    /// failed read is not kept: the next caller reads again.
+    pub async fn shared<T, F, Fut>(&self, name: &'static str, read: F) -> Result<std::sync::Arc<T>>
+    where
+        T: Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let cell = self
+            .reads
+            .0
+            .lock()
+            .expect("shared reads lock")
+            .entry(name)
+            .or_default()
+            .clone();
+        let value = cell
+            .get_or_try_init(|| async {
+                Ok::<_, crate::error::Error>(
+                    std::sync::Arc::new(read().await?) as std::sync::Arc<dyn Any + Send + Sync>
+                )
+            })
+            .await?
+            .clone();
+        Ok(value
+            .downcast::<T>()
+            .expect("every reader of a shared read names one type"))
     }
 
     /// The account the credentials belong to.

@@ -51,6 +51,9 @@ pub enum Spec {
     IamPolicy(iam::PolicySpec),
     IamInstanceProfile(iam::InstanceProfileSpec),
     AmpWorkspace(amp::WorkspaceSpec),
+    AmpRuleGroups(amp::RuleGroupsPart),
+    AmpAlertmanager(amp::AlertmanagerPart),
+    AmpLogging(amp::LoggingPart),
     AmgWorkspace(amg::WorkspaceSpec),
     Host(host::HostSpec),
     Grafana(grafana::GrafanaSpec),
@@ -68,6 +71,9 @@ impl Spec {
             Kind::IamPolicy => Spec::IamPolicy(Deserialize::deserialize(de)?),
             Kind::IamInstanceProfile => Spec::IamInstanceProfile(Deserialize::deserialize(de)?),
             Kind::AmpWorkspace => Spec::AmpWorkspace(Deserialize::deserialize(de)?),
+            Kind::AmpRuleGroups | Kind::AmpAlertmanager | Kind::AmpLogging => {
+                unreachable!("parts are made by expanding their table, never written")
+            }
             Kind::AmgWorkspace => Spec::AmgWorkspace(Deserialize::deserialize(de)?),
             Kind::Host => Spec::Host(Deserialize::deserialize(de)?),
             Kind::Grafana => Spec::Grafana(Deserialize::deserialize(de)?),
@@ -82,6 +88,7 @@ impl Spec {
             Spec::IamPolicy(s) => s.validate(v),
             Spec::IamInstanceProfile(s) => s.validate(v),
             Spec::AmpWorkspace(s) => s.validate(v),
+            Spec::AmpRuleGroups(_) | Spec::AmpAlertmanager(_) | Spec::AmpLogging(_) => {}
             Spec::AmgWorkspace(s) => s.validate(v),
             Spec::Host(s) => s.validate(v),
             Spec::Grafana(s) => s.validate(v),
@@ -91,6 +98,16 @@ impl Spec {
 }
 
 impl Spec {
+    /// The nodes a composite table expands into besides its own (an AMP workspace's rule
+    /// groups namespaces, alertmanager definition and logging), and what the table's own node
+    /// still references once its parts took theirs. `None` for a table that is one object.
+    pub fn parts(&self, table: &Resource) -> Option<(Vec<Resource>, BTreeSet<ResourceId>)> {
+        match self {
+            Spec::AmpWorkspace(s) => Some((s.parts(table), s.own_references())),
+            _ => None,
+        }
+    }
+
     /// What is valid but deserves the user's attention (HTTP only), shown by validate, plan and
     /// reconcile.
     pub fn warnings(&self) -> Vec<String> {

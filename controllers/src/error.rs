@@ -1,9 +1,13 @@
 //! Typed errors and the one classifier that decides whether an error is worth retrying.
 //!
-//! Retryable: throttling, 5xx, timeouts, dispatch failures. Terminal: everything that will fail
-//! again until somebody changes the desired state or the account (validation, access denied, a
-//! name taken by a resource stackwarden does not own). The runtime backs off on the first kind
-//! and parks the resource on the second.
+//! An AWS error retries unless it is known to be permanent: only the codes listed in
+//! [`PERMANENT_CODES`] (validation, access denied, a name already taken, a quota reached) park a
+//! resource until its desired state changes. Everything else, an error code this version has
+//! never heard of included, backs off and retries: parking on an unknown code would turn one
+//! odd answer into an outage, while retrying an unfixable call costs a few reads an hour.
+//! Throttling is recognised apart (it is counted); AWS's eventual consistency right after a
+//! create ([`EVENTUALLY_CONSISTENT`]: an instance profile RunInstances does not know yet) is
+//! retried even though its code is a validation code.
 
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
@@ -21,6 +25,9 @@ pub enum ErrorClass {
     Throttled,
     /// Will fail again until the desired state or the account changes.
     Terminal,
+    /// Not a failure: the object is still converging (a workspace CREATING, a definition being
+    /// checked); look again after the time the error names.
+    Waiting,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -47,6 +54,13 @@ pub enum Error {
     /// Still converging (e.g. a workspace still CREATING); retry later.
     #[error("{0}")]
     Pending(String),
+    /// Still converging, and known to be: look again after `after` (kube-runtime's
+    /// `Action::requeue`). Returned instead of polling, so nothing else waits meanwhile.
+    #[error("waiting: {what}")]
+    Waiting {
+        what: String,
+        after: std::time::Duration,
+    },
 }
 
 impl Error {
@@ -55,6 +69,23 @@ impl Error {
             Error::Aws { class, .. } => *class,
             Error::NotOwned(_) | Error::Invalid(_) => ErrorClass::Terminal,
             Error::Dependency(_) | Error::Pending(_) => ErrorClass::Retryable,
+            Error::Waiting { .. } => ErrorClass::Waiting,
+        }
+    }
+
+    /// Still converging: look again after this long.
+    pub fn waiting(what: impl Into<String>, after: std::time::Duration) -> Error {
+        Error::Waiting {
+            what: what.into(),
+            after,
+        }
+    }
+
+    /// For [`Error::Waiting`], when to look again.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Error::Waiting { after, .. } => Some(*after),
+            _ => None,
         }
     }
 
@@ -78,6 +109,7 @@ impl Error {
             Error::Invalid(_) => "invalid",
             Error::Dependency(_) => "dependency",
             Error::Pending(_) => "pending",
+            Error::Waiting { .. } => "waiting",
         }
     }
 
@@ -100,43 +132,107 @@ const THROTTLING_CODES: &[&str] = &[
     "TransactionInProgressException",
     "RequestLimitExceeded",
     "BandwidthLimitExceeded",
-    "LimitExceededException",
     "RequestThrottled",
     "SlowDown",
     "PriorRequestNotComplete",
     "EC2ThrottledException",
 ];
 
-const TRANSIENT_CODES: &[&str] = &[
-    "RequestTimeout",
-    "RequestTimeoutException",
-    "InternalError",
-    "InternalFailure",
-    "InternalServerError",
-    "InternalServerException",
-    "ServiceUnavailable",
-    "ServiceUnavailableException",
-    "ServiceFailure",
-    "ConcurrentModification",
-    "ConcurrentModificationException",
-    "ConflictException",
-    "IDPCommunicationError",
+/// Codes that mean "this call will fail again until the desired state or the account changes".
+/// The only errors that park a resource; the README lists them for users.
+pub const PERMANENT_CODES: &[&str] = &[
+    // The request is invalid as written.
+    "ValidationError",
+    "ValidationException",
+    "InvalidParameterValue",
+    "InvalidParameterValueException",
+    "InvalidParameterCombination",
+    "InvalidParameter",
+    "InvalidParameterException",
+    "InvalidInput",
+    "InvalidRequest",
+    "InvalidRequestException",
+    "MissingParameter",
+    "MalformedPolicyDocument",
+    "MalformedPolicyDocumentException",
+    "InvalidAMIID.Malformed",
+    "InvalidSubnetID.NotFound",
+    "InvalidKeyPair.NotFound",
+    "UnsupportedOperation",
+    "ValidationErrorException",
+    // Not allowed.
+    "AccessDenied",
+    "AccessDeniedException",
+    "UnauthorizedOperation",
+    "NotAuthorized",
+    "AuthFailure",
+    "InvalidClientTokenId",
+    "UnrecognizedClientException",
+    "OptInRequired",
+    // The name is taken by an object stackwarden does not manage (discovery by tags runs
+    // before every create, so its own objects are never created twice).
+    "EntityAlreadyExists",
+    "AlreadyExists",
+    "AlreadyExistsFault",
+    "DuplicateLoadBalancerName",
+    "DuplicateTargetGroupName",
+    "DuplicateListener",
+    "InvalidGroup.Duplicate",
+    "InvalidLaunchTemplateName.AlreadyExistsException",
+    "ResourceAlreadyExistsException",
+    // A quota is reached.
+    "LimitExceeded",
+    "ServiceQuotaExceededException",
+    "InstanceLimitExceeded",
+    "VcpuLimitExceeded",
+    "VolumeLimitExceeded",
+    "ResourceLimitExceeded",
+    "TooManyLoadBalancers",
+    "TooManyTargetGroups",
+    "RulesPerSecurityGroupLimitExceeded",
+    "SecurityGroupLimitExceeded",
+];
+
+/// Errors whose code is a validation code but that AWS answers for a few seconds after a
+/// create, while the new object propagates: `(code, words in the message)`. They retry.
+pub const EVENTUALLY_CONSISTENT: &[(&str, &str)] = &[
+    // RunInstances with an instance profile created seconds ago.
+    ("InvalidParameterValue", "Invalid IAM Instance Profile"),
+    // A new role not yet assumable by the service that is to assume it.
+    ("InvalidParameterValue", "cannot be assumed"),
+    ("ValidationError", "cannot be assumed"),
+    ("InvalidParameterValueException", "cannot be assumed"),
+    ("ValidationException", "cannot be assumed"),
 ];
 
 /// Pure classification of a service error by its code and HTTP status.
 pub fn classify_service_error(code: Option<&str>, status: Option<u16>) -> ErrorClass {
-    if let Some(code) = code {
-        if THROTTLING_CODES.contains(&code) {
-            return ErrorClass::Throttled;
-        }
-        if TRANSIENT_CODES.contains(&code) {
-            return ErrorClass::Retryable;
-        }
+    classify_service_message(code, status, "")
+}
+
+/// [`classify_service_error`], with the message for the errors AWS answers while a new object
+/// propagates.
+pub fn classify_service_message(
+    code: Option<&str>,
+    status: Option<u16>,
+    message: &str,
+) -> ErrorClass {
+    if status == Some(429) {
+        return ErrorClass::Throttled;
     }
-    match status {
-        Some(429) => ErrorClass::Throttled,
-        Some(s) if s >= 500 => ErrorClass::Retryable,
-        _ => ErrorClass::Terminal,
+    let Some(code) = code else {
+        return ErrorClass::Retryable;
+    };
+    if THROTTLING_CODES.contains(&code) {
+        return ErrorClass::Throttled;
+    }
+    let propagating = EVENTUALLY_CONSISTENT
+        .iter()
+        .any(|(c, words)| *c == code && message.contains(words));
+    if PERMANENT_CODES.contains(&code) && !propagating {
+        ErrorClass::Terminal
+    } else {
+        ErrorClass::Retryable
     }
 }
 
@@ -147,22 +243,15 @@ where
 {
     match err {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => ErrorClass::Retryable,
-        SdkError::ResponseError(e) => {
-            classify_service_error(None, Some(e.raw().status())).max_retryable()
-        }
-        SdkError::ServiceError(e) => classify_service_error(e.err().code(), Some(e.raw().status())),
+        // A response that could not be parsed is most likely a truncated or proxied reply.
+        SdkError::ResponseError(e) => classify_service_error(None, Some(e.raw().status())),
+        SdkError::ServiceError(e) => classify_service_message(
+            e.err().code(),
+            Some(e.raw().status()),
+            e.err().message().unwrap_or_default(),
+        ),
         SdkError::ConstructionFailure(_) => ErrorClass::Terminal,
-        _ => ErrorClass::Terminal,
-    }
-}
-
-impl ErrorClass {
-    /// A response that could not be parsed is most likely a truncated or proxied reply: retry.
-    fn max_retryable(self) -> ErrorClass {
-        match self {
-            ErrorClass::Terminal => ErrorClass::Retryable,
-            other => other,
-        }
+        _ => ErrorClass::Retryable,
     }
 }
 
@@ -224,6 +313,45 @@ mod tests {
     }
 
     #[test]
+    fn unknown_codes_retry_and_only_known_permanent_ones_park() {
+        for code in ["SomethingNewException", "NoSuchEntity", "InvalidInstanceId"] {
+            assert_eq!(
+                classify_service_error(Some(code), Some(400)),
+                ErrorClass::Retryable,
+                "{code}"
+            );
+        }
+        for code in [
+            "EntityAlreadyExists",
+            "AlreadyExists",
+            "LimitExceeded",
+            "UnauthorizedOperation",
+        ] {
+            assert_eq!(
+                classify_service_error(Some(code), Some(400)),
+                ErrorClass::Terminal,
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_new_instance_profile_not_yet_known_to_ec2_retries() {
+        assert_eq!(
+            classify_service_message(
+                Some("InvalidParameterValue"),
+                Some(400),
+                "Value (demo-prometheus) for parameter iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name"
+            ),
+            ErrorClass::Retryable
+        );
+        assert_eq!(
+            classify_service_message(Some("InvalidParameterValue"), Some(400), "bad type"),
+            ErrorClass::Terminal
+        );
+    }
+
+    #[test]
     fn server_errors_retry_and_client_errors_do_not() {
         assert_eq!(
             classify_service_error(Some("InternalFailure"), Some(500)),
@@ -238,7 +366,6 @@ mod tests {
             "AccessDenied",
             "AccessDeniedException",
             "MalformedPolicyDocument",
-            "NoSuchEntity",
         ] {
             assert_eq!(
                 classify_service_error(Some(code), Some(400)),

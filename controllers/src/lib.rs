@@ -19,6 +19,7 @@ pub mod grafana;
 pub mod host;
 pub mod host_config;
 pub mod iam;
+pub mod managed;
 pub mod model;
 pub mod policy;
 pub mod push;
@@ -35,7 +36,10 @@ pub use model::{Kind, Refs, ResourceId};
 pub fn controllers() -> Vec<Box<dyn DynController>> {
     vec![
         Box::new(iam::IamController),
-        Box::new(amp::AmpController),
+        Box::new(managed::Managed(amp::Workspace)),
+        Box::new(managed::Managed(amp::RuleGroups)),
+        Box::new(managed::Managed(amp::Alertmanager)),
+        Box::new(managed::Managed(amp::Logging)),
         Box::new(amg::AmgController),
         Box::new(host::HostController),
         Box::new(grafana::GrafanaController),

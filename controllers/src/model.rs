@@ -1,6 +1,9 @@
 //! Resource identity and references between resources.
 //!
-//! A resource is addressed as `<kind>.<name>` (`iam.role.prometheus`, `host.prometheus`); a
+//! A resource is addressed as `<kind>.<name>` (`iam.role.prometheus`, `host.prometheus`). Some
+//! tables the user writes are composites that expand into several AWS objects, each a node of
+//! its own addressed below the table: `amp.workspace.main.rule_groups.node`,
+//! `amp.workspace.main.alertmanager`, `amp.workspace.main.logging`. A
 //! reference to one of its attributes is written `${iam.role.prometheus.arn}` in any string of
 //! the desired state or of a file it points at. References are resolved from *observed* state at
 //! plan time, never from memory, so a resource recreated out of band updates everything that
@@ -17,6 +20,12 @@ pub enum Kind {
     IamRole,
     IamInstanceProfile,
     AmpWorkspace,
+    /// A rule groups namespace of an AMP workspace (a part of `amp.workspace`, keyed by name).
+    AmpRuleGroups,
+    /// The alertmanager definition of an AMP workspace.
+    AmpAlertmanager,
+    /// The logging configuration of an AMP workspace.
+    AmpLogging,
     AmgWorkspace,
     Host,
     Grafana,
@@ -24,17 +33,46 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
-        Kind::IamPolicy,
-        Kind::IamRole,
-        Kind::IamInstanceProfile,
-        Kind::AmpWorkspace,
-        Kind::AmgWorkspace,
-        Kind::Host,
-        Kind::Grafana,
-        Kind::HostConfig,
-    ];
+    pub const ALL: [Kind; 11] = KINDS;
 
+    /// The kind as a one-element slice that lives forever (what a controller reports).
+    pub fn as_slice(self) -> &'static [Kind] {
+        std::slice::from_ref(&KINDS[self as usize])
+    }
+
+    /// For a kind that is a part of a composite table: the table's kind, the part's word in
+    /// the address, and whether several parts of that kind exist, told apart by a key.
+    pub fn part_of(self) -> Option<(Kind, &'static str, bool)> {
+        match self {
+            Kind::AmpRuleGroups => Some((Kind::AmpWorkspace, "rule_groups", true)),
+            Kind::AmpAlertmanager => Some((Kind::AmpWorkspace, "alertmanager", false)),
+            Kind::AmpLogging => Some((Kind::AmpWorkspace, "logging", false)),
+            _ => None,
+        }
+    }
+
+    /// Whether users write this kind as a table of its own (parts come from their composite).
+    pub fn is_table(self) -> bool {
+        self.part_of().is_none()
+    }
+}
+
+/// Every kind, in [`Kind`]'s order (so `KINDS[k as usize] == k`).
+static KINDS: [Kind; 11] = [
+    Kind::IamPolicy,
+    Kind::IamRole,
+    Kind::IamInstanceProfile,
+    Kind::AmpWorkspace,
+    Kind::AmpRuleGroups,
+    Kind::AmpAlertmanager,
+    Kind::AmpLogging,
+    Kind::AmgWorkspace,
+    Kind::Host,
+    Kind::Grafana,
+    Kind::HostConfig,
+];
+
+impl Kind {
     /// The dotted path of the kind in TOML and in references.
     pub fn path(self) -> &'static str {
         match self {
@@ -42,6 +80,9 @@ impl Kind {
             Kind::IamRole => "iam.role",
             Kind::IamInstanceProfile => "iam.instance_profile",
             Kind::AmpWorkspace => "amp.workspace",
+            Kind::AmpRuleGroups => "amp.workspace.rule_groups",
+            Kind::AmpAlertmanager => "amp.workspace.alertmanager",
+            Kind::AmpLogging => "amp.workspace.logging",
             Kind::AmgWorkspace => "amg.workspace",
             Kind::Host => "host",
             Kind::Grafana => "grafana",
@@ -67,6 +108,7 @@ impl Kind {
                 "remote_write_url",
                 "query_url",
             ],
+            Kind::AmpRuleGroups | Kind::AmpAlertmanager | Kind::AmpLogging => &[],
             Kind::AmgWorkspace => &["id", "arn", "endpoint"],
             Kind::Host => &[
                 "instance_id",
@@ -93,11 +135,14 @@ impl fmt::Display for Kind {
     }
 }
 
-/// The address of one resource of the desired state.
+/// The address of one node of the desired state: a table the user wrote, or a part of one.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ResourceId {
     pub kind: Kind,
+    /// The name of the table (for a part, of its composite).
     pub name: String,
+    /// For a keyed part (a rule groups namespace), its key.
+    pub key: Option<String>,
 }
 
 impl ResourceId {
@@ -105,19 +150,62 @@ impl ResourceId {
         ResourceId {
             kind,
             name: name.into(),
+            key: None,
         }
     }
 
-    /// Parses `iam.role.prometheus`.
+    /// A part of the composite `name`: `part(Kind::AmpRuleGroups, "main", Some("node"))` is
+    /// `amp.workspace.main.rule_groups.node`.
+    pub fn part(kind: Kind, name: impl Into<String>, key: Option<String>) -> Self {
+        ResourceId {
+            kind,
+            name: name.into(),
+            key,
+        }
+    }
+
+    /// The table the user wrote that this node comes from (itself, for a table).
+    pub fn composite(&self) -> ResourceId {
+        match self.kind.part_of() {
+            Some((table, _, _)) => ResourceId::new(table, self.name.clone()),
+            None => self.clone(),
+        }
+    }
+
+    /// Parses `iam.role.prometheus` or `amp.workspace.main.rule_groups.node`.
     pub fn parse(s: &str) -> Option<Self> {
-        let (kind, name) = s.rsplit_once('.')?;
-        Some(ResourceId::new(Kind::from_path(kind)?, name))
+        if let Some((kind, name)) = s.rsplit_once('.') {
+            if let Some(kind) = Kind::from_path(kind).filter(|k| k.is_table()) {
+                return Some(ResourceId::new(kind, name));
+            }
+        }
+        Kind::ALL.into_iter().find_map(|kind| {
+            let (table, word, keyed) = kind.part_of()?;
+            let rest = s.strip_prefix(table.path())?.strip_prefix('.')?;
+            let (name, tail) = rest.split_once('.')?;
+            let key = if keyed {
+                let key = tail.strip_prefix(word)?.strip_prefix('.')?;
+                (!key.is_empty()).then(|| key.to_string())?.into()
+            } else {
+                (tail == word).then_some(None)?
+            };
+            (!name.is_empty()).then(|| ResourceId::part(kind, name, key))
+        })
     }
 }
 
 impl fmt::Display for ResourceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.kind.path(), self.name)
+        match self.kind.part_of() {
+            None => write!(f, "{}.{}", self.kind.path(), self.name),
+            Some((table, word, _)) => {
+                write!(f, "{}.{}.{word}", table.path(), self.name)?;
+                match &self.key {
+                    Some(key) => write!(f, ".{key}"),
+                    None => Ok(()),
+                }
+            }
+        }
     }
 }
 
@@ -215,7 +303,11 @@ fn parse_target(inner: &str) -> Result<Target, String> {
         };
     }
     let Some(id) = ResourceId::parse(path) else {
-        let kinds: Vec<_> = Kind::ALL.iter().map(|k| k.path()).collect();
+        let kinds: Vec<_> = Kind::ALL
+            .iter()
+            .filter(|k| k.is_table())
+            .map(|k| k.path())
+            .collect();
         return Err(format!(
             "`${{{inner}}}` names no resource kind (known kinds: {})",
             kinds.join(", ")
@@ -377,6 +469,34 @@ mod tests {
                 "${stack.name}"
             ]
         );
+    }
+
+    #[test]
+    fn part_addresses_print_and_parse_back() {
+        for (id, text) in [
+            (
+                ResourceId::part(Kind::AmpRuleGroups, "main", Some("node.v2".into())),
+                "amp.workspace.main.rule_groups.node.v2",
+            ),
+            (
+                ResourceId::part(Kind::AmpAlertmanager, "main", None),
+                "amp.workspace.main.alertmanager",
+            ),
+            (
+                ResourceId::new(Kind::AmpWorkspace, "rule_groups"),
+                "amp.workspace.rule_groups",
+            ),
+            (ResourceId::new(Kind::IamRole, "x"), "iam.role.x"),
+        ] {
+            assert_eq!(id.to_string(), text);
+            assert_eq!(ResourceId::parse(text), Some(id.clone()), "{text}");
+        }
+        assert_eq!(
+            ResourceId::part(Kind::AmpLogging, "main", None).composite(),
+            ResourceId::new(Kind::AmpWorkspace, "main")
+        );
+        assert_eq!(ResourceId::parse("amp.workspace.main.nothing"), None);
+        assert_eq!(ResourceId::parse("amp.workspace.rule_groups.x"), None);
     }
 
     #[test]

@@ -1,0 +1,375 @@
+//! The managed-object layer: what every kind of AWS object shares, written once.
+//!
+//! A kind of AWS object (an AMP workspace, a rule groups namespace, ...) implements
+//! [`ManagedObject`]: its batched read, a pure diff, and its API calls. [`Managed`] turns it
+//! into a [`Controller`] and owns the lifecycle around those calls, as crossplane-runtime's
+//! managed reconciler does:
+//!
+//! - which observed object a node manages: adopted by id, or found by its ownership tags (or
+//!   by the kind's own [`ManagedObject::find`] for parts found inside their parent);
+//! - create versus update, decided from what observe found, never from memory; an adopted
+//!   object that does not exist is an error, never a create;
+//! - the tag diff (ownership tags, the stack's and the node's own) and its two calls;
+//! - readiness: an object still converging answers [`Error::Waiting`] instead of being polled,
+//!   so nothing else waits for it;
+//! - objects the stack owns that no node manages: orphaned, or deleted under
+//!   `deletion_policy = "delete"` / `--prune`; a part dropped from a composite that is still
+//!   desired is deleted (it is an edit of the composite);
+//! - "already gone" on delete is success;
+//! - plan lines made from the very operations that are applied: every [`ManagedObject::Update`]
+//!   describes itself, so a field cannot be shown without being applied, or applied without
+//!   being shown.
+//!
+//! # The contract a kind keeps
+//! `observe`, `create`, `update`, `tag`, `untag` and `delete` never wait for AWS to finish
+//! anything; each is idempotent enough that running it again after a crash is safe (the layer
+//! discovers before every create, so a create runs only when no object was found). `diff` and
+//! `readiness` are pure.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::change::{Action, Change, FieldChange};
+use crate::controller::{Context, Controller};
+use crate::desired::{DesiredState, Resource};
+use crate::error::{Error, Result};
+use crate::model::{Kind, Outputs, Refs, ResourceId};
+use crate::tags::{self, owned_by, owner_id, Tags};
+
+/// How long to wait before looking again at an object that is converging, when the kind has no
+/// better idea: short, since `reconcile --once` waits for it.
+pub const LOOK_AGAIN: Duration = Duration::from_secs(2);
+
+/// Where an observed object stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// Usable and comparable with the desired state.
+    Ready,
+    /// Still converging (CREATING, UPDATING, a check under way): look again after the time.
+    Waiting(String, Duration),
+}
+
+/// One in-place change of an object, which also says what it changes (its plan line).
+pub trait Describe {
+    fn field(&self) -> FieldChange;
+}
+
+/// One kind of AWS object.
+#[async_trait]
+pub trait ManagedObject: Send + Sync + 'static {
+    /// What a node wants, references rendered.
+    type Desired: fmt::Debug + Clone + Send + Sync + 'static;
+    /// One object as read.
+    type Observed: fmt::Debug + Clone + Send + Sync + 'static;
+    /// One in-place change.
+    type Update: Describe + fmt::Debug + Clone + Send + Sync + 'static;
+
+    const KIND: Kind;
+    /// What the object is called in plans: `workspace`, `rule groups namespace`.
+    const NOUN: &'static str;
+
+    /// Pure: what `node` wants, with the references known now. [`Error::Waiting`] or
+    /// [`Error::Dependency`] when something it needs is not there yet.
+    fn desired(
+        &self,
+        desired: &DesiredState,
+        node: &Resource,
+        refs: &Refs,
+    ) -> Result<Self::Desired>;
+
+    /// Batched reads: every object of this kind that the stack owns or its nodes adopt.
+    async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Vec<Self::Observed>>;
+
+    /// The object's identity in AWS (shown in plans, compared to `adopt`).
+    fn id(&self, o: &Self::Observed) -> String;
+
+    /// Its tags; `None` for objects AWS cannot tag (they belong to their parent).
+    fn tags<'o>(&self, o: &'o Self::Observed) -> Option<&'o Tags>;
+
+    /// The node an observed object belongs to when it is this stack's (by its tags, by
+    /// default). Only such objects are ever deleted or reported as orphans.
+    fn owner(&self, desired: &DesiredState, o: &Self::Observed) -> Option<ResourceId> {
+        self.tags(o)
+            .and_then(|t| owner_id(t, desired.stack_name()))
+            .filter(|id| id.kind == Self::KIND)
+    }
+
+    /// The object `node` manages: by default the one adopted by id, or the one carrying the
+    /// node's ownership tags.
+    fn find<'o>(
+        &self,
+        desired: &DesiredState,
+        node: &Resource,
+        observed: &'o [Self::Observed],
+    ) -> Option<&'o Self::Observed> {
+        match &node.adopt {
+            Some(id) => observed.iter().find(|o| &self.id(o) == id),
+            None => observed.iter().find(|o| {
+                self.tags(o)
+                    .is_some_and(|t| owned_by(t, desired.stack_name(), &node.id))
+            }),
+        }
+    }
+
+    /// Attribute values references may use.
+    fn outputs(&self, _o: &Self::Observed) -> Outputs {
+        Outputs::new()
+    }
+
+    /// Pure: whether the object can be compared now. An error for an object that failed for
+    /// good (a workspace CREATION_FAILED, a definition the service rejected).
+    fn readiness(&self, _want: &Self::Desired, _have: &Self::Observed) -> Result<Readiness> {
+        Ok(Readiness::Ready)
+    }
+
+    /// Pure: the in-place changes from `have` to `want` (tags apart: the layer does those).
+    fn diff(&self, want: &Self::Desired, have: &Self::Observed) -> Vec<Self::Update>;
+
+    /// The tags the node's object should carry besides the ownership and stack tags.
+    fn own_tags(&self, _want: &Self::Desired) -> Tags {
+        Tags::new()
+    }
+
+    /// The plan lines of a create.
+    fn create_fields(&self, want: &Self::Desired) -> Vec<FieldChange>;
+
+    /// The object's name in a create's plan line (`workspace <alias>`).
+    fn label(&self, want: &Self::Desired) -> String;
+
+    /// Creates the object with its tags in the same call. Returns its attributes.
+    async fn create(&self, ctx: &Context, want: &Self::Desired, tags: &Tags) -> Result<Outputs>;
+
+    async fn update(
+        &self,
+        ctx: &Context,
+        have: &Self::Observed,
+        change: &Self::Update,
+    ) -> Result<()>;
+
+    async fn tag(&self, _ctx: &Context, _have: &Self::Observed, _set: &Tags) -> Result<()> {
+        Ok(())
+    }
+
+    async fn untag(&self, _ctx: &Context, _have: &Self::Observed, _keys: &[String]) -> Result<()> {
+        Ok(())
+    }
+
+    /// Deletes the object. An object already gone may fail with any "not found" code: the
+    /// layer counts that as done.
+    async fn delete(&self, ctx: &Context, have: &Self::Observed) -> Result<()>;
+}
+
+/// The operations [`Managed`] applies.
+pub enum Op<K: ManagedObject> {
+    Create {
+        want: K::Desired,
+        tags: Tags,
+    },
+    Update {
+        have: K::Observed,
+        change: K::Update,
+    },
+    Tag {
+        have: K::Observed,
+        set: Tags,
+    },
+    Untag {
+        have: K::Observed,
+        keys: Vec<String>,
+    },
+    Delete {
+        have: K::Observed,
+    },
+}
+
+impl<K: ManagedObject> fmt::Debug for Op<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::Create { want, tags } => write!(f, "Create {} {want:?} {tags:?}", K::NOUN),
+            Op::Update { have, change } => write!(f, "Update {} {have:?}: {change:?}", K::NOUN),
+            Op::Tag { have, set } => write!(f, "Tag {} {have:?}: {set:?}", K::NOUN),
+            Op::Untag { have, keys } => write!(f, "Untag {} {have:?}: {keys:?}", K::NOUN),
+            Op::Delete { have } => write!(f, "Delete {} {have:?}", K::NOUN),
+        }
+    }
+}
+
+/// Error codes that mean "no such object", whatever the service: a delete that gets one has
+/// nothing left to do.
+const GONE: &[&str] = &[
+    "ResourceNotFoundException",
+    "NoSuchEntity",
+    "NotFoundException",
+    "InvalidGroup.NotFound",
+    "InvalidVolume.NotFound",
+    "InvalidInstanceID.NotFound",
+    "InvalidLaunchTemplateName.NotFoundException",
+    "InvalidLaunchTemplateId.NotFound",
+    "LoadBalancerNotFound",
+    "TargetGroupNotFound",
+    "ListenerNotFound",
+    "ValidationError.NotFound",
+];
+
+/// Whether an error says the object does not exist.
+pub fn is_gone(e: &Error) -> bool {
+    e.code().is_some_and(|c| GONE.contains(&c))
+}
+
+/// A [`ManagedObject`] as a [`Controller`].
+pub struct Managed<K>(pub K);
+
+impl<K: ManagedObject> Managed<K> {
+    fn manages(&self, desired: &DesiredState, observed: &[K::Observed], o: &K::Observed) -> bool {
+        let id = self.0.id(o);
+        desired
+            .of_kind(K::KIND)
+            .any(|n| self.0.find(desired, n, observed).map(|f| self.0.id(f)) == Some(id.clone()))
+    }
+}
+
+#[async_trait]
+impl<K: ManagedObject> Controller for Managed<K> {
+    type Observed = Vec<K::Observed>;
+    type Op = Op<K>;
+
+    fn kinds(&self) -> &'static [Kind] {
+        K::KIND.as_slice()
+    }
+
+    async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Self::Observed> {
+        self.0.observe(ctx, desired).await
+    }
+
+    fn outputs(
+        &self,
+        desired: &DesiredState,
+        observed: &Self::Observed,
+    ) -> Vec<(ResourceId, Outputs)> {
+        desired
+            .of_kind(K::KIND)
+            .filter_map(|n| {
+                let o = self.0.find(desired, n, observed)?;
+                Some((n.id.clone(), self.0.outputs(o)))
+            })
+            .collect()
+    }
+
+    fn diff(
+        &self,
+        desired: &DesiredState,
+        node: &Resource,
+        observed: &Self::Observed,
+        refs: &Refs,
+    ) -> Result<Option<Change<Op<K>>>> {
+        let found = self.0.find(desired, node, observed);
+        if found.is_none() {
+            if let Some(id) = &node.adopt {
+                return Err(Error::Invalid(format!(
+                    "{} `{id}` to adopt does not exist",
+                    K::NOUN
+                )));
+            }
+        }
+        let want = self.0.desired(desired, node, refs)?;
+        let tags = desired.tags_for(&node.id, &self.0.own_tags(&want));
+        let Some(have) = found else {
+            let mut c = Change::new(
+                node.id.clone(),
+                Action::Create,
+                format!("{} {}", K::NOUN, self.0.label(&want)),
+            );
+            c.fields = self.0.create_fields(&want);
+            c.field("tags", None, Some(tags::show(&tags)));
+            c.op(Op::Create { want, tags });
+            return Ok(Some(c));
+        };
+        if let Readiness::Waiting(why, after) = self.0.readiness(&want, have)? {
+            return Err(Error::waiting(
+                format!("{} {}: {why}", K::NOUN, self.0.id(have)),
+                after,
+            ));
+        }
+        let mut c = Change::new(
+            node.id.clone(),
+            Action::Update,
+            format!("{} {}", K::NOUN, self.0.id(have)),
+        );
+        for change in self.0.diff(&want, have) {
+            c.fields.push(change.field());
+            c.op(Op::Update {
+                have: have.clone(),
+                change,
+            });
+        }
+        if let Some(current) = self.0.tags(have) {
+            if node.adopt.is_some() && !owned_by(current, desired.stack_name(), &node.id) {
+                c.notes
+                    .push(format!("adopting existing {} {}", K::NOUN, self.0.id(have)));
+            }
+            c.tags(
+                current,
+                &tags,
+                |set| Op::Tag {
+                    have: have.clone(),
+                    set,
+                },
+                |keys| Op::Untag {
+                    have: have.clone(),
+                    keys,
+                },
+            );
+        }
+        Ok((!c.ops.is_empty()).then_some(c))
+    }
+
+    fn removed(
+        &self,
+        desired: &DesiredState,
+        observed: &Self::Observed,
+        prune: bool,
+    ) -> Vec<Change<Op<K>>> {
+        observed
+            .iter()
+            .filter_map(|o| {
+                let id = self.0.owner(desired, o)?;
+                if self.manages(desired, observed, o) {
+                    return None;
+                }
+                // A part dropped from a composite still desired is an edit of the composite.
+                let edit = !id.kind.is_table() && desired.resources.contains_key(&id.composite());
+                let delete = prune || edit;
+                let action = if delete {
+                    Action::Delete
+                } else {
+                    Action::Orphan
+                };
+                let mut c = Change::new(id, action, format!("{} {}", K::NOUN, self.0.id(o)));
+                if delete {
+                    c.op(Op::Delete { have: o.clone() });
+                }
+                Some(c)
+            })
+            .collect()
+    }
+
+    async fn apply(&self, ctx: &Context, op: &Op<K>) -> Result<Option<Outputs>> {
+        match op {
+            Op::Create { want, tags } => {
+                let outputs = self.0.create(ctx, want, tags).await?;
+                tracing::info!(object = K::NOUN, "created");
+                return Ok(Some(outputs));
+            }
+            Op::Update { have, change } => self.0.update(ctx, have, change).await?,
+            Op::Tag { have, set } => self.0.tag(ctx, have, set).await?,
+            Op::Untag { have, keys } => self.0.untag(ctx, have, keys).await?,
+            Op::Delete { have } => match self.0.delete(ctx, have).await {
+                Err(e) if is_gone(&e) => {}
+                other => other?,
+            },
+        }
+        Ok(None)
+    }
+}
