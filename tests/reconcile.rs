@@ -81,7 +81,7 @@ async fn reconciles_from_empty_then_plan_is_clean_and_reads_only() {
     let cold = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", dir]);
     cold.expect(0);
     assert!(
-        cold.stdout.contains("Converged: 7 resources in sync."),
+        cold.stdout.contains("Converged: 10 resources in sync."),
         "{}",
         cold.stdout
     );
@@ -91,7 +91,7 @@ async fn reconciles_from_empty_then_plan_is_clean_and_reads_only() {
     let plan = stackwarden(Some(&aws.endpoint), &["plan", dir]);
     plan.expect(0);
     assert!(
-        plan.stdout.contains("No changes: 7 resources in sync"),
+        plan.stdout.contains("No changes: 10 resources in sync"),
         "{}",
         plan.stdout
     );
@@ -131,7 +131,7 @@ async fn reconciles_from_empty_then_plan_is_clean_and_reads_only() {
     json.expect(0);
     let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
     assert_eq!(v["pending"], false);
-    assert_eq!(v["summary"]["in_sync"], 7);
+    assert_eq!(v["summary"]["in_sync"], 10);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -178,8 +178,8 @@ async fn out_of_band_drift_makes_plan_exit_2_and_reconcile_fixes_it() {
         "~ iam.role.prometheus",
         "managed_policies: (none) → arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore",
         "inline_policies.ec2_discovery:",
-        "~ amp.workspace.main",
-        "rule_groups.node: sha256:",
+        "~ amp.workspace.main.rule_groups.node (rule groups namespace ",
+        "    data: sha256:",
         "~ iam.role.grafana",
         "tags:",
     ] {

@@ -47,7 +47,7 @@ use crate::controller::Context;
 use crate::desired::{check_tags, DesiredState, Resource, Spec, Validator, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
 use crate::managed::{Describe, ManagedObject, Readiness, LOOK_AGAIN};
-use crate::model::{scan_refs, Kind, Outputs, Refs, ResourceId, Target};
+use crate::model::{scan_refs, Kind, Outputs, Refs, ResourceId, Target, KNOWN_AFTER_APPLY};
 use crate::tags::{owned_by, Tags};
 
 // ---------------------------------------------------------------------------------------------
@@ -317,11 +317,12 @@ fn is_parent(desired: &DesiredState, part: &Resource, w: &ObservedWorkspace) -> 
     w.is_live() && workspace_node(desired, w) == Some(part.id.composite())
 }
 
-/// The ACTIVE workspace a part goes in, from the workspace node's attributes.
+/// The ACTIVE workspace a part goes in (its id and ARN), from the workspace node's
+/// attributes; "known after apply" in a plan made before the workspace exists (apply starts a
+/// part only once its workspace's attributes are known).
 fn parent(part: &Resource, refs: &Refs) -> Result<(String, String)> {
-    let ws = part.id.composite();
-    let Some(out) = refs.outputs.get(&ws) else {
-        return Err(Error::Dependency(ws));
+    let Some(out) = refs.outputs.get(&part.id.composite()) else {
+        return Ok((KNOWN_AFTER_APPLY.into(), KNOWN_AFTER_APPLY.into()));
     };
     let status = out.get("status").map(String::as_str).unwrap_or_default();
     if status != "ACTIVE" {
@@ -1485,6 +1486,17 @@ mod tests {
                 if want.workspace == "ws-1" && want.name == "node"
                     && tags[crate::desired::TAG_ID] == "amp.workspace.main.rule_groups.node"
         ));
+    }
+
+    #[test]
+    fn a_namespace_planned_before_its_workspace_exists_is_a_create_known_after_apply() {
+        let d = nodes(spec());
+        let node = part(Kind::AmpRuleGroups, Some("node"));
+        let c = diff(RuleGroups, &d, &node, vec![], &Refs::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.action, Action::Create);
+        assert!(matches!(&c.ops[..], [Op::Create { want, .. }] if want.workspace == KNOWN_AFTER_APPLY));
     }
 
     #[test]
