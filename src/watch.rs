@@ -13,6 +13,9 @@ use tokio::sync::mpsc;
 pub struct Watch {
     events: mpsc::UnboundedReceiver<()>,
     _watcher: notify::RecommendedWatcher,
+    /// A change was seen and its quiet period not yet waited out: kept across calls, so a
+    /// [`Watch::changed`] dropped halfway (the daemon's select woke for a timer) loses nothing.
+    seen: bool,
 }
 
 impl Watch {
@@ -35,16 +38,22 @@ impl Watch {
         Ok(Watch {
             events,
             _watcher: watcher,
+            seen: false,
         })
     }
 
-    /// Waits for a change, then until nothing more changed for `quiet`.
+    /// Waits for a change, then until nothing more changed for `quiet`. Cancel-safe: dropped
+    /// before it returns, the change it saw is reported by the next call.
     pub async fn changed(&mut self, quiet: Duration) {
-        if self.events.recv().await.is_none() {
-            // The watcher is gone: never report a change again.
-            std::future::pending::<()>().await;
+        if !self.seen {
+            if self.events.recv().await.is_none() {
+                // The watcher is gone: never report a change again.
+                std::future::pending::<()>().await;
+            }
+            self.seen = true;
         }
         while let Ok(Some(())) = tokio::time::timeout(quiet, self.events.recv()).await {}
+        self.seen = false;
     }
 }
 
@@ -135,6 +144,26 @@ mod tests {
         assert_eq!(generation(&desired, "hash"), head);
         git(repo, &["checkout", "-q", "--detach"]);
         assert_eq!(generation(&desired, "hash"), head);
+    }
+
+    #[tokio::test]
+    async fn a_change_seen_by_a_wait_that_was_dropped_is_reported_by_the_next() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut watch = Watch::start(tmp.path()).unwrap();
+        std::fs::write(tmp.path().join("stack.toml"), "x").unwrap();
+        // The daemon's select wakes for a timer while the change's quiet period runs.
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(300),
+            watch.changed(Duration::from_secs(3600)),
+        )
+        .await;
+        assert!(dropped.is_err(), "still waiting for quiet when dropped");
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            watch.changed(Duration::from_millis(100)),
+        )
+        .await
+        .expect("the change is not lost");
     }
 
     #[tokio::test]

@@ -311,7 +311,9 @@ async fn a_commit_is_applied_at_once_drift_within_a_resync_an_invalid_commit_is_
     assert_eq!(report["generation"], second.as_str());
     assert_eq!(report["invalid"], third.as_str());
     let resources = report["resources"].as_object().unwrap();
-    assert_eq!(resources.len(), 7, "{report:#}");
+    // One entry per AWS object: 7 IAM and workspace nodes, two rule groups namespaces and the
+    // alertmanager definition.
+    assert_eq!(resources.len(), 10, "{report:#}");
     for (id, r) in resources {
         // `changed`: its last pass applied a change and confirmed it (the commit, the drift).
         assert!(
@@ -506,4 +508,92 @@ async fn two_daemons_with_the_lease_never_both_write_and_the_standby_takes_over(
     b.signal("TERM");
     b.wait_for("lease released", &[]);
     assert_eq!(b.exit_code(), Some(0));
+}
+
+/// A slow neighbour: the alertmanager definition takes three minutes to be checked (AMP takes
+/// minutes too). Nothing waits for it: the IAM objects are made in the first pass, a commit
+/// that changes only a role is applied by the next pass, and IAM drift is corrected by a
+/// resync, all while the definition is still CREATING.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_object_delays_nothing_else_commits_and_drift_go_through_while_it_converges() {
+    let aws = Aws::with(stackwarden_emulator::Settings {
+        transition_delay: Duration::from_secs(180),
+        ..Default::default()
+    });
+    let dir = default_stack();
+    let repo = dir.path();
+    git(repo, &["init", "-q", "-b", "main"]);
+    git(repo, &["add", "."]);
+    git(repo, &["commit", "-qm", "the default stack"]);
+    let first = git(repo, &["rev-parse", "HEAD"]);
+    let mut daemon = Daemon::start(&aws.endpoint, repo, &["--resync", "2s"]);
+
+    // The first pass makes everything but cannot confirm the definition: not converged.
+    daemon.wait_for(
+        "pass done",
+        &[("generation", &first), ("converged", "false")],
+    );
+    let amp = aws.amp().await;
+    let definition_status = || async {
+        let ws = amp.list_workspaces().send().await.unwrap().workspaces()[0]
+            .workspace_id()
+            .to_string();
+        let d = amp
+            .describe_alert_manager_definition()
+            .workspace_id(ws)
+            .send()
+            .await
+            .unwrap();
+        d.alert_manager_definition()
+            .unwrap()
+            .status()
+            .unwrap()
+            .status_code()
+            .as_str()
+            .to_string()
+    };
+    assert_eq!(definition_status().await, "CREATING");
+    assert_eq!(project_tag(&aws).await.as_deref(), Some("monitoring"));
+    let iam = aws.iam().await;
+    let policy = |name: &'static str| {
+        let iam = iam.clone();
+        async move {
+            iam.list_policies()
+                .scope(aws_sdk_iam::types::PolicyScopeType::Local)
+                .send()
+                .await
+                .unwrap()
+                .policies()
+                .iter()
+                .any(|p| p.policy_name() == Some(name))
+        }
+    };
+    assert!(policy("monitoring-prometheus_remote_write").await);
+
+    // A commit that changes only a role: its pass writes it.
+    edit(
+        repo,
+        "stack.toml",
+        "project = \"monitoring\"",
+        "project = \"observability\"",
+    );
+    git(repo, &["commit", "-qam", "rename the project tag"]);
+    let second = git(repo, &["rev-parse", "HEAD"]);
+    daemon.wait_for("pass starting", &[("generation", &second)]);
+    daemon.wait_for("pass done", &[("generation", &second)]);
+    assert_eq!(project_tag(&aws).await.as_deref(), Some("observability"));
+    assert_eq!(definition_status().await, "CREATING");
+
+    // Drift on a role: a resync pass puts it back.
+    drop_project_tag(&aws).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while project_tag(&aws).await.is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the role's tag was never put back"
+        );
+        daemon.wait_for("pass done", &[("generation", &second)]);
+    }
+    assert_eq!(project_tag(&aws).await.as_deref(), Some("observability"));
+    assert_eq!(definition_status().await, "CREATING");
 }

@@ -621,3 +621,98 @@ async fn per_service_endpoint_variables_are_honoured() {
     run.expect(0);
     assert!(run.calls().1 > 0, "{}", run.stderr);
 }
+
+/// The rule groups namespaces of the workspace, by name: (ARN, creation time).
+async fn namespaces(aws: &Aws, ws: &str) -> std::collections::BTreeMap<String, (String, String)> {
+    aws.amp()
+        .await
+        .list_rule_groups_namespaces()
+        .workspace_id(ws)
+        .send()
+        .await
+        .unwrap()
+        .rule_groups_namespaces()
+        .iter()
+        .map(|n| {
+            let created = n.created_at().to_string();
+            (n.name().to_string(), (n.arn().to_string(), created))
+        })
+        .collect()
+}
+
+/// Each AMP part lost out of band is made again alone: one `reconcile --once` writes only
+/// that object, and the workspace and the other parts keep their identities.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_amp_part_is_restored_alone_keeping_the_workspace_and_the_other_parts() {
+    let aws = Aws::start();
+    let dir = default_stack();
+    let dir = path_str(dir.path());
+    converge(&aws, dir);
+    let amp = aws.amp().await;
+    let ws = workspace_id(&aws).await;
+    let before = namespaces(&aws, &ws).await;
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    // A rule groups namespace deleted.
+    amp.delete_rule_groups_namespace()
+        .workspace_id(&ws)
+        .name("node")
+        .send()
+        .await
+        .unwrap();
+    let run = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", dir]);
+    run.expect(0);
+    assert!(
+        run.stdout
+            .contains("+ amp.workspace.main.rule_groups.node (rule groups namespace node)"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(run.count("CreateRuleGroupsNamespace"), 1, "{}", run.stderr);
+    assert_eq!(
+        run.calls().1,
+        1,
+        "one write, the namespace:\n{}",
+        run.stderr
+    );
+    assert_eq!(workspace_id(&aws).await, ws);
+    let after = namespaces(&aws, &ws).await;
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert_eq!(
+        after["application"], before["application"],
+        "the other namespace kept"
+    );
+
+    // The alertmanager definition deleted: created again (and recorded), waited for across
+    // passes until AMP has checked it, nothing else written.
+    amp.delete_alert_manager_definition()
+        .workspace_id(&ws)
+        .send()
+        .await
+        .unwrap();
+    let run = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", dir]);
+    run.expect(0);
+    assert!(
+        run.stdout
+            .contains("+ amp.workspace.main.alertmanager (alertmanager definition"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stderr
+            .contains("amp.workspace.main.alertmanager: waiting: alertmanager definition"),
+        "progress while AMP checks the definition:\n{}",
+        run.stderr
+    );
+    assert_eq!(
+        run.count("CreateAlertManagerDefinition"),
+        1,
+        "{}",
+        run.stderr
+    );
+    assert_eq!(run.count("TagResource"), 1, "{}", run.stderr);
+    assert_eq!(run.calls().1, 2, "{}", run.stderr);
+    assert_eq!(workspace_id(&aws).await, ws);
+    assert_eq!(namespaces(&aws, &ws).await, after);
+    stackwarden(Some(&aws.endpoint), &["plan", dir]).expect(0);
+}

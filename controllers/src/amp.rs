@@ -1496,7 +1496,9 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(c.action, Action::Create);
-        assert!(matches!(&c.ops[..], [Op::Create { want, .. }] if want.workspace == KNOWN_AFTER_APPLY));
+        assert!(
+            matches!(&c.ops[..], [Op::Create { want, .. }] if want.workspace == KNOWN_AFTER_APPLY)
+        );
     }
 
     #[test]
