@@ -385,13 +385,22 @@ async fn reconcile_once(engine: &Engine, desired: &DesiredState, prune: bool) ->
         let Some(after) = pass.only_waiting() else {
             break pass;
         };
-        if tokio::time::Instant::now() + after > deadline {
+        // Progress: what is still converging, once per object and pass.
+        let mut shown = std::collections::BTreeSet::new();
+        for e in pass.applied.errors.iter().chain(&pass.check.errors) {
+            if e.is_waiting() && shown.insert(&e.resource) {
+                eprintln!("{}: {}", e.resource, e.error);
+            }
+        }
+        let pause = after.min(engine.ctx.waits.poll);
+        if tokio::time::Instant::now() + pause > deadline {
+            eprintln!(
+                "still converging after {:?} (STACKWARDEN_WAIT_TIMEOUT): the next run goes on",
+                engine.ctx.waits.timeout
+            );
             break pass;
         }
-        for e in pass.applied.errors.iter().chain(&pass.check.errors) {
-            eprintln!("{}: {}", e.resource, e.error);
-        }
-        tokio::time::sleep(after.min(engine.ctx.waits.poll)).await;
+        tokio::time::sleep(pause).await;
     };
     pass.applied.changes = applied;
     if let Some(w) = report::unsupported_warning(&pass.check.unsupported) {

@@ -254,8 +254,17 @@ async fn a_workspace_still_creating_is_waited_on_across_passes() {
         "a second workspace was created:\n{}",
         second.stderr
     );
-    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
-    stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]).expect(0);
+    // With the default wait timeout, one run waits for ACTIVE (saying so), then grants.
+    let third = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]);
+    third.expect(0);
+    assert!(
+        third
+            .stderr
+            .contains("amg.workspace.grafana: waiting: Managed Grafana workspace g-"),
+        "{}",
+        third.stderr
+    );
+    assert_eq!(third.count("UpdatePermissions"), 1, "{}", third.stderr);
     let w = owned_workspace(&aws).await;
     assert_eq!(permissions(&aws, &w.id).await, expected());
 }

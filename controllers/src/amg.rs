@@ -1,4 +1,10 @@
-//! Amazon Managed Grafana workspaces and their role associations.
+//! Amazon Managed Grafana. The `[amg.workspace.<name>]` table expands into two nodes on the
+//! managed-object layer ([`crate::managed`]):
+//!
+//! | node | AWS object |
+//! |---|---|
+//! | `amg.workspace.<name>` | the workspace and its settings |
+//! | `amg.workspace.<name>.permissions` | its IAM Identity Center role associations (when `roles` is given) |
 //!
 //! A workspace is created (or adopted by id, and then never recreated) with its authentication
 //! providers, permission and account access types, data sources, notification destinations and
@@ -10,27 +16,32 @@
 //! - A workspace is created with its ownership tags and a client token derived from the stack,
 //!   the resource and the desired state, so a retried or crash-repeated create makes no second
 //!   workspace.
-//! - A workspace still CREATING is waited on (up to the wait timeout), then left to the next
-//!   pass as pending, never failed or created again.
+//! - A workspace still CREATING (minutes, on AWS) is [`Error::Waiting`]: nothing polls it, and
+//!   what does not reference it goes on. Its permissions are granted once it is ACTIVE.
 //! - Permission updates are per entry: the entries the service refuses are the resource's
 //!   error, with the service's messages; the rest is applied.
+//! - An adopted workspace gets no write beyond what the desired state sets: no ownership tags
+//!   unless `tags` is given.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_grafana::types::{
     AccountAccessType, AuthenticationProviderTypes, DataSourceType, NotificationDestinationType,
-    PermissionType, Role, UpdateAction, UpdateInstruction, User, UserType, WorkspaceStatus,
+    PermissionType, Role, UpdateAction, UpdateInstruction, User, UserType,
 };
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::change::{removed_objects, Action, Change};
-use crate::controller::{wait_until, Context, Controller, Progress};
+use crate::change::FieldChange;
+use crate::controller::Context;
 use crate::desired::{check_tags, DesiredState, Resource, Spec, Validator, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
-use crate::model::{Kind, Outputs, Refs, ResourceId};
-use crate::tags::{self, owned_by, Tags};
+use crate::managed::{Describe, ManagedObject, Readiness};
+use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
+use crate::tags::{owned_by, Tags};
 
 /// `[amg.workspace.<name>]`; `adopt = "<workspace id>"` manages an existing one.
 ///
@@ -202,28 +213,18 @@ pub struct ObservedWorkspace {
     pub data_sources: Vec<String>,
     pub notification_destinations: Vec<String>,
     pub role_arn: Option<String>,
-    /// Member → Grafana role (`ADMIN`, `EDITOR`, `VIEWER`); read only when the workspace is
-    /// ACTIVE or UPDATING.
-    pub permissions: BTreeMap<Member, String>,
+    /// Its ARN (Managed Grafana returns none: built from the region and the account).
+    pub arn: String,
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct Observed {
-    pub region: String,
-    pub account: String,
-    /// Workspaces owned by the stack or adopted by id.
-    pub workspaces: Vec<ObservedWorkspace>,
-}
+impl ObservedWorkspace {
+    fn is_live(&self) -> bool {
+        self.status != "DELETING"
+    }
 
-impl Observed {
-    pub fn find(&self, desired: &DesiredState, r: &Resource) -> Option<&ObservedWorkspace> {
-        match &r.adopt {
-            Some(id) => self.workspaces.iter().find(|w| &w.id == id),
-            None => self
-                .workspaces
-                .iter()
-                .find(|w| owned_by(&w.tags, desired.stack_name(), &r.id) && w.status != "DELETING"),
-        }
+    /// Settings can be read, and permissions changed, only in these states.
+    fn is_settled(&self) -> bool {
+        self.status == "ACTIVE" || self.status == "UPDATING"
     }
 }
 
@@ -231,10 +232,108 @@ fn arn(region: &str, account: &str, id: &str) -> String {
     format!("arn:aws:grafana:{region}:{account}:/workspaces/{id}")
 }
 
-// ---------------------------------------------------------------------------------------------
-// The controller
+/// Every workspace the stack owns or adopts, listed (and, when settled, described) once per
+/// observation.
+async fn workspaces(ctx: &Context, desired: &DesiredState) -> Result<Arc<Vec<ObservedWorkspace>>> {
+    let stack = desired.stack_name().to_string();
+    let adopted: Vec<String> = desired
+        .of_kind(Kind::AmgWorkspace)
+        .filter_map(|r| r.adopt.clone())
+        .collect();
+    ctx.shared("grafana:ListWorkspaces", || async move {
+        let mut found = Vec::new();
+        let mut pages = ctx.grafana.list_workspaces().into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(aws_error("grafana", "ListWorkspaces"))?;
+            for w in page.workspaces() {
+                let tags: Tags = w
+                    .tags()
+                    .map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                    .unwrap_or_default();
+                if tags.get(TAG_STACK) == Some(&stack) || adopted.iter().any(|a| a == w.id()) {
+                    found.push(ObservedWorkspace {
+                        id: w.id().to_string(),
+                        status: w.status().as_str().to_string(),
+                        endpoint: w.endpoint().to_string(),
+                        tags,
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        if found.is_empty() {
+            return Ok(found);
+        }
+        let account = ctx.account().await?;
+        let reads = found.into_iter().map(|mut w| {
+            let account = account.clone();
+            async move {
+                w.arn = arn(&ctx.region, &account, &w.id);
+                if !w.is_settled() {
+                    return Ok(w);
+                }
+                let out = ctx
+                    .grafana
+                    .describe_workspace()
+                    .workspace_id(&w.id)
+                    .send()
+                    .await
+                    .map_err(aws_error("grafana", "DescribeWorkspace"))?;
+                if let Some(d) = out.workspace() {
+                    w.name = d.name().map(str::to_string);
+                    w.description = d.description().map(str::to_string);
+                    w.providers = d
+                        .authentication()
+                        .map(|a| {
+                            a.providers()
+                                .iter()
+                                .map(|p| p.as_str().to_string())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    w.permission_type = d
+                        .permission_type()
+                        .map(|p| p.as_str().to_string())
+                        .unwrap_or_default();
+                    w.account_access_type = d
+                        .account_access_type()
+                        .map(|p| p.as_str().to_string())
+                        .unwrap_or_default();
+                    w.data_sources = d
+                        .data_sources()
+                        .iter()
+                        .map(|s| s.as_str().to_string())
+                        .collect();
+                    w.notification_destinations = d
+                        .notification_destinations()
+                        .iter()
+                        .map(|s| s.as_str().to_string())
+                        .collect();
+                    w.role_arn = d.workspace_role_arn().map(str::to_string);
+                }
+                Ok::<_, Error>(w)
+            }
+        });
+        futures::future::join_all(reads).await.into_iter().collect()
+    })
+    .await
+}
 
-pub struct AmgController;
+/// The workspace node managing an observed workspace: the one adopting its id, or the one its
+/// ownership tags name.
+fn workspace_node(desired: &DesiredState, w: &ObservedWorkspace) -> Option<ResourceId> {
+    desired
+        .of_kind(Kind::AmgWorkspace)
+        .find(|r| r.adopt.as_deref() == Some(w.id.as_str()))
+        .map(|r| r.id.clone())
+        .or_else(|| {
+            crate::tags::owner_id(&w.tags, desired.stack_name())
+                .filter(|id| id.kind == Kind::AmgWorkspace)
+        })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Settings and permissions
 
 /// One instruction of an `UpdatePermissions` batch: ADD or REVOKE, a role, its members.
 pub type Instruction = (String, String, Vec<Member>);
@@ -330,42 +429,6 @@ impl Settings {
         }
         (out, lines)
     }
-}
-
-#[derive(Debug, Clone)]
-pub enum Op {
-    /// Creates the workspace, waits for it to become ACTIVE, then grants the roles.
-    Create {
-        settings: Settings,
-        providers: Vec<String>,
-        tags: Tags,
-        client_token: String,
-        permissions: Vec<Instruction>,
-    },
-    /// Waits for a workspace still CREATING (up to the wait timeout), then grants the roles.
-    AwaitActive {
-        workspace: String,
-        permissions: Vec<Instruction>,
-    },
-    Update {
-        workspace: String,
-        settings: Settings,
-    },
-    Tag {
-        workspace: String,
-        tags: Tags,
-    },
-    Untag {
-        workspace: String,
-        keys: Vec<String>,
-    },
-    UpdatePermissions {
-        workspace: String,
-        batch: Vec<Instruction>,
-    },
-    Delete {
-        workspace: String,
-    },
 }
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {
@@ -469,30 +532,6 @@ fn observed_settings(w: &ObservedWorkspace) -> Settings {
     }
 }
 
-/// Waits until a workspace is ACTIVE; still CREATING after the timeout is pending, a failed
-/// creation an error.
-async fn wait_active(ctx: &Context, workspace: &str) -> Result<()> {
-    let what = format!("Managed Grafana workspace {workspace}");
-    wait_until(ctx, &what, || async {
-        let out = ctx
-            .grafana
-            .describe_workspace()
-            .workspace_id(workspace)
-            .send()
-            .await
-            .map_err(aws_error("grafana", "DescribeWorkspace"))?;
-        match out.workspace().map(|w| w.status().clone()) {
-            Some(WorkspaceStatus::Active) => Ok(Progress::Done(())),
-            Some(WorkspaceStatus::CreationFailed | WorkspaceStatus::Failed) => Err(Error::Invalid(
-                format!("Managed Grafana workspace {workspace} failed to create"),
-            )),
-            Some(other) => Ok(Progress::Waiting(other.as_str().to_string())),
-            None => Ok(Progress::Waiting("unknown".into())),
-        }
-    })
-    .await
-}
-
 async fn update_permissions(ctx: &Context, workspace: &str, batch: &[Instruction]) -> Result<()> {
     if batch.is_empty() {
         return Ok(());
@@ -549,458 +588,546 @@ async fn update_permissions(ctx: &Context, workspace: &str, batch: &[Instruction
     )))
 }
 
-#[async_trait]
-impl Controller for AmgController {
-    type Observed = Observed;
-    type Op = Op;
+// ---------------------------------------------------------------------------------------------
+// The workspace
 
-    fn kinds(&self) -> &'static [Kind] {
-        &[Kind::AmgWorkspace]
+pub struct Workspace;
+
+/// What a workspace node wants.
+#[derive(Debug, Clone)]
+pub struct WorkspaceWant {
+    pub settings: Settings,
+    /// Set at creation only.
+    pub providers: Vec<String>,
+    /// Whether the desired state names the providers (a difference is then noted).
+    pub providers_given: bool,
+    /// As the desired state gives them (`None`: not given).
+    pub tags: Option<Tags>,
+    pub client_token: String,
+    /// Whether the node adopts the workspace (then only what is set is written).
+    pub adopted: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct SettingsUpdate {
+    /// Only the settings to change.
+    pub settings: Settings,
+    pub lines: Vec<FieldChange>,
+}
+
+impl Describe for SettingsUpdate {
+    fn fields(&self) -> Vec<FieldChange> {
+        self.lines.clone()
     }
+}
 
-    async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Observed> {
-        let stack = desired.stack_name();
-        let adopted: Vec<&str> = desired
-            .of_kind(Kind::AmgWorkspace)
-            .filter_map(|r| r.adopt.as_deref())
-            .collect();
-        let mut found = Vec::new();
-        let mut pages = ctx.grafana.list_workspaces().into_paginator().send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(aws_error("grafana", "ListWorkspaces"))?;
-            for w in page.workspaces() {
-                let tags: Tags = w
-                    .tags()
-                    .map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-                    .unwrap_or_default();
-                if tags.get(TAG_STACK).map(String::as_str) == Some(stack)
-                    || adopted.contains(&w.id())
-                {
-                    found.push(ObservedWorkspace {
-                        id: w.id().to_string(),
-                        status: w.status().as_str().to_string(),
-                        endpoint: w.endpoint().to_string(),
-                        tags,
-                        ..Default::default()
-                    });
-                }
-            }
-        }
-        let reads = found.into_iter().map(|mut w| async move {
-            if w.status == "CREATING" || w.status == "DELETING" {
-                return Ok(w);
-            }
-            let out = ctx
-                .grafana
-                .describe_workspace()
-                .workspace_id(&w.id)
-                .send()
-                .await
-                .map_err(aws_error("grafana", "DescribeWorkspace"))?;
-            if let Some(d) = out.workspace() {
-                w.name = d.name().map(str::to_string);
-                w.description = d.description().map(str::to_string);
-                w.providers = d
-                    .authentication()
-                    .map(|a| {
-                        a.providers()
-                            .iter()
-                            .map(|p| p.as_str().to_string())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                w.permission_type = d
-                    .permission_type()
-                    .map(|p| p.as_str().to_string())
-                    .unwrap_or_default();
-                w.account_access_type = d
-                    .account_access_type()
-                    .map(|p| p.as_str().to_string())
-                    .unwrap_or_default();
-                w.data_sources = d
-                    .data_sources()
-                    .iter()
-                    .map(|s| s.as_str().to_string())
-                    .collect();
-                w.notification_destinations = d
-                    .notification_destinations()
-                    .iter()
-                    .map(|s| s.as_str().to_string())
-                    .collect();
-                w.role_arn = d.workspace_role_arn().map(str::to_string);
-            }
-            let mut pages = ctx
-                .grafana
-                .list_permissions()
-                .workspace_id(&w.id)
-                .into_paginator()
-                .send();
-            while let Some(page) = pages.next().await {
-                let page = page.map_err(aws_error("grafana", "ListPermissions"))?;
-                for p in page.permissions() {
-                    if let Some(u) = p.user() {
-                        w.permissions.insert(
-                            (u.r#type().as_str().to_string(), u.id().to_string()),
-                            p.role().as_str().to_string(),
-                        );
-                    }
-                }
-            }
-            Ok::<_, Error>(w)
-        });
-        let workspaces = futures::future::join_all(reads)
-            .await
-            .into_iter()
-            .collect::<Result<Vec<_>>>()?;
-        let account = if workspaces.is_empty() {
-            String::new()
-        } else {
-            ctx.account().await?
+#[async_trait]
+impl ManagedObject for Workspace {
+    type Desired = WorkspaceWant;
+    type Observed = ObservedWorkspace;
+    type Update = SettingsUpdate;
+    const KIND: Kind = Kind::AmgWorkspace;
+    const NOUN: &'static str = "Managed Grafana workspace";
+
+    fn desired(
+        &self,
+        desired: &DesiredState,
+        node: &Resource,
+        refs: &Refs,
+    ) -> Result<WorkspaceWant> {
+        let Spec::AmgWorkspace(s) = &node.spec else {
+            unreachable!("an amg.workspace node has a workspace spec")
         };
-        Ok(Observed {
-            region: ctx.region.clone(),
-            account,
-            workspaces,
+        let token = {
+            use sha2::Digest;
+            let seed = format!(
+                "{}/{}/{}",
+                desired.stack_name(),
+                node.id,
+                desired.content_hash
+            );
+            format!(
+                "sw-{}",
+                &hex::encode(sha2::Sha256::digest(seed.as_bytes()))[..32]
+            )
+        };
+        Ok(WorkspaceWant {
+            settings: desired_settings(desired, node, s, refs),
+            providers: s
+                .authentication_providers
+                .clone()
+                .unwrap_or_else(|| vec![DEFAULT_PROVIDER.into()]),
+            providers_given: s.authentication_providers.is_some(),
+            tags: s.tags.as_ref().map(|t| t.get_ref().clone()),
+            client_token: token,
+            adopted: node.adopt.is_some(),
         })
     }
 
-    fn outputs(&self, desired: &DesiredState, obs: &Observed) -> Vec<(ResourceId, Outputs)> {
-        desired
-            .of_kind(Kind::AmgWorkspace)
-            .filter_map(|r| {
-                let w = obs.find(desired, r)?;
-                Some((
-                    r.id.clone(),
-                    Outputs::from([
-                        ("id".into(), w.id.clone()),
-                        ("arn".into(), arn(&obs.region, &obs.account, &w.id)),
-                        ("endpoint".into(), format!("https://{}", w.endpoint)),
-                    ]),
-                ))
-            })
-            .collect()
+    async fn observe(
+        &self,
+        ctx: &Context,
+        desired: &DesiredState,
+    ) -> Result<Vec<ObservedWorkspace>> {
+        Ok(workspaces(ctx, desired).await?.as_ref().clone())
     }
 
-    fn diff(
+    fn id(&self, o: &ObservedWorkspace) -> String {
+        o.id.clone()
+    }
+
+    fn tags<'o>(&self, o: &'o ObservedWorkspace) -> Option<&'o Tags> {
+        Some(&o.tags)
+    }
+
+    fn owner(&self, desired: &DesiredState, o: &ObservedWorkspace) -> Option<ResourceId> {
+        crate::tags::owner_id(&o.tags, desired.stack_name())
+            .filter(|id| id.kind == Kind::AmgWorkspace && o.is_live())
+    }
+
+    fn find<'o>(
         &self,
         desired: &DesiredState,
-        r: &Resource,
-        obs: &Observed,
+        node: &Resource,
+        observed: &'o [ObservedWorkspace],
+    ) -> Option<&'o ObservedWorkspace> {
+        observed.iter().find(|w| match &node.adopt {
+            Some(id) => &w.id == id,
+            None => w.is_live() && owned_by(&w.tags, desired.stack_name(), &node.id),
+        })
+    }
+
+    fn outputs(&self, o: &ObservedWorkspace) -> Outputs {
+        Outputs::from([
+            ("id".into(), o.id.clone()),
+            ("arn".into(), o.arn.clone()),
+            ("endpoint".into(), format!("https://{}", o.endpoint)),
+            // Not an attribute users reference: the permissions node waits for ACTIVE.
+            ("status".into(), o.status.clone()),
+        ])
+    }
+
+    fn readiness(&self, _want: &WorkspaceWant, have: &ObservedWorkspace) -> Result<Readiness> {
+        match have.status.as_str() {
+            "CREATION_FAILED" | "FAILED" => Err(Error::Invalid(format!(
+                "Managed Grafana workspace {} failed to create; delete it and the next pass creates another",
+                have.id
+            ))),
+            // Managed Grafana takes minutes to create or update a workspace.
+            s if !have.is_settled() || s == "UPDATING" => Ok(Readiness::Waiting(
+                format!("still {s}"),
+                Duration::from_secs(10),
+            )),
+            _ => Ok(Readiness::Ready),
+        }
+    }
+
+    fn diff(&self, want: &WorkspaceWant, have: &ObservedWorkspace) -> Vec<SettingsUpdate> {
+        let (settings, lines) = want.settings.changes(&observed_settings(have));
+        if lines.is_empty() {
+            return Vec::new();
+        }
+        vec![SettingsUpdate {
+            settings,
+            lines: lines
+                .into_iter()
+                .map(|(field, before, after)| FieldChange::new(field, before, after))
+                .collect(),
+        }]
+    }
+
+    fn notes(&self, want: &WorkspaceWant, have: &ObservedWorkspace) -> Vec<String> {
+        if want.providers_given && sorted(have.providers.clone()) != sorted(want.providers.clone())
+        {
+            return vec![format!(
+                "authentication providers are {} but the desired state says {}: this version sets them only at creation",
+                have.providers.join(", "),
+                want.providers.join(", ")
+            )];
+        }
+        Vec::new()
+    }
+
+    /// An adopted workspace is found by its id every pass: it needs no ownership tags, and
+    /// gets none unless the desired state sets tags.
+    fn writes_tags(&self, _node: &Resource, want: &WorkspaceWant) -> bool {
+        !want.adopted || want.tags.is_some()
+    }
+
+    fn own_tags(&self, want: &WorkspaceWant) -> Tags {
+        want.tags.clone().unwrap_or_default()
+    }
+
+    fn create_fields(&self, want: &WorkspaceWant) -> Vec<FieldChange> {
+        let mut f = vec![
+            FieldChange::new("name", None, want.settings.name.clone()),
+            FieldChange::new(
+                "authentication_providers",
+                None,
+                Some(want.providers.join(", ")),
+            ),
+            FieldChange::new(
+                "permission_type",
+                None,
+                Some(
+                    want.settings
+                        .permission_type
+                        .clone()
+                        .unwrap_or(DEFAULT_PERMISSION_TYPE.into()),
+                ),
+            ),
+        ];
+        if let Some(role) = &want.settings.role_arn {
+            f.push(FieldChange::new("role_arn", None, Some(role.clone())));
+        }
+        f
+    }
+
+    fn label(&self, want: &WorkspaceWant) -> String {
+        want.settings.name.clone().unwrap_or_default()
+    }
+
+    async fn create(&self, ctx: &Context, want: &WorkspaceWant, tags: &Tags) -> Result<Outputs> {
+        let s = &want.settings;
+        let out = ctx
+            .grafana
+            .create_workspace()
+            .set_workspace_name(s.name.clone())
+            .set_workspace_description(s.description.clone())
+            .account_access_type(AccountAccessType::from(
+                s.account_access_type
+                    .as_deref()
+                    .unwrap_or(DEFAULT_ACCOUNT_ACCESS),
+            ))
+            .permission_type(PermissionType::from(
+                s.permission_type
+                    .as_deref()
+                    .unwrap_or(DEFAULT_PERMISSION_TYPE),
+            ))
+            .set_authentication_providers(Some(
+                want.providers
+                    .iter()
+                    .map(|p| AuthenticationProviderTypes::from(p.as_str()))
+                    .collect(),
+            ))
+            .set_workspace_data_sources(
+                s.data_sources
+                    .as_ref()
+                    .map(|v| v.iter().map(|d| DataSourceType::from(d.as_str())).collect()),
+            )
+            .set_workspace_notification_destinations(s.notification_destinations.as_ref().map(
+                |v| {
+                    v.iter()
+                        .map(|d| NotificationDestinationType::from(d.as_str()))
+                        .collect()
+                },
+            ))
+            .set_workspace_role_arn(s.role_arn.clone())
+            .set_tags(Some(
+                tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            ))
+            .client_token(&want.client_token)
+            .send()
+            .await
+            .map_err(aws_error("grafana", "CreateWorkspace"))?;
+        let w = out
+            .workspace()
+            .ok_or_else(|| Error::Invalid("CreateWorkspace returned no workspace".into()))?;
+        tracing::info!(workspace = %w.id(), "created Managed Grafana workspace");
+        Ok(Outputs::from([
+            ("id".into(), w.id().to_string()),
+            (
+                "arn".into(),
+                arn(&ctx.region, &ctx.account().await?, w.id()),
+            ),
+            ("endpoint".into(), format!("https://{}", w.endpoint())),
+            ("status".into(), w.status().as_str().to_string()),
+        ]))
+    }
+
+    async fn update(
+        &self,
+        ctx: &Context,
+        have: &ObservedWorkspace,
+        change: &SettingsUpdate,
+    ) -> Result<()> {
+        let s = &change.settings;
+        ctx.grafana
+            .update_workspace()
+            .workspace_id(&have.id)
+            .set_workspace_name(s.name.clone())
+            .set_workspace_description(s.description.clone())
+            .set_account_access_type(
+                s.account_access_type
+                    .as_deref()
+                    .map(AccountAccessType::from),
+            )
+            .set_permission_type(s.permission_type.as_deref().map(PermissionType::from))
+            .set_workspace_data_sources(
+                s.data_sources
+                    .as_ref()
+                    .map(|v| v.iter().map(|d| DataSourceType::from(d.as_str())).collect()),
+            )
+            .set_workspace_notification_destinations(s.notification_destinations.as_ref().map(
+                |v| {
+                    v.iter()
+                        .map(|d| NotificationDestinationType::from(d.as_str()))
+                        .collect()
+                },
+            ))
+            .set_workspace_role_arn(s.role_arn.clone())
+            .send()
+            .await
+            .map_err(aws_error("grafana", "UpdateWorkspace"))?;
+        Ok(())
+    }
+
+    async fn tag(&self, ctx: &Context, have: &ObservedWorkspace, set: &Tags) -> Result<()> {
+        ctx.grafana
+            .tag_resource()
+            .resource_arn(&have.arn)
+            .set_tags(Some(
+                set.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            ))
+            .send()
+            .await
+            .map_err(aws_error("grafana", "TagResource"))?;
+        Ok(())
+    }
+
+    async fn untag(&self, ctx: &Context, have: &ObservedWorkspace, keys: &[String]) -> Result<()> {
+        ctx.grafana
+            .untag_resource()
+            .resource_arn(&have.arn)
+            .set_tag_keys(Some(keys.to_vec()))
+            .send()
+            .await
+            .map_err(aws_error("grafana", "UntagResource"))?;
+        Ok(())
+    }
+
+    async fn delete(&self, ctx: &Context, have: &ObservedWorkspace) -> Result<()> {
+        ctx.grafana
+            .delete_workspace()
+            .workspace_id(&have.id)
+            .send()
+            .await
+            .map_err(aws_error("grafana", "DeleteWorkspace"))?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The role associations
+
+pub struct Permissions;
+
+/// The permissions node of a workspace whose table sets `roles`.
+#[derive(Debug, Clone)]
+pub struct PermissionsPart {
+    pub roles: BTreeMap<String, RoleMembers>,
+}
+
+impl WorkspaceSpec {
+    /// The nodes the table expands into besides the workspace: its permissions, when `roles`
+    /// is given (without it, permissions are left alone).
+    pub fn parts(&self, workspace: &Resource) -> Vec<Resource> {
+        let Some(roles) = &self.roles else {
+            return Vec::new();
+        };
+        vec![Resource {
+            id: ResourceId::part(Kind::AmgPermissions, workspace.id.name.clone(), None),
+            origin: workspace.origin.clone(),
+            adopt: None,
+            observe_only: workspace.observe_only,
+            spec: Spec::AmgPermissions(PermissionsPart {
+                roles: roles.clone(),
+            }),
+            depends_on: [workspace.id.clone()].into(),
+        }]
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PermissionsWant {
+    pub workspace: String,
+    pub members: BTreeMap<Member, String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ObservedPermissions {
+    pub workspace: ObservedWorkspace,
+    /// Member → Grafana role (`ADMIN`, `EDITOR`, `VIEWER`).
+    pub members: BTreeMap<Member, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PermissionsUpdate {
+    pub batch: Vec<Instruction>,
+    pub before: String,
+    pub after: String,
+}
+
+impl Describe for PermissionsUpdate {
+    fn fields(&self) -> Vec<FieldChange> {
+        vec![FieldChange::new(
+            "roles",
+            Some(self.before.clone()),
+            Some(self.after.clone()),
+        )]
+    }
+}
+
+#[async_trait]
+impl ManagedObject for Permissions {
+    type Desired = PermissionsWant;
+    type Observed = ObservedPermissions;
+    type Update = PermissionsUpdate;
+    const KIND: Kind = Kind::AmgPermissions;
+    const NOUN: &'static str = "Managed Grafana permissions";
+
+    fn desired(
+        &self,
+        _desired: &DesiredState,
+        node: &Resource,
         refs: &Refs,
-    ) -> Result<Option<Change<Op>>> {
-        let Spec::AmgWorkspace(s) = &r.spec else {
-            return Ok(None);
+    ) -> Result<PermissionsWant> {
+        let Spec::AmgPermissions(s) = &node.spec else {
+            unreachable!("a permissions node has a permissions spec")
         };
-        let want = desired_settings(desired, r, s, refs);
-        let tags = desired.tags_for(
-            &r.id,
-            &s.tags
-                .as_ref()
-                .map(|t| t.get_ref().clone())
-                .unwrap_or_default(),
-        );
-        let permissions = s.roles.as_ref().map(desired_permissions);
-
-        let Some(w) = obs.find(desired, r) else {
-            if let Some(id) = &r.adopt {
-                return Err(Error::Invalid(format!(
-                    "Managed Grafana workspace `{id}` to adopt does not exist"
-                )));
-            }
-            let name = want.name.clone().unwrap_or_default();
-            let mut c = Change::new(
-                r.id.clone(),
-                Action::Create,
-                format!("Grafana workspace {name}"),
-            );
-            c.field("name", None, Some(name));
-            let providers = s
-                .authentication_providers
-                .clone()
-                .unwrap_or_else(|| vec![DEFAULT_PROVIDER.into()]);
-            let want = Settings {
-                permission_type: want
-                    .permission_type
-                    .or(Some(DEFAULT_PERMISSION_TYPE.into())),
-                account_access_type: want
-                    .account_access_type
-                    .or(Some(DEFAULT_ACCOUNT_ACCESS.into())),
-                ..want
-            };
-            c.field("authentication_providers", None, Some(providers.join(", ")));
-            c.field("permission_type", None, want.permission_type.clone());
-            if let Some(role) = &want.role_arn {
-                c.field("role_arn", None, Some(role.clone()));
-            }
-            c.field("tags", None, Some(tags::show(&tags)));
-            if let Some(p) = &permissions {
-                c.field("roles", None, Some(show_permissions(p)));
-            }
-            let token = {
-                use sha2::Digest;
-                let seed = format!("{}/{}/{}", desired.stack_name(), r.id, desired.content_hash);
-                format!(
-                    "sw-{}",
-                    &hex::encode(sha2::Sha256::digest(seed.as_bytes()))[..32]
-                )
-            };
-            c.op(Op::Create {
-                settings: want,
-                providers,
-                tags,
-                client_token: token,
-                permissions: permissions
-                    .map(|p| permission_batch(&BTreeMap::new(), &p))
-                    .unwrap_or_default(),
+        let members = desired_permissions(&s.roles);
+        let Some(out) = refs.outputs.get(&node.id.composite()) else {
+            return Ok(PermissionsWant {
+                workspace: KNOWN_AFTER_APPLY.into(),
+                members,
             });
-            return Ok(Some(c));
         };
-
-        let mut c = Change::new(
-            r.id.clone(),
-            Action::Update,
-            format!("Grafana workspace {}", w.id),
-        );
-        if w.status == "CREATING" {
-            // Nothing of it can be read yet, and a new workspace grants nobody: wait, then grant.
-            c.field("status", Some("CREATING".into()), Some("ACTIVE".into()));
-            if let Some(p) = &permissions {
-                c.field("roles", None, Some(show_permissions(p)));
-            }
-            c.op(Op::AwaitActive {
-                workspace: w.id.clone(),
-                permissions: permissions
-                    .map(|p| permission_batch(&BTreeMap::new(), &p))
-                    .unwrap_or_default(),
-            });
-            return Ok(Some(c));
+        // A new workspace grants nobody, and takes grants only once ACTIVE.
+        let status = out.get("status").map(String::as_str).unwrap_or_default();
+        if status != "ACTIVE" && status != "UPDATING" {
+            return Err(Error::waiting(
+                format!("Managed Grafana workspace {} is {status}", out["id"]),
+                Duration::from_secs(10),
+            ));
         }
-        if r.adopt.is_some() && !owned_by(&w.tags, desired.stack_name(), &r.id) {
-            c.notes
-                .push(format!("adopting existing workspace {}", w.id));
-        }
-        let (changed, lines) = want.changes(&observed_settings(w));
-        if !lines.is_empty() {
-            for (field, before, after) in lines {
-                c.field(field, before, after);
-            }
-            c.op(Op::Update {
-                workspace: w.id.clone(),
-                settings: changed,
-            });
-        }
-        if let Some(providers) = &s.authentication_providers {
-            if sorted(w.providers.clone()) != sorted(providers.clone()) {
-                c.notes.push(format!(
-                    "authentication providers are {} but the desired state says {}: this version sets them only at creation",
-                    w.providers.join(", "),
-                    providers.join(", ")
-                ));
-            }
-        }
-        // An adopted workspace is found by its id every pass: it needs no ownership tags, and
-        // nothing is written to it that the desired state does not set.
-        let tags = if r.adopt.is_some() && s.tags.is_none() {
-            w.tags.clone()
-        } else {
-            tags
-        };
-        c.tags(
-            &w.tags,
-            &tags,
-            |tags| Op::Tag {
-                workspace: w.id.clone(),
-                tags,
-            },
-            |keys| Op::Untag {
-                workspace: w.id.clone(),
-                keys,
-            },
-        );
-        if let Some(p) = &permissions {
-            let batch = permission_batch(&w.permissions, p);
-            if !batch.is_empty() {
-                c.field(
-                    "roles",
-                    Some(show_permissions(&w.permissions)),
-                    Some(show_permissions(p)),
-                );
-                c.op(Op::UpdatePermissions {
-                    workspace: w.id.clone(),
-                    batch,
-                });
-            }
-        }
-        if c.ops.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(c))
+        Ok(PermissionsWant {
+            workspace: out["id"].clone(),
+            members,
+        })
     }
 
-    fn removed(&self, desired: &DesiredState, obs: &Observed, prune: bool) -> Vec<Change<Op>> {
-        let live = obs.workspaces.iter().filter(|w| w.status != "DELETING");
-        removed_objects(
-            desired,
-            Kind::AmgWorkspace,
-            live.map(|w| (w.id.as_str(), &w.tags)),
-            |r| obs.find(desired, r).map(|w| w.id.as_str()),
-            "Grafana workspace",
-            prune,
-            |id| Op::Delete {
-                workspace: id.to_string(),
-            },
-        )
-    }
-
-    async fn apply(&self, ctx: &Context, op: &Op) -> Result<Option<Outputs>> {
-        let g = &ctx.grafana;
-        match op {
-            Op::Create {
-                settings,
-                providers,
-                tags,
-                client_token,
-                permissions,
-            } => {
-                let out =
-                    g.create_workspace()
-                        .set_workspace_name(settings.name.clone())
-                        .set_workspace_description(settings.description.clone())
-                        .set_account_access_type(
-                            settings
-                                .account_access_type
-                                .as_deref()
-                                .map(AccountAccessType::from),
-                        )
-                        .set_permission_type(
-                            settings
-                                .permission_type
-                                .as_deref()
-                                .map(PermissionType::from),
-                        )
-                        .set_authentication_providers(Some(
-                            providers
-                                .iter()
-                                .map(|p| AuthenticationProviderTypes::from(p.as_str()))
-                                .collect(),
-                        ))
-                        .set_workspace_data_sources(
-                            settings.data_sources.as_ref().map(|v| {
-                                v.iter().map(|d| DataSourceType::from(d.as_str())).collect()
-                            }),
-                        )
-                        .set_workspace_notification_destinations(
-                            settings.notification_destinations.as_ref().map(|v| {
-                                v.iter()
-                                    .map(|d| NotificationDestinationType::from(d.as_str()))
-                                    .collect()
-                            }),
-                        )
-                        .set_workspace_role_arn(settings.role_arn.clone())
-                        .set_tags(Some(
-                            tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                        ))
-                        .client_token(client_token)
-                        .send()
-                        .await
-                        .map_err(aws_error("grafana", "CreateWorkspace"))?;
-                let w = out.workspace().ok_or_else(|| {
-                    Error::Invalid("CreateWorkspace returned no workspace".into())
-                })?;
-                let id = w.id().to_string();
-                tracing::info!(workspace = %id, "created Managed Grafana workspace");
-                let outputs = Outputs::from([
-                    ("id".into(), id.clone()),
-                    ("arn".into(), arn(&ctx.region, &ctx.account().await?, &id)),
-                    ("endpoint".into(), format!("https://{}", w.endpoint())),
-                ]);
-                wait_active(ctx, &id).await?;
-                update_permissions(ctx, &id, permissions).await?;
-                return Ok(Some(outputs));
-            }
-            Op::Update {
-                workspace,
-                settings,
-            } => {
-                g.update_workspace()
-                    .workspace_id(workspace)
-                    .set_workspace_name(settings.name.clone())
-                    .set_workspace_description(settings.description.clone())
-                    .set_account_access_type(
-                        settings
-                            .account_access_type
-                            .as_deref()
-                            .map(AccountAccessType::from),
-                    )
-                    .set_permission_type(
-                        settings
-                            .permission_type
-                            .as_deref()
-                            .map(PermissionType::from),
-                    )
-                    .set_workspace_data_sources(
-                        settings
-                            .data_sources
-                            .as_ref()
-                            .map(|v| v.iter().map(|d| DataSourceType::from(d.as_str())).collect()),
-                    )
-                    .set_workspace_notification_destinations(
-                        settings.notification_destinations.as_ref().map(|v| {
-                            v.iter()
-                                .map(|d| NotificationDestinationType::from(d.as_str()))
-                                .collect()
-                        }),
-                    )
-                    .set_workspace_role_arn(settings.role_arn.clone())
-                    .send()
-                    .await
-                    .map_err(aws_error("grafana", "UpdateWorkspace"))?;
-            }
-            Op::Tag { workspace, tags } => {
-                g.tag_resource()
-                    .resource_arn(arn(&ctx.region, &ctx.account().await?, workspace))
-                    .set_tags(Some(
-                        tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                    ))
-                    .send()
-                    .await
-                    .map_err(aws_error("grafana", "TagResource"))?;
-            }
-            Op::Untag { workspace, keys } => {
-                g.untag_resource()
-                    .resource_arn(arn(&ctx.region, &ctx.account().await?, workspace))
-                    .set_tag_keys(Some(keys.clone()))
-                    .send()
-                    .await
-                    .map_err(aws_error("grafana", "UntagResource"))?;
-            }
-            Op::AwaitActive {
-                workspace,
-                permissions,
-            } => {
-                wait_active(ctx, workspace).await?;
-                update_permissions(ctx, workspace, permissions).await?;
-            }
-            Op::UpdatePermissions { workspace, batch } => {
-                update_permissions(ctx, workspace, batch).await?;
-            }
-            Op::Delete { workspace } => {
-                match g.delete_workspace().workspace_id(workspace).send().await {
-                    Ok(_) => {}
-                    Err(e)
-                        if e.as_service_error()
-                            .is_some_and(|e| e.is_resource_not_found_exception()) => {}
-                    Err(e) => return Err(aws_error("grafana", "DeleteWorkspace")(e)),
+    async fn observe(
+        &self,
+        ctx: &Context,
+        desired: &DesiredState,
+    ) -> Result<Vec<ObservedPermissions>> {
+        let listed = workspaces(ctx, desired).await?;
+        let reads = listed
+            .iter()
+            .filter(|w| w.is_settled())
+            .map(|w| async move {
+                let mut members = BTreeMap::new();
+                let mut pages = ctx
+                    .grafana
+                    .list_permissions()
+                    .workspace_id(&w.id)
+                    .into_paginator()
+                    .send();
+                while let Some(page) = pages.next().await {
+                    let page = page.map_err(aws_error("grafana", "ListPermissions"))?;
+                    for p in page.permissions() {
+                        if let Some(u) = p.user() {
+                            members.insert(
+                                (u.r#type().as_str().to_string(), u.id().to_string()),
+                                p.role().as_str().to_string(),
+                            );
+                        }
+                    }
                 }
-            }
+                Ok::<_, Error>(ObservedPermissions {
+                    workspace: w.clone(),
+                    members,
+                })
+            });
+        futures::future::join_all(reads).await.into_iter().collect()
+    }
+
+    fn id(&self, o: &ObservedPermissions) -> String {
+        o.workspace.id.clone()
+    }
+
+    /// Role associations carry no tags, and are never removed by removing `roles`.
+    fn tags<'o>(&self, _o: &'o ObservedPermissions) -> Option<&'o Tags> {
+        None
+    }
+
+    fn find<'o>(
+        &self,
+        desired: &DesiredState,
+        node: &Resource,
+        observed: &'o [ObservedPermissions],
+    ) -> Option<&'o ObservedPermissions> {
+        observed.iter().find(|o| {
+            o.workspace.is_live()
+                && workspace_node(desired, &o.workspace) == Some(node.id.composite())
+        })
+    }
+
+    fn diff(&self, want: &PermissionsWant, have: &ObservedPermissions) -> Vec<PermissionsUpdate> {
+        let batch = permission_batch(&have.members, &want.members);
+        if batch.is_empty() {
+            return Vec::new();
         }
-        Ok(None)
+        vec![PermissionsUpdate {
+            batch,
+            before: show_permissions(&have.members),
+            after: show_permissions(&want.members),
+        }]
+    }
+
+    fn create_fields(&self, want: &PermissionsWant) -> Vec<FieldChange> {
+        vec![FieldChange::new(
+            "roles",
+            None,
+            Some(show_permissions(&want.members)),
+        )]
+    }
+
+    fn label(&self, want: &PermissionsWant) -> String {
+        want.workspace.clone()
+    }
+
+    /// A workspace's permissions exist with it: "creating" them is granting them.
+    async fn create(&self, ctx: &Context, want: &PermissionsWant, _tags: &Tags) -> Result<Outputs> {
+        update_permissions(
+            ctx,
+            &want.workspace,
+            &permission_batch(&BTreeMap::new(), &want.members),
+        )
+        .await?;
+        Ok(Outputs::new())
+    }
+
+    async fn update(
+        &self,
+        ctx: &Context,
+        have: &ObservedPermissions,
+        change: &PermissionsUpdate,
+    ) -> Result<()> {
+        update_permissions(ctx, &have.workspace.id, &change.batch).await
+    }
+
+    async fn delete(&self, _ctx: &Context, _have: &ObservedPermissions) -> Result<()> {
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::change::{Action, Change};
+    use crate::controller::Controller;
+    use crate::managed::{Managed, Op};
     use crate::testing::{desired, owned_tags, resource};
 
     const ADMINS: &str = "9067729b3d-94f1e0c8-1d5b-4a0d-8e53-3c6d9d2c6f0a";
@@ -1021,70 +1148,142 @@ mod tests {
         (kind.to_string(), id.to_string())
     }
 
-    fn observed() -> Observed {
-        Observed {
-            region: "us-east-1".into(),
-            account: "123456789012".into(),
-            workspaces: vec![ObservedWorkspace {
-                id: "g-1".into(),
-                name: Some("s-main".into()),
-                status: "ACTIVE".into(),
-                endpoint: "g-1.grafana-workspace.us-east-1.amazonaws.com".into(),
-                tags: owned_tags("amg.workspace.main"),
-                providers: vec!["AWS_SSO".into()],
-                permission_type: "SERVICE_MANAGED".into(),
-                account_access_type: "CURRENT_ACCOUNT".into(),
-                data_sources: vec!["PROMETHEUS".into()],
-                permissions: BTreeMap::from([
-                    (member("SSO_GROUP", ADMINS), "ADMIN".to_string()),
-                    (member("SSO_GROUP", VIEWERS), "VIEWER".to_string()),
-                    (member("SSO_USER", ALICE), "VIEWER".to_string()),
-                ]),
-                ..Default::default()
-            }],
+    fn workspace() -> ObservedWorkspace {
+        ObservedWorkspace {
+            id: "g-1".into(),
+            name: Some("s-main".into()),
+            status: "ACTIVE".into(),
+            endpoint: "g-1.grafana-workspace.us-east-1.amazonaws.com".into(),
+            tags: owned_tags("amg.workspace.main"),
+            providers: vec!["AWS_SSO".into()],
+            permission_type: "SERVICE_MANAGED".into(),
+            account_access_type: "CURRENT_ACCOUNT".into(),
+            data_sources: vec!["PROMETHEUS".into()],
+            arn: "arn:aws:grafana:us-east-1:123456789012:/workspaces/g-1".into(),
+            ..Default::default()
         }
     }
 
-    fn diff_with(
-        s: WorkspaceSpec,
-        adopt: Option<&str>,
-        o: &Observed,
-    ) -> Result<Option<Change<Op>>> {
-        let mut r = resource(Kind::AmgWorkspace, "main", Spec::AmgWorkspace(s));
-        r.adopt = adopt.map(str::to_string);
-        AmgController.diff(&desired(vec![r.clone()]), &r, o, &Refs::default())
+    fn granted() -> ObservedPermissions {
+        ObservedPermissions {
+            workspace: workspace(),
+            members: BTreeMap::from([
+                (member("SSO_GROUP", ADMINS), "ADMIN".to_string()),
+                (member("SSO_GROUP", VIEWERS), "VIEWER".to_string()),
+                (member("SSO_USER", ALICE), "VIEWER".to_string()),
+            ]),
+        }
     }
 
-    fn diff(s: WorkspaceSpec, o: &Observed) -> Result<Option<Change<Op>>> {
-        diff_with(s, None, o)
+    /// The table `amg.workspace.main` and its parts, as loading expands them.
+    fn nodes(s: WorkspaceSpec, adopt: Option<&str>) -> DesiredState {
+        let mut table = resource(Kind::AmgWorkspace, "main", Spec::AmgWorkspace(s.clone()));
+        table.adopt = adopt.map(str::to_string);
+        let mut all = s.parts(&table);
+        all.push(table);
+        desired(all)
+    }
+
+    fn ws_id() -> ResourceId {
+        ResourceId::new(Kind::AmgWorkspace, "main")
+    }
+
+    fn permissions_id() -> ResourceId {
+        ResourceId::part(Kind::AmgPermissions, "main", None)
+    }
+
+    fn refs(status: &str) -> Refs {
+        let mut w = workspace();
+        w.status = status.into();
+        Refs {
+            outputs: [(ws_id(), Workspace.outputs(&w))].into(),
+            ..Default::default()
+        }
+    }
+
+    fn diff_ws(
+        s: WorkspaceSpec,
+        adopt: Option<&str>,
+        observed: Vec<ObservedWorkspace>,
+    ) -> Result<Option<Change<Op<Workspace>>>> {
+        let d = nodes(s, adopt);
+        Managed(Workspace).diff(&d, &d.resources[&ws_id()], &observed, &refs("ACTIVE"))
+    }
+
+    fn diff_permissions(
+        observed: Vec<ObservedPermissions>,
+        refs: &Refs,
+    ) -> Result<Option<Change<Op<Permissions>>>> {
+        let d = nodes(access(), None);
+        Managed(Permissions).diff(&d, &d.resources[&permissions_id()], &observed, refs)
+    }
+
+    #[test]
+    fn roles_make_a_permissions_node_and_no_roles_none() {
+        let d = nodes(access(), None);
+        assert_eq!(d.resources.len(), 2);
+        assert_eq!(d.resources[&permissions_id()].depends_on, [ws_id()].into());
+        assert_eq!(
+            permissions_id().to_string(),
+            "amg.workspace.main.permissions"
+        );
+        assert_eq!(
+            nodes(spec("data_sources = [\"PROMETHEUS\"]"), None)
+                .resources
+                .len(),
+            1
+        );
     }
 
     #[test]
     fn a_workspace_as_desired_has_no_change() {
-        assert!(diff(access(), &observed()).unwrap().is_none());
+        assert!(diff_ws(access(), None, vec![workspace()])
+            .unwrap()
+            .is_none());
+        assert!(diff_permissions(vec![granted()], &refs("ACTIVE"))
+            .unwrap()
+            .is_none());
     }
 
     #[test]
-    fn a_missing_workspace_is_created_with_defaults_tags_and_its_roles() {
-        let c = diff(access(), &Observed::default()).unwrap().unwrap();
-        let [Op::Create {
-            settings,
-            providers,
-            tags,
-            client_token,
-            permissions,
-        }] = &c.ops[..]
-        else {
+    fn a_missing_workspace_is_created_with_defaults_tags_and_a_client_token() {
+        let c = diff_ws(access(), None, vec![]).unwrap().unwrap();
+        let [Op::Create { want, tags }] = &c.ops[..] else {
             panic!("{:?}", c.ops);
         };
-        assert_eq!(settings.name.as_deref(), Some("s-main"));
-        assert_eq!(settings.permission_type.as_deref(), Some("SERVICE_MANAGED"));
-        assert_eq!(providers, &["AWS_SSO"]);
-        assert!(tags.contains_key(crate::desired::TAG_ID));
-        assert!(client_token.starts_with("sw-"));
+        assert_eq!(want.settings.name.as_deref(), Some("s-main"));
+        assert_eq!(want.providers, ["AWS_SSO"]);
+        assert_eq!(tags[crate::desired::TAG_ID], "amg.workspace.main");
+        assert!(want.client_token.starts_with("sw-"));
+        let shown: Vec<&str> = c.fields.iter().map(|f| f.field.as_str()).collect();
         assert_eq!(
-            permissions,
-            &vec![
+            shown,
+            [
+                "name",
+                "authentication_providers",
+                "permission_type",
+                "tags"
+            ]
+        );
+    }
+
+    #[test]
+    fn roles_are_granted_once_the_workspace_is_active_and_planned_before_it_exists() {
+        let e = diff_permissions(vec![], &refs("CREATING")).unwrap_err();
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(10)), "{e}");
+        let planned = diff_permissions(vec![], &Refs::default()).unwrap().unwrap();
+        assert_eq!(planned.action, Action::Create);
+        let mut fresh = granted();
+        fresh.members.clear();
+        let c = diff_permissions(vec![fresh], &refs("ACTIVE"))
+            .unwrap()
+            .unwrap();
+        let [Op::Update { change, .. }] = &c.ops[..] else {
+            panic!("{:?}", c.ops);
+        };
+        assert_eq!(
+            change.batch,
+            vec![
                 (
                     "ADD".to_string(),
                     "ADMIN".to_string(),
@@ -1101,25 +1300,25 @@ mod tests {
 
     #[test]
     fn out_of_band_grants_become_the_minimal_batch() {
-        let mut o = observed();
-        let perms = &mut o.workspaces[0].permissions;
-        // A user added out of band, a group's role changed, a group removed.
-        perms.insert(
+        let mut o = granted();
+        // A user added out of band, a group's role changed, a user removed.
+        o.members.insert(
             member(
                 "SSO_USER",
                 "9067729b3d-1b2c3d4e-0000-4000-8000-000000000009",
             ),
             "EDITOR".into(),
         );
-        perms.insert(member("SSO_GROUP", VIEWERS), "ADMIN".into());
-        perms.remove(&member("SSO_USER", ALICE));
-        let c = diff(access(), &o).unwrap().unwrap();
-        let [Op::UpdatePermissions { batch, .. }] = &c.ops[..] else {
+        o.members
+            .insert(member("SSO_GROUP", VIEWERS), "ADMIN".into());
+        o.members.remove(&member("SSO_USER", ALICE));
+        let c = diff_permissions(vec![o], &refs("ACTIVE")).unwrap().unwrap();
+        let [Op::Update { change, .. }] = &c.ops[..] else {
             panic!("{:?}", c.ops);
         };
         assert_eq!(
-            batch,
-            &vec![
+            change.batch,
+            vec![
                 (
                     "ADD".to_string(),
                     "VIEWER".to_string(),
@@ -1135,42 +1334,45 @@ mod tests {
                 ),
             ]
         );
+        assert_eq!(c.fields.len(), 1);
+        assert_eq!(c.fields[0].field, "roles");
     }
 
     #[test]
-    fn without_roles_permissions_are_left_alone() {
-        let mut o = observed();
-        o.workspaces[0].permissions.clear();
-        assert!(diff(spec("data_sources = [\"PROMETHEUS\"]"), &o)
-            .unwrap()
-            .is_none());
+    fn permissions_are_never_removed_by_dropping_roles() {
+        let d = nodes(spec("data_sources = [\"PROMETHEUS\"]"), None);
+        assert!(Managed(Permissions)
+            .removed(&d, &vec![granted()], true)
+            .is_empty());
     }
 
     #[test]
     fn settings_set_and_differing_are_updated_alone() {
-        let mut o = observed();
-        o.workspaces[0].data_sources = vec!["CLOUDWATCH".into()];
-        o.workspaces[0].description = Some("theirs".into());
-        let c = diff(access(), &o).unwrap().unwrap();
-        let [Op::Update { settings, .. }] = &c.ops[..] else {
+        let mut w = workspace();
+        w.data_sources = vec!["CLOUDWATCH".into()];
+        w.description = Some("theirs".into());
+        let c = diff_ws(access(), None, vec![w]).unwrap().unwrap();
+        let [Op::Update { change, .. }] = &c.ops[..] else {
             panic!("{:?}", c.ops);
         };
         assert_eq!(
-            settings,
-            &Settings {
+            change.settings,
+            Settings {
                 data_sources: Some(vec!["PROMETHEUS".into()]),
                 ..Settings::default()
             },
             "the description is not set in the desired state, so it is left alone"
         );
+        assert_eq!(c.fields.len(), 1);
+        assert_eq!(c.fields[0].field, "data_sources");
     }
 
     #[test]
     fn tag_drift_is_corrected() {
-        let mut o = observed();
-        o.workspaces[0].tags.remove("team");
-        o.workspaces[0].tags.insert("extra".into(), "x".into());
-        let c = diff(access(), &o).unwrap().unwrap();
+        let mut w = workspace();
+        w.tags.remove("team");
+        w.tags.insert("extra".into(), "x".into());
+        let c = diff_ws(access(), None, vec![w]).unwrap().unwrap();
         assert!(
             matches!(&c.ops[..], [Op::Tag { .. }, Op::Untag { keys, .. }] if keys == &["extra"])
         );
@@ -1178,38 +1380,48 @@ mod tests {
 
     #[test]
     fn an_adopted_workspace_gets_no_write_beyond_what_is_desired() {
-        let mut o = observed();
-        o.workspaces[0].tags.clear();
-        o.workspaces[0].name = Some("theirs".into());
-        assert!(diff_with(access(), Some("g-1"), &o).unwrap().is_none());
+        let mut w = workspace();
+        w.tags.clear();
+        w.name = Some("theirs".into());
+        assert!(diff_ws(access(), Some("g-1"), vec![w.clone()])
+            .unwrap()
+            .is_none());
         assert!(matches!(
-            diff_with(access(), Some("g-404"), &o),
+            diff_ws(access(), Some("g-404"), vec![w]),
             Err(Error::Invalid(m)) if m.contains("g-404")
         ));
     }
 
     #[test]
-    fn a_creating_workspace_is_waited_on_then_granted() {
-        let mut o = observed();
-        o.workspaces[0].status = "CREATING".into();
-        o.workspaces[0].permissions.clear();
-        let c = diff(access(), &o).unwrap().unwrap();
-        assert!(matches!(
-            &c.ops[..],
-            [Op::AwaitActive { workspace, permissions }] if workspace == "g-1" && permissions.len() == 2
-        ));
+    fn a_creating_workspace_is_waited_for_without_polling() {
+        let mut w = workspace();
+        w.status = "CREATING".into();
+        let e = diff_ws(access(), None, vec![w]).unwrap_err();
+        assert!(e.to_string().contains("still CREATING"), "{e}");
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(10)));
+    }
+
+    #[test]
+    fn a_provider_differing_from_the_desired_one_is_a_note_not_a_write() {
+        let mut w = workspace();
+        w.providers = vec!["SAML".into()];
+        let mut s = access();
+        s.authentication_providers = Some(vec!["AWS_SSO".into()]);
+        let c = diff_ws(s, None, vec![w]).unwrap().unwrap();
+        assert!(c.ops.is_empty());
+        assert!(c.notes[0].contains("only at creation"), "{:?}", c.notes);
     }
 
     #[test]
     fn removed_workspaces_are_orphaned_unless_pruned() {
         let d = desired(vec![]);
-        let o = observed();
-        assert!(matches!(
-            AmgController.removed(&d, &o, false)[0].action,
-            Action::Orphan
-        ));
-        let pruned = AmgController.removed(&d, &o, true);
-        assert!(matches!(&pruned[0].ops[..], [Op::Delete { workspace }] if workspace == "g-1"));
+        let observed = vec![workspace()];
+        let orphaned = Managed(Workspace).removed(&d, &observed, false);
+        assert_eq!(orphaned.len(), 1);
+        assert_eq!(orphaned[0].action, Action::Orphan);
+        let pruned = Managed(Workspace).removed(&d, &observed, true);
+        assert_eq!(pruned.len(), 1);
+        assert!(matches!(&pruned[0].ops[..], [Op::Delete { have }] if have.id == "g-1"));
     }
 
     #[test]

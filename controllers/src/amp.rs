@@ -430,10 +430,10 @@ pub enum WorkspaceUpdate {
 }
 
 impl Describe for WorkspaceUpdate {
-    fn field(&self) -> FieldChange {
+    fn fields(&self) -> Vec<FieldChange> {
         match self {
             WorkspaceUpdate::Alias { from, to } => {
-                FieldChange::new("alias", from.clone(), Some(to.clone()))
+                vec![FieldChange::new("alias", from.clone(), Some(to.clone()))]
             }
         }
     }
@@ -650,12 +650,9 @@ pub enum RuleGroupsUpdate {
 }
 
 impl Describe for RuleGroupsUpdate {
-    fn field(&self) -> FieldChange {
-        match self {
-            RuleGroupsUpdate::Data { from, to } => {
-                FieldChange::new("data", Some(shown(from)), Some(shown(to)))
-            }
-        }
+    fn fields(&self) -> Vec<FieldChange> {
+        let RuleGroupsUpdate::Data { from, to } = self;
+        vec![FieldChange::new("data", Some(shown(from)), Some(shown(to)))]
     }
 }
 
@@ -885,15 +882,15 @@ pub enum AlertmanagerUpdate {
 }
 
 impl Describe for AlertmanagerUpdate {
-    fn field(&self) -> FieldChange {
-        match self {
+    fn fields(&self) -> Vec<FieldChange> {
+        vec![match self {
             AlertmanagerUpdate::Put { from, to } => {
                 FieldChange::new("data", Some(shown(from)), Some(shown(to)))
             }
             AlertmanagerUpdate::Record { data } => {
                 FieldChange::new(TAG_ALERTMANAGER, None, Some(short_hash(data)))
             }
-        }
+        }]
     }
 }
 
@@ -1128,9 +1125,13 @@ pub enum LoggingUpdate {
 }
 
 impl Describe for LoggingUpdate {
-    fn field(&self) -> FieldChange {
+    fn fields(&self) -> Vec<FieldChange> {
         let LoggingUpdate::LogGroup { from, to } = self;
-        FieldChange::new("log_group_arn", Some(from.clone()), Some(to.clone()))
+        vec![FieldChange::new(
+            "log_group_arn",
+            Some(from.clone()),
+            Some(to.clone()),
+        )]
     }
 }
 

@@ -212,31 +212,3 @@ pub fn removal<Op>(
     }
     Some(c)
 }
-
-/// [`removal`] for each object of a kind that has an id of its own (a workspace): managed when a
-/// desired resource of `kind` adopts that id or `found` finds it.
-pub fn removed_objects<'a, Op>(
-    desired: &DesiredState,
-    kind: Kind,
-    objects: impl IntoIterator<Item = (&'a str, &'a Tags)>,
-    found: impl Fn(&Resource) -> Option<&'a str>,
-    label: &str,
-    prune: bool,
-    delete: impl Fn(&str) -> Op,
-) -> Vec<Change<Op>> {
-    objects
-        .into_iter()
-        .filter_map(|(id, tags)| {
-            let manages = |r: &Resource| r.adopt.as_deref() == Some(id) || found(r) == Some(id);
-            removal(
-                desired,
-                kind,
-                tags,
-                manages,
-                format!("{label} {id}"),
-                prune,
-                || vec![delete(id)],
-            )
-        })
-        .collect()
-}

@@ -37,16 +37,12 @@ pub struct Context {
     reads: std::sync::Arc<SharedReads>,
 }
 
+/// One shared read's result, made by whichever kind asks first.
+type SharedRead = std::sync::Arc<tokio::sync::OnceCell<std::sync::Arc<dyn Any + Send + Sync>>>;
+
 /// Results of reads shared by the kinds observed together, by name.
 #[derive(Default)]
-struct SharedReads(
-    std::sync::Mutex<
-        std::collections::HashMap<
-            &'static str,
-            std::sync::Arc<tokio::sync::OnceCell<std::sync::Arc<dyn Any + Send + Sync>>>,
-        >,
-    >,
-);
+struct SharedReads(std::sync::Mutex<std::collections::HashMap<&'static str, SharedRead>>);
 
 impl Context {
     /// Clients for every service, built from one SDK configuration, each with the given

@@ -55,6 +55,7 @@ pub enum Spec {
     AmpAlertmanager(amp::AlertmanagerPart),
     AmpLogging(amp::LoggingPart),
     AmgWorkspace(amg::WorkspaceSpec),
+    AmgPermissions(amg::PermissionsPart),
     Host(host::HostSpec),
     Grafana(grafana::GrafanaSpec),
     HostConfig(host_config::HostConfigSpec),
@@ -71,7 +72,10 @@ impl Spec {
             Kind::IamPolicy => Spec::IamPolicy(Deserialize::deserialize(de)?),
             Kind::IamInstanceProfile => Spec::IamInstanceProfile(Deserialize::deserialize(de)?),
             Kind::AmpWorkspace => Spec::AmpWorkspace(Deserialize::deserialize(de)?),
-            Kind::AmpRuleGroups | Kind::AmpAlertmanager | Kind::AmpLogging => {
+            Kind::AmpRuleGroups
+            | Kind::AmpAlertmanager
+            | Kind::AmpLogging
+            | Kind::AmgPermissions => {
                 unreachable!("parts are made by expanding their table, never written")
             }
             Kind::AmgWorkspace => Spec::AmgWorkspace(Deserialize::deserialize(de)?),
@@ -88,7 +92,10 @@ impl Spec {
             Spec::IamPolicy(s) => s.validate(v),
             Spec::IamInstanceProfile(s) => s.validate(v),
             Spec::AmpWorkspace(s) => s.validate(v),
-            Spec::AmpRuleGroups(_) | Spec::AmpAlertmanager(_) | Spec::AmpLogging(_) => {}
+            Spec::AmpRuleGroups(_)
+            | Spec::AmpAlertmanager(_)
+            | Spec::AmpLogging(_)
+            | Spec::AmgPermissions(_) => {}
             Spec::AmgWorkspace(s) => s.validate(v),
             Spec::Host(s) => s.validate(v),
             Spec::Grafana(s) => s.validate(v),
@@ -104,6 +111,7 @@ impl Spec {
     pub fn parts(&self, table: &Resource) -> Option<(Vec<Resource>, BTreeSet<ResourceId>)> {
         match self {
             Spec::AmpWorkspace(s) => Some((s.parts(table), s.own_references())),
+            Spec::AmgWorkspace(s) => Some((s.parts(table), table.depends_on.clone())),
             _ => None,
         }
     }

@@ -51,9 +51,9 @@ pub enum Readiness {
     Waiting(String, Duration),
 }
 
-/// One in-place change of an object, which also says what it changes (its plan line).
+/// One in-place change of an object, which also says what it changes (its plan lines).
 pub trait Describe {
-    fn field(&self) -> FieldChange;
+    fn fields(&self) -> Vec<FieldChange>;
 }
 
 /// One kind of AWS object.
@@ -130,6 +130,18 @@ pub trait ManagedObject: Send + Sync + 'static {
     /// The tags the node's object should carry besides the ownership and stack tags.
     fn own_tags(&self, _want: &Self::Desired) -> Tags {
         Tags::new()
+    }
+
+    /// Whether the layer keeps the object's tags as desired (ownership tags included). Some
+    /// kinds leave an adopted object's tags alone unless the desired state sets some.
+    fn writes_tags(&self, _node: &Resource, _want: &Self::Desired) -> bool {
+        true
+    }
+
+    /// Pure: what a person should know about the object that no write changes (a setting
+    /// fixed at creation that differs).
+    fn notes(&self, _want: &Self::Desired, _have: &Self::Observed) -> Vec<String> {
+        Vec::new()
     }
 
     /// The plan lines of a create.
@@ -297,14 +309,19 @@ impl<K: ManagedObject> Controller for Managed<K> {
             Action::Update,
             format!("{} {}", K::NOUN, self.0.id(have)),
         );
+        c.notes = self.0.notes(&want, have);
         for change in self.0.diff(&want, have) {
-            c.fields.push(change.field());
+            c.fields.extend(change.fields());
             c.op(Op::Update {
                 have: have.clone(),
                 change,
             });
         }
-        if let Some(current) = self.0.tags(have) {
+        if let Some(current) = self
+            .0
+            .tags(have)
+            .filter(|_| self.0.writes_tags(node, &want))
+        {
             if node.adopt.is_some() && !owned_by(current, desired.stack_name(), &node.id) {
                 c.notes
                     .push(format!("adopting existing {} {}", K::NOUN, self.0.id(have)));
@@ -322,7 +339,7 @@ impl<K: ManagedObject> Controller for Managed<K> {
                 },
             );
         }
-        Ok((!c.ops.is_empty()).then_some(c))
+        Ok((!c.ops.is_empty() || !c.notes.is_empty()).then_some(c))
     }
 
     fn removed(

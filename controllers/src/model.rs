@@ -27,13 +27,15 @@ pub enum Kind {
     /// The logging configuration of an AMP workspace.
     AmpLogging,
     AmgWorkspace,
+    /// The IAM Identity Center role associations of a Managed Grafana workspace.
+    AmgPermissions,
     Host,
     Grafana,
     HostConfig,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = KINDS;
+    pub const ALL: [Kind; 12] = KINDS;
 
     /// The kind as a one-element slice that lives forever (what a controller reports).
     pub fn as_slice(self) -> &'static [Kind] {
@@ -47,6 +49,7 @@ impl Kind {
             Kind::AmpRuleGroups => Some((Kind::AmpWorkspace, "rule_groups", true)),
             Kind::AmpAlertmanager => Some((Kind::AmpWorkspace, "alertmanager", false)),
             Kind::AmpLogging => Some((Kind::AmpWorkspace, "logging", false)),
+            Kind::AmgPermissions => Some((Kind::AmgWorkspace, "permissions", false)),
             _ => None,
         }
     }
@@ -58,7 +61,7 @@ impl Kind {
 }
 
 /// Every kind, in [`Kind`]'s order (so `KINDS[k as usize] == k`).
-static KINDS: [Kind; 11] = [
+static KINDS: [Kind; 12] = [
     Kind::IamPolicy,
     Kind::IamRole,
     Kind::IamInstanceProfile,
@@ -67,6 +70,7 @@ static KINDS: [Kind; 11] = [
     Kind::AmpAlertmanager,
     Kind::AmpLogging,
     Kind::AmgWorkspace,
+    Kind::AmgPermissions,
     Kind::Host,
     Kind::Grafana,
     Kind::HostConfig,
@@ -84,6 +88,7 @@ impl Kind {
             Kind::AmpAlertmanager => "amp.workspace.alertmanager",
             Kind::AmpLogging => "amp.workspace.logging",
             Kind::AmgWorkspace => "amg.workspace",
+            Kind::AmgPermissions => "amg.workspace.permissions",
             Kind::Host => "host",
             Kind::Grafana => "grafana",
             Kind::HostConfig => "host_config",
@@ -108,7 +113,10 @@ impl Kind {
                 "remote_write_url",
                 "query_url",
             ],
-            Kind::AmpRuleGroups | Kind::AmpAlertmanager | Kind::AmpLogging => &[],
+            Kind::AmpRuleGroups
+            | Kind::AmpAlertmanager
+            | Kind::AmpLogging
+            | Kind::AmgPermissions => &[],
             Kind::AmgWorkspace => &["id", "arn", "endpoint"],
             Kind::Host => &[
                 "instance_id",
