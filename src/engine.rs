@@ -351,6 +351,8 @@ impl Engine {
         struct Progress {
             refs: Refs,
             failed: BTreeSet<ResourceId>,
+            /// Still converging: what needs their attributes waits with them.
+            waiting: BTreeSet<ResourceId>,
             changes: Vec<(usize, Change<AnyOp>)>,
             errors: Vec<(usize, ResourceError)>,
             durations: Vec<(Kind, f64)>,
@@ -358,6 +360,7 @@ impl Engine {
         let mut progress = Progress {
             refs: obs.refs.clone(),
             failed: BTreeSet::new(),
+            waiting: BTreeSet::new(),
             changes: Vec::new(),
             errors: Vec::new(),
             durations: Vec::new(),
@@ -384,10 +387,15 @@ impl Engine {
                     .filter(|d| p.failed.contains(*d))
                     .cloned()
                     .collect();
+                let waiting: BTreeSet<ResourceId> = deps
+                    .iter()
+                    .filter(|d| p.waiting.contains(*d))
+                    .cloned()
+                    .collect();
                 async move {
                     let started = std::time::Instant::now();
                     let result = self
-                        .reconcile(desired, obs, id, &refs, &failed)
+                        .reconcile(desired, obs, id, &refs, &failed, &waiting)
                         .instrument(tracing::info_span!("reconcile", resource = %id))
                         .await;
                     (result, started.elapsed().as_secs_f64())
@@ -409,6 +417,7 @@ impl Engine {
                     Ok(None) => {}
                     Err(e) if e.class() == ErrorClass::Waiting => {
                         tracing::info!(resource = %id, "{e}");
+                        p.waiting.insert(id.clone());
                         p.errors
                             .push((position[id], ResourceError::new(id.clone(), &e)));
                     }
@@ -468,6 +477,7 @@ impl Engine {
         id: &ResourceId,
         refs: &Refs,
         failed: &BTreeSet<ResourceId>,
+        waiting: &BTreeSet<ResourceId>,
     ) -> Result<Option<(Change<AnyOp>, stackwarden_controllers::model::Outputs)>, Error> {
         let r = &desired.resources[id];
         let Some(ci) = self.controller_for(id.kind) else {
@@ -475,7 +485,18 @@ impl Engine {
         };
         let ctrl = &self.controllers[ci];
         let o = self.observed(obs, ci)?;
-        // Everything referenced must exist now (created earlier in this pass, or before).
+        // Everything referenced must exist now (created earlier in this pass, or before); what
+        // references an object still converging that has no attributes yet waits with it.
+        if let Some(dep) = r
+            .depends_on
+            .iter()
+            .find(|d| waiting.contains(*d) && !refs.outputs.contains_key(*d))
+        {
+            return Err(Error::waiting(
+                format!("{dep}, which it references, is still converging"),
+                stackwarden_controllers::managed::LOOK_AGAIN,
+            ));
+        }
         if let Some(dep) = r
             .depends_on
             .iter()

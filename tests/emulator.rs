@@ -1388,3 +1388,135 @@ async fn an_emulator_can_front_a_moto_that_is_already_running() {
     assert_eq!(role.role().unwrap().role_name(), "made-through-the-first");
     assert_eq!(second.moto_endpoint(), first.emulator.moto_endpoint());
 }
+
+/// Where moto is lax, AWS's answers: a second CreateAutoScalingGroup of a name is
+/// `AlreadyExists` (moto replaces the group, instances and all), and the group is untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_create_of_an_auto_scaling_group_is_already_exists_and_changes_nothing() {
+    let aws = Aws::start();
+    let ec2 = aws.ec2().await;
+    let asg = aws.autoscaling().await;
+    let template = ec2
+        .create_launch_template()
+        .launch_template_name("grafana")
+        .launch_template_data(
+            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                .image_id(AMI)
+                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .launch_template
+        .unwrap();
+    let create = |size: i32| {
+        asg.create_auto_scaling_group()
+            .auto_scaling_group_name("grafana")
+            .launch_template(
+                aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                    .launch_template_id(template.launch_template_id().unwrap())
+                    .version("$Latest")
+                    .build(),
+            )
+            .min_size(size)
+            .max_size(size)
+            .desired_capacity(size)
+            .availability_zones("us-east-1a")
+            .send()
+    };
+    create(2).await.unwrap();
+    let group = || async {
+        asg.describe_auto_scaling_groups()
+            .auto_scaling_group_names("grafana")
+            .send()
+            .await
+            .unwrap()
+            .auto_scaling_groups()[0]
+            .clone()
+    };
+    let before = group().await;
+    assert_eq!(before.instances().len(), 2);
+    let err = create(3).await.unwrap_err();
+    assert!(
+        err.as_service_error()
+            .is_some_and(|e| e.is_already_exists_fault()),
+        "{err:?}"
+    );
+    assert_eq!(err.code(), Some("AlreadyExists"));
+    let after = group().await;
+    assert_eq!(after.max_size(), Some(2));
+    let ids = |g: &aws_sdk_autoscaling::types::AutoScalingGroup| -> Vec<String> {
+        g.instances()
+            .iter()
+            .map(|i| i.instance_id().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(ids(&after), ids(&before));
+}
+
+/// IAM is eventually consistent: RunInstances refuses an instance profile created moments ago
+/// with `InvalidParameterValue` ("Invalid IAM Instance Profile name"), then takes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_instance_profile_is_refused_by_run_instances_until_it_propagates() {
+    let aws = Aws::with(Settings {
+        profile_propagation: Duration::from_millis(1500),
+        ..Settings::default()
+    });
+    let iam = aws.iam().await;
+    let ec2 = aws.ec2().await;
+    iam.create_instance_profile()
+        .instance_profile_name("fresh")
+        .send()
+        .await
+        .unwrap();
+    let created = Instant::now();
+    let run = || {
+        ec2.run_instances()
+            .image_id(AMI)
+            .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+            .min_count(1)
+            .max_count(1)
+            .iam_instance_profile(
+                aws_sdk_ec2::types::IamInstanceProfileSpecification::builder()
+                    .name("fresh")
+                    .build(),
+            )
+            .send()
+    };
+    let err = run().await.unwrap_err();
+    assert_eq!(err.code(), Some("InvalidParameterValue"));
+    assert!(
+        err.message()
+            .unwrap_or_default()
+            .contains("Invalid IAM Instance Profile name"),
+        "{err:?}"
+    );
+    let launched = eventually("the profile to propagate", || async { run().await.ok() }).await;
+    assert!(created.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(launched.instances().len(), 1);
+}
+
+/// A just-launched instance's SSM agent has not registered: SendCommand naming it is
+/// `InvalidInstanceId` until it has.
+#[tokio::test(flavor = "multi_thread")]
+async fn send_command_to_an_instance_whose_agent_has_not_registered_is_invalid_instance_id() {
+    let aws = Aws::with(Settings {
+        ssm_registration: Duration::from_millis(1500),
+        ..Settings::default()
+    });
+    let ssm = aws.ssm().await;
+    let ids = instances(&aws, 1, &[]).await;
+    let launched = Instant::now();
+    let send = || {
+        ssm.send_command()
+            .document_name("AWS-RunShellScript")
+            .instance_ids(&ids[0])
+            .parameters("commands", vec!["true".to_string()])
+            .send()
+    };
+    assert_eq!(code(send().await), "InvalidInstanceId");
+    let sent = eventually("the agent to register", || async { send().await.ok() }).await;
+    assert!(launched.elapsed() >= Duration::from_millis(1500));
+    assert!(sent.command().is_some());
+}

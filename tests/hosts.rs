@@ -36,12 +36,17 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Fixture {
+        Fixture::with(Settings::default())
+    }
+
+    /// With these emulator settings (the sandbox and Prometheus are the fixture's).
+    fn with(settings: Settings) -> Fixture {
         let root = tempfile::tempdir().unwrap();
         let prometheus = Prometheus::start(root.path());
         let aws = Aws::with(Settings {
             shared_sandbox: Some(root.path().to_path_buf()),
             sandbox_env: [("PROMETHEUS_URL".to_string(), prometheus.url.clone())].into(),
-            ..Settings::default()
+            ..settings
         });
         let dir = default_stack();
         std::fs::write(dir.path().join("hosts.toml"), HOSTS).unwrap();
@@ -426,4 +431,36 @@ fn bad_host_input_is_rejected_without_aws_calls() {
         run.stderr
     );
     assert_eq!(run.calls().0, 0);
+}
+
+/// AWS's eventual consistency on a cold run: RunInstances refuses the instance profile made
+/// seconds before, and SSM does not know the new instance yet. Both are waiting, not errors:
+/// one `reconcile --once` launches one instance once the profile has propagated and pushes the
+/// config once the agent has registered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cold_run_waits_for_a_new_instance_profile_and_a_new_instance_to_propagate() {
+    let f = Fixture::with(Settings {
+        profile_propagation: std::time::Duration::from_secs(3),
+        ssm_registration: std::time::Duration::from_secs(3),
+        ..Settings::default()
+    });
+    let cold = f.reconcile();
+    cold.expect(0);
+    assert!(
+        cold.stderr
+            .contains("host.prometheus: waiting: ec2:RunInstances")
+            && cold.stderr.contains("Invalid IAM Instance Profile name"),
+        "{}",
+        cold.stderr
+    );
+    assert!(
+        cold.stderr.contains(
+            "host.prometheus: waiting: an instance is not yet reachable over SSM (InvalidInstanceId"
+        ),
+        "{}",
+        cold.stderr
+    );
+    let instances = f.instances().await;
+    assert_eq!(instances.len(), 1, "{instances:?}");
+    f.plan().expect(0);
 }

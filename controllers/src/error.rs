@@ -203,7 +203,19 @@ pub const EVENTUALLY_CONSISTENT: &[(&str, &str)] = &[
     ("ValidationError", "cannot be assumed"),
     ("InvalidParameterValueException", "cannot be assumed"),
     ("ValidationException", "cannot be assumed"),
+    // SendCommand to an instance launched seconds ago, whose SSM agent has not registered.
+    ("InvalidInstanceId", ""),
 ];
+
+/// How long to wait before trying again a call that met AWS's eventual consistency.
+pub const PROPAGATION: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether an error is AWS's eventual consistency right after a create.
+fn propagating(code: &str, message: &str) -> bool {
+    EVENTUALLY_CONSISTENT
+        .iter()
+        .any(|(c, words)| *c == code && message.contains(words))
+}
 
 /// Pure classification of a service error by its code and HTTP status.
 pub fn classify_service_error(code: Option<&str>, status: Option<u16>) -> ErrorClass {
@@ -226,10 +238,7 @@ pub fn classify_service_message(
     if THROTTLING_CODES.contains(&code) {
         return ErrorClass::Throttled;
     }
-    let propagating = EVENTUALLY_CONSISTENT
-        .iter()
-        .any(|(c, words)| *c == code && message.contains(words));
-    if PERMANENT_CODES.contains(&code) && !propagating {
+    if PERMANENT_CODES.contains(&code) && !propagating(code, message) {
         ErrorClass::Terminal
     } else {
         ErrorClass::Retryable
@@ -284,6 +293,17 @@ where
             }
             _ => aws_smithy_types::error::display::DisplayErrorContext(&err).to_string(),
         };
+        // A new object AWS has not propagated yet: the object is converging, not failing.
+        if let (Some(c), Some(m)) = (err.code(), err.message()) {
+            if propagating(c, m) {
+                return Error::waiting(
+                    format!(
+                        "{service}:{operation}: {message} (a new object AWS is still propagating)"
+                    ),
+                    PROPAGATION,
+                );
+            }
+        }
         Error::Aws {
             service,
             operation,

@@ -69,10 +69,13 @@ pub async fn send(
                 if e.as_service_error()
                     .is_some_and(|e| e.is_invalid_instance_id()) =>
             {
-                return Err(Error::Pending(format!(
-                    "an instance is not yet reachable over SSM (its agent registers shortly after boot); the {} push is retried next pass",
-                    push.name
-                )));
+                return Err(Error::waiting(
+                    format!(
+                        "an instance is not yet reachable over SSM (InvalidInstanceId: its agent registers shortly after boot); the {} push is sent again then",
+                        push.name
+                    ),
+                    crate::error::PROPAGATION,
+                ));
             }
             Err(e) => return Err(aws_error("ssm", "SendCommand")(e)),
         };

@@ -23,6 +23,7 @@ mod moto;
 mod refresh;
 mod route;
 mod ssm;
+mod strict;
 mod wire;
 
 use std::collections::BTreeMap;
@@ -70,6 +71,14 @@ pub struct Settings {
     pub unsandboxed: Unsandboxed,
     /// Seed of the random numbers that decide which calls a rate-based fault hits.
     pub seed: u64,
+    /// How long after `CreateInstanceProfile` RunInstances still refuses the new profile (IAM
+    /// is eventually consistent).
+    #[serde(with = "millis")]
+    pub profile_propagation: Duration,
+    /// How long after `RunInstances` SSM does not know the new instance (its agent has not
+    /// registered): SendCommand naming it fails with `InvalidInstanceId`.
+    #[serde(with = "millis")]
+    pub ssm_registration: Duration,
 }
 
 impl Default for Settings {
@@ -82,6 +91,8 @@ impl Default for Settings {
             sandbox_env: BTreeMap::new(),
             unsandboxed: Unsandboxed::Succeed,
             seed: 1,
+            profile_propagation: Duration::ZERO,
+            ssm_registration: Duration::ZERO,
         }
     }
 }
@@ -118,6 +129,7 @@ pub(crate) struct State {
     pub(crate) alertmanager: Mutex<alertmanager::Store>,
     pub(crate) ssm: ssm::RunCommand,
     pub(crate) refresh: Mutex<refresh::Store>,
+    pub(crate) strict: Mutex<strict::Store>,
     pub(crate) faults: Mutex<faults::Faults>,
     pub(crate) calls: Mutex<Vec<Call>>,
 }
@@ -187,6 +199,7 @@ impl Emulator {
             alertmanager: Mutex::default(),
             ssm: ssm::RunCommand::default(),
             refresh: Mutex::default(),
+            strict: Mutex::default(),
             faults: Mutex::new(faults::Faults::new(config.settings.seed)),
             calls: Mutex::default(),
         });

@@ -43,6 +43,12 @@ struct Args {
     /// DescribeInstanceRefreshes calls an instance refresh takes to succeed.
     #[arg(long, default_value_t = 3)]
     refresh_polls: u32,
+    /// Milliseconds after CreateInstanceProfile that RunInstances refuses the new profile.
+    #[arg(long, default_value_t = 0)]
+    profile_propagation_ms: u64,
+    /// Milliseconds after RunInstances that SSM does not know the new instance.
+    #[arg(long, default_value_t = 0)]
+    ssm_registration_ms: u64,
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {
@@ -82,6 +88,8 @@ fn main() -> anyhow::Result<()> {
     let settings = Settings {
         transition_delay: std::time::Duration::from_millis(args.transition_delay_ms),
         refresh_polls: args.refresh_polls,
+        profile_propagation: std::time::Duration::from_millis(args.profile_propagation_ms),
+        ssm_registration: std::time::Duration::from_millis(args.ssm_registration_ms),
         sandbox_dir: args.sandbox_dir,
         shared_sandbox: args.shared_sandbox,
         sandbox_env: args.sandbox_env.into_iter().collect(),

@@ -247,6 +247,9 @@ async fn handle(Extract(state): Extract<Arc<State>>, req: http::Request<Body>) -
 }
 
 async fn dispatch(state: &Arc<State>, req: &Incoming) -> Response {
+    if let Err(e) = crate::strict::check(state, req).await {
+        return e.render(req.protocol);
+    }
     let served = match (req.service.as_str(), req.operation.as_str()) {
         ("grafana", _) => Some(grafana::handle(state, req).await),
         ("aps", op) if alertmanager::serves(op) => Some(alertmanager::handle(state, req).await),
@@ -263,6 +266,9 @@ async fn dispatch(state: &Arc<State>, req: &Incoming) -> Response {
 
 async fn forward(state: &Arc<State>, req: &Incoming) -> Result<Response, ApiError> {
     let response = state.moto.forward(req).await?;
+    if response.status().is_success() {
+        crate::strict::record(state, req, response.body());
+    }
     // A deleted AMP workspace takes its alertmanager definition with it.
     if req.service == "aps" && req.operation == "DeleteWorkspace" && response.status().is_success()
     {
