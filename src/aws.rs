@@ -56,8 +56,12 @@ pub async fn sdk_config(
     if config.region().is_none() {
         anyhow::bail!("no AWS region: pass --region, set AWS_REGION, or set `region` in [stack]");
     }
-    // Every request waits for a token of its service; throttling that still happens slows the
-    // SDK's own adaptive retry down further.
+    // Every request waits for a token of its service (our own pacing); a throttled call is
+    // retried by the SDK's standard mode, with jittered exponential backoff from RETRY_BACKOFF.
+    // Not the adaptive mode: its client-side rate limiter brakes the whole client toward its
+    // floor whenever a share of calls is throttled, on top of our buckets. Measured with 30% of
+    // calls throttled and 5% answered 500: a cold pass of the default stack took 49 times as
+    // long in adaptive mode.
     let limits = opts
         .limits
         .clone()
@@ -71,10 +75,19 @@ pub async fn sdk_config(
             http,
             crate::limit::Buckets::new(limits),
         ))
-        .retry_config(aws_config::retry::RetryConfig::adaptive().with_max_attempts(max_attempts()))
+        .retry_config(
+            aws_config::retry::RetryConfig::standard()
+                .with_max_attempts(max_attempts())
+                .with_initial_backoff(RETRY_BACKOFF),
+        )
         .build();
     Ok(config)
 }
+
+/// The first retry of a call waits up to this long (a random share of it), each next one up to
+/// twice as long (the SDK caps it at 20 s). Short, because the rate limit already paces us:
+/// a throttled call is one of many in flight, not a sign to slow everything down.
+const RETRY_BACKOFF: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Attempts per call: `AWS_MAX_ATTEMPTS` as every AWS tool reads it, else 5. The SDK's default of
 /// 3 leaves a call that is throttled a third of the time failing once in 40; one pass makes

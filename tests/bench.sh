@@ -3,6 +3,8 @@
 # emulator (and its moto) on a free loopback port, then measures with the operator's own call
 # counter (--stats) and /usr/bin/time -v:
 #   - a cold converge of the default stack, and a converged plan of it;
+#   - the same cold converge (as another stack) while the emulator throttles 30% of all calls
+#     and answers 5% with 500 or 503;
 #   - the daemon on the converged default stack for 1,000 passes: resident memory along the way,
 #     CPU time and AWS calls per pass, and from those the calls per hour at the default resync;
 #   - a host_config push to 1,000 running instances, and the converged pass after it;
@@ -39,6 +41,18 @@ rss() { awk '/Maximum resident set size/ { printf "%.0f MiB", $6 / 1024 }' "$wor
 cp -r desired "$work/stack"
 run cold reconcile --once "$work/stack"
 run converged plan "$work/stack"
+
+# The same cold converge under faults: another stack name, so nothing of the first is reused.
+cp -r desired "$work/faulted"
+sed -i 's/^name = "monitoring"/name = "faulted"/' "$work/faulted/stack.toml"
+fault() { curl -sf -X POST "$AWS_ENDPOINT_URL/_emulator/faults" -d "$1" >/dev/null; }
+fault '{"kind": {"type": "throttle"}, "rate": 0.3}'
+fault '{"kind": {"type": "server_error", "status": 500}, "rate": 0.0357}'
+fault '{"kind": {"type": "server_error", "status": 503}, "rate": 0.037}'
+run faulted reconcile --once "$work/faulted"
+curl -sf -X DELETE "$AWS_ENDPOINT_URL/_emulator/faults" >/dev/null
+faulted_calls=$(curl -sf "$AWS_ENDPOINT_URL/_emulator/calls" |
+  .venv/bin/python -c 'import json, sys; print(sum(1 for c in json.load(sys.stdin) if c["fault"]))')
 
 # The daemon, converged, resyncing as fast as it can (10 ms, no rate limit) for 1,000 passes.
 RUST_LOG=info "$bin" reconcile --resync 10ms --rate-limit '*=100000' --listen 127.0.0.1:0 \
@@ -125,6 +139,7 @@ echo "| measurement | AWS API calls | wall time | max RSS |"
 echo "|---|---|---|---|"
 echo "| cold reconcile --once, default stack | $(calls cold) | $(wall cold) | $(rss cold) |"
 echo "| converged plan, default stack | $(calls converged) | $(wall converged) | $(rss converged) |"
+echo "| cold reconcile --once, default stack, 30% throttled and 5% server errors | $(calls faulted); $faulted_calls answered by a fault | $(wall faulted) (exit $(sed -n 's/.*Exit status: //p' "$work/faulted.time")) | $(rss faulted) |"
 echo "| daemon, converged default stack, passes 100 / 500 / 1,000 | $(daemon calls_per_pass) per pass (reads); $(daemon calls_per_hour) per hour at the default 60 s resync | $(daemon cpu_ms) ms CPU per pass | $(daemon rss) MiB |"
 echo "| host_config push to $hosts instances | $(calls push); SendCommand $(op push SendCommand), status reads $(( $(op push ListCommands) + $(op push ListCommandInvocations) )) | $(wall push) | $(rss push) |"
 echo "| converged plan, 5,000 IAM roles | $(calls bigplan) | $(wall bigplan); diff alone $(diff_ms) | $(rss bigplan) |"
