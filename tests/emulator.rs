@@ -1520,3 +1520,74 @@ async fn send_command_to_an_instance_whose_agent_has_not_registered_is_invalid_i
     assert!(launched.elapsed() >= Duration::from_millis(1500));
     assert!(sent.command().is_some());
 }
+
+/// GetAccountAuthorizationDetails pages as AWS pages it: at most `MaxItems` entries a page
+/// (100 by default) across its lists, `IsTruncated` and a `Marker` until the last page; moto
+/// answers everything at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn account_authorization_details_page_at_a_hundred_entries_by_default() {
+    let aws = Aws::start();
+    let iam = aws.iam().await;
+    let trust = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
+    for i in 0..120 {
+        iam.create_role()
+            .role_name(format!("r{i:03}"))
+            .assume_role_policy_document(trust)
+            .send()
+            .await
+            .unwrap();
+    }
+    let document = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:ListBucket","Resource":"*"}]}"#;
+    for i in 0..3 {
+        iam.create_policy()
+            .policy_name(format!("p{i}"))
+            .policy_document(document)
+            .send()
+            .await
+            .unwrap();
+    }
+    let details = || {
+        iam.get_account_authorization_details()
+            .filter(aws_sdk_iam::types::EntityType::Role)
+            .filter(aws_sdk_iam::types::EntityType::LocalManagedPolicy)
+    };
+    let first = details().send().await.unwrap();
+    assert_eq!(first.role_detail_list().len() + first.policies().len(), 100);
+    assert!(first.is_truncated());
+    let marker = first
+        .marker()
+        .expect("a marker while truncated")
+        .to_string();
+    let second = details().marker(&marker).send().await.unwrap();
+    assert_eq!(
+        second.role_detail_list().len() + second.policies().len(),
+        23
+    );
+    assert!(!second.is_truncated());
+    assert_eq!(second.marker(), None);
+
+    // The SDK's paginator walks the pages; MaxItems sets their size.
+    let mut pages = details().max_items(50).into_paginator().send();
+    let (mut sizes, mut roles, mut policies) = (Vec::new(), Vec::new(), Vec::new());
+    while let Some(page) = pages.next().await {
+        let page = page.unwrap();
+        sizes.push(page.role_detail_list().len() + page.policies().len());
+        roles.extend(
+            page.role_detail_list()
+                .iter()
+                .map(|r| r.role_name().unwrap().to_string()),
+        );
+        // By ARN: moto leaves PolicyName out of these entries.
+        policies.extend(
+            page.policies()
+                .iter()
+                .map(|p| p.arn().unwrap().rsplit('/').next().unwrap().to_string()),
+        );
+    }
+    assert_eq!(sizes, [50, 50, 23]);
+    assert_eq!(roles.len(), 120);
+    roles.sort();
+    roles.dedup();
+    assert_eq!(roles.len(), 120, "no role twice");
+    assert_eq!(policies, ["p0", "p1", "p2"]);
+}

@@ -611,3 +611,61 @@ provisioning = { dashboards = [], cloudwatch = true }
         assert_eq!(run.calls().0, 0);
     }
 }
+
+/// The load balancer deleted out of band while its group runs: one `reconcile --once` makes
+/// the load balancer and its listeners again, and nothing else: the Auto Scaling Group (AWS
+/// refuses a second create of its name), its instances, its target group and its template are
+/// the same objects as before.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_load_balancer_is_rebuilt_alone_while_the_group_keeps_running() {
+    let s = setup().await;
+    s.run(&["reconcile", "--once"]).expect(0);
+    let before = s.group().await;
+    let instances = s.group_instances().await;
+    assert_eq!(instances.len(), 2, "{instances:?}");
+    assert_eq!(before.target_group_arns().len(), 1);
+
+    let elb = s.aws.elb().await;
+    let lb = elb
+        .describe_load_balancers()
+        .names("monitoring-main")
+        .send()
+        .await
+        .unwrap()
+        .load_balancers()[0]
+        .load_balancer_arn()
+        .unwrap()
+        .to_string();
+    elb.delete_load_balancer()
+        .load_balancer_arn(&lb)
+        .send()
+        .await
+        .unwrap();
+
+    let run = s.run(&["reconcile", "--once"]);
+    run.expect(0);
+    for (operation, calls) in [
+        ("CreateLoadBalancer", 1),
+        ("CreateListener", 2),
+        ("CreateAutoScalingGroup", 0),
+        ("CreateTargetGroup", 0),
+        ("CreateLaunchTemplate", 0),
+        ("CreateLaunchTemplateVersion", 0),
+        ("CreateSecurityGroup", 0),
+        ("StartInstanceRefresh", 0),
+        ("SendCommand", 0),
+    ] {
+        assert_eq!(run.count(operation), calls, "{operation}:\n{}", run.stderr);
+    }
+    let after = s.group().await;
+    assert_eq!(s.group_instances().await, instances, "the same instances");
+    assert_eq!(
+        after.created_time(),
+        before.created_time(),
+        "the same group"
+    );
+    assert_eq!(after.target_group_arns(), before.target_group_arns());
+    assert_eq!(after.launch_template(), before.launch_template());
+    assert_eq!(s.listeners().await.len(), 2);
+    s.run(&["plan"]).expect(0);
+}

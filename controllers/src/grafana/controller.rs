@@ -260,6 +260,9 @@ pub struct Build {
     pub target_group: Option<String>,
     pub health: HealthCheck,
     pub balancer: Option<String>,
+    /// An existing Auto Scaling Group and the target groups attached to it: kept (AWS refuses a
+    /// second group of a name), the target group made here attached to it.
+    pub group: Option<(String, BTreeSet<String>)>,
     pub scheme: String,
     pub attributes: Vec<(String, String)>,
     pub listeners: Vec<ListenerSpec>,
@@ -1405,6 +1408,7 @@ fn build_change(
     let template = obs.template(desired, &r.id);
     let tg = obs.target_group(desired, &r.id);
     let lb = obs.balancer(desired, &r.id);
+    let group = obs.group(desired, &r.id);
     let mut c = Change::new(r.id.clone(), Action::Create, format!("grafana {name}"));
     if s.alb.certificate_arn.is_none() {
         c.notes
@@ -1416,10 +1420,11 @@ fn build_change(
         template.is_some(),
         tg.is_some(),
         lb.is_some(),
+        group.is_some(),
     ]
     .contains(&true)
     {
-        c.notes.push("part of it exists (an interrupted create): the rest is created and the existing parts kept".into());
+        c.notes.push("part of it exists (an interrupted create, or a part lost out of band): the rest is created and the existing parts kept".into());
     }
     let sizes = sizes(s, refs);
     c.field("instance_type", None, Some(s.instance_type.clone()));
@@ -1470,6 +1475,7 @@ fn build_change(
         target_group: tg.map(|t| t.arn.clone()),
         health: health(s),
         balancer: lb.map(|b| b.arn.clone()),
+        group: group.map(|g| (g.name.clone(), g.target_groups.clone())),
         scheme: s.alb.scheme.clone(),
         attributes: attributes(s),
         listeners: listeners(s, ""),
@@ -2255,6 +2261,42 @@ async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
         .launch_template_id(&template)
         .version(&version)
         .build();
+    if let Some((group, attached)) = &b.group {
+        // The group runs on: its instances keep serving once the target group is attached.
+        if !attached.contains(&target_group) {
+            ctx.autoscaling
+                .attach_load_balancer_target_groups()
+                .auto_scaling_group_name(group)
+                .target_group_arns(&target_group)
+                .send()
+                .await
+                .map_err(aws_error("autoscaling", "AttachLoadBalancerTargetGroups"))?;
+        }
+        let stale: Vec<String> = attached
+            .iter()
+            .filter(|t| **t != target_group)
+            .cloned()
+            .collect();
+        if !stale.is_empty() {
+            ctx.autoscaling
+                .detach_load_balancer_target_groups()
+                .auto_scaling_group_name(group)
+                .set_target_group_arns(Some(stale))
+                .send()
+                .await
+                .map_err(aws_error("autoscaling", "DetachLoadBalancerTargetGroups"))?;
+        }
+        let mut out = Outputs::from([
+            ("asg_name".into(), group.clone()),
+            ("alb_arn".into(), balancer),
+            ("target_group_arn".into(), target_group),
+            ("security_group_id".into(), instance_group),
+        ]);
+        if let Some(dns) = dns {
+            out.insert("alb_dns_name".into(), dns);
+        }
+        return Ok(out);
+    }
     let mut group_tags = b.tags.clone();
     group_tags.insert(TAG_VERSION.into(), version.clone());
     ctx.autoscaling

@@ -9,6 +9,8 @@
 //!   Instance Profile name"), as the first cold run of any stack with a host meets on AWS.
 //! - An instance's SSM agent registers some time after launch: for `ssm_registration` after
 //!   `RunInstances`, `SendCommand` naming the instance fails with `InvalidInstanceId`.
+//! - `GetAccountAuthorizationDetails` pages, at most `MaxItems` entries a page (default 100)
+//!   with `IsTruncated` and a `Marker`; moto answers everything at once.
 //!
 //! Checks run before a request is served or forwarded; what they need to remember (when a
 //! profile was created, when an instance launched) is recorded from moto's answers.
@@ -17,7 +19,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::body::Body;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 
 use crate::route::Incoming;
 use crate::wire::ApiError;
@@ -114,4 +118,93 @@ pub fn record(state: &Arc<State>, req: &Incoming, body: &[u8]) {
         }
         _ => {}
     }
+}
+
+/// The lists of a `GetAccountAuthorizationDetails` answer.
+const DETAIL_LISTS: [&str; 4] = [
+    "UserDetailList",
+    "GroupDetailList",
+    "RoleDetailList",
+    "Policies",
+];
+
+/// `GetAccountAuthorizationDetails` as AWS pages it: moto's whole answer cut into pages of
+/// `MaxItems` entries (default 100) counted across the four lists, `Marker` the offset.
+pub async fn authorization_details(
+    state: &Arc<State>,
+    req: &Incoming,
+) -> Result<Response, ApiError> {
+    let form = req.form();
+    let max: usize = match param(&form, "MaxItems") {
+        Some(m) => m
+            .parse()
+            .ok()
+            .filter(|m| (1..=1000).contains(m))
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "ValidationError",
+                    format!("MaxItems {m} is not between 1 and 1000"),
+                )
+            })?,
+        None => 100,
+    };
+    let offset: usize = match param(&form, "Marker") {
+        Some(m) => m
+            .strip_prefix("page-")
+            .and_then(|o| o.parse().ok())
+            .ok_or_else(|| {
+                ApiError::bad_request("ValidationError", "the Marker is not one this API returned")
+            })?,
+        None => 0,
+    };
+    let whole = state.moto.forward(req).await?;
+    if !whole.status().is_success() {
+        return Ok(whole.map(Body::from).into_response());
+    }
+    let text = String::from_utf8_lossy(whole.body()).into_owned();
+    let doc = roxmltree::Document::parse(&text)
+        .map_err(|e| ApiError::internal(format!("moto's answer is not XML: {e}")))?;
+    // (list element range, the ranges of its entries), in document order.
+    let mut lists = Vec::new();
+    let mut total = 0;
+    for name in DETAIL_LISTS {
+        let Some(list) = doc.descendants().find(|n| n.tag_name().name() == name) else {
+            continue;
+        };
+        let members: Vec<std::ops::Range<usize>> = list
+            .children()
+            .filter(|n| n.is_element())
+            .map(|n| n.range())
+            .collect();
+        total += members.len();
+        lists.push((name, list.range(), members));
+    }
+    // Entries are counted, and the text edited, in the order the answer has them.
+    lists.sort_by_key(|(_, range, _)| range.start);
+    let end = (offset + max).min(total);
+    let mut page = text.clone();
+    let mut seen = 0;
+    let mut edits = Vec::new();
+    for (name, range, members) in &lists {
+        let kept: String = members
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| (offset..end).contains(&(seen + i)))
+            .map(|(_, r)| &text[r.clone()])
+            .collect();
+        seen += members.len();
+        edits.push((range.clone(), format!("<{name}>{kept}</{name}>")));
+    }
+    for (range, replacement) in edits.into_iter().rev() {
+        page.replace_range(range, &replacement);
+    }
+    if end < total {
+        let truncated = format!("<IsTruncated>true</IsTruncated><Marker>page-{end}</Marker>");
+        page = page.replacen("<IsTruncated>false</IsTruncated>", &truncated, 1);
+    }
+    let mut response = whole.map(|_| Body::from(page)).into_response();
+    response
+        .headers_mut()
+        .remove(axum::http::header::CONTENT_LENGTH);
+    Ok(response)
 }
