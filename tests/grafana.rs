@@ -474,9 +474,8 @@ async fn grafana_from_empty_then_drift_corrected_and_a_template_change_rolled_ou
         "Successful"
     );
     // The replacements got the provisioning too, and the stack is converged.
-    // Known gap (see the README's emulator section): after the refresh the emulator's group has
-    // no replacement instances yet, so this check covers none.
     let replaced = s.group_instances().await;
+    assert_eq!(replaced.len(), 2, "{replaced:?}");
     assert!(
         replaced.iter().all(|i| !instances.contains(i)),
         "{replaced:?}"

@@ -221,21 +221,123 @@ impl Moto {
         Ok(Some(ids))
     }
 
-    /// Terminates EC2 instances (moto's Auto Scaling then launches replacements from the group's
-    /// current launch template).
-    pub(crate) async fn terminate(
+    /// Replaces instances of an Auto Scaling Group as a successful instance refresh ends: for
+    /// each old instance, a new one launched from the group's current launch template (in its
+    /// subnets, in turn) joins the group, and the old one leaves it and is terminated; the
+    /// desired capacity is the same afterwards. Done by hand because moto's own replacement
+    /// fails on a launch template version made with user data (an assertion in moto).
+    pub(crate) async fn replace_in_group(
         &self,
         caller: &Incoming,
-        ids: &[String],
+        group: &str,
+        old: &[String],
     ) -> Result<(), ApiError> {
-        let mut params = vec![
-            ("Action".to_string(), "TerminateInstances".to_string()),
-            ("Version".to_string(), "2016-11-15".to_string()),
-        ];
-        for (i, id) in ids.iter().enumerate() {
-            params.push((format!("InstanceId.{}", i + 1), id.clone()));
+        let params = [
+            ("Action", "DescribeAutoScalingGroups"),
+            ("Version", "2011-01-01"),
+            ("AutoScalingGroupNames.member.1", group),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let text = self.query(caller, "autoscaling", &params).await?;
+        let (template, version, subnets, max, tags) = {
+            let doc = xml(&text)?;
+            let found = doc
+                .root()
+                .descendants()
+                .find(|n| n.has_tag_name("AutoScalingGroups"))
+                .and_then(|g| g.children().find(|n| n.has_tag_name("member")))
+                .ok_or_else(|| ApiError::internal(format!("group {group} is gone")))?;
+            let template = found.children().find(|n| n.has_tag_name("LaunchTemplate"));
+            let (Some(id), version) = (
+                template.and_then(|t| child_text(t, "LaunchTemplateId")),
+                template
+                    .and_then(|t| child_text(t, "Version"))
+                    .unwrap_or_else(|| "$Default".into()),
+            ) else {
+                return Err(ApiError::internal(format!(
+                    "group {group} has no launch template to refresh from"
+                )));
+            };
+            let subnets: Vec<String> = child_text(found, "VPCZoneIdentifier")
+                .unwrap_or_default()
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
+            let max: usize = child_text(found, "MaxSize")
+                .and_then(|m| m.parse().ok())
+                .unwrap_or_default();
+            // The tags the group puts on the instances it launches.
+            let tags: Vec<(String, String)> = found
+                .children()
+                .filter(|n| n.has_tag_name("Tags"))
+                .flat_map(|t| t.children().filter(|n| n.has_tag_name("member")))
+                .filter(|m| child_text(*m, "PropagateAtLaunch").as_deref() == Some("true"))
+                .filter_map(|m| Some((child_text(m, "Key")?, child_text(m, "Value")?)))
+                .collect();
+            (id, version, subnets, max, tags)
+        };
+        // Each new instance joins before the old one leaves: room for them meanwhile.
+        let resize = |max: usize| {
+            [
+                ("Action", "UpdateAutoScalingGroup".to_string()),
+                ("Version", "2011-01-01".to_string()),
+                ("AutoScalingGroupName", group.to_string()),
+                ("MaxSize", max.to_string()),
+            ]
+            .map(|(k, v)| (k.to_string(), v))
+        };
+        self.query(caller, "autoscaling", &resize(max + 1)).await?;
+        for (i, instance) in old.iter().enumerate() {
+            let mut run = vec![
+                ("Action", "RunInstances".to_string()),
+                ("Version", "2016-11-15".to_string()),
+                ("MinCount", "1".to_string()),
+                ("MaxCount", "1".to_string()),
+                ("LaunchTemplate.LaunchTemplateId", template.clone()),
+                ("LaunchTemplate.Version", version.clone()),
+            ];
+            if !subnets.is_empty() {
+                run.push(("SubnetId", subnets[i % subnets.len()].clone()));
+            }
+            let mut run: Vec<(String, String)> =
+                run.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            if !tags.is_empty() {
+                run.push(("TagSpecification.1.ResourceType".into(), "instance".into()));
+                for (n, (k, v)) in tags.iter().enumerate() {
+                    run.push((format!("TagSpecification.1.Tag.{}.Key", n + 1), k.clone()));
+                    run.push((format!("TagSpecification.1.Tag.{}.Value", n + 1), v.clone()));
+                }
+            }
+            let launched = self.query(caller, "ec2", &run).await?;
+            let new = {
+                let doc = xml(&launched)?;
+                doc.root()
+                    .descendants()
+                    .find(|n| n.has_tag_name("instanceId"))
+                    .and_then(|n| n.text())
+                    .map(str::to_string)
+                    .ok_or_else(|| ApiError::internal("RunInstances returned no instance"))?
+            };
+            let attach = [
+                ("Action", "AttachInstances"),
+                ("Version", "2011-01-01"),
+                ("AutoScalingGroupName", group),
+                ("InstanceIds.member.1", new.as_str()),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+            self.query(caller, "autoscaling", &attach).await?;
+            let leave = [
+                ("Action", "TerminateInstanceInAutoScalingGroup"),
+                ("Version", "2011-01-01"),
+                ("InstanceId", instance.as_str()),
+                ("ShouldDecrementDesiredCapacity", "true"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+            self.query(caller, "autoscaling", &leave).await?;
         }
-        self.query(caller, "ec2", &params).await.map(|_| ())
+        self.query(caller, "autoscaling", &resize(max)).await?;
+        Ok(())
     }
 
     /// Whether an AMP workspace exists in moto (through the caller's own signature).

@@ -3,9 +3,8 @@
 //!
 //! A refresh advances one step per DescribeInstanceRefreshes call that shows it: Pending, then
 //! InProgress with a growing percentage, then Successful after `refresh_polls` calls. On
-//! success the instances the group had at the start are terminated, and moto's Auto Scaling
-//! launches their replacements from the group's current launch template, as a real rolling
-//! replacement ends. Only one refresh per group is active at a time, as on AWS.
+//! success each instance the group had at the start is replaced by one launched from the
+//! group's current launch template, as a real rolling replacement ends. Only one refresh per group is active at a time, as on AWS.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -262,7 +261,7 @@ pub async fn handle(state: &Arc<State>, req: &Incoming) -> Result<Response, ApiE
                 (items, finished)
             };
             if !finished.is_empty() {
-                state.moto.terminate(req, &finished).await?;
+                state.moto.replace_in_group(req, &group, &finished).await?;
             }
             let page = paginate(&items, max, param("NextToken").as_deref()).map_err(|_| {
                 ApiError::bad_request("InvalidNextToken", "the NextToken is not valid")
