@@ -41,7 +41,7 @@ use crate::desired::{check_tags, DesiredState, Resource, Spec, Validator, TAG_ST
 use crate::error::{aws_error, Error, Result};
 use crate::managed::{Describe, ManagedObject, Readiness};
 use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
-use crate::tags::{owned_by, Tags};
+use crate::tags::Tags;
 
 /// `[amg.workspace.<name>]`; `adopt = "<workspace id>"` manages an existing one.
 ///
@@ -322,14 +322,7 @@ async fn workspaces(ctx: &Context, desired: &DesiredState) -> Result<Arc<Vec<Obs
 /// The workspace node managing an observed workspace: the one adopting its id, or the one its
 /// ownership tags name.
 fn workspace_node(desired: &DesiredState, w: &ObservedWorkspace) -> Option<ResourceId> {
-    desired
-        .of_kind(Kind::AmgWorkspace)
-        .find(|r| r.adopt.as_deref() == Some(w.id.as_str()))
-        .map(|r| r.id.clone())
-        .or_else(|| {
-            crate::tags::owner_id(&w.tags, desired.stack_name())
-                .filter(|id| id.kind == Kind::AmgWorkspace)
-        })
+    crate::managed::managing_node(desired, Kind::AmgWorkspace, &w.id, &w.tags)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -354,6 +347,22 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The data sources as the API names them.
+    fn data_source_types(&self) -> Option<Vec<DataSourceType>> {
+        self.data_sources
+            .as_ref()
+            .map(|v| v.iter().map(|d| DataSourceType::from(d.as_str())).collect())
+    }
+
+    /// The notification destinations as the API names them.
+    fn destination_types(&self) -> Option<Vec<NotificationDestinationType>> {
+        self.notification_destinations.as_ref().map(|v| {
+            v.iter()
+                .map(|d| NotificationDestinationType::from(d.as_str()))
+                .collect()
+        })
+    }
+
     /// The desired settings that differ from `have`, with a plan line for each.
     fn changes(&self, have: &Settings) -> (Settings, Vec<PlanLine>) {
         fn pick<T: Clone + PartialEq>(
@@ -680,21 +689,8 @@ impl ManagedObject for Workspace {
         Some(&o.tags)
     }
 
-    fn owner(&self, desired: &DesiredState, o: &ObservedWorkspace) -> Option<ResourceId> {
-        crate::tags::owner_id(&o.tags, desired.stack_name())
-            .filter(|id| id.kind == Kind::AmgWorkspace && o.is_live())
-    }
-
-    fn find<'o>(
-        &self,
-        desired: &DesiredState,
-        node: &Resource,
-        observed: &'o [ObservedWorkspace],
-    ) -> Option<&'o ObservedWorkspace> {
-        observed.iter().find(|w| match &node.adopt {
-            Some(id) => &w.id == id,
-            None => w.is_live() && owned_by(&w.tags, desired.stack_name(), &node.id),
-        })
+    fn is_leaving(&self, o: &ObservedWorkspace) -> bool {
+        !o.is_live()
     }
 
     fn outputs(&self, o: &ObservedWorkspace) -> Outputs {
@@ -810,18 +806,8 @@ impl ManagedObject for Workspace {
                     .map(|p| AuthenticationProviderTypes::from(p.as_str()))
                     .collect(),
             ))
-            .set_workspace_data_sources(
-                s.data_sources
-                    .as_ref()
-                    .map(|v| v.iter().map(|d| DataSourceType::from(d.as_str())).collect()),
-            )
-            .set_workspace_notification_destinations(s.notification_destinations.as_ref().map(
-                |v| {
-                    v.iter()
-                        .map(|d| NotificationDestinationType::from(d.as_str()))
-                        .collect()
-                },
-            ))
+            .set_workspace_data_sources(s.data_source_types())
+            .set_workspace_notification_destinations(s.destination_types())
             .set_workspace_role_arn(s.role_arn.clone())
             .set_tags(Some(
                 tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
@@ -863,18 +849,8 @@ impl ManagedObject for Workspace {
                     .map(AccountAccessType::from),
             )
             .set_permission_type(s.permission_type.as_deref().map(PermissionType::from))
-            .set_workspace_data_sources(
-                s.data_sources
-                    .as_ref()
-                    .map(|v| v.iter().map(|d| DataSourceType::from(d.as_str())).collect()),
-            )
-            .set_workspace_notification_destinations(s.notification_destinations.as_ref().map(
-                |v| {
-                    v.iter()
-                        .map(|d| NotificationDestinationType::from(d.as_str()))
-                        .collect()
-                },
-            ))
+            .set_workspace_data_sources(s.data_source_types())
+            .set_workspace_notification_destinations(s.destination_types())
             .set_workspace_role_arn(s.role_arn.clone())
             .send()
             .await

@@ -48,7 +48,7 @@ use crate::desired::{check_tags, DesiredState, Resource, Spec, Validator, TAG_ST
 use crate::error::{aws_error, Error, Result};
 use crate::managed::{Describe, ManagedObject, Readiness, LOOK_AGAIN};
 use crate::model::{scan_refs, Kind, Outputs, Refs, ResourceId, Target, KNOWN_AFTER_APPLY};
-use crate::tags::{owned_by, Tags};
+use crate::tags::Tags;
 
 // ---------------------------------------------------------------------------------------------
 // Schema
@@ -302,14 +302,7 @@ async fn workspaces(ctx: &Context, desired: &DesiredState) -> Result<Arc<Vec<Obs
 /// The workspace node that manages an observed workspace: the one adopting its id, or the one
 /// its ownership tags name.
 fn workspace_node(desired: &DesiredState, w: &ObservedWorkspace) -> Option<ResourceId> {
-    desired
-        .of_kind(Kind::AmpWorkspace)
-        .find(|r| r.adopt.as_deref() == Some(w.id.as_str()))
-        .map(|r| r.id.clone())
-        .or_else(|| {
-            crate::tags::owner_id(&w.tags, desired.stack_name())
-                .filter(|id| id.kind == Kind::AmpWorkspace)
-        })
+    crate::managed::managing_node(desired, Kind::AmpWorkspace, &w.id, &w.tags)
 }
 
 /// Whether `w` is the workspace that the composite of `part` manages.
@@ -494,21 +487,8 @@ impl ManagedObject for Workspace {
         Some(&o.tags)
     }
 
-    fn owner(&self, desired: &DesiredState, o: &ObservedWorkspace) -> Option<ResourceId> {
-        crate::tags::owner_id(&o.tags, desired.stack_name())
-            .filter(|id| id.kind == Kind::AmpWorkspace && o.is_live())
-    }
-
-    fn find<'o>(
-        &self,
-        desired: &DesiredState,
-        node: &Resource,
-        observed: &'o [ObservedWorkspace],
-    ) -> Option<&'o ObservedWorkspace> {
-        observed.iter().find(|w| match &node.adopt {
-            Some(id) => &w.id == id,
-            None => w.is_live() && owned_by(&w.tags, desired.stack_name(), &node.id),
-        })
+    fn is_leaving(&self, o: &ObservedWorkspace) -> bool {
+        !o.is_live()
     }
 
     fn outputs(&self, o: &ObservedWorkspace) -> Outputs {

@@ -88,16 +88,25 @@ pub trait ManagedObject: Send + Sync + 'static {
     /// Its tags; `None` for objects AWS cannot tag (they belong to their parent).
     fn tags<'o>(&self, o: &'o Self::Observed) -> Option<&'o Tags>;
 
+    /// Whether the object is on its way out (a workspace DELETING): no node manages it by its
+    /// tags and it is nobody's removal, so a new one is made beside it.
+    fn is_leaving(&self, _o: &Self::Observed) -> bool {
+        false
+    }
+
     /// The node an observed object belongs to when it is this stack's (by its tags, by
     /// default). Only such objects are ever deleted or reported as orphans.
     fn owner(&self, desired: &DesiredState, o: &Self::Observed) -> Option<ResourceId> {
+        if self.is_leaving(o) {
+            return None;
+        }
         self.tags(o)
             .and_then(|t| owner_id(t, desired.stack_name()))
             .filter(|id| id.kind == Self::KIND)
     }
 
     /// The object `node` manages: by default the one adopted by id, or the one carrying the
-    /// node's ownership tags.
+    /// node's ownership tags (and not leaving).
     fn find<'o>(
         &self,
         desired: &DesiredState,
@@ -107,8 +116,10 @@ pub trait ManagedObject: Send + Sync + 'static {
         match &node.adopt {
             Some(id) => observed.iter().find(|o| &self.id(o) == id),
             None => observed.iter().find(|o| {
-                self.tags(o)
-                    .is_some_and(|t| owned_by(t, desired.stack_name(), &node.id))
+                !self.is_leaving(o)
+                    && self
+                        .tags(o)
+                        .is_some_and(|t| owned_by(t, desired.stack_name(), &node.id))
             }),
         }
     }
@@ -228,6 +239,21 @@ const GONE: &[&str] = &[
 /// Whether an error says the object does not exist.
 pub fn is_gone(e: &Error) -> bool {
     e.code().is_some_and(|c| GONE.contains(&c))
+}
+
+/// The node of a table kind that manages the object with this id and these tags: the one
+/// adopting the id, or the one the ownership tags name. How a part finds its parent's node.
+pub fn managing_node(
+    desired: &DesiredState,
+    kind: Kind,
+    id: &str,
+    tags: &Tags,
+) -> Option<ResourceId> {
+    desired
+        .of_kind(kind)
+        .find(|r| r.adopt.as_deref() == Some(id))
+        .map(|r| r.id.clone())
+        .or_else(|| owner_id(tags, desired.stack_name()).filter(|o| o.kind == kind))
 }
 
 /// A [`ManagedObject`] as a [`Controller`].
