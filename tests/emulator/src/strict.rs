@@ -171,11 +171,13 @@ pub async fn authorization_details(
         let Some(list) = doc.descendants().find(|n| n.tag_name().name() == name) else {
             continue;
         };
-        let members: Vec<std::ops::Range<usize>> = list
+        // In a stable order (moto's varies between calls), so pages neither repeat nor skip.
+        let mut members: Vec<std::ops::Range<usize>> = list
             .children()
             .filter(|n| n.is_element())
             .map(|n| n.range())
             .collect();
+        members.sort_by(|a, b| text[a.clone()].cmp(&text[b.clone()]));
         total += members.len();
         lists.push((name, list.range(), members));
     }
