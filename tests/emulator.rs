@@ -593,6 +593,26 @@ async fn instances(aws: &Aws, count: i32, tags: &[(&str, &str)]) -> Vec<String> 
         .collect()
 }
 
+/// A launch template of the test AMI, for Auto Scaling groups.
+async fn launch_template(
+    ec2: &aws_sdk_ec2::Client,
+    name: &str,
+) -> aws_sdk_ec2::types::LaunchTemplate {
+    ec2.create_launch_template()
+        .launch_template_name(name)
+        .launch_template_data(
+            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                .image_id(AMI)
+                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .launch_template
+        .unwrap()
+}
+
 async fn wait_command(ssm: &aws_sdk_ssm::Client, id: &str) -> aws_sdk_ssm::types::Command {
     eventually(&format!("command {id} done"), || async {
         let out = ssm.list_commands().command_id(id).send().await.ok()?;
@@ -1021,20 +1041,7 @@ async fn instance_refresh_runs_once_at_a_time_succeeds_and_replaces_instances() 
     });
     let ec2 = aws.ec2().await;
     let asg = aws.autoscaling().await;
-    let template = ec2
-        .create_launch_template()
-        .launch_template_name("grafana")
-        .launch_template_data(
-            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
-                .image_id(AMI)
-                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap()
-        .launch_template
-        .unwrap();
+    let template = launch_template(&ec2, "grafana").await;
     asg.create_auto_scaling_group()
         .auto_scaling_group_name("grafana")
         .launch_template(
@@ -1396,20 +1403,7 @@ async fn a_second_create_of_an_auto_scaling_group_is_already_exists_and_changes_
     let aws = Aws::start();
     let ec2 = aws.ec2().await;
     let asg = aws.autoscaling().await;
-    let template = ec2
-        .create_launch_template()
-        .launch_template_name("grafana")
-        .launch_template_data(
-            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
-                .image_id(AMI)
-                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap()
-        .launch_template
-        .unwrap();
+    let template = launch_template(&ec2, "grafana").await;
     let create = |size: i32| {
         asg.create_auto_scaling_group()
             .auto_scaling_group_name("grafana")

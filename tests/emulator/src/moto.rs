@@ -190,26 +190,26 @@ impl Moto {
         Ok(instances)
     }
 
-    /// The instances of an Auto Scaling group, or None when there is no such group.
-    pub(crate) async fn group_instances(
-        &self,
-        caller: &Incoming,
-        group: &str,
-    ) -> Result<Option<Vec<String>>, ApiError> {
+    /// moto's DescribeAutoScalingGroups answer for one group (its XML).
+    async fn describe_group(&self, caller: &Incoming, group: &str) -> Result<String, ApiError> {
         let params = [
             ("Action", "DescribeAutoScalingGroups"),
             ("Version", "2011-01-01"),
             ("AutoScalingGroupNames.member.1", group),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
-        let text = self.query(caller, "autoscaling", &params).await?;
+        self.query(caller, "autoscaling", &params).await
+    }
+
+    /// The instances of an Auto Scaling group, or None when there is no such group.
+    pub(crate) async fn group_instances(
+        &self,
+        caller: &Incoming,
+        group: &str,
+    ) -> Result<Option<Vec<String>>, ApiError> {
+        let text = self.describe_group(caller, group).await?;
         let doc = xml(&text)?;
-        let Some(found) = doc
-            .root()
-            .descendants()
-            .find(|n| n.has_tag_name("AutoScalingGroups"))
-            .and_then(|groups| groups.children().find(|n| n.has_tag_name("member")))
-        else {
+        let Some(found) = group_member(&doc) else {
             return Ok(None);
         };
         let ids = found
@@ -232,20 +232,10 @@ impl Moto {
         group: &str,
         old: &[String],
     ) -> Result<(), ApiError> {
-        let params = [
-            ("Action", "DescribeAutoScalingGroups"),
-            ("Version", "2011-01-01"),
-            ("AutoScalingGroupNames.member.1", group),
-        ]
-        .map(|(k, v)| (k.to_string(), v.to_string()));
-        let text = self.query(caller, "autoscaling", &params).await?;
+        let text = self.describe_group(caller, group).await?;
         let (template, version, subnets, max, tags) = {
             let doc = xml(&text)?;
-            let found = doc
-                .root()
-                .descendants()
-                .find(|n| n.has_tag_name("AutoScalingGroups"))
-                .and_then(|g| g.children().find(|n| n.has_tag_name("member")))
+            let found = group_member(&doc)
                 .ok_or_else(|| ApiError::internal(format!("group {group} is gone")))?;
             let template = found.children().find(|n| n.has_tag_name("LaunchTemplate"));
             let (Some(id), version) = (
@@ -363,6 +353,16 @@ impl Moto {
 pub(crate) struct Instance {
     pub id: String,
     pub name: Option<String>,
+}
+
+/// The one group of a DescribeAutoScalingGroups answer, when there is one.
+fn group_member<'a, 'input>(
+    doc: &'a roxmltree::Document<'input>,
+) -> Option<roxmltree::Node<'a, 'input>> {
+    doc.root()
+        .descendants()
+        .find(|n| n.has_tag_name("AutoScalingGroups"))
+        .and_then(|groups| groups.children().find(|n| n.has_tag_name("member")))
 }
 
 fn child_text(node: roxmltree::Node, tag: &str) -> Option<String> {
