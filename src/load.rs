@@ -170,10 +170,11 @@ pub fn load(dir: &Path) -> Result<DesiredState, Vec<Diagnostic>> {
                     &origin,
                     format!("{} references itself (`${{{dep}.{attr}}}`)", r.id),
                 );
-            } else if !ids.contains(dep) {
+            } else if !ids.contains(&dep.composite()) {
+                let table = dep.composite();
                 diags.at_origin(
                     &origin,
-                    format!("`${{{dep}.{attr}}}` names {dep}, which the desired state does not define{}", suggest(&dep.to_string(), ids.iter().map(|i| i.to_string()))),
+                    format!("`${{{dep}.{attr}}}` names {table}, which the desired state does not define{}", suggest(&table.to_string(), ids.iter().map(|i| i.to_string()))),
                 );
             } else {
                 r.depends_on.insert(dep.clone());
@@ -205,7 +206,7 @@ fn expand_composites(resources: &mut BTreeMap<ResourceId, Resource>) {
     let mut parts = Vec::new();
     for r in resources.values_mut() {
         if let Some((own_parts, own_refs)) = r.spec.parts(r) {
-            r.depends_on.retain(|d| own_refs.contains(d));
+            r.depends_on = own_refs;
             parts.extend(own_parts);
         }
     }

@@ -687,6 +687,16 @@ async fn seed_000_001_prometheus_with_ebs_alertmanager_and_grafana_behind_an_alb
         assert!(g.tags.contains_key("stackwarden:grafana"), "{g:?}");
     }
 
+    // Seed 000's topology: Prometheus admits Grafana's instances by their security group, while
+    // Grafana's data source (below) names Prometheus's address.
+    let rules = ingress(&aws_sdk_ec2::Client::new(&ex.sdk), &prometheus.group).await;
+    let from_grafana: Vec<_> = rules
+        .iter()
+        .filter(|(port, _, groups)| *port == 9090 && groups.contains(&grafanas[0].group))
+        .collect();
+    assert_eq!(from_grafana.len(), 1, "{rules:?}");
+    assert!(grafanas.iter().all(|g| g.group == grafanas[0].group));
+
     // The pushed configs: Prometheus's (with the seed's rules) passes promtool, Alertmanager's
     // passes amtool, and each went where it belongs.
     let files = ex.pushed_files().await;

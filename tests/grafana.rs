@@ -419,7 +419,9 @@ async fn grafana_from_empty_then_drift_corrected_and_a_template_change_rolled_ou
         "listener 80",
         "target_group.health_check",
         "max_size",
-        "security_group.alb.ingress",
+        // The load balancer's rules are a node of their own.
+        "grafana.main.ingress.alb",
+        "rules",
     ] {
         assert!(plan.stdout.contains(field), "{field} in\n{}", plan.stdout);
     }
@@ -673,4 +675,126 @@ async fn a_lost_load_balancer_is_rebuilt_alone_while_the_group_keeps_running() {
     assert_eq!(after.launch_template(), before.launch_template());
     assert_eq!(s.listeners().await.len(), 2);
     s.run(&["plan"]).expect(0);
+}
+
+/// Seed 000's topology, both ways: the Prometheus host admits Grafana's instances on 9090 by
+/// their security group, Grafana's instances admit the host on 9100 (node_exporter), and
+/// Grafana's data source names the host's private address. Each security group is a node of its
+/// own, so this is no reference cycle: `validate` accepts it and one `reconcile --once`
+/// converges it from empty.
+#[tokio::test(flavor = "multi_thread")]
+async fn security_groups_admitting_each_other_across_a_host_and_grafana_converge_in_one_pass() {
+    let s = setup().await;
+    std::fs::write(
+        s.dir.path().join("host.toml"),
+        r#"[host.prometheus]
+ami = "resolve:ssm:/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
+instance_type = "t3.medium"
+security_group = { ingress = [
+  { port = 9090, security_groups = ["${grafana.main.security_group_id}"], description = "Grafana" },
+] }
+"#,
+    )
+    .unwrap();
+    edit(
+        s.dir.path(),
+        "grafana.toml",
+        "[grafana.main.alb]",
+        "security_group = { ingress = [{ port = 9100, security_groups = [\"${host.prometheus.security_group_id}\"] }] }\n\n[grafana.main.alb]",
+    );
+    edit(
+        s.dir.path(),
+        "grafana.toml",
+        "cloudwatch = true",
+        "cloudwatch = true\nprometheus_url = \"http://${host.prometheus.private_ip}:9090\"",
+    );
+    s.run(&["validate"]).expect(0);
+    let plan = s.run(&["plan"]);
+    plan.expect(2);
+    for node in [
+        "host.prometheus.security_group",
+        "host.prometheus.ingress",
+        "grafana.main.security_group.alb",
+        "grafana.main.security_group.instances",
+        "grafana.main.ingress.alb",
+        "grafana.main.ingress.instances",
+    ] {
+        assert!(plan.stdout.contains(node), "{node} in\n{}", plan.stdout);
+    }
+
+    s.run(&["reconcile", "--once"]).expect(0);
+    let again = s.run(&["plan"]);
+    again.expect(0);
+    assert!(again.stdout.contains("No changes"), "{}", again.stdout);
+
+    // Each group admits the other; the host and the instances are in their own.
+    let ec2 = s.aws.ec2().await;
+    let group = |name: &'static str| {
+        let ec2 = ec2.clone();
+        async move {
+            let out = ec2
+                .describe_security_groups()
+                .filters(Filter::builder().name("group-name").values(name).build())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(out.security_groups().len(), 1, "one group named {name}");
+            out.security_groups()[0].clone()
+        }
+    };
+    let host_sg = group("monitoring-prometheus").await;
+    let inst_sg = group("monitoring-main-instances").await;
+    let sources = |g: &aws_sdk_ec2::types::SecurityGroup, port: i32| -> Vec<String> {
+        g.ip_permissions()
+            .iter()
+            .filter(|p| p.from_port() == Some(port))
+            .flat_map(|p| p.user_id_group_pairs())
+            .filter_map(|p| p.group_id().map(String::from))
+            .collect()
+    };
+    let inst_id = inst_sg.group_id().unwrap().to_string();
+    let host_id = host_sg.group_id().unwrap().to_string();
+    assert_eq!(sources(&host_sg, 9090), [inst_id.clone()]);
+    assert_eq!(sources(&inst_sg, 9100), [host_id.clone()]);
+    let hosts = ec2
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name("tag:stackwarden:id")
+                .values("host.prometheus")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let host: Vec<_> = hosts
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .collect();
+    assert_eq!(host.len(), 1);
+    let host_groups: Vec<_> = host[0]
+        .security_groups()
+        .iter()
+        .filter_map(|g| g.group_id())
+        .collect();
+    assert_eq!(host_groups, [host_id.as_str()]);
+    let ip = host[0].private_ip_address().unwrap();
+
+    // Grafana's data source on every instance names the host.
+    let instances = s.group_instances().await;
+    assert_eq!(instances.len(), 2);
+    for i in &instances {
+        let datasources = std::fs::read_to_string(
+            s.sandboxes
+                .path()
+                .join(i)
+                .join("etc/grafana/provisioning/datasources/stackwarden.yaml"),
+        )
+        .unwrap();
+        assert!(
+            datasources.contains(&format!("http://{ip}:9090")),
+            "{datasources}"
+        );
+    }
 }

@@ -332,6 +332,43 @@ async fn out_of_band_drift_is_corrected_by_one_reconcile_each() {
         .collect();
     assert_eq!(ports, [9090]);
 
+    // Moved into another security group out of band: put back into its own, in place.
+    let default = ec2
+        .describe_security_groups()
+        .filters(Filter::builder().name("group-name").values("default").build())
+        .send()
+        .await
+        .unwrap()
+        .security_groups()[0]
+        .group_id()
+        .unwrap()
+        .to_string();
+    ec2.modify_instance_attribute()
+        .instance_id(&first)
+        .groups(&default)
+        .send()
+        .await
+        .unwrap();
+    f.plan().expect(2);
+    f.reconcile().expect(0);
+    let groups: Vec<String> = ec2
+        .describe_instances()
+        .instance_ids(&first)
+        .send()
+        .await
+        .unwrap()
+        .reservations()[0]
+        .instances()[0]
+        .security_groups()
+        .iter()
+        .map(|g| g.group_id().unwrap().to_string())
+        .collect();
+    assert_eq!(groups, [group.clone()]);
+    assert_eq!(
+        f.instances().await,
+        vec![(first.clone(), "running".to_string())]
+    );
+
     // Volume detached: attached again.
     let volume = f.volume().await.volume_id().unwrap().to_string();
     ec2.detach_volume()

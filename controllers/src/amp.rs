@@ -47,7 +47,7 @@ use crate::controller::Context;
 use crate::desired::{check_tags, DesiredState, Resource, Spec, Validator, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
 use crate::managed::{Describe, ManagedObject, Readiness, LOOK_AGAIN};
-use crate::model::{scan_refs, Kind, Outputs, Refs, ResourceId, Target, KNOWN_AFTER_APPLY};
+use crate::model::{references_in, Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
 use crate::tags::Tags;
 
 // ---------------------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ impl WorkspaceSpec {
                 Spec::AmpLogging(LoggingPart {
                     log_group_arn: l.log_group_arn.clone(),
                 }),
-                resources_named(&l.log_group_arn),
+                references_in(&l.log_group_arn),
             ));
         }
         parts
@@ -200,26 +200,15 @@ impl WorkspaceSpec {
     pub fn own_references(&self) -> BTreeSet<ResourceId> {
         let mut refs = BTreeSet::new();
         for s in self.alias.iter().chain(&self.kms_key_arn) {
-            refs.extend(resources_named(s));
+            refs.extend(references_in(s));
         }
         if let Some(t) = &self.tags {
             for v in t.get_ref().values() {
-                refs.extend(resources_named(v));
+                refs.extend(references_in(v));
             }
         }
         refs
     }
-}
-
-/// The resources a string references.
-fn resources_named(s: &str) -> BTreeSet<ResourceId> {
-    scan_refs(s)
-        .into_iter()
-        .filter_map(|r| match r.target {
-            Ok(Target::Resource(id, _)) => Some(id),
-            _ => None,
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------

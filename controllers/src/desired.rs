@@ -11,7 +11,7 @@ use toml::Spanned;
 
 use crate::diag::{Diagnostics, Origin, SourceFile};
 use crate::model::{scan_refs, Kind, ResourceId, Target};
-use crate::{amg, amp, grafana, host, host_config, iam};
+use crate::{amg, amp, grafana, host, host_config, iam, security_group};
 
 /// Files larger than this are rejected: a desired-state file is configuration, not data.
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
@@ -56,6 +56,10 @@ pub enum Spec {
     AmpLogging(amp::LoggingPart),
     AmgWorkspace(amg::WorkspaceSpec),
     AmgPermissions(amg::PermissionsPart),
+    /// A security group of a host or a Grafana group.
+    SecurityGroup(security_group::GroupPart),
+    /// The ingress rules of one.
+    Ingress(security_group::IngressPart),
     Host(host::HostSpec),
     Grafana(grafana::GrafanaSpec),
     HostConfig(host_config::HostConfigSpec),
@@ -75,7 +79,11 @@ impl Spec {
             Kind::AmpRuleGroups
             | Kind::AmpAlertmanager
             | Kind::AmpLogging
-            | Kind::AmgPermissions => {
+            | Kind::AmgPermissions
+            | Kind::HostSecurityGroup
+            | Kind::HostIngress
+            | Kind::GrafanaSecurityGroup
+            | Kind::GrafanaIngress => {
                 unreachable!("parts are made by expanding their table, never written")
             }
             Kind::AmgWorkspace => Spec::AmgWorkspace(Deserialize::deserialize(de)?),
@@ -95,7 +103,9 @@ impl Spec {
             Spec::AmpRuleGroups(_)
             | Spec::AmpAlertmanager(_)
             | Spec::AmpLogging(_)
-            | Spec::AmgPermissions(_) => {}
+            | Spec::AmgPermissions(_)
+            | Spec::SecurityGroup(_)
+            | Spec::Ingress(_) => {}
             Spec::AmgWorkspace(s) => s.validate(v),
             Spec::Host(s) => s.validate(v),
             Spec::Grafana(s) => s.validate(v),
@@ -106,12 +116,15 @@ impl Spec {
 
 impl Spec {
     /// The nodes a composite table expands into besides its own (an AMP workspace's rule
-    /// groups namespaces, alertmanager definition and logging), and what the table's own node
-    /// still references once its parts took theirs. `None` for a table that is one object.
+    /// groups namespaces, alertmanager definition and logging; a host's security group and its
+    /// rules), and what the table's own node references then. `None` for a table that is one
+    /// object.
     pub fn parts(&self, table: &Resource) -> Option<(Vec<Resource>, BTreeSet<ResourceId>)> {
         match self {
             Spec::AmpWorkspace(s) => Some((s.parts(table), s.own_references())),
             Spec::AmgWorkspace(s) => Some((s.parts(table), table.depends_on.clone())),
+            Spec::Host(s) => Some(s.parts(table)),
+            Spec::Grafana(s) => Some(s.parts(table)),
             _ => None,
         }
     }

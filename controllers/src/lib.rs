@@ -24,6 +24,7 @@ pub mod model;
 pub mod policy;
 pub mod push;
 pub mod rules;
+pub mod security_group;
 pub mod tags;
 
 pub use change::{Action, Change, FieldChange};
@@ -32,7 +33,8 @@ pub use desired::{DesiredState, Resource, Spec};
 pub use error::{Error, ErrorClass, Result};
 pub use model::{Kind, Refs, ResourceId};
 
-/// Every controller this version has, in the order their kinds are applied.
+/// Every controller this version has. Kinds are applied in the order of their references;
+/// removals run in this order.
 pub fn controllers() -> Vec<Box<dyn DynController>> {
     vec![
         Box::new(iam::IamController),
@@ -45,6 +47,20 @@ pub fn controllers() -> Vec<Box<dyn DynController>> {
         Box::new(host::HostController),
         Box::new(grafana::GrafanaController),
         Box::new(host_config::HostConfigController),
+        // After what uses them, so a removed table's rules are revoked, then its groups
+        // deleted, once its instances and load balancer are gone.
+        Box::new(managed::Managed(security_group::Ingress::<
+            security_group::OfHost,
+        >::default())),
+        Box::new(managed::Managed(security_group::Ingress::<
+            security_group::OfGrafana,
+        >::default())),
+        Box::new(managed::Managed(security_group::SecurityGroup::<
+            security_group::OfHost,
+        >::default())),
+        Box::new(managed::Managed(security_group::SecurityGroup::<
+            security_group::OfGrafana,
+        >::default())),
     ]
 }
 

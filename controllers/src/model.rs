@@ -29,13 +29,21 @@ pub enum Kind {
     AmgWorkspace,
     /// The IAM Identity Center role associations of a Managed Grafana workspace.
     AmgPermissions,
+    /// The security group of a host.
+    HostSecurityGroup,
+    /// The ingress rules of a host's security group.
+    HostIngress,
     Host,
+    /// A security group of a Grafana group (keyed `alb` or `instances`).
+    GrafanaSecurityGroup,
+    /// The ingress rules of one of a Grafana group's security groups.
+    GrafanaIngress,
     Grafana,
     HostConfig,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 12] = KINDS;
+    pub const ALL: [Kind; 16] = KINDS;
 
     /// The kind as a one-element slice that lives forever (what a controller reports).
     pub fn as_slice(self) -> &'static [Kind] {
@@ -50,6 +58,10 @@ impl Kind {
             Kind::AmpAlertmanager => Some((Kind::AmpWorkspace, "alertmanager", false)),
             Kind::AmpLogging => Some((Kind::AmpWorkspace, "logging", false)),
             Kind::AmgPermissions => Some((Kind::AmgWorkspace, "permissions", false)),
+            Kind::HostSecurityGroup => Some((Kind::Host, "security_group", false)),
+            Kind::HostIngress => Some((Kind::Host, "ingress", false)),
+            Kind::GrafanaSecurityGroup => Some((Kind::Grafana, "security_group", true)),
+            Kind::GrafanaIngress => Some((Kind::Grafana, "ingress", true)),
             _ => None,
         }
     }
@@ -61,7 +73,7 @@ impl Kind {
 }
 
 /// Every kind, in [`Kind`]'s order (so `KINDS[k as usize] == k`).
-static KINDS: [Kind; 12] = [
+static KINDS: [Kind; 16] = [
     Kind::IamPolicy,
     Kind::IamRole,
     Kind::IamInstanceProfile,
@@ -71,7 +83,11 @@ static KINDS: [Kind; 12] = [
     Kind::AmpLogging,
     Kind::AmgWorkspace,
     Kind::AmgPermissions,
+    Kind::HostSecurityGroup,
+    Kind::HostIngress,
     Kind::Host,
+    Kind::GrafanaSecurityGroup,
+    Kind::GrafanaIngress,
     Kind::Grafana,
     Kind::HostConfig,
 ];
@@ -89,7 +105,11 @@ impl Kind {
             Kind::AmpLogging => "amp.workspace.logging",
             Kind::AmgWorkspace => "amg.workspace",
             Kind::AmgPermissions => "amg.workspace.permissions",
+            Kind::HostSecurityGroup => "host.security_group",
+            Kind::HostIngress => "host.ingress",
             Kind::Host => "host",
+            Kind::GrafanaSecurityGroup => "grafana.security_group",
+            Kind::GrafanaIngress => "grafana.ingress",
             Kind::Grafana => "grafana",
             Kind::HostConfig => "host_config",
         }
@@ -116,7 +136,10 @@ impl Kind {
             Kind::AmpRuleGroups
             | Kind::AmpAlertmanager
             | Kind::AmpLogging
-            | Kind::AmgPermissions => &[],
+            | Kind::AmgPermissions
+            | Kind::HostIngress
+            | Kind::GrafanaIngress => &[],
+            Kind::HostSecurityGroup | Kind::GrafanaSecurityGroup => &["id", "name"],
             Kind::AmgWorkspace => &["id", "arn", "endpoint"],
             Kind::Host => &[
                 "instance_id",
@@ -133,6 +156,21 @@ impl Kind {
                 "security_group_id",
             ],
             Kind::HostConfig => &["hash"],
+        }
+    }
+}
+
+impl Kind {
+    /// An attribute of a table that belongs to one of its parts: `(part kind, part key, the
+    /// part's attribute)`. `${host.x.security_group_id}` names the host's security group
+    /// node, so what references it waits for the group only, never for the instance.
+    pub fn attribute_part(self, attr: &str) -> Option<(Kind, Option<&'static str>, &'static str)> {
+        match (self, attr) {
+            (Kind::Host, "security_group_id") => Some((Kind::HostSecurityGroup, None, "id")),
+            (Kind::Grafana, "security_group_id") => {
+                Some((Kind::GrafanaSecurityGroup, Some("instances"), "id"))
+            }
+            _ => None,
         }
     }
 }
@@ -328,7 +366,24 @@ fn parse_target(inner: &str) -> Result<Target, String> {
             id.kind.attributes().join(", ")
         ));
     }
-    Ok(Target::Resource(id, attr.to_string()))
+    Ok(match id.kind.attribute_part(attr) {
+        Some((kind, key, attr)) => Target::Resource(
+            ResourceId::part(kind, id.name, key.map(String::from)),
+            attr.to_string(),
+        ),
+        None => Target::Resource(id, attr.to_string()),
+    })
+}
+
+/// The resources a string references.
+pub fn references_in(s: &str) -> BTreeSet<ResourceId> {
+    scan_refs(s)
+        .into_iter()
+        .filter_map(|r| match r.target {
+            Ok(Target::Resource(id, _)) => Some(id),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Attribute values of one existing resource.

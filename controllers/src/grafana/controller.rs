@@ -1,11 +1,11 @@
-//! The Grafana controller: per `grafana` resource, two security groups (the load balancer's,
-//! open to the allowed CIDRs; the instances', open only to the load balancer's), a launch
-//! template, a target group, an Application Load Balancer with its listeners, an Auto Scaling
-//! Group, and the provisioning pushed to the group's instances over SSM.
+//! The Grafana controller: per `grafana` resource, a launch template, a target group, an
+//! Application Load Balancer with its listeners, an Auto Scaling Group, and the provisioning
+//! pushed to the group's instances over SSM. Its two security groups (the load balancer's, open
+//! to the allowed CIDRs; the instances', open to the load balancer's) are nodes of their own
+//! ([`crate::security_group`]) whose ids the template and the load balancer use.
 //!
-//! Every object is found by its ownership tags (`stackwarden:role` tells the two security groups
-//! apart); load balancers and target groups are listed by the stack's name prefix and then their
-//! tags read in one batch.
+//! Every object is found by its ownership tags; load balancers and target groups are listed by
+//! the stack's name prefix and then their tags read in one batch.
 //!
 //! # Guarantees
 //! - A launch template change makes a new version of the same template, points the group at it
@@ -43,22 +43,18 @@ use aws_sdk_elasticloadbalancingv2::types::{
 use base64::Engine as _;
 
 use super::provisioning::{self, AdminPassword};
-use super::{GrafanaSpec, PasswordSource};
+use super::{GrafanaSpec, PasswordSource, ALB, INSTANCES};
 use crate::change::{removal, Action, Change};
 use crate::controller::{wait_until, Context, Controller, Progress};
 use crate::desired::{parse_duration, DesiredState, Resource, Spec, TAG_ID, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
-use crate::host::controller::{
-    locate_subnet, resolve_ami, security_groups, tag_map, tag_spec, Ingress, ObservedGroup, Rule,
-    Source,
-};
+use crate::host::controller::{locate_subnet, resolve_ami, tag_map, tag_spec};
 use crate::model::{Kind, Outputs, Refs, ResourceId};
 use crate::push::send::{send, Controls};
 use crate::push::{self, Prepared};
+use crate::security_group::group_id;
 use crate::tags::{self, owner_id, Tags};
 
-/// Security group tag: which of the resource's two groups this is.
-const TAG_ROLE: &str = "stackwarden:role";
 /// Auto Scaling Group tag: the launch template version its instances were refreshed to.
 const TAG_VERSION: &str = "stackwarden:template-version";
 /// Where the root volume of the AMIs stackwarden expects (Amazon Linux) is.
@@ -192,7 +188,6 @@ pub struct GroupInstance {
 #[derive(Debug, Default)]
 pub struct Observed {
     pub region: String,
-    pub security_groups: Vec<ObservedGroup>,
     pub templates: Vec<ObservedTemplate>,
     pub target_groups: Vec<ObservedTargetGroup>,
     pub balancers: Vec<ObservedBalancer>,
@@ -209,16 +204,6 @@ fn owned(tags: &Tags, desired: &DesiredState, id: &ResourceId) -> bool {
 }
 
 impl Observed {
-    fn security_group(
-        &self,
-        desired: &DesiredState,
-        id: &ResourceId,
-        role: &str,
-    ) -> Option<&ObservedGroup> {
-        self.security_groups.iter().find(|g| {
-            owned(&g.tags, desired, id) && g.tags.get(TAG_ROLE).map(String::as_str) == Some(role)
-        })
-    }
     fn template(&self, desired: &DesiredState, id: &ResourceId) -> Option<&ObservedTemplate> {
         self.templates.iter().find(|t| owned(&t.tags, desired, id))
     }
@@ -249,11 +234,9 @@ pub struct Build {
     pub name: String,
     pub vpc: Option<String>,
     pub alb_subnets: Vec<String>,
-    pub alb_group: Option<String>,
-    pub alb_rules: Vec<Rule>,
-    pub instance_group: Option<String>,
+    /// The load balancer's security group (its own node).
+    pub alb_group: String,
     pub port: i32,
-    pub group_tags: (Tags, Tags),
     /// An existing template with its latest version.
     pub template: Option<(String, i64)>,
     pub template_data: TemplateData,
@@ -283,7 +266,6 @@ pub struct Sizes {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
     Build(Box<Build>),
-    Ingress(Ingress),
     ElbTag {
         arn: String,
         tags: Tags,
@@ -356,9 +338,6 @@ pub enum Op {
     DeleteTemplate {
         template: String,
     },
-    DeleteSecurityGroup {
-        group: String,
-    },
 }
 
 /// A new template version when `data` is given (else `version`), the group pointed at it
@@ -392,35 +371,6 @@ fn seconds(d: &Option<toml::Spanned<String>>, default: u64) -> i32 {
     d.as_ref()
         .and_then(|d| parse_duration(d.get_ref()).ok())
         .map_or(default, |d| d.as_secs()) as i32
-}
-
-fn alb_rules(s: &GrafanaSpec) -> BTreeSet<Rule> {
-    let mut ports = vec![80];
-    if s.alb.certificate_arn.is_some() {
-        ports.push(443);
-    }
-    let mut rules = BTreeSet::new();
-    for port in ports {
-        for c in &s.alb.allowed_cidrs {
-            rules.insert(Rule {
-                protocol: "tcp".into(),
-                from: port,
-                to: port,
-                source: Source::Cidr(c.clone()),
-            });
-        }
-    }
-    rules
-}
-
-fn instance_rules(s: &GrafanaSpec, alb_group: &str) -> BTreeSet<Rule> {
-    let port = i32::from(s.target_group.port);
-    BTreeSet::from([Rule {
-        protocol: "tcp".into(),
-        from: port,
-        to: port,
-        source: Source::Group(alb_group.to_string()),
-    }])
 }
 
 fn health(s: &GrafanaSpec) -> HealthCheck {
@@ -589,16 +539,11 @@ impl Controller for GrafanaController {
             .name(format!("tag:{TAG_STACK}"))
             .values(stack)
             .build();
-        let (sgs, templates, elb, instances) = futures::join!(
-            security_groups(ctx, stack_filter.clone()),
+        let (templates, elb, instances) = futures::join!(
             observe_templates(ctx, stack_filter.clone()),
             observe_elb(ctx, desired),
             observe_instances(ctx, stack_filter),
         );
-        obs.security_groups = sgs?
-            .into_iter()
-            .filter(|g| owner_id(&g.tags, stack).is_some_and(|id| id.kind == Kind::Grafana))
-            .collect();
         obs.templates = templates?;
         (obs.target_groups, obs.balancers) = elb?;
         obs.instances = instances?;
@@ -628,9 +573,6 @@ impl Controller for GrafanaController {
                 }
                 if let Some(t) = obs.target_group(desired, &r.id) {
                     out.insert("target_group_arn".into(), t.arn.clone());
-                }
-                if let Some(g) = obs.security_group(desired, &r.id, "instances") {
-                    out.insert("security_group_id".into(), g.id.clone());
                 }
                 Some((r.id.clone(), out))
             })
@@ -669,15 +611,11 @@ impl Controller for GrafanaController {
         );
         tags.entry("Name".into()).or_insert_with(|| name.clone());
 
-        let alb_sg = obs.security_group(desired, &r.id, "alb");
-        let inst_sg = obs.security_group(desired, &r.id, "instances");
         let template = obs.template(desired, &r.id);
         let tg = obs.target_group(desired, &r.id);
         let lb = obs.balancer(desired, &r.id);
         let group = obs.group(desired, &r.id);
-        let (Some(alb_sg), Some(inst_sg), Some(template), Some(tg), Some(lb), Some(group)) =
-            (alb_sg, inst_sg, template, tg, lb, group)
-        else {
+        let (Some(template), Some(tg), Some(lb), Some(group)) = (template, tg, lb, group) else {
             return Ok(Some(build_change(
                 desired, r, s, obs, refs, &name, ami, tags, push,
             )));
@@ -693,14 +631,18 @@ impl Controller for GrafanaController {
         }
 
         let live = Live {
-            alb_sg,
-            inst_sg,
+            alb_sg: group_id(refs, Kind::GrafanaSecurityGroup, &r.id.name, Some(ALB)),
+            inst_sg: group_id(
+                refs,
+                Kind::GrafanaSecurityGroup,
+                &r.id.name,
+                Some(INSTANCES),
+            ),
             template,
             tg,
             lb,
             group,
         };
-        diff_security_groups(&mut c, s, &live);
         diff_balancer(&mut c, s, refs, &live, &r.id, &tags)?;
         diff_group(&mut c, s, refs, &live, &tags);
         diff_rollout(&mut c, s, refs, &live, ami);
@@ -718,7 +660,8 @@ impl Controller for GrafanaController {
 
     fn removed(&self, desired: &DesiredState, obs: &Observed, prune: bool) -> Vec<Change<Op>> {
         // Per resource no longer desired, in the order it can be deleted: the group (and its
-        // instances), the load balancer, the target group, the template, the security groups.
+        // instances), the load balancer, the target group, the template. Its security groups
+        // are nodes of their own, deleted after these.
         let mut by_id: BTreeMap<ResourceId, (Vec<(u8, Op)>, Tags)> = BTreeMap::new();
         let mut add = |tags: &Tags, order: u8, op: Op| {
             if let Some(id) = owner_id(tags, desired.stack_name()) {
@@ -765,20 +708,6 @@ impl Controller for GrafanaController {
                 },
             );
         }
-        for g in &obs.security_groups {
-            let order = if g.tags.get(TAG_ROLE).map(String::as_str) == Some("instances") {
-                4
-            } else {
-                5
-            };
-            add(
-                &g.tags,
-                order,
-                Op::DeleteSecurityGroup {
-                    group: g.id.clone(),
-                },
-            );
-        }
         by_id
             .into_iter()
             .filter_map(|(id, (mut ops, tags))| {
@@ -801,7 +730,6 @@ impl Controller for GrafanaController {
         let (ec2, elb, asg) = (&ctx.ec2, &ctx.elb, &ctx.autoscaling);
         match op {
             Op::Build(b) => return build(ctx, b).await.map(Some),
-            Op::Ingress(change) => change.apply(ctx).await?,
             Op::ElbTag { arn, tags } => {
                 elb.add_tags()
                     .resource_arns(arn)
@@ -989,13 +917,6 @@ impl Controller for GrafanaController {
                     .await
                     .map_err(aws_error("ec2", "DeleteLaunchTemplate"))?;
             }
-            Op::DeleteSecurityGroup { group } => {
-                ec2.delete_security_group()
-                    .group_id(group)
-                    .send()
-                    .await
-                    .map_err(aws_error("ec2", "DeleteSecurityGroup"))?;
-            }
         }
         Ok(None)
     }
@@ -1003,29 +924,13 @@ impl Controller for GrafanaController {
 
 /// The objects of one resource that all exist, for the update path of `diff`.
 struct Live<'a> {
-    alb_sg: &'a ObservedGroup,
-    inst_sg: &'a ObservedGroup,
+    /// The security groups' ids, from their nodes.
+    alb_sg: String,
+    inst_sg: String,
     template: &'a ObservedTemplate,
     tg: &'a ObservedTargetGroup,
     lb: &'a ObservedBalancer,
     group: &'a ObservedAsg,
-}
-
-/// Both security groups' ingress rules, exactly.
-fn diff_security_groups(c: &mut Change<Op>, s: &GrafanaSpec, live: &Live) {
-    let Live {
-        alb_sg, inst_sg, ..
-    } = *live;
-    for (g, want) in [
-        (alb_sg, alb_rules(s)),
-        (inst_sg, instance_rules(s, &alb_sg.id)),
-    ] {
-        let role = g.tags.get(TAG_ROLE).cloned().unwrap_or_default();
-        if let Some(change) = Ingress::diff(c, &format!("security_group.{role}.ingress"), g, &want)
-        {
-            c.op(Op::Ingress(change));
-        }
-    }
 }
 
 /// The target group's health check, the load balancer, its listeners and tags.
@@ -1037,7 +942,7 @@ fn diff_balancer(
     id: &ResourceId,
     tags: &Tags,
 ) -> Result<()> {
-    let Live { alb_sg, tg, lb, .. } = *live;
+    let Live { alb_sg, tg, lb, .. } = live;
     if tg.port != i32::from(s.target_group.port) {
         return Err(Error::Invalid(format!(
             "{}: the target group listens on {} and the desired port is {}; a target group's port cannot change in place (remove the resource with --prune, then add it again)",
@@ -1064,7 +969,7 @@ fn diff_balancer(
             id, lb.scheme, s.alb.scheme
         )));
     }
-    let want_groups = BTreeSet::from([alb_sg.id.clone()]);
+    let want_groups = BTreeSet::from([alb_sg.clone()]);
     if lb.security_groups != want_groups {
         c.field(
             "alb.security_groups",
@@ -1075,11 +980,11 @@ fn diff_balancer(
                     .collect::<Vec<_>>()
                     .join(","),
             ),
-            Some(alb_sg.id.clone()),
+            Some(alb_sg.clone()),
         );
         c.op(Op::BalancerGroups {
             balancer: lb.arn.clone(),
-            groups: vec![alb_sg.id.clone()],
+            groups: vec![alb_sg.clone()],
         });
     }
     let want_subnets: BTreeSet<String> =
@@ -1273,8 +1178,8 @@ fn diff_rollout(c: &mut Change<Op>, s: &GrafanaSpec, refs: &Refs, live: &Live, a
         template,
         group,
         ..
-    } = *live;
-    let want_data = template_data(s, refs, ami, &inst_sg.id);
+    } = live;
+    let want_data = template_data(s, refs, ami, inst_sg);
     let fields = template_fields(&template.data, &want_data);
     let pinned = group.template.as_ref().map(|(_, v)| v.clone());
     let refreshed = group.tags.get(TAG_VERSION).cloned();
@@ -1403,8 +1308,6 @@ fn build_change(
     tags: Tags,
     push: Prepared,
 ) -> Change<Op> {
-    let alb_sg = obs.security_group(desired, &r.id, "alb");
-    let inst_sg = obs.security_group(desired, &r.id, "instances");
     let template = obs.template(desired, &r.id);
     let tg = obs.target_group(desired, &r.id);
     let lb = obs.balancer(desired, &r.id);
@@ -1415,8 +1318,6 @@ fn build_change(
             .push("no alb.certificate_arn: Grafana is served over plain HTTP on port 80".into());
     }
     if [
-        alb_sg.is_some(),
-        inst_sg.is_some(),
         template.is_some(),
         tg.is_some(),
         lb.is_some(),
@@ -1454,24 +1355,20 @@ fn build_change(
     if let Some(source) = s.provisioning.password_source() {
         c.field("admin_password", None, Some(source.describe()));
     }
-    let mut own = desired.tags_for(&r.id, &BTreeMap::new());
-    own.insert("Name".into(), format!("{name}-alb"));
-    let mut alb_tags = own.clone();
-    alb_tags.insert(TAG_ROLE.into(), "alb".into());
-    let mut inst_tags = own;
-    inst_tags.insert("Name".into(), format!("{name}-instances"));
-    inst_tags.insert(TAG_ROLE.into(), "instances".into());
+    let instance_group = group_id(
+        refs,
+        Kind::GrafanaSecurityGroup,
+        &r.id.name,
+        Some(INSTANCES),
+    );
     c.op(Op::Build(Box::new(Build {
         name: name.to_string(),
         vpc: s.alb.vpc.as_ref().map(|v| refs.render(v).value),
         alb_subnets: s.alb.subnets.iter().map(|n| refs.render(n).value).collect(),
-        alb_group: alb_sg.map(|g| g.id.clone()),
-        alb_rules: alb_rules(s).into_iter().collect(),
-        instance_group: inst_sg.map(|g| g.id.clone()),
+        alb_group: group_id(refs, Kind::GrafanaSecurityGroup, &r.id.name, Some(ALB)),
         port: i32::from(s.target_group.port),
-        group_tags: (alb_tags, inst_tags),
         template: template.map(|t| (t.id.clone(), t.latest)),
-        template_data: template_data(s, refs, ami, ""),
+        template_data: template_data(s, refs, ami, &instance_group),
         target_group: tg.map(|t| t.arn.clone()),
         health: health(s),
         balancer: lb.map(|b| b.arn.clone()),
@@ -2129,61 +2026,14 @@ async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
                 .1
         }
     };
-    let make_group = |name: String, tags: Tags| {
-        let vpc = vpc.clone();
-        async move {
-            let out = ec2
-                .create_security_group()
-                .group_name(&name)
-                .description(format!("stackwarden {name}"))
-                .vpc_id(vpc)
-                .tag_specifications(tag_spec(ResourceType::SecurityGroup, &tags))
-                .send()
-                .await
-                .map_err(aws_error("ec2", "CreateSecurityGroup"))?;
-            Ok::<_, Error>(out.group_id().unwrap_or_default().to_string())
-        }
-    };
-    let authorize = |group: String, rules: Vec<Rule>| async move {
-        Ingress {
-            group,
-            revoke: Vec::new(),
-            authorize: rules,
-        }
-        .apply(ctx)
-        .await
-    };
-    let alb_group = match &b.alb_group {
-        Some(g) => g.clone(),
-        None => {
-            let g = make_group(format!("{}-alb", b.name), b.group_tags.0.clone()).await?;
-            authorize(g.clone(), b.alb_rules.clone()).await?;
-            g
-        }
-    };
-    let instance_group = match &b.instance_group {
-        Some(g) => g.clone(),
-        None => {
-            let g = make_group(format!("{}-instances", b.name), b.group_tags.1.clone()).await?;
-            let rule = Rule {
-                protocol: "tcp".into(),
-                from: b.port,
-                to: b.port,
-                source: Source::Group(alb_group.clone()),
-            };
-            authorize(g.clone(), vec![rule]).await?;
-            g
-        }
-    };
-    let mut data = b.template_data.clone();
-    data.security_groups = vec![instance_group.clone()];
+    let data = &b.template_data;
     let (template, version) = match &b.template {
         Some((t, latest)) => (t.clone(), latest.to_string()),
         None => {
             let out = ec2
                 .create_launch_template()
                 .launch_template_name(&b.name)
-                .launch_template_data(request_data(&data))
+                .launch_template_data(request_data(data))
                 .tag_specifications(tag_spec(ResourceType::LaunchTemplate, &b.tags))
                 .send()
                 .await
@@ -2236,7 +2086,7 @@ async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
                 .r#type(LoadBalancerTypeEnum::Application)
                 .scheme(LoadBalancerSchemeEnum::from(b.scheme.as_str()))
                 .set_subnets(Some(b.alb_subnets.clone()))
-                .security_groups(&alb_group)
+                .security_groups(&b.alb_group)
                 .set_tags(Some(elb_tags(&b.tags)))
                 .send()
                 .await
@@ -2290,7 +2140,6 @@ async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
             ("asg_name".into(), group.clone()),
             ("alb_arn".into(), balancer),
             ("target_group_arn".into(), target_group),
-            ("security_group_id".into(), instance_group),
         ]);
         if let Some(dns) = dns {
             out.insert("alb_dns_name".into(), dns);
@@ -2326,7 +2175,6 @@ async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
         ("asg_name".into(), b.name.clone()),
         ("alb_arn".into(), balancer),
         ("target_group_arn".into(), target_group),
-        ("security_group_id".into(), instance_group),
     ]);
     if let Some(dns) = dns {
         out.insert("alb_dns_name".into(), dns);
@@ -2375,8 +2223,6 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
     }
 
     struct World {
-        alb_sg: ObservedGroup,
-        inst_sg: ObservedGroup,
         template: ObservedTemplate,
         tg: ObservedTargetGroup,
         lb: ObservedBalancer,
@@ -2386,22 +2232,13 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
     impl World {
         /// Converged on version 2 of the template.
         fn new(s: &GrafanaSpec) -> World {
-            let inst_sg = ObservedGroup {
-                id: "sg-i".into(),
-                ..Default::default()
-            };
             World {
-                alb_sg: ObservedGroup {
-                    id: "sg-a".into(),
-                    ..Default::default()
-                },
                 template: ObservedTemplate {
                     id: "lt-1".into(),
                     latest: 2,
-                    data: template_data(s, &Refs::default(), "ami-1".into(), &inst_sg.id),
+                    data: template_data(s, &Refs::default(), "ami-1".into(), "sg-i"),
                     ..Default::default()
                 },
-                inst_sg,
                 tg: ObservedTargetGroup::default(),
                 lb: ObservedBalancer::default(),
                 group: ObservedAsg {
@@ -2415,8 +2252,8 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
 
         fn rollout(&self, s: &GrafanaSpec) -> Vec<Op> {
             let live = Live {
-                alb_sg: &self.alb_sg,
-                inst_sg: &self.inst_sg,
+                alb_sg: "sg-a".into(),
+                inst_sg: "sg-i".into(),
                 template: &self.template,
                 tg: &self.tg,
                 lb: &self.lb,

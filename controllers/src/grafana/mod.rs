@@ -7,12 +7,19 @@ pub mod provisioning;
 
 pub use controller::GrafanaController;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::desired::{check_duration, check_tags, Validator};
+use crate::desired::{check_duration, check_tags, Resource, Validator};
+use crate::model::{Kind, ResourceId};
+use crate::security_group::{self, GroupPart, IngressPart, IngressRule, RuleSpec};
+
+/// The key of the load balancer's security group (`grafana.<name>.security_group.alb`).
+pub const ALB: &str = "alb";
+/// The key of the instances' security group.
+pub const INSTANCES: &str = "instances";
 
 /// What plan says of a load balancer without a certificate.
 pub const HTTP_ONLY: &str = "no alb.certificate_arn: Grafana is served over plain HTTP on port 80 (set certificate_arn for HTTPS on 443 with 80 redirecting, or require_https to make this an error)";
@@ -48,6 +55,9 @@ pub struct GrafanaSpec {
     pub target_group: TargetGroupSpec,
     #[serde(default)]
     pub provisioning: ProvisioningSpec,
+    /// Rules the instances' security group has besides the load balancer's.
+    #[serde(default)]
+    pub security_group: InstanceIngress,
     pub tags: Option<Spanned<BTreeMap<String, String>>>,
     /// The user data file's content, read by `validate`.
     #[serde(skip)]
@@ -91,6 +101,15 @@ fn internet_facing() -> String {
 }
 fn ssl_policy() -> String {
     "ELBSecurityPolicy-TLS13-1-2-2021-06".into()
+}
+
+/// `security_group = { ingress = [...] }`: who else may reach the instances (a Prometheus
+/// host scraping node_exporter, say).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceIngress {
+    #[serde(default)]
+    pub ingress: Vec<IngressRule>,
 }
 
 /// The target group the load balancer forwards to: Grafana's port and health endpoint.
@@ -189,6 +208,64 @@ impl GrafanaSpec {
         vec![HTTP_ONLY.to_string()]
     }
 
+    /// Its two security groups (`alb`, `instances`) and their ingress rules, nodes of their
+    /// own: the load balancer's admits `alb.allowed_cidrs` on its listeners' ports, the
+    /// instances' admit the load balancer's group on the target port, and `security_group`'s
+    /// rules. The group's other objects depend on both groups.
+    pub fn parts(&self, table: &Resource) -> (Vec<Resource>, BTreeSet<ResourceId>) {
+        let kinds = (Kind::GrafanaSecurityGroup, Kind::GrafanaIngress);
+        let place = || GroupPart {
+            vpc: self.alb.vpc.clone(),
+            subnet: self.alb.subnets.first().cloned(),
+        };
+        let mut ports = vec![80];
+        if self.alb.certificate_arn.is_some() {
+            ports.push(443);
+        }
+        let alb_rules = ports
+            .into_iter()
+            .map(|port| RuleSpec {
+                protocol: "tcp".into(),
+                from: port,
+                to: port,
+                cidrs: self.alb.allowed_cidrs.clone(),
+                groups: Vec::new(),
+            })
+            .collect();
+        let alb = ResourceId::part(
+            Kind::GrafanaSecurityGroup,
+            table.id.name.clone(),
+            Some(ALB.into()),
+        );
+        let mut instance_rules = vec![security_group::from_group(
+            i32::from(self.target_group.port),
+            format!("${{{alb}.id}}"),
+        )];
+        instance_rules.extend(security_group::rule_specs(&self.security_group.ingress));
+        let [alb_group, alb_ingress] = security_group::nodes(
+            table,
+            kinds,
+            Some(ALB),
+            place(),
+            IngressPart { rules: alb_rules },
+        );
+        let [instance_group, instance_ingress] = security_group::nodes(
+            table,
+            kinds,
+            Some(INSTANCES),
+            place(),
+            IngressPart {
+                rules: instance_rules,
+            },
+        );
+        let mut own = table.depends_on.clone();
+        own.extend([alb_group.id.clone(), instance_group.id.clone()]);
+        (
+            vec![alb_group, alb_ingress, instance_group, instance_ingress],
+            own,
+        )
+    }
+
     pub fn validate(&mut self, v: &mut Validator<'_>) {
         if self.min_size < 0 || self.max_size < self.min_size {
             v.here(format!(
@@ -232,6 +309,7 @@ impl GrafanaSpec {
                 ));
             }
         }
+        security_group::check_ingress(v, &self.security_group.ingress);
         let tg = &self.target_group;
         if tg.port == 0 {
             v.here("target_group.port must be a port number (1 to 65535)");

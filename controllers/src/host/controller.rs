@@ -1,8 +1,9 @@
-//! The host controller: an EC2 instance with its security group and EBS data volumes, and the
-//! Prometheus config pushed to it over SSM Run Command.
+//! The host controller: an EC2 instance with its EBS data volumes, and the Prometheus config
+//! pushed to it over SSM Run Command. Its security group is a node of its own
+//! ([`crate::security_group`]): the instance is put in it, and moved back into it if it left.
 //!
-//! Everything is found by ownership tags: the instance and the security group carry the host's
-//! address, each data volume also its device (`stackwarden:device`). Volumes are separate from
+//! Everything is found by ownership tags: the instance carries the host's address, each data
+//! volume also its device (`stackwarden:device`). Volumes are separate from
 //! the instance (never deleted with it), so a terminated instance is replaced and the volumes,
 //! the Prometheus TSDB on them included, are attached to the replacement.
 //!
@@ -20,13 +21,12 @@
 //! # Caveats
 //! - A volume is never shrunk: a smaller desired size is a terminal error at plan time.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use aws_sdk_ec2::types::{
     Filter, HttpTokensState, IamInstanceProfileSpecification, InstanceMetadataOptionsRequest,
-    InstanceStateName, InstanceType, IpPermission, IpRange, ResourceType, Tag, TagSpecification,
-    UserIdGroupPair, VolumeType,
+    InstanceStateName, InstanceType, ResourceType, Tag, TagSpecification, VolumeType,
 };
 use base64::Engine as _;
 
@@ -38,6 +38,7 @@ use crate::error::{aws_error, Error, Result};
 use crate::model::{Kind, Outputs, Refs, ResourceId};
 use crate::push::send::{send, Controls};
 use crate::push::{self, Prepared};
+use crate::security_group;
 use crate::tags::{self, owner_id, Tags};
 
 /// Instance tag: the sha256 of the Prometheus bundle installed on the host.
@@ -61,106 +62,9 @@ pub struct ObservedInstance {
     pub private_ip: String,
     pub public_ip: String,
     pub private_dns: String,
+    /// The security groups it is in.
+    pub security_groups: Vec<String>,
     pub tags: Tags,
-}
-
-/// One ingress rule as EC2 keeps it: protocol, port range, one source.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Rule {
-    pub protocol: String,
-    pub from: i32,
-    pub to: i32,
-    pub source: Source,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Source {
-    Cidr(String),
-    Group(String),
-}
-
-impl std::fmt::Display for Rule {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ports = if self.from == self.to {
-            self.from.to_string()
-        } else {
-            format!("{}-{}", self.from, self.to)
-        };
-        let source = match &self.source {
-            Source::Cidr(c) => c.clone(),
-            Source::Group(g) => g.clone(),
-        };
-        write!(f, "{}/{ports} from {source}", self.protocol)
-    }
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct ObservedGroup {
-    pub id: String,
-    pub tags: Tags,
-    pub ingress: BTreeSet<Rule>,
-}
-
-/// A security group's ingress taken to the desired rules: what to revoke, what to authorize.
-/// Hosts and Grafana groups keep their rules exact the same way.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Ingress {
-    pub group: String,
-    pub revoke: Vec<Rule>,
-    pub authorize: Vec<Rule>,
-}
-
-fn show_rules(r: &BTreeSet<Rule>) -> String {
-    r.iter().map(Rule::to_string).collect::<Vec<_>>().join(", ")
-}
-
-impl Ingress {
-    /// The change that gives `group` exactly `want` (shown in the plan as `field`), if any.
-    pub(crate) fn diff<Op>(
-        c: &mut Change<Op>,
-        field: &str,
-        group: &ObservedGroup,
-        want: &BTreeSet<Rule>,
-    ) -> Option<Ingress> {
-        let authorize: Vec<Rule> = want.difference(&group.ingress).cloned().collect();
-        let revoke: Vec<Rule> = group.ingress.difference(want).cloned().collect();
-        if authorize.is_empty() && revoke.is_empty() {
-            return None;
-        }
-        c.field(
-            field,
-            Some(show_rules(&group.ingress)),
-            Some(show_rules(want)),
-        );
-        Some(Ingress {
-            group: group.id.clone(),
-            revoke,
-            authorize,
-        })
-    }
-
-    /// Revokes first, so a rule that only changed its source never doubles access.
-    pub(crate) async fn apply(&self, ctx: &Context) -> Result<()> {
-        if !self.revoke.is_empty() {
-            ctx.ec2
-                .revoke_security_group_ingress()
-                .group_id(&self.group)
-                .set_ip_permissions(Some(permissions(&self.revoke)))
-                .send()
-                .await
-                .map_err(aws_error("ec2", "RevokeSecurityGroupIngress"))?;
-        }
-        if !self.authorize.is_empty() {
-            ctx.ec2
-                .authorize_security_group_ingress()
-                .group_id(&self.group)
-                .set_ip_permissions(Some(permissions(&self.authorize)))
-                .send()
-                .await
-                .map_err(aws_error("ec2", "AuthorizeSecurityGroupIngress"))?;
-        }
-        Ok(())
-    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -179,7 +83,6 @@ pub struct ObservedVolume {
 pub struct Observed {
     pub region: String,
     pub instances: Vec<ObservedInstance>,
-    pub groups: Vec<ObservedGroup>,
     pub volumes: Vec<ObservedVolume>,
 }
 
@@ -219,10 +122,6 @@ impl Observed {
             .collect()
     }
 
-    pub fn group(&self, desired: &DesiredState, r: &Resource) -> Option<&ObservedGroup> {
-        self.groups.iter().find(|g| owned(&g.tags, desired, &r.id))
-    }
-
     pub fn volume(
         &self,
         desired: &DesiredState,
@@ -257,13 +156,8 @@ pub struct VolumePlan {
 /// ids the earlier ones create.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Launch {
-    /// An existing security group, or the one to create with its rules.
-    pub group: Option<String>,
-    pub group_name: String,
-    /// The security group's VPC; none: the subnet's.
-    pub vpc: Option<String>,
-    pub group_tags: Tags,
-    pub rules: Vec<Rule>,
+    /// The host's security group (its own node).
+    pub group: String,
     pub volumes: Vec<VolumePlan>,
     pub ami: String,
     pub instance_type: String,
@@ -287,7 +181,11 @@ pub enum Op {
         instance: String,
         instance_type: String,
     },
-    Ingress(Ingress),
+    /// Puts the instance in exactly these security groups.
+    SetGroups {
+        instance: String,
+        groups: Vec<String>,
+    },
     /// Creates (or takes the existing) volume and attaches it.
     AttachVolume {
         instance: String,
@@ -319,37 +217,10 @@ pub enum Op {
     DeleteVolume {
         volume: String,
     },
-    DeleteGroup {
-        group: String,
-    },
 }
 
 // ---------------------------------------------------------------------------------------------
 // Desired values
-
-fn desired_rules(s: &HostSpec, refs: &Refs) -> BTreeSet<Rule> {
-    let mut rules = BTreeSet::new();
-    for r in &s.security_group.ingress {
-        let (from, to) = (i32::from(r.port), i32::from(r.to_port.unwrap_or(r.port)));
-        for c in &r.cidrs {
-            rules.insert(Rule {
-                protocol: r.protocol.clone(),
-                from,
-                to,
-                source: Source::Cidr(c.get_ref().clone()),
-            });
-        }
-        for g in &r.security_groups {
-            rules.insert(Rule {
-                protocol: r.protocol.clone(),
-                from,
-                to,
-                source: Source::Group(refs.render(g).value),
-            });
-        }
-    }
-    rules
-}
 
 fn volume_plan(desired: &DesiredState, r: &Resource, v: &VolumeSpec) -> VolumePlan {
     let mut tags = desired.tags_for(&r.id, &BTreeMap::new());
@@ -445,12 +316,16 @@ impl Controller for HostController {
                     private_ip: i.private_ip_address().unwrap_or_default().into(),
                     public_ip: i.public_ip_address().unwrap_or_default().into(),
                     private_dns: i.private_dns_name().unwrap_or_default().into(),
+                    security_groups: i
+                        .security_groups()
+                        .iter()
+                        .filter_map(|g| g.group_id())
+                        .map(String::from)
+                        .collect(),
                     tags: tag_map(i.tags()),
                 });
             }
         }
-
-        obs.groups = security_groups(ctx, stack.clone()).await?;
 
         let mut pages = ctx
             .ec2
@@ -495,15 +370,12 @@ impl Controller for HostController {
             .of_kind(Kind::Host)
             .filter_map(|r| {
                 let i = obs.instance(desired, r)?;
-                let mut out = Outputs::from([
+                let out = Outputs::from([
                     ("instance_id".into(), i.id.clone()),
                     ("private_ip".into(), i.private_ip.clone()),
                     ("public_ip".into(), i.public_ip.clone()),
                     ("private_dns".into(), i.private_dns.clone()),
                 ]);
-                if let Some(g) = obs.group(desired, r) {
-                    out.insert("security_group_id".into(), g.id.clone());
-                }
                 Some((r.id.clone(), out))
             })
             .collect()
@@ -521,15 +393,13 @@ impl Controller for HostController {
         };
         let name = desired.default_name(&r.id);
         let tags = s.instance_tags(desired, &r.id);
-        let rules = desired_rules(s, refs);
         let push = prometheus_push(s, refs, &obs.region)?;
-        let group = obs.group(desired, r);
+        let group = security_group::group_id(refs, Kind::HostSecurityGroup, &r.id.name, None);
 
         let Some(inst) = obs.instance(desired, r) else {
             // New, or replacing a terminated instance: the volumes it had are attached again.
             // Subnet and VPC are looked up when launching: a converged pass needs neither.
             let subnet = s.subnet.as_ref().map(|sn| refs.render(sn).value);
-            let vpc = s.security_group.vpc.as_ref().map(|v| refs.render(v).value);
             let volumes: Vec<VolumePlan> = s
                 .volumes
                 .iter()
@@ -555,19 +425,7 @@ impl Controller for HostController {
                         .unwrap_or_else(|| "(the default VPC's, first zone)".into()),
                 ),
             );
-            if group.is_none() {
-                c.field(
-                    "security_group.ingress",
-                    None,
-                    Some(
-                        rules
-                            .iter()
-                            .map(Rule::to_string)
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                    ),
-                );
-            }
+            c.field("security_group", None, Some(group.clone()));
             for v in &volumes {
                 let what = match &v.existing {
                     Some(id) => format!("{id} (kept)"),
@@ -578,14 +436,8 @@ impl Controller for HostController {
             if let Some(p) = &push {
                 c.field("prometheus", None, Some(p.short_hash()));
             }
-            let mut group_tags = desired.tags_for(&r.id, &BTreeMap::new());
-            group_tags.insert("Name".into(), name.clone());
             c.op(Op::Launch(Box::new(Launch {
-                group: group.map(|g| g.id.clone()),
-                group_name: name.clone(),
-                vpc,
-                group_tags,
-                rules: rules.into_iter().collect(),
+                group,
                 volumes,
                 ami: refs.render(&s.ami).value,
                 instance_type: s.instance_type.clone(),
@@ -662,10 +514,16 @@ impl Controller for HostController {
                 keys,
             },
         );
-        if let Some(change) =
-            group.and_then(|g| Ingress::diff(&mut c, "security_group.ingress", g, &rules))
-        {
-            c.op(Op::Ingress(change));
+        if inst.security_groups != [group.clone()] {
+            c.field(
+                "security_groups",
+                Some(inst.security_groups.join(",")),
+                Some(group.clone()),
+            );
+            c.op(Op::SetGroups {
+                instance: inst.id.clone(),
+                groups: vec![group],
+            });
         }
         for v in &s.volumes {
             let want = volume_plan(desired, r, v);
@@ -749,7 +607,8 @@ impl Controller for HostController {
 
     fn removed(&self, desired: &DesiredState, obs: &Observed, prune: bool) -> Vec<Change<Op>> {
         // Everything the stack owns for a host no longer desired, grouped by the host, in the
-        // order it can be deleted: instances, then their volumes, then their security group.
+        // order it can be deleted: instances, then their volumes (the security group is a node
+        // of its own, deleted after them).
         let owned = obs
             .instances
             .iter()
@@ -766,14 +625,6 @@ impl Controller for HostController {
                     &v.tags,
                     Op::DeleteVolume {
                         volume: v.id.clone(),
-                    },
-                )
-            }))
-            .chain(obs.groups.iter().map(|g| {
-                (
-                    &g.tags,
-                    Op::DeleteGroup {
-                        group: g.id.clone(),
                     },
                 )
             }));
@@ -843,7 +694,14 @@ impl Controller for HostController {
                     .map_err(aws_error("ec2", "StartInstances"))?;
                 wait_state(ctx, instance, InstanceStateName::Running).await?;
             }
-            Op::Ingress(change) => change.apply(ctx).await?,
+            Op::SetGroups { instance, groups } => {
+                ec2.modify_instance_attribute()
+                    .instance_id(instance)
+                    .set_groups(Some(groups.clone()))
+                    .send()
+                    .await
+                    .map_err(aws_error("ec2", "ModifyInstanceAttribute"))?;
+            }
             Op::AttachVolume {
                 instance,
                 zone,
@@ -927,60 +785,9 @@ impl Controller for HostController {
                     .await
                     .map_err(aws_error("ec2", "DeleteVolume"))?;
             }
-            Op::DeleteGroup { group } => {
-                ec2.delete_security_group()
-                    .group_id(group)
-                    .send()
-                    .await
-                    .map_err(aws_error("ec2", "DeleteSecurityGroup"))?;
-            }
         }
         Ok(None)
     }
-}
-
-/// The security groups `filter` selects, with their ingress rules one source per rule.
-pub(crate) async fn security_groups(ctx: &Context, filter: Filter) -> Result<Vec<ObservedGroup>> {
-    let mut groups = Vec::new();
-    let mut pages = ctx
-        .ec2
-        .describe_security_groups()
-        .filters(filter)
-        .into_paginator()
-        .send();
-    while let Some(page) = pages.next().await {
-        let page = page.map_err(aws_error("ec2", "DescribeSecurityGroups"))?;
-        for g in page.security_groups() {
-            let mut ingress = BTreeSet::new();
-            for p in g.ip_permissions() {
-                let protocol = p.ip_protocol().unwrap_or_default().to_string();
-                let (from, to) = (p.from_port().unwrap_or(-1), p.to_port().unwrap_or(-1));
-                for r in p.ip_ranges() {
-                    ingress.insert(Rule {
-                        protocol: protocol.clone(),
-                        from,
-                        to,
-                        source: Source::Cidr(r.cidr_ip().unwrap_or_default().into()),
-                    });
-                }
-                for pair in p.user_id_group_pairs() {
-                    ingress.insert(Rule {
-                        protocol: protocol.clone(),
-                        from,
-                        to,
-                        source: Source::Group(pair.group_id().unwrap_or_default().into()),
-                    });
-                }
-            }
-            groups.push(ObservedGroup {
-                id: g.group_id().unwrap_or_default().into(),
-                tags: tag_map(g.tags()),
-                ingress,
-            });
-        }
-    }
-
-    Ok(groups)
 }
 
 /// EC2's tags as a map.
@@ -1006,25 +813,6 @@ pub(crate) fn tag_spec(kind: ResourceType, tags: &Tags) -> TagSpecification {
         .resource_type(kind)
         .set_tags(Some(ec2_tags(tags)))
         .build()
-}
-
-pub(crate) fn permissions(rules: &[Rule]) -> Vec<IpPermission> {
-    rules
-        .iter()
-        .map(|r| {
-            let p = IpPermission::builder()
-                .ip_protocol(&r.protocol)
-                .from_port(r.from)
-                .to_port(r.to);
-            match &r.source {
-                Source::Cidr(c) => p.ip_ranges(IpRange::builder().cidr_ip(c).build()),
-                Source::Group(g) => {
-                    p.user_id_group_pairs(UserIdGroupPair::builder().group_id(g).build())
-                }
-            }
-            .build()
-        })
-        .collect()
 }
 
 async fn wait_state(ctx: &Context, instance: &str, want: InstanceStateName) -> Result<()> {
@@ -1108,32 +896,7 @@ pub(crate) async fn locate_subnet(ctx: &Context, subnet: Option<&str>) -> Result
 
 async fn launch(ctx: &Context, l: &Launch) -> Result<Outputs> {
     let ec2 = &ctx.ec2;
-    let (subnet, subnet_vpc) = locate_subnet(ctx, l.subnet.as_deref()).await?;
-    let group = match &l.group {
-        Some(g) => g.clone(),
-        None => {
-            let vpc = l.vpc.clone().unwrap_or(subnet_vpc);
-            let out = ec2
-                .create_security_group()
-                .group_name(&l.group_name)
-                .description(format!("stackwarden host {}", l.group_name))
-                .vpc_id(vpc)
-                .tag_specifications(tag_spec(ResourceType::SecurityGroup, &l.group_tags))
-                .send()
-                .await
-                .map_err(aws_error("ec2", "CreateSecurityGroup"))?;
-            let id = out.group_id().unwrap_or_default().to_string();
-            if !l.rules.is_empty() {
-                ec2.authorize_security_group_ingress()
-                    .group_id(&id)
-                    .set_ip_permissions(Some(permissions(&l.rules)))
-                    .send()
-                    .await
-                    .map_err(aws_error("ec2", "AuthorizeSecurityGroupIngress"))?;
-            }
-            id
-        }
-    };
+    let (subnet, _) = locate_subnet(ctx, l.subnet.as_deref()).await?;
     let ami = resolve_ami(ctx, &l.ami).await?;
     let out = ec2
         .run_instances()
@@ -1142,7 +905,7 @@ async fn launch(ctx: &Context, l: &Launch) -> Result<Outputs> {
         .min_count(1)
         .max_count(1)
         .subnet_id(&subnet)
-        .security_group_ids(&group)
+        .security_group_ids(&l.group)
         .set_iam_instance_profile(
             l.instance_profile
                 .as_ref()
@@ -1209,7 +972,6 @@ async fn launch(ctx: &Context, l: &Launch) -> Result<Outputs> {
                 .unwrap_or_default()
                 .into(),
         ),
-        ("security_group_id".into(), group),
     ]);
     if let Some(p) = &l.push {
         send(ctx, p, std::slice::from_ref(&id), &Controls::default()).await?;
@@ -1300,18 +1062,9 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
                 instance_type: "t3.medium".into(),
                 image_id: "ami-1".into(),
                 zone: "us-east-1a".into(),
+                security_groups: vec!["sg-1".into()],
                 tags: inst_tags,
                 ..Default::default()
-            }],
-            groups: vec![ObservedGroup {
-                id: "sg-1".into(),
-                tags: tags.clone(),
-                ingress: BTreeSet::from([Rule {
-                    protocol: "tcp".into(),
-                    from: 9090,
-                    to: 9090,
-                    source: Source::Cidr("10.0.0.0/16".into()),
-                }]),
             }],
             volumes: vec![ObservedVolume {
                 id: "vol-1".into(),
@@ -1326,7 +1079,12 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
 
     fn diff(s: HostSpec, o: &Observed) -> Result<Option<Change<Op>>> {
         let r = resource(Kind::Host, "prom", Spec::Host(s));
-        HostController.diff(&desired(vec![r.clone()]), &r, o, &Refs::default())
+        let mut refs = Refs::default();
+        refs.outputs.insert(
+            ResourceId::part(Kind::HostSecurityGroup, "prom", None),
+            Outputs::from([("id".into(), "sg-1".into())]),
+        );
+        HostController.diff(&desired(vec![r.clone()]), &r, o, &refs)
     }
 
     #[test]
@@ -1340,10 +1098,8 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         let [Op::Launch(l)] = &c.ops[..] else {
             panic!("{:?}", c.ops)
         };
-        assert_eq!(l.group, None);
+        assert_eq!(l.group, "sg-1", "its security group node's");
         assert_eq!(l.subnet.as_deref(), Some("subnet-1"));
-        assert_eq!(l.vpc, None, "the subnet's VPC, looked up when launching");
-        assert_eq!(l.rules.len(), 1);
         assert_eq!(l.volumes[0].existing, None);
         assert_eq!(l.tags.get("Name").map(String::as_str), Some("s-prom"));
     }
@@ -1357,27 +1113,26 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         let [Op::Launch(l)] = &c.ops[..] else {
             panic!("{:?}", c.ops)
         };
-        assert_eq!(l.group.as_deref(), Some("sg-1"));
+        assert_eq!(l.group, "sg-1");
         assert_eq!(l.volumes[0].existing.as_deref(), Some("vol-1"));
     }
 
     #[test]
-    fn stopped_resized_and_opened_hosts_are_corrected() {
+    fn stopped_resized_and_regrouped_hosts_are_corrected() {
         let mut o = observed();
         o.instances[0].state = "stopped".into();
         o.instances[0].instance_type = "t3.small".into();
-        o.groups[0].ingress.insert(Rule {
-            protocol: "tcp".into(),
-            from: 22,
-            to: 22,
-            source: Source::Cidr("0.0.0.0/0".into()),
-        });
+        o.instances[0].security_groups = vec!["sg-1".into(), "sg-open".into()];
         let c = diff(spec(HOST), &o).unwrap().unwrap();
-        assert!(matches!(
-            &c.ops[..],
-            [Op::Start { .. }, Op::Resize { instance_type, .. }, Op::Ingress(Ingress { revoke, authorize, .. })]
-                if instance_type == "t3.medium" && revoke[0].from == 22 && authorize.is_empty()
-        ));
+        assert!(
+            matches!(
+                &c.ops[..],
+                [Op::Start { .. }, Op::Resize { instance_type, .. }, Op::SetGroups { groups, .. }]
+                    if instance_type == "t3.medium" && groups == &["sg-1".to_string()]
+            ),
+            "{:?}",
+            c.ops
+        );
     }
 
     #[test]
@@ -1439,7 +1194,7 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
     }
 
     #[test]
-    fn removed_hosts_are_orphaned_or_terminated_with_their_volume_and_group() {
+    fn removed_hosts_are_orphaned_or_terminated_with_their_volume() {
         let d = desired(vec![]);
         let o = observed();
         assert_eq!(
@@ -1449,11 +1204,7 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         let pruned = HostController.removed(&d, &o, true);
         assert!(matches!(
             &pruned[0].ops[..],
-            [
-                Op::Terminate { .. },
-                Op::DeleteVolume { .. },
-                Op::DeleteGroup { .. }
-            ]
+            [Op::Terminate { .. }, Op::DeleteVolume { .. }]
         ));
     }
 }

@@ -5,13 +5,14 @@ pub(crate) mod controller;
 
 pub use controller::HostController;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::desired::{check_duration, check_tags, DesiredState, Validator};
-use crate::model::ResourceId;
+use crate::desired::{check_duration, check_tags, DesiredState, Resource, Validator};
+use crate::model::{Kind, ResourceId};
+use crate::security_group::{self, GroupPart, IngressPart, IngressRule};
 
 /// `[host.<name>]`
 #[derive(Debug, Clone, Deserialize)]
@@ -44,26 +45,6 @@ pub struct SecurityGroupSpec {
     pub vpc: Option<String>,
     #[serde(default)]
     pub ingress: Vec<IngressRule>,
-}
-
-/// One ingress rule: a port (or range) from CIDRs or from another security group.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IngressRule {
-    pub port: u16,
-    pub to_port: Option<u16>,
-    #[serde(default = "tcp")]
-    pub protocol: String,
-    #[serde(default)]
-    pub cidrs: Vec<Spanned<String>>,
-    /// Security group ids, usually `${host.<name>.security_group_id}`.
-    #[serde(default)]
-    pub security_groups: Vec<String>,
-    pub description: Option<String>,
-}
-
-fn tcp() -> String {
-    "tcp".into()
 }
 
 /// An EBS data volume, kept when the instance is replaced.
@@ -183,26 +164,7 @@ impl HostSpec {
                 self.loaded_user_data = Some(file.text().to_string());
             }
         }
-        for rule in &self.security_group.ingress {
-            if rule.to_port.is_some_and(|to| to < rule.port) {
-                v.here(format!(
-                    "ingress: to_port {} is below port {}",
-                    rule.to_port.unwrap_or_default(),
-                    rule.port
-                ));
-            }
-            for c in &rule.cidrs {
-                if !crate::desired::is_ipv4_cidr(c.get_ref()) {
-                    v.error(
-                        &c.span(),
-                        format!(
-                            "ingress: `{}` is not an IPv4 CIDR such as 10.0.0.0/16",
-                            c.get_ref()
-                        ),
-                    );
-                }
-            }
-        }
+        security_group::check_ingress(v, &self.security_group.ingress);
         let mut devices = std::collections::BTreeSet::new();
         for vol in &self.volumes {
             if !valid_device(&vol.device) {
@@ -261,6 +223,26 @@ impl HostSpec {
         if let Some(tags) = &self.tags {
             check_tags(v, tags);
         }
+    }
+
+    /// Its security group and the group's ingress rules, nodes of their own; the host's
+    /// instance depends on the group.
+    pub fn parts(&self, host: &Resource) -> (Vec<Resource>, BTreeSet<ResourceId>) {
+        let [group, ingress] = security_group::nodes(
+            host,
+            (Kind::HostSecurityGroup, Kind::HostIngress),
+            None,
+            GroupPart {
+                vpc: self.security_group.vpc.clone(),
+                subnet: self.subnet.clone(),
+            },
+            IngressPart {
+                rules: security_group::rule_specs(&self.security_group.ingress),
+            },
+        );
+        let mut own = host.depends_on.clone();
+        own.insert(group.id.clone());
+        (vec![group, ingress], own)
     }
 
     /// The tags its instance carries: the stack's, its own, the ownership tags, and `Name`
