@@ -754,8 +754,8 @@ security_group = { ingress = [
     };
     let inst_id = inst_sg.group_id().unwrap().to_string();
     let host_id = host_sg.group_id().unwrap().to_string();
-    assert_eq!(sources(&host_sg, 9090), [inst_id.clone()]);
-    assert_eq!(sources(&inst_sg, 9100), [host_id.clone()]);
+    assert_eq!(sources(&host_sg, 9090), std::slice::from_ref(&inst_id));
+    assert_eq!(sources(&inst_sg, 9100), std::slice::from_ref(&host_id));
     let hosts = ec2
         .describe_instances()
         .filters(
@@ -797,4 +797,170 @@ security_group = { ingress = [
             "{datasources}"
         );
     }
+}
+
+/// What identifies each object of the group: a part restored must leave the others as they were.
+#[derive(Debug, PartialEq)]
+struct Identities {
+    group_created: Option<aws_smithy_types::DateTime>,
+    instances: Vec<String>,
+    load_balancer: String,
+    target_group: String,
+    template: String,
+    listeners: BTreeMap<i32, String>,
+}
+
+impl Setup {
+    async fn identities(&self) -> Identities {
+        let elb = self.aws.elb().await;
+        let lb = elb
+            .describe_load_balancers()
+            .names("monitoring-main")
+            .send()
+            .await
+            .unwrap();
+        let tg = elb
+            .describe_target_groups()
+            .names("monitoring-main")
+            .send()
+            .await
+            .unwrap();
+        let template = self
+            .aws
+            .ec2()
+            .await
+            .describe_launch_templates()
+            .launch_template_names("monitoring-main")
+            .send()
+            .await
+            .unwrap();
+        Identities {
+            group_created: self.group().await.created_time().cloned(),
+            instances: self.group_instances().await,
+            load_balancer: lb.load_balancers()[0]
+                .load_balancer_arn()
+                .unwrap()
+                .to_string(),
+            target_group: tg.target_groups()[0]
+                .target_group_arn()
+                .unwrap()
+                .to_string(),
+            template: template.launch_templates()[0]
+                .launch_template_id()
+                .unwrap()
+                .to_string(),
+            listeners: self
+                .listeners()
+                .await
+                .into_iter()
+                .map(|(port, l)| (port, l.listener_arn().unwrap().to_string()))
+                .collect(),
+        }
+    }
+
+    /// One `reconcile --once` after a loss: exactly these creates, no instance started,
+    /// stopped or replaced, and converged after it.
+    fn restore(&self, creates: &[(&str, u64)]) {
+        let run = self.run(&["reconcile", "--once"]);
+        run.expect(0);
+        let all = [
+            "CreateLoadBalancer",
+            "CreateListener",
+            "CreateTargetGroup",
+            "CreateLaunchTemplate",
+            "CreateLaunchTemplateVersion",
+            "CreateAutoScalingGroup",
+            "CreateSecurityGroup",
+            "RunInstances",
+            "TerminateInstances",
+            "StartInstanceRefresh",
+            "SendCommand",
+        ];
+        for operation in all {
+            let want = creates
+                .iter()
+                .find(|(o, _)| *o == operation)
+                .map_or(0, |(_, n)| *n);
+            assert_eq!(run.count(operation), want, "{operation}:\n{}", run.stderr);
+        }
+        let plan = self.run(&["plan"]);
+        plan.expect(0);
+    }
+}
+
+/// Each part of a Grafana group lost out of band (the HTTPS listener, the target group, the
+/// launch template), one `reconcile --once` makes that part again and nothing else: the
+/// group, its instances and every other object keep their identities.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_lost_part_of_a_grafana_group_is_restored_alone() {
+    let s = setup().await;
+    s.run(&["reconcile", "--once"]).expect(0);
+    let elb = s.aws.elb().await;
+    let before = s.identities().await;
+    assert_eq!(before.instances.len(), 2);
+    assert_eq!(before.listeners.len(), 2);
+
+    // The HTTPS listener.
+    elb.delete_listener()
+        .listener_arn(&before.listeners[&443])
+        .send()
+        .await
+        .unwrap();
+    s.restore(&[("CreateListener", 1)]);
+    let after = s.identities().await;
+    assert_eq!(after.listeners[&80], before.listeners[&80]);
+    let before = Identities {
+        listeners: after.listeners.clone(),
+        ..before
+    };
+    assert_eq!(after, before);
+
+    // The target group (the listener forwarding to it deleted first, as AWS requires; the
+    // group is detached from it by the deletion).
+    elb.delete_listener()
+        .listener_arn(&before.listeners[&443])
+        .send()
+        .await
+        .unwrap();
+    elb.delete_target_group()
+        .target_group_arn(&before.target_group)
+        .send()
+        .await
+        .unwrap();
+    s.restore(&[("CreateTargetGroup", 1), ("CreateListener", 1)]);
+    let after = s.identities().await;
+    assert_ne!(after.target_group, before.target_group);
+    assert_eq!(
+        s.group().await.target_group_arns(),
+        std::slice::from_ref(&after.target_group),
+        "the group is attached to the new target group alone"
+    );
+    let before = Identities {
+        listeners: after.listeners.clone(),
+        target_group: after.target_group.clone(),
+        ..before
+    };
+    assert_eq!(after, before);
+
+    // The launch template.
+    s.aws
+        .ec2()
+        .await
+        .delete_launch_template()
+        .launch_template_id(&before.template)
+        .send()
+        .await
+        .unwrap();
+    s.restore(&[("CreateLaunchTemplate", 1)]);
+    let after = s.identities().await;
+    assert_ne!(after.template, before.template);
+    let pinned = s.group().await.launch_template().cloned().unwrap();
+    assert_eq!(pinned.launch_template_id(), Some(after.template.as_str()));
+    assert_eq!(
+        after,
+        Identities {
+            template: after.template.clone(),
+            ..before
+        }
+    );
 }

@@ -335,7 +335,12 @@ async fn out_of_band_drift_is_corrected_by_one_reconcile_each() {
     // Moved into another security group out of band: put back into its own, in place.
     let default = ec2
         .describe_security_groups()
-        .filters(Filter::builder().name("group-name").values("default").build())
+        .filters(
+            Filter::builder()
+                .name("group-name")
+                .values("default")
+                .build(),
+        )
         .send()
         .await
         .unwrap()
@@ -363,7 +368,7 @@ async fn out_of_band_drift_is_corrected_by_one_reconcile_each() {
         .iter()
         .map(|g| g.group_id().unwrap().to_string())
         .collect();
-    assert_eq!(groups, [group.clone()]);
+    assert_eq!(groups, std::slice::from_ref(&group));
     assert_eq!(
         f.instances().await,
         vec![(first.clone(), "running".to_string())]

@@ -248,6 +248,7 @@ pub struct Build {
     pub group: Option<(String, BTreeSet<String>)>,
     pub scheme: String,
     pub attributes: Vec<(String, String)>,
+    /// The listeners to make (all of them on a new load balancer, those missing on one kept).
     pub listeners: Vec<ListenerSpec>,
     pub sizes: Sizes,
     pub tags: Tags,
@@ -847,25 +848,11 @@ impl Controller for GrafanaController {
             Op::AttachTargetGroup {
                 group,
                 target_group,
-            } => {
-                asg.attach_load_balancer_target_groups()
-                    .auto_scaling_group_name(group)
-                    .target_group_arns(target_group)
-                    .send()
-                    .await
-                    .map_err(aws_error("autoscaling", "AttachLoadBalancerTargetGroups"))?;
-            }
+            } => attach_target_group(ctx, group, target_group).await?,
             Op::DetachTargetGroups {
                 group,
                 target_groups,
-            } => {
-                asg.detach_load_balancer_target_groups()
-                    .auto_scaling_group_name(group)
-                    .set_target_group_arns(Some(target_groups.clone()))
-                    .send()
-                    .await
-                    .map_err(aws_error("autoscaling", "DetachLoadBalancerTargetGroups"))?;
-            }
+            } => detach_target_groups(ctx, group, target_groups.clone()).await?,
             Op::Roll(r) => roll(ctx, r).await?,
             Op::Push { instances, push } => {
                 let controls = Controls {
@@ -1136,13 +1123,6 @@ fn diff_group(c: &mut Change<Op>, s: &GrafanaSpec, refs: &Refs, live: &Live, tag
             sizes: want_sizes,
         });
     }
-    if !group.target_groups.contains(&tg.arn) {
-        c.field("target_groups", None, Some(tg.arn.clone()));
-        c.op(Op::AttachTargetGroup {
-            group: group.name.clone(),
-            target_group: tg.arn.clone(),
-        });
-    }
     let extra_tgs: Vec<String> = group
         .target_groups
         .iter()
@@ -1154,6 +1134,13 @@ fn diff_group(c: &mut Change<Op>, s: &GrafanaSpec, refs: &Refs, live: &Live, tag
         c.op(Op::DetachTargetGroups {
             group: group.name.clone(),
             target_groups: extra_tgs,
+        });
+    }
+    if !group.target_groups.contains(&tg.arn) {
+        c.field("target_groups", None, Some(tg.arn.clone()));
+        c.op(Op::AttachTargetGroup {
+            group: group.name.clone(),
+            target_group: tg.arn.clone(),
         });
     }
     c.tags(
@@ -1348,7 +1335,12 @@ fn build_change(
         None,
         Some(format!("{} on {}", s.alb.scheme, s.alb.subnets.join(","))),
     );
-    for l in listeners(s, "") {
+    // A load balancer that exists keeps its listeners; those it lacks are made.
+    let missing: Vec<ListenerSpec> = listeners(s, "")
+        .into_iter()
+        .filter(|l| lb.is_none_or(|b| b.listeners.iter().all(|(_, h)| h.port != l.port)))
+        .collect();
+    for l in &missing {
         c.field(format!("listener {}", l.port), None, Some(l.to_string()));
     }
     c.field("provisioning", None, Some(push.short_hash()));
@@ -1375,7 +1367,7 @@ fn build_change(
         group: group.map(|g| (g.name.clone(), g.target_groups.clone())),
         scheme: s.alb.scheme.clone(),
         attributes: attributes(s),
-        listeners: listeners(s, ""),
+        listeners: missing,
         sizes,
         tags,
         push: Some(push),
@@ -2097,44 +2089,49 @@ async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
                 .unwrap_or_default()
                 .to_string();
             set_attributes(ctx, &arn, &b.attributes).await?;
-            for l in &b.listeners {
-                let mut l = l.clone();
-                if let Forward::To(_) = l.action {
-                    l.action = Forward::To(target_group.clone());
-                }
-                create_listener(ctx, &arn, &l).await?;
-            }
             (arn, lb.and_then(|l| l.dns_name()).map(str::to_string))
         }
     };
+    for l in &b.listeners {
+        let mut l = l.clone();
+        if let Forward::To(_) = l.action {
+            l.action = Forward::To(target_group.clone());
+        }
+        create_listener(ctx, &balancer, &l).await?;
+    }
     let spec = LaunchTemplateSpecification::builder()
         .launch_template_id(&template)
         .version(&version)
         .build();
     if let Some((group, attached)) = &b.group {
         // The group runs on: its instances keep serving once the target group is attached.
-        if !attached.contains(&target_group) {
-            ctx.autoscaling
-                .attach_load_balancer_target_groups()
-                .auto_scaling_group_name(group)
-                .target_group_arns(&target_group)
-                .send()
-                .await
-                .map_err(aws_error("autoscaling", "AttachLoadBalancerTargetGroups"))?;
-        }
         let stale: Vec<String> = attached
             .iter()
             .filter(|t| **t != target_group)
             .cloned()
             .collect();
-        if !stale.is_empty() {
+        detach_target_groups(ctx, group, stale).await?;
+        if !attached.contains(&target_group) {
+            attach_target_group(ctx, group, &target_group).await?;
+        }
+        if b.template.is_none() {
+            // The template was lost and made again from the desired state: the group launches
+            // from it. Its instances run on, recorded as refreshed to it (nothing says they
+            // differ from it), so no refresh replaces them.
             ctx.autoscaling
-                .detach_load_balancer_target_groups()
+                .update_auto_scaling_group()
                 .auto_scaling_group_name(group)
-                .set_target_group_arns(Some(stale))
+                .launch_template(spec)
                 .send()
                 .await
-                .map_err(aws_error("autoscaling", "DetachLoadBalancerTargetGroups"))?;
+                .map_err(aws_error("autoscaling", "UpdateAutoScalingGroup"))?;
+            let recorded = Tags::from([(TAG_VERSION.to_string(), version.clone())]);
+            ctx.autoscaling
+                .create_or_update_tags()
+                .set_tags(Some(asg_tags(group, &recorded)))
+                .send()
+                .await
+                .map_err(aws_error("autoscaling", "CreateOrUpdateTags"))?;
         }
         let mut out = Outputs::from([
             ("asg_name".into(), group.clone()),
@@ -2184,6 +2181,41 @@ async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
 
 /// The group's in-service instances right after it was created (none yet is fine: the next
 /// pass provisions them).
+async fn attach_target_group(ctx: &Context, group: &str, target_group: &str) -> Result<()> {
+    ctx.autoscaling
+        .attach_load_balancer_target_groups()
+        .auto_scaling_group_name(group)
+        .target_group_arns(target_group)
+        .send()
+        .await
+        .map_err(aws_error("autoscaling", "AttachLoadBalancerTargetGroups"))?;
+    Ok(())
+}
+
+/// Detaches target groups from the group before another is attached: a target group deleted
+/// out of band may answer "not found", which leaves nothing to detach.
+async fn detach_target_groups(
+    ctx: &Context,
+    group: &str,
+    target_groups: Vec<String>,
+) -> Result<()> {
+    if target_groups.is_empty() {
+        return Ok(());
+    }
+    match ctx
+        .autoscaling
+        .detach_load_balancer_target_groups()
+        .auto_scaling_group_name(group)
+        .set_target_group_arns(Some(target_groups))
+        .send()
+        .await
+        .map_err(aws_error("autoscaling", "DetachLoadBalancerTargetGroups"))
+    {
+        Err(e) if crate::managed::is_gone(&e) => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
 async fn group_instances(ctx: &Context, group: &str) -> Result<Vec<String>> {
     let out = ctx
         .autoscaling
