@@ -1449,6 +1449,181 @@ async fn a_second_create_of_an_auto_scaling_group_is_already_exists_and_changes_
     assert_eq!(ids(&after), ids(&before));
 }
 
+/// Every create stackwarden makes, on a name that exists, answered as AWS answers it (moto
+/// makes a second load balancer of a name and replaces a rule groups namespace): the error
+/// the operator counts as "a name owned by someone else", and the existing object untouched.
+/// A load balancer created again with the very same settings is AWS's idempotent case: the
+/// same load balancer, no second one.
+#[tokio::test(flavor = "multi_thread")]
+async fn creates_of_names_that_exist_fail_as_on_aws() {
+    let aws = Aws::start();
+    let (ec2, elb, iam, amp) = (
+        aws.ec2().await,
+        aws.elb().await,
+        aws.iam().await,
+        aws.amp().await,
+    );
+    let subnets: Vec<String> = ec2
+        .describe_subnets()
+        .send()
+        .await
+        .unwrap()
+        .subnets()
+        .iter()
+        .take(2)
+        .map(|s| s.subnet_id().unwrap().to_string())
+        .collect();
+    let vpc = ec2.describe_vpcs().send().await.unwrap().vpcs()[0]
+        .vpc_id()
+        .unwrap()
+        .to_string();
+
+    // Security group: InvalidGroup.Duplicate.
+    let group = || {
+        ec2.create_security_group()
+            .group_name("web")
+            .description("web")
+            .vpc_id(&vpc)
+            .send()
+    };
+    let sg = group().await.unwrap().group_id().unwrap().to_string();
+    assert_eq!(
+        group().await.unwrap_err().code(),
+        Some("InvalidGroup.Duplicate")
+    );
+
+    // Launch template: InvalidLaunchTemplateName.AlreadyExistsException.
+    launch_template(&ec2, "grafana").await;
+    let again = ec2
+        .create_launch_template()
+        .launch_template_name("grafana")
+        .launch_template_data(
+            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                .image_id(AMI)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        again.code(),
+        Some("InvalidLaunchTemplateName.AlreadyExistsException")
+    );
+
+    // Load balancer: the same settings answer the same load balancer; others are
+    // DuplicateLoadBalancerName. Either way there is one load balancer of the name.
+    let balancer = |groups: Vec<String>| {
+        elb.create_load_balancer()
+            .name("grafana")
+            .set_subnets(Some(subnets.clone()))
+            .set_security_groups(Some(groups))
+            .send()
+    };
+    let first = balancer(vec![sg.clone()]).await.unwrap();
+    let arn = first.load_balancers()[0].load_balancer_arn().unwrap();
+    let same = balancer(vec![sg.clone()]).await.unwrap();
+    assert_eq!(same.load_balancers().len(), 1);
+    assert_eq!(same.load_balancers()[0].load_balancer_arn(), Some(arn));
+    let other = balancer(Vec::new()).await.unwrap_err();
+    assert!(
+        other
+            .as_service_error()
+            .is_some_and(|e| e.is_duplicate_load_balancer_name_exception()),
+        "{other:?}"
+    );
+    let listed = elb
+        .describe_load_balancers()
+        .names("grafana")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.load_balancers().len(), 1);
+
+    // Target group with other settings: DuplicateTargetGroupName.
+    let target_group = |port: i32| {
+        elb.create_target_group()
+            .name("grafana")
+            .protocol(aws_sdk_elasticloadbalancingv2::types::ProtocolEnum::Http)
+            .port(port)
+            .vpc_id(&vpc)
+            .send()
+    };
+    target_group(3000).await.unwrap();
+    let dup = target_group(3001).await.unwrap_err();
+    assert!(
+        dup.as_service_error()
+            .is_some_and(|e| e.is_duplicate_target_group_name_exception()),
+        "{dup:?}"
+    );
+
+    // IAM: EntityAlreadyExists for roles, policies and instance profiles.
+    let trust = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
+    for _ in 0..2 {
+        let results = [
+            iam.create_role()
+                .role_name("prometheus")
+                .assume_role_policy_document(trust)
+                .send()
+                .await
+                .err()
+                .and_then(|e| e.code().map(String::from)),
+            iam.create_policy()
+                .policy_name("remote-write")
+                .policy_document(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"aps:RemoteWrite","Resource":"*"}]}"#)
+                .send()
+                .await
+                .err()
+                .and_then(|e| e.code().map(String::from)),
+            iam.create_instance_profile()
+                .instance_profile_name("prometheus")
+                .send()
+                .await
+                .err()
+                .and_then(|e| e.code().map(String::from)),
+        ];
+        assert!(
+            results.iter().all(Option::is_none)
+                || results
+                    .iter()
+                    .all(|r| r.as_deref() == Some("EntityAlreadyExists")),
+            "{results:?}"
+        );
+    }
+    let roles = iam.list_roles().send().await.unwrap();
+    assert_eq!(roles.roles().len(), 1);
+
+    // Rule groups namespace: ConflictException, and the first one's rules kept.
+    let ws = amp.create_workspace().send().await.unwrap();
+    let ws = ws.workspace_id();
+    let namespace = |rules: &'static str| {
+        amp.create_rule_groups_namespace()
+            .workspace_id(ws)
+            .name("node")
+            .data(Blob::new(rules))
+            .send()
+    };
+    let rules = "groups:\n- name: a\n  rules:\n  - record: r\n    expr: up\n";
+    namespace(rules).await.unwrap();
+    let conflict = namespace("groups: []\n").await.unwrap_err();
+    assert!(
+        conflict
+            .as_service_error()
+            .is_some_and(|e| e.is_conflict_exception()),
+        "{conflict:?}"
+    );
+    let kept = amp
+        .describe_rule_groups_namespace()
+        .workspace_id(ws)
+        .name("node")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        kept.rule_groups_namespace().unwrap().data().as_ref(),
+        rules.as_bytes()
+    );
+}
+
 /// IAM is eventually consistent: RunInstances refuses an instance profile created moments ago
 /// with `InvalidParameterValue` ("Invalid IAM Instance Profile name"), then takes it.
 #[tokio::test(flavor = "multi_thread")]

@@ -2,6 +2,7 @@
 //! it (EC2 instances for Run Command targets, Auto Scaling groups for instance refresh, AMP
 //! workspaces for alertmanager definitions).
 
+use std::collections::BTreeSet;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -201,6 +202,53 @@ impl Moto {
         self.query(caller, "autoscaling", &params).await
     }
 
+    /// The Application Load Balancer of a name, when one exists: its settings as
+    /// `CreateLoadBalancer` takes them, and its `member` element as `DescribeLoadBalancers`
+    /// answers it.
+    pub(crate) async fn load_balancer(
+        &self,
+        caller: &Incoming,
+        name: &str,
+    ) -> Result<Option<(BalancerSettings, String)>, ApiError> {
+        let params = [
+            ("Action", "DescribeLoadBalancers"),
+            ("Version", "2015-12-01"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let text = self.query(caller, "elasticloadbalancing", &params).await?;
+        let doc = xml(&text)?;
+        let found = doc
+            .root()
+            .descendants()
+            .filter(|n| n.has_tag_name("member"))
+            .find(|m| child_text(*m, "LoadBalancerName").as_deref() == Some(name));
+        let Some(found) = found else {
+            return Ok(None);
+        };
+        let members = |list: &str, field: Option<&str>| -> BTreeSet<String> {
+            found
+                .children()
+                .filter(|n| n.has_tag_name(list))
+                .flat_map(|l| l.children().filter(|n| n.has_tag_name("member")))
+                .filter_map(|m| match field {
+                    Some(f) => child_text(m, f),
+                    None => m.text().map(str::to_string),
+                })
+                .collect()
+        };
+        let settings = BalancerSettings {
+            // moto keeps no scheme when none was given; AWS's default is internet-facing.
+            scheme: child_text(found, "Scheme")
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "internet-facing".into()),
+            kind: child_text(found, "Type").unwrap_or_default(),
+            subnets: members("AvailabilityZones", Some("SubnetId")),
+            security_groups: members("SecurityGroups", None),
+        };
+        let member = text[found.range()].to_string();
+        Ok(Some((settings, member)))
+    }
+
     /// The instances of an Auto Scaling group, or None when there is no such group.
     pub(crate) async fn group_instances(
         &self,
@@ -363,6 +411,15 @@ fn group_member<'a, 'input>(
         .descendants()
         .find(|n| n.has_tag_name("AutoScalingGroups"))
         .and_then(|groups| groups.children().find(|n| n.has_tag_name("member")))
+}
+
+/// What makes two `CreateLoadBalancer` calls "the same settings" for AWS's idempotency.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BalancerSettings {
+    pub scheme: String,
+    pub kind: String,
+    pub subnets: BTreeSet<String>,
+    pub security_groups: BTreeSet<String>,
 }
 
 fn child_text(node: roxmltree::Node, tag: &str) -> Option<String> {

@@ -255,6 +255,9 @@ async fn dispatch(state: &Arc<State>, req: &Incoming) -> Response {
         ("aps", op) if alertmanager::serves(op) => Some(alertmanager::handle(state, req).await),
         ("ssm", op) if ssm::serves(op) => Some(ssm::handle(state, req).await),
         ("autoscaling", op) if refresh::serves(op) => Some(refresh::handle(state, req).await),
+        ("elasticloadbalancing", "CreateLoadBalancer") => {
+            crate::strict::create_load_balancer(state, req).await
+        }
         ("iam", "GetAccountAuthorizationDetails") => {
             Some(crate::strict::authorization_details(state, req).await)
         }

@@ -4,18 +4,25 @@
 //! - `CreateAutoScalingGroup` on a name that exists fails with `AlreadyExists` ("You already
 //!   have an Auto Scaling group or launch configuration with this name"); moto silently
 //!   replaces the group.
+//! - `CreateRuleGroupsNamespace` on a name the workspace has fails with `ConflictException`
+//!   (409): the operation "creates new rule groups namespaces" only, updates are
+//!   `PutRuleGroupsNamespace`; moto silently replaces the namespace.
 //! - IAM is eventually consistent: for `profile_propagation` after `CreateInstanceProfile`,
 //!   `RunInstances` naming the new profile fails with `InvalidParameterValue` ("Invalid IAM
 //!   Instance Profile name"), as the first cold run of any stack with a host meets on AWS.
 //! - An instance's SSM agent registers some time after launch: for `ssm_registration` after
 //!   `RunInstances`, `SendCommand` naming the instance fails with `InvalidInstanceId`.
+//! - `CreateLoadBalancer` is idempotent on AWS: with the name and settings (scheme, type,
+//!   subnets, security groups) of a load balancer that exists it answers that load balancer,
+//!   with other settings `DuplicateLoadBalancerName`; moto makes a second load balancer of the
+//!   name.
 //! - `GetAccountAuthorizationDetails` pages, at most `MaxItems` entries a page (default 100)
 //!   with `IsTruncated` and a `Marker`; moto answers everything at once.
 //!
 //! Checks run before a request is served or forwarded; what they need to remember (when a
 //! profile was created, when an instance launched) is recorded from moto's answers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,6 +30,7 @@ use axum::body::Body;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use crate::moto::BalancerSettings;
 use crate::route::Incoming;
 use crate::wire::ApiError;
 use crate::{lock, State};
@@ -51,6 +59,24 @@ pub async fn check(state: &Arc<State>, req: &Incoming) -> Result<(), ApiError> {
                     StatusCode::BAD_REQUEST,
                     "AlreadyExists",
                     format!("AutoScalingGroup by this name already exists - A group with the name {group} already exists"),
+                ));
+            }
+        }
+        ("aps", "CreateRuleGroupsNamespace") => {
+            let workspace = req.segments().get(1).cloned().unwrap_or_default();
+            let name = req.json()?["name"].as_str().unwrap_or_default().to_string();
+            let probe = Incoming::internal(
+                req,
+                "aps",
+                "GET",
+                &format!("/workspaces/{workspace}/rulegroupsnamespaces/{name}"),
+                Default::default(),
+            );
+            if state.moto.forward(&probe).await?.status().is_success() {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "ConflictException",
+                    format!("A rule groups namespace named {name} already exists in workspace {workspace}"),
                 ));
             }
         }
@@ -97,6 +123,45 @@ pub async fn check(state: &Arc<State>, req: &Incoming) -> Result<(), ApiError> {
         _ => {}
     }
     Ok(())
+}
+
+/// `CreateLoadBalancer` on a name that exists, answered as AWS does; `None` for a new name,
+/// which moto creates.
+pub async fn create_load_balancer(
+    state: &Arc<State>,
+    req: &Incoming,
+) -> Option<Result<Response, ApiError>> {
+    let form = req.form();
+    let name = param(&form, "Name")?;
+    let (have, member) = match state.moto.load_balancer(req, &name).await {
+        Ok(found) => found?,
+        Err(e) => return Some(Err(e)),
+    };
+    let list = |prefix: &str| -> BTreeSet<String> {
+        form.iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    let want = BalancerSettings {
+        scheme: param(&form, "Scheme").unwrap_or_else(|| "internet-facing".into()),
+        kind: param(&form, "Type").unwrap_or_else(|| "application".into()),
+        subnets: list("Subnets.member."),
+        security_groups: list("SecurityGroups.member."),
+    };
+    if want != have {
+        return Some(Err(ApiError::bad_request(
+            "DuplicateLoadBalancerName",
+            format!(
+                "A load balancer with the same name '{name}' exists, but with different settings"
+            ),
+        )));
+    }
+    Some(Ok(crate::wire::query(
+        "CreateLoadBalancer",
+        "http://elasticloadbalancing.amazonaws.com/doc/2015-12-01/",
+        &format!("<LoadBalancers>{member}</LoadBalancers>"),
+    )))
 }
 
 /// Remembers what a later check needs from a successful answer of moto.
