@@ -115,7 +115,7 @@ impl Metrics {
         };
         registry.register(
             "reconciles",
-            "Resources reconciled, by kind and outcome (ok, error)",
+            "Resources reconciled, by kind and outcome (ok, waiting, error)",
             m.reconciles.clone(),
         );
         registry.register(
@@ -279,10 +279,10 @@ impl Status {
         for (id, (state, error)) in states {
             let kind = stackwarden_controllers::ResourceId::parse(&id)
                 .map_or_else(|| id.clone(), |i| i.kind.to_string());
-            let outcome = if matches!(state.as_str(), "error" | "parked") {
-                "error"
-            } else {
-                "ok"
+            let outcome = match state.as_str() {
+                "error" | "parked" => "error",
+                "pending" => "waiting",
+                _ => "ok",
             };
             m.reconciles
                 .get_or_create(&KindLabels {

@@ -17,10 +17,10 @@ use base64::Engine as _;
 use crate::harness::{command, copy_dir, edit, path_str, run, Aws, Run};
 
 /// An example copied to a temporary directory, with a fresh emulator to converge it against.
-struct Example {
-    aws: Aws,
-    dir: tempfile::TempDir,
-    sdk: aws_config::SdkConfig,
+pub(crate) struct Example {
+    pub(crate) aws: Aws,
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) sdk: aws_config::SdkConfig,
 }
 
 /// A running instance, as the tests look at it.
@@ -54,6 +54,46 @@ impl Example {
         let aws = Aws::start();
         let sdk = aws.sdk_in(region).await;
         Example { aws, dir, sdk }
+    }
+
+    /// Seeds 000 and 001 (`ec2-prometheus-grafana-alb`) with what the example asks a user to
+    /// fill in: subnets, the certificate, and the admin password in SSM.
+    pub(crate) async fn seed_000() -> Example {
+        let ex = Example::copy("ec2-prometheus-grafana-alb", "us-east-1").await;
+        ex.fill_in_subnets(
+            "grafana.toml",
+            &["subnet-0aaaaaaaaaaaaaaa1", "subnet-0aaaaaaaaaaaaaaa2"],
+        )
+        .await;
+        ex.fill_in_subnets(
+            "grafana.toml",
+            &["subnet-0bbbbbbbbbbbbbbb1", "subnet-0bbbbbbbbbbbbbbb2"],
+        )
+        .await;
+        // The emulator's load balancers accept an IAM server certificate where ACM's would be.
+        let cert = aws_sdk_iam::Client::new(&ex.sdk)
+            .upload_server_certificate()
+            .server_certificate_name("grafana")
+            .certificate_body("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+            .private_key("-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n")
+            .send()
+            .await
+            .unwrap();
+        edit(
+            ex.dir.path(),
+            "grafana.toml",
+            "arn:aws:acm:us-east-1:123456789012:certificate/0c1d2e3f-4a5b-6c7d-8e9f-0a1b2c3d4e5f",
+            cert.server_certificate_metadata().unwrap().arn(),
+        );
+        aws_sdk_ssm::Client::new(&ex.sdk)
+            .put_parameter()
+            .name("/monitoring/grafana-admin")
+            .value("correct horse battery staple")
+            .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+            .send()
+            .await
+            .unwrap();
+        ex
     }
 
     /// `stackwarden ARGS` on the copy, in the region its `[stack]` names.
@@ -589,42 +629,7 @@ async fn seed_002_app_prometheus_loki_and_grafana_hosts_with_promtail() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn seed_000_001_prometheus_with_ebs_alertmanager_and_grafana_behind_an_alb() {
-    let ex = Example::copy("ec2-prometheus-grafana-alb", "us-east-1").await;
-    // What the example asks a user to fill in: subnets, the certificate, and the admin
-    // password in SSM.
-    ex.fill_in_subnets(
-        "grafana.toml",
-        &["subnet-0aaaaaaaaaaaaaaa1", "subnet-0aaaaaaaaaaaaaaa2"],
-    )
-    .await;
-    ex.fill_in_subnets(
-        "grafana.toml",
-        &["subnet-0bbbbbbbbbbbbbbb1", "subnet-0bbbbbbbbbbbbbbb2"],
-    )
-    .await;
-    // The emulator's load balancers accept an IAM server certificate where ACM's would be.
-    let cert = aws_sdk_iam::Client::new(&ex.sdk)
-        .upload_server_certificate()
-        .server_certificate_name("grafana")
-        .certificate_body("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
-        .private_key("-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n")
-        .send()
-        .await
-        .unwrap();
-    edit(
-        ex.dir.path(),
-        "grafana.toml",
-        "arn:aws:acm:us-east-1:123456789012:certificate/0c1d2e3f-4a5b-6c7d-8e9f-0a1b2c3d4e5f",
-        cert.server_certificate_metadata().unwrap().arn(),
-    );
-    aws_sdk_ssm::Client::new(&ex.sdk)
-        .put_parameter()
-        .name("/monitoring/grafana-admin")
-        .value("correct horse battery staple")
-        .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
-        .send()
-        .await
-        .unwrap();
+    let ex = Example::seed_000().await;
     ex.converge();
 
     // The Prometheus host and its TSDB volume: 100 GiB gp3, 3000 IOPS, encrypted, attached.

@@ -39,7 +39,7 @@ use crate::change::FieldChange;
 use crate::controller::Context;
 use crate::desired::{check_tags, DesiredState, Resource, Spec, Validator, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
-use crate::managed::{Describe, ManagedObject, Readiness};
+use crate::managed::{usable_parent, Describe, ManagedObject, Readiness};
 use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
 use crate::tags::Tags;
 
@@ -103,6 +103,9 @@ pub fn is_identity_center_id(id: &str) -> bool {
 }
 
 const DEFAULT_PROVIDER: &str = "AWS_SSO";
+/// How long before looking again at a workspace Managed Grafana is still creating or updating
+/// (that takes minutes).
+const WAIT: Duration = Duration::from_secs(10);
 const DEFAULT_PERMISSION_TYPE: &str = "SERVICE_MANAGED";
 const DEFAULT_ACCOUNT_ACCESS: &str = "CURRENT_ACCOUNT";
 
@@ -710,10 +713,9 @@ impl ManagedObject for Workspace {
                 have.id
             ))),
             // Managed Grafana takes minutes to create or update a workspace.
-            s if !have.is_settled() || s == "UPDATING" => Ok(Readiness::Waiting(
-                format!("still {s}"),
-                Duration::from_secs(10),
-            )),
+            s if !have.is_settled() || s == "UPDATING" => {
+                Ok(Readiness::Waiting(format!("still {s}"), WAIT))
+            }
             _ => Ok(Readiness::Ready),
         }
     }
@@ -972,24 +974,17 @@ impl ManagedObject for Permissions {
             unreachable!("a permissions node has a permissions spec")
         };
         let members = desired_permissions(&s.roles);
-        let Some(out) = refs.outputs.get(&node.id.composite()) else {
-            return Ok(PermissionsWant {
-                workspace: KNOWN_AFTER_APPLY.into(),
-                members,
-            });
-        };
         // A new workspace grants nobody, and takes grants only once ACTIVE.
-        let status = out.get("status").map(String::as_str).unwrap_or_default();
-        if status != "ACTIVE" && status != "UPDATING" {
-            return Err(Error::waiting(
-                format!("Managed Grafana workspace {} is {status}", out["id"]),
-                Duration::from_secs(10),
-            ));
-        }
-        Ok(PermissionsWant {
-            workspace: out["id"].clone(),
-            members,
-        })
+        let usable = (
+            "Managed Grafana workspace",
+            &["ACTIVE", "UPDATING"][..],
+            WAIT,
+        );
+        let workspace = match usable_parent(node, refs, usable)? {
+            Some(out) => out["id"].clone(),
+            None => KNOWN_AFTER_APPLY.into(),
+        };
+        Ok(PermissionsWant { workspace, members })
     }
 
     async fn observe(

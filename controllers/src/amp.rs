@@ -46,7 +46,7 @@ use crate::change::FieldChange;
 use crate::controller::Context;
 use crate::desired::{check_tags, DesiredState, Resource, Spec, Validator, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
-use crate::managed::{Describe, ManagedObject, Readiness, LOOK_AGAIN};
+use crate::managed::{usable_parent, Describe, ManagedObject, Readiness, LOOK_AGAIN};
 use crate::model::{references_in, Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
 use crate::tags::Tags;
 
@@ -303,20 +303,12 @@ fn is_parent(desired: &DesiredState, part: &Resource, w: &ObservedWorkspace) -> 
 /// attributes; "known after apply" in a plan made before the workspace exists (apply starts a
 /// part only once its workspace's attributes are known).
 fn parent(part: &Resource, refs: &Refs) -> Result<(String, String)> {
-    let Some(out) = refs.outputs.get(&part.id.composite()) else {
-        return Ok((KNOWN_AFTER_APPLY.into(), KNOWN_AFTER_APPLY.into()));
-    };
-    let status = out.get("status").map(String::as_str).unwrap_or_default();
-    if status != "ACTIVE" {
-        return Err(Error::waiting(
-            format!(
-                "workspace {} is {status}",
-                out.get("id").cloned().unwrap_or_default()
-            ),
-            LOOK_AGAIN,
-        ));
-    }
-    Ok((out["id"].clone(), out["arn"].clone()))
+    Ok(
+        match usable_parent(part, refs, ("workspace", &["ACTIVE"], LOOK_AGAIN))? {
+            Some(out) => (out["id"].clone(), out["arn"].clone()),
+            None => (KNOWN_AFTER_APPLY.into(), KNOWN_AFTER_APPLY.into()),
+        },
+    )
 }
 
 /// The live, ACTIVE workspaces: the only ones whose contents can be read.

@@ -256,6 +256,26 @@ pub fn managing_node(
         .or_else(|| owner_id(tags, desired.stack_name()).filter(|o| o.kind == kind))
 }
 
+/// The attributes of the composite a part belongs to, once the composite can take it (its
+/// `status` attribute is one of `usable`): `None` while it does not exist (a plan made before
+/// its create: the part's values are "known after apply"), [`Error::Waiting`] while it
+/// converges.
+pub fn usable_parent<'r>(
+    part: &Resource,
+    refs: &'r Refs,
+    (noun, usable, after): (&str, &[&str], Duration),
+) -> Result<Option<&'r Outputs>> {
+    let Some(out) = refs.outputs.get(&part.id.composite()) else {
+        return Ok(None);
+    };
+    let status = out.get("status").map(String::as_str).unwrap_or_default();
+    if !usable.contains(&status) {
+        let id = out.get("id").map(String::as_str).unwrap_or_default();
+        return Err(Error::waiting(format!("{noun} {id} is {status}"), after));
+    }
+    Ok(Some(out))
+}
+
 /// A [`ManagedObject`] as a [`Controller`].
 pub struct Managed<K>(pub K);
 

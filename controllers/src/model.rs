@@ -3,9 +3,11 @@
 //! A resource is addressed as `<kind>.<name>` (`iam.role.prometheus`, `host.prometheus`). Some
 //! tables the user writes are composites that expand into several AWS objects, each a node of
 //! its own addressed below the table: `amp.workspace.main.rule_groups.node`,
-//! `amp.workspace.main.alertmanager`, `amp.workspace.main.logging`. A
-//! reference to one of its attributes is written `${iam.role.prometheus.arn}` in any string of
-//! the desired state or of a file it points at. References are resolved from *observed* state at
+//! `amp.workspace.main.alertmanager`, `host.prometheus.security_group`,
+//! `grafana.main.ingress.alb`. A reference to one of its attributes is written
+//! `${iam.role.prometheus.arn}` in any string of the desired state or of a file it points at; a
+//! table's attribute that belongs to one of its parts (`${host.prometheus.security_group_id}`)
+//! names that part, so what uses it waits for the part alone. References are resolved from *observed* state at
 //! plan time, never from memory, so a resource recreated out of band updates everything that
 //! names it in the same pass.
 
