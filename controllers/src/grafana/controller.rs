@@ -247,6 +247,7 @@ pub struct Build {
     /// second group of a name), the target group made here attached to it.
     pub group: Option<(String, BTreeSet<String>)>,
     pub scheme: String,
+    /// The attributes to set (all on a new load balancer, those that differ on one kept).
     pub attributes: Vec<(String, String)>,
     /// The listeners to make (all of them on a new load balancer, those missing on one kept).
     pub listeners: Vec<ListenerSpec>,
@@ -411,6 +412,30 @@ fn listeners(s: &GrafanaSpec, target_group: &str) -> Vec<ListenerSpec> {
             action: Forward::To(target_group.to_string()),
         }],
     }
+}
+
+/// A load balancer's attributes as stackwarden sets them.
+fn balancer_attributes(lb: &ObservedBalancer) -> [(&'static str, String); 2] {
+    [
+        ("idle_timeout.timeout_seconds", lb.idle_timeout.to_string()),
+        (
+            "deletion_protection.enabled",
+            lb.deletion_protection.to_string(),
+        ),
+    ]
+}
+
+/// The attributes to set: all of them on a new load balancer, those that differ on one that
+/// exists.
+fn changed_attributes(s: &GrafanaSpec, lb: Option<&ObservedBalancer>) -> Vec<(String, String)> {
+    let Some(lb) = lb else {
+        return attributes(s);
+    };
+    let have = balancer_attributes(lb);
+    attributes(s)
+        .into_iter()
+        .filter(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv != v))
+        .collect()
 }
 
 fn attributes(s: &GrafanaSpec) -> Vec<(String, String)> {
@@ -987,17 +1012,8 @@ fn diff_balancer(
             subnets: want_subnets.into_iter().collect(),
         });
     }
-    let have_attrs = [
-        ("idle_timeout.timeout_seconds", lb.idle_timeout.to_string()),
-        (
-            "deletion_protection.enabled",
-            lb.deletion_protection.to_string(),
-        ),
-    ];
-    let changed: Vec<(String, String)> = attributes(s)
-        .into_iter()
-        .filter(|(k, v)| have_attrs.iter().any(|(hk, hv)| hk == k && hv != v))
-        .collect();
+    let have_attrs = balancer_attributes(lb);
+    let changed = changed_attributes(s, Some(lb));
     for (k, v) in &changed {
         let before = have_attrs
             .iter()
@@ -1366,7 +1382,7 @@ fn build_change(
         balancer: lb.map(|b| b.arn.clone()),
         group: group.map(|g| (g.name.clone(), g.target_groups.clone())),
         scheme: s.alb.scheme.clone(),
-        attributes: attributes(s),
+        attributes: changed_attributes(s, lb),
         listeners: missing,
         sizes,
         tags,
@@ -2088,10 +2104,12 @@ async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
                 .and_then(|l| l.load_balancer_arn())
                 .unwrap_or_default()
                 .to_string();
-            set_attributes(ctx, &arn, &b.attributes).await?;
             (arn, lb.and_then(|l| l.dns_name()).map(str::to_string))
         }
     };
+    if !b.attributes.is_empty() {
+        set_attributes(ctx, &balancer, &b.attributes).await?;
+    }
     for l in &b.listeners {
         let mut l = l.clone();
         if let Forward::To(_) = l.action {
