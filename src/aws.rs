@@ -27,23 +27,37 @@ pub struct AwsOptions {
     pub limits: Option<crate::limit::Limits>,
 }
 
-/// Loads the SDK configuration. The region comes from `--region`, then the standard chain,
-/// then the desired state's `stack.region`.
+/// The region a stack acts in: its own `[stack] region` when it names one, whatever the
+/// environment or the profile says; `--region` may repeat it but never contradict it. `None`:
+/// the stack names none, so `--region`, then the standard chain decide.
+pub fn stack_region(flag: Option<&str>, stack: Option<&str>) -> anyhow::Result<Option<String>> {
+    match (flag, stack) {
+        (Some(flag), Some(stack)) if flag != stack => anyhow::bail!(
+            "--region {flag} contradicts the stack's region {stack} ([stack] region): a stack acts in its own region only; drop --region, or change the stack's region"
+        ),
+        (_, Some(stack)) => Ok(Some(stack.to_string())),
+        (flag, None) => Ok(flag.map(str::to_string)),
+    }
+}
+
+/// Loads the SDK configuration. The region is the stack's when it names one (see
+/// [`stack_region`]); otherwise `--region`, then the standard chain (`AWS_REGION`, the profile,
+/// instance metadata).
 pub async fn sdk_config(
     opts: &AwsOptions,
-    stack_region: Option<&str>,
+    stack_region_setting: Option<&str>,
 ) -> anyhow::Result<SdkConfig> {
-    // Explicit settings first, then the stack's own region, and only then instance metadata.
-    let mut chain = RegionProviderChain::first_try(opts.region.clone().map(Region::new))
-        .or_else(aws_config::environment::EnvironmentVariableRegionProvider::new());
+    let mut chain = match stack_region(opts.region.as_deref(), stack_region_setting)? {
+        Some(region) => RegionProviderChain::first_try(Region::new(region)),
+        None => RegionProviderChain::first_try(
+            aws_config::environment::EnvironmentVariableRegionProvider::new(),
+        ),
+    };
     let mut profile = aws_config::profile::ProfileFileRegionProvider::builder();
     if let Some(p) = &opts.profile {
         profile = profile.profile_name(p);
     }
     chain = chain.or_else(profile.build());
-    if let Some(r) = stack_region {
-        chain = chain.or_else(Region::new(r.to_string()));
-    }
     let chain = chain.or_default_provider();
     let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(chain);
     if let Some(p) = &opts.profile {
@@ -239,7 +253,7 @@ pub fn render_stats(counter: &CallCounter) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::outcome;
+    use super::{outcome, stack_region};
 
     #[test]
     fn throttling_is_recognised_in_every_protocols_shape() {
@@ -257,5 +271,26 @@ mod tests {
         );
         assert_eq!(outcome(Some(200), None), "ok");
         assert_eq!(outcome(None, None), "error");
+    }
+
+    #[test]
+    fn the_stacks_region_is_authoritative() {
+        assert_eq!(
+            stack_region(None, Some("us-east-1")).unwrap().as_deref(),
+            Some("us-east-1")
+        );
+        assert_eq!(
+            stack_region(Some("us-east-1"), Some("us-east-1"))
+                .unwrap()
+                .as_deref(),
+            Some("us-east-1")
+        );
+        let e = stack_region(Some("eu-west-1"), Some("us-east-1")).unwrap_err();
+        assert!(e.to_string().contains("eu-west-1") && e.to_string().contains("us-east-1"));
+        assert_eq!(
+            stack_region(Some("eu-west-1"), None).unwrap().as_deref(),
+            Some("eu-west-1")
+        );
+        assert_eq!(stack_region(None, None).unwrap(), None);
     }
 }

@@ -161,7 +161,7 @@ pub async fn run(
             _ = tokio::time::sleep_until(wake) => {}
             _ = watch.changed(WATCH_QUIET) => {
                 tracing::info!("the desired directory changed");
-                if let Some(d) = reload(dir, &generation, &status) {
+                if let Some(d) = reload(dir, &generation, &status, &engine.ctx.region) {
                     generation = watch::generation(dir, &d.content_hash);
                     desired = d;
                     status.retain(&desired);
@@ -193,8 +193,18 @@ async fn lease_taken(changes: &mut Option<tokio::sync::watch::Receiver<bool>>) -
 }
 
 /// The desired state after a change; `None` (reported) when it is invalid.
-fn reload(dir: &Path, enforced: &str, status: &Status) -> Option<DesiredState> {
-    match load::load(dir) {
+/// A stack whose `[stack] region` changed is refused like an invalid one: the operator acts in
+/// the region it started in, and moving a stack is a restart.
+fn reload(dir: &Path, enforced: &str, status: &Status, region: &str) -> Option<DesiredState> {
+    let loaded: Result<DesiredState, Vec<String>> =
+        load::load(dir).map_err(|diags| diags.iter().map(ToString::to_string).collect());
+    let loaded = loaded.and_then(|d| match d.stack.region.as_deref() {
+        Some(r) if r != region => Err(vec![format!(
+            "the stack's region changed from {region} to {r}: the operator acts in the region it started in; restart it to move the stack"
+        )]),
+        _ => Ok(d),
+    });
+    match loaded {
         Ok(d) => {
             status.invalid(None);
             Some(d)

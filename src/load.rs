@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::de::IntoDeserializer;
 use sha2::{Digest, Sha256};
-use stackwarden_controllers::desired::{StackSpec, Validator, MAX_FILE_BYTES};
+use stackwarden_controllers::desired::{read_inside, StackSpec, Validator, MAX_FILE_BYTES};
 use stackwarden_controllers::diag::{Diagnostic, Diagnostics, Loc, Origin, SourceFile};
 use stackwarden_controllers::model::{scan_refs, Kind, ResourceId, Target};
 use stackwarden_controllers::{host_config, iam, DesiredState, Resource, Spec};
@@ -70,7 +70,7 @@ pub fn load(dir: &Path) -> Result<DesiredState, Vec<Diagnostic>> {
     let mut stack_seen = false;
     let mut parsed: Vec<Parsed> = Vec::new();
     for path in &files {
-        let Some(file) = read_source(path, &mut diags) else {
+        let Some(file) = read_source(dir, path, &mut diags) else {
             continue;
         };
         let (root, errors) = DeTable::parse_recoverable(&file.text);
@@ -213,13 +213,15 @@ fn expand_composites(resources: &mut BTreeMap<ResourceId, Resource>) {
     resources.extend(parts.into_iter().map(|p| (p.id.clone(), p)));
 }
 
+/// The directory's `.toml` files (whatever they are: one that is a symbolic link leading
+/// outside, a named pipe or a directory is refused when read, not skipped).
 fn toml_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
     let entries = std::fs::read_dir(dir)
         .map_err(|e| format!("cannot read the desired-state directory: {e}"))?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "toml") && p.is_file())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
         .collect();
     files.sort();
     if files.is_empty() {
@@ -228,43 +230,21 @@ fn toml_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(files)
 }
 
-fn read_source(path: &Path, diags: &mut Diagnostics) -> Option<Arc<SourceFile>> {
+/// One `.toml` file of the directory, read inside its boundary ([`read_inside`]).
+fn read_source(dir: &Path, path: &Path, diags: &mut Diagnostics) -> Option<Arc<SourceFile>> {
     let display = path.display().to_string();
-    let at_start = |diags: &mut Diagnostics, msg: String| {
-        diags.error(
-            Loc {
-                file: display.clone(),
-                line: 1,
-                column: 1,
-            },
-            msg,
-        )
-    };
-    match std::fs::metadata(path) {
-        Ok(m) if m.len() > MAX_FILE_BYTES => {
-            at_start(
-                diags,
-                format!(
-                    "file is {} bytes; desired-state files are limited to {MAX_FILE_BYTES} bytes",
-                    m.len()
-                ),
+    let rel = path.strip_prefix(dir).unwrap_or(path);
+    match read_inside(dir, rel) {
+        Ok(text) => Some(SourceFile::new(path.to_path_buf(), display, text)),
+        Err(message) => {
+            diags.error(
+                Loc {
+                    file: display,
+                    line: 1,
+                    column: 1,
+                },
+                message,
             );
-            return None;
-        }
-        Err(e) => {
-            at_start(diags, format!("cannot read: {e}"));
-            return None;
-        }
-        _ => {}
-    }
-    match std::fs::read(path).map(String::from_utf8) {
-        Ok(Ok(text)) => Some(SourceFile::new(path.to_path_buf(), display, text)),
-        Ok(Err(_)) => {
-            at_start(diags, "not UTF-8 text".into());
-            None
-        }
-        Err(e) => {
-            at_start(diags, format!("cannot read: {e}"));
             None
         }
     }
@@ -664,32 +644,48 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// Hash of every file under the directory (names and contents), `.git` excluded: the
-/// generation of a desired state that is not a git checkout.
+/// generation of a desired state that is not a git checkout. Nothing is followed out of the
+/// directory or opened that could block: a symbolic link counts by where it points, a named
+/// pipe or device by its name, and a regular file by at most its first [`MAX_FILE_BYTES`] + 1.
 fn content_hash(dir: &Path) -> String {
-    fn walk(dir: &Path, root: &Path, out: &mut Vec<(String, PathBuf)>) {
+    use std::io::Read;
+    fn walk(dir: &Path, root: &Path, out: &mut Vec<(String, PathBuf, std::fs::FileType)>) {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
         for e in entries.flatten() {
-            let p = e.path();
+            let (p, Ok(kind)) = (e.path(), e.file_type()) else {
+                continue;
+            };
             if p.file_name().is_some_and(|n| n == ".git") {
                 continue;
             }
-            if p.is_dir() {
+            if kind.is_dir() {
                 walk(&p, root, out);
             } else {
-                out.push((p.strip_prefix(root).unwrap_or(&p).display().to_string(), p));
+                let name = p.strip_prefix(root).unwrap_or(&p).display().to_string();
+                out.push((name, p, kind));
             }
         }
     }
     let mut files = Vec::new();
     walk(dir, dir, &mut files);
-    files.sort();
+    files.sort_by(|a, b| a.0.cmp(&b.0));
     let mut h = Sha256::new();
-    for (name, path) in files {
+    for (name, path, kind) in files {
         h.update(name.as_bytes());
         h.update([0]);
-        h.update(std::fs::read(&path).unwrap_or_default());
+        if kind.is_symlink() {
+            let target = std::fs::read_link(&path).unwrap_or_default();
+            h.update(b"-> ");
+            h.update(target.as_os_str().as_encoded_bytes());
+        } else if kind.is_file() {
+            let mut bytes = Vec::new();
+            if let Ok(f) = std::fs::File::open(&path) {
+                let _ = f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes);
+            }
+            h.update(bytes);
+        }
         h.update([0]);
     }
     hex::encode(&h.finalize()[..8])

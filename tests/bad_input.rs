@@ -361,3 +361,95 @@ fn the_default_dashboards_are_valid_portable_and_complete() {
         );
     }
 }
+
+/// The desired directory is a boundary. A file and a directory reached through symbolic links
+/// leading outside it, a named pipe and a device: each refused at the line naming it by
+/// `validate`, `plan` and `reconcile --once`, promptly (a pipe is never opened, so nothing
+/// waits for a writer), with zero AWS calls. A link that stays inside is followed.
+#[test]
+fn symbolic_links_leading_outside_pipes_and_devices_are_refused() {
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("secret.yml"), "groups: []\n").unwrap();
+    std::fs::create_dir(outside.path().join("rules")).unwrap();
+    std::fs::write(outside.path().join("rules/node.yml"), "groups: []\n").unwrap();
+
+    // A file leading outside.
+    let dir = default_stack();
+    let rule = dir.path().join("rules/node.yml");
+    std::fs::remove_file(&rule).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("secret.yml"), &rule).unwrap();
+    rejected(
+        dir.path(),
+        "amp.toml",
+        10,
+        "`rules/node.yml` leads outside the desired directory",
+    );
+
+    // A directory leading outside.
+    let dir = default_stack();
+    std::fs::remove_dir_all(dir.path().join("rules")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("rules"), dir.path().join("rules")).unwrap();
+    rejected(
+        dir.path(),
+        "amp.toml",
+        10,
+        "`rules/node.yml` leads outside the desired directory",
+    );
+
+    // A named pipe: refused without being opened.
+    let dir = default_stack();
+    std::fs::remove_file(rule_in(&dir)).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(rule_in(&dir))
+        .status()
+        .expect("mkfifo (coreutils) runs");
+    assert!(made.success());
+    let started = std::time::Instant::now();
+    rejected(
+        dir.path(),
+        "amp.toml",
+        10,
+        "`rules/node.yml` is a named pipe",
+    );
+    eprintln!("three commands on a pipe took {:?}", started.elapsed());
+
+    // A device, through a link: outside. A device inside is refused as one (the unit test of
+    // read_inside, which needs no root to make a device node).
+    let dir = default_stack();
+    std::fs::remove_file(rule_in(&dir)).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", rule_in(&dir)).unwrap();
+    rejected(
+        dir.path(),
+        "amp.toml",
+        10,
+        "`rules/node.yml` leads outside the desired directory (to /dev/zero",
+    );
+
+    // A desired-state file itself leading outside, and one that is a pipe.
+    let dir = default_stack();
+    std::os::unix::fs::symlink(outside.path().join("secret.yml"), dir.path().join("z.toml"))
+        .unwrap();
+    rejected(
+        dir.path(),
+        "z.toml",
+        1,
+        "`z.toml` leads outside the desired directory",
+    );
+    let dir = default_stack();
+    let made = std::process::Command::new("mkfifo")
+        .arg(dir.path().join("z.toml"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    rejected(dir.path(), "z.toml", 1, "`z.toml` is a named pipe");
+
+    // A link that stays inside is fine.
+    let dir = default_stack();
+    std::fs::rename(rule_in(&dir), dir.path().join("rules/real.yml")).unwrap();
+    std::os::unix::fs::symlink("real.yml", rule_in(&dir)).unwrap();
+    stackwarden(None, &["validate", path_str(dir.path())]).expect(0);
+}
+
+fn rule_in(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    dir.path().join("rules/node.yml")
+}

@@ -1624,6 +1624,57 @@ async fn creates_of_names_that_exist_fail_as_on_aws() {
     );
 }
 
+/// IAM keeps a trust policy in its own form: an account id given as an `AWS` principal is
+/// stored as the account's root ARN, by CreateRole and UpdateAssumeRolePolicy alike (moto keeps
+/// what it was given); other principals are kept as written.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_account_id_principal_is_stored_as_the_accounts_root_arn() {
+    let aws = Aws::start();
+    let iam = aws.iam().await;
+    let trust = |principal: &str| {
+        format!(
+            r#"{{"Version":"2012-10-17","Statement":[{{"Effect":"Allow","Action":"sts:AssumeRole","Principal":{{"AWS":{principal},"Service":"ec2.amazonaws.com"}}}}]}}"#
+        )
+    };
+    let stored = || async {
+        let role = iam.get_role().role_name("r").send().await.unwrap();
+        let doc = role
+            .role()
+            .unwrap()
+            .assume_role_policy_document()
+            .unwrap()
+            .to_string();
+        stackwarden_controllers::policy::decode(&doc).unwrap()
+    };
+    iam.create_role()
+        .role_name("r")
+        .assume_role_policy_document(trust(r#""123456789012""#))
+        .send()
+        .await
+        .unwrap();
+    let doc = stored().await;
+    let principal = &doc["Statement"][0]["Principal"];
+    assert_eq!(principal["AWS"], "arn:aws:iam::123456789012:root");
+    assert_eq!(principal["Service"], "ec2.amazonaws.com");
+
+    iam.update_assume_role_policy()
+        .role_name("r")
+        .policy_document(trust(
+            r#"["210987654321", "arn:aws:iam::123456789012:role/other"]"#,
+        ))
+        .send()
+        .await
+        .unwrap();
+    let doc = stored().await;
+    assert_eq!(
+        doc["Statement"][0]["Principal"]["AWS"],
+        serde_json::json!([
+            "arn:aws:iam::210987654321:root",
+            "arn:aws:iam::123456789012:role/other"
+        ])
+    );
+}
+
 /// IAM is eventually consistent: RunInstances refuses an instance profile created moments ago
 /// with `InvalidParameterValue` ("Invalid IAM Instance Profile name"), then takes it.
 #[tokio::test(flavor = "multi_thread")]

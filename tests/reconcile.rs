@@ -716,3 +716,87 @@ async fn a_lost_amp_part_is_restored_alone_keeping_the_workspace_and_the_other_p
     assert_eq!(namespaces(&aws, &ws).await, after);
     stackwarden(Some(&aws.endpoint), &["plan", dir]).expect(0);
 }
+
+/// The stack's region is authoritative. With `AWS_REGION` naming another region (a CI runner's
+/// default), `plan` and `reconcile --once` of a stack that says `region = "us-east-1"` act in
+/// us-east-1 only: converged there, nothing planned or made elsewhere. A `--region` that
+/// contradicts the stack's is an error naming both, before any AWS call.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stack_region_wins_over_the_environment_and_a_contradicting_flag_is_an_error() {
+    let aws = Aws::start();
+    let dir = default_stack();
+    let d = path_str(dir.path());
+    stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]).expect(0);
+
+    let elsewhere = [("AWS_REGION", "eu-west-1")];
+    let plan = stackwarden_with(Some(&aws.endpoint), &["plan", d], &elsewhere);
+    plan.expect(0);
+    assert!(plan.stdout.contains("No changes"), "{}", plan.stdout);
+    let again = stackwarden_with(Some(&aws.endpoint), &["reconcile", "--once", d], &elsewhere);
+    again.expect(0);
+    assert_eq!(again.calls().1, 0, "no write:\n{}", again.stderr);
+    let eu = aws_sdk_amp::Client::new(&aws.sdk_in("eu-west-1").await);
+    let workspaces = eu.list_workspaces().send().await.unwrap();
+    assert!(
+        workspaces.workspaces().is_empty(),
+        "nothing made in eu-west-1: {:?}",
+        workspaces.workspaces()
+    );
+
+    for args in [
+        vec!["--region", "eu-west-1", "plan", d],
+        vec!["--region", "eu-west-1", "reconcile", "--once", d],
+    ] {
+        let refused = stackwarden(Some(&aws.endpoint), &args);
+        refused.expect(1);
+        assert!(
+            refused
+                .stderr
+                .contains("--region eu-west-1 contradicts the stack's region us-east-1"),
+            "{args:?}: {}",
+            refused.stderr
+        );
+        assert_eq!(refused.calls().0, 0, "{args:?} called AWS");
+    }
+    // Repeating the stack's region is fine.
+    stackwarden(Some(&aws.endpoint), &["--region", "us-east-1", "plan", d]).expect(0);
+}
+
+/// IAM stores a trust policy in its own form: an account id given as a principal comes back as
+/// the account's root ARN (the emulator rewrites it as IAM does). That form is the desired one,
+/// not drift: after the role is made, `plan` finds nothing, and a second pass writes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trust_policy_in_iams_stored_form_is_not_drift() {
+    let aws = Aws::start();
+    let dir = default_stack();
+    let d = path_str(dir.path());
+    edit(
+        dir.path(),
+        "iam.toml",
+        "trust = { services = [\"ec2.amazonaws.com\"] }\nmanaged_policies = [\n  \"arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore\",",
+        "trust = { services = [\"ec2.amazonaws.com\"], aws = [\"123456789012\"] }\nmanaged_policies = [\n  \"arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore\",",
+    );
+    stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]).expect(0);
+    let role = aws
+        .iam()
+        .await
+        .get_role()
+        .role_name("monitoring-prometheus")
+        .send()
+        .await
+        .unwrap();
+    let stored = role.role().unwrap().assume_role_policy_document().unwrap();
+    let stored = stackwarden_controllers::policy::decode(stored)
+        .unwrap()
+        .to_string();
+    assert!(
+        stored.contains("arn:aws:iam::123456789012:root") && !stored.contains("\"123456789012\""),
+        "IAM's stored form: {stored}"
+    );
+    let plan = stackwarden(Some(&aws.endpoint), &["plan", d]);
+    plan.expect(0);
+    assert!(plan.stdout.contains("No changes"), "{}", plan.stdout);
+    let again = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]);
+    again.expect(0);
+    assert_eq!(again.calls().1, 0, "no write:\n{}", again.stderr);
+}

@@ -16,6 +16,70 @@ use crate::{amg, amp, grafana, host, host_config, iam, security_group};
 /// Files larger than this are rejected: a desired-state file is configuration, not data.
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
+/// Reads the file `rel` of the desired directory `dir`, which is a boundary: the path resolved
+/// (symbolic links included) must lie inside the directory, and be a regular file of at most
+/// [`MAX_FILE_BYTES`]. Anything else (a named pipe, a device, a socket, a directory) is refused
+/// without being opened, so nothing can hang the loader or read the machine's other files.
+/// The error says why, naming `rel` as written.
+pub fn read_inside(dir: &Path, rel: &Path) -> std::result::Result<String, String> {
+    use std::io::Read;
+    let shown = rel.display();
+    let root = dir
+        .canonicalize()
+        .map_err(|e| format!("cannot read the desired directory: {e}"))?;
+    let resolved = dir
+        .join(rel)
+        .canonicalize()
+        .map_err(|e| format!("cannot read `{shown}`: {e}"))?;
+    if !resolved.starts_with(&root) {
+        return Err(format!(
+            "`{shown}` leads outside the desired directory (to {}, through a symbolic link); files must be inside it",
+            resolved.display()
+        ));
+    }
+    let meta = std::fs::metadata(&resolved).map_err(|e| format!("cannot read `{shown}`: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!(
+            "`{shown}` is {}, not a regular file",
+            file_kind(&meta.file_type())
+        ));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(format!(
+            "`{shown}` is {} bytes; desired-state files are limited to {MAX_FILE_BYTES} bytes",
+            meta.len()
+        ));
+    }
+    let file = std::fs::File::open(&resolved).map_err(|e| format!("cannot read `{shown}`: {e}"))?;
+    // Bounded even if the file grows between the check and the read.
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read `{shown}`: {e}"))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(format!(
+            "`{shown}` is over {MAX_FILE_BYTES} bytes; desired-state files are limited to that"
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| format!("`{shown}` is not UTF-8 text"))
+}
+
+/// What a file that is not a regular file is, for errors.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a named pipe"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    }
+}
+
 /// Ownership tag: the stack that created the resource.
 pub const TAG_STACK: &str = "stackwarden:stack";
 /// Ownership tag: the resource's address in the desired state (`iam.role.prometheus`).
@@ -322,8 +386,9 @@ impl<'a> Validator<'a> {
         }
     }
 
-    /// Reads a file named by a TOML value, relative to the desired directory. Reports a missing,
-    /// unreadable, enormous or escaping path and returns `None`.
+    /// Reads a file named by a TOML value, relative to the desired directory ([`read_inside`]).
+    /// Reports a missing, unreadable, enormous, escaping or special path at the value naming it
+    /// and returns `None`.
     pub fn read(&mut self, path: &Spanned<String>) -> Option<FileRef> {
         let span = path.span();
         let rel = Path::new(path.get_ref());
@@ -337,43 +402,18 @@ impl<'a> Validator<'a> {
             );
             return None;
         }
-        let full = self.dir.join(rel);
-        let display = full.display().to_string();
-        match std::fs::metadata(&full) {
-            Ok(m) if !m.is_file() => {
-                self.error(&span, format!("`{}` is not a file", path.get_ref()));
-                return None;
+        match read_inside(self.dir, rel) {
+            Ok(text) => {
+                let full = self.dir.join(rel);
+                let display = full.display().to_string();
+                Some(FileRef {
+                    path: path.get_ref().clone(),
+                    named_at: self.origin(&span),
+                    file: SourceFile::new(full, display, text),
+                })
             }
-            Ok(m) if m.len() > MAX_FILE_BYTES => {
-                self.error(
-                    &span,
-                    format!(
-                        "`{}` is {} bytes; referenced files are limited to {} bytes",
-                        path.get_ref(),
-                        m.len(),
-                        MAX_FILE_BYTES
-                    ),
-                );
-                return None;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                self.error(&span, format!("cannot read `{}`: {e}", path.get_ref()));
-                return None;
-            }
-        }
-        match std::fs::read(&full).map(String::from_utf8) {
-            Ok(Ok(text)) => Some(FileRef {
-                path: path.get_ref().clone(),
-                named_at: self.origin(&span),
-                file: SourceFile::new(full, display, text),
-            }),
-            Ok(Err(_)) => {
-                self.error(&span, format!("`{}` is not UTF-8 text", path.get_ref()));
-                None
-            }
-            Err(e) => {
-                self.error(&span, format!("cannot read `{}`: {e}", path.get_ref()));
+            Err(message) => {
+                self.error(&span, message);
                 None
             }
         }
@@ -462,4 +502,18 @@ pub fn is_ipv4_cidr(s: &str) -> bool {
         return false;
     };
     ip.parse::<std::net::Ipv4Addr>().is_ok() && bits.parse::<u8>().is_ok_and(|b| b <= 32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_inside_the_directory_is_refused_without_being_opened() {
+        // /dev is the "desired directory" here: its null device lies inside it.
+        let e = read_inside(Path::new("/dev"), Path::new("null")).unwrap_err();
+        assert_eq!(e, "`null` is a device, not a regular file");
+        let e = read_inside(Path::new("/"), Path::new("dev")).unwrap_err();
+        assert_eq!(e, "`dev` is a directory, not a regular file");
+    }
 }

@@ -1,9 +1,11 @@
 //! IAM policy documents compared as policies, not as strings.
 //!
-//! IAM hands documents back URL-encoded, reorders nothing but accepts many spellings of the same
-//! policy (a single statement or a list, `"Action": "x"` or `["x"]`, actions in any case). Two
+//! IAM hands documents back URL-encoded and accepts many spellings of the same policy (a single
+//! statement or a list, `"Action": "x"` or `["x"]`, actions in any case, `"Principal": "*"` or
+//! `{"AWS": "*"}`, condition values as strings, booleans or numbers); and it stores some in its
+//! own form: an account id given as a principal comes back as the account's root ARN. Two
 //! documents are equal here when IAM would evaluate them the same way for those spellings, so a
-//! reformatted file or IAM's own re-encoding never shows as drift.
+//! reformatted file or IAM's own rewriting never shows as drift.
 
 use serde_json::{Map, Value};
 
@@ -51,14 +53,7 @@ fn normalize_statement(s: &Value) -> Value {
         let v = match k.as_str() {
             "Action" | "NotAction" => string_set(v, true),
             key if SET_KEYS.contains(&key) => string_set(v, false),
-            "Principal" | "NotPrincipal" => match v {
-                Value::Object(p) => Value::Object(
-                    p.iter()
-                        .map(|(pk, pv)| (pk.clone(), string_set(pv, false)))
-                        .collect(),
-                ),
-                other => other.clone(),
-            },
+            "Principal" | "NotPrincipal" => principals(v),
             "Condition" => match v {
                 Value::Object(ops) => Value::Object(
                     ops.iter()
@@ -66,7 +61,7 @@ fn normalize_statement(s: &Value) -> Value {
                             let kv = match kv {
                                 Value::Object(m) => Value::Object(
                                     m.iter()
-                                        .map(|(ck, cv)| (ck.clone(), string_set(cv, false)))
+                                        .map(|(ck, cv)| (ck.clone(), condition_values(cv)))
                                         .collect(),
                                 ),
                                 other => other.clone(),
@@ -82,6 +77,66 @@ fn normalize_statement(s: &Value) -> Value {
         out.insert(k.clone(), v);
     }
     Value::Object(out)
+}
+
+/// Principals as IAM evaluates them: `"*"` is `{"AWS": "*"}`, and an account id and its root
+/// ARN (`arn:aws:iam::123456789012:root`, which IAM stores for either) are one principal.
+fn principals(v: &Value) -> Value {
+    let map = match v {
+        Value::String(s) if s == "*" => {
+            return Value::Object(Map::from_iter([(
+                "AWS".to_string(),
+                Value::Array(vec![Value::String("*".into())]),
+            )]))
+        }
+        Value::Object(map) => map,
+        other => return other.clone(),
+    };
+    Value::Object(
+        map.iter()
+            .map(|(kind, values)| {
+                let mut set = string_set(values, false);
+                if kind == "AWS" {
+                    if let Value::Array(items) = &mut set {
+                        for item in items.iter_mut() {
+                            if let Some(id) = item.as_str().and_then(account_of_root) {
+                                *item = Value::String(id);
+                            }
+                        }
+                        items.sort_by_key(|i| i.to_string());
+                        items.dedup();
+                    }
+                }
+                (kind.clone(), set)
+            })
+            .collect(),
+    )
+}
+
+/// The account id of `arn:<partition>:iam::<id>:root`, or of a bare account id.
+fn account_of_root(principal: &str) -> Option<String> {
+    let id = match principal.strip_prefix("arn:") {
+        Some(rest) => {
+            let (_partition, rest) = rest.split_once(':')?;
+            rest.strip_prefix("iam::")?.strip_suffix(":root")?
+        }
+        None => principal,
+    };
+    (id.len() == 12 && id.bytes().all(|b| b.is_ascii_digit())).then(|| id.to_string())
+}
+
+/// Condition values: IAM compares them as strings, whatever JSON type they were written in.
+fn condition_values(v: &Value) -> Value {
+    let as_text = |v: &Value| match v {
+        Value::Bool(b) => Value::String(b.to_string()),
+        Value::Number(n) => Value::String(n.to_string()),
+        other => other.clone(),
+    };
+    let stringified = match v {
+        Value::Array(items) => Value::Array(items.iter().map(as_text).collect()),
+        other => as_text(other),
+    };
+    string_set(&stringified, false)
 }
 
 /// A string or list of strings as a sorted, de-duplicated list.
@@ -173,6 +228,38 @@ mod tests {
         let a = json!({"Statement":[{"Effect":"Allow","Action":["a:x","a:y"],"Resource":"*"},{"Effect":"Deny","Action":"b:z","Resource":"*"}]});
         let b = json!({"Statement":[{"Effect":"Deny","Action":"b:z","Resource":"*"},{"Effect":"Allow","Action":["a:y","a:x","a:x"],"Resource":"*"}]});
         assert!(equivalent(&a, &b));
+    }
+
+    #[test]
+    fn an_account_id_and_its_root_arn_are_one_principal() {
+        let written = json!({"Statement":[{"Effect":"Allow","Action":"sts:AssumeRole","Principal":{"AWS":"123456789012"}}]});
+        let stored = json!({"Statement":[{"Effect":"Allow","Action":"sts:AssumeRole","Principal":{"AWS":["arn:aws:iam::123456789012:root"]}}]});
+        assert!(equivalent(&written, &stored));
+        let gov = json!({"Statement":[{"Effect":"Allow","Action":"sts:AssumeRole","Principal":{"AWS":"arn:aws-us-gov:iam::123456789012:root"}}]});
+        assert!(equivalent(&written, &gov));
+        let other = json!({"Statement":[{"Effect":"Allow","Action":"sts:AssumeRole","Principal":{"AWS":"210987654321"}}]});
+        assert!(!equivalent(&written, &other));
+        let a_role = json!({"Statement":[{"Effect":"Allow","Action":"sts:AssumeRole","Principal":{"AWS":"arn:aws:iam::123456789012:role/x"}}]});
+        assert!(!equivalent(&written, &a_role), "a role is not the account");
+    }
+
+    #[test]
+    fn everyone_is_one_principal_however_written() {
+        let star =
+            json!({"Statement":[{"Effect":"Allow","Action":"s3:GetObject","Principal":"*"}]});
+        let aws_star = json!({"Statement":[{"Effect":"Allow","Action":"s3:GetObject","Principal":{"AWS":["*"]}}]});
+        assert!(equivalent(&star, &aws_star));
+        let service = json!({"Statement":[{"Effect":"Allow","Action":"s3:GetObject","Principal":{"Service":"ec2.amazonaws.com"}}]});
+        assert!(!equivalent(&star, &service));
+    }
+
+    #[test]
+    fn condition_values_compare_as_strings() {
+        let typed = json!({"Statement":[{"Effect":"Deny","Action":"s3:*","Resource":"*","Condition":{"Bool":{"aws:SecureTransport":false},"NumericLessThan":{"s3:max-keys":10}}}]});
+        let strings = json!({"Statement":[{"Effect":"Deny","Action":"s3:*","Resource":"*","Condition":{"Bool":{"aws:SecureTransport":["false"]},"NumericLessThan":{"s3:max-keys":"10"}}}]});
+        assert!(equivalent(&typed, &strings));
+        let other = json!({"Statement":[{"Effect":"Deny","Action":"s3:*","Resource":"*","Condition":{"Bool":{"aws:SecureTransport":"true"},"NumericLessThan":{"s3:max-keys":"10"}}}]});
+        assert!(!equivalent(&typed, &other));
     }
 
     #[test]

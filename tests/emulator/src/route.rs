@@ -265,7 +265,10 @@ async fn dispatch(state: &Arc<State>, req: &Incoming) -> Response {
     };
     let result = match served {
         Some(result) => result,
-        None => forward(state, req).await,
+        None => match crate::strict::rewrite(req) {
+            Some(stored) => forward(state, &stored).await,
+            None => forward(state, req).await,
+        },
     };
     result.unwrap_or_else(|e| e.render(req.protocol))
 }

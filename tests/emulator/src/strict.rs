@@ -16,6 +16,10 @@
 //!   subnets, security groups) of a load balancer that exists it answers that load balancer,
 //!   with other settings `DuplicateLoadBalancerName`; moto makes a second load balancer of the
 //!   name.
+//! - IAM stores a trust policy in its own form: an account id as an `AWS` principal
+//!   (`"123456789012"`) is kept as `arn:aws:iam::123456789012:root`; moto keeps what it was
+//!   given. `CreateRole` and `UpdateAssumeRolePolicy` documents are rewritten before moto sees
+//!   them, so what the operator reads back is what AWS would answer.
 //! - `GetAccountAuthorizationDetails` pages, at most `MaxItems` entries a page (default 100)
 //!   with `IsTruncated` and a `Marker`; moto answers everything at once.
 //!
@@ -162,6 +166,72 @@ pub async fn create_load_balancer(
         "http://elasticloadbalancing.amazonaws.com/doc/2015-12-01/",
         &format!("<LoadBalancers>{member}</LoadBalancers>"),
     )))
+}
+
+/// The request moto should see instead of `req`, when AWS would store something other than
+/// what was sent (see the module's list); `None` to forward `req` as it is.
+pub fn rewrite(req: &Incoming) -> Option<Incoming> {
+    let field = match (req.service.as_str(), req.operation.as_str()) {
+        ("iam", "CreateRole") => "AssumeRolePolicyDocument",
+        ("iam", "UpdateAssumeRolePolicy") => "PolicyDocument",
+        _ => return None,
+    };
+    let form = req.form();
+    let document = param(&form, field)?;
+    let stored = stored_trust_policy(&document)?;
+    let body: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form.iter().map(|(k, v)| {
+            if k == field {
+                (k.as_str(), stored.as_str())
+            } else {
+                (k.as_str(), v.as_str())
+            }
+        }))
+        .finish();
+    Some(Incoming {
+        method: req.method.clone(),
+        uri: req.uri.clone(),
+        headers: req.headers.clone(),
+        body: body.into(),
+        service: req.service.clone(),
+        region: req.region.clone(),
+        protocol: req.protocol,
+        operation: req.operation.clone(),
+    })
+}
+
+/// A trust policy as IAM stores it: every account id given as an `AWS` principal becomes the
+/// account's root ARN. `None` when nothing changes (or the document is not JSON: moto says so).
+fn stored_trust_policy(document: &str) -> Option<String> {
+    let mut doc: serde_json::Value = serde_json::from_str(document).ok()?;
+    let mut changed = false;
+    let statements = match doc.get_mut("Statement")? {
+        serde_json::Value::Array(list) => list.iter_mut().collect::<Vec<_>>(),
+        one => vec![one],
+    };
+    for statement in statements {
+        let Some(aws) = statement
+            .get_mut("Principal")
+            .and_then(|p| p.get_mut("AWS"))
+        else {
+            continue;
+        };
+        let values = match aws {
+            serde_json::Value::Array(list) => list.iter_mut().collect::<Vec<_>>(),
+            one => vec![one],
+        };
+        for v in values {
+            if let Some(id) = v.as_str().filter(|s| is_account_id(s)) {
+                *v = serde_json::Value::String(format!("arn:aws:iam::{id}:root"));
+                changed = true;
+            }
+        }
+    }
+    changed.then(|| doc.to_string())
+}
+
+fn is_account_id(s: &str) -> bool {
+    s.len() == 12 && s.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// Remembers what a later check needs from a successful answer of moto.
