@@ -255,10 +255,8 @@ async fn git_pull(dir: PathBuf, every: Duration) {
 fn outcomes(pass: &Pass, wrote: bool) -> BTreeMap<ResourceId, Outcome> {
     let mut out = BTreeMap::new();
     if wrote {
-        for (_, c) in &pass.check.changes {
-            if !c.observe_only {
-                out.insert(c.id.clone(), Outcome::Retry);
-            }
+        for c in pass.check.writes() {
+            out.insert(c.id.clone(), Outcome::Retry);
         }
     }
     for e in pass.check.errors.iter().chain(&pass.applied.errors) {

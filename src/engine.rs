@@ -102,9 +102,23 @@ pub struct Plan {
 impl Plan {
     /// Whether `reconcile` would write anything, or objects are still converging.
     pub fn has_pending(&self) -> bool {
-        self.changes.iter().any(|(_, c)| !c.observe_only)
+        self.writes().next().is_some()
             || self.removed.iter().any(|(_, c)| c.action == Action::Delete)
             || self.errors.iter().any(ResourceError::is_waiting)
+    }
+
+    /// The changes `reconcile` would apply: not observe-only, and writing something (a change
+    /// that only notes something, such as instances left to another stack, is in sync).
+    pub fn writes(&self) -> impl Iterator<Item = &Change<AnyOp>> {
+        self.changes
+            .iter()
+            .map(|(_, c)| c)
+            .filter(|c| !c.observe_only && !c.is_empty())
+    }
+
+    /// Changes that write nothing and only say something.
+    pub fn notes_only(&self) -> usize {
+        self.changes.iter().filter(|(_, c)| c.is_empty()).count()
     }
 
     /// Errors other than objects still converging.

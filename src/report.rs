@@ -21,12 +21,7 @@ struct Counts {
 }
 
 fn counts(plan: &Plan) -> Counts {
-    let active = || {
-        plan.changes
-            .iter()
-            .map(|(_, c)| c)
-            .filter(|c| !c.observe_only)
-    };
+    let active = || plan.writes();
     Counts {
         create: active().filter(|c| c.action == Action::Create).count(),
         update: active().filter(|c| c.action == Action::Update).count(),
@@ -40,7 +35,7 @@ fn counts(plan: &Plan) -> Counts {
             .iter()
             .filter(|(_, c)| c.action == Action::Orphan)
             .count(),
-        in_sync: plan.in_sync.len(),
+        in_sync: plan.in_sync.len() + plan.notes_only(),
         waiting: plan.errors.iter().filter(|e| e.is_waiting()).count(),
         errors: plan.errors.iter().filter(|e| !e.is_waiting()).count(),
     }
@@ -164,19 +159,18 @@ pub fn reconcile_text(applied: &[Change<AnyOp>], errors: &[ResourceError], after
     {
         let _ = writeln!(out, "orphaned: {} ({})", c.id, c.object);
     }
-    for (_, c) in after.changes.iter().filter(|(_, c)| c.observe_only) {
+    for (_, c) in after
+        .changes
+        .iter()
+        .filter(|(_, c)| c.observe_only && !c.is_empty())
+    {
         let _ = writeln!(
             out,
             "drift (observe only, not applied): {} ({})",
             c.id, c.object
         );
     }
-    let pending: Vec<&Change<AnyOp>> = after
-        .changes
-        .iter()
-        .map(|(_, c)| c)
-        .filter(|c| !c.observe_only)
-        .collect();
+    let pending: Vec<&Change<AnyOp>> = after.writes().collect();
     for c in &pending {
         if !all_errors.iter().any(|e| e.resource == c.id) {
             let _ = writeln!(out, "not converged: {} still differs after apply:", c.id);

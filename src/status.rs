@@ -248,7 +248,8 @@ impl Status {
             states.insert(id.to_string(), ("in_sync".into(), None));
         }
         for (_, c) in &check.changes {
-            states.insert(c.id.to_string(), ("pending".into(), None));
+            let state = if c.is_empty() { "in_sync" } else { "pending" };
+            states.insert(c.id.to_string(), (state.into(), None));
         }
         for c in &applied.changes {
             let kind = c.id.kind.to_string();

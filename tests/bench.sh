@@ -45,7 +45,7 @@ run converged plan "$work/stack"
 # The same cold converge under faults: another stack name, so nothing of the first is reused.
 cp -r desired "$work/faulted"
 sed -i 's/^name = "monitoring"/name = "faulted"/' "$work/faulted/stack.toml"
-fault() { curl -sf -X POST "$AWS_ENDPOINT_URL/_emulator/faults" -d "$1" >/dev/null; }
+fault() { curl -sf -X POST -H 'content-type: application/json' "$AWS_ENDPOINT_URL/_emulator/faults" -d "$1" >/dev/null; }
 fault '{"kind": {"type": "throttle"}, "rate": 0.3}'
 fault '{"kind": {"type": "server_error", "status": 500}, "rate": 0.0357}'
 fault '{"kind": {"type": "server_error", "status": 503}, "rate": 0.037}'

@@ -457,7 +457,8 @@ async fn seed_003_amp_amg_and_an_adot_host_converge_and_follow_a_recreated_works
     let host = ex.host("monitored").await;
     for bundle in ["host_config.adot", "host_config.cloudwatch_agent"] {
         assert!(
-            host.tags.contains_key(&format!("stackwarden:{bundle}")),
+            host.tags
+                .contains_key(&format!("stackwarden:monitoring-test:{bundle}")),
             "{bundle} not recorded: {host:?}"
         );
     }
@@ -741,4 +742,95 @@ async fn seed_000_001_prometheus_with_ebs_alertmanager_and_grafana_behind_an_alb
         datasources.contains(&format!("http://{ip}:9090")),
         "{datasources}"
     );
+}
+
+/// Two stacks in one account: `ec2-metrics-only` (stack `metrics`) and
+/// `ec2-prometheus-loki-grafana` (stack `observability`) both have a `host_config.grafana`
+/// targeting `Role = grafana`. Reconciled in turn, twice, against one emulator: every Run
+/// Command a stack sends targets its own instances only, the second round sends none, and both
+/// plans are clean after it (each stack's records are its own, so neither undoes the other).
+#[tokio::test(flavor = "multi_thread")]
+async fn two_stacks_in_one_account_never_push_to_each_others_instances() {
+    let ex = Example::copy("ec2-metrics-only", "us-east-1").await;
+    let other = tempfile::tempdir().unwrap();
+    copy_dir(
+        &examples().join("ec2-prometheus-loki-grafana"),
+        other.path(),
+    );
+    let stacks = [("metrics", ex.dir.path()), ("observability", other.path())];
+    let ssm = aws_sdk_ssm::Client::new(&ex.sdk);
+    let ec2 = aws_sdk_ec2::Client::new(&ex.sdk);
+    let commands = || async {
+        let mut ids = BTreeMap::new();
+        let mut pages = ssm.list_commands().into_paginator().send();
+        while let Some(page) = pages.next().await {
+            for c in page.unwrap().commands() {
+                ids.insert(
+                    c.command_id().unwrap().to_string(),
+                    c.instance_ids().to_vec(),
+                );
+            }
+        }
+        ids
+    };
+    let stack_of = |instance: String| {
+        let ec2 = ec2.clone();
+        async move {
+            let out = ec2
+                .describe_instances()
+                .instance_ids(&instance)
+                .send()
+                .await
+                .unwrap();
+            out.reservations()[0].instances()[0]
+                .tags()
+                .iter()
+                .find(|t| t.key() == Some("stackwarden:stack"))
+                .and_then(|t| t.value())
+                .unwrap_or_default()
+                .to_string()
+        }
+    };
+    for round in 1..=2 {
+        for (stack, dir) in stacks {
+            let before = commands().await;
+            let mut cmd = command(Some(&ex.aws.endpoint), &["reconcile", "--once"]);
+            cmd.arg(path_str(dir)).env_remove("AWS_REGION");
+            let applied = run(cmd);
+            applied.expect(0);
+            let sent: Vec<(String, Vec<String>)> = commands()
+                .await
+                .into_iter()
+                .filter(|(id, _)| !before.contains_key(id))
+                .collect();
+            if round == 2 {
+                assert_eq!(
+                    applied.count("SendCommand"),
+                    0,
+                    "round 2, {stack}: {sent:?}\n{}",
+                    applied.stdout
+                );
+            }
+            for (id, targets) in sent {
+                for instance in targets {
+                    assert_eq!(
+                        stack_of(instance.clone()).await,
+                        stack,
+                        "round {round}: {stack}'s command {id} targets {instance}"
+                    );
+                }
+            }
+        }
+    }
+    for (stack, dir) in stacks {
+        let mut cmd = command(Some(&ex.aws.endpoint), &["plan"]);
+        cmd.arg(path_str(dir)).env_remove("AWS_REGION");
+        let plan = run(cmd);
+        plan.expect(0);
+        assert!(
+            plan.stdout.contains("belong to another stack"),
+            "{stack}'s plan says what it leaves alone:\n{}",
+            plan.stdout
+        );
+    }
 }

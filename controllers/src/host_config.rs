@@ -3,12 +3,12 @@
 //! reload commands.
 //!
 //! The fleet is read with one paginated `DescribeInstances` per resource; each instance records
-//! the hash it has in the tag `stackwarden:host_config.<name>`, so a converged pass sends no SSM
+//! the hash it has in the tag `stackwarden:<stack>:host_config.<name>`, so a converged pass sends no SSM
 //! call and an instance that joins later (tagged, without the hash) gets the files on the next
 //! pass. The push goes out through [`crate::push::send`] with the desired MaxConcurrency and
 //! MaxErrors: batches of 50 instances, tracked by pages, never one call per host.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use async_trait::async_trait;
 use aws_sdk_ec2::types::Filter;
@@ -17,11 +17,11 @@ use toml::Spanned;
 
 use crate::change::{Action, Change};
 use crate::controller::{Context, Controller};
-use crate::desired::{DesiredState, Resource, Spec, Validator};
+use crate::desired::{DesiredState, Resource, Spec, Validator, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
 use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
 use crate::push::send::{send, Controls};
-use crate::push::{self, shell_quote, Bundle, File, Prepared};
+use crate::push::{shell_quote, Bundle, File, Prepared};
 
 /// `[host_config.<name>]`
 #[derive(Debug, Clone, Deserialize)]
@@ -154,9 +154,18 @@ pub fn bundle_name(name: &str) -> String {
     format!("host_config.{name}")
 }
 
+/// The instance tag recording what a stack's `[host_config.<name>]` installed there:
+/// `stackwarden:<stack>:host_config.<name>`. Named per stack, so two stacks' host_configs of
+/// one name never read each other's record.
+pub fn record_tag(stack: &str, name: &str) -> String {
+    format!("stackwarden:{stack}:{}", bundle_name(name))
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct FleetInstance {
     pub id: String,
+    /// The stack its `stackwarden:stack` tag names, if any.
+    pub stack: Option<String>,
     /// The hash in the instance's tag, if any.
     pub installed: Option<String>,
 }
@@ -196,7 +205,7 @@ impl Controller for HostConfigController {
                 _ => None,
             })
             .map(|(r, s)| async move {
-                let tag = push::hash_tag(&bundle_name(&r.id.name));
+                let tag = record_tag(desired.stack_name(), &r.id.name);
                 let mut call = ctx.ec2.describe_instances().filters(
                     Filter::builder()
                         .name("instance-state-name")
@@ -212,8 +221,16 @@ impl Controller for HostConfigController {
                 while let Some(page) = pages.next().await {
                     let page = page.map_err(aws_error("ec2", "DescribeInstances"))?;
                     for i in page.reservations().iter().flat_map(|r| r.instances()) {
+                        let tag_of = |key: &str| {
+                            i.tags()
+                                .iter()
+                                .find(|t| t.key() == Some(key))
+                                .and_then(|t| t.value())
+                                .map(str::to_string)
+                        };
                         fleet.push(FleetInstance {
                             id: i.instance_id().unwrap_or_default().to_string(),
+                            stack: tag_of(TAG_STACK),
                             installed: i
                                 .tags()
                                 .iter()
@@ -256,8 +273,27 @@ impl Controller for HostConfigController {
         let Spec::HostConfig(s) = &r.spec else {
             return Ok(None);
         };
-        let prepared = s.bundle(&r.id.name, refs).prepare()?;
-        let mut fleet = obs.fleets.get(&r.id).cloned().unwrap_or_default();
+        let mut prepared = s.bundle(&r.id.name, refs).prepare()?;
+        prepared.record = record_tag(desired.stack_name(), &r.id.name);
+        let stack = desired.stack_name();
+        // Instances another stack owns are never touched, whatever the targets match.
+        let (mut fleet, others): (Vec<FleetInstance>, Vec<FleetInstance>) = obs
+            .fleets
+            .get(&r.id)
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .partition(|i| i.stack.as_deref().is_none_or(|s| s == stack));
+        let mut notes = Vec::new();
+        if !others.is_empty() {
+            let owners: BTreeSet<&str> = others.iter().filter_map(|i| i.stack.as_deref()).collect();
+            notes.push(format!(
+                "{} instance(s) matching the targets belong to another stack ({}) and are left alone: {}",
+                others.len(),
+                owners.into_iter().collect::<Vec<_>>().join(", "),
+                others.iter().take(3).map(|i| i.id.as_str()).collect::<Vec<_>>().join(", ")
+            ));
+        }
         // The stack's own hosts it targets: one launched in this pass (after the fleet was
         // read) is known by its outputs; one not launched yet, only by its address.
         let mut unlaunched = Vec::new();
@@ -265,6 +301,7 @@ impl Controller for HostConfigController {
             match refs.outputs.get(host).and_then(|o| o.get("instance_id")) {
                 Some(id) if !fleet.iter().any(|i| &i.id == id) => fleet.push(FleetInstance {
                     id: id.clone(),
+                    stack: Some(stack.to_string()),
                     installed: None,
                 }),
                 Some(_) => {}
@@ -276,9 +313,6 @@ impl Controller for HostConfigController {
             .filter(|i| i.installed.as_ref() != Some(&prepared.hash))
             .map(|i| i.id.clone())
             .collect();
-        if stale.is_empty() && unlaunched.is_empty() {
-            return Ok(None);
-        }
         let mut c = Change::new(
             r.id.clone(),
             Action::Update,
@@ -288,6 +322,10 @@ impl Controller for HostConfigController {
                 show_targets(&s.targets)
             ),
         );
+        c.notes = notes;
+        if stale.is_empty() && unlaunched.is_empty() {
+            return Ok((!c.notes.is_empty()).then_some(c));
+        }
         let total = fleet.len() + unlaunched.len();
         let sample: Vec<&str> = stale
             .iter()
@@ -351,7 +389,7 @@ fn show_targets(t: &BTreeMap<String, String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{desired, resource};
+    use crate::testing::{desired, resource, STACK};
 
     fn spec() -> HostConfigSpec {
         let mut s: HostConfigSpec = toml::from_str(
@@ -382,11 +420,38 @@ mod tests {
                     .enumerate()
                     .map(|(n, h)| FleetInstance {
                         id: format!("i-{n}"),
+                        stack: None,
                         installed: h.map(str::to_string),
                     })
                     .collect(),
             )]),
         }
+    }
+
+    #[test]
+    fn instances_of_another_stack_are_left_alone_and_said_so() {
+        let mut o = fleet(&[None, None, None]);
+        let instances = o.fleets.values_mut().next().unwrap();
+        instances[0].stack = Some(STACK.into());
+        instances[1].stack = Some("other".into());
+        let c = diff(&o).unwrap();
+        let [Op::Push {
+            instances, push, ..
+        }] = &c.ops[..]
+        else {
+            panic!("{:?}", c.ops)
+        };
+        assert_eq!(instances, &["i-0", "i-2"], "its own and the untagged one");
+        assert_eq!(push.hash_tag(), "stackwarden:s:host_config.node_exporter");
+        assert_eq!(c.notes.len(), 1);
+        assert!(c.notes[0].contains("another stack (other)") && c.notes[0].contains("i-1"));
+        // Converged, the note stays: plan says what it leaves alone.
+        let hash = spec().bundle("node_exporter", &Refs::default()).hash();
+        let mut o = fleet(&[Some(&hash), None]);
+        o.fleets.values_mut().next().unwrap()[1].stack = Some("other".into());
+        let c = diff(&o).unwrap();
+        assert!(c.ops.is_empty());
+        assert_eq!(c.notes.len(), 1);
     }
 
     #[test]

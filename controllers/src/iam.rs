@@ -528,7 +528,19 @@ impl IamController {
         if adopting {
             c.notes.push(format!("adopting existing role `{name}`: it gets the ownership tags and is managed from now on"));
         }
-        if !policy::equivalent(&o.trust, &trust) {
+        // A principal IAM replaced by its unique id cannot be written back until it exists
+        // again (IAM refuses the ARN): a note until then, never an endless failing update.
+        let deleted = policy::deleted_principals(&o.trust, &trust).filter(|gone| {
+            !gone
+                .iter()
+                .any(|arn| obs.roles.values().any(|r| &r.arn == arn))
+        });
+        if let Some(gone) = deleted {
+            c.notes.push(format!(
+                "the trust policy names {}, deleted since: IAM keeps a unique id in its place; the trust is written again once it exists",
+                gone.join(", ")
+            ));
+        } else if !policy::equivalent(&o.trust, &trust) {
             c.field("trust", Some(compact(&o.trust)), Some(compact(&trust)));
             c.op(Op::UpdateTrust {
                 role: name.clone(),

@@ -157,6 +157,72 @@ fn string_set(v: &Value, lowercase: bool) -> Value {
     Value::Array(items)
 }
 
+/// What stands for a principal IAM replaced by its unique id.
+const DELETED: &str = "(a deleted principal)";
+
+/// The principals of `desired` that `stored` names by a unique id (`AROA...` for a role,
+/// `AIDA...` for a user) instead: IAM does that when the role or user a policy names is
+/// deleted, and refuses the ARN back until it exists again. `Some` only when that is the whole
+/// difference between the two documents.
+pub fn deleted_principals(stored: &Value, desired: &Value) -> Option<Vec<String>> {
+    let stored = normalize(stored);
+    let desired = normalize(desired);
+    let mut named = Vec::new();
+    walk_principals(&stored, &mut |p| named.push(p.to_string()));
+    let mut replaced = Vec::new();
+    let desired = map_principals(&desired, &mut |p| {
+        let gone = (p.contains(":role/") || p.contains(":user/")) && !named.iter().any(|n| n == p);
+        if gone {
+            replaced.push(p.to_string());
+            DELETED.to_string()
+        } else {
+            p.to_string()
+        }
+    });
+    let stored = map_principals(&stored, &mut |p| {
+        if is_unique_id(p) {
+            DELETED.to_string()
+        } else {
+            p.to_string()
+        }
+    });
+    (!replaced.is_empty() && normalize(&stored) == normalize(&desired)).then_some(replaced)
+}
+
+/// `AROA...`, `AIDA...`: the unique ids IAM shows for roles and users it no longer has.
+fn is_unique_id(p: &str) -> bool {
+    p.len() >= 16
+        && (p.starts_with("AROA") || p.starts_with("AIDA"))
+        && p.bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+}
+
+fn walk_principals(doc: &Value, f: &mut impl FnMut(&str)) {
+    map_principals(doc, &mut |p| {
+        f(p);
+        p.to_string()
+    });
+}
+
+/// The document with every `AWS` principal passed through `f`.
+fn map_principals(doc: &Value, f: &mut impl FnMut(&str) -> String) -> Value {
+    let mut doc = doc.clone();
+    if let Some(Value::Array(statements)) = doc.get_mut("Statement") {
+        for st in statements {
+            for key in ["Principal", "NotPrincipal"] {
+                if let Some(Value::Array(items)) = st.get_mut(key).and_then(|p| p.get_mut("AWS")) {
+                    for item in items.iter_mut() {
+                        if let Value::String(p) = item {
+                            *p = f(p);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    doc
+}
+
 pub fn equivalent(a: &Value, b: &Value) -> bool {
     normalize(a) == normalize(b)
 }
@@ -260,6 +326,21 @@ mod tests {
         assert!(equivalent(&typed, &strings));
         let other = json!({"Statement":[{"Effect":"Deny","Action":"s3:*","Resource":"*","Condition":{"Bool":{"aws:SecureTransport":"true"},"NumericLessThan":{"s3:max-keys":"10"}}}]});
         assert!(!equivalent(&typed, &other));
+    }
+
+    #[test]
+    fn a_principal_iam_replaced_by_its_unique_id_is_told_apart_from_drift() {
+        let desired = json!({"Statement":[{"Effect":"Allow","Action":"sts:AssumeRole","Principal":{"AWS":["arn:aws:iam::123456789012:role/ci","arn:aws:iam::123456789012:role/ops"]}}]});
+        let stored = json!({"Statement":[{"Effect":"Allow","Action":"sts:AssumeRole","Principal":{"AWS":["AROAEXAMPLEID1234567","arn:aws:iam::123456789012:role/ops"]}}]});
+        assert!(!equivalent(&desired, &stored));
+        assert_eq!(
+            deleted_principals(&stored, &desired),
+            Some(vec!["arn:aws:iam::123456789012:role/ci".to_string()])
+        );
+        // Anything else that differs is drift as usual.
+        let edited = json!({"Statement":[{"Effect":"Allow","Action":"sts:AssumeRole","Principal":{"AWS":["AROAEXAMPLEID1234567","arn:aws:iam::123456789012:role/dev"]}}]});
+        assert_eq!(deleted_principals(&edited, &desired), None);
+        assert_eq!(deleted_principals(&desired, &desired), None);
     }
 
     #[test]

@@ -71,6 +71,9 @@ pub struct Prepared {
     pub name: String,
     pub hash: String,
     pub script: String,
+    /// The instance tag recording which version of the bundle an instance installed
+    /// ([`hash_tag`] of the name, unless the bundle records per stack).
+    pub record: String,
 }
 
 /// Name and hash only: the script can carry a secret, and operations are logged.
@@ -83,7 +86,7 @@ impl std::fmt::Debug for Prepared {
 impl Prepared {
     /// The instance tag recording which version of this bundle an instance has.
     pub fn hash_tag(&self) -> String {
-        hash_tag(&self.name)
+        self.record.clone()
     }
 
     /// `sha256:<first 12 hex digits>`, for plans and logs.
@@ -93,7 +96,7 @@ impl Prepared {
 }
 
 /// The instance tag recording the hash of the bundle `name` an instance has installed
-/// (`stackwarden:prometheus`, `stackwarden:host_config.node_exporter`).
+/// (`stackwarden:prometheus`, `stackwarden:grafana`; a host_config records per stack).
 pub fn hash_tag(name: &str) -> String {
     format!("stackwarden:{name}")
 }
@@ -114,6 +117,7 @@ impl Bundle {
             name: self.name.clone(),
             hash: self.hash(),
             script,
+            record: hash_tag(&self.name),
         })
     }
 
