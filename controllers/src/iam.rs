@@ -619,7 +619,7 @@ impl IamController {
                 keys,
             },
         );
-        Ok((!c.ops.is_empty()).then_some(c))
+        Ok((!c.ops.is_empty() || !c.notes.is_empty()).then_some(c))
     }
 
     fn diff_policy(
@@ -1486,6 +1486,39 @@ mod tests {
         let c = diff_role(spec, &obs).unwrap().unwrap();
         assert!(matches!(&c.ops[..], [Op::UpdateTrust { .. }]));
         assert_eq!(c.fields[0].field, "trust");
+    }
+
+    #[test]
+    fn a_deleted_trust_principal_is_a_note_until_a_role_of_its_arn_exists_again() {
+        let spec = role_spec("");
+        let mut spec_with_ci = spec.clone();
+        spec_with_ci.loaded.trust = Some(
+            json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole", "Principal": {"AWS": "arn:aws:iam::1:role/ci"}}]}),
+        );
+        let mut obs = observed_role(&spec);
+        obs.roles.get_mut("s-prometheus").unwrap().trust = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole", "Principal": {"AWS": "AROAEXAMPLEID1234567"}}]});
+        let c = diff_role(spec_with_ci.clone(), &obs).unwrap().unwrap();
+        assert!(c.ops.is_empty(), "{:?}", c.ops);
+        assert!(
+            c.notes[0].contains("arn:aws:iam::1:role/ci"),
+            "{:?}",
+            c.notes
+        );
+        // The role exists again: the trust is written back.
+        obs.roles.insert(
+            "ci".into(),
+            ObservedRole {
+                name: "ci".into(),
+                arn: "arn:aws:iam::1:role/ci".into(),
+                ..Default::default()
+            },
+        );
+        let c = diff_role(spec_with_ci, &obs).unwrap().unwrap();
+        assert!(
+            matches!(&c.ops[..], [Op::UpdateTrust { .. }]),
+            "{:?}",
+            c.ops
+        );
     }
 
     #[test]
