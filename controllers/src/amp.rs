@@ -1411,6 +1411,21 @@ mod tests {
     }
 
     #[test]
+    fn a_workspace_of_another_stack_is_never_adopted() {
+        let mut d = nodes(spec());
+        d.resources.get_mut(&ws_id()).unwrap().adopt = Some("ws-1".into());
+        let mut theirs = workspace("ACTIVE");
+        theirs
+            .tags
+            .insert(crate::desired::TAG_STACK.into(), "other".into());
+        let e = diff(Workspace, &d, &ws_id(), vec![theirs], &refs("ACTIVE")).unwrap_err();
+        assert!(
+            matches!(e, Error::NotOwned(ref m) if m.contains("belongs to the stack `other`")),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn owned_workspaces_no_longer_desired_are_orphaned_or_deleted() {
         let d = desired(vec![]);
         let observed = vec![workspace("ACTIVE")];

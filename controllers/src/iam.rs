@@ -447,6 +447,8 @@ fn ownership(
 ) -> Result<bool> {
     if owned_by(tags, desired.stack_name(), &r.id) {
         Ok(false)
+    } else if let Some(owner) = crate::tags::other_stack(tags, desired.stack_name()) {
+        Err(crate::tags::owned_elsewhere(what, name, owner))
     } else if r.adopt.as_deref() == Some(name) {
         Ok(true)
     } else {
@@ -1607,6 +1609,22 @@ mod tests {
             .ops
             .iter()
             .any(|o| matches!(o, Op::TagRole { tags, .. } if tags.contains_key(TAG_ID))));
+    }
+
+    #[test]
+    fn a_role_of_another_stack_is_never_adopted() {
+        let spec = role_spec("");
+        let mut obs = observed_role(&spec);
+        let role = obs.roles.get_mut("s-prometheus").unwrap();
+        role.tags.insert(TAG_STACK.into(), "other".into());
+        let mut r = resource(Kind::IamRole, "prometheus", Spec::IamRole(spec));
+        r.adopt = Some("s-prometheus".into());
+        let d = desired(vec![r.clone()]);
+        let err = IamController.diff(&d, &r, &obs, &refs()).unwrap_err();
+        assert!(
+            matches!(err, Error::NotOwned(ref m) if m.contains("belongs to the stack `other`")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -344,6 +344,13 @@ impl<K: ManagedObject> Controller for Managed<K> {
             c.op(Op::Create { want, tags });
             return Ok(Some(c));
         };
+        if let Some(owner) = self
+            .0
+            .tags(have)
+            .and_then(|t| tags::other_stack(t, desired.stack_name()))
+        {
+            return Err(tags::owned_elsewhere(K::NOUN, &self.0.id(have), owner));
+        }
         if let Readiness::Waiting(why, after) = self.0.readiness(&want, have)? {
             return Err(Error::waiting(
                 format!("{} {}: {why}", K::NOUN, self.0.id(have)),

@@ -26,6 +26,21 @@ pub fn owner_id(tags: &Tags, stack: &str) -> Option<ResourceId> {
     ResourceId::parse(tags.get(TAG_ID)?)
 }
 
+/// The other stack an object belongs to, when its `stackwarden:stack` tag names one: such an
+/// object is never adopted, changed or deleted by this stack, whatever the desired state says.
+pub fn other_stack<'t>(tags: &'t Tags, stack: &str) -> Option<&'t str> {
+    tags.get(TAG_STACK)
+        .map(String::as_str)
+        .filter(|owner| *owner != stack)
+}
+
+/// The error for adopting an object another stack owns.
+pub fn owned_elsewhere(what: &str, id: &str, owner: &str) -> crate::error::Error {
+    crate::error::Error::NotOwned(format!(
+        "{what} `{id}` belongs to the stack `{owner}` (its `{TAG_STACK}` tag): a stack never takes over another stack's objects; remove `adopt`, or remove the object from `{owner}` first"
+    ))
+}
+
 /// Whether a tag is a controller's bookkeeping rather than part of the desired tags.
 fn is_bookkeeping(key: &str) -> bool {
     key.starts_with("stackwarden:") && key != TAG_STACK && key != TAG_ID
