@@ -14,6 +14,7 @@ pub mod controller;
 pub mod dashboard;
 pub mod desired;
 pub mod diag;
+pub mod ec2;
 pub mod error;
 pub mod grafana;
 pub mod host;

@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use aws_sdk_ec2::types::{
     Filter, HttpTokensState, IamInstanceProfileSpecification, InstanceMetadataOptionsRequest,
-    InstanceStateName, InstanceType, ResourceType, Tag, TagSpecification, VolumeType,
+    InstanceStateName, InstanceType, ResourceType, Tag, VolumeType,
 };
 use base64::Engine as _;
 
@@ -34,6 +34,7 @@ use super::{HostSpec, VolumeSpec};
 use crate::change::{removal, Action, Change};
 use crate::controller::{wait_until, Context, Controller, Progress};
 use crate::desired::{DesiredState, Resource, Spec, TAG_STACK};
+use crate::ec2::{ec2_tags, locate_subnet, resolve_ami, tag_map, tag_spec};
 use crate::error::{aws_error, Error, Result};
 use crate::model::{Kind, Outputs, Refs, ResourceId};
 use crate::push::send::{send, Controls};
@@ -790,31 +791,6 @@ impl Controller for HostController {
     }
 }
 
-/// EC2's tags as a map.
-pub(crate) fn tag_map(tags: &[Tag]) -> Tags {
-    tags.iter()
-        .map(|t| {
-            (
-                t.key().unwrap_or_default().to_string(),
-                t.value().unwrap_or_default().to_string(),
-            )
-        })
-        .collect()
-}
-
-pub(crate) fn ec2_tags(tags: &Tags) -> Vec<Tag> {
-    tags.iter()
-        .map(|(k, v)| Tag::builder().key(k).value(v).build())
-        .collect()
-}
-
-pub(crate) fn tag_spec(kind: ResourceType, tags: &Tags) -> TagSpecification {
-    TagSpecification::builder()
-        .resource_type(kind)
-        .set_tags(Some(ec2_tags(tags)))
-        .build()
-}
-
 async fn wait_state(ctx: &Context, instance: &str, want: InstanceStateName) -> Result<()> {
     wait_until(
         ctx,
@@ -840,58 +816,6 @@ async fn wait_state(ctx: &Context, instance: &str, want: InstanceStateName) -> R
         },
     )
     .await
-}
-
-/// The AMI id, resolving `resolve:ssm:<parameter>` through SSM Parameter Store.
-pub(crate) async fn resolve_ami(ctx: &Context, ami: &str) -> Result<String> {
-    let Some(parameter) = ami.strip_prefix("resolve:ssm:") else {
-        return Ok(ami.to_string());
-    };
-    let out = ctx
-        .ssm
-        .get_parameter()
-        .name(parameter)
-        .send()
-        .await
-        .map_err(aws_error("ssm", "GetParameter"))?;
-    out.parameter()
-        .and_then(|p| p.value())
-        .map(str::to_string)
-        .ok_or_else(|| Error::Invalid(format!("SSM parameter {parameter} has no value")))
-}
-
-/// The subnet to launch into and its VPC: the named subnet, or the default VPC's default
-/// subnet in the first zone. One call, made only when launching.
-pub(crate) async fn locate_subnet(ctx: &Context, subnet: Option<&str>) -> Result<(String, String)> {
-    let filter = match subnet {
-        Some(id) => Filter::builder().name("subnet-id").values(id).build(),
-        None => Filter::builder()
-            .name("default-for-az")
-            .values("true")
-            .build(),
-    };
-    let out = ctx
-        .ec2
-        .describe_subnets()
-        .filters(filter)
-        .send()
-        .await
-        .map_err(aws_error("ec2", "DescribeSubnets"))?;
-    out.subnets()
-        .iter()
-        .min_by_key(|s| s.availability_zone().unwrap_or_default().to_string())
-        .map(|s| {
-            (
-                s.subnet_id().unwrap_or_default().to_string(),
-                s.vpc_id().unwrap_or_default().to_string(),
-            )
-        })
-        .ok_or_else(|| {
-            Error::Invalid(match subnet {
-                Some(id) => format!("subnet {id} does not exist"),
-                None => "no `subnet` given and the region has no default VPC subnet".into(),
-            })
-        })
 }
 
 async fn launch(ctx: &Context, l: &Launch) -> Result<Outputs> {

@@ -1,0 +1,87 @@
+//! EC2 helpers every EC2-backed kind shares (hosts, Grafana groups, security groups): tags in
+//! EC2's shapes, the AMI behind a `resolve:ssm:` parameter, the subnet (and VPC) to launch into.
+
+use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification};
+
+use crate::controller::Context;
+use crate::error::{aws_error, Error, Result};
+use crate::tags::Tags;
+
+/// EC2's tags as a map.
+pub fn tag_map(tags: &[Tag]) -> Tags {
+    tags.iter()
+        .map(|t| {
+            (
+                t.key().unwrap_or_default().to_string(),
+                t.value().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Tags in EC2's shape.
+pub fn ec2_tags(tags: &Tags) -> Vec<Tag> {
+    tags.iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect()
+}
+
+/// Tags for a create call, on the object of `kind` it creates (one call: crash-safe).
+pub fn tag_spec(kind: ResourceType, tags: &Tags) -> TagSpecification {
+    TagSpecification::builder()
+        .resource_type(kind)
+        .set_tags(Some(ec2_tags(tags)))
+        .build()
+}
+
+/// The AMI id, resolving `resolve:ssm:<parameter>` through SSM Parameter Store.
+pub async fn resolve_ami(ctx: &Context, ami: &str) -> Result<String> {
+    let Some(parameter) = ami.strip_prefix("resolve:ssm:") else {
+        return Ok(ami.to_string());
+    };
+    let out = ctx
+        .ssm
+        .get_parameter()
+        .name(parameter)
+        .send()
+        .await
+        .map_err(aws_error("ssm", "GetParameter"))?;
+    out.parameter()
+        .and_then(|p| p.value())
+        .map(str::to_string)
+        .ok_or_else(|| Error::Invalid(format!("SSM parameter {parameter} has no value")))
+}
+
+/// The subnet to launch into and its VPC: the named subnet, or the default VPC's default
+/// subnet in the first zone. One call, made only when launching.
+pub async fn locate_subnet(ctx: &Context, subnet: Option<&str>) -> Result<(String, String)> {
+    let filter = match subnet {
+        Some(id) => Filter::builder().name("subnet-id").values(id).build(),
+        None => Filter::builder()
+            .name("default-for-az")
+            .values("true")
+            .build(),
+    };
+    let out = ctx
+        .ec2
+        .describe_subnets()
+        .filters(filter)
+        .send()
+        .await
+        .map_err(aws_error("ec2", "DescribeSubnets"))?;
+    out.subnets()
+        .iter()
+        .min_by_key(|s| s.availability_zone().unwrap_or_default().to_string())
+        .map(|s| {
+            (
+                s.subnet_id().unwrap_or_default().to_string(),
+                s.vpc_id().unwrap_or_default().to_string(),
+            )
+        })
+        .ok_or_else(|| {
+            Error::Invalid(match subnet {
+                Some(id) => format!("subnet {id} does not exist"),
+                None => "no `subnet` given and the region has no default VPC subnet".into(),
+            })
+        })
+}
