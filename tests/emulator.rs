@@ -1675,6 +1675,119 @@ async fn an_account_id_principal_is_stored_as_the_accounts_root_arn() {
     );
 }
 
+/// A security group still in use cannot be deleted (`DependencyViolation`), as on AWS: while an
+/// instance not yet terminated is in it, while a load balancer is, while another group's rule
+/// names it; once none does, it is deleted. moto deletes it at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_security_group_in_use_is_a_dependency_violation_until_nothing_uses_it() {
+    let aws = Aws::start();
+    let (ec2, elb) = (aws.ec2().await, aws.elb().await);
+    let vpc = ec2.describe_vpcs().send().await.unwrap().vpcs()[0]
+        .vpc_id()
+        .unwrap()
+        .to_string();
+    let group = |name: &'static str| {
+        let (ec2, vpc) = (ec2.clone(), vpc.clone());
+        async move {
+            ec2.create_security_group()
+                .group_name(name)
+                .description(name)
+                .vpc_id(vpc)
+                .send()
+                .await
+                .unwrap()
+                .group_id()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let (used, admitting, balanced) = (
+        group("used").await,
+        group("admitting").await,
+        group("lb").await,
+    );
+    let delete = |id: String| {
+        let ec2 = ec2.clone();
+        async move { ec2.delete_security_group().group_id(id).send().await }
+    };
+    let violation = |r: Result<_, aws_sdk_ec2::error::SdkError<_, _>>| {
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), Some("DependencyViolation"), "{e:?}");
+    };
+
+    // An instance in it.
+    let run = ec2
+        .run_instances()
+        .image_id(AMI)
+        .min_count(1)
+        .max_count(1)
+        .security_group_ids(&used)
+        .send()
+        .await
+        .unwrap();
+    let instance = run.instances()[0].instance_id().unwrap().to_string();
+    violation(delete(used.clone()).await);
+    ec2.terminate_instances()
+        .instance_ids(&instance)
+        .send()
+        .await
+        .unwrap();
+
+    // Another group's rule naming it.
+    let rule = aws_sdk_ec2::types::IpPermission::builder()
+        .ip_protocol("tcp")
+        .from_port(9090)
+        .to_port(9090)
+        .user_id_group_pairs(
+            aws_sdk_ec2::types::UserIdGroupPair::builder()
+                .group_id(&used)
+                .build(),
+        )
+        .build();
+    ec2.authorize_security_group_ingress()
+        .group_id(&admitting)
+        .ip_permissions(rule.clone())
+        .send()
+        .await
+        .unwrap();
+    violation(delete(used.clone()).await);
+    ec2.revoke_security_group_ingress()
+        .group_id(&admitting)
+        .ip_permissions(rule)
+        .send()
+        .await
+        .unwrap();
+    delete(used).await.unwrap();
+
+    // A load balancer in it.
+    let subnets: Vec<String> = ec2
+        .describe_subnets()
+        .send()
+        .await
+        .unwrap()
+        .subnets()
+        .iter()
+        .take(2)
+        .map(|s| s.subnet_id().unwrap().to_string())
+        .collect();
+    let lb = elb
+        .create_load_balancer()
+        .name("grafana")
+        .set_subnets(Some(subnets))
+        .security_groups(&balanced)
+        .send()
+        .await
+        .unwrap();
+    violation(delete(balanced.clone()).await);
+    elb.delete_load_balancer()
+        .load_balancer_arn(lb.load_balancers()[0].load_balancer_arn().unwrap())
+        .send()
+        .await
+        .unwrap();
+    delete(balanced).await.unwrap();
+    delete(admitting).await.unwrap();
+}
+
 /// IAM is eventually consistent: RunInstances refuses an instance profile created moments ago
 /// with `InvalidParameterValue` ("Invalid IAM Instance Profile name"), then takes it.
 #[tokio::test(flavor = "multi_thread")]

@@ -35,7 +35,7 @@ pub use error::{Error, ErrorClass, Result};
 pub use model::{Kind, Refs, ResourceId};
 
 /// Every controller this version has. Kinds are applied in the order of their references;
-/// removals run in this order.
+/// removals run in the reverse of this order (what uses an object goes before it).
 pub fn controllers() -> Vec<Box<dyn DynController>> {
     vec![
         Box::new(iam::IamController),
@@ -45,23 +45,24 @@ pub fn controllers() -> Vec<Box<dyn DynController>> {
         Box::new(managed::Managed(amp::Logging)),
         Box::new(managed::Managed(amg::Workspace)),
         Box::new(managed::Managed(amg::Permissions)),
+        // Before what uses them: removals run in reverse, so a removed table's instances and
+        // load balancer go first, then the rules (a group another group's rule names cannot be
+        // deleted), then the groups.
+        Box::new(managed::Managed(security_group::SecurityGroup::<
+            security_group::OfHost,
+        >::default())),
+        Box::new(managed::Managed(security_group::SecurityGroup::<
+            security_group::OfGrafana,
+        >::default())),
+        Box::new(managed::Managed(security_group::Ingress::<
+            security_group::OfHost,
+        >::default())),
+        Box::new(managed::Managed(security_group::Ingress::<
+            security_group::OfGrafana,
+        >::default())),
         Box::new(host::HostController),
         Box::new(grafana::GrafanaController),
         Box::new(host_config::HostConfigController),
-        // After what uses them, so a removed table's rules are revoked, then its groups
-        // deleted, once its instances and load balancer are gone.
-        Box::new(managed::Managed(security_group::Ingress::<
-            security_group::OfHost,
-        >::default())),
-        Box::new(managed::Managed(security_group::Ingress::<
-            security_group::OfGrafana,
-        >::default())),
-        Box::new(managed::Managed(security_group::SecurityGroup::<
-            security_group::OfHost,
-        >::default())),
-        Box::new(managed::Managed(security_group::SecurityGroup::<
-            security_group::OfGrafana,
-        >::default())),
     ]
 }
 

@@ -191,6 +191,90 @@ impl Moto {
         Ok(instances)
     }
 
+    /// What still uses a security group, as AWS sees it before deleting one: instances not yet
+    /// terminated in it, load balancers in it, other groups whose rules name it.
+    pub(crate) async fn group_dependents(
+        &self,
+        caller: &Incoming,
+        group: &str,
+    ) -> Result<Vec<String>, ApiError> {
+        let ec2 = |action: &str, filters: &[(&str, &[&str])]| {
+            let mut params = vec![
+                ("Action".to_string(), action.to_string()),
+                ("Version".to_string(), "2016-11-15".to_string()),
+            ];
+            for (i, (name, values)) in filters.iter().enumerate() {
+                params.push((format!("Filter.{}.Name", i + 1), name.to_string()));
+                for (j, v) in values.iter().enumerate() {
+                    params.push((format!("Filter.{}.Value.{}", i + 1, j + 1), v.to_string()));
+                }
+            }
+            params
+        };
+        let mut dependents = Vec::new();
+        let alive: &[&str] = &["pending", "running", "stopping", "stopped", "shutting-down"];
+        let text = self
+            .query(
+                caller,
+                "ec2",
+                &ec2(
+                    "DescribeInstances",
+                    &[
+                        ("instance-state-name", alive),
+                        ("instance.group-id", &[group]),
+                    ],
+                ),
+            )
+            .await?;
+        let doc = xml(&text)?;
+        dependents.extend(
+            doc.root()
+                .descendants()
+                .filter(|n| n.has_tag_name("instancesSet"))
+                .flat_map(|n| n.children().filter(|n| n.has_tag_name("item")))
+                .filter_map(|i| child_text(i, "instanceId")),
+        );
+        let text = self
+            .query(
+                caller,
+                "ec2",
+                &ec2(
+                    "DescribeSecurityGroups",
+                    &[("ip-permission.group-id", &[group])],
+                ),
+            )
+            .await?;
+        let doc = xml(&text)?;
+        dependents.extend(
+            doc.root()
+                .descendants()
+                .filter(|n| n.has_tag_name("securityGroupInfo"))
+                .flat_map(|n| n.children().filter(|n| n.has_tag_name("item")))
+                .filter_map(|g| child_text(g, "groupId"))
+                .filter(|id| id != group),
+        );
+        let params = [
+            ("Action", "DescribeLoadBalancers"),
+            ("Version", "2015-12-01"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let text = self.query(caller, "elasticloadbalancing", &params).await?;
+        let doc = xml(&text)?;
+        dependents.extend(
+            doc.root()
+                .descendants()
+                .filter(|n| n.has_tag_name("member") && child_text(*n, "LoadBalancerArn").is_some())
+                .filter(|lb| {
+                    lb.children()
+                        .filter(|n| n.has_tag_name("SecurityGroups"))
+                        .flat_map(|l| l.children().filter(|n| n.has_tag_name("member")))
+                        .any(|m| m.text() == Some(group))
+                })
+                .filter_map(|lb| child_text(lb, "LoadBalancerArn")),
+        );
+        Ok(dependents)
+    }
+
     /// moto's DescribeAutoScalingGroups answer for one group (its XML).
     async fn describe_group(&self, caller: &Incoming, group: &str) -> Result<String, ApiError> {
         let params = [

@@ -4,6 +4,9 @@
 //! - `CreateAutoScalingGroup` on a name that exists fails with `AlreadyExists` ("You already
 //!   have an Auto Scaling group or launch configuration with this name"); moto silently
 //!   replaces the group.
+//! - `DeleteSecurityGroup` of a group still in use (by an instance not yet terminated, a load
+//!   balancer, or another group's rule) fails with `DependencyViolation`, as on AWS; moto
+//!   deletes it.
 //! - `CreateRuleGroupsNamespace` on a name the workspace has fails with `ConflictException`
 //!   (409): the operation "creates new rule groups namespaces" only, updates are
 //!   `PutRuleGroupsNamespace`; moto silently replaces the namespace.
@@ -81,6 +84,21 @@ pub async fn check(state: &Arc<State>, req: &Incoming) -> Result<(), ApiError> {
                     StatusCode::CONFLICT,
                     "ConflictException",
                     format!("A rule groups namespace named {name} already exists in workspace {workspace}"),
+                ));
+            }
+        }
+        ("ec2", "DeleteSecurityGroup") => {
+            let Some(group) = param(&req.form(), "GroupId") else {
+                return Ok(());
+            };
+            let dependents = state.moto.group_dependents(req, &group).await?;
+            if !dependents.is_empty() {
+                return Err(ApiError::bad_request(
+                    "DependencyViolation",
+                    format!(
+                        "resource {group} has a dependent object ({})",
+                        dependents.join(", ")
+                    ),
                 ));
             }
         }
