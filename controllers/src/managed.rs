@@ -241,6 +241,24 @@ pub fn is_gone(e: &Error) -> bool {
     e.code().is_some_and(|c| GONE.contains(&c))
 }
 
+/// How long before trying again to delete an object something still uses.
+const IN_USE: Duration = Duration::from_secs(10);
+
+/// What a delete's answer means: done when the object is already gone; waiting while something
+/// still uses it (`DependencyViolation`: AWS releases a deleted load balancer's network
+/// interfaces, and so its security groups, minutes after the load balancer is gone); the error
+/// otherwise.
+fn deleted(noun: &str, id: &str, result: Result<()>) -> Result<()> {
+    match result {
+        Err(e) if is_gone(&e) => Ok(()),
+        Err(e) if e.code() == Some("DependencyViolation") => Err(Error::waiting(
+            format!("{noun} {id} is still in use ({e}); it is deleted once nothing uses it"),
+            IN_USE,
+        )),
+        other => other,
+    }
+}
+
 /// The node of a table kind that manages the object with this id and these tags: the one
 /// adopting the id, or the one the ownership tags name. How a part finds its parent's node.
 pub fn managing_node(
@@ -435,11 +453,38 @@ impl<K: ManagedObject> Controller for Managed<K> {
             Op::Update { have, change } => self.0.update(ctx, have, change).await?,
             Op::Tag { have, set } => self.0.tag(ctx, have, set).await?,
             Op::Untag { have, keys } => self.0.untag(ctx, have, keys).await?,
-            Op::Delete { have } => match self.0.delete(ctx, have).await {
-                Err(e) if is_gone(&e) => {}
-                other => other?,
-            },
+            Op::Delete { have } => {
+                deleted(K::NOUN, &self.0.id(have), self.0.delete(ctx, have).await)?
+            }
         }
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorClass;
+
+    fn aws(code: &str) -> Error {
+        Error::Aws {
+            service: "ec2",
+            operation: "DeleteSecurityGroup",
+            code: Some(code.into()),
+            class: ErrorClass::Terminal,
+            message: format!("{code}: resource sg-1 has a dependent object"),
+        }
+    }
+
+    #[test]
+    fn a_delete_is_done_when_gone_waiting_while_in_use_and_an_error_otherwise() {
+        assert!(deleted("security group", "sg-1", Err(aws("InvalidGroup.NotFound"))).is_ok());
+        let e = deleted("security group", "sg-1", Err(aws("DependencyViolation"))).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::Waiting);
+        assert_eq!(e.retry_after(), Some(IN_USE));
+        assert!(e.to_string().contains("sg-1 is still in use"), "{e}");
+        let e = deleted("security group", "sg-1", Err(aws("UnauthorizedOperation"))).unwrap_err();
+        assert_ne!(e.class(), ErrorClass::Waiting);
+        assert!(deleted("security group", "sg-1", Ok(())).is_ok());
     }
 }
