@@ -19,9 +19,10 @@ export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-testing}"
 export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-testing}"
 
 if [ -z "${AWS_ENDPOINT_URL:-}" ]; then
-  if [ ! -x .venv/bin/moto_server ]; then
+  if [ ! -x .venv/bin/moto_server ] || ! cmp -s tests/requirements.txt .venv/requirements.txt; then
     python3 -m venv .venv
     .venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+    cp tests/requirements.txt .venv/requirements.txt
   fi
   log=/tmp/stackwarden-emulator.log
   coproc EMULATOR { exec target/debug/stackwarden-emulator --listen 127.0.0.1:0 \

@@ -698,6 +698,72 @@ async fn run_command_runs_each_script_in_its_instance_sandbox() {
 }
 
 #[tokio::test]
+async fn a_sandboxed_script_calls_aws_as_its_instance_with_the_real_cli() {
+    // Whatever region the machine running the tests has is not the instance's: a script names
+    // its region.
+    let aws = Aws::start();
+    let ssm = aws.ssm().await;
+    ssm.put_parameter()
+        .name("/app/token")
+        .value("first")
+        .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+        .send()
+        .await
+        .unwrap();
+    ssm.put_parameter()
+        .name("/app/token")
+        .value("second")
+        .overwrite(true)
+        .send()
+        .await
+        .unwrap();
+    let ids = instances(&aws, 1, &[]).await;
+    let root = tempfile::tempdir().unwrap();
+    aws.emulator.set_sandbox(
+        &ids[0],
+        Sandbox {
+            root: root.path().to_path_buf(),
+            env: BTreeMap::new(),
+        },
+    );
+    let command = run_shell(
+        &ssm,
+        &ids,
+        "echo \"region=${AWS_REGION:-none} metadata=$AWS_EC2_METADATA_DISABLED\"\naws ssm get-parameter --region us-east-1 --name /app/token:1 --with-decryption --query Parameter.Value --output text",
+    )
+    .await;
+    let inv = ssm
+        .get_command_invocation()
+        .command_id(command.command_id().unwrap())
+        .instance_id(&ids[0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        inv.status,
+        Some(CommandInvocationStatus::Success),
+        "{:?}",
+        inv.standard_error_content
+    );
+    assert_eq!(
+        inv.standard_output_content.unwrap(),
+        "region=none metadata=true\nfirst\n"
+    );
+    let fetches: Vec<_> = aws
+        .emulator
+        .calls()
+        .into_iter()
+        .filter(|c| c.operation == "GetParameter")
+        .collect();
+    assert_eq!(fetches.len(), 1, "{fetches:?}");
+    assert_eq!(
+        fetches[0].caller,
+        stackwarden_emulator::instance_access_key(&ids[0])
+    );
+    assert_eq!(fetches[0].status, 200);
+}
+
+#[tokio::test]
 async fn a_failing_script_is_a_failed_invocation_carrying_its_stderr() {
     let aws = Aws::start();
     let ssm = aws.ssm().await;

@@ -12,9 +12,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use aws_sdk_ec2::types::Filter;
-use base64::Engine as _;
 
-use crate::harness::{command, copy_dir, edit, path_str, run, Aws, Run};
+use crate::harness::{
+    command, copy_dir, edit, path_str, run, run_commands, script_files, Aws, Run,
+};
 
 /// An example copied to a temporary directory, with a fresh emulator to converge it against.
 pub(crate) struct Example {
@@ -225,14 +226,8 @@ impl Example {
     /// with the instances each latest push went to.
     async fn pushed_files(&self) -> BTreeMap<String, (String, Vec<String>)> {
         let ssm = aws_sdk_ssm::Client::new(&self.sdk);
-        let mut commands = Vec::new();
-        let mut pages = ssm.list_commands().into_paginator().send();
-        while let Some(page) = pages.next().await {
-            commands.extend(page.unwrap().commands().to_vec());
-        }
-        commands.sort_by_key(|c| c.requested_date_time().map(|t| t.as_nanos()));
         let mut files = BTreeMap::new();
-        for c in commands {
+        for c in run_commands(&ssm).await {
             let targets = c.instance_ids().to_vec();
             let scripts = c
                 .parameters()
@@ -245,31 +240,6 @@ impl Example {
         }
         files
     }
-}
-
-/// The files a push script installs (its `put PATH MODE <<'STACKWARDEN_EOF'` blocks of base64).
-fn script_files(script: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut lines = script.lines();
-    while let Some(line) = lines.next() {
-        let Some(rest) = line
-            .strip_prefix("put ")
-            .and_then(|r| r.strip_suffix(" <<'STACKWARDEN_EOF'"))
-        else {
-            continue;
-        };
-        let (path, _mode) = rest.rsplit_once(' ').unwrap();
-        let path = path.trim_matches('\'').to_string();
-        let encoded: String = lines
-            .by_ref()
-            .take_while(|l| *l != "STACKWARDEN_EOF")
-            .collect();
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(encoded)
-            .unwrap();
-        out.push((path, String::from_utf8(bytes).unwrap()));
-    }
-    out
 }
 
 fn yaml(text: &str) -> serde_json::Value {
@@ -761,17 +731,16 @@ async fn two_stacks_in_one_account_never_push_to_each_others_instances() {
     let ssm = aws_sdk_ssm::Client::new(&ex.sdk);
     let ec2 = aws_sdk_ec2::Client::new(&ex.sdk);
     let commands = || async {
-        let mut ids = BTreeMap::new();
-        let mut pages = ssm.list_commands().into_paginator().send();
-        while let Some(page) = pages.next().await {
-            for c in page.unwrap().commands() {
-                ids.insert(
+        run_commands(&ssm)
+            .await
+            .iter()
+            .map(|c| {
+                (
                     c.command_id().unwrap().to_string(),
                     c.instance_ids().to_vec(),
-                );
-            }
-        }
-        ids
+                )
+            })
+            .collect::<BTreeMap<_, _>>()
     };
     let stack_of = |instance: String| {
         let ec2 = ec2.clone();

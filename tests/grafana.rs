@@ -4,7 +4,7 @@
 //! template change rolled out as one new version and one instance refresh, tracked across
 //! passes; the admin password in no output; bad input refused offline.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use aws_sdk_autoscaling::types::AutoScalingGroup;
@@ -13,7 +13,10 @@ use aws_sdk_elasticloadbalancingv2::types::{Action, ActionTypeEnum, Listener, Pr
 use aws_sdk_ssm::types::ParameterType;
 use stackwarden_emulator::Settings;
 
-use crate::harness::{default_stack, edit, path_str, stackwarden, stackwarden_with, Aws, Run};
+use crate::harness::{
+    default_stack, edit, path_str, run_commands, script_files, stackwarden, stackwarden_with, Aws,
+    Run,
+};
 
 const PASSWORD: &str = "Zq9-grafana-admin-s3cret";
 
@@ -111,6 +114,75 @@ impl Setup {
             .iter()
             .map(|l| (l.port().unwrap(), l.clone()))
             .collect()
+    }
+
+    /// The password went over no wire the operator writes to: it is in no Run Command's
+    /// parameters (their encoded files decoded too), which fetch it instead, and in no tag of
+    /// EC2 or Auto Scaling. The instances fetched it themselves with their own credentials,
+    /// `fetches` calls of `operation` (`GetParameter`, `GetSecretValue`) in all, and every
+    /// other caller (the operator, this test) called `operation` for nothing of it.
+    async fn password_fetched_by_the_hosts_only(&self, operation: &str, fetches: usize) {
+        let commands = run_commands(&self.aws.ssm().await).await;
+        assert!(!commands.is_empty());
+        let mut fetching = 0;
+        for c in &commands {
+            let text = format!("{:?}", c.parameters());
+            assert!(
+                !text.contains(PASSWORD),
+                "in a command's parameters: {text}"
+            );
+            for script in c.parameters().and_then(|p| p.get("commands")).unwrap() {
+                for (path, content) in script_files(script) {
+                    assert!(!content.contains(PASSWORD), "pushed in {path}");
+                }
+                if script.contains("\nfetch /etc/grafana/admin-password 0600 aws ") {
+                    fetching += 1;
+                }
+            }
+        }
+        assert!(fetching > 0, "no push fetches the password");
+        let ec2_tags = self.aws.ec2().await.describe_tags().send().await.unwrap();
+        let asg_tags = self
+            .aws
+            .autoscaling()
+            .await
+            .describe_tags()
+            .send()
+            .await
+            .unwrap();
+        let values: Vec<&str> = ec2_tags
+            .tags()
+            .iter()
+            .filter_map(|t| t.value())
+            .chain(asg_tags.tags().iter().filter_map(|t| t.value()))
+            .collect();
+        assert!(!values.is_empty());
+        assert!(values.iter().all(|v| !v.contains(PASSWORD)), "{values:?}");
+        let calls = self.aws.emulator.calls();
+        let by = |host: bool| {
+            calls
+                .iter()
+                .filter(|c| c.operation == operation && c.caller.starts_with("ASIA") == host)
+                .count()
+        };
+        assert_eq!(by(true), fetches, "fetches by the instances");
+        if operation == "GetSecretValue" {
+            assert_eq!(by(false), 0, "the operator read the secret");
+        }
+        let instances = self.group_instances().await;
+        let keys: BTreeSet<String> = instances
+            .iter()
+            .map(|i| stackwarden_emulator::instance_access_key(i))
+            .collect();
+        let callers: BTreeSet<String> = calls
+            .iter()
+            .filter(|c| c.operation == operation && c.caller.starts_with("ASIA"))
+            .map(|c| c.caller.clone())
+            .collect();
+        assert!(
+            keys.is_subset(&callers),
+            "each instance fetched with its own credentials: {keys:?} of {callers:?}"
+        );
     }
 
     async fn group_instances(&self) -> Vec<String> {
@@ -282,6 +354,8 @@ async fn grafana_from_empty_then_drift_corrected_and_a_template_change_rolled_ou
     for id in &instances {
         check_provisioning(&s.sandboxes.path().join(id));
     }
+    s.password_fetched_by_the_hosts_only("GetParameter", 2)
+        .await;
 
     // What AWS has: the group, its template, the load balancer and its listeners.
     let asg = s.aws.autoscaling().await;
@@ -527,6 +601,8 @@ async fn http_only_is_a_plan_warning_and_the_password_can_be_a_secret() {
     assert!(run.stderr.contains("plain HTTP"), "{}", run.stderr);
     let instances = s.group_instances().await;
     assert_eq!(instances.len(), 2, "{instances:?}");
+    s.password_fetched_by_the_hosts_only("GetSecretValue", 2)
+        .await;
     for id in instances {
         let root = s.sandboxes.path().join(id);
         assert_eq!(
@@ -564,6 +640,8 @@ async fn http_only_is_a_plan_warning_and_the_password_can_be_a_secret() {
     s.run(&["reconcile", "--once"]).expect(0);
     let instances = s.group_instances().await;
     assert_eq!(instances.len(), 2, "{instances:?}");
+    s.password_fetched_by_the_hosts_only("GetSecretValue", 4)
+        .await;
     for id in instances {
         let root = s.sandboxes.path().join(id);
         assert_eq!(

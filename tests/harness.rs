@@ -222,3 +222,41 @@ pub fn edit(dir: &Path, file: &str, from: &str, to: &str) {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// The files a push script installs (its `put PATH MODE <<'STACKWARDEN_EOF'` blocks of base64,
+/// decoded).
+pub fn script_files(script: &str) -> Vec<(String, String)> {
+    use base64::Engine as _;
+    let mut out = Vec::new();
+    let mut lines = script.lines();
+    while let Some(line) = lines.next() {
+        let Some(rest) = line
+            .strip_prefix("put ")
+            .and_then(|r| r.strip_suffix(" <<'STACKWARDEN_EOF'"))
+        else {
+            continue;
+        };
+        let (path, _mode) = rest.rsplit_once(' ').unwrap();
+        let path = path.trim_matches('\'').to_string();
+        let encoded: String = lines
+            .by_ref()
+            .take_while(|l| *l != "STACKWARDEN_EOF")
+            .collect();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap();
+        out.push((path, String::from_utf8(bytes).unwrap()));
+    }
+    out
+}
+
+/// Every Run Command in the account, oldest first.
+pub async fn run_commands(ssm: &aws_sdk_ssm::Client) -> Vec<aws_sdk_ssm::types::Command> {
+    let mut commands = Vec::new();
+    let mut pages = ssm.list_commands().into_paginator().send();
+    while let Some(page) = pages.next().await {
+        commands.extend(page.unwrap().commands().to_vec());
+    }
+    commands.sort_by_key(|c| c.requested_date_time().map(|t| t.as_nanos()));
+    commands
+}

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Installs what the tests and benchmarks need, once: moto (which the project's emulator fronts)
-# into .venv/ inside the repository, and the Debian packages prometheus (Prometheus and
-# promtool), prometheus-alertmanager (amtool), curl, git and time. Sourced by tests/run.sh and tests/bench.sh.
+# Installs what the tests and benchmarks need, once: into .venv/ inside the repository, moto
+# (which the project's emulator fronts) and the AWS CLI (which scripts on emulated hosts call);
+# the Debian packages prometheus (Prometheus and promtool), prometheus-alertmanager (amtool),
+# curl, git and time. Sourced by tests/run.sh and tests/bench.sh.
 set -euo pipefail
 
-if [ ! -x .venv/bin/moto_server ] || ! .venv/bin/pip freeze 2>/dev/null | grep -qx 'moto==5.2.5'; then
+# .venv/requirements.txt records what the virtualenv was made from: a change reinstalls.
+if [ ! -x .venv/bin/moto_server ] || ! cmp -s tests/requirements.txt .venv/requirements.txt; then
   python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+  cp tests/requirements.txt .venv/requirements.txt
 fi
 export STACKWARDEN_MOTO="$PWD/.venv/bin/moto_server"
 

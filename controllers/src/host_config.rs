@@ -21,7 +21,7 @@ use crate::desired::{DesiredState, Resource, Spec, Validator, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
 use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
 use crate::push::send::{send, Controls};
-use crate::push::{shell_quote, Bundle, File, Prepared};
+use crate::push::{shell_quote, Bundle, Content, File, Prepared};
 
 /// `[host_config.<name>]`
 #[derive(Debug, Clone, Deserialize)]
@@ -128,9 +128,8 @@ impl HostConfigSpec {
             files.insert(
                 f.path.clone(),
                 File {
-                    content: refs.render(&content).value,
+                    content: Content::Text(refs.render(&content).value),
                     mode: f.mode.clone(),
-                    fingerprint: None,
                 },
             );
             if let Some(cmd) = &f.validate {

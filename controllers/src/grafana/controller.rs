@@ -15,7 +15,8 @@
 //! - `desired_capacity` is enforced only when given; otherwise scaling policies own it.
 //! - The provisioning is pushed only to instances whose hash tag (`stackwarden:grafana`) differs
 //!   from the desired bundle's; instances the group launches later get it on the next pass.
-//! - The admin password is read from SSM or Secrets Manager each pass and shown nowhere.
+//! - Only the admin password's version is read (SSM or Secrets Manager metadata); each instance
+//!   fetches that version itself with its own role, so the value never passes through here.
 //!
 //! # Caveats
 //! - The load balancer's scheme and the target group's port cannot change in place: a change is
@@ -40,15 +41,16 @@ use aws_sdk_elasticloadbalancingv2::types::{
     LoadBalancerSchemeEnum, LoadBalancerTypeEnum, Matcher, ProtocolEnum, RedirectActionConfig,
     RedirectActionStatusCodeEnum, Tag as ElbTag, TargetTypeEnum,
 };
+use aws_sdk_ssm::types::ParameterStringFilter;
 use base64::Engine as _;
 
-use super::provisioning::{self, AdminPassword};
+use super::provisioning::{self, PasswordVersion};
 use super::{GrafanaSpec, PasswordSource, ALB, INSTANCES};
 use crate::change::{removal, Action, Change};
 use crate::controller::{wait_until, Context, Controller, Progress};
 use crate::desired::{parse_duration, DesiredState, Resource, Spec, TAG_ID, TAG_STACK};
 use crate::ec2::{locate_subnet, resolve_ami, tag_map, tag_spec};
-use crate::error::{aws_error, Error, Result};
+use crate::error::{aws_error, Error, ErrorClass, Result};
 use crate::model::{Kind, Outputs, Refs, ResourceId};
 use crate::push::send::{send, Controls};
 use crate::push::{self, Prepared};
@@ -196,7 +198,7 @@ pub struct Observed {
     pub instances: BTreeMap<ResourceId, Vec<GroupInstance>>,
     /// `resolve:ssm:` AMIs, resolved.
     pub amis: BTreeMap<String, std::result::Result<String, Error>>,
-    pub passwords: BTreeMap<ResourceId, std::result::Result<AdminPassword, Error>>,
+    pub passwords: BTreeMap<ResourceId, std::result::Result<PasswordVersion, Error>>,
 }
 
 fn owned(tags: &Tags, desired: &DesiredState, id: &ResourceId) -> bool {
@@ -1764,48 +1766,74 @@ async fn observe_instances(
     Ok(out)
 }
 
-/// The admin password and its version, from SSM Parameter Store (decrypted) or Secrets Manager.
-async fn read_password(ctx: &Context, source: &PasswordSource) -> Result<AdminPassword> {
-    match source {
+/// The admin password's current version, read without its value: SSM `DescribeParameters`
+/// (the parameter's metadata) or Secrets Manager `DescribeSecret` (the `AWSCURRENT` version).
+/// The hosts fetch that version themselves.
+async fn read_password(ctx: &Context, source: &PasswordSource) -> Result<PasswordVersion> {
+    let missing = |service, operation, code: &str, what: String| Error::Aws {
+        service,
+        operation,
+        code: Some(code.into()),
+        class: ErrorClass::Retryable,
+        message: format!("{what} does not exist; create it, and the admin password is pushed then"),
+    };
+    let version = match source {
         PasswordSource::SsmParameter(name) => {
             let out = ctx
                 .ssm
-                .get_parameter()
-                .name(name)
-                .with_decryption(true)
+                .describe_parameters()
+                .parameter_filters(
+                    ParameterStringFilter::builder()
+                        .key("Name")
+                        .option("Equals")
+                        .values(name)
+                        .build()
+                        .map_err(|e| Error::Invalid(e.to_string()))?,
+                )
                 .send()
                 .await
-                .map_err(aws_error("ssm", "GetParameter"))?;
+                .map_err(aws_error("ssm", "DescribeParameters"))?;
             let p = out
-                .parameter()
-                .ok_or_else(|| Error::Invalid(format!("SSM parameter {name} has no value")))?;
-            Ok(AdminPassword {
-                value: p.value().unwrap_or_default().to_string(),
-                version: format!("ssm:{name}@{}", p.version()),
-            })
+                .parameters()
+                .iter()
+                .find(|p| p.name() == Some(name.as_str()))
+                .ok_or_else(|| {
+                    missing(
+                        "ssm",
+                        "DescribeParameters",
+                        "ParameterNotFound",
+                        format!("the SSM parameter {name}"),
+                    )
+                })?;
+            p.version().to_string()
         }
         PasswordSource::Secret(name) => {
             let out = ctx
                 .secrets
-                .get_secret_value()
+                .describe_secret()
                 .secret_id(name)
                 .send()
                 .await
-                .map_err(aws_error("secretsmanager", "GetSecretValue"))?;
-            let value = out.secret_string().ok_or_else(|| {
-                Error::Invalid(format!(
-                    "secret {name} has no string value (binary secrets are not supported)"
-                ))
-            })?;
-            Ok(AdminPassword {
-                value: value.to_string(),
-                version: format!(
-                    "secretsmanager:{name}@{}",
-                    out.version_id().unwrap_or_default()
-                ),
-            })
+                .map_err(aws_error("secretsmanager", "DescribeSecret"))?;
+            out.version_ids_to_stages()
+                .into_iter()
+                .flatten()
+                .find(|(_, stages)| stages.iter().any(|s| s == "AWSCURRENT"))
+                .map(|(id, _)| id.clone())
+                .ok_or_else(|| {
+                    missing(
+                        "secretsmanager",
+                        "DescribeSecret",
+                        "ResourceNotFoundException",
+                        format!("a current (AWSCURRENT) version of the secret {name}"),
+                    )
+                })?
         }
-    }
+    };
+    Ok(PasswordVersion {
+        source: source.clone(),
+        version,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,11 +2,14 @@
 //! sources and dashboard provider, the dashboards, and the admin password file, restarted into
 //! and checked through Grafana's health endpoint.
 //!
-//! The admin password is read from SSM Parameter Store or Secrets Manager by the operator and
-//! only ever travels inside the pushed script: it is written to its own 0600 file that
-//! `grafana.ini` reads (`$__file{...}`), hashed by its version rather than its value, and shown as
-//! `(sensitive)`. Grafana applies `admin_password` only when it creates its database, so the push
-//! also sets it with `grafana cli admin reset-admin-password`, which makes a rotation take effect.
+//! The admin password never travels: the operator reads only its version (SSM
+//! `DescribeParameters`, Secrets Manager `DescribeSecret`), and the pushed script has each host
+//! fetch that version itself with its instance role (`aws ssm get-parameter --with-decryption`
+//! or `aws secretsmanager get-secret-value`) into its own 0600 file that `grafana.ini` reads
+//! (`$__file{...}`). The bundle's hash covers the fetch command, so a rotation (a new version)
+//! is pushed again. Grafana applies `admin_password` only when it creates its database, so the
+//! push also sets it with `grafana cli admin reset-admin-password`, which makes a rotation take
+//! effect.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -24,18 +27,30 @@ pub const PROVIDERS: &str = "/etc/grafana/provisioning/dashboards/stackwarden.ya
 pub const DASHBOARD_DIR: &str = "/var/lib/grafana/dashboards/stackwarden";
 pub const PASSWORD_FILE: &str = "/etc/grafana/admin-password";
 
-/// The admin password with where it came from. Never printed: `Debug` shows `(sensitive)`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct AdminPassword {
-    pub value: String,
-    /// `ssm:<name>@<version>` or `secretsmanager:<name>@<version id>`: what the bundle's hash
-    /// covers instead of the value.
+/// The admin password's current version: all the operator ever reads of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PasswordVersion {
+    pub source: PasswordSource,
+    /// The SSM parameter's version number, or the secret's `AWSCURRENT` version id.
     pub version: String,
 }
 
-impl std::fmt::Debug for AdminPassword {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("(sensitive)")
+impl PasswordVersion {
+    /// The command that prints this version of the password on a host, with the host's own
+    /// credentials (its instance role), in the stack's region.
+    pub fn fetch_command(&self, region: &str) -> String {
+        let region = shell_quote(region);
+        match &self.source {
+            PasswordSource::SsmParameter(name) => format!(
+                "aws ssm get-parameter --region {region} --name {} --with-decryption --query Parameter.Value --output text",
+                shell_quote(&format!("{name}:{}", self.version))
+            ),
+            PasswordSource::Secret(name) => format!(
+                "aws secretsmanager get-secret-value --region {region} --secret-id {} --version-id {} --query SecretString --output text",
+                shell_quote(name),
+                shell_quote(&self.version)
+            ),
+        }
     }
 }
 
@@ -181,7 +196,7 @@ pub fn bundle(
     spec: &GrafanaSpec,
     refs: &Refs,
     region: &str,
-    password: Option<&AdminPassword>,
+    password: Option<&PasswordVersion>,
 ) -> Bundle {
     let mut files = BTreeMap::new();
     files.insert(
@@ -208,7 +223,7 @@ pub fn bundle(
     if let Some(p) = password {
         files.insert(
             PASSWORD_FILE.to_string(),
-            File::secret(&p.value, &p.version),
+            File::fetched(p.fetch_command(region)),
         );
     }
 
@@ -307,25 +322,95 @@ alb = {{ subnets = ["subnet-a", "subnet-b"] }}
     }
 
     #[test]
-    fn the_password_is_in_its_own_file_and_out_of_the_hash() {
+    fn the_password_is_fetched_by_the_host_and_a_new_version_changes_the_hash() {
         let s = spec(r#"provisioning = { admin_password_ssm_parameter = "/grafana/admin" }"#);
-        let pw = |value: &str, version: &str| AdminPassword {
-            value: value.into(),
+        let version = |source: PasswordSource, version: &str| PasswordVersion {
+            source,
             version: version.into(),
         };
-        let a = bundle(&s, &Refs::default(), "us-east-1", Some(&pw("s3cret", "v1")));
-        let ini = &a.files[INI].content;
-        assert!(ini.contains("admin_password = $__file{/etc/grafana/admin-password}"));
-        assert!(!ini.contains("s3cret"));
-        assert_eq!(a.files[PASSWORD_FILE].mode, "0600");
-        // Same version, another value: same hash (the hash never covers the value) ...
-        let b = bundle(&s, &Refs::default(), "us-east-1", Some(&pw("other", "v1")));
-        assert_eq!(a.hash(), b.hash());
-        // ... and a new version changes it.
-        let c = bundle(&s, &Refs::default(), "us-east-1", Some(&pw("s3cret", "v2")));
-        assert_ne!(a.hash(), c.hash());
-        assert_eq!(format!("{:?}", pw("s3cret", "v1")), "(sensitive)");
-        assert!(!format!("{:?}", a.prepare().unwrap()).contains("s3cret"));
+        let ssm = |v: &str| version(PasswordSource::SsmParameter("/grafana/admin".into()), v);
+        let a = bundle(&s, &Refs::default(), "eu-west-1", Some(&ssm("3")));
+        assert!(a.files[INI]
+            .text()
+            .contains("admin_password = $__file{/etc/grafana/admin-password}"));
+        let file = &a.files[PASSWORD_FILE];
+        assert_eq!(file.mode, "0600");
+        assert_eq!(
+            file.content,
+            crate::push::Content::Fetched(
+                "aws ssm get-parameter --region eu-west-1 --name /grafana/admin:3 --with-decryption --query Parameter.Value --output text".into()
+            )
+        );
+        assert!(a.script().contains(
+            "fetch /etc/grafana/admin-password 0600 aws ssm get-parameter --region eu-west-1 --name /grafana/admin:3"
+        ));
+        assert_eq!(
+            a.hash(),
+            bundle(&s, &Refs::default(), "eu-west-1", Some(&ssm("3"))).hash()
+        );
+        assert_ne!(
+            a.hash(),
+            bundle(&s, &Refs::default(), "eu-west-1", Some(&ssm("4"))).hash()
+        );
+        let secret = version(PasswordSource::Secret("grafana admin".into()), "c55e2c7f");
+        assert_eq!(
+            secret.fetch_command("us-east-1"),
+            "aws secretsmanager get-secret-value --region us-east-1 --secret-id 'grafana admin' --version-id c55e2c7f --query SecretString --output text"
+        );
+    }
+
+    #[test]
+    fn a_fetched_file_is_what_the_host_command_prints_and_only_its_owner_reads_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let bundle = crate::push::Bundle {
+            name: "demo".into(),
+            files: BTreeMap::from([(
+                "/etc/demo/secret".into(),
+                File::fetched("printf '%s\\n' 'pa ss'"),
+            )]),
+            validate: Vec::new(),
+            reload: Vec::new(),
+        };
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(bundle.script())
+            .env("STACKWARDEN_ROOT", dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = dir.join("etc/demo/secret");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "pa ss");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        // A fetch that fails installs nothing and says which command failed.
+        let mut failing = bundle.clone();
+        failing.files.insert(
+            "/etc/demo/secret".into(),
+            File::fetched("false ssm get-parameter"),
+        );
+        failing
+            .files
+            .insert("/etc/demo/other".into(), File::new("x\n"));
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(failing.script())
+            .env("STACKWARDEN_ROOT", dir)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("cannot fetch /etc/demo/secret with false ssm get-parameter"),
+            "{stderr}"
+        );
+        assert!(!dir.join("etc/demo/other").exists());
     }
 
     #[test]

@@ -37,30 +37,42 @@ pub struct Bundle {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct File {
-    pub content: String,
+    pub content: Content,
     /// Octal, such as `0644`.
     pub mode: String,
-    /// Stands for the content in the bundle's hash when set: a secret is hashed by its version
-    /// (`ssm:/grafana/admin@3`), never by its value, so the hash recorded in an instance tag
-    /// reveals nothing about it, and a rotation still changes the hash.
-    pub fingerprint: Option<String>,
+}
+
+/// What a pushed file holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    /// These bytes, carried in the script.
+    Text(String),
+    /// What this command prints on the host: a secret the host reads itself with its instance
+    /// role. Only the command (naming the secret and its version) travels and is hashed, so a
+    /// rotation changes the hash while the value is in no Run Command parameter, tag or log.
+    Fetched(String),
 }
 
 impl File {
     pub fn new(content: impl Into<String>) -> File {
         File {
-            content: content.into(),
+            content: Content::Text(content.into()),
             mode: "0644".into(),
-            fingerprint: None,
         }
     }
 
-    /// A file holding a secret: mode 0600, hashed by `fingerprint`.
-    pub fn secret(content: impl Into<String>, fingerprint: impl Into<String>) -> File {
+    /// A secret the host fetches with `command`: mode 0600, written under umask 077.
+    pub fn fetched(command: impl Into<String>) -> File {
         File {
-            content: content.into(),
+            content: Content::Fetched(command.into()),
             mode: "0600".into(),
-            fingerprint: Some(fingerprint.into()),
+        }
+    }
+
+    /// The text carried in the script, or the command that fetches it on the host.
+    pub fn text(&self) -> &str {
+        match &self.content {
+            Content::Text(t) | Content::Fetched(t) => t,
         }
     }
 }
@@ -76,7 +88,7 @@ pub struct Prepared {
     pub record: String,
 }
 
-/// Name and hash only: the script can carry a secret, and operations are logged.
+/// Name and hash only: operations are logged, and the script is long.
 impl std::fmt::Debug for Prepared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}", self.name, self.short_hash())
@@ -126,8 +138,11 @@ impl Bundle {
     pub fn hash(&self) -> String {
         let mut h = sha2::Sha256::new();
         for (path, f) in &self.files {
-            let content = f.fingerprint.as_deref().unwrap_or(&f.content);
-            for part in [path.as_str(), f.mode.as_str(), content] {
+            let kind = match f.content {
+                Content::Text(_) => "text",
+                Content::Fetched(_) => "fetched",
+            };
+            for part in [path.as_str(), f.mode.as_str(), kind, f.text()] {
                 h.update((part.len() as u64).to_le_bytes());
                 h.update(part.as_bytes());
             }
@@ -146,7 +161,13 @@ impl Bundle {
             .files
             .iter()
             .map(|(path, f)| {
-                let encoded = b64.encode(f.content.as_bytes());
+                let text = match &f.content {
+                    Content::Fetched(command) => {
+                        return format!("fetch {} {} {command}", shell_quote(path), f.mode)
+                    }
+                    Content::Text(text) => text,
+                };
+                let encoded = b64.encode(text.as_bytes());
                 let lines: Vec<&str> = encoded
                     .as_bytes()
                     .chunks(76)

@@ -24,6 +24,18 @@ put() {
   mkdir -p "$(dirname "$stage$1")" && base64 -d > "$stage$1" && chmod "$2" "$stage$1" \
     || fail "cannot stage $1"
 }
+# fetch PATH MODE COMMAND...: stage a file from what COMMAND prints here, a secret read with
+# this host's own role (only its name and version travel in this script). Written under umask
+# 077, so it is never readable by others, not even while being written.
+fetch() {
+  local path=$1 mode=$2 value
+  shift 2
+  command -v "$1" >/dev/null || fail "cannot fetch $path: $1 is not installed on this host"
+  mkdir -p "$(dirname "$stage$path")" || fail "cannot stage $path"
+  value=$("$@") || fail "cannot fetch $path with $1 $2 $3"
+  (umask 077 && printf '%s' "$value" > "$stage$path") && chmod "$mode" "$stage$path" \
+    || fail "cannot stage $path"
+}
 @FILES@
 
 validate() {

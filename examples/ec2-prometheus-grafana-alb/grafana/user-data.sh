@@ -1,6 +1,8 @@
 #!/bin/bash
 # First boot of a Grafana instance: Grafana OSS from Grafana's RPM repository. Its configuration
-# (grafana.ini, data sources, dashboards, the admin password) is pushed by stackwarden over SSM.
+# (grafana.ini, data sources, dashboards) is pushed by stackwarden over SSM; the push has the
+# instance fetch the admin password from SSM itself with the AWS CLI, which Amazon Linux 2023
+# includes (on Ubuntu, install it here: `snap install aws-cli --classic`).
 set -euo pipefail
 cat > /etc/yum.repos.d/grafana.repo <<'REPO'
 [grafana]

@@ -122,6 +122,11 @@ pub struct Sandbox {
 
 /// Shared state of a running emulator.
 pub(crate) struct State {
+    /// Where the emulator listens: the endpoint the sandboxes' AWS CLI calls.
+    endpoint: String,
+    /// The directory of the `moto_server` the emulator started, whose virtualenv also holds
+    /// the AWS CLI (`aws`) that pushed scripts run in the sandboxes.
+    tools: Option<PathBuf>,
     settings: Mutex<Settings>,
     sandboxes: Mutex<BTreeMap<String, Sandbox>>,
     pub(crate) moto: moto::Moto,
@@ -158,11 +163,53 @@ impl State {
                 env: BTreeMap::new(),
             })
         })?;
-        let mut env = settings.sandbox_env;
+        let mut env = self.instance_env(instance);
+        env.append(&mut settings.sandbox_env.clone());
         env.append(&mut sandbox.env);
         sandbox.env = env;
         Some(sandbox)
     }
+
+    /// What an instance's own AWS CLI sees: this emulator as its endpoint, credentials of its
+    /// own (as its instance role would give it; [`instance_access_key`]), no instance metadata
+    /// and no config files of the machine running the tests ([`NOT_INHERITED`] goes too).
+    fn instance_env(&self, instance: &str) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::from([
+            ("AWS_ENDPOINT_URL".into(), self.endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID".into(), instance_access_key(instance)),
+            (
+                "AWS_SECRET_ACCESS_KEY".into(),
+                "instance-role-secret".into(),
+            ),
+            (
+                "AWS_SESSION_TOKEN".into(),
+                format!("instance-role-{instance}"),
+            ),
+            ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+            ("AWS_CONFIG_FILE".into(), "/dev/null".into()),
+            ("AWS_SHARED_CREDENTIALS_FILE".into(), "/dev/null".into()),
+        ]);
+        if let Some(tools) = &self.tools {
+            let path = std::env::var("PATH").unwrap_or_default();
+            env.insert("PATH".into(), format!("{}:{path}", tools.display()));
+        }
+        env
+    }
+}
+
+/// Variables of the machine running the tests that a sandboxed command does not inherit: a
+/// script names the stack's region, and no profile of this machine is the instance's.
+pub(crate) const NOT_INHERITED: &[&str] = &["AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION"];
+
+/// The access key id an instance's commands call AWS with (as from its instance role), by
+/// which [`Call::caller`] tells the hosts' calls from the operator's.
+pub fn instance_access_key(instance: &str) -> String {
+    let id: String = instance
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect::<String>()
+        .to_ascii_uppercase();
+    format!("ASIA{id}")
 }
 
 /// Where the emulator listens and which moto it fronts.
@@ -191,7 +238,13 @@ impl Emulator {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         listener.set_nonblocking(true)?;
         let endpoint = format!("http://{}", listener.local_addr()?);
+        let tools = match &config.backend {
+            Backend::Spawn(program) => program.parent().map(PathBuf::from),
+            Backend::Url(_) => None,
+        };
         let state = Arc::new(State {
+            endpoint: endpoint.clone(),
+            tools,
             settings: Mutex::new(config.settings.clone()),
             sandboxes: Mutex::new(BTreeMap::new()),
             moto: moto::Moto::new(moto_url),

@@ -31,6 +31,9 @@ pub struct Call {
     pub fault: bool,
     /// Whether the call changes state ([`Incoming::is_write`]).
     pub write: bool,
+    /// The access key id it was signed with: the operator's, a test's, or an instance's own
+    /// ([`crate::instance_access_key`]) when a pushed script called AWS.
+    pub caller: String,
 }
 
 /// A request read in full, with what routing needs to know about it.
@@ -103,6 +106,16 @@ impl Incoming {
         }
     }
 
+    /// The access key id from the SigV4 credential; empty when unsigned.
+    pub fn access_key(&self) -> &str {
+        self.headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split("Credential=").nth(1))
+            .and_then(|c| c.split('/').next())
+            .unwrap_or("")
+    }
+
     /// A request the emulator sends to moto on behalf of `caller`: same credentials and
     /// region, another service.
     pub fn internal(
@@ -112,14 +125,10 @@ impl Incoming {
         path: &str,
         body: Bytes,
     ) -> Incoming {
-        let access_key = caller
-            .headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split("Credential=").nth(1))
-            .and_then(|c| c.split('/').next())
-            .unwrap_or("testing")
-            .to_string();
+        let access_key = match caller.access_key() {
+            "" => "testing",
+            key => key,
+        };
         let date = time::OffsetDateTime::now_utc();
         let authorization = format!(
             "AWS4-HMAC-SHA256 Credential={access_key}/{:04}{:02}{:02}/{}/{service}/aws4_request, SignedHeaders=host, Signature=0",
@@ -242,6 +251,7 @@ async fn handle(Extract(state): Extract<Arc<State>>, req: http::Request<Body>) -
         status: response.status().as_u16(),
         fault: faulted,
         write: req.is_write(),
+        caller: req.access_key().to_string(),
     });
     response
 }

@@ -663,7 +663,11 @@ async fn run(
     {
         return Outcome::failed(format!("cannot write the script {}: {e}", script.display()));
     }
-    let spawned = tokio::process::Command::new("bash")
+    let mut command = tokio::process::Command::new("bash");
+    for name in crate::NOT_INHERITED {
+        command.env_remove(name);
+    }
+    let spawned = command
         .arg(&script)
         .current_dir(&workdir)
         .env("STACKWARDEN_ROOT", &sandbox.root)
