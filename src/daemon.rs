@@ -38,6 +38,8 @@ pub struct Options {
     pub resync: Resync,
     /// Fast-forward the checkout from its remote this often.
     pub git_pull: Option<Duration>,
+    /// Verify the files on hosts this often (after the first pass, then at this interval).
+    pub verify: Option<Duration>,
 }
 
 struct Signals {
@@ -89,6 +91,8 @@ pub async fn run(
     // Taking the lease makes everything due: the standby only observed until then.
     let mut lease_changes = lease.as_ref().map(|l| l.subscribe());
     let mut stopping = false;
+    // The first verify follows the first pass: a restarted daemon verifies at once too.
+    let mut verify_at = Instant::now();
     loop {
         let due = schedule.due(Instant::now());
         if !due.is_empty() {
@@ -154,9 +158,22 @@ pub async fn run(
         if stopping {
             return Ok(EXIT_OK);
         }
-        let wake = schedule
+        // Only a daemon that writes verifies: a verify marks what it finds.
+        let verifying = opts
+            .verify
+            .filter(|_| lease.as_ref().is_none_or(|l| l.held()));
+        if let Some(every) = verifying {
+            if verify_at <= Instant::now() {
+                verify(&engine, &desired, &status, &mut schedule).await;
+                verify_at = Instant::now() + every;
+            }
+        }
+        let mut wake = schedule
             .next_wake()
             .unwrap_or_else(|| Instant::now() + opts.resync.default);
+        if verifying.is_some() {
+            wake = wake.min(verify_at);
+        }
         tokio::select! {
             _ = tokio::time::sleep_until(wake) => {}
             _ = watch.changed(WATCH_QUIET) => {
@@ -177,6 +194,28 @@ pub async fn run(
                 }
             }
             _ = signals.recv() => return Ok(EXIT_OK),
+        }
+    }
+}
+
+/// Verifies the files on hosts; what changed makes the kinds that push it due, so the next
+/// batch pushes them again. A verify that fails is logged and shown, and tried next interval.
+async fn verify(engine: &Engine, desired: &DesiredState, status: &Status, schedule: &mut Schedule) {
+    tracing::info!("verifying the files on hosts");
+    match stackwarden_controllers::verify::verify(&engine.ctx, desired).await {
+        Ok(v) => {
+            for d in &v.drifted {
+                tracing::warn!(instance = %d.instance, bundle = %d.bundle, files = ?d.files, "files changed on the host since the push; pushing again");
+            }
+            status.verified(&v);
+            schedule.wake(&v.kinds);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the verify of the files on hosts failed");
+            status.verified(&stackwarden_controllers::verify::Verified {
+                unverified: vec![format!("the verify failed: {e}")],
+                ..Default::default()
+            });
         }
     }
 }

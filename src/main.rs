@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use stackwarden_controllers::{Context, DesiredState, Waits};
+use stackwarden_controllers::{verify, Context, DesiredState, Waits};
 
 use crate::aws::{AwsOptions, CallCounter};
 use crate::engine::Engine;
@@ -92,6 +92,13 @@ enum Command {
         /// Delete owned resources that are no longer in the desired state.
         #[arg(long)]
         prune: bool,
+        /// With `--once`: first compare the files on every host the stack pushed to with what
+        /// was pushed, and push again where they were changed.
+        #[arg(long)]
+        verify: bool,
+        /// When running continuously: how often the files on hosts are verified (`0s`: never).
+        #[arg(long, default_value = "6h", value_parser = parse_interval, value_name = "INTERVAL")]
+        verify_interval: Duration,
         /// Drift resync when running continuously: how often each kind is read again.
         /// `DURATION` for every kind, `KIND=DURATION` for one (`host=5m`); repeatable.
         /// Default 60s.
@@ -280,6 +287,7 @@ async fn run(cli: &Cli, counter: &Arc<CallCounter>) -> anyhow::Result<u8> {
             dir,
             once: true,
             prune,
+            verify,
             ..
         } => {
             let Some(desired) = load_or_report(dir) else {
@@ -295,6 +303,19 @@ async fn run(cli: &Cli, counter: &Arc<CallCounter>) -> anyhow::Result<u8> {
                         "error: the lease is held by {}; nothing was applied",
                         l.holder_now().await
                     );
+                    return Ok(EXIT_ERROR);
+                }
+            }
+            if *verify {
+                let verified = verify::verify(&engine.ctx, &desired).await;
+                match &verified {
+                    Ok(v) => eprint!("{}", report::verify_text(v)),
+                    Err(e) => eprintln!("error: the verify of the files on hosts failed: {e}"),
+                }
+                if verified.is_err() {
+                    if let Some(l) = lease {
+                        l.release().await;
+                    }
                     return Ok(EXIT_ERROR);
                 }
             }
@@ -457,6 +478,7 @@ async fn run_daemon(cli: &Cli, dir: &Path, counter: &Arc<CallCounter>) -> anyhow
         resync,
         git_pull,
         listen,
+        verify_interval,
         ..
     } = &cli.command
     else {
@@ -484,6 +506,7 @@ async fn run_daemon(cli: &Cli, dir: &Path, counter: &Arc<CallCounter>) -> anyhow
         prune: *prune,
         resync,
         git_pull: *git_pull,
+        verify: (!verify_interval.is_zero()).then_some(*verify_interval),
     };
     let code = daemon::run(engine, desired, opts, status, lease.clone()).await;
     if let Some(l) = lease {

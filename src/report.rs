@@ -136,6 +136,31 @@ pub fn plan_json(desired: &DesiredState, region: &str, plan: &Plan) -> String {
 
 /// After `reconcile --once`: what was applied, what failed, and whether the re-observed state
 /// matches.
+/// What a verify of the files on hosts found, for stderr.
+pub fn verify_text(v: &stackwarden_controllers::verify::Verified) -> String {
+    let mut out = format!(
+        "verify: {} instances, {} with files changed since their push{}\n",
+        v.instances,
+        v.drifted
+            .iter()
+            .map(|d| &d.instance)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        if v.drifted.is_empty() {
+            ""
+        } else {
+            " (pushed again by this pass)"
+        }
+    );
+    for d in &v.drifted {
+        out.push_str(&format!("  changed: {d}\n"));
+    }
+    for u in &v.unverified {
+        out.push_str(&format!("  not verified: {u}\n"));
+    }
+    out
+}
+
 pub fn reconcile_text(applied: &[Change<AnyOp>], errors: &[ResourceError], after: &Plan) -> String {
     let mut out = String::new();
     if applied.is_empty() {

@@ -284,6 +284,16 @@ impl Schedule {
         }
     }
 
+    /// Makes every resource of `kinds` due in the next batch (a verify found files changed on
+    /// hosts they push to); parked ones stay parked.
+    pub fn wake(&mut self, kinds: &BTreeSet<Kind>) {
+        for (id, e) in &mut self.resources {
+            if kinds.contains(&id.kind) && !e.parked {
+                e.now = true;
+            }
+        }
+    }
+
     /// Resources parked by a terminal error.
     pub fn parked(&self) -> impl Iterator<Item = &ResourceId> {
         self.resources

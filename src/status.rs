@@ -19,6 +19,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
+use stackwarden_controllers::verify::{Drift, Verified};
+
 use crate::aws::CallCounter;
 use crate::engine::{Applied, Plan};
 
@@ -45,6 +47,21 @@ pub struct Report {
     pub passes: u64,
     pub last_success: Option<u64>,
     pub resources: BTreeMap<String, ResourceStatus>,
+    /// The last verify of the files on hosts, once one ran.
+    #[serde(default)]
+    pub verify: Option<VerifyStatus>,
+}
+
+/// What the last verify of pushed files found (`--verify-interval`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VerifyStatus {
+    /// When it ran (seconds since the epoch).
+    pub at: u64,
+    pub instances: usize,
+    /// Files changed on hosts since their push, pushed again by the pass after the verify.
+    pub drifted: Vec<Drift>,
+    /// Instances whose verify did not run, with why; or the verify's own error.
+    pub unverified: Vec<String>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -213,6 +230,16 @@ impl Status {
                 })
                 .inc();
         }
+    }
+
+    /// Records a verify of the files on hosts.
+    pub fn verified(&self, v: &Verified) {
+        self.report.lock().expect("status lock").verify = Some(VerifyStatus {
+            at: now(),
+            instances: v.instances,
+            drifted: v.drifted.clone(),
+            unverified: v.unverified.clone(),
+        });
     }
 
     /// Records a reload that failed: the previous generation stays enforced.
@@ -449,6 +476,20 @@ pub fn table(r: &Report) -> String {
             &generation[..generation.len().min(12)],
             s.last_error.as_deref().unwrap_or("")
         ));
+    }
+    if let Some(v) = &r.verify {
+        out.push_str(&format!(
+            "\nverify at {} (unix): {} instances, {} bundles changed on the host\n",
+            v.at,
+            v.instances,
+            v.drifted.len()
+        ));
+        for d in &v.drifted {
+            out.push_str(&format!("  changed: {d}\n"));
+        }
+        for u in &v.unverified {
+            out.push_str(&format!("  not verified: {u}\n"));
+        }
     }
     out
 }

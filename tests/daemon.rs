@@ -535,6 +535,92 @@ async fn two_daemons_with_the_lease_never_both_write_and_the_standby_takes_over(
     assert_eq!(b.exit_code(), Some(0));
 }
 
+/// Files changed on a host after their push: the daemon's verify, on its own interval, finds
+/// the edited file, `/status` says where, the pass after it pushes the file back to that host
+/// alone, and the next verify finds nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_changed_on_a_host_is_found_by_the_periodic_verify_and_put_back() {
+    let sandboxes = tempfile::tempdir().unwrap();
+    let aws = Aws::with(stackwarden_emulator::Settings {
+        sandbox_dir: Some(sandboxes.path().to_path_buf()),
+        ..Default::default()
+    });
+    let out = aws
+        .ec2()
+        .await
+        .run_instances()
+        .image_id("ami-12c6146b")
+        .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+        .min_count(2)
+        .max_count(2)
+        .tag_specifications(
+            aws_sdk_ec2::types::TagSpecification::builder()
+                .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
+                .tags(
+                    aws_sdk_ec2::types::Tag::builder()
+                        .key("Role")
+                        .value("app")
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let apps: Vec<String> = out
+        .instances()
+        .iter()
+        .map(|i| i.instance_id().unwrap().to_string())
+        .collect();
+    assert_eq!(apps.len(), 2);
+    let dir = default_stack();
+    std::fs::write(
+        dir.path().join("host_config.toml"),
+        "[host_config.node_exporter]\ntargets = { Role = \"app\" }\nfiles = [{ path = \"/etc/default/node_exporter\", source = \"node_exporter.env\" }]\nreload = \"echo reloaded >> \\\"$STACKWARDEN_ROOT/reloads\\\"\"\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("node_exporter.env"), "ARGS=\n").unwrap();
+    let file = |id: &str| sandboxes.path().join(id).join("etc/default/node_exporter");
+    let reloads =
+        |id: &str| std::fs::read_to_string(sandboxes.path().join(id).join("reloads")).unwrap();
+
+    let mut daemon = Daemon::start(&aws.endpoint, dir.path(), &["--verify-interval", "2s"]);
+    daemon.wait_for("pass done", &[("converged", "true")]);
+    daemon.wait_for("verify done", &[("instances", "2"), ("drifted", "0")]);
+    std::fs::write(file(&apps[0]), "ARGS=--web.listen-address=:1\n").unwrap();
+    daemon.wait_for("verify done", &[("instances", "2"), ("drifted", "1")]);
+    daemon.wait_for(
+        "files changed on the host since the push; pushing again",
+        &[
+            ("instance", &apps[0]),
+            ("bundle", "host_config.node_exporter"),
+        ],
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&get(&daemon.address(), "/status")).unwrap();
+    assert_eq!(
+        status["verify"]["drifted"],
+        serde_json::json!([{
+            "instance": apps[0],
+            "bundle": "host_config.node_exporter",
+            "files": ["/etc/default/node_exporter"],
+        }]),
+        "{status:#}"
+    );
+    daemon.wait_for("pass done", &[("changes", "1"), ("converged", "true")]);
+    assert_eq!(std::fs::read_to_string(file(&apps[0])).unwrap(), "ARGS=\n");
+    assert_eq!(reloads(&apps[0]), "reloaded\nreloaded\n");
+    assert_eq!(
+        reloads(&apps[1]),
+        "reloaded\n",
+        "the intact host was left alone"
+    );
+    daemon.wait_for("verify done", &[("instances", "2"), ("drifted", "0")]);
+    assert_eq!(reloads(&apps[0]), "reloaded\nreloaded\n", "put back once");
+    daemon.signal("TERM");
+    assert_eq!(daemon.exit_code(), Some(0));
+}
+
 /// A slow neighbour: the alertmanager definition takes three minutes to be checked (AMP takes
 /// minutes too). Nothing waits for it: the IAM objects are made in the first pass, a commit
 /// that changes only a role is applied by the next pass, and IAM drift is corrected by a

@@ -6,7 +6,7 @@
 use aws_sdk_ec2::types::{Filter, InstanceType, ResourceType, Tag, TagSpecification};
 use stackwarden_emulator::Settings;
 
-use crate::harness::{default_stack, path_str, stackwarden, Aws};
+use crate::harness::{default_stack, path_str, run_commands, stackwarden, Aws};
 
 const NODE_EXPORTER: &str = r#"[host_config.node_exporter]
 targets = { Role = "app" }
@@ -107,6 +107,88 @@ async fn files_reach_every_tagged_instance_once_and_later_joiners_next_pass() {
         "reloaded\n",
         "instances that had the files were not sent them again"
     );
+    stackwarden(Some(&aws.endpoint), &["plan", d]).expect(0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_changed_on_a_host_is_found_by_verify_and_put_back_once() {
+    let sandboxes = tempfile::tempdir().unwrap();
+    let aws = Aws::with(Settings {
+        sandbox_dir: Some(sandboxes.path().to_path_buf()),
+        ..Settings::default()
+    });
+    let apps = launch(&aws, 3, "app").await;
+    let dir = stack_with(&[
+        ("host_config.toml", NODE_EXPORTER),
+        ("hosts/node_exporter.env", "ARGS=--collector.systemd\n"),
+    ]);
+    let d = path_str(dir.path());
+    stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]).expect(0);
+    let file = |id: &str| sandboxes.path().join(id).join("etc/default/node_exporter");
+    let reloads =
+        |id: &str| std::fs::read_to_string(sandboxes.path().join(id).join("reloads")).unwrap();
+
+    // Edited on one host out of band: a plan cannot see inside hosts.
+    std::fs::write(file(&apps[1]), "ARGS=tampered\n").unwrap();
+    stackwarden(Some(&aws.endpoint), &["plan", d]).expect(0);
+
+    // The verify finds it; the same run puts it back, on that host only.
+    let run = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", "--verify", d]);
+    run.expect(0);
+    assert!(
+        run.stderr.contains(
+            "verify: 3 instances, 1 with files changed since their push (pushed again by this pass)"
+        ),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains(&format!(
+            "changed: {} host_config.node_exporter: /etc/default/node_exporter",
+            apps[1]
+        )),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        run.count("SendCommand"),
+        2,
+        "the verify and one push: {}",
+        run.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(file(&apps[1])).unwrap(),
+        "ARGS=--collector.systemd\n"
+    );
+    assert_eq!(reloads(&apps[1]), "reloaded\nreloaded\n");
+    for id in [&apps[0], &apps[2]] {
+        assert_eq!(reloads(id), "reloaded\n", "{id} was not pushed to again");
+    }
+    let commands = run_commands(&aws.ssm().await).await;
+    let push = commands.last().unwrap();
+    assert!(push
+        .comment()
+        .unwrap()
+        .starts_with("stackwarden host_config.node_exporter"));
+    assert_eq!(push.instance_ids(), std::slice::from_ref(&apps[1]));
+    let verify = &commands[commands.len() - 2];
+    assert_eq!(verify.comment(), Some("stackwarden verify"));
+    let mut all = apps.clone();
+    all.sort();
+    assert_eq!(verify.instance_ids(), all.as_slice());
+
+    // Once: the next verify finds nothing and nothing is pushed.
+    let again = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", "--verify", d]);
+    again.expect(0);
+    assert!(
+        again
+            .stderr
+            .contains("verify: 3 instances, 0 with files changed since their push\n"),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(again.count("SendCommand"), 1, "the verify only");
+    assert_eq!(reloads(&apps[1]), "reloaded\nreloaded\n");
     stackwarden(Some(&aws.endpoint), &["plan", d]).expect(0);
 }
 

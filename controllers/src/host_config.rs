@@ -321,6 +321,11 @@ impl Controller for HostConfigController {
                 show_targets(&s.targets)
             ),
         );
+        notes.extend(crate::verify::drift_note(
+            fleet
+                .iter()
+                .map(|i| (i.id.as_str(), i.installed.as_deref())),
+        ));
         c.notes = notes;
         if stale.is_empty() && unlaunched.is_empty() {
             return Ok((!c.notes.is_empty()).then_some(c));
@@ -463,6 +468,20 @@ mod tests {
         assert_eq!(instances, &["i-1", "i-2"]);
         assert!(diff(&fleet(&[Some(&hash), Some(&hash)])).is_none());
         assert!(diff(&fleet(&[])).is_none(), "no instance, nothing to do");
+    }
+
+    #[test]
+    fn an_instance_a_verify_found_changed_is_pushed_again_and_plan_says_why() {
+        let hash = spec().bundle("node_exporter", &Refs::default()).hash();
+        let c = diff(&fleet(&[Some(&hash), Some(crate::verify::DRIFTED)])).unwrap();
+        let [Op::Push { instances, .. }] = &c.ops[..] else {
+            panic!("{:?}", c.ops)
+        };
+        assert_eq!(instances, &["i-1"]);
+        assert_eq!(
+            c.notes,
+            ["files changed on the host since the push (found by verify) on i-1: pushed again"]
+        );
     }
 
     #[test]

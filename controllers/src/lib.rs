@@ -27,6 +27,7 @@ pub mod push;
 pub mod rules;
 pub mod security_group;
 pub mod tags;
+pub mod verify;
 
 pub use change::{Action, Change, FieldChange};
 pub use controller::{Context, Controller, DynController, Waits};

@@ -1280,6 +1280,11 @@ fn diff_provisioning(c: &mut Change<Op>, s: &GrafanaSpec, fleet: &[GroupInstance
         .map(|i| i.id.clone())
         .collect();
     if !stale.is_empty() {
+        c.notes.extend(crate::verify::drift_note(
+            fleet
+                .iter()
+                .map(|i| (i.id.as_str(), i.installed.as_deref())),
+        ));
         c.field(
             "provisioning",
             Some(format!(

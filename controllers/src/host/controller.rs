@@ -591,7 +591,7 @@ impl Controller for HostController {
             if installed != Some(&p.hash) {
                 c.field(
                     "prometheus",
-                    installed.map(|h| format!("sha256:{}", &h[..h.len().min(12)])),
+                    crate::verify::show_installed(installed.map(String::as_str)),
                     Some(p.short_hash()),
                 );
                 c.op(Op::Push {

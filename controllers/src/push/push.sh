@@ -92,5 +92,9 @@ $again"
 fi
 
 rm -rf "$stage" "$backup"
+# The manifest a verify compares the live files with later: mode, sha256 and path of each.
+for f in "${paths[@]}"; do
+  printf '%s %s %s\n' "$(stat -c %a "$root$f")" "$(sha256sum < "$root$f" | cut -d' ' -f1)" "$f"
+done > "$state/@NAME@.files"
 printf '%s\n' "@HASH@" > "$state/@NAME@.sha256"
 echo "stackwarden: installed @NAME@ sha256:@HASH@"

@@ -92,7 +92,7 @@ pub async fn send(
         commands = commands.len(),
         "pushed files, waiting for the hosts"
     );
-    let statuses = track(ctx, push, instances.len(), &commands, since).await?;
+    let statuses = track(ctx, &push.name, instances.len(), &commands, since).await?;
 
     let mut succeeded: Vec<String> = Vec::new();
     let mut failures: Vec<String> = Vec::new();
@@ -159,10 +159,11 @@ pub async fn send(
     )))
 }
 
-/// Waits until every command is done; returns each command's status.
-async fn track(
+/// Waits until every command (id, instances) is done; returns each command's status. `name`
+/// names what the commands do in logs and progress.
+pub(crate) async fn track(
     ctx: &Context,
-    push: &Prepared,
+    name: &str,
     hosts: usize,
     commands: &[(String, Vec<String>)],
     since: SystemTime,
@@ -170,7 +171,7 @@ async fn track(
     let since = aws_smithy_types::DateTime::from(since)
         .fmt(Format::DateTime)
         .map_err(|e| Error::Invalid(format!("cannot format a time: {e}")))?;
-    let what = format!("the {} push to {hosts} instances", push.name);
+    let what = format!("the {name} command to {hosts} instances");
     wait_until(ctx, &what, || async {
         let mut status: BTreeMap<String, (String, i32, i32)> = BTreeMap::new();
         let mut pages = ctx
@@ -208,7 +209,7 @@ async fn track(
                 matches!(s.as_str(), "Pending" | "InProgress" | "Cancelling")
             })
         });
-        tracing::info!(bundle = %push.name, completed, errors, total = hosts, "push progress");
+        tracing::info!(bundle = %name, completed, errors, total = hosts, "command progress");
         Ok(if open {
             Progress::Waiting(format!("{completed} of {hosts} done, {errors} failed"))
         } else {
@@ -218,8 +219,16 @@ async fn track(
     .await
 }
 
+/// The stdout part of a plugin's output.
+pub(crate) fn stdout_of(output: &str) -> &str {
+    match output.split_once(STDERR_MARKER) {
+        Some((stdout, _)) => stdout,
+        None => output,
+    }
+}
+
 /// The stderr part of a plugin's output (all of it when there is no stderr marker).
-fn stderr_of(output: &str) -> &str {
+pub(crate) fn stderr_of(output: &str) -> &str {
     match output.split_once(STDERR_MARKER) {
         Some((_, stderr)) => stderr.trim(),
         None => output.trim(),

@@ -1,0 +1,422 @@
+//! Files changed on hosts after a push: found by a verify, put back by the next pass.
+//!
+//! Every push leaves a manifest beside its hash on the host (`/var/lib/stackwarden/<bundle>.files`:
+//! mode, sha256 and path of each file it installed). A verify sends one read-only script
+//! (`verify.sh`) per batch of 50 instances, which compares the live files of every bundle the
+//! stack recorded there with that manifest and prints what differs. An instance whose files
+//! differ gets its record tag set to [`DRIFTED`]: no bundle hashes to that, so the next pass
+//! pushes the bundle to it again (plans say why until then), and the finding survives a restart
+//! of the operator. Only instances the stack pushed to are looked at, with the same ownership
+//! rule as the pushes: another stack's instance is never sent a command.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_ec2::types::{Filter, Tag};
+
+use crate::controller::Context;
+use crate::desired::{DesiredState, TAG_STACK};
+use crate::error::{aws_error, Result};
+use crate::model::Kind;
+use crate::push::send::{stdout_of, track, BATCH};
+use crate::push::{self, shell_quote};
+
+/// What a verify writes into an instance's record tag when the files of that bundle were
+/// changed on the host: no bundle hashes to it, so the next pass pushes the bundle again.
+pub const DRIFTED: &str = "drifted";
+
+/// How plans show what an instance's record tag says it has installed.
+pub fn show_installed(installed: Option<&str>) -> Option<String> {
+    installed.map(|h| {
+        if h == DRIFTED {
+            "changed on the host since the push (found by verify)".to_string()
+        } else {
+            format!("sha256:{}", &h[..h.len().min(12)])
+        }
+    })
+}
+
+/// The plan note for instances a verify found changed: `(instance, installed)` pairs.
+pub fn drift_note<'a>(
+    instances: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
+) -> Option<String> {
+    let drifted: Vec<&str> = instances
+        .into_iter()
+        .filter(|(_, installed)| *installed == Some(DRIFTED))
+        .map(|(id, _)| id)
+        .collect();
+    (!drifted.is_empty()).then(|| {
+        format!(
+            "files changed on the host since the push (found by verify) on {}: pushed again",
+            drifted.join(", ")
+        )
+    })
+}
+
+/// One bundle a stack records on instances.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The instance tag holding the installed hash.
+    pub tag: String,
+    /// The bundle's name on the host (its manifest is `<bundle>.files`).
+    pub bundle: String,
+    /// The kind whose resources push it: made due again when it drifted.
+    pub kind: Kind,
+    /// The tag is named per stack (`host_config`); otherwise (`prometheus`, `grafana`) the
+    /// instance must carry this stack's `stackwarden:stack` tag.
+    pub per_stack: bool,
+}
+
+/// The bundles the desired state pushes.
+pub fn records(desired: &DesiredState) -> Vec<Record> {
+    let mut out = Vec::new();
+    let shared = |bundle: &str, kind| Record {
+        tag: push::hash_tag(bundle),
+        bundle: bundle.to_string(),
+        kind,
+        per_stack: false,
+    };
+    if desired.of_kind(Kind::Host).next().is_some() {
+        out.push(shared(push::prometheus::NAME, Kind::Host));
+    }
+    if desired.of_kind(Kind::Grafana).next().is_some() {
+        out.push(shared(crate::grafana::provisioning::NAME, Kind::Grafana));
+    }
+    for r in desired.of_kind(Kind::HostConfig) {
+        out.push(Record {
+            tag: crate::host_config::record_tag(desired.stack_name(), &r.id.name),
+            bundle: crate::host_config::bundle_name(&r.id.name),
+            kind: Kind::HostConfig,
+            per_stack: true,
+        });
+    }
+    out
+}
+
+/// Files of one bundle changed on one instance.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Drift {
+    pub instance: String,
+    pub bundle: String,
+    /// The changed, re-moded or missing paths; empty when the push left no manifest.
+    pub files: Vec<String>,
+}
+
+impl std::fmt::Display for Drift {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.files.is_empty() {
+            write!(
+                f,
+                "{} {}: no record of the push on the host",
+                self.instance, self.bundle
+            )
+        } else {
+            write!(
+                f,
+                "{} {}: {}",
+                self.instance,
+                self.bundle,
+                self.files.join(", ")
+            )
+        }
+    }
+}
+
+/// What a verify found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Verified {
+    /// How many instances were looked at.
+    pub instances: usize,
+    pub drifted: Vec<Drift>,
+    /// Instances whose verify did not run (agent offline, command failed): `id (status)`.
+    pub unverified: Vec<String>,
+    /// The kinds whose resources push what drifted.
+    pub kinds: BTreeSet<Kind>,
+}
+
+/// The verify script for these bundles.
+fn script(bundles: &BTreeSet<&str>) -> String {
+    let names: Vec<String> = bundles.iter().map(|b| shell_quote(b)).collect();
+    include_str!("verify.sh").replace("@BUNDLES@", &names.join(" "))
+}
+
+/// One instance to verify: its id and the records it holds an installed hash for.
+struct Target<'a> {
+    id: String,
+    records: Vec<&'a Record>,
+}
+
+/// Compares the files on every instance the stack pushed to with what was pushed, marks those
+/// that changed [`DRIFTED`], and says which.
+pub async fn verify(ctx: &Context, desired: &DesiredState) -> Result<Verified> {
+    let records = records(desired);
+    let mut verified = Verified::default();
+    if records.is_empty() {
+        return Ok(verified);
+    }
+    let targets = targets(ctx, desired.stack_name(), &records).await?;
+    verified.instances = targets.len();
+    if targets.is_empty() {
+        return Ok(verified);
+    }
+    let since = SystemTime::now() - Duration::from_secs(300);
+    let mut commands: Vec<(String, Vec<String>)> = Vec::new();
+    for batch in targets.chunks(BATCH) {
+        let bundles: BTreeSet<&str> = batch
+            .iter()
+            .flat_map(|t| t.records.iter().map(|r| r.bundle.as_str()))
+            .collect();
+        let ids: Vec<String> = batch.iter().map(|t| t.id.clone()).collect();
+        let sent = ctx
+            .ssm
+            .send_command()
+            .document_name("AWS-RunShellScript")
+            .set_instance_ids(Some(ids.clone()))
+            .comment("stackwarden verify")
+            .parameters("commands", vec![script(&bundles)])
+            .parameters("executionTimeout", vec!["300".into()])
+            .max_concurrency("50")
+            // One host that cannot run it does not stop the others'.
+            .max_errors("100%")
+            .send()
+            .await
+            .map_err(aws_error("ssm", "SendCommand"))?;
+        let id = sent
+            .command()
+            .and_then(|c| c.command_id())
+            .unwrap_or_default()
+            .to_string();
+        commands.push((id, ids));
+    }
+    track(ctx, "verify", targets.len(), &commands, since).await?;
+    let by_id: BTreeMap<&str, &Target> = targets.iter().map(|t| (t.id.as_str(), t)).collect();
+    let mut marks: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (command, _) in &commands {
+        let mut pages = ctx
+            .ssm
+            .list_command_invocations()
+            .command_id(command)
+            .details(true)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(aws_error("ssm", "ListCommandInvocations"))?;
+            for inv in page.command_invocations() {
+                let instance = inv.instance_id().unwrap_or_default();
+                let Some(target) = by_id.get(instance) else {
+                    continue;
+                };
+                let status = inv.status().map(|s| s.as_str()).unwrap_or("unknown");
+                if status != "Success" {
+                    verified.unverified.push(format!("{instance} ({status})"));
+                    continue;
+                }
+                let output = inv
+                    .command_plugins()
+                    .first()
+                    .and_then(|p| p.output())
+                    .unwrap_or_default();
+                for drift in findings(instance, &target.records, stdout_of(output)) {
+                    let record = target
+                        .records
+                        .iter()
+                        .find(|r| r.bundle == drift.bundle)
+                        .expect("findings name the target's own bundles");
+                    marks
+                        .entry(record.tag.as_str())
+                        .or_default()
+                        .push(instance.to_string());
+                    verified.kinds.insert(record.kind);
+                    verified.drifted.push(drift);
+                }
+            }
+        }
+    }
+    for (tag, instances) in marks {
+        for chunk in instances.chunks(1000) {
+            ctx.ec2
+                .create_tags()
+                .set_resources(Some(chunk.to_vec()))
+                .tags(Tag::builder().key(tag).value(DRIFTED).build())
+                .send()
+                .await
+                .map_err(aws_error("ec2", "CreateTags"))?;
+        }
+    }
+    verified
+        .drifted
+        .sort_by(|a, b| (&a.instance, &a.bundle).cmp(&(&b.instance, &b.bundle)));
+    tracing::info!(
+        instances = verified.instances,
+        drifted = verified.drifted.len(),
+        unverified = verified.unverified.len(),
+        "verify done"
+    );
+    Ok(verified)
+}
+
+/// The running instances holding an installed hash of one of `records` that this stack may
+/// touch, each with the records it holds (a record already marked drifted is pushed anyway).
+async fn targets<'a>(ctx: &Context, stack: &str, records: &'a [Record]) -> Result<Vec<Target<'a>>> {
+    let mut out = Vec::new();
+    let mut pages = ctx
+        .ec2
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name("tag-key")
+                .set_values(Some(records.iter().map(|r| r.tag.clone()).collect()))
+                .build(),
+        )
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .values("running")
+                .build(),
+        )
+        .max_results(1000)
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(aws_error("ec2", "DescribeInstances"))?;
+        for i in page.reservations().iter().flat_map(|r| r.instances()) {
+            let tags: BTreeMap<&str, &str> = i
+                .tags()
+                .iter()
+                .filter_map(|t| Some((t.key()?, t.value()?)))
+                .collect();
+            let owner = tags.get(TAG_STACK).copied();
+            let held: Vec<&Record> = records
+                .iter()
+                .filter(|r| tags.get(r.tag.as_str()).is_some_and(|v| *v != DRIFTED))
+                .filter(|r| match owner {
+                    Some(o) => o == stack,
+                    None => r.per_stack,
+                })
+                .collect();
+            if !held.is_empty() {
+                out.push(Target {
+                    id: i.instance_id().unwrap_or_default().to_string(),
+                    records: held,
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+/// The drift an instance's verify output reports for the bundles it holds (lines for bundles
+/// it does not hold, sent to its batch for its neighbours, are ignored).
+fn findings(instance: &str, held: &[&Record], stdout: &str) -> Vec<Drift> {
+    let mut out = Vec::new();
+    for line in stdout.lines() {
+        // `VERDICT BUNDLE[ PATH<TAB>PATH...]`
+        let mut words = line.splitn(3, ' ');
+        let (Some(verdict), Some(bundle)) = (words.next(), words.next()) else {
+            continue;
+        };
+        if !held.iter().any(|r| r.bundle == bundle) {
+            continue;
+        }
+        let files: Vec<String> = words
+            .next()
+            .map(|paths| paths.split('\t').map(str::to_string).collect())
+            .unwrap_or_default();
+        match verdict {
+            "drifted" | "unrecorded" | "absent" => out.push(Drift {
+                instance: instance.to_string(),
+                bundle: bundle.to_string(),
+                files,
+            }),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(bundle: &str) -> Record {
+        Record {
+            tag: push::hash_tag(bundle),
+            bundle: bundle.into(),
+            kind: Kind::HostConfig,
+            per_stack: true,
+        }
+    }
+
+    #[test]
+    fn only_the_instances_own_bundles_are_reported() {
+        let (a, b) = (record("host_config.a"), record("prometheus"));
+        let out = "intact prometheus\ndrifted host_config.a /etc/a.conf\t/etc/b c.conf\ndrifted host_config.other /x\nunrecorded grafana\n";
+        assert_eq!(
+            findings("i-1", &[&a, &b], out),
+            [Drift {
+                instance: "i-1".into(),
+                bundle: "host_config.a".into(),
+                files: vec!["/etc/a.conf".into(), "/etc/b c.conf".into()],
+            }]
+        );
+        assert_eq!(
+            findings("i-1", &[&b], "unrecorded prometheus\n")[0]
+                .files
+                .len(),
+            0
+        );
+    }
+
+    /// The real scripts: a push leaves a manifest, and the verify finds an edit, a mode change
+    /// and a deletion, but not an untouched bundle.
+    #[test]
+    fn the_verify_script_finds_what_changed_since_the_push() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let bundle = |name: &str, files: &[&str]| push::Bundle {
+            name: name.into(),
+            files: files
+                .iter()
+                .map(|p| (p.to_string(), push::File::new(format!("{p}\n"))))
+                .collect(),
+            validate: Vec::new(),
+            reload: Vec::new(),
+        };
+        let run = |script: String| {
+            let out = std::process::Command::new("bash")
+                .arg("-c")
+                .arg(script)
+                .env("STACKWARDEN_ROOT", dir)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        };
+        run(bundle("one", &["/etc/one/a", "/etc/one/b c", "/etc/one/d"]).script());
+        run(bundle("two", &["/etc/two/a"]).script());
+        let names: BTreeSet<&str> = ["one", "two", "three"].into();
+        assert_eq!(
+            run(script(&names)),
+            "intact one\nabsent three\nintact two\n"
+        );
+        std::fs::write(dir.join("etc/one/a"), "edited\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            dir.join("etc/one/b c"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        std::fs::remove_file(dir.join("etc/one/d")).unwrap();
+        assert_eq!(
+            run(script(&names)),
+            "drifted one /etc/one/a\t/etc/one/b c\t/etc/one/d\nabsent three\nintact two\n"
+        );
+        std::fs::remove_file(dir.join("var/lib/stackwarden/two.files")).unwrap();
+        assert!(run(script(&names)).contains("unrecorded two\n"));
+    }
+}
