@@ -1,6 +1,7 @@
-//! The deploy/ files: the operator's own IAM policy allows every call the operator makes (a
-//! full scenario with every controller, from empty to pruned, under the lease once, counted by
-//! its `--stats`), and the
+//! The deploy/ files: the operator's own IAM policy allows every call the operator makes, with
+//! its resources and conditions as IAM evaluates them (a full scenario with every controller,
+//! from empty to pruned, under the lease once, with the emulator holding the operator to the
+//! policy), and the
 //! cloud-init and workflow files are valid YAML that carry the systemd unit and the commands.
 
 use std::collections::BTreeSet;
@@ -8,7 +9,9 @@ use std::path::Path;
 
 use aws_sdk_ec2::types::{InstanceType, ResourceType, Tag, TagSpecification};
 
-use crate::harness::{default_stack, path_str, stackwarden, Aws, Run};
+use stackwarden_emulator::{Enforce, Settings};
+
+use crate::harness::{default_stack, path_str, stackwarden_with, Aws, Run};
 
 fn deploy_file(name: &str) -> String {
     std::fs::read_to_string(
@@ -47,23 +50,34 @@ fn actions(run: &Run) -> BTreeSet<String> {
         .collect()
 }
 
-/// Whether an IAM action pattern (`*` wildcards) matches an action.
-fn matches(pattern: &str, action: &str) -> bool {
-    fn go(p: &[u8], a: &[u8]) -> bool {
-        match (p.first(), a.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => go(&p[1..], a) || (!a.is_empty() && go(p, &a[1..])),
-            (Some(x), Some(y)) if x.eq_ignore_ascii_case(y) => go(&p[1..], &a[1..]),
-            _ => false,
-        }
-    }
-    go(pattern.as_bytes(), action.as_bytes())
+/// The access key the operator signs with in the scenario: the emulator holds it to
+/// deploy/iam-policy.json.
+const OPERATOR: &str = "AKIAOPERATORPOLICY";
+
+/// The operator under its own policy, as `stackwarden ARGS DIR --stats`.
+fn operator(aws: &Aws, args: &[&str]) -> Run {
+    stackwarden_with(
+        Some(&aws.endpoint),
+        args,
+        &[("AWS_ACCESS_KEY_ID", OPERATOR)],
+    )
 }
 
+/// The full deploy scenario with the emulator evaluating deploy/iam-policy.json for every call
+/// the operator makes, as IAM would: each call's action on each resource it touches, with its
+/// request tags, the tags the resource has, the tag-on-create and `iam:PassRole` authorizations
+/// it implies. A call the policy does not allow is refused as AWS refuses it, and fails the run.
 #[tokio::test(flavor = "multi_thread")]
-async fn the_operators_policy_allows_every_call_it_makes() {
+async fn the_operators_policy_allows_every_call_it_makes_with_its_conditions() {
     // Without sandboxes, pushes succeed without running: this test is about the calls.
-    let aws = Aws::start();
+    let policy: serde_json::Value = serde_json::from_str(&deploy_file("iam-policy.json")).unwrap();
+    let aws = Aws::with(Settings {
+        enforce: Some(Enforce {
+            access_key: OPERATOR.into(),
+            policy,
+        }),
+        ..Settings::default()
+    });
     let ec2 = aws.ec2().await;
     ec2.run_instances()
         .image_id("ami-12c6146b")
@@ -134,7 +148,7 @@ async fn the_operators_policy_allows_every_call_it_makes() {
     );
     let d = path_str(dir.path());
     let mut seen = BTreeSet::new();
-    let cold = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]);
+    let cold = operator(&aws, &["reconcile", "--once", d]);
     cold.expect(0);
     seen.extend(actions(&cold));
     // Changes to every kind, then everything removed and pruned.
@@ -155,9 +169,16 @@ async fn the_operators_policy_allows_every_call_it_makes() {
             .replace("10.0.0.0/8", "10.1.0.0/16"),
     );
     // Under the lease (created on first use) as a CI job next to the daemon runs it.
-    let update = stackwarden(
-        Some(&aws.endpoint),
-        &["reconcile", "--once", "--lease", "stackwarden-lease", d],
+    let update = operator(
+        &aws,
+        &[
+            "reconcile",
+            "--once",
+            "--verify",
+            "--lease",
+            "stackwarden-lease",
+            d,
+        ],
     );
     update.expect(0);
     seen.extend(actions(&update));
@@ -180,25 +201,10 @@ async fn the_operators_policy_allows_every_call_it_makes() {
             ),
         );
     }
-    let prune = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", "--prune", d]);
+    let prune = operator(&aws, &["reconcile", "--once", "--prune", d]);
     prune.expect(0);
     seen.extend(actions(&prune));
 
-    let policy: serde_json::Value = serde_json::from_str(&deploy_file("iam-policy.json")).unwrap();
-    let allowed: Vec<String> = policy["Statement"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["Effect"] == "Allow")
-        .flat_map(|s| match &s["Action"] {
-            serde_json::Value::String(a) => vec![a.clone()],
-            serde_json::Value::Array(list) => list
-                .iter()
-                .map(|a| a.as_str().unwrap().to_string())
-                .collect(),
-            other => panic!("Action {other}"),
-        })
-        .collect();
     for wanted in [
         "ec2:TerminateInstances",
         "grafana:UpdatePermissions",
@@ -212,13 +218,20 @@ async fn the_operators_policy_allows_every_call_it_makes() {
             "the scenario should exercise {wanted}: {seen:?}"
         );
     }
-    let missing: Vec<&String> = seen
+    // Every call was the operator's or this test's; none of the operator's was refused.
+    let calls = aws.emulator.calls();
+    let refused: Vec<_> = calls
         .iter()
-        .filter(|a| !allowed.iter().any(|p| matches(p, a)))
+        .filter(|c| c.caller == OPERATOR && c.status == 403)
         .collect();
+    assert!(refused.is_empty(), "refused: {refused:?}");
     assert!(
-        missing.is_empty(),
-        "deploy/iam-policy.json does not allow {missing:?}"
+        calls
+            .iter()
+            .filter(|c| c.caller == OPERATOR && c.write)
+            .count()
+            > 50,
+        "the scenario's writes were the operator's"
     );
 }
 
@@ -251,11 +264,4 @@ fn cloud_init_carries_the_systemd_unit_and_the_workflow_runs_the_cli() {
     assert!(text.contains("stackwarden plan --stats desired"));
     assert!(text.contains("stackwarden reconcile --once --stats desired"));
     assert!(text.contains("GITHUB_STEP_SUMMARY"));
-}
-
-#[test]
-fn iam_action_patterns_match_like_iam() {
-    assert!(matches("ec2:Describe*", "ec2:DescribeInstances"));
-    assert!(matches("ssm:SendCommand", "ssm:sendcommand"));
-    assert!(!matches("ec2:Describe*", "ec2:RunInstances"));
 }

@@ -763,6 +763,131 @@ async fn a_sandboxed_script_calls_aws_as_its_instance_with_the_real_cli() {
     assert_eq!(fetches[0].status, 200);
 }
 
+/// A principal held to an IAM policy: each call is the authorizations AWS makes for it (the
+/// action on each resource, with request tags, resource tags, tag-on-create and PassRole),
+/// evaluated with the policy's conditions; what is not allowed is refused with AWS's error.
+#[tokio::test]
+async fn calls_are_held_to_an_enforced_policy_as_iam_evaluates_it() {
+    let policy = serde_json::json!({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["ec2:Describe*"], "Resource": "*"},
+        {"Effect": "Allow", "Action": ["ec2:RunInstances"], "Resource": "*",
+         "Condition": {"Null": {"aws:RequestTag/stackwarden:stack": "false"}}},
+        {"Effect": "Allow", "Action": "ec2:CreateTags", "Resource": "*",
+         "Condition": {"StringEquals": {"ec2:CreateAction": "RunInstances"}}},
+        {"Effect": "Allow", "Action": "ec2:TerminateInstances", "Resource": "*",
+         "Condition": {"Null": {"aws:ResourceTag/stackwarden:stack": "false"}}},
+        {"Effect": "Allow", "Action": "iam:PassRole", "Resource": "arn:aws:iam::*:role/allowed-*",
+         "Condition": {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}},
+    ]});
+    let aws = Aws::with(Settings {
+        enforce: Some(stackwarden_emulator::Enforce {
+            access_key: "AKIAHELD".into(),
+            policy,
+        }),
+        ..Settings::default()
+    });
+    let iam = aws.iam().await;
+    for (role, profile) in [("allowed-prometheus", "allowed"), ("other-role", "other")] {
+        iam.create_role()
+            .role_name(role)
+            .assume_role_policy_document(r#"{"Version":"2012-10-17","Statement":[]}"#)
+            .send()
+            .await
+            .unwrap();
+        iam.create_instance_profile()
+            .instance_profile_name(profile)
+            .send()
+            .await
+            .unwrap();
+        iam.add_role_to_instance_profile()
+            .instance_profile_name(profile)
+            .role_name(role)
+            .send()
+            .await
+            .unwrap();
+    }
+    let untagged = instances(&aws, 1, &[]).await;
+    let held = aws_sdk_ec2::Client::new(&aws.sdk_as("us-east-1", "AKIAHELD").await);
+    let run = |tags: &[(&str, &str)], profile: Option<&str>| {
+        let mut call = held
+            .run_instances()
+            .image_id("ami-12c6146b")
+            .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+            .min_count(1)
+            .max_count(1);
+        if !tags.is_empty() {
+            let mut spec = aws_sdk_ec2::types::TagSpecification::builder()
+                .resource_type(aws_sdk_ec2::types::ResourceType::Instance);
+            for (k, v) in tags {
+                spec = spec.tags(aws_sdk_ec2::types::Tag::builder().key(*k).value(*v).build());
+            }
+            call = call.tag_specifications(spec.build());
+        }
+        if let Some(p) = profile {
+            call = call.iam_instance_profile(
+                aws_sdk_ec2::types::IamInstanceProfileSpecification::builder()
+                    .name(p)
+                    .build(),
+            );
+        }
+        call.send()
+    };
+    // Without the tag the condition asks for in the request: refused, as EC2 refuses.
+    let refused = run(&[("Name", "x")], None).await.expect_err("untagged");
+    assert_eq!(refused.code(), Some("UnauthorizedOperation"));
+    assert!(
+        refused
+            .message()
+            .unwrap()
+            .contains("not authorized to perform: ec2:RunInstances on resource: arn:aws:ec2:us-east-1:123456789012:instance/*"),
+        "{refused:?}"
+    );
+    // Tagged, but passing a role the policy does not let it pass.
+    let refused = run(&[("stackwarden:stack", "s")], Some("other"))
+        .await
+        .expect_err("role");
+    assert!(
+        refused
+            .message()
+            .unwrap()
+            .contains("iam:PassRole on resource: arn:aws:iam::123456789012:role/other-role"),
+        "{refused:?}"
+    );
+    let launched = run(&[("stackwarden:stack", "s")], Some("allowed"))
+        .await
+        .unwrap();
+    let mine = launched.instances()[0].instance_id().unwrap().to_string();
+    // Changes only to what carries the tag.
+    assert_eq!(
+        code(
+            held.terminate_instances()
+                .instance_ids(&untagged[0])
+                .send()
+                .await
+        ),
+        "UnauthorizedOperation"
+    );
+    held.terminate_instances()
+        .instance_ids(&mine)
+        .send()
+        .await
+        .unwrap();
+    // Another principal is not held to it.
+    aws.ec2()
+        .await
+        .terminate_instances()
+        .instance_ids(&untagged[0])
+        .send()
+        .await
+        .unwrap();
+    let calls = aws.emulator.calls();
+    let refusals = calls
+        .iter()
+        .filter(|c| c.caller == "AKIAHELD" && c.status == 403)
+        .count();
+    assert_eq!(refusals, 3);
+}
+
 #[tokio::test]
 async fn a_failing_script_is_a_failed_invocation_carrying_its_stderr() {
     let aws = Aws::start();

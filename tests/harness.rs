@@ -48,11 +48,16 @@ impl Aws {
 
     /// SDK settings for another region than the tests' usual us-east-1.
     pub async fn sdk_in(&self, region: &'static str) -> aws_config::SdkConfig {
+        self.sdk_as(region, "testing").await
+    }
+
+    /// SDK settings signing with another access key (one the emulator may hold to a policy).
+    pub async fn sdk_as(&self, region: &'static str, access_key: &str) -> aws_config::SdkConfig {
         aws_config::defaults(aws_config::BehaviorVersion::latest())
             .endpoint_url(&self.endpoint)
             .region(aws_config::Region::new(region))
             .credentials_provider(aws_sdk_iam::config::Credentials::new(
-                "testing", "testing", None, None, "test",
+                access_key, "testing", None, None, "test",
             ))
             // Errors are what the conformance tests look at: no retries hiding them.
             .retry_config(aws_config::retry::RetryConfig::disabled())

@@ -765,8 +765,9 @@ async fn the_stack_region_wins_over_the_environment_and_a_contradicting_flag_is_
 /// IAM stores a trust policy in its own form: an account id given as a principal comes back as
 /// the account's root ARN (the emulator rewrites it as IAM does). That form is the desired one,
 /// not drift: after the role is made, `plan` finds nothing, and a second pass writes nothing.
+/// Nor is a customer managed policy stored in an equivalent form.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_trust_policy_in_iams_stored_form_is_not_drift() {
+async fn a_trust_policy_and_a_managed_policy_in_iams_stored_forms_are_not_drift() {
     let aws = Aws::start();
     let dir = default_stack();
     let d = path_str(dir.path());
@@ -799,4 +800,50 @@ async fn a_trust_policy_in_iams_stored_form_is_not_drift() {
     let again = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]);
     again.expect(0);
     assert_eq!(again.calls().1, 0, "no write:\n{}", again.stderr);
+
+    // A customer managed policy whose default version holds the same statements in another of
+    // IAM's equivalent forms (a scalar for a one-element list, no Sid order, compact JSON) is
+    // not drift either.
+    let iam = aws.iam().await;
+    let policies = iam
+        .list_policies()
+        .scope(aws_sdk_iam::types::PolicyScopeType::Local)
+        .send()
+        .await
+        .unwrap();
+    let remote_write = policies
+        .policies()
+        .iter()
+        .find(|p| p.policy_name().unwrap().contains("remote_write"))
+        .expect("the remote-write policy");
+    let arn = remote_write.arn().unwrap();
+    let version = iam
+        .get_policy_version()
+        .policy_arn(arn)
+        .version_id(remote_write.default_version_id().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let current = stackwarden_controllers::policy::decode(
+        version.policy_version().unwrap().document().unwrap(),
+    )
+    .unwrap();
+    let workspace = current["Statement"][0]["Resource"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let equivalent = serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": {"Effect": "Allow", "Resource": [workspace], "Action": "aps:RemoteWrite", "Sid": "RemoteWrite"},
+    });
+    iam.create_policy_version()
+        .policy_arn(arn)
+        .policy_document(equivalent.to_string())
+        .set_as_default(true)
+        .send()
+        .await
+        .unwrap();
+    let plan = stackwarden(Some(&aws.endpoint), &["plan", d]);
+    plan.expect(0);
+    assert!(plan.stdout.contains("No changes"), "{}", plan.stdout);
 }

@@ -17,6 +17,7 @@
 
 mod admin;
 mod alertmanager;
+mod authorize;
 mod faults;
 mod grafana;
 mod moto;
@@ -35,6 +36,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
+pub use authorize::Enforce;
 pub use faults::{Fault, FaultKind};
 pub use moto::Backend;
 pub use route::Call;
@@ -79,6 +81,9 @@ pub struct Settings {
     /// registered): SendCommand naming it fails with `InvalidInstanceId`.
     #[serde(with = "millis")]
     pub ssm_registration: Duration,
+    /// Holds the calls signed with one access key to an IAM policy, evaluated as IAM does
+    /// (`authorize.rs`): what it does not allow is refused with AWS's access-denied error.
+    pub enforce: Option<Enforce>,
 }
 
 impl Default for Settings {
@@ -93,6 +98,7 @@ impl Default for Settings {
             seed: 1,
             profile_propagation: Duration::ZERO,
             ssm_registration: Duration::ZERO,
+            enforce: None,
         }
     }
 }

@@ -124,7 +124,7 @@ impl Moto {
     }
 
     /// A query-protocol call to moto on behalf of a caller (same credentials and region).
-    async fn query(
+    pub(crate) async fn query(
         &self,
         caller: &Incoming,
         service: &str,
@@ -506,14 +506,14 @@ pub(crate) struct BalancerSettings {
     pub security_groups: BTreeSet<String>,
 }
 
-fn child_text(node: roxmltree::Node, tag: &str) -> Option<String> {
+pub(crate) fn child_text(node: roxmltree::Node, tag: &str) -> Option<String> {
     node.children()
         .find(|n| n.has_tag_name(tag))
         .and_then(|n| n.text())
         .map(str::to_string)
 }
 
-fn xml(text: &str) -> Result<roxmltree::Document<'_>, ApiError> {
+pub(crate) fn xml(text: &str) -> Result<roxmltree::Document<'_>, ApiError> {
     roxmltree::Document::parse(text)
         .map_err(|e| ApiError::internal(format!("moto's answer is not XML: {e}")))
 }

@@ -257,6 +257,9 @@ async fn handle(Extract(state): Extract<Arc<State>>, req: http::Request<Body>) -
 }
 
 async fn dispatch(state: &Arc<State>, req: &Incoming) -> Response {
+    if let Err(e) = crate::authorize::check(state, req).await {
+        return e.render(req.protocol);
+    }
     if let Err(e) = crate::strict::check(state, req).await {
         return e.render(req.protocol);
     }
