@@ -47,7 +47,7 @@ use base64::Engine as _;
 use super::provisioning::{self, PasswordVersion};
 use super::{GrafanaSpec, PasswordSource, ALB, INSTANCES};
 use crate::change::{removal, Action, Change};
-use crate::controller::{wait_until, Context, Controller, Progress};
+use crate::controller::{Context, Controller};
 use crate::desired::{parse_duration, DesiredState, Resource, Spec, TAG_ID, TAG_STACK};
 use crate::ec2::{locate_subnet, resolve_ami, tag_map, tag_spec};
 use crate::error::{aws_error, Error, ErrorClass, Result};
@@ -890,25 +890,36 @@ impl Controller for GrafanaController {
                 send(ctx, push, instances, &controls).await?
             }
             Op::DeleteGroup { group } => {
-                asg.delete_auto_scaling_group()
-                    .auto_scaling_group_name(group)
-                    .force_delete(true)
-                    .send()
-                    .await
-                    .map_err(aws_error("autoscaling", "DeleteAutoScalingGroup"))?;
-                wait_until(ctx, &format!("group {group} to be deleted"), || async {
-                    let out = asg
-                        .describe_auto_scaling_groups()
+                // AWS deletes a group (and terminates its instances) over minutes; until it is
+                // gone the load balancer and target group it uses stay, and a later pass
+                // deletes them. A deletion under way is not asked for again.
+                let status = |out: &aws_sdk_autoscaling::operation::describe_auto_scaling_groups::DescribeAutoScalingGroupsOutput| {
+                    out.auto_scaling_groups()
+                        .first()
+                        .map(|g| g.status().unwrap_or("deleting").to_string())
+                };
+                let describe = || async {
+                    asg.describe_auto_scaling_groups()
                         .auto_scaling_group_names(group)
                         .send()
                         .await
-                        .map_err(aws_error("autoscaling", "DescribeAutoScalingGroups"))?;
-                    Ok(match out.auto_scaling_groups().first() {
-                        None => Progress::Done(()),
-                        Some(g) => Progress::Waiting(g.status().unwrap_or("deleting").to_string()),
-                    })
-                })
-                .await?;
+                        .map_err(aws_error("autoscaling", "DescribeAutoScalingGroups"))
+                };
+                let before = status(&describe().await?);
+                if before.as_ref().is_some_and(|s| s != "Delete in progress") {
+                    asg.delete_auto_scaling_group()
+                        .auto_scaling_group_name(group)
+                        .force_delete(true)
+                        .send()
+                        .await
+                        .map_err(aws_error("autoscaling", "DeleteAutoScalingGroup"))?;
+                }
+                if before.is_some() && status(&describe().await?).is_some() {
+                    return Err(Error::waiting(
+                        format!("group {group} is being deleted with its instances; its load balancer and target group go after it"),
+                        std::time::Duration::from_secs(15),
+                    ));
+                }
             }
             Op::DeleteBalancer { balancer } => {
                 elb.delete_load_balancer()

@@ -13,6 +13,11 @@
 //! - A config is pushed only when the hash recorded on the instance (tag
 //!   `stackwarden:prometheus`) differs from the desired bundle's, so a converged pass sends no
 //!   SSM command. The tag is written only after the push succeeded on the host.
+//! - Nothing waits inside a pass: an instance starting or stopping, a volume being created or
+//!   still attached answers "waiting, look again" ([`Error::Waiting`]), and the next pass takes
+//!   the next step from what it observes (launch; create each data volume; attach it once
+//!   available; push the config; a type change stops the instance, then sets the type and
+//!   starts it).
 //! - Every object is found by tag before anything is created, so a crash between two steps of
 //!   a launch leaves objects the next pass completes. Should a launch be repeated anyway (moto
 //!   ignores the RunInstances client token), the second instance is seen and terminated: the
@@ -26,13 +31,13 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use aws_sdk_ec2::types::{
     Filter, HttpTokensState, IamInstanceProfileSpecification, InstanceMetadataOptionsRequest,
-    InstanceStateName, InstanceType, ResourceType, Tag, VolumeType,
+    InstanceType, ResourceType, Tag, VolumeType,
 };
 use base64::Engine as _;
 
 use super::{HostSpec, VolumeSpec};
 use crate::change::{removal, Action, Change};
-use crate::controller::{wait_until, Context, Controller, Progress};
+use crate::controller::{Context, Controller};
 use crate::desired::{DesiredState, Resource, Spec, TAG_STACK};
 use crate::ec2::{ec2_tags, locate_subnet, resolve_ami, tag_map, tag_spec};
 use crate::error::{aws_error, Error, Result};
@@ -49,6 +54,10 @@ fn prometheus_tag() -> String {
 
 /// Volume tag: the device the volume belongs at.
 pub const TAG_DEVICE: &str = "stackwarden:device";
+
+/// How soon to look again at an instance or volume changing state: EC2 takes seconds to tens of
+/// seconds for each.
+const STATE_CHANGE: std::time::Duration = std::time::Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------------------------
 // Observed state
@@ -71,6 +80,8 @@ pub struct ObservedInstance {
 #[derive(Debug, Clone, Default)]
 pub struct ObservedVolume {
     pub id: String,
+    /// `creating`, `available`, `in-use`, ...
+    pub state: String,
     pub size: i32,
     pub volume_type: String,
     pub iops: Option<i32>,
@@ -153,13 +164,12 @@ pub struct VolumePlan {
     pub tags: Tags,
 }
 
-/// Everything a new (or replacement) instance needs, in one operation: the next steps need the
-/// ids the earlier ones create.
+/// A new (or replacement) instance. Its data volumes and config follow in the passes after it
+/// runs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Launch {
     /// The host's security group (its own node).
     pub group: String,
-    pub volumes: Vec<VolumePlan>,
     pub ami: String,
     pub instance_type: String,
     /// None: the default VPC's default subnet in the region's first zone.
@@ -168,7 +178,6 @@ pub struct Launch {
     pub user_data: Option<String>,
     pub key_name: Option<String>,
     pub tags: Tags,
-    pub push: Option<Prepared>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -177,8 +186,12 @@ pub enum Op {
     Start {
         instance: String,
     },
-    /// Stop, change the type, start: in place.
-    Resize {
+    /// Stops a running instance whose type is to change (a type changes only while stopped).
+    Stop {
+        instance: String,
+    },
+    /// Changes a stopped instance's type.
+    SetType {
         instance: String,
         instance_type: String,
     },
@@ -187,7 +200,7 @@ pub enum Op {
         instance: String,
         groups: Vec<String>,
     },
-    /// Creates (or takes the existing) volume and attaches it.
+    /// Attaches the existing volume, or creates it (attached by a later pass, once available).
     AttachVolume {
         instance: String,
         zone: String,
@@ -345,6 +358,10 @@ impl Controller for HostController {
                 });
                 obs.volumes.push(ObservedVolume {
                     id: v.volume_id().unwrap_or_default().into(),
+                    state: v
+                        .state()
+                        .map(|s| s.as_str().to_string())
+                        .unwrap_or_default(),
                     size: v.size().unwrap_or_default(),
                     volume_type: v
                         .volume_type()
@@ -370,7 +387,8 @@ impl Controller for HostController {
         desired
             .of_kind(Kind::Host)
             .filter_map(|r| {
-                let i = obs.instance(desired, r)?;
+                // A starting instance has no public address yet: its outputs wait for it.
+                let i = obs.instance(desired, r).filter(|i| i.state != "pending")?;
                 let out = Outputs::from([
                     ("instance_id".into(), i.id.clone()),
                     ("private_ip".into(), i.private_ip.clone()),
@@ -439,7 +457,6 @@ impl Controller for HostController {
             }
             c.op(Op::Launch(Box::new(Launch {
                 group,
-                volumes,
                 ami: refs.render(&s.ami).value,
                 instance_type: s.instance_type.clone(),
                 subnet,
@@ -447,10 +464,15 @@ impl Controller for HostController {
                 user_data: s.loaded_user_data.clone(),
                 key_name: s.key_name.clone(),
                 tags,
-                push,
             })));
             return Ok(Some(c));
         };
+        if matches!(inst.state.as_str(), "pending" | "stopping") {
+            return Err(Error::waiting(
+                format!("instance {} is {}", inst.id, inst.state),
+                STATE_CHANGE,
+            ));
+        }
 
         let mut c = Change::new(
             r.id.clone(),
@@ -483,26 +505,39 @@ impl Controller for HostController {
                 inst.image_id
             ));
         }
-        match inst.state.as_str() {
-            "stopped" | "stopping" => {
-                c.field("state", Some(inst.state.clone()), Some("running".into()));
-                c.op(Op::Start {
-                    instance: inst.id.clone(),
-                });
-            }
-            _ => {}
-        }
+        let stopped = inst.state == "stopped";
         if inst.instance_type != s.instance_type {
             c.field(
                 "instance_type",
                 Some(inst.instance_type.clone()),
                 Some(s.instance_type.clone()),
             );
-            c.op(Op::Resize {
+            if stopped {
+                c.op(Op::SetType {
+                    instance: inst.id.clone(),
+                    instance_type: s.instance_type.clone(),
+                });
+            } else {
+                c.notes.push(
+                    "the type changes while the instance is stopped: it is stopped, then started with the new type".into(),
+                );
+                c.op(Op::Stop {
+                    instance: inst.id.clone(),
+                });
+            }
+        }
+        if stopped {
+            c.field("state", Some(inst.state.clone()), Some("running".into()));
+            c.op(Op::Start {
                 instance: inst.id.clone(),
-                instance_type: s.instance_type.clone(),
             });
         }
+        // Volumes and the config go to a running instance: after a stop or a start, a later pass
+        // sees to them.
+        let changing_state = c
+            .ops
+            .iter()
+            .any(|op| matches!(op, Op::Stop { .. } | Op::Start { .. }));
         c.tags(
             &inst.tags,
             &tags,
@@ -526,7 +561,7 @@ impl Controller for HostController {
                 groups: vec![group],
             });
         }
-        for v in &s.volumes {
+        for v in s.volumes.iter().filter(|_| !changing_state) {
             let want = volume_plan(desired, r, v);
             match obs.volume(desired, r, &v.device) {
                 None => {
@@ -568,6 +603,15 @@ impl Controller for HostController {
                     }
                     let attached_here =
                         have.attachment.as_ref().is_some_and(|(i, _)| i == &inst.id);
+                    if !attached_here && have.state != "available" {
+                        return Err(Error::waiting(
+                            format!(
+                                "volume {} ({}) is {}; it is attached once available",
+                                have.id, v.device, have.state
+                            ),
+                            STATE_CHANGE,
+                        ));
+                    }
                     if !attached_here {
                         c.field(
                             format!("volume {}", v.device),
@@ -586,7 +630,7 @@ impl Controller for HostController {
                 }
             }
         }
-        if let Some(p) = push {
+        if let Some(p) = push.filter(|_| !changing_state) {
             let installed = inst.tags.get(&p.hash_tag());
             if installed != Some(&p.hash) {
                 c.field(
@@ -659,25 +703,35 @@ impl Controller for HostController {
     async fn apply(&self, ctx: &Context, op: &Op) -> Result<Option<Outputs>> {
         let ec2 = &ctx.ec2;
         match op {
-            Op::Launch(l) => return launch(ctx, l).await.map(Some),
+            Op::Launch(l) => launch(ctx, l).await?,
+            // A state change is under way when the call returns: the host answers waiting, and
+            // the pass that sees the new state takes the next step.
             Op::Start { instance } => {
                 ec2.start_instances()
                     .instance_ids(instance)
                     .send()
                     .await
                     .map_err(aws_error("ec2", "StartInstances"))?;
-                wait_state(ctx, instance, InstanceStateName::Running).await?;
+                return Err(Error::waiting(
+                    format!("instance {instance} is starting"),
+                    STATE_CHANGE,
+                ));
             }
-            Op::Resize {
-                instance,
-                instance_type,
-            } => {
+            Op::Stop { instance } => {
                 ec2.stop_instances()
                     .instance_ids(instance)
                     .send()
                     .await
                     .map_err(aws_error("ec2", "StopInstances"))?;
-                wait_state(ctx, instance, InstanceStateName::Stopped).await?;
+                return Err(Error::waiting(
+                    format!("instance {instance} is stopping to change its type"),
+                    STATE_CHANGE,
+                ));
+            }
+            Op::SetType {
+                instance,
+                instance_type,
+            } => {
                 ec2.modify_instance_attribute()
                     .instance_id(instance)
                     .instance_type(
@@ -688,12 +742,6 @@ impl Controller for HostController {
                     .send()
                     .await
                     .map_err(aws_error("ec2", "ModifyInstanceAttribute"))?;
-                ec2.start_instances()
-                    .instance_ids(instance)
-                    .send()
-                    .await
-                    .map_err(aws_error("ec2", "StartInstances"))?;
-                wait_state(ctx, instance, InstanceStateName::Running).await?;
             }
             Op::SetGroups { instance, groups } => {
                 ec2.modify_instance_attribute()
@@ -757,29 +805,16 @@ impl Controller for HostController {
                     .send()
                     .await
                     .map_err(aws_error("ec2", "TerminateInstances"))?;
-                wait_state(ctx, instance, InstanceStateName::Terminated).await?;
             }
             Op::DeleteVolume { volume } => {
-                wait_until(ctx, &format!("volume {volume} to be detached"), || async {
-                    let out = ec2
-                        .describe_volumes()
-                        .volume_ids(volume)
-                        .send()
-                        .await
-                        .map_err(aws_error("ec2", "DescribeVolumes"))?;
-                    let state = out
-                        .volumes()
-                        .first()
-                        .and_then(|v| v.state())
-                        .map(|s| s.as_str().to_string())
-                        .unwrap_or_default();
-                    Ok(if state == "in-use" {
-                        Progress::Waiting(state)
-                    } else {
-                        Progress::Done(())
-                    })
-                })
-                .await?;
+                // Still attached to an instance being terminated: EC2 frees it shortly.
+                let state = volume_state(ctx, volume).await?;
+                if state == "in-use" {
+                    return Err(Error::waiting(
+                        format!("volume {volume} is still attached; it is deleted once free"),
+                        STATE_CHANGE,
+                    ));
+                }
                 ec2.delete_volume()
                     .volume_id(volume)
                     .send()
@@ -791,34 +826,25 @@ impl Controller for HostController {
     }
 }
 
-async fn wait_state(ctx: &Context, instance: &str, want: InstanceStateName) -> Result<()> {
-    wait_until(
-        ctx,
-        &format!("instance {instance} to be {}", want.as_str()),
-        || async {
-            let out = ctx
-                .ec2
-                .describe_instances()
-                .instance_ids(instance)
-                .send()
-                .await
-                .map_err(aws_error("ec2", "DescribeInstances"))?;
-            let state = out
-                .reservations()
-                .iter()
-                .flat_map(|r| r.instances())
-                .find_map(|i| i.state().and_then(|s| s.name()).cloned());
-            Ok(match state {
-                Some(s) if s == want => Progress::Done(()),
-                Some(s) => Progress::Waiting(s.as_str().to_string()),
-                None => Progress::Waiting("unknown".into()),
-            })
-        },
-    )
-    .await
+/// A volume's state (`creating`, `available`, `in-use`, ...).
+async fn volume_state(ctx: &Context, volume: &str) -> Result<String> {
+    let out = ctx
+        .ec2
+        .describe_volumes()
+        .volume_ids(volume)
+        .send()
+        .await
+        .map_err(aws_error("ec2", "DescribeVolumes"))?;
+    Ok(out
+        .volumes()
+        .first()
+        .and_then(|v| v.state())
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_default())
 }
 
-async fn launch(ctx: &Context, l: &Launch) -> Result<Outputs> {
+/// Launches the instance; its volumes and config follow once it runs, in later passes.
+async fn launch(ctx: &Context, l: &Launch) -> Result<()> {
     let ec2 = &ctx.ec2;
     let (subnet, _) = locate_subnet(ctx, l.subnet.as_deref()).await?;
     let ami = resolve_ami(ctx, &l.ami).await?;
@@ -855,100 +881,52 @@ async fn launch(ctx: &Context, l: &Launch) -> Result<Outputs> {
         .first()
         .ok_or_else(|| Error::Invalid("RunInstances returned no instance".into()))?;
     let id = inst.instance_id().unwrap_or_default().to_string();
-    let zone = inst
-        .placement()
-        .and_then(|p| p.availability_zone())
-        .unwrap_or_default()
-        .to_string();
     tracing::info!(instance = %id, "launched instance");
-    wait_state(ctx, &id, InstanceStateName::Running).await?;
-    for v in &l.volumes {
-        attach_volume(ctx, &id, &zone, v).await?;
-    }
-    let described = ec2
-        .describe_instances()
-        .instance_ids(&id)
-        .send()
-        .await
-        .map_err(aws_error("ec2", "DescribeInstances"))?;
-    let i = described
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances())
-        .next();
-    let outputs = Outputs::from([
-        ("instance_id".into(), id.clone()),
-        (
-            "private_ip".into(),
-            i.and_then(|i| i.private_ip_address())
-                .unwrap_or_default()
-                .into(),
-        ),
-        (
-            "public_ip".into(),
-            i.and_then(|i| i.public_ip_address())
-                .unwrap_or_default()
-                .into(),
-        ),
-        (
-            "private_dns".into(),
-            i.and_then(|i| i.private_dns_name())
-                .unwrap_or_default()
-                .into(),
-        ),
-    ]);
-    if let Some(p) = &l.push {
-        send(ctx, p, std::slice::from_ref(&id), &Controls::default()).await?;
-    }
-    Ok(outputs)
+    Err(Error::waiting(
+        format!("instance {id} launched; its data volumes and config follow once it runs"),
+        STATE_CHANGE,
+    ))
 }
 
-/// Attaches a data volume, creating it first (in the instance's zone) unless it exists.
+/// Attaches a data volume that is available, or creates it in the instance's zone (a later
+/// pass attaches it once it is available).
 async fn attach_volume(ctx: &Context, instance: &str, zone: &str, v: &VolumePlan) -> Result<()> {
     let ec2 = &ctx.ec2;
-    let volume = match &v.existing {
-        Some(id) => id.clone(),
-        None => {
-            let out = ec2
-                .create_volume()
-                .availability_zone(zone)
-                .size(v.size)
-                .volume_type(VolumeType::from(v.volume_type.as_str()))
-                .set_iops(v.iops)
-                .set_throughput(v.throughput)
-                .encrypted(v.encrypted)
-                .set_kms_key_id(v.kms_key_id.clone())
-                .tag_specifications(tag_spec(ResourceType::Volume, &v.tags))
-                .send()
-                .await
-                .map_err(aws_error("ec2", "CreateVolume"))?;
-            out.volume_id().unwrap_or_default().to_string()
-        }
-    };
-    wait_until(ctx, &format!("volume {volume} to be available"), || async {
+    let Some(volume) = &v.existing else {
         let out = ec2
-            .describe_volumes()
-            .volume_ids(&volume)
+            .create_volume()
+            .availability_zone(zone)
+            .size(v.size)
+            .volume_type(VolumeType::from(v.volume_type.as_str()))
+            .set_iops(v.iops)
+            .set_throughput(v.throughput)
+            .encrypted(v.encrypted)
+            .set_kms_key_id(v.kms_key_id.clone())
+            .tag_specifications(tag_spec(ResourceType::Volume, &v.tags))
             .send()
             .await
-            .map_err(aws_error("ec2", "DescribeVolumes"))?;
-        let state = out
-            .volumes()
-            .first()
-            .and_then(|v| v.state())
-            .map(|s| s.as_str().to_string())
-            .unwrap_or_default();
-        Ok(if state == "available" {
-            Progress::Done(())
-        } else {
-            Progress::Waiting(state)
-        })
-    })
-    .await?;
-    ec2.attach_volume()
-        .volume_id(&volume)
+            .map_err(aws_error("ec2", "CreateVolume"))?;
+        let id = out.volume_id().unwrap_or_default();
+        if out.state().map(|s| s.as_str()) != Some("available") {
+            return Err(Error::waiting(
+                format!(
+                    "volume {id} ({}) created; it is attached once available",
+                    v.device
+                ),
+                STATE_CHANGE,
+            ));
+        }
+        return attach(ctx, id, instance, &v.device).await;
+    };
+    attach(ctx, volume, instance, &v.device).await
+}
+
+async fn attach(ctx: &Context, volume: &str, instance: &str, device: &str) -> Result<()> {
+    ctx.ec2
+        .attach_volume()
+        .volume_id(volume)
         .instance_id(instance)
-        .device(&v.device)
+        .device(device)
         .send()
         .await
         .map_err(aws_error("ec2", "AttachVolume"))?;
@@ -992,6 +970,7 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
             }],
             volumes: vec![ObservedVolume {
                 id: "vol-1".into(),
+                state: "in-use".into(),
                 size: 100,
                 volume_type: "gp3".into(),
                 attachment: Some(("i-1".into(), "/dev/sdf".into())),
@@ -1024,8 +1003,14 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         };
         assert_eq!(l.group, "sg-1", "its security group node's");
         assert_eq!(l.subnet.as_deref(), Some("subnet-1"));
-        assert_eq!(l.volumes[0].existing, None);
         assert_eq!(l.tags.get("Name").map(String::as_str), Some("s-prom"));
+        // The volume is shown; it is created by the pass after the instance runs.
+        let volume = c
+            .fields
+            .iter()
+            .find(|f| f.field == "volume /dev/sdf")
+            .unwrap();
+        assert_eq!(volume.after.as_deref(), Some("100 GiB gp3"));
     }
 
     #[test]
@@ -1038,7 +1023,12 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
             panic!("{:?}", c.ops)
         };
         assert_eq!(l.group, "sg-1");
-        assert_eq!(l.volumes[0].existing.as_deref(), Some("vol-1"));
+        let volume = c
+            .fields
+            .iter()
+            .find(|f| f.field == "volume /dev/sdf")
+            .unwrap();
+        assert_eq!(volume.after.as_deref(), Some("vol-1 (kept)"));
     }
 
     #[test]
@@ -1047,13 +1037,57 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         o.instances[0].state = "stopped".into();
         o.instances[0].instance_type = "t3.small".into();
         o.instances[0].security_groups = vec!["sg-1".into(), "sg-open".into()];
+        o.volumes[0].attachment = None;
         let c = diff(spec(HOST), &o).unwrap().unwrap();
         assert!(
             matches!(
                 &c.ops[..],
-                [Op::Start { .. }, Op::Resize { instance_type, .. }, Op::SetGroups { groups, .. }]
+                [Op::SetType { instance_type, .. }, Op::Start { .. }, Op::SetGroups { groups, .. }]
                     if instance_type == "t3.medium" && groups == &["sg-1".to_string()]
             ),
+            "the volume waits for the instance to run: {:?}",
+            c.ops
+        );
+    }
+
+    /// A type change goes one state at a time, each pass taking the next step from what it
+    /// sees; nothing waits inside a pass.
+    #[test]
+    fn a_type_change_stops_then_sets_the_type_and_starts_and_transitions_wait() {
+        let mut o = observed();
+        o.instances[0].instance_type = "t3.small".into();
+        let c = diff(spec(HOST), &o).unwrap().unwrap();
+        assert!(matches!(&c.ops[..], [Op::Stop { .. }]), "{:?}", c.ops);
+        for state in ["stopping", "pending"] {
+            o.instances[0].state = state.into();
+            let Err(e) = diff(spec(HOST), &o) else {
+                panic!("{state}: not waiting")
+            };
+            assert_eq!(e.class(), crate::error::ErrorClass::Waiting, "{state}");
+            assert_eq!(e.to_string(), format!("waiting: instance i-1 is {state}"));
+        }
+        o.instances[0].state = "stopped".into();
+        let c = diff(spec(HOST), &o).unwrap().unwrap();
+        assert!(
+            matches!(&c.ops[..], [Op::SetType { .. }, Op::Start { .. }]),
+            "{:?}",
+            c.ops
+        );
+    }
+
+    #[test]
+    fn a_volume_not_yet_available_is_waited_for() {
+        let mut o = observed();
+        o.volumes[0].attachment = None;
+        o.volumes[0].state = "creating".into();
+        let Err(e) = diff(spec(HOST), &o) else {
+            panic!("not waiting")
+        };
+        assert_eq!(e.class(), crate::error::ErrorClass::Waiting);
+        o.volumes[0].state = "available".into();
+        let c = diff(spec(HOST), &o).unwrap().unwrap();
+        assert!(
+            matches!(&c.ops[..], [Op::AttachVolume { .. }]),
             "{:?}",
             c.ops
         );
@@ -1064,6 +1098,7 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         let mut o = observed();
         o.volumes[0].size = 50;
         o.volumes[0].attachment = None;
+        o.volumes[0].state = "available".into();
         let c = diff(spec(HOST), &o).unwrap().unwrap();
         assert!(
             matches!(&c.ops[..], [Op::ModifyVolume { size: 100, .. }, Op::AttachVolume { volume, .. }] if volume.existing.as_deref() == Some("vol-1"))

@@ -35,7 +35,7 @@ use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::moto::{child_text, xml};
+use crate::moto::{child_text, ec2_query, xml};
 use crate::route::Incoming;
 use crate::wire::{ApiError, Protocol};
 use crate::State;
@@ -675,13 +675,7 @@ impl crate::moto::Moto {
         caller: &Incoming,
         id: &str,
     ) -> Result<Vec<(String, String)>, ApiError> {
-        let params = [
-            ("Action", "DescribeTags"),
-            ("Version", "2016-11-15"),
-            ("Filter.1.Name", "resource-id"),
-            ("Filter.1.Value.1", id),
-        ]
-        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let params = ec2_query("DescribeTags", &[("resource-id", &[id])]);
         let text = self.query(caller, "ec2", &params).await?;
         let doc = xml(&text)?;
         Ok(doc

@@ -152,22 +152,12 @@ impl Moto {
         caller: &Incoming,
         filters: &[(String, Vec<String>)],
     ) -> Result<Vec<Instance>, ApiError> {
-        let mut params = vec![
-            ("Action".to_string(), "DescribeInstances".to_string()),
-            ("Version".to_string(), "2016-11-15".to_string()),
-            (
-                "Filter.1.Name".to_string(),
-                "instance-state-name".to_string(),
-            ),
-            ("Filter.1.Value.1".to_string(), "running".to_string()),
-        ];
-        for (i, (name, values)) in filters.iter().enumerate() {
-            params.push((format!("Filter.{}.Name", i + 2), name.clone()));
-            for (j, v) in values.iter().enumerate() {
-                params.push((format!("Filter.{}.Value.{}", i + 2, j + 1), v.clone()));
-            }
-        }
-        let text = self.query(caller, "ec2", &params).await?;
+        let running = ["running".to_string()];
+        let mut all: Vec<(&str, &[String])> = vec![("instance-state-name", &running)];
+        all.extend(filters.iter().map(|(n, v)| (n.as_str(), v.as_slice())));
+        let text = self
+            .query(caller, "ec2", &ec2_query("DescribeInstances", &all))
+            .await?;
         let doc = xml(&text)?;
         let mut instances = Vec::new();
         for node in doc
@@ -198,19 +188,7 @@ impl Moto {
         caller: &Incoming,
         group: &str,
     ) -> Result<Vec<String>, ApiError> {
-        let ec2 = |action: &str, filters: &[(&str, &[&str])]| {
-            let mut params = vec![
-                ("Action".to_string(), action.to_string()),
-                ("Version".to_string(), "2016-11-15".to_string()),
-            ];
-            for (i, (name, values)) in filters.iter().enumerate() {
-                params.push((format!("Filter.{}.Name", i + 1), name.to_string()));
-                for (j, v) in values.iter().enumerate() {
-                    params.push((format!("Filter.{}.Value.{}", i + 1, j + 1), v.to_string()));
-                }
-            }
-            params
-        };
+        let ec2 = ec2_query::<&str>;
         let mut dependents = Vec::new();
         let alive: &[&str] = &["pending", "running", "stopping", "stopped", "shutting-down"];
         let text = self
@@ -504,6 +482,27 @@ pub(crate) struct BalancerSettings {
     pub kind: String,
     pub subnets: BTreeSet<String>,
     pub security_groups: BTreeSet<String>,
+}
+
+/// An EC2 query with filters (`Filter.N.Name`, `Filter.N.Value.M`).
+pub(crate) fn ec2_query<V: AsRef<str>>(
+    action: &str,
+    filters: &[(&str, &[V])],
+) -> Vec<(String, String)> {
+    let mut params = vec![
+        ("Action".to_string(), action.to_string()),
+        ("Version".to_string(), "2016-11-15".to_string()),
+    ];
+    for (i, (name, values)) in filters.iter().enumerate() {
+        params.push((format!("Filter.{}.Name", i + 1), name.to_string()));
+        for (j, v) in values.iter().enumerate() {
+            params.push((
+                format!("Filter.{}.Value.{}", i + 1, j + 1),
+                v.as_ref().to_string(),
+            ));
+        }
+    }
+    params
 }
 
 pub(crate) fn child_text(node: roxmltree::Node, tag: &str) -> Option<String> {
