@@ -112,6 +112,22 @@ async fn the_operators_policy_allows_every_call_it_makes_with_its_conditions() {
         "[host_config.node_exporter]\ntargets = { Role = \"app\" }\nfiles = [{ path = \"/etc/default/node_exporter\", source = \"hosts/ne.env\" }]\n",
     );
     write("hosts/ne.env", "ARGS=\n");
+    // A role made before the stack, adopted: tagged the stack's first, then changed (the
+    // policy allows IAM changes only to what carries the tag), and deleted by the prune.
+    aws.iam()
+        .await
+        .create_role()
+        .role_name("legacy-exporter")
+        .assume_role_policy_document(
+            r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#,
+        )
+        .send()
+        .await
+        .unwrap();
+    write(
+        "legacy.toml",
+        "[iam.role.legacy]\nadopt = \"legacy-exporter\"\ntrust = { services = [\"ec2.amazonaws.com\"] }\ninline_policies = { read = \"policies/cloudwatch-read.json\" }\n",
+    );
     let subnets = ec2
         .describe_subnets()
         .filters(
@@ -151,6 +167,29 @@ async fn the_operators_policy_allows_every_call_it_makes_with_its_conditions() {
     let cold = operator(&aws, &["reconcile", "--once", d]);
     cold.expect(0);
     seen.extend(actions(&cold));
+    let iam = aws.iam().await;
+    let legacy = iam
+        .get_role()
+        .role_name("legacy-exporter")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        legacy
+            .role()
+            .unwrap()
+            .tags()
+            .iter()
+            .any(|t| t.key() == "stackwarden:stack"),
+        "adopted: {legacy:?}"
+    );
+    let inline = iam
+        .list_role_policies()
+        .role_name("legacy-exporter")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(inline.policy_names(), ["read"]);
     // Changes to every kind, then everything removed and pruned.
     write("hosts/ne.env", "ARGS=--collector.systemd\n");
     let text = std::fs::read_to_string(dir.path().join("hosts.toml")).unwrap();
@@ -183,6 +222,7 @@ async fn the_operators_policy_allows_every_call_it_makes_with_its_conditions() {
     update.expect(0);
     seen.extend(actions(&update));
     for f in [
+        "legacy.toml",
         "amg.toml",
         "hosts.toml",
         "fleet.toml",
@@ -204,6 +244,14 @@ async fn the_operators_policy_allows_every_call_it_makes_with_its_conditions() {
     let prune = operator(&aws, &["reconcile", "--once", "--prune", d]);
     prune.expect(0);
     seen.extend(actions(&prune));
+    assert!(
+        iam.get_role()
+            .role_name("legacy-exporter")
+            .send()
+            .await
+            .is_err(),
+        "the adopted role is deleted by the prune"
+    );
 
     for wanted in [
         "ec2:TerminateInstances",

@@ -778,6 +778,10 @@ async fn calls_are_held_to_an_enforced_policy_as_iam_evaluates_it() {
          "Condition": {"Null": {"aws:ResourceTag/stackwarden:stack": "false"}}},
         {"Effect": "Allow", "Action": "iam:PassRole", "Resource": "arn:aws:iam::*:role/allowed-*",
          "Condition": {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}},
+        {"Effect": "Allow", "Action": "iam:PutRolePolicy", "Resource": "*",
+         "Condition": {"Null": {"aws:ResourceTag/stackwarden:stack": "false"}}},
+        {"Effect": "Allow", "Action": "iam:TagRole", "Resource": "*",
+         "Condition": {"Null": {"aws:RequestTag/stackwarden:stack": "false"}}},
     ]});
     let aws = Aws::with(Settings {
         enforce: Some(stackwarden_emulator::Enforce {
@@ -872,6 +876,31 @@ async fn calls_are_held_to_an_enforced_policy_as_iam_evaluates_it() {
         .send()
         .await
         .unwrap();
+    // IAM: a role changes only once it carries the tag, which the principal may put on it.
+    let held_iam = aws_sdk_iam::Client::new(&aws.sdk_as("us-east-1", "AKIAHELD").await);
+    let put = || {
+        held_iam
+            .put_role_policy()
+            .role_name("other-role")
+            .policy_name("read")
+            .policy_document(r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"s3:GetObject","Resource":"*"}]}"#)
+            .send()
+    };
+    assert_eq!(code(put().await), "AccessDenied");
+    held_iam
+        .tag_role()
+        .role_name("other-role")
+        .tags(
+            aws_sdk_iam::types::Tag::builder()
+                .key("stackwarden:stack")
+                .value("s")
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    put().await.unwrap();
     // Another principal is not held to it.
     aws.ec2()
         .await
@@ -885,7 +914,7 @@ async fn calls_are_held_to_an_enforced_policy_as_iam_evaluates_it() {
         .iter()
         .filter(|c| c.caller == "AKIAHELD" && c.status == 403)
         .count();
-    assert_eq!(refusals, 3);
+    assert_eq!(refusals, 4);
 }
 
 #[tokio::test]

@@ -609,6 +609,9 @@ impl IamController {
                 });
             }
         }
+        // Tags first: an adopted object carries the stack's tag before anything else changes it
+        // (the operator's policy allows IAM changes only to what carries it).
+        let untagged = c.ops.len();
         c.tags(
             &o.tags,
             &tags,
@@ -621,6 +624,7 @@ impl IamController {
                 keys,
             },
         );
+        c.ops.rotate_left(untagged);
         Ok((!c.ops.is_empty() || !c.notes.is_empty()).then_some(c))
     }
 
@@ -691,6 +695,9 @@ impl IamController {
                 document: doc,
             });
         }
+        // Tags first: an adopted object carries the stack's tag before anything else changes it
+        // (the operator's policy allows IAM changes only to what carries it).
+        let untagged = c.ops.len();
         c.tags(
             &o.tags,
             &tags,
@@ -703,6 +710,7 @@ impl IamController {
                 keys,
             },
         );
+        c.ops.rotate_left(untagged);
         Ok((!c.ops.is_empty()).then_some(c))
     }
 
@@ -766,6 +774,9 @@ impl IamController {
                 });
             }
         }
+        // Tags first: an adopted object carries the stack's tag before anything else changes it
+        // (the operator's policy allows IAM changes only to what carries it).
+        let untagged = c.ops.len();
         c.tags(
             &o.tags,
             &tags,
@@ -778,6 +789,7 @@ impl IamController {
                 keys,
             },
         );
+        c.ops.rotate_left(untagged);
         Ok((!c.ops.is_empty()).then_some(c))
     }
 }
@@ -1745,11 +1757,15 @@ mod tests {
             .diff(&desired(vec![r.clone()]), &r, &o, &Refs::default())
             .unwrap()
             .unwrap();
-        assert!(matches!(
-            &c.ops[..],
-            [Op::RemoveRoleFromProfile { role: old, .. }, Op::AddRoleToProfile { role: new, .. }, Op::TagProfile { .. }]
-                if old == "other" && new == "s-prometheus"
-        ));
+        assert!(
+            matches!(
+                &c.ops[..],
+                [Op::TagProfile { .. }, Op::RemoveRoleFromProfile { role: old, .. }, Op::AddRoleToProfile { role: new, .. }]
+                    if old == "other" && new == "s-prometheus"
+            ),
+            "tags first, so the profile is the stack's before it changes: {:?}",
+            c.ops
+        );
     }
 
     #[test]

@@ -10,17 +10,19 @@
 //! - `aws:RequestTag/<key>` and `aws:TagKeys` from the tags in the request;
 //! - `aws:ResourceTag/<key>` from the tags the resource has when the call arrives (read from
 //!   moto: EC2 instances, volumes, security groups and launch templates; load balancers,
-//!   target groups and listeners; Auto Scaling groups);
+//!   target groups and listeners; Auto Scaling groups; IAM roles, policies and instance
+//!   profiles);
 //! - the authorizations a call implies: tags given at creation are also `ec2:CreateTags` with
 //!   `ec2:CreateAction` (or `elasticloadbalancing:AddTags` with
 //!   `elasticloadbalancing:CreateAction`), and an instance profile or role handed to a service
 //!   is `iam:PassRole` on the role with `iam:PassedToService` (RunInstances, and
 //!   CreateAutoScalingGroup or UpdateAutoScalingGroup with a launch template that names one;
-//!   a Managed Grafana workspace's role).
+//!   a Managed Grafana workspace's role), and tags given to an IAM create are also its Tag
+//!   action (`iam:TagRole`, ...; AWS does not document whether IAM checks it: assumed so).
 //!
 //! Not modelled (unknown or out of the operator's path): the `ec2:RunInstances` that EC2 Auto
 //! Scaling checks for the caller of CreateAutoScalingGroup (AWS does not document the request
-//! context of that check), service-linked role creation, and the resource tags of IAM objects.
+//! context of that check) and service-linked role creation.
 //!
 //! Policies are evaluated as IAM does: a call is allowed when a statement allows every one of
 //! its authorizations and none denies it; conditions AND across operators and keys and OR
@@ -511,24 +513,46 @@ pub async fn authorizations(
         }
         "iam" => {
             let form = req.form();
+            let op = req.operation.as_str();
             let iam_arn = |kind: &str, name: &str| format!("arn:aws:iam::{ACCOUNT}:{kind}/{name}");
-            let resource = param(&form, "PolicyArn")
-                .filter(|_| !req.operation.contains("RolePolic"))
+            // (the resource's ARN, how to read its tags)
+            let target = param(&form, "PolicyArn")
+                .filter(|_| !op.contains("RolePolic"))
+                .map(|arn| (arn.clone(), Some(IamObject::Policy(arn))))
                 .or_else(|| {
-                    param(&form, "InstanceProfileName").map(|n| iam_arn("instance-profile", &n))
+                    param(&form, "InstanceProfileName").map(|n| {
+                        (
+                            iam_arn("instance-profile", &n),
+                            Some(IamObject::InstanceProfile(n)),
+                        )
+                    })
                 })
-                .or_else(|| param(&form, "RoleName").map(|n| iam_arn("role", &n)))
+                .or_else(|| {
+                    param(&form, "RoleName")
+                        .map(|n| (iam_arn("role", &n), Some(IamObject::Role(n))))
+                })
                 .or_else(|| {
                     param(&form, "PolicyName")
-                        .filter(|_| req.operation == "CreatePolicy")
-                        .map(|n| iam_arn("policy", &n))
-                })
-                .unwrap_or_else(|| "*".into());
-            out.push(on(
-                &action,
-                resource,
-                request_tags(&tags(&form, "Tags.member")),
-            ));
+                        .filter(|_| op == "CreatePolicy")
+                        .map(|n| (iam_arn("policy", &n), None))
+                });
+            let requested = request_tags(&tags(&form, "Tags.member"));
+            let Some((resource, object)) = target else {
+                out.push(on(&action, "*".into(), requested));
+                return Ok(out);
+            };
+            let mut context = requested.clone();
+            let creates = matches!(op, "CreateRole" | "CreatePolicy" | "CreateInstanceProfile");
+            if let Some(object) = object.filter(|_| !creates) {
+                context.extend(resource_tags(&state.moto.iam_tags(req, &object).await?));
+            }
+            out.push(on(&action, resource.clone(), context));
+            // Tags given at creation are also the Tag action (modelled as required: AWS's
+            // documentation does not say whether IAM checks it).
+            if creates && !requested.is_empty() {
+                let tag_action = format!("iam:Tag{}", &op["Create".len()..]);
+                out.push(on(&tag_action, resource, requested));
+            }
         }
         "ssm" if req.operation == "SendCommand" => {
             let body = req.json()?;
@@ -566,6 +590,13 @@ pub async fn authorizations(
         _ => out.push(on(&action, "*".into(), BTreeMap::new())),
     }
     Ok(out)
+}
+
+/// An IAM object whose tags a condition may read.
+enum IamObject {
+    Role(String),
+    Policy(String),
+    InstanceProfile(String),
 }
 
 /// The ARN resource type of an EC2 id.
@@ -712,6 +743,44 @@ impl crate::moto::Moto {
             .root()
             .descendants()
             .filter(|n| n.has_tag_name("Tags"))
+            .flat_map(|n| n.children().filter(|n| n.has_tag_name("member")))
+            .filter_map(|t| {
+                Some((
+                    child_text(t, "Key")?,
+                    child_text(t, "Value").unwrap_or_default(),
+                ))
+            })
+            .collect())
+    }
+
+    /// An IAM role's, policy's or instance profile's tags (none when it does not exist).
+    async fn iam_tags(
+        &self,
+        caller: &Incoming,
+        object: &IamObject,
+    ) -> Result<Vec<(String, String)>, ApiError> {
+        let (action, key, value) = match object {
+            IamObject::Role(n) => ("GetRole", "RoleName", n),
+            IamObject::Policy(arn) => ("GetPolicy", "PolicyArn", arn),
+            IamObject::InstanceProfile(n) => ("GetInstanceProfile", "InstanceProfileName", n),
+        };
+        let params = [
+            ("Action", action),
+            ("Version", "2010-05-08"),
+            (key, value.as_str()),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let Ok(text) = self.query(caller, "iam", &params).await else {
+            return Ok(Vec::new());
+        };
+        let doc = xml(&text)?;
+        // The object's own tags: for a profile, not those of the roles in it.
+        let object = doc.root().descendants().find(|n| {
+            n.has_tag_name("Role") || n.has_tag_name("Policy") || n.has_tag_name("InstanceProfile")
+        });
+        Ok(object
+            .into_iter()
+            .flat_map(|o| o.children().filter(|n| n.has_tag_name("Tags")))
             .flat_map(|n| n.children().filter(|n| n.has_tag_name("member")))
             .filter_map(|t| {
                 Some((
