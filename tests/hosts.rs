@@ -557,3 +557,220 @@ async fn a_cold_run_waits_for_a_new_instance_profile_and_a_new_instance_to_propa
     assert_eq!(instances.len(), 1, "{instances:?}");
     f.plan().expect(0);
 }
+
+/// A Prometheus host made by Terraform, as the seed repository makes it (an instance in a
+/// security group of its own with 9090 open, a data volume at `/dev/sdf`, tags of its own),
+/// taken over by id: one `reconcile --once` launches, creates, terminates and moves nothing;
+/// the instance, volume and group keep their ids and the instance its group; each now carries
+/// the stack's tags, the instance its own tags too; the group's rules become the desired
+/// ones; and `plan` is clean after.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_made_by_terraform_is_taken_over_without_recreating_anything() {
+    use aws_sdk_ec2::types::{
+        InstanceType, IpPermission, IpRange, ResourceType, Tag, TagSpecification, VolumeType,
+    };
+    let aws = Aws::start();
+    let ec2 = aws.ec2().await;
+    let group = ec2
+        .create_security_group()
+        .group_name("prometheus-sg")
+        .description("Prometheus server (Terraform)")
+        .send()
+        .await
+        .unwrap()
+        .group_id()
+        .unwrap()
+        .to_string();
+    ec2.authorize_security_group_ingress()
+        .group_id(&group)
+        .ip_permissions(
+            IpPermission::builder()
+                .ip_protocol("tcp")
+                .from_port(9090)
+                .to_port(9090)
+                .ip_ranges(IpRange::builder().cidr_ip("10.0.0.0/16").build())
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let launched = ec2
+        .run_instances()
+        .image_id("ami-12c6146b")
+        .instance_type(InstanceType::T3Medium)
+        .min_count(1)
+        .max_count(1)
+        .security_group_ids(&group)
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Instance)
+                .tags(
+                    Tag::builder()
+                        .key("Name")
+                        .value("prometheus-server")
+                        .build(),
+                )
+                .tags(Tag::builder().key("ManagedBy").value("terraform").build())
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let instance = launched.instances()[0].instance_id().unwrap().to_string();
+    let zone = launched.instances()[0]
+        .placement()
+        .unwrap()
+        .availability_zone()
+        .unwrap()
+        .to_string();
+    let volume = ec2
+        .create_volume()
+        .availability_zone(zone)
+        .size(100)
+        .volume_type(VolumeType::Gp3)
+        .send()
+        .await
+        .unwrap()
+        .volume_id()
+        .unwrap()
+        .to_string();
+    ec2.attach_volume()
+        .volume_id(&volume)
+        .instance_id(&instance)
+        .device("/dev/sdf")
+        .send()
+        .await
+        .unwrap();
+
+    let dir = default_stack();
+    std::fs::write(
+        dir.path().join("hosts.toml"),
+        format!(
+            r#"[host.prometheus]
+adopt = "{instance}"
+ami = "ami-12c6146b"
+instance_type = "t3.medium"
+security_group = {{ adopt = "{group}", ingress = [{{ port = 9090, cidrs = ["10.0.0.0/16"] }}, {{ port = 9100, cidrs = ["10.0.0.0/16"] }}] }}
+volumes = [{{ device = "/dev/sdf", size_gib = 100 }}]
+"#
+        ),
+    )
+    .unwrap();
+    let d = path_str(dir.path());
+    let plan = stackwarden(Some(&aws.endpoint), &["plan", d]);
+    plan.expect(2);
+    assert!(
+        plan.stdout
+            .contains(&format!("adopting existing instance {instance}")),
+        "{}",
+        plan.stdout
+    );
+    let run = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]);
+    run.expect(0);
+    for op in [
+        "RunInstances",
+        "CreateVolume",
+        "CreateSecurityGroup",
+        "TerminateInstances",
+        "StopInstances",
+        "ModifyInstanceAttribute",
+        "DetachVolume",
+        "AttachVolume",
+    ] {
+        assert_eq!(run.count(op), 0, "{op}: {}", run.stderr);
+    }
+    assert_eq!(
+        run.count("AuthorizeSecurityGroupIngress"),
+        1,
+        "the 9100 rule"
+    );
+
+    let out = ec2
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .values("running")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let all: Vec<_> = out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .collect();
+    assert_eq!(all.len(), 1, "still one instance");
+    let i = all[0];
+    assert_eq!(i.instance_id(), Some(instance.as_str()));
+    let groups: Vec<&str> = i
+        .security_groups()
+        .iter()
+        .filter_map(|g| g.group_id())
+        .collect();
+    assert_eq!(groups, [group.as_str()]);
+    let tag = |tags: &[Tag], key: &str| {
+        tags.iter()
+            .find(|t| t.key() == Some(key))
+            .and_then(|t| t.value())
+            .map(str::to_string)
+    };
+    assert_eq!(
+        tag(i.tags(), "stackwarden:stack").as_deref(),
+        Some("monitoring")
+    );
+    assert_eq!(tag(i.tags(), "ManagedBy").as_deref(), Some("terraform"));
+
+    let volumes = ec2.describe_volumes().send().await.unwrap();
+    let root = i.root_device_name();
+    let data: Vec<_> = volumes
+        .volumes()
+        .iter()
+        .filter(|v| v.attachments().iter().all(|a| a.device() != root))
+        .collect();
+    assert_eq!(data.len(), 1, "still one data volume: {data:?}");
+    let v = data[0];
+    assert_eq!(v.volume_id(), Some(volume.as_str()));
+    assert_eq!(v.attachments()[0].instance_id(), Some(instance.as_str()));
+    assert_eq!(
+        tag(v.tags(), "stackwarden:device").as_deref(),
+        Some("/dev/sdf")
+    );
+    assert_eq!(
+        tag(v.tags(), "stackwarden:stack").as_deref(),
+        Some("monitoring")
+    );
+
+    let sgs = ec2
+        .describe_security_groups()
+        .group_ids(&group)
+        .send()
+        .await
+        .unwrap();
+    let g = &sgs.security_groups()[0];
+    assert_eq!(
+        tag(g.tags(), "stackwarden:stack").as_deref(),
+        Some("monitoring")
+    );
+    let mut ports: Vec<i32> = g
+        .ip_permissions()
+        .iter()
+        .filter_map(|p| p.from_port())
+        .collect();
+    ports.sort();
+    assert_eq!(ports, [9090, 9100]);
+    let named: Vec<_> = ec2
+        .describe_security_groups()
+        .send()
+        .await
+        .unwrap()
+        .security_groups()
+        .iter()
+        .filter(|g| g.group_name() != Some("default"))
+        .map(|g| g.group_id().unwrap().to_string())
+        .collect();
+    assert_eq!(named, std::slice::from_ref(&group), "no group made beside it");
+
+    stackwarden(Some(&aws.endpoint), &["plan", d]).expect(0);
+}

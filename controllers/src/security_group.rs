@@ -120,19 +120,21 @@ pub struct IngressPart {
     pub rules: Vec<RuleSpec>,
 }
 
-/// The group node and the ingress node of one security group of `table`.
+/// The group node and the ingress node of one security group of `table`; `adopt` is the id of
+/// an existing group the group node takes over (its ingress node then manages its rules).
 pub fn nodes(
     table: &Resource,
     (group_kind, ingress_kind): (Kind, Kind),
     key: Option<&str>,
+    adopt: Option<String>,
     group: GroupPart,
     ingress: IngressPart,
 ) -> [Resource; 2] {
     let group_id = ResourceId::part(group_kind, table.id.name.clone(), key.map(String::from));
-    let node = |id: ResourceId, spec, depends_on| Resource {
+    let node = |id: ResourceId, adopt, spec, depends_on| Resource {
         id,
         origin: table.origin.clone(),
-        adopt: None,
+        adopt,
         observe_only: table.observe_only,
         spec,
         depends_on,
@@ -151,9 +153,10 @@ pub fn nodes(
         .collect();
     ingress_refs.insert(group_id.clone());
     [
-        node(group_id, Spec::SecurityGroup(group), group_refs),
+        node(group_id, adopt, Spec::SecurityGroup(group), group_refs),
         node(
             ResourceId::part(ingress_kind, table.id.name.clone(), key.map(String::from)),
+            None,
             Spec::Ingress(ingress),
             ingress_refs,
         ),
@@ -212,13 +215,38 @@ pub struct ObservedGroup {
 /// Every security group the stack owns, read once per observation for the four kinds.
 async fn stack_groups(ctx: &Context, desired: &DesiredState) -> Result<Vec<ObservedGroup>> {
     let stack = desired.stack_name().to_string();
+    // Groups to adopt carry no tag of the stack yet: read by id too (one more call, only when
+    // the desired state adopts some).
+    let adopted: Vec<String> = desired
+        .resources
+        .values()
+        .filter(|r| {
+            matches!(
+                r.id.kind,
+                Kind::HostSecurityGroup | Kind::GrafanaSecurityGroup
+            )
+        })
+        .filter_map(|r| r.adopt.clone())
+        .collect();
     let groups = ctx
         .shared("ec2:DescribeSecurityGroups", || async move {
             let filter = Filter::builder()
                 .name(format!("tag:{TAG_STACK}"))
                 .values(stack)
                 .build();
-            read_groups(ctx, filter).await
+            let mut groups = read_groups(ctx, filter).await?;
+            if !adopted.is_empty() {
+                let by_id = Filter::builder()
+                    .name("group-id")
+                    .set_values(Some(adopted))
+                    .build();
+                for g in read_groups(ctx, by_id).await? {
+                    if !groups.iter().any(|have| have.id == g.id) {
+                        groups.push(g);
+                    }
+                }
+            }
+            Ok(groups)
         })
         .await?;
     Ok(groups.as_ref().clone())
@@ -336,6 +364,13 @@ fn find_group<'o, T: Table>(
     group: &ResourceId,
     observed: &'o [ObservedGroup],
 ) -> Option<&'o ObservedGroup> {
+    let adopted = desired
+        .resources
+        .get(group)
+        .and_then(|r| r.adopt.as_deref());
+    if let Some(id) = adopted {
+        return observed.iter().find(|o| o.id == id);
+    }
     observed
         .iter()
         .find(|o| owned_by(&o.tags, desired.stack_name(), group))

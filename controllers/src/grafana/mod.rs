@@ -246,6 +246,7 @@ impl GrafanaSpec {
             table,
             kinds,
             Some(ALB),
+            None,
             place(),
             IngressPart { rules: alb_rules },
         );
@@ -253,6 +254,7 @@ impl GrafanaSpec {
             table,
             kinds,
             Some(INSTANCES),
+            None,
             place(),
             IngressPart {
                 rules: instance_rules,

@@ -103,9 +103,13 @@ fn owned(tags: &Tags, desired: &DesiredState, id: &ResourceId) -> bool {
 }
 
 impl Observed {
-    /// The host's instance. After an interrupted launch there can be two: the one its data
-    /// volumes are attached to wins, then the one that carries a pushed config, then the first.
+    /// The host's instance: the one it adopts by id, or the one carrying its tags. After an
+    /// interrupted launch there can be two: the one its data volumes are attached to wins,
+    /// then the one that carries a pushed config, then the first.
     pub fn instance(&self, desired: &DesiredState, r: &Resource) -> Option<&ObservedInstance> {
+        if let Some(id) = &r.adopt {
+            return self.instances.iter().find(|i| &i.id == id);
+        }
         let mut owned_here: Vec<&ObservedInstance> = self
             .instances
             .iter()
@@ -140,10 +144,20 @@ impl Observed {
         r: &Resource,
         device: &str,
     ) -> Option<&ObservedVolume> {
-        self.volumes.iter().find(|v| {
-            owned(&v.tags, desired, &r.id)
-                && v.tags.get(TAG_DEVICE).map(String::as_str) == Some(device)
-        })
+        self.volumes
+            .iter()
+            .find(|v| {
+                owned(&v.tags, desired, &r.id)
+                    && v.tags.get(TAG_DEVICE).map(String::as_str) == Some(device)
+            })
+            .or_else(|| {
+                // An adopted instance's volume: the one attached at the device.
+                let instance = r.adopt.as_ref()?;
+                self.volumes.iter().find(|v| {
+                    v.attachment.as_ref() == Some(&(instance.clone(), device.to_string()))
+                        && tags::other_stack(&v.tags, desired.stack_name()).is_none()
+                })
+            })
     }
 }
 
@@ -304,79 +318,65 @@ impl Controller for HostController {
             .ec2
             .describe_instances()
             .filters(stack.clone())
-            .filters(live)
+            .filters(live.clone())
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(aws_error("ec2", "DescribeInstances"))?;
             for i in page.reservations().iter().flat_map(|r| r.instances()) {
-                obs.instances.push(ObservedInstance {
-                    id: i.instance_id().unwrap_or_default().into(),
-                    state: i
-                        .state()
-                        .and_then(|s| s.name())
-                        .map(|n| n.as_str().to_string())
-                        .unwrap_or_default(),
-                    instance_type: i
-                        .instance_type()
-                        .map(|t| t.as_str().to_string())
-                        .unwrap_or_default(),
-                    image_id: i.image_id().unwrap_or_default().into(),
-                    zone: i
-                        .placement()
-                        .and_then(|p| p.availability_zone())
-                        .unwrap_or_default()
-                        .into(),
-                    private_ip: i.private_ip_address().unwrap_or_default().into(),
-                    public_ip: i.public_ip_address().unwrap_or_default().into(),
-                    private_dns: i.private_dns_name().unwrap_or_default().into(),
-                    security_groups: i
-                        .security_groups()
-                        .iter()
-                        .filter_map(|g| g.group_id())
-                        .map(String::from)
-                        .collect(),
-                    tags: tag_map(i.tags()),
-                });
+                obs.instances.push(observed_instance(i));
             }
         }
 
-        let mut pages = ctx
-            .ec2
-            .describe_volumes()
-            .filters(stack)
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(aws_error("ec2", "DescribeVolumes"))?;
-            for v in page.volumes() {
-                let attachment = v.attachments().iter().find(|a| {
-                    !matches!(
-                        a.state().map(|s| s.as_str()),
-                        Some("detaching" | "detached")
-                    )
-                });
-                obs.volumes.push(ObservedVolume {
-                    id: v.volume_id().unwrap_or_default().into(),
-                    state: v
-                        .state()
-                        .map(|s| s.as_str().to_string())
-                        .unwrap_or_default(),
-                    size: v.size().unwrap_or_default(),
-                    volume_type: v
-                        .volume_type()
-                        .map(|t| t.as_str().to_string())
-                        .unwrap_or_default(),
-                    iops: v.iops(),
-                    throughput: v.throughput(),
-                    attachment: attachment.map(|a| {
-                        (
-                            a.instance_id().unwrap_or_default().into(),
-                            a.device().unwrap_or_default().into(),
-                        )
-                    }),
-                    tags: tag_map(v.tags()),
-                });
+        // Instances to adopt, and the volumes attached to them, carry no tag of the stack yet:
+        // read by id too (only when the desired state adopts some).
+        let adopted: Vec<String> = desired
+            .of_kind(Kind::Host)
+            .filter_map(|r| r.adopt.clone())
+            .collect();
+        let mut volume_reads = vec![stack];
+        if !adopted.is_empty() {
+            let out = ctx
+                .ec2
+                .describe_instances()
+                .filters(
+                    Filter::builder()
+                        .name("instance-id")
+                        .set_values(Some(adopted.clone()))
+                        .build(),
+                )
+                .filters(live.clone())
+                .send()
+                .await
+                .map_err(aws_error("ec2", "DescribeInstances"))?;
+            for i in out.reservations().iter().flat_map(|r| r.instances()) {
+                let i = observed_instance(i);
+                if !obs.instances.iter().any(|have| have.id == i.id) {
+                    obs.instances.push(i);
+                }
+            }
+            volume_reads.push(
+                Filter::builder()
+                    .name("attachment.instance-id")
+                    .set_values(Some(adopted))
+                    .build(),
+            );
+        }
+        for filter in volume_reads {
+            let mut pages = ctx
+                .ec2
+                .describe_volumes()
+                .filters(filter)
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(aws_error("ec2", "DescribeVolumes"))?;
+                for v in page.volumes() {
+                    let v = observed_volume(v);
+                    if !obs.volumes.iter().any(|have| have.id == v.id) {
+                        obs.volumes.push(v);
+                    }
+                }
             }
         }
 
@@ -415,6 +415,17 @@ impl Controller for HostController {
         let push = prometheus_push(s, refs, &obs.region)?;
         let group = security_group::group_id(refs, Kind::HostSecurityGroup, &r.id.name, None);
 
+        if let Some(id) = &r.adopt {
+            let Some(inst) = obs.instance(desired, r) else {
+                return Err(Error::Invalid(format!(
+                    "{}: instance `{id}` to adopt does not exist (or is terminated); remove `adopt` to have a new one launched",
+                    r.id
+                )));
+            };
+            if let Some(owner) = tags::other_stack(&inst.tags, desired.stack_name()) {
+                return Err(tags::owned_elsewhere("instance", id, owner));
+            }
+        }
         let Some(inst) = obs.instance(desired, r) else {
             // New, or replacing a terminated instance: the volumes it had are attached again.
             // Subnet and VPC are looked up when launching: a converged pass needs neither.
@@ -493,6 +504,13 @@ impl Controller for HostController {
                 instance: extra.id.clone(),
             });
         }
+        let adopting = r.adopt.is_some() && !owned(&inst.tags, desired, &r.id);
+        if adopting {
+            c.notes.push(format!(
+                "adopting existing instance {}: it is tagged the stack's and managed from now on, never recreated; the tags it has besides the desired ones are kept",
+                inst.id
+            ));
+        }
         if s.loaded_user_data.is_some() {
             // Nothing records what user data an instance booted with cheaply; say what happens.
             c.notes.push(
@@ -538,18 +556,23 @@ impl Controller for HostController {
             .ops
             .iter()
             .any(|op| matches!(op, Op::Stop { .. } | Op::Start { .. }));
-        c.tags(
-            &inst.tags,
-            &tags,
-            |tags| Op::Tag {
-                resource: inst.id.clone(),
-                tags,
-            },
-            |keys| Op::Untag {
-                resource: inst.id.clone(),
-                keys,
-            },
-        );
+        if r.adopt.is_some() {
+            // An adopted instance's other tags are its previous owner's: kept.
+            tag_missing(&mut c, &inst.id, &inst.tags, &tags);
+        } else {
+            c.tags(
+                &inst.tags,
+                &tags,
+                |tags| Op::Tag {
+                    resource: inst.id.clone(),
+                    tags,
+                },
+                |keys| Op::Untag {
+                    resource: inst.id.clone(),
+                    keys,
+                },
+            );
+        }
         if inst.security_groups != [group.clone()] {
             c.field(
                 "security_groups",
@@ -577,6 +600,9 @@ impl Controller for HostController {
                     });
                 }
                 Some(have) => {
+                    // An adopted volume gets the host's tags (its device's included), so it is
+                    // the host's from then on, kept across a replacement.
+                    tag_missing(&mut c, &have.id, &have.tags, &want.tags);
                     if want.size < have.size {
                         return Err(Error::Invalid(format!(
                             "{}: volume {} is {} GiB and the desired state says {} GiB; EBS volumes cannot shrink",
@@ -826,6 +852,84 @@ impl Controller for HostController {
     }
 }
 
+fn observed_instance(i: &aws_sdk_ec2::types::Instance) -> ObservedInstance {
+    ObservedInstance {
+        id: i.instance_id().unwrap_or_default().into(),
+        state: i
+            .state()
+            .and_then(|s| s.name())
+            .map(|n| n.as_str().to_string())
+            .unwrap_or_default(),
+        instance_type: i
+            .instance_type()
+            .map(|t| t.as_str().to_string())
+            .unwrap_or_default(),
+        image_id: i.image_id().unwrap_or_default().into(),
+        zone: i
+            .placement()
+            .and_then(|p| p.availability_zone())
+            .unwrap_or_default()
+            .into(),
+        private_ip: i.private_ip_address().unwrap_or_default().into(),
+        public_ip: i.public_ip_address().unwrap_or_default().into(),
+        private_dns: i.private_dns_name().unwrap_or_default().into(),
+        security_groups: i
+            .security_groups()
+            .iter()
+            .filter_map(|g| g.group_id())
+            .map(String::from)
+            .collect(),
+        tags: tag_map(i.tags()),
+    }
+}
+
+fn observed_volume(v: &aws_sdk_ec2::types::Volume) -> ObservedVolume {
+    let attachment = v.attachments().iter().find(|a| {
+        !matches!(
+            a.state().map(|s| s.as_str()),
+            Some("detaching" | "detached")
+        )
+    });
+    ObservedVolume {
+        id: v.volume_id().unwrap_or_default().into(),
+        state: v
+            .state()
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_default(),
+        size: v.size().unwrap_or_default(),
+        volume_type: v
+            .volume_type()
+            .map(|t| t.as_str().to_string())
+            .unwrap_or_default(),
+        iops: v.iops(),
+        throughput: v.throughput(),
+        attachment: attachment.map(|a| {
+            (
+                a.instance_id().unwrap_or_default().into(),
+                a.device().unwrap_or_default().into(),
+            )
+        }),
+        tags: tag_map(v.tags()),
+    }
+}
+
+/// Sets the desired tags an object lacks (or has other values of), removing none.
+fn tag_missing(c: &mut Change<Op>, resource: &str, have: &Tags, want: &Tags) {
+    let (missing, _) = tags::diff(have, want);
+    if missing.is_empty() {
+        return;
+    }
+    c.field(
+        format!("tags of {resource}"),
+        None,
+        Some(tags::show(&missing)),
+    );
+    c.op(Op::Tag {
+        resource: resource.to_string(),
+        tags: missing,
+    });
+}
+
 /// A volume's state (`creating`, `available`, `in-use`, ...).
 async fn volume_state(ctx: &Context, volume: &str) -> Result<String> {
     let out = ctx
@@ -954,6 +1058,7 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         let tags = owned_tags("host.prom");
         let mut vol_tags = tags.clone();
         vol_tags.insert(TAG_DEVICE.into(), "/dev/sdf".into());
+        vol_tags.insert("Name".into(), "s-prom-dev-sdf".into());
         let mut inst_tags = tags.clone();
         inst_tags.insert("Name".into(), "s-prom".into());
         Observed {
@@ -1052,6 +1157,71 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
 
     /// A type change goes one state at a time, each pass taking the next step from what it
     /// sees; nothing waits inside a pass.
+    /// An instance made by another tool (Terraform, say), adopted by id with the volume at its
+    /// device: tagged the host's, never launched, terminated or moved; its own tags kept.
+    #[test]
+    fn an_adopted_instance_and_its_volume_are_tagged_and_kept() {
+        let mut o = observed();
+        o.instances[0].id = "i-tf".into();
+        o.instances[0].tags = Tags::from([("Name".into(), "prometheus-server".into())]);
+        o.volumes[0].tags = Tags::from([("Name".into(), "prometheus-data".into())]);
+        o.volumes[0].attachment = Some(("i-tf".into(), "/dev/sdf".into()));
+        let mut r = resource(Kind::Host, "prom", Spec::Host(spec(HOST)));
+        r.adopt = Some("i-tf".into());
+        let mut refs = Refs::default();
+        refs.outputs.insert(
+            ResourceId::part(Kind::HostSecurityGroup, "prom", None),
+            Outputs::from([("id".into(), "sg-1".into())]),
+        );
+        let d = desired(vec![r.clone()]);
+        let c = HostController.diff(&d, &r, &o, &refs).unwrap().unwrap();
+        let [Op::Tag {
+            resource: i,
+            tags: it,
+        }, Op::Tag {
+            resource: v,
+            tags: vt,
+        }] = &c.ops[..]
+        else {
+            panic!("{:?}", c.ops)
+        };
+        assert_eq!((i.as_str(), v.as_str()), ("i-tf", "vol-1"));
+        assert!(
+            owned(it, &d, &r.id) && owned(vt, &d, &r.id),
+            "{it:?} {vt:?}"
+        );
+        assert_eq!(vt.get(TAG_DEVICE).map(String::as_str), Some("/dev/sdf"));
+        assert!(c
+            .notes
+            .iter()
+            .any(|n| n.contains("adopting existing instance i-tf")));
+        // Once tagged, nothing more; the tags it had besides the desired ones stay.
+        o.instances[0].tags.extend(it.clone());
+        o.instances[0]
+            .tags
+            .insert("terraform".into(), "true".into());
+        o.volumes[0].tags.extend(vt.clone());
+        assert_eq!(
+            HostController
+                .diff(&d, &r, &o, &refs)
+                .unwrap()
+                .map(|c| c.ops),
+            None
+        );
+
+        // Gone, or another stack's: an error, nothing launched.
+        let gone = Observed::default();
+        assert!(matches!(
+            HostController.diff(&d, &r, &gone, &refs),
+            Err(Error::Invalid(m)) if m.contains("`i-tf` to adopt does not exist")
+        ));
+        o.instances[0].tags.insert(TAG_STACK.into(), "other".into());
+        assert!(matches!(
+            HostController.diff(&d, &r, &o, &refs),
+            Err(Error::NotOwned(_))
+        ));
+    }
+
     #[test]
     fn a_type_change_stops_then_sets_the_type_and_starts_and_transitions_wait() {
         let mut o = observed();

@@ -42,6 +42,8 @@ pub struct HostSpec {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecurityGroupSpec {
+    /// The id of an existing group to take over (`sg-...`) instead of creating one.
+    pub adopt: Option<String>,
     pub vpc: Option<String>,
     #[serde(default)]
     pub ingress: Vec<IngressRule>,
@@ -232,6 +234,7 @@ impl HostSpec {
             host,
             (Kind::HostSecurityGroup, Kind::HostIngress),
             None,
+            self.security_group.adopt.clone(),
             GroupPart {
                 vpc: self.security_group.vpc.clone(),
                 subnet: self.subnet.clone(),
