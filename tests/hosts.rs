@@ -770,7 +770,11 @@ volumes = [{{ device = "/dev/sdf", size_gib = 100 }}]
         .filter(|g| g.group_name() != Some("default"))
         .map(|g| g.group_id().unwrap().to_string())
         .collect();
-    assert_eq!(named, std::slice::from_ref(&group), "no group made beside it");
+    assert_eq!(
+        named,
+        std::slice::from_ref(&group),
+        "no group made beside it"
+    );
 
     stackwarden(Some(&aws.endpoint), &["plan", d]).expect(0);
 }
