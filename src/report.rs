@@ -171,7 +171,12 @@ pub fn reconcile_text(applied: &[Change<AnyOp>], errors: &[ResourceError], after
             let _ = write!(out, "{c}");
         }
     }
-    let mut all_errors: Vec<&ResourceError> = errors.iter().collect();
+    // What the check after the writes found about a resource that was waiting is newer (a
+    // push sent, then failed on the hosts by the time of the check): it is the one shown.
+    let mut all_errors: Vec<&ResourceError> = errors
+        .iter()
+        .filter(|e| !(e.is_waiting() && after.errors.iter().any(|x| x.resource == e.resource)))
+        .collect();
     for e in &after.errors {
         if !all_errors.iter().any(|x| x.resource == e.resource) {
             all_errors.push(e);

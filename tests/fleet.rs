@@ -213,8 +213,9 @@ async fn a_file_its_validation_rejects_fails_with_the_hosts_output() {
         run.stdout
             .contains("instances failed to install host_config.node_exporter")
             && run.stdout.contains("validation failed"),
-        "{}",
-        run.stdout
+        "{}\n{}",
+        run.stdout,
+        run.stderr
     );
 }
 

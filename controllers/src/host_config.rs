@@ -20,7 +20,7 @@ use crate::controller::{Context, Controller};
 use crate::desired::{DesiredState, Resource, Spec, Validator, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
 use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
-use crate::push::send::{send, Controls};
+use crate::push::send::{record, send, track, Controls, Rollout, Tracked};
 use crate::push::{shell_quote, Bundle, Content, File, Prepared};
 
 /// `[host_config.<name>]`
@@ -173,6 +173,8 @@ pub struct FleetInstance {
 pub struct Observed {
     /// Per host_config resource: the running instances its targets select.
     pub fleets: BTreeMap<ResourceId, Vec<FleetInstance>>,
+    /// The verdicts of the pushes running on them.
+    pub tracked: Tracked,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -182,6 +184,11 @@ pub enum Op {
         push: Prepared,
         instances: Vec<String>,
         controls: Controls,
+    },
+    /// Records on the instances that they installed the bundle (their command succeeded).
+    Record {
+        push: Prepared,
+        instances: Vec<String>,
     },
 }
 
@@ -246,7 +253,15 @@ impl Controller for HostConfigController {
             .await
             .into_iter()
             .collect::<Result<BTreeMap<_, _>>>()?;
-        Ok(Observed { fleets })
+        let tracked = track(
+            ctx,
+            fleets
+                .values()
+                .flatten()
+                .filter_map(|i| i.installed.as_deref()),
+        )
+        .await?;
+        Ok(Observed { fleets, tracked })
     }
 
     fn outputs(&self, desired: &DesiredState, _obs: &Observed) -> Vec<(ResourceId, Outputs)> {
@@ -307,11 +322,14 @@ impl Controller for HostConfigController {
                 None => unlaunched.push(format!("{host} {KNOWN_AFTER_APPLY}")),
             }
         }
-        let stale: Vec<String> = fleet
-            .iter()
-            .filter(|i| i.installed.as_ref() != Some(&prepared.hash))
-            .map(|i| i.id.clone())
-            .collect();
+        let rollout = Rollout::of(
+            &prepared,
+            fleet
+                .iter()
+                .map(|i| (i.id.as_str(), i.installed.as_deref())),
+            &obs.tracked,
+        );
+        let stale = rollout.send.clone();
         let mut c = Change::new(
             r.id.clone(),
             Action::Update,
@@ -327,8 +345,28 @@ impl Controller for HostConfigController {
                 .map(|i| (i.id.as_str(), i.installed.as_deref())),
         ));
         c.notes = notes;
+        if !rollout.record.is_empty() {
+            c.field(
+                "installed",
+                Some(format!("being installed on {}", rollout.record.len())),
+                Some(format!("installed {}", prepared.short_hash())),
+            );
+            c.op(Op::Record {
+                push: prepared.clone(),
+                instances: rollout.record.clone(),
+            });
+        }
         if stale.is_empty() && unlaunched.is_empty() {
-            return Ok((!c.notes.is_empty()).then_some(c));
+            if c.ops.is_empty() {
+                let total = fleet.len();
+                if let Some(e) = rollout
+                    .failure(&prepared, total)
+                    .or_else(|| rollout.waiting(&prepared))
+                {
+                    return Err(e);
+                }
+            }
+            return Ok((!c.ops.is_empty() || !c.notes.is_empty()).then_some(c));
         }
         let total = fleet.len() + unlaunched.len();
         let sample: Vec<&str> = stale
@@ -373,12 +411,14 @@ impl Controller for HostConfigController {
     }
 
     async fn apply(&self, ctx: &Context, op: &Op) -> Result<Option<Outputs>> {
-        let Op::Push {
-            push,
-            instances,
-            controls,
-        } = op;
-        send(ctx, push, instances, controls).await?;
+        match op {
+            Op::Push {
+                push,
+                instances,
+                controls,
+            } => send(ctx, push, instances, controls).await?,
+            Op::Record { push, instances } => record(ctx, push, instances).await?,
+        }
         Ok(None)
     }
 }
@@ -429,6 +469,7 @@ mod tests {
                     })
                     .collect(),
             )]),
+            tracked: Default::default(),
         }
     }
 

@@ -18,7 +18,7 @@ use crate::controller::Context;
 use crate::desired::{DesiredState, TAG_STACK};
 use crate::error::{aws_error, Result};
 use crate::model::Kind;
-use crate::push::send::{stdout_of, track, BATCH};
+use crate::push::send::{stdout_of, wait_for, Pending, BATCH};
 use crate::push::{self, shell_quote};
 
 /// What a verify writes into an instance's record tag when the files of that bundle were
@@ -30,6 +30,12 @@ pub fn show_installed(installed: Option<&str>) -> Option<String> {
     installed.map(|h| {
         if h == DRIFTED {
             "changed on the host since the push (found by verify)".to_string()
+        } else if let Some(p) = Pending::parse(h) {
+            format!(
+                "sha256:{} being pushed (command {})",
+                &p.hash[..p.hash.len().min(12)],
+                p.command
+            )
         } else {
             format!("sha256:{}", &h[..h.len().min(12)])
         }
@@ -188,7 +194,7 @@ pub async fn verify(ctx: &Context, desired: &DesiredState) -> Result<Verified> {
             .to_string();
         commands.push((id, ids));
     }
-    track(ctx, "verify", targets.len(), &commands, since).await?;
+    wait_for(ctx, "verify", targets.len(), &commands, since).await?;
     let by_id: BTreeMap<&str, &Target> = targets.iter().map(|t| (t.id.as_str(), t)).collect();
     let mut marks: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for (command, _) in &commands {
@@ -288,7 +294,11 @@ async fn targets<'a>(ctx: &Context, stack: &str, records: &'a [Record]) -> Resul
             let owner = tags.get(TAG_STACK).copied();
             let held: Vec<&Record> = records
                 .iter()
-                .filter(|r| tags.get(r.tag.as_str()).is_some_and(|v| *v != DRIFTED))
+                // A push running or marked drifted is not verified: it is being put right.
+                .filter(|r| {
+                    tags.get(r.tag.as_str())
+                        .is_some_and(|v| *v != DRIFTED && Pending::parse(v).is_none())
+                })
                 .filter(|r| match owner {
                     Some(o) => o == stack,
                     None => r.per_stack,

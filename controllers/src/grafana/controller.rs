@@ -52,7 +52,7 @@ use crate::desired::{parse_duration, DesiredState, Resource, Spec, TAG_ID, TAG_S
 use crate::ec2::{locate_subnet, resolve_ami, tag_map, tag_spec};
 use crate::error::{aws_error, Error, ErrorClass, Result};
 use crate::model::{Kind, Outputs, Refs, ResourceId};
-use crate::push::send::{send, Controls};
+use crate::push::send::{record, send, track, Controls, Rollout, Tracked};
 use crate::push::{self, Prepared};
 use crate::security_group::group_id;
 use crate::tags::{self, owner_id, Tags};
@@ -196,6 +196,8 @@ pub struct Observed {
     pub groups: Vec<ObservedAsg>,
     /// Running instances of each resource's group.
     pub instances: BTreeMap<ResourceId, Vec<GroupInstance>>,
+    /// The verdicts of the provisioning pushes running on them.
+    pub tracked: Tracked,
     /// `resolve:ssm:` AMIs, resolved.
     pub amis: BTreeMap<String, std::result::Result<String, Error>>,
     pub passwords: BTreeMap<ResourceId, std::result::Result<PasswordVersion, Error>>,
@@ -327,6 +329,11 @@ pub enum Op {
     },
     Roll(Box<Roll>),
     Push {
+        instances: Vec<String>,
+        push: Prepared,
+    },
+    /// Records on the instances that they installed the provisioning.
+    Record {
         instances: Vec<String>,
         push: Prepared,
     },
@@ -575,6 +582,14 @@ impl Controller for GrafanaController {
         obs.templates = templates?;
         (obs.target_groups, obs.balancers) = elb?;
         obs.instances = instances?;
+        obs.tracked = track(
+            ctx,
+            obs.instances
+                .values()
+                .flatten()
+                .filter_map(|i| i.installed.as_deref()),
+        )
+        .await?;
         for r in &wanted {
             let Spec::Grafana(s) = &r.spec else { continue };
             if s.ami.starts_with("resolve:ssm:") && !obs.amis.contains_key(&s.ami) {
@@ -679,7 +694,7 @@ impl Controller for GrafanaController {
             .get(&r.id)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        diff_provisioning(&mut c, s, fleet, push);
+        diff_provisioning(&mut c, s, fleet, push, &obs.tracked)?;
         if c.ops.is_empty() {
             return Ok(None);
         }
@@ -889,6 +904,7 @@ impl Controller for GrafanaController {
                 };
                 send(ctx, push, instances, &controls).await?
             }
+            Op::Record { instances, push } => record(ctx, push, instances).await?,
             Op::DeleteGroup { group } => {
                 // AWS deletes a group (and terminates its instances) over minutes; until it is
                 // gone the load balancer and target group it uses stay, and a later pass
@@ -1283,37 +1299,67 @@ fn diff_rollout(c: &mut Change<Op>, s: &GrafanaSpec, refs: &Refs, live: &Live, a
     }
 }
 
-/// The provisioning push to the group's instances that lack it.
-fn diff_provisioning(c: &mut Change<Op>, s: &GrafanaSpec, fleet: &[GroupInstance], push: Prepared) {
-    let stale: Vec<String> = fleet
-        .iter()
-        .filter(|i| i.installed.as_ref() != Some(&push.hash))
-        .map(|i| i.id.clone())
-        .collect();
-    if !stale.is_empty() {
-        c.notes.extend(crate::verify::drift_note(
-            fleet
-                .iter()
-                .map(|i| (i.id.as_str(), i.installed.as_deref())),
-        ));
+/// The provisioning push to the group's instances that lack it, the record of those it
+/// reached; while it runs on some and nothing else is to be done, waiting (or its failure).
+fn diff_provisioning(
+    c: &mut Change<Op>,
+    s: &GrafanaSpec,
+    fleet: &[GroupInstance],
+    push: Prepared,
+    tracked: &Tracked,
+) -> Result<()> {
+    let rollout = Rollout::of(
+        &push,
+        fleet
+            .iter()
+            .map(|i| (i.id.as_str(), i.installed.as_deref())),
+        tracked,
+    );
+    c.notes.extend(crate::verify::drift_note(
+        fleet
+            .iter()
+            .map(|i| (i.id.as_str(), i.installed.as_deref())),
+    ));
+    if !rollout.record.is_empty() {
+        c.field(
+            "provisioning",
+            Some(format!("being installed on {}", rollout.record.len())),
+            Some(format!("installed {}", push.short_hash())),
+        );
+        c.op(Op::Record {
+            instances: rollout.record.clone(),
+            push: push.clone(),
+        });
+    }
+    if !rollout.send.is_empty() {
         c.field(
             "provisioning",
             Some(format!(
                 "{} of {} instances lack {}",
-                stale.len(),
+                rollout.send.len(),
                 fleet.len(),
                 push.short_hash()
             )),
-            Some(format!("all {} ({})", fleet.len(), stale.join(", "))),
+            Some(format!("all {} ({})", fleet.len(), rollout.send.join(", "))),
         );
         if let Some(source) = s.provisioning.password_source() {
             c.field("admin_password", None, Some(source.describe()));
         }
         c.op(Op::Push {
-            instances: stale,
+            instances: rollout.send,
             push,
         });
+        return Ok(());
     }
+    if c.ops.is_empty() {
+        if let Some(e) = rollout
+            .failure(&push, fleet.len())
+            .or_else(|| rollout.waiting(&push))
+        {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// The change that creates what is missing of a resource.

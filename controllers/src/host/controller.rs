@@ -42,7 +42,7 @@ use crate::desired::{DesiredState, Resource, Spec, TAG_STACK};
 use crate::ec2::{ec2_tags, locate_subnet, resolve_ami, tag_map, tag_spec};
 use crate::error::{aws_error, Error, Result};
 use crate::model::{Kind, Outputs, Refs, ResourceId};
-use crate::push::send::{send, Controls};
+use crate::push::send::{record, send, track, Controls, Rollout, Tracked};
 use crate::push::{self, Prepared};
 use crate::security_group;
 use crate::tags::{self, owner_id, Tags};
@@ -96,6 +96,8 @@ pub struct Observed {
     pub region: String,
     pub instances: Vec<ObservedInstance>,
     pub volumes: Vec<ObservedVolume>,
+    /// The verdicts of the config pushes running on the instances.
+    pub tracked: Tracked,
 }
 
 fn owned(tags: &Tags, desired: &DesiredState, id: &ResourceId) -> bool {
@@ -236,6 +238,11 @@ pub enum Op {
         keys: Vec<String>,
     },
     Push {
+        instance: String,
+        push: Prepared,
+    },
+    /// Records that the instance installed the pushed config (its command succeeded).
+    Record {
         instance: String,
         push: Prepared,
     },
@@ -380,6 +387,13 @@ impl Controller for HostController {
             }
         }
 
+        obs.tracked = track(
+            ctx,
+            obs.instances
+                .iter()
+                .filter_map(|i| i.tags.get(&prometheus_tag()).map(String::as_str)),
+        )
+        .await?;
         Ok(obs)
     }
 
@@ -657,17 +671,25 @@ impl Controller for HostController {
             }
         }
         if let Some(p) = push.filter(|_| !changing_state) {
-            let installed = inst.tags.get(&p.hash_tag());
-            if installed != Some(&p.hash) {
-                c.field(
-                    "prometheus",
-                    crate::verify::show_installed(installed.map(String::as_str)),
-                    Some(p.short_hash()),
-                );
+            let installed = inst.tags.get(&p.hash_tag()).map(String::as_str);
+            let rollout = Rollout::of(&p, [(inst.id.as_str(), installed)], &obs.tracked);
+            let shown = crate::verify::show_installed(installed);
+            if !rollout.record.is_empty() {
+                c.field("prometheus", shown, Some(p.short_hash()));
+                c.op(Op::Record {
+                    instance: inst.id.clone(),
+                    push: p,
+                });
+            } else if !rollout.send.is_empty() {
+                c.field("prometheus", shown, Some(p.short_hash()));
                 c.op(Op::Push {
                     instance: inst.id.clone(),
                     push: p,
                 });
+            } else if c.ops.is_empty() {
+                if let Some(e) = rollout.failure(&p, 1).or_else(|| rollout.waiting(&p)) {
+                    return Err(e);
+                }
             }
         }
         if c.ops.is_empty() {
@@ -824,6 +846,9 @@ impl Controller for HostController {
                     &Controls::default(),
                 )
                 .await?
+            }
+            Op::Record { instance, push } => {
+                record(ctx, push, std::slice::from_ref(instance)).await?
             }
             Op::Terminate { instance } => {
                 ec2.terminate_instances()
@@ -1082,6 +1107,7 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
                 tags: vol_tags,
                 ..Default::default()
             }],
+            tracked: Default::default(),
         }
     }
 

@@ -1,11 +1,13 @@
 //! Sending a prepared bundle to instances over SSM Run Command, the one way every controller
 //! pushes files: batches of at most 50 instance ids per `SendCommand` with the given
-//! MaxConcurrency and MaxErrors, tracked with `ListCommands` (bounded to the commands sent since
-//! the push began, 50 a page) and, only for commands with failures, `ListCommandInvocations`
-//! for the hosts' output. Never one call per host. The instances that installed the bundle are
-//! tagged with its hash (`stackwarden:<bundle name>`), so the next pass sends them nothing.
+//! MaxConcurrency and MaxErrors. Nothing waits for the hosts inside a pass: each instance's
+//! record tag (`stackwarden:<bundle name>`) is marked with the command carrying the push
+//! ([`Pending`]), and the passes after it read the verdicts ([`track`]: `ListCommands` bounded
+//! to the commands sent since the oldest mark, 50 a page, and only for commands with failures
+//! `ListCommandInvocations` for the hosts' output; never one call per host), then record the
+//! bundle's hash on the instances that installed it, so later passes send them nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_ec2::types::Tag;
@@ -38,18 +40,21 @@ impl Default for Controls {
     }
 }
 
-/// Sends `push` to `instances`, waits for the verdict, tags the instances that installed it.
-/// Hosts that failed make the error, with their stderr; an instance the agent does not know yet
-/// (just launched) leaves the push pending for the next pass.
+/// Sends `push` to `instances` and marks each with the command that carries it ([`Pending`]
+/// in its record tag). Nothing waits for the hosts: the push answers "waiting", and the passes
+/// after it read the commands' verdicts ([`track`]), record the hash on the instances that
+/// installed it ([`record`]) and report those that failed, with their stderr. An instance the
+/// agent does not know yet (just launched) leaves the push for the next pass.
 pub async fn send(
     ctx: &Context,
     push: &Prepared,
     instances: &[String],
     controls: &Controls,
 ) -> Result<()> {
-    // Commands stamped before this (with room for clock skew) are not ours.
-    let since = SystemTime::now() - Duration::from_secs(300);
-    let mut commands: Vec<(String, Vec<String>)> = Vec::new();
+    let at = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
     for batch in instances.chunks(BATCH) {
         let sent = ctx
             .ssm
@@ -79,89 +84,264 @@ pub async fn send(
             }
             Err(e) => return Err(aws_error("ssm", "SendCommand")(e)),
         };
-        let id = sent
+        let command = sent
             .command()
             .and_then(|c| c.command_id())
             .unwrap_or_default()
             .to_string();
-        commands.push((id, batch.to_vec()));
+        let pending = Pending {
+            hash: push.hash.clone(),
+            command,
+            at,
+        };
+        tag(ctx, &push.hash_tag(), &pending.to_string(), batch).await?;
     }
     tracing::info!(
         bundle = %push.name,
         instances = instances.len(),
-        commands = commands.len(),
-        "pushed files, waiting for the hosts"
+        "pushed files; the next passes read the hosts' verdict"
     );
-    let statuses = track(ctx, &push.name, instances.len(), &commands, since).await?;
+    Err(Error::waiting(
+        format!(
+            "the {} push to {} instance(s) is running",
+            push.name,
+            instances.len()
+        ),
+        RUNNING,
+    ))
+}
 
-    let mut succeeded: Vec<String> = Vec::new();
-    let mut failures: Vec<String> = Vec::new();
-    for (id, batch) in &commands {
-        if statuses.get(id).map(String::as_str) == Some("Success") {
-            succeeded.extend(batch.iter().cloned());
-            continue;
+/// How soon to look again at a push that is running.
+pub const RUNNING: Duration = Duration::from_secs(3);
+
+/// Records on `instances` that they installed `push` (its hash in their record tag).
+pub async fn record(ctx: &Context, push: &Prepared, instances: &[String]) -> Result<()> {
+    tag(ctx, &push.hash_tag(), &push.hash, instances).await
+}
+
+async fn tag(ctx: &Context, key: &str, value: &str, instances: &[String]) -> Result<()> {
+    // CreateTags takes up to 1000 resources per call.
+    for chunk in instances.chunks(1000) {
+        ctx.ec2
+            .create_tags()
+            .set_resources(Some(chunk.to_vec()))
+            .tags(Tag::builder().key(key).value(value).build())
+            .send()
+            .await
+            .map_err(aws_error("ec2", "CreateTags"))?;
+    }
+    Ok(())
+}
+
+/// What a record tag holds while a push runs: `pending:<hash>:<command id>@<unix seconds>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub hash: String,
+    pub command: String,
+    /// When it was sent: where the verdicts are looked for.
+    pub at: u64,
+}
+
+impl std::fmt::Display for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pending:{}:{}@{}", self.hash, self.command, self.at)
+    }
+}
+
+impl Pending {
+    pub fn parse(value: &str) -> Option<Pending> {
+        let rest = value.strip_prefix("pending:")?;
+        let (hash, rest) = rest.split_once(':')?;
+        let (command, at) = rest.rsplit_once('@')?;
+        Some(Pending {
+            hash: hash.to_string(),
+            command: command.to_string(),
+            at: at.parse().ok()?,
+        })
+    }
+}
+
+/// The verdicts of the commands that pushes marked on instances, read by observe.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Tracked {
+    /// Command id → its verdict, for the commands found.
+    pub commands: BTreeMap<String, Verdict>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Verdict {
+    /// Still running on some of its instances.
+    pub running: bool,
+    /// Instances it failed on, with their stderr.
+    pub failed: BTreeMap<String, String>,
+}
+
+/// Reads the verdicts of the commands named by these record tag values: one `ListCommands`
+/// page of 50 covers 50 commands (only those sent since the oldest mark), and only a command
+/// that failed somewhere costs a `ListCommandInvocations` for the hosts' stderr. No call when
+/// no push is running.
+pub async fn track<'a>(
+    ctx: &Context,
+    records: impl IntoIterator<Item = &'a str>,
+) -> Result<Tracked> {
+    let pending: Vec<Pending> = records.into_iter().filter_map(Pending::parse).collect();
+    let mut tracked = Tracked::default();
+    let Some(oldest) = pending.iter().map(|p| p.at).min() else {
+        return Ok(tracked);
+    };
+    let wanted: BTreeSet<&str> = pending.iter().map(|p| p.command.as_str()).collect();
+    // Commands stamped before this (with room for clock skew) are not ours.
+    let since = aws_smithy_types::DateTime::from_secs(oldest.saturating_sub(300) as i64)
+        .fmt(Format::DateTime)
+        .map_err(|e| Error::Invalid(format!("cannot format a time: {e}")))?;
+    let mut failed = Vec::new();
+    let mut pages = ctx
+        .ssm
+        .list_commands()
+        .filters(
+            CommandFilter::builder()
+                .key(CommandFilterKey::InvokedAfter)
+                .value(&since)
+                .build()
+                .map_err(|e| Error::Invalid(e.to_string()))?,
+        )
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(aws_error("ssm", "ListCommands"))?;
+        for c in page.commands() {
+            let id = c.command_id().unwrap_or_default();
+            if !wanted.contains(id) {
+                continue;
+            }
+            let status = c.status().map(|s| s.as_str()).unwrap_or_default();
+            let running = matches!(status, "Pending" | "InProgress" | "Cancelling");
+            if !running && status != "Success" {
+                failed.push(id.to_string());
+            }
+            tracked.commands.insert(
+                id.to_string(),
+                Verdict {
+                    running,
+                    failed: BTreeMap::new(),
+                },
+            );
         }
+        if tracked.commands.len() == wanted.len() {
+            break;
+        }
+    }
+    for id in failed {
         let mut pages = ctx
             .ssm
             .list_command_invocations()
-            .command_id(id)
+            .command_id(&id)
             .details(true)
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(aws_error("ssm", "ListCommandInvocations"))?;
             for inv in page.command_invocations() {
-                let instance = inv.instance_id().unwrap_or_default().to_string();
-                match inv.status().map(|s| s.as_str()) {
-                    Some("Success") => succeeded.push(instance),
-                    other => {
-                        let output = inv
-                            .command_plugins()
-                            .first()
-                            .and_then(|p| p.output())
-                            .unwrap_or_default();
-                        failures.push(format!(
-                            "{instance} ({}): {}",
-                            other.unwrap_or("unknown"),
-                            stderr_of(output)
-                        ));
-                    }
+                let status = inv.status().map(|s| s.as_str()).unwrap_or("unknown");
+                if status == "Success" {
+                    continue;
+                }
+                let output = inv
+                    .command_plugins()
+                    .first()
+                    .and_then(|p| p.output())
+                    .unwrap_or_default();
+                if let Some(v) = tracked.commands.get_mut(&id) {
+                    v.failed.insert(
+                        inv.instance_id().unwrap_or_default().to_string(),
+                        format!("{status}: {}", stderr_of(output)),
+                    );
                 }
             }
         }
     }
-    // CreateTags takes up to 1000 resources per call.
-    for chunk in succeeded.chunks(1000) {
-        ctx.ec2
-            .create_tags()
-            .set_resources(Some(chunk.to_vec()))
-            .tags(
-                Tag::builder()
-                    .key(push.hash_tag())
-                    .value(&push.hash)
-                    .build(),
+    Ok(tracked)
+}
+
+/// Where a push stands on a fleet: what to send, what to record, what runs, what failed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rollout {
+    /// Instances to send the push to: without it, with another version, or whose command was
+    /// lost.
+    pub send: Vec<String>,
+    /// Instances whose command succeeded: their record is to be written.
+    pub record: Vec<String>,
+    /// Instances whose command still runs.
+    pub running: Vec<String>,
+    /// `instance (status): stderr` of the instances it failed on.
+    pub failed: Vec<String>,
+}
+
+impl Rollout {
+    /// From each instance's record tag value and the commands' verdicts.
+    pub fn of<'a>(
+        push: &Prepared,
+        fleet: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
+        tracked: &Tracked,
+    ) -> Rollout {
+        let mut p = Rollout::default();
+        for (id, installed) in fleet {
+            if installed == Some(push.hash.as_str()) {
+                continue;
+            }
+            let pending = installed
+                .and_then(Pending::parse)
+                .filter(|pending| pending.hash == push.hash);
+            let verdict = pending
+                .as_ref()
+                .and_then(|pending| tracked.commands.get(&pending.command));
+            match verdict {
+                None => p.send.push(id.to_string()),
+                Some(v) => match v.failed.get(id) {
+                    Some(stderr) => p.failed.push(format!("{id} ({stderr})")),
+                    None if v.running => p.running.push(id.to_string()),
+                    None => p.record.push(id.to_string()),
+                },
+            }
+        }
+        p
+    }
+
+    /// The error for the instances the push failed on, once nothing else is to be done.
+    pub fn failure(&self, push: &Prepared, total: usize) -> Option<Error> {
+        if self.failed.is_empty() {
+            return None;
+        }
+        let shown: Vec<&str> = self.failed.iter().take(3).map(String::as_str).collect();
+        Some(Error::Invalid(format!(
+            "{} of {} instances failed to install {}: {}{}",
+            self.failed.len(),
+            total,
+            push.name,
+            shown.join("; "),
+            if self.failed.len() > 3 { "; ..." } else { "" }
+        )))
+    }
+
+    /// Waiting on the instances it still runs on.
+    pub fn waiting(&self, push: &Prepared) -> Option<Error> {
+        (!self.running.is_empty()).then(|| {
+            Error::waiting(
+                format!(
+                    "the {} push is running on {} instance(s)",
+                    push.name,
+                    self.running.len()
+                ),
+                RUNNING,
             )
-            .send()
-            .await
-            .map_err(aws_error("ec2", "CreateTags"))?;
+        })
     }
-    if failures.is_empty() {
-        return Ok(());
-    }
-    let shown: Vec<&str> = failures.iter().take(3).map(String::as_str).collect();
-    Err(Error::Invalid(format!(
-        "{} of {} instances failed to install {}: {}{}",
-        failures.len(),
-        instances.len(),
-        push.name,
-        shown.join("; "),
-        if failures.len() > 3 { "; ..." } else { "" }
-    )))
 }
 
 /// Waits until every command (id, instances) is done; returns each command's status. `name`
-/// names what the commands do in logs and progress.
-pub(crate) async fn track(
+/// names what the commands do in logs and progress. Only the verify waits so (a push never
+/// does: see [`send`]).
+pub(crate) async fn wait_for(
     ctx: &Context,
     name: &str,
     hosts: usize,
@@ -238,6 +418,100 @@ pub(crate) fn stderr_of(output: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn prepared(hash: &str) -> Prepared {
+        Prepared {
+            name: "demo".into(),
+            hash: hash.into(),
+            script: String::new(),
+            record: "stackwarden:demo".into(),
+        }
+    }
+
+    #[test]
+    fn a_pending_mark_reads_back() {
+        let p = Pending {
+            hash: "ab".repeat(32),
+            command: "0b6f6b1c-1c2d-4e5f-8a9b-0c1d2e3f4a5b".into(),
+            at: 1_795_000_000,
+        };
+        let text = p.to_string();
+        assert!(text.len() <= 256, "an EC2 tag value: {}", text.len());
+        assert_eq!(Pending::parse(&text), Some(p));
+        assert_eq!(Pending::parse(&"ab".repeat(32)), None);
+    }
+
+    /// Each instance's place in a push, from its record tag and the commands' verdicts alone.
+    #[test]
+    fn a_rollout_sends_records_waits_and_fails_from_what_it_sees() {
+        let push = prepared("new");
+        let mark = |command: &str| {
+            Pending {
+                hash: "new".into(),
+                command: command.into(),
+                at: 1,
+            }
+            .to_string()
+        };
+        let (done, running, failed, lost) = (
+            mark("c-done"),
+            mark("c-run"),
+            mark("c-fail"),
+            mark("c-lost"),
+        );
+        let older = Pending {
+            hash: "old".into(),
+            command: "c-done".into(),
+            at: 1,
+        }
+        .to_string();
+        let tracked = Tracked {
+            commands: BTreeMap::from([
+                ("c-done".into(), Verdict::default()),
+                (
+                    "c-run".into(),
+                    Verdict {
+                        running: true,
+                        failed: BTreeMap::new(),
+                    },
+                ),
+                (
+                    "c-fail".into(),
+                    Verdict {
+                        running: false,
+                        failed: BTreeMap::from([("i-5".into(), "Failed: promtool: bad".into())]),
+                    },
+                ),
+            ]),
+        };
+        let fleet = [
+            ("i-0", Some("new")),
+            ("i-1", None),
+            ("i-2", Some("old")),
+            ("i-3", Some(done.as_str())),
+            ("i-4", Some(running.as_str())),
+            ("i-5", Some(failed.as_str())),
+            ("i-6", Some(lost.as_str())),
+            ("i-7", Some(older.as_str())),
+        ];
+        let r = Rollout::of(&push, fleet, &tracked);
+        assert_eq!(
+            r.send,
+            ["i-1", "i-2", "i-6", "i-7"],
+            "lacking, older, lost, another version's"
+        );
+        assert_eq!(r.record, ["i-3"]);
+        assert_eq!(r.running, ["i-4"]);
+        assert_eq!(r.failed, ["i-5 (Failed: promtool: bad)"]);
+        let e = r.failure(&push, 8).unwrap();
+        assert!(e
+            .to_string()
+            .contains("1 of 8 instances failed to install demo"));
+        assert_eq!(
+            r.waiting(&push).unwrap().class(),
+            crate::error::ErrorClass::Waiting
+        );
+    }
 
     #[test]
     fn the_stderr_of_a_plugin_output_is_what_follows_the_marker() {
