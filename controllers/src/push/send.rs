@@ -111,6 +111,9 @@ pub async fn send(
     ))
 }
 
+/// Up to this many running pushes are looked up one command each.
+const PER_COMMAND: usize = 3;
+
 /// How soon to look again at a push that is running.
 pub const RUNNING: Duration = Duration::from_secs(3);
 
@@ -176,10 +179,10 @@ pub struct Verdict {
     pub failed: BTreeMap<String, String>,
 }
 
-/// Reads the verdicts of the commands named by these record tag values: one `ListCommands`
-/// page of 50 covers 50 commands (only those sent since the oldest mark), and only a command
-/// that failed somewhere costs a `ListCommandInvocations` for the hosts' stderr. No call when
-/// no push is running.
+/// Reads the verdicts of the commands named by these record tag values: one `ListCommands` per
+/// command for a few (or old) ones, else the commands sent since the oldest mark, 50 a page;
+/// only a command that failed somewhere costs a `ListCommandInvocations` for the hosts'
+/// stderr. No call when no push is running.
 pub async fn track<'a>(
     ctx: &Context,
     records: impl IntoIterator<Item = &'a str>,
@@ -190,46 +193,70 @@ pub async fn track<'a>(
         return Ok(tracked);
     };
     let wanted: BTreeSet<&str> = pending.iter().map(|p| p.command.as_str()).collect();
-    // Commands stamped before this (with room for clock skew) are not ours.
-    let since = aws_smithy_types::DateTime::from_secs(oldest.saturating_sub(300) as i64)
-        .fmt(Format::DateTime)
-        .map_err(|e| Error::Invalid(format!("cannot format a time: {e}")))?;
-    let mut failed = Vec::new();
-    let mut pages = ctx
-        .ssm
-        .list_commands()
-        .filters(
-            CommandFilter::builder()
-                .key(CommandFilterKey::InvokedAfter)
-                .value(&since)
-                .build()
-                .map_err(|e| Error::Invalid(e.to_string()))?,
-        )
-        .into_paginator()
-        .send();
-    while let Some(page) = pages.next().await {
-        let page = page.map_err(aws_error("ssm", "ListCommands"))?;
-        for c in page.commands() {
-            let id = c.command_id().unwrap_or_default();
-            if !wanted.contains(id) {
-                continue;
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let mut seen = Vec::new();
+    if wanted.len() <= PER_COMMAND || now.saturating_sub(oldest) > 3600 {
+        // Few commands, or marks older than an hour (a shared account runs many commands
+        // meanwhile): one ListCommands per command.
+        for id in &wanted {
+            match ctx.ssm.list_commands().command_id(*id).send().await {
+                Ok(out) => seen.extend(out.commands().iter().cloned()),
+                // Gone (SSM keeps commands 30 days): the push is sent again.
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|e| e.is_invalid_command_id()) => {}
+                Err(e) => return Err(aws_error("ssm", "ListCommands")(e)),
             }
-            let status = c.status().map(|s| s.as_str()).unwrap_or_default();
-            let running = matches!(status, "Pending" | "InProgress" | "Cancelling");
-            if !running && status != "Success" {
-                failed.push(id.to_string());
-            }
-            tracked.commands.insert(
-                id.to_string(),
-                Verdict {
-                    running,
-                    failed: BTreeMap::new(),
-                },
+        }
+    } else {
+        // Many recent ones (a large fleet's batches): the commands sent since the oldest mark
+        // (with room for clock skew), 50 a page.
+        let since = aws_smithy_types::DateTime::from_secs(oldest.saturating_sub(300) as i64)
+            .fmt(Format::DateTime)
+            .map_err(|e| Error::Invalid(format!("cannot format a time: {e}")))?;
+        let mut pages = ctx
+            .ssm
+            .list_commands()
+            .filters(
+                CommandFilter::builder()
+                    .key(CommandFilterKey::InvokedAfter)
+                    .value(&since)
+                    .build()
+                    .map_err(|e| Error::Invalid(e.to_string()))?,
+            )
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(aws_error("ssm", "ListCommands"))?;
+            seen.extend(
+                page.commands()
+                    .iter()
+                    .filter(|c| wanted.contains(c.command_id().unwrap_or_default()))
+                    .cloned(),
             );
+            if seen.len() == wanted.len() {
+                break;
+            }
         }
-        if tracked.commands.len() == wanted.len() {
-            break;
+    }
+    let mut failed = Vec::new();
+    for c in seen {
+        let id = c.command_id().unwrap_or_default();
+        let status = c.status().map(|s| s.as_str()).unwrap_or_default();
+        let running = matches!(status, "Pending" | "InProgress" | "Cancelling");
+        if !running && status != "Success" {
+            failed.push(id.to_string());
         }
+        tracked.commands.insert(
+            id.to_string(),
+            Verdict {
+                running,
+                failed: BTreeMap::new(),
+            },
+        );
     }
     for id in failed {
         let mut pages = ctx
