@@ -124,9 +124,46 @@ async fn the_operators_policy_allows_every_call_it_makes_with_its_conditions() {
         .send()
         .await
         .unwrap();
+    // And a host made by another tool, its instance and volume untagged: the policy lets the
+    // operator claim what no stack owns, then change it as its own.
+    let made = ec2
+        .run_instances()
+        .image_id("ami-12c6146b")
+        .instance_type(InstanceType::T3Micro)
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await
+        .unwrap();
+    let legacy_instance = made.instances()[0].instance_id().unwrap().to_string();
+    let zone = made.instances()[0]
+        .placement()
+        .unwrap()
+        .availability_zone()
+        .unwrap()
+        .to_string();
+    let legacy_volume = ec2
+        .create_volume()
+        .availability_zone(zone)
+        .size(10)
+        .send()
+        .await
+        .unwrap()
+        .volume_id()
+        .unwrap()
+        .to_string();
+    ec2.attach_volume()
+        .volume_id(&legacy_volume)
+        .instance_id(&legacy_instance)
+        .device("/dev/sdg")
+        .send()
+        .await
+        .unwrap();
     write(
         "legacy.toml",
-        "[iam.role.legacy]\nadopt = \"legacy-exporter\"\ntrust = { services = [\"ec2.amazonaws.com\"] }\ninline_policies = { read = \"policies/cloudwatch-read.json\" }\n",
+        &format!(
+            "[iam.role.legacy]\nadopt = \"legacy-exporter\"\ntrust = {{ services = [\"ec2.amazonaws.com\"] }}\ninline_policies = {{ read = \"policies/cloudwatch-read.json\" }}\n\n[host.legacy]\nadopt = \"{legacy_instance}\"\nami = \"ami-12c6146b\"\ninstance_type = \"t3.micro\"\nvolumes = [{{ device = \"/dev/sdg\", size_gib = 10 }}]\n"
+        ),
     );
     let subnets = ec2
         .describe_subnets()
@@ -190,6 +227,41 @@ async fn the_operators_policy_allows_every_call_it_makes_with_its_conditions() {
         .await
         .unwrap();
     assert_eq!(inline.policy_names(), ["read"]);
+    for id in [&legacy_instance, &legacy_volume] {
+        let tags = ec2
+            .describe_tags()
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name("resource-id")
+                    .values(id.as_str())
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            tags.tags()
+                .iter()
+                .any(|t| t.key() == Some("stackwarden:stack")),
+            "{id} claimed: {tags:?}"
+        );
+    }
+    // The Grafana load balancer gets HTTPS: a listener made, the HTTP one changed to redirect
+    // (listeners carry the group's tags from their creation, so the policy lets them change).
+    let certificate = aws
+        .iam()
+        .await
+        .upload_server_certificate()
+        .server_certificate_name("grafana")
+        .certificate_body("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+        .private_key("-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n")
+        .send()
+        .await
+        .unwrap()
+        .server_certificate_metadata()
+        .unwrap()
+        .arn()
+        .to_string();
     // Changes to every kind, then everything removed and pruned.
     write("hosts/ne.env", "ARGS=--collector.systemd\n");
     let text = std::fs::read_to_string(dir.path().join("hosts.toml")).unwrap();
@@ -205,7 +277,12 @@ async fn the_operators_policy_allows_every_call_it_makes_with_its_conditions() {
         &text
             .replace("t3.small", "t3.medium")
             .replace("max_size = 2", "max_size = 3")
-            .replace("10.0.0.0/8", "10.1.0.0/16"),
+            .replace(
+                "allowed_cidrs = [\"10.0.0.0/8\"] }",
+                &format!(
+                    "allowed_cidrs = [\"10.1.0.0/16\"], certificate_arn = \"{certificate}\" }}"
+                ),
+            ),
     );
     // Under the lease (created on first use) as a CI job next to the daemon runs it.
     let update = operator(
@@ -221,6 +298,9 @@ async fn the_operators_policy_allows_every_call_it_makes_with_its_conditions() {
     );
     update.expect(0);
     seen.extend(actions(&update));
+    for op in ["CreateListener", "ModifyListener"] {
+        assert!(update.count(op) >= 1, "{op}: {}", update.stderr);
+    }
     for f in [
         "legacy.toml",
         "amg.toml",

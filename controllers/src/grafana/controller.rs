@@ -304,9 +304,11 @@ pub enum Op {
         balancer: String,
         attributes: Vec<(String, String)>,
     },
+    /// A listener, tagged the group's (the operator's policy changes only tagged listeners).
     CreateListener {
         balancer: String,
         listener: ListenerSpec,
+        tags: Tags,
     },
     ModifyListener {
         listener: String,
@@ -848,9 +850,11 @@ impl Controller for GrafanaController {
                 balancer,
                 attributes,
             } => set_attributes(ctx, balancer, attributes).await?,
-            Op::CreateListener { balancer, listener } => {
-                create_listener(ctx, balancer, listener).await?
-            }
+            Op::CreateListener {
+                balancer,
+                listener,
+                tags,
+            } => create_listener(ctx, balancer, listener, tags).await?,
             Op::ModifyListener { listener, spec } => {
                 elb.modify_listener()
                     .listener_arn(listener)
@@ -1068,6 +1072,7 @@ fn diff_balancer(
                 c.op(Op::CreateListener {
                     balancer: lb.arn.clone(),
                     listener: want.clone(),
+                    tags: tags.clone(),
                 });
             }
             Some((arn, have)) if have != want => {
@@ -1941,7 +1946,12 @@ fn elb_action(f: &Forward) -> ElbAction {
     }
 }
 
-async fn create_listener(ctx: &Context, balancer: &str, l: &ListenerSpec) -> Result<()> {
+async fn create_listener(
+    ctx: &Context,
+    balancer: &str,
+    l: &ListenerSpec,
+    tags: &Tags,
+) -> Result<()> {
     ctx.elb
         .create_listener()
         .load_balancer_arn(balancer)
@@ -1954,6 +1964,7 @@ async fn create_listener(ctx: &Context, balancer: &str, l: &ListenerSpec) -> Res
                 .map(|c| vec![Certificate::builder().certificate_arn(c).build()]),
         )
         .default_actions(elb_action(&l.action))
+        .set_tags(Some(elb_tags(tags)))
         .send()
         .await
         .map_err(aws_error("elasticloadbalancing", "CreateListener"))?;
@@ -2205,7 +2216,7 @@ async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
         if let Forward::To(_) = l.action {
             l.action = Forward::To(target_group.clone());
         }
-        create_listener(ctx, &balancer, &l).await?;
+        create_listener(ctx, &balancer, &l, &b.tags).await?;
     }
     let spec = LaunchTemplateSpecification::builder()
         .launch_template_id(&template)

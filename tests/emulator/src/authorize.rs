@@ -14,7 +14,8 @@
 //!   profiles);
 //! - the authorizations a call implies: tags given at creation are also `ec2:CreateTags` with
 //!   `ec2:CreateAction` (or `elasticloadbalancing:AddTags` with
-//!   `elasticloadbalancing:CreateAction`), and an instance profile or role handed to a service
+//!   `elasticloadbalancing:CreateAction`, for load balancers, target groups and listeners), and
+//!   an instance profile or role handed to a service
 //!   is `iam:PassRole` on the role with `iam:PassedToService` (RunInstances, and
 //!   CreateAutoScalingGroup or UpdateAutoScalingGroup with a launch template that names one;
 //!   a Managed Grafana workspace's role), and tags given to an IAM create are also its Tag
@@ -459,6 +460,20 @@ pub async fn authorizations(
                             out.push(on(&action, arn, context));
                         }
                         None => out.push(on(&action, "*".into(), requested.clone())),
+                    }
+                    if req.operation == "CreateListener" && !requested.is_empty() {
+                        let mut context = requested.clone();
+                        context.insert(
+                            "elasticloadbalancing:CreateAction".into(),
+                            vec![req.operation.clone()],
+                        );
+                        out.push(on(
+                            "elasticloadbalancing:AddTags",
+                            format!(
+                                "arn:aws:elasticloadbalancing:{region}:{ACCOUNT}:listener/app/*"
+                            ),
+                            context,
+                        ));
                     }
                 }
             }
