@@ -8,7 +8,7 @@
 //! bundle's hash on the instances that installed it, so later passes send them nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_ec2::types::Tag;
 use aws_sdk_ssm::types::{CommandFilter, CommandFilterKey};
@@ -214,33 +214,8 @@ pub async fn track<'a>(
     } else {
         // Many recent ones (a large fleet's batches): the commands sent since the oldest mark
         // (with room for clock skew), 50 a page.
-        let since = aws_smithy_types::DateTime::from_secs(oldest.saturating_sub(300) as i64)
-            .fmt(Format::DateTime)
-            .map_err(|e| Error::Invalid(format!("cannot format a time: {e}")))?;
-        let mut pages = ctx
-            .ssm
-            .list_commands()
-            .filters(
-                CommandFilter::builder()
-                    .key(CommandFilterKey::InvokedAfter)
-                    .value(&since)
-                    .build()
-                    .map_err(|e| Error::Invalid(e.to_string()))?,
-            )
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(aws_error("ssm", "ListCommands"))?;
-            seen.extend(
-                page.commands()
-                    .iter()
-                    .filter(|c| wanted.contains(c.command_id().unwrap_or_default()))
-                    .cloned(),
-            );
-            if seen.len() == wanted.len() {
-                break;
-            }
-        }
+        let since = UNIX_EPOCH + Duration::from_secs(oldest.saturating_sub(300));
+        seen = commands_since(ctx, since, &wanted).await?;
     }
     let mut failed = Vec::new();
     for c in seen {
@@ -365,6 +340,43 @@ impl Rollout {
     }
 }
 
+/// The commands among `wanted` sent since `since`, read 50 a page until all are found.
+async fn commands_since(
+    ctx: &Context,
+    since: SystemTime,
+    wanted: &BTreeSet<&str>,
+) -> Result<Vec<aws_sdk_ssm::types::Command>> {
+    let since = aws_smithy_types::DateTime::from(since)
+        .fmt(Format::DateTime)
+        .map_err(|e| Error::Invalid(format!("cannot format a time: {e}")))?;
+    let mut seen = Vec::new();
+    let mut pages = ctx
+        .ssm
+        .list_commands()
+        .filters(
+            CommandFilter::builder()
+                .key(CommandFilterKey::InvokedAfter)
+                .value(&since)
+                .build()
+                .map_err(|e| Error::Invalid(e.to_string()))?,
+        )
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(aws_error("ssm", "ListCommands"))?;
+        seen.extend(
+            page.commands()
+                .iter()
+                .filter(|c| wanted.contains(c.command_id().unwrap_or_default()))
+                .cloned(),
+        );
+        if seen.len() == wanted.len() {
+            break;
+        }
+    }
+    Ok(seen)
+}
+
 /// Waits until every command (id, instances) is done; returns each command's status. `name`
 /// names what the commands do in logs and progress. Only the verify waits so (a push never
 /// does: see [`send`]).
@@ -375,40 +387,23 @@ pub(crate) async fn wait_for(
     commands: &[(String, Vec<String>)],
     since: SystemTime,
 ) -> Result<BTreeMap<String, String>> {
-    let since = aws_smithy_types::DateTime::from(since)
-        .fmt(Format::DateTime)
-        .map_err(|e| Error::Invalid(format!("cannot format a time: {e}")))?;
     let what = format!("the {name} command to {hosts} instances");
+    let wanted: BTreeSet<&str> = commands.iter().map(|(id, _)| id.as_str()).collect();
     wait_until(ctx, &what, || async {
-        let mut status: BTreeMap<String, (String, i32, i32)> = BTreeMap::new();
-        let mut pages = ctx
-            .ssm
-            .list_commands()
-            .filters(
-                CommandFilter::builder()
-                    .key(CommandFilterKey::InvokedAfter)
-                    .value(&since)
-                    .build()
-                    .map_err(|e| Error::Invalid(e.to_string()))?,
-            )
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(aws_error("ssm", "ListCommands"))?;
-            for c in page.commands() {
-                let id = c.command_id().unwrap_or_default();
-                if commands.iter().any(|(mine, _)| mine == id) {
-                    let s = c
-                        .status()
-                        .map(|s| s.as_str().to_string())
-                        .unwrap_or_default();
-                    status.insert(id.to_string(), (s, c.completed_count(), c.error_count()));
-                }
-            }
-            if status.len() == commands.len() {
-                break;
-            }
-        }
+        let status: BTreeMap<String, (String, i32, i32)> = commands_since(ctx, since, &wanted)
+            .await?
+            .iter()
+            .map(|c| {
+                let s = c
+                    .status()
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_default();
+                (
+                    c.command_id().unwrap_or_default().to_string(),
+                    (s, c.completed_count(), c.error_count()),
+                )
+            })
+            .collect();
         let completed: i32 = status.values().map(|s| s.1).sum();
         let errors: i32 = status.values().map(|s| s.2).sum();
         let open = commands.iter().any(|(id, _)| {

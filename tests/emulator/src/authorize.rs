@@ -607,6 +607,22 @@ pub async fn authorizations(
     Ok(out)
 }
 
+/// The (key, value) of each `item` element in these tag sets, as the query protocols list tags.
+fn pairs<'a, 'i: 'a>(
+    sets: impl Iterator<Item = roxmltree::Node<'a, 'i>>,
+    item: &str,
+    (key, value): (&str, &str),
+) -> Vec<(String, String)> {
+    sets.flat_map(|n| n.children().filter(move |c| c.has_tag_name(item)))
+        .filter_map(|t| {
+            Some((
+                child_text(t, key)?,
+                child_text(t, value).unwrap_or_default(),
+            ))
+        })
+        .collect()
+}
+
 /// An IAM object whose tags a condition may read.
 enum IamObject {
     Role(String),
@@ -724,18 +740,13 @@ impl crate::moto::Moto {
         let params = ec2_query("DescribeTags", &[("resource-id", &[id])]);
         let text = self.query(caller, "ec2", &params).await?;
         let doc = xml(&text)?;
-        Ok(doc
-            .root()
-            .descendants()
-            .filter(|n| n.has_tag_name("tagSet"))
-            .flat_map(|n| n.children().filter(|n| n.has_tag_name("item")))
-            .filter_map(|t| {
-                Some((
-                    child_text(t, "key")?,
-                    child_text(t, "value").unwrap_or_default(),
-                ))
-            })
-            .collect())
+        Ok(pairs(
+            doc.root()
+                .descendants()
+                .filter(|n| n.has_tag_name("tagSet")),
+            "item",
+            ("key", "value"),
+        ))
     }
 
     /// A load balancer's, target group's or listener's tags (none when it does not exist).
@@ -754,18 +765,11 @@ impl crate::moto::Moto {
             return Ok(Vec::new());
         };
         let doc = xml(&text)?;
-        Ok(doc
-            .root()
-            .descendants()
-            .filter(|n| n.has_tag_name("Tags"))
-            .flat_map(|n| n.children().filter(|n| n.has_tag_name("member")))
-            .filter_map(|t| {
-                Some((
-                    child_text(t, "Key")?,
-                    child_text(t, "Value").unwrap_or_default(),
-                ))
-            })
-            .collect())
+        Ok(pairs(
+            doc.root().descendants().filter(|n| n.has_tag_name("Tags")),
+            "member",
+            ("Key", "Value"),
+        ))
     }
 
     /// An IAM role's, policy's or instance profile's tags (none when it does not exist).
@@ -793,17 +797,13 @@ impl crate::moto::Moto {
         let object = doc.root().descendants().find(|n| {
             n.has_tag_name("Role") || n.has_tag_name("Policy") || n.has_tag_name("InstanceProfile")
         });
-        Ok(object
-            .into_iter()
-            .flat_map(|o| o.children().filter(|n| n.has_tag_name("Tags")))
-            .flat_map(|n| n.children().filter(|n| n.has_tag_name("member")))
-            .filter_map(|t| {
-                Some((
-                    child_text(t, "Key")?,
-                    child_text(t, "Value").unwrap_or_default(),
-                ))
-            })
-            .collect())
+        Ok(pairs(
+            object
+                .into_iter()
+                .flat_map(|o| o.children().filter(|n| n.has_tag_name("Tags"))),
+            "member",
+            ("Key", "Value"),
+        ))
     }
 
     /// An Auto Scaling group's tags.
@@ -821,18 +821,11 @@ impl crate::moto::Moto {
         .map(|(k, v)| (k.to_string(), v.to_string()));
         let text = self.query(caller, "autoscaling", &params).await?;
         let doc = xml(&text)?;
-        Ok(doc
-            .root()
-            .descendants()
-            .filter(|n| n.has_tag_name("Tags"))
-            .flat_map(|n| n.children().filter(|n| n.has_tag_name("member")))
-            .filter_map(|t| {
-                Some((
-                    child_text(t, "Key")?,
-                    child_text(t, "Value").unwrap_or_default(),
-                ))
-            })
-            .collect())
+        Ok(pairs(
+            doc.root().descendants().filter(|n| n.has_tag_name("Tags")),
+            "member",
+            ("Key", "Value"),
+        ))
     }
 }
 
