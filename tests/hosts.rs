@@ -776,5 +776,14 @@ volumes = [{{ device = "/dev/sdf", size_gib = 100 }}]
         "no group made beside it"
     );
 
-    stackwarden(Some(&aws.endpoint), &["plan", d]).expect(0);
+    // Adopted, each is found by its tags like any host's: no read by id any more.
+    let plan = stackwarden(Some(&aws.endpoint), &["plan", d]);
+    plan.expect(0);
+    for op in [
+        "DescribeInstances",
+        "DescribeVolumes",
+        "DescribeSecurityGroups",
+    ] {
+        assert_eq!(plan.count(op), 1, "{op}: {}", plan.stderr);
+    }
 }

@@ -215,8 +215,8 @@ pub struct ObservedGroup {
 /// Every security group the stack owns, read once per observation for the four kinds.
 async fn stack_groups(ctx: &Context, desired: &DesiredState) -> Result<Vec<ObservedGroup>> {
     let stack = desired.stack_name().to_string();
-    // Groups to adopt carry no tag of the stack yet: read by id too (one more call, only when
-    // the desired state adopts some).
+    // Groups to adopt carry no tag of the stack yet: read by id too (one more call, only while
+    // one is not yet adopted).
     let adopted: Vec<String> = desired
         .resources
         .values()
@@ -235,6 +235,11 @@ async fn stack_groups(ctx: &Context, desired: &DesiredState) -> Result<Vec<Obser
                 .values(stack)
                 .build();
             let mut groups = read_groups(ctx, filter).await?;
+            // Once adopted, a group carries the stack's tag: no read by id any more.
+            let adopted: Vec<String> = adopted
+                .into_iter()
+                .filter(|id| !groups.iter().any(|g| &g.id == id))
+                .collect();
             if !adopted.is_empty() {
                 let by_id = Filter::builder()
                     .name("group-id")

@@ -12,13 +12,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
-use aws_sdk_ec2::types::{Filter, Tag};
+use aws_sdk_ec2::types::Filter;
 
 use crate::controller::Context;
 use crate::desired::{DesiredState, TAG_STACK};
 use crate::error::{aws_error, Result};
 use crate::model::Kind;
-use crate::push::send::{stdout_of, wait_for, Pending, BATCH};
+use crate::push::send::{stdout_of, tag, wait_for, Pending, BATCH};
 use crate::push::{self, shell_quote};
 
 /// What a verify writes into an instance's record tag when the files of that bundle were
@@ -238,16 +238,8 @@ pub async fn verify(ctx: &Context, desired: &DesiredState) -> Result<Verified> {
             }
         }
     }
-    for (tag, instances) in marks {
-        for chunk in instances.chunks(1000) {
-            ctx.ec2
-                .create_tags()
-                .set_resources(Some(chunk.to_vec()))
-                .tags(Tag::builder().key(tag).value(DRIFTED).build())
-                .send()
-                .await
-                .map_err(aws_error("ec2", "CreateTags"))?;
-        }
+    for (key, instances) in marks {
+        tag(ctx, key, DRIFTED, &instances).await?;
     }
     verified
         .drifted

@@ -335,54 +335,61 @@ impl Controller for HostController {
             }
         }
 
-        // Instances to adopt, and the volumes attached to them, carry no tag of the stack yet:
-        // read by id too (only when the desired state adopts some).
-        let adopted: Vec<String> = desired
+        // An instance to adopt, until adopted, carries no tag of the stack: read by id, and only
+        // then (a converged pass reads nothing more).
+        let unadopted: Vec<String> = desired
             .of_kind(Kind::Host)
             .filter_map(|r| r.adopt.clone())
+            .filter(|id| !obs.instances.iter().any(|i| &i.id == id))
             .collect();
-        let mut volume_reads = vec![stack];
-        if !adopted.is_empty() {
+        if !unadopted.is_empty() {
             let out = ctx
                 .ec2
                 .describe_instances()
                 .filters(
                     Filter::builder()
                         .name("instance-id")
-                        .set_values(Some(adopted.clone()))
+                        .set_values(Some(unadopted))
                         .build(),
                 )
-                .filters(live.clone())
+                .filters(live)
                 .send()
                 .await
                 .map_err(aws_error("ec2", "DescribeInstances"))?;
-            for i in out.reservations().iter().flat_map(|r| r.instances()) {
-                let i = observed_instance(i);
-                if !obs.instances.iter().any(|have| have.id == i.id) {
-                    obs.instances.push(i);
-                }
-            }
-            volume_reads.push(
-                Filter::builder()
-                    .name("attachment.instance-id")
-                    .set_values(Some(adopted))
-                    .build(),
+            obs.instances.extend(
+                out.reservations()
+                    .iter()
+                    .flat_map(|r| r.instances())
+                    .map(observed_instance),
             );
         }
-        for filter in volume_reads {
-            let mut pages = ctx
-                .ec2
-                .describe_volumes()
-                .filters(filter)
-                .into_paginator()
-                .send();
-            while let Some(page) = pages.next().await {
-                let page = page.map_err(aws_error("ec2", "DescribeVolumes"))?;
-                for v in page.volumes() {
-                    let v = observed_volume(v);
-                    if !obs.volumes.iter().any(|have| have.id == v.id) {
-                        obs.volumes.push(v);
-                    }
+        obs.volumes = read_volumes(ctx, stack).await?;
+        // Likewise the volumes of an adopted instance, while one of its devices has no volume
+        // carrying the host's tags.
+        let untagged: Vec<String> = desired
+            .of_kind(Kind::Host)
+            .filter_map(|r| {
+                let Spec::Host(s) = &r.spec else { return None };
+                let id = r.adopt.as_ref()?;
+                s.volumes
+                    .iter()
+                    .any(|v| {
+                        !obs.volumes.iter().any(|o| {
+                            owned(&o.tags, desired, &r.id)
+                                && o.tags.get(TAG_DEVICE) == Some(&v.device)
+                        })
+                    })
+                    .then(|| id.clone())
+            })
+            .collect();
+        if !untagged.is_empty() {
+            let attached = Filter::builder()
+                .name("attachment.instance-id")
+                .set_values(Some(untagged))
+                .build();
+            for v in read_volumes(ctx, attached).await? {
+                if !obs.volumes.iter().any(|have| have.id == v.id) {
+                    obs.volumes.push(v);
                 }
             }
         }
@@ -953,6 +960,22 @@ fn tag_missing(c: &mut Change<Op>, resource: &str, have: &Tags, want: &Tags) {
         resource: resource.to_string(),
         tags: missing,
     });
+}
+
+/// The volumes `filter` selects.
+async fn read_volumes(ctx: &Context, filter: Filter) -> Result<Vec<ObservedVolume>> {
+    let mut volumes = Vec::new();
+    let mut pages = ctx
+        .ec2
+        .describe_volumes()
+        .filters(filter)
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(aws_error("ec2", "DescribeVolumes"))?;
+        volumes.extend(page.volumes().iter().map(observed_volume));
+    }
+    Ok(volumes)
 }
 
 /// A volume's state (`creating`, `available`, `in-use`, ...).

@@ -122,7 +122,8 @@ pub async fn record(ctx: &Context, push: &Prepared, instances: &[String]) -> Res
     tag(ctx, &push.hash_tag(), &push.hash, instances).await
 }
 
-async fn tag(ctx: &Context, key: &str, value: &str, instances: &[String]) -> Result<()> {
+/// Sets one tag on instances, 1000 a call.
+pub(crate) async fn tag(ctx: &Context, key: &str, value: &str, instances: &[String]) -> Result<()> {
     // CreateTags takes up to 1000 resources per call.
     for chunk in instances.chunks(1000) {
         ctx.ec2
