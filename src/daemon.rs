@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use stackwarden_controllers::{DesiredState, ResourceId};
+use stackwarden_controllers::{verify, DesiredState, ResourceId};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::time::Instant;
 
@@ -92,7 +92,7 @@ pub async fn run(
     let mut lease_changes = lease.as_ref().map(|l| l.subscribe());
     let mut stopping = false;
     // The first verify follows the first pass: a restarted daemon verifies at once too.
-    let mut verify_at = Instant::now();
+    let mut verify = Verifying::Due(Instant::now());
     loop {
         let due = schedule.due(Instant::now());
         if !due.is_empty() {
@@ -158,21 +158,22 @@ pub async fn run(
         if stopping {
             return Ok(EXIT_OK);
         }
-        // Only a daemon that writes verifies: a verify marks what it finds.
-        let verifying = opts
-            .verify
-            .filter(|_| lease.as_ref().is_none_or(|l| l.held()));
-        if let Some(every) = verifying {
-            if verify_at <= Instant::now() {
-                verify(&engine, &desired, &status, &mut schedule).await;
-                verify_at = Instant::now() + every;
-            }
-        }
+        // Only a daemon that writes verifies: a verify marks what it finds. One that lost the
+        // lease drops its verify in flight; the holder makes its own.
         let mut wake = schedule
             .next_wake()
             .unwrap_or_else(|| Instant::now() + opts.resync.default);
-        if verifying.is_some() {
-            wake = wake.min(verify_at);
+        match opts
+            .verify
+            .filter(|_| lease.as_ref().is_none_or(|l| l.held()))
+        {
+            Some(every) => {
+                verify = verify
+                    .step(&engine, &desired, &status, &mut schedule, every)
+                    .await;
+                wake = wake.min(verify.next());
+            }
+            None => verify = verify.dropped(),
         }
         tokio::select! {
             _ = tokio::time::sleep_until(wake) => {}
@@ -198,25 +199,92 @@ pub async fn run(
     }
 }
 
-/// Verifies the files on hosts; what changed makes the kinds that push it due, so the next
-/// batch pushes them again. A verify that fails is logged and shown, and tried next interval.
-async fn verify(engine: &Engine, desired: &DesiredState, status: &Status, schedule: &mut Schedule) {
-    tracing::info!("verifying the files on hosts");
-    match stackwarden_controllers::verify::verify(&engine.ctx, desired).await {
-        Ok(v) => {
-            for d in &v.drifted {
-                tracing::warn!(instance = %d.instance, bundle = %d.bundle, files = ?d.files, "files changed on the host since the push; pushing again");
+/// The daemon's verify of the files on hosts: due at a time, or running on the hosts while
+/// passes go on (it is looked at between them, never waited for).
+enum Verifying {
+    Due(Instant),
+    Running {
+        sent: verify::Sent,
+        started: Instant,
+        look_at: Instant,
+    },
+}
+
+impl Verifying {
+    /// When the loop must come back for it.
+    fn next(&self) -> Instant {
+        match self {
+            Verifying::Due(at) => *at,
+            Verifying::Running { look_at, .. } => *look_at,
+        }
+    }
+
+    /// Without the lease: nothing in flight, the next verify due at once when it is taken.
+    fn dropped(self) -> Verifying {
+        match self {
+            Verifying::Running { .. } => Verifying::Due(Instant::now()),
+            due => due,
+        }
+    }
+
+    /// Starts the verify when due, looks at it when running; what changed makes the kinds
+    /// that push it due, so the next batch pushes them again. A verify that fails or still
+    /// runs after `STACKWARDEN_WAIT_TIMEOUT` is logged and shown, and tried next interval.
+    async fn step(
+        self,
+        engine: &Engine,
+        desired: &DesiredState,
+        status: &Status,
+        schedule: &mut Schedule,
+        every: Duration,
+    ) -> Verifying {
+        let now = Instant::now();
+        let (outcome, started) = match self {
+            Verifying::Due(at) if at <= now => {
+                tracing::info!("verifying the files on hosts");
+                (verify::start(&engine.ctx, desired).await, now)
             }
-            status.verified(&v);
-            schedule.wake(&v.kinds);
+            Verifying::Running {
+                sent,
+                started,
+                look_at,
+            } if look_at <= now => (sent.look(&engine.ctx).await, started),
+            waiting => return waiting,
+        };
+        let verified = match outcome {
+            Ok(verify::Verify::Running(sent, progress)) => {
+                if started.elapsed() <= engine.ctx.waits.timeout {
+                    return Verifying::Running {
+                        sent,
+                        started,
+                        look_at: Instant::now() + verify::RUNNING,
+                    };
+                }
+                Err(format!(
+                    "still running after {:?} (STACKWARDEN_WAIT_TIMEOUT): {progress}",
+                    engine.ctx.waits.timeout
+                ))
+            }
+            Ok(verify::Verify::Done(v)) => Ok(v),
+            Err(e) => Err(e.to_string()),
+        };
+        match verified {
+            Ok(v) => {
+                for d in &v.drifted {
+                    tracing::warn!(instance = %d.instance, bundle = %d.bundle, files = ?d.files, "files changed on the host since the push; pushing again");
+                }
+                status.verified(&v);
+                schedule.wake(&v.kinds);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the verify of the files on hosts failed");
+                status.verified(&verify::Verified {
+                    unverified: vec![format!("the verify failed: {e}")],
+                    ..Default::default()
+                });
+            }
         }
-        Err(e) => {
-            tracing::error!(error = %e, "the verify of the files on hosts failed");
-            status.verified(&stackwarden_controllers::verify::Verified {
-                unverified: vec![format!("the verify failed: {e}")],
-                ..Default::default()
-            });
-        }
+        Verifying::Due(Instant::now() + every)
     }
 }
 

@@ -168,7 +168,7 @@ impl Engine {
         }
     }
 
-    /// Makes every write ask `gate` first; when it says no, the resource fails as pending.
+    /// Makes every write ask `gate` first; when it says no, the resource is skipped.
     pub fn gated(mut self, gate: WriteGate) -> Self {
         self.may_write = Some(gate);
         self
@@ -181,7 +181,7 @@ impl Engine {
         op: &AnyOp,
     ) -> Result<Option<stackwarden_controllers::model::Outputs>, Error> {
         if self.may_write.as_ref().is_some_and(|may| !may()) {
-            return Err(Error::Pending(
+            return Err(Error::Skipped(
                 "the lease was lost: another daemon writes now".into(),
             ));
         }
@@ -272,7 +272,7 @@ impl Engine {
         match &obs.observed[ci] {
             Some(Ok(o)) => Ok(o),
             Some(Err(e)) => Err(e.clone()),
-            None => Err(Error::Pending(format!(
+            None => Err(Error::Skipped(format!(
                 "{:?} were not observed in this pass",
                 self.controllers[ci].kinds()
             ))),

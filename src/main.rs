@@ -307,7 +307,7 @@ async fn run(cli: &Cli, counter: &Arc<CallCounter>) -> anyhow::Result<u8> {
                 }
             }
             if *verify {
-                let verified = verify::verify(&engine.ctx, &desired).await;
+                let verified = verify_once(&engine, &desired).await;
                 match &verified {
                     Ok(v) => eprint!("{}", report::verify_text(v)),
                     Err(e) => eprintln!("error: the verify of the files on hosts failed: {e}"),
@@ -390,6 +390,30 @@ async fn plan(
     } else {
         EXIT_OK
     })
+}
+
+/// `reconcile --once --verify`: the verify of the files on hosts, waited for (printing its
+/// progress) up to `STACKWARDEN_WAIT_TIMEOUT`.
+async fn verify_once(engine: &Engine, desired: &DesiredState) -> anyhow::Result<verify::Verified> {
+    let deadline = tokio::time::Instant::now() + engine.ctx.waits.timeout;
+    let mut step = verify::start(&engine.ctx, desired).await?;
+    loop {
+        match step {
+            verify::Verify::Done(v) => return Ok(v),
+            verify::Verify::Running(sent, progress) => {
+                eprintln!("verify: {progress}");
+                let pause = verify::RUNNING.min(engine.ctx.waits.poll);
+                if tokio::time::Instant::now() + pause > deadline {
+                    anyhow::bail!(
+                        "still running after {:?} (STACKWARDEN_WAIT_TIMEOUT): {progress}",
+                        engine.ctx.waits.timeout
+                    );
+                }
+                tokio::time::sleep(pause).await;
+                step = sent.look(&engine.ctx).await?;
+            }
+        }
+    }
 }
 
 /// `reconcile --once`: passes over everything until it converges, something fails, or only

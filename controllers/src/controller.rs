@@ -144,49 +144,14 @@ impl Context {
     }
 }
 
-/// What one look at asynchronous work saw: done (with what it found), or still in this status.
-pub enum Progress<T = ()> {
-    Done(T),
-    Waiting(String),
-}
-
-/// Polls `look` until it reports done (or an error), logging progress. The pause between looks
-/// starts at 100 ms and doubles up to `ctx.waits.poll`, so quick work is seen quickly and slow
-/// work is not polled hard. Still waiting after `ctx.waits.timeout` is
-/// [`crate::Error::Pending`]: the next pass goes on.
-pub async fn wait_until<T, F, Fut>(
-    ctx: &Context,
-    what: &str,
-    mut look: F,
-) -> crate::error::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = crate::error::Result<Progress<T>>>,
-{
-    let start = tokio::time::Instant::now();
-    let mut pause = Duration::from_millis(100).min(ctx.waits.poll);
-    loop {
-        match look().await? {
-            Progress::Done(v) => return Ok(v),
-            Progress::Waiting(status) => {
-                if start.elapsed() > ctx.waits.timeout {
-                    return Err(crate::error::Error::Pending(format!(
-                        "{what} is still {status} after {:?}; the next pass goes on",
-                        ctx.waits.timeout
-                    )));
-                }
-                tracing::info!(status, "waiting for {what}");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(ctx.waits.poll);
-            }
-        }
-    }
-}
-
-/// How long and how often to poll AWS for asynchronous work (a workspace leaving CREATING).
+/// How long a one-shot run (`reconcile --once`, its `--verify`) waits for objects still
+/// converging, and the longest pause between its looks. Controllers never wait: they answer
+/// [`crate::Error::Waiting`]; only the command that must finish before it exits waits.
 #[derive(Debug, Clone, Copy)]
 pub struct Waits {
+    /// The longest pause between two looks (`STACKWARDEN_POLL_INTERVAL`).
     pub poll: Duration,
+    /// How long to keep looking (`STACKWARDEN_WAIT_TIMEOUT`).
     pub timeout: Duration,
 }
 
@@ -338,43 +303,5 @@ impl<C: Controller> DynController for C {
             op.0.downcast_ref::<C::Op>()
                 .expect("operation applied by the controller that planned it");
         Controller::apply(self, ctx, op).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::{Arc, Mutex};
-
-    #[tokio::test(start_paused = true)]
-    async fn waits_back_off_up_to_the_poll_interval_then_leave_the_work_pending() {
-        let sdk = aws_config::SdkConfig::builder()
-            .behavior_version(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new("us-east-1"))
-            .build();
-        let waits = Waits {
-            poll: Duration::from_secs(2),
-            timeout: Duration::from_secs(10),
-        };
-        let ctx = Context::new(&sdk, vec![], waits);
-        let looks = Arc::new(Mutex::new(Vec::new()));
-        let seen = looks.clone();
-        let outcome = wait_until(&ctx, "the thing", || {
-            seen.lock().unwrap().push(tokio::time::Instant::now());
-            async { Ok(Progress::<()>::Waiting("BUSY".into())) }
-        })
-        .await;
-        let message = match outcome {
-            Err(crate::error::Error::Pending(m)) => m,
-            other => panic!("{other:?}"),
-        };
-        assert!(message.contains("the thing is still BUSY"), "{message}");
-        let looks = looks.lock().unwrap();
-        let gaps: Vec<u128> = looks
-            .windows(2)
-            .map(|w| (w[1] - w[0]).as_millis())
-            .collect();
-        assert_eq!(&gaps[..6], &[100, 200, 400, 800, 1600, 2000]);
-        assert!(gaps.iter().all(|g| *g <= 2000));
     }
 }

@@ -51,9 +51,10 @@ pub enum Error {
     /// A resource this one references failed or does not exist yet.
     #[error("waiting for {0}, which it references and which is not ready")]
     Dependency(ResourceId),
-    /// Still converging (e.g. a workspace still CREATING); retry later.
+    /// Not looked at or not written in this pass (its kind was not observed, the lease was
+    /// lost): retried by the next one.
     #[error("{0}")]
-    Pending(String),
+    Skipped(String),
     /// Still converging, and known to be: look again after `after` (kube-runtime's
     /// `Action::requeue`). Returned instead of polling, so nothing else waits meanwhile.
     #[error("waiting: {what}")]
@@ -68,7 +69,7 @@ impl Error {
         match self {
             Error::Aws { class, .. } => *class,
             Error::NotOwned(_) | Error::Invalid(_) => ErrorClass::Terminal,
-            Error::Dependency(_) | Error::Pending(_) => ErrorClass::Retryable,
+            Error::Dependency(_) | Error::Skipped(_) => ErrorClass::Retryable,
             Error::Waiting { .. } => ErrorClass::Waiting,
         }
     }
@@ -108,7 +109,7 @@ impl Error {
             Error::NotOwned(_) => "not_owned",
             Error::Invalid(_) => "invalid",
             Error::Dependency(_) => "dependency",
-            Error::Pending(_) => "pending",
+            Error::Skipped(_) => "skipped",
             Error::Waiting { .. } => "waiting",
         }
     }
@@ -399,6 +400,6 @@ mod tests {
     fn not_owned_and_invalid_are_terminal_dependency_waits() {
         assert!(!Error::NotOwned("x".into()).is_retryable());
         assert!(!Error::Invalid("x".into()).is_retryable());
-        assert!(Error::Pending("x".into()).is_retryable());
+        assert!(Error::Skipped("x".into()).is_retryable());
     }
 }

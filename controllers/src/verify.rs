@@ -18,7 +18,8 @@ use crate::controller::Context;
 use crate::desired::{DesiredState, TAG_STACK};
 use crate::error::{aws_error, Result};
 use crate::model::Kind;
-use crate::push::send::{stdout_of, tag, wait_for, Pending, BATCH};
+pub use crate::push::send::RUNNING;
+use crate::push::send::{commands_since, stdout_of, tag, Pending, BATCH};
 use crate::push::{self, shell_quote};
 
 /// What a verify writes into an instance's record tag when the files of that bundle were
@@ -147,23 +148,41 @@ fn script(bundles: &BTreeSet<&str>) -> String {
 }
 
 /// One instance to verify: its id and the records it holds an installed hash for.
-struct Target<'a> {
+#[derive(Debug, Clone)]
+struct Target {
     id: String,
-    records: Vec<&'a Record>,
+    records: Vec<Record>,
 }
 
-/// Compares the files on every instance the stack pushed to with what was pushed, marks those
-/// that changed [`DRIFTED`], and says which.
-pub async fn verify(ctx: &Context, desired: &DesiredState) -> Result<Verified> {
+/// A verify under way: its commands sent, their findings not yet read. Nothing waits for it:
+/// whoever started it [`look`](Sent::look)s again after [`RUNNING`].
+#[derive(Debug, Clone)]
+pub struct Sent {
+    targets: Vec<Target>,
+    /// Each command and the instances it went to.
+    commands: Vec<(String, Vec<String>)>,
+    /// A little before the commands were sent: `ListCommands` is read from there.
+    since: SystemTime,
+}
+
+/// Where a verify stands.
+#[derive(Debug)]
+pub enum Verify {
+    /// Its commands still run on the hosts: look again after [`RUNNING`].
+    Running(Sent, String),
+    Done(Verified),
+}
+
+/// Starts a verify of the files on every instance the stack pushed to: one read-only command
+/// per batch of instances. Returns at once; nothing to verify is done at once.
+pub async fn start(ctx: &Context, desired: &DesiredState) -> Result<Verify> {
     let records = records(desired);
-    let mut verified = Verified::default();
     if records.is_empty() {
-        return Ok(verified);
+        return Ok(Verify::Done(Verified::default()));
     }
     let targets = targets(ctx, desired.stack_name(), &records).await?;
-    verified.instances = targets.len();
     if targets.is_empty() {
-        return Ok(verified);
+        return Ok(Verify::Done(Verified::default()));
     }
     let since = SystemTime::now() - Duration::from_secs(300);
     let mut commands: Vec<(String, Vec<String>)> = Vec::new();
@@ -194,68 +213,125 @@ pub async fn verify(ctx: &Context, desired: &DesiredState) -> Result<Verified> {
             .to_string();
         commands.push((id, ids));
     }
-    wait_for(ctx, "verify", targets.len(), &commands, since).await?;
-    let by_id: BTreeMap<&str, &Target> = targets.iter().map(|t| (t.id.as_str(), t)).collect();
-    let mut marks: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for (command, _) in &commands {
-        let mut pages = ctx
-            .ssm
-            .list_command_invocations()
-            .command_id(command)
-            .details(true)
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(aws_error("ssm", "ListCommandInvocations"))?;
-            for inv in page.command_invocations() {
-                let instance = inv.instance_id().unwrap_or_default();
-                let Some(target) = by_id.get(instance) else {
-                    continue;
-                };
-                let status = inv.status().map(|s| s.as_str()).unwrap_or("unknown");
-                if status != "Success" {
-                    verified.unverified.push(format!("{instance} ({status})"));
-                    continue;
-                }
-                let output = inv
-                    .command_plugins()
-                    .first()
-                    .and_then(|p| p.output())
-                    .unwrap_or_default();
-                for drift in findings(instance, &target.records, stdout_of(output)) {
-                    let record = target
-                        .records
-                        .iter()
-                        .find(|r| r.bundle == drift.bundle)
-                        .expect("findings name the target's own bundles");
-                    marks
-                        .entry(record.tag.as_str())
-                        .or_default()
-                        .push(instance.to_string());
-                    verified.kinds.insert(record.kind);
-                    verified.drifted.push(drift);
+    tracing::info!(
+        instances = targets.len(),
+        commands = commands.len(),
+        "verify sent"
+    );
+    let status = format!("sent to {} instances", targets.len());
+    Ok(Verify::Running(
+        Sent {
+            targets,
+            commands,
+            since,
+        },
+        status,
+    ))
+}
+
+impl Sent {
+    /// How many instances the verify was sent to.
+    pub fn instances(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// One look at the verify's commands: still running, or done, in which case what they
+    /// found is read and every instance whose files changed is marked [`DRIFTED`].
+    pub async fn look(self, ctx: &Context) -> Result<Verify> {
+        let wanted: BTreeSet<&str> = self.commands.iter().map(|(id, _)| id.as_str()).collect();
+        let commands = commands_since(ctx, self.since, &wanted).await?;
+        let completed: i32 = commands.iter().map(|c| c.completed_count()).sum();
+        let errors: i32 = commands.iter().map(|c| c.error_count()).sum();
+        let open = self.commands.iter().any(|(id, _)| {
+            commands
+                .iter()
+                .find(|c| c.command_id() == Some(id.as_str()))
+                .is_none_or(|c| {
+                    c.status().is_none_or(|s| {
+                        matches!(s.as_str(), "Pending" | "InProgress" | "Cancelling")
+                    })
+                })
+        });
+        if open {
+            let status = format!(
+                "{completed} of {} instances done, {errors} failed",
+                self.targets.len()
+            );
+            tracing::info!(%status, "verify running");
+            return Ok(Verify::Running(self, status));
+        }
+        self.findings(ctx).await.map(Verify::Done)
+    }
+
+    /// Reads what the finished commands found and marks the drifted instances.
+    async fn findings(&self, ctx: &Context) -> Result<Verified> {
+        let mut verified = Verified {
+            instances: self.targets.len(),
+            ..Verified::default()
+        };
+        let by_id: BTreeMap<&str, &Target> =
+            self.targets.iter().map(|t| (t.id.as_str(), t)).collect();
+        let mut marks: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (command, _) in &self.commands {
+            let mut pages = ctx
+                .ssm
+                .list_command_invocations()
+                .command_id(command)
+                .details(true)
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(aws_error("ssm", "ListCommandInvocations"))?;
+                for inv in page.command_invocations() {
+                    let instance = inv.instance_id().unwrap_or_default();
+                    let Some(target) = by_id.get(instance) else {
+                        continue;
+                    };
+                    let status = inv.status().map(|s| s.as_str()).unwrap_or("unknown");
+                    if status != "Success" {
+                        verified.unverified.push(format!("{instance} ({status})"));
+                        continue;
+                    }
+                    let output = inv
+                        .command_plugins()
+                        .first()
+                        .and_then(|p| p.output())
+                        .unwrap_or_default();
+                    for drift in findings(instance, &target.records, stdout_of(output)) {
+                        let record = target
+                            .records
+                            .iter()
+                            .find(|r| r.bundle == drift.bundle)
+                            .expect("findings name the target's own bundles");
+                        marks
+                            .entry(record.tag.as_str())
+                            .or_default()
+                            .push(instance.to_string());
+                        verified.kinds.insert(record.kind);
+                        verified.drifted.push(drift);
+                    }
                 }
             }
         }
+        for (key, instances) in marks {
+            tag(ctx, key, DRIFTED, &instances).await?;
+        }
+        verified
+            .drifted
+            .sort_by(|a, b| (&a.instance, &a.bundle).cmp(&(&b.instance, &b.bundle)));
+        tracing::info!(
+            instances = verified.instances,
+            drifted = verified.drifted.len(),
+            unverified = verified.unverified.len(),
+            "verify done"
+        );
+        Ok(verified)
     }
-    for (key, instances) in marks {
-        tag(ctx, key, DRIFTED, &instances).await?;
-    }
-    verified
-        .drifted
-        .sort_by(|a, b| (&a.instance, &a.bundle).cmp(&(&b.instance, &b.bundle)));
-    tracing::info!(
-        instances = verified.instances,
-        drifted = verified.drifted.len(),
-        unverified = verified.unverified.len(),
-        "verify done"
-    );
-    Ok(verified)
 }
 
 /// The running instances holding an installed hash of one of `records` that this stack may
 /// touch, each with the records it holds (a record already marked drifted is pushed anyway).
-async fn targets<'a>(ctx: &Context, stack: &str, records: &'a [Record]) -> Result<Vec<Target<'a>>> {
+async fn targets(ctx: &Context, stack: &str, records: &[Record]) -> Result<Vec<Target>> {
     let mut out = Vec::new();
     let mut pages = ctx
         .ec2
@@ -284,7 +360,7 @@ async fn targets<'a>(ctx: &Context, stack: &str, records: &'a [Record]) -> Resul
                 .filter_map(|t| Some((t.key()?, t.value()?)))
                 .collect();
             let owner = tags.get(TAG_STACK).copied();
-            let held: Vec<&Record> = records
+            let held: Vec<Record> = records
                 .iter()
                 // A push running or marked drifted is not verified: it is being put right.
                 .filter(|r| {
@@ -295,6 +371,7 @@ async fn targets<'a>(ctx: &Context, stack: &str, records: &'a [Record]) -> Resul
                     Some(o) => o == stack,
                     None => r.per_stack,
                 })
+                .cloned()
                 .collect();
             if !held.is_empty() {
                 out.push(Target {
@@ -310,7 +387,7 @@ async fn targets<'a>(ctx: &Context, stack: &str, records: &'a [Record]) -> Resul
 
 /// The drift an instance's verify output reports for the bundles it holds (lines for bundles
 /// it does not hold, sent to its batch for its neighbours, are ignored).
-fn findings(instance: &str, held: &[&Record], stdout: &str) -> Vec<Drift> {
+fn findings(instance: &str, held: &[Record], stdout: &str) -> Vec<Drift> {
     let mut out = Vec::new();
     for line in stdout.lines() {
         // `VERDICT BUNDLE[ PATH<TAB>PATH...]`
@@ -355,7 +432,7 @@ mod tests {
         let (a, b) = (record("host_config.a"), record("prometheus"));
         let out = "intact prometheus\ndrifted host_config.a /etc/a.conf\t/etc/b c.conf\ndrifted host_config.other /x\nunrecorded grafana\n";
         assert_eq!(
-            findings("i-1", &[&a, &b], out),
+            findings("i-1", &[a, b.clone()], out),
             [Drift {
                 instance: "i-1".into(),
                 bundle: "host_config.a".into(),
@@ -363,7 +440,7 @@ mod tests {
             }]
         );
         assert_eq!(
-            findings("i-1", &[&b], "unrecorded prometheus\n")[0]
+            findings("i-1", &[b], "unrecorded prometheus\n")[0]
                 .files
                 .len(),
             0

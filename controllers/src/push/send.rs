@@ -15,7 +15,7 @@ use aws_sdk_ssm::types::{CommandFilter, CommandFilterKey};
 use aws_smithy_types::date_time::Format;
 
 use super::Prepared;
-use crate::controller::{wait_until, Context, Progress};
+use crate::controller::Context;
 use crate::error::{aws_error, Error, Result};
 
 /// Instance ids per SendCommand: the API's limit.
@@ -342,7 +342,7 @@ impl Rollout {
 }
 
 /// The commands among `wanted` sent since `since`, read 50 a page until all are found.
-async fn commands_since(
+pub(crate) async fn commands_since(
     ctx: &Context,
     since: SystemTime,
     wanted: &BTreeSet<&str>,
@@ -376,50 +376,6 @@ async fn commands_since(
         }
     }
     Ok(seen)
-}
-
-/// Waits until every command (id, instances) is done; returns each command's status. `name`
-/// names what the commands do in logs and progress. Only the verify waits so (a push never
-/// does: see [`send`]).
-pub(crate) async fn wait_for(
-    ctx: &Context,
-    name: &str,
-    hosts: usize,
-    commands: &[(String, Vec<String>)],
-    since: SystemTime,
-) -> Result<BTreeMap<String, String>> {
-    let what = format!("the {name} command to {hosts} instances");
-    let wanted: BTreeSet<&str> = commands.iter().map(|(id, _)| id.as_str()).collect();
-    wait_until(ctx, &what, || async {
-        let status: BTreeMap<String, (String, i32, i32)> = commands_since(ctx, since, &wanted)
-            .await?
-            .iter()
-            .map(|c| {
-                let s = c
-                    .status()
-                    .map(|s| s.as_str().to_string())
-                    .unwrap_or_default();
-                (
-                    c.command_id().unwrap_or_default().to_string(),
-                    (s, c.completed_count(), c.error_count()),
-                )
-            })
-            .collect();
-        let completed: i32 = status.values().map(|s| s.1).sum();
-        let errors: i32 = status.values().map(|s| s.2).sum();
-        let open = commands.iter().any(|(id, _)| {
-            status.get(id).is_none_or(|(s, _, _)| {
-                matches!(s.as_str(), "Pending" | "InProgress" | "Cancelling")
-            })
-        });
-        tracing::info!(bundle = %name, completed, errors, total = hosts, "command progress");
-        Ok(if open {
-            Progress::Waiting(format!("{completed} of {hosts} done, {errors} failed"))
-        } else {
-            Progress::Done(status.into_iter().map(|(id, s)| (id, s.0)).collect())
-        })
-    })
-    .await
 }
 
 /// The stdout part of a plugin's output.
