@@ -355,7 +355,7 @@ async fn adopting_an_existing_role_tags_it_without_recreating_it() {
     plan.expect(2);
     assert!(
         plan.stdout
-            .contains("adopting existing role `legacy-prometheus`"),
+            .contains("adopting existing role legacy-prometheus"),
         "{}",
         plan.stdout
     );

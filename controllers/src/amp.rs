@@ -1368,11 +1368,15 @@ mod tests {
         let c = diff(Workspace, &d, &ws_id(), vec![w], &refs("ACTIVE"))
             .unwrap()
             .unwrap();
-        assert!(matches!(
-            &c.ops[..],
-            [Op::Update { change: WorkspaceUpdate::Alias { .. }, .. }, Op::Tag { .. }, Op::Untag { keys, .. }]
-                if keys == &["extra".to_string()]
-        ));
+        assert!(
+            matches!(
+                &c.ops[..],
+                [Op::Tag { .. }, Op::Untag { keys, .. }, Op::Update { change: WorkspaceUpdate::Alias { .. }, .. }]
+                    if keys == &["extra".to_string()]
+            ),
+            "tags first, so the workspace is the stack's before it changes: {:?}",
+            c.ops
+        );
         let shown: Vec<&str> = c.fields.iter().map(|f| f.field.as_str()).collect();
         assert_eq!(shown, ["alias", "tags"]);
     }

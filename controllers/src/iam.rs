@@ -1,35 +1,39 @@
 //! IAM: roles (trust policy, managed policy attachments, inline policies), customer managed
-//! policies, instance profiles.
+//! policies, instance profiles: three kinds on the managed-object layer, each found by its name
+//! (an IAM name is the object's identity).
 //!
-//! Observe reads the whole account's roles and local policies with one paginated
-//! `GetAccountAuthorizationDetails`, plus one tag read per candidate policy and instance profile
-//! (IAM's list calls do not return tags). Policy documents are compared as normalised JSON
-//! ([`crate::policy`]). A changed customer managed policy gets a new default version; the oldest
-//! non-default version is deleted first when IAM's limit of five would be reached.
+//! Observe reads the whole account's roles and local policies once per observation, with one
+//! paginated `GetAccountAuthorizationDetails` shared by the three kinds, plus one tag read per
+//! candidate policy and instance profile (IAM's list calls do not return tags). Policy
+//! documents are compared as IAM evaluates and stores them ([`crate::policy`]). A changed
+//! customer managed policy gets a new default version; the oldest non-default version is
+//! deleted first when IAM's limit of five would be reached.
 //!
 //! # Guarantees
-//! - Nothing without both ownership tags (`stackwarden:stack`, `stackwarden:id`) is modified
-//!   or deleted, unless the resource adopts it explicitly by name.
+//! - An object of a node's name that carries neither the node's ownership tags nor its `adopt`
+//!   is never modified (an error says so) and its attributes are never used; another stack's
+//!   never, even adopted.
 //! - Every operation is idempotent: re-applying after a crash converges to the same state.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use aws_sdk_iam::types::{EntityType, Tag};
-use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use toml::Spanned;
 
-use crate::change::{Action, Change};
-use crate::controller::{Context, Controller};
+use crate::change::FieldChange;
+use crate::controller::Context;
 use crate::desired::{
-    check_duration, check_tags, DesiredState, FileRef, Resource, Spec, Validator, TAG_ID, TAG_STACK,
+    check_duration, check_tags, DesiredState, FileRef, Resource, Spec, Validator,
 };
 use crate::error::{aws_error, Error, Result};
-use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
+use crate::managed::{is_gone, Describe, ManagedObject};
+use crate::model::{Kind, Outputs, Refs, KNOWN_AFTER_APPLY};
 use crate::policy;
-use crate::tags::{self, owned_by, owner_id};
+use crate::tags::{owner_id, Tags};
 
 // ---------------------------------------------------------------------------------------------
 // Schema
@@ -240,10 +244,13 @@ pub struct ObservedRole {
     pub trust: Value,
     pub description: Option<String>,
     pub max_session_seconds: Option<i32>,
-    pub tags: BTreeMap<String, String>,
+    pub tags: Tags,
     pub inline: BTreeMap<String, Value>,
     pub attached: BTreeSet<String>,
     pub profiles: Vec<String>,
+    /// The ARNs of every role in the account when it was read: a principal IAM replaced by a
+    /// unique id can be written back once a role of its ARN exists again.
+    pub account_roles: Arc<BTreeSet<String>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -260,7 +267,7 @@ pub struct ObservedPolicy {
     pub arn: String,
     pub path: String,
     pub versions: Vec<PolicyVersion>,
-    pub tags: BTreeMap<String, String>,
+    pub tags: Tags,
 }
 
 impl ObservedPolicy {
@@ -277,24 +284,24 @@ pub struct ObservedProfile {
     pub name: String,
     pub arn: String,
     pub roles: Vec<String>,
-    pub tags: BTreeMap<String, String>,
+    pub tags: Tags,
 }
 
-/// Everything IAM observe read, keyed by AWS name.
-#[derive(Debug, Clone, Default)]
-pub struct Observed {
-    pub roles: BTreeMap<String, ObservedRole>,
-    pub policies: BTreeMap<String, ObservedPolicy>,
-    pub profiles: BTreeMap<String, ObservedProfile>,
+/// The account's roles and customer managed policies, read once per observation for the three
+/// IAM kinds (one paginated `GetAccountAuthorizationDetails`).
+#[derive(Debug, Default)]
+struct Account {
+    roles: Vec<ObservedRole>,
+    policies: Vec<ObservedPolicy>,
 }
 
-fn tag_map(tags: &[Tag]) -> BTreeMap<String, String> {
+fn tag_map(tags: &[Tag]) -> Tags {
     tags.iter()
         .map(|t| (t.key().to_string(), t.value().to_string()))
         .collect()
 }
 
-fn tag_list(tags: &BTreeMap<String, String>) -> Vec<Tag> {
+fn tag_list(tags: &Tags) -> Vec<Tag> {
     tags.iter()
         .map(|(k, v)| {
             Tag::builder()
@@ -306,549 +313,9 @@ fn tag_list(tags: &BTreeMap<String, String>) -> Vec<Tag> {
         .collect()
 }
 
-// ---------------------------------------------------------------------------------------------
-// The controller
-
-pub struct IamController;
-
-/// One IAM write.
-#[derive(Debug, Clone)]
-pub enum Op {
-    CreateRole {
-        name: String,
-        path: String,
-        trust: Value,
-        description: Option<String>,
-        max_session_seconds: Option<i32>,
-        tags: BTreeMap<String, String>,
-    },
-    UpdateTrust {
-        role: String,
-        trust: Value,
-    },
-    UpdateRole {
-        role: String,
-        description: Option<String>,
-        max_session_seconds: Option<i32>,
-    },
-    AttachPolicy {
-        role: String,
-        arn: String,
-    },
-    DetachPolicy {
-        role: String,
-        arn: String,
-    },
-    PutInline {
-        role: String,
-        name: String,
-        document: Value,
-    },
-    DeleteInline {
-        role: String,
-        name: String,
-    },
-    TagRole {
-        role: String,
-        tags: BTreeMap<String, String>,
-    },
-    UntagRole {
-        role: String,
-        keys: Vec<String>,
-    },
-    DeleteRole {
-        role: String,
-    },
-    CreatePolicy {
-        name: String,
-        path: String,
-        description: Option<String>,
-        document: Value,
-        tags: BTreeMap<String, String>,
-    },
-    DeletePolicyVersion {
-        arn: String,
-        version: String,
-    },
-    CreatePolicyVersion {
-        arn: String,
-        document: Value,
-    },
-    TagPolicy {
-        arn: String,
-        tags: BTreeMap<String, String>,
-    },
-    UntagPolicy {
-        arn: String,
-        keys: Vec<String>,
-    },
-    DeletePolicy {
-        arn: String,
-    },
-    CreateProfile {
-        name: String,
-        path: String,
-        tags: BTreeMap<String, String>,
-    },
-    AddRoleToProfile {
-        profile: String,
-        role: String,
-    },
-    RemoveRoleFromProfile {
-        profile: String,
-        role: String,
-    },
-    TagProfile {
-        profile: String,
-        tags: BTreeMap<String, String>,
-    },
-    UntagProfile {
-        profile: String,
-        keys: Vec<String>,
-    },
-    DeleteProfile {
-        profile: String,
-    },
-}
-
-/// The AWS name a desired IAM resource has.
-pub fn aws_name(desired: &DesiredState, r: &Resource) -> String {
-    let explicit = match &r.spec {
-        Spec::IamRole(s) => s.name.clone(),
-        Spec::IamPolicy(s) => s.name.clone(),
-        Spec::IamInstanceProfile(s) => s.name.clone(),
-        _ => None,
-    };
-    r.adopt
-        .clone()
-        .or(explicit)
-        .unwrap_or_else(|| desired.default_name(&r.id))
-}
-
-/// A document on one line, as written (IAM's own spelling for observed ones).
-fn compact(v: &Value) -> String {
-    v.to_string()
-}
-
-fn spec_tags(tags: &Option<Spanned<BTreeMap<String, String>>>) -> BTreeMap<String, String> {
-    tags.as_ref()
-        .map(|t| t.get_ref().clone())
-        .unwrap_or_default()
-}
-
-/// Decides how an observed object relates to the desired resource: ours, adoptable, or someone
-/// else's.
-fn ownership(
-    desired: &DesiredState,
-    r: &Resource,
-    tags: &BTreeMap<String, String>,
-    what: &str,
-    name: &str,
-) -> Result<bool> {
-    if owned_by(tags, desired.stack_name(), &r.id) {
-        Ok(false)
-    } else if let Some(owner) = crate::tags::other_stack(tags, desired.stack_name()) {
-        Err(crate::tags::owned_elsewhere(what, name, owner))
-    } else if r.adopt.as_deref() == Some(name) {
-        Ok(true)
-    } else {
-        Err(Error::NotOwned(format!(
-            "{what} `{name}` already exists and is not managed by this stack (no `{TAG_STACK}={}` and `{TAG_ID}={}` tags); \
-             set `adopt = \"{name}\"` on {} to manage it, or choose another name",
-            desired.stack_name(),
-            r.id,
-            r.id
-        )))
-    }
-}
-
-impl IamController {
-    fn diff_role(
-        &self,
-        desired: &DesiredState,
-        r: &Resource,
-        s: &RoleSpec,
-        obs: &Observed,
-        refs: &Refs,
-    ) -> Result<Option<Change<Op>>> {
-        let name = aws_name(desired, r);
-        let tags = desired.tags_for(&r.id, &spec_tags(&s.tags));
-        let (trust, _) = refs.render_json(s.loaded.trust.as_ref().unwrap_or(&Value::Null));
-        let managed: BTreeSet<String> = s
-            .managed_policies
-            .iter()
-            .map(|a| refs.render(a).value)
-            .collect();
-        let inline: BTreeMap<String, Value> = s
-            .loaded
-            .inline
-            .iter()
-            .map(|(k, v)| (k.clone(), refs.render_json(v).0))
-            .collect();
-
-        let Some(o) = obs.roles.get(&name) else {
-            if r.adopt.is_some() {
-                return Err(Error::Invalid(format!(
-                    "role `{name}` to adopt does not exist"
-                )));
-            }
-            let mut c = Change::new(r.id.clone(), Action::Create, format!("role {name}"));
-            c.field("trust", None, Some(compact(&trust)));
-            if !managed.is_empty() {
-                c.field("managed_policies", None, Some(format!("{managed:?}")));
-            }
-            for (k, v) in &inline {
-                c.field(format!("inline_policies.{k}"), None, Some(compact(v)));
-            }
-            c.field("tags", None, Some(tags::show(&tags)));
-            c.op(Op::CreateRole {
-                name: name.clone(),
-                path: s.path.clone(),
-                trust,
-                description: s.description.clone(),
-                max_session_seconds: s.loaded.max_session_seconds,
-                tags,
-            });
-            for (k, v) in inline {
-                c.op(Op::PutInline {
-                    role: name.clone(),
-                    name: k,
-                    document: v,
-                });
-            }
-            for arn in managed {
-                c.op(Op::AttachPolicy {
-                    role: name.clone(),
-                    arn,
-                });
-            }
-            return Ok(Some(c));
-        };
-
-        let adopting = ownership(desired, r, &o.tags, "role", &name)?;
-        let mut c = Change::new(r.id.clone(), Action::Update, format!("role {name}"));
-        if adopting {
-            c.notes.push(format!("adopting existing role `{name}`: it gets the ownership tags and is managed from now on"));
-        }
-        // A principal IAM replaced by its unique id cannot be written back until it exists
-        // again (IAM refuses the ARN): a note until then, never an endless failing update.
-        let deleted = policy::deleted_principals(&o.trust, &trust).filter(|gone| {
-            !gone
-                .iter()
-                .any(|arn| obs.roles.values().any(|r| &r.arn == arn))
-        });
-        if let Some(gone) = deleted {
-            c.notes.push(format!(
-                "the trust policy names {}, deleted since: IAM keeps a unique id in its place; the trust is written again once it exists",
-                gone.join(", ")
-            ));
-        } else if !policy::equivalent(&o.trust, &trust) {
-            c.field("trust", Some(compact(&o.trust)), Some(compact(&trust)));
-            c.op(Op::UpdateTrust {
-                role: name.clone(),
-                trust,
-            });
-        }
-        let wants_desc = s.description.is_some() && s.description != o.description;
-        let wants_session = s.loaded.max_session_seconds.is_some()
-            && s.loaded.max_session_seconds != o.max_session_seconds;
-        if wants_desc {
-            c.field("description", o.description.clone(), s.description.clone());
-        }
-        if wants_session {
-            c.field(
-                "max_session_duration",
-                o.max_session_seconds.map(|s| format!("{s}s")),
-                s.loaded.max_session_seconds.map(|s| format!("{s}s")),
-            );
-        }
-        if wants_desc || wants_session {
-            c.op(Op::UpdateRole {
-                role: name.clone(),
-                description: s.description.clone(),
-                max_session_seconds: s.loaded.max_session_seconds,
-            });
-        }
-        for arn in managed.difference(&o.attached) {
-            c.field("managed_policies", None, Some(arn.clone()));
-            c.op(Op::AttachPolicy {
-                role: name.clone(),
-                arn: arn.clone(),
-            });
-        }
-        for arn in o.attached.difference(&managed) {
-            c.field("managed_policies", Some(arn.clone()), None);
-            c.op(Op::DetachPolicy {
-                role: name.clone(),
-                arn: arn.clone(),
-            });
-        }
-        for (k, v) in &inline {
-            match o.inline.get(k) {
-                Some(cur) if policy::equivalent(cur, v) => {}
-                cur => {
-                    c.field(
-                        format!("inline_policies.{k}"),
-                        cur.map(compact),
-                        Some(compact(v)),
-                    );
-                    c.op(Op::PutInline {
-                        role: name.clone(),
-                        name: k.clone(),
-                        document: v.clone(),
-                    });
-                }
-            }
-        }
-        for (k, cur) in &o.inline {
-            if !inline.contains_key(k) {
-                c.field(format!("inline_policies.{k}"), Some(compact(cur)), None);
-                c.op(Op::DeleteInline {
-                    role: name.clone(),
-                    name: k.clone(),
-                });
-            }
-        }
-        // Tags first: an adopted object carries the stack's tag before anything else changes it
-        // (the operator's policy allows IAM changes only to what carries it).
-        let untagged = c.ops.len();
-        c.tags(
-            &o.tags,
-            &tags,
-            |tags| Op::TagRole {
-                role: name.clone(),
-                tags,
-            },
-            |keys| Op::UntagRole {
-                role: name.clone(),
-                keys,
-            },
-        );
-        c.ops.rotate_left(untagged);
-        Ok((!c.ops.is_empty() || !c.notes.is_empty()).then_some(c))
-    }
-
-    fn diff_policy(
-        &self,
-        desired: &DesiredState,
-        r: &Resource,
-        s: &PolicySpec,
-        obs: &Observed,
-        refs: &Refs,
-    ) -> Result<Option<Change<Op>>> {
-        let name = aws_name(desired, r);
-        let tags = desired.tags_for(&r.id, &spec_tags(&s.tags));
-        let (doc, unknown) = refs.render_json(s.loaded.as_ref().unwrap_or(&Value::Null));
-        let shown = |d: &Value| {
-            if unknown.is_empty() {
-                compact(d)
-            } else {
-                format!("{} {KNOWN_AFTER_APPLY}", compact(d))
-            }
-        };
-        let Some(o) = obs.policies.get(&name) else {
-            if r.adopt.is_some() {
-                return Err(Error::Invalid(format!(
-                    "policy `{name}` to adopt does not exist"
-                )));
-            }
-            let mut c = Change::new(r.id.clone(), Action::Create, format!("policy {name}"));
-            c.field("document", None, Some(shown(&doc)));
-            c.field("tags", None, Some(tags::show(&tags)));
-            c.op(Op::CreatePolicy {
-                name,
-                path: s.path.clone(),
-                description: s.description.clone(),
-                document: doc,
-                tags,
-            });
-            return Ok(Some(c));
-        };
-        let adopting = ownership(desired, r, &o.tags, "policy", &name)?;
-        let mut c = Change::new(r.id.clone(), Action::Update, format!("policy {name}"));
-        if adopting {
-            c.notes.push(format!("adopting existing policy `{name}`"));
-        }
-        let current = o.default_document();
-        if !current.is_some_and(|cur| policy::equivalent(cur, &doc)) {
-            c.field("document", current.map(compact), Some(shown(&doc)));
-            // IAM keeps at most five versions: make room by deleting the oldest non-default one.
-            if o.versions.len() >= 5 {
-                if let Some(oldest) = o
-                    .versions
-                    .iter()
-                    .filter(|v| !v.is_default)
-                    .min_by_key(|v| (v.created, v.id.clone()))
-                {
-                    c.notes.push(format!(
-                        "deletes old version {} to stay within IAM's five versions",
-                        oldest.id
-                    ));
-                    c.op(Op::DeletePolicyVersion {
-                        arn: o.arn.clone(),
-                        version: oldest.id.clone(),
-                    });
-                }
-            }
-            c.op(Op::CreatePolicyVersion {
-                arn: o.arn.clone(),
-                document: doc,
-            });
-        }
-        // Tags first: an adopted object carries the stack's tag before anything else changes it
-        // (the operator's policy allows IAM changes only to what carries it).
-        let untagged = c.ops.len();
-        c.tags(
-            &o.tags,
-            &tags,
-            |tags| Op::TagPolicy {
-                arn: o.arn.clone(),
-                tags,
-            },
-            |keys| Op::UntagPolicy {
-                arn: o.arn.clone(),
-                keys,
-            },
-        );
-        c.ops.rotate_left(untagged);
-        Ok((!c.ops.is_empty()).then_some(c))
-    }
-
-    fn diff_profile(
-        &self,
-        desired: &DesiredState,
-        r: &Resource,
-        s: &InstanceProfileSpec,
-        obs: &Observed,
-        refs: &Refs,
-    ) -> Result<Option<Change<Op>>> {
-        let name = aws_name(desired, r);
-        let tags = desired.tags_for(&r.id, &spec_tags(&s.tags));
-        let role = refs.render(&s.role).value;
-        let Some(o) = obs.profiles.get(&name) else {
-            if r.adopt.is_some() {
-                return Err(Error::Invalid(format!(
-                    "instance profile `{name}` to adopt does not exist"
-                )));
-            }
-            let mut c = Change::new(
-                r.id.clone(),
-                Action::Create,
-                format!("instance profile {name}"),
-            );
-            c.field("role", None, Some(role.clone()));
-            c.field("tags", None, Some(tags::show(&tags)));
-            c.op(Op::CreateProfile {
-                name: name.clone(),
-                path: s.path.clone(),
-                tags,
-            });
-            c.op(Op::AddRoleToProfile {
-                profile: name,
-                role,
-            });
-            return Ok(Some(c));
-        };
-        let adopting = ownership(desired, r, &o.tags, "instance profile", &name)?;
-        let mut c = Change::new(
-            r.id.clone(),
-            Action::Update,
-            format!("instance profile {name}"),
-        );
-        if adopting {
-            c.notes
-                .push(format!("adopting existing instance profile `{name}`"));
-        }
-        if o.roles != [role.clone()] {
-            c.field("role", o.roles.first().cloned(), Some(role.clone()));
-            for old in o.roles.iter().filter(|r| **r != role) {
-                c.op(Op::RemoveRoleFromProfile {
-                    profile: name.clone(),
-                    role: old.clone(),
-                });
-            }
-            if !o.roles.contains(&role) {
-                c.op(Op::AddRoleToProfile {
-                    profile: name.clone(),
-                    role,
-                });
-            }
-        }
-        // Tags first: an adopted object carries the stack's tag before anything else changes it
-        // (the operator's policy allows IAM changes only to what carries it).
-        let untagged = c.ops.len();
-        c.tags(
-            &o.tags,
-            &tags,
-            |tags| Op::TagProfile {
-                profile: name.clone(),
-                tags,
-            },
-            |keys| Op::UntagProfile {
-                profile: name.clone(),
-                keys,
-            },
-        );
-        c.ops.rotate_left(untagged);
-        Ok((!c.ops.is_empty()).then_some(c))
-    }
-}
-
-/// The desired AWS names of each IAM kind, with adopted names.
-fn desired_names(desired: &DesiredState, kind: Kind) -> BTreeMap<String, &Resource> {
-    desired
-        .of_kind(kind)
-        .map(|r| (aws_name(desired, r), r))
-        .collect()
-}
-
-/// Whether an observed object is one of the desired resources (by name and ownership/adoption),
-/// given the desired resources of its kind by name ([`desired_names`], built once per pass).
-fn is_desired(
-    wanted: &BTreeMap<String, &Resource>,
-    stack: &str,
-    name: &str,
-    tags: &BTreeMap<String, String>,
-) -> bool {
-    wanted
-        .get(name)
-        .is_some_and(|r| owned_by(tags, stack, &r.id) || r.adopt.as_deref() == Some(name))
-}
-
-fn is_no_such_entity<E: ProvideErrorMetadata, R>(
-    e: &aws_smithy_runtime_api::client::result::SdkError<E, R>,
-) -> bool {
-    e.code() == Some("NoSuchEntity")
-}
-
-/// Removals are idempotent: an object already gone is success (a retried or resumed pass).
-fn gone_is_fine<T, E, R>(
-    result: std::result::Result<T, aws_smithy_runtime_api::client::result::SdkError<E, R>>,
-    op: &'static str,
-) -> Result<()>
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: crate::error::HttpStatus + std::fmt::Debug,
-{
-    match result {
-        Ok(_) => Ok(()),
-        Err(e) if is_no_such_entity(&e) => Ok(()),
-        Err(e) => Err(aws_error("iam", op)(e)),
-    }
-}
-
-#[async_trait]
-impl Controller for IamController {
-    type Observed = Observed;
-    type Op = Op;
-
-    fn kinds(&self) -> &'static [Kind] {
-        &[Kind::IamPolicy, Kind::IamRole, Kind::IamInstanceProfile]
-    }
-
-    async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Observed> {
-        let stack = desired.stack_name();
-        let mut obs = Observed::default();
+async fn account(ctx: &Context) -> Result<Arc<Account>> {
+    ctx.shared("iam:GetAccountAuthorizationDetails", || async {
+        let mut out = Account::default();
         let mut pages = ctx
             .iam
             .get_account_authorization_details()
@@ -856,22 +323,11 @@ impl Controller for IamController {
             .filter(EntityType::LocalManagedPolicy)
             .into_paginator()
             .send();
-        let mut profile_names: BTreeSet<String> = BTreeSet::new();
         while let Some(page) = pages.next().await {
             let page = page.map_err(aws_error("iam", "GetAccountAuthorizationDetails"))?;
             for r in page.role_detail_list() {
-                let name = r.role_name().unwrap_or_default().to_string();
-                let tags = tag_map(r.tags());
-                let profiles: Vec<String> = r
-                    .instance_profile_list()
-                    .iter()
-                    .map(|p| p.instance_profile_name().to_string())
-                    .collect();
-                if owner_id(&tags, stack).is_some() {
-                    profile_names.extend(profiles.iter().cloned());
-                }
-                let role = ObservedRole {
-                    name: name.clone(),
+                out.roles.push(ObservedRole {
+                    name: r.role_name().unwrap_or_default().to_string(),
                     arn: r.arn().unwrap_or_default().to_string(),
                     id: r.role_id().unwrap_or_default().to_string(),
                     trust: r
@@ -880,7 +336,7 @@ impl Controller for IamController {
                         .transpose()
                         .map_err(Error::Invalid)?
                         .unwrap_or(Value::Null),
-                    tags,
+                    tags: tag_map(r.tags()),
                     inline: r
                         .role_policy_list()
                         .iter()
@@ -896,515 +352,1134 @@ impl Controller for IamController {
                         .iter()
                         .filter_map(|p| p.policy_arn().map(str::to_string))
                         .collect(),
-                    profiles,
+                    profiles: r
+                        .instance_profile_list()
+                        .iter()
+                        .map(|p| p.instance_profile_name().to_string())
+                        .collect(),
                     ..Default::default()
-                };
-                obs.roles.insert(name, role);
+                });
             }
             for p in page.policies() {
                 // Some emulators leave PolicyName out; the ARN ends with it either way.
                 let arn = p.arn().unwrap_or_default();
-                let name = p
-                    .policy_name()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| arn.rsplit('/').next().unwrap_or_default().to_string());
-                let versions = p
-                    .policy_version_list()
-                    .iter()
-                    .map(|v| PolicyVersion {
-                        id: v.version_id().unwrap_or_default().to_string(),
-                        is_default: v.is_default_version(),
-                        created: v.create_date().map(|d| d.secs()).unwrap_or_default(),
-                        document: v
-                            .document()
-                            .and_then(|d| policy::decode(d).ok())
-                            .unwrap_or(Value::Null),
-                    })
-                    .collect();
-                obs.policies.insert(
-                    name.clone(),
-                    ObservedPolicy {
-                        name,
-                        arn: p.arn().unwrap_or_default().to_string(),
-                        path: p.path().unwrap_or_default().to_string(),
-                        versions,
-                        tags: BTreeMap::new(),
-                    },
-                );
-            }
-        }
-
-        // Descriptions and session durations are not in the account details: read them only
-        // for roles whose desired state sets them.
-        for r in desired.of_kind(Kind::IamRole) {
-            let Spec::IamRole(s) = &r.spec else { continue };
-            let name = aws_name(desired, r);
-            if (s.description.is_some() || s.max_session_duration.is_some())
-                && obs.roles.contains_key(&name)
-            {
-                let out = ctx
-                    .iam
-                    .get_role()
-                    .role_name(&name)
-                    .send()
-                    .await
-                    .map_err(aws_error("iam", "GetRole"))?;
-                if let (Some(role), Some(o)) = (out.role(), obs.roles.get_mut(&name)) {
-                    o.description = role.description().map(str::to_string);
-                    o.max_session_seconds = role.max_session_duration();
-                }
-            }
-        }
-
-        // Tags of candidate policies: the desired ones, and those attached to our roles or on
-        // stackwarden's path (so removed ones are found).
-        let wanted = desired_names(desired, Kind::IamPolicy);
-        let owned_role_arns: BTreeSet<&String> = obs
-            .roles
-            .values()
-            .filter(|r| owner_id(&r.tags, stack).is_some())
-            .flat_map(|r| r.attached.iter())
-            .collect();
-        let candidates: Vec<(String, String)> = obs
-            .policies
-            .values()
-            .filter(|p| {
-                wanted.contains_key(&p.name)
-                    || owned_role_arns.contains(&p.arn)
-                    || p.path.starts_with("/stackwarden/")
-            })
-            .map(|p| (p.name.clone(), p.arn.clone()))
-            .collect();
-        let reads = candidates.iter().map(|(name, arn)| {
-            let iam = ctx.iam.clone();
-            async move {
-                let out = iam
-                    .list_policy_tags()
-                    .policy_arn(arn)
-                    .send()
-                    .await
-                    .map_err(aws_error("iam", "ListPolicyTags"))?;
-                Ok::<_, Error>((name.clone(), tag_map(out.tags())))
-            }
-        });
-        for res in futures::future::join_all(reads).await {
-            let (name, tags) = res?;
-            if let Some(p) = obs.policies.get_mut(&name) {
-                p.tags = tags;
-            }
-        }
-
-        // Instance profiles: the desired ones and those holding our roles.
-        profile_names.extend(desired_names(desired, Kind::IamInstanceProfile).into_keys());
-        let reads = profile_names.into_iter().map(|name| {
-            let iam = ctx.iam.clone();
-            async move {
-                match iam
-                    .get_instance_profile()
-                    .instance_profile_name(&name)
-                    .send()
-                    .await
-                {
-                    Ok(out) => Ok(out.instance_profile().map(|p| ObservedProfile {
-                        name: p.instance_profile_name().to_string(),
-                        arn: p.arn().to_string(),
-                        roles: p
-                            .roles()
-                            .iter()
-                            .map(|r| r.role_name().to_string())
-                            .collect(),
-                        tags: tag_map(p.tags()),
-                    })),
-                    Err(e) if is_no_such_entity(&e) => Ok(None),
-                    Err(e) => Err(aws_error("iam", "GetInstanceProfile")(e)),
-                }
-            }
-        });
-        for res in futures::future::join_all(reads).await {
-            if let Some(p) = res? {
-                obs.profiles.insert(p.name.clone(), p);
-            }
-        }
-        Ok(obs)
-    }
-
-    fn outputs(&self, desired: &DesiredState, obs: &Observed) -> Vec<(ResourceId, Outputs)> {
-        let mut out = Vec::new();
-        for r in desired.resources.values() {
-            let name = aws_name(desired, r);
-            let adopted = r.adopt.as_deref() == Some(name.as_str());
-            let mine = |tags: &BTreeMap<String, String>| {
-                adopted || owned_by(tags, desired.stack_name(), &r.id)
-            };
-            let values: Option<Vec<(&str, String)>> = match r.id.kind {
-                Kind::IamRole => obs.roles.get(&name).filter(|o| mine(&o.tags)).map(|o| {
-                    vec![
-                        ("name", o.name.clone()),
-                        ("arn", o.arn.clone()),
-                        ("id", o.id.clone()),
-                    ]
-                }),
-                Kind::IamPolicy => obs
-                    .policies
-                    .get(&name)
-                    .filter(|o| mine(&o.tags))
-                    .map(|o| vec![("name", o.name.clone()), ("arn", o.arn.clone())]),
-                Kind::IamInstanceProfile => obs
-                    .profiles
-                    .get(&name)
-                    .filter(|o| mine(&o.tags))
-                    .map(|o| vec![("name", o.name.clone()), ("arn", o.arn.clone())]),
-                _ => None,
-            };
-            if let Some(v) = values {
-                out.push((
-                    r.id.clone(),
-                    v.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
-                ));
-            }
-        }
-        out
-    }
-
-    fn diff(
-        &self,
-        desired: &DesiredState,
-        r: &Resource,
-        obs: &Observed,
-        refs: &Refs,
-    ) -> Result<Option<Change<Op>>> {
-        match &r.spec {
-            Spec::IamRole(s) => self.diff_role(desired, r, s, obs, refs),
-            Spec::IamPolicy(s) => self.diff_policy(desired, r, s, obs, refs),
-            Spec::IamInstanceProfile(s) => self.diff_profile(desired, r, s, obs, refs),
-            _ => Ok(None),
-        }
-    }
-
-    fn removed(&self, desired: &DesiredState, obs: &Observed, prune: bool) -> Vec<Change<Op>> {
-        let stack = desired.stack_name();
-        let action = if prune {
-            Action::Delete
-        } else {
-            Action::Orphan
-        };
-        let mut out = Vec::new();
-        let profiles = desired_names(desired, Kind::IamInstanceProfile);
-        let roles = desired_names(desired, Kind::IamRole);
-        let policies = desired_names(desired, Kind::IamPolicy);
-        for p in obs.profiles.values() {
-            let Some(id) = owner_id(&p.tags, stack) else {
-                continue;
-            };
-            if is_desired(&profiles, stack, &p.name, &p.tags) {
-                continue;
-            }
-            let mut c = Change::new(id, action, format!("instance profile {}", p.name));
-            if prune {
-                for role in &p.roles {
-                    c.op(Op::RemoveRoleFromProfile {
-                        profile: p.name.clone(),
-                        role: role.clone(),
-                    });
-                }
-                c.op(Op::DeleteProfile {
-                    profile: p.name.clone(),
+                out.policies.push(ObservedPolicy {
+                    name: p
+                        .policy_name()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| arn.rsplit('/').next().unwrap_or_default().to_string()),
+                    arn: arn.to_string(),
+                    path: p.path().unwrap_or_default().to_string(),
+                    versions: p
+                        .policy_version_list()
+                        .iter()
+                        .map(|v| PolicyVersion {
+                            id: v.version_id().unwrap_or_default().to_string(),
+                            is_default: v.is_default_version(),
+                            created: v.create_date().map(|d| d.secs()).unwrap_or_default(),
+                            document: v
+                                .document()
+                                .and_then(|d| policy::decode(d).ok())
+                                .unwrap_or(Value::Null),
+                        })
+                        .collect(),
+                    tags: Tags::new(),
                 });
             }
-            out.push(c);
         }
-        for r in obs.roles.values() {
-            let Some(id) = owner_id(&r.tags, stack) else {
-                continue;
-            };
-            if is_desired(&roles, stack, &r.name, &r.tags) {
-                continue;
-            }
-            let mut c = Change::new(id, action, format!("role {}", r.name));
-            if prune {
-                for profile in &r.profiles {
-                    c.op(Op::RemoveRoleFromProfile {
-                        profile: profile.clone(),
-                        role: r.name.clone(),
-                    });
-                }
-                for arn in &r.attached {
-                    c.op(Op::DetachPolicy {
-                        role: r.name.clone(),
-                        arn: arn.clone(),
-                    });
-                }
-                for name in r.inline.keys() {
-                    c.op(Op::DeleteInline {
-                        role: r.name.clone(),
-                        name: name.clone(),
-                    });
-                }
-                c.op(Op::DeleteRole {
-                    role: r.name.clone(),
-                });
-            }
-            out.push(c);
+        let arns: Arc<BTreeSet<String>> =
+            Arc::new(out.roles.iter().map(|r| r.arn.clone()).collect());
+        for r in &mut out.roles {
+            r.account_roles = arns.clone();
         }
-        for p in obs.policies.values() {
-            let Some(id) = owner_id(&p.tags, stack) else {
-                continue;
-            };
-            if is_desired(&policies, stack, &p.name, &p.tags) {
-                continue;
-            }
-            let mut c = Change::new(id, action, format!("policy {}", p.name));
-            if prune {
-                for v in p.versions.iter().filter(|v| !v.is_default) {
-                    c.op(Op::DeletePolicyVersion {
-                        arn: p.arn.clone(),
-                        version: v.id.clone(),
-                    });
-                }
-                c.op(Op::DeletePolicy { arn: p.arn.clone() });
-            }
-            out.push(c);
-        }
-        out
-    }
+        Ok(out)
+    })
+    .await
+}
 
-    async fn apply(&self, ctx: &Context, op: &Op) -> Result<Option<Outputs>> {
-        let iam = &ctx.iam;
-        match op {
-            Op::CreateRole {
-                name,
-                path,
-                trust,
+// ---------------------------------------------------------------------------------------------
+// What every IAM kind shares
+
+/// The AWS name a desired IAM resource has.
+pub fn aws_name(desired: &DesiredState, r: &Resource) -> String {
+    let explicit = match &r.spec {
+        Spec::IamRole(s) => s.name.clone(),
+        Spec::IamPolicy(s) => s.name.clone(),
+        Spec::IamInstanceProfile(s) => s.name.clone(),
+        _ => None,
+    };
+    r.adopt
+        .clone()
+        .or(explicit)
+        .unwrap_or_else(|| desired.default_name(&r.id))
+}
+
+/// The AWS names the nodes of one IAM kind have.
+fn desired_names(desired: &DesiredState, kind: Kind) -> BTreeSet<String> {
+    desired
+        .of_kind(kind)
+        .map(|r| aws_name(desired, r))
+        .collect()
+}
+
+/// Whether this stack may care about an observed object: a node names it, or the stack's tag
+/// is on it (a removed one).
+fn relevant(desired: &DesiredState, names: &BTreeSet<String>, name: &str, tags: &Tags) -> bool {
+    names.contains(name) || owner_id(tags, desired.stack_name()).is_some()
+}
+
+/// The object of `node`'s name (an IAM name is the object's identity).
+fn by_name<'o, O>(
+    desired: &DesiredState,
+    node: &Resource,
+    observed: &'o [O],
+    name: impl Fn(&O) -> &str,
+) -> Option<&'o O> {
+    let wanted = aws_name(desired, node);
+    observed.iter().find(|o| name(o) == wanted)
+}
+
+/// A document on one line, as written (IAM's own spelling for observed ones).
+fn compact(v: &Value) -> String {
+    v.to_string()
+}
+
+fn spec_tags(tags: &Option<Spanned<Tags>>) -> Tags {
+    tags.as_ref()
+        .map(|t| t.get_ref().clone())
+        .unwrap_or_default()
+}
+
+/// A call whose target is already gone has nothing left to do (a detach from a deleted role, a
+/// resumed teardown).
+fn gone_is_fine(result: Result<()>) -> Result<()> {
+    match result {
+        Err(e) if is_gone(&e) => Ok(()),
+        other => other,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Roles
+
+/// `iam.role`: a role, its trust policy, its attached and inline policies.
+pub struct Role;
+
+/// A role as its node wants it, references rendered.
+#[derive(Debug, Clone)]
+pub struct RoleWant {
+    name: String,
+    path: String,
+    trust: Value,
+    description: Option<String>,
+    max_session_seconds: Option<i32>,
+    managed: BTreeSet<String>,
+    inline: BTreeMap<String, Value>,
+    tags: Tags,
+}
+
+/// One change to a role.
+#[derive(Debug, Clone)]
+pub enum RoleUpdate {
+    Trust {
+        from: Value,
+        to: Value,
+    },
+    /// Its description and maximum session duration (one `UpdateRole`).
+    Settings {
+        description: (Option<String>, Option<String>),
+        max_session_seconds: (Option<i32>, Option<i32>),
+    },
+    Attach(String),
+    Detach(String),
+    PutInline {
+        name: String,
+        from: Option<Value>,
+        to: Value,
+    },
+    DeleteInline {
+        name: String,
+        from: Value,
+    },
+    /// Out of an instance profile (before the role is deleted).
+    LeaveProfile(String),
+}
+
+impl Describe for RoleUpdate {
+    fn fields(&self) -> Vec<FieldChange> {
+        match self {
+            RoleUpdate::Trust { from, to } => vec![FieldChange::new(
+                "trust",
+                Some(compact(from)),
+                Some(compact(to)),
+            )],
+            RoleUpdate::Settings {
                 description,
                 max_session_seconds,
-                tags,
             } => {
-                let out = iam
-                    .create_role()
-                    .role_name(name)
-                    .path(path)
-                    .assume_role_policy_document(trust.to_string())
-                    .set_description(description.clone())
-                    .set_max_session_duration(*max_session_seconds)
-                    .set_tags(Some(tag_list(tags)))
-                    .send()
-                    .await
-                    .map_err(aws_error("iam", "CreateRole"))?;
-                let role = out
-                    .role()
-                    .ok_or_else(|| Error::Invalid("CreateRole returned no role".into()))?;
-                return Ok(Some(Outputs::from([
-                    ("name".into(), role.role_name().to_string()),
-                    ("arn".into(), role.arn().to_string()),
-                    ("id".into(), role.role_id().to_string()),
-                ])));
+                let mut f = Vec::new();
+                if description.1.is_some() && description.0 != description.1 {
+                    f.push(FieldChange::new(
+                        "description",
+                        description.0.clone(),
+                        description.1.clone(),
+                    ));
+                }
+                let secs = |s: Option<i32>| s.map(|s| format!("{s}s"));
+                if max_session_seconds.1.is_some() && max_session_seconds.0 != max_session_seconds.1
+                {
+                    f.push(FieldChange::new(
+                        "max_session_duration",
+                        secs(max_session_seconds.0),
+                        secs(max_session_seconds.1),
+                    ));
+                }
+                f
             }
-            Op::UpdateTrust { role, trust } => {
+            RoleUpdate::Attach(arn) => {
+                vec![FieldChange::new(
+                    "managed_policies",
+                    None,
+                    Some(arn.clone()),
+                )]
+            }
+            RoleUpdate::Detach(arn) => {
+                vec![FieldChange::new(
+                    "managed_policies",
+                    Some(arn.clone()),
+                    None,
+                )]
+            }
+            RoleUpdate::PutInline { name, from, to } => vec![FieldChange::new(
+                format!("inline_policies.{name}"),
+                from.as_ref().map(compact),
+                Some(compact(to)),
+            )],
+            RoleUpdate::DeleteInline { name, from } => vec![FieldChange::new(
+                format!("inline_policies.{name}"),
+                Some(compact(from)),
+                None,
+            )],
+            RoleUpdate::LeaveProfile(profile) => {
+                vec![FieldChange::new(
+                    "instance_profiles",
+                    Some(profile.clone()),
+                    None,
+                )]
+            }
+        }
+    }
+}
+
+impl Role {
+    /// The trust principals IAM replaced by unique ids because their roles were deleted, while
+    /// no role of those ARNs exists again: IAM refuses to store the ARNs until one does.
+    fn deleted_principals(want: &RoleWant, have: &ObservedRole) -> Option<Vec<String>> {
+        policy::deleted_principals(&have.trust, &want.trust)
+            .filter(|gone| !gone.iter().any(|arn| have.account_roles.contains(arn)))
+    }
+
+    async fn put_inline(ctx: &Context, role: &str, name: &str, document: &Value) -> Result<()> {
+        ctx.iam
+            .put_role_policy()
+            .role_name(role)
+            .policy_name(name)
+            .policy_document(document.to_string())
+            .send()
+            .await
+            .map_err(aws_error("iam", "PutRolePolicy"))?;
+        Ok(())
+    }
+
+    async fn attach(ctx: &Context, role: &str, arn: &str) -> Result<()> {
+        ctx.iam
+            .attach_role_policy()
+            .role_name(role)
+            .policy_arn(arn)
+            .send()
+            .await
+            .map_err(aws_error("iam", "AttachRolePolicy"))?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ManagedObject for Role {
+    type Desired = RoleWant;
+    type Observed = ObservedRole;
+    type Update = RoleUpdate;
+    const KIND: Kind = Kind::IamRole;
+    const NOUN: &'static str = "role";
+    const NAMED: bool = true;
+
+    fn desired(&self, desired: &DesiredState, node: &Resource, refs: &Refs) -> Result<RoleWant> {
+        let Spec::IamRole(s) = &node.spec else {
+            unreachable!("an iam.role node has a role spec")
+        };
+        Ok(RoleWant {
+            name: aws_name(desired, node),
+            path: s.path.clone(),
+            trust: refs
+                .render_json(s.loaded.trust.as_ref().unwrap_or(&Value::Null))
+                .0,
+            description: s.description.clone(),
+            max_session_seconds: s.loaded.max_session_seconds,
+            managed: s
+                .managed_policies
+                .iter()
+                .map(|a| refs.render(a).value)
+                .collect(),
+            inline: s
+                .loaded
+                .inline
+                .iter()
+                .map(|(k, v)| (k.clone(), refs.render_json(v).0))
+                .collect(),
+            tags: spec_tags(&s.tags),
+        })
+    }
+
+    async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Vec<ObservedRole>> {
+        let names = desired_names(desired, Kind::IamRole);
+        let mut roles: Vec<ObservedRole> = account(ctx)
+            .await?
+            .roles
+            .iter()
+            .filter(|r| relevant(desired, &names, &r.name, &r.tags))
+            .cloned()
+            .collect();
+        // Descriptions and session durations are not in the account details: read them only
+        // for roles whose desired state sets them.
+        for node in desired.of_kind(Kind::IamRole) {
+            let Spec::IamRole(s) = &node.spec else {
+                continue;
+            };
+            if s.description.is_none() && s.max_session_duration.is_none() {
+                continue;
+            }
+            let name = aws_name(desired, node);
+            let Some(o) = roles.iter_mut().find(|r| r.name == name) else {
+                continue;
+            };
+            let out = ctx
+                .iam
+                .get_role()
+                .role_name(&name)
+                .send()
+                .await
+                .map_err(aws_error("iam", "GetRole"))?;
+            if let Some(role) = out.role() {
+                o.description = role.description().map(str::to_string);
+                o.max_session_seconds = role.max_session_duration();
+            }
+        }
+        Ok(roles)
+    }
+
+    fn id(&self, o: &ObservedRole) -> String {
+        o.name.clone()
+    }
+
+    fn tags<'o>(&self, o: &'o ObservedRole) -> Option<&'o Tags> {
+        Some(&o.tags)
+    }
+
+    fn find<'o>(
+        &self,
+        desired: &DesiredState,
+        node: &Resource,
+        observed: &'o [ObservedRole],
+    ) -> Option<&'o ObservedRole> {
+        by_name(desired, node, observed, |o| &o.name)
+    }
+
+    fn outputs(&self, o: &ObservedRole) -> Outputs {
+        Outputs::from([
+            ("name".into(), o.name.clone()),
+            ("arn".into(), o.arn.clone()),
+            ("id".into(), o.id.clone()),
+        ])
+    }
+
+    fn diff(&self, want: &RoleWant, have: &ObservedRole) -> Vec<RoleUpdate> {
+        let mut out = Vec::new();
+        // A principal IAM replaced by its unique id cannot be written back until it exists
+        // again (IAM refuses the ARN): a note until then, never an endless failing update.
+        if Role::deleted_principals(want, have).is_none()
+            && !policy::equivalent(&have.trust, &want.trust)
+        {
+            out.push(RoleUpdate::Trust {
+                from: have.trust.clone(),
+                to: want.trust.clone(),
+            });
+        }
+        let settings = RoleUpdate::Settings {
+            description: (have.description.clone(), want.description.clone()),
+            max_session_seconds: (have.max_session_seconds, want.max_session_seconds),
+        };
+        if !settings.fields().is_empty() {
+            out.push(settings);
+        }
+        out.extend(
+            want.managed
+                .difference(&have.attached)
+                .map(|arn| RoleUpdate::Attach(arn.clone())),
+        );
+        out.extend(
+            have.attached
+                .difference(&want.managed)
+                .map(|arn| RoleUpdate::Detach(arn.clone())),
+        );
+        for (name, doc) in &want.inline {
+            match have.inline.get(name) {
+                Some(cur) if policy::equivalent(cur, doc) => {}
+                cur => out.push(RoleUpdate::PutInline {
+                    name: name.clone(),
+                    from: cur.cloned(),
+                    to: doc.clone(),
+                }),
+            }
+        }
+        for (name, cur) in &have.inline {
+            if !want.inline.contains_key(name) {
+                out.push(RoleUpdate::DeleteInline {
+                    name: name.clone(),
+                    from: cur.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    fn own_tags(&self, want: &RoleWant) -> Tags {
+        want.tags.clone()
+    }
+
+    fn notes(&self, want: &RoleWant, have: &ObservedRole) -> Vec<String> {
+        Role::deleted_principals(want, have)
+            .map(|gone| {
+                format!(
+                    "the trust policy names {}, deleted since: IAM keeps a unique id in its place; the trust is written again once it exists",
+                    gone.join(", ")
+                )
+            })
+            .into_iter()
+            .collect()
+    }
+
+    fn create_fields(&self, want: &RoleWant) -> Vec<FieldChange> {
+        let mut f = vec![FieldChange::new("trust", None, Some(compact(&want.trust)))];
+        if !want.managed.is_empty() {
+            f.push(FieldChange::new(
+                "managed_policies",
+                None,
+                Some(format!("{:?}", want.managed)),
+            ));
+        }
+        for (name, doc) in &want.inline {
+            f.push(FieldChange::new(
+                format!("inline_policies.{name}"),
+                None,
+                Some(compact(doc)),
+            ));
+        }
+        f
+    }
+
+    fn label(&self, want: &RoleWant) -> String {
+        want.name.clone()
+    }
+
+    /// The role with its tags, then its inline and managed policies: a crash in between leaves
+    /// a role the next pass finds and completes.
+    async fn create(&self, ctx: &Context, want: &RoleWant, tags: &Tags) -> Result<Outputs> {
+        let out = ctx
+            .iam
+            .create_role()
+            .role_name(&want.name)
+            .path(&want.path)
+            .assume_role_policy_document(want.trust.to_string())
+            .set_description(want.description.clone())
+            .set_max_session_duration(want.max_session_seconds)
+            .set_tags(Some(tag_list(tags)))
+            .send()
+            .await
+            .map_err(aws_error("iam", "CreateRole"))?;
+        let role = out
+            .role()
+            .ok_or_else(|| Error::Invalid("CreateRole returned no role".into()))?;
+        for (name, doc) in &want.inline {
+            Role::put_inline(ctx, &want.name, name, doc).await?;
+        }
+        for arn in &want.managed {
+            Role::attach(ctx, &want.name, arn).await?;
+        }
+        Ok(Outputs::from([
+            ("name".into(), role.role_name().to_string()),
+            ("arn".into(), role.arn().to_string()),
+            ("id".into(), role.role_id().to_string()),
+        ]))
+    }
+
+    async fn update(&self, ctx: &Context, have: &ObservedRole, change: &RoleUpdate) -> Result<()> {
+        let iam = &ctx.iam;
+        let role = have.name.as_str();
+        match change {
+            RoleUpdate::Trust { to, .. } => {
                 iam.update_assume_role_policy()
                     .role_name(role)
-                    .policy_document(trust.to_string())
+                    .policy_document(to.to_string())
                     .send()
                     .await
                     .map_err(aws_error("iam", "UpdateAssumeRolePolicy"))?;
             }
-            Op::UpdateRole {
-                role,
+            RoleUpdate::Settings {
                 description,
                 max_session_seconds,
             } => {
                 iam.update_role()
                     .role_name(role)
-                    .set_description(description.clone())
-                    .set_max_session_duration(*max_session_seconds)
+                    .set_description(description.1.clone())
+                    .set_max_session_duration(max_session_seconds.1)
                     .send()
                     .await
                     .map_err(aws_error("iam", "UpdateRole"))?;
             }
-            Op::AttachPolicy { role, arn } => {
-                iam.attach_role_policy()
-                    .role_name(role)
-                    .policy_arn(arn)
-                    .send()
-                    .await
-                    .map_err(aws_error("iam", "AttachRolePolicy"))?;
-            }
-            Op::DetachPolicy { role, arn } => gone_is_fine(
+            RoleUpdate::Attach(arn) => Role::attach(ctx, role, arn).await?,
+            RoleUpdate::Detach(arn) => gone_is_fine(
                 iam.detach_role_policy()
                     .role_name(role)
                     .policy_arn(arn)
                     .send()
-                    .await,
-                "DetachRolePolicy",
-            )?,
-            Op::PutInline {
-                role,
-                name,
-                document,
-            } => {
-                iam.put_role_policy()
-                    .role_name(role)
-                    .policy_name(name)
-                    .policy_document(document.to_string())
-                    .send()
                     .await
-                    .map_err(aws_error("iam", "PutRolePolicy"))?;
-            }
-            Op::DeleteInline { role, name } => gone_is_fine(
+                    .map(drop)
+                    .map_err(aws_error("iam", "DetachRolePolicy")),
+            )?,
+            RoleUpdate::PutInline { name, to, .. } => Role::put_inline(ctx, role, name, to).await?,
+            RoleUpdate::DeleteInline { name, .. } => gone_is_fine(
                 iam.delete_role_policy()
                     .role_name(role)
                     .policy_name(name)
                     .send()
-                    .await,
-                "DeleteRolePolicy",
+                    .await
+                    .map(drop)
+                    .map_err(aws_error("iam", "DeleteRolePolicy")),
             )?,
-            Op::TagRole { role, tags } => {
-                iam.tag_role()
-                    .role_name(role)
-                    .set_tags(Some(tag_list(tags)))
-                    .send()
-                    .await
-                    .map_err(aws_error("iam", "TagRole"))?;
+            RoleUpdate::LeaveProfile(profile) => remove_from_profile(ctx, profile, role).await?,
+        }
+        Ok(())
+    }
+
+    async fn tag(&self, ctx: &Context, have: &ObservedRole, set: &Tags) -> Result<()> {
+        ctx.iam
+            .tag_role()
+            .role_name(&have.name)
+            .set_tags(Some(tag_list(set)))
+            .send()
+            .await
+            .map_err(aws_error("iam", "TagRole"))?;
+        Ok(())
+    }
+
+    async fn untag(&self, ctx: &Context, have: &ObservedRole, keys: &[String]) -> Result<()> {
+        ctx.iam
+            .untag_role()
+            .role_name(&have.name)
+            .set_tag_keys(Some(keys.to_vec()))
+            .send()
+            .await
+            .map_err(aws_error("iam", "UntagRole"))?;
+        Ok(())
+    }
+
+    /// IAM refuses to delete a role that is in an instance profile or has policies.
+    fn teardown(&self, have: &ObservedRole) -> Vec<RoleUpdate> {
+        let profiles = have.profiles.iter().cloned().map(RoleUpdate::LeaveProfile);
+        let detach = have.attached.iter().cloned().map(RoleUpdate::Detach);
+        let inline = have
+            .inline
+            .iter()
+            .map(|(name, from)| RoleUpdate::DeleteInline {
+                name: name.clone(),
+                from: from.clone(),
+            });
+        profiles.chain(detach).chain(inline).collect()
+    }
+
+    async fn delete(&self, ctx: &Context, have: &ObservedRole) -> Result<()> {
+        ctx.iam
+            .delete_role()
+            .role_name(&have.name)
+            .send()
+            .await
+            .map_err(aws_error("iam", "DeleteRole"))?;
+        Ok(())
+    }
+}
+
+async fn remove_from_profile(ctx: &Context, profile: &str, role: &str) -> Result<()> {
+    gone_is_fine(
+        ctx.iam
+            .remove_role_from_instance_profile()
+            .instance_profile_name(profile)
+            .role_name(role)
+            .send()
+            .await
+            .map(drop)
+            .map_err(aws_error("iam", "RemoveRoleFromInstanceProfile")),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Customer managed policies
+
+/// `iam.policy`: a customer managed policy. A changed document is a new default version; the
+/// oldest other version goes first when IAM's limit of five would be passed.
+pub struct Policy;
+
+#[derive(Debug, Clone)]
+pub struct PolicyWant {
+    name: String,
+    path: String,
+    description: Option<String>,
+    document: Value,
+    /// The document names values not known yet (shown as such in plans).
+    unknown: bool,
+    tags: Tags,
+}
+
+impl PolicyWant {
+    fn shown(&self) -> String {
+        if self.unknown {
+            format!("{} {KNOWN_AFTER_APPLY}", compact(&self.document))
+        } else {
+            compact(&self.document)
+        }
+    }
+}
+
+/// IAM keeps at most five versions of a policy.
+const MAX_VERSIONS: usize = 5;
+
+#[derive(Debug, Clone)]
+pub enum PolicyUpdate {
+    /// A new default version, after deleting `making_room` when the limit would be passed.
+    Document {
+        from: Option<Value>,
+        to: Value,
+        shown: String,
+        making_room: Option<String>,
+    },
+    /// One old version, before the policy is deleted.
+    DeleteVersion(String),
+}
+
+impl Describe for PolicyUpdate {
+    fn fields(&self) -> Vec<FieldChange> {
+        match self {
+            PolicyUpdate::Document { from, shown, .. } => vec![FieldChange::new(
+                "document",
+                from.as_ref().map(compact),
+                Some(shown.clone()),
+            )],
+            PolicyUpdate::DeleteVersion(v) => {
+                vec![FieldChange::new("versions", Some(v.clone()), None)]
             }
-            Op::UntagRole { role, keys } => {
-                iam.untag_role()
-                    .role_name(role)
-                    .set_tag_keys(Some(keys.clone()))
-                    .send()
-                    .await
-                    .map_err(aws_error("iam", "UntagRole"))?;
-            }
-            Op::DeleteRole { role } => {
-                gone_is_fine(iam.delete_role().role_name(role).send().await, "DeleteRole")?
-            }
-            Op::CreatePolicy {
-                name,
-                path,
-                description,
-                document,
-                tags,
+        }
+    }
+}
+
+impl Policy {
+    /// The version deleted to make room for a new one, when five exist.
+    fn making_room(have: &ObservedPolicy) -> Option<String> {
+        (have.versions.len() >= MAX_VERSIONS)
+            .then(|| {
+                have.versions
+                    .iter()
+                    .filter(|v| !v.is_default)
+                    .min_by_key(|v| (v.created, v.id.clone()))
+                    .map(|v| v.id.clone())
+            })
+            .flatten()
+    }
+
+    async fn delete_version(ctx: &Context, arn: &str, version: &str) -> Result<()> {
+        gone_is_fine(
+            ctx.iam
+                .delete_policy_version()
+                .policy_arn(arn)
+                .version_id(version)
+                .send()
+                .await
+                .map(drop)
+                .map_err(aws_error("iam", "DeletePolicyVersion")),
+        )
+    }
+}
+
+#[async_trait]
+impl ManagedObject for Policy {
+    type Desired = PolicyWant;
+    type Observed = ObservedPolicy;
+    type Update = PolicyUpdate;
+    const KIND: Kind = Kind::IamPolicy;
+    const NOUN: &'static str = "policy";
+    const NAMED: bool = true;
+
+    fn desired(&self, desired: &DesiredState, node: &Resource, refs: &Refs) -> Result<PolicyWant> {
+        let Spec::IamPolicy(s) = &node.spec else {
+            unreachable!("an iam.policy node has a policy spec")
+        };
+        let (document, unknown) = refs.render_json(s.loaded.as_ref().unwrap_or(&Value::Null));
+        Ok(PolicyWant {
+            name: aws_name(desired, node),
+            path: s.path.clone(),
+            description: s.description.clone(),
+            document,
+            unknown: !unknown.is_empty(),
+            tags: spec_tags(&s.tags),
+        })
+    }
+
+    /// Every customer managed policy comes with the account details, but IAM's list calls do
+    /// not return tags: they are read for the desired ones and those that may be the stack's
+    /// (attached to its roles, or on stackwarden's path), so removed ones are found.
+    async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Vec<ObservedPolicy>> {
+        let account = account(ctx).await?;
+        let names = desired_names(desired, Kind::IamPolicy);
+        let attached: BTreeSet<&String> = account
+            .roles
+            .iter()
+            .filter(|r| owner_id(&r.tags, desired.stack_name()).is_some())
+            .flat_map(|r| r.attached.iter())
+            .collect();
+        let candidates = account.policies.iter().filter(|p| {
+            names.contains(&p.name)
+                || attached.contains(&p.arn)
+                || p.path.starts_with("/stackwarden/")
+        });
+        let reads = candidates.map(|p| async move {
+            let out = ctx
+                .iam
+                .list_policy_tags()
+                .policy_arn(&p.arn)
+                .send()
+                .await
+                .map_err(aws_error("iam", "ListPolicyTags"))?;
+            Ok::<_, Error>(ObservedPolicy {
+                tags: tag_map(out.tags()),
+                ..p.clone()
+            })
+        });
+        futures::future::try_join_all(reads).await
+    }
+
+    fn id(&self, o: &ObservedPolicy) -> String {
+        o.name.clone()
+    }
+
+    fn tags<'o>(&self, o: &'o ObservedPolicy) -> Option<&'o Tags> {
+        Some(&o.tags)
+    }
+
+    fn find<'o>(
+        &self,
+        desired: &DesiredState,
+        node: &Resource,
+        observed: &'o [ObservedPolicy],
+    ) -> Option<&'o ObservedPolicy> {
+        by_name(desired, node, observed, |o| &o.name)
+    }
+
+    fn outputs(&self, o: &ObservedPolicy) -> Outputs {
+        Outputs::from([
+            ("name".into(), o.name.clone()),
+            ("arn".into(), o.arn.clone()),
+        ])
+    }
+
+    fn diff(&self, want: &PolicyWant, have: &ObservedPolicy) -> Vec<PolicyUpdate> {
+        let current = have.default_document();
+        if current.is_some_and(|cur| policy::equivalent(cur, &want.document)) {
+            return Vec::new();
+        }
+        vec![PolicyUpdate::Document {
+            from: current.cloned(),
+            to: want.document.clone(),
+            shown: want.shown(),
+            making_room: Policy::making_room(have),
+        }]
+    }
+
+    fn own_tags(&self, want: &PolicyWant) -> Tags {
+        want.tags.clone()
+    }
+
+    fn notes(&self, want: &PolicyWant, have: &ObservedPolicy) -> Vec<String> {
+        self.diff(want, have)
+            .iter()
+            .filter_map(|u| match u {
+                PolicyUpdate::Document {
+                    making_room: Some(v),
+                    ..
+                } => Some(format!(
+                    "deletes old version {v} to stay within IAM's five versions"
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn create_fields(&self, want: &PolicyWant) -> Vec<FieldChange> {
+        vec![FieldChange::new("document", None, Some(want.shown()))]
+    }
+
+    fn label(&self, want: &PolicyWant) -> String {
+        want.name.clone()
+    }
+
+    async fn create(&self, ctx: &Context, want: &PolicyWant, tags: &Tags) -> Result<Outputs> {
+        let out = ctx
+            .iam
+            .create_policy()
+            .policy_name(&want.name)
+            .path(&want.path)
+            .policy_document(want.document.to_string())
+            .set_description(want.description.clone())
+            .set_tags(Some(tag_list(tags)))
+            .send()
+            .await
+            .map_err(aws_error("iam", "CreatePolicy"))?;
+        let p = out
+            .policy()
+            .ok_or_else(|| Error::Invalid("CreatePolicy returned no policy".into()))?;
+        Ok(Outputs::from([
+            (
+                "name".into(),
+                p.policy_name().unwrap_or(&want.name).to_string(),
+            ),
+            ("arn".into(), p.arn().unwrap_or_default().to_string()),
+        ]))
+    }
+
+    async fn update(
+        &self,
+        ctx: &Context,
+        have: &ObservedPolicy,
+        change: &PolicyUpdate,
+    ) -> Result<()> {
+        match change {
+            PolicyUpdate::Document {
+                to, making_room, ..
             } => {
-                let out = iam
-                    .create_policy()
-                    .policy_name(name)
-                    .path(path)
-                    .policy_document(document.to_string())
-                    .set_description(description.clone())
-                    .set_tags(Some(tag_list(tags)))
-                    .send()
-                    .await
-                    .map_err(aws_error("iam", "CreatePolicy"))?;
-                let p = out
-                    .policy()
-                    .ok_or_else(|| Error::Invalid("CreatePolicy returned no policy".into()))?;
-                return Ok(Some(Outputs::from([
-                    ("name".into(), p.policy_name().unwrap_or(name).to_string()),
-                    ("arn".into(), p.arn().unwrap_or_default().to_string()),
-                ])));
-            }
-            Op::DeletePolicyVersion { arn, version } => gone_is_fine(
-                iam.delete_policy_version()
-                    .policy_arn(arn)
-                    .version_id(version)
-                    .send()
-                    .await,
-                "DeletePolicyVersion",
-            )?,
-            Op::CreatePolicyVersion { arn, document } => {
-                iam.create_policy_version()
-                    .policy_arn(arn)
-                    .policy_document(document.to_string())
+                if let Some(v) = making_room {
+                    Policy::delete_version(ctx, &have.arn, v).await?;
+                }
+                ctx.iam
+                    .create_policy_version()
+                    .policy_arn(&have.arn)
+                    .policy_document(to.to_string())
                     .set_as_default(true)
                     .send()
                     .await
                     .map_err(aws_error("iam", "CreatePolicyVersion"))?;
             }
-            Op::TagPolicy { arn, tags } => {
-                iam.tag_policy()
-                    .policy_arn(arn)
-                    .set_tags(Some(tag_list(tags)))
-                    .send()
-                    .await
-                    .map_err(aws_error("iam", "TagPolicy"))?;
-            }
-            Op::UntagPolicy { arn, keys } => {
-                iam.untag_policy()
-                    .policy_arn(arn)
-                    .set_tag_keys(Some(keys.clone()))
-                    .send()
-                    .await
-                    .map_err(aws_error("iam", "UntagPolicy"))?;
-            }
-            Op::DeletePolicy { arn } => {
-                // A policy attached to a role outside the stack cannot be deleted; IAM says so.
-                gone_is_fine(
-                    iam.delete_policy().policy_arn(arn).send().await,
-                    "DeletePolicy",
-                )?
-            }
-            Op::CreateProfile { name, path, tags } => {
-                let out = iam
-                    .create_instance_profile()
-                    .instance_profile_name(name)
-                    .path(path)
-                    .set_tags(Some(tag_list(tags)))
-                    .send()
-                    .await
-                    .map_err(aws_error("iam", "CreateInstanceProfile"))?;
-                let p = out.instance_profile().ok_or_else(|| {
-                    Error::Invalid("CreateInstanceProfile returned nothing".into())
-                })?;
-                return Ok(Some(Outputs::from([
-                    ("name".into(), p.instance_profile_name().to_string()),
-                    ("arn".into(), p.arn().to_string()),
-                ])));
-            }
-            Op::AddRoleToProfile { profile, role } => {
-                iam.add_role_to_instance_profile()
-                    .instance_profile_name(profile)
-                    .role_name(role)
-                    .send()
-                    .await
-                    .map_err(aws_error("iam", "AddRoleToInstanceProfile"))?;
-            }
-            Op::RemoveRoleFromProfile { profile, role } => gone_is_fine(
-                iam.remove_role_from_instance_profile()
-                    .instance_profile_name(profile)
-                    .role_name(role)
-                    .send()
-                    .await,
-                "RemoveRoleFromInstanceProfile",
-            )?,
-            Op::TagProfile { profile, tags } => {
-                iam.tag_instance_profile()
-                    .instance_profile_name(profile)
-                    .set_tags(Some(tag_list(tags)))
-                    .send()
-                    .await
-                    .map_err(aws_error("iam", "TagInstanceProfile"))?;
-            }
-            Op::UntagProfile { profile, keys } => {
-                iam.untag_instance_profile()
-                    .instance_profile_name(profile)
-                    .set_tag_keys(Some(keys.clone()))
-                    .send()
-                    .await
-                    .map_err(aws_error("iam", "UntagInstanceProfile"))?;
-            }
-            Op::DeleteProfile { profile } => gone_is_fine(
-                iam.delete_instance_profile()
-                    .instance_profile_name(profile)
-                    .send()
-                    .await,
-                "DeleteInstanceProfile",
-            )?,
+            PolicyUpdate::DeleteVersion(v) => Policy::delete_version(ctx, &have.arn, v).await?,
         }
-        Ok(None)
+        Ok(())
+    }
+
+    async fn tag(&self, ctx: &Context, have: &ObservedPolicy, set: &Tags) -> Result<()> {
+        ctx.iam
+            .tag_policy()
+            .policy_arn(&have.arn)
+            .set_tags(Some(tag_list(set)))
+            .send()
+            .await
+            .map_err(aws_error("iam", "TagPolicy"))?;
+        Ok(())
+    }
+
+    async fn untag(&self, ctx: &Context, have: &ObservedPolicy, keys: &[String]) -> Result<()> {
+        ctx.iam
+            .untag_policy()
+            .policy_arn(&have.arn)
+            .set_tag_keys(Some(keys.to_vec()))
+            .send()
+            .await
+            .map_err(aws_error("iam", "UntagPolicy"))?;
+        Ok(())
+    }
+
+    /// IAM deletes a policy only once its other versions are gone.
+    fn teardown(&self, have: &ObservedPolicy) -> Vec<PolicyUpdate> {
+        have.versions
+            .iter()
+            .filter(|v| !v.is_default)
+            .map(|v| PolicyUpdate::DeleteVersion(v.id.clone()))
+            .collect()
+    }
+
+    /// A policy attached to a role outside the stack cannot be deleted; IAM says so.
+    async fn delete(&self, ctx: &Context, have: &ObservedPolicy) -> Result<()> {
+        ctx.iam
+            .delete_policy()
+            .policy_arn(&have.arn)
+            .send()
+            .await
+            .map_err(aws_error("iam", "DeletePolicy"))?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Instance profiles
+
+/// `iam.instance_profile`: an instance profile holding one role.
+pub struct InstanceProfile;
+
+#[derive(Debug, Clone)]
+pub struct ProfileWant {
+    name: String,
+    path: String,
+    role: String,
+    tags: Tags,
+}
+
+#[derive(Debug, Clone)]
+pub enum ProfileUpdate {
+    /// The roles it holds that are not the desired one go, and the desired one goes in.
+    Role { from: Vec<String>, to: String },
+    /// Its roles out (before it is deleted).
+    Empty(Vec<String>),
+}
+
+impl Describe for ProfileUpdate {
+    fn fields(&self) -> Vec<FieldChange> {
+        match self {
+            ProfileUpdate::Role { from, to } => {
+                vec![FieldChange::new(
+                    "role",
+                    from.first().cloned(),
+                    Some(to.clone()),
+                )]
+            }
+            ProfileUpdate::Empty(from) => {
+                vec![FieldChange::new("role", from.first().cloned(), None)]
+            }
+        }
+    }
+}
+
+async fn add_to_profile(ctx: &Context, profile: &str, role: &str) -> Result<()> {
+    ctx.iam
+        .add_role_to_instance_profile()
+        .instance_profile_name(profile)
+        .role_name(role)
+        .send()
+        .await
+        .map_err(aws_error("iam", "AddRoleToInstanceProfile"))?;
+    Ok(())
+}
+
+#[async_trait]
+impl ManagedObject for InstanceProfile {
+    type Desired = ProfileWant;
+    type Observed = ObservedProfile;
+    type Update = ProfileUpdate;
+    const KIND: Kind = Kind::IamInstanceProfile;
+    const NOUN: &'static str = "instance profile";
+    const NAMED: bool = true;
+
+    fn desired(&self, desired: &DesiredState, node: &Resource, refs: &Refs) -> Result<ProfileWant> {
+        let Spec::IamInstanceProfile(s) = &node.spec else {
+            unreachable!("an iam.instance_profile node has an instance profile spec")
+        };
+        Ok(ProfileWant {
+            name: aws_name(desired, node),
+            path: s.path.clone(),
+            role: refs.render(&s.role).value,
+            tags: spec_tags(&s.tags),
+        })
+    }
+
+    /// IAM lists no instance profile tags: the desired ones and those holding the stack's
+    /// roles are read one by one.
+    async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Vec<ObservedProfile>> {
+        let mut names = desired_names(desired, Kind::IamInstanceProfile);
+        names.extend(
+            account(ctx)
+                .await?
+                .roles
+                .iter()
+                .filter(|r| owner_id(&r.tags, desired.stack_name()).is_some())
+                .flat_map(|r| r.profiles.iter().cloned()),
+        );
+        let reads = names.iter().map(|name| async move {
+            match ctx
+                .iam
+                .get_instance_profile()
+                .instance_profile_name(name)
+                .send()
+                .await
+                .map_err(aws_error("iam", "GetInstanceProfile"))
+            {
+                Ok(out) => Ok(out.instance_profile().map(|p| ObservedProfile {
+                    name: p.instance_profile_name().to_string(),
+                    arn: p.arn().to_string(),
+                    roles: p
+                        .roles()
+                        .iter()
+                        .map(|r| r.role_name().to_string())
+                        .collect(),
+                    tags: tag_map(p.tags()),
+                })),
+                Err(e) if is_gone(&e) => Ok(None),
+                Err(e) => Err(e),
+            }
+        });
+        Ok(futures::future::try_join_all(reads)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    fn id(&self, o: &ObservedProfile) -> String {
+        o.name.clone()
+    }
+
+    fn tags<'o>(&self, o: &'o ObservedProfile) -> Option<&'o Tags> {
+        Some(&o.tags)
+    }
+
+    fn find<'o>(
+        &self,
+        desired: &DesiredState,
+        node: &Resource,
+        observed: &'o [ObservedProfile],
+    ) -> Option<&'o ObservedProfile> {
+        by_name(desired, node, observed, |o| &o.name)
+    }
+
+    fn outputs(&self, o: &ObservedProfile) -> Outputs {
+        Outputs::from([
+            ("name".into(), o.name.clone()),
+            ("arn".into(), o.arn.clone()),
+        ])
+    }
+
+    fn diff(&self, want: &ProfileWant, have: &ObservedProfile) -> Vec<ProfileUpdate> {
+        if have.roles == [want.role.clone()] {
+            return Vec::new();
+        }
+        vec![ProfileUpdate::Role {
+            from: have.roles.clone(),
+            to: want.role.clone(),
+        }]
+    }
+
+    fn own_tags(&self, want: &ProfileWant) -> Tags {
+        want.tags.clone()
+    }
+
+    fn create_fields(&self, want: &ProfileWant) -> Vec<FieldChange> {
+        vec![FieldChange::new("role", None, Some(want.role.clone()))]
+    }
+
+    fn label(&self, want: &ProfileWant) -> String {
+        want.name.clone()
+    }
+
+    async fn create(&self, ctx: &Context, want: &ProfileWant, tags: &Tags) -> Result<Outputs> {
+        let out = ctx
+            .iam
+            .create_instance_profile()
+            .instance_profile_name(&want.name)
+            .path(&want.path)
+            .set_tags(Some(tag_list(tags)))
+            .send()
+            .await
+            .map_err(aws_error("iam", "CreateInstanceProfile"))?;
+        let p = out
+            .instance_profile()
+            .ok_or_else(|| Error::Invalid("CreateInstanceProfile returned nothing".into()))?;
+        let outputs = Outputs::from([
+            ("name".into(), p.instance_profile_name().to_string()),
+            ("arn".into(), p.arn().to_string()),
+        ]);
+        add_to_profile(ctx, &want.name, &want.role).await?;
+        Ok(outputs)
+    }
+
+    async fn update(
+        &self,
+        ctx: &Context,
+        have: &ObservedProfile,
+        change: &ProfileUpdate,
+    ) -> Result<()> {
+        let (from, to) = match change {
+            ProfileUpdate::Role { from, to } => (from, Some(to)),
+            ProfileUpdate::Empty(from) => (from, None),
+        };
+        for old in from.iter().filter(|r| Some(*r) != to) {
+            remove_from_profile(ctx, &have.name, old).await?;
+        }
+        if let Some(role) = to.filter(|r| !from.contains(r)) {
+            add_to_profile(ctx, &have.name, role).await?;
+        }
+        Ok(())
+    }
+
+    async fn tag(&self, ctx: &Context, have: &ObservedProfile, set: &Tags) -> Result<()> {
+        ctx.iam
+            .tag_instance_profile()
+            .instance_profile_name(&have.name)
+            .set_tags(Some(tag_list(set)))
+            .send()
+            .await
+            .map_err(aws_error("iam", "TagInstanceProfile"))?;
+        Ok(())
+    }
+
+    async fn untag(&self, ctx: &Context, have: &ObservedProfile, keys: &[String]) -> Result<()> {
+        ctx.iam
+            .untag_instance_profile()
+            .instance_profile_name(&have.name)
+            .set_tag_keys(Some(keys.to_vec()))
+            .send()
+            .await
+            .map_err(aws_error("iam", "UntagInstanceProfile"))?;
+        Ok(())
+    }
+
+    fn teardown(&self, have: &ObservedProfile) -> Vec<ProfileUpdate> {
+        if have.roles.is_empty() {
+            Vec::new()
+        } else {
+            vec![ProfileUpdate::Empty(have.roles.clone())]
+        }
+    }
+
+    async fn delete(&self, ctx: &Context, have: &ObservedProfile) -> Result<()> {
+        ctx.iam
+            .delete_instance_profile()
+            .instance_profile_name(&have.name)
+            .send()
+            .await
+            .map_err(aws_error("iam", "DeleteInstanceProfile"))?;
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::change::{Action, Change};
+    use crate::controller::Controller;
+    use crate::desired::{TAG_ID, TAG_STACK};
+    use crate::managed::{Managed, Op};
+    use crate::model::ResourceId;
     use crate::testing::{desired, owned_tags, resource};
 
     fn role_spec(extra: &str) -> RoleSpec {
@@ -1431,208 +1506,229 @@ mod tests {
     }
 
     /// The role as stackwarden would have left it.
-    fn observed_role(r: &RoleSpec) -> Observed {
-        let mut o = Observed::default();
-        o.roles.insert(
-            "s-prometheus".into(),
-            ObservedRole {
-                name: "s-prometheus".into(),
-                arn: "arn:aws:iam::1:role/s-prometheus".into(),
-                id: "AROA".into(),
-                trust: r.loaded.trust.clone().unwrap(),
-                tags: owned_tags("iam.role.prometheus"),
-                inline: r.loaded.inline.clone(),
-                attached: [
-                    "arn:aws:iam::aws:policy/A".to_string(),
-                    "arn:aws:iam::1:policy/s-p".to_string(),
-                ]
-                .into(),
-                ..Default::default()
-            },
-        );
-        o
+    fn observed_role(r: &RoleSpec) -> ObservedRole {
+        ObservedRole {
+            name: "s-prometheus".into(),
+            arn: "arn:aws:iam::1:role/s-prometheus".into(),
+            id: "AROA".into(),
+            trust: r.loaded.trust.clone().unwrap(),
+            tags: owned_tags("iam.role.prometheus"),
+            inline: r.loaded.inline.clone(),
+            attached: [
+                "arn:aws:iam::aws:policy/A".to_string(),
+                "arn:aws:iam::1:policy/s-p".to_string(),
+            ]
+            .into(),
+            ..Default::default()
+        }
     }
 
-    fn diff_role(spec: RoleSpec, obs: &Observed) -> Result<Option<Change<Op>>> {
-        let r = resource(Kind::IamRole, "prometheus", Spec::IamRole(spec));
-        let d = desired(vec![r.clone()]);
-        IamController.diff(&d, &r, obs, &refs())
+    fn diff<K: ManagedObject>(
+        kind: K,
+        node: &Resource,
+        observed: &[K::Observed],
+        refs: &Refs,
+    ) -> Result<Option<Change<Op<K>>>> {
+        Managed(kind).diff(&desired(vec![node.clone()]), node, &observed.to_vec(), refs)
+    }
+
+    fn role_node(spec: RoleSpec) -> Resource {
+        resource(Kind::IamRole, "prometheus", Spec::IamRole(spec))
+    }
+
+    fn diff_role(spec: RoleSpec, observed: &[ObservedRole]) -> Result<Option<Change<Op<Role>>>> {
+        diff(Role, &role_node(spec), observed, &refs())
+    }
+
+    /// The in-place updates of a change, in order.
+    fn updates<K: ManagedObject>(c: &Change<Op<K>>) -> Vec<&K::Update> {
+        c.ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::Update { change, .. } => Some(change),
+                _ => None,
+            })
+            .collect()
     }
 
     #[test]
     fn a_role_as_desired_has_no_change() {
         let spec = role_spec("");
-        assert!(diff_role(spec.clone(), &observed_role(&spec))
-            .unwrap()
-            .is_none());
+        let have = observed_role(&spec);
+        assert!(diff_role(spec, &[have]).unwrap().is_none());
     }
 
     #[test]
-    fn a_missing_role_is_created_with_its_policies_and_tags() {
-        let c = diff_role(role_spec(""), &Observed::default())
-            .unwrap()
-            .unwrap();
+    fn a_missing_role_is_created_with_its_policies_and_tags_in_one_operation() {
+        let c = diff_role(role_spec(""), &[]).unwrap().unwrap();
         assert_eq!(c.action, Action::Create);
-        assert!(
-            matches!(&c.ops[0], Op::CreateRole { name, tags, .. } if name == "s-prometheus" && tags == &owned_tags("iam.role.prometheus"))
-        );
+        assert_eq!(c.object, "role s-prometheus");
+        assert_eq!(c.ops.len(), 1);
+        let Op::Create { want, tags } = &c.ops[0] else {
+            panic!("{:?}", c.ops)
+        };
+        assert_eq!(want.name, "s-prometheus");
+        assert_eq!(tags, &owned_tags("iam.role.prometheus"));
+        assert_eq!(want.managed.len(), 2);
+        assert_eq!(want.inline.len(), 1);
+        let fields: Vec<&str> = c.fields.iter().map(|f| f.field.as_str()).collect();
         assert_eq!(
-            c.ops
-                .iter()
-                .filter(|o| matches!(o, Op::AttachPolicy { .. }))
-                .count(),
-            2
-        );
-        assert_eq!(
-            c.ops
-                .iter()
-                .filter(|o| matches!(o, Op::PutInline { .. }))
-                .count(),
-            1
+            fields,
+            [
+                "trust",
+                "managed_policies",
+                "inline_policies.inline",
+                "tags"
+            ]
         );
     }
 
     #[test]
     fn trust_policy_drift_is_corrected() {
         let spec = role_spec("");
-        let mut obs = observed_role(&spec);
-        obs.roles.get_mut("s-prometheus").unwrap().trust = json!({"Statement": [{"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}]});
-        let c = diff_role(spec, &obs).unwrap().unwrap();
-        assert!(matches!(&c.ops[..], [Op::UpdateTrust { .. }]));
+        let mut have = observed_role(&spec);
+        have.trust = json!({"Statement": [{"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}]});
+        let c = diff_role(spec, &[have]).unwrap().unwrap();
+        assert!(matches!(updates(&c)[..], [RoleUpdate::Trust { .. }]));
+        assert_eq!(c.ops.len(), 1);
         assert_eq!(c.fields[0].field, "trust");
     }
 
     #[test]
     fn a_deleted_trust_principal_is_a_note_until_a_role_of_its_arn_exists_again() {
-        let spec = role_spec("");
-        let mut spec_with_ci = spec.clone();
-        spec_with_ci.loaded.trust = Some(
+        let mut spec = role_spec("");
+        spec.loaded.trust = Some(
             json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole", "Principal": {"AWS": "arn:aws:iam::1:role/ci"}}]}),
         );
-        let mut obs = observed_role(&spec);
-        obs.roles.get_mut("s-prometheus").unwrap().trust = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole", "Principal": {"AWS": "AROAEXAMPLEID1234567"}}]});
-        let c = diff_role(spec_with_ci.clone(), &obs).unwrap().unwrap();
+        let mut have = observed_role(&spec);
+        have.trust = json!({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole", "Principal": {"AWS": "AROAEXAMPLEID1234567"}}]});
+        let c = diff_role(spec.clone(), &[have.clone()]).unwrap().unwrap();
         assert!(c.ops.is_empty(), "{:?}", c.ops);
+        assert_eq!(c.notes.len(), 1);
         assert!(
             c.notes[0].contains("arn:aws:iam::1:role/ci"),
             "{:?}",
             c.notes
         );
         // The role exists again: the trust is written back.
-        obs.roles.insert(
-            "ci".into(),
-            ObservedRole {
-                name: "ci".into(),
-                arn: "arn:aws:iam::1:role/ci".into(),
-                ..Default::default()
-            },
-        );
-        let c = diff_role(spec_with_ci, &obs).unwrap().unwrap();
+        have.account_roles = Arc::new(["arn:aws:iam::1:role/ci".to_string()].into());
+        let c = diff_role(spec, &[have]).unwrap().unwrap();
         assert!(
-            matches!(&c.ops[..], [Op::UpdateTrust { .. }]),
+            matches!(updates(&c)[..], [RoleUpdate::Trust { .. }]),
             "{:?}",
             c.ops
         );
+        assert!(c.notes.is_empty());
     }
 
     #[test]
     fn detached_and_extra_managed_policies_are_corrected() {
         let spec = role_spec("");
-        let mut obs = observed_role(&spec);
-        let role = obs.roles.get_mut("s-prometheus").unwrap();
-        role.attached.remove("arn:aws:iam::1:policy/s-p");
-        role.attached.insert("arn:aws:iam::aws:policy/Extra".into());
-        let c = diff_role(spec, &obs).unwrap().unwrap();
-        assert!(c.ops.iter().any(
-            |o| matches!(o, Op::AttachPolicy { arn, .. } if arn == "arn:aws:iam::1:policy/s-p")
-        ));
-        assert!(c.ops.iter().any(
-            |o| matches!(o, Op::DetachPolicy { arn, .. } if arn == "arn:aws:iam::aws:policy/Extra")
+        let mut have = observed_role(&spec);
+        have.attached.remove("arn:aws:iam::1:policy/s-p");
+        have.attached.insert("arn:aws:iam::aws:policy/Extra".into());
+        let c = diff_role(spec, &[have]).unwrap().unwrap();
+        assert!(matches!(
+            updates(&c)[..],
+            [RoleUpdate::Attach(a), RoleUpdate::Detach(d)]
+                if a == "arn:aws:iam::1:policy/s-p" && d == "arn:aws:iam::aws:policy/Extra"
         ));
     }
 
     #[test]
     fn inline_policies_edited_added_or_extra_are_corrected() {
         let spec = role_spec("");
-        let mut obs = observed_role(&spec);
-        let role = obs.roles.get_mut("s-prometheus").unwrap();
-        role.inline.insert("inline".into(), doc("s3:*"));
-        role.inline.insert("extra".into(), doc("ec2:*"));
-        let c = diff_role(spec.clone(), &obs).unwrap().unwrap();
-        assert!(c
-            .ops
-            .iter()
-            .any(|o| matches!(o, Op::PutInline { name, .. } if name == "inline")));
-        assert!(c
-            .ops
-            .iter()
-            .any(|o| matches!(o, Op::DeleteInline { name, .. } if name == "extra")));
+        let mut have = observed_role(&spec);
+        have.inline.insert("inline".into(), doc("s3:*"));
+        have.inline.insert("extra".into(), doc("ec2:*"));
+        let c = diff_role(spec.clone(), &[have]).unwrap().unwrap();
+        assert!(matches!(
+            updates(&c)[..],
+            [RoleUpdate::PutInline { name: put, .. }, RoleUpdate::DeleteInline { name: gone, .. }]
+                if put == "inline" && gone == "extra"
+        ));
 
         // The same policy spelled differently by IAM is no drift.
-        let mut obs = observed_role(&spec);
-        obs.roles.get_mut("s-prometheus").unwrap().inline.insert(
+        let mut have = observed_role(&spec);
+        have.inline.insert(
             "inline".into(),
             json!({"Version": "2012-10-17", "Statement": {"Effect": "Allow", "Action": ["S3:GetObject"], "Resource": ["*"]}}),
         );
-        assert!(diff_role(spec, &obs).unwrap().is_none());
+        assert!(diff_role(spec, &[have]).unwrap().is_none());
     }
 
     #[test]
     fn tags_are_restored_and_extra_ones_removed_but_aws_tags_kept() {
         let spec = role_spec("");
-        let mut obs = observed_role(&spec);
-        let role = obs.roles.get_mut("s-prometheus").unwrap();
-        role.tags.remove("team");
-        role.tags.insert("extra".into(), "x".into());
-        role.tags
+        let mut have = observed_role(&spec);
+        have.tags.remove("team");
+        have.tags.insert("extra".into(), "x".into());
+        have.tags
             .insert("aws:cloudformation:stack-name".into(), "x".into());
-        let c = diff_role(spec, &obs).unwrap().unwrap();
-        assert!(c.ops.iter().any(|o| matches!(o, Op::TagRole { tags, .. } if tags.get("team").map(String::as_str) == Some("sre"))));
-        assert!(c.ops.iter().any(
-            |o| matches!(o, Op::UntagRole { keys, .. } if keys == &vec!["extra".to_string()])
-        ));
+        let c = diff_role(spec, &[have]).unwrap().unwrap();
+        assert!(
+            matches!(
+                &c.ops[..],
+                [Op::Tag { set, .. }, Op::Untag { keys, .. }]
+                    if set == &Tags::from([("team".into(), "sre".into())]) && keys == &["extra".to_string()]
+            ),
+            "{:?}",
+            c.ops
+        );
     }
 
     #[test]
     fn description_and_session_duration_drift_is_corrected() {
         let mut spec = role_spec("description = \"d\"");
         spec.loaded.max_session_seconds = Some(7200);
-        let obs = observed_role(&spec);
-        let c = diff_role(spec, &obs).unwrap().unwrap();
-        assert!(
-            matches!(&c.ops[..], [Op::UpdateRole { description: Some(d), max_session_seconds: Some(7200), .. }] if d == "d")
-        );
+        let have = observed_role(&spec);
+        let c = diff_role(spec, &[have]).unwrap().unwrap();
+        assert!(matches!(
+            updates(&c)[..],
+            [RoleUpdate::Settings { description: (None, Some(d)), max_session_seconds: (None, Some(7200)) }] if d == "d"
+        ));
+        let fields: Vec<&str> = c.fields.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(fields, ["description", "max_session_duration"]);
     }
 
     #[test]
-    fn a_role_without_our_tags_is_not_ours_unless_adopted() {
+    fn a_role_without_our_tags_is_not_ours_unless_adopted_and_tagged_before_any_change() {
         let spec = role_spec("");
-        let mut obs = observed_role(&spec);
-        obs.roles.get_mut("s-prometheus").unwrap().tags.clear();
-        let err = diff_role(spec.clone(), &obs).unwrap_err();
-        assert!(matches!(err, Error::NotOwned(_)), "{err}");
+        let mut have = observed_role(&spec);
+        have.tags.clear();
+        have.attached.clear();
+        let err = diff_role(spec.clone(), &[have.clone()]).unwrap_err();
+        assert!(
+            matches!(err, Error::NotOwned(ref m) if m.contains("set `adopt = \"s-prometheus\"`")),
+            "{err}"
+        );
+        // Nor are its attributes anyone's to use.
+        let d = desired(vec![role_node(spec.clone())]);
+        assert!(Managed(Role).outputs(&d, &vec![have.clone()]).is_empty());
 
-        let mut r = resource(Kind::IamRole, "prometheus", Spec::IamRole(spec));
+        let mut r = role_node(spec);
         r.adopt = Some("s-prometheus".into());
-        let d = desired(vec![r.clone()]);
-        let c = IamController.diff(&d, &r, &obs, &refs()).unwrap().unwrap();
-        assert!(c.notes[0].contains("adopting"));
-        assert!(c
-            .ops
-            .iter()
-            .any(|o| matches!(o, Op::TagRole { tags, .. } if tags.contains_key(TAG_ID))));
+        let c = diff(Role, &r, &[have], &refs()).unwrap().unwrap();
+        assert!(
+            c.notes[0].contains("adopting existing role s-prometheus"),
+            "{:?}",
+            c.notes
+        );
+        assert!(
+            matches!(&c.ops[..], [Op::Tag { set, .. }, Op::Update { .. }, Op::Update { .. }] if set.contains_key(TAG_ID)),
+            "tags first, so the role is the stack's before it changes: {:?}",
+            c.ops
+        );
     }
 
     #[test]
     fn a_role_of_another_stack_is_never_adopted() {
         let spec = role_spec("");
-        let mut obs = observed_role(&spec);
-        let role = obs.roles.get_mut("s-prometheus").unwrap();
-        role.tags.insert(TAG_STACK.into(), "other".into());
-        let mut r = resource(Kind::IamRole, "prometheus", Spec::IamRole(spec));
+        let mut have = observed_role(&spec);
+        have.tags.insert(TAG_STACK.into(), "other".into());
+        let mut r = role_node(spec);
         r.adopt = Some("s-prometheus".into());
-        let d = desired(vec![r.clone()]);
-        let err = IamController.diff(&d, &r, &obs, &refs()).unwrap_err();
+        let err = diff(Role, &r, &[have], &refs()).unwrap_err();
         assert!(
             matches!(err, Error::NotOwned(ref m) if m.contains("belongs to the stack `other`")),
             "{err}"
@@ -1641,10 +1737,7 @@ mod tests {
 
     #[test]
     fn an_unknown_reference_shows_as_known_after_apply() {
-        let r = resource(Kind::IamRole, "prometheus", Spec::IamRole(role_spec("")));
-        let d = desired(vec![r.clone()]);
-        let c = IamController
-            .diff(&d, &r, &Observed::default(), &Refs::default())
+        let c = diff(Role, &role_node(role_spec("")), &[], &Refs::default())
             .unwrap()
             .unwrap();
         assert!(c.fields.iter().any(|f| f
@@ -1653,82 +1746,75 @@ mod tests {
             .is_some_and(|a| a.contains(KNOWN_AFTER_APPLY))));
     }
 
-    fn policy_fixture(versions: usize) -> (Resource, Observed) {
+    fn policy_fixture(versions: usize) -> (Resource, ObservedPolicy) {
         let mut spec: PolicySpec = toml::from_str("document = \"p.json\"").unwrap();
         spec.loaded = Some(doc("aps:RemoteWrite"));
         let r = resource(Kind::IamPolicy, "p", Spec::IamPolicy(spec));
-        let mut o = Observed::default();
-        o.policies.insert(
-            "s-p".into(),
-            ObservedPolicy {
-                name: "s-p".into(),
-                arn: "arn:p".into(),
-                path: "/".into(),
-                versions: (1..=versions)
-                    .map(|i| PolicyVersion {
-                        id: format!("v{i}"),
-                        is_default: i == versions,
-                        created: i as i64,
-                        document: doc(if i == versions {
-                            "aps:RemoteWrite"
-                        } else {
-                            "old:x"
-                        }),
-                    })
-                    .collect(),
-                tags: owned_tags("iam.policy.p"),
-            },
-        );
+        let o = ObservedPolicy {
+            name: "s-p".into(),
+            arn: "arn:p".into(),
+            path: "/".into(),
+            versions: (1..=versions)
+                .map(|i| PolicyVersion {
+                    id: format!("v{i}"),
+                    is_default: i == versions,
+                    created: i as i64,
+                    document: doc(if i == versions {
+                        "aps:RemoteWrite"
+                    } else {
+                        "old:x"
+                    }),
+                })
+                .collect(),
+            tags: owned_tags("iam.policy.p"),
+        };
         (r, o)
     }
 
     #[test]
     fn a_policy_as_desired_has_no_change() {
         let (r, o) = policy_fixture(1);
-        assert!(IamController
-            .diff(&desired(vec![r.clone()]), &r, &o, &Refs::default())
-            .unwrap()
-            .is_none());
+        assert!(diff(Policy, &r, &[o], &Refs::default()).unwrap().is_none());
     }
 
     #[test]
     fn a_changed_document_makes_a_new_default_version() {
         let (r, mut o) = policy_fixture(2);
-        o.policies.get_mut("s-p").unwrap().versions[1].document = doc("aps:*");
-        let c = IamController
-            .diff(&desired(vec![r.clone()]), &r, &o, &Refs::default())
-            .unwrap()
-            .unwrap();
-        assert!(matches!(&c.ops[..], [Op::CreatePolicyVersion { .. }]));
+        o.versions[1].document = doc("aps:*");
+        let c = diff(Policy, &r, &[o], &Refs::default()).unwrap().unwrap();
+        assert!(matches!(
+            updates(&c)[..],
+            [PolicyUpdate::Document {
+                making_room: None,
+                ..
+            }]
+        ));
+        assert_eq!(c.ops.len(), 1);
+        assert!(c.notes.is_empty());
     }
 
     #[test]
     fn the_oldest_version_is_deleted_before_the_five_version_limit() {
         let (r, mut o) = policy_fixture(5);
-        o.policies.get_mut("s-p").unwrap().versions[4].document = doc("aps:*");
-        let c = IamController
-            .diff(&desired(vec![r.clone()]), &r, &o, &Refs::default())
-            .unwrap()
-            .unwrap();
-        assert!(
-            matches!(&c.ops[..], [Op::DeletePolicyVersion { version, .. }, Op::CreatePolicyVersion { .. }] if version == "v1")
+        o.versions[4].document = doc("aps:*");
+        let c = diff(Policy, &r, &[o], &Refs::default()).unwrap().unwrap();
+        assert!(matches!(
+            updates(&c)[..],
+            [PolicyUpdate::Document { making_room: Some(v), .. }] if v == "v1"
+        ));
+        assert_eq!(
+            c.notes,
+            ["deletes old version v1 to stay within IAM's five versions"]
         );
     }
 
     #[test]
     fn policy_tag_drift_is_corrected() {
         let (r, mut o) = policy_fixture(1);
-        o.policies
-            .get_mut("s-p")
-            .unwrap()
-            .tags
-            .insert("extra".into(), "1".into());
-        let c = IamController
-            .diff(&desired(vec![r.clone()]), &r, &o, &Refs::default())
-            .unwrap()
-            .unwrap();
+        o.tags.insert("extra".into(), "1".into());
+        let c = diff(Policy, &r, &[o], &Refs::default()).unwrap().unwrap();
         assert!(
-            matches!(&c.ops[..], [Op::UntagPolicy { keys, .. }] if keys == &vec!["extra".to_string()])
+            matches!(&c.ops[..], [Op::Untag { keys, .. }] if keys == &vec!["extra".to_string()])
         );
     }
 
@@ -1740,28 +1826,22 @@ mod tests {
             "prometheus",
             Spec::IamInstanceProfile(spec),
         );
-        let mut o = Observed::default();
-        o.profiles.insert(
-            "s-prometheus".into(),
-            ObservedProfile {
-                name: "s-prometheus".into(),
-                arn: "arn".into(),
-                roles: vec!["other".into()],
-                tags: BTreeMap::new(),
-            },
-        );
         let mut tags = owned_tags("iam.instance_profile.prometheus");
         tags.remove("team");
-        o.profiles.get_mut("s-prometheus").unwrap().tags = tags;
-        let c = IamController
-            .diff(&desired(vec![r.clone()]), &r, &o, &Refs::default())
+        let o = ObservedProfile {
+            name: "s-prometheus".into(),
+            arn: "arn".into(),
+            roles: vec!["other".into()],
+            tags,
+        };
+        let c = diff(InstanceProfile, &r, &[o], &Refs::default())
             .unwrap()
             .unwrap();
         assert!(
             matches!(
                 &c.ops[..],
-                [Op::TagProfile { .. }, Op::RemoveRoleFromProfile { role: old, .. }, Op::AddRoleToProfile { role: new, .. }]
-                    if old == "other" && new == "s-prometheus"
+                [Op::Tag { .. }, Op::Update { change: ProfileUpdate::Role { from, to }, .. }]
+                    if from == &["other".to_string()] && to == "s-prometheus"
             ),
             "tags first, so the profile is the stack's before it changes: {:?}",
             c.ops
@@ -1769,39 +1849,53 @@ mod tests {
     }
 
     #[test]
-    fn owned_objects_no_longer_desired_are_orphaned_or_deleted() {
+    fn owned_objects_no_longer_desired_are_orphaned_or_deleted_after_their_attachments() {
         let spec = role_spec("");
-        let obs = observed_role(&spec);
+        let mut have = observed_role(&spec);
+        have.profiles = vec!["s-prometheus".into()];
         let d = desired(vec![]);
-        let orphans = IamController.removed(&d, &obs, false);
+        let orphans = Managed(Role).removed(&d, &vec![have.clone()], false);
         assert_eq!(orphans.len(), 1);
         assert_eq!(orphans[0].action, Action::Orphan);
         assert!(orphans[0].ops.is_empty());
-        let deletes = IamController.removed(&d, &obs, true);
+        let deletes = Managed(Role).removed(&d, &vec![have], true);
+        assert_eq!(deletes.len(), 1);
         assert_eq!(deletes[0].action, Action::Delete);
-        assert!(matches!(deletes[0].ops.last(), Some(Op::DeleteRole { .. })));
-        // Detach and delete inline policies first: IAM refuses to delete a role that has them.
-        assert!(deletes[0]
-            .ops
-            .iter()
-            .any(|o| matches!(o, Op::DetachPolicy { .. })));
-        assert!(deletes[0]
-            .ops
-            .iter()
-            .any(|o| matches!(o, Op::DeleteInline { .. })));
+        // Out of its profile, policies detached and inline ones deleted first: IAM refuses to
+        // delete a role that has them.
+        assert!(
+            matches!(
+                &deletes[0].ops[..],
+                [
+                    Op::Update { change: RoleUpdate::LeaveProfile(p), .. },
+                    Op::Update { change: RoleUpdate::Detach(_), .. },
+                    Op::Update { change: RoleUpdate::Detach(_), .. },
+                    Op::Update { change: RoleUpdate::DeleteInline { name, .. }, .. },
+                    Op::Delete { .. },
+                ] if p == "s-prometheus" && name == "inline"
+            ),
+            "{:?}",
+            deletes[0].ops
+        );
+        let (_, policy) = policy_fixture(3);
+        let deletes = Managed(Policy).removed(&d, &vec![policy], true);
+        assert!(matches!(
+            &deletes[0].ops[..],
+            [
+                Op::Update { change: PolicyUpdate::DeleteVersion(a), .. },
+                Op::Update { change: PolicyUpdate::DeleteVersion(b), .. },
+                Op::Delete { .. },
+            ] if a == "v1" && b == "v2"
+        ));
     }
 
     #[test]
     fn objects_of_other_stacks_are_never_removed() {
         let spec = role_spec("");
-        let mut obs = observed_role(&spec);
-        obs.roles
-            .get_mut("s-prometheus")
-            .unwrap()
-            .tags
-            .insert(TAG_STACK.into(), "other".into());
-        assert!(IamController
-            .removed(&desired(vec![]), &obs, true)
+        let mut have = observed_role(&spec);
+        have.tags.insert(TAG_STACK.into(), "other".into());
+        assert!(Managed(Role)
+            .removed(&desired(vec![]), &vec![have], true)
             .is_empty());
     }
 }

@@ -39,7 +39,9 @@ pub use model::{Kind, Refs, ResourceId};
 /// removals run in the reverse of this order (what uses an object goes before it).
 pub fn controllers() -> Vec<Box<dyn DynController>> {
     vec![
-        Box::new(iam::IamController),
+        Box::new(managed::Managed(iam::Policy)),
+        Box::new(managed::Managed(iam::Role)),
+        Box::new(managed::Managed(iam::InstanceProfile)),
         Box::new(managed::Managed(amp::Workspace)),
         Box::new(managed::Managed(amp::RuleGroups)),
         Box::new(managed::Managed(amp::Alertmanager)),

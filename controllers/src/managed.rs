@@ -33,7 +33,7 @@ use async_trait::async_trait;
 
 use crate::change::{Action, Change, FieldChange};
 use crate::controller::{Context, Controller};
-use crate::desired::{DesiredState, Resource};
+use crate::desired::{DesiredState, Resource, TAG_ID, TAG_STACK};
 use crate::error::{Error, Result};
 use crate::model::{Kind, Outputs, Refs, ResourceId};
 use crate::tags::{self, owned_by, owner_id, Tags};
@@ -69,6 +69,11 @@ pub trait ManagedObject: Send + Sync + 'static {
     const KIND: Kind;
     /// What the object is called in plans: `workspace`, `rule groups namespace`.
     const NOUN: &'static str;
+    /// Whether the object's name is its identity (IAM): its node finds the object of its name
+    /// ([`ManagedObject::find`]), and one found there that neither carries the node's tags nor
+    /// is adopted by it belongs to someone else: an error, never written, its attributes never
+    /// used.
+    const NAMED: bool = false;
 
     /// Pure: what `node` wants, with the references known now. [`Error::Waiting`] or
     /// [`Error::Dependency`] when something it needs is not there yet.
@@ -177,6 +182,12 @@ pub trait ManagedObject: Send + Sync + 'static {
 
     async fn untag(&self, _ctx: &Context, _have: &Self::Observed, _keys: &[String]) -> Result<()> {
         Ok(())
+    }
+
+    /// Pure: what must go before the object can be deleted (an IAM role's attached policies),
+    /// applied in order before [`ManagedObject::delete`]. Each tolerates its target being gone.
+    fn teardown(&self, _have: &Self::Observed) -> Vec<Self::Update> {
+        Vec::new()
     }
 
     /// Deletes the object. An object already gone may fail with any "not found" code: the
@@ -298,6 +309,32 @@ pub fn usable_parent<'r>(
 pub struct Managed<K>(pub K);
 
 impl<K: ManagedObject> Managed<K> {
+    /// Whether `node` may manage the object it found: an error for another stack's object, and
+    /// for a [`ManagedObject::NAMED`] object that is neither the node's nor adopted by it.
+    fn claim(&self, desired: &DesiredState, node: &Resource, have: &K::Observed) -> Result<()> {
+        let Some(tags) = self.0.tags(have) else {
+            return Ok(());
+        };
+        let id = self.0.id(have);
+        if let Some(owner) = tags::other_stack(tags, desired.stack_name()) {
+            return Err(tags::owned_elsewhere(K::NOUN, &id, owner));
+        }
+        if K::NAMED
+            && !owned_by(tags, desired.stack_name(), &node.id)
+            && node.adopt.as_deref() != Some(id.as_str())
+        {
+            return Err(Error::NotOwned(format!(
+                "{} `{id}` already exists and is not managed by this stack (no `{TAG_STACK}={}` and `{TAG_ID}={}` tags); \
+                 set `adopt = \"{id}\"` on {} to manage it, or choose another name",
+                K::NOUN,
+                desired.stack_name(),
+                node.id,
+                node.id
+            )));
+        }
+        Ok(())
+    }
+
     fn manages(&self, desired: &DesiredState, observed: &[K::Observed], o: &K::Observed) -> bool {
         let id = self.0.id(o);
         desired
@@ -328,6 +365,7 @@ impl<K: ManagedObject> Controller for Managed<K> {
             .of_kind(K::KIND)
             .filter_map(|n| {
                 let o = self.0.find(desired, n, observed)?;
+                self.claim(desired, n, o).ok()?;
                 Some((n.id.clone(), self.0.outputs(o)))
             })
             .collect()
@@ -362,13 +400,7 @@ impl<K: ManagedObject> Controller for Managed<K> {
             c.op(Op::Create { want, tags });
             return Ok(Some(c));
         };
-        if let Some(owner) = self
-            .0
-            .tags(have)
-            .and_then(|t| tags::other_stack(t, desired.stack_name()))
-        {
-            return Err(tags::owned_elsewhere(K::NOUN, &self.0.id(have), owner));
-        }
+        self.claim(desired, node, have)?;
         if let Readiness::Waiting(why, after) = self.0.readiness(&want, have)? {
             return Err(Error::waiting(
                 format!("{} {}: {why}", K::NOUN, self.0.id(have)),
@@ -380,14 +412,8 @@ impl<K: ManagedObject> Controller for Managed<K> {
             Action::Update,
             format!("{} {}", K::NOUN, self.0.id(have)),
         );
-        c.notes = self.0.notes(&want, have);
-        for change in self.0.diff(&want, have) {
-            c.fields.extend(change.fields());
-            c.op(Op::Update {
-                have: have.clone(),
-                change,
-            });
-        }
+        // Tags first: an adopted object carries the stack's tags before anything else changes
+        // it (the operator's own policy allows changes only to what carries them).
         if let Some(current) = self
             .0
             .tags(have)
@@ -410,6 +436,17 @@ impl<K: ManagedObject> Controller for Managed<K> {
                 },
             );
         }
+        // The plan shows the tags last, as a create does.
+        let tag_fields = c.fields.len();
+        c.notes.extend(self.0.notes(&want, have));
+        for change in self.0.diff(&want, have) {
+            c.fields.extend(change.fields());
+            c.op(Op::Update {
+                have: have.clone(),
+                change,
+            });
+        }
+        c.fields.rotate_left(tag_fields);
         Ok((!c.ops.is_empty() || !c.notes.is_empty()).then_some(c))
     }
 
@@ -436,6 +473,12 @@ impl<K: ManagedObject> Controller for Managed<K> {
                 };
                 let mut c = Change::new(id, action, format!("{} {}", K::NOUN, self.0.id(o)));
                 if delete {
+                    for change in self.0.teardown(o) {
+                        c.op(Op::Update {
+                            have: o.clone(),
+                            change,
+                        });
+                    }
                     c.op(Op::Delete { have: o.clone() });
                 }
                 Some(c)
