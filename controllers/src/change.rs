@@ -120,6 +120,28 @@ impl<Op> Change<Op> {
         }
     }
 
+    /// Sets the desired tags an object lacks (or has other values of), removing none: how the
+    /// tags of an adopted object are kept, its previous owner's staying. `label` names the
+    /// object in the plan line.
+    pub fn tags_added(
+        &mut self,
+        label: &str,
+        observed: &Tags,
+        desired: &Tags,
+        set: impl FnOnce(Tags) -> Op,
+    ) {
+        let (missing, _) = crate::tags::diff(observed, desired);
+        if missing.is_empty() {
+            return;
+        }
+        self.field(
+            format!("tags of {label}"),
+            None,
+            Some(crate::tags::show(&missing)),
+        );
+        self.op(set(missing));
+    }
+
     /// Whether applying it would write anything.
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty() && self.fields.is_empty() && self.action == Action::Update

@@ -124,8 +124,8 @@ pub enum Spec {
     SecurityGroup(security_group::GroupPart),
     /// The ingress rules of one.
     Ingress(security_group::IngressPart),
-    Host(host::HostSpec),
-    Grafana(grafana::GrafanaSpec),
+    Host(Box<host::HostSpec>),
+    Grafana(Box<grafana::GrafanaSpec>),
     HostConfig(host_config::HostConfigSpec),
 }
 

@@ -787,9 +787,13 @@ security_group = { ingress = [{ port = 9100, security_groups = ["${host.prom.sec
     fn stack() -> DesiredState {
         let host: HostSpec = toml::from_str(HOST).unwrap();
         let grafana: GrafanaSpec = toml::from_str(GRAFANA).unwrap();
-        let mut h = resource(Kind::Host, "prom", Spec::Host(host.clone()));
+        let mut h = resource(Kind::Host, "prom", Spec::Host(Box::new(host.clone())));
         h.depends_on = references_in("${grafana.main.security_group_id}");
-        let mut g = resource(Kind::Grafana, "main", Spec::Grafana(grafana.clone()));
+        let mut g = resource(
+            Kind::Grafana,
+            "main",
+            Spec::Grafana(Box::new(grafana.clone())),
+        );
         g.depends_on = references_in("${host.prom.security_group_id} ${host.prom.private_ip}");
         let (mut nodes, own) = host.parts(&h);
         h.depends_on = own;

@@ -51,6 +51,7 @@ use crate::controller::{Context, Controller};
 use crate::desired::{parse_duration, DesiredState, Resource, Spec, TAG_ID, TAG_STACK};
 use crate::ec2::{locate_subnet, resolve_ami, tag_map, tag_spec};
 use crate::error::{aws_error, Error, ErrorClass, Result};
+use crate::managed::is_gone;
 use crate::model::{Kind, Outputs, Refs, ResourceId};
 use crate::push::send::{record, send, track, Controls, Rollout, Tracked};
 use crate::push::{self, Prepared};
@@ -207,24 +208,95 @@ fn owned(tags: &Tags, desired: &DesiredState, id: &ResourceId) -> bool {
     tags::owned_by(tags, desired.stack_name(), id)
 }
 
+/// The objects of one Grafana group that exist: each the one its part adopts by id, or the one
+/// carrying the group's ownership tags.
+#[derive(Debug, Clone, Copy)]
+struct Parts<'o> {
+    template: Option<&'o ObservedTemplate>,
+    tg: Option<&'o ObservedTargetGroup>,
+    lb: Option<&'o ObservedBalancer>,
+    group: Option<&'o ObservedAsg>,
+}
+
+impl Parts<'_> {
+    fn any(&self) -> bool {
+        self.template.is_some() || self.tg.is_some() || self.lb.is_some() || self.group.is_some()
+    }
+}
+
+/// The object adopted as `id`, or else the one owned by `r`.
+fn pick<'o, O>(
+    objects: &'o [O],
+    adopt: Option<&str>,
+    id: impl Fn(&O) -> &str,
+    tags: impl Fn(&O) -> &Tags,
+    desired: &DesiredState,
+    r: &Resource,
+) -> Option<&'o O> {
+    match adopt {
+        Some(a) => objects.iter().find(|o| id(o) == a),
+        None => objects.iter().find(|o| owned(tags(o), desired, &r.id)),
+    }
+}
+
 impl Observed {
-    fn template(&self, desired: &DesiredState, id: &ResourceId) -> Option<&ObservedTemplate> {
-        self.templates.iter().find(|t| owned(&t.tags, desired, id))
+    fn parts(&self, desired: &DesiredState, r: &Resource, s: &GrafanaSpec) -> Parts<'_> {
+        let adopts = s.adopts(r);
+        Parts {
+            template: pick(
+                &self.templates,
+                adopts.template,
+                |t| &t.id,
+                |t| &t.tags,
+                desired,
+                r,
+            ),
+            tg: pick(
+                &self.target_groups,
+                adopts.target_group,
+                |t| &t.arn,
+                |t| &t.tags,
+                desired,
+                r,
+            ),
+            lb: pick(
+                &self.balancers,
+                adopts.balancer,
+                |b| &b.arn,
+                |b| &b.tags,
+                desired,
+                r,
+            ),
+            group: pick(
+                &self.groups,
+                adopts.group,
+                |g| &g.name,
+                |g| &g.tags,
+                desired,
+                r,
+            ),
+        }
     }
-    fn target_group(
-        &self,
-        desired: &DesiredState,
-        id: &ResourceId,
-    ) -> Option<&ObservedTargetGroup> {
-        self.target_groups
-            .iter()
-            .find(|t| owned(&t.tags, desired, id))
-    }
-    fn balancer(&self, desired: &DesiredState, id: &ResourceId) -> Option<&ObservedBalancer> {
-        self.balancers.iter().find(|b| owned(&b.tags, desired, id))
-    }
-    fn group(&self, desired: &DesiredState, id: &ResourceId) -> Option<&ObservedAsg> {
-        self.groups.iter().find(|g| owned(&g.tags, desired, id))
+}
+
+/// An adopted part that does not exist, or belongs to another stack: an error naming it.
+fn check_adopted(
+    desired: &DesiredState,
+    r: &Resource,
+    what: &str,
+    adopt: Option<&str>,
+    found: Option<&Tags>,
+) -> Result<()> {
+    let Some(id) = adopt else { return Ok(()) };
+    let Some(tags) = found else {
+        return Err(Error::Invalid(format!(
+            "{}: {what} `{id}` to adopt does not exist; remove its `adopt` to have one made",
+            r.id
+        )));
+    };
+    match tags::other_stack(tags, desired.stack_name()) {
+        Some(owner) => Err(tags::owned_elsewhere(what, id, owner)),
+        None => Ok(()),
     }
 }
 
@@ -272,6 +344,11 @@ pub struct Sizes {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
     Build(Box<Build>),
+    /// Tags a launch template (one being adopted).
+    TemplateTag {
+        template: String,
+        tags: Tags,
+    },
     ElbTag {
         arn: String,
         tags: Tags,
@@ -566,8 +643,18 @@ impl Controller for GrafanaController {
             region: ctx.region.clone(),
             ..Default::default()
         };
-        obs.groups = observe_groups(ctx, stack).await?;
         let wanted: Vec<&Resource> = desired.of_kind(Kind::Grafana).collect();
+        // What the groups adopt carries no tag of the stack until adopted: read by id too, and
+        // only then (a converged pass reads nothing more).
+        let adopts: Vec<super::Adopts> = wanted
+            .iter()
+            .filter_map(|r| match &r.spec {
+                Spec::Grafana(s) => Some(s.adopts(r)),
+                _ => None,
+            })
+            .collect();
+        obs.groups =
+            observe_groups(ctx, stack, adopts.iter().filter_map(|a| a.group).collect()).await?;
         if wanted.is_empty() && obs.groups.is_empty() {
             // Nothing desired and no group left: no call for the rest.
             return Ok(obs);
@@ -577,8 +664,20 @@ impl Controller for GrafanaController {
             .values(stack)
             .build();
         let (templates, elb, instances) = futures::join!(
-            observe_templates(ctx, stack_filter.clone()),
-            observe_elb(ctx, desired),
+            observe_templates(
+                ctx,
+                stack_filter.clone(),
+                adopts.iter().filter_map(|a| a.template).collect(),
+            ),
+            observe_elb(
+                ctx,
+                desired,
+                adopts
+                    .iter()
+                    .flat_map(|a| [a.balancer, a.target_group])
+                    .flatten()
+                    .collect(),
+            ),
             observe_instances(ctx, stack_filter),
         );
         obs.templates = templates?;
@@ -610,13 +709,17 @@ impl Controller for GrafanaController {
         desired
             .of_kind(Kind::Grafana)
             .filter_map(|r| {
-                let group = obs.group(desired, &r.id)?;
+                let Spec::Grafana(s) = &r.spec else {
+                    return None;
+                };
+                let parts = obs.parts(desired, r, s);
+                let group = parts.group?;
                 let mut out = Outputs::from([("asg_name".into(), group.name.clone())]);
-                if let Some(b) = obs.balancer(desired, &r.id) {
+                if let Some(b) = parts.lb {
                     out.insert("alb_dns_name".into(), b.dns_name.clone());
                     out.insert("alb_arn".into(), b.arn.clone());
                 }
-                if let Some(t) = obs.target_group(desired, &r.id) {
+                if let Some(t) = parts.tg {
                     out.insert("target_group_arn".into(), t.arn.clone());
                 }
                 Some((r.id.clone(), out))
@@ -656,13 +759,45 @@ impl Controller for GrafanaController {
         );
         tags.entry("Name".into()).or_insert_with(|| name.clone());
 
-        let template = obs.template(desired, &r.id);
-        let tg = obs.target_group(desired, &r.id);
-        let lb = obs.balancer(desired, &r.id);
-        let group = obs.group(desired, &r.id);
-        let (Some(template), Some(tg), Some(lb), Some(group)) = (template, tg, lb, group) else {
+        let parts = obs.parts(desired, r, s);
+        let adopts = s.adopts(r);
+        check_adopted(
+            desired,
+            r,
+            "launch template",
+            adopts.template,
+            parts.template.map(|t| &t.tags),
+        )?;
+        check_adopted(
+            desired,
+            r,
+            "target group",
+            adopts.target_group,
+            parts.tg.map(|t| &t.tags),
+        )?;
+        check_adopted(
+            desired,
+            r,
+            "load balancer",
+            adopts.balancer,
+            parts.lb.map(|b| &b.tags),
+        )?;
+        check_adopted(
+            desired,
+            r,
+            "Auto Scaling Group",
+            adopts.group,
+            parts.group.map(|g| &g.tags),
+        )?;
+        let Parts {
+            template: Some(template),
+            tg: Some(tg),
+            lb: Some(lb),
+            group: Some(group),
+        } = parts
+        else {
             return Ok(Some(build_change(
-                desired, r, s, obs, refs, &name, ami, tags, push,
+                r, s, parts, refs, &name, ami, tags, push,
             )));
         };
 
@@ -673,6 +808,44 @@ impl Controller for GrafanaController {
         );
         if s.alb.certificate_arn.is_none() {
             c.notes.push(super::HTTP_ONLY.into());
+        }
+        // Parts taken over get the group's tags before anything else changes them; the tags
+        // their previous owner gave them stay.
+        if adopts.template.is_some() {
+            c.tags_added(&template.id, &template.tags, &tags, |tags| {
+                Op::TemplateTag {
+                    template: template.id.clone(),
+                    tags,
+                }
+            });
+        }
+        if adopts.target_group.is_some() {
+            c.tags_added(&tg.arn, &tg.tags, &tags, |tags| Op::ElbTag {
+                arn: tg.arn.clone(),
+                tags,
+            });
+        }
+        if adopts.balancer.is_some() {
+            c.tags_added(&lb.arn, &lb.tags, &tags, |tags| Op::ElbTag {
+                arn: lb.arn.clone(),
+                tags,
+            });
+        }
+        if adopts.group.is_some() {
+            c.tags_added(&group.name, &group.tags, &tags, |tags| Op::AsgTag {
+                group: group.name.clone(),
+                tags,
+            });
+        }
+        if c.ops.iter().any(|o| {
+            matches!(
+                o,
+                Op::TemplateTag { .. } | Op::ElbTag { .. } | Op::AsgTag { .. }
+            )
+        }) {
+            c.notes.push(
+                "taking over the objects it adopts: they are tagged the stack's and managed from now on, never recreated; the tags they have besides the desired ones are kept".into(),
+            );
         }
 
         let live = Live {
@@ -688,8 +861,16 @@ impl Controller for GrafanaController {
             lb,
             group,
         };
-        diff_balancer(&mut c, s, refs, &live, &r.id, &tags)?;
-        diff_group(&mut c, s, refs, &live, &tags);
+        diff_balancer(
+            &mut c,
+            s,
+            refs,
+            &live,
+            &r.id,
+            &tags,
+            adopts.balancer.is_none(),
+        )?;
+        diff_group(&mut c, s, refs, &live, &tags, adopts.group.is_none());
         diff_rollout(&mut c, s, refs, &live, ami);
         let fleet = obs
             .instances
@@ -775,6 +956,14 @@ impl Controller for GrafanaController {
         let (ec2, elb, asg) = (&ctx.ec2, &ctx.elb, &ctx.autoscaling);
         match op {
             Op::Build(b) => return build(ctx, b).await.map(Some),
+            Op::TemplateTag { template, tags } => {
+                ec2.create_tags()
+                    .resources(template)
+                    .set_tags(Some(crate::ec2::ec2_tags(tags)))
+                    .send()
+                    .await
+                    .map_err(aws_error("ec2", "CreateTags"))?;
+            }
             Op::ElbTag { arn, tags } => {
                 elb.add_tags()
                     .resource_arns(arn)
@@ -986,6 +1175,7 @@ fn diff_balancer(
     live: &Live,
     id: &ResourceId,
     tags: &Tags,
+    all_tags: bool,
 ) -> Result<()> {
     let Live { alb_sg, tg, lb, .. } = live;
     if tg.port != i32::from(s.target_group.port) {
@@ -1101,24 +1291,34 @@ fn diff_balancer(
             });
         }
     }
-    c.tags(
-        &lb.tags,
-        tags,
-        |tags| Op::ElbTag {
-            arn: lb.arn.clone(),
+    // An adopted load balancer keeps its other tags (see the adoption above).
+    if all_tags {
+        c.tags(
+            &lb.tags,
             tags,
-        },
-        |keys| Op::ElbUntag {
-            arn: lb.arn.clone(),
-            keys,
-        },
-    );
+            |tags| Op::ElbTag {
+                arn: lb.arn.clone(),
+                tags,
+            },
+            |keys| Op::ElbUntag {
+                arn: lb.arn.clone(),
+                keys,
+            },
+        );
+    }
 
     Ok(())
 }
 
 /// The group's sizes, placement, health checks, target group and tags.
-fn diff_group(c: &mut Change<Op>, s: &GrafanaSpec, refs: &Refs, live: &Live, tags: &Tags) {
+fn diff_group(
+    c: &mut Change<Op>,
+    s: &GrafanaSpec,
+    refs: &Refs,
+    live: &Live,
+    tags: &Tags,
+    all_tags: bool,
+) {
     let Live { tg, group, .. } = *live;
     let want_sizes = sizes(s, refs);
     let mut resize = false;
@@ -1193,18 +1393,21 @@ fn diff_group(c: &mut Change<Op>, s: &GrafanaSpec, refs: &Refs, live: &Live, tag
             target_group: tg.arn.clone(),
         });
     }
-    c.tags(
-        &group.tags,
-        tags,
-        |tags| Op::AsgTag {
-            group: group.name.clone(),
+    // An adopted group keeps its other tags (see the adoption above).
+    if all_tags {
+        c.tags(
+            &group.tags,
             tags,
-        },
-        |keys| Op::AsgUntag {
-            group: group.name.clone(),
-            keys,
-        },
-    );
+            |tags| Op::AsgTag {
+                group: group.name.clone(),
+                tags,
+            },
+            |keys| Op::AsgUntag {
+                group: group.name.clone(),
+                keys,
+            },
+        );
+    }
 }
 
 /// The launch template's latest version against the desired one, and the rollout: the group's
@@ -1370,33 +1573,27 @@ fn diff_provisioning(
 /// The change that creates what is missing of a resource.
 #[allow(clippy::too_many_arguments)]
 fn build_change(
-    desired: &DesiredState,
     r: &Resource,
     s: &GrafanaSpec,
-    obs: &Observed,
+    parts: Parts,
     refs: &Refs,
     name: &str,
     ami: String,
     tags: Tags,
     push: Prepared,
 ) -> Change<Op> {
-    let template = obs.template(desired, &r.id);
-    let tg = obs.target_group(desired, &r.id);
-    let lb = obs.balancer(desired, &r.id);
-    let group = obs.group(desired, &r.id);
+    let Parts {
+        template,
+        tg,
+        lb,
+        group,
+    } = parts;
     let mut c = Change::new(r.id.clone(), Action::Create, format!("grafana {name}"));
     if s.alb.certificate_arn.is_none() {
         c.notes
             .push("no alb.certificate_arn: Grafana is served over plain HTTP on port 80".into());
     }
-    if [
-        template.is_some(),
-        tg.is_some(),
-        lb.is_some(),
-        group.is_some(),
-    ]
-    .contains(&true)
-    {
+    if parts.any() {
         c.notes.push("part of it exists (an interrupted create, or a part lost out of band): the rest is created and the existing parts kept".into());
     }
     let sizes = sizes(s, refs);
@@ -1463,19 +1660,74 @@ fn build_change(
 // ---------------------------------------------------------------------------------------------
 // Reads
 
-async fn observe_groups(ctx: &Context, stack: &str) -> Result<Vec<ObservedAsg>> {
+/// The stack's Auto Scaling Groups, and the groups named in `adopt` that are not yet its,
+/// each with its latest instance refresh.
+async fn observe_groups(ctx: &Context, stack: &str, adopt: Vec<&str>) -> Result<Vec<ObservedAsg>> {
     let mut groups = Vec::new();
-    let mut pages = ctx
-        .autoscaling
-        .describe_auto_scaling_groups()
-        .filters(
+    read_groups(
+        ctx.autoscaling.describe_auto_scaling_groups().filters(
             AsgFilter::builder()
                 .name(format!("tag:{TAG_STACK}"))
                 .values(stack)
                 .build(),
+        ),
+        &mut groups,
+    )
+    .await?;
+    let unadopted: Vec<String> = adopt
+        .into_iter()
+        .filter(|name| !groups.iter().any(|g| g.name == *name))
+        .map(str::to_string)
+        .collect();
+    if !unadopted.is_empty() {
+        read_groups(
+            ctx.autoscaling
+                .describe_auto_scaling_groups()
+                .set_auto_scaling_group_names(Some(unadopted)),
+            &mut groups,
         )
-        .into_paginator()
-        .send();
+        .await?;
+    }
+    for g in &mut groups {
+        let out = ctx
+            .autoscaling
+            .describe_instance_refreshes()
+            .auto_scaling_group_name(&g.name)
+            .max_records(1)
+            .send()
+            .await
+            .map_err(aws_error("autoscaling", "DescribeInstanceRefreshes"))?;
+        g.refresh = out
+            .instance_refreshes()
+            .first()
+            .map(|f| ObservedGroupRefresh {
+                id: f.instance_refresh_id().unwrap_or_default().into(),
+                status: f
+                    .status()
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_default(),
+                percentage: f.percentage_complete().unwrap_or_default(),
+                version: f
+                    .desired_configuration()
+                    .and_then(|d| d.launch_template())
+                    .and_then(|t| t.version())
+                    .map(str::to_string),
+            });
+        if let Some(f) = &g.refresh {
+            if matches!(f.status.as_str(), "Pending" | "InProgress") {
+                tracing::info!(group = %g.name, refresh = %f.id, status = %f.status, percent = f.percentage, "instance refresh under way");
+            }
+        }
+    }
+    Ok(groups)
+}
+
+/// The groups one `DescribeAutoScalingGroups` request finds, all pages, added to `groups`.
+async fn read_groups(
+    request: aws_sdk_autoscaling::operation::describe_auto_scaling_groups::builders::DescribeAutoScalingGroupsFluentBuilder,
+    groups: &mut Vec<ObservedAsg>,
+) -> Result<()> {
+    let mut pages = request.into_paginator().send();
     while let Some(page) = pages.next().await {
         let page = page.map_err(aws_error("autoscaling", "DescribeAutoScalingGroups"))?;
         for g in page.auto_scaling_groups() {
@@ -1514,57 +1766,35 @@ async fn observe_groups(ctx: &Context, stack: &str) -> Result<Vec<ObservedAsg>> 
             });
         }
     }
-    for g in &mut groups {
-        let out = ctx
-            .autoscaling
-            .describe_instance_refreshes()
-            .auto_scaling_group_name(&g.name)
-            .max_records(1)
-            .send()
-            .await
-            .map_err(aws_error("autoscaling", "DescribeInstanceRefreshes"))?;
-        g.refresh = out
-            .instance_refreshes()
-            .first()
-            .map(|f| ObservedGroupRefresh {
-                id: f.instance_refresh_id().unwrap_or_default().into(),
-                status: f
-                    .status()
-                    .map(|s| s.as_str().to_string())
-                    .unwrap_or_default(),
-                percentage: f.percentage_complete().unwrap_or_default(),
-                version: f
-                    .desired_configuration()
-                    .and_then(|d| d.launch_template())
-                    .and_then(|t| t.version())
-                    .map(str::to_string),
-            });
-        if let Some(f) = &g.refresh {
-            if matches!(f.status.as_str(), "Pending" | "InProgress") {
-                tracing::info!(group = %g.name, refresh = %f.id, status = %f.status, percent = f.percentage, "instance refresh under way");
-            }
-        }
-    }
-    Ok(groups)
+    Ok(())
 }
 
-async fn observe_templates(ctx: &Context, stack: Filter) -> Result<Vec<ObservedTemplate>> {
+/// The stack's launch templates, and those named in `adopt` that are not yet its, each with
+/// its latest version's data.
+async fn observe_templates(
+    ctx: &Context,
+    stack: Filter,
+    adopt: Vec<&str>,
+) -> Result<Vec<ObservedTemplate>> {
     let mut templates = Vec::new();
-    let mut pages = ctx
-        .ec2
-        .describe_launch_templates()
-        .filters(stack)
-        .into_paginator()
-        .send();
-    while let Some(page) = pages.next().await {
-        let page = page.map_err(aws_error("ec2", "DescribeLaunchTemplates"))?;
-        for t in page.launch_templates() {
-            templates.push(ObservedTemplate {
-                id: t.launch_template_id().unwrap_or_default().into(),
-                latest: t.latest_version_number().unwrap_or_default(),
-                data: TemplateData::default(),
-                tags: tag_map(t.tags()),
-            });
+    read_templates(
+        ctx.ec2.describe_launch_templates().filters(stack),
+        &mut templates,
+    )
+    .await?;
+    for id in adopt {
+        if templates.iter().any(|t| t.id == id) {
+            continue;
+        }
+        // One at a time: a template that does not exist fails the whole request.
+        match read_templates(
+            ctx.ec2.describe_launch_templates().launch_template_ids(id),
+            &mut templates,
+        )
+        .await
+        {
+            Err(e) if is_gone(&e) || e.code() == Some("InvalidLaunchTemplateId.Malformed") => {}
+            other => other?,
         }
     }
     for t in &mut templates {
@@ -1618,11 +1848,33 @@ async fn observe_templates(ctx: &Context, stack: Filter) -> Result<Vec<ObservedT
     Ok(templates)
 }
 
-/// Load balancers and target groups whose names start with the stack's, with their tags read in
-/// batches of 20; the owned load balancers' attributes and listeners.
+/// The templates one `DescribeLaunchTemplates` request finds, all pages, added to `templates`.
+async fn read_templates(
+    request: aws_sdk_ec2::operation::describe_launch_templates::builders::DescribeLaunchTemplatesFluentBuilder,
+    templates: &mut Vec<ObservedTemplate>,
+) -> Result<()> {
+    let mut pages = request.into_paginator().send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(aws_error("ec2", "DescribeLaunchTemplates"))?;
+        for t in page.launch_templates() {
+            templates.push(ObservedTemplate {
+                id: t.launch_template_id().unwrap_or_default().into(),
+                latest: t.latest_version_number().unwrap_or_default(),
+                data: TemplateData::default(),
+                tags: tag_map(t.tags()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Load balancers and target groups whose names start with the stack's or whose ARNs are in
+/// `adopt`, with their tags read in batches of 20; the stack's and the adopted load balancers'
+/// attributes and listeners.
 async fn observe_elb(
     ctx: &Context,
     desired: &DesiredState,
+    adopt: BTreeSet<&str>,
 ) -> Result<(Vec<ObservedTargetGroup>, Vec<ObservedBalancer>)> {
     let prefix = format!("{}-", desired.stack_name());
     let elb = &ctx.elb;
@@ -1632,7 +1884,8 @@ async fn observe_elb(
         let page = page.map_err(aws_error("elasticloadbalancing", "DescribeLoadBalancers"))?;
         for b in page.load_balancers() {
             let name = b.load_balancer_name().unwrap_or_default();
-            if !name.starts_with(&prefix) {
+            let arn = b.load_balancer_arn().unwrap_or_default();
+            if !name.starts_with(&prefix) && !adopt.contains(arn) {
                 continue;
             }
             balancers.push(ObservedBalancer {
@@ -1658,7 +1911,8 @@ async fn observe_elb(
         let page = page.map_err(aws_error("elasticloadbalancing", "DescribeTargetGroups"))?;
         for t in page.target_groups() {
             let name = t.target_group_name().unwrap_or_default();
-            if !name.starts_with(&prefix) {
+            let arn = t.target_group_arn().unwrap_or_default();
+            if !name.starts_with(&prefix) && !adopt.contains(arn) {
                 continue;
             }
             target_groups.push(ObservedTargetGroup {
@@ -1707,11 +1961,11 @@ async fn observe_elb(
     let ours = |tags: &Tags| owner_id(tags, stack).is_some_and(|id| id.kind == Kind::Grafana);
     target_groups.retain_mut(|t| {
         t.tags = all_tags.remove(&t.arn).unwrap_or_default();
-        ours(&t.tags)
+        ours(&t.tags) || adopt.contains(t.arn.as_str())
     });
     balancers.retain_mut(|b| {
         b.tags = all_tags.remove(&b.arn).unwrap_or_default();
-        ours(&b.tags)
+        ours(&b.tags) || adopt.contains(b.arn.as_str())
     });
     for b in &mut balancers {
         let attrs = elb
@@ -2330,7 +2584,7 @@ async fn detach_target_groups(
         .await
         .map_err(aws_error("autoscaling", "DetachLoadBalancerTargetGroups"))
     {
-        Err(e) if crate::managed::is_gone(&e) => Ok(()),
+        Err(e) if is_gone(&e) => Ok(()),
         other => other.map(|_| ()),
     }
 }

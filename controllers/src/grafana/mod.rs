@@ -50,6 +50,9 @@ pub struct GrafanaSpec {
     /// Instance refresh: the share of the group kept in service while it rolls.
     #[serde(default = "ninety")]
     pub min_healthy_percentage: i32,
+    /// `launch_template = { adopt = "lt-..." }`: take over an existing template.
+    #[serde(default)]
+    pub launch_template: Adopt,
     pub alb: AlbSpec,
     #[serde(default)]
     pub target_group: TargetGroupSpec,
@@ -64,6 +67,35 @@ pub struct GrafanaSpec {
     pub loaded_user_data: Option<String>,
 }
 
+/// `{ adopt = "<id>" }`: an existing object a part of the group takes over instead of making
+/// one (its id, as AWS names it).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Adopt {
+    pub adopt: Option<String>,
+}
+
+/// The ids of the existing objects a group takes over, part by part (the group itself by the
+/// table's `adopt`, its name).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Adopts<'a> {
+    pub group: Option<&'a str>,
+    pub template: Option<&'a str>,
+    pub balancer: Option<&'a str>,
+    pub target_group: Option<&'a str>,
+}
+
+impl GrafanaSpec {
+    pub fn adopts<'a>(&'a self, table: &'a Resource) -> Adopts<'a> {
+        Adopts {
+            group: table.adopt.as_deref(),
+            template: self.launch_template.adopt.as_deref(),
+            balancer: self.alb.adopt.as_deref(),
+            target_group: self.target_group.adopt.as_deref(),
+        }
+    }
+}
+
 fn twenty() -> i32 {
     20
 }
@@ -74,6 +106,11 @@ fn ninety() -> i32 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlbSpec {
+    /// The ARN of an existing Application Load Balancer to take over.
+    pub adopt: Option<String>,
+    /// `security_group = { adopt = "sg-..." }`: take over the load balancer's group.
+    #[serde(default)]
+    pub security_group: Adopt,
     #[serde(default = "internet_facing")]
     pub scheme: String,
     /// At least two, in different availability zones.
@@ -108,6 +145,8 @@ fn ssl_policy() -> String {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceIngress {
+    /// The id of an existing group to take over as the instances' (`sg-...`).
+    pub adopt: Option<String>,
     #[serde(default)]
     pub ingress: Vec<IngressRule>,
 }
@@ -116,6 +155,8 @@ pub struct InstanceIngress {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetGroupSpec {
+    /// The ARN of an existing target group to take over.
+    pub adopt: Option<String>,
     #[serde(default = "grafana_port")]
     pub port: u16,
     #[serde(default = "health_path")]
@@ -133,6 +174,7 @@ pub struct TargetGroupSpec {
 impl Default for TargetGroupSpec {
     fn default() -> Self {
         TargetGroupSpec {
+            adopt: None,
             port: grafana_port(),
             health_check_path: health_path(),
             health_check_interval: None,
@@ -246,7 +288,7 @@ impl GrafanaSpec {
             table,
             kinds,
             Some(ALB),
-            None,
+            self.alb.security_group.adopt.clone(),
             place(),
             IngressPart { rules: alb_rules },
         );
@@ -254,7 +296,7 @@ impl GrafanaSpec {
             table,
             kinds,
             Some(INSTANCES),
-            None,
+            self.security_group.adopt.clone(),
             place(),
             IngressPart {
                 rules: instance_rules,
@@ -282,6 +324,37 @@ impl GrafanaSpec {
                     self.min_size, self.max_size
                 ));
             }
+        }
+        let ids = [
+            ("launch_template.adopt", &self.launch_template.adopt, "lt-"),
+            ("alb.adopt", &self.alb.adopt, "arn:"),
+            (
+                "alb.security_group.adopt",
+                &self.alb.security_group.adopt,
+                "sg-",
+            ),
+            ("target_group.adopt", &self.target_group.adopt, "arn:"),
+            ("security_group.adopt", &self.security_group.adopt, "sg-"),
+        ];
+        for (key, id, prefix) in ids {
+            if let Some(id) = id.as_deref().filter(|id| !id.starts_with(prefix)) {
+                v.here(format!(
+                    "{key} `{id}` is not an id AWS gives such an object (`{prefix}...`)"
+                ));
+            }
+        }
+        let arn_of = |id: &Option<String>, kind: &str| {
+            id.as_deref()
+                .filter(|a| a.starts_with("arn:") && !a.contains(&format!(":{kind}/")))
+                .map(str::to_string)
+        };
+        if let Some(a) = arn_of(&self.alb.adopt, "loadbalancer") {
+            v.here(format!("alb.adopt `{a}` is not a load balancer's ARN"));
+        }
+        if let Some(a) = arn_of(&self.target_group.adopt, "targetgroup") {
+            v.here(format!(
+                "target_group.adopt `{a}` is not a target group's ARN"
+            ));
         }
         if !(0..=100).contains(&self.min_healthy_percentage) {
             v.here("min_healthy_percentage is a percentage (0 to 100)");

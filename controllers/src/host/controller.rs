@@ -579,7 +579,10 @@ impl Controller for HostController {
             .any(|op| matches!(op, Op::Stop { .. } | Op::Start { .. }));
         if r.adopt.is_some() {
             // An adopted instance's other tags are its previous owner's: kept.
-            tag_missing(&mut c, &inst.id, &inst.tags, &tags);
+            c.tags_added(&inst.id, &inst.tags, &tags, |tags| Op::Tag {
+                resource: inst.id.clone(),
+                tags,
+            });
         } else {
             c.tags(
                 &inst.tags,
@@ -623,7 +626,10 @@ impl Controller for HostController {
                 Some(have) => {
                     // An adopted volume gets the host's tags (its device's included), so it is
                     // the host's from then on, kept across a replacement.
-                    tag_missing(&mut c, &have.id, &have.tags, &want.tags);
+                    c.tags_added(&have.id, &have.tags, &want.tags, |tags| Op::Tag {
+                        resource: have.id.clone(),
+                        tags,
+                    });
                     if want.size < have.size {
                         return Err(Error::Invalid(format!(
                             "{}: volume {} is {} GiB and the desired state says {} GiB; EBS volumes cannot shrink",
@@ -945,23 +951,6 @@ fn observed_volume(v: &aws_sdk_ec2::types::Volume) -> ObservedVolume {
     }
 }
 
-/// Sets the desired tags an object lacks (or has other values of), removing none.
-fn tag_missing(c: &mut Change<Op>, resource: &str, have: &Tags, want: &Tags) {
-    let (missing, _) = tags::diff(have, want);
-    if missing.is_empty() {
-        return;
-    }
-    c.field(
-        format!("tags of {resource}"),
-        None,
-        Some(tags::show(&missing)),
-    );
-    c.op(Op::Tag {
-        resource: resource.to_string(),
-        tags: missing,
-    });
-}
-
 /// The volumes `filter` selects.
 async fn read_volumes(ctx: &Context, filter: Filter) -> Result<Vec<ObservedVolume>> {
     let mut volumes = Vec::new();
@@ -1135,7 +1124,7 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
     }
 
     fn diff(s: HostSpec, o: &Observed) -> Result<Option<Change<Op>>> {
-        let r = resource(Kind::Host, "prom", Spec::Host(s));
+        let r = resource(Kind::Host, "prom", Spec::Host(Box::new(s)));
         let mut refs = Refs::default();
         refs.outputs.insert(
             ResourceId::part(Kind::HostSecurityGroup, "prom", None),
@@ -1215,7 +1204,7 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         o.instances[0].tags = Tags::from([("Name".into(), "prometheus-server".into())]);
         o.volumes[0].tags = Tags::from([("Name".into(), "prometheus-data".into())]);
         o.volumes[0].attachment = Some(("i-tf".into(), "/dev/sdf".into()));
-        let mut r = resource(Kind::Host, "prom", Spec::Host(spec(HOST)));
+        let mut r = resource(Kind::Host, "prom", Spec::Host(Box::new(spec(HOST))));
         r.adopt = Some("i-tf".into());
         let mut refs = Refs::default();
         refs.outputs.insert(
