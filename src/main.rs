@@ -416,16 +416,54 @@ async fn verify_once(engine: &Engine, desired: &DesiredState) -> anyhow::Result<
     }
 }
 
+/// How many more passes `reconcile --once` makes for differences that arise while it writes.
+const MAX_ARISEN: usize = 3;
+
+/// Whether the check after a pass shows only differences the pass did not write (and nothing
+/// failed): what changed in AWS meanwhile, not a write that did not take.
+fn arose_meanwhile(pass: &engine::Pass) -> bool {
+    let failed = pass
+        .applied
+        .errors
+        .iter()
+        .chain(&pass.check.errors)
+        .any(|e| !e.is_waiting());
+    let mut pending = pass.check.writes().peekable();
+    if failed || pending.peek().is_none() {
+        return false;
+    }
+    let shown = |f: &stackwarden_controllers::FieldChange| (f.field.clone(), f.after.clone());
+    pending.all(|c| {
+        let written: std::collections::BTreeSet<_> = pass
+            .applied
+            .changes
+            .iter()
+            .filter(|a| a.id == c.id)
+            .flat_map(|a| a.fields.iter().map(shown))
+            .collect();
+        !c.fields.iter().map(shown).any(|f| written.contains(&f))
+    })
+}
+
 /// `reconcile --once`: passes over everything until it converges, something fails, or only
 /// objects still converging remain after `STACKWARDEN_WAIT_TIMEOUT`; prints what it waits for
 /// meanwhile, then the summary.
 async fn reconcile_once(engine: &Engine, desired: &DesiredState, prune: bool) -> engine::Pass {
     let deadline = tokio::time::Instant::now() + engine.ctx.waits.timeout;
     let mut applied = Vec::new();
+    let mut arisen = 0;
     let mut pass = loop {
         let mut pass = engine
             .pass(desired, engine::Scope::everything(desired), prune, true)
             .await;
+        // A difference that arose while the pass wrote (an instance an Auto Scaling Group
+        // launched meanwhile) is the next pass's work; one the pass wrote and that is still
+        // there is a write that did not take, and fails the run.
+        if arisen < MAX_ARISEN && arose_meanwhile(&pass) {
+            arisen += 1;
+            applied.append(&mut pass.applied.changes);
+            continue;
+        }
         applied.append(&mut pass.applied.changes);
         let Some(after) = pass.only_waiting() else {
             break pass;

@@ -1758,6 +1758,10 @@ async fn creates_of_names_that_exist_fail_as_on_aws() {
         .await
         .unwrap();
     assert_eq!(listed.load_balancers().len(), 1);
+    // Made without a scheme or a type: internet-facing and application, as AWS defaults them.
+    let made = &listed.load_balancers()[0];
+    assert_eq!(made.scheme().map(|s| s.as_str()), Some("internet-facing"));
+    assert_eq!(made.r#type().map(|t| t.as_str()), Some("application"));
 
     // Target group with other settings: DuplicateTargetGroupName.
     let target_group = |port: i32| {
@@ -2145,4 +2149,60 @@ async fn account_authorization_details_page_at_a_hundred_entries_by_default() {
     // moto lists them in no set order.
     policies.sort();
     assert_eq!(policies, ["p0", "p1", "p2"]);
+}
+
+/// A launch template's tags as they are now: AWS answers `CreateTags` and `DeleteTags` on its
+/// `lt-` id in `DescribeLaunchTemplates`, and its `tag:` filters find it by them (moto answers
+/// the tags it was created with).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_launch_templates_tags_are_described_as_they_are_now() {
+    let aws = Aws::start();
+    let ec2 = aws.ec2().await;
+    let id = launch_template(&ec2, "grafana")
+        .await
+        .launch_template_id()
+        .unwrap()
+        .to_string();
+    let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
+    ec2.create_tags()
+        .resources(&id)
+        .tags(tag("team", "sre"))
+        .tags(tag("owner", "a & b"))
+        .send()
+        .await
+        .unwrap();
+    ec2.delete_tags()
+        .resources(&id)
+        .tags(aws_sdk_ec2::types::Tag::builder().key("owner").build())
+        .send()
+        .await
+        .unwrap();
+    let by_tag = ec2
+        .describe_launch_templates()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("tag:team")
+                .values("sre")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_tag.launch_templates().len(), 1);
+    let template = &by_tag.launch_templates()[0];
+    assert_eq!(template.launch_template_id(), Some(id.as_str()));
+    let tags: Vec<(&str, &str)> = template
+        .tags()
+        .iter()
+        .map(|t| (t.key().unwrap(), t.value().unwrap()))
+        .collect();
+    assert_eq!(tags, [("team", "sre")]);
+    // Every template of a page gets its own tags.
+    launch_template(&ec2, "other").await;
+    let all = ec2.describe_launch_templates().send().await.unwrap();
+    assert_eq!(all.launch_templates().len(), 2);
+    for t in all.launch_templates() {
+        let want = usize::from(t.launch_template_id() == Some(id.as_str()));
+        assert_eq!(t.tags().len(), want, "{t:?}");
+    }
 }

@@ -83,12 +83,16 @@ impl Setup {
 
     /// The stack's Auto Scaling Group as AWS has it.
     async fn group(&self) -> AutoScalingGroup {
+        self.group_named("monitoring-main").await
+    }
+
+    async fn group_named(&self, name: &str) -> AutoScalingGroup {
         let out = self
             .aws
             .autoscaling()
             .await
             .describe_auto_scaling_groups()
-            .auto_scaling_group_names("monitoring-main")
+            .auto_scaling_group_names(name)
             .send()
             .await
             .unwrap();
@@ -186,8 +190,12 @@ impl Setup {
     }
 
     async fn group_instances(&self) -> Vec<String> {
+        self.group_instances_of("monitoring-main").await
+    }
+
+    async fn group_instances_of(&self, name: &str) -> Vec<String> {
         let mut ids: Vec<String> = self
-            .group()
+            .group_named(name)
             .await
             .instances()
             .iter()
@@ -1040,5 +1048,406 @@ async fn each_lost_part_of_a_grafana_group_is_restored_alone() {
             template: after.template.clone(),
             ..before
         }
+    );
+}
+
+/// What Terraform made of the seed stack's Grafana (`terraform/modules/grafana`): a launch
+/// template of its own name, an Auto Scaling Group on its `$Latest` version, a target group, an
+/// internet-facing load balancer with one HTTP listener forwarding to it, and the two security
+/// groups of `terraform/main.tf`, each tagged as Terraform tags them.
+struct Terraformed {
+    alb_group: String,
+    instance_group: String,
+    template: String,
+    target_group: String,
+    load_balancer: String,
+    listener: String,
+    created: Option<aws_smithy_types::DateTime>,
+    /// The instances its group launched.
+    instances: Vec<String>,
+}
+
+impl Setup {
+    async fn terraform_grafana(&self) -> Terraformed {
+        use aws_sdk_autoscaling::types::{LaunchTemplateSpecification, Tag as AsgTag};
+        use aws_sdk_ec2::types::{
+            InstanceType, RequestLaunchTemplateData, ResourceType, Tag, TagSpecification,
+        };
+        use aws_sdk_elasticloadbalancingv2::types::Tag as ElbTag;
+        use base64::Engine as _;
+        let (ec2, elb, asg) = (
+            self.aws.ec2().await,
+            self.aws.elb().await,
+            self.aws.autoscaling().await,
+        );
+        let vpc = ec2
+            .describe_vpcs()
+            .filters(Filter::builder().name("isDefault").values("true").build())
+            .send()
+            .await
+            .unwrap()
+            .vpcs()[0]
+            .vpc_id()
+            .unwrap()
+            .to_string();
+        let subnets = self.subnets();
+        let terraform = |resource: ResourceType| {
+            TagSpecification::builder()
+                .resource_type(resource)
+                .tags(Tag::builder().key("ManagedBy").value("terraform").build())
+                .build()
+        };
+        let group = |name: &'static str, port: i32, from: Option<String>| {
+            let ec2 = ec2.clone();
+            let vpc = vpc.clone();
+            async move {
+                let id = ec2
+                    .create_security_group()
+                    .group_name(name)
+                    .description(name)
+                    .vpc_id(vpc)
+                    .tag_specifications(terraform(ResourceType::SecurityGroup))
+                    .send()
+                    .await
+                    .unwrap()
+                    .group_id()
+                    .unwrap()
+                    .to_string();
+                let rule = IpPermission::builder()
+                    .ip_protocol("tcp")
+                    .from_port(port)
+                    .to_port(port);
+                let rule = match from {
+                    Some(g) => rule.user_id_group_pairs(
+                        aws_sdk_ec2::types::UserIdGroupPair::builder()
+                            .group_id(g)
+                            .build(),
+                    ),
+                    None => rule.ip_ranges(IpRange::builder().cidr_ip("0.0.0.0/0").build()),
+                };
+                ec2.authorize_security_group_ingress()
+                    .group_id(&id)
+                    .ip_permissions(rule.build())
+                    .send()
+                    .await
+                    .unwrap();
+                id
+            }
+        };
+        let alb_group = group("monitoring-alb-sg", 80, None).await;
+        let instance_group = group("monitoring-grafana-sg", 3000, Some(alb_group.clone())).await;
+        let ami = self
+            .aws
+            .ssm()
+            .await
+            .get_parameter()
+            .name("/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64")
+            .send()
+            .await
+            .unwrap()
+            .parameter()
+            .unwrap()
+            .value()
+            .unwrap()
+            .to_string();
+        let user_data = base64::engine::general_purpose::STANDARD
+            .encode("#!/bin/bash\napt-get install -y docker.io\ndocker run -d -p 3000:3000 grafana/grafana:10.0.0\n");
+        let template = ec2
+            .create_launch_template()
+            .launch_template_name("monitoring-grafana-20261127")
+            .launch_template_data(
+                RequestLaunchTemplateData::builder()
+                    .image_id(ami)
+                    .instance_type(InstanceType::T3Small)
+                    .security_group_ids(&instance_group)
+                    .user_data(user_data)
+                    .build(),
+            )
+            .tag_specifications(terraform(ResourceType::LaunchTemplate))
+            .send()
+            .await
+            .unwrap()
+            .launch_template()
+            .unwrap()
+            .launch_template_id()
+            .unwrap()
+            .to_string();
+        let elb_tag = ElbTag::builder()
+            .key("ManagedBy")
+            .value("terraform")
+            .build();
+        let target_group = elb
+            .create_target_group()
+            .name("monitoring-grafana-tg")
+            .protocol(ProtocolEnum::Http)
+            .port(3000)
+            .vpc_id(&vpc)
+            .health_check_path("/api/health")
+            .tags(elb_tag.clone())
+            .send()
+            .await
+            .unwrap()
+            .target_groups()[0]
+            .target_group_arn()
+            .unwrap()
+            .to_string();
+        let load_balancer = elb
+            .create_load_balancer()
+            .name("monitoring-grafana-alb")
+            .subnets(&subnets[0])
+            .subnets(&subnets[1])
+            .security_groups(&alb_group)
+            .tags(elb_tag)
+            .send()
+            .await
+            .unwrap()
+            .load_balancers()[0]
+            .load_balancer_arn()
+            .unwrap()
+            .to_string();
+        let listener = elb
+            .create_listener()
+            .load_balancer_arn(&load_balancer)
+            .protocol(ProtocolEnum::Http)
+            .port(80)
+            .default_actions(
+                Action::builder()
+                    .r#type(ActionTypeEnum::Forward)
+                    .target_group_arn(&target_group)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap()
+            .listeners()[0]
+            .listener_arn()
+            .unwrap()
+            .to_string();
+        asg.create_auto_scaling_group()
+            .auto_scaling_group_name("monitoring-grafana-asg")
+            .launch_template(
+                LaunchTemplateSpecification::builder()
+                    .launch_template_id(&template)
+                    .version("$Latest")
+                    .build(),
+            )
+            .min_size(1)
+            .max_size(2)
+            .desired_capacity(1)
+            .vpc_zone_identifier(subnets.join(","))
+            .target_group_arns(&target_group)
+            .health_check_type("ELB")
+            .health_check_grace_period(300)
+            .tags(
+                AsgTag::builder()
+                    .key("ManagedBy")
+                    .value("terraform")
+                    .propagate_at_launch(true)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        Terraformed {
+            alb_group,
+            instance_group,
+            template,
+            target_group,
+            load_balancer,
+            listener,
+            created: self
+                .group_named("monitoring-grafana-asg")
+                .await
+                .created_time()
+                .cloned(),
+            instances: self.group_instances_of("monitoring-grafana-asg").await,
+        }
+    }
+
+    /// The two subnets the setup's stack uses.
+    fn subnets(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(self.dir.path().join("grafana.toml")).unwrap();
+        let line = text.lines().find(|l| l.starts_with("subnets = ")).unwrap();
+        line.split('"')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// The seed repository's Grafana as Terraform made it, taken over part by part (each object
+/// adopted by its id): nothing of it is created again and every object keeps its identity; the
+/// objects get the stack's tags beside Terraform's; the template gets the desired state's
+/// version, rolled out by one instance refresh, and the replacements get the provisioning.
+/// Once taken over, a plan reads the group and the template by their tags alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grafana_group_made_by_terraform_is_taken_over_without_recreating_anything() {
+    let s = setup().await;
+    let tf = s.terraform_grafana().await;
+    assert_eq!(tf.instances.len(), 1, "{:?}", tf.instances);
+    let text = std::fs::read_to_string(s.dir.path().join("grafana.toml")).unwrap();
+    let text = text
+        .replacen(
+            "[grafana.main]\n",
+            &format!(
+                "[grafana.main]\nadopt = \"monitoring-grafana-asg\"\nlaunch_template = {{ adopt = \"{}\" }}\n",
+                tf.template
+            ),
+            1,
+        )
+        .replacen(
+            "[grafana.main.alb]\n",
+            &format!(
+                "[grafana.main.alb]\nadopt = \"{}\"\nsecurity_group = {{ adopt = \"{}\" }}\n",
+                tf.load_balancer, tf.alb_group
+            ),
+            1,
+        );
+    let text = format!(
+        "{text}\n[grafana.main.target_group]\nadopt = \"{}\"\n\n[grafana.main.security_group]\nadopt = \"{}\"\n",
+        tf.target_group, tf.instance_group
+    );
+    std::fs::write(s.dir.path().join("grafana.toml"), text).unwrap();
+
+    let plan = s.run(&["plan"]);
+    plan.expect(2);
+    assert!(
+        plan.stdout.contains("taking over the objects it adopts"),
+        "{}",
+        plan.stdout
+    );
+    let run = s.run(&["reconcile", "--once"]);
+    run.expect(0);
+    for (operation, n) in [
+        ("CreateAutoScalingGroup", 0),
+        ("CreateLoadBalancer", 0),
+        ("CreateTargetGroup", 0),
+        ("CreateLaunchTemplate", 0),
+        ("CreateSecurityGroup", 0),
+        ("DeleteListener", 0),
+        ("CreateListener", 1),
+        ("CreateLaunchTemplateVersion", 1),
+        ("StartInstanceRefresh", 1),
+    ] {
+        assert_eq!(run.count(operation), n, "{operation}:\n{}", run.stderr);
+    }
+    // The refresh replaces Terraform's instance; the replacement gets the provisioning.
+    for _ in 0..6 {
+        let run = s.run(&["reconcile", "--once"]);
+        run.expect(0);
+        assert_eq!(run.count("StartInstanceRefresh"), 0);
+        assert_eq!(run.count("CreateLaunchTemplateVersion"), 0);
+    }
+    let plan = s.run(&["plan"]);
+    plan.expect(0);
+    // Taken over: found by its tags, no read by id any more.
+    assert_eq!(
+        plan.count("DescribeAutoScalingGroups"),
+        1,
+        "{}",
+        plan.stderr
+    );
+    assert_eq!(plan.count("DescribeLaunchTemplates"), 1, "{}", plan.stderr);
+    assert_eq!(plan.count("DescribeSecurityGroups"), 1, "{}", plan.stderr);
+
+    let group = s.group_named("monitoring-grafana-asg").await;
+    assert_eq!(group.created_time().cloned(), tf.created);
+    let pinned = group.launch_template().unwrap();
+    assert_eq!(pinned.launch_template_id(), Some(tf.template.as_str()));
+    assert_eq!(pinned.version(), Some("2"));
+    assert_eq!(
+        group.target_group_arns(),
+        std::slice::from_ref(&tf.target_group)
+    );
+    // Sized as desired, every instance from the desired template and provisioned.
+    let instances = s.group_instances_of("monitoring-grafana-asg").await;
+    assert_eq!(instances.len(), 2, "{instances:?}");
+    assert!(
+        instances.iter().all(|i| !tf.instances.contains(i)),
+        "Terraform's instance was refreshed away: {instances:?}"
+    );
+    for id in &instances {
+        check_provisioning(&s.sandboxes.path().join(id));
+    }
+    let tags: BTreeMap<String, String> = group
+        .tags()
+        .iter()
+        .map(|t| (t.key().unwrap().to_string(), t.value().unwrap().to_string()))
+        .collect();
+    assert_eq!(tags["stackwarden:id"], "grafana.main");
+    assert_eq!(tags["ManagedBy"], "terraform");
+
+    let elb = s.aws.elb().await;
+    let lbs = elb.describe_load_balancers().send().await.unwrap();
+    assert_eq!(lbs.load_balancers().len(), 1);
+    assert_eq!(
+        lbs.load_balancers()[0].load_balancer_arn(),
+        Some(tf.load_balancer.as_str())
+    );
+    let tgs = elb.describe_target_groups().send().await.unwrap();
+    assert_eq!(tgs.target_groups().len(), 1);
+    let tagged = elb
+        .describe_tags()
+        .resource_arns(&tf.load_balancer)
+        .resource_arns(&tf.target_group)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tagged.tag_descriptions().len(), 2);
+    for d in tagged.tag_descriptions() {
+        let keys: BTreeSet<&str> = d.tags().iter().filter_map(|t| t.key()).collect();
+        assert!(
+            keys.contains("stackwarden:id") && keys.contains("ManagedBy"),
+            "{d:?}"
+        );
+    }
+    let listeners = elb
+        .describe_listeners()
+        .load_balancer_arn(&tf.load_balancer)
+        .send()
+        .await
+        .unwrap();
+    let ports: BTreeMap<i32, &str> = listeners
+        .listeners()
+        .iter()
+        .map(|l| (l.port().unwrap(), l.listener_arn().unwrap()))
+        .collect();
+    assert_eq!(ports.len(), 2, "{ports:?}");
+    assert_eq!(
+        ports[&80], tf.listener,
+        "the listener kept, redirecting now"
+    );
+
+    let ec2 = s.aws.ec2().await;
+    let templates = ec2.describe_launch_templates().send().await.unwrap();
+    assert_eq!(templates.launch_templates().len(), 1);
+    let template = &templates.launch_templates()[0];
+    assert_eq!(template.launch_template_id(), Some(tf.template.as_str()));
+    let keys: BTreeSet<&str> = template.tags().iter().filter_map(|t| t.key()).collect();
+    assert!(
+        keys.contains("stackwarden:id") && keys.contains("ManagedBy"),
+        "{keys:?}"
+    );
+    let groups = ec2
+        .describe_security_groups()
+        .filters(
+            Filter::builder()
+                .name("tag:ManagedBy")
+                .values("terraform")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let ids: BTreeSet<&str> = groups
+        .security_groups()
+        .iter()
+        .filter(|g| g.tags().iter().any(|t| t.key() == Some("stackwarden:id")))
+        .filter_map(|g| g.group_id())
+        .collect();
+    assert_eq!(
+        ids,
+        BTreeSet::from([tf.alb_group.as_str(), tf.instance_group.as_str()])
     );
 }

@@ -423,18 +423,26 @@ impl<K: ManagedObject> Controller for Managed<K> {
                 c.notes
                     .push(format!("adopting existing {} {}", K::NOUN, self.0.id(have)));
             }
-            c.tags(
-                current,
-                &tags,
-                |set| Op::Tag {
+            if node.adopt.is_some() {
+                // The tags its previous owner gave it stay.
+                c.tags_added(&self.0.id(have), current, &tags, |set| Op::Tag {
                     have: have.clone(),
                     set,
-                },
-                |keys| Op::Untag {
-                    have: have.clone(),
-                    keys,
-                },
-            );
+                });
+            } else {
+                c.tags(
+                    current,
+                    &tags,
+                    |set| Op::Tag {
+                        have: have.clone(),
+                        set,
+                    },
+                    |keys| Op::Untag {
+                        have: have.clone(),
+                        keys,
+                    },
+                );
+            }
         }
         // The plan shows the tags last, as a create does.
         let tag_fields = c.fields.len();

@@ -282,7 +282,6 @@ impl Observed {
 /// An adopted part that does not exist, or belongs to another stack: an error naming it.
 fn check_adopted(
     desired: &DesiredState,
-    r: &Resource,
     what: &str,
     adopt: Option<&str>,
     found: Option<&Tags>,
@@ -290,8 +289,7 @@ fn check_adopted(
     let Some(id) = adopt else { return Ok(()) };
     let Some(tags) = found else {
         return Err(Error::Invalid(format!(
-            "{}: {what} `{id}` to adopt does not exist; remove its `adopt` to have one made",
-            r.id
+            "{what} `{id}` to adopt does not exist; remove its `adopt` to have one made"
         )));
     };
     match tags::other_stack(tags, desired.stack_name()) {
@@ -763,28 +761,24 @@ impl Controller for GrafanaController {
         let adopts = s.adopts(r);
         check_adopted(
             desired,
-            r,
             "launch template",
             adopts.template,
             parts.template.map(|t| &t.tags),
         )?;
         check_adopted(
             desired,
-            r,
             "target group",
             adopts.target_group,
             parts.tg.map(|t| &t.tags),
         )?;
         check_adopted(
             desired,
-            r,
             "load balancer",
             adopts.balancer,
             parts.lb.map(|b| &b.tags),
         )?;
         check_adopted(
             desired,
-            r,
             "Auto Scaling Group",
             adopts.group,
             parts.group.map(|g| &g.tags),

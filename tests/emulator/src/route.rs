@@ -271,6 +271,9 @@ async fn dispatch(state: &Arc<State>, req: &Incoming) -> Response {
         ("elasticloadbalancing", "CreateLoadBalancer") => {
             crate::strict::create_load_balancer(state, req).await
         }
+        ("ec2", "DescribeLaunchTemplates") => {
+            Some(crate::strict::describe_launch_templates(state, req).await)
+        }
         ("iam", "GetAccountAuthorizationDetails") => {
             Some(crate::strict::authorization_details(state, req).await)
         }

@@ -23,6 +23,10 @@
 //!   (`"123456789012"`) is kept as `arn:aws:iam::123456789012:root`; moto keeps what it was
 //!   given. `CreateRole` and `UpdateAssumeRolePolicy` documents are rewritten before moto sees
 //!   them, so what the operator reads back is what AWS would answer.
+//! - `CreateLoadBalancer` without `Scheme` or `Type` makes an internet-facing Application Load
+//!   Balancer, and `DescribeLoadBalancers` says so; moto leaves the scheme out.
+//! - `DescribeLaunchTemplates` answers a template's tags as they are now (`CreateTags` and
+//!   `DeleteTags` on its `lt-` id included); moto answers the tags it was created with.
 //! - `GetAccountAuthorizationDetails` pages, at most `MaxItems` entries a page (default 100)
 //!   with `IsTruncated` and a `Marker`; moto answers everything at once.
 //!
@@ -189,22 +193,37 @@ pub async fn create_load_balancer(
 /// The request moto should see instead of `req`, when AWS would store something other than
 /// what was sent (see the module's list); `None` to forward `req` as it is.
 pub fn rewrite(req: &Incoming) -> Option<Incoming> {
-    let field = match (req.service.as_str(), req.operation.as_str()) {
-        ("iam", "CreateRole") => "AssumeRolePolicyDocument",
-        ("iam", "UpdateAssumeRolePolicy") => "PolicyDocument",
-        _ => return None,
-    };
-    let form = req.form();
-    let document = param(&form, field)?;
-    let stored = stored_trust_policy(&document)?;
-    let body: String = form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(form.iter().map(|(k, v)| {
-            if k == field {
-                (k.as_str(), stored.as_str())
-            } else {
-                (k.as_str(), v.as_str())
+    let mut form = req.form();
+    match (req.service.as_str(), req.operation.as_str()) {
+        ("elasticloadbalancing", "CreateLoadBalancer") => {
+            let defaults = [("Scheme", "internet-facing"), ("Type", "application")];
+            let missing: Vec<(String, String)> = defaults
+                .iter()
+                .filter(|(k, _)| param(&form, k).is_none())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            if missing.is_empty() {
+                return None;
             }
-        }))
+            form.extend(missing);
+        }
+        ("iam", "CreateRole" | "UpdateAssumeRolePolicy") => {
+            let field = if req.operation == "CreateRole" {
+                "AssumeRolePolicyDocument"
+            } else {
+                "PolicyDocument"
+            };
+            let stored = stored_trust_policy(&param(&form, field)?)?;
+            for (k, v) in &mut form {
+                if k == field {
+                    *v = stored.clone();
+                }
+            }
+        }
+        _ => return None,
+    }
+    let body: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(form.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .finish();
     Some(Incoming {
         method: req.method.clone(),
@@ -356,6 +375,83 @@ pub async fn authorization_details(
     if end < total {
         let truncated = format!("<IsTruncated>true</IsTruncated><Marker>page-{end}</Marker>");
         page = page.replacen("<IsTruncated>false</IsTruncated>", &truncated, 1);
+    }
+    let mut response = whole.map(|_| Body::from(page)).into_response();
+    response
+        .headers_mut()
+        .remove(axum::http::header::CONTENT_LENGTH);
+    Ok(response)
+}
+
+/// `DescribeLaunchTemplates` with each template's current tags in place of those moto kept from
+/// its creation.
+pub async fn describe_launch_templates(
+    state: &Arc<State>,
+    req: &Incoming,
+) -> Result<Response, ApiError> {
+    let whole = state.moto.forward(req).await?;
+    if !whole.status().is_success() {
+        return Ok(whole.map(Body::from).into_response());
+    }
+    let text = String::from_utf8_lossy(whole.body()).into_owned();
+    let doc = crate::moto::xml(&text)?;
+    // Each template: its id, and the range its tag set takes (or where one goes).
+    let mut templates: Vec<(String, std::ops::Range<usize>)> = Vec::new();
+    for item in doc
+        .descendants()
+        .filter(|n| n.has_tag_name("launchTemplates"))
+        .flat_map(|l| l.children().filter(|n| n.has_tag_name("item")))
+    {
+        let Some(id) = crate::moto::child_text(item, "launchTemplateId") else {
+            continue;
+        };
+        let range = match item.children().find(|n| n.has_tag_name("tagSet")) {
+            Some(set) => set.range(),
+            None => {
+                let at = item.range().end - "</item>".len();
+                at..at
+            }
+        };
+        templates.push((id, range));
+    }
+    if templates.is_empty() {
+        return Ok(whole.map(Body::from).into_response());
+    }
+    let ids: Vec<&str> = templates.iter().map(|(id, _)| id.as_str()).collect();
+    let tags = state
+        .moto
+        .query(
+            req,
+            "ec2",
+            &crate::moto::ec2_query("DescribeTags", &[("resource-id", ids.as_slice())]),
+        )
+        .await?;
+    let tags = crate::moto::xml(&tags)?;
+    let mut current: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    for t in tags.descendants().filter(|n| n.has_tag_name("item")) {
+        if let (Some(id), Some(key)) = (
+            crate::moto::child_text(t, "resourceId"),
+            crate::moto::child_text(t, "key"),
+        ) {
+            let value = crate::moto::child_text(t, "value").unwrap_or_default();
+            current.entry(id).or_default().push((key, value));
+        }
+    }
+    let mut page = text.clone();
+    for (id, range) in templates.iter().rev() {
+        let items: String = current
+            .get(id)
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| {
+                format!(
+                    "<item><key>{}</key><value>{}</value></item>",
+                    crate::wire::escape(k),
+                    crate::wire::escape(v)
+                )
+            })
+            .collect();
+        page.replace_range(range.clone(), &format!("<tagSet>{items}</tagSet>"));
     }
     let mut response = whole.map(|_| Body::from(page)).into_response();
     response
