@@ -11,7 +11,7 @@ use aws_sdk_ec2::types::{InstanceType, ResourceType, Tag, TagSpecification};
 
 use stackwarden_emulator::{Enforce, Settings};
 
-use crate::harness::{default_stack, path_str, stackwarden_with, Aws, Run};
+use crate::harness::{default_stack, path_str, stackwarden_with, terraform_grafana, Aws, Run};
 
 fn deploy_file(name: &str) -> String {
     std::fs::read_to_string(
@@ -199,6 +199,22 @@ async fn the_operators_policy_allows_every_call_it_makes_with_its_conditions() {
             b = subnets[1]
         ),
     );
+    // And Grafana as the seed's Terraform makes it, untagged: each part claimed by its id.
+    let owned: Vec<String> = subnets.iter().map(|s| s.to_string()).collect();
+    let tf = terraform_grafana(&aws, &owned, "ami-12c6146b").await;
+    write(
+        "grafana-legacy.toml",
+        &format!(
+            "[grafana.legacy]\nadopt = \"monitoring-grafana-asg\"\nlaunch_template = {{ adopt = \"{template}\" }}\nami = \"ami-12c6146b\"\ninstance_type = \"t3.small\"\nsubnets = [\"{a}\", \"{b}\"]\nmin_size = 1\nmax_size = 2\nalb = {{ adopt = \"{lb}\", security_group = {{ adopt = \"{alb_sg}\" }}, subnets = [\"{a}\", \"{b}\"], allowed_cidrs = [\"10.0.0.0/8\"] }}\ntarget_group = {{ adopt = \"{tg}\" }}\nsecurity_group = {{ adopt = \"{sg}\" }}\nprovisioning = {{ cloudwatch = true }}\n",
+            a = subnets[0],
+            b = subnets[1],
+            template = tf.template,
+            lb = tf.load_balancer,
+            alb_sg = tf.alb_group,
+            tg = tf.target_group,
+            sg = tf.instance_group,
+        ),
+    );
     let d = path_str(dir.path());
     let mut seen = BTreeSet::new();
     let cold = operator(&aws, &["reconcile", "--once", d]);
@@ -246,6 +262,23 @@ async fn the_operators_policy_allows_every_call_it_makes_with_its_conditions() {
             "{id} claimed: {tags:?}"
         );
     }
+    let group = aws
+        .autoscaling()
+        .await
+        .describe_auto_scaling_groups()
+        .auto_scaling_group_names("monitoring-grafana-asg")
+        .send()
+        .await
+        .unwrap();
+    let group = &group.auto_scaling_groups()[0];
+    assert_eq!(group.created_time(), tf.created.as_ref(), "the same group");
+    assert!(
+        group
+            .tags()
+            .iter()
+            .any(|t| t.key() == Some("stackwarden:stack")),
+        "claimed: {group:?}"
+    );
     // The Grafana load balancer gets HTTPS: a listener made, the HTTP one changed to redirect
     // (listeners carry the group's tags from their creation, so the policy lets them change).
     let certificate = aws
@@ -303,6 +336,7 @@ async fn the_operators_policy_allows_every_call_it_makes_with_its_conditions() {
     }
     for f in [
         "legacy.toml",
+        "grafana-legacy.toml",
         "amg.toml",
         "hosts.toml",
         "fleet.toml",

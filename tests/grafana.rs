@@ -14,8 +14,8 @@ use aws_sdk_ssm::types::ParameterType;
 use stackwarden_emulator::Settings;
 
 use crate::harness::{
-    default_stack, edit, path_str, run_commands, script_files, stackwarden, stackwarden_with, Aws,
-    Run,
+    default_stack, edit, path_str, run_commands, script_files, stackwarden, stackwarden_with,
+    terraform_grafana, Aws, Run,
 };
 
 const PASSWORD: &str = "Zq9-grafana-admin-s3cret";
@@ -1051,219 +1051,7 @@ async fn each_lost_part_of_a_grafana_group_is_restored_alone() {
     );
 }
 
-/// What Terraform made of the seed stack's Grafana (`terraform/modules/grafana`): a launch
-/// template of its own name, an Auto Scaling Group on its `$Latest` version, a target group, an
-/// internet-facing load balancer with one HTTP listener forwarding to it, and the two security
-/// groups of `terraform/main.tf`, each tagged as Terraform tags them.
-struct Terraformed {
-    alb_group: String,
-    instance_group: String,
-    template: String,
-    target_group: String,
-    load_balancer: String,
-    listener: String,
-    created: Option<aws_smithy_types::DateTime>,
-    /// The instances its group launched.
-    instances: Vec<String>,
-}
-
 impl Setup {
-    async fn terraform_grafana(&self) -> Terraformed {
-        use aws_sdk_autoscaling::types::{LaunchTemplateSpecification, Tag as AsgTag};
-        use aws_sdk_ec2::types::{
-            InstanceType, RequestLaunchTemplateData, ResourceType, Tag, TagSpecification,
-        };
-        use aws_sdk_elasticloadbalancingv2::types::Tag as ElbTag;
-        use base64::Engine as _;
-        let (ec2, elb, asg) = (
-            self.aws.ec2().await,
-            self.aws.elb().await,
-            self.aws.autoscaling().await,
-        );
-        let vpc = ec2
-            .describe_vpcs()
-            .filters(Filter::builder().name("isDefault").values("true").build())
-            .send()
-            .await
-            .unwrap()
-            .vpcs()[0]
-            .vpc_id()
-            .unwrap()
-            .to_string();
-        let subnets = self.subnets();
-        let terraform = |resource: ResourceType| {
-            TagSpecification::builder()
-                .resource_type(resource)
-                .tags(Tag::builder().key("ManagedBy").value("terraform").build())
-                .build()
-        };
-        let group = |name: &'static str, port: i32, from: Option<String>| {
-            let ec2 = ec2.clone();
-            let vpc = vpc.clone();
-            async move {
-                let id = ec2
-                    .create_security_group()
-                    .group_name(name)
-                    .description(name)
-                    .vpc_id(vpc)
-                    .tag_specifications(terraform(ResourceType::SecurityGroup))
-                    .send()
-                    .await
-                    .unwrap()
-                    .group_id()
-                    .unwrap()
-                    .to_string();
-                let rule = IpPermission::builder()
-                    .ip_protocol("tcp")
-                    .from_port(port)
-                    .to_port(port);
-                let rule = match from {
-                    Some(g) => rule.user_id_group_pairs(
-                        aws_sdk_ec2::types::UserIdGroupPair::builder()
-                            .group_id(g)
-                            .build(),
-                    ),
-                    None => rule.ip_ranges(IpRange::builder().cidr_ip("0.0.0.0/0").build()),
-                };
-                ec2.authorize_security_group_ingress()
-                    .group_id(&id)
-                    .ip_permissions(rule.build())
-                    .send()
-                    .await
-                    .unwrap();
-                id
-            }
-        };
-        let alb_group = group("monitoring-alb-sg", 80, None).await;
-        let instance_group = group("monitoring-grafana-sg", 3000, Some(alb_group.clone())).await;
-        let ami = self
-            .aws
-            .ssm()
-            .await
-            .get_parameter()
-            .name("/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64")
-            .send()
-            .await
-            .unwrap()
-            .parameter()
-            .unwrap()
-            .value()
-            .unwrap()
-            .to_string();
-        let user_data = base64::engine::general_purpose::STANDARD
-            .encode("#!/bin/bash\napt-get install -y docker.io\ndocker run -d -p 3000:3000 grafana/grafana:10.0.0\n");
-        let template = ec2
-            .create_launch_template()
-            .launch_template_name("monitoring-grafana-20261127")
-            .launch_template_data(
-                RequestLaunchTemplateData::builder()
-                    .image_id(ami)
-                    .instance_type(InstanceType::T3Small)
-                    .security_group_ids(&instance_group)
-                    .user_data(user_data)
-                    .build(),
-            )
-            .tag_specifications(terraform(ResourceType::LaunchTemplate))
-            .send()
-            .await
-            .unwrap()
-            .launch_template()
-            .unwrap()
-            .launch_template_id()
-            .unwrap()
-            .to_string();
-        let elb_tag = ElbTag::builder()
-            .key("ManagedBy")
-            .value("terraform")
-            .build();
-        let target_group = elb
-            .create_target_group()
-            .name("monitoring-grafana-tg")
-            .protocol(ProtocolEnum::Http)
-            .port(3000)
-            .vpc_id(&vpc)
-            .health_check_path("/api/health")
-            .tags(elb_tag.clone())
-            .send()
-            .await
-            .unwrap()
-            .target_groups()[0]
-            .target_group_arn()
-            .unwrap()
-            .to_string();
-        let load_balancer = elb
-            .create_load_balancer()
-            .name("monitoring-grafana-alb")
-            .subnets(&subnets[0])
-            .subnets(&subnets[1])
-            .security_groups(&alb_group)
-            .tags(elb_tag)
-            .send()
-            .await
-            .unwrap()
-            .load_balancers()[0]
-            .load_balancer_arn()
-            .unwrap()
-            .to_string();
-        let listener = elb
-            .create_listener()
-            .load_balancer_arn(&load_balancer)
-            .protocol(ProtocolEnum::Http)
-            .port(80)
-            .default_actions(
-                Action::builder()
-                    .r#type(ActionTypeEnum::Forward)
-                    .target_group_arn(&target_group)
-                    .build(),
-            )
-            .send()
-            .await
-            .unwrap()
-            .listeners()[0]
-            .listener_arn()
-            .unwrap()
-            .to_string();
-        asg.create_auto_scaling_group()
-            .auto_scaling_group_name("monitoring-grafana-asg")
-            .launch_template(
-                LaunchTemplateSpecification::builder()
-                    .launch_template_id(&template)
-                    .version("$Latest")
-                    .build(),
-            )
-            .min_size(1)
-            .max_size(2)
-            .desired_capacity(1)
-            .vpc_zone_identifier(subnets.join(","))
-            .target_group_arns(&target_group)
-            .health_check_type("ELB")
-            .health_check_grace_period(300)
-            .tags(
-                AsgTag::builder()
-                    .key("ManagedBy")
-                    .value("terraform")
-                    .propagate_at_launch(true)
-                    .build(),
-            )
-            .send()
-            .await
-            .unwrap();
-        Terraformed {
-            alb_group,
-            instance_group,
-            template,
-            target_group,
-            load_balancer,
-            listener,
-            created: self
-                .group_named("monitoring-grafana-asg")
-                .await
-                .created_time()
-                .cloned(),
-            instances: self.group_instances_of("monitoring-grafana-asg").await,
-        }
-    }
-
     /// The two subnets the setup's stack uses.
     fn subnets(&self) -> Vec<String> {
         let text = std::fs::read_to_string(self.dir.path().join("grafana.toml")).unwrap();
@@ -1284,7 +1072,21 @@ impl Setup {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_grafana_group_made_by_terraform_is_taken_over_without_recreating_anything() {
     let s = setup().await;
-    let tf = s.terraform_grafana().await;
+    let ami = s
+        .aws
+        .ssm()
+        .await
+        .get_parameter()
+        .name("/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64")
+        .send()
+        .await
+        .unwrap()
+        .parameter()
+        .unwrap()
+        .value()
+        .unwrap()
+        .to_string();
+    let tf = terraform_grafana(&s.aws, &s.subnets(), &ami).await;
     assert_eq!(tf.instances.len(), 1, "{:?}", tf.instances);
     let text = std::fs::read_to_string(s.dir.path().join("grafana.toml")).unwrap();
     let text = text

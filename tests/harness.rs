@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use aws_sdk_ec2::types::{Filter, IpPermission, IpRange};
+use aws_sdk_elasticloadbalancingv2::types::{Action, ActionTypeEnum, ProtocolEnum};
 use stackwarden_emulator::{Backend, Config, Emulator, Settings};
 
 /// The AWS stand-in of one test: the project's emulator (tests/emulator) in front of its own
@@ -264,4 +266,210 @@ pub async fn run_commands(ssm: &aws_sdk_ssm::Client) -> Vec<aws_sdk_ssm::types::
     }
     commands.sort_by_key(|c| c.requested_date_time().map(|t| t.as_nanos()));
     commands
+}
+
+/// What Terraform made of the seed stack's Grafana (`terraform/modules/grafana`): a launch
+/// template of its own name, an Auto Scaling Group on its `$Latest` version, a target group, an
+/// internet-facing load balancer with one HTTP listener forwarding to it, and the two security
+/// groups of `terraform/main.tf`, each tagged as Terraform tags them.
+pub struct Terraformed {
+    pub alb_group: String,
+    pub instance_group: String,
+    pub template: String,
+    pub target_group: String,
+    pub load_balancer: String,
+    pub listener: String,
+    pub created: Option<aws_smithy_types::DateTime>,
+    /// The instances its group launched.
+    pub instances: Vec<String>,
+}
+
+/// Makes it in `aws`, in the first two of `subnets`, its instances from `ami`.
+pub async fn terraform_grafana(aws: &Aws, subnets: &[String], ami: &str) -> Terraformed {
+    use aws_sdk_autoscaling::types::{LaunchTemplateSpecification, Tag as AsgTag};
+    use aws_sdk_ec2::types::{
+        InstanceType, RequestLaunchTemplateData, ResourceType, Tag, TagSpecification,
+    };
+    use aws_sdk_elasticloadbalancingv2::types::Tag as ElbTag;
+    use base64::Engine as _;
+    let (ec2, elb, asg) = (aws.ec2().await, aws.elb().await, aws.autoscaling().await);
+    let vpc = ec2
+        .describe_vpcs()
+        .filters(Filter::builder().name("isDefault").values("true").build())
+        .send()
+        .await
+        .unwrap()
+        .vpcs()[0]
+        .vpc_id()
+        .unwrap()
+        .to_string();
+    let terraform = |resource: ResourceType| {
+        TagSpecification::builder()
+            .resource_type(resource)
+            .tags(Tag::builder().key("ManagedBy").value("terraform").build())
+            .build()
+    };
+    let group = |name: &'static str, port: i32, from: Option<String>| {
+        let ec2 = ec2.clone();
+        let vpc = vpc.clone();
+        async move {
+            let id = ec2
+                .create_security_group()
+                .group_name(name)
+                .description(name)
+                .vpc_id(vpc)
+                .tag_specifications(terraform(ResourceType::SecurityGroup))
+                .send()
+                .await
+                .unwrap()
+                .group_id()
+                .unwrap()
+                .to_string();
+            let rule = IpPermission::builder()
+                .ip_protocol("tcp")
+                .from_port(port)
+                .to_port(port);
+            let rule = match from {
+                Some(g) => rule.user_id_group_pairs(
+                    aws_sdk_ec2::types::UserIdGroupPair::builder()
+                        .group_id(g)
+                        .build(),
+                ),
+                None => rule.ip_ranges(IpRange::builder().cidr_ip("0.0.0.0/0").build()),
+            };
+            ec2.authorize_security_group_ingress()
+                .group_id(&id)
+                .ip_permissions(rule.build())
+                .send()
+                .await
+                .unwrap();
+            id
+        }
+    };
+    let alb_group = group("monitoring-alb-sg", 80, None).await;
+    let instance_group = group("monitoring-grafana-sg", 3000, Some(alb_group.clone())).await;
+    let user_data = base64::engine::general_purpose::STANDARD
+        .encode("#!/bin/bash\napt-get install -y docker.io\ndocker run -d -p 3000:3000 grafana/grafana:10.0.0\n");
+    let template = ec2
+        .create_launch_template()
+        .launch_template_name("monitoring-grafana-20261127")
+        .launch_template_data(
+            RequestLaunchTemplateData::builder()
+                .image_id(ami)
+                .instance_type(InstanceType::T3Small)
+                .security_group_ids(&instance_group)
+                .user_data(user_data)
+                .build(),
+        )
+        .tag_specifications(terraform(ResourceType::LaunchTemplate))
+        .send()
+        .await
+        .unwrap()
+        .launch_template()
+        .unwrap()
+        .launch_template_id()
+        .unwrap()
+        .to_string();
+    let elb_tag = ElbTag::builder()
+        .key("ManagedBy")
+        .value("terraform")
+        .build();
+    let target_group = elb
+        .create_target_group()
+        .name("monitoring-grafana-tg")
+        .protocol(ProtocolEnum::Http)
+        .port(3000)
+        .vpc_id(&vpc)
+        .health_check_path("/api/health")
+        .tags(elb_tag.clone())
+        .send()
+        .await
+        .unwrap()
+        .target_groups()[0]
+        .target_group_arn()
+        .unwrap()
+        .to_string();
+    let load_balancer = elb
+        .create_load_balancer()
+        .name("monitoring-grafana-alb")
+        .subnets(&subnets[0])
+        .subnets(&subnets[1])
+        .security_groups(&alb_group)
+        .tags(elb_tag)
+        .send()
+        .await
+        .unwrap()
+        .load_balancers()[0]
+        .load_balancer_arn()
+        .unwrap()
+        .to_string();
+    let listener = elb
+        .create_listener()
+        .load_balancer_arn(&load_balancer)
+        .protocol(ProtocolEnum::Http)
+        .port(80)
+        .default_actions(
+            Action::builder()
+                .r#type(ActionTypeEnum::Forward)
+                .target_group_arn(&target_group)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .listeners()[0]
+        .listener_arn()
+        .unwrap()
+        .to_string();
+    asg.create_auto_scaling_group()
+        .auto_scaling_group_name("monitoring-grafana-asg")
+        .launch_template(
+            LaunchTemplateSpecification::builder()
+                .launch_template_id(&template)
+                .version("$Latest")
+                .build(),
+        )
+        .min_size(1)
+        .max_size(2)
+        .desired_capacity(1)
+        .vpc_zone_identifier(subnets[..2].join(","))
+        .target_group_arns(&target_group)
+        .health_check_type("ELB")
+        .health_check_grace_period(300)
+        .tags(
+            AsgTag::builder()
+                .key("ManagedBy")
+                .value("terraform")
+                .propagate_at_launch(true)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let group = asg
+        .describe_auto_scaling_groups()
+        .auto_scaling_group_names("monitoring-grafana-asg")
+        .send()
+        .await
+        .unwrap()
+        .auto_scaling_groups()[0]
+        .clone();
+    Terraformed {
+        alb_group,
+        instance_group,
+        template,
+        target_group,
+        load_balancer,
+        listener,
+        created: group.created_time().cloned(),
+        instances: {
+            let mut ids: Vec<String> = group
+                .instances()
+                .iter()
+                .filter_map(|i| i.instance_id().map(str::to_string))
+                .collect();
+            ids.sort();
+            ids
+        },
+    }
 }
