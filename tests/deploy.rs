@@ -317,6 +317,16 @@ async fn the_operators_policy_allows_every_call_it_makes_with_its_conditions() {
                 ),
             ),
     );
+    // HTTPS for the adopted load balancer too: Terraform's listener, claimed by the first
+    // pass, now changed to redirect.
+    let text = std::fs::read_to_string(dir.path().join("grafana-legacy.toml")).unwrap();
+    write(
+        "grafana-legacy.toml",
+        &text.replace(
+            "allowed_cidrs = [\"10.0.0.0/8\"] }",
+            &format!("allowed_cidrs = [\"10.0.0.0/8\"], certificate_arn = \"{certificate}\" }}"),
+        ),
+    );
     // Under the lease (created on first use) as a CI job next to the daemon runs it.
     let update = operator(
         &aws,
@@ -332,8 +342,31 @@ async fn the_operators_policy_allows_every_call_it_makes_with_its_conditions() {
     update.expect(0);
     seen.extend(actions(&update));
     for op in ["CreateListener", "ModifyListener"] {
-        assert!(update.count(op) >= 1, "{op}: {}", update.stderr);
+        assert_eq!(
+            update.count(op),
+            2,
+            "{op}, one per group: {}",
+            update.stderr
+        );
     }
+    let kept = aws
+        .elb()
+        .await
+        .describe_listeners()
+        .load_balancer_arn(&tf.load_balancer)
+        .send()
+        .await
+        .unwrap();
+    let http = kept
+        .listeners()
+        .iter()
+        .find(|l| l.port() == Some(80))
+        .unwrap();
+    assert_eq!(http.listener_arn(), Some(tf.listener.as_str()));
+    assert_eq!(
+        http.default_actions()[0].r#type().map(|t| t.as_str()),
+        Some("redirect")
+    );
     for f in [
         "legacy.toml",
         "grafana-legacy.toml",

@@ -1220,6 +1220,19 @@ async fn a_grafana_group_made_by_terraform_is_taken_over_without_recreating_anyt
         ports[&80], tf.listener,
         "the listener kept, redirecting now"
     );
+    let tagged = elb
+        .describe_tags()
+        .resource_arns(&tf.listener)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        tagged.tag_descriptions()[0]
+            .tags()
+            .iter()
+            .any(|t| t.key() == Some("stackwarden:id") && t.value() == Some("grafana.main")),
+        "the listener is claimed before it is changed: {tagged:?}"
+    );
 
     let ec2 = s.aws.ec2().await;
     let templates = ec2.describe_launch_templates().send().await.unwrap();

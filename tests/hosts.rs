@@ -162,7 +162,7 @@ impl Fixture {
             .filters(
                 Filter::builder()
                     .name("tag:stackwarden:id")
-                    .values("host.prometheus")
+                    .values("host.prometheus.volume.sdf")
                     .build(),
             )
             .send()
@@ -171,7 +171,7 @@ impl Fixture {
         assert_eq!(
             out.volumes().len(),
             1,
-            "one data volume: {:?}",
+            "one data volume, its node's: {:?}",
             out.volumes()
         );
         out.volumes()[0].clone()

@@ -125,6 +125,8 @@ pub enum Spec {
     /// The ingress rules of one.
     Ingress(security_group::IngressPart),
     Host(Box<host::HostSpec>),
+    /// A data volume of a host.
+    Volume(host::VolumePart),
     Grafana(Box<grafana::GrafanaSpec>),
     HostConfig(host_config::HostConfigSpec),
 }
@@ -146,6 +148,7 @@ impl Spec {
             | Kind::AmgPermissions
             | Kind::HostSecurityGroup
             | Kind::HostIngress
+            | Kind::HostVolume
             | Kind::GrafanaSecurityGroup
             | Kind::GrafanaIngress => {
                 unreachable!("parts are made by expanding their table, never written")
@@ -169,7 +172,8 @@ impl Spec {
             | Spec::AmpLogging(_)
             | Spec::AmgPermissions(_)
             | Spec::SecurityGroup(_)
-            | Spec::Ingress(_) => {}
+            | Spec::Ingress(_)
+            | Spec::Volume(_) => {}
             Spec::AmgWorkspace(s) => s.validate(v),
             Spec::Host(s) => s.validate(v),
             Spec::Grafana(s) => s.validate(v),

@@ -63,6 +63,9 @@ pub fn controllers() -> Vec<Box<dyn DynController>> {
         Box::new(managed::Managed(security_group::Ingress::<
             security_group::OfGrafana,
         >::default())),
+        // Before the host: removals run in reverse, so a removed host's instance is terminated
+        // before its volumes are deleted.
+        Box::new(managed::Managed(host::volume::Volume)),
         Box::new(host::HostController),
         Box::new(grafana::GrafanaController),
         Box::new(host_config::HostConfigController),

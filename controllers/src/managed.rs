@@ -74,6 +74,10 @@ pub trait ManagedObject: Send + Sync + 'static {
     /// is adopted by it belongs to someone else: an error, never written, its attributes never
     /// used.
     const NAMED: bool = false;
+    /// Whether a part dropped from a composite that is still desired is deleted (a rule
+    /// groups namespace) or, holding data, orphaned like a removed table unless `--prune` or
+    /// `deletion_policy = "delete"` (a data volume).
+    const DELETES_DROPPED: bool = true;
 
     /// Pure: what `node` wants, with the references known now. [`Error::Waiting`] or
     /// [`Error::Dependency`] when something it needs is not there yet.
@@ -152,6 +156,12 @@ pub trait ManagedObject: Send + Sync + 'static {
     /// kinds leave an adopted object's tags alone unless the desired state sets some.
     fn writes_tags(&self, _node: &Resource, _want: &Self::Desired) -> bool {
         true
+    }
+
+    /// Whether the object keeps the tags it has besides the desired ones (its previous
+    /// owner's): an adopted object does.
+    fn keeps_other_tags(&self, _desired: &DesiredState, node: &Resource) -> bool {
+        node.adopt.is_some()
     }
 
     /// Pure: what a person should know about the object that no write changes (a setting
@@ -423,7 +433,7 @@ impl<K: ManagedObject> Controller for Managed<K> {
                 c.notes
                     .push(format!("adopting existing {} {}", K::NOUN, self.0.id(have)));
             }
-            if node.adopt.is_some() {
+            if self.0.keeps_other_tags(desired, node) {
                 // The tags its previous owner gave it stay.
                 c.tags_added(&self.0.id(have), current, &tags, |set| Op::Tag {
                     have: have.clone(),
@@ -472,7 +482,9 @@ impl<K: ManagedObject> Controller for Managed<K> {
                     return None;
                 }
                 // A part dropped from a composite still desired is an edit of the composite.
-                let edit = !id.kind.is_table() && desired.resources.contains_key(&id.composite());
+                let edit = K::DELETES_DROPPED
+                    && !id.kind.is_table()
+                    && desired.resources.contains_key(&id.composite());
                 let delete = prune || edit;
                 let action = if delete {
                     Action::Delete

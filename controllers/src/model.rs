@@ -36,6 +36,8 @@ pub enum Kind {
     /// The ingress rules of a host's security group.
     HostIngress,
     Host,
+    /// An EBS data volume of a host (keyed by its device's name, `sdf`).
+    HostVolume,
     /// A security group of a Grafana group (keyed `alb` or `instances`).
     GrafanaSecurityGroup,
     /// The ingress rules of one of a Grafana group's security groups.
@@ -45,7 +47,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 16] = KINDS;
+    pub const ALL: [Kind; 17] = KINDS;
 
     /// The kind as a one-element slice that lives forever (what a controller reports).
     pub fn as_slice(self) -> &'static [Kind] {
@@ -62,6 +64,7 @@ impl Kind {
             Kind::AmgPermissions => Some((Kind::AmgWorkspace, "permissions", false)),
             Kind::HostSecurityGroup => Some((Kind::Host, "security_group", false)),
             Kind::HostIngress => Some((Kind::Host, "ingress", false)),
+            Kind::HostVolume => Some((Kind::Host, "volume", true)),
             Kind::GrafanaSecurityGroup => Some((Kind::Grafana, "security_group", true)),
             Kind::GrafanaIngress => Some((Kind::Grafana, "ingress", true)),
             _ => None,
@@ -75,7 +78,7 @@ impl Kind {
 }
 
 /// Every kind, in [`Kind`]'s order (so `KINDS[k as usize] == k`).
-static KINDS: [Kind; 16] = [
+static KINDS: [Kind; 17] = [
     Kind::IamPolicy,
     Kind::IamRole,
     Kind::IamInstanceProfile,
@@ -88,6 +91,7 @@ static KINDS: [Kind; 16] = [
     Kind::HostSecurityGroup,
     Kind::HostIngress,
     Kind::Host,
+    Kind::HostVolume,
     Kind::GrafanaSecurityGroup,
     Kind::GrafanaIngress,
     Kind::Grafana,
@@ -110,6 +114,7 @@ impl Kind {
             Kind::HostSecurityGroup => "host.security_group",
             Kind::HostIngress => "host.ingress",
             Kind::Host => "host",
+            Kind::HostVolume => "host.volume",
             Kind::GrafanaSecurityGroup => "grafana.security_group",
             Kind::GrafanaIngress => "grafana.ingress",
             Kind::Grafana => "grafana",
@@ -142,9 +147,11 @@ impl Kind {
             | Kind::HostIngress
             | Kind::GrafanaIngress => &[],
             Kind::HostSecurityGroup | Kind::GrafanaSecurityGroup => &["id", "name"],
+            Kind::HostVolume => &["id"],
             Kind::AmgWorkspace => &["id", "arn", "endpoint"],
             Kind::Host => &[
                 "instance_id",
+                "availability_zone",
                 "private_ip",
                 "public_ip",
                 "private_dns",

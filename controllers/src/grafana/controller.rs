@@ -155,6 +155,8 @@ pub struct ObservedBalancer {
     pub deletion_protection: bool,
     /// Listener ARN with what it is.
     pub listeners: Vec<(String, ListenerSpec)>,
+    /// Each listener's tags, by ARN.
+    pub listener_tags: BTreeMap<String, Tags>,
     pub tags: Tags,
 }
 
@@ -1245,6 +1247,16 @@ fn diff_balancer(
         });
     }
     let want_listeners = listeners(s, &tg.arn);
+    // A listener stackwarden did not make (on an adopted load balancer, or made before
+    // listeners were tagged) gets the group's tags before it is changed or deleted: the
+    // operator's own policy lets it change only tagged listeners.
+    for (arn, _) in &lb.listeners {
+        let have = lb.listener_tags.get(arn).cloned().unwrap_or_default();
+        c.tags_added(arn, &have, tags, |tags| Op::ElbTag {
+            arn: arn.clone(),
+            tags,
+        });
+    }
     for want in &want_listeners {
         match lb.listeners.iter().find(|(_, l)| l.port == want.port) {
             None => {
@@ -1928,29 +1940,7 @@ async fn observe_elb(
         .map(|b| b.arn.clone())
         .chain(target_groups.iter().map(|t| t.arn.clone()))
         .collect();
-    let mut all_tags: BTreeMap<String, Tags> = BTreeMap::new();
-    for batch in arns.chunks(20) {
-        let out = elb
-            .describe_tags()
-            .set_resource_arns(Some(batch.to_vec()))
-            .send()
-            .await
-            .map_err(aws_error("elasticloadbalancing", "DescribeTags"))?;
-        for d in out.tag_descriptions() {
-            all_tags.insert(
-                d.resource_arn().unwrap_or_default().into(),
-                d.tags()
-                    .iter()
-                    .map(|t| {
-                        (
-                            t.key().unwrap_or_default().to_string(),
-                            t.value().unwrap_or_default().to_string(),
-                        )
-                    })
-                    .collect(),
-            );
-        }
-    }
+    let mut all_tags = elb_tags_of(ctx, &arns).await?;
     let stack = desired.stack_name();
     let ours = |tags: &Tags| owner_id(tags, stack).is_some_and(|id| id.kind == Kind::Grafana);
     target_groups.retain_mut(|t| {
@@ -2030,7 +2020,48 @@ async fn observe_elb(
             ));
         }
     }
+    let listeners: Vec<String> = balancers
+        .iter()
+        .flat_map(|b| b.listeners.iter().map(|(arn, _)| arn.clone()))
+        .collect();
+    let mut listener_tags = elb_tags_of(ctx, &listeners).await?;
+    for b in &mut balancers {
+        for (arn, _) in &b.listeners {
+            if let Some(tags) = listener_tags.remove(arn) {
+                b.listener_tags.insert(arn.clone(), tags);
+            }
+        }
+    }
     Ok((target_groups, balancers))
+}
+
+/// The tags of these load balancing objects, read 20 at a time (`DescribeTags`' limit).
+async fn elb_tags_of(ctx: &Context, arns: &[String]) -> Result<BTreeMap<String, Tags>> {
+    let mut all = BTreeMap::new();
+    for batch in arns.chunks(20) {
+        let out = ctx
+            .elb
+            .describe_tags()
+            .set_resource_arns(Some(batch.to_vec()))
+            .send()
+            .await
+            .map_err(aws_error("elasticloadbalancing", "DescribeTags"))?;
+        for d in out.tag_descriptions() {
+            all.insert(
+                d.resource_arn().unwrap_or_default().into(),
+                d.tags()
+                    .iter()
+                    .map(|t| {
+                        (
+                            t.key().unwrap_or_default().to_string(),
+                            t.value().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect(),
+            );
+        }
+    }
+    Ok(all)
 }
 
 /// Running instances of the stack's Grafana groups (the group's tags propagate to them), with

@@ -1,11 +1,10 @@
-//! The host controller: an EC2 instance with its EBS data volumes, and the Prometheus config
-//! pushed to it over SSM Run Command. Its security group is a node of its own
-//! ([`crate::security_group`]): the instance is put in it, and moved back into it if it left.
+//! The host controller: an EC2 instance, and the Prometheus config pushed to it over SSM Run
+//! Command. Its security group and its data volumes are nodes of their own
+//! ([`crate::security_group`], [`super::volume`]): the instance is put in its group, and moved
+//! back into it if it left; the volumes are attached to it, and to a replacement when the
+//! instance is gone, so the Prometheus TSDB on them survives.
 //!
-//! Everything is found by ownership tags: the instance carries the host's address, each data
-//! volume also its device (`stackwarden:device`). Volumes are separate from
-//! the instance (never deleted with it), so a terminated instance is replaced and the volumes,
-//! the Prometheus TSDB on them included, are attached to the replacement.
+//! The instance is found by its ownership tags (the host's address) or adopted by id.
 //!
 //! # Guarantees
 //! - User data is first-boot only: changing it never replaces an instance (plan says so), and
@@ -13,29 +12,25 @@
 //! - A config is pushed only when the hash recorded on the instance (tag
 //!   `stackwarden:prometheus`) differs from the desired bundle's, so a converged pass sends no
 //!   SSM command. The tag is written only after the push succeeded on the host.
-//! - Nothing waits inside a pass: an instance starting or stopping, a volume being created or
-//!   still attached answers "waiting, look again" ([`Error::Waiting`]), and the next pass takes
-//!   the next step from what it observes (launch; create each data volume; attach it once
-//!   available; push the config; a type change stops the instance, then sets the type and
-//!   starts it).
+//! - Nothing waits inside a pass: an instance starting or stopping answers "waiting, look
+//!   again" ([`Error::Waiting`]), and the next pass takes the next step from what it observes
+//!   (launch; push the config; a type change stops the instance, then sets the type and starts
+//!   it).
 //! - Every object is found by tag before anything is created, so a crash between two steps of
 //!   a launch leaves objects the next pass completes. Should a launch be repeated anyway (moto
 //!   ignores the RunInstances client token), the second instance is seen and terminated: the
 //!   one the data volumes are attached to is kept.
-//!
-//! # Caveats
-//! - A volume is never shrunk: a smaller desired size is a terminal error at plan time.
 
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use aws_sdk_ec2::types::{
     Filter, HttpTokensState, IamInstanceProfileSpecification, InstanceMetadataOptionsRequest,
-    InstanceType, ResourceType, Tag, VolumeType,
+    InstanceType, ResourceType, Tag,
 };
 use base64::Engine as _;
 
-use super::{HostSpec, VolumeSpec};
+use super::HostSpec;
 use crate::change::{removal, Action, Change};
 use crate::controller::{Context, Controller};
 use crate::desired::{DesiredState, Resource, Spec, TAG_STACK};
@@ -52,11 +47,7 @@ fn prometheus_tag() -> String {
     push::hash_tag(push::prometheus::NAME)
 }
 
-/// Volume tag: the device the volume belongs at.
-pub const TAG_DEVICE: &str = "stackwarden:device";
-
-/// How soon to look again at an instance or volume changing state: EC2 takes seconds to tens of
-/// seconds for each.
+/// How soon to look again at an instance changing state: EC2 takes seconds to tens of seconds.
 const STATE_CHANGE: std::time::Duration = std::time::Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------------------------
@@ -139,48 +130,12 @@ impl Observed {
             .filter(|i| owned(&i.tags, desired, &r.id) && Some(i.id.as_str()) != keep)
             .collect()
     }
-
-    pub fn volume(
-        &self,
-        desired: &DesiredState,
-        r: &Resource,
-        device: &str,
-    ) -> Option<&ObservedVolume> {
-        self.volumes
-            .iter()
-            .find(|v| {
-                owned(&v.tags, desired, &r.id)
-                    && v.tags.get(TAG_DEVICE).map(String::as_str) == Some(device)
-            })
-            .or_else(|| {
-                // An adopted instance's volume: the one attached at the device.
-                let instance = r.adopt.as_ref()?;
-                self.volumes.iter().find(|v| {
-                    v.attachment.as_ref() == Some(&(instance.clone(), device.to_string()))
-                        && tags::other_stack(&v.tags, desired.stack_name()).is_none()
-                })
-            })
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Operations
 
-/// A data volume to create (or, with `existing`, to attach as it is).
-#[derive(Debug, Clone, PartialEq)]
-pub struct VolumePlan {
-    pub existing: Option<String>,
-    pub device: String,
-    pub size: i32,
-    pub volume_type: String,
-    pub iops: Option<i32>,
-    pub throughput: Option<i32>,
-    pub encrypted: bool,
-    pub kms_key_id: Option<String>,
-    pub tags: Tags,
-}
-
-/// A new (or replacement) instance. Its data volumes and config follow in the passes after it
+/// A new (or replacement) instance. Its data volumes (their own nodes) and config follow once it
 /// runs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Launch {
@@ -216,19 +171,6 @@ pub enum Op {
         instance: String,
         groups: Vec<String>,
     },
-    /// Attaches the existing volume, or creates it (attached by a later pass, once available).
-    AttachVolume {
-        instance: String,
-        zone: String,
-        volume: VolumePlan,
-    },
-    ModifyVolume {
-        volume: String,
-        size: i32,
-        volume_type: String,
-        iops: Option<i32>,
-        throughput: Option<i32>,
-    },
     Tag {
         resource: String,
         tags: Tags,
@@ -256,30 +198,6 @@ pub enum Op {
 
 // ---------------------------------------------------------------------------------------------
 // Desired values
-
-fn volume_plan(desired: &DesiredState, r: &Resource, v: &VolumeSpec) -> VolumePlan {
-    let mut tags = desired.tags_for(&r.id, &BTreeMap::new());
-    tags.insert(TAG_DEVICE.into(), v.device.clone());
-    tags.insert(
-        "Name".into(),
-        format!(
-            "{}{}",
-            desired.default_name(&r.id),
-            v.device.replace('/', "-")
-        ),
-    );
-    VolumePlan {
-        existing: None,
-        device: v.device.clone(),
-        size: *v.size_gib.get_ref() as i32,
-        volume_type: v.r#type.clone(),
-        iops: v.iops,
-        throughput: v.throughput,
-        encrypted: v.encrypted,
-        kms_key_id: v.kms_key_id.clone(),
-        tags,
-    }
-}
 
 /// The Prometheus bundle of a host with the Prometheus role.
 fn prometheus_push(s: &HostSpec, refs: &Refs, region: &str) -> Result<Option<Prepared>> {
@@ -363,36 +281,7 @@ impl Controller for HostController {
                     .map(observed_instance),
             );
         }
-        obs.volumes = read_volumes(ctx, stack).await?;
-        // Likewise the volumes of an adopted instance, while one of its devices has no volume
-        // carrying the host's tags.
-        let untagged: Vec<String> = desired
-            .of_kind(Kind::Host)
-            .filter_map(|r| {
-                let Spec::Host(s) = &r.spec else { return None };
-                let id = r.adopt.as_ref()?;
-                s.volumes
-                    .iter()
-                    .any(|v| {
-                        !obs.volumes.iter().any(|o| {
-                            owned(&o.tags, desired, &r.id)
-                                && o.tags.get(TAG_DEVICE) == Some(&v.device)
-                        })
-                    })
-                    .then(|| id.clone())
-            })
-            .collect();
-        if !untagged.is_empty() {
-            let attached = Filter::builder()
-                .name("attachment.instance-id")
-                .set_values(Some(untagged))
-                .build();
-            for v in read_volumes(ctx, attached).await? {
-                if !obs.volumes.iter().any(|have| have.id == v.id) {
-                    obs.volumes.push(v);
-                }
-            }
-        }
+        obs.volumes = super::volume::observe(ctx, desired).await?.as_ref().clone();
 
         obs.tracked = track(
             ctx,
@@ -412,6 +301,7 @@ impl Controller for HostController {
                 let i = obs.instance(desired, r).filter(|i| i.state != "pending")?;
                 let out = Outputs::from([
                     ("instance_id".into(), i.id.clone()),
+                    ("availability_zone".into(), i.zone.clone()),
                     ("private_ip".into(), i.private_ip.clone()),
                     ("public_ip".into(), i.public_ip.clone()),
                     ("private_dns".into(), i.private_dns.clone()),
@@ -448,19 +338,14 @@ impl Controller for HostController {
             }
         }
         let Some(inst) = obs.instance(desired, r) else {
-            // New, or replacing a terminated instance: the volumes it had are attached again.
-            // Subnet and VPC are looked up when launching: a converged pass needs neither.
+            // New, or replacing a terminated instance: the volumes it had are attached again
+            // by their nodes. Subnet and VPC are looked up when launching: a converged pass
+            // needs neither.
             let subnet = s.subnet.as_ref().map(|sn| refs.render(sn).value);
-            let volumes: Vec<VolumePlan> = s
+            let replacing = s
                 .volumes
                 .iter()
-                .map(|v| {
-                    let mut plan = volume_plan(desired, r, v);
-                    plan.existing = obs.volume(desired, r, &v.device).map(|o| o.id.clone());
-                    plan
-                })
-                .collect();
-            let replacing = volumes.iter().any(|v| v.existing.is_some());
+                .any(|v| super::volume::find(desired, r, &v.device, &obs.volumes).is_some());
             let mut c = Change::new(r.id.clone(), Action::Create, format!("host {name}"));
             if replacing {
                 c.notes.push("the instance is gone: a new one is launched and the existing data volumes are attached to it".into());
@@ -477,13 +362,6 @@ impl Controller for HostController {
                 ),
             );
             c.field("security_group", None, Some(group.clone()));
-            for v in &volumes {
-                let what = match &v.existing {
-                    Some(id) => format!("{id} (kept)"),
-                    None => format!("{} GiB {}", v.size, v.volume_type),
-                };
-                c.field(format!("volume {}", v.device), None, Some(what));
-            }
             if let Some(p) = &push {
                 c.field("prometheus", None, Some(p.short_hash()));
             }
@@ -607,81 +485,6 @@ impl Controller for HostController {
                 instance: inst.id.clone(),
                 groups: vec![group],
             });
-        }
-        for v in s.volumes.iter().filter(|_| !changing_state) {
-            let want = volume_plan(desired, r, v);
-            match obs.volume(desired, r, &v.device) {
-                None => {
-                    c.field(
-                        format!("volume {}", v.device),
-                        None,
-                        Some(format!("{} GiB {}", want.size, want.volume_type)),
-                    );
-                    c.op(Op::AttachVolume {
-                        instance: inst.id.clone(),
-                        zone: inst.zone.clone(),
-                        volume: want,
-                    });
-                }
-                Some(have) => {
-                    // An adopted volume gets the host's tags (its device's included), so it is
-                    // the host's from then on, kept across a replacement.
-                    c.tags_added(&have.id, &have.tags, &want.tags, |tags| Op::Tag {
-                        resource: have.id.clone(),
-                        tags,
-                    });
-                    if want.size < have.size {
-                        return Err(Error::Invalid(format!(
-                            "{}: volume {} is {} GiB and the desired state says {} GiB; EBS volumes cannot shrink",
-                            r.id, v.device, have.size, want.size
-                        )));
-                    }
-                    let modified = want.size != have.size
-                        || want.volume_type != have.volume_type
-                        || (want.iops.is_some() && want.iops != have.iops)
-                        || (want.throughput.is_some() && want.throughput != have.throughput);
-                    if modified {
-                        c.field(
-                            format!("volume {}", v.device),
-                            Some(format!("{} GiB {}", have.size, have.volume_type)),
-                            Some(format!("{} GiB {}", want.size, want.volume_type)),
-                        );
-                        c.op(Op::ModifyVolume {
-                            volume: have.id.clone(),
-                            size: want.size,
-                            volume_type: want.volume_type.clone(),
-                            iops: want.iops,
-                            throughput: want.throughput,
-                        });
-                    }
-                    let attached_here =
-                        have.attachment.as_ref().is_some_and(|(i, _)| i == &inst.id);
-                    if !attached_here && have.state != "available" {
-                        return Err(Error::waiting(
-                            format!(
-                                "volume {} ({}) is {}; it is attached once available",
-                                have.id, v.device, have.state
-                            ),
-                            STATE_CHANGE,
-                        ));
-                    }
-                    if !attached_here {
-                        c.field(
-                            format!("volume {}", v.device),
-                            Some(format!("{} (detached)", have.id)),
-                            Some(format!("{} attached", have.id)),
-                        );
-                        c.op(Op::AttachVolume {
-                            instance: inst.id.clone(),
-                            zone: inst.zone.clone(),
-                            volume: VolumePlan {
-                                existing: Some(have.id.clone()),
-                                ..want
-                            },
-                        });
-                    }
-                }
-            }
         }
         if let Some(p) = push.filter(|_| !changing_state) {
             let installed = inst.tags.get(&p.hash_tag()).map(String::as_str);
@@ -812,28 +615,6 @@ impl Controller for HostController {
                     .await
                     .map_err(aws_error("ec2", "ModifyInstanceAttribute"))?;
             }
-            Op::AttachVolume {
-                instance,
-                zone,
-                volume,
-            } => attach_volume(ctx, instance, zone, volume).await?,
-            Op::ModifyVolume {
-                volume,
-                size,
-                volume_type,
-                iops,
-                throughput,
-            } => {
-                ec2.modify_volume()
-                    .volume_id(volume)
-                    .size(*size)
-                    .volume_type(VolumeType::from(volume_type.as_str()))
-                    .set_iops(*iops)
-                    .set_throughput(*throughput)
-                    .send()
-                    .await
-                    .map_err(aws_error("ec2", "ModifyVolume"))?;
-            }
             Op::Tag { resource, tags } => {
                 ec2.create_tags()
                     .resources(resource)
@@ -921,7 +702,7 @@ fn observed_instance(i: &aws_sdk_ec2::types::Instance) -> ObservedInstance {
     }
 }
 
-fn observed_volume(v: &aws_sdk_ec2::types::Volume) -> ObservedVolume {
+pub(super) fn observed_volume(v: &aws_sdk_ec2::types::Volume) -> ObservedVolume {
     let attachment = v.attachments().iter().find(|a| {
         !matches!(
             a.state().map(|s| s.as_str()),
@@ -949,22 +730,6 @@ fn observed_volume(v: &aws_sdk_ec2::types::Volume) -> ObservedVolume {
         }),
         tags: tag_map(v.tags()),
     }
-}
-
-/// The volumes `filter` selects.
-async fn read_volumes(ctx: &Context, filter: Filter) -> Result<Vec<ObservedVolume>> {
-    let mut volumes = Vec::new();
-    let mut pages = ctx
-        .ec2
-        .describe_volumes()
-        .filters(filter)
-        .into_paginator()
-        .send();
-    while let Some(page) = pages.next().await {
-        let page = page.map_err(aws_error("ec2", "DescribeVolumes"))?;
-        volumes.extend(page.volumes().iter().map(observed_volume));
-    }
-    Ok(volumes)
 }
 
 /// A volume's state (`creating`, `available`, `in-use`, ...).
@@ -1029,51 +794,6 @@ async fn launch(ctx: &Context, l: &Launch) -> Result<()> {
     ))
 }
 
-/// Attaches a data volume that is available, or creates it in the instance's zone (a later
-/// pass attaches it once it is available).
-async fn attach_volume(ctx: &Context, instance: &str, zone: &str, v: &VolumePlan) -> Result<()> {
-    let ec2 = &ctx.ec2;
-    let Some(volume) = &v.existing else {
-        let out = ec2
-            .create_volume()
-            .availability_zone(zone)
-            .size(v.size)
-            .volume_type(VolumeType::from(v.volume_type.as_str()))
-            .set_iops(v.iops)
-            .set_throughput(v.throughput)
-            .encrypted(v.encrypted)
-            .set_kms_key_id(v.kms_key_id.clone())
-            .tag_specifications(tag_spec(ResourceType::Volume, &v.tags))
-            .send()
-            .await
-            .map_err(aws_error("ec2", "CreateVolume"))?;
-        let id = out.volume_id().unwrap_or_default();
-        if out.state().map(|s| s.as_str()) != Some("available") {
-            return Err(Error::waiting(
-                format!(
-                    "volume {id} ({}) created; it is attached once available",
-                    v.device
-                ),
-                STATE_CHANGE,
-            ));
-        }
-        return attach(ctx, id, instance, &v.device).await;
-    };
-    attach(ctx, volume, instance, &v.device).await
-}
-
-async fn attach(ctx: &Context, volume: &str, instance: &str, device: &str) -> Result<()> {
-    ctx.ec2
-        .attach_volume()
-        .volume_id(volume)
-        .instance_id(instance)
-        .device(device)
-        .send()
-        .await
-        .map_err(aws_error("ec2", "AttachVolume"))?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1093,8 +813,8 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
 
     fn observed() -> Observed {
         let tags = owned_tags("host.prom");
-        let mut vol_tags = tags.clone();
-        vol_tags.insert(TAG_DEVICE.into(), "/dev/sdf".into());
+        let mut vol_tags = owned_tags("host.prom.volume.sdf");
+        vol_tags.insert(super::super::volume::TAG_DEVICE.into(), "/dev/sdf".into());
         vol_tags.insert("Name".into(), "s-prom-dev-sdf".into());
         let mut inst_tags = tags.clone();
         inst_tags.insert("Name".into(), "s-prom".into());
@@ -1139,7 +859,7 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
     }
 
     #[test]
-    fn a_missing_host_is_launched_with_group_and_volume() {
+    fn a_missing_host_is_launched_in_its_group() {
         let c = diff(spec(HOST), &Observed::default()).unwrap().unwrap();
         let [Op::Launch(l)] = &c.ops[..] else {
             panic!("{:?}", c.ops)
@@ -1147,13 +867,11 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         assert_eq!(l.group, "sg-1", "its security group node's");
         assert_eq!(l.subnet.as_deref(), Some("subnet-1"));
         assert_eq!(l.tags.get("Name").map(String::as_str), Some("s-prom"));
-        // The volume is shown; it is created by the pass after the instance runs.
-        let volume = c
-            .fields
-            .iter()
-            .find(|f| f.field == "volume /dev/sdf")
-            .unwrap();
-        assert_eq!(volume.after.as_deref(), Some("100 GiB gp3"));
+        assert!(
+            c.fields.iter().all(|f| !f.field.contains("volume")),
+            "the volume is a node of its own: {:?}",
+            c.fields
+        );
     }
 
     #[test]
@@ -1166,12 +884,13 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
             panic!("{:?}", c.ops)
         };
         assert_eq!(l.group, "sg-1");
-        let volume = c
-            .fields
-            .iter()
-            .find(|f| f.field == "volume /dev/sdf")
-            .unwrap();
-        assert_eq!(volume.after.as_deref(), Some("vol-1 (kept)"));
+        assert!(
+            c.notes
+                .iter()
+                .any(|n| n.contains("the existing data volumes are attached to it")),
+            "{:?}",
+            c.notes
+        );
     }
 
     #[test]
@@ -1193,12 +912,10 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         );
     }
 
-    /// A type change goes one state at a time, each pass taking the next step from what it
-    /// sees; nothing waits inside a pass.
-    /// An instance made by another tool (Terraform, say), adopted by id with the volume at its
-    /// device: tagged the host's, never launched, terminated or moved; its own tags kept.
+    /// An instance made by another tool (Terraform, say), adopted by id: tagged the host's,
+    /// never launched, terminated or moved; its own tags kept (its volume is its node's).
     #[test]
-    fn an_adopted_instance_and_its_volume_are_tagged_and_kept() {
+    fn an_adopted_instance_is_tagged_and_kept() {
         let mut o = observed();
         o.instances[0].id = "i-tf".into();
         o.instances[0].tags = Tags::from([("Name".into(), "prometheus-server".into())]);
@@ -1216,19 +933,12 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         let [Op::Tag {
             resource: i,
             tags: it,
-        }, Op::Tag {
-            resource: v,
-            tags: vt,
         }] = &c.ops[..]
         else {
             panic!("{:?}", c.ops)
         };
-        assert_eq!((i.as_str(), v.as_str()), ("i-tf", "vol-1"));
-        assert!(
-            owned(it, &d, &r.id) && owned(vt, &d, &r.id),
-            "{it:?} {vt:?}"
-        );
-        assert_eq!(vt.get(TAG_DEVICE).map(String::as_str), Some("/dev/sdf"));
+        assert_eq!(i, "i-tf");
+        assert!(owned(it, &d, &r.id), "{it:?}");
         assert!(c
             .notes
             .iter()
@@ -1238,7 +948,6 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         o.instances[0]
             .tags
             .insert("terraform".into(), "true".into());
-        o.volumes[0].tags.extend(vt.clone());
         assert_eq!(
             HostController
                 .diff(&d, &r, &o, &refs)
@@ -1260,6 +969,8 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         ));
     }
 
+    /// A type change goes one state at a time, each pass taking the next step from what it
+    /// sees; nothing waits inside a pass.
     #[test]
     fn a_type_change_stops_then_sets_the_type_and_starts_and_transitions_wait() {
         let mut o = observed();
@@ -1280,41 +991,6 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
             matches!(&c.ops[..], [Op::SetType { .. }, Op::Start { .. }]),
             "{:?}",
             c.ops
-        );
-    }
-
-    #[test]
-    fn a_volume_not_yet_available_is_waited_for() {
-        let mut o = observed();
-        o.volumes[0].attachment = None;
-        o.volumes[0].state = "creating".into();
-        let Err(e) = diff(spec(HOST), &o) else {
-            panic!("not waiting")
-        };
-        assert_eq!(e.class(), crate::error::ErrorClass::Waiting);
-        o.volumes[0].state = "available".into();
-        let c = diff(spec(HOST), &o).unwrap().unwrap();
-        assert!(
-            matches!(&c.ops[..], [Op::AttachVolume { .. }]),
-            "{:?}",
-            c.ops
-        );
-    }
-
-    #[test]
-    fn volumes_grow_reattach_and_never_shrink() {
-        let mut o = observed();
-        o.volumes[0].size = 50;
-        o.volumes[0].attachment = None;
-        o.volumes[0].state = "available".into();
-        let c = diff(spec(HOST), &o).unwrap().unwrap();
-        assert!(
-            matches!(&c.ops[..], [Op::ModifyVolume { size: 100, .. }, Op::AttachVolume { volume, .. }] if volume.existing.as_deref() == Some("vol-1"))
-        );
-        let mut o = observed();
-        o.volumes[0].size = 200;
-        assert!(
-            matches!(diff(spec(HOST), &o), Err(Error::Invalid(m)) if m.contains("cannot shrink"))
         );
     }
 
@@ -1361,13 +1037,22 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
     }
 
     #[test]
-    fn removed_hosts_are_orphaned_or_terminated_with_their_volume() {
+    fn removed_hosts_are_orphaned_or_terminated_with_their_legacy_volumes() {
         let d = desired(vec![]);
-        let o = observed();
+        let mut o = observed();
         assert_eq!(
             HostController.removed(&d, &o, false)[0].action,
             Action::Orphan
         );
+        // The volume is its node's (removed by the volume kind).
+        let pruned = HostController.removed(&d, &o, true);
+        assert!(
+            matches!(&pruned[0].ops[..], [Op::Terminate { .. }]),
+            "{:?}",
+            pruned[0].ops
+        );
+        // One an earlier version tagged with the host's address goes with the host.
+        o.volumes[0].tags = owned_tags("host.prom");
         let pruned = HostController.removed(&d, &o, true);
         assert!(matches!(
             &pruned[0].ops[..],

@@ -2,8 +2,10 @@
 //! offline checks here, the controller in `controller.rs`.
 
 pub(crate) mod controller;
+pub mod volume;
 
 pub use controller::HostController;
+pub use volume::VolumePart;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -227,8 +229,8 @@ impl HostSpec {
         }
     }
 
-    /// Its security group and the group's ingress rules, nodes of their own; the host's
-    /// instance depends on the group.
+    /// Its security group and the group's ingress rules, and each data volume, nodes of their
+    /// own; the host's instance depends on the group, each volume on the instance.
     pub fn parts(&self, host: &Resource) -> (Vec<Resource>, BTreeSet<ResourceId>) {
         let [group, ingress] = security_group::nodes(
             host,
@@ -245,7 +247,28 @@ impl HostSpec {
         );
         let mut own = host.depends_on.clone();
         own.insert(group.id.clone());
-        (vec![group, ingress], own)
+        let mut parts = vec![group, ingress];
+        parts.extend(self.volumes.iter().map(|v| Resource {
+            id: ResourceId::part(
+                Kind::HostVolume,
+                host.id.name.clone(),
+                Some(volume::key(&v.device)),
+            ),
+            origin: host.origin.clone(),
+            adopt: None,
+            observe_only: host.observe_only,
+            spec: crate::desired::Spec::Volume(VolumePart {
+                device: v.device.clone(),
+                size: *v.size_gib.get_ref() as i32,
+                volume_type: v.r#type.clone(),
+                iops: v.iops,
+                throughput: v.throughput,
+                encrypted: v.encrypted,
+                kms_key_id: v.kms_key_id.clone(),
+            }),
+            depends_on: BTreeSet::from([host.id.clone()]),
+        }));
+        (parts, own)
     }
 
     /// The tags its instance carries: the stack's, its own, the ownership tags, and `Name`
