@@ -144,3 +144,6 @@ echo "| daemon, converged default stack, passes 100 / 500 / 1,000 | $(daemon cal
 echo "| host_config push to $hosts instances | $(calls push); SendCommand $(op push SendCommand), status reads $(( $(op push ListCommands) + $(op push ListCommandInvocations) )) | $(wall push) | $(rss push) |"
 echo "| converged plan, 5,000 IAM roles | $(calls bigplan) | $(wall bigplan); diff alone $(diff_ms) | $(rss bigplan) |"
 echo "| converged plan with $hosts fleet hosts | $(calls fleet); SSM $(service fleet SSM) | $(wall fleet) | $(rss fleet) |"
+echo
+echo "Converged plan of the default stack, calls by operation:"
+sed -n '/^AWS API calls/,$ { /^  /p }' "$work/converged.err"

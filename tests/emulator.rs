@@ -2206,3 +2206,28 @@ async fn a_launch_templates_tags_are_described_as_they_are_now() {
         assert_eq!(t.tags().len(), want, "{t:?}");
     }
 }
+
+/// `CreateVolume` is idempotent on its client token, as on AWS: the call repeated with the
+/// token (an SDK retry after a lost answer) answers the same volume and makes no second one; a
+/// new token makes a new volume.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_volume_create_repeating_its_client_token_makes_no_second_volume() {
+    let aws = Aws::start();
+    let ec2 = aws.ec2().await;
+    let create = |token: &'static str| {
+        ec2.create_volume()
+            .availability_zone("us-east-1a")
+            .size(10)
+            .client_token(token)
+            .send()
+    };
+    let first = create("t-1").await.unwrap();
+    let again = create("t-1").await.unwrap();
+    assert_eq!(first.volume_id(), again.volume_id());
+    let volumes = ec2.describe_volumes().send().await.unwrap();
+    assert_eq!(volumes.volumes().len(), 1, "{:?}", volumes.volumes());
+    let other = create("t-2").await.unwrap();
+    assert_ne!(other.volume_id(), first.volume_id());
+    let volumes = ec2.describe_volumes().send().await.unwrap();
+    assert_eq!(volumes.volumes().len(), 2);
+}

@@ -96,9 +96,12 @@ pub fn find<'o>(
     let part = ResourceId::part(Kind::HostVolume, host.id.name.clone(), Some(key(device)));
     let at_device =
         |v: &&ObservedVolume| v.tags.get(TAG_DEVICE).map(String::as_str) == Some(device);
+    // Should two carry the node's tags (an interrupted create), the attached one, then the
+    // lowest id: always the same one, so the other is never attached too.
     volumes
         .iter()
-        .find(|v| owned_by(&v.tags, stack, &part))
+        .filter(|v| owned_by(&v.tags, stack, &part))
+        .min_by_key(|v| (v.attachment.is_none(), v.id.as_str()))
         .or_else(|| {
             volumes
                 .iter()
@@ -345,9 +348,16 @@ impl ManagedObject for Volume {
             ));
         };
         let p = &want.part;
+        // A token of its own: should an answer be lost, the SDK's retry carries the same one,
+        // and EBS answers the volume it made instead of making a second.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let token = format!("{}-{}", key(&p.device), now.as_nanos());
         let out = ctx
             .ec2
             .create_volume()
+            .client_token(token)
             .availability_zone(zone)
             .size(p.size)
             .volume_type(VolumeType::from(p.volume_type.as_str()))
@@ -598,6 +608,31 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
             diff(&nodes(None), vec![v], &refs("i-1")),
             Err(Error::Invalid(m)) if m.contains("cannot shrink")
         ));
+    }
+
+    #[test]
+    fn of_two_volumes_of_a_node_the_attached_one_is_kept_and_the_other_never_attached() {
+        let mut spare = volume();
+        spare.id = "vol-0".into();
+        spare.attachment = None;
+        spare.state = "available".into();
+        for order in [vec![spare.clone(), volume()], vec![volume(), spare.clone()]] {
+            assert!(diff(&nodes(None), order, &refs("i-1")).unwrap().is_none());
+        }
+        // Neither attached: always the same one, the lowest id.
+        let mut other = spare.clone();
+        other.id = "vol-2".into();
+        for order in [
+            vec![other.clone(), spare.clone()],
+            vec![spare.clone(), other.clone()],
+        ] {
+            let c = diff(&nodes(None), order, &refs("i-1")).unwrap().unwrap();
+            assert!(
+                matches!(&c.ops[..], [Op::Update { have, change: VolumeUpdate::Attach { .. } }] if have.id == "vol-0"),
+                "{:?}",
+                c.ops
+            );
+        }
     }
 
     #[test]

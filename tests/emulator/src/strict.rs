@@ -27,6 +27,9 @@
 //!   Balancer, and `DescribeLoadBalancers` says so; moto leaves the scheme out.
 //! - `DescribeLaunchTemplates` answers a template's tags as they are now (`CreateTags` and
 //!   `DeleteTags` on its `lt-` id included); moto answers the tags it was created with.
+//! - `CreateVolume` is idempotent on its `ClientToken`: a call repeating a token (an SDK retry
+//!   after a lost answer) answers the volume the token made, and makes no second one; moto
+//!   ignores the token.
 //! - `GetAccountAuthorizationDetails` pages, at most `MaxItems` entries a page (default 100)
 //!   with `IsTruncated` and a `Marker`; moto answers everything at once.
 //!
@@ -51,6 +54,8 @@ use crate::{lock, State};
 pub struct Store {
     profiles: BTreeMap<String, Instant>,
     instances: BTreeMap<String, Instant>,
+    /// `CreateVolume` answers by the client token they were made with.
+    volumes: BTreeMap<String, Vec<u8>>,
 }
 
 fn param(form: &[(String, String)], key: &str) -> Option<String> {
@@ -279,6 +284,11 @@ pub fn record(state: &Arc<State>, req: &Incoming, body: &[u8]) {
                 lock(&state.strict).profiles.insert(name, Instant::now());
             }
         }
+        ("ec2", "CreateVolume") => {
+            if let Some(token) = param(&req.form(), "ClientToken") {
+                lock(&state.strict).volumes.insert(token, body.to_vec());
+            }
+        }
         ("ec2", "RunInstances") => {
             let text = String::from_utf8_lossy(body);
             let mut store = lock(&state.strict);
@@ -458,4 +468,16 @@ pub async fn describe_launch_templates(
         .headers_mut()
         .remove(axum::http::header::CONTENT_LENGTH);
     Ok(response)
+}
+
+/// `CreateVolume` repeating a client token: the answer the token got, as AWS answers it (no
+/// second volume); `None` for a new token or none, which moto serves.
+pub fn repeated_volume(state: &Arc<State>, req: &Incoming) -> Option<Result<Response, ApiError>> {
+    let token = param(&req.form(), "ClientToken")?;
+    let body = lock(&state.strict).volumes.get(&token).cloned()?;
+    Some(Ok((
+        [(axum::http::header::CONTENT_TYPE, "text/xml")],
+        Body::from(body),
+    )
+        .into_response()))
 }
