@@ -416,8 +416,29 @@ async fn verify_once(engine: &Engine, desired: &DesiredState) -> anyhow::Result<
     }
 }
 
-/// How many more passes `reconcile --once` makes for differences that arise while it writes.
-const MAX_ARISEN: usize = 3;
+/// How many more passes `reconcile --once` makes for differences that arise while it writes
+/// and for failures that may pass on a retry.
+const MORE_PASSES: usize = 3;
+
+/// Whether every failure of a pass may pass on a retry (a call still throttled after the SDK's
+/// attempts, a server error): none is known to be permanent.
+fn only_retryable_failures(pass: &engine::Pass) -> bool {
+    let mut failures = pass
+        .applied
+        .errors
+        .iter()
+        .chain(&pass.check.errors)
+        .filter(|e| !e.is_waiting())
+        .peekable();
+    failures.peek().is_some()
+        && failures.all(|e| {
+            matches!(
+                e.class,
+                stackwarden_controllers::ErrorClass::Retryable
+                    | stackwarden_controllers::ErrorClass::Throttled
+            )
+        })
+}
 
 /// Whether the check after a pass shows only differences the pass did not write (and nothing
 /// failed): what changed in AWS meanwhile, not a write that did not take.
@@ -451,17 +472,23 @@ fn arose_meanwhile(pass: &engine::Pass) -> bool {
 async fn reconcile_once(engine: &Engine, desired: &DesiredState, prune: bool) -> engine::Pass {
     let deadline = tokio::time::Instant::now() + engine.ctx.waits.timeout;
     let mut applied = Vec::new();
-    let mut arisen = 0;
+    let mut more = 0;
     let mut pass = loop {
         let mut pass = engine
             .pass(desired, engine::Scope::everything(desired), prune, true)
             .await;
         // A difference that arose while the pass wrote (an instance an Auto Scaling Group
         // launched meanwhile) is the next pass's work; one the pass wrote and that is still
-        // there is a write that did not take, and fails the run.
-        if arisen < MAX_ARISEN && arose_meanwhile(&pass) {
-            arisen += 1;
+        // there is a write that did not take, and fails the run. Failures that may pass on a
+        // retry get another pass too, after a pause; permanent ones end the run.
+        let retry = only_retryable_failures(&pass);
+        if more < MORE_PASSES && (retry || arose_meanwhile(&pass)) {
+            more += 1;
             applied.append(&mut pass.applied.changes);
+            if retry {
+                eprintln!("retrying what failed in a pass that may pass on a retry");
+                tokio::time::sleep(engine.ctx.waits.poll.min(Duration::from_secs(1))).await;
+            }
             continue;
         }
         applied.append(&mut pass.applied.changes);

@@ -428,7 +428,9 @@ fn relevant(desired: &DesiredState, names: &BTreeSet<String>, name: &str, tags: 
     names.contains(name) || owner_id(tags, desired.stack_name()).is_some()
 }
 
-/// The object of `node`'s name (an IAM name is the object's identity).
+/// The object of `node`'s name (an IAM name is the object's identity), in objects sorted by
+/// name (as each kind's observe leaves them): a binary search, so a stack of thousands of
+/// roles is diffed in milliseconds.
 fn by_name<'o, O>(
     desired: &DesiredState,
     node: &Resource,
@@ -436,7 +438,10 @@ fn by_name<'o, O>(
     name: impl Fn(&O) -> &str,
 ) -> Option<&'o O> {
     let wanted = aws_name(desired, node);
-    observed.iter().find(|o| name(o) == wanted)
+    observed
+        .binary_search_by(|o| name(o).cmp(wanted.as_str()))
+        .ok()
+        .map(|i| &observed[i])
 }
 
 /// A document on one line, as written (IAM's own spelling for observed ones).
@@ -648,6 +653,7 @@ impl ManagedObject for Role {
             .filter(|r| relevant(desired, &names, &r.name, &r.tags))
             .cloned()
             .collect();
+        roles.sort_by(|a, b| a.name.cmp(&b.name));
         // Descriptions and session durations are not in the account details: read them only
         // for roles whose desired state sets them.
         for node in desired.of_kind(Kind::IamRole) {
@@ -658,9 +664,10 @@ impl ManagedObject for Role {
                 continue;
             }
             let name = aws_name(desired, node);
-            let Some(o) = roles.iter_mut().find(|r| r.name == name) else {
+            let Ok(at) = roles.binary_search_by(|r| r.name.as_str().cmp(&name)) else {
                 continue;
             };
+            let o = &mut roles[at];
             let out = ctx
                 .iam
                 .get_role()
@@ -1071,7 +1078,9 @@ impl ManagedObject for Policy {
                 ..p.clone()
             })
         });
-        futures::future::try_join_all(reads).await
+        let mut policies = futures::future::try_join_all(reads).await?;
+        policies.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(policies)
     }
 
     fn id(&self, o: &ObservedPolicy) -> String {
@@ -1338,11 +1347,13 @@ impl ManagedObject for InstanceProfile {
                 Err(e) => Err(e),
             }
         });
-        Ok(futures::future::try_join_all(reads)
+        let mut profiles: Vec<ObservedProfile> = futures::future::try_join_all(reads)
             .await?
             .into_iter()
             .flatten()
-            .collect())
+            .collect();
+        profiles.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(profiles)
     }
 
     fn id(&self, o: &ObservedProfile) -> String {

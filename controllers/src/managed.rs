@@ -9,13 +9,18 @@
 //!   by the kind's own [`ManagedObject::find`] for parts found inside their parent);
 //! - create versus update, decided from what observe found, never from memory; an adopted
 //!   object that does not exist is an error, never a create;
-//! - the tag diff (ownership tags, the stack's and the node's own) and its two calls;
+//! - for kinds whose name is the identity ([`ManagedObject::NAMED`], IAM), refusing an object
+//!   of the node's name that is neither the node's nor adopted;
+//! - the tag diff (ownership tags, the stack's and the node's own) and its two calls, made
+//!   before any other change of the object; an adopted object keeps its other tags;
 //! - readiness: an object still converging answers [`Error::Waiting`] instead of being polled,
 //!   so nothing else waits for it;
 //! - objects the stack owns that no node manages: orphaned, or deleted under
 //!   `deletion_policy = "delete"` / `--prune`; a part dropped from a composite that is still
-//!   desired is deleted (it is an edit of the composite);
-//! - "already gone" on delete is success;
+//!   desired is deleted (it is an edit of the composite), unless it holds data
+//!   ([`ManagedObject::DELETES_DROPPED`]: a data volume);
+//! - what must go before a delete ([`ManagedObject::teardown`]: a role's policies), applied as
+//!   updates first; "already gone" on delete is success;
 //! - plan lines made from the very operations that are applied: every [`ManagedObject::Update`]
 //!   describes itself, so a field cannot be shown without being applied, or applied without
 //!   being shown.
@@ -345,11 +350,18 @@ impl<K: ManagedObject> Managed<K> {
         Ok(())
     }
 
-    fn manages(&self, desired: &DesiredState, observed: &[K::Observed], o: &K::Observed) -> bool {
-        let id = self.0.id(o);
+    /// The ids of the objects the nodes manage: found once per node, so removals cost one
+    /// lookup per node, not one per node and object.
+    fn managed(
+        &self,
+        desired: &DesiredState,
+        observed: &[K::Observed],
+    ) -> std::collections::BTreeSet<String> {
         desired
             .of_kind(K::KIND)
-            .any(|n| self.0.find(desired, n, observed).map(|f| self.0.id(f)) == Some(id.clone()))
+            .filter_map(|n| self.0.find(desired, n, observed))
+            .map(|o| self.0.id(o))
+            .collect()
     }
 }
 
@@ -474,11 +486,12 @@ impl<K: ManagedObject> Controller for Managed<K> {
         observed: &Self::Observed,
         prune: bool,
     ) -> Vec<Change<Op<K>>> {
+        let managed = self.managed(desired, observed);
         observed
             .iter()
             .filter_map(|o| {
                 let id = self.0.owner(desired, o)?;
-                if self.manages(desired, observed, o) {
+                if managed.contains(&self.0.id(o)) {
                     return None;
                 }
                 // A part dropped from a composite still desired is an edit of the composite.
