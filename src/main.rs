@@ -449,21 +449,38 @@ fn arose_meanwhile(pass: &engine::Pass) -> bool {
         .iter()
         .chain(&pass.check.errors)
         .any(|e| !e.is_waiting());
+    let deletes: Vec<_> = pass
+        .check
+        .removed
+        .iter()
+        .map(|(_, c)| c)
+        .filter(|c| c.action == stackwarden_controllers::Action::Delete)
+        .collect();
     let mut pending = pass.check.writes().peekable();
-    if failed || pending.peek().is_none() {
+    if failed || (pending.peek().is_none() && deletes.is_empty()) {
         return false;
     }
-    let shown = |f: &stackwarden_controllers::FieldChange| (f.field.clone(), f.after.clone());
-    pending.all(|c| {
-        let written: std::collections::BTreeSet<_> = pass
+    // An object to delete that the pass did not try to (one left by an interrupted create
+    // that it found only after its writes).
+    let deletes_new = deletes.iter().all(|d| {
+        !pass
             .applied
             .changes
             .iter()
-            .filter(|a| a.id == c.id)
-            .flat_map(|a| a.fields.iter().map(shown))
-            .collect();
-        !c.fields.iter().map(shown).any(|f| written.contains(&f))
-    })
+            .any(|a| a.action == d.action && a.object == d.object)
+    });
+    let shown = |f: &stackwarden_controllers::FieldChange| (f.field.clone(), f.after.clone());
+    deletes_new
+        && pending.all(|c| {
+            let written: std::collections::BTreeSet<_> = pass
+                .applied
+                .changes
+                .iter()
+                .filter(|a| a.id == c.id)
+                .flat_map(|a| a.fields.iter().map(shown))
+                .collect();
+            !c.fields.iter().map(shown).any(|f| written.contains(&f))
+        })
 }
 
 /// `reconcile --once`: passes over everything until it converges, something fails, or only

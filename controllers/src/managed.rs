@@ -199,6 +199,12 @@ pub trait ManagedObject: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Pure: whether an object carrying the tags of a node that manages another one is a
+    /// leftover of an interrupted create, deleted rather than reported as orphaned.
+    fn is_stray_duplicate(&self, _o: &Self::Observed) -> bool {
+        false
+    }
+
     /// Pure: what must go before the object can be deleted (an IAM role's attached policies),
     /// applied in order before [`ManagedObject::delete`]. Each tolerates its target being gone.
     fn teardown(&self, _have: &Self::Observed) -> Vec<Self::Update> {
@@ -498,7 +504,9 @@ impl<K: ManagedObject> Controller for Managed<K> {
                 let edit = K::DELETES_DROPPED
                     && !id.kind.is_table()
                     && desired.resources.contains_key(&id.composite());
-                let delete = prune || edit;
+                // Its node is desired and manages another: a second one of it.
+                let stray = desired.resources.contains_key(&id) && self.0.is_stray_duplicate(o);
+                let delete = prune || edit || stray;
                 let action = if delete {
                     Action::Delete
                 } else {

@@ -80,6 +80,8 @@ pub struct ObservedVolume {
     /// (instance, device) while attached.
     pub attachment: Option<(String, String)>,
     pub tags: Tags,
+    /// Seconds since it was created, when it was read.
+    pub age: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -729,6 +731,16 @@ pub(super) fn observed_volume(v: &aws_sdk_ec2::types::Volume) -> ObservedVolume 
             )
         }),
         tags: tag_map(v.tags()),
+        age: v
+            .create_time()
+            .and_then(|t| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()?
+                    .as_secs() as i64;
+                u64::try_from(now - t.secs()).ok()
+            })
+            .unwrap_or(u64::MAX),
     }
 }
 

@@ -432,6 +432,13 @@ impl ManagedObject for Volume {
         Ok(())
     }
 
+    /// A second volume of a node, unattached and made within the hour: what an interrupted
+    /// create left (its node chose the other one, see [`find`]). An older one may hold data
+    /// someone detached on purpose: it is reported as orphaned, never deleted.
+    fn is_stray_duplicate(&self, o: &ObservedVolume) -> bool {
+        o.attachment.is_none() && o.state == "available" && o.age < 3600
+    }
+
     /// A volume still attached is detached first (its instance may be terminating already, so
     /// a refused detach is no error): it is deleted by a later pass, once free.
     async fn delete(&self, ctx: &Context, have: &ObservedVolume) -> Result<()> {
@@ -633,6 +640,24 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
                 c.ops
             );
         }
+    }
+
+    #[test]
+    fn a_fresh_unattached_second_volume_of_a_node_is_deleted_an_old_one_orphaned() {
+        let mut spare = volume();
+        spare.id = "vol-9".into();
+        spare.attachment = None;
+        spare.state = "available".into();
+        spare.age = 60;
+        let d = nodes(None);
+        let removed = Managed(Volume).removed(&d, &vec![volume(), spare.clone()], false);
+        assert_eq!(removed.len(), 1, "the attached one stays the node's");
+        assert_eq!(removed[0].action, Action::Delete);
+        assert_eq!(removed[0].object, "volume vol-9");
+        spare.age = 7200;
+        let removed = Managed(Volume).removed(&d, &vec![volume(), spare], false);
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].action, Action::Orphan);
     }
 
     #[test]

@@ -141,6 +141,9 @@ pub(crate) struct State {
     pub(crate) ssm: ssm::RunCommand,
     pub(crate) refresh: Mutex<refresh::Store>,
     pub(crate) strict: Mutex<strict::Store>,
+    /// Held while a `CreateVolume` with a client token is served: a retry arriving while the
+    /// first attempt is still with moto waits for its answer instead of making a second volume.
+    pub(crate) volume_creates: tokio::sync::Mutex<()>,
     pub(crate) faults: Mutex<faults::Faults>,
     pub(crate) calls: Mutex<Vec<Call>>,
 }
@@ -259,6 +262,7 @@ impl Emulator {
             ssm: ssm::RunCommand::default(),
             refresh: Mutex::default(),
             strict: Mutex::default(),
+            volume_creates: tokio::sync::Mutex::new(()),
             faults: Mutex::new(faults::Faults::new(config.settings.seed)),
             calls: Mutex::default(),
         });

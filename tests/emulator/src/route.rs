@@ -271,7 +271,7 @@ async fn dispatch(state: &Arc<State>, req: &Incoming) -> Response {
         ("elasticloadbalancing", "CreateLoadBalancer") => {
             crate::strict::create_load_balancer(state, req).await
         }
-        ("ec2", "CreateVolume") => crate::strict::repeated_volume(state, req),
+        ("ec2", "CreateVolume") => crate::strict::create_volume(state, req).await,
         ("ec2", "DescribeLaunchTemplates") => {
             Some(crate::strict::describe_launch_templates(state, req).await)
         }

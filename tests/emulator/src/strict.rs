@@ -284,11 +284,6 @@ pub fn record(state: &Arc<State>, req: &Incoming, body: &[u8]) {
                 lock(&state.strict).profiles.insert(name, Instant::now());
             }
         }
-        ("ec2", "CreateVolume") => {
-            if let Some(token) = param(&req.form(), "ClientToken") {
-                lock(&state.strict).volumes.insert(token, body.to_vec());
-            }
-        }
         ("ec2", "RunInstances") => {
             let text = String::from_utf8_lossy(body);
             let mut store = lock(&state.strict);
@@ -470,14 +465,31 @@ pub async fn describe_launch_templates(
     Ok(response)
 }
 
-/// `CreateVolume` repeating a client token: the answer the token got, as AWS answers it (no
-/// second volume); `None` for a new token or none, which moto serves.
-pub fn repeated_volume(state: &Arc<State>, req: &Incoming) -> Option<Result<Response, ApiError>> {
+/// `CreateVolume` with a client token, idempotent as on AWS: a repeat of the token, even one
+/// arriving while the first is still being served, answers the volume the token made and makes
+/// no second one. `None` without a token: moto serves it.
+pub async fn create_volume(
+    state: &Arc<State>,
+    req: &Incoming,
+) -> Option<Result<Response, ApiError>> {
     let token = param(&req.form(), "ClientToken")?;
-    let body = lock(&state.strict).volumes.get(&token).cloned()?;
-    Some(Ok((
-        [(axum::http::header::CONTENT_TYPE, "text/xml")],
-        Body::from(body),
-    )
-        .into_response()))
+    let _one_at_a_time = state.volume_creates.lock().await;
+    let known = lock(&state.strict).volumes.get(&token).cloned();
+    if let Some(body) = known {
+        return Some(Ok((
+            [(axum::http::header::CONTENT_TYPE, "text/xml")],
+            Body::from(body),
+        )
+            .into_response()));
+    }
+    let response = match state.moto.forward(req).await {
+        Ok(r) => r,
+        Err(e) => return Some(Err(e)),
+    };
+    if response.status().is_success() {
+        lock(&state.strict)
+            .volumes
+            .insert(token, response.body().to_vec());
+    }
+    Some(Ok(response.map(Body::from).into_response()))
 }
