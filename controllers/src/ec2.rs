@@ -26,6 +26,31 @@ pub fn ec2_tags(tags: &Tags) -> Vec<Tag> {
         .collect()
 }
 
+/// Sets tags on an EC2 object (`CreateTags` adds and overwrites).
+pub async fn set_tags(ctx: &Context, id: &str, tags: &Tags) -> Result<()> {
+    ctx.ec2
+        .create_tags()
+        .resources(id)
+        .set_tags(Some(ec2_tags(tags)))
+        .send()
+        .await
+        .map_err(aws_error("ec2", "CreateTags"))?;
+    Ok(())
+}
+
+/// Removes tags from an EC2 object by key.
+pub async fn remove_tags(ctx: &Context, id: &str, keys: &[String]) -> Result<()> {
+    let tags = keys.iter().map(|k| Tag::builder().key(k).build()).collect();
+    ctx.ec2
+        .delete_tags()
+        .resources(id)
+        .set_tags(Some(tags))
+        .send()
+        .await
+        .map_err(aws_error("ec2", "DeleteTags"))?;
+    Ok(())
+}
+
 /// Tags for a create call, on the object of `kind` it creates (one call: crash-safe).
 pub fn tag_spec(kind: ResourceType, tags: &Tags) -> TagSpecification {
     TagSpecification::builder()

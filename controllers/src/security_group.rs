@@ -16,14 +16,14 @@ use std::collections::BTreeSet;
 use std::marker::PhantomData;
 
 use async_trait::async_trait;
-use aws_sdk_ec2::types::{Filter, IpPermission, IpRange, ResourceType, Tag, UserIdGroupPair};
+use aws_sdk_ec2::types::{Filter, IpPermission, IpRange, ResourceType, UserIdGroupPair};
 use serde::Deserialize;
 use toml::Spanned;
 
 use crate::change::FieldChange;
 use crate::controller::Context;
 use crate::desired::{is_ipv4_cidr, DesiredState, Resource, Spec, Validator, TAG_STACK};
-use crate::ec2::{ec2_tags, locate_subnet, tag_map, tag_spec};
+use crate::ec2::{locate_subnet, remove_tags, set_tags, tag_map, tag_spec};
 use crate::error::{aws_error, Result};
 use crate::managed::{Describe, ManagedObject};
 use crate::model::{references_in, Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
@@ -531,26 +531,11 @@ impl<T: Table> ManagedObject for SecurityGroup<T> {
     }
 
     async fn tag(&self, ctx: &Context, have: &ObservedGroup, set: &Tags) -> Result<()> {
-        ctx.ec2
-            .create_tags()
-            .resources(&have.id)
-            .set_tags(Some(ec2_tags(set)))
-            .send()
-            .await
-            .map_err(aws_error("ec2", "CreateTags"))?;
-        Ok(())
+        set_tags(ctx, &have.id, set).await
     }
 
     async fn untag(&self, ctx: &Context, have: &ObservedGroup, keys: &[String]) -> Result<()> {
-        let tags = keys.iter().map(|k| Tag::builder().key(k).build()).collect();
-        ctx.ec2
-            .delete_tags()
-            .resources(&have.id)
-            .set_tags(Some(tags))
-            .send()
-            .await
-            .map_err(aws_error("ec2", "DeleteTags"))?;
-        Ok(())
+        remove_tags(ctx, &have.id, keys).await
     }
 
     /// Fails with DependencyViolation (retried) while an instance, a load balancer or another

@@ -952,14 +952,7 @@ impl Controller for GrafanaController {
         let (ec2, elb, asg) = (&ctx.ec2, &ctx.elb, &ctx.autoscaling);
         match op {
             Op::Build(b) => return build(ctx, b).await.map(Some),
-            Op::TemplateTag { template, tags } => {
-                ec2.create_tags()
-                    .resources(template)
-                    .set_tags(Some(crate::ec2::ec2_tags(tags)))
-                    .send()
-                    .await
-                    .map_err(aws_error("ec2", "CreateTags"))?;
-            }
+            Op::TemplateTag { template, tags } => crate::ec2::set_tags(ctx, template, tags).await?,
             Op::ElbTag { arn, tags } => {
                 elb.add_tags()
                     .resource_arns(arn)

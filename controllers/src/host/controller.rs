@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use aws_sdk_ec2::types::{
     Filter, HttpTokensState, IamInstanceProfileSpecification, InstanceMetadataOptionsRequest,
-    InstanceType, ResourceType, Tag,
+    InstanceType, ResourceType,
 };
 use base64::Engine as _;
 
@@ -34,7 +34,7 @@ use super::HostSpec;
 use crate::change::{removal, Action, Change};
 use crate::controller::{Context, Controller};
 use crate::desired::{DesiredState, Resource, Spec, TAG_STACK};
-use crate::ec2::{ec2_tags, locate_subnet, resolve_ami, tag_map, tag_spec};
+use crate::ec2::{locate_subnet, resolve_ami, tag_map, tag_spec};
 use crate::error::{aws_error, Error, Result};
 use crate::model::{Kind, Outputs, Refs, ResourceId};
 use crate::push::send::{record, send, track, Controls, Rollout, Tracked};
@@ -617,23 +617,8 @@ impl Controller for HostController {
                     .await
                     .map_err(aws_error("ec2", "ModifyInstanceAttribute"))?;
             }
-            Op::Tag { resource, tags } => {
-                ec2.create_tags()
-                    .resources(resource)
-                    .set_tags(Some(ec2_tags(tags)))
-                    .send()
-                    .await
-                    .map_err(aws_error("ec2", "CreateTags"))?;
-            }
-            Op::Untag { resource, keys } => {
-                let tags = keys.iter().map(|k| Tag::builder().key(k).build()).collect();
-                ec2.delete_tags()
-                    .resources(resource)
-                    .set_tags(Some(tags))
-                    .send()
-                    .await
-                    .map_err(aws_error("ec2", "DeleteTags"))?;
-            }
+            Op::Tag { resource, tags } => crate::ec2::set_tags(ctx, resource, tags).await?,
+            Op::Untag { resource, keys } => crate::ec2::remove_tags(ctx, resource, keys).await?,
             Op::Push { instance, push } => {
                 send(
                     ctx,

@@ -13,13 +13,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_ec2::types::{Filter, ResourceType, Tag, VolumeType};
+use aws_sdk_ec2::types::{Filter, ResourceType, VolumeType};
 
 use super::controller::ObservedVolume;
 use crate::change::FieldChange;
 use crate::controller::Context;
 use crate::desired::{DesiredState, Resource, Spec, TAG_STACK};
-use crate::ec2::{ec2_tags, tag_spec};
+use crate::ec2::{remove_tags, set_tags, tag_spec};
 use crate::error::{aws_error, Error, Result};
 use crate::managed::{Describe, ManagedObject, Readiness};
 use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
@@ -410,26 +410,11 @@ impl ManagedObject for Volume {
     }
 
     async fn tag(&self, ctx: &Context, have: &ObservedVolume, set: &Tags) -> Result<()> {
-        ctx.ec2
-            .create_tags()
-            .resources(&have.id)
-            .set_tags(Some(ec2_tags(set)))
-            .send()
-            .await
-            .map_err(aws_error("ec2", "CreateTags"))?;
-        Ok(())
+        set_tags(ctx, &have.id, set).await
     }
 
     async fn untag(&self, ctx: &Context, have: &ObservedVolume, keys: &[String]) -> Result<()> {
-        let tags = keys.iter().map(|k| Tag::builder().key(k).build()).collect();
-        ctx.ec2
-            .delete_tags()
-            .resources(&have.id)
-            .set_tags(Some(tags))
-            .send()
-            .await
-            .map_err(aws_error("ec2", "DeleteTags"))?;
-        Ok(())
+        remove_tags(ctx, &have.id, keys).await
     }
 
     /// A second volume of a node, unattached and made within the hour: what an interrupted
