@@ -49,7 +49,7 @@ impl Scope {
     pub fn everything(desired: &DesiredState) -> Scope {
         Scope {
             resources: desired.resources.keys().cloned().collect(),
-            removals: Kind::ALL.into_iter().collect(),
+            removals: Kind::all().collect(),
         }
     }
 }
@@ -161,7 +161,7 @@ pub struct Applied {
 impl Engine {
     pub fn new(ctx: Context, concurrency: usize) -> Self {
         Engine {
-            controllers: stackwarden_controllers::controllers(),
+            controllers: Kind::all().map(Kind::controller).collect(),
             ctx,
             concurrency: concurrency.max(1),
             may_write: None,
@@ -189,9 +189,7 @@ impl Engine {
     }
 
     fn controller_for(&self, kind: Kind) -> Option<usize> {
-        self.controllers
-            .iter()
-            .position(|c| c.kinds().contains(&kind))
+        self.controllers.iter().position(|c| c.kind() == kind)
     }
 
     /// One pass over `scope`: observe; apply when `write` (a daemon without the lease only
@@ -235,7 +233,7 @@ impl Engine {
         // One observation's shared reads (a list several kinds need is made once).
         let ctx = self.ctx.for_observation();
         let reads = self.controllers.iter().map(|c| {
-            let needed = c.kinds().iter().any(|k| kinds.contains(k));
+            let needed = kinds.contains(&c.kind());
             let ctx = &ctx;
             async move {
                 if needed {
@@ -256,7 +254,7 @@ impl Engine {
         for (c, o) in self.controllers.iter().zip(&observed) {
             match o {
                 Some(Ok(o)) => refs.outputs.extend(c.outputs(desired, o)),
-                Some(Err(e)) => tracing::warn!(error = %e, kinds = ?c.kinds(), "observe failed"),
+                Some(Err(e)) => tracing::warn!(error = %e, kind = %c.kind(), "observe failed"),
                 None => {}
             }
         }
@@ -273,8 +271,8 @@ impl Engine {
             Some(Ok(o)) => Ok(o),
             Some(Err(e)) => Err(e.clone()),
             None => Err(Error::Skipped(format!(
-                "{:?} were not observed in this pass",
-                self.controllers[ci].kinds()
+                "{} was not observed in this pass",
+                self.controllers[ci].kind()
             ))),
         }
     }
@@ -290,9 +288,7 @@ impl Engine {
             .enumerate()
             .rev()
             .filter_map(move |(ci, (c, o))| match o {
-                Some(Ok(o)) if c.kinds().iter().any(|k| obs.scope.removals.contains(k)) => {
-                    Some((ci, c.as_ref(), o))
-                }
+                Some(Ok(o)) if obs.scope.removals.contains(&c.kind()) => Some((ci, c.as_ref(), o)),
                 _ => None,
             })
     }
@@ -580,7 +576,7 @@ mod tests {
     use tokio::time::Instant;
 
     fn id(name: &str) -> ResourceId {
-        ResourceId::new(Kind::IamRole, name)
+        ResourceId::new(stackwarden_controllers::iam::ROLE, name)
     }
 
     #[tokio::test(start_paused = true)]

@@ -13,27 +13,9 @@ use sha2::{Digest, Sha256};
 use stackwarden_controllers::desired::{read_inside, StackSpec, Validator, MAX_FILE_BYTES};
 use stackwarden_controllers::diag::{Diagnostic, Diagnostics, Loc, Origin, SourceFile};
 use stackwarden_controllers::model::{scan_refs, Kind, ResourceId, Target};
-use stackwarden_controllers::{host_config, iam, DesiredState, Resource, Spec};
+use stackwarden_controllers::{DesiredState, Resource, Spec};
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
-
-/// Sections and, for those that group several kinds, the kinds inside them.
-const SECTIONS: &[(&str, &[(&str, Kind)])] = &[
-    ("stack", &[]),
-    (
-        "iam",
-        &[
-            ("role", Kind::IamRole),
-            ("policy", Kind::IamPolicy),
-            ("instance_profile", Kind::IamInstanceProfile),
-        ],
-    ),
-    ("amp", &[("workspace", Kind::AmpWorkspace)]),
-    ("amg", &[("workspace", Kind::AmgWorkspace)]),
-    ("host", &[("", Kind::Host)]),
-    ("grafana", &[("", Kind::Grafana)]),
-    ("host_config", &[("", Kind::HostConfig)]),
-];
 
 /// Keys every resource table may have, whatever its kind.
 const COMMON_KEYS: &[&str] = &["adopt", "observe_only"];
@@ -188,10 +170,10 @@ pub fn load(dir: &Path) -> Result<DesiredState, Vec<Diagnostic>> {
         resources,
         content_hash: content_hash(dir),
     };
-    add_targeted_hosts(&mut desired);
+    for kind in Kind::all() {
+        kind.check_whole(&mut desired, &mut diags);
+    }
     check_cycles(&desired.resources, &mut diags);
-    check_conflicting_names(&desired, &mut diags);
-    check_overlapping_files(&desired, &mut diags);
     if diags.is_empty() {
         Ok(desired)
     } else {
@@ -267,15 +249,16 @@ fn parse_file(
 ) {
     for (key, value) in root {
         let section = key.get_ref().as_ref();
-        let Some((_, kinds)) = SECTIONS.iter().find(|(s, _)| *s == section) else {
-            let known = SECTIONS.iter().map(|(s, _)| s.to_string());
+        let sections = Kind::sections();
+        if section != "stack" && !sections.contains(&section) {
+            let known = std::iter::once("stack").chain(sections).map(String::from);
             diags.at(
                 file,
                 key.span().start,
                 format!("unknown section `{section}`{}", suggest(section, known)),
             );
             continue;
-        };
+        }
         if section == "stack" {
             *stack_seen = true;
             let o = origin(file, key.span());
@@ -298,14 +281,20 @@ fn parse_file(
         let Some(table) = as_table(file, &key, value, diags) else {
             continue;
         };
-        if kinds.len() == 1 && kinds[0].0.is_empty() {
-            parse_resources(file, kinds[0].1, table, parsed, diags);
+        // A section is one kind (`host`) or groups several (`iam.role`, `iam.policy`).
+        if let Some(kind) = Kind::from_path(section) {
+            parse_resources(file, kind, table, parsed, diags);
             continue;
         }
+        let kinds: Vec<Kind> = Kind::all()
+            .filter(|k| k.is_table())
+            .filter(|k| k.path().split_once('.').is_some_and(|(s, _)| s == section))
+            .collect();
         for (sub, value) in table {
             let name = sub.get_ref().as_ref();
-            let Some((_, kind)) = kinds.iter().find(|(k, _)| *k == name) else {
-                let known = kinds.iter().map(|(k, _)| format!("{section}.{k}"));
+            let path = format!("{section}.{name}");
+            let Some(kind) = kinds.iter().copied().find(|k| k.path() == path) else {
+                let known = kinds.iter().map(|k| k.path().to_string());
                 diags.at(
                     file,
                     sub.span().start,
@@ -317,7 +306,7 @@ fn parse_file(
                 continue;
             };
             if let Some(t) = as_table(file, &sub, value, diags) {
-                parse_resources(file, *kind, t, parsed, diags);
+                parse_resources(file, kind, t, parsed, diags);
             }
         }
     }
@@ -427,7 +416,8 @@ fn parse_resources(
             }
         }
         let value = Spanned::new(span.clone(), DeValue::Table(rest));
-        match Spec::deserialize(kind, value.into_deserializer()) {
+        let schema = kind.schema().expect("sections hold table kinds only");
+        match schema(value) {
             Ok(spec) => parsed.push(Parsed {
                 id,
                 origin: origin(file, key.span().start..span.end),
@@ -543,80 +533,6 @@ fn check_cycles(resources: &BTreeMap<ResourceId, Resource>, diags: &mut Diagnost
     }
 }
 
-/// Two resources of a kind with the same AWS name would fight over one object.
-fn check_conflicting_names(desired: &DesiredState, diags: &mut Diagnostics) {
-    for kind in [Kind::IamRole, Kind::IamPolicy, Kind::IamInstanceProfile] {
-        let mut seen: BTreeMap<String, &Resource> = BTreeMap::new();
-        for r in desired.of_kind(kind) {
-            let name = iam::aws_name(desired, r);
-            if let Some(first) = seen.get(&name) {
-                diags.at_origin(
-                    &r.origin,
-                    format!("{} and {} both name the {kind} `{name}`", first.id, r.id),
-                );
-            } else {
-                seen.insert(name, r);
-            }
-        }
-    }
-}
-
-/// A host_config depends on the stack's hosts its targets select, as on what it references: it
-/// is applied after them, so a host launched in a pass gets its files in that pass.
-fn add_targeted_hosts(desired: &mut DesiredState) {
-    let edges: Vec<(ResourceId, ResourceId)> = desired
-        .of_kind(Kind::HostConfig)
-        .filter_map(|r| match &r.spec {
-            Spec::HostConfig(s) => Some((r, s)),
-            _ => None,
-        })
-        .flat_map(|(r, s)| {
-            s.targeted_hosts(desired)
-                .map(|host| (r.id.clone(), host.clone()))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    for (config, host) in edges {
-        if let Some(r) = desired.resources.get_mut(&config) {
-            r.depends_on.insert(host);
-        }
-    }
-}
-
-/// Two host_configs that write the same path and could select the same instance (no tag on
-/// which their targets disagree) would overwrite each other's file on every pass.
-fn check_overlapping_files(desired: &DesiredState, diags: &mut Diagnostics) {
-    let configs: Vec<(&Resource, &host_config::HostConfigSpec)> = desired
-        .of_kind(Kind::HostConfig)
-        .filter_map(|r| match &r.spec {
-            Spec::HostConfig(s) => Some((r, s)),
-            _ => None,
-        })
-        .collect();
-    for (i, (a, sa)) in configs.iter().enumerate() {
-        for (b, sb) in &configs[i + 1..] {
-            let disjoint = sa
-                .targets
-                .iter()
-                .any(|(k, v)| sb.targets.get(k).is_some_and(|w| w != v));
-            if disjoint {
-                continue;
-            }
-            for f in &sb.files {
-                if sa.files.iter().any(|g| g.path == f.path) {
-                    diags.at_origin(
-                        &b.origin,
-                        format!(
-                            "{} and {} both write `{}` to the instances their targets share",
-                            a.id, b.id, f.path
-                        ),
-                    );
-                }
-            }
-        }
-    }
-}
-
 /// `; did you mean ...?` when a known word is close.
 fn suggest(word: &str, known: impl Iterator<Item = String>) -> String {
     let best = known.map(|k| (edit_distance(word, &k), k)).min();
@@ -712,7 +628,8 @@ mod tests {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/ec2-prometheus-loki-grafana");
         let desired = load(&dir).unwrap();
         let deps = |name: &str| -> Vec<String> {
-            desired.resources[&ResourceId::new(Kind::HostConfig, name)]
+            desired.resources
+                [&ResourceId::new(stackwarden_controllers::host_config::HOST_CONFIG, name)]
                 .depends_on
                 .iter()
                 .map(ToString::to_string)

@@ -57,7 +57,7 @@ impl Resync {
                 None => r.default = duration(v)?,
                 Some((kind, d)) => {
                     let k = Kind::from_path(kind.trim()).ok_or_else(|| {
-                        let known: Vec<_> = Kind::ALL.iter().map(|k| k.path()).collect();
+                        let known: Vec<_> = Kind::all().map(|k| k.path()).collect();
                         format!("{v}: unknown kind {kind:?} (one of {})", known.join(", "))
                     })?;
                     r.per_kind.insert(k, duration(d)?);
@@ -167,7 +167,7 @@ impl Schedule {
         let mut s = Schedule {
             resync,
             backoff,
-            kinds: Kind::ALL.iter().map(|k| (*k, now)).collect(),
+            kinds: Kind::all().map(|k| (k, now)).collect(),
             resources: BTreeMap::new(),
             random: Box::new(fastrand::f64),
         };
@@ -352,7 +352,7 @@ alias = "main"
         let mut s = schedule(&desired);
         let first = s.due(Instant::now());
         assert_eq!(first.resources.len(), 3);
-        assert_eq!(first.kinds.len(), Kind::ALL.len());
+        assert_eq!(first.kinds.len(), Kind::all().count());
         s.record(&first, &ok(&first), Instant::now());
         assert!(s.due(Instant::now()).is_empty());
         assert_eq!(
@@ -366,14 +366,18 @@ alias = "main"
             resync.resources,
             BTreeSet::from([id("iam.role.a"), id("iam.role.b")])
         );
-        assert!(resync.kinds.contains(&Kind::IamRole));
-        assert!(!resync.kinds.contains(&Kind::AmpWorkspace));
+        assert!(resync.kinds.contains(&stackwarden_controllers::iam::ROLE));
+        assert!(!resync
+            .kinds
+            .contains(&stackwarden_controllers::amp::WORKSPACE));
         s.record(&resync, &ok(&resync), Instant::now());
 
         tokio::time::advance(Duration::from_secs(240)).await;
         let later = s.due(Instant::now());
         assert!(later.resources.contains(&id("amp.workspace.main")));
-        assert!(later.kinds.contains(&Kind::AmpWorkspace));
+        assert!(later
+            .kinds
+            .contains(&stackwarden_controllers::amp::WORKSPACE));
     }
 
     #[tokio::test(start_paused = true)]
@@ -384,18 +388,18 @@ alias = "main"
         s.record(&first, &ok(&first), Instant::now());
         let roles = Due {
             resources: BTreeSet::from([id("iam.role.a"), id("iam.role.b")]),
-            kinds: BTreeSet::from([Kind::IamRole]),
+            kinds: BTreeSet::from([stackwarden_controllers::iam::ROLE]),
         };
         tokio::time::advance(Duration::from_secs(5)).await;
         s.record(&roles, &ok(&roles), Instant::now());
         // Policies are due at 60 s, roles at 65 s: within a fifth of 60 s, so one batch.
         tokio::time::advance(Duration::from_secs(55)).await;
         let due = s.due(Instant::now());
-        assert!(due.kinds.contains(&Kind::IamPolicy));
-        assert!(due.kinds.contains(&Kind::IamRole));
+        assert!(due.kinds.contains(&stackwarden_controllers::iam::POLICY));
+        assert!(due.kinds.contains(&stackwarden_controllers::iam::ROLE));
         assert!(due.resources.contains(&id("iam.role.a")));
         // The workspace resyncs every 5 minutes: not pulled in a minute early.
-        assert!(!due.kinds.contains(&Kind::AmpWorkspace));
+        assert!(!due.kinds.contains(&stackwarden_controllers::amp::WORKSPACE));
         assert!(!due.resources.contains(&id("amp.workspace.main")));
     }
 
@@ -471,7 +475,7 @@ alias = "main"
         );
         tokio::time::advance(Duration::from_secs(61)).await;
         let due = s.due(Instant::now());
-        assert!(due.kinds.contains(&Kind::IamRole));
+        assert!(due.kinds.contains(&stackwarden_controllers::iam::ROLE));
         assert!(!due.resources.contains(&a), "{due:?}");
         assert!(due.resources.contains(&id("iam.role.b")));
     }
@@ -511,9 +515,18 @@ alias = "main"
     #[test]
     fn resync_flags_name_a_default_and_kinds() {
         let r = Resync::parse(&["2m".into(), "host=5m".into(), "iam.role=1h".into()]).unwrap();
-        assert_eq!(r.of(Kind::IamPolicy), Duration::from_secs(120));
-        assert_eq!(r.of(Kind::Host), Duration::from_secs(300));
-        assert_eq!(r.of(Kind::IamRole), Duration::from_secs(3600));
+        assert_eq!(
+            r.of(stackwarden_controllers::iam::POLICY),
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            r.of(stackwarden_controllers::host::HOST),
+            Duration::from_secs(300)
+        );
+        assert_eq!(
+            r.of(stackwarden_controllers::iam::ROLE),
+            Duration::from_secs(3600)
+        );
         let e = Resync::parse(&["hots=5m".into()]).unwrap_err();
         assert!(e.contains("unknown kind \"hots\""), "{e}");
         assert!(Resync::parse(&["0s".into()]).is_err());

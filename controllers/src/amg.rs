@@ -23,7 +23,7 @@
 //! - An adopted workspace gets no write beyond what the desired state sets: no ownership tags
 //!   unless `tags` is given.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,11 +37,40 @@ use toml::Spanned;
 
 use crate::change::FieldChange;
 use crate::controller::Context;
-use crate::desired::{check_tags, DesiredState, Resource, Spec, Validator, TAG_STACK};
+use crate::desired::{check_tags, DesiredState, KindSpec, Resource, Spec, Validator, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
-use crate::managed::{usable_parent, Describe, ManagedObject, Readiness};
-use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
+use crate::kind::{schema, Form, Kind, KindDef};
+use crate::managed::{usable_parent, Describe, Managed, ManagedObject, Readiness};
+use crate::model::{Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
 use crate::tags::Tags;
+
+static WORKSPACE_KIND: KindDef = KindDef {
+    path: "amg.workspace",
+    attributes: &["id", "arn", "endpoint"],
+    form: Form::Table {
+        schema: schema::<WorkspaceSpec>,
+    },
+    attribute_parts: &[],
+    whole: None,
+    controller: || Box::new(Managed(Workspace)),
+};
+/// `[amg.workspace.<name>]`: the workspace itself.
+pub const WORKSPACE: Kind = Kind::new(&WORKSPACE_KIND);
+
+static PERMISSIONS_KIND: KindDef = KindDef {
+    path: "amg.workspace.permissions",
+    attributes: &[],
+    form: Form::Part {
+        of: Kind::new(&WORKSPACE_KIND),
+        word: "permissions",
+        keyed: false,
+    },
+    attribute_parts: &[],
+    whole: None,
+    controller: || Box::new(Managed(Permissions)),
+};
+/// The IAM Identity Center role associations of a workspace.
+pub const PERMISSIONS: Kind = Kind::new(&PERMISSIONS_KIND);
 
 /// `[amg.workspace.<name>]`; `adopt = "<workspace id>"` manages an existing one.
 ///
@@ -109,8 +138,13 @@ const WAIT: Duration = Duration::from_secs(10);
 const DEFAULT_PERMISSION_TYPE: &str = "SERVICE_MANAGED";
 const DEFAULT_ACCOUNT_ACCESS: &str = "CURRENT_ACCOUNT";
 
-impl WorkspaceSpec {
-    pub fn validate(&mut self, v: &mut Validator<'_>) {
+impl KindSpec for WorkspaceSpec {
+    /// The workspace node keeps every reference of the table; its permissions depend on it.
+    fn parts(&self, workspace: &Resource) -> Option<(Vec<Resource>, BTreeSet<ResourceId>)> {
+        Some((self.part_nodes(workspace), workspace.depends_on.clone()))
+    }
+
+    fn validate(&mut self, v: &mut Validator<'_>) {
         for p in self.authentication_providers.iter().flatten() {
             if p != "AWS_SSO" && p != "SAML" {
                 v.here(format!(
@@ -240,7 +274,7 @@ fn arn(region: &str, account: &str, id: &str) -> String {
 async fn workspaces(ctx: &Context, desired: &DesiredState) -> Result<Arc<Vec<ObservedWorkspace>>> {
     let stack = desired.stack_name().to_string();
     let adopted: Vec<String> = desired
-        .of_kind(Kind::AmgWorkspace)
+        .of_kind(WORKSPACE)
         .filter_map(|r| r.adopt.clone())
         .collect();
     ctx.shared("grafana:ListWorkspaces", || async move {
@@ -325,7 +359,7 @@ async fn workspaces(ctx: &Context, desired: &DesiredState) -> Result<Arc<Vec<Obs
 /// The workspace node managing an observed workspace: the one adopting its id, or the one its
 /// ownership tags name.
 fn workspace_node(desired: &DesiredState, w: &ObservedWorkspace) -> Option<ResourceId> {
-    crate::managed::managing_node(desired, Kind::AmgWorkspace, &w.id, &w.tags)
+    crate::managed::managing_node(desired, WORKSPACE, &w.id, &w.tags)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -638,7 +672,7 @@ impl ManagedObject for Workspace {
     type Desired = WorkspaceWant;
     type Observed = ObservedWorkspace;
     type Update = SettingsUpdate;
-    const KIND: Kind = Kind::AmgWorkspace;
+    const KIND: Kind = WORKSPACE;
     const NOUN: &'static str = "Managed Grafana workspace";
 
     fn desired(
@@ -647,9 +681,7 @@ impl ManagedObject for Workspace {
         node: &Resource,
         refs: &Refs,
     ) -> Result<WorkspaceWant> {
-        let Spec::AmgWorkspace(s) = &node.spec else {
-            unreachable!("an amg.workspace node has a workspace spec")
-        };
+        let s = node.spec.expect::<WorkspaceSpec>();
         let token = {
             use sha2::Digest;
             let seed = format!(
@@ -906,19 +938,21 @@ pub struct PermissionsPart {
     pub roles: BTreeMap<String, RoleMembers>,
 }
 
+impl KindSpec for PermissionsPart {}
+
 impl WorkspaceSpec {
     /// The nodes the table expands into besides the workspace: its permissions, when `roles`
     /// is given (without it, permissions are left alone).
-    pub fn parts(&self, workspace: &Resource) -> Vec<Resource> {
+    fn part_nodes(&self, workspace: &Resource) -> Vec<Resource> {
         let Some(roles) = &self.roles else {
             return Vec::new();
         };
         vec![Resource {
-            id: ResourceId::part(Kind::AmgPermissions, workspace.id.name.clone(), None),
+            id: ResourceId::part(PERMISSIONS, workspace.id.name.clone(), None),
             origin: workspace.origin.clone(),
             adopt: None,
             observe_only: workspace.observe_only,
-            spec: Spec::AmgPermissions(PermissionsPart {
+            spec: Spec::new(PermissionsPart {
                 roles: roles.clone(),
             }),
             depends_on: [workspace.id.clone()].into(),
@@ -961,7 +995,7 @@ impl ManagedObject for Permissions {
     type Desired = PermissionsWant;
     type Observed = ObservedPermissions;
     type Update = PermissionsUpdate;
-    const KIND: Kind = Kind::AmgPermissions;
+    const KIND: Kind = PERMISSIONS;
     const NOUN: &'static str = "Managed Grafana permissions";
 
     fn desired(
@@ -970,9 +1004,7 @@ impl ManagedObject for Permissions {
         node: &Resource,
         refs: &Refs,
     ) -> Result<PermissionsWant> {
-        let Spec::AmgPermissions(s) = &node.spec else {
-            unreachable!("a permissions node has a permissions spec")
-        };
+        let s = node.spec.expect::<PermissionsPart>();
         let members = desired_permissions(&s.roles);
         // A new workspace grants nobody, and takes grants only once ACTIVE.
         let usable = (
@@ -1148,19 +1180,19 @@ mod tests {
 
     /// The table `amg.workspace.main` and its parts, as loading expands them.
     fn nodes(s: WorkspaceSpec, adopt: Option<&str>) -> DesiredState {
-        let mut table = resource(Kind::AmgWorkspace, "main", Spec::AmgWorkspace(s.clone()));
+        let mut table = resource(WORKSPACE, "main", Spec::new(s.clone()));
         table.adopt = adopt.map(str::to_string);
-        let mut all = s.parts(&table);
+        let mut all = s.part_nodes(&table);
         all.push(table);
         desired(all)
     }
 
     fn ws_id() -> ResourceId {
-        ResourceId::new(Kind::AmgWorkspace, "main")
+        ResourceId::new(WORKSPACE, "main")
     }
 
     fn permissions_id() -> ResourceId {
-        ResourceId::part(Kind::AmgPermissions, "main", None)
+        ResourceId::part(PERMISSIONS, "main", None)
     }
 
     fn refs(status: &str) -> Refs {

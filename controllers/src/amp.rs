@@ -44,11 +44,80 @@ use toml::Spanned;
 
 use crate::change::FieldChange;
 use crate::controller::Context;
-use crate::desired::{check_tags, DesiredState, Resource, Spec, Validator, TAG_STACK};
+use crate::desired::{check_tags, DesiredState, KindSpec, Resource, Spec, Validator, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
-use crate::managed::{usable_parent, Describe, ManagedObject, Readiness, LOOK_AGAIN};
-use crate::model::{references_in, Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
+use crate::kind::{schema, Form, Kind, KindDef};
+use crate::managed::{usable_parent, Describe, Managed, ManagedObject, Readiness, LOOK_AGAIN};
+use crate::model::{references_in, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
 use crate::tags::Tags;
+
+// ---------------------------------------------------------------------------------------------
+// Kinds
+
+static WORKSPACE_KIND: KindDef = KindDef {
+    path: "amp.workspace",
+    attributes: &[
+        "id",
+        "arn",
+        "alias",
+        "prometheus_endpoint",
+        "remote_write_url",
+        "query_url",
+    ],
+    form: Form::Table {
+        schema: schema::<WorkspaceSpec>,
+    },
+    attribute_parts: &[],
+    whole: None,
+    controller: || Box::new(Managed(Workspace)),
+};
+/// `[amp.workspace.<name>]`: the workspace itself.
+pub const WORKSPACE: Kind = Kind::new(&WORKSPACE_KIND);
+
+static RULE_GROUPS_KIND: KindDef = KindDef {
+    path: "amp.workspace.rule_groups",
+    attributes: &[],
+    form: Form::Part {
+        of: Kind::new(&WORKSPACE_KIND),
+        word: "rule_groups",
+        keyed: true,
+    },
+    attribute_parts: &[],
+    whole: None,
+    controller: || Box::new(Managed(RuleGroups)),
+};
+/// A rule groups namespace of a workspace, keyed by its name.
+pub const RULE_GROUPS: Kind = Kind::new(&RULE_GROUPS_KIND);
+
+static ALERTMANAGER_KIND: KindDef = KindDef {
+    path: "amp.workspace.alertmanager",
+    attributes: &[],
+    form: Form::Part {
+        of: Kind::new(&WORKSPACE_KIND),
+        word: "alertmanager",
+        keyed: false,
+    },
+    attribute_parts: &[],
+    whole: None,
+    controller: || Box::new(Managed(Alertmanager)),
+};
+/// The alertmanager definition of a workspace.
+pub const ALERTMANAGER: Kind = Kind::new(&ALERTMANAGER_KIND);
+
+static LOGGING_KIND: KindDef = KindDef {
+    path: "amp.workspace.logging",
+    attributes: &[],
+    form: Form::Part {
+        of: Kind::new(&WORKSPACE_KIND),
+        word: "logging",
+        keyed: false,
+    },
+    attribute_parts: &[],
+    whole: None,
+    controller: || Box::new(Managed(Logging)),
+};
+/// The logging configuration of a workspace.
+pub const LOGGING: Kind = Kind::new(&LOGGING_KIND);
 
 // ---------------------------------------------------------------------------------------------
 // Schema
@@ -96,8 +165,14 @@ fn valid_namespace(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
 }
 
-impl WorkspaceSpec {
-    pub fn validate(&mut self, v: &mut Validator<'_>) {
+impl KindSpec for WorkspaceSpec {
+    /// The workspace node references what its own values name; each part depends on the
+    /// workspace node (and on what its own values reference).
+    fn parts(&self, workspace: &Resource) -> Option<(Vec<Resource>, BTreeSet<ResourceId>)> {
+        Some((self.part_nodes(workspace), self.own_references()))
+    }
+
+    fn validate(&mut self, v: &mut Validator<'_>) {
         if let Some(a) = &self.alias {
             if a.is_empty() || a.len() > 100 {
                 v.here("`alias` must be 1 to 100 characters");
@@ -138,11 +213,15 @@ pub struct RuleGroupsPart {
     pub data: String,
 }
 
+impl KindSpec for RuleGroupsPart {}
+
 /// The alertmanager definition node: its file's content.
 #[derive(Debug, Clone)]
 pub struct AlertmanagerPart {
     pub data: String,
 }
+
+impl KindSpec for AlertmanagerPart {}
 
 /// The logging configuration node.
 #[derive(Debug, Clone)]
@@ -150,10 +229,11 @@ pub struct LoggingPart {
     pub log_group_arn: String,
 }
 
+impl KindSpec for LoggingPart {}
+
 impl WorkspaceSpec {
-    /// The nodes the table expands into besides the workspace itself, each depending on the
-    /// workspace node (and on what its own values reference).
-    pub fn parts(&self, workspace: &Resource) -> Vec<Resource> {
+    /// The nodes the table expands into besides the workspace itself.
+    fn part_nodes(&self, workspace: &Resource) -> Vec<Resource> {
         let node = |kind, key: Option<String>, spec, extra: BTreeSet<ResourceId>| Resource {
             id: ResourceId::part(kind, workspace.id.name.clone(), key),
             origin: workspace.origin.clone(),
@@ -168,26 +248,26 @@ impl WorkspaceSpec {
             .iter()
             .map(|(ns, data)| {
                 node(
-                    Kind::AmpRuleGroups,
+                    RULE_GROUPS,
                     Some(ns.clone()),
-                    Spec::AmpRuleGroups(RuleGroupsPart { data: data.clone() }),
+                    Spec::new(RuleGroupsPart { data: data.clone() }),
                     BTreeSet::new(),
                 )
             })
             .collect();
         if let Some(data) = &self.loaded.alertmanager {
             parts.push(node(
-                Kind::AmpAlertmanager,
+                ALERTMANAGER,
                 None,
-                Spec::AmpAlertmanager(AlertmanagerPart { data: data.clone() }),
+                Spec::new(AlertmanagerPart { data: data.clone() }),
                 BTreeSet::new(),
             ));
         }
         if let Some(l) = &self.logging {
             parts.push(node(
-                Kind::AmpLogging,
+                LOGGING,
                 None,
-                Spec::AmpLogging(LoggingPart {
+                Spec::new(LoggingPart {
                     log_group_arn: l.log_group_arn.clone(),
                 }),
                 references_in(&l.log_group_arn),
@@ -197,7 +277,7 @@ impl WorkspaceSpec {
     }
 
     /// What the workspace itself references (its parts reference the rest).
-    pub fn own_references(&self) -> BTreeSet<ResourceId> {
+    fn own_references(&self) -> BTreeSet<ResourceId> {
         let mut refs = BTreeSet::new();
         for s in self.alias.iter().chain(&self.kms_key_arn) {
             refs.extend(references_in(s));
@@ -256,7 +336,7 @@ impl ObservedWorkspace {
 async fn workspaces(ctx: &Context, desired: &DesiredState) -> Result<Arc<Vec<ObservedWorkspace>>> {
     let stack = desired.stack_name().to_string();
     let adopted: Vec<String> = desired
-        .of_kind(Kind::AmpWorkspace)
+        .of_kind(WORKSPACE)
         .filter_map(|r| r.adopt.clone())
         .collect();
     ctx.shared("amp:ListWorkspaces", || async move {
@@ -291,7 +371,7 @@ async fn workspaces(ctx: &Context, desired: &DesiredState) -> Result<Arc<Vec<Obs
 /// The workspace node that manages an observed workspace: the one adopting its id, or the one
 /// its ownership tags name.
 fn workspace_node(desired: &DesiredState, w: &ObservedWorkspace) -> Option<ResourceId> {
-    crate::managed::managing_node(desired, Kind::AmpWorkspace, &w.id, &w.tags)
+    crate::managed::managing_node(desired, WORKSPACE, &w.id, &w.tags)
 }
 
 /// Whether `w` is the workspace that the composite of `part` manages.
@@ -418,7 +498,7 @@ impl ManagedObject for Workspace {
     type Desired = WorkspaceWant;
     type Observed = ObservedWorkspace;
     type Update = WorkspaceUpdate;
-    const KIND: Kind = Kind::AmpWorkspace;
+    const KIND: Kind = WORKSPACE;
     const NOUN: &'static str = "workspace";
 
     fn desired(
@@ -427,9 +507,7 @@ impl ManagedObject for Workspace {
         node: &Resource,
         refs: &Refs,
     ) -> Result<WorkspaceWant> {
-        let Spec::AmpWorkspace(s) = &node.spec else {
-            unreachable!("an amp.workspace node has a workspace spec")
-        };
+        let s = node.spec.expect::<WorkspaceSpec>();
         Ok(WorkspaceWant {
             alias: refs
                 .render(
@@ -622,7 +700,7 @@ impl ManagedObject for RuleGroups {
     type Desired = RuleGroupsWant;
     type Observed = ObservedNamespace;
     type Update = RuleGroupsUpdate;
-    const KIND: Kind = Kind::AmpRuleGroups;
+    const KIND: Kind = RULE_GROUPS;
     const NOUN: &'static str = "rule groups namespace";
 
     fn desired(
@@ -631,9 +709,7 @@ impl ManagedObject for RuleGroups {
         node: &Resource,
         refs: &Refs,
     ) -> Result<RuleGroupsWant> {
-        let Spec::AmpRuleGroups(s) = &node.spec else {
-            unreachable!("a rule groups node has a rule groups spec")
-        };
+        let s = node.spec.expect::<RuleGroupsPart>();
         let (workspace, _) = parent(node, refs)?;
         Ok(RuleGroupsWant {
             workspace,
@@ -718,11 +794,7 @@ impl ManagedObject for RuleGroups {
             return None;
         }
         let ws = workspace_node(desired, &o.workspace)?;
-        Some(ResourceId::part(
-            Kind::AmpRuleGroups,
-            ws.name,
-            Some(o.name.clone()),
-        ))
+        Some(ResourceId::part(RULE_GROUPS, ws.name, Some(o.name.clone())))
     }
 
     fn find<'o>(
@@ -860,7 +932,7 @@ impl ManagedObject for Alertmanager {
     type Desired = AlertmanagerWant;
     type Observed = ObservedDefinition;
     type Update = AlertmanagerUpdate;
-    const KIND: Kind = Kind::AmpAlertmanager;
+    const KIND: Kind = ALERTMANAGER;
     const NOUN: &'static str = "alertmanager definition";
 
     fn desired(
@@ -869,9 +941,7 @@ impl ManagedObject for Alertmanager {
         node: &Resource,
         refs: &Refs,
     ) -> Result<AlertmanagerWant> {
-        let Spec::AmpAlertmanager(s) = &node.spec else {
-            unreachable!("an alertmanager node has an alertmanager spec")
-        };
+        let s = node.spec.expect::<AlertmanagerPart>();
         let (workspace, workspace_arn) = parent(node, refs)?;
         Ok(AlertmanagerWant {
             workspace,
@@ -910,7 +980,7 @@ impl ManagedObject for Alertmanager {
     fn owner(&self, desired: &DesiredState, o: &ObservedDefinition) -> Option<ResourceId> {
         o.recorded()?;
         let ws = workspace_node(desired, &o.workspace)?;
-        Some(ResourceId::part(Kind::AmpAlertmanager, ws.name, None))
+        Some(ResourceId::part(ALERTMANAGER, ws.name, None))
     }
 
     fn find<'o>(
@@ -1101,7 +1171,7 @@ impl ManagedObject for Logging {
     type Desired = LoggingWant;
     type Observed = ObservedLogging;
     type Update = LoggingUpdate;
-    const KIND: Kind = Kind::AmpLogging;
+    const KIND: Kind = LOGGING;
     const NOUN: &'static str = "logging configuration";
 
     fn desired(
@@ -1110,9 +1180,7 @@ impl ManagedObject for Logging {
         node: &Resource,
         refs: &Refs,
     ) -> Result<LoggingWant> {
-        let Spec::AmpLogging(s) = &node.spec else {
-            unreachable!("a logging node has a logging spec")
-        };
+        let s = node.spec.expect::<LoggingPart>();
         let (workspace, _) = parent(node, refs)?;
         Ok(LoggingWant {
             workspace,
@@ -1164,7 +1232,7 @@ impl ManagedObject for Logging {
     /// A logging configuration belongs to the workspace it configures.
     fn owner(&self, desired: &DesiredState, o: &ObservedLogging) -> Option<ResourceId> {
         let ws = workspace_node(desired, &o.workspace)?;
-        Some(ResourceId::part(Kind::AmpLogging, ws.name, None))
+        Some(ResourceId::part(LOGGING, ws.name, None))
     }
 
     fn find<'o>(
@@ -1261,8 +1329,8 @@ mod tests {
 
     /// The workspace table `amp.workspace.main` and its parts, as loading expands them.
     fn nodes(s: WorkspaceSpec) -> DesiredState {
-        let table = resource(Kind::AmpWorkspace, "main", Spec::AmpWorkspace(s.clone()));
-        let mut all = s.parts(&table);
+        let table = resource(WORKSPACE, "main", Spec::new(s.clone()));
+        let mut all = s.part_nodes(&table);
         all.push(table);
         desired(all)
     }
@@ -1281,11 +1349,7 @@ mod tests {
     fn refs(status: &str) -> Refs {
         let w = workspace(status);
         Refs {
-            outputs: [(
-                ResourceId::new(Kind::AmpWorkspace, "main"),
-                Workspace.outputs(&w),
-            )]
-            .into(),
+            outputs: [(ResourceId::new(WORKSPACE, "main"), Workspace.outputs(&w))].into(),
             ..Default::default()
         }
     }
@@ -1305,7 +1369,7 @@ mod tests {
     }
 
     fn ws_id() -> ResourceId {
-        ResourceId::new(Kind::AmpWorkspace, "main")
+        ResourceId::new(WORKSPACE, "main")
     }
 
     #[test]
@@ -1455,7 +1519,7 @@ mod tests {
     #[test]
     fn a_namespace_waits_for_its_workspace_to_be_active_then_is_created_in_it() {
         let d = nodes(spec());
-        let node = part(Kind::AmpRuleGroups, Some("node"));
+        let node = part(RULE_GROUPS, Some("node"));
         let e = diff(RuleGroups, &d, &node, vec![], &refs("CREATING")).unwrap_err();
         assert!(e.retry_after().is_some(), "{e}");
         let c = diff(RuleGroups, &d, &node, vec![], &refs("ACTIVE"))
@@ -1472,7 +1536,7 @@ mod tests {
     #[test]
     fn a_namespace_planned_before_its_workspace_exists_is_a_create_known_after_apply() {
         let d = nodes(spec());
-        let node = part(Kind::AmpRuleGroups, Some("node"));
+        let node = part(RULE_GROUPS, Some("node"));
         let c = diff(RuleGroups, &d, &node, vec![], &Refs::default())
             .unwrap()
             .unwrap();
@@ -1485,7 +1549,7 @@ mod tests {
     #[test]
     fn changed_rules_are_put_and_reformatted_rules_are_no_drift() {
         let d = nodes(spec());
-        let node = part(Kind::AmpRuleGroups, Some("node"));
+        let node = part(RULE_GROUPS, Some("node"));
         let tags = owned_tags("amp.workspace.main.rule_groups.node");
         let changed = namespace("node", "groups: []\n", tags.clone());
         let c = diff(RuleGroups, &d, &node, vec![changed], &refs("ACTIVE"))
@@ -1510,7 +1574,7 @@ mod tests {
     fn a_namespace_tagged_with_its_workspace_address_is_taken_over_not_recreated() {
         // Namespaces made before workspaces had parts carry the workspace's address.
         let d = nodes(spec());
-        let node = part(Kind::AmpRuleGroups, Some("node"));
+        let node = part(RULE_GROUPS, Some("node"));
         let old = namespace("node", RULES, owned_tags("amp.workspace.main"));
         let c = diff(RuleGroups, &d, &node, vec![old], &refs("ACTIVE"))
             .unwrap()
@@ -1539,7 +1603,7 @@ mod tests {
         ];
         let removed = Managed(RuleGroups).removed(&d, &observed, false);
         assert_eq!(removed.len(), 1);
-        assert_eq!(removed[0].id, part(Kind::AmpRuleGroups, Some("old")));
+        assert_eq!(removed[0].id, part(RULE_GROUPS, Some("old")));
         assert_eq!(removed[0].action, Action::Delete);
         // With the workspace itself gone from the desired state, its parts follow the policy.
         let removed = Managed(RuleGroups).removed(&desired(vec![]), &observed, false);
@@ -1570,7 +1634,7 @@ mod tests {
         diff(
             Alertmanager,
             &d,
-            &part(Kind::AmpAlertmanager, None),
+            &part(ALERTMANAGER, None),
             observed,
             &refs("ACTIVE"),
         )
@@ -1658,7 +1722,7 @@ mod tests {
     #[test]
     fn logging_is_created_updated_and_removed() {
         let d = nodes(spec());
-        let node = part(Kind::AmpLogging, None);
+        let node = part(LOGGING, None);
         let c = diff(Logging, &d, &node, vec![], &refs("ACTIVE"))
             .unwrap()
             .unwrap();

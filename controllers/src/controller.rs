@@ -172,7 +172,7 @@ pub trait Controller: Send + Sync + 'static {
     /// One AWS write, self-contained (every reference already resolved).
     type Op: fmt::Debug + Send + Sync + 'static;
 
-    fn kinds(&self) -> &'static [Kind];
+    fn kind(&self) -> Kind;
 
     /// Batched reads: the objects the desired state names or adopts, and every object that carries
     /// this stack's ownership tag (so removed resources are found).
@@ -224,7 +224,7 @@ pub type AnyObserved = Box<dyn Any + Send + Sync>;
 /// [`Controller`] with its types erased, so the runtime can hold every kind in one list.
 #[async_trait]
 pub trait DynController: Send + Sync {
-    fn kinds(&self) -> &'static [Kind];
+    fn kind(&self) -> Kind;
     async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<AnyObserved>;
     fn outputs(&self, desired: &DesiredState, observed: &AnyObserved)
         -> Vec<(ResourceId, Outputs)>;
@@ -257,8 +257,8 @@ fn typed<C: Controller>(observed: &AnyObserved) -> &C::Observed {
 
 #[async_trait]
 impl<C: Controller> DynController for C {
-    fn kinds(&self) -> &'static [Kind] {
-        Controller::kinds(self)
+    fn kind(&self) -> Kind {
+        Controller::kind(self)
     }
 
     async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<AnyObserved> {

@@ -11,7 +11,6 @@ use toml::Spanned;
 
 use crate::diag::{Diagnostics, Origin, SourceFile};
 use crate::model::{scan_refs, Kind, ResourceId, Target};
-use crate::{amg, amp, grafana, host, host_config, iam, security_group};
 
 /// Files larger than this are rejected: a desired-state file is configuration, not data.
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
@@ -108,102 +107,65 @@ pub struct StackSpec {
     pub deletion_policy: DeletionPolicy,
 }
 
-/// The specification of one resource, by kind.
+/// The specification of one resource: the spec type its kind declares ([`KindSpec`]), shared
+/// once loaded. A controller reads its own kind's with [`Spec::get`].
 #[derive(Debug, Clone)]
-pub enum Spec {
-    IamRole(iam::RoleSpec),
-    IamPolicy(iam::PolicySpec),
-    IamInstanceProfile(iam::InstanceProfileSpec),
-    AmpWorkspace(amp::WorkspaceSpec),
-    AmpRuleGroups(amp::RuleGroupsPart),
-    AmpAlertmanager(amp::AlertmanagerPart),
-    AmpLogging(amp::LoggingPart),
-    AmgWorkspace(amg::WorkspaceSpec),
-    AmgPermissions(amg::PermissionsPart),
-    /// A security group of a host or a Grafana group.
-    SecurityGroup(security_group::GroupPart),
-    /// The ingress rules of one.
-    Ingress(security_group::IngressPart),
-    Host(Box<host::HostSpec>),
-    /// A data volume of a host.
-    Volume(host::VolumePart),
-    Grafana(Box<grafana::GrafanaSpec>),
-    HostConfig(host_config::HostConfigSpec),
-}
+pub struct Spec(Arc<dyn KindSpec>);
 
-impl Spec {
-    /// Deserializes the TOML table of one resource into the schema of its kind.
-    pub fn deserialize<'de, D>(kind: Kind, de: D) -> Result<Spec, D::Error>
-    where
-        D: serde::Deserializer<'de>,
-    {
-        Ok(match kind {
-            Kind::IamRole => Spec::IamRole(Deserialize::deserialize(de)?),
-            Kind::IamPolicy => Spec::IamPolicy(Deserialize::deserialize(de)?),
-            Kind::IamInstanceProfile => Spec::IamInstanceProfile(Deserialize::deserialize(de)?),
-            Kind::AmpWorkspace => Spec::AmpWorkspace(Deserialize::deserialize(de)?),
-            Kind::AmpRuleGroups
-            | Kind::AmpAlertmanager
-            | Kind::AmpLogging
-            | Kind::AmgPermissions
-            | Kind::HostSecurityGroup
-            | Kind::HostIngress
-            | Kind::HostVolume
-            | Kind::GrafanaSecurityGroup
-            | Kind::GrafanaIngress => {
-                unreachable!("parts are made by expanding their table, never written")
-            }
-            Kind::AmgWorkspace => Spec::AmgWorkspace(Deserialize::deserialize(de)?),
-            Kind::Host => Spec::Host(Deserialize::deserialize(de)?),
-            Kind::Grafana => Spec::Grafana(Deserialize::deserialize(de)?),
-            Kind::HostConfig => Spec::HostConfig(Deserialize::deserialize(de)?),
-        })
-    }
-
+/// What every kind's spec can do besides holding its values. The defaults suit a table that is
+/// one object with nothing to check beyond its schema, and a part (made by expanding a table).
+pub trait KindSpec: std::any::Any + std::fmt::Debug + Send + Sync {
     /// Checks what the schema alone cannot: referenced files, their syntax, value ranges.
-    pub fn validate(&mut self, v: &mut Validator<'_>) {
-        match self {
-            Spec::IamRole(s) => s.validate(v),
-            Spec::IamPolicy(s) => s.validate(v),
-            Spec::IamInstanceProfile(s) => s.validate(v),
-            Spec::AmpWorkspace(s) => s.validate(v),
-            Spec::AmpRuleGroups(_)
-            | Spec::AmpAlertmanager(_)
-            | Spec::AmpLogging(_)
-            | Spec::AmgPermissions(_)
-            | Spec::SecurityGroup(_)
-            | Spec::Ingress(_)
-            | Spec::Volume(_) => {}
-            Spec::AmgWorkspace(s) => s.validate(v),
-            Spec::Host(s) => s.validate(v),
-            Spec::Grafana(s) => s.validate(v),
-            Spec::HostConfig(s) => s.validate(v),
-        }
-    }
-}
+    fn validate(&mut self, _v: &mut Validator<'_>) {}
 
-impl Spec {
     /// The nodes a composite table expands into besides its own (an AMP workspace's rule
     /// groups namespaces, alertmanager definition and logging; a host's security group and its
     /// rules), and what the table's own node references then. `None` for a table that is one
     /// object.
-    pub fn parts(&self, table: &Resource) -> Option<(Vec<Resource>, BTreeSet<ResourceId>)> {
-        match self {
-            Spec::AmpWorkspace(s) => Some((s.parts(table), s.own_references())),
-            Spec::AmgWorkspace(s) => Some((s.parts(table), table.depends_on.clone())),
-            Spec::Host(s) => Some(s.parts(table)),
-            Spec::Grafana(s) => Some(s.parts(table)),
-            _ => None,
-        }
+    fn parts(&self, _table: &Resource) -> Option<(Vec<Resource>, BTreeSet<ResourceId>)> {
+        None
     }
 
     /// What is valid but deserves the user's attention (HTTP only), shown by validate, plan and
     /// reconcile.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+impl Spec {
+    pub fn new(spec: impl KindSpec) -> Spec {
+        Spec(Arc::new(spec))
+    }
+
+    /// The spec as its kind's type, `None` for another kind's.
+    pub fn get<T: KindSpec>(&self) -> Option<&T> {
+        (self.0.as_ref() as &dyn std::any::Any).downcast_ref()
+    }
+
+    /// The spec of a node of a kind whose spec type is `T`: every node carries its kind's.
+    pub fn expect<T: KindSpec>(&self) -> &T {
+        self.get().unwrap_or_else(|| {
+            panic!(
+                "a node carries its kind's spec, not {}",
+                std::any::type_name::<T>()
+            )
+        })
+    }
+
+    /// Validates the spec in place: only while loading, before anything shares it.
+    pub fn validate(&mut self, v: &mut Validator<'_>) {
+        Arc::get_mut(&mut self.0)
+            .expect("a spec is validated before it is shared")
+            .validate(v);
+    }
+
+    pub fn parts(&self, table: &Resource) -> Option<(Vec<Resource>, BTreeSet<ResourceId>)> {
+        self.0.parts(table)
+    }
+
     pub fn warnings(&self) -> Vec<String> {
-        match self {
-            Spec::Grafana(s) => s.warnings(),
-            _ => Vec::new(),
-        }
+        self.0.warnings()
     }
 }
 
@@ -274,6 +236,12 @@ impl DesiredState {
 
     pub fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Resource> {
         self.resources.values().filter(move |r| r.id.kind == kind)
+    }
+
+    /// The resources of a kind with their specs, `T` being the spec type the kind declares.
+    pub fn specs<T: KindSpec>(&self, kind: Kind) -> impl Iterator<Item = (&Resource, &T)> {
+        self.of_kind(kind)
+            .filter_map(|r| r.spec.get::<T>().map(|s| (r, s)))
     }
 
     /// The AWS name of a resource that has no explicit name: `<stack>-<name>`.

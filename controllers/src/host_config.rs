@@ -17,11 +17,70 @@ use toml::Spanned;
 
 use crate::change::{Action, Change};
 use crate::controller::{Context, Controller};
-use crate::desired::{DesiredState, Resource, Spec, Validator, TAG_STACK};
+use crate::desired::{DesiredState, KindSpec, Resource, Validator, TAG_STACK};
+use crate::diag::Diagnostics;
 use crate::error::{aws_error, Error, Result};
-use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
+use crate::host::HostSpec;
+use crate::kind::{schema, Form, Kind, KindDef};
+use crate::model::{Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
 use crate::push::send::{record, send, track, Controls, Rollout, Tracked};
 use crate::push::{shell_quote, Bundle, Content, File, Prepared};
+
+static HOST_CONFIG_KIND: KindDef = KindDef {
+    path: "host_config",
+    attributes: &["hash"],
+    form: Form::Table {
+        schema: schema::<HostConfigSpec>,
+    },
+    attribute_parts: &[],
+    whole: Some(link_and_check),
+    controller: || Box::new(HostConfigController),
+};
+/// `[host_config.<name>]`.
+pub const HOST_CONFIG: Kind = Kind::new(&HOST_CONFIG_KIND);
+
+/// A host_config depends on the stack's hosts its targets select, as on what it references: it
+/// is applied after them, so a host launched in a pass gets its files in that pass. Two
+/// host_configs that write the same path and could select the same instance (no tag on which
+/// their targets disagree) would overwrite each other's file on every pass: an error.
+fn link_and_check(kind: Kind, desired: &mut DesiredState, diags: &mut Diagnostics) {
+    let edges: Vec<(ResourceId, ResourceId)> = desired
+        .specs::<HostConfigSpec>(kind)
+        .flat_map(|(r, s)| {
+            s.targeted_hosts(desired)
+                .map(|host| (r.id.clone(), host.clone()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for (config, host) in edges {
+        if let Some(r) = desired.resources.get_mut(&config) {
+            r.depends_on.insert(host);
+        }
+    }
+    let configs: Vec<(&Resource, &HostConfigSpec)> = desired.specs(kind).collect();
+    for (i, (a, sa)) in configs.iter().enumerate() {
+        for (b, sb) in &configs[i + 1..] {
+            let disjoint = sa
+                .targets
+                .iter()
+                .any(|(k, v)| sb.targets.get(k).is_some_and(|w| w != v));
+            if disjoint {
+                continue;
+            }
+            for f in &sb.files {
+                if sa.files.iter().any(|g| g.path == f.path) {
+                    diags.at_origin(
+                        &b.origin,
+                        format!(
+                            "{} and {} both write `{}` to the instances their targets share",
+                            a.id, b.id, f.path
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
 
 /// `[host_config.<name>]`
 #[derive(Debug, Clone, Deserialize)]
@@ -65,8 +124,8 @@ fn mode() -> String {
     "0644".into()
 }
 
-impl HostConfigSpec {
-    pub fn validate(&mut self, v: &mut Validator<'_>) {
+impl KindSpec for HostConfigSpec {
+    fn validate(&mut self, v: &mut Validator<'_>) {
         if self.targets.is_empty() {
             v.here("`targets` selects no instance: give at least one tag");
         }
@@ -102,21 +161,22 @@ impl HostConfigSpec {
             }
         }
     }
+}
 
+impl HostConfigSpec {
     /// The stack's hosts whose instances these targets select: a host_config is applied after
     /// them, and a host launched in the same pass gets the files in that pass.
     pub fn targeted_hosts<'a>(
         &'a self,
         desired: &'a DesiredState,
     ) -> impl Iterator<Item = &'a ResourceId> + 'a {
-        desired.of_kind(Kind::Host).filter_map(move |r| {
-            let Spec::Host(h) = &r.spec else { return None };
-            let tags = h.instance_tags(desired, &r.id);
-            self.targets
-                .iter()
-                .all(|(k, v)| tags.get(k) == Some(v))
-                .then_some(&r.id)
-        })
+        desired
+            .specs::<HostSpec>(crate::host::HOST)
+            .filter(move |(r, h)| {
+                let tags = h.instance_tags(desired, &r.id);
+                self.targets.iter().all(|(k, v)| tags.get(k) == Some(v))
+            })
+            .map(|(r, _)| &r.id)
     }
 
     /// The bundle every matching instance receives.
@@ -199,17 +259,13 @@ impl Controller for HostConfigController {
     type Observed = Observed;
     type Op = Op;
 
-    fn kinds(&self) -> &'static [Kind] {
-        &[Kind::HostConfig]
+    fn kind(&self) -> Kind {
+        HOST_CONFIG
     }
 
     async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Observed> {
         let reads = desired
-            .of_kind(Kind::HostConfig)
-            .filter_map(|r| match &r.spec {
-                Spec::HostConfig(s) => Some((r, s)),
-                _ => None,
-            })
+            .specs::<HostConfigSpec>(HOST_CONFIG)
             .map(|(r, s)| async move {
                 let tag = record_tag(desired.stack_name(), &r.id.name);
                 let mut call = ctx.ec2.describe_instances().filters(
@@ -266,13 +322,12 @@ impl Controller for HostConfigController {
 
     fn outputs(&self, desired: &DesiredState, _obs: &Observed) -> Vec<(ResourceId, Outputs)> {
         desired
-            .of_kind(Kind::HostConfig)
-            .filter_map(|r| match &r.spec {
-                Spec::HostConfig(s) => Some((
+            .specs::<HostConfigSpec>(HOST_CONFIG)
+            .map(|(r, s)| {
+                (
                     r.id.clone(),
                     Outputs::from([("hash".into(), s.bundle(&r.id.name, &Refs::default()).hash())]),
-                )),
-                _ => None,
+                )
             })
             .collect()
     }
@@ -284,9 +339,7 @@ impl Controller for HostConfigController {
         obs: &Observed,
         refs: &Refs,
     ) -> Result<Option<Change<Op>>> {
-        let Spec::HostConfig(s) = &r.spec else {
-            return Ok(None);
-        };
+        let s = r.spec.expect::<HostConfigSpec>();
         let mut prepared = s.bundle(&r.id.name, refs).prepare()?;
         prepared.record = record_tag(desired.stack_name(), &r.id.name);
         let stack = desired.stack_name();
@@ -433,6 +486,7 @@ fn show_targets(t: &BTreeMap<String, String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::desired::Spec;
     use crate::testing::{desired, resource, STACK};
 
     fn spec() -> HostConfigSpec {
@@ -448,14 +502,14 @@ mod tests {
     }
 
     fn diff(o: &Observed) -> Option<Change<Op>> {
-        let r = resource(Kind::HostConfig, "node_exporter", Spec::HostConfig(spec()));
+        let r = resource(HOST_CONFIG, "node_exporter", Spec::new(spec()));
         HostConfigController
             .diff(&desired(vec![r.clone()]), &r, o, &Refs::default())
             .unwrap()
     }
 
     fn fleet(installed: &[Option<&str>]) -> Observed {
-        let id = ResourceId::new(Kind::HostConfig, "node_exporter");
+        let id = ResourceId::new(HOST_CONFIG, "node_exporter");
         Observed {
             fleets: BTreeMap::from([(
                 id,

@@ -27,13 +27,73 @@ use toml::Spanned;
 use crate::change::FieldChange;
 use crate::controller::Context;
 use crate::desired::{
-    check_duration, check_tags, DesiredState, FileRef, Resource, Spec, Validator,
+    check_duration, check_tags, DesiredState, FileRef, KindSpec, Resource, Validator,
 };
+use crate::diag::Diagnostics;
 use crate::error::{aws_error, Error, Result};
-use crate::managed::{is_gone, Describe, ManagedObject};
-use crate::model::{Kind, Outputs, Refs, KNOWN_AFTER_APPLY};
+use crate::kind::{schema, Form, Kind, KindDef};
+use crate::managed::{is_gone, Describe, Managed, ManagedObject};
+use crate::model::{Outputs, Refs, KNOWN_AFTER_APPLY};
 use crate::policy;
 use crate::tags::{owner_id, Tags};
+
+// ---------------------------------------------------------------------------------------------
+// Kinds
+
+static POLICY_KIND: KindDef = KindDef {
+    path: "iam.policy",
+    attributes: &["name", "arn"],
+    form: Form::Table {
+        schema: schema::<PolicySpec>,
+    },
+    attribute_parts: &[],
+    whole: Some(check_unique_names),
+    controller: || Box::new(Managed(Policy)),
+};
+/// `[iam.policy.<name>]`: a customer managed policy.
+pub const POLICY: Kind = Kind::new(&POLICY_KIND);
+
+static ROLE_KIND: KindDef = KindDef {
+    path: "iam.role",
+    attributes: &["name", "arn", "id"],
+    form: Form::Table {
+        schema: schema::<RoleSpec>,
+    },
+    attribute_parts: &[],
+    whole: Some(check_unique_names),
+    controller: || Box::new(Managed(Role)),
+};
+/// `[iam.role.<name>]`.
+pub const ROLE: Kind = Kind::new(&ROLE_KIND);
+
+static INSTANCE_PROFILE_KIND: KindDef = KindDef {
+    path: "iam.instance_profile",
+    attributes: &["name", "arn"],
+    form: Form::Table {
+        schema: schema::<InstanceProfileSpec>,
+    },
+    attribute_parts: &[],
+    whole: Some(check_unique_names),
+    controller: || Box::new(Managed(InstanceProfile)),
+};
+/// `[iam.instance_profile.<name>]`.
+pub const INSTANCE_PROFILE: Kind = Kind::new(&INSTANCE_PROFILE_KIND);
+
+/// Two resources of a kind with the same AWS name would fight over one object.
+fn check_unique_names(kind: Kind, desired: &mut DesiredState, diags: &mut Diagnostics) {
+    let mut seen: BTreeMap<String, &Resource> = BTreeMap::new();
+    for r in desired.of_kind(kind) {
+        let name = aws_name(desired, r);
+        if let Some(first) = seen.get(&name) {
+            diags.at_origin(
+                &r.origin,
+                format!("{} and {} both name the {kind} `{name}`", first.id, r.id),
+            );
+        } else {
+            seen.insert(name, r);
+        }
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Schema
@@ -154,8 +214,8 @@ fn load_policy(v: &mut Validator<'_>, path: &Spanned<String>) -> Option<Value> {
     problems.is_empty().then_some(doc)
 }
 
-impl RoleSpec {
-    pub fn validate(&mut self, v: &mut Validator<'_>) {
+impl KindSpec for RoleSpec {
+    fn validate(&mut self, v: &mut Validator<'_>) {
         check_iam_name(v, &self.name, 64);
         check_path(v, &self.path);
         let t = &self.trust;
@@ -212,8 +272,8 @@ fn principals_trust(t: &TrustSpec) -> Value {
     json!({"Version": "2012-10-17", "Statement": statements})
 }
 
-impl PolicySpec {
-    pub fn validate(&mut self, v: &mut Validator<'_>) {
+impl KindSpec for PolicySpec {
+    fn validate(&mut self, v: &mut Validator<'_>) {
         check_iam_name(v, &self.name, 128);
         check_path(v, &self.path);
         self.loaded = load_policy(v, &self.document);
@@ -223,8 +283,8 @@ impl PolicySpec {
     }
 }
 
-impl InstanceProfileSpec {
-    pub fn validate(&mut self, v: &mut Validator<'_>) {
+impl KindSpec for InstanceProfileSpec {
+    fn validate(&mut self, v: &mut Validator<'_>) {
         check_iam_name(v, &self.name, 128);
         check_path(v, &self.path);
         if let Some(tags) = &self.tags {
@@ -402,12 +462,13 @@ async fn account(ctx: &Context) -> Result<Arc<Account>> {
 
 /// The AWS name a desired IAM resource has.
 pub fn aws_name(desired: &DesiredState, r: &Resource) -> String {
-    let explicit = match &r.spec {
-        Spec::IamRole(s) => s.name.clone(),
-        Spec::IamPolicy(s) => s.name.clone(),
-        Spec::IamInstanceProfile(s) => s.name.clone(),
-        _ => None,
-    };
+    let spec = &r.spec;
+    let explicit = None
+        .or_else(|| spec.get::<RoleSpec>().map(|s| &s.name))
+        .or_else(|| spec.get::<PolicySpec>().map(|s| &s.name))
+        .or_else(|| spec.get::<InstanceProfileSpec>().map(|s| &s.name))
+        .cloned()
+        .flatten();
     r.adopt
         .clone()
         .or(explicit)
@@ -613,14 +674,12 @@ impl ManagedObject for Role {
     type Desired = RoleWant;
     type Observed = ObservedRole;
     type Update = RoleUpdate;
-    const KIND: Kind = Kind::IamRole;
+    const KIND: Kind = ROLE;
     const NOUN: &'static str = "role";
     const NAMED: bool = true;
 
     fn desired(&self, desired: &DesiredState, node: &Resource, refs: &Refs) -> Result<RoleWant> {
-        let Spec::IamRole(s) = &node.spec else {
-            unreachable!("an iam.role node has a role spec")
-        };
+        let s = node.spec.expect::<RoleSpec>();
         Ok(RoleWant {
             name: aws_name(desired, node),
             path: s.path.clone(),
@@ -645,7 +704,7 @@ impl ManagedObject for Role {
     }
 
     async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Vec<ObservedRole>> {
-        let names = desired_names(desired, Kind::IamRole);
+        let names = desired_names(desired, ROLE);
         let mut roles: Vec<ObservedRole> = account(ctx)
             .await?
             .roles
@@ -656,10 +715,7 @@ impl ManagedObject for Role {
         roles.sort_by(|a, b| a.name.cmp(&b.name));
         // Descriptions and session durations are not in the account details: read them only
         // for roles whose desired state sets them.
-        for node in desired.of_kind(Kind::IamRole) {
-            let Spec::IamRole(s) = &node.spec else {
-                continue;
-            };
+        for (node, s) in desired.specs::<RoleSpec>(ROLE) {
             if s.description.is_none() && s.max_session_duration.is_none() {
                 continue;
             }
@@ -1029,14 +1085,12 @@ impl ManagedObject for Policy {
     type Desired = PolicyWant;
     type Observed = ObservedPolicy;
     type Update = PolicyUpdate;
-    const KIND: Kind = Kind::IamPolicy;
+    const KIND: Kind = POLICY;
     const NOUN: &'static str = "policy";
     const NAMED: bool = true;
 
     fn desired(&self, desired: &DesiredState, node: &Resource, refs: &Refs) -> Result<PolicyWant> {
-        let Spec::IamPolicy(s) = &node.spec else {
-            unreachable!("an iam.policy node has a policy spec")
-        };
+        let s = node.spec.expect::<PolicySpec>();
         let (document, unknown) = refs.render_json(s.loaded.as_ref().unwrap_or(&Value::Null));
         Ok(PolicyWant {
             name: aws_name(desired, node),
@@ -1053,7 +1107,7 @@ impl ManagedObject for Policy {
     /// (attached to its roles, or on stackwarden's path), so removed ones are found.
     async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Vec<ObservedPolicy>> {
         let account = account(ctx).await?;
-        let names = desired_names(desired, Kind::IamPolicy);
+        let names = desired_names(desired, POLICY);
         let attached: BTreeSet<&String> = account
             .roles
             .iter()
@@ -1296,14 +1350,12 @@ impl ManagedObject for InstanceProfile {
     type Desired = ProfileWant;
     type Observed = ObservedProfile;
     type Update = ProfileUpdate;
-    const KIND: Kind = Kind::IamInstanceProfile;
+    const KIND: Kind = INSTANCE_PROFILE;
     const NOUN: &'static str = "instance profile";
     const NAMED: bool = true;
 
     fn desired(&self, desired: &DesiredState, node: &Resource, refs: &Refs) -> Result<ProfileWant> {
-        let Spec::IamInstanceProfile(s) = &node.spec else {
-            unreachable!("an iam.instance_profile node has an instance profile spec")
-        };
+        let s = node.spec.expect::<InstanceProfileSpec>();
         Ok(ProfileWant {
             name: aws_name(desired, node),
             path: s.path.clone(),
@@ -1315,7 +1367,7 @@ impl ManagedObject for InstanceProfile {
     /// IAM lists no instance profile tags: the desired ones and those holding the stack's
     /// roles are read one by one.
     async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Vec<ObservedProfile>> {
-        let mut names = desired_names(desired, Kind::IamInstanceProfile);
+        let mut names = desired_names(desired, INSTANCE_PROFILE);
         names.extend(
             account(ctx)
                 .await?
@@ -1488,8 +1540,9 @@ mod tests {
     use super::*;
     use crate::change::{Action, Change};
     use crate::controller::Controller;
+    use crate::desired::Spec;
     use crate::desired::{TAG_ID, TAG_STACK};
-    use crate::managed::{Managed, Op};
+    use crate::managed::Op;
     use crate::model::ResourceId;
     use crate::testing::{desired, owned_tags, resource};
 
@@ -1510,7 +1563,7 @@ mod tests {
     fn refs() -> Refs {
         let mut refs = Refs::default();
         refs.outputs.insert(
-            ResourceId::new(Kind::IamPolicy, "p"),
+            ResourceId::new(POLICY, "p"),
             Outputs::from([("arn".into(), "arn:aws:iam::1:policy/s-p".into())]),
         );
         refs
@@ -1544,7 +1597,7 @@ mod tests {
     }
 
     fn role_node(spec: RoleSpec) -> Resource {
-        resource(Kind::IamRole, "prometheus", Spec::IamRole(spec))
+        resource(ROLE, "prometheus", Spec::new(spec))
     }
 
     fn diff_role(spec: RoleSpec, observed: &[ObservedRole]) -> Result<Option<Change<Op<Role>>>> {
@@ -1760,7 +1813,7 @@ mod tests {
     fn policy_fixture(versions: usize) -> (Resource, ObservedPolicy) {
         let mut spec: PolicySpec = toml::from_str("document = \"p.json\"").unwrap();
         spec.loaded = Some(doc("aps:RemoteWrite"));
-        let r = resource(Kind::IamPolicy, "p", Spec::IamPolicy(spec));
+        let r = resource(POLICY, "p", Spec::new(spec));
         let o = ObservedPolicy {
             name: "s-p".into(),
             arn: "arn:p".into(),
@@ -1832,11 +1885,7 @@ mod tests {
     #[test]
     fn an_instance_profile_gets_its_role_back_and_its_tags() {
         let spec: InstanceProfileSpec = toml::from_str("role = \"s-prometheus\"").unwrap();
-        let r = resource(
-            Kind::IamInstanceProfile,
-            "prometheus",
-            Spec::IamInstanceProfile(spec),
-        );
+        let r = resource(INSTANCE_PROFILE, "prometheus", Spec::new(spec));
         let mut tags = owned_tags("iam.instance_profile.prometheus");
         tags.remove("team");
         let o = ObservedProfile {

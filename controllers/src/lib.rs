@@ -20,6 +20,7 @@ pub mod grafana;
 pub mod host;
 pub mod host_config;
 pub mod iam;
+pub mod kind;
 pub mod managed;
 pub mod model;
 pub mod policy;
@@ -35,42 +36,30 @@ pub use desired::{DesiredState, Resource, Spec};
 pub use error::{Error, ErrorClass, Result};
 pub use model::{Kind, Refs, ResourceId};
 
-/// Every controller this version has. Kinds are applied in the order of their references;
-/// removals run in the reverse of this order (what uses an object goes before it).
-pub fn controllers() -> Vec<Box<dyn DynController>> {
-    vec![
-        Box::new(managed::Managed(iam::Policy)),
-        Box::new(managed::Managed(iam::Role)),
-        Box::new(managed::Managed(iam::InstanceProfile)),
-        Box::new(managed::Managed(amp::Workspace)),
-        Box::new(managed::Managed(amp::RuleGroups)),
-        Box::new(managed::Managed(amp::Alertmanager)),
-        Box::new(managed::Managed(amp::Logging)),
-        Box::new(managed::Managed(amg::Workspace)),
-        Box::new(managed::Managed(amg::Permissions)),
-        // Before what uses them: removals run in reverse, so a removed table's instances and
-        // load balancer go first, then the rules (a group another group's rule names cannot be
-        // deleted), then the groups.
-        Box::new(managed::Managed(security_group::SecurityGroup::<
-            security_group::OfHost,
-        >::default())),
-        Box::new(managed::Managed(security_group::SecurityGroup::<
-            security_group::OfGrafana,
-        >::default())),
-        Box::new(managed::Managed(security_group::Ingress::<
-            security_group::OfHost,
-        >::default())),
-        Box::new(managed::Managed(security_group::Ingress::<
-            security_group::OfGrafana,
-        >::default())),
-        // Before the host: removals run in reverse, so a removed host's instance is terminated
-        // before its volumes are deleted.
-        Box::new(managed::Managed(host::volume::Volume)),
-        Box::new(host::HostController),
-        Box::new(grafana::GrafanaController),
-        Box::new(host_config::HostConfigController),
-    ]
-}
+/// Every kind this version has: the one place a kind is registered, each declared by its own
+/// module ([`kind::KindDef`]). Kinds are applied in the order of their references, ties in
+/// this order; removals run in the reverse of it, so what uses an object goes before it:
+/// security groups before their rules (a group another group's rule names cannot be deleted),
+/// a host's volumes before the host (its instance is terminated before they are deleted).
+pub static KINDS: &[Kind] = &[
+    iam::POLICY,
+    iam::ROLE,
+    iam::INSTANCE_PROFILE,
+    amp::WORKSPACE,
+    amp::RULE_GROUPS,
+    amp::ALERTMANAGER,
+    amp::LOGGING,
+    amg::WORKSPACE,
+    amg::PERMISSIONS,
+    host::SECURITY_GROUP,
+    grafana::SECURITY_GROUP,
+    host::INGRESS,
+    grafana::INGRESS,
+    host::VOLUME,
+    host::HOST,
+    grafana::GRAFANA,
+    host_config::HOST_CONFIG,
+];
 
 #[cfg(test)]
 pub(crate) mod testing;

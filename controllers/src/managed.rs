@@ -376,8 +376,8 @@ impl<K: ManagedObject> Controller for Managed<K> {
     type Observed = Vec<K::Observed>;
     type Op = Op<K>;
 
-    fn kinds(&self) -> &'static [Kind] {
-        K::KIND.as_slice()
+    fn kind(&self) -> Kind {
+        K::KIND
     }
 
     async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Self::Observed> {

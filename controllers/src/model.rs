@@ -14,181 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-/// Every resource kind of the desired-state format, in the order a pass applies them when no
-/// reference says otherwise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-pub enum Kind {
-    IamPolicy,
-    IamRole,
-    IamInstanceProfile,
-    AmpWorkspace,
-    /// A rule groups namespace of an AMP workspace (a part of `amp.workspace`, keyed by name).
-    AmpRuleGroups,
-    /// The alertmanager definition of an AMP workspace.
-    AmpAlertmanager,
-    /// The logging configuration of an AMP workspace.
-    AmpLogging,
-    AmgWorkspace,
-    /// The IAM Identity Center role associations of a Managed Grafana workspace.
-    AmgPermissions,
-    /// The security group of a host.
-    HostSecurityGroup,
-    /// The ingress rules of a host's security group.
-    HostIngress,
-    Host,
-    /// An EBS data volume of a host (keyed by its device's name, `sdf`).
-    HostVolume,
-    /// A security group of a Grafana group (keyed `alb` or `instances`).
-    GrafanaSecurityGroup,
-    /// The ingress rules of one of a Grafana group's security groups.
-    GrafanaIngress,
-    Grafana,
-    HostConfig,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 17] = KINDS;
-
-    /// The kind as a one-element slice that lives forever (what a controller reports).
-    pub fn as_slice(self) -> &'static [Kind] {
-        std::slice::from_ref(&KINDS[self as usize])
-    }
-
-    /// For a kind that is a part of a composite table: the table's kind, the part's word in
-    /// the address, and whether several parts of that kind exist, told apart by a key.
-    pub fn part_of(self) -> Option<(Kind, &'static str, bool)> {
-        match self {
-            Kind::AmpRuleGroups => Some((Kind::AmpWorkspace, "rule_groups", true)),
-            Kind::AmpAlertmanager => Some((Kind::AmpWorkspace, "alertmanager", false)),
-            Kind::AmpLogging => Some((Kind::AmpWorkspace, "logging", false)),
-            Kind::AmgPermissions => Some((Kind::AmgWorkspace, "permissions", false)),
-            Kind::HostSecurityGroup => Some((Kind::Host, "security_group", false)),
-            Kind::HostIngress => Some((Kind::Host, "ingress", false)),
-            Kind::HostVolume => Some((Kind::Host, "volume", true)),
-            Kind::GrafanaSecurityGroup => Some((Kind::Grafana, "security_group", true)),
-            Kind::GrafanaIngress => Some((Kind::Grafana, "ingress", true)),
-            _ => None,
-        }
-    }
-
-    /// Whether users write this kind as a table of its own (parts come from their composite).
-    pub fn is_table(self) -> bool {
-        self.part_of().is_none()
-    }
-}
-
-/// Every kind, in [`Kind`]'s order (so `KINDS[k as usize] == k`).
-static KINDS: [Kind; 17] = [
-    Kind::IamPolicy,
-    Kind::IamRole,
-    Kind::IamInstanceProfile,
-    Kind::AmpWorkspace,
-    Kind::AmpRuleGroups,
-    Kind::AmpAlertmanager,
-    Kind::AmpLogging,
-    Kind::AmgWorkspace,
-    Kind::AmgPermissions,
-    Kind::HostSecurityGroup,
-    Kind::HostIngress,
-    Kind::Host,
-    Kind::HostVolume,
-    Kind::GrafanaSecurityGroup,
-    Kind::GrafanaIngress,
-    Kind::Grafana,
-    Kind::HostConfig,
-];
-
-impl Kind {
-    /// The dotted path of the kind in TOML and in references.
-    pub fn path(self) -> &'static str {
-        match self {
-            Kind::IamPolicy => "iam.policy",
-            Kind::IamRole => "iam.role",
-            Kind::IamInstanceProfile => "iam.instance_profile",
-            Kind::AmpWorkspace => "amp.workspace",
-            Kind::AmpRuleGroups => "amp.workspace.rule_groups",
-            Kind::AmpAlertmanager => "amp.workspace.alertmanager",
-            Kind::AmpLogging => "amp.workspace.logging",
-            Kind::AmgWorkspace => "amg.workspace",
-            Kind::AmgPermissions => "amg.workspace.permissions",
-            Kind::HostSecurityGroup => "host.security_group",
-            Kind::HostIngress => "host.ingress",
-            Kind::Host => "host",
-            Kind::HostVolume => "host.volume",
-            Kind::GrafanaSecurityGroup => "grafana.security_group",
-            Kind::GrafanaIngress => "grafana.ingress",
-            Kind::Grafana => "grafana",
-            Kind::HostConfig => "host_config",
-        }
-    }
-
-    pub fn from_path(path: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.path() == path)
-    }
-
-    /// Attributes a reference may name, and that the controller reports once the resource exists.
-    pub fn attributes(self) -> &'static [&'static str] {
-        match self {
-            Kind::IamPolicy => &["name", "arn"],
-            Kind::IamRole => &["name", "arn", "id"],
-            Kind::IamInstanceProfile => &["name", "arn"],
-            Kind::AmpWorkspace => &[
-                "id",
-                "arn",
-                "alias",
-                "prometheus_endpoint",
-                "remote_write_url",
-                "query_url",
-            ],
-            Kind::AmpRuleGroups
-            | Kind::AmpAlertmanager
-            | Kind::AmpLogging
-            | Kind::AmgPermissions
-            | Kind::HostIngress
-            | Kind::GrafanaIngress => &[],
-            Kind::HostSecurityGroup | Kind::GrafanaSecurityGroup => &["id", "name"],
-            Kind::HostVolume => &["id"],
-            Kind::AmgWorkspace => &["id", "arn", "endpoint"],
-            Kind::Host => &[
-                "instance_id",
-                "availability_zone",
-                "private_ip",
-                "public_ip",
-                "private_dns",
-                "security_group_id",
-            ],
-            Kind::Grafana => &[
-                "alb_dns_name",
-                "alb_arn",
-                "target_group_arn",
-                "asg_name",
-                "security_group_id",
-            ],
-            Kind::HostConfig => &["hash"],
-        }
-    }
-}
-
-impl Kind {
-    /// An attribute of a table that belongs to one of its parts: `(part kind, part key, the
-    /// part's attribute)`. `${host.x.security_group_id}` names the host's security group
-    /// node, so what references it waits for the group only, never for the instance.
-    pub fn attribute_part(self, attr: &str) -> Option<(Kind, Option<&'static str>, &'static str)> {
-        match (self, attr) {
-            (Kind::Host, "security_group_id") => Some((Kind::HostSecurityGroup, None, "id")),
-            (Kind::Grafana, "security_group_id") => {
-                Some((Kind::GrafanaSecurityGroup, Some("instances"), "id"))
-            }
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.path())
-    }
-}
+pub use crate::kind::Kind;
 
 /// The address of one node of the desired state: a table the user wrote, or a part of one.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -209,7 +35,7 @@ impl ResourceId {
         }
     }
 
-    /// A part of the composite `name`: `part(Kind::AmpRuleGroups, "main", Some("node"))` is
+    /// A part of the composite `name`: `part(crate::amp::RULE_GROUPS, "main", Some("node"))` is
     /// `amp.workspace.main.rule_groups.node`.
     pub fn part(kind: Kind, name: impl Into<String>, key: Option<String>) -> Self {
         ResourceId {
@@ -234,7 +60,7 @@ impl ResourceId {
                 return Some(ResourceId::new(kind, name));
             }
         }
-        Kind::ALL.into_iter().find_map(|kind| {
+        Kind::all().find_map(|kind| {
             let (table, word, keyed) = kind.part_of()?;
             let rest = s.strip_prefix(table.path())?.strip_prefix('.')?;
             let (name, tail) = rest.split_once('.')?;
@@ -297,11 +123,7 @@ impl RefUse {
             .trim_start();
         self.target.is_ok()
             || std::iter::once("stack")
-                .chain(
-                    Kind::ALL
-                        .iter()
-                        .map(|k| k.path().split('.').next().unwrap_or_default()),
-                )
+                .chain(Kind::all().map(|k| k.path().split('.').next().unwrap_or_default()))
                 .any(|word| {
                     inner
                         .strip_prefix(word)
@@ -358,8 +180,7 @@ fn parse_target(inner: &str) -> Result<Target, String> {
         };
     }
     let Some(id) = ResourceId::parse(path) else {
-        let kinds: Vec<_> = Kind::ALL
-            .iter()
+        let kinds: Vec<_> = Kind::all()
             .filter(|k| k.is_table())
             .map(|k| k.path())
             .collect();
@@ -509,7 +330,7 @@ mod tests {
         assert_eq!(
             refs[0].target,
             Ok(Target::Resource(
-                ResourceId::new(Kind::AmpWorkspace, "main"),
+                ResourceId::new(crate::amp::WORKSPACE, "main"),
                 "arn".into()
             ))
         );
@@ -547,25 +368,25 @@ mod tests {
     fn part_addresses_print_and_parse_back() {
         for (id, text) in [
             (
-                ResourceId::part(Kind::AmpRuleGroups, "main", Some("node.v2".into())),
+                ResourceId::part(crate::amp::RULE_GROUPS, "main", Some("node.v2".into())),
                 "amp.workspace.main.rule_groups.node.v2",
             ),
             (
-                ResourceId::part(Kind::AmpAlertmanager, "main", None),
+                ResourceId::part(crate::amp::ALERTMANAGER, "main", None),
                 "amp.workspace.main.alertmanager",
             ),
             (
-                ResourceId::new(Kind::AmpWorkspace, "rule_groups"),
+                ResourceId::new(crate::amp::WORKSPACE, "rule_groups"),
                 "amp.workspace.rule_groups",
             ),
-            (ResourceId::new(Kind::IamRole, "x"), "iam.role.x"),
+            (ResourceId::new(crate::iam::ROLE, "x"), "iam.role.x"),
         ] {
             assert_eq!(id.to_string(), text);
             assert_eq!(ResourceId::parse(text), Some(id.clone()), "{text}");
         }
         assert_eq!(
-            ResourceId::part(Kind::AmpLogging, "main", None).composite(),
-            ResourceId::new(Kind::AmpWorkspace, "main")
+            ResourceId::part(crate::amp::LOGGING, "main", None).composite(),
+            ResourceId::new(crate::amp::WORKSPACE, "main")
         );
         assert_eq!(ResourceId::parse("amp.workspace.main.nothing"), None);
         assert_eq!(ResourceId::parse("amp.workspace.rule_groups.x"), None);
@@ -581,7 +402,7 @@ mod tests {
     #[test]
     fn renders_known_values_and_marks_unknown_ones() {
         let mut refs = Refs::default();
-        let ws = ResourceId::new(Kind::AmpWorkspace, "main");
+        let ws = ResourceId::new(crate::amp::WORKSPACE, "main");
         refs.outputs
             .insert(ws.clone(), [("arn".into(), "arn:ws".into())].into());
         let r = refs.render("x ${amp.workspace.main.arn} y");
@@ -589,6 +410,6 @@ mod tests {
         assert!(r.is_known());
         let r = refs.render("${iam.role.a.arn}");
         assert_eq!(r.value, KNOWN_AFTER_APPLY);
-        assert!(r.unknown.contains(&ResourceId::new(Kind::IamRole, "a")));
+        assert!(r.unknown.contains(&ResourceId::new(crate::iam::ROLE, "a")));
     }
 }

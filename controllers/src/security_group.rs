@@ -114,11 +114,15 @@ pub struct GroupPart {
     pub subnet: Option<String>,
 }
 
+impl crate::desired::KindSpec for GroupPart {}
+
 /// An ingress node: every rule its group should have, and no other.
 #[derive(Debug, Clone)]
 pub struct IngressPart {
     pub rules: Vec<RuleSpec>,
 }
+
+impl crate::desired::KindSpec for IngressPart {}
 
 /// The group node and the ingress node of one security group of `table`; `adopt` is the id of
 /// an existing group the group node takes over (its ingress node then manages its rules).
@@ -153,11 +157,11 @@ pub fn nodes(
         .collect();
     ingress_refs.insert(group_id.clone());
     [
-        node(group_id, adopt, Spec::SecurityGroup(group), group_refs),
+        node(group_id, adopt, Spec::new(group), group_refs),
         node(
             ResourceId::part(ingress_kind, table.id.name.clone(), key.map(String::from)),
             None,
-            Spec::Ingress(ingress),
+            Spec::new(ingress),
             ingress_refs,
         ),
     ]
@@ -220,12 +224,7 @@ async fn stack_groups(ctx: &Context, desired: &DesiredState) -> Result<Vec<Obser
     let adopted: Vec<String> = desired
         .resources
         .values()
-        .filter(|r| {
-            matches!(
-                r.id.kind,
-                Kind::HostSecurityGroup | Kind::GrafanaSecurityGroup
-            )
-        })
+        .filter(|r| [OfHost::GROUP, OfGrafana::GROUP].contains(&r.id.kind))
         .filter_map(|r| r.adopt.clone())
         .collect();
     let groups = ctx
@@ -334,18 +333,18 @@ pub trait Table: Send + Sync + 'static {
 pub struct OfHost;
 
 impl Table for OfHost {
-    const TABLE: Kind = Kind::Host;
-    const GROUP: Kind = Kind::HostSecurityGroup;
-    const INGRESS: Kind = Kind::HostIngress;
+    const TABLE: Kind = crate::host::HOST;
+    const GROUP: Kind = crate::host::SECURITY_GROUP;
+    const INGRESS: Kind = crate::host::INGRESS;
 }
 
 /// The two security groups of a `grafana` group.
 pub struct OfGrafana;
 
 impl Table for OfGrafana {
-    const TABLE: Kind = Kind::Grafana;
-    const GROUP: Kind = Kind::GrafanaSecurityGroup;
-    const INGRESS: Kind = Kind::GrafanaIngress;
+    const TABLE: Kind = crate::grafana::GRAFANA;
+    const GROUP: Kind = crate::grafana::SECURITY_GROUP;
+    const INGRESS: Kind = crate::grafana::INGRESS;
 }
 
 /// The group node an observed group belongs to, by its tags: its own address, or (for groups
@@ -430,9 +429,7 @@ impl<T: Table> ManagedObject for SecurityGroup<T> {
     const NOUN: &'static str = "security group";
 
     fn desired(&self, desired: &DesiredState, node: &Resource, refs: &Refs) -> Result<GroupWant> {
-        let Spec::SecurityGroup(s) = &node.spec else {
-            unreachable!("a security group node has a security group spec")
-        };
+        let s = node.spec.expect::<GroupPart>();
         let table = desired.default_name(&node.id.composite());
         let name = match &node.id.key {
             Some(key) => format!("{table}-{key}"),
@@ -625,9 +622,7 @@ impl<T: Table> ManagedObject for Ingress<T> {
     const NOUN: &'static str = "ingress of security group";
 
     fn desired(&self, _: &DesiredState, node: &Resource, refs: &Refs) -> Result<IngressWant> {
-        let Spec::Ingress(s) = &node.spec else {
-            unreachable!("an ingress node has an ingress spec")
-        };
+        let s = node.spec.expect::<IngressPart>();
         let group = refs
             .outputs
             .get(&group_node::<T>(&node.id))
@@ -743,6 +738,7 @@ mod tests {
     use super::*;
     use crate::change::Action;
     use crate::controller::Controller;
+    use crate::desired::{KindSpec, Spec};
     use crate::grafana::GrafanaSpec;
     use crate::host::HostSpec;
     use crate::managed::{Managed, Op};
@@ -772,17 +768,13 @@ security_group = { ingress = [{ port = 9100, security_groups = ["${host.prom.sec
     fn stack() -> DesiredState {
         let host: HostSpec = toml::from_str(HOST).unwrap();
         let grafana: GrafanaSpec = toml::from_str(GRAFANA).unwrap();
-        let mut h = resource(Kind::Host, "prom", Spec::Host(Box::new(host.clone())));
+        let mut h = resource(crate::host::HOST, "prom", Spec::new(host.clone()));
         h.depends_on = references_in("${grafana.main.security_group_id}");
-        let mut g = resource(
-            Kind::Grafana,
-            "main",
-            Spec::Grafana(Box::new(grafana.clone())),
-        );
+        let mut g = resource(crate::grafana::GRAFANA, "main", Spec::new(grafana.clone()));
         g.depends_on = references_in("${host.prom.security_group_id} ${host.prom.private_ip}");
-        let (mut nodes, own) = host.parts(&h);
+        let (mut nodes, own) = host.parts(&h).unwrap();
         h.depends_on = own;
-        let (more, own) = grafana.parts(&g);
+        let (more, own) = grafana.parts(&g).unwrap();
         g.depends_on = own;
         nodes.extend(more);
         nodes.extend([h, g]);

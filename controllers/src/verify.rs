@@ -83,17 +83,20 @@ pub fn records(desired: &DesiredState) -> Vec<Record> {
         kind,
         per_stack: false,
     };
-    if desired.of_kind(Kind::Host).next().is_some() {
-        out.push(shared(push::prometheus::NAME, Kind::Host));
+    if desired.of_kind(crate::host::HOST).next().is_some() {
+        out.push(shared(push::prometheus::NAME, crate::host::HOST));
     }
-    if desired.of_kind(Kind::Grafana).next().is_some() {
-        out.push(shared(crate::grafana::provisioning::NAME, Kind::Grafana));
+    if desired.of_kind(crate::grafana::GRAFANA).next().is_some() {
+        out.push(shared(
+            crate::grafana::provisioning::NAME,
+            crate::grafana::GRAFANA,
+        ));
     }
-    for r in desired.of_kind(Kind::HostConfig) {
+    for r in desired.of_kind(crate::host_config::HOST_CONFIG) {
         out.push(Record {
             tag: crate::host_config::record_tag(desired.stack_name(), &r.id.name),
             bundle: crate::host_config::bundle_name(&r.id.name),
-            kind: Kind::HostConfig,
+            kind: crate::host_config::HOST_CONFIG,
             per_stack: true,
         });
     }
@@ -422,7 +425,7 @@ mod tests {
         Record {
             tag: push::hash_tag(bundle),
             bundle: bundle.into(),
-            kind: Kind::HostConfig,
+            kind: crate::host_config::HOST_CONFIG,
             per_stack: true,
         }
     }

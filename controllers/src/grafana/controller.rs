@@ -46,9 +46,10 @@ use base64::Engine as _;
 
 use super::provisioning::{self, PasswordVersion};
 use super::{GrafanaSpec, PasswordSource, ALB, INSTANCES};
+use super::{GRAFANA, SECURITY_GROUP};
 use crate::change::{removal, Action, Change};
 use crate::controller::{Context, Controller};
-use crate::desired::{parse_duration, DesiredState, Resource, Spec, TAG_ID, TAG_STACK};
+use crate::desired::{parse_duration, DesiredState, Resource, TAG_ID, TAG_STACK};
 use crate::ec2::{locate_subnet, resolve_ami, tag_map, tag_spec};
 use crate::error::{aws_error, Error, ErrorClass, Result};
 use crate::managed::is_gone;
@@ -633,8 +634,8 @@ impl Controller for GrafanaController {
     type Observed = Observed;
     type Op = Op;
 
-    fn kinds(&self) -> &'static [Kind] {
-        &[Kind::Grafana]
+    fn kind(&self) -> Kind {
+        GRAFANA
     }
 
     async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Observed> {
@@ -643,15 +644,12 @@ impl Controller for GrafanaController {
             region: ctx.region.clone(),
             ..Default::default()
         };
-        let wanted: Vec<&Resource> = desired.of_kind(Kind::Grafana).collect();
+        let wanted: Vec<&Resource> = desired.of_kind(GRAFANA).collect();
         // What the groups adopt carries no tag of the stack until adopted: read by id too, and
         // only then (a converged pass reads nothing more).
-        let adopts: Vec<super::Adopts> = wanted
-            .iter()
-            .filter_map(|r| match &r.spec {
-                Spec::Grafana(s) => Some(s.adopts(r)),
-                _ => None,
-            })
+        let adopts: Vec<super::Adopts> = desired
+            .specs::<GrafanaSpec>(GRAFANA)
+            .map(|(r, s)| s.adopts(r))
             .collect();
         obs.groups =
             observe_groups(ctx, stack, adopts.iter().filter_map(|a| a.group).collect()).await?;
@@ -691,8 +689,7 @@ impl Controller for GrafanaController {
                 .filter_map(|i| i.installed.as_deref()),
         )
         .await?;
-        for r in &wanted {
-            let Spec::Grafana(s) = &r.spec else { continue };
+        for (r, s) in desired.specs::<GrafanaSpec>(GRAFANA) {
             if s.ami.starts_with("resolve:ssm:") && !obs.amis.contains_key(&s.ami) {
                 obs.amis
                     .insert(s.ami.clone(), resolve_ami(ctx, &s.ami).await);
@@ -707,11 +704,8 @@ impl Controller for GrafanaController {
 
     fn outputs(&self, desired: &DesiredState, obs: &Observed) -> Vec<(ResourceId, Outputs)> {
         desired
-            .of_kind(Kind::Grafana)
-            .filter_map(|r| {
-                let Spec::Grafana(s) = &r.spec else {
-                    return None;
-                };
+            .specs::<GrafanaSpec>(GRAFANA)
+            .filter_map(|(r, s)| {
                 let parts = obs.parts(desired, r, s);
                 let group = parts.group?;
                 let mut out = Outputs::from([("asg_name".into(), group.name.clone())]);
@@ -734,9 +728,7 @@ impl Controller for GrafanaController {
         obs: &Observed,
         refs: &Refs,
     ) -> Result<Option<Change<Op>>> {
-        let Spec::Grafana(s) = &r.spec else {
-            return Ok(None);
-        };
+        let s = r.spec.expect::<GrafanaSpec>();
         let name = desired.default_name(&r.id);
         if name.len() > MAX_ELB_NAME {
             return Err(Error::Invalid(format!(
@@ -845,13 +837,8 @@ impl Controller for GrafanaController {
         }
 
         let live = Live {
-            alb_sg: group_id(refs, Kind::GrafanaSecurityGroup, &r.id.name, Some(ALB)),
-            inst_sg: group_id(
-                refs,
-                Kind::GrafanaSecurityGroup,
-                &r.id.name,
-                Some(INSTANCES),
-            ),
+            alb_sg: group_id(refs, SECURITY_GROUP, &r.id.name, Some(ALB)),
+            inst_sg: group_id(refs, SECURITY_GROUP, &r.id.name, Some(INSTANCES)),
             template,
             tg,
             lb,
@@ -937,7 +924,7 @@ impl Controller for GrafanaController {
                 let label = format!("grafana {}", desired.default_name(&id));
                 removal(
                     desired,
-                    Kind::Grafana,
+                    GRAFANA,
                     &tags,
                     |r| r.id == id,
                     label,
@@ -1628,17 +1615,12 @@ fn build_change(
     if let Some(source) = s.provisioning.password_source() {
         c.field("admin_password", None, Some(source.describe()));
     }
-    let instance_group = group_id(
-        refs,
-        Kind::GrafanaSecurityGroup,
-        &r.id.name,
-        Some(INSTANCES),
-    );
+    let instance_group = group_id(refs, SECURITY_GROUP, &r.id.name, Some(INSTANCES));
     c.op(Op::Build(Box::new(Build {
         name: name.to_string(),
         vpc: s.alb.vpc.as_ref().map(|v| refs.render(v).value),
         alb_subnets: s.alb.subnets.iter().map(|n| refs.render(n).value).collect(),
-        alb_group: group_id(refs, Kind::GrafanaSecurityGroup, &r.id.name, Some(ALB)),
+        alb_group: group_id(refs, SECURITY_GROUP, &r.id.name, Some(ALB)),
         port: i32::from(s.target_group.port),
         template: template.map(|t| (t.id.clone(), t.latest)),
         template_data: template_data(s, refs, ami, &instance_group),
@@ -1935,7 +1917,7 @@ async fn observe_elb(
         .collect();
     let mut all_tags = elb_tags_of(ctx, &arns).await?;
     let stack = desired.stack_name();
-    let ours = |tags: &Tags| owner_id(tags, stack).is_some_and(|id| id.kind == Kind::Grafana);
+    let ours = |tags: &Tags| owner_id(tags, stack).is_some_and(|id| id.kind == GRAFANA);
     target_groups.retain_mut(|t| {
         t.tags = all_tags.remove(&t.arn).unwrap_or_default();
         ours(&t.tags) || adopt.contains(t.arn.as_str())
@@ -2090,7 +2072,7 @@ async fn observe_instances(
             let Some(id) = tags.get(TAG_ID).and_then(|t| ResourceId::parse(t)) else {
                 continue;
             };
-            if id.kind != Kind::Grafana {
+            if id.kind != GRAFANA {
                 continue;
             }
             out.entry(id).or_default().push(GroupInstance {
@@ -2682,11 +2664,7 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
                 lb: &self.lb,
                 group: &self.group,
             };
-            let mut c = Change::new(
-                ResourceId::new(Kind::Grafana, "main"),
-                Action::Update,
-                "grafana",
-            );
+            let mut c = Change::new(ResourceId::new(GRAFANA, "main"), Action::Update, "grafana");
             diff_rollout(&mut c, s, &Refs::default(), &live, "ami-1".into());
             c.ops
         }

@@ -12,9 +12,70 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::desired::{check_duration, check_tags, Resource, Validator};
-use crate::model::{Kind, ResourceId};
-use crate::security_group::{self, GroupPart, IngressPart, IngressRule, RuleSpec};
+use crate::desired::{check_duration, check_tags, KindSpec, Resource, Validator};
+use crate::kind::{schema, Form, Kind, KindDef};
+use crate::managed::Managed;
+use crate::model::ResourceId;
+use crate::security_group::{self, GroupPart, IngressPart, IngressRule, OfGrafana, RuleSpec};
+
+static GRAFANA_KIND: KindDef = KindDef {
+    path: "grafana",
+    attributes: &[
+        "alb_dns_name",
+        "alb_arn",
+        "target_group_arn",
+        "asg_name",
+        "security_group_id",
+    ],
+    form: Form::Table {
+        schema: schema::<GrafanaSpec>,
+    },
+    attribute_parts: &[(
+        "security_group_id",
+        Kind::new(&SECURITY_GROUP_KIND),
+        Some(INSTANCES),
+        "id",
+    )],
+    whole: None,
+    controller: || Box::new(GrafanaController),
+};
+/// `[grafana.<name>]`: the group's launch template, target group, load balancer, listeners,
+/// Auto Scaling Group and provisioning.
+pub const GRAFANA: Kind = Kind::new(&GRAFANA_KIND);
+
+static SECURITY_GROUP_KIND: KindDef = KindDef {
+    path: "grafana.security_group",
+    attributes: &["id", "name"],
+    form: Form::Part {
+        of: Kind::new(&GRAFANA_KIND),
+        word: "security_group",
+        keyed: true,
+    },
+    attribute_parts: &[],
+    whole: None,
+    controller: || {
+        Box::new(Managed(
+            security_group::SecurityGroup::<OfGrafana>::default(),
+        ))
+    },
+};
+/// A security group of a Grafana group, keyed `alb` or `instances`.
+pub const SECURITY_GROUP: Kind = Kind::new(&SECURITY_GROUP_KIND);
+
+static INGRESS_KIND: KindDef = KindDef {
+    path: "grafana.ingress",
+    attributes: &[],
+    form: Form::Part {
+        of: Kind::new(&GRAFANA_KIND),
+        word: "ingress",
+        keyed: true,
+    },
+    attribute_parts: &[],
+    whole: None,
+    controller: || Box::new(Managed(security_group::Ingress::<OfGrafana>::default())),
+};
+/// The ingress rules of one of a Grafana group's security groups.
+pub const INGRESS: Kind = Kind::new(&INGRESS_KIND);
 
 /// The key of the load balancer's security group (`grafana.<name>.security_group.alb`).
 pub const ALB: &str = "alb";
@@ -242,8 +303,8 @@ impl ProvisioningSpec {
     }
 }
 
-impl GrafanaSpec {
-    pub fn warnings(&self) -> Vec<String> {
+impl KindSpec for GrafanaSpec {
+    fn warnings(&self) -> Vec<String> {
         if self.alb.certificate_arn.is_some() {
             return Vec::new();
         }
@@ -254,8 +315,8 @@ impl GrafanaSpec {
     /// own: the load balancer's admits `alb.allowed_cidrs` on its listeners' ports, the
     /// instances' admit the load balancer's group on the target port, and `security_group`'s
     /// rules. The group's other objects depend on both groups.
-    pub fn parts(&self, table: &Resource) -> (Vec<Resource>, BTreeSet<ResourceId>) {
-        let kinds = (Kind::GrafanaSecurityGroup, Kind::GrafanaIngress);
+    fn parts(&self, table: &Resource) -> Option<(Vec<Resource>, BTreeSet<ResourceId>)> {
+        let kinds = (SECURITY_GROUP, INGRESS);
         let place = || GroupPart {
             vpc: self.alb.vpc.clone(),
             subnet: self.alb.subnets.first().cloned(),
@@ -274,11 +335,7 @@ impl GrafanaSpec {
                 groups: Vec::new(),
             })
             .collect();
-        let alb = ResourceId::part(
-            Kind::GrafanaSecurityGroup,
-            table.id.name.clone(),
-            Some(ALB.into()),
-        );
+        let alb = ResourceId::part(SECURITY_GROUP, table.id.name.clone(), Some(ALB.into()));
         let mut instance_rules = vec![security_group::from_group(
             i32::from(self.target_group.port),
             format!("${{{alb}.id}}"),
@@ -304,13 +361,13 @@ impl GrafanaSpec {
         );
         let mut own = table.depends_on.clone();
         own.extend([alb_group.id.clone(), instance_group.id.clone()]);
-        (
+        Some((
             vec![alb_group, alb_ingress, instance_group, instance_ingress],
             own,
-        )
+        ))
     }
 
-    pub fn validate(&mut self, v: &mut Validator<'_>) {
+    fn validate(&mut self, v: &mut Validator<'_>) {
         if self.min_size < 0 || self.max_size < self.min_size {
             v.here(format!(
                 "sizes must satisfy 0 <= min_size ({}) <= max_size ({})",

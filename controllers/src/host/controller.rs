@@ -31,9 +31,10 @@ use aws_sdk_ec2::types::{
 use base64::Engine as _;
 
 use super::HostSpec;
+use super::{HOST, SECURITY_GROUP};
 use crate::change::{removal, Action, Change};
 use crate::controller::{Context, Controller};
-use crate::desired::{DesiredState, Resource, Spec, TAG_STACK};
+use crate::desired::{DesiredState, Resource, TAG_STACK};
 use crate::ec2::{locate_subnet, resolve_ami, tag_map, tag_spec};
 use crate::error::{aws_error, Error, Result};
 use crate::model::{Kind, Outputs, Refs, ResourceId};
@@ -219,8 +220,8 @@ impl Controller for HostController {
     type Observed = Observed;
     type Op = Op;
 
-    fn kinds(&self) -> &'static [Kind] {
-        &[Kind::Host]
+    fn kind(&self) -> Kind {
+        HOST
     }
 
     async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Observed> {
@@ -258,7 +259,7 @@ impl Controller for HostController {
         // An instance to adopt, until adopted, carries no tag of the stack: read by id, and only
         // then (a converged pass reads nothing more).
         let unadopted: Vec<String> = desired
-            .of_kind(Kind::Host)
+            .of_kind(HOST)
             .filter_map(|r| r.adopt.clone())
             .filter(|id| !obs.instances.iter().any(|i| &i.id == id))
             .collect();
@@ -297,7 +298,7 @@ impl Controller for HostController {
 
     fn outputs(&self, desired: &DesiredState, obs: &Observed) -> Vec<(ResourceId, Outputs)> {
         desired
-            .of_kind(Kind::Host)
+            .of_kind(HOST)
             .filter_map(|r| {
                 // A starting instance has no public address yet: its outputs wait for it.
                 let i = obs.instance(desired, r).filter(|i| i.state != "pending")?;
@@ -320,13 +321,11 @@ impl Controller for HostController {
         obs: &Observed,
         refs: &Refs,
     ) -> Result<Option<Change<Op>>> {
-        let Spec::Host(s) = &r.spec else {
-            return Ok(None);
-        };
+        let s = r.spec.expect::<HostSpec>();
         let name = desired.default_name(&r.id);
         let tags = s.instance_tags(desired, &r.id);
         let push = prometheus_push(s, refs, &obs.region)?;
-        let group = security_group::group_id(refs, Kind::HostSecurityGroup, &r.id.name, None);
+        let group = security_group::group_id(refs, SECURITY_GROUP, &r.id.name, None);
 
         if let Some(id) = &r.adopt {
             let Some(inst) = obs.instance(desired, r) else {
@@ -553,15 +552,7 @@ impl Controller for HostController {
             .into_iter()
             .filter_map(|(id, (ops, tags))| {
                 let label = format!("host {}", desired.default_name(&id));
-                removal(
-                    desired,
-                    Kind::Host,
-                    &tags,
-                    |r| r.id == id,
-                    label,
-                    prune,
-                    || ops,
-                )
+                removal(desired, HOST, &tags, |r| r.id == id, label, prune, || ops)
             })
             .collect()
     }
@@ -794,13 +785,14 @@ async fn launch(ctx: &Context, l: &Launch) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::desired::Spec;
     use crate::testing::{desired, owned_tags, resource};
 
     fn spec(text: &str) -> HostSpec {
         toml::from_str(text).unwrap()
     }
 
-    const HOST: &str = r#"
+    const HOST_TOML: &str = r#"
 ami = "ami-1"
 instance_type = "t3.medium"
 subnet = "subnet-1"
@@ -841,10 +833,10 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
     }
 
     fn diff(s: HostSpec, o: &Observed) -> Result<Option<Change<Op>>> {
-        let r = resource(Kind::Host, "prom", Spec::Host(Box::new(s)));
+        let r = resource(HOST, "prom", Spec::new(s));
         let mut refs = Refs::default();
         refs.outputs.insert(
-            ResourceId::part(Kind::HostSecurityGroup, "prom", None),
+            ResourceId::part(SECURITY_GROUP, "prom", None),
             Outputs::from([("id".into(), "sg-1".into())]),
         );
         HostController.diff(&desired(vec![r.clone()]), &r, o, &refs)
@@ -852,12 +844,17 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
 
     #[test]
     fn a_host_as_desired_has_no_change() {
-        assert_eq!(diff(spec(HOST), &observed()).unwrap().map(|c| c.ops), None);
+        assert_eq!(
+            diff(spec(HOST_TOML), &observed()).unwrap().map(|c| c.ops),
+            None
+        );
     }
 
     #[test]
     fn a_missing_host_is_launched_in_its_group() {
-        let c = diff(spec(HOST), &Observed::default()).unwrap().unwrap();
+        let c = diff(spec(HOST_TOML), &Observed::default())
+            .unwrap()
+            .unwrap();
         let [Op::Launch(l)] = &c.ops[..] else {
             panic!("{:?}", c.ops)
         };
@@ -876,7 +873,7 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         let mut o = observed();
         o.instances.clear();
         o.volumes[0].attachment = None;
-        let c = diff(spec(HOST), &o).unwrap().unwrap();
+        let c = diff(spec(HOST_TOML), &o).unwrap().unwrap();
         let [Op::Launch(l)] = &c.ops[..] else {
             panic!("{:?}", c.ops)
         };
@@ -897,7 +894,7 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         o.instances[0].instance_type = "t3.small".into();
         o.instances[0].security_groups = vec!["sg-1".into(), "sg-open".into()];
         o.volumes[0].attachment = None;
-        let c = diff(spec(HOST), &o).unwrap().unwrap();
+        let c = diff(spec(HOST_TOML), &o).unwrap().unwrap();
         assert!(
             matches!(
                 &c.ops[..],
@@ -918,11 +915,11 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         o.instances[0].tags = Tags::from([("Name".into(), "prometheus-server".into())]);
         o.volumes[0].tags = Tags::from([("Name".into(), "prometheus-data".into())]);
         o.volumes[0].attachment = Some(("i-tf".into(), "/dev/sdf".into()));
-        let mut r = resource(Kind::Host, "prom", Spec::Host(Box::new(spec(HOST))));
+        let mut r = resource(HOST, "prom", Spec::new(spec(HOST_TOML)));
         r.adopt = Some("i-tf".into());
         let mut refs = Refs::default();
         refs.outputs.insert(
-            ResourceId::part(Kind::HostSecurityGroup, "prom", None),
+            ResourceId::part(SECURITY_GROUP, "prom", None),
             Outputs::from([("id".into(), "sg-1".into())]),
         );
         let d = desired(vec![r.clone()]);
@@ -972,18 +969,18 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
     fn a_type_change_stops_then_sets_the_type_and_starts_and_transitions_wait() {
         let mut o = observed();
         o.instances[0].instance_type = "t3.small".into();
-        let c = diff(spec(HOST), &o).unwrap().unwrap();
+        let c = diff(spec(HOST_TOML), &o).unwrap().unwrap();
         assert!(matches!(&c.ops[..], [Op::Stop { .. }]), "{:?}", c.ops);
         for state in ["stopping", "pending"] {
             o.instances[0].state = state.into();
-            let Err(e) = diff(spec(HOST), &o) else {
+            let Err(e) = diff(spec(HOST_TOML), &o) else {
                 panic!("{state}: not waiting")
             };
             assert_eq!(e.class(), crate::error::ErrorClass::Waiting, "{state}");
             assert_eq!(e.to_string(), format!("waiting: instance i-1 is {state}"));
         }
         o.instances[0].state = "stopped".into();
-        let c = diff(spec(HOST), &o).unwrap().unwrap();
+        let c = diff(spec(HOST_TOML), &o).unwrap().unwrap();
         assert!(
             matches!(&c.ops[..], [Op::SetType { .. }, Op::Start { .. }]),
             "{:?}",
@@ -993,7 +990,7 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
 
     #[test]
     fn the_prometheus_config_is_pushed_when_its_hash_differs_only() {
-        let with_prom = format!("{HOST}prometheus = {{ scrape_interval = \"30s\" }}\n");
+        let with_prom = format!("{HOST_TOML}prometheus = {{ scrape_interval = \"30s\" }}\n");
         let c = diff(spec(&with_prom), &observed()).unwrap().unwrap();
         let [Op::Push { push, .. }] = &c.ops[..] else {
             panic!("{:?}", c.ops)
@@ -1011,7 +1008,7 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         let mut twin = o.instances[0].clone();
         twin.id = "i-0".into();
         o.instances.push(twin);
-        let c = diff(spec(HOST), &o).unwrap().unwrap();
+        let c = diff(spec(HOST_TOML), &o).unwrap().unwrap();
         assert!(
             matches!(&c.ops[..], [Op::Terminate { instance }] if instance == "i-0"),
             "the instance with the volume stays: {:?}",
@@ -1021,7 +1018,7 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
 
     #[test]
     fn user_data_changes_never_replace_the_instance() {
-        let mut s = spec(HOST);
+        let mut s = spec(HOST_TOML);
         s.loaded_user_data = Some("#!/bin/bash\necho v2\n".into());
         let mut o = observed();
         o.instances[0].tags.remove("team");

@@ -12,9 +12,83 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::desired::{check_duration, check_tags, DesiredState, Resource, Validator};
-use crate::model::{Kind, ResourceId};
-use crate::security_group::{self, GroupPart, IngressPart, IngressRule};
+use crate::desired::{
+    check_duration, check_tags, DesiredState, KindSpec, Resource, Spec, Validator,
+};
+use crate::kind::{schema, Form, Kind, KindDef};
+use crate::managed::Managed;
+use crate::model::ResourceId;
+use crate::security_group::{self, GroupPart, IngressPart, IngressRule, OfHost};
+
+static HOST_KIND: KindDef = KindDef {
+    path: "host",
+    attributes: &[
+        "instance_id",
+        "availability_zone",
+        "private_ip",
+        "public_ip",
+        "private_dns",
+        "security_group_id",
+    ],
+    form: Form::Table {
+        schema: schema::<HostSpec>,
+    },
+    attribute_parts: &[(
+        "security_group_id",
+        Kind::new(&SECURITY_GROUP_KIND),
+        None,
+        "id",
+    )],
+    whole: None,
+    controller: || Box::new(HostController),
+};
+/// `[host.<name>]`: the instance itself.
+pub const HOST: Kind = Kind::new(&HOST_KIND);
+
+static SECURITY_GROUP_KIND: KindDef = KindDef {
+    path: "host.security_group",
+    attributes: &["id", "name"],
+    form: Form::Part {
+        of: Kind::new(&HOST_KIND),
+        word: "security_group",
+        keyed: false,
+    },
+    attribute_parts: &[],
+    whole: None,
+    controller: || Box::new(Managed(security_group::SecurityGroup::<OfHost>::default())),
+};
+/// The security group of a host.
+pub const SECURITY_GROUP: Kind = Kind::new(&SECURITY_GROUP_KIND);
+
+static INGRESS_KIND: KindDef = KindDef {
+    path: "host.ingress",
+    attributes: &[],
+    form: Form::Part {
+        of: Kind::new(&HOST_KIND),
+        word: "ingress",
+        keyed: false,
+    },
+    attribute_parts: &[],
+    whole: None,
+    controller: || Box::new(Managed(security_group::Ingress::<OfHost>::default())),
+};
+/// The ingress rules of a host's security group.
+pub const INGRESS: Kind = Kind::new(&INGRESS_KIND);
+
+static VOLUME_KIND: KindDef = KindDef {
+    path: "host.volume",
+    attributes: &["id"],
+    form: Form::Part {
+        of: Kind::new(&HOST_KIND),
+        word: "volume",
+        keyed: true,
+    },
+    attribute_parts: &[],
+    whole: None,
+    controller: || Box::new(Managed(volume::Volume)),
+};
+/// An EBS data volume of a host, keyed by its device's name (`sdf`).
+pub const VOLUME: Kind = Kind::new(&VOLUME_KIND);
 
 /// `[host.<name>]`
 #[derive(Debug, Clone, Deserialize)]
@@ -146,8 +220,8 @@ pub fn valid_device(d: &str) -> bool {
     matches!(letter, Some(l) if l.len() == 1 && ('f'..='p').contains(&l.chars().next().unwrap_or('a')))
 }
 
-impl HostSpec {
-    pub fn validate(&mut self, v: &mut Validator<'_>) {
+impl KindSpec for HostSpec {
+    fn validate(&mut self, v: &mut Validator<'_>) {
         if !(self.ami.starts_with("ami-")
             || self.ami.starts_with("resolve:ssm:")
             || self.ami.contains("${"))
@@ -231,10 +305,10 @@ impl HostSpec {
 
     /// Its security group and the group's ingress rules, and each data volume, nodes of their
     /// own; the host's instance depends on the group, each volume on the instance.
-    pub fn parts(&self, host: &Resource) -> (Vec<Resource>, BTreeSet<ResourceId>) {
+    fn parts(&self, host: &Resource) -> Option<(Vec<Resource>, BTreeSet<ResourceId>)> {
         let [group, ingress] = security_group::nodes(
             host,
-            (Kind::HostSecurityGroup, Kind::HostIngress),
+            (SECURITY_GROUP, INGRESS),
             None,
             self.security_group.adopt.clone(),
             GroupPart {
@@ -249,15 +323,11 @@ impl HostSpec {
         own.insert(group.id.clone());
         let mut parts = vec![group, ingress];
         parts.extend(self.volumes.iter().map(|v| Resource {
-            id: ResourceId::part(
-                Kind::HostVolume,
-                host.id.name.clone(),
-                Some(volume::key(&v.device)),
-            ),
+            id: ResourceId::part(VOLUME, host.id.name.clone(), Some(volume::key(&v.device))),
             origin: host.origin.clone(),
             adopt: None,
             observe_only: host.observe_only,
-            spec: crate::desired::Spec::Volume(VolumePart {
+            spec: Spec::new(VolumePart {
                 device: v.device.clone(),
                 size: *v.size_gib.get_ref() as i32,
                 volume_type: v.r#type.clone(),
@@ -268,9 +338,11 @@ impl HostSpec {
             }),
             depends_on: BTreeSet::from([host.id.clone()]),
         }));
-        (parts, own)
+        Some((parts, own))
     }
+}
 
+impl HostSpec {
     /// The tags its instance carries: the stack's, its own, the ownership tags, and `Name`
     /// (`<stack>-<name>` unless its own tags set one).
     pub fn instance_tags(

@@ -16,9 +16,10 @@ use async_trait::async_trait;
 use aws_sdk_ec2::types::{Filter, ResourceType, VolumeType};
 
 use super::controller::ObservedVolume;
+use super::{HOST, VOLUME};
 use crate::change::FieldChange;
 use crate::controller::Context;
-use crate::desired::{DesiredState, Resource, Spec, TAG_STACK};
+use crate::desired::{DesiredState, Resource, TAG_STACK};
 use crate::ec2::{remove_tags, set_tags, tag_spec};
 use crate::error::{aws_error, Error, Result};
 use crate::managed::{Describe, ManagedObject, Readiness};
@@ -42,6 +43,8 @@ pub struct VolumePart {
     pub encrypted: bool,
     pub kms_key_id: Option<String>,
 }
+
+impl crate::desired::KindSpec for VolumePart {}
 
 /// The key of a volume's node: its device's name (`/dev/sdf` is `sdf`).
 pub fn key(device: &str) -> String {
@@ -93,7 +96,7 @@ pub fn find<'o>(
     volumes: &'o [ObservedVolume],
 ) -> Option<&'o ObservedVolume> {
     let stack = desired.stack_name();
-    let part = ResourceId::part(Kind::HostVolume, host.id.name.clone(), Some(key(device)));
+    let part = ResourceId::part(VOLUME, host.id.name.clone(), Some(key(device)));
     let at_device =
         |v: &&ObservedVolume| v.tags.get(TAG_DEVICE).map(String::as_str) == Some(device);
     // Should two carry the node's tags (an interrupted create), the attached one, then the
@@ -131,9 +134,8 @@ pub async fn observe(ctx: &Context, desired: &DesiredState) -> Result<Arc<Vec<Ob
         )
         .await?;
         let untagged: Vec<String> = desired
-            .of_kind(Kind::Host)
-            .filter_map(|r| {
-                let Spec::Host(s) = &r.spec else { return None };
+            .specs::<super::HostSpec>(HOST)
+            .filter_map(|(r, s)| {
                 let id = r.adopt.as_ref()?;
                 s.volumes
                     .iter()
@@ -199,14 +201,12 @@ impl ManagedObject for Volume {
     type Desired = VolumeWant;
     type Observed = ObservedVolume;
     type Update = VolumeUpdate;
-    const KIND: Kind = Kind::HostVolume;
+    const KIND: Kind = VOLUME;
     const NOUN: &'static str = "volume";
     const DELETES_DROPPED: bool = false;
 
     fn desired(&self, desired: &DesiredState, node: &Resource, refs: &Refs) -> Result<VolumeWant> {
-        let Spec::Volume(part) = &node.spec else {
-            unreachable!("a host.volume node has a volume spec")
-        };
+        let part = node.spec.expect::<VolumePart>();
         let host = refs.outputs.get(&node.id.composite());
         let mut own = Tags::from([(TAG_DEVICE.to_string(), part.device.clone())]);
         own.insert(
@@ -243,9 +243,7 @@ impl ManagedObject for Volume {
         node: &Resource,
         observed: &'o [ObservedVolume],
     ) -> Option<&'o ObservedVolume> {
-        let Spec::Volume(part) = &node.spec else {
-            return None;
-        };
+        let part = node.spec.expect::<VolumePart>();
         let host = desired.resources.get(&node.id.composite())?;
         find(desired, host, &part.device, observed)
     }
@@ -461,10 +459,11 @@ mod tests {
     use super::*;
     use crate::change::{Action, Change};
     use crate::controller::Controller;
+    use crate::desired::{KindSpec, Spec};
     use crate::managed::{Managed, Op};
     use crate::testing::{desired, owned_tags, resource};
 
-    const HOST: &str = r#"
+    const HOST_TOML: &str = r#"
 ami = "ami-1"
 instance_type = "t3.medium"
 volumes = [{ device = "/dev/sdf", size_gib = 100 }]
@@ -472,23 +471,23 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
 
     /// The host table and its nodes, as loading expands them.
     fn nodes(adopt: Option<&str>) -> DesiredState {
-        let spec: super::super::HostSpec = toml::from_str(HOST).unwrap();
-        let mut host = resource(Kind::Host, "prom", Spec::Host(Box::new(spec.clone())));
+        let spec: super::super::HostSpec = toml::from_str(HOST_TOML).unwrap();
+        let mut host = resource(HOST, "prom", Spec::new(spec.clone()));
         host.adopt = adopt.map(String::from);
-        let (mut all, _) = spec.parts(&host);
+        let (mut all, _) = spec.parts(&host).unwrap();
         all.push(host);
         desired(all)
     }
 
     fn node_id() -> ResourceId {
-        ResourceId::part(Kind::HostVolume, "prom", Some("sdf".into()))
+        ResourceId::part(VOLUME, "prom", Some("sdf".into()))
     }
 
     /// The host's instance, running in us-east-1a.
     fn refs(instance: &str) -> Refs {
         Refs {
             outputs: [(
-                ResourceId::new(Kind::Host, "prom"),
+                ResourceId::new(HOST, "prom"),
                 Outputs::from([
                     ("instance_id".into(), instance.to_string()),
                     ("availability_zone".into(), "us-east-1a".into()),
@@ -686,7 +685,7 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         // Dropped from a host still desired: it holds data, so it is kept unless pruned.
         let spec: super::super::HostSpec =
             toml::from_str("ami = \"ami-1\"\ninstance_type = \"t3.medium\"\n").unwrap();
-        let host = resource(Kind::Host, "prom", Spec::Host(Box::new(spec)));
+        let host = resource(HOST, "prom", Spec::new(spec));
         let d = desired(vec![host]);
         let kept = Managed(Volume).removed(&d, &vec![volume()], false);
         assert_eq!(kept.len(), 1);
