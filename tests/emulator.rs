@@ -2231,3 +2231,88 @@ async fn a_volume_create_repeating_its_client_token_makes_no_second_volume() {
     let volumes = ec2.describe_volumes().send().await.unwrap();
     assert_eq!(volumes.volumes().len(), 2);
 }
+
+/// AWS refuses a second volume at an instance's device (`InvalidParameterValue`, "Attachment
+/// point ... is already in use") and a volume attached twice (`VolumeInUse`); moto replaces
+/// the device mapping, leaving two volumes attached at one device.
+#[tokio::test]
+async fn a_device_in_use_and_a_volume_attached_elsewhere_are_refused_as_on_aws() {
+    let aws = Aws::start();
+    let ec2 = aws.ec2().await;
+    let launch = || async {
+        let run = ec2
+            .run_instances()
+            .image_id(AMI)
+            .min_count(1)
+            .max_count(1)
+            .placement(
+                aws_sdk_ec2::types::Placement::builder()
+                    .availability_zone("us-east-1a")
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        run.instances()[0].instance_id().unwrap().to_string()
+    };
+    let volume = || async {
+        let v = ec2
+            .create_volume()
+            .availability_zone("us-east-1a")
+            .size(10)
+            .send()
+            .await
+            .unwrap();
+        v.volume_id().unwrap().to_string()
+    };
+    let attach = |volume: String, instance: String| {
+        ec2.attach_volume()
+            .volume_id(volume)
+            .instance_id(instance)
+            .device("/dev/sdf")
+            .send()
+    };
+    let (one, two) = (launch().await, launch().await);
+    let (first, second) = (volume().await, volume().await);
+    attach(first.clone(), one.clone()).await.unwrap();
+
+    let e = attach(second.clone(), one.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Some("InvalidParameterValue"), "{e:?}");
+    assert!(
+        e.message().unwrap_or_default().contains("already in use"),
+        "{e:?}"
+    );
+    let e = attach(first.clone(), two.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Some("VolumeInUse"), "{e:?}");
+
+    // Nothing changed: the first volume alone at the first instance's device, the second free.
+    let volumes = ec2
+        .describe_volumes()
+        .volume_ids(&first)
+        .volume_ids(&second)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(volumes.volumes().len(), 2);
+    for v in volumes.volumes() {
+        let at: Vec<_> = v
+            .attachments()
+            .iter()
+            .map(|a| (a.instance_id().unwrap(), a.device().unwrap()))
+            .collect();
+        if v.volume_id() == Some(first.as_str()) {
+            assert_eq!(at, [(one.as_str(), "/dev/sdf")]);
+        } else {
+            assert!(at.is_empty(), "{at:?}");
+        }
+    }
+
+    // Once detached, the device takes another volume.
+    ec2.detach_volume()
+        .volume_id(&first)
+        .instance_id(&one)
+        .send()
+        .await
+        .unwrap();
+    attach(second, one).await.unwrap();
+}

@@ -311,6 +311,49 @@ impl Moto {
         Ok(Some((settings, member)))
     }
 
+    /// The devices of an instance and the volume at each (its root device included).
+    pub(crate) async fn instance_devices(
+        &self,
+        caller: &Incoming,
+        instance: &str,
+    ) -> Result<Vec<(String, String)>, ApiError> {
+        let params = ec2_query("DescribeInstances", &[("instance-id", &[instance])]);
+        let text = self.query(caller, "ec2", &params).await?;
+        let doc = xml(&text)?;
+        Ok(doc
+            .root()
+            .descendants()
+            .filter(|n| n.has_tag_name("blockDeviceMapping"))
+            .flat_map(|n| n.children().filter(|n| n.has_tag_name("item")))
+            .filter_map(|item| {
+                let device = child_text(item, "deviceName")?;
+                let volume = item
+                    .children()
+                    .find(|n| n.has_tag_name("ebs"))
+                    .and_then(|ebs| child_text(ebs, "volumeId"))
+                    .unwrap_or_default();
+                Some((device, volume))
+            })
+            .collect())
+    }
+
+    /// The instance a volume is attached to, if any.
+    pub(crate) async fn volume_instance(
+        &self,
+        caller: &Incoming,
+        volume: &str,
+    ) -> Result<Option<String>, ApiError> {
+        let params = ec2_query("DescribeVolumes", &[("volume-id", &[volume])]);
+        let text = self.query(caller, "ec2", &params).await?;
+        let doc = xml(&text)?;
+        Ok(doc
+            .root()
+            .descendants()
+            .filter(|n| n.has_tag_name("attachmentSet"))
+            .flat_map(|n| n.children().filter(|n| n.has_tag_name("item")))
+            .find_map(|item| child_text(item, "instanceId")))
+    }
+
     /// The instances of an Auto Scaling group, or None when there is no such group.
     pub(crate) async fn group_instances(
         &self,

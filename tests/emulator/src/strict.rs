@@ -30,6 +30,10 @@
 //! - `CreateVolume` is idempotent on its `ClientToken`: a call repeating a token (an SDK retry
 //!   after a lost answer) answers the volume the token made, and makes no second one; moto
 //!   ignores the token.
+//! - `AttachVolume` at a device the instance already uses fails with `InvalidParameterValue`
+//!   ("Attachment point /dev/sdf is already in use"), and of a volume already attached with
+//!   `VolumeInUse`; moto replaces the instance's device mapping, leaving two volumes attached at
+//!   one device.
 //! - `GetAccountAuthorizationDetails` pages, at most `MaxItems` entries a page (default 100)
 //!   with `IsTruncated` and a `Marker`; moto answers everything at once.
 //!
@@ -111,6 +115,29 @@ pub async fn check(state: &Arc<State>, req: &Incoming) -> Result<(), ApiError> {
                 ));
             }
         }
+        ("ec2", "AttachVolume") => {
+            let form = req.form();
+            let (Some(volume), Some(instance), Some(device)) = (
+                param(&form, "VolumeId"),
+                param(&form, "InstanceId"),
+                param(&form, "Device"),
+            ) else {
+                return Ok(());
+            };
+            if let Some(other) = state.moto.volume_instance(req, &volume).await? {
+                return Err(ApiError::bad_request(
+                    "VolumeInUse",
+                    format!("{volume} is already attached to an instance ({other})"),
+                ));
+            }
+            let devices = state.moto.instance_devices(req, &instance).await?;
+            if devices.iter().any(|(d, _)| same_device(d, &device)) {
+                return Err(ApiError::bad_request(
+                    "InvalidParameterValue",
+                    format!("Invalid value '{device}' for unixDevice. Attachment point {device} is already in use"),
+                ));
+            }
+        }
         ("ec2", "RunInstances") => {
             let form = req.form();
             let named = param(&form, "IamInstanceProfile.Name").or_else(|| {
@@ -154,6 +181,11 @@ pub async fn check(state: &Arc<State>, req: &Incoming) -> Result<(), ApiError> {
         _ => {}
     }
     Ok(())
+}
+
+/// Whether two device names are one attachment point: `/dev/sdf` and `sdf` are.
+fn same_device(a: &str, b: &str) -> bool {
+    a.trim_start_matches("/dev/") == b.trim_start_matches("/dev/")
 }
 
 /// `CreateLoadBalancer` on a name that exists, answered as AWS does; `None` for a new name,
