@@ -9,7 +9,10 @@
 #     CPU time and AWS calls per pass, and from those the calls per hour at the default resync;
 #   - a host_config push to 1,000 running instances, and the converged pass after it;
 #   - a synthetic desired state of 5,000 IAM roles, reconciled, then planned: the plan's pure
-#     diff time (logged by `plan` as `diff computed`), apart from its AWS reads.
+#     diff time (logged by `plan` as `diff computed`), apart from its AWS reads;
+#   - commit-to-first-write latency under the daemon while an alertmanager definition takes 3
+#     minutes to be checked;
+#   - the seed 000 example (host, volume, Grafana group behind HTTPS), cold and converged.
 # Usage: tests/bench.sh [HOSTS]   (default 1000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +56,80 @@ run faulted reconcile --once "$work/faulted"
 curl -sf -X DELETE "$AWS_ENDPOINT_URL/_emulator/faults" >/dev/null
 faulted_calls=$(curl -sf "$AWS_ENDPOINT_URL/_emulator/calls" |
   .venv/bin/python -c 'import json, sys; print(sum(1 for c in json.load(sys.stdin) if c["fault"]))')
+
+# Commit-to-first-write latency while a slow object waits: another copy of the default stack
+# under a daemon, its alertmanager definition taking 3 minutes to be checked; once the first pass
+# is done, a role's description is changed, and the time until UpdateRole reaches the emulator
+# is measured (the emulator's call log polled every 10 ms).
+cp -r desired "$work/slow"
+sed -i 's/^name = "monitoring"/name = "slow"/' "$work/slow/stack.toml"
+curl -sf -X PUT -H 'content-type: application/json' "$AWS_ENDPOINT_URL/_emulator/settings" \
+  -d '{"transition_delay": 180000}' >/dev/null
+RUST_LOG=info "$bin" reconcile --listen 127.0.0.1:0 --log-format json "$work/slow" >/dev/null 2>"$work/slow.err" &
+slow_pid=$!
+trap 'kill $slow_pid $EMULATOR_PID 2>/dev/null; rm -rf "$work"' EXIT
+.venv/bin/python - "$work/slow.err" "$work/slow/iam.toml" >"$work/slow.txt" <<'PY'
+import json, os, sys, time, urllib.request
+import boto3
+log, iam_toml = sys.argv[1], sys.argv[2]
+endpoint = os.environ["AWS_ENDPOINT_URL"]
+deadline = time.time() + 120
+while "pass done" not in open(log).read():
+    assert time.time() < deadline, "the daemon finished no pass"
+    time.sleep(0.05)
+def updates():
+    calls = json.load(urllib.request.urlopen(f"{endpoint}/_emulator/calls"))
+    return sum(1 for c in calls if c["operation"] == "UpdateRole")
+before = updates()
+text = open(iam_toml).read()
+changed = text.replace('description = "Prometheus host:', 'description = "The Prometheus host:', 1)
+assert changed != text
+start = time.monotonic()
+with open(iam_toml, "w") as f:
+    f.write(changed)
+while updates() == before:
+    assert time.monotonic() - start < 60, "the change never reached AWS"
+    time.sleep(0.01)
+latency = time.monotonic() - start
+amp = boto3.client("amp", endpoint_url=endpoint, region_name="us-east-1")
+statuses = []
+for ws in amp.list_workspaces()["workspaces"]:
+    if ws.get("tags", {}).get("stackwarden:stack") == "slow":
+        d = amp.describe_alert_manager_definition(workspaceId=ws["workspaceId"])
+        statuses.append(d["alertManagerDefinition"]["status"]["statusCode"])
+print(f"latency_ms={latency * 1000:.0f}")
+print(f"definition={'/'.join(statuses)}")
+PY
+kill -TERM "$slow_pid"; wait "$slow_pid" || true
+curl -sf -X PUT -H 'content-type: application/json' "$AWS_ENDPOINT_URL/_emulator/settings" \
+  -d '{"transition_delay": 0}' >/dev/null
+slow() { sed -n "s/^$1=//p" "$work/slow.txt"; }
+
+# The seed 000 example: a Prometheus host with its EBS volume, Alertmanager, and a Grafana group
+# behind an HTTPS load balancer, with what the example asks a user to fill in.
+cp -r examples/ec2-prometheus-grafana-alb "$work/seed000"
+.venv/bin/python - "$work/seed000/grafana.toml" <<'PY'
+import os, sys, boto3
+kw = dict(endpoint_url=os.environ["AWS_ENDPOINT_URL"], region_name="us-east-1")
+ec2, iam, ssm = (boto3.client(s, **kw) for s in ("ec2", "iam", "ssm"))
+subnets = sorted(s["SubnetId"] for s in ec2.describe_subnets(
+    Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"])
+cert = iam.upload_server_certificate(ServerCertificateName="grafana-bench",
+    CertificateBody="-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    PrivateKey="-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n")
+ssm.put_parameter(Name="/monitoring/grafana-admin", Value="correct horse battery staple",
+    Type="SecureString", Overwrite=True)
+text = open(sys.argv[1]).read()
+for group in ("a", "b"):
+    for i in (1, 2):
+        text = text.replace(f"subnet-0{group * 15}{i}", subnets[i - 1])
+text = text.replace(
+    "arn:aws:acm:us-east-1:123456789012:certificate/0c1d2e3f-4a5b-6c7d-8e9f-0a1b2c3d4e5f",
+    cert["ServerCertificateMetadata"]["Arn"])
+open(sys.argv[1], "w").write(text)
+PY
+run seed000cold reconcile --once "$work/seed000"
+run seed000 plan "$work/seed000"
 
 # The daemon, converged, resyncing as fast as it can (10 ms, no rate limit) for 1,000 passes.
 RUST_LOG=info "$bin" reconcile --resync 10ms --rate-limit '*=100000' --listen 127.0.0.1:0 \
@@ -143,7 +220,13 @@ echo "| cold reconcile --once, default stack, 30% throttled and 5% server errors
 echo "| daemon, converged default stack, passes 100 / 500 / 1,000 | $(daemon calls_per_pass) per pass (reads); $(daemon calls_per_hour) per hour at the default 60 s resync | $(daemon cpu_ms) ms CPU per pass | $(daemon rss) MiB |"
 echo "| host_config push to $hosts instances | $(calls push); SendCommand $(op push SendCommand), status reads $(( $(op push ListCommands) + $(op push ListCommandInvocations) )) | $(wall push) | $(rss push) |"
 echo "| converged plan, 5,000 IAM roles | $(calls bigplan) | $(wall bigplan); diff alone $(diff_ms) | $(rss bigplan) |"
+echo "| commit to first write, while the alertmanager definition is checked for 3 minutes (still $(slow definition)) | | $(slow latency_ms) ms | |"
+echo "| cold reconcile --once, seed 000 example (exit $(sed -n 's/.*Exit status: //p' "$work/seed000cold.time")) | $(calls seed000cold) | $(wall seed000cold) | $(rss seed000cold) |"
+echo "| converged plan, seed 000 example | $(calls seed000) | $(wall seed000) | $(rss seed000) |"
 echo "| converged plan with $hosts fleet hosts | $(calls fleet); SSM $(service fleet SSM) | $(wall fleet) | $(rss fleet) |"
 echo
 echo "Converged plan of the default stack, calls by operation:"
 sed -n '/^AWS API calls/,$ { /^  /p }' "$work/converged.err"
+echo
+echo "Converged plan of the seed 000 example, calls by operation:"
+sed -n '/^AWS API calls/,$ { /^  /p }' "$work/seed000.err"

@@ -548,7 +548,7 @@ async fn a_cold_run_waits_for_a_new_instance_profile_and_a_new_instance_to_propa
     );
     assert!(
         cold.stderr.contains(
-            "host.prometheus: waiting: an instance is not yet reachable over SSM (InvalidInstanceId"
+            "host.prometheus.prometheus: waiting: an instance is not yet reachable over SSM (InvalidInstanceId"
         ),
         "{}",
         cold.stderr

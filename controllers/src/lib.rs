@@ -40,7 +40,8 @@ pub use model::{Kind, Refs, ResourceId};
 /// module ([`kind::KindDef`]). Kinds are applied in the order of their references, ties in
 /// this order; removals run in the reverse of it, so what uses an object goes before it:
 /// security groups before their rules (a group another group's rule names cannot be deleted),
-/// a host's volumes before the host (its instance is terminated before they are deleted).
+/// a host's volumes before the host (its instance is terminated before they are deleted); a
+/// host's Prometheus config after its instance.
 pub static KINDS: &[Kind] = &[
     iam::POLICY,
     iam::ROLE,
@@ -57,6 +58,7 @@ pub static KINDS: &[Kind] = &[
     grafana::INGRESS,
     host::VOLUME,
     host::HOST,
+    host::PROMETHEUS,
     grafana::GRAFANA,
     host_config::HOST_CONFIG,
 ];

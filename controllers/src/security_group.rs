@@ -838,12 +838,10 @@ security_group = { ingress = [{ port = 9100, security_groups = ["${host.prom.sec
                 "host.prom.security_group".to_string()
             ])
         );
+        // The instance needs its own group, not the groups its group's rules admit.
         assert_eq!(
             deps("host.prom"),
-            BTreeSet::from([
-                "host.prom.security_group".to_string(),
-                "grafana.main.security_group.instances".to_string()
-            ])
+            BTreeSet::from(["host.prom.security_group".to_string()])
         );
         assert!(deps("grafana.main").contains("host.prom"));
         // Every node comes after what it references: no loop.

@@ -83,8 +83,8 @@ pub fn records(desired: &DesiredState) -> Vec<Record> {
         kind,
         per_stack: false,
     };
-    if desired.of_kind(crate::host::HOST).next().is_some() {
-        out.push(shared(push::prometheus::NAME, crate::host::HOST));
+    if desired.of_kind(crate::host::PROMETHEUS).next().is_some() {
+        out.push(shared(push::prometheus::NAME, crate::host::PROMETHEUS));
     }
     if desired.of_kind(crate::grafana::GRAFANA).next().is_some() {
         out.push(shared(

@@ -1,27 +1,24 @@
-//! The host controller: an EC2 instance, and the Prometheus config pushed to it over SSM Run
-//! Command. Its security group and its data volumes are nodes of their own
-//! ([`crate::security_group`], [`super::volume`]): the instance is put in its group, and moved
-//! back into it if it left; the volumes are attached to it, and to a replacement when the
-//! instance is gone, so the Prometheus TSDB on them survives.
+//! The host controller: an EC2 instance. Its security group, its data volumes and the
+//! Prometheus config pushed to it are nodes of their own ([`crate::security_group`],
+//! [`super::volume`], [`super::prometheus`]): the instance is put in its group, and moved back
+//! into it if it left; the volumes are attached to it, and to a replacement when the instance
+//! is gone, so the Prometheus TSDB on them survives.
 //!
 //! The instance is found by its ownership tags (the host's address) or adopted by id.
 //!
 //! # Guarantees
 //! - User data is first-boot only: changing it never replaces an instance (plan says so), and
 //!   neither does an AMI change.
-//! - A config is pushed only when the hash recorded on the instance (tag
-//!   `stackwarden:prometheus`) differs from the desired bundle's, so a converged pass sends no
-//!   SSM command. The tag is written only after the push succeeded on the host.
 //! - Nothing waits inside a pass: an instance starting or stopping answers "waiting, look
 //!   again" ([`Error::Waiting`]), and the next pass takes the next step from what it observes
-//!   (launch; push the config; a type change stops the instance, then sets the type and starts
-//!   it).
+//!   (launch; a type change stops the instance, then sets the type and starts it).
 //! - Every object is found by tag before anything is created, so a crash between two steps of
 //!   a launch leaves objects the next pass completes. Should a launch be repeated anyway (moto
 //!   ignores the RunInstances client token), the second instance is seen and terminated: the
 //!   one the data volumes are attached to is kept.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use aws_sdk_ec2::types::{
@@ -38,15 +35,8 @@ use crate::desired::{DesiredState, Resource, TAG_STACK};
 use crate::ec2::{locate_subnet, resolve_ami, tag_map, tag_spec};
 use crate::error::{aws_error, Error, Result};
 use crate::model::{Kind, Outputs, Refs, ResourceId};
-use crate::push::send::{record, send, track, Controls, Rollout, Tracked};
-use crate::push::{self, Prepared};
 use crate::security_group;
 use crate::tags::{self, owner_id, Tags};
-
-/// Instance tag: the sha256 of the Prometheus bundle installed on the host.
-fn prometheus_tag() -> String {
-    push::hash_tag(push::prometheus::NAME)
-}
 
 /// How soon to look again at an instance changing state: EC2 takes seconds to tens of seconds.
 const STATE_CHANGE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -90,8 +80,6 @@ pub struct Observed {
     pub region: String,
     pub instances: Vec<ObservedInstance>,
     pub volumes: Vec<ObservedVolume>,
-    /// The verdicts of the config pushes running on the instances.
-    pub tracked: Tracked,
 }
 
 fn owned(tags: &Tags, desired: &DesiredState, id: &ResourceId) -> bool {
@@ -118,7 +106,7 @@ impl Observed {
                 .any(|v| v.attachment.as_ref().is_some_and(|(id, _)| id == &i.id));
             (
                 !has_volume,
-                !i.tags.contains_key(&prometheus_tag()),
+                !i.tags.contains_key(&super::prometheus::installed_tag()),
                 i.id.clone(),
             )
         });
@@ -182,32 +170,12 @@ pub enum Op {
         resource: String,
         keys: Vec<String>,
     },
-    Push {
-        instance: String,
-        push: Prepared,
-    },
-    /// Records that the instance installed the pushed config (its command succeeded).
-    Record {
-        instance: String,
-        push: Prepared,
-    },
     Terminate {
         instance: String,
     },
     DeleteVolume {
         volume: String,
     },
-}
-
-// ---------------------------------------------------------------------------------------------
-// Desired values
-
-/// The Prometheus bundle of a host with the Prometheus role.
-fn prometheus_push(s: &HostSpec, refs: &Refs, region: &str) -> Result<Option<Prepared>> {
-    s.prometheus
-        .as_ref()
-        .map(|p| push::prometheus::bundle(p, refs, region).prepare())
-        .transpose()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -225,75 +193,11 @@ impl Controller for HostController {
     }
 
     async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Observed> {
-        let stack = Filter::builder()
-            .name(format!("tag:{TAG_STACK}"))
-            .values(desired.stack_name())
-            .build();
-        let live = Filter::builder()
-            .name("instance-state-name")
-            .set_values(Some(
-                ["pending", "running", "stopping", "stopped"]
-                    .map(String::from)
-                    .to_vec(),
-            ))
-            .build();
-        let mut obs = Observed {
+        Ok(Observed {
             region: ctx.region.clone(),
-            ..Default::default()
-        };
-
-        let mut pages = ctx
-            .ec2
-            .describe_instances()
-            .filters(stack.clone())
-            .filters(live.clone())
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(aws_error("ec2", "DescribeInstances"))?;
-            for i in page.reservations().iter().flat_map(|r| r.instances()) {
-                obs.instances.push(observed_instance(i));
-            }
-        }
-
-        // An instance to adopt, until adopted, carries no tag of the stack: read by id, and only
-        // then (a converged pass reads nothing more).
-        let unadopted: Vec<String> = desired
-            .of_kind(HOST)
-            .filter_map(|r| r.adopt.clone())
-            .filter(|id| !obs.instances.iter().any(|i| &i.id == id))
-            .collect();
-        if !unadopted.is_empty() {
-            let out = ctx
-                .ec2
-                .describe_instances()
-                .filters(
-                    Filter::builder()
-                        .name("instance-id")
-                        .set_values(Some(unadopted))
-                        .build(),
-                )
-                .filters(live)
-                .send()
-                .await
-                .map_err(aws_error("ec2", "DescribeInstances"))?;
-            obs.instances.extend(
-                out.reservations()
-                    .iter()
-                    .flat_map(|r| r.instances())
-                    .map(observed_instance),
-            );
-        }
-        obs.volumes = super::volume::observe(ctx, desired).await?.as_ref().clone();
-
-        obs.tracked = track(
-            ctx,
-            obs.instances
-                .iter()
-                .filter_map(|i| i.tags.get(&prometheus_tag()).map(String::as_str)),
-        )
-        .await?;
-        Ok(obs)
+            instances: instances(ctx, desired).await?.as_ref().clone(),
+            volumes: super::volume::observe(ctx, desired).await?.as_ref().clone(),
+        })
     }
 
     fn outputs(&self, desired: &DesiredState, obs: &Observed) -> Vec<(ResourceId, Outputs)> {
@@ -324,7 +228,6 @@ impl Controller for HostController {
         let s = r.spec.expect::<HostSpec>();
         let name = desired.default_name(&r.id);
         let tags = s.instance_tags(desired, &r.id);
-        let push = prometheus_push(s, refs, &obs.region)?;
         let group = security_group::group_id(refs, SECURITY_GROUP, &r.id.name, None);
 
         if let Some(id) = &r.adopt {
@@ -363,9 +266,6 @@ impl Controller for HostController {
                 ),
             );
             c.field("security_group", None, Some(group.clone()));
-            if let Some(p) = &push {
-                c.field("prometheus", None, Some(p.short_hash()));
-            }
             c.op(Op::Launch(Box::new(Launch {
                 group,
                 ami: refs.render(&s.ami).value,
@@ -450,12 +350,6 @@ impl Controller for HostController {
                 instance: inst.id.clone(),
             });
         }
-        // Volumes and the config go to a running instance: after a stop or a start, a later pass
-        // sees to them.
-        let changing_state = c
-            .ops
-            .iter()
-            .any(|op| matches!(op, Op::Stop { .. } | Op::Start { .. }));
         if r.adopt.is_some() {
             // An adopted instance's other tags are its previous owner's: kept.
             c.tags_added(&inst.id, &inst.tags, &tags, |tags| Op::Tag {
@@ -486,28 +380,6 @@ impl Controller for HostController {
                 instance: inst.id.clone(),
                 groups: vec![group],
             });
-        }
-        if let Some(p) = push.filter(|_| !changing_state) {
-            let installed = inst.tags.get(&p.hash_tag()).map(String::as_str);
-            let rollout = Rollout::of(&p, [(inst.id.as_str(), installed)], &obs.tracked);
-            let shown = crate::verify::show_installed(installed);
-            if !rollout.record.is_empty() {
-                c.field("prometheus", shown, Some(p.short_hash()));
-                c.op(Op::Record {
-                    instance: inst.id.clone(),
-                    push: p,
-                });
-            } else if !rollout.send.is_empty() {
-                c.field("prometheus", shown, Some(p.short_hash()));
-                c.op(Op::Push {
-                    instance: inst.id.clone(),
-                    push: p,
-                });
-            } else if c.ops.is_empty() {
-                if let Some(e) = rollout.failure(&p, 1).or_else(|| rollout.waiting(&p)) {
-                    return Err(e);
-                }
-            }
         }
         if c.ops.is_empty() {
             return Ok(None);
@@ -610,18 +482,6 @@ impl Controller for HostController {
             }
             Op::Tag { resource, tags } => crate::ec2::set_tags(ctx, resource, tags).await?,
             Op::Untag { resource, keys } => crate::ec2::remove_tags(ctx, resource, keys).await?,
-            Op::Push { instance, push } => {
-                send(
-                    ctx,
-                    push,
-                    std::slice::from_ref(instance),
-                    &Controls::default(),
-                )
-                .await?
-            }
-            Op::Record { instance, push } => {
-                record(ctx, push, std::slice::from_ref(instance)).await?
-            }
             Op::Terminate { instance } => {
                 ec2.terminate_instances()
                     .instance_ids(instance)
@@ -647,6 +507,72 @@ impl Controller for HostController {
         }
         Ok(None)
     }
+}
+
+/// The stack's live instances, and the instances its hosts adopt: read once per observation
+/// for the hosts and their Prometheus configs.
+pub(crate) async fn instances(
+    ctx: &Context,
+    desired: &DesiredState,
+) -> Result<Arc<Vec<ObservedInstance>>> {
+    ctx.shared("ec2:DescribeInstances", || async {
+        let stack = Filter::builder()
+            .name(format!("tag:{TAG_STACK}"))
+            .values(desired.stack_name())
+            .build();
+        let live = Filter::builder()
+            .name("instance-state-name")
+            .set_values(Some(
+                ["pending", "running", "stopping", "stopped"]
+                    .map(String::from)
+                    .to_vec(),
+            ))
+            .build();
+        let mut found = Vec::new();
+        let mut pages = ctx
+            .ec2
+            .describe_instances()
+            .filters(stack)
+            .filters(live.clone())
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(aws_error("ec2", "DescribeInstances"))?;
+            for i in page.reservations().iter().flat_map(|r| r.instances()) {
+                found.push(observed_instance(i));
+            }
+        }
+        // An instance to adopt, until adopted, carries no tag of the stack: read by id, and
+        // only then (a converged pass reads nothing more).
+        let unadopted: Vec<String> = desired
+            .of_kind(HOST)
+            .filter_map(|r| r.adopt.clone())
+            .filter(|id| !found.iter().any(|i: &ObservedInstance| &i.id == id))
+            .collect();
+        if !unadopted.is_empty() {
+            let out = ctx
+                .ec2
+                .describe_instances()
+                .filters(
+                    Filter::builder()
+                        .name("instance-id")
+                        .set_values(Some(unadopted))
+                        .build(),
+                )
+                .filters(live)
+                .send()
+                .await
+                .map_err(aws_error("ec2", "DescribeInstances"))?;
+            found.extend(
+                out.reservations()
+                    .iter()
+                    .flat_map(|r| r.instances())
+                    .map(observed_instance),
+            );
+        }
+        Ok(found)
+    })
+    .await
 }
 
 fn observed_instance(i: &aws_sdk_ec2::types::Instance) -> ObservedInstance {
@@ -828,7 +754,6 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
                 tags: vol_tags,
                 ..Default::default()
             }],
-            tracked: Default::default(),
         }
     }
 
@@ -986,20 +911,6 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
             "{:?}",
             c.ops
         );
-    }
-
-    #[test]
-    fn the_prometheus_config_is_pushed_when_its_hash_differs_only() {
-        let with_prom = format!("{HOST_TOML}prometheus = {{ scrape_interval = \"30s\" }}\n");
-        let c = diff(spec(&with_prom), &observed()).unwrap().unwrap();
-        let [Op::Push { push, .. }] = &c.ops[..] else {
-            panic!("{:?}", c.ops)
-        };
-        let mut o = observed();
-        o.instances[0]
-            .tags
-            .insert(prometheus_tag(), push.hash.clone());
-        assert!(diff(spec(&with_prom), &o).unwrap().is_none());
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //! offline checks here, the controller in `controller.rs`.
 
 pub(crate) mod controller;
+pub mod prometheus;
 pub mod volume;
 
 pub use controller::HostController;
+pub use prometheus::PrometheusPart;
 pub use volume::VolumePart;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -17,7 +19,7 @@ use crate::desired::{
 };
 use crate::kind::{schema, Form, Kind, KindDef};
 use crate::managed::Managed;
-use crate::model::ResourceId;
+use crate::model::{references_in, ResourceId};
 use crate::security_group::{self, GroupPart, IngressPart, IngressRule, OfHost};
 
 static HOST_KIND: KindDef = KindDef {
@@ -89,6 +91,21 @@ static VOLUME_KIND: KindDef = KindDef {
 };
 /// An EBS data volume of a host, keyed by its device's name (`sdf`).
 pub const VOLUME: Kind = Kind::new(&VOLUME_KIND);
+
+static PROMETHEUS_KIND: KindDef = KindDef {
+    path: "host.prometheus",
+    attributes: &[],
+    form: Form::Part {
+        of: Kind::new(&HOST_KIND),
+        word: "prometheus",
+        keyed: false,
+    },
+    attribute_parts: &[],
+    whole: None,
+    controller: || Box::new(prometheus::PrometheusController),
+};
+/// The Prometheus config pushed to a host with a `prometheus` table.
+pub const PROMETHEUS: Kind = Kind::new(&PROMETHEUS_KIND);
 
 /// `[host.<name>]`
 #[derive(Debug, Clone, Deserialize)]
@@ -319,24 +336,55 @@ impl KindSpec for HostSpec {
                 rules: security_group::rule_specs(&self.security_group.ingress),
             },
         );
-        let mut own = host.depends_on.clone();
+        // The instance references what its own values name; its Prometheus config, everything
+        // else the table names (its files included).
+        let mut own: BTreeSet<ResourceId> = [&self.ami, &self.instance_type]
+            .into_iter()
+            .chain(&self.subnet)
+            .chain(&self.instance_profile)
+            .chain(&self.key_name)
+            .chain(self.tags.iter().flat_map(|t| t.get_ref().values()))
+            .flat_map(|s| references_in(s))
+            .collect();
         own.insert(group.id.clone());
         let mut parts = vec![group, ingress];
-        parts.extend(self.volumes.iter().map(|v| Resource {
-            id: ResourceId::part(VOLUME, host.id.name.clone(), Some(volume::key(&v.device))),
-            origin: host.origin.clone(),
-            adopt: None,
-            observe_only: host.observe_only,
-            spec: Spec::new(VolumePart {
-                device: v.device.clone(),
-                size: *v.size_gib.get_ref() as i32,
-                volume_type: v.r#type.clone(),
-                iops: v.iops,
-                throughput: v.throughput,
-                encrypted: v.encrypted,
-                kms_key_id: v.kms_key_id.clone(),
-            }),
-            depends_on: BTreeSet::from([host.id.clone()]),
+        if let Some(p) = &self.prometheus {
+            parts.push(Resource {
+                id: ResourceId::part(PROMETHEUS, host.id.name.clone(), None),
+                origin: host.origin.clone(),
+                adopt: None,
+                observe_only: host.observe_only,
+                spec: Spec::new(PrometheusPart { spec: p.clone() }),
+                depends_on: host
+                    .depends_on
+                    .iter()
+                    .cloned()
+                    .chain([host.id.clone()])
+                    .collect(),
+            });
+        }
+        parts.extend(self.volumes.iter().map(|v| {
+            Resource {
+                id: ResourceId::part(VOLUME, host.id.name.clone(), Some(volume::key(&v.device))),
+                origin: host.origin.clone(),
+                adopt: None,
+                observe_only: host.observe_only,
+                spec: Spec::new(VolumePart {
+                    device: v.device.clone(),
+                    size: *v.size_gib.get_ref() as i32,
+                    volume_type: v.r#type.clone(),
+                    iops: v.iops,
+                    throughput: v.throughput,
+                    encrypted: v.encrypted,
+                    kms_key_id: v.kms_key_id.clone(),
+                }),
+                depends_on: v
+                    .kms_key_id
+                    .iter()
+                    .flat_map(|k| references_in(k))
+                    .chain([host.id.clone()])
+                    .collect(),
+            }
         }));
         Some((parts, own))
     }

@@ -217,8 +217,11 @@ impl ManagedObject for Volume {
                 part.device.replace('/', "-")
             ),
         );
+        let mut part = part.clone();
+        // A key may be named by reference (`${...}`): its node depends on what it names.
+        part.kms_key_id = part.kms_key_id.map(|k| refs.render(&k).value);
         Ok(VolumeWant {
-            part: part.clone(),
+            part,
             instance: host.and_then(|h| h.get("instance_id")).cloned(),
             zone: host.and_then(|h| h.get("availability_zone")).cloned(),
             tags: own,
