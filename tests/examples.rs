@@ -604,6 +604,43 @@ async fn seed_000_001_prometheus_with_ebs_alertmanager_and_grafana_behind_an_alb
     ex.converge();
 
     // The Prometheus host and its TSDB volume: 100 GiB gp3, 3000 IOPS, encrypted, attached.
+    // A converged plan reads each kind of AWS object once for all the objects of the kind:
+    // one DescribeInstances for the host, the Grafana group and both host_configs, one
+    // DescribeSecurityGroups for the three groups. Read per object: each role with a
+    // description (GetRole, which the account details lack) and each instance profile's tags.
+    // The load balancer's and target group's tags are one DescribeTags, its listeners' another.
+    let plan = ex.stackwarden(&["plan"]);
+    plan.expect(0);
+    let per_object: &[(&str, u64)] = &[
+        ("IAM GetRole", 2),
+        ("IAM GetInstanceProfile", 2),
+        ("Elastic Load Balancing v2 DescribeTags", 2),
+    ];
+    let expected: BTreeMap<String, u64> = [
+        "Auto Scaling DescribeAutoScalingGroups",
+        "Auto Scaling DescribeInstanceRefreshes",
+        "EC2 DescribeInstances",
+        "EC2 DescribeLaunchTemplateVersions",
+        "EC2 DescribeLaunchTemplates",
+        "EC2 DescribeSecurityGroups",
+        "EC2 DescribeVolumes",
+        "Elastic Load Balancing v2 DescribeListeners",
+        "Elastic Load Balancing v2 DescribeLoadBalancerAttributes",
+        "Elastic Load Balancing v2 DescribeLoadBalancers",
+        "Elastic Load Balancing v2 DescribeTargetGroups",
+        "IAM GetAccountAuthorizationDetails",
+        "SSM DescribeParameters",
+        "SSM GetParameter",
+        "amp ListWorkspaces",
+        "grafana ListWorkspaces",
+    ]
+    .into_iter()
+    .map(|op| (op, 1))
+    .chain(per_object.iter().copied())
+    .map(|(op, n)| (op.to_string(), n))
+    .collect();
+    assert_eq!(plan.counts(), expected, "{}", plan.stderr);
+
     let prometheus = ex.host("prometheus").await;
     let data = ex.data_volume(&prometheus, "/dev/sdf").await;
     assert_eq!(data.size(), Some(100));

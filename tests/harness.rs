@@ -124,6 +124,20 @@ impl Run {
         (nums[0], nums[2])
     }
 
+    /// Every operation the run reported with `--stats` (`"<service> <operation>"`), with its
+    /// number of calls.
+    pub fn counts(&self) -> std::collections::BTreeMap<String, u64> {
+        self.stderr
+            .lines()
+            .skip_while(|l| !l.starts_with("AWS API calls: "))
+            .skip(1)
+            .map_while(|l| {
+                let (n, op) = l.trim().split_once(char::is_whitespace)?;
+                Some((op.trim().to_string(), n.parse::<u64>().ok()?))
+            })
+            .collect()
+    }
+
     /// Calls of one operation the run reported with `--stats`.
     pub fn count(&self, operation: &str) -> u64 {
         self.stderr

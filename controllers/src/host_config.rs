@@ -11,7 +11,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use async_trait::async_trait;
-use aws_sdk_ec2::types::Filter;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -19,7 +18,7 @@ use crate::change::{Action, Change};
 use crate::controller::{Context, Controller};
 use crate::desired::{DesiredState, KindSpec, Resource, Validator, TAG_STACK};
 use crate::diag::Diagnostics;
-use crate::error::{aws_error, Error, Result};
+use crate::error::Result;
 use crate::host::HostSpec;
 use crate::kind::{schema, Form, Kind, KindDef};
 use crate::model::{Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
@@ -264,51 +263,27 @@ impl Controller for HostConfigController {
     }
 
     async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Observed> {
-        let reads = desired
+        if desired.of_kind(HOST_CONFIG).next().is_none() {
+            return Ok(Observed::default());
+        }
+        let instances = crate::instances::instances(ctx, desired).await?;
+        let fleets: BTreeMap<ResourceId, Vec<FleetInstance>> = desired
             .specs::<HostConfigSpec>(HOST_CONFIG)
-            .map(|(r, s)| async move {
+            .map(|(r, s)| {
                 let tag = record_tag(desired.stack_name(), &r.id.name);
-                let mut call = ctx.ec2.describe_instances().filters(
-                    Filter::builder()
-                        .name("instance-state-name")
-                        .values("running")
-                        .build(),
-                );
-                for (k, v) in &s.targets {
-                    call =
-                        call.filters(Filter::builder().name(format!("tag:{k}")).values(v).build());
-                }
-                let mut fleet = Vec::new();
-                let mut pages = call.max_results(1000).into_paginator().send();
-                while let Some(page) = pages.next().await {
-                    let page = page.map_err(aws_error("ec2", "DescribeInstances"))?;
-                    for i in page.reservations().iter().flat_map(|r| r.instances()) {
-                        let tag_of = |key: &str| {
-                            i.tags()
-                                .iter()
-                                .find(|t| t.key() == Some(key))
-                                .and_then(|t| t.value())
-                                .map(str::to_string)
-                        };
-                        fleet.push(FleetInstance {
-                            id: i.instance_id().unwrap_or_default().to_string(),
-                            stack: tag_of(TAG_STACK),
-                            installed: i
-                                .tags()
-                                .iter()
-                                .find(|t| t.key() == Some(tag.as_str()))
-                                .and_then(|t| t.value())
-                                .map(str::to_string),
-                        });
-                    }
-                }
-                fleet.sort_by(|a, b| a.id.cmp(&b.id));
-                Ok::<_, Error>((r.id.clone(), fleet))
-            });
-        let fleets = futures::future::join_all(reads)
-            .await
-            .into_iter()
-            .collect::<Result<BTreeMap<_, _>>>()?;
+                let fleet = instances
+                    .iter()
+                    .filter(|i| i.is_running())
+                    .filter(|i| s.targets.iter().all(|(k, v)| i.tags.get(k) == Some(v)))
+                    .map(|i| FleetInstance {
+                        id: i.id.clone(),
+                        stack: i.tags.get(TAG_STACK).cloned(),
+                        installed: i.tags.get(&tag).cloned(),
+                    })
+                    .collect();
+                (r.id.clone(), fleet)
+            })
+            .collect();
         let tracked = track(
             ctx,
             fleets

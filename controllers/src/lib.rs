@@ -20,6 +20,7 @@ pub mod grafana;
 pub mod host;
 pub mod host_config;
 pub mod iam;
+pub mod instances;
 pub mod kind;
 pub mod managed;
 pub mod model;

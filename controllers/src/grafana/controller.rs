@@ -49,7 +49,7 @@ use super::{GrafanaSpec, PasswordSource, ALB, INSTANCES};
 use super::{GRAFANA, SECURITY_GROUP};
 use crate::change::{removal, Action, Change};
 use crate::controller::{Context, Controller};
-use crate::desired::{parse_duration, DesiredState, Resource, TAG_ID, TAG_STACK};
+use crate::desired::{parse_duration, DesiredState, Resource, TAG_STACK};
 use crate::ec2::{locate_subnet, resolve_ami, tag_map, tag_spec};
 use crate::error::{aws_error, Error, ErrorClass, Result};
 use crate::managed::is_gone;
@@ -676,11 +676,11 @@ impl Controller for GrafanaController {
                     .flatten()
                     .collect(),
             ),
-            observe_instances(ctx, stack_filter),
+            crate::instances::instances(ctx, desired),
         );
         obs.templates = templates?;
         (obs.target_groups, obs.balancers) = elb?;
-        obs.instances = instances?;
+        obs.instances = group_instances_of(&instances?, stack);
         obs.tracked = track(
             ctx,
             obs.instances
@@ -2039,52 +2039,27 @@ async fn elb_tags_of(ctx: &Context, arns: &[String]) -> Result<BTreeMap<String, 
     Ok(all)
 }
 
-/// Running instances of the stack's Grafana groups (the group's tags propagate to them), with
-/// the provisioning hash each has installed.
-async fn observe_instances(
-    ctx: &Context,
-    stack: Filter,
-) -> Result<BTreeMap<ResourceId, Vec<GroupInstance>>> {
+/// The running instances of the stack's Grafana groups (the group's tags propagate to them),
+/// by group, with the provisioning hash each has installed.
+fn group_instances_of(
+    instances: &[crate::instances::ObservedInstance],
+    stack: &str,
+) -> BTreeMap<ResourceId, Vec<GroupInstance>> {
     let tag = hash_tag();
     let mut out: BTreeMap<ResourceId, Vec<GroupInstance>> = BTreeMap::new();
-    let mut pages = ctx
-        .ec2
-        .describe_instances()
-        .filters(stack)
-        .filters(
-            Filter::builder()
-                .name("tag-key")
-                .values("aws:autoscaling:groupName")
-                .build(),
-        )
-        .filters(
-            Filter::builder()
-                .name("instance-state-name")
-                .values("running")
-                .build(),
-        )
-        .into_paginator()
-        .send();
-    while let Some(page) = pages.next().await {
-        let page = page.map_err(aws_error("ec2", "DescribeInstances"))?;
-        for i in page.reservations().iter().flat_map(|r| r.instances()) {
-            let tags = tag_map(i.tags());
-            let Some(id) = tags.get(TAG_ID).and_then(|t| ResourceId::parse(t)) else {
-                continue;
-            };
-            if id.kind != GRAFANA {
-                continue;
-            }
-            out.entry(id).or_default().push(GroupInstance {
-                id: i.instance_id().unwrap_or_default().into(),
-                installed: tags.get(&tag).cloned(),
-            });
+    for i in instances.iter().filter(|i| i.is_running()) {
+        if !i.tags.contains_key("aws:autoscaling:groupName") {
+            continue;
         }
+        let Some(id) = owner_id(&i.tags, stack).filter(|id| id.kind == GRAFANA) else {
+            continue;
+        };
+        out.entry(id).or_default().push(GroupInstance {
+            id: i.id.clone(),
+            installed: i.tags.get(&tag).cloned(),
+        });
     }
-    for fleet in out.values_mut() {
-        fleet.sort_by(|a, b| a.id.cmp(&b.id));
-    }
-    Ok(out)
+    out
 }
 
 /// The admin password's current version, read without its value: SSM `DescribeParameters`

@@ -18,12 +18,11 @@
 //!   one the data volumes are attached to is kept.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use async_trait::async_trait;
 use aws_sdk_ec2::types::{
-    Filter, HttpTokensState, IamInstanceProfileSpecification, InstanceMetadataOptionsRequest,
-    InstanceType, ResourceType,
+    HttpTokensState, IamInstanceProfileSpecification, InstanceMetadataOptionsRequest, InstanceType,
+    ResourceType,
 };
 use base64::Engine as _;
 
@@ -31,9 +30,10 @@ use super::HostSpec;
 use super::{HOST, SECURITY_GROUP};
 use crate::change::{removal, Action, Change};
 use crate::controller::{Context, Controller};
-use crate::desired::{DesiredState, Resource, TAG_STACK};
+use crate::desired::{DesiredState, Resource};
 use crate::ec2::{locate_subnet, resolve_ami, tag_map, tag_spec};
 use crate::error::{aws_error, Error, Result};
+use crate::instances::ObservedInstance;
 use crate::model::{Kind, Outputs, Refs, ResourceId};
 use crate::security_group;
 use crate::tags::{self, owner_id, Tags};
@@ -43,21 +43,6 @@ const STATE_CHANGE: std::time::Duration = std::time::Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------------------------
 // Observed state
-
-#[derive(Debug, Clone, Default)]
-pub struct ObservedInstance {
-    pub id: String,
-    pub state: String,
-    pub instance_type: String,
-    pub image_id: String,
-    pub zone: String,
-    pub private_ip: String,
-    pub public_ip: String,
-    pub private_dns: String,
-    /// The security groups it is in.
-    pub security_groups: Vec<String>,
-    pub tags: Tags,
-}
 
 #[derive(Debug, Clone, Default)]
 pub struct ObservedVolume {
@@ -195,7 +180,10 @@ impl Controller for HostController {
     async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Observed> {
         Ok(Observed {
             region: ctx.region.clone(),
-            instances: instances(ctx, desired).await?.as_ref().clone(),
+            instances: crate::instances::instances(ctx, desired)
+                .await?
+                .as_ref()
+                .clone(),
             volumes: super::volume::observe(ctx, desired).await?.as_ref().clone(),
         })
     }
@@ -509,103 +497,6 @@ impl Controller for HostController {
     }
 }
 
-/// The stack's live instances, and the instances its hosts adopt: read once per observation
-/// for the hosts and their Prometheus configs.
-pub(crate) async fn instances(
-    ctx: &Context,
-    desired: &DesiredState,
-) -> Result<Arc<Vec<ObservedInstance>>> {
-    ctx.shared("ec2:DescribeInstances", || async {
-        let stack = Filter::builder()
-            .name(format!("tag:{TAG_STACK}"))
-            .values(desired.stack_name())
-            .build();
-        let live = Filter::builder()
-            .name("instance-state-name")
-            .set_values(Some(
-                ["pending", "running", "stopping", "stopped"]
-                    .map(String::from)
-                    .to_vec(),
-            ))
-            .build();
-        let mut found = Vec::new();
-        let mut pages = ctx
-            .ec2
-            .describe_instances()
-            .filters(stack)
-            .filters(live.clone())
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(aws_error("ec2", "DescribeInstances"))?;
-            for i in page.reservations().iter().flat_map(|r| r.instances()) {
-                found.push(observed_instance(i));
-            }
-        }
-        // An instance to adopt, until adopted, carries no tag of the stack: read by id, and
-        // only then (a converged pass reads nothing more).
-        let unadopted: Vec<String> = desired
-            .of_kind(HOST)
-            .filter_map(|r| r.adopt.clone())
-            .filter(|id| !found.iter().any(|i: &ObservedInstance| &i.id == id))
-            .collect();
-        if !unadopted.is_empty() {
-            let out = ctx
-                .ec2
-                .describe_instances()
-                .filters(
-                    Filter::builder()
-                        .name("instance-id")
-                        .set_values(Some(unadopted))
-                        .build(),
-                )
-                .filters(live)
-                .send()
-                .await
-                .map_err(aws_error("ec2", "DescribeInstances"))?;
-            found.extend(
-                out.reservations()
-                    .iter()
-                    .flat_map(|r| r.instances())
-                    .map(observed_instance),
-            );
-        }
-        Ok(found)
-    })
-    .await
-}
-
-fn observed_instance(i: &aws_sdk_ec2::types::Instance) -> ObservedInstance {
-    ObservedInstance {
-        id: i.instance_id().unwrap_or_default().into(),
-        state: i
-            .state()
-            .and_then(|s| s.name())
-            .map(|n| n.as_str().to_string())
-            .unwrap_or_default(),
-        instance_type: i
-            .instance_type()
-            .map(|t| t.as_str().to_string())
-            .unwrap_or_default(),
-        image_id: i.image_id().unwrap_or_default().into(),
-        zone: i
-            .placement()
-            .and_then(|p| p.availability_zone())
-            .unwrap_or_default()
-            .into(),
-        private_ip: i.private_ip_address().unwrap_or_default().into(),
-        public_ip: i.public_ip_address().unwrap_or_default().into(),
-        private_dns: i.private_dns_name().unwrap_or_default().into(),
-        security_groups: i
-            .security_groups()
-            .iter()
-            .filter_map(|g| g.group_id())
-            .map(String::from)
-            .collect(),
-        tags: tag_map(i.tags()),
-    }
-}
-
 pub(super) fn observed_volume(v: &aws_sdk_ec2::types::Volume) -> ObservedVolume {
     let attachment = v.attachments().iter().find(|a| {
         !matches!(
@@ -881,7 +772,9 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
             HostController.diff(&d, &r, &gone, &refs),
             Err(Error::Invalid(m)) if m.contains("`i-tf` to adopt does not exist")
         ));
-        o.instances[0].tags.insert(TAG_STACK.into(), "other".into());
+        o.instances[0]
+            .tags
+            .insert(crate::desired::TAG_STACK.into(), "other".into());
         assert!(matches!(
             HostController.diff(&d, &r, &o, &refs),
             Err(Error::NotOwned(_))

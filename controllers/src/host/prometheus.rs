@@ -15,12 +15,12 @@
 
 use async_trait::async_trait;
 
-use super::controller::{instances, ObservedInstance};
 use super::{PrometheusSpec, HOST, PROMETHEUS};
 use crate::change::{Action, Change};
 use crate::controller::{Context, Controller};
 use crate::desired::{DesiredState, KindSpec, Resource};
 use crate::error::{Error, Result};
+use crate::instances::{instances, ObservedInstance};
 use crate::kind::Kind;
 use crate::model::{Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
 use crate::push::send::{record, send, track, Controls, Rollout, Tracked};
