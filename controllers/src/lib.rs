@@ -42,7 +42,8 @@ pub use model::{Kind, Refs, ResourceId};
 /// this order; removals run in the reverse of it, so what uses an object goes before it:
 /// security groups before their rules (a group another group's rule names cannot be deleted),
 /// a host's volumes before the host (its instance is terminated before they are deleted); a
-/// host's Prometheus config after its instance.
+/// host's Prometheus config after its instance; a Grafana group's target group after the load
+/// balancer that forwards to it.
 pub static KINDS: &[Kind] = &[
     iam::POLICY,
     iam::ROLE,
@@ -60,6 +61,7 @@ pub static KINDS: &[Kind] = &[
     host::VOLUME,
     host::HOST,
     host::PROMETHEUS,
+    grafana::TARGET_GROUP,
     grafana::GRAFANA,
     host_config::HOST_CONFIG,
 ];

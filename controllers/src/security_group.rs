@@ -846,7 +846,7 @@ security_group = { ingress = [{ port = 9100, security_groups = ["${host.prom.sec
         assert!(deps("grafana.main").contains("host.prom"));
         // Every node comes after what it references: no loop.
         let order: Vec<String> = d.apply_order().iter().map(|i| i.to_string()).collect();
-        assert_eq!(order.len(), 8, "{order:?}");
+        assert_eq!(order.len(), 9, "{order:?}");
         for (i, node) in order.iter().enumerate() {
             for dep in deps(node) {
                 let at = order.iter().position(|o| *o == dep).unwrap();

@@ -23,6 +23,7 @@
 //!   a terminal error that says so.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use aws_sdk_autoscaling::types::{
@@ -38,22 +39,22 @@ use aws_sdk_ec2::types::{
 };
 use aws_sdk_elasticloadbalancingv2::types::{
     Action as ElbAction, ActionTypeEnum, Certificate, LoadBalancerAttribute,
-    LoadBalancerSchemeEnum, LoadBalancerTypeEnum, Matcher, ProtocolEnum, RedirectActionConfig,
-    RedirectActionStatusCodeEnum, Tag as ElbTag, TargetTypeEnum,
+    LoadBalancerSchemeEnum, LoadBalancerTypeEnum, ProtocolEnum, RedirectActionConfig,
+    RedirectActionStatusCodeEnum, Tag as ElbTag,
 };
 use aws_sdk_ssm::types::ParameterStringFilter;
 use base64::Engine as _;
 
 use super::provisioning::{self, PasswordVersion};
 use super::{GrafanaSpec, PasswordSource, ALB, INSTANCES};
-use super::{GRAFANA, SECURITY_GROUP};
+use super::{GRAFANA, SECURITY_GROUP, TARGET_GROUP};
 use crate::change::{removal, Action, Change};
 use crate::controller::{Context, Controller};
 use crate::desired::{parse_duration, DesiredState, Resource, TAG_STACK};
-use crate::ec2::{locate_subnet, resolve_ami, tag_map, tag_spec};
+use crate::ec2::{resolve_ami, tag_map, tag_spec};
 use crate::error::{aws_error, Error, ErrorClass, Result};
 use crate::managed::is_gone;
-use crate::model::{Kind, Outputs, Refs, ResourceId};
+use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
 use crate::push::send::{record, send, track, Controls, Rollout, Tracked};
 use crate::push::{self, Prepared};
 use crate::security_group::group_id;
@@ -195,7 +196,6 @@ pub struct GroupInstance {
 pub struct Observed {
     pub region: String,
     pub templates: Vec<ObservedTemplate>,
-    pub target_groups: Vec<ObservedTargetGroup>,
     pub balancers: Vec<ObservedBalancer>,
     pub groups: Vec<ObservedAsg>,
     /// Running instances of each resource's group.
@@ -216,14 +216,13 @@ fn owned(tags: &Tags, desired: &DesiredState, id: &ResourceId) -> bool {
 #[derive(Debug, Clone, Copy)]
 struct Parts<'o> {
     template: Option<&'o ObservedTemplate>,
-    tg: Option<&'o ObservedTargetGroup>,
     lb: Option<&'o ObservedBalancer>,
     group: Option<&'o ObservedAsg>,
 }
 
 impl Parts<'_> {
     fn any(&self) -> bool {
-        self.template.is_some() || self.tg.is_some() || self.lb.is_some() || self.group.is_some()
+        self.template.is_some() || self.lb.is_some() || self.group.is_some()
     }
 }
 
@@ -250,14 +249,6 @@ impl Observed {
                 &self.templates,
                 adopts.template,
                 |t| &t.id,
-                |t| &t.tags,
-                desired,
-                r,
-            ),
-            tg: pick(
-                &self.target_groups,
-                adopts.target_group,
-                |t| &t.arn,
                 |t| &t.tags,
                 desired,
                 r,
@@ -309,7 +300,6 @@ fn check_adopted(
 #[derive(Debug, Clone, PartialEq)]
 pub struct Build {
     pub name: String,
-    pub vpc: Option<String>,
     pub alb_subnets: Vec<String>,
     /// The load balancer's security group (its own node).
     pub alb_group: String,
@@ -317,8 +307,8 @@ pub struct Build {
     /// An existing template with its latest version.
     pub template: Option<(String, i64)>,
     pub template_data: TemplateData,
-    pub target_group: Option<String>,
-    pub health: HealthCheck,
+    /// The target group's ARN, from its node.
+    pub target_group: String,
     pub balancer: Option<String>,
     /// An existing Auto Scaling Group and the target groups attached to it: kept (AWS refuses a
     /// second group of a name), the target group made here attached to it.
@@ -365,10 +355,6 @@ pub enum Op {
     AsgUntag {
         group: String,
         keys: Vec<String>,
-    },
-    HealthCheck {
-        target_group: String,
-        health: HealthCheck,
     },
     BalancerGroups {
         balancer: String,
@@ -423,9 +409,6 @@ pub enum Op {
     DeleteBalancer {
         balancer: String,
     },
-    DeleteTargetGroup {
-        target_group: String,
-    },
     DeleteTemplate {
         template: String,
     },
@@ -464,7 +447,7 @@ fn seconds(d: &Option<toml::Spanned<String>>, default: u64) -> i32 {
         .map_or(default, |d| d.as_secs()) as i32
 }
 
-fn health(s: &GrafanaSpec) -> HealthCheck {
+pub(super) fn health(s: &GrafanaSpec) -> HealthCheck {
     let tg = &s.target_group;
     HealthCheck {
         path: tg.health_check_path.clone(),
@@ -644,19 +627,17 @@ impl Controller for GrafanaController {
             region: ctx.region.clone(),
             ..Default::default()
         };
-        let wanted: Vec<&Resource> = desired.of_kind(GRAFANA).collect();
         // What the groups adopt carries no tag of the stack until adopted: read by id too, and
         // only then (a converged pass reads nothing more).
         let adopts: Vec<super::Adopts> = desired
             .specs::<GrafanaSpec>(GRAFANA)
             .map(|(r, s)| s.adopts(r))
             .collect();
-        obs.groups =
-            observe_groups(ctx, stack, adopts.iter().filter_map(|a| a.group).collect()).await?;
-        if wanted.is_empty() && obs.groups.is_empty() {
+        let Some(groups) = stack_groups(ctx, desired).await? else {
             // Nothing desired and no group left: no call for the rest.
             return Ok(obs);
-        }
+        };
+        obs.groups = groups.as_ref().clone();
         let stack_filter = Filter::builder()
             .name(format!("tag:{TAG_STACK}"))
             .values(stack)
@@ -667,19 +648,11 @@ impl Controller for GrafanaController {
                 stack_filter.clone(),
                 adopts.iter().filter_map(|a| a.template).collect(),
             ),
-            observe_elb(
-                ctx,
-                desired,
-                adopts
-                    .iter()
-                    .flat_map(|a| [a.balancer, a.target_group])
-                    .flatten()
-                    .collect(),
-            ),
+            observe_elb(ctx, desired),
             crate::instances::instances(ctx, desired),
         );
         obs.templates = templates?;
-        (obs.target_groups, obs.balancers) = elb?;
+        obs.balancers = elb?;
         obs.instances = group_instances_of(&instances?, stack);
         obs.tracked = track(
             ctx,
@@ -712,9 +685,6 @@ impl Controller for GrafanaController {
                 if let Some(b) = parts.lb {
                     out.insert("alb_dns_name".into(), b.dns_name.clone());
                     out.insert("alb_arn".into(), b.arn.clone());
-                }
-                if let Some(t) = parts.tg {
-                    out.insert("target_group_arn".into(), t.arn.clone());
                 }
                 Some((r.id.clone(), out))
             })
@@ -761,12 +731,6 @@ impl Controller for GrafanaController {
         )?;
         check_adopted(
             desired,
-            "target group",
-            adopts.target_group,
-            parts.tg.map(|t| &t.tags),
-        )?;
-        check_adopted(
-            desired,
             "load balancer",
             adopts.balancer,
             parts.lb.map(|b| &b.tags),
@@ -777,15 +741,21 @@ impl Controller for GrafanaController {
             adopts.group,
             parts.group.map(|g| &g.tags),
         )?;
+        // The target group is a node of its own: the group and the listeners use its ARN.
+        let tg = refs
+            .outputs
+            .get(&ResourceId::part(TARGET_GROUP, r.id.name.clone(), None))
+            .and_then(|o| o.get("arn"))
+            .cloned()
+            .unwrap_or_else(|| KNOWN_AFTER_APPLY.to_string());
         let Parts {
             template: Some(template),
-            tg: Some(tg),
             lb: Some(lb),
             group: Some(group),
         } = parts
         else {
             return Ok(Some(build_change(
-                r, s, parts, refs, &name, ami, tags, push,
+                r, s, parts, refs, &name, ami, tags, push, tg,
             )));
         };
 
@@ -805,12 +775,6 @@ impl Controller for GrafanaController {
                     template: template.id.clone(),
                     tags,
                 }
-            });
-        }
-        if adopts.target_group.is_some() {
-            c.tags_added(&tg.arn, &tg.tags, &tags, |tags| Op::ElbTag {
-                arn: tg.arn.clone(),
-                tags,
             });
         }
         if adopts.balancer.is_some() {
@@ -840,7 +804,7 @@ impl Controller for GrafanaController {
             alb_sg: group_id(refs, SECURITY_GROUP, &r.id.name, Some(ALB)),
             inst_sg: group_id(refs, SECURITY_GROUP, &r.id.name, Some(INSTANCES)),
             template,
-            tg,
+            tg: &tg,
             lb,
             group,
         };
@@ -869,7 +833,7 @@ impl Controller for GrafanaController {
 
     fn removed(&self, desired: &DesiredState, obs: &Observed, prune: bool) -> Vec<Change<Op>> {
         // Per resource no longer desired, in the order it can be deleted: the group (and its
-        // instances), the load balancer, the target group, the template. Its security groups
+        // instances), the load balancer, the template. Its security groups and target group
         // are nodes of their own, deleted after these.
         let mut by_id: BTreeMap<ResourceId, (Vec<(u8, Op)>, Tags)> = BTreeMap::new();
         let mut add = |tags: &Tags, order: u8, op: Op| {
@@ -896,15 +860,6 @@ impl Controller for GrafanaController {
                 1,
                 Op::DeleteBalancer {
                     balancer: b.arn.clone(),
-                },
-            );
-        }
-        for t in &obs.target_groups {
-            add(
-                &t.tags,
-                2,
-                Op::DeleteTargetGroup {
-                    target_group: t.arn.clone(),
                 },
             );
         }
@@ -979,21 +934,6 @@ impl Controller for GrafanaController {
                     .send()
                     .await
                     .map_err(aws_error("autoscaling", "DeleteTags"))?;
-            }
-            Op::HealthCheck {
-                target_group,
-                health,
-            } => {
-                elb.modify_target_group()
-                    .target_group_arn(target_group)
-                    .health_check_path(&health.path)
-                    .health_check_interval_seconds(health.interval)
-                    .health_check_timeout_seconds(health.timeout)
-                    .healthy_threshold_count(health.healthy)
-                    .unhealthy_threshold_count(health.unhealthy)
-                    .send()
-                    .await
-                    .map_err(aws_error("elasticloadbalancing", "ModifyTargetGroup"))?;
             }
             Op::BalancerGroups { balancer, groups } => {
                 elb.set_security_groups()
@@ -1113,13 +1053,6 @@ impl Controller for GrafanaController {
                     .await
                     .map_err(aws_error("elasticloadbalancing", "DeleteLoadBalancer"))?;
             }
-            Op::DeleteTargetGroup { target_group } => {
-                elb.delete_target_group()
-                    .target_group_arn(target_group)
-                    .send()
-                    .await
-                    .map_err(aws_error("elasticloadbalancing", "DeleteTargetGroup"))?;
-            }
             Op::DeleteTemplate { template } => {
                 ec2.delete_launch_template()
                     .launch_template_id(template)
@@ -1138,12 +1071,13 @@ struct Live<'a> {
     alb_sg: String,
     inst_sg: String,
     template: &'a ObservedTemplate,
-    tg: &'a ObservedTargetGroup,
+    /// The target group's ARN, from its node.
+    tg: &'a str,
     lb: &'a ObservedBalancer,
     group: &'a ObservedAsg,
 }
 
-/// The target group's health check, the load balancer, its listeners and tags.
+/// The load balancer, its listeners and tags.
 fn diff_balancer(
     c: &mut Change<Op>,
     s: &GrafanaSpec,
@@ -1154,25 +1088,6 @@ fn diff_balancer(
     all_tags: bool,
 ) -> Result<()> {
     let Live { alb_sg, tg, lb, .. } = live;
-    if tg.port != i32::from(s.target_group.port) {
-        return Err(Error::Invalid(format!(
-            "{}: the target group listens on {} and the desired port is {}; a target group's port cannot change in place (remove the resource with --prune, then add it again)",
-            id, tg.port, s.target_group.port
-        )));
-    }
-    let want_health = health(s);
-    if tg.health != want_health {
-        c.field(
-            "target_group.health_check",
-            Some(format!("{:?}", tg.health)),
-            Some(format!("{want_health:?}")),
-        );
-        c.op(Op::HealthCheck {
-            target_group: tg.arn.clone(),
-            health: want_health,
-        });
-    }
-
     // Load balancer.
     if lb.scheme != s.alb.scheme {
         return Err(Error::Invalid(format!(
@@ -1226,7 +1141,7 @@ fn diff_balancer(
             attributes: changed,
         });
     }
-    let want_listeners = listeners(s, &tg.arn);
+    let want_listeners = listeners(s, tg);
     // A listener stackwarden did not make (on an adopted load balancer, or made before
     // listeners were tagged) gets the group's tags before it is changed or deleted: the
     // operator's own policy lets it change only tagged listeners.
@@ -1362,7 +1277,7 @@ fn diff_group(
     let extra_tgs: Vec<String> = group
         .target_groups
         .iter()
-        .filter(|t| **t != tg.arn)
+        .filter(|t| t.as_str() != tg)
         .cloned()
         .collect();
     if !extra_tgs.is_empty() {
@@ -1372,11 +1287,11 @@ fn diff_group(
             target_groups: extra_tgs,
         });
     }
-    if !group.target_groups.contains(&tg.arn) {
-        c.field("target_groups", None, Some(tg.arn.clone()));
+    if !group.target_groups.contains(tg) {
+        c.field("target_groups", None, Some(tg.to_string()));
         c.op(Op::AttachTargetGroup {
             group: group.name.clone(),
-            target_group: tg.arn.clone(),
+            target_group: tg.to_string(),
         });
     }
     // An adopted group keeps its other tags (see the adoption above).
@@ -1567,10 +1482,10 @@ fn build_change(
     ami: String,
     tags: Tags,
     push: Prepared,
+    target_group: String,
 ) -> Change<Op> {
     let Parts {
         template,
-        tg,
         lb,
         group,
     } = parts;
@@ -1618,14 +1533,12 @@ fn build_change(
     let instance_group = group_id(refs, SECURITY_GROUP, &r.id.name, Some(INSTANCES));
     c.op(Op::Build(Box::new(Build {
         name: name.to_string(),
-        vpc: s.alb.vpc.as_ref().map(|v| refs.render(v).value),
         alb_subnets: s.alb.subnets.iter().map(|n| refs.render(n).value).collect(),
         alb_group: group_id(refs, SECURITY_GROUP, &r.id.name, Some(ALB)),
         port: i32::from(s.target_group.port),
         template: template.map(|t| (t.id.clone(), t.latest)),
         template_data: template_data(s, refs, ami, &instance_group),
-        target_group: tg.map(|t| t.arn.clone()),
-        health: health(s),
+        target_group,
         balancer: lb.map(|b| b.arn.clone()),
         group: group.map(|g| (g.name.clone(), g.target_groups.clone())),
         scheme: s.alb.scheme.clone(),
@@ -1643,6 +1556,31 @@ fn build_change(
 
 /// The stack's Auto Scaling Groups, and the groups named in `adopt` that are not yet its,
 /// each with its latest instance refresh.
+/// The stack's Auto Scaling Groups and those its tables adopt, read once per observation for
+/// the Grafana groups and their parts; `None` when there is no Grafana table and no group left,
+/// so a stack without Grafana groups reads nothing more of them.
+pub(crate) async fn stack_groups(
+    ctx: &Context,
+    desired: &DesiredState,
+) -> Result<Option<Arc<Vec<ObservedAsg>>>> {
+    let groups = ctx
+        .shared("autoscaling:DescribeAutoScalingGroups", || async {
+            let adopts: Vec<super::Adopts> = desired
+                .specs::<GrafanaSpec>(GRAFANA)
+                .map(|(r, s)| s.adopts(r))
+                .collect();
+            observe_groups(
+                ctx,
+                desired.stack_name(),
+                adopts.iter().filter_map(|a| a.group).collect(),
+            )
+            .await
+        })
+        .await?;
+    let wanted = desired.of_kind(GRAFANA).next().is_some();
+    Ok((wanted || !groups.is_empty()).then_some(groups))
+}
+
 async fn observe_groups(ctx: &Context, stack: &str, adopt: Vec<&str>) -> Result<Vec<ObservedAsg>> {
     let mut groups = Vec::new();
     read_groups(
@@ -1852,11 +1790,33 @@ async fn read_templates(
 /// Load balancers and target groups whose names start with the stack's or whose ARNs are in
 /// `adopt`, with their tags read in batches of 20; the stack's and the adopted load balancers'
 /// attributes and listeners.
-async fn observe_elb(
-    ctx: &Context,
-    desired: &DesiredState,
-    adopt: BTreeSet<&str>,
-) -> Result<(Vec<ObservedTargetGroup>, Vec<ObservedBalancer>)> {
+/// The stack's load balancers and target groups, and those its tables adopt, with their tags:
+/// read once per observation for the Grafana groups and their target group nodes.
+#[derive(Debug, Default)]
+pub(crate) struct ElbObjects {
+    pub balancers: Vec<ObservedBalancer>,
+    pub target_groups: Vec<ObservedTargetGroup>,
+}
+
+/// [`ElbObjects`], empty without a Grafana table or a group left (see [`stack_groups`]).
+pub(crate) async fn elb_objects(ctx: &Context, desired: &DesiredState) -> Result<Arc<ElbObjects>> {
+    if stack_groups(ctx, desired).await?.is_none() {
+        return Ok(Arc::default());
+    }
+    ctx.shared("elbv2:DescribeLoadBalancers", || list_elb(ctx, desired))
+        .await
+}
+
+async fn list_elb(ctx: &Context, desired: &DesiredState) -> Result<ElbObjects> {
+    let adopt: BTreeSet<String> = desired
+        .specs::<GrafanaSpec>(GRAFANA)
+        .flat_map(|(r, s)| {
+            let a = s.adopts(r);
+            [a.balancer, a.target_group]
+        })
+        .flatten()
+        .map(String::from)
+        .collect();
     let prefix = format!("{}-", desired.stack_name());
     let elb = &ctx.elb;
     let mut balancers = Vec::new();
@@ -1917,7 +1877,9 @@ async fn observe_elb(
         .collect();
     let mut all_tags = elb_tags_of(ctx, &arns).await?;
     let stack = desired.stack_name();
-    let ours = |tags: &Tags| owner_id(tags, stack).is_some_and(|id| id.kind == GRAFANA);
+    let ours = |tags: &Tags| {
+        owner_id(tags, stack).is_some_and(|id| id.kind == GRAFANA || id.kind == TARGET_GROUP)
+    };
     target_groups.retain_mut(|t| {
         t.tags = all_tags.remove(&t.arn).unwrap_or_default();
         ours(&t.tags) || adopt.contains(t.arn.as_str())
@@ -1926,6 +1888,16 @@ async fn observe_elb(
         b.tags = all_tags.remove(&b.arn).unwrap_or_default();
         ours(&b.tags) || adopt.contains(b.arn.as_str())
     });
+    Ok(ElbObjects {
+        balancers,
+        target_groups,
+    })
+}
+
+/// The stack's load balancers with their attributes, listeners and the listeners' tags.
+async fn observe_elb(ctx: &Context, desired: &DesiredState) -> Result<Vec<ObservedBalancer>> {
+    let elb = &ctx.elb;
+    let mut balancers = elb_objects(ctx, desired).await?.balancers.clone();
     for b in &mut balancers {
         let attrs = elb
             .describe_load_balancer_attributes()
@@ -2007,7 +1979,7 @@ async fn observe_elb(
             }
         }
     }
-    Ok((target_groups, balancers))
+    Ok(balancers)
 }
 
 /// The tags of these load balancing objects, read 20 at a time (`DescribeTags`' limit).
@@ -2135,7 +2107,7 @@ async fn read_password(ctx: &Context, source: &PasswordSource) -> Result<Passwor
 // ---------------------------------------------------------------------------------------------
 // Writes
 
-fn elb_tags(tags: &Tags) -> Vec<ElbTag> {
+pub(super) fn elb_tags(tags: &Tags) -> Vec<ElbTag> {
     tags.iter()
         .map(|(k, v)| ElbTag::builder().key(k).value(v).build())
         .collect()
@@ -2351,19 +2323,11 @@ async fn roll(ctx: &Context, r: &Roll) -> Result<()> {
     Ok(())
 }
 
-/// Creates what is missing, in order: security groups, launch template, target group, load
-/// balancer with its attributes and listeners, the group; then pushes the provisioning to the
-/// instances the group started with.
+/// Creates what is missing, in order: launch template, load balancer with its attributes and
+/// listeners, the group (the security groups and the target group are nodes of their own,
+/// made before); then pushes the provisioning to the instances the group started with.
 async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
     let (ec2, elb) = (&ctx.ec2, &ctx.elb);
-    let vpc = match &b.vpc {
-        Some(v) => v.clone(),
-        None => {
-            locate_subnet(ctx, b.alb_subnets.first().map(String::as_str))
-                .await?
-                .1
-        }
-    };
     let data = &b.template_data;
     let (template, version) = match &b.template {
         Some((t, latest)) => (t.clone(), latest.to_string()),
@@ -2387,34 +2351,7 @@ async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
             )
         }
     };
-    let target_group = match &b.target_group {
-        Some(t) => t.clone(),
-        None => {
-            let h = &b.health;
-            let out = elb
-                .create_target_group()
-                .name(&b.name)
-                .protocol(ProtocolEnum::Http)
-                .port(b.port)
-                .vpc_id(&vpc)
-                .target_type(TargetTypeEnum::Instance)
-                .health_check_path(&h.path)
-                .health_check_interval_seconds(h.interval)
-                .health_check_timeout_seconds(h.timeout)
-                .healthy_threshold_count(h.healthy)
-                .unhealthy_threshold_count(h.unhealthy)
-                .matcher(Matcher::builder().http_code("200").build())
-                .set_tags(Some(elb_tags(&b.tags)))
-                .send()
-                .await
-                .map_err(aws_error("elasticloadbalancing", "CreateTargetGroup"))?;
-            out.target_groups()
-                .first()
-                .and_then(|t| t.target_group_arn())
-                .unwrap_or_default()
-                .to_string()
-        }
-    };
+    let target_group = b.target_group.clone();
     let (balancer, dns) = match &b.balancer {
         Some(arn) => (arn.clone(), None),
         None => {
@@ -2604,7 +2541,6 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
 
     struct World {
         template: ObservedTemplate,
-        tg: ObservedTargetGroup,
         lb: ObservedBalancer,
         group: ObservedAsg,
     }
@@ -2619,7 +2555,6 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
                     data: template_data(s, &Refs::default(), "ami-1".into(), "sg-i"),
                     ..Default::default()
                 },
-                tg: ObservedTargetGroup::default(),
                 lb: ObservedBalancer::default(),
                 group: ObservedAsg {
                     name: "g".into(),
@@ -2635,7 +2570,7 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
                 alb_sg: "sg-a".into(),
                 inst_sg: "sg-i".into(),
                 template: &self.template,
-                tg: &self.tg,
+                tg: "arn:tg",
                 lb: &self.lb,
                 group: &self.group,
             };

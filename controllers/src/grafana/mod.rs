@@ -4,6 +4,7 @@
 
 mod controller;
 pub mod provisioning;
+pub mod target_group;
 
 pub use controller::GrafanaController;
 
@@ -12,10 +13,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::desired::{check_duration, check_tags, KindSpec, Resource, Validator};
+use crate::desired::{check_duration, check_tags, KindSpec, Resource, Spec, Validator};
 use crate::kind::{schema, Form, Kind, KindDef};
 use crate::managed::Managed;
-use crate::model::ResourceId;
+use crate::model::{references_in, ResourceId};
 use crate::security_group::{self, GroupPart, IngressPart, IngressRule, OfGrafana, RuleSpec};
 
 static GRAFANA_KIND: KindDef = KindDef {
@@ -30,12 +31,20 @@ static GRAFANA_KIND: KindDef = KindDef {
     form: Form::Table {
         schema: schema::<GrafanaSpec>,
     },
-    attribute_parts: &[(
-        "security_group_id",
-        Kind::new(&SECURITY_GROUP_KIND),
-        Some(INSTANCES),
-        "id",
-    )],
+    attribute_parts: &[
+        (
+            "security_group_id",
+            Kind::new(&SECURITY_GROUP_KIND),
+            Some(INSTANCES),
+            "id",
+        ),
+        (
+            "target_group_arn",
+            Kind::new(&TARGET_GROUP_KIND),
+            None,
+            "arn",
+        ),
+    ],
     whole: None,
     controller: || Box::new(GrafanaController),
 };
@@ -76,6 +85,21 @@ static INGRESS_KIND: KindDef = KindDef {
 };
 /// The ingress rules of one of a Grafana group's security groups.
 pub const INGRESS: Kind = Kind::new(&INGRESS_KIND);
+
+static TARGET_GROUP_KIND: KindDef = KindDef {
+    path: "grafana.target_group",
+    attributes: &["arn"],
+    form: Form::Part {
+        of: Kind::new(&GRAFANA_KIND),
+        word: "target_group",
+        keyed: false,
+    },
+    attribute_parts: &[],
+    whole: None,
+    controller: || Box::new(Managed(target_group::TargetGroup)),
+};
+/// The target group of a Grafana group.
+pub const TARGET_GROUP: Kind = Kind::new(&TARGET_GROUP_KIND);
 
 /// The key of the load balancer's security group (`grafana.<name>.security_group.alb`).
 pub const ALB: &str = "alb";
@@ -359,10 +383,40 @@ impl KindSpec for GrafanaSpec {
                 rules: instance_rules,
             },
         );
+        let tg = &self.target_group;
+        let target_group = Resource {
+            id: ResourceId::part(TARGET_GROUP, table.id.name.clone(), None),
+            origin: table.origin.clone(),
+            adopt: tg.adopt.clone(),
+            observe_only: table.observe_only,
+            spec: Spec::new(target_group::TargetGroupPart {
+                port: i32::from(tg.port),
+                health: controller::health(self),
+                vpc: self.alb.vpc.clone(),
+                subnet: self.alb.subnets.first().cloned(),
+            }),
+            depends_on: self
+                .alb
+                .vpc
+                .iter()
+                .chain(self.alb.subnets.first())
+                .flat_map(|s| references_in(s))
+                .collect(),
+        };
         let mut own = table.depends_on.clone();
-        own.extend([alb_group.id.clone(), instance_group.id.clone()]);
+        own.extend([
+            alb_group.id.clone(),
+            instance_group.id.clone(),
+            target_group.id.clone(),
+        ]);
         Some((
-            vec![alb_group, alb_ingress, instance_group, instance_ingress],
+            vec![
+                alb_group,
+                alb_ingress,
+                instance_group,
+                instance_ingress,
+                target_group,
+            ],
             own,
         ))
     }
