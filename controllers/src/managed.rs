@@ -276,14 +276,18 @@ pub fn is_gone(e: &Error) -> bool {
 /// How long before trying again to delete an object something still uses.
 const IN_USE: Duration = Duration::from_secs(10);
 
+/// Error codes that mean "something still uses the object": EC2's `DependencyViolation` (AWS
+/// releases a deleted load balancer's network interfaces, and so its security groups, minutes
+/// after the load balancer is gone), Elastic Load Balancing's `ResourceInUse` (a target group a
+/// listener still forwards to).
+const IN_USE_CODES: &[&str] = &["DependencyViolation", "ResourceInUse"];
+
 /// What a delete's answer means: done when the object is already gone; waiting while something
-/// still uses it (`DependencyViolation`: AWS releases a deleted load balancer's network
-/// interfaces, and so its security groups, minutes after the load balancer is gone); the error
-/// otherwise.
+/// still uses it ([`IN_USE_CODES`]); the error otherwise.
 fn deleted(noun: &str, id: &str, result: Result<()>) -> Result<()> {
     match result {
         Err(e) if is_gone(&e) => Ok(()),
-        Err(e) if e.code() == Some("DependencyViolation") => Err(Error::waiting(
+        Err(e) if e.code().is_some_and(|c| IN_USE_CODES.contains(&c)) => Err(Error::waiting(
             format!("{noun} {id} is still in use ({e}); it is deleted once nothing uses it"),
             IN_USE,
         )),
@@ -567,6 +571,8 @@ mod tests {
         assert_eq!(e.class(), ErrorClass::Waiting);
         assert_eq!(e.retry_after(), Some(IN_USE));
         assert!(e.to_string().contains("sg-1 is still in use"), "{e}");
+        let e = deleted("target group", "arn:tg", Err(aws("ResourceInUse"))).unwrap_err();
+        assert_eq!(e.class(), ErrorClass::Waiting);
         let e = deleted("security group", "sg-1", Err(aws("UnauthorizedOperation"))).unwrap_err();
         assert_ne!(e.class(), ErrorClass::Waiting);
         assert!(deleted("security group", "sg-1", Ok(())).is_ok());
