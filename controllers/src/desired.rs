@@ -131,6 +131,18 @@ pub trait KindSpec: std::any::Any + std::fmt::Debug + Send + Sync {
     fn warnings(&self) -> Vec<String> {
         Vec::new()
     }
+
+    /// The tag keys by which the resource selects instances it does not own (a host_config's
+    /// targets): the one instance read of an observation includes instances carrying any.
+    fn instance_tag_keys(&self) -> Vec<&str> {
+        Vec::new()
+    }
+
+    /// Whether the resource's `adopt` names an EC2 instance (a host's): read by id until it
+    /// carries the stack's tags.
+    fn adopts_an_instance(&self) -> bool {
+        false
+    }
 }
 
 impl Spec {
@@ -166,6 +178,14 @@ impl Spec {
 
     pub fn warnings(&self) -> Vec<String> {
         self.0.warnings()
+    }
+
+    pub fn instance_tag_keys(&self) -> Vec<&str> {
+        self.0.instance_tag_keys()
+    }
+
+    pub fn adopts_an_instance(&self) -> bool {
+        self.0.adopts_an_instance()
     }
 }
 

@@ -124,6 +124,10 @@ fn mode() -> String {
 }
 
 impl KindSpec for HostConfigSpec {
+    fn instance_tag_keys(&self) -> Vec<&str> {
+        self.targets.keys().map(String::as_str).collect()
+    }
+
     fn validate(&mut self, v: &mut Validator<'_>) {
         if self.targets.is_empty() {
             v.here("`targets` selects no instance: give at least one tag");

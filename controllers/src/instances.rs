@@ -6,7 +6,9 @@
 //! instances carrying the stack's tag; with some, of the instances carrying the stack's tag or
 //! any tag key a `host_config` selects by (a filter on tag keys is the one way to ask for both
 //! at once), each kind then keeping what it selects. Instances a host adopts are read by id, and
-//! only until they carry the stack's tag.
+//! only until they carry the stack's tag. Which tag keys and adopted instances: each resource's
+//! spec says ([`crate::desired::KindSpec::instance_tag_keys`],
+//! [`crate::desired::KindSpec::adopts_an_instance`]), so no kind is named here.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -17,7 +19,6 @@ use crate::controller::Context;
 use crate::desired::{DesiredState, TAG_STACK};
 use crate::ec2::tag_map;
 use crate::error::{aws_error, Result};
-use crate::host_config::{HostConfigSpec, HOST_CONFIG};
 use crate::tags::Tags;
 
 /// The states of an instance that is not gone.
@@ -83,8 +84,9 @@ pub async fn instances(
 ) -> Result<Arc<Vec<ObservedInstance>>> {
     ctx.shared("ec2:DescribeInstances", || async {
         let target_keys: BTreeSet<&str> = desired
-            .specs::<HostConfigSpec>(HOST_CONFIG)
-            .flat_map(|(_, s)| s.targets.keys().map(String::as_str))
+            .resources
+            .values()
+            .flat_map(|r| r.spec.instance_tag_keys())
             .collect();
         let selection = if target_keys.is_empty() {
             Filter::builder()
@@ -122,7 +124,9 @@ pub async fn instances(
             }
         }
         let unadopted: Vec<String> = desired
-            .of_kind(crate::host::HOST)
+            .resources
+            .values()
+            .filter(|r| r.spec.adopts_an_instance())
             .filter_map(|r| r.adopt.clone())
             .filter(|id| !found.iter().any(|i: &ObservedInstance| &i.id == id))
             .collect();

@@ -224,7 +224,7 @@ async fn stack_groups(ctx: &Context, desired: &DesiredState) -> Result<Vec<Obser
     let adopted: Vec<String> = desired
         .resources
         .values()
-        .filter(|r| [OfHost::GROUP, OfGrafana::GROUP].contains(&r.id.kind))
+        .filter(|r| r.spec.get::<GroupPart>().is_some())
         .filter_map(|r| r.adopt.clone())
         .collect();
     let groups = ctx
@@ -322,29 +322,12 @@ fn permissions(rules: &[Rule]) -> Vec<IpPermission> {
 // ---------------------------------------------------------------------------------------------
 // Which tables have security groups
 
-/// A table kind with security groups: the kinds of its group and ingress nodes.
+/// A table kind with security groups: the kinds of its group and ingress nodes (declared by the
+/// table's module: `host::OfHost`, `grafana::OfGrafana`).
 pub trait Table: Send + Sync + 'static {
     const TABLE: Kind;
     const GROUP: Kind;
     const INGRESS: Kind;
-}
-
-/// The security group of a `host`.
-pub struct OfHost;
-
-impl Table for OfHost {
-    const TABLE: Kind = crate::host::HOST;
-    const GROUP: Kind = crate::host::SECURITY_GROUP;
-    const INGRESS: Kind = crate::host::INGRESS;
-}
-
-/// The two security groups of a `grafana` group.
-pub struct OfGrafana;
-
-impl Table for OfGrafana {
-    const TABLE: Kind = crate::grafana::GRAFANA;
-    const GROUP: Kind = crate::grafana::SECURITY_GROUP;
-    const INGRESS: Kind = crate::grafana::INGRESS;
 }
 
 /// The group node an observed group belongs to, by its tags: its own address, or (for groups
@@ -739,8 +722,8 @@ mod tests {
     use crate::change::Action;
     use crate::controller::Controller;
     use crate::desired::{KindSpec, Spec};
-    use crate::grafana::GrafanaSpec;
-    use crate::host::HostSpec;
+    use crate::grafana::{GrafanaSpec, OfGrafana};
+    use crate::host::{HostSpec, OfHost};
     use crate::managed::{Managed, Op};
     use crate::testing::{desired, owned_tags, resource};
 

@@ -17,7 +17,7 @@ use crate::desired::{check_duration, check_tags, KindSpec, Resource, Spec, Valid
 use crate::kind::{schema, Form, Kind, KindDef};
 use crate::managed::Managed;
 use crate::model::{references_in, ResourceId};
-use crate::security_group::{self, GroupPart, IngressPart, IngressRule, OfGrafana, RuleSpec};
+use crate::security_group::{self, GroupPart, IngressPart, IngressRule, RuleSpec};
 
 static GRAFANA_KIND: KindDef = KindDef {
     path: "grafana",
@@ -70,6 +70,15 @@ static SECURITY_GROUP_KIND: KindDef = KindDef {
 };
 /// A security group of a Grafana group, keyed `alb` or `instances`.
 pub const SECURITY_GROUP: Kind = Kind::new(&SECURITY_GROUP_KIND);
+
+/// A Grafana group's two security groups and their rules, as the security group kinds see them.
+pub struct OfGrafana;
+
+impl security_group::Table for OfGrafana {
+    const TABLE: Kind = GRAFANA;
+    const GROUP: Kind = SECURITY_GROUP;
+    const INGRESS: Kind = INGRESS;
+}
 
 static INGRESS_KIND: KindDef = KindDef {
     path: "grafana.ingress",

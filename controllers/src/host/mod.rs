@@ -20,7 +20,7 @@ use crate::desired::{
 use crate::kind::{schema, Form, Kind, KindDef};
 use crate::managed::Managed;
 use crate::model::{references_in, ResourceId};
-use crate::security_group::{self, GroupPart, IngressPart, IngressRule, OfHost};
+use crate::security_group::{self, GroupPart, IngressPart, IngressRule};
 
 static HOST_KIND: KindDef = KindDef {
     path: "host",
@@ -61,6 +61,15 @@ static SECURITY_GROUP_KIND: KindDef = KindDef {
 };
 /// The security group of a host.
 pub const SECURITY_GROUP: Kind = Kind::new(&SECURITY_GROUP_KIND);
+
+/// A host's security group and its rules, as the security group kinds see them.
+pub struct OfHost;
+
+impl security_group::Table for OfHost {
+    const TABLE: Kind = HOST;
+    const GROUP: Kind = SECURITY_GROUP;
+    const INGRESS: Kind = INGRESS;
+}
 
 static INGRESS_KIND: KindDef = KindDef {
     path: "host.ingress",
@@ -238,6 +247,10 @@ pub fn valid_device(d: &str) -> bool {
 }
 
 impl KindSpec for HostSpec {
+    fn adopts_an_instance(&self) -> bool {
+        true
+    }
+
     fn validate(&mut self, v: &mut Validator<'_>) {
         if !(self.ami.starts_with("ami-")
             || self.ami.starts_with("resolve:ssm:")
