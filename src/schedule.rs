@@ -527,6 +527,16 @@ alias = "main"
             r.of(stackwarden_controllers::iam::ROLE),
             Duration::from_secs(3600)
         );
+        // A part's kind is set apart by its path too.
+        let r = Resync::parse(&["grafana.target_group=2h".into()]).unwrap();
+        assert_eq!(
+            r.of(stackwarden_controllers::grafana::TARGET_GROUP),
+            Duration::from_secs(7200)
+        );
+        assert_eq!(
+            r.of(stackwarden_controllers::grafana::GRAFANA),
+            Duration::from_secs(60)
+        );
         let e = Resync::parse(&["hots=5m".into()]).unwrap_err();
         assert!(e.contains("unknown kind \"hots\""), "{e}");
         assert!(Resync::parse(&["0s".into()]).is_err());
