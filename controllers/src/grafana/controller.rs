@@ -895,22 +895,8 @@ impl Controller for GrafanaController {
         match op {
             Op::Build(b) => return build(ctx, b).await.map(Some),
             Op::TemplateTag { template, tags } => crate::ec2::set_tags(ctx, template, tags).await?,
-            Op::ElbTag { arn, tags } => {
-                elb.add_tags()
-                    .resource_arns(arn)
-                    .set_tags(Some(elb_tags(tags)))
-                    .send()
-                    .await
-                    .map_err(aws_error("elasticloadbalancing", "AddTags"))?;
-            }
-            Op::ElbUntag { arn, keys } => {
-                elb.remove_tags()
-                    .resource_arns(arn)
-                    .set_tag_keys(Some(keys.clone()))
-                    .send()
-                    .await
-                    .map_err(aws_error("elasticloadbalancing", "RemoveTags"))?;
-            }
+            Op::ElbTag { arn, tags } => set_elb_tags(ctx, arn, tags).await?,
+            Op::ElbUntag { arn, keys } => remove_elb_tags(ctx, arn, keys).await?,
             Op::AsgTag { group, tags } => {
                 asg.create_or_update_tags()
                     .set_tags(Some(asg_tags(group, tags)))
@@ -2106,6 +2092,30 @@ async fn read_password(ctx: &Context, source: &PasswordSource) -> Result<Passwor
 
 // ---------------------------------------------------------------------------------------------
 // Writes
+
+/// Sets tags on a load balancing object (`AddTags` adds and overwrites).
+pub(super) async fn set_elb_tags(ctx: &Context, arn: &str, tags: &Tags) -> Result<()> {
+    ctx.elb
+        .add_tags()
+        .resource_arns(arn)
+        .set_tags(Some(elb_tags(tags)))
+        .send()
+        .await
+        .map_err(aws_error("elasticloadbalancing", "AddTags"))?;
+    Ok(())
+}
+
+/// Removes tags from a load balancing object.
+pub(super) async fn remove_elb_tags(ctx: &Context, arn: &str, keys: &[String]) -> Result<()> {
+    ctx.elb
+        .remove_tags()
+        .resource_arns(arn)
+        .set_tag_keys(Some(keys.to_vec()))
+        .send()
+        .await
+        .map_err(aws_error("elasticloadbalancing", "RemoveTags"))?;
+    Ok(())
+}
 
 pub(super) fn elb_tags(tags: &Tags) -> Vec<ElbTag> {
     tags.iter()

@@ -17,7 +17,9 @@
 use async_trait::async_trait;
 use aws_sdk_elasticloadbalancingv2::types::{Matcher, ProtocolEnum, TargetTypeEnum};
 
-use super::controller::{elb_objects, elb_tags, HealthCheck, ObservedTargetGroup};
+use super::controller::{
+    elb_objects, elb_tags, remove_elb_tags, set_elb_tags, HealthCheck, ObservedTargetGroup,
+};
 use super::{GRAFANA, TARGET_GROUP};
 use crate::change::FieldChange;
 use crate::controller::Context;
@@ -227,14 +229,7 @@ impl ManagedObject for TargetGroup {
     }
 
     async fn tag(&self, ctx: &Context, have: &ObservedTargetGroup, set: &Tags) -> Result<()> {
-        ctx.elb
-            .add_tags()
-            .resource_arns(&have.arn)
-            .set_tags(Some(elb_tags(set)))
-            .send()
-            .await
-            .map_err(aws_error("elasticloadbalancing", "AddTags"))?;
-        Ok(())
+        set_elb_tags(ctx, &have.arn, set).await
     }
 
     async fn untag(
@@ -243,14 +238,7 @@ impl ManagedObject for TargetGroup {
         have: &ObservedTargetGroup,
         keys: &[String],
     ) -> Result<()> {
-        ctx.elb
-            .remove_tags()
-            .resource_arns(&have.arn)
-            .set_tag_keys(Some(keys.to_vec()))
-            .send()
-            .await
-            .map_err(aws_error("elasticloadbalancing", "RemoveTags"))?;
-        Ok(())
+        remove_elb_tags(ctx, &have.arn, keys).await
     }
 
     async fn delete(&self, ctx: &Context, have: &ObservedTargetGroup) -> Result<()> {
