@@ -43,7 +43,7 @@ pub use model::{Kind, Refs, ResourceId};
 /// security groups before their rules (a group another group's rule names cannot be deleted),
 /// a host's volumes before the host (its instance is terminated before they are deleted); a
 /// host's Prometheus config after its instance; a Grafana group's target group after the load
-/// balancer that forwards to it.
+/// balancer that forwards to it; a Grafana group's provisioning after the group.
 pub static KINDS: &[Kind] = &[
     iam::POLICY,
     iam::ROLE,
@@ -63,6 +63,7 @@ pub static KINDS: &[Kind] = &[
     host::PROMETHEUS,
     grafana::TARGET_GROUP,
     grafana::GRAFANA,
+    grafana::PROVISIONING,
     host_config::HOST_CONFIG,
 ];
 

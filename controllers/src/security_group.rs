@@ -745,6 +745,7 @@ min_size = 1
 max_size = 2
 alb = { subnets = ["subnet-a", "subnet-b"], allowed_cidrs = ["0.0.0.0/0"] }
 security_group = { ingress = [{ port = 9100, security_groups = ["${host.prom.security_group_id}"] }] }
+provisioning = { prometheus_url = "http://${host.prom.private_ip}:9090" }
 "#;
 
     /// A host and a Grafana group, expanded as the loader expands them.
@@ -826,10 +827,22 @@ security_group = { ingress = [{ port = 9100, security_groups = ["${host.prom.sec
             deps("host.prom"),
             BTreeSet::from(["host.prom.security_group".to_string()])
         );
-        assert!(deps("grafana.main").contains("host.prom"));
+        // The group needs its own objects' nodes; its provisioning, the host it names.
+        assert_eq!(
+            deps("grafana.main"),
+            BTreeSet::from([
+                "grafana.main.security_group.alb".to_string(),
+                "grafana.main.security_group.instances".to_string(),
+                "grafana.main.target_group".to_string()
+            ])
+        );
+        assert_eq!(
+            deps("grafana.main.provisioning"),
+            BTreeSet::from(["grafana.main".to_string(), "host.prom".to_string()])
+        );
         // Every node comes after what it references: no loop.
         let order: Vec<String> = d.apply_order().iter().map(|i| i.to_string()).collect();
-        assert_eq!(order.len(), 9, "{order:?}");
+        assert_eq!(order.len(), 10, "{order:?}");
         for (i, node) in order.iter().enumerate() {
             for dep in deps(node) {
                 let at = order.iter().position(|o| *o == dep).unwrap();

@@ -86,10 +86,14 @@ pub fn records(desired: &DesiredState) -> Vec<Record> {
     if desired.of_kind(crate::host::PROMETHEUS).next().is_some() {
         out.push(shared(push::prometheus::NAME, crate::host::PROMETHEUS));
     }
-    if desired.of_kind(crate::grafana::GRAFANA).next().is_some() {
+    if desired
+        .of_kind(crate::grafana::PROVISIONING)
+        .next()
+        .is_some()
+    {
         out.push(shared(
             crate::grafana::provisioning::NAME,
-            crate::grafana::GRAFANA,
+            crate::grafana::PROVISIONING,
         ));
     }
     for r in desired.of_kind(crate::host_config::HOST_CONFIG) {

@@ -1,8 +1,8 @@
-//! The Grafana controller: per `grafana` resource, a launch template, a target group, an
-//! Application Load Balancer with its listeners, an Auto Scaling Group, and the provisioning
-//! pushed to the group's instances over SSM. Its two security groups (the load balancer's, open
-//! to the allowed CIDRs; the instances', open to the load balancer's) are nodes of their own
-//! ([`crate::security_group`]) whose ids the template and the load balancer use.
+//! The Grafana controller: per `grafana` resource, a launch template, an Application Load
+//! Balancer with its listeners, and an Auto Scaling Group. Its two security groups (the load
+//! balancer's, open to the allowed CIDRs; the instances', open to the load balancer's), its
+//! target group and its provisioning are nodes of their own ([`crate::security_group`],
+//! [`super::target_group`], [`super::provision`]).
 //!
 //! Every object is found by its ownership tags; load balancers and target groups are listed by
 //! the stack's name prefix and then their tags read in one batch.
@@ -13,10 +13,6 @@
 //!   is recorded on the group (tag `stackwarden:template-version`), and a refresh already under
 //!   way is waited for, never doubled: a pass during a refresh starts nothing.
 //! - `desired_capacity` is enforced only when given; otherwise scaling policies own it.
-//! - The provisioning is pushed only to instances whose hash tag (`stackwarden:grafana`) differs
-//!   from the desired bundle's; instances the group launches later get it on the next pass.
-//! - Only the admin password's version is read (SSM or Secrets Manager metadata); each instance
-//!   fetches that version itself with its own role, so the value never passes through here.
 //!
 //! # Caveats
 //! - The load balancer's scheme and the target group's port cannot change in place: a change is
@@ -42,21 +38,17 @@ use aws_sdk_elasticloadbalancingv2::types::{
     LoadBalancerSchemeEnum, LoadBalancerTypeEnum, ProtocolEnum, RedirectActionConfig,
     RedirectActionStatusCodeEnum, Tag as ElbTag,
 };
-use aws_sdk_ssm::types::ParameterStringFilter;
 use base64::Engine as _;
 
-use super::provisioning::{self, PasswordVersion};
-use super::{GrafanaSpec, PasswordSource, ALB, INSTANCES};
+use super::{GrafanaSpec, ALB, INSTANCES};
 use super::{GRAFANA, SECURITY_GROUP, TARGET_GROUP};
 use crate::change::{removal, Action, Change};
 use crate::controller::{Context, Controller};
 use crate::desired::{parse_duration, DesiredState, Resource, TAG_STACK};
 use crate::ec2::{resolve_ami, tag_map, tag_spec};
-use crate::error::{aws_error, Error, ErrorClass, Result};
+use crate::error::{aws_error, Error, Result};
 use crate::managed::is_gone;
 use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
-use crate::push::send::{record, send, track, Controls, Rollout, Tracked};
-use crate::push::{self, Prepared};
 use crate::security_group::group_id;
 use crate::tags::{self, owner_id, Tags};
 
@@ -66,10 +58,6 @@ const TAG_VERSION: &str = "stackwarden:template-version";
 const ROOT_DEVICE: &str = "/dev/xvda";
 /// ELB and target group names: AWS's limit.
 const MAX_ELB_NAME: usize = 32;
-
-fn hash_tag() -> String {
-    push::hash_tag(provisioning::NAME)
-}
 
 // ---------------------------------------------------------------------------------------------
 // Observed state
@@ -181,30 +169,20 @@ pub struct ObservedAsg {
     pub health_check_type: String,
     pub grace: i32,
     pub target_groups: BTreeSet<String>,
+    /// Its instances and their lifecycle states (`Pending`, `InService`, ...).
+    pub members: Vec<(String, String)>,
     pub tags: Tags,
     /// The latest instance refresh, when the group has one.
     pub refresh: Option<ObservedGroupRefresh>,
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct GroupInstance {
-    pub id: String,
-    pub installed: Option<String>,
-}
-
 #[derive(Debug, Default)]
 pub struct Observed {
-    pub region: String,
     pub templates: Vec<ObservedTemplate>,
     pub balancers: Vec<ObservedBalancer>,
     pub groups: Vec<ObservedAsg>,
-    /// Running instances of each resource's group.
-    pub instances: BTreeMap<ResourceId, Vec<GroupInstance>>,
-    /// The verdicts of the provisioning pushes running on them.
-    pub tracked: Tracked,
     /// `resolve:ssm:` AMIs, resolved.
     pub amis: BTreeMap<String, std::result::Result<String, Error>>,
-    pub passwords: BTreeMap<ResourceId, std::result::Result<PasswordVersion, Error>>,
 }
 
 fn owned(tags: &Tags, desired: &DesiredState, id: &ResourceId) -> bool {
@@ -320,7 +298,6 @@ pub struct Build {
     pub listeners: Vec<ListenerSpec>,
     pub sizes: Sizes,
     pub tags: Tags,
-    pub push: Option<Prepared>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -394,15 +371,6 @@ pub enum Op {
         target_groups: Vec<String>,
     },
     Roll(Box<Roll>),
-    Push {
-        instances: Vec<String>,
-        push: Prepared,
-    },
-    /// Records on the instances that they installed the provisioning.
-    Record {
-        instances: Vec<String>,
-        push: Prepared,
-    },
     DeleteGroup {
         group: String,
     },
@@ -593,20 +561,6 @@ fn template_fields(
     out
 }
 
-fn provisioning_push(
-    s: &GrafanaSpec,
-    refs: &Refs,
-    obs: &Observed,
-    id: &ResourceId,
-) -> Result<Prepared> {
-    let password = match obs.passwords.get(id) {
-        Some(Ok(p)) => Some(p),
-        Some(Err(e)) => return Err(e.clone()),
-        None => None,
-    };
-    provisioning::bundle(s, refs, &obs.region, password).prepare()
-}
-
 // ---------------------------------------------------------------------------------------------
 // The controller
 
@@ -623,10 +577,7 @@ impl Controller for GrafanaController {
 
     async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Observed> {
         let stack = desired.stack_name();
-        let mut obs = Observed {
-            region: ctx.region.clone(),
-            ..Default::default()
-        };
+        let mut obs = Observed::default();
         // What the groups adopt carries no tag of the stack until adopted: read by id too, and
         // only then (a converged pass reads nothing more).
         let adopts: Vec<super::Adopts> = desired
@@ -642,34 +593,20 @@ impl Controller for GrafanaController {
             .name(format!("tag:{TAG_STACK}"))
             .values(stack)
             .build();
-        let (templates, elb, instances) = futures::join!(
+        let (templates, elb) = futures::join!(
             observe_templates(
                 ctx,
                 stack_filter.clone(),
                 adopts.iter().filter_map(|a| a.template).collect(),
             ),
             observe_elb(ctx, desired),
-            crate::instances::instances(ctx, desired),
         );
         obs.templates = templates?;
         obs.balancers = elb?;
-        obs.instances = group_instances_of(&instances?, stack);
-        obs.tracked = track(
-            ctx,
-            obs.instances
-                .values()
-                .flatten()
-                .filter_map(|i| i.installed.as_deref()),
-        )
-        .await?;
-        for (r, s) in desired.specs::<GrafanaSpec>(GRAFANA) {
+        for (_, s) in desired.specs::<GrafanaSpec>(GRAFANA) {
             if s.ami.starts_with("resolve:ssm:") && !obs.amis.contains_key(&s.ami) {
                 obs.amis
                     .insert(s.ami.clone(), resolve_ami(ctx, &s.ami).await);
-            }
-            if let Some(source) = s.provisioning.password_source() {
-                obs.passwords
-                    .insert(r.id.clone(), read_password(ctx, &source).await);
             }
         }
         Ok(obs)
@@ -711,7 +648,6 @@ impl Controller for GrafanaController {
             Some(Err(e)) => return Err(e.clone()),
             None => refs.render(&s.ami).value,
         };
-        let push = provisioning_push(s, refs, obs, &r.id)?;
         let mut tags = desired.tags_for(
             &r.id,
             &s.tags
@@ -754,9 +690,7 @@ impl Controller for GrafanaController {
             group: Some(group),
         } = parts
         else {
-            return Ok(Some(build_change(
-                r, s, parts, refs, &name, ami, tags, push, tg,
-            )));
+            return Ok(Some(build_change(r, s, parts, refs, &name, ami, tags, tg)));
         };
 
         let mut c = Change::new(
@@ -819,12 +753,6 @@ impl Controller for GrafanaController {
         )?;
         diff_group(&mut c, s, refs, &live, &tags, adopts.group.is_none());
         diff_rollout(&mut c, s, refs, &live, ami);
-        let fleet = obs
-            .instances
-            .get(&r.id)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        diff_provisioning(&mut c, s, fleet, push, &obs.tracked)?;
         if c.ops.is_empty() {
             return Ok(None);
         }
@@ -991,15 +919,6 @@ impl Controller for GrafanaController {
                 target_groups,
             } => detach_target_groups(ctx, group, target_groups.clone()).await?,
             Op::Roll(r) => roll(ctx, r).await?,
-            Op::Push { instances, push } => {
-                let controls = Controls {
-                    // Grafana restarts: half the group at a time keeps it serving.
-                    max_concurrency: "50%".into(),
-                    max_errors: "0".into(),
-                };
-                send(ctx, push, instances, &controls).await?
-            }
-            Op::Record { instances, push } => record(ctx, push, instances).await?,
             Op::DeleteGroup { group } => {
                 // AWS deletes a group (and terminates its instances) over minutes; until it is
                 // gone the load balancer and target group it uses stay, and a later pass
@@ -1394,69 +1313,6 @@ fn diff_rollout(c: &mut Change<Op>, s: &GrafanaSpec, refs: &Refs, live: &Live, a
     }
 }
 
-/// The provisioning push to the group's instances that lack it, the record of those it
-/// reached; while it runs on some and nothing else is to be done, waiting (or its failure).
-fn diff_provisioning(
-    c: &mut Change<Op>,
-    s: &GrafanaSpec,
-    fleet: &[GroupInstance],
-    push: Prepared,
-    tracked: &Tracked,
-) -> Result<()> {
-    let rollout = Rollout::of(
-        &push,
-        fleet
-            .iter()
-            .map(|i| (i.id.as_str(), i.installed.as_deref())),
-        tracked,
-    );
-    c.notes.extend(crate::verify::drift_note(
-        fleet
-            .iter()
-            .map(|i| (i.id.as_str(), i.installed.as_deref())),
-    ));
-    if !rollout.record.is_empty() {
-        c.field(
-            "provisioning",
-            Some(format!("being installed on {}", rollout.record.len())),
-            Some(format!("installed {}", push.short_hash())),
-        );
-        c.op(Op::Record {
-            instances: rollout.record.clone(),
-            push: push.clone(),
-        });
-    }
-    if !rollout.send.is_empty() {
-        c.field(
-            "provisioning",
-            Some(format!(
-                "{} of {} instances lack {}",
-                rollout.send.len(),
-                fleet.len(),
-                push.short_hash()
-            )),
-            Some(format!("all {} ({})", fleet.len(), rollout.send.join(", "))),
-        );
-        if let Some(source) = s.provisioning.password_source() {
-            c.field("admin_password", None, Some(source.describe()));
-        }
-        c.op(Op::Push {
-            instances: rollout.send,
-            push,
-        });
-        return Ok(());
-    }
-    if c.ops.is_empty() {
-        if let Some(e) = rollout
-            .failure(&push, fleet.len())
-            .or_else(|| rollout.waiting(&push))
-        {
-            return Err(e);
-        }
-    }
-    Ok(())
-}
-
 /// The change that creates what is missing of a resource.
 #[allow(clippy::too_many_arguments)]
 fn build_change(
@@ -1467,7 +1323,6 @@ fn build_change(
     name: &str,
     ami: String,
     tags: Tags,
-    push: Prepared,
     target_group: String,
 ) -> Change<Op> {
     let Parts {
@@ -1512,10 +1367,6 @@ fn build_change(
     for l in &missing {
         c.field(format!("listener {}", l.port), None, Some(l.to_string()));
     }
-    c.field("provisioning", None, Some(push.short_hash()));
-    if let Some(source) = s.provisioning.password_source() {
-        c.field("admin_password", None, Some(source.describe()));
-    }
     let instance_group = group_id(refs, SECURITY_GROUP, &r.id.name, Some(INSTANCES));
     c.op(Op::Build(Box::new(Build {
         name: name.to_string(),
@@ -1532,7 +1383,6 @@ fn build_change(
         listeners: missing,
         sizes,
         tags,
-        push: Some(push),
     })));
     c
 }
@@ -1657,6 +1507,18 @@ async fn read_groups(
                 health_check_type: g.health_check_type().unwrap_or_default().into(),
                 grace: g.health_check_grace_period().unwrap_or_default(),
                 target_groups: g.target_group_arns().iter().cloned().collect(),
+                members: g
+                    .instances()
+                    .iter()
+                    .map(|i| {
+                        (
+                            i.instance_id().unwrap_or_default().to_string(),
+                            i.lifecycle_state()
+                                .map(|s| s.as_str().to_string())
+                                .unwrap_or_default(),
+                        )
+                    })
+                    .collect(),
                 tags: g
                     .tags()
                     .iter()
@@ -1997,99 +1859,6 @@ async fn elb_tags_of(ctx: &Context, arns: &[String]) -> Result<BTreeMap<String, 
     Ok(all)
 }
 
-/// The running instances of the stack's Grafana groups (the group's tags propagate to them),
-/// by group, with the provisioning hash each has installed.
-fn group_instances_of(
-    instances: &[crate::instances::ObservedInstance],
-    stack: &str,
-) -> BTreeMap<ResourceId, Vec<GroupInstance>> {
-    let tag = hash_tag();
-    let mut out: BTreeMap<ResourceId, Vec<GroupInstance>> = BTreeMap::new();
-    for i in instances.iter().filter(|i| i.is_running()) {
-        if !i.tags.contains_key("aws:autoscaling:groupName") {
-            continue;
-        }
-        let Some(id) = owner_id(&i.tags, stack).filter(|id| id.kind == GRAFANA) else {
-            continue;
-        };
-        out.entry(id).or_default().push(GroupInstance {
-            id: i.id.clone(),
-            installed: i.tags.get(&tag).cloned(),
-        });
-    }
-    out
-}
-
-/// The admin password's current version, read without its value: SSM `DescribeParameters`
-/// (the parameter's metadata) or Secrets Manager `DescribeSecret` (the `AWSCURRENT` version).
-/// The hosts fetch that version themselves.
-async fn read_password(ctx: &Context, source: &PasswordSource) -> Result<PasswordVersion> {
-    let missing = |service, operation, code: &str, what: String| Error::Aws {
-        service,
-        operation,
-        code: Some(code.into()),
-        class: ErrorClass::Retryable,
-        message: format!("{what} does not exist; create it, and the admin password is pushed then"),
-    };
-    let version = match source {
-        PasswordSource::SsmParameter(name) => {
-            let out = ctx
-                .ssm
-                .describe_parameters()
-                .parameter_filters(
-                    ParameterStringFilter::builder()
-                        .key("Name")
-                        .option("Equals")
-                        .values(name)
-                        .build()
-                        .map_err(|e| Error::Invalid(e.to_string()))?,
-                )
-                .send()
-                .await
-                .map_err(aws_error("ssm", "DescribeParameters"))?;
-            let p = out
-                .parameters()
-                .iter()
-                .find(|p| p.name() == Some(name.as_str()))
-                .ok_or_else(|| {
-                    missing(
-                        "ssm",
-                        "DescribeParameters",
-                        "ParameterNotFound",
-                        format!("the SSM parameter {name}"),
-                    )
-                })?;
-            p.version().to_string()
-        }
-        PasswordSource::Secret(name) => {
-            let out = ctx
-                .secrets
-                .describe_secret()
-                .secret_id(name)
-                .send()
-                .await
-                .map_err(aws_error("secretsmanager", "DescribeSecret"))?;
-            out.version_ids_to_stages()
-                .into_iter()
-                .flatten()
-                .find(|(_, stages)| stages.iter().any(|s| s == "AWSCURRENT"))
-                .map(|(id, _)| id.clone())
-                .ok_or_else(|| {
-                    missing(
-                        "secretsmanager",
-                        "DescribeSecret",
-                        "ResourceNotFoundException",
-                        format!("a current (AWSCURRENT) version of the secret {name}"),
-                    )
-                })?
-        }
-    };
-    Ok(PasswordVersion {
-        source: source.clone(),
-        version,
-    })
-}
-
 // ---------------------------------------------------------------------------------------------
 // Writes
 
@@ -2335,7 +2104,7 @@ async fn roll(ctx: &Context, r: &Roll) -> Result<()> {
 
 /// Creates what is missing, in order: launch template, load balancer with its attributes and
 /// listeners, the group (the security groups and the target group are nodes of their own,
-/// made before); then pushes the provisioning to the instances the group started with.
+/// made before; the provisioning, made after, reaches the instances once they run).
 async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
     let (ec2, elb) = (&ctx.ec2, &ctx.elb);
     let data = &b.template_data;
@@ -2456,13 +2225,6 @@ async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
         .await
         .map_err(aws_error("autoscaling", "CreateAutoScalingGroup"))?;
     tracing::info!(group = %b.name, "auto scaling group created");
-
-    if let Some(push) = &b.push {
-        let instances = group_instances(ctx, &b.name).await?;
-        if !instances.is_empty() {
-            send(ctx, push, &instances, &Controls::default()).await?;
-        }
-    }
     let mut out = Outputs::from([
         ("asg_name".into(), b.name.clone()),
         ("alb_arn".into(), balancer),
@@ -2474,8 +2236,6 @@ async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
     Ok(out)
 }
 
-/// The group's in-service instances right after it was created (none yet is fine: the next
-/// pass provisions them).
 async fn attach_target_group(ctx: &Context, group: &str, target_group: &str) -> Result<()> {
     ctx.autoscaling
         .attach_load_balancer_target_groups()
@@ -2509,26 +2269,6 @@ async fn detach_target_groups(
         Err(e) if is_gone(&e) => Ok(()),
         other => other.map(|_| ()),
     }
-}
-
-async fn group_instances(ctx: &Context, group: &str) -> Result<Vec<String>> {
-    let out = ctx
-        .autoscaling
-        .describe_auto_scaling_groups()
-        .auto_scaling_group_names(group)
-        .send()
-        .await
-        .map_err(aws_error("autoscaling", "DescribeAutoScalingGroups"))?;
-    Ok(out
-        .auto_scaling_groups()
-        .iter()
-        .flat_map(|g| g.instances())
-        .filter(|i| {
-            i.lifecycle_state()
-                .is_some_and(|s| s.as_str() == "InService")
-        })
-        .filter_map(|i| i.instance_id().map(str::to_string))
-        .collect())
 }
 
 #[cfg(test)]

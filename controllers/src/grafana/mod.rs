@@ -1,8 +1,10 @@
 //! Grafana as an Auto Scaling Group behind an Application Load Balancer, with its provisioning
 //! pushed over SSM: the schema and its offline checks here, what is pushed in
-//! `provisioning.rs`, the controller in `controller.rs`.
+//! `provisioning.rs` and the node that pushes it in `provision.rs`, the group's controller in
+//! `controller.rs`.
 
 mod controller;
+pub mod provision;
 pub mod provisioning;
 pub mod target_group;
 
@@ -48,8 +50,8 @@ static GRAFANA_KIND: KindDef = KindDef {
     whole: None,
     controller: || Box::new(GrafanaController),
 };
-/// `[grafana.<name>]`: the group's launch template, target group, load balancer, listeners,
-/// Auto Scaling Group and provisioning.
+/// `[grafana.<name>]`: the group's launch template, load balancer, listeners and Auto Scaling
+/// Group.
 pub const GRAFANA: Kind = Kind::new(&GRAFANA_KIND);
 
 static SECURITY_GROUP_KIND: KindDef = KindDef {
@@ -109,6 +111,21 @@ static TARGET_GROUP_KIND: KindDef = KindDef {
 };
 /// The target group of a Grafana group.
 pub const TARGET_GROUP: Kind = Kind::new(&TARGET_GROUP_KIND);
+
+static PROVISIONING_KIND: KindDef = KindDef {
+    path: "grafana.provisioning",
+    attributes: &[],
+    form: Form::Part {
+        of: Kind::new(&GRAFANA_KIND),
+        word: "provisioning",
+        keyed: false,
+    },
+    attribute_parts: &[],
+    whole: None,
+    controller: || Box::new(provision::ProvisioningController),
+};
+/// What is pushed to a Grafana group's instances.
+pub const PROVISIONING: Kind = Kind::new(&PROVISIONING_KIND);
 
 /// The key of the load balancer's security group (`grafana.<name>.security_group.alb`).
 pub const ALB: &str = "alb";
@@ -412,7 +429,38 @@ impl KindSpec for GrafanaSpec {
                 .flat_map(|s| references_in(s))
                 .collect(),
         };
-        let mut own = table.depends_on.clone();
+        // The provisioning references what its data sources and ini name, and the group.
+        let p = &self.provisioning;
+        let provisioning = Resource {
+            id: ResourceId::part(PROVISIONING, table.id.name.clone(), None),
+            origin: table.origin.clone(),
+            adopt: None,
+            observe_only: table.observe_only,
+            spec: Spec::new(provisioning::ProvisioningPart::of(self)),
+            depends_on: p
+                .prometheus_url
+                .iter()
+                .chain(&p.amp_url)
+                .chain(p.ini.values().flat_map(|keys| keys.values()))
+                .flat_map(|s| references_in(s))
+                .chain([table.id.clone()])
+                .collect(),
+        };
+        // The group references what its own values name: its template's, its load
+        // balancer's, and its parts'.
+        let mut own: BTreeSet<ResourceId> = [&self.ami, &self.instance_type]
+            .into_iter()
+            .chain(&self.subnets)
+            .chain(&self.instance_profile)
+            .chain(&self.key_name)
+            .chain(&table.adopt)
+            .chain(&self.launch_template.adopt)
+            .chain(&self.alb.adopt)
+            .chain(&self.alb.subnets)
+            .chain(&self.alb.certificate_arn)
+            .chain(self.tags.iter().flat_map(|t| t.get_ref().values()))
+            .flat_map(|s| references_in(s))
+            .collect();
         own.extend([
             alb_group.id.clone(),
             instance_group.id.clone(),
@@ -425,6 +473,7 @@ impl KindSpec for GrafanaSpec {
                 instance_group,
                 instance_ingress,
                 target_group,
+                provisioning,
             ],
             own,
         ))

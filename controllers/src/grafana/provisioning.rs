@@ -14,7 +14,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::{GrafanaSpec, PasswordSource};
+use super::{GrafanaSpec, PasswordSource, ProvisioningSpec};
+use crate::desired::KindSpec;
 use crate::model::Refs;
 use crate::push::yaml::{map, s, Yaml};
 use crate::push::{shell_quote, Bundle, File};
@@ -26,6 +27,27 @@ pub const DATASOURCES: &str = "/etc/grafana/provisioning/datasources/stackwarden
 pub const PROVIDERS: &str = "/etc/grafana/provisioning/dashboards/stackwarden.yaml";
 pub const DASHBOARD_DIR: &str = "/var/lib/grafana/dashboards/stackwarden";
 pub const PASSWORD_FILE: &str = "/etc/grafana/admin-password";
+
+/// The spec of a group's provisioning node (`grafana.<name>.provisioning`): the table's
+/// `provisioning`, and where Grafana answers (the reload waits for its health endpoint).
+#[derive(Debug, Clone)]
+pub struct ProvisioningPart {
+    pub provisioning: ProvisioningSpec,
+    pub port: u16,
+    pub health_path: String,
+}
+
+impl ProvisioningPart {
+    pub fn of(s: &GrafanaSpec) -> Self {
+        ProvisioningPart {
+            provisioning: s.provisioning.clone(),
+            port: s.target_group.port,
+            health_path: s.target_group.health_check_path.clone(),
+        }
+    }
+}
+
+impl KindSpec for ProvisioningPart {}
 
 /// The admin password's current version: all the operator ever reads of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,8 +101,7 @@ const CLOUDWATCH: &str = "CloudWatch";
 
 /// `datasources/stackwarden.yaml`: the configured data sources, and the removal of those the
 /// desired state no longer has (Grafana keeps a provisioned data source otherwise).
-pub fn datasources(spec: &GrafanaSpec, refs: &Refs, region: &str) -> String {
-    let p = &spec.provisioning;
+pub fn datasources(p: &ProvisioningSpec, refs: &Refs, region: &str) -> String {
     let mut list = Vec::new();
     let mut gone = Vec::new();
     let mut default_taken = false;
@@ -173,8 +194,8 @@ fn providers() -> String {
 
 /// `grafana.ini`: only overrides (Grafana's defaults.ini has the rest), the admin password read
 /// from its file.
-pub fn ini(spec: &GrafanaSpec, refs: &Refs, with_password: bool) -> String {
-    let mut sections = spec.provisioning.ini.clone();
+pub fn ini(p: &ProvisioningSpec, refs: &Refs, with_password: bool) -> String {
+    let mut sections = p.ini.clone();
     if with_password {
         sections.entry("security".into()).or_default().insert(
             "admin_password".into(),
@@ -193,7 +214,7 @@ pub fn ini(spec: &GrafanaSpec, refs: &Refs, with_password: bool) -> String {
 
 /// The whole bundle for one group.
 pub fn bundle(
-    spec: &GrafanaSpec,
+    part: &ProvisioningPart,
     refs: &Refs,
     region: &str,
     password: Option<&PasswordVersion>,
@@ -201,17 +222,17 @@ pub fn bundle(
     let mut files = BTreeMap::new();
     files.insert(
         INI.to_string(),
-        File::new(ini(spec, refs, password.is_some())),
+        File::new(ini(&part.provisioning, refs, password.is_some())),
     );
     files.insert(
         DATASOURCES.to_string(),
-        File::new(datasources(spec, refs, region)),
+        File::new(datasources(&part.provisioning, refs, region)),
     );
     files.insert(PROVIDERS.to_string(), File::new(providers()));
     let mut names = Vec::new();
-    for d in &spec.provisioning.dashboards {
+    for d in &part.provisioning.dashboards {
         let name = dashboard_file_name(d.get_ref());
-        let content = spec
+        let content = part
             .provisioning
             .loaded_dashboards
             .get(d.get_ref())
@@ -245,7 +266,7 @@ pub fn bundle(
     reload.push("${GRAFANA_RESTART:-systemctl restart grafana-server}".into());
     reload.push(format!(
         "ok=; for i in $(seq 1 60); do if curl -fsS -o /dev/null \"${{GRAFANA_HEALTH_URL:-http://localhost:{}{}}}\"; then ok=1; break; fi; sleep 1; done; [ -n \"$ok\" ] || {{ echo 'grafana is not healthy 60 s after the restart' >&2; false; }}",
-        spec.target_group.port, spec.target_group.health_check_path
+        part.port, part.health_path
     ));
     if password.is_some() {
         reload.push(format!(
@@ -264,7 +285,7 @@ pub fn bundle(
 mod tests {
     use super::*;
 
-    fn spec(extra: &str) -> GrafanaSpec {
+    fn spec(extra: &str) -> ProvisioningPart {
         let text = format!(
             r#"
 ami = "ami-1"
@@ -276,7 +297,7 @@ alb = {{ subnets = ["subnet-a", "subnet-b"] }}
 {extra}
 "#
         );
-        toml::from_str(&text).unwrap()
+        ProvisioningPart::of(&toml::from_str::<GrafanaSpec>(&text).unwrap())
     }
 
     fn parse(yaml: &str) -> marked_yaml::Node {
@@ -288,7 +309,7 @@ alb = {{ subnets = ["subnet-a", "subnet-b"] }}
         let s = spec(
             r#"provisioning = { prometheus_url = "http://10.0.0.5:9090", amp_url = "https://aps/workspaces/ws-1/" }"#,
         );
-        let text = datasources(&s, &Refs::default(), "eu-west-1");
+        let text = datasources(&s.provisioning, &Refs::default(), "eu-west-1");
         let doc = parse(&text);
         let list = doc
             .as_mapping()
