@@ -498,7 +498,9 @@ async fn grafana_from_empty_then_drift_corrected_and_a_template_change_rolled_ou
     let plan = s.run(&["plan"]);
     plan.expect(2);
     for field in [
-        "listener 80",
+        // Each listener is a node of its own.
+        "~ grafana.main.listener.80",
+        "listener:",
         // The target group is a node of its own.
         "~ grafana.main.target_group",
         "health_check:",
@@ -1232,8 +1234,9 @@ async fn a_grafana_group_made_by_terraform_is_taken_over_without_recreating_anyt
         tagged.tag_descriptions()[0]
             .tags()
             .iter()
-            .any(|t| t.key() == Some("stackwarden:id") && t.value() == Some("grafana.main")),
-        "the listener is claimed before it is changed: {tagged:?}"
+            .any(|t| t.key() == Some("stackwarden:id")
+                && t.value() == Some("grafana.main.listener.80")),
+        "the listener is claimed by its node before it is changed: {tagged:?}"
     );
 
     let ec2 = s.aws.ec2().await;

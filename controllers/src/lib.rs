@@ -42,8 +42,8 @@ pub use model::{Kind, Refs, ResourceId};
 /// this order; removals run in the reverse of it, so what uses an object goes before it:
 /// security groups before their rules (a group another group's rule names cannot be deleted),
 /// a host's volumes before the host (its instance is terminated before they are deleted); a
-/// host's Prometheus config after its instance; a Grafana group's target group after the load
-/// balancer that forwards to it; a Grafana group's provisioning after the group.
+/// host's Prometheus config after its instance; a Grafana group's listeners before its load
+/// balancer, and that before the target group it forwards to; a Grafana group's provisioning after the group.
 pub static KINDS: &[Kind] = &[
     iam::POLICY,
     iam::ROLE,
@@ -62,6 +62,8 @@ pub static KINDS: &[Kind] = &[
     host::HOST,
     host::PROMETHEUS,
     grafana::TARGET_GROUP,
+    grafana::BALANCER,
+    grafana::LISTENER,
     grafana::GRAFANA,
     grafana::PROVISIONING,
     host_config::HOST_CONFIG,

@@ -827,14 +827,18 @@ provisioning = { prometheus_url = "http://${host.prom.private_ip}:9090" }
             deps("host.prom"),
             BTreeSet::from(["host.prom.security_group".to_string()])
         );
-        // The group needs its own objects' nodes; its provisioning, the host it names.
+        // The group needs its instances' security group and its target group; its load
+        // balancer, its own security group; its provisioning, the host it names.
         assert_eq!(
             deps("grafana.main"),
             BTreeSet::from([
-                "grafana.main.security_group.alb".to_string(),
                 "grafana.main.security_group.instances".to_string(),
                 "grafana.main.target_group".to_string()
             ])
+        );
+        assert_eq!(
+            deps("grafana.main.alb"),
+            BTreeSet::from(["grafana.main.security_group.alb".to_string()])
         );
         assert_eq!(
             deps("grafana.main.provisioning"),
@@ -842,7 +846,7 @@ provisioning = { prometheus_url = "http://${host.prom.private_ip}:9090" }
         );
         // Every node comes after what it references: no loop.
         let order: Vec<String> = d.apply_order().iter().map(|i| i.to_string()).collect();
-        assert_eq!(order.len(), 10, "{order:?}");
+        assert_eq!(order.len(), 12, "{order:?}");
         for (i, node) in order.iter().enumerate() {
             for dep in deps(node) {
                 let at = order.iter().position(|o| *o == dep).unwrap();

@@ -1,11 +1,10 @@
-//! The Grafana controller: per `grafana` resource, a launch template, an Application Load
-//! Balancer with its listeners, and an Auto Scaling Group. Its two security groups (the load
-//! balancer's, open to the allowed CIDRs; the instances', open to the load balancer's), its
-//! target group and its provisioning are nodes of their own ([`crate::security_group`],
-//! [`super::target_group`], [`super::provision`]).
+//! The Grafana controller: per `grafana` resource, a launch template and an Auto Scaling Group.
+//! Its two security groups (the load balancer's, open to the allowed CIDRs; the instances',
+//! open to the load balancer's), its target group, load balancer, listeners and provisioning
+//! are nodes of their own ([`crate::security_group`], [`super::target_group`],
+//! [`super::balancer`], [`super::listener`], [`super::provision`]).
 //!
-//! Every object is found by its ownership tags; load balancers and target groups are listed by
-//! the stack's name prefix and then their tags read in one batch.
+//! Both objects are found by their ownership tags, or adopted by id.
 //!
 //! # Guarantees
 //! - A launch template change makes a new version of the same template, points the group at it
@@ -13,10 +12,6 @@
 //!   is recorded on the group (tag `stackwarden:template-version`), and a refresh already under
 //!   way is waited for, never doubled: a pass during a refresh starts nothing.
 //! - `desired_capacity` is enforced only when given; otherwise scaling policies own it.
-//!
-//! # Caveats
-//! - The load balancer's scheme and the target group's port cannot change in place: a change is
-//!   a terminal error that says so.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -33,14 +28,10 @@ use aws_sdk_ec2::types::{
     LaunchTemplateInstanceMetadataEndpointState, LaunchTemplateInstanceMetadataOptionsRequest,
     RequestLaunchTemplateData, ResourceType, VolumeType,
 };
-use aws_sdk_elasticloadbalancingv2::types::{
-    Action as ElbAction, ActionTypeEnum, Certificate, LoadBalancerAttribute,
-    LoadBalancerSchemeEnum, LoadBalancerTypeEnum, ProtocolEnum, RedirectActionConfig,
-    RedirectActionStatusCodeEnum, Tag as ElbTag,
-};
 use base64::Engine as _;
 
-use super::{GrafanaSpec, ALB, INSTANCES};
+use super::elb::HealthCheck;
+use super::{GrafanaSpec, INSTANCES};
 use super::{GRAFANA, SECURITY_GROUP, TARGET_GROUP};
 use crate::change::{removal, Action, Change};
 use crate::controller::{Context, Controller};
@@ -56,8 +47,6 @@ use crate::tags::{self, owner_id, Tags};
 const TAG_VERSION: &str = "stackwarden:template-version";
 /// Where the root volume of the AMIs stackwarden expects (Amazon Linux) is.
 const ROOT_DEVICE: &str = "/dev/xvda";
-/// ELB and target group names: AWS's limit.
-const MAX_ELB_NAME: usize = 32;
 
 // ---------------------------------------------------------------------------------------------
 // Observed state
@@ -82,71 +71,6 @@ pub struct ObservedTemplate {
     pub id: String,
     pub latest: i64,
     pub data: TemplateData,
-    pub tags: Tags,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HealthCheck {
-    pub path: String,
-    pub interval: i32,
-    pub timeout: i32,
-    pub healthy: i32,
-    pub unhealthy: i32,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct ObservedTargetGroup {
-    pub arn: String,
-    pub port: i32,
-    pub health: HealthCheck,
-    pub tags: Tags,
-}
-
-/// What a listener does with a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Forward {
-    To(String),
-    RedirectToHttps,
-    Other(String),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenerSpec {
-    pub port: i32,
-    pub protocol: String,
-    pub certificate: Option<String>,
-    pub ssl_policy: Option<String>,
-    pub action: Forward,
-}
-
-impl std::fmt::Display for ListenerSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let action = match &self.action {
-            Forward::To(_) => "forward to the target group".to_string(),
-            Forward::RedirectToHttps => "redirect to HTTPS 443".to_string(),
-            Forward::Other(a) => a.clone(),
-        };
-        write!(f, "{} {}: {action}", self.protocol, self.port)?;
-        if let Some(p) = &self.ssl_policy {
-            write!(f, " ({p})")?;
-        }
-        Ok(())
-    }
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct ObservedBalancer {
-    pub arn: String,
-    pub dns_name: String,
-    pub scheme: String,
-    pub subnets: BTreeSet<String>,
-    pub security_groups: BTreeSet<String>,
-    pub idle_timeout: i32,
-    pub deletion_protection: bool,
-    /// Listener ARN with what it is.
-    pub listeners: Vec<(String, ListenerSpec)>,
-    /// Each listener's tags, by ARN.
-    pub listener_tags: BTreeMap<String, Tags>,
     pub tags: Tags,
 }
 
@@ -179,7 +103,6 @@ pub struct ObservedAsg {
 #[derive(Debug, Default)]
 pub struct Observed {
     pub templates: Vec<ObservedTemplate>,
-    pub balancers: Vec<ObservedBalancer>,
     pub groups: Vec<ObservedAsg>,
     /// `resolve:ssm:` AMIs, resolved.
     pub amis: BTreeMap<String, std::result::Result<String, Error>>,
@@ -194,13 +117,12 @@ fn owned(tags: &Tags, desired: &DesiredState, id: &ResourceId) -> bool {
 #[derive(Debug, Clone, Copy)]
 struct Parts<'o> {
     template: Option<&'o ObservedTemplate>,
-    lb: Option<&'o ObservedBalancer>,
     group: Option<&'o ObservedAsg>,
 }
 
 impl Parts<'_> {
     fn any(&self) -> bool {
-        self.template.is_some() || self.lb.is_some() || self.group.is_some()
+        self.template.is_some() || self.group.is_some()
     }
 }
 
@@ -228,14 +150,6 @@ impl Observed {
                 adopts.template,
                 |t| &t.id,
                 |t| &t.tags,
-                desired,
-                r,
-            ),
-            lb: pick(
-                &self.balancers,
-                adopts.balancer,
-                |b| &b.arn,
-                |b| &b.tags,
                 desired,
                 r,
             ),
@@ -278,24 +192,14 @@ fn check_adopted(
 #[derive(Debug, Clone, PartialEq)]
 pub struct Build {
     pub name: String,
-    pub alb_subnets: Vec<String>,
-    /// The load balancer's security group (its own node).
-    pub alb_group: String,
-    pub port: i32,
     /// An existing template with its latest version.
     pub template: Option<(String, i64)>,
     pub template_data: TemplateData,
     /// The target group's ARN, from its node.
     pub target_group: String,
-    pub balancer: Option<String>,
     /// An existing Auto Scaling Group and the target groups attached to it: kept (AWS refuses a
     /// second group of a name), the target group made here attached to it.
     pub group: Option<(String, BTreeSet<String>)>,
-    pub scheme: String,
-    /// The attributes to set (all on a new load balancer, those that differ on one kept).
-    pub attributes: Vec<(String, String)>,
-    /// The listeners to make (all of them on a new load balancer, those missing on one kept).
-    pub listeners: Vec<ListenerSpec>,
     pub sizes: Sizes,
     pub tags: Tags,
 }
@@ -317,14 +221,6 @@ pub enum Op {
         template: String,
         tags: Tags,
     },
-    ElbTag {
-        arn: String,
-        tags: Tags,
-    },
-    ElbUntag {
-        arn: String,
-        keys: Vec<String>,
-    },
     AsgTag {
         group: String,
         tags: Tags,
@@ -332,31 +228,6 @@ pub enum Op {
     AsgUntag {
         group: String,
         keys: Vec<String>,
-    },
-    BalancerGroups {
-        balancer: String,
-        groups: Vec<String>,
-    },
-    BalancerSubnets {
-        balancer: String,
-        subnets: Vec<String>,
-    },
-    BalancerAttributes {
-        balancer: String,
-        attributes: Vec<(String, String)>,
-    },
-    /// A listener, tagged the group's (the operator's policy changes only tagged listeners).
-    CreateListener {
-        balancer: String,
-        listener: ListenerSpec,
-        tags: Tags,
-    },
-    ModifyListener {
-        listener: String,
-        spec: ListenerSpec,
-    },
-    DeleteListener {
-        listener: String,
     },
     UpdateGroup {
         group: String,
@@ -373,9 +244,6 @@ pub enum Op {
     Roll(Box<Roll>),
     DeleteGroup {
         group: String,
-    },
-    DeleteBalancer {
-        balancer: String,
     },
     DeleteTemplate {
         template: String,
@@ -409,7 +277,7 @@ pub enum Refresh {
 // ---------------------------------------------------------------------------------------------
 // Desired values
 
-fn seconds(d: &Option<toml::Spanned<String>>, default: u64) -> i32 {
+pub(super) fn seconds(d: &Option<toml::Spanned<String>>, default: u64) -> i32 {
     d.as_ref()
         .and_then(|d| parse_duration(d.get_ref()).ok())
         .map_or(default, |d| d.as_secs()) as i32
@@ -424,71 +292,6 @@ pub(super) fn health(s: &GrafanaSpec) -> HealthCheck {
         healthy: tg.healthy_threshold,
         unhealthy: tg.unhealthy_threshold,
     }
-}
-
-fn listeners(s: &GrafanaSpec, target_group: &str) -> Vec<ListenerSpec> {
-    match &s.alb.certificate_arn {
-        Some(cert) => vec![
-            ListenerSpec {
-                port: 80,
-                protocol: "HTTP".into(),
-                certificate: None,
-                ssl_policy: None,
-                action: Forward::RedirectToHttps,
-            },
-            ListenerSpec {
-                port: 443,
-                protocol: "HTTPS".into(),
-                certificate: Some(cert.clone()),
-                ssl_policy: Some(s.alb.ssl_policy.clone()),
-                action: Forward::To(target_group.to_string()),
-            },
-        ],
-        None => vec![ListenerSpec {
-            port: 80,
-            protocol: "HTTP".into(),
-            certificate: None,
-            ssl_policy: None,
-            action: Forward::To(target_group.to_string()),
-        }],
-    }
-}
-
-/// A load balancer's attributes as stackwarden sets them.
-fn balancer_attributes(lb: &ObservedBalancer) -> [(&'static str, String); 2] {
-    [
-        ("idle_timeout.timeout_seconds", lb.idle_timeout.to_string()),
-        (
-            "deletion_protection.enabled",
-            lb.deletion_protection.to_string(),
-        ),
-    ]
-}
-
-/// The attributes to set: all of them on a new load balancer, those that differ on one that
-/// exists.
-fn changed_attributes(s: &GrafanaSpec, lb: Option<&ObservedBalancer>) -> Vec<(String, String)> {
-    let Some(lb) = lb else {
-        return attributes(s);
-    };
-    let have = balancer_attributes(lb);
-    attributes(s)
-        .into_iter()
-        .filter(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv != v))
-        .collect()
-}
-
-fn attributes(s: &GrafanaSpec) -> Vec<(String, String)> {
-    vec![
-        (
-            "idle_timeout.timeout_seconds".into(),
-            seconds(&s.alb.idle_timeout, 60).to_string(),
-        ),
-        (
-            "deletion_protection.enabled".into(),
-            s.alb.deletion_protection.to_string(),
-        ),
-    ]
 }
 
 fn sizes(s: &GrafanaSpec, refs: &Refs) -> Sizes {
@@ -593,16 +396,12 @@ impl Controller for GrafanaController {
             .name(format!("tag:{TAG_STACK}"))
             .values(stack)
             .build();
-        let (templates, elb) = futures::join!(
-            observe_templates(
-                ctx,
-                stack_filter.clone(),
-                adopts.iter().filter_map(|a| a.template).collect(),
-            ),
-            observe_elb(ctx, desired),
-        );
-        obs.templates = templates?;
-        obs.balancers = elb?;
+        obs.templates = observe_templates(
+            ctx,
+            stack_filter,
+            adopts.iter().filter_map(|a| a.template).collect(),
+        )
+        .await?;
         for (_, s) in desired.specs::<GrafanaSpec>(GRAFANA) {
             if s.ami.starts_with("resolve:ssm:") && !obs.amis.contains_key(&s.ami) {
                 obs.amis
@@ -618,12 +417,10 @@ impl Controller for GrafanaController {
             .filter_map(|(r, s)| {
                 let parts = obs.parts(desired, r, s);
                 let group = parts.group?;
-                let mut out = Outputs::from([("asg_name".into(), group.name.clone())]);
-                if let Some(b) = parts.lb {
-                    out.insert("alb_dns_name".into(), b.dns_name.clone());
-                    out.insert("alb_arn".into(), b.arn.clone());
-                }
-                Some((r.id.clone(), out))
+                Some((
+                    r.id.clone(),
+                    Outputs::from([("asg_name".into(), group.name.clone())]),
+                ))
             })
             .collect()
     }
@@ -637,12 +434,6 @@ impl Controller for GrafanaController {
     ) -> Result<Option<Change<Op>>> {
         let s = r.spec.expect::<GrafanaSpec>();
         let name = desired.default_name(&r.id);
-        if name.len() > MAX_ELB_NAME {
-            return Err(Error::Invalid(format!(
-                "{}: the load balancer and target group would be named `{name}`, over AWS's {MAX_ELB_NAME} characters; shorten the stack or resource name",
-                r.id
-            )));
-        }
         let ami = match obs.amis.get(&s.ami) {
             Some(Ok(a)) => a.clone(),
             Some(Err(e)) => return Err(e.clone()),
@@ -667,17 +458,11 @@ impl Controller for GrafanaController {
         )?;
         check_adopted(
             desired,
-            "load balancer",
-            adopts.balancer,
-            parts.lb.map(|b| &b.tags),
-        )?;
-        check_adopted(
-            desired,
             "Auto Scaling Group",
             adopts.group,
             parts.group.map(|g| &g.tags),
         )?;
-        // The target group is a node of its own: the group and the listeners use its ARN.
+        // The target group is a node of its own: the group attaches it by its ARN.
         let tg = refs
             .outputs
             .get(&ResourceId::part(TARGET_GROUP, r.id.name.clone(), None))
@@ -686,21 +471,13 @@ impl Controller for GrafanaController {
             .unwrap_or_else(|| KNOWN_AFTER_APPLY.to_string());
         let Parts {
             template: Some(template),
-            lb: Some(lb),
             group: Some(group),
         } = parts
         else {
             return Ok(Some(build_change(r, s, parts, refs, &name, ami, tags, tg)));
         };
 
-        let mut c = Change::new(
-            r.id.clone(),
-            Action::Update,
-            format!("grafana {name} ({})", lb.dns_name),
-        );
-        if s.alb.certificate_arn.is_none() {
-            c.notes.push(super::HTTP_ONLY.into());
-        }
+        let mut c = Change::new(r.id.clone(), Action::Update, format!("grafana {name}"));
         // Parts taken over get the group's tags before anything else changes them; the tags
         // their previous owner gave them stay.
         if adopts.template.is_some() {
@@ -711,46 +488,27 @@ impl Controller for GrafanaController {
                 }
             });
         }
-        if adopts.balancer.is_some() {
-            c.tags_added(&lb.arn, &lb.tags, &tags, |tags| Op::ElbTag {
-                arn: lb.arn.clone(),
-                tags,
-            });
-        }
         if adopts.group.is_some() {
             c.tags_added(&group.name, &group.tags, &tags, |tags| Op::AsgTag {
                 group: group.name.clone(),
                 tags,
             });
         }
-        if c.ops.iter().any(|o| {
-            matches!(
-                o,
-                Op::TemplateTag { .. } | Op::ElbTag { .. } | Op::AsgTag { .. }
-            )
-        }) {
+        if c.ops
+            .iter()
+            .any(|o| matches!(o, Op::TemplateTag { .. } | Op::AsgTag { .. }))
+        {
             c.notes.push(
                 "taking over the objects it adopts: they are tagged the stack's and managed from now on, never recreated; the tags they have besides the desired ones are kept".into(),
             );
         }
 
         let live = Live {
-            alb_sg: group_id(refs, SECURITY_GROUP, &r.id.name, Some(ALB)),
             inst_sg: group_id(refs, SECURITY_GROUP, &r.id.name, Some(INSTANCES)),
             template,
             tg: &tg,
-            lb,
             group,
         };
-        diff_balancer(
-            &mut c,
-            s,
-            refs,
-            &live,
-            &r.id,
-            &tags,
-            adopts.balancer.is_none(),
-        )?;
         diff_group(&mut c, s, refs, &live, &tags, adopts.group.is_none());
         diff_rollout(&mut c, s, refs, &live, ami);
         if c.ops.is_empty() {
@@ -761,8 +519,7 @@ impl Controller for GrafanaController {
 
     fn removed(&self, desired: &DesiredState, obs: &Observed, prune: bool) -> Vec<Change<Op>> {
         // Per resource no longer desired, in the order it can be deleted: the group (and its
-        // instances), the load balancer, the template. Its security groups and target group
-        // are nodes of their own, deleted after these.
+        // instances), the template. Its other objects are nodes of their own.
         let mut by_id: BTreeMap<ResourceId, (Vec<(u8, Op)>, Tags)> = BTreeMap::new();
         let mut add = |tags: &Tags, order: u8, op: Op| {
             if let Some(id) = owner_id(tags, desired.stack_name()) {
@@ -779,15 +536,6 @@ impl Controller for GrafanaController {
                 0,
                 Op::DeleteGroup {
                     group: g.name.clone(),
-                },
-            );
-        }
-        for b in &obs.balancers {
-            add(
-                &b.tags,
-                1,
-                Op::DeleteBalancer {
-                    balancer: b.arn.clone(),
                 },
             );
         }
@@ -819,12 +567,10 @@ impl Controller for GrafanaController {
     }
 
     async fn apply(&self, ctx: &Context, op: &Op) -> Result<Option<Outputs>> {
-        let (ec2, elb, asg) = (&ctx.ec2, &ctx.elb, &ctx.autoscaling);
+        let (ec2, asg) = (&ctx.ec2, &ctx.autoscaling);
         match op {
             Op::Build(b) => return build(ctx, b).await.map(Some),
             Op::TemplateTag { template, tags } => crate::ec2::set_tags(ctx, template, tags).await?,
-            Op::ElbTag { arn, tags } => set_elb_tags(ctx, arn, tags).await?,
-            Op::ElbUntag { arn, keys } => remove_elb_tags(ctx, arn, keys).await?,
             Op::AsgTag { group, tags } => {
                 asg.create_or_update_tags()
                     .set_tags(Some(asg_tags(group, tags)))
@@ -848,54 +594,6 @@ impl Controller for GrafanaController {
                     .send()
                     .await
                     .map_err(aws_error("autoscaling", "DeleteTags"))?;
-            }
-            Op::BalancerGroups { balancer, groups } => {
-                elb.set_security_groups()
-                    .load_balancer_arn(balancer)
-                    .set_security_groups(Some(groups.clone()))
-                    .send()
-                    .await
-                    .map_err(aws_error("elasticloadbalancing", "SetSecurityGroups"))?;
-            }
-            Op::BalancerSubnets { balancer, subnets } => {
-                elb.set_subnets()
-                    .load_balancer_arn(balancer)
-                    .set_subnets(Some(subnets.clone()))
-                    .send()
-                    .await
-                    .map_err(aws_error("elasticloadbalancing", "SetSubnets"))?;
-            }
-            Op::BalancerAttributes {
-                balancer,
-                attributes,
-            } => set_attributes(ctx, balancer, attributes).await?,
-            Op::CreateListener {
-                balancer,
-                listener,
-                tags,
-            } => create_listener(ctx, balancer, listener, tags).await?,
-            Op::ModifyListener { listener, spec } => {
-                elb.modify_listener()
-                    .listener_arn(listener)
-                    .port(spec.port)
-                    .protocol(ProtocolEnum::from(spec.protocol.as_str()))
-                    .set_ssl_policy(spec.ssl_policy.clone())
-                    .set_certificates(
-                        spec.certificate
-                            .as_ref()
-                            .map(|c| vec![Certificate::builder().certificate_arn(c).build()]),
-                    )
-                    .default_actions(elb_action(&spec.action))
-                    .send()
-                    .await
-                    .map_err(aws_error("elasticloadbalancing", "ModifyListener"))?;
-            }
-            Op::DeleteListener { listener } => {
-                elb.delete_listener()
-                    .listener_arn(listener)
-                    .send()
-                    .await
-                    .map_err(aws_error("elasticloadbalancing", "DeleteListener"))?;
             }
             Op::UpdateGroup { group, sizes } => {
                 asg.update_auto_scaling_group()
@@ -951,13 +649,6 @@ impl Controller for GrafanaController {
                     ));
                 }
             }
-            Op::DeleteBalancer { balancer } => {
-                elb.delete_load_balancer()
-                    .load_balancer_arn(balancer)
-                    .send()
-                    .await
-                    .map_err(aws_error("elasticloadbalancing", "DeleteLoadBalancer"))?;
-            }
             Op::DeleteTemplate { template } => {
                 ec2.delete_launch_template()
                     .launch_template_id(template)
@@ -972,148 +663,12 @@ impl Controller for GrafanaController {
 
 /// The objects of one resource that all exist, for the update path of `diff`.
 struct Live<'a> {
-    /// The security groups' ids, from their nodes.
-    alb_sg: String,
+    /// The instances' security group's id, from its node.
     inst_sg: String,
     template: &'a ObservedTemplate,
     /// The target group's ARN, from its node.
     tg: &'a str,
-    lb: &'a ObservedBalancer,
     group: &'a ObservedAsg,
-}
-
-/// The load balancer, its listeners and tags.
-fn diff_balancer(
-    c: &mut Change<Op>,
-    s: &GrafanaSpec,
-    refs: &Refs,
-    live: &Live,
-    id: &ResourceId,
-    tags: &Tags,
-    all_tags: bool,
-) -> Result<()> {
-    let Live { alb_sg, tg, lb, .. } = live;
-    // Load balancer.
-    if lb.scheme != s.alb.scheme {
-        return Err(Error::Invalid(format!(
-            "{}: the load balancer is {} and the desired scheme is {}; a scheme cannot change in place",
-            id, lb.scheme, s.alb.scheme
-        )));
-    }
-    let want_groups = BTreeSet::from([alb_sg.clone()]);
-    if lb.security_groups != want_groups {
-        c.field(
-            "alb.security_groups",
-            Some(
-                lb.security_groups
-                    .iter()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(","),
-            ),
-            Some(alb_sg.clone()),
-        );
-        c.op(Op::BalancerGroups {
-            balancer: lb.arn.clone(),
-            groups: vec![alb_sg.clone()],
-        });
-    }
-    let want_subnets: BTreeSet<String> =
-        s.alb.subnets.iter().map(|n| refs.render(n).value).collect();
-    if lb.subnets != want_subnets {
-        c.field(
-            "alb.subnets",
-            Some(lb.subnets.iter().cloned().collect::<Vec<_>>().join(",")),
-            Some(want_subnets.iter().cloned().collect::<Vec<_>>().join(",")),
-        );
-        c.op(Op::BalancerSubnets {
-            balancer: lb.arn.clone(),
-            subnets: want_subnets.into_iter().collect(),
-        });
-    }
-    let have_attrs = balancer_attributes(lb);
-    let changed = changed_attributes(s, Some(lb));
-    for (k, v) in &changed {
-        let before = have_attrs
-            .iter()
-            .find(|(hk, _)| hk == k)
-            .map(|(_, v)| v.clone());
-        c.field(format!("alb.{k}"), before, Some(v.clone()));
-    }
-    if !changed.is_empty() {
-        c.op(Op::BalancerAttributes {
-            balancer: lb.arn.clone(),
-            attributes: changed,
-        });
-    }
-    let want_listeners = listeners(s, tg);
-    // A listener stackwarden did not make (on an adopted load balancer, or made before
-    // listeners were tagged) gets the group's tags before it is changed or deleted: the
-    // operator's own policy lets it change only tagged listeners.
-    for (arn, _) in &lb.listeners {
-        let have = lb.listener_tags.get(arn).cloned().unwrap_or_default();
-        c.tags_added(arn, &have, tags, |tags| Op::ElbTag {
-            arn: arn.clone(),
-            tags,
-        });
-    }
-    for want in &want_listeners {
-        match lb.listeners.iter().find(|(_, l)| l.port == want.port) {
-            None => {
-                c.field(
-                    format!("listener {}", want.port),
-                    None,
-                    Some(want.to_string()),
-                );
-                c.op(Op::CreateListener {
-                    balancer: lb.arn.clone(),
-                    listener: want.clone(),
-                    tags: tags.clone(),
-                });
-            }
-            Some((arn, have)) if have != want => {
-                c.field(
-                    format!("listener {}", want.port),
-                    Some(have.to_string()),
-                    Some(want.to_string()),
-                );
-                c.op(Op::ModifyListener {
-                    listener: arn.clone(),
-                    spec: want.clone(),
-                });
-            }
-            Some(_) => {}
-        }
-    }
-    for (arn, have) in &lb.listeners {
-        if !want_listeners.iter().any(|w| w.port == have.port) {
-            c.field(
-                format!("listener {}", have.port),
-                Some(have.to_string()),
-                None,
-            );
-            c.op(Op::DeleteListener {
-                listener: arn.clone(),
-            });
-        }
-    }
-    // An adopted load balancer keeps its other tags (see the adoption above).
-    if all_tags {
-        c.tags(
-            &lb.tags,
-            tags,
-            |tags| Op::ElbTag {
-                arn: lb.arn.clone(),
-                tags,
-            },
-            |keys| Op::ElbUntag {
-                arn: lb.arn.clone(),
-                keys,
-            },
-        );
-    }
-
-    Ok(())
 }
 
 /// The group's sizes, placement, health checks, target group and tags.
@@ -1325,16 +880,8 @@ fn build_change(
     tags: Tags,
     target_group: String,
 ) -> Change<Op> {
-    let Parts {
-        template,
-        lb,
-        group,
-    } = parts;
+    let Parts { template, group } = parts;
     let mut c = Change::new(r.id.clone(), Action::Create, format!("grafana {name}"));
-    if s.alb.certificate_arn.is_none() {
-        c.notes
-            .push("no alb.certificate_arn: Grafana is served over plain HTTP on port 80".into());
-    }
     if parts.any() {
         c.notes.push("part of it exists (an interrupted create, or a part lost out of band): the rest is created and the existing parts kept".into());
     }
@@ -1354,33 +901,13 @@ fn build_change(
                 .unwrap_or_default()
         )),
     );
-    c.field(
-        "alb",
-        None,
-        Some(format!("{} on {}", s.alb.scheme, s.alb.subnets.join(","))),
-    );
-    // A load balancer that exists keeps its listeners; those it lacks are made.
-    let missing: Vec<ListenerSpec> = listeners(s, "")
-        .into_iter()
-        .filter(|l| lb.is_none_or(|b| b.listeners.iter().all(|(_, h)| h.port != l.port)))
-        .collect();
-    for l in &missing {
-        c.field(format!("listener {}", l.port), None, Some(l.to_string()));
-    }
     let instance_group = group_id(refs, SECURITY_GROUP, &r.id.name, Some(INSTANCES));
     c.op(Op::Build(Box::new(Build {
         name: name.to_string(),
-        alb_subnets: s.alb.subnets.iter().map(|n| refs.render(n).value).collect(),
-        alb_group: group_id(refs, SECURITY_GROUP, &r.id.name, Some(ALB)),
-        port: i32::from(s.target_group.port),
         template: template.map(|t| (t.id.clone(), t.latest)),
         template_data: template_data(s, refs, ami, &instance_group),
         target_group,
-        balancer: lb.map(|b| b.arn.clone()),
         group: group.map(|g| (g.name.clone(), g.target_groups.clone())),
-        scheme: s.alb.scheme.clone(),
-        attributes: changed_attributes(s, lb),
-        listeners: missing,
         sizes,
         tags,
     })));
@@ -1390,8 +917,6 @@ fn build_change(
 // ---------------------------------------------------------------------------------------------
 // Reads
 
-/// The stack's Auto Scaling Groups, and the groups named in `adopt` that are not yet its,
-/// each with its latest instance refresh.
 /// The stack's Auto Scaling Groups and those its tables adopt, read once per observation for
 /// the Grafana groups and their parts; `None` when there is no Grafana table and no group left,
 /// so a stack without Grafana groups reads nothing more of them.
@@ -1635,262 +1160,8 @@ async fn read_templates(
     Ok(())
 }
 
-/// Load balancers and target groups whose names start with the stack's or whose ARNs are in
-/// `adopt`, with their tags read in batches of 20; the stack's and the adopted load balancers'
-/// attributes and listeners.
-/// The stack's load balancers and target groups, and those its tables adopt, with their tags:
-/// read once per observation for the Grafana groups and their target group nodes.
-#[derive(Debug, Default)]
-pub(crate) struct ElbObjects {
-    pub balancers: Vec<ObservedBalancer>,
-    pub target_groups: Vec<ObservedTargetGroup>,
-}
-
-/// [`ElbObjects`], empty without a Grafana table or a group left (see [`stack_groups`]).
-pub(crate) async fn elb_objects(ctx: &Context, desired: &DesiredState) -> Result<Arc<ElbObjects>> {
-    if stack_groups(ctx, desired).await?.is_none() {
-        return Ok(Arc::default());
-    }
-    ctx.shared("elbv2:DescribeLoadBalancers", || list_elb(ctx, desired))
-        .await
-}
-
-async fn list_elb(ctx: &Context, desired: &DesiredState) -> Result<ElbObjects> {
-    let adopt: BTreeSet<String> = desired
-        .specs::<GrafanaSpec>(GRAFANA)
-        .flat_map(|(r, s)| {
-            let a = s.adopts(r);
-            [a.balancer, a.target_group]
-        })
-        .flatten()
-        .map(String::from)
-        .collect();
-    let prefix = format!("{}-", desired.stack_name());
-    let elb = &ctx.elb;
-    let mut balancers = Vec::new();
-    let mut pages = elb.describe_load_balancers().into_paginator().send();
-    while let Some(page) = pages.next().await {
-        let page = page.map_err(aws_error("elasticloadbalancing", "DescribeLoadBalancers"))?;
-        for b in page.load_balancers() {
-            let name = b.load_balancer_name().unwrap_or_default();
-            let arn = b.load_balancer_arn().unwrap_or_default();
-            if !name.starts_with(&prefix) && !adopt.contains(arn) {
-                continue;
-            }
-            balancers.push(ObservedBalancer {
-                arn: b.load_balancer_arn().unwrap_or_default().into(),
-                dns_name: b.dns_name().unwrap_or_default().into(),
-                scheme: b
-                    .scheme()
-                    .map(|s| s.as_str().to_string())
-                    .unwrap_or_default(),
-                subnets: b
-                    .availability_zones()
-                    .iter()
-                    .filter_map(|z| z.subnet_id().map(str::to_string))
-                    .collect(),
-                security_groups: b.security_groups().iter().cloned().collect(),
-                ..Default::default()
-            });
-        }
-    }
-    let mut target_groups = Vec::new();
-    let mut pages = elb.describe_target_groups().into_paginator().send();
-    while let Some(page) = pages.next().await {
-        let page = page.map_err(aws_error("elasticloadbalancing", "DescribeTargetGroups"))?;
-        for t in page.target_groups() {
-            let name = t.target_group_name().unwrap_or_default();
-            let arn = t.target_group_arn().unwrap_or_default();
-            if !name.starts_with(&prefix) && !adopt.contains(arn) {
-                continue;
-            }
-            target_groups.push(ObservedTargetGroup {
-                arn: t.target_group_arn().unwrap_or_default().into(),
-                port: t.port().unwrap_or_default(),
-                health: HealthCheck {
-                    path: t.health_check_path().unwrap_or_default().into(),
-                    interval: t.health_check_interval_seconds().unwrap_or_default(),
-                    timeout: t.health_check_timeout_seconds().unwrap_or_default(),
-                    healthy: t.healthy_threshold_count().unwrap_or_default(),
-                    unhealthy: t.unhealthy_threshold_count().unwrap_or_default(),
-                },
-                tags: Tags::new(),
-            });
-        }
-    }
-    let arns: Vec<String> = balancers
-        .iter()
-        .map(|b| b.arn.clone())
-        .chain(target_groups.iter().map(|t| t.arn.clone()))
-        .collect();
-    let mut all_tags = elb_tags_of(ctx, &arns).await?;
-    let stack = desired.stack_name();
-    let ours = |tags: &Tags| {
-        owner_id(tags, stack).is_some_and(|id| id.kind == GRAFANA || id.kind == TARGET_GROUP)
-    };
-    target_groups.retain_mut(|t| {
-        t.tags = all_tags.remove(&t.arn).unwrap_or_default();
-        ours(&t.tags) || adopt.contains(t.arn.as_str())
-    });
-    balancers.retain_mut(|b| {
-        b.tags = all_tags.remove(&b.arn).unwrap_or_default();
-        ours(&b.tags) || adopt.contains(b.arn.as_str())
-    });
-    Ok(ElbObjects {
-        balancers,
-        target_groups,
-    })
-}
-
-/// The stack's load balancers with their attributes, listeners and the listeners' tags.
-async fn observe_elb(ctx: &Context, desired: &DesiredState) -> Result<Vec<ObservedBalancer>> {
-    let elb = &ctx.elb;
-    let mut balancers = elb_objects(ctx, desired).await?.balancers.clone();
-    for b in &mut balancers {
-        let attrs = elb
-            .describe_load_balancer_attributes()
-            .load_balancer_arn(&b.arn)
-            .send()
-            .await
-            .map_err(aws_error(
-                "elasticloadbalancing",
-                "DescribeLoadBalancerAttributes",
-            ))?;
-        for a in attrs.attributes() {
-            match (a.key().unwrap_or_default(), a.value().unwrap_or_default()) {
-                ("idle_timeout.timeout_seconds", v) => {
-                    b.idle_timeout = v.parse().unwrap_or_default()
-                }
-                ("deletion_protection.enabled", v) => b.deletion_protection = v == "true",
-                _ => {}
-            }
-        }
-        let out = elb
-            .describe_listeners()
-            .load_balancer_arn(&b.arn)
-            .send()
-            .await
-            .map_err(aws_error("elasticloadbalancing", "DescribeListeners"))?;
-        for l in out.listeners() {
-            let action = l.default_actions().first();
-            let forward = match action.and_then(|a| a.r#type()) {
-                Some(ActionTypeEnum::Forward) => Forward::To(
-                    action
-                        .and_then(|a| a.target_group_arn())
-                        .unwrap_or_default()
-                        .into(),
-                ),
-                Some(ActionTypeEnum::Redirect) => {
-                    let r = action.and_then(|a| a.redirect_config());
-                    let https = r.is_some_and(|r| {
-                        r.protocol() == Some("HTTPS")
-                            && r.port() == Some("443")
-                            && r.status_code() == Some(&RedirectActionStatusCodeEnum::Http301)
-                    });
-                    if https {
-                        Forward::RedirectToHttps
-                    } else {
-                        Forward::Other("redirect elsewhere".into())
-                    }
-                }
-                other => Forward::Other(other.map_or("no action", |t| t.as_str()).to_string()),
-            };
-            let https = l.protocol() == Some(&ProtocolEnum::Https);
-            b.listeners.push((
-                l.listener_arn().unwrap_or_default().into(),
-                ListenerSpec {
-                    port: l.port().unwrap_or_default(),
-                    protocol: l
-                        .protocol()
-                        .map(|p| p.as_str().to_string())
-                        .unwrap_or_default(),
-                    certificate: l
-                        .certificates()
-                        .first()
-                        .and_then(|c| c.certificate_arn())
-                        .map(str::to_string),
-                    ssl_policy: l.ssl_policy().filter(|_| https).map(str::to_string),
-                    action: forward,
-                },
-            ));
-        }
-    }
-    let listeners: Vec<String> = balancers
-        .iter()
-        .flat_map(|b| b.listeners.iter().map(|(arn, _)| arn.clone()))
-        .collect();
-    let mut listener_tags = elb_tags_of(ctx, &listeners).await?;
-    for b in &mut balancers {
-        for (arn, _) in &b.listeners {
-            if let Some(tags) = listener_tags.remove(arn) {
-                b.listener_tags.insert(arn.clone(), tags);
-            }
-        }
-    }
-    Ok(balancers)
-}
-
-/// The tags of these load balancing objects, read 20 at a time (`DescribeTags`' limit).
-async fn elb_tags_of(ctx: &Context, arns: &[String]) -> Result<BTreeMap<String, Tags>> {
-    let mut all = BTreeMap::new();
-    for batch in arns.chunks(20) {
-        let out = ctx
-            .elb
-            .describe_tags()
-            .set_resource_arns(Some(batch.to_vec()))
-            .send()
-            .await
-            .map_err(aws_error("elasticloadbalancing", "DescribeTags"))?;
-        for d in out.tag_descriptions() {
-            all.insert(
-                d.resource_arn().unwrap_or_default().into(),
-                d.tags()
-                    .iter()
-                    .map(|t| {
-                        (
-                            t.key().unwrap_or_default().to_string(),
-                            t.value().unwrap_or_default().to_string(),
-                        )
-                    })
-                    .collect(),
-            );
-        }
-    }
-    Ok(all)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Writes
-
-/// Sets tags on a load balancing object (`AddTags` adds and overwrites).
-pub(super) async fn set_elb_tags(ctx: &Context, arn: &str, tags: &Tags) -> Result<()> {
-    ctx.elb
-        .add_tags()
-        .resource_arns(arn)
-        .set_tags(Some(elb_tags(tags)))
-        .send()
-        .await
-        .map_err(aws_error("elasticloadbalancing", "AddTags"))?;
-    Ok(())
-}
-
-/// Removes tags from a load balancing object.
-pub(super) async fn remove_elb_tags(ctx: &Context, arn: &str, keys: &[String]) -> Result<()> {
-    ctx.elb
-        .remove_tags()
-        .resource_arns(arn)
-        .set_tag_keys(Some(keys.to_vec()))
-        .send()
-        .await
-        .map_err(aws_error("elasticloadbalancing", "RemoveTags"))?;
-    Ok(())
-}
-
-pub(super) fn elb_tags(tags: &Tags) -> Vec<ElbTag> {
-    tags.iter()
-        .map(|(k, v)| ElbTag::builder().key(k).value(v).build())
-        .collect()
-}
 
 fn asg_tags(group: &str, tags: &Tags) -> Vec<AsgTag> {
     tags.iter()
@@ -1905,73 +1176,6 @@ fn asg_tags(group: &str, tags: &Tags) -> Vec<AsgTag> {
                 .build()
         })
         .collect()
-}
-
-fn elb_action(f: &Forward) -> ElbAction {
-    match f {
-        Forward::To(tg) => ElbAction::builder()
-            .r#type(ActionTypeEnum::Forward)
-            .target_group_arn(tg)
-            .build(),
-        Forward::RedirectToHttps | Forward::Other(_) => ElbAction::builder()
-            .r#type(ActionTypeEnum::Redirect)
-            .redirect_config(
-                RedirectActionConfig::builder()
-                    .protocol("HTTPS")
-                    .port("443")
-                    .status_code(RedirectActionStatusCodeEnum::Http301)
-                    .build(),
-            )
-            .build(),
-    }
-}
-
-async fn create_listener(
-    ctx: &Context,
-    balancer: &str,
-    l: &ListenerSpec,
-    tags: &Tags,
-) -> Result<()> {
-    ctx.elb
-        .create_listener()
-        .load_balancer_arn(balancer)
-        .port(l.port)
-        .protocol(ProtocolEnum::from(l.protocol.as_str()))
-        .set_ssl_policy(l.ssl_policy.clone())
-        .set_certificates(
-            l.certificate
-                .as_ref()
-                .map(|c| vec![Certificate::builder().certificate_arn(c).build()]),
-        )
-        .default_actions(elb_action(&l.action))
-        .set_tags(Some(elb_tags(tags)))
-        .send()
-        .await
-        .map_err(aws_error("elasticloadbalancing", "CreateListener"))?;
-    Ok(())
-}
-
-async fn set_attributes(
-    ctx: &Context,
-    balancer: &str,
-    attributes: &[(String, String)],
-) -> Result<()> {
-    ctx.elb
-        .modify_load_balancer_attributes()
-        .load_balancer_arn(balancer)
-        .set_attributes(Some(
-            attributes
-                .iter()
-                .map(|(k, v)| LoadBalancerAttribute::builder().key(k).value(v).build())
-                .collect(),
-        ))
-        .send()
-        .await
-        .map_err(aws_error(
-            "elasticloadbalancing",
-            "ModifyLoadBalancerAttributes",
-        ))?;
-    Ok(())
 }
 
 fn request_data(d: &TemplateData) -> RequestLaunchTemplateData {
@@ -2102,11 +1306,11 @@ async fn roll(ctx: &Context, r: &Roll) -> Result<()> {
     Ok(())
 }
 
-/// Creates what is missing, in order: launch template, load balancer with its attributes and
-/// listeners, the group (the security groups and the target group are nodes of their own,
-/// made before; the provisioning, made after, reaches the instances once they run).
+/// Creates what is missing, in order: the launch template, then the group (the security groups
+/// and the target group are nodes of their own, made before; the provisioning, made after,
+/// reaches the instances once they run).
 async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
-    let (ec2, elb) = (&ctx.ec2, &ctx.elb);
+    let ec2 = &ctx.ec2;
     let data = &b.template_data;
     let (template, version) = match &b.template {
         Some((t, latest)) => (t.clone(), latest.to_string()),
@@ -2131,38 +1335,6 @@ async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
         }
     };
     let target_group = b.target_group.clone();
-    let (balancer, dns) = match &b.balancer {
-        Some(arn) => (arn.clone(), None),
-        None => {
-            let out = elb
-                .create_load_balancer()
-                .name(&b.name)
-                .r#type(LoadBalancerTypeEnum::Application)
-                .scheme(LoadBalancerSchemeEnum::from(b.scheme.as_str()))
-                .set_subnets(Some(b.alb_subnets.clone()))
-                .security_groups(&b.alb_group)
-                .set_tags(Some(elb_tags(&b.tags)))
-                .send()
-                .await
-                .map_err(aws_error("elasticloadbalancing", "CreateLoadBalancer"))?;
-            let lb = out.load_balancers().first();
-            let arn = lb
-                .and_then(|l| l.load_balancer_arn())
-                .unwrap_or_default()
-                .to_string();
-            (arn, lb.and_then(|l| l.dns_name()).map(str::to_string))
-        }
-    };
-    if !b.attributes.is_empty() {
-        set_attributes(ctx, &balancer, &b.attributes).await?;
-    }
-    for l in &b.listeners {
-        let mut l = l.clone();
-        if let Forward::To(_) = l.action {
-            l.action = Forward::To(target_group.clone());
-        }
-        create_listener(ctx, &balancer, &l, &b.tags).await?;
-    }
     let spec = LaunchTemplateSpecification::builder()
         .launch_template_id(&template)
         .version(&version)
@@ -2197,15 +1369,7 @@ async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
                 .await
                 .map_err(aws_error("autoscaling", "CreateOrUpdateTags"))?;
         }
-        let mut out = Outputs::from([
-            ("asg_name".into(), group.clone()),
-            ("alb_arn".into(), balancer),
-            ("target_group_arn".into(), target_group),
-        ]);
-        if let Some(dns) = dns {
-            out.insert("alb_dns_name".into(), dns);
-        }
-        return Ok(out);
+        return Ok(Outputs::from([("asg_name".into(), group.clone())]));
     }
     let mut group_tags = b.tags.clone();
     group_tags.insert(TAG_VERSION.into(), version.clone());
@@ -2225,15 +1389,7 @@ async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
         .await
         .map_err(aws_error("autoscaling", "CreateAutoScalingGroup"))?;
     tracing::info!(group = %b.name, "auto scaling group created");
-    let mut out = Outputs::from([
-        ("asg_name".into(), b.name.clone()),
-        ("alb_arn".into(), balancer),
-        ("target_group_arn".into(), target_group),
-    ]);
-    if let Some(dns) = dns {
-        out.insert("alb_dns_name".into(), dns);
-    }
-    Ok(out)
+    Ok(Outputs::from([("asg_name".into(), b.name.clone())]))
 }
 
 async fn attach_target_group(ctx: &Context, group: &str, target_group: &str) -> Result<()> {
@@ -2291,7 +1447,6 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
 
     struct World {
         template: ObservedTemplate,
-        lb: ObservedBalancer,
         group: ObservedAsg,
     }
 
@@ -2305,7 +1460,6 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
                     data: template_data(s, &Refs::default(), "ami-1".into(), "sg-i"),
                     ..Default::default()
                 },
-                lb: ObservedBalancer::default(),
                 group: ObservedAsg {
                     name: "g".into(),
                     template: Some(("lt-1".into(), "2".into())),
@@ -2317,11 +1471,9 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
 
         fn rollout(&self, s: &GrafanaSpec) -> Vec<Op> {
             let live = Live {
-                alb_sg: "sg-a".into(),
                 inst_sg: "sg-i".into(),
                 template: &self.template,
                 tg: "arn:tg",
-                lb: &self.lb,
                 group: &self.group,
             };
             let mut c = Change::new(ResourceId::new(GRAFANA, "main"), Action::Update, "grafana");

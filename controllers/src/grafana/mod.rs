@@ -3,7 +3,10 @@
 //! `provisioning.rs` and the node that pushes it in `provision.rs`, the group's controller in
 //! `controller.rs`.
 
+pub mod balancer;
 mod controller;
+mod elb;
+pub mod listener;
 pub mod provision;
 pub mod provisioning;
 pub mod target_group;
@@ -34,6 +37,8 @@ static GRAFANA_KIND: KindDef = KindDef {
         schema: schema::<GrafanaSpec>,
     },
     attribute_parts: &[
+        ("alb_dns_name", Kind::new(&BALANCER_KIND), None, "dns_name"),
+        ("alb_arn", Kind::new(&BALANCER_KIND), None, "arn"),
         (
             "security_group_id",
             Kind::new(&SECURITY_GROUP_KIND),
@@ -50,8 +55,7 @@ static GRAFANA_KIND: KindDef = KindDef {
     whole: None,
     controller: || Box::new(GrafanaController),
 };
-/// `[grafana.<name>]`: the group's launch template, load balancer, listeners and Auto Scaling
-/// Group.
+/// `[grafana.<name>]`: the group's launch template and Auto Scaling Group.
 pub const GRAFANA: Kind = Kind::new(&GRAFANA_KIND);
 
 static SECURITY_GROUP_KIND: KindDef = KindDef {
@@ -111,6 +115,36 @@ static TARGET_GROUP_KIND: KindDef = KindDef {
 };
 /// The target group of a Grafana group.
 pub const TARGET_GROUP: Kind = Kind::new(&TARGET_GROUP_KIND);
+
+static BALANCER_KIND: KindDef = KindDef {
+    path: "grafana.alb",
+    attributes: &["arn", "dns_name"],
+    form: Form::Part {
+        of: Kind::new(&GRAFANA_KIND),
+        word: "alb",
+        keyed: false,
+    },
+    attribute_parts: &[],
+    whole: None,
+    controller: || Box::new(Managed(balancer::LoadBalancer)),
+};
+/// The Application Load Balancer of a Grafana group.
+pub const BALANCER: Kind = Kind::new(&BALANCER_KIND);
+
+static LISTENER_KIND: KindDef = KindDef {
+    path: "grafana.listener",
+    attributes: &["arn"],
+    form: Form::Part {
+        of: Kind::new(&GRAFANA_KIND),
+        word: "listener",
+        keyed: true,
+    },
+    attribute_parts: &[],
+    whole: None,
+    controller: || Box::new(Managed(listener::Listener)),
+};
+/// A listener of a Grafana group's load balancer, keyed by its port.
+pub const LISTENER: Kind = Kind::new(&LISTENER_KIND);
 
 static PROVISIONING_KIND: KindDef = KindDef {
     path: "grafana.provisioning",
@@ -353,6 +387,33 @@ impl ProvisioningSpec {
     }
 }
 
+impl GrafanaSpec {
+    /// Its load balancer's listeners: with a certificate, HTTP 80 redirecting to HTTPS 443,
+    /// which forwards to the target group; without one, HTTP 80 forwarding.
+    fn listener_parts(&self) -> Vec<listener::ListenerPart> {
+        let http = |redirect| listener::ListenerPart {
+            port: 80,
+            protocol: "HTTP".into(),
+            certificate: None,
+            ssl_policy: None,
+            redirect,
+        };
+        match &self.alb.certificate_arn {
+            Some(cert) => vec![
+                http(true),
+                listener::ListenerPart {
+                    port: 443,
+                    protocol: "HTTPS".into(),
+                    certificate: Some(cert.clone()),
+                    ssl_policy: Some(self.alb.ssl_policy.clone()),
+                    redirect: false,
+                },
+            ],
+            None => vec![http(false)],
+        }
+    }
+}
+
 impl KindSpec for GrafanaSpec {
     fn warnings(&self) -> Vec<String> {
         if self.alb.certificate_arn.is_some() {
@@ -446,8 +507,56 @@ impl KindSpec for GrafanaSpec {
                 .chain([table.id.clone()])
                 .collect(),
         };
-        // The group references what its own values name: its template's, its load
-        // balancer's, and its parts'.
+        let node = |id: ResourceId, adopt: Option<String>, spec: Spec, depends_on| Resource {
+            id,
+            origin: table.origin.clone(),
+            adopt,
+            observe_only: table.observe_only,
+            spec,
+            depends_on,
+        };
+        let tags = self
+            .tags
+            .as_ref()
+            .map(|t| t.get_ref().clone())
+            .unwrap_or_default();
+        let balancer = node(
+            ResourceId::part(BALANCER, table.id.name.clone(), None),
+            self.alb.adopt.clone(),
+            Spec::new(balancer::BalancerPart {
+                scheme: self.alb.scheme.clone(),
+                subnets: self.alb.subnets.clone(),
+                idle_timeout: controller::seconds(&self.alb.idle_timeout, 60),
+                deletion_protection: self.alb.deletion_protection,
+                tags: tags.clone(),
+            }),
+            self.alb
+                .subnets
+                .iter()
+                .flat_map(|s| references_in(s))
+                .chain([alb_group.id.clone()])
+                .collect(),
+        );
+        let listeners = self.listener_parts().into_iter().map(|l| {
+            let mut deps: BTreeSet<ResourceId> = l
+                .certificate
+                .iter()
+                .flat_map(|c| references_in(c))
+                .chain([balancer.id.clone()])
+                .collect();
+            if !l.redirect {
+                deps.insert(target_group.id.clone());
+            }
+            node(
+                ResourceId::part(LISTENER, table.id.name.clone(), Some(l.port.to_string())),
+                None,
+                Spec::new(l),
+                deps,
+            )
+        });
+        let listeners: Vec<Resource> = listeners.collect();
+        // The group references what its own values name (its template's and its own) and its
+        // instances' security group and target group.
         let mut own: BTreeSet<ResourceId> = [&self.ami, &self.instance_type]
             .into_iter()
             .chain(&self.subnets)
@@ -455,28 +564,21 @@ impl KindSpec for GrafanaSpec {
             .chain(&self.key_name)
             .chain(&table.adopt)
             .chain(&self.launch_template.adopt)
-            .chain(&self.alb.adopt)
-            .chain(&self.alb.subnets)
-            .chain(&self.alb.certificate_arn)
-            .chain(self.tags.iter().flat_map(|t| t.get_ref().values()))
+            .chain(tags.values())
             .flat_map(|s| references_in(s))
             .collect();
-        own.extend([
-            alb_group.id.clone(),
-            instance_group.id.clone(),
-            target_group.id.clone(),
-        ]);
-        Some((
-            vec![
-                alb_group,
-                alb_ingress,
-                instance_group,
-                instance_ingress,
-                target_group,
-                provisioning,
-            ],
-            own,
-        ))
+        own.extend([instance_group.id.clone(), target_group.id.clone()]);
+        let mut nodes = vec![
+            alb_group,
+            alb_ingress,
+            instance_group,
+            instance_ingress,
+            target_group,
+            balancer,
+        ];
+        nodes.extend(listeners);
+        nodes.push(provisioning);
+        Some((nodes, own))
     }
 
     fn validate(&mut self, v: &mut Validator<'_>) {

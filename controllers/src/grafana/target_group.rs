@@ -17,10 +17,11 @@
 use async_trait::async_trait;
 use aws_sdk_elasticloadbalancingv2::types::{Matcher, ProtocolEnum, TargetTypeEnum};
 
-use super::controller::{
-    elb_objects, elb_tags, remove_elb_tags, set_elb_tags, HealthCheck, ObservedTargetGroup,
+use super::elb::{
+    adopted_or_owned, elb_name, elb_objects, elb_tags, remove_elb_tags, set_elb_tags, tagged_node,
+    HealthCheck, ObservedTargetGroup,
 };
-use super::{GRAFANA, TARGET_GROUP};
+use super::TARGET_GROUP;
 use crate::change::FieldChange;
 use crate::controller::Context;
 use crate::desired::{DesiredState, KindSpec, Resource};
@@ -29,7 +30,7 @@ use crate::error::{aws_error, Error, Result};
 use crate::kind::Kind;
 use crate::managed::{Describe, ManagedObject, Readiness};
 use crate::model::{Outputs, Refs, ResourceId};
-use crate::tags::{owner_id, Tags};
+use crate::tags::Tags;
 
 /// The target group node of a Grafana table.
 #[derive(Debug, Clone)]
@@ -89,7 +90,7 @@ impl ManagedObject for TargetGroup {
     ) -> Result<TargetGroupWant> {
         let part = node.spec.expect::<TargetGroupPart>();
         Ok(TargetGroupWant {
-            name: desired.default_name(&node.id.composite()),
+            name: elb_name(desired, &node.id)?,
             port: part.port,
             health: part.health.clone(),
             vpc: part.vpc.as_ref().map(|v| refs.render(v).value),
@@ -113,17 +114,9 @@ impl ManagedObject for TargetGroup {
         Some(&o.tags)
     }
 
-    /// Its node by its tags: its own address, or (made before target groups were nodes) its
-    /// table's.
+    /// Its node by its tags: its own address, or (made before it was a node) its table's.
     fn owner(&self, desired: &DesiredState, o: &ObservedTargetGroup) -> Option<ResourceId> {
-        let id = owner_id(&o.tags, desired.stack_name())?;
-        if id.kind == TARGET_GROUP {
-            Some(id)
-        } else if id.kind == GRAFANA {
-            Some(ResourceId::part(TARGET_GROUP, id.name, None))
-        } else {
-            None
-        }
+        tagged_node(desired, &o.tags, TARGET_GROUP)
     }
 
     fn find<'o>(
@@ -132,12 +125,7 @@ impl ManagedObject for TargetGroup {
         node: &Resource,
         observed: &'o [ObservedTargetGroup],
     ) -> Option<&'o ObservedTargetGroup> {
-        match &node.adopt {
-            Some(arn) => observed.iter().find(|o| &o.arn == arn),
-            None => observed
-                .iter()
-                .find(|o| self.owner(desired, o).as_ref() == Some(&node.id)),
-        }
+        adopted_or_owned(node, observed, |o| &o.arn, |o| self.owner(desired, o))
     }
 
     fn outputs(&self, o: &ObservedTargetGroup) -> Outputs {
@@ -172,7 +160,7 @@ impl ManagedObject for TargetGroup {
     }
 
     fn label(&self, want: &TargetGroupWant) -> String {
-        format!("target group {}", want.name)
+        want.name.clone()
     }
 
     async fn create(&self, ctx: &Context, want: &TargetGroupWant, tags: &Tags) -> Result<Outputs> {
@@ -258,7 +246,7 @@ mod tests {
     use crate::change::{Action, Change};
     use crate::controller::Controller;
     use crate::desired::Spec;
-    use crate::grafana::GrafanaSpec;
+    use crate::grafana::{GrafanaSpec, GRAFANA};
     use crate::managed::{Managed, Op};
     use crate::testing::{desired, owned_tags, resource};
 
