@@ -1616,6 +1616,78 @@ async fn an_emulator_can_front_a_moto_that_is_already_running() {
     assert_eq!(second.moto_endpoint(), first.emulator.moto_endpoint());
 }
 
+/// An Auto Scaling group launches from any version of its launch template, as on AWS: one
+/// made by `CreateLaunchTemplateVersion` with user data included (moto keeps that version's
+/// user data unparsed and answers 500 when the group scales out from it; the emulator's moto
+/// is corrected).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_scales_out_from_a_new_template_version_with_user_data() {
+    let aws = Aws::start();
+    let ec2 = aws.ec2().await;
+    let asg = aws.autoscaling().await;
+    let template = launch_template(&ec2, "grafana").await;
+    let id = template.launch_template_id().unwrap();
+    asg.create_auto_scaling_group()
+        .auto_scaling_group_name("grafana")
+        .launch_template(
+            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                .launch_template_id(id)
+                .version("$Latest")
+                .build(),
+        )
+        .min_size(1)
+        .max_size(3)
+        .desired_capacity(1)
+        .availability_zones("us-east-1a")
+        .send()
+        .await
+        .unwrap();
+    let version = ec2
+        .create_launch_template_version()
+        .launch_template_id(id)
+        .launch_template_data(
+            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                .image_id(AMI)
+                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+                .user_data("IyEvYmluL3NoCmVjaG8gaGVsbG8K")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        version.launch_template_version().unwrap().version_number(),
+        Some(2)
+    );
+    asg.update_auto_scaling_group()
+        .auto_scaling_group_name("grafana")
+        .desired_capacity(2)
+        .send()
+        .await
+        .unwrap();
+    let group = asg
+        .describe_auto_scaling_groups()
+        .auto_scaling_group_names("grafana")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(group.auto_scaling_groups()[0].instances().len(), 2);
+    let described = ec2
+        .describe_launch_template_versions()
+        .launch_template_id(id)
+        .versions("2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        described.launch_template_versions()[0]
+            .launch_template_data()
+            .unwrap()
+            .user_data(),
+        Some("IyEvYmluL3NoCmVjaG8gaGVsbG8K")
+    );
+}
+
 /// Where moto is lax, AWS's answers: a second CreateAutoScalingGroup of a name is
 /// `AlreadyExists` (moto replaces the group, instances and all), and the group is untouched.
 #[tokio::test(flavor = "multi_thread")]

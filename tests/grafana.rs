@@ -530,6 +530,16 @@ async fn grafana_from_empty_then_drift_corrected_and_a_template_change_rolled_ou
 
     // A launch template change: one new version, one instance refresh, tracked across passes.
     edit(s.dir.path(), "grafana.toml", "t3.small", "t3.medium");
+    let plan = s.run(&["plan"]);
+    plan.expect(2);
+    for line in [
+        "~ grafana.main.launch_template",
+        "instance_type: t3.small → t3.medium",
+        "version: 1 → 2",
+        "the group is pinned to version 2 and one rolling instance refresh replaces its instances",
+    ] {
+        assert!(plan.stdout.contains(line), "{line} in\n{}", plan.stdout);
+    }
     let run = s.run(&["reconcile", "--once"]);
     run.expect(0);
     assert_eq!(
@@ -1118,11 +1128,14 @@ async fn a_grafana_group_made_by_terraform_is_taken_over_without_recreating_anyt
 
     let plan = s.run(&["plan"]);
     plan.expect(2);
-    assert!(
-        plan.stdout.contains("taking over the objects it adopts"),
-        "{}",
-        plan.stdout
-    );
+    for note in [
+        "taking over the group it adopts",
+        "adopting existing launch template",
+        "adopting existing load balancer",
+        "adopting existing target group",
+    ] {
+        assert!(plan.stdout.contains(note), "{note} in\n{}", plan.stdout);
+    }
     let run = s.run(&["reconcile", "--once"]);
     run.expect(0);
     for (operation, n) in [

@@ -870,7 +870,7 @@ impl ManagedObject for Workspace {
         ctx: &Context,
         have: &ObservedWorkspace,
         change: &SettingsUpdate,
-    ) -> Result<()> {
+    ) -> Result<Option<Outputs>> {
         let s = &change.settings;
         ctx.grafana
             .update_workspace()
@@ -889,7 +889,7 @@ impl ManagedObject for Workspace {
             .send()
             .await
             .map_err(aws_error("grafana", "UpdateWorkspace"))?;
-        Ok(())
+        Ok(None)
     }
 
     async fn tag(&self, ctx: &Context, have: &ObservedWorkspace, set: &Tags) -> Result<()> {
@@ -1116,8 +1116,9 @@ impl ManagedObject for Permissions {
         ctx: &Context,
         have: &ObservedPermissions,
         change: &PermissionsUpdate,
-    ) -> Result<()> {
-        update_permissions(ctx, &have.workspace.id, &change.batch).await
+    ) -> Result<Option<Outputs>> {
+        update_permissions(ctx, &have.workspace.id, &change.batch).await?;
+        Ok(None)
     }
 
     async fn delete(&self, _ctx: &Context, _have: &ObservedPermissions) -> Result<()> {

@@ -628,7 +628,7 @@ impl ManagedObject for Workspace {
         ctx: &Context,
         have: &ObservedWorkspace,
         change: &WorkspaceUpdate,
-    ) -> Result<()> {
+    ) -> Result<Option<Outputs>> {
         match change {
             WorkspaceUpdate::Alias { to, .. } => {
                 ctx.amp
@@ -640,7 +640,7 @@ impl ManagedObject for Workspace {
                     .map_err(aws_error("aps", "UpdateWorkspaceAlias"))?;
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     async fn tag(&self, ctx: &Context, have: &ObservedWorkspace, set: &Tags) -> Result<()> {
@@ -844,7 +844,7 @@ impl ManagedObject for RuleGroups {
         ctx: &Context,
         have: &ObservedNamespace,
         change: &RuleGroupsUpdate,
-    ) -> Result<()> {
+    ) -> Result<Option<Outputs>> {
         let RuleGroupsUpdate::Data { to, .. } = change;
         ctx.amp
             .put_rule_groups_namespace()
@@ -854,7 +854,7 @@ impl ManagedObject for RuleGroups {
             .send()
             .await
             .map_err(aws_error("aps", "PutRuleGroupsNamespace"))?;
-        Ok(())
+        Ok(None)
     }
 
     async fn tag(&self, ctx: &Context, have: &ObservedNamespace, set: &Tags) -> Result<()> {
@@ -1062,7 +1062,7 @@ impl ManagedObject for Alertmanager {
         ctx: &Context,
         have: &ObservedDefinition,
         change: &AlertmanagerUpdate,
-    ) -> Result<()> {
+    ) -> Result<Option<Outputs>> {
         match change {
             AlertmanagerUpdate::Put { to, .. } => {
                 ctx.amp
@@ -1072,10 +1072,11 @@ impl ManagedObject for Alertmanager {
                     .send()
                     .await
                     .map_err(aws_error("aps", "PutAlertManagerDefinition"))?;
-                record(ctx, &have.workspace.arn, to).await
+                record(ctx, &have.workspace.arn, to).await?
             }
-            AlertmanagerUpdate::Record { data } => record(ctx, &have.workspace.arn, data).await,
+            AlertmanagerUpdate::Record { data } => record(ctx, &have.workspace.arn, data).await?,
         }
+        Ok(None)
     }
 
     async fn delete(&self, ctx: &Context, have: &ObservedDefinition) -> Result<()> {
@@ -1284,7 +1285,7 @@ impl ManagedObject for Logging {
         ctx: &Context,
         have: &ObservedLogging,
         change: &LoggingUpdate,
-    ) -> Result<()> {
+    ) -> Result<Option<Outputs>> {
         let LoggingUpdate::LogGroup { to, .. } = change;
         ctx.amp
             .update_logging_configuration()
@@ -1293,7 +1294,7 @@ impl ManagedObject for Logging {
             .send()
             .await
             .map_err(aws_error("aps", "UpdateLoggingConfiguration"))?;
-        Ok(())
+        Ok(None)
     }
 
     async fn delete(&self, ctx: &Context, have: &ObservedLogging) -> Result<()> {

@@ -884,7 +884,12 @@ impl ManagedObject for Role {
         ]))
     }
 
-    async fn update(&self, ctx: &Context, have: &ObservedRole, change: &RoleUpdate) -> Result<()> {
+    async fn update(
+        &self,
+        ctx: &Context,
+        have: &ObservedRole,
+        change: &RoleUpdate,
+    ) -> Result<Option<Outputs>> {
         let iam = &ctx.iam;
         let role = have.name.as_str();
         match change {
@@ -930,7 +935,7 @@ impl ManagedObject for Role {
             )?,
             RoleUpdate::LeaveProfile(profile) => remove_from_profile(ctx, profile, role).await?,
         }
-        Ok(())
+        Ok(None)
     }
 
     async fn tag(&self, ctx: &Context, have: &ObservedRole, set: &Tags) -> Result<()> {
@@ -1230,7 +1235,7 @@ impl ManagedObject for Policy {
         ctx: &Context,
         have: &ObservedPolicy,
         change: &PolicyUpdate,
-    ) -> Result<()> {
+    ) -> Result<Option<Outputs>> {
         match change {
             PolicyUpdate::Document {
                 to, making_room, ..
@@ -1249,7 +1254,7 @@ impl ManagedObject for Policy {
             }
             PolicyUpdate::DeleteVersion(v) => Policy::delete_version(ctx, &have.arn, v).await?,
         }
-        Ok(())
+        Ok(None)
     }
 
     async fn tag(&self, ctx: &Context, have: &ObservedPolicy, set: &Tags) -> Result<()> {
@@ -1480,7 +1485,7 @@ impl ManagedObject for InstanceProfile {
         ctx: &Context,
         have: &ObservedProfile,
         change: &ProfileUpdate,
-    ) -> Result<()> {
+    ) -> Result<Option<Outputs>> {
         let (from, to) = match change {
             ProfileUpdate::Role { from, to } => (from, Some(to)),
             ProfileUpdate::Empty(from) => (from, None),
@@ -1491,7 +1496,7 @@ impl ManagedObject for InstanceProfile {
         if let Some(role) = to.filter(|r| !from.contains(r)) {
             add_to_profile(ctx, &have.name, role).await?;
         }
-        Ok(())
+        Ok(None)
     }
 
     async fn tag(&self, ctx: &Context, have: &ObservedProfile, set: &Tags) -> Result<()> {

@@ -64,6 +64,7 @@ pub static KINDS: &[Kind] = &[
     grafana::TARGET_GROUP,
     grafana::BALANCER,
     grafana::LISTENER,
+    grafana::LAUNCH_TEMPLATE,
     grafana::GRAFANA,
     grafana::PROVISIONING,
     host_config::HOST_CONFIG,

@@ -184,12 +184,14 @@ pub trait ManagedObject: Send + Sync + 'static {
     /// Creates the object with its tags in the same call. Returns its attributes.
     async fn create(&self, ctx: &Context, want: &Self::Desired, tags: &Tags) -> Result<Outputs>;
 
+    /// Applies one in-place change. Returns the attributes it changed, if any (a launch
+    /// template's new latest version), for what uses them in the same pass.
     async fn update(
         &self,
         ctx: &Context,
         have: &Self::Observed,
         change: &Self::Update,
-    ) -> Result<()>;
+    ) -> Result<Option<Outputs>>;
 
     async fn tag(&self, _ctx: &Context, _have: &Self::Observed, _set: &Tags) -> Result<()> {
         Ok(())
@@ -538,7 +540,7 @@ impl<K: ManagedObject> Controller for Managed<K> {
                 tracing::info!(object = K::NOUN, "created");
                 return Ok(Some(outputs));
             }
-            Op::Update { have, change } => self.0.update(ctx, have, change).await?,
+            Op::Update { have, change } => return self.0.update(ctx, have, change).await,
             Op::Tag { have, set } => self.0.tag(ctx, have, set).await?,
             Op::Untag { have, keys } => self.0.untag(ctx, have, keys).await?,
             Op::Delete { have } => {

@@ -506,7 +506,12 @@ impl<T: Table> ManagedObject for SecurityGroup<T> {
         ]))
     }
 
-    async fn update(&self, _: &Context, _: &ObservedGroup, change: &GroupUpdate) -> Result<()> {
+    async fn update(
+        &self,
+        _: &Context,
+        _: &ObservedGroup,
+        change: &GroupUpdate,
+    ) -> Result<Option<Outputs>> {
         match *change {}
     }
 
@@ -684,9 +689,15 @@ impl<T: Table> ManagedObject for Ingress<T> {
         Ok(Outputs::new())
     }
 
-    async fn update(&self, ctx: &Context, have: &ObservedGroup, c: &IngressUpdate) -> Result<()> {
+    async fn update(
+        &self,
+        ctx: &Context,
+        have: &ObservedGroup,
+        c: &IngressUpdate,
+    ) -> Result<Option<Outputs>> {
         revoke(ctx, &have.id, c.from.difference(&c.to).cloned().collect()).await?;
-        authorize(ctx, &have.id, c.to.difference(&c.from).cloned().collect()).await
+        authorize(ctx, &have.id, c.to.difference(&c.from).cloned().collect()).await?;
+        Ok(None)
     }
 
     /// Revokes every rule, so the groups they name can be deleted.
@@ -827,14 +838,19 @@ provisioning = { prometheus_url = "http://${host.prom.private_ip}:9090" }
             deps("host.prom"),
             BTreeSet::from(["host.prom.security_group".to_string()])
         );
-        // The group needs its instances' security group and its target group; its load
-        // balancer, its own security group; its provisioning, the host it names.
+        // The group needs its template and its target group; its template, the instances'
+        // security group; its load balancer, its own security group; its provisioning, the
+        // host it names.
         assert_eq!(
             deps("grafana.main"),
             BTreeSet::from([
-                "grafana.main.security_group.instances".to_string(),
+                "grafana.main.launch_template".to_string(),
                 "grafana.main.target_group".to_string()
             ])
+        );
+        assert_eq!(
+            deps("grafana.main.launch_template"),
+            BTreeSet::from(["grafana.main.security_group.instances".to_string()])
         );
         assert_eq!(
             deps("grafana.main.alb"),
@@ -846,7 +862,7 @@ provisioning = { prometheus_url = "http://${host.prom.private_ip}:9090" }
         );
         // Every node comes after what it references: no loop.
         let order: Vec<String> = d.apply_order().iter().map(|i| i.to_string()).collect();
-        assert_eq!(order.len(), 12, "{order:?}");
+        assert_eq!(order.len(), 13, "{order:?}");
         for (i, node) in order.iter().enumerate() {
             for dep in deps(node) {
                 let at = order.iter().position(|o| *o == dep).unwrap();

@@ -22,10 +22,9 @@ use aws_sdk_elasticloadbalancingv2::types::{
 };
 
 use super::elb::{
-    adopted_or_owned, elb_name, elb_objects, elb_tags, remove_elb_tags, set_elb_tags, tagged_node,
-    ObservedBalancer,
+    elb_name, elb_objects, elb_tags, remove_elb_tags, set_elb_tags, ObservedBalancer,
 };
-use super::{ALB, BALANCER, SECURITY_GROUP};
+use super::{adopted_or_owned, tagged_node, ALB, BALANCER, SECURITY_GROUP};
 use crate::change::FieldChange;
 use crate::controller::Context;
 use crate::desired::{DesiredState, KindSpec, Resource};
@@ -304,7 +303,7 @@ impl ManagedObject for LoadBalancer {
         ctx: &Context,
         have: &ObservedBalancer,
         change: &BalancerUpdate,
-    ) -> Result<()> {
+    ) -> Result<Option<Outputs>> {
         let elb = &ctx.elb;
         match change {
             BalancerUpdate::SecurityGroups { to, .. } => {
@@ -325,7 +324,7 @@ impl ManagedObject for LoadBalancer {
             }
             BalancerUpdate::Attributes { to, .. } => set_attributes(ctx, &have.arn, to).await?,
         }
-        Ok(())
+        Ok(None)
     }
 
     async fn tag(&self, ctx: &Context, have: &ObservedBalancer, set: &Tags) -> Result<()> {

@@ -13,7 +13,7 @@
 //!   way is waited for, never doubled: a pass during a refresh starts nothing.
 //! - `desired_capacity` is enforced only when given; otherwise scaling policies own it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -21,58 +21,23 @@ use aws_sdk_autoscaling::types::{
     DesiredConfiguration, Filter as AsgFilter, LaunchTemplateSpecification, RefreshPreferences,
     RefreshStrategy, Tag as AsgTag,
 };
-use aws_sdk_ec2::types::{
-    Filter, InstanceType, LaunchTemplateBlockDeviceMappingRequest,
-    LaunchTemplateEbsBlockDeviceRequest, LaunchTemplateHttpTokensState,
-    LaunchTemplateIamInstanceProfileSpecificationRequest,
-    LaunchTemplateInstanceMetadataEndpointState, LaunchTemplateInstanceMetadataOptionsRequest,
-    RequestLaunchTemplateData, ResourceType, VolumeType,
-};
-use base64::Engine as _;
 
 use super::elb::HealthCheck;
-use super::{GrafanaSpec, INSTANCES};
-use super::{GRAFANA, SECURITY_GROUP, TARGET_GROUP};
+use super::GrafanaSpec;
+use super::{GRAFANA, LAUNCH_TEMPLATE, TARGET_GROUP};
 use crate::change::{removal, Action, Change};
 use crate::controller::{Context, Controller};
 use crate::desired::{parse_duration, DesiredState, Resource, TAG_STACK};
-use crate::ec2::{resolve_ami, tag_map, tag_spec};
 use crate::error::{aws_error, Error, Result};
 use crate::managed::is_gone;
 use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
-use crate::security_group::group_id;
 use crate::tags::{self, owner_id, Tags};
 
 /// Auto Scaling Group tag: the launch template version its instances were refreshed to.
 const TAG_VERSION: &str = "stackwarden:template-version";
-/// Where the root volume of the AMIs stackwarden expects (Amazon Linux) is.
-const ROOT_DEVICE: &str = "/dev/xvda";
 
 // ---------------------------------------------------------------------------------------------
 // Observed state
-
-/// What a launch template version says, as far as stackwarden sets it.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct TemplateData {
-    pub ami: String,
-    pub instance_type: String,
-    pub security_groups: Vec<String>,
-    pub instance_profile: Option<String>,
-    /// Base64, as the API carries it.
-    pub user_data: Option<String>,
-    pub key_name: Option<String>,
-    pub imdsv2: bool,
-    /// Size, encrypted.
-    pub root: Option<(i32, bool)>,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct ObservedTemplate {
-    pub id: String,
-    pub latest: i64,
-    pub data: TemplateData,
-    pub tags: Tags,
-}
 
 #[derive(Debug, Clone, Default)]
 pub struct ObservedGroupRefresh {
@@ -102,65 +67,19 @@ pub struct ObservedAsg {
 
 #[derive(Debug, Default)]
 pub struct Observed {
-    pub templates: Vec<ObservedTemplate>,
     pub groups: Vec<ObservedAsg>,
-    /// `resolve:ssm:` AMIs, resolved.
-    pub amis: BTreeMap<String, std::result::Result<String, Error>>,
-}
-
-fn owned(tags: &Tags, desired: &DesiredState, id: &ResourceId) -> bool {
-    tags::owned_by(tags, desired.stack_name(), id)
-}
-
-/// The objects of one Grafana group that exist: each the one its part adopts by id, or the one
-/// carrying the group's ownership tags.
-#[derive(Debug, Clone, Copy)]
-struct Parts<'o> {
-    template: Option<&'o ObservedTemplate>,
-    group: Option<&'o ObservedAsg>,
-}
-
-impl Parts<'_> {
-    fn any(&self) -> bool {
-        self.template.is_some() || self.group.is_some()
-    }
-}
-
-/// The object adopted as `id`, or else the one owned by `r`.
-fn pick<'o, O>(
-    objects: &'o [O],
-    adopt: Option<&str>,
-    id: impl Fn(&O) -> &str,
-    tags: impl Fn(&O) -> &Tags,
-    desired: &DesiredState,
-    r: &Resource,
-) -> Option<&'o O> {
-    match adopt {
-        Some(a) => objects.iter().find(|o| id(o) == a),
-        None => objects.iter().find(|o| owned(tags(o), desired, &r.id)),
-    }
 }
 
 impl Observed {
-    fn parts(&self, desired: &DesiredState, r: &Resource, s: &GrafanaSpec) -> Parts<'_> {
-        let adopts = s.adopts(r);
-        Parts {
-            template: pick(
-                &self.templates,
-                adopts.template,
-                |t| &t.id,
-                |t| &t.tags,
-                desired,
-                r,
-            ),
-            group: pick(
-                &self.groups,
-                adopts.group,
-                |g| &g.name,
-                |g| &g.tags,
-                desired,
-                r,
-            ),
+    /// The group a table manages: the one it adopts by name, or the one carrying its
+    /// ownership tags.
+    fn group(&self, desired: &DesiredState, r: &Resource) -> Option<&ObservedAsg> {
+        match &r.adopt {
+            Some(name) => self.groups.iter().find(|g| &g.name == name),
+            None => self
+                .groups
+                .iter()
+                .find(|g| tags::owned_by(&g.tags, desired.stack_name(), &r.id)),
         }
     }
 }
@@ -187,19 +106,15 @@ fn check_adopted(
 // ---------------------------------------------------------------------------------------------
 // Operations
 
-/// Everything missing of one resource, created in dependency order in one operation (each step
-/// needs the ids the earlier ones create). Objects that exist are named and kept.
+/// A new group, pinned to its template's latest version (recorded as the version its
+/// instances run), its target group attached.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Build {
+pub struct Create {
     pub name: String,
-    /// An existing template with its latest version.
-    pub template: Option<(String, i64)>,
-    pub template_data: TemplateData,
+    /// The template's id and latest version, from its node.
+    pub template: (String, String),
     /// The target group's ARN, from its node.
     pub target_group: String,
-    /// An existing Auto Scaling Group and the target groups attached to it: kept (AWS refuses a
-    /// second group of a name), the target group made here attached to it.
-    pub group: Option<(String, BTreeSet<String>)>,
     pub sizes: Sizes,
     pub tags: Tags,
 }
@@ -215,12 +130,7 @@ pub struct Sizes {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
-    Build(Box<Build>),
-    /// Tags a launch template (one being adopted).
-    TemplateTag {
-        template: String,
-        tags: Tags,
-    },
+    Create(Box<Create>),
     AsgTag {
         group: String,
         tags: Tags,
@@ -245,19 +155,15 @@ pub enum Op {
     DeleteGroup {
         group: String,
     },
-    DeleteTemplate {
-        template: String,
-    },
 }
 
-/// A new template version when `data` is given (else `version`), the group pointed at it
-/// (when `repin`), then the instance refresh as `refresh` says.
+/// The group pointed at a template version (when `repin`), then the instance refresh as
+/// `refresh` says.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Roll {
     pub group: String,
     pub template: String,
-    pub data: Option<TemplateData>,
-    pub version: i64,
+    pub version: String,
     pub repin: bool,
     pub min_healthy: i32,
     pub refresh: Refresh,
@@ -268,7 +174,9 @@ pub struct Roll {
 pub enum Refresh {
     /// Start a rolling instance refresh toward the version, then record the version.
     Start,
-    /// A refresh toward the version already ran (the record was not written): record it.
+    /// Record the version as the one the instances run, starting nothing: a refresh toward it
+    /// already ran (the record was not written), or the template was made anew from the
+    /// desired state and says what they run.
     Record,
     /// A refresh is under way: the next pass after it ends starts one.
     Later,
@@ -304,66 +212,6 @@ fn sizes(s: &GrafanaSpec, refs: &Refs) -> Sizes {
     }
 }
 
-fn template_data(s: &GrafanaSpec, refs: &Refs, ami: String, group: &str) -> TemplateData {
-    TemplateData {
-        ami,
-        instance_type: s.instance_type.clone(),
-        security_groups: vec![group.to_string()],
-        instance_profile: s.instance_profile.as_ref().map(|p| refs.render(p).value),
-        user_data: s
-            .loaded_user_data
-            .as_ref()
-            .map(|u| base64::engine::general_purpose::STANDARD.encode(u)),
-        key_name: s.key_name.clone(),
-        imdsv2: true,
-        root: Some((s.root_volume_size_gib, true)),
-    }
-}
-
-/// What differs between two template versions, by field name, for the plan.
-fn template_fields(
-    have: &TemplateData,
-    want: &TemplateData,
-) -> Vec<(&'static str, String, String)> {
-    let mut out = Vec::new();
-    let mut cmp = |name: &'static str, a: String, b: String| {
-        if a != b {
-            out.push((name, a, b));
-        }
-    };
-    cmp("ami", have.ami.clone(), want.ami.clone());
-    cmp(
-        "instance_type",
-        have.instance_type.clone(),
-        want.instance_type.clone(),
-    );
-    cmp(
-        "security_groups",
-        have.security_groups.join(","),
-        want.security_groups.join(","),
-    );
-    cmp(
-        "instance_profile",
-        have.instance_profile.clone().unwrap_or_default(),
-        want.instance_profile.clone().unwrap_or_default(),
-    );
-    if have.user_data != want.user_data {
-        cmp("user_data", "(changed)".into(), "(new)".into());
-    }
-    cmp(
-        "key_name",
-        have.key_name.clone().unwrap_or_default(),
-        want.key_name.clone().unwrap_or_default(),
-    );
-    cmp("imdsv2", have.imdsv2.to_string(), want.imdsv2.to_string());
-    let root = |r: &Option<(i32, bool)>| {
-        r.map(|(size, enc)| format!("{size} GiB{}", if enc { " encrypted" } else { "" }))
-            .unwrap_or_default()
-    };
-    cmp("root_volume", root(&have.root), root(&want.root));
-    out
-}
-
 // ---------------------------------------------------------------------------------------------
 // The controller
 
@@ -379,44 +227,18 @@ impl Controller for GrafanaController {
     }
 
     async fn observe(&self, ctx: &Context, desired: &DesiredState) -> Result<Observed> {
-        let stack = desired.stack_name();
-        let mut obs = Observed::default();
-        // What the groups adopt carries no tag of the stack until adopted: read by id too, and
-        // only then (a converged pass reads nothing more).
-        let adopts: Vec<super::Adopts> = desired
-            .specs::<GrafanaSpec>(GRAFANA)
-            .map(|(r, s)| s.adopts(r))
-            .collect();
-        let Some(groups) = stack_groups(ctx, desired).await? else {
-            // Nothing desired and no group left: no call for the rest.
-            return Ok(obs);
-        };
-        obs.groups = groups.as_ref().clone();
-        let stack_filter = Filter::builder()
-            .name(format!("tag:{TAG_STACK}"))
-            .values(stack)
-            .build();
-        obs.templates = observe_templates(
-            ctx,
-            stack_filter,
-            adopts.iter().filter_map(|a| a.template).collect(),
-        )
-        .await?;
-        for (_, s) in desired.specs::<GrafanaSpec>(GRAFANA) {
-            if s.ami.starts_with("resolve:ssm:") && !obs.amis.contains_key(&s.ami) {
-                obs.amis
-                    .insert(s.ami.clone(), resolve_ami(ctx, &s.ami).await);
-            }
-        }
-        Ok(obs)
+        // Nothing desired and no group left: nothing read.
+        let groups = stack_groups(ctx, desired).await?;
+        Ok(Observed {
+            groups: groups.map(|g| g.as_ref().clone()).unwrap_or_default(),
+        })
     }
 
     fn outputs(&self, desired: &DesiredState, obs: &Observed) -> Vec<(ResourceId, Outputs)> {
         desired
-            .specs::<GrafanaSpec>(GRAFANA)
-            .filter_map(|(r, s)| {
-                let parts = obs.parts(desired, r, s);
-                let group = parts.group?;
+            .of_kind(GRAFANA)
+            .filter_map(|r| {
+                let group = obs.group(desired, r)?;
                 Some((
                     r.id.clone(),
                     Outputs::from([("asg_name".into(), group.name.clone())]),
@@ -434,11 +256,6 @@ impl Controller for GrafanaController {
     ) -> Result<Option<Change<Op>>> {
         let s = r.spec.expect::<GrafanaSpec>();
         let name = desired.default_name(&r.id);
-        let ami = match obs.amis.get(&s.ami) {
-            Some(Ok(a)) => a.clone(),
-            Some(Err(e)) => return Err(e.clone()),
-            None => refs.render(&s.ami).value,
-        };
         let mut tags = desired.tags_for(
             &r.id,
             &s.tags
@@ -447,70 +264,49 @@ impl Controller for GrafanaController {
                 .unwrap_or_default(),
         );
         tags.entry("Name".into()).or_insert_with(|| name.clone());
-
-        let parts = obs.parts(desired, r, s);
-        let adopts = s.adopts(r);
-        check_adopted(
-            desired,
-            "launch template",
-            adopts.template,
-            parts.template.map(|t| &t.tags),
-        )?;
+        let group = obs.group(desired, r);
         check_adopted(
             desired,
             "Auto Scaling Group",
-            adopts.group,
-            parts.group.map(|g| &g.tags),
+            r.adopt.as_deref(),
+            group.map(|g| &g.tags),
         )?;
-        // The target group is a node of its own: the group attaches it by its ARN.
-        let tg = refs
-            .outputs
-            .get(&ResourceId::part(TARGET_GROUP, r.id.name.clone(), None))
-            .and_then(|o| o.get("arn"))
-            .cloned()
-            .unwrap_or_else(|| KNOWN_AFTER_APPLY.to_string());
-        let Parts {
-            template: Some(template),
-            group: Some(group),
-        } = parts
-        else {
-            return Ok(Some(build_change(r, s, parts, refs, &name, ami, tags, tg)));
+        // The template and the target group are nodes of their own: the group uses their
+        // attributes.
+        let attribute = |kind: Kind, name: &str| {
+            refs.outputs
+                .get(&ResourceId::part(kind, r.id.name.clone(), None))
+                .and_then(|o| o.get(name))
+                .cloned()
+                .unwrap_or_else(|| KNOWN_AFTER_APPLY.to_string())
+        };
+        let live = Live {
+            template: (
+                attribute(LAUNCH_TEMPLATE, "id"),
+                attribute(LAUNCH_TEMPLATE, "latest_version"),
+            ),
+            tg: attribute(TARGET_GROUP, "arn"),
+        };
+        let Some(group) = group else {
+            return Ok(Some(create_change(r, s, refs, &name, tags, live)));
         };
 
         let mut c = Change::new(r.id.clone(), Action::Update, format!("grafana {name}"));
-        // Parts taken over get the group's tags before anything else changes them; the tags
-        // their previous owner gave them stay.
-        if adopts.template.is_some() {
-            c.tags_added(&template.id, &template.tags, &tags, |tags| {
-                Op::TemplateTag {
-                    template: template.id.clone(),
-                    tags,
-                }
-            });
-        }
-        if adopts.group.is_some() {
+        // A group taken over gets the stack's tags before anything else changes it; the tags
+        // its previous owner gave it stay.
+        if r.adopt.is_some() {
             c.tags_added(&group.name, &group.tags, &tags, |tags| Op::AsgTag {
                 group: group.name.clone(),
                 tags,
             });
+            if !c.ops.is_empty() {
+                c.notes.push(
+                    "taking over the group it adopts: it is tagged the stack's and managed from now on, never recreated; the tags it has besides the desired ones are kept".into(),
+                );
+            }
         }
-        if c.ops
-            .iter()
-            .any(|o| matches!(o, Op::TemplateTag { .. } | Op::AsgTag { .. }))
-        {
-            c.notes.push(
-                "taking over the objects it adopts: they are tagged the stack's and managed from now on, never recreated; the tags they have besides the desired ones are kept".into(),
-            );
-        }
-
-        let live = Live {
-            inst_sg: group_id(refs, SECURITY_GROUP, &r.id.name, Some(INSTANCES)),
-            template,
-            tg: &tg,
-            group,
-        };
-        diff_group(&mut c, s, refs, &live, &tags, adopts.group.is_none());
-        diff_rollout(&mut c, s, refs, &live, ami);
+        diff_group(&mut c, s, refs, &live, group, &tags, r.adopt.is_none());
+        diff_rollout(&mut c, s, &live, group);
         if c.ops.is_empty() {
             return Ok(None);
         }
@@ -518,59 +314,34 @@ impl Controller for GrafanaController {
     }
 
     fn removed(&self, desired: &DesiredState, obs: &Observed, prune: bool) -> Vec<Change<Op>> {
-        // Per resource no longer desired, in the order it can be deleted: the group (and its
-        // instances), the template. Its other objects are nodes of their own.
-        let mut by_id: BTreeMap<ResourceId, (Vec<(u8, Op)>, Tags)> = BTreeMap::new();
-        let mut add = |tags: &Tags, order: u8, op: Op| {
-            if let Some(id) = owner_id(tags, desired.stack_name()) {
-                by_id
-                    .entry(id)
-                    .or_insert_with(|| (Vec::new(), tags.clone()))
-                    .0
-                    .push((order, op));
-            }
-        };
-        for g in &obs.groups {
-            add(
-                &g.tags,
-                0,
-                Op::DeleteGroup {
-                    group: g.name.clone(),
-                },
-            );
-        }
-        for t in &obs.templates {
-            add(
-                &t.tags,
-                3,
-                Op::DeleteTemplate {
-                    template: t.id.clone(),
-                },
-            );
-        }
-        by_id
-            .into_iter()
-            .filter_map(|(id, (mut ops, tags))| {
-                ops.sort_by_key(|(o, _)| *o);
+        // Per group no longer desired: deleted with its instances. The table's other objects
+        // are nodes of their own.
+        obs.groups
+            .iter()
+            .filter_map(|g| {
+                let id = owner_id(&g.tags, desired.stack_name())?;
                 let label = format!("grafana {}", desired.default_name(&id));
                 removal(
                     desired,
                     GRAFANA,
-                    &tags,
+                    &g.tags,
                     |r| r.id == id,
                     label,
                     prune,
-                    || ops.into_iter().map(|(_, op)| op).collect(),
+                    || {
+                        vec![Op::DeleteGroup {
+                            group: g.name.clone(),
+                        }]
+                    },
                 )
             })
             .collect()
     }
 
     async fn apply(&self, ctx: &Context, op: &Op) -> Result<Option<Outputs>> {
-        let (ec2, asg) = (&ctx.ec2, &ctx.autoscaling);
+        let asg = &ctx.autoscaling;
         match op {
-            Op::Build(b) => return build(ctx, b).await.map(Some),
-            Op::TemplateTag { template, tags } => crate::ec2::set_tags(ctx, template, tags).await?,
+            Op::Create(c) => return create(ctx, c).await.map(Some),
             Op::AsgTag { group, tags } => {
                 asg.create_or_update_tags()
                     .set_tags(Some(asg_tags(group, tags)))
@@ -649,26 +420,18 @@ impl Controller for GrafanaController {
                     ));
                 }
             }
-            Op::DeleteTemplate { template } => {
-                ec2.delete_launch_template()
-                    .launch_template_id(template)
-                    .send()
-                    .await
-                    .map_err(aws_error("ec2", "DeleteLaunchTemplate"))?;
-            }
         }
         Ok(None)
     }
 }
 
-/// The objects of one resource that all exist, for the update path of `diff`.
-struct Live<'a> {
-    /// The instances' security group's id, from its node.
-    inst_sg: String,
-    template: &'a ObservedTemplate,
-    /// The target group's ARN, from its node.
-    tg: &'a str,
-    group: &'a ObservedAsg,
+/// The attributes of the group's template and target group nodes ([`KNOWN_AFTER_APPLY`]
+/// before they exist).
+struct Live {
+    /// The template's id and latest version.
+    template: (String, String),
+    /// The target group's ARN.
+    tg: String,
 }
 
 /// The group's sizes, placement, health checks, target group and tags.
@@ -677,10 +440,11 @@ fn diff_group(
     s: &GrafanaSpec,
     refs: &Refs,
     live: &Live,
+    group: &ObservedAsg,
     tags: &Tags,
     all_tags: bool,
 ) {
-    let Live { tg, group, .. } = *live;
+    let tg = live.tg.as_str();
     let want_sizes = sizes(s, refs);
     let mut resize = false;
     let mut cmp = |c: &mut Change<Op>, field: &str, have: String, want: String| {
@@ -771,18 +535,34 @@ fn diff_group(
     }
 }
 
-/// The launch template's latest version against the desired one, and the rollout: the group's
-/// pinned version and the instance refresh toward it.
-fn diff_rollout(c: &mut Change<Op>, s: &GrafanaSpec, refs: &Refs, live: &Live, ami: String) {
-    let Live {
-        inst_sg,
-        template,
-        group,
-        ..
-    } = live;
-    let want_data = template_data(s, refs, ami, inst_sg);
-    let fields = template_fields(&template.data, &want_data);
-    let pinned = group.template.as_ref().map(|(_, v)| v.clone());
+/// The rollout: the group pinned to its template's latest version, and one instance refresh
+/// toward it (the template's node makes the versions).
+fn diff_rollout(c: &mut Change<Op>, s: &GrafanaSpec, live: &Live, group: &ObservedAsg) {
+    let (template, latest) = &live.template;
+    let roll = |version: &str, repin, refresh| {
+        Op::Roll(Box::new(Roll {
+            group: group.name.clone(),
+            template: template.clone(),
+            version: version.to_string(),
+            repin,
+            min_healthy: s.min_healthy_percentage,
+            refresh,
+        }))
+    };
+    let pinned = group.template.as_ref();
+    if pinned.map(|(t, _)| t) != Some(template) {
+        // The template was made anew from the desired state (lost out of band), or another one
+        // is adopted: the group launches from it; its instances run on, recorded as running it
+        // (nothing says they differ from it), so no refresh replaces them.
+        c.field(
+            "launch_template",
+            pinned.map(|(t, v)| format!("{t} version {v}")),
+            Some(format!("{template} version {latest}")),
+        );
+        c.op(roll(latest, true, Refresh::Record));
+        return;
+    }
+    let pinned = pinned.map(|(_, v)| v.clone());
     let refreshed = group.tags.get(TAG_VERSION).cloned();
     let active = group.refresh.as_ref().filter(|f| {
         matches!(
@@ -790,104 +570,54 @@ fn diff_rollout(c: &mut Change<Op>, s: &GrafanaSpec, refs: &Refs, live: &Live, a
             "Pending" | "InProgress" | "Cancelling" | "RollbackInProgress"
         )
     });
-    if !fields.is_empty() {
-        for (f, before, after) in &fields {
-            c.field(
-                format!("launch_template.{f}"),
-                Some(before.clone()),
-                Some(after.clone()),
-            );
-        }
-        c.field(
-            "launch_template.version",
-            Some(template.latest.to_string()),
-            Some((template.latest + 1).to_string()),
-        );
-        if let Some(f) = active {
+    let behind = pinned.as_deref() != Some(latest.as_str());
+    let unrefreshed = refreshed.as_deref() != Some(latest.as_str());
+    if !(behind || unrefreshed && active.is_none()) {
+        return;
+    }
+    // A refresh toward this very version already started (the tag was not written).
+    let started = group.refresh.as_ref().is_some_and(|f| {
+        f.version.as_deref() == Some(latest.as_str())
+            && !matches!(
+                f.status.as_str(),
+                "Failed" | "Cancelled" | "RollbackSuccessful"
+            )
+    });
+    if behind {
+        c.field("launch_template.version", pinned, Some(latest.clone()));
+    }
+    let refresh = match (active, started) {
+        (Some(f), _) => {
             c.notes.push(format!(
                 "instance refresh {} is {} ({}%): the new version is rolled out after it",
                 f.id, f.status, f.percentage
             ));
-        } else {
+            Refresh::Later
+        }
+        (None, true) => Refresh::Record,
+        (None, false) => {
+            c.field("instance_refresh", refreshed, Some(latest.clone()));
             c.notes.push(format!(
                 "a rolling instance refresh replaces the instances, keeping {}% healthy",
                 s.min_healthy_percentage
             ));
+            Refresh::Start
         }
-        c.op(Op::Roll(Box::new(Roll {
-            group: group.name.clone(),
-            template: template.id.clone(),
-            data: Some(want_data),
-            version: template.latest + 1,
-            min_healthy: s.min_healthy_percentage,
-            repin: true,
-            refresh: if active.is_some() {
-                Refresh::Later
-            } else {
-                Refresh::Start
-            },
-        })));
-    } else {
-        let latest = template.latest.to_string();
-        let behind = pinned.as_deref() != Some(latest.as_str());
-        let unrefreshed = refreshed.as_deref() != Some(latest.as_str());
-        // A refresh toward this very version already started (the tag was not written).
-        let started = group.refresh.as_ref().is_some_and(|f| {
-            f.version.as_deref() == Some(latest.as_str())
-                && !matches!(
-                    f.status.as_str(),
-                    "Failed" | "Cancelled" | "RollbackSuccessful"
-                )
-        });
-        if behind || (unrefreshed && active.is_none()) {
-            if behind {
-                c.field(
-                    "launch_template.version",
-                    pinned.clone(),
-                    Some(latest.clone()),
-                );
-            }
-            let refresh = match (active, started) {
-                (Some(_), _) => Refresh::Later,
-                (None, true) => Refresh::Record,
-                (None, false) => Refresh::Start,
-            };
-            if refresh == Refresh::Start {
-                c.field("instance_refresh", refreshed.clone(), Some(latest.clone()));
-            }
-            c.op(Op::Roll(Box::new(Roll {
-                group: group.name.clone(),
-                template: template.id.clone(),
-                data: None,
-                version: template.latest,
-                repin: behind,
-                min_healthy: s.min_healthy_percentage,
-                refresh,
-            })));
-        }
-    }
+    };
+    c.op(roll(latest, behind, refresh));
 }
 
-/// The change that creates what is missing of a resource.
-#[allow(clippy::too_many_arguments)]
-fn build_change(
+/// The change that creates a missing group.
+fn create_change(
     r: &Resource,
     s: &GrafanaSpec,
-    parts: Parts,
     refs: &Refs,
     name: &str,
-    ami: String,
     tags: Tags,
-    target_group: String,
+    live: Live,
 ) -> Change<Op> {
-    let Parts { template, group } = parts;
     let mut c = Change::new(r.id.clone(), Action::Create, format!("grafana {name}"));
-    if parts.any() {
-        c.notes.push("part of it exists (an interrupted create, or a part lost out of band): the rest is created and the existing parts kept".into());
-    }
     let sizes = sizes(s, refs);
-    c.field("instance_type", None, Some(s.instance_type.clone()));
-    c.field("ami", None, Some(s.ami.clone()));
     c.field(
         "size",
         None,
@@ -901,13 +631,16 @@ fn build_change(
                 .unwrap_or_default()
         )),
     );
-    let instance_group = group_id(refs, SECURITY_GROUP, &r.id.name, Some(INSTANCES));
-    c.op(Op::Build(Box::new(Build {
+    c.field("subnets", None, Some(sizes.subnets.join(",")));
+    c.field(
+        "launch_template",
+        None,
+        Some(format!("{} version {}", live.template.0, live.template.1)),
+    );
+    c.op(Op::Create(Box::new(Create {
         name: name.to_string(),
-        template: template.map(|t| (t.id.clone(), t.latest)),
-        template_data: template_data(s, refs, ami, &instance_group),
-        target_group,
-        group: group.map(|g| (g.name.clone(), g.target_groups.clone())),
+        template: live.template,
+        target_group: live.tg,
         sizes,
         tags,
     })));
@@ -926,14 +659,13 @@ pub(crate) async fn stack_groups(
 ) -> Result<Option<Arc<Vec<ObservedAsg>>>> {
     let groups = ctx
         .shared("autoscaling:DescribeAutoScalingGroups", || async {
-            let adopts: Vec<super::Adopts> = desired
-                .specs::<GrafanaSpec>(GRAFANA)
-                .map(|(r, s)| s.adopts(r))
-                .collect();
             observe_groups(
                 ctx,
                 desired.stack_name(),
-                adopts.iter().filter_map(|a| a.group).collect(),
+                desired
+                    .of_kind(GRAFANA)
+                    .filter_map(|r| r.adopt.as_deref())
+                    .collect(),
             )
             .await
         })
@@ -1061,105 +793,6 @@ async fn read_groups(
     Ok(())
 }
 
-/// The stack's launch templates, and those named in `adopt` that are not yet its, each with
-/// its latest version's data.
-async fn observe_templates(
-    ctx: &Context,
-    stack: Filter,
-    adopt: Vec<&str>,
-) -> Result<Vec<ObservedTemplate>> {
-    let mut templates = Vec::new();
-    read_templates(
-        ctx.ec2.describe_launch_templates().filters(stack),
-        &mut templates,
-    )
-    .await?;
-    for id in adopt {
-        if templates.iter().any(|t| t.id == id) {
-            continue;
-        }
-        // One at a time: a template that does not exist fails the whole request.
-        match read_templates(
-            ctx.ec2.describe_launch_templates().launch_template_ids(id),
-            &mut templates,
-        )
-        .await
-        {
-            Err(e) if is_gone(&e) || e.code() == Some("InvalidLaunchTemplateId.Malformed") => {}
-            other => other?,
-        }
-    }
-    for t in &mut templates {
-        let out = ctx
-            .ec2
-            .describe_launch_template_versions()
-            .launch_template_id(&t.id)
-            .versions(t.latest.to_string())
-            .send()
-            .await
-            .map_err(aws_error("ec2", "DescribeLaunchTemplateVersions"))?;
-        let Some(d) = out
-            .launch_template_versions()
-            .first()
-            .and_then(|v| v.launch_template_data())
-        else {
-            continue;
-        };
-        let mut groups: Vec<String> = d.security_group_ids().to_vec();
-        groups.sort();
-        t.data = TemplateData {
-            ami: d.image_id().unwrap_or_default().into(),
-            instance_type: d
-                .instance_type()
-                .map(|i| i.as_str().to_string())
-                .unwrap_or_default(),
-            security_groups: groups,
-            instance_profile: d
-                .iam_instance_profile()
-                .and_then(|p| p.name().or(p.arn()))
-                .map(str::to_string),
-            user_data: d.user_data().map(str::to_string),
-            key_name: d.key_name().map(str::to_string),
-            imdsv2: d
-                .metadata_options()
-                .and_then(|m| m.http_tokens())
-                .is_some_and(|t| *t == LaunchTemplateHttpTokensState::Required),
-            root: d
-                .block_device_mappings()
-                .iter()
-                .find(|m| m.device_name() == Some(ROOT_DEVICE))
-                .and_then(|m| m.ebs())
-                .map(|e| {
-                    (
-                        e.volume_size().unwrap_or_default(),
-                        e.encrypted().unwrap_or_default(),
-                    )
-                }),
-        };
-    }
-    Ok(templates)
-}
-
-/// The templates one `DescribeLaunchTemplates` request finds, all pages, added to `templates`.
-async fn read_templates(
-    request: aws_sdk_ec2::operation::describe_launch_templates::builders::DescribeLaunchTemplatesFluentBuilder,
-    templates: &mut Vec<ObservedTemplate>,
-) -> Result<()> {
-    let mut pages = request.into_paginator().send();
-    while let Some(page) = pages.next().await {
-        let page = page.map_err(aws_error("ec2", "DescribeLaunchTemplates"))?;
-        for t in page.launch_templates() {
-            templates.push(ObservedTemplate {
-                id: t.launch_template_id().unwrap_or_default().into(),
-                latest: t.latest_version_number().unwrap_or_default(),
-                data: TemplateData::default(),
-                tags: tag_map(t.tags()),
-            });
-        }
-    }
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------------------
 // Writes
 
@@ -1178,49 +811,6 @@ fn asg_tags(group: &str, tags: &Tags) -> Vec<AsgTag> {
         .collect()
 }
 
-fn request_data(d: &TemplateData) -> RequestLaunchTemplateData {
-    let mut b = RequestLaunchTemplateData::builder()
-        .image_id(&d.ami)
-        .instance_type(InstanceType::from(d.instance_type.as_str()))
-        .set_security_group_ids(Some(d.security_groups.clone()))
-        .set_user_data(d.user_data.clone())
-        .set_key_name(d.key_name.clone())
-        .metadata_options(
-            LaunchTemplateInstanceMetadataOptionsRequest::builder()
-                .http_tokens(if d.imdsv2 {
-                    LaunchTemplateHttpTokensState::Required
-                } else {
-                    LaunchTemplateHttpTokensState::Optional
-                })
-                .http_endpoint(LaunchTemplateInstanceMetadataEndpointState::Enabled)
-                .build(),
-        );
-    if let Some(p) = &d.instance_profile {
-        let spec = LaunchTemplateIamInstanceProfileSpecificationRequest::builder();
-        b = b.iam_instance_profile(if p.starts_with("arn:") {
-            spec.arn(p).build()
-        } else {
-            spec.name(p).build()
-        });
-    }
-    if let Some((size, encrypted)) = d.root {
-        b = b.block_device_mappings(
-            LaunchTemplateBlockDeviceMappingRequest::builder()
-                .device_name(ROOT_DEVICE)
-                .ebs(
-                    LaunchTemplateEbsBlockDeviceRequest::builder()
-                        .volume_size(size)
-                        .volume_type(VolumeType::Gp3)
-                        .encrypted(encrypted)
-                        .delete_on_termination(true)
-                        .build(),
-                )
-                .build(),
-        );
-    }
-    b.build()
-}
-
 async fn roll(ctx: &Context, r: &Roll) -> Result<()> {
     let Roll {
         group,
@@ -1229,37 +819,15 @@ async fn roll(ctx: &Context, r: &Roll) -> Result<()> {
         min_healthy,
         ..
     } = r;
-    let (group, template, version, min_healthy) =
-        (group.as_str(), template.as_str(), *version, *min_healthy);
-    let version = match &r.data {
-        Some(d) => {
-            let out = ctx
-                .ec2
-                .create_launch_template_version()
-                .launch_template_id(template)
-                .launch_template_data(request_data(d))
-                .send()
-                .await
-                .map_err(aws_error("ec2", "CreateLaunchTemplateVersion"))?;
-            let v = out
-                .launch_template_version()
-                .and_then(|v| v.version_number())
-                .unwrap_or(version);
-            ctx.ec2
-                .modify_launch_template()
-                .launch_template_id(template)
-                .default_version(v.to_string())
-                .send()
-                .await
-                .map_err(aws_error("ec2", "ModifyLaunchTemplate"))?;
-            v
-        }
-        None => version,
-    }
-    .to_string();
+    let (group, template, version, min_healthy) = (
+        group.as_str(),
+        template.as_str(),
+        version.as_str(),
+        *min_healthy,
+    );
     let spec = LaunchTemplateSpecification::builder()
         .launch_template_id(template)
-        .version(&version)
+        .version(version)
         .build();
     if r.repin {
         ctx.autoscaling
@@ -1298,7 +866,7 @@ async fn roll(ctx: &Context, r: &Roll) -> Result<()> {
         .create_or_update_tags()
         .set_tags(Some(asg_tags(
             group,
-            &Tags::from([(TAG_VERSION.into(), version)]),
+            &Tags::from([(TAG_VERSION.into(), version.to_string())]),
         )))
         .send()
         .await
@@ -1306,90 +874,80 @@ async fn roll(ctx: &Context, r: &Roll) -> Result<()> {
     Ok(())
 }
 
-/// Creates what is missing, in order: the launch template, then the group (the security groups
-/// and the target group are nodes of their own, made before; the provisioning, made after,
-/// reaches the instances once they run).
-async fn build(ctx: &Context, b: &Build) -> Result<Outputs> {
-    let ec2 = &ctx.ec2;
-    let data = &b.template_data;
-    let (template, version) = match &b.template {
-        Some((t, latest)) => (t.clone(), latest.to_string()),
-        None => {
-            let out = ec2
-                .create_launch_template()
-                .launch_template_name(&b.name)
-                .launch_template_data(request_data(data))
-                .tag_specifications(tag_spec(ResourceType::LaunchTemplate, &b.tags))
-                .send()
-                .await
-                .map_err(aws_error("ec2", "CreateLaunchTemplate"))?;
-            let t = out.launch_template();
-            (
-                t.and_then(|t| t.launch_template_id())
-                    .unwrap_or_default()
-                    .to_string(),
-                t.and_then(|t| t.latest_version_number())
-                    .unwrap_or(1)
-                    .to_string(),
-            )
-        }
-    };
-    let target_group = b.target_group.clone();
+/// Creates the group, pinned to its template's latest version, recorded as the version its
+/// instances run (the security groups, the template and the target group are nodes of their
+/// own, made before; the provisioning, made after, reaches the instances once they run).
+async fn create(ctx: &Context, c: &Create) -> Result<Outputs> {
+    let (template, version) = &c.template;
     let spec = LaunchTemplateSpecification::builder()
-        .launch_template_id(&template)
-        .version(&version)
+        .launch_template_id(template)
+        .version(version)
         .build();
-    if let Some((group, attached)) = &b.group {
-        // The group runs on: its instances keep serving once the target group is attached.
-        let stale: Vec<String> = attached
-            .iter()
-            .filter(|t| **t != target_group)
-            .cloned()
-            .collect();
-        detach_target_groups(ctx, group, stale).await?;
-        if !attached.contains(&target_group) {
-            attach_target_group(ctx, group, &target_group).await?;
-        }
-        if b.template.is_none() {
-            // The template was lost and made again from the desired state: the group launches
-            // from it. Its instances run on, recorded as refreshed to it (nothing says they
-            // differ from it), so no refresh replaces them.
-            ctx.autoscaling
-                .update_auto_scaling_group()
-                .auto_scaling_group_name(group)
-                .launch_template(spec)
-                .send()
-                .await
-                .map_err(aws_error("autoscaling", "UpdateAutoScalingGroup"))?;
-            let recorded = Tags::from([(TAG_VERSION.to_string(), version.clone())]);
-            ctx.autoscaling
-                .create_or_update_tags()
-                .set_tags(Some(asg_tags(group, &recorded)))
-                .send()
-                .await
-                .map_err(aws_error("autoscaling", "CreateOrUpdateTags"))?;
-        }
-        return Ok(Outputs::from([("asg_name".into(), group.clone())]));
-    }
-    let mut group_tags = b.tags.clone();
-    group_tags.insert(TAG_VERSION.into(), version.clone());
-    ctx.autoscaling
+    let mut tags = c.tags.clone();
+    tags.insert(TAG_VERSION.into(), version.clone());
+    let made = ctx
+        .autoscaling
         .create_auto_scaling_group()
-        .auto_scaling_group_name(&b.name)
+        .auto_scaling_group_name(&c.name)
         .launch_template(spec)
-        .min_size(b.sizes.min)
-        .max_size(b.sizes.max)
-        .set_desired_capacity(b.sizes.desired)
-        .vpc_zone_identifier(b.sizes.subnets.join(","))
+        .min_size(c.sizes.min)
+        .max_size(c.sizes.max)
+        .set_desired_capacity(c.sizes.desired)
+        .vpc_zone_identifier(c.sizes.subnets.join(","))
         .health_check_type("ELB")
-        .health_check_grace_period(b.sizes.grace)
-        .target_group_arns(&target_group)
-        .set_tags(Some(asg_tags(&b.name, &group_tags)))
+        .health_check_grace_period(c.sizes.grace)
+        .target_group_arns(&c.target_group)
+        .set_tags(Some(asg_tags(&c.name, &tags)))
         .send()
         .await
-        .map_err(aws_error("autoscaling", "CreateAutoScalingGroup"))?;
-    tracing::info!(group = %b.name, "auto scaling group created");
-    Ok(Outputs::from([("asg_name".into(), b.name.clone())]))
+        .map_err(aws_error("autoscaling", "CreateAutoScalingGroup"));
+    if let Err(e) = made {
+        return Err(already_made(ctx, c, e).await);
+    }
+    tracing::info!(group = %c.name, "auto scaling group created");
+    Ok(Outputs::from([("asg_name".into(), c.name.clone())]))
+}
+
+/// What a create answered `AlreadyExists` means: a group of the name this node made (an
+/// earlier run's create, answered after that run stopped, and not yet in the group listing
+/// the pass read) is looked for again; anyone else's is the error.
+async fn already_made(ctx: &Context, c: &Create, e: Error) -> Error {
+    if e.code() != Some("AlreadyExists") {
+        return e;
+    }
+    let out = ctx
+        .autoscaling
+        .describe_auto_scaling_groups()
+        .auto_scaling_group_names(&c.name)
+        .send()
+        .await;
+    let Ok(out) = out else { return e };
+    let ours = out.auto_scaling_groups().iter().any(|g| {
+        let tags: Tags = g
+            .tags()
+            .iter()
+            .map(|t| {
+                (
+                    t.key().unwrap_or_default().to_string(),
+                    t.value().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        [TAG_STACK, crate::desired::TAG_ID]
+            .iter()
+            .all(|k| tags.get(*k) == c.tags.get(*k))
+    });
+    if ours {
+        Error::waiting(
+            format!(
+                "group {} was made by an earlier run and is not listed yet: looked for again",
+                c.name
+            ),
+            std::time::Duration::from_secs(2),
+        )
+    } else {
+        e
+    }
 }
 
 async fn attach_target_group(ctx: &Context, group: &str, target_group: &str) -> Result<()> {
@@ -1445,41 +1003,32 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
         .unwrap()
     }
 
-    struct World {
-        template: ObservedTemplate,
-        group: ObservedAsg,
+    /// A group converged on version 2 of template `lt-1`.
+    fn group() -> ObservedAsg {
+        ObservedAsg {
+            name: "g".into(),
+            template: Some(("lt-1".into(), "2".into())),
+            tags: Tags::from([(TAG_VERSION.into(), "2".into())]),
+            ..Default::default()
+        }
     }
 
-    impl World {
-        /// Converged on version 2 of the template.
-        fn new(s: &GrafanaSpec) -> World {
-            World {
-                template: ObservedTemplate {
-                    id: "lt-1".into(),
-                    latest: 2,
-                    data: template_data(s, &Refs::default(), "ami-1".into(), "sg-i"),
-                    ..Default::default()
-                },
-                group: ObservedAsg {
-                    name: "g".into(),
-                    template: Some(("lt-1".into(), "2".into())),
-                    tags: Tags::from([(TAG_VERSION.into(), "2".into())]),
-                    ..Default::default()
-                },
-            }
-        }
+    /// The rollout of `group` when the template node says `template` is at `latest`.
+    fn rollout(group: &ObservedAsg, template: &str, latest: &str) -> Vec<Op> {
+        let live = Live {
+            template: (template.into(), latest.into()),
+            tg: "arn:tg".into(),
+        };
+        let mut c = Change::new(ResourceId::new(GRAFANA, "main"), Action::Update, "grafana");
+        diff_rollout(&mut c, &spec(), &live, group);
+        c.ops
+    }
 
-        fn rollout(&self, s: &GrafanaSpec) -> Vec<Op> {
-            let live = Live {
-                inst_sg: "sg-i".into(),
-                template: &self.template,
-                tg: "arn:tg",
-                group: &self.group,
-            };
-            let mut c = Change::new(ResourceId::new(GRAFANA, "main"), Action::Update, "grafana");
-            diff_rollout(&mut c, s, &Refs::default(), &live, "ami-1".into());
-            c.ops
-        }
+    fn the_roll(ops: &[Op]) -> &Roll {
+        let [Op::Roll(r)] = ops else {
+            panic!("{ops:?}")
+        };
+        r
     }
 
     fn refresh(status: &str, version: &str) -> Option<ObservedGroupRefresh> {
@@ -1493,58 +1042,60 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
 
     #[test]
     fn a_converged_group_rolls_nothing() {
-        let s = spec();
-        assert!(World::new(&s).rollout(&s).is_empty());
+        assert!(rollout(&group(), "lt-1", "2").is_empty());
     }
 
+    /// The template node made version 3: the group is pinned to it and one refresh starts.
     #[test]
-    fn a_template_change_is_one_new_version_and_one_refresh() {
-        let s = spec();
-        let mut changed = spec();
-        changed.instance_type = "t3.medium".into();
-        let ops = World::new(&s).rollout(&changed);
-        let [Op::Roll(r)] = ops.as_slice() else {
-            panic!("{ops:?}")
-        };
-        assert_eq!(r.data.as_ref().unwrap().instance_type, "t3.medium");
-        assert_eq!((r.version, r.repin, r.min_healthy), (3, true, 90));
+    fn a_new_template_version_is_one_repin_and_one_refresh() {
+        let ops = rollout(&group(), "lt-1", "3");
+        let r = the_roll(&ops);
+        assert_eq!(
+            (r.version.as_str(), r.repin, r.min_healthy),
+            ("3", true, 90)
+        );
         assert_eq!(r.refresh, Refresh::Start);
+    }
+
+    /// A template made anew (the old one lost): the group launches from it, its instances
+    /// recorded as running it, none replaced.
+    #[test]
+    fn a_template_made_anew_is_pinned_and_recorded_without_a_refresh() {
+        let ops = rollout(&group(), "lt-2", "1");
+        let r = the_roll(&ops);
+        assert_eq!(
+            (r.template.as_str(), r.version.as_str(), r.repin),
+            ("lt-2", "1", true)
+        );
+        assert_eq!(r.refresh, Refresh::Record);
     }
 
     #[test]
     fn a_refresh_under_way_is_waited_for_never_doubled() {
-        let s = spec();
-        // Version 3 made and a refresh toward it running: the pass starts nothing.
-        let mut w = World::new(&s);
-        w.template.latest = 3;
-        w.group.template = Some(("lt-1".into(), "3".into()));
-        w.group.refresh = refresh("InProgress", "3");
-        w.group.tags.insert(TAG_VERSION.into(), "3".into());
-        assert!(w.rollout(&s).is_empty());
+        // Version 3 pinned and a refresh toward it running: the pass starts nothing.
+        let mut g = group();
+        g.template = Some(("lt-1".into(), "3".into()));
+        g.refresh = refresh("InProgress", "3");
+        g.tags.insert(TAG_VERSION.into(), "3".into());
+        assert!(rollout(&g, "lt-1", "3").is_empty());
         // The operator died after starting the refresh, before recording it: still nothing new.
-        w.group.tags.insert(TAG_VERSION.into(), "2".into());
-        assert!(w.rollout(&s).is_empty());
+        g.tags.insert(TAG_VERSION.into(), "2".into());
+        assert!(rollout(&g, "lt-1", "3").is_empty());
         // Once it succeeded, the missing record alone is not a reason for another refresh.
-        w.group.refresh = refresh("Successful", "3");
-        let ops = w.rollout(&s);
-        let [Op::Roll(r)] = ops.as_slice() else {
-            panic!("{ops:?}")
-        };
-        assert_eq!((r.data.is_none(), r.repin), (true, false));
+        g.refresh = refresh("Successful", "3");
+        let ops = rollout(&g, "lt-1", "3");
+        let r = the_roll(&ops);
+        assert!(!r.repin);
         assert_eq!(
             r.refresh,
             Refresh::Record,
             "the version is recorded, nothing restarted"
         );
-        // A template change during a refresh makes the version; the refresh comes after.
-        w.group.refresh = refresh("InProgress", "3");
-        let mut changed = spec();
-        changed.root_volume_size_gib = 30;
-        let ops = w.rollout(&changed);
-        let [Op::Roll(r)] = ops.as_slice() else {
-            panic!("{ops:?}")
-        };
-        assert!(r.data.is_some());
+        // A new version during a refresh: the group is pinned to it, the refresh comes after.
+        g.refresh = refresh("InProgress", "3");
+        let ops = rollout(&g, "lt-1", "4");
+        let r = the_roll(&ops);
+        assert_eq!((r.version.as_str(), r.repin), ("4", true));
         assert_eq!(r.refresh, Refresh::Later);
     }
 }

@@ -14,11 +14,10 @@ use aws_sdk_elasticloadbalancingv2::types::{
 };
 
 use super::controller::stack_groups;
-use super::{GrafanaSpec, BALANCER, GRAFANA, LISTENER, TARGET_GROUP};
+use super::{tagged_node, BALANCER, GRAFANA, LISTENER, TARGET_GROUP};
 use crate::controller::Context;
-use crate::desired::{DesiredState, Resource, TAG_ID, TAG_STACK};
+use crate::desired::{DesiredState, TAG_ID, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
-use crate::kind::Kind;
 use crate::model::ResourceId;
 use crate::tags::{owner_id, Tags};
 
@@ -35,34 +34,6 @@ pub(super) fn elb_name(desired: &DesiredState, node: &ResourceId) -> Result<Stri
         )));
     }
     Ok(name)
-}
-
-/// The node a load balancing object belongs to by its tags: its own address (of `kind`), or,
-/// for one made before that object was a node, its table's.
-pub(super) fn tagged_node(desired: &DesiredState, tags: &Tags, kind: Kind) -> Option<ResourceId> {
-    let id = owner_id(tags, desired.stack_name())?;
-    if id.kind == kind {
-        Some(id)
-    } else if id.kind == GRAFANA {
-        Some(ResourceId::part(kind, id.name, None))
-    } else {
-        None
-    }
-}
-
-/// The object a node manages: the one it adopts by ARN, or the one that is its by `owner`.
-pub(super) fn adopted_or_owned<'o, O>(
-    node: &Resource,
-    observed: &'o [O],
-    arn: impl Fn(&O) -> &str,
-    owner: impl Fn(&O) -> Option<ResourceId>,
-) -> Option<&'o O> {
-    match &node.adopt {
-        Some(a) => observed.iter().find(|o| arn(o) == a),
-        None => observed
-            .iter()
-            .find(|o| owner(o).as_ref() == Some(&node.id)),
-    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -160,21 +131,17 @@ pub(crate) async fn elb_objects(ctx: &Context, desired: &DesiredState) -> Result
 /// tags name (its own address, or its table's, made before load balancers were nodes).
 fn balancer_node(desired: &DesiredState, b: &ObservedBalancer) -> Option<ResourceId> {
     let adopted = desired
-        .specs::<GrafanaSpec>(GRAFANA)
-        .find(|(_, s)| s.alb.adopt.as_deref() == Some(b.arn.as_str()))
-        .map(|(r, _)| ResourceId::part(BALANCER, r.id.name.clone(), None));
+        .of_kind(BALANCER)
+        .find(|r| r.adopt.as_deref() == Some(b.arn.as_str()))
+        .map(|r| r.id.clone());
     adopted.or_else(|| tagged_node(desired, &b.tags, BALANCER))
 }
 
 async fn list_elb(ctx: &Context, desired: &DesiredState) -> Result<ElbObjects> {
     let adopt: BTreeSet<String> = desired
-        .specs::<GrafanaSpec>(GRAFANA)
-        .flat_map(|(r, s)| {
-            let a = s.adopts(r);
-            [a.balancer, a.target_group]
-        })
-        .flatten()
-        .map(String::from)
+        .of_kind(BALANCER)
+        .chain(desired.of_kind(TARGET_GROUP))
+        .filter_map(|r| r.adopt.clone())
         .collect();
     let prefix = format!("{}-", desired.stack_name());
     let elb = &ctx.elb;

@@ -221,7 +221,7 @@ impl ManagedObject for Listener {
         ctx: &Context,
         have: &ObservedListener,
         change: &ListenerUpdate,
-    ) -> Result<()> {
+    ) -> Result<Option<Outputs>> {
         let ListenerUpdate::Modify { to, .. } = change;
         ctx.elb
             .modify_listener()
@@ -234,7 +234,7 @@ impl ManagedObject for Listener {
             .send()
             .await
             .map_err(aws_error("elasticloadbalancing", "ModifyListener"))?;
-        Ok(())
+        Ok(None)
     }
 
     async fn tag(&self, ctx: &Context, have: &ObservedListener, set: &Tags) -> Result<()> {

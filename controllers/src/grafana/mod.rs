@@ -10,6 +10,7 @@ pub mod listener;
 pub mod provision;
 pub mod provisioning;
 pub mod target_group;
+pub mod template;
 
 pub use controller::GrafanaController;
 
@@ -18,11 +19,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::desired::{check_duration, check_tags, KindSpec, Resource, Spec, Validator};
+use crate::desired::{
+    check_duration, check_tags, DesiredState, KindSpec, Resource, Spec, Validator,
+};
 use crate::kind::{schema, Form, Kind, KindDef};
 use crate::managed::Managed;
 use crate::model::{references_in, ResourceId};
 use crate::security_group::{self, GroupPart, IngressPart, IngressRule, RuleSpec};
+use crate::tags::{owner_id, Tags};
 
 static GRAFANA_KIND: KindDef = KindDef {
     path: "grafana",
@@ -55,7 +59,7 @@ static GRAFANA_KIND: KindDef = KindDef {
     whole: None,
     controller: || Box::new(GrafanaController),
 };
-/// `[grafana.<name>]`: the group's launch template and Auto Scaling Group.
+/// `[grafana.<name>]`: the group's Auto Scaling Group.
 pub const GRAFANA: Kind = Kind::new(&GRAFANA_KIND);
 
 static SECURITY_GROUP_KIND: KindDef = KindDef {
@@ -146,6 +150,21 @@ static LISTENER_KIND: KindDef = KindDef {
 /// A listener of a Grafana group's load balancer, keyed by its port.
 pub const LISTENER: Kind = Kind::new(&LISTENER_KIND);
 
+static LAUNCH_TEMPLATE_KIND: KindDef = KindDef {
+    path: "grafana.launch_template",
+    attributes: &["id", "latest_version"],
+    form: Form::Part {
+        of: Kind::new(&GRAFANA_KIND),
+        word: "launch_template",
+        keyed: false,
+    },
+    attribute_parts: &[],
+    whole: None,
+    controller: || Box::new(Managed(template::LaunchTemplate)),
+};
+/// The launch template of a Grafana group.
+pub const LAUNCH_TEMPLATE: Kind = Kind::new(&LAUNCH_TEMPLATE_KIND);
+
 static PROVISIONING_KIND: KindDef = KindDef {
     path: "grafana.provisioning",
     attributes: &[],
@@ -160,6 +179,34 @@ static PROVISIONING_KIND: KindDef = KindDef {
 };
 /// What is pushed to a Grafana group's instances.
 pub const PROVISIONING: Kind = Kind::new(&PROVISIONING_KIND);
+
+/// The node an object of a group belongs to by its tags: its own address (of `kind`), or, for
+/// one made before that object was a node, its table's.
+fn tagged_node(desired: &DesiredState, tags: &Tags, kind: Kind) -> Option<ResourceId> {
+    let id = owner_id(tags, desired.stack_name())?;
+    if id.kind == kind {
+        Some(id)
+    } else if id.kind == GRAFANA {
+        Some(ResourceId::part(kind, id.name, None))
+    } else {
+        None
+    }
+}
+
+/// The object a node manages: the one it adopts by ARN, or the one that is its by `owner`.
+fn adopted_or_owned<'o, O>(
+    node: &Resource,
+    observed: &'o [O],
+    arn: impl Fn(&O) -> &str,
+    owner: impl Fn(&O) -> Option<ResourceId>,
+) -> Option<&'o O> {
+    match &node.adopt {
+        Some(a) => observed.iter().find(|o| arn(o) == a),
+        None => observed
+            .iter()
+            .find(|o| owner(o).as_ref() == Some(&node.id)),
+    }
+}
 
 /// The key of the load balancer's security group (`grafana.<name>.security_group.alb`).
 pub const ALB: &str = "alb";
@@ -218,27 +265,6 @@ pub struct GrafanaSpec {
 #[serde(deny_unknown_fields)]
 pub struct Adopt {
     pub adopt: Option<String>,
-}
-
-/// The ids of the existing objects a group takes over, part by part (the group itself by the
-/// table's `adopt`, its name).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Adopts<'a> {
-    pub group: Option<&'a str>,
-    pub template: Option<&'a str>,
-    pub balancer: Option<&'a str>,
-    pub target_group: Option<&'a str>,
-}
-
-impl GrafanaSpec {
-    pub fn adopts<'a>(&'a self, table: &'a Resource) -> Adopts<'a> {
-        Adopts {
-            group: table.adopt.as_deref(),
-            template: self.launch_template.adopt.as_deref(),
-            balancer: self.alb.adopt.as_deref(),
-            target_group: self.target_group.adopt.as_deref(),
-        }
-    }
 }
 
 fn twenty() -> i32 {
@@ -555,19 +581,37 @@ impl KindSpec for GrafanaSpec {
             )
         });
         let listeners: Vec<Resource> = listeners.collect();
-        // The group references what its own values name (its template's and its own) and its
-        // instances' security group and target group.
-        let mut own: BTreeSet<ResourceId> = [&self.ami, &self.instance_type]
-            .into_iter()
-            .chain(&self.subnets)
-            .chain(&self.instance_profile)
-            .chain(&self.key_name)
+        // The template references what its values name, and the instances' security group.
+        let template = node(
+            ResourceId::part(LAUNCH_TEMPLATE, table.id.name.clone(), None),
+            self.launch_template.adopt.clone(),
+            Spec::new(template::TemplatePart {
+                ami: self.ami.clone(),
+                instance_type: self.instance_type.clone(),
+                instance_profile: self.instance_profile.clone(),
+                user_data: self.loaded_user_data.clone(),
+                key_name: self.key_name.clone(),
+                root_size: self.root_volume_size_gib,
+                tags: tags.clone(),
+            }),
+            [&self.ami, &self.instance_type]
+                .into_iter()
+                .chain(&self.instance_profile)
+                .chain(&self.key_name)
+                .chain(tags.values())
+                .flat_map(|s| references_in(s))
+                .chain([instance_group.id.clone()])
+                .collect(),
+        );
+        // The group references what its own values name, its template and its target group.
+        let mut own: BTreeSet<ResourceId> = self
+            .subnets
+            .iter()
             .chain(&table.adopt)
-            .chain(&self.launch_template.adopt)
             .chain(tags.values())
             .flat_map(|s| references_in(s))
             .collect();
-        own.extend([instance_group.id.clone(), target_group.id.clone()]);
+        own.extend([template.id.clone(), target_group.id.clone()]);
         let mut nodes = vec![
             alb_group,
             alb_ingress,
@@ -577,7 +621,7 @@ impl KindSpec for GrafanaSpec {
             balancer,
         ];
         nodes.extend(listeners);
-        nodes.push(provisioning);
+        nodes.extend([template, provisioning]);
         Some((nodes, own))
     }
 

@@ -18,10 +18,10 @@ use async_trait::async_trait;
 use aws_sdk_elasticloadbalancingv2::types::{Matcher, ProtocolEnum, TargetTypeEnum};
 
 use super::elb::{
-    adopted_or_owned, elb_name, elb_objects, elb_tags, remove_elb_tags, set_elb_tags, tagged_node,
-    HealthCheck, ObservedTargetGroup,
+    elb_name, elb_objects, elb_tags, remove_elb_tags, set_elb_tags, HealthCheck,
+    ObservedTargetGroup,
 };
-use super::TARGET_GROUP;
+use super::{adopted_or_owned, tagged_node, TARGET_GROUP};
 use crate::change::FieldChange;
 use crate::controller::Context;
 use crate::desired::{DesiredState, KindSpec, Resource};
@@ -200,7 +200,7 @@ impl ManagedObject for TargetGroup {
         ctx: &Context,
         have: &ObservedTargetGroup,
         change: &TargetGroupUpdate,
-    ) -> Result<()> {
+    ) -> Result<Option<Outputs>> {
         let TargetGroupUpdate::Health { to, .. } = change;
         ctx.elb
             .modify_target_group()
@@ -213,7 +213,7 @@ impl ManagedObject for TargetGroup {
             .send()
             .await
             .map_err(aws_error("elasticloadbalancing", "ModifyTargetGroup"))?;
-        Ok(())
+        Ok(None)
     }
 
     async fn tag(&self, ctx: &Context, have: &ObservedTargetGroup, set: &Tags) -> Result<()> {

@@ -389,7 +389,7 @@ impl ManagedObject for Volume {
         ctx: &Context,
         have: &ObservedVolume,
         change: &VolumeUpdate,
-    ) -> Result<()> {
+    ) -> Result<Option<Outputs>> {
         match change {
             VolumeUpdate::Modify { to, .. } => {
                 ctx.ec2
@@ -407,7 +407,7 @@ impl ManagedObject for Volume {
                 Volume::attach(ctx, &have.id, instance, device).await?
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     async fn tag(&self, ctx: &Context, have: &ObservedVolume, set: &Tags) -> Result<()> {

@@ -40,6 +40,8 @@ impl Process {
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             // Without it, AWS managed policies such as AmazonSSMManagedInstanceCore do not exist.
             .env("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")
+            // Corrections to moto (moto/sitecustomize.py), loaded at its start.
+            .env("PYTHONPATH", concat!(env!("CARGO_MANIFEST_DIR"), "/moto"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
