@@ -1,17 +1,23 @@
-//! The Grafana controller: per `grafana` resource, a launch template and an Auto Scaling Group.
-//! Its two security groups (the load balancer's, open to the allowed CIDRs; the instances',
-//! open to the load balancer's), its target group, load balancer, listeners and provisioning
-//! are nodes of their own ([`crate::security_group`], [`super::target_group`],
-//! [`super::balancer`], [`super::listener`], [`super::provision`]).
+//! The Grafana controller: per `grafana` resource, its Auto Scaling Group (the node
+//! `grafana.<name>`). The group's other objects are nodes of their own: its two security groups
+//! and their rules ([`crate::security_group`]), launch template ([`super::template`]), target
+//! group ([`super::target_group`]), load balancer ([`super::balancer`]), listeners
+//! ([`super::listener`]) and provisioning ([`super::provision`]). The group uses its template's
+//! `id` and `latest_version` and its target group's `arn`; nothing else.
 //!
-//! Both objects are found by their ownership tags, or adopted by id.
+//! Found by its ownership tags, or adopted by name (the table's `adopt`).
 //!
 //! # Guarantees
-//! - A launch template change makes a new version of the same template, points the group at it
-//!   and starts one rolling instance refresh. The version the group's instances were refreshed to
-//!   is recorded on the group (tag `stackwarden:template-version`), and a refresh already under
-//!   way is waited for, never doubled: a pass during a refresh starts nothing.
+//! - The group is pinned to its template's latest version. A new version (made by the
+//!   template's node) repins it and starts one rolling instance refresh. The version the
+//!   group's instances were refreshed to is recorded on the group (tag
+//!   `stackwarden:template-version`), and a refresh already under way is waited for, never
+//!   doubled: a pass during a refresh starts nothing.
+//! - A template made anew (the old one lost) is pinned and recorded as the version the
+//!   instances run: no refresh replaces them.
 //! - `desired_capacity` is enforced only when given; otherwise scaling policies own it.
+//! - An existing group is never created again; a create answered `AlreadyExists` by a group
+//!   carrying this node's tags (an earlier run's, not yet listed) is looked for again.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
