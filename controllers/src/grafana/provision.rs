@@ -36,7 +36,7 @@ use crate::error::{aws_error, Error, ErrorClass, Result};
 use crate::instances::{instances, ObservedInstance};
 use crate::kind::Kind;
 use crate::model::{Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
-use crate::push::send::{record, send, track, Controls, Rollout, Tracked};
+use crate::push::send::{record, send, track_tag, Controls, Rollout, Tracked};
 use crate::push::{self, Prepared};
 
 /// How soon to look again at a group whose instances are launching.
@@ -92,14 +92,7 @@ impl Controller for ProvisioningController {
         let (groups, instances) =
             futures::join!(stack_groups(ctx, desired), instances(ctx, desired));
         let instances = instances?.as_ref().clone();
-        let tag = installed_tag();
-        let tracked = track(
-            ctx,
-            instances
-                .iter()
-                .filter_map(|i| i.tags.get(&tag).map(String::as_str)),
-        )
-        .await?;
+        let tracked = track_tag(ctx, &instances, &installed_tag()).await?;
         let mut passwords = BTreeMap::new();
         for (r, part) in desired.specs::<ProvisioningPart>(PROVISIONING) {
             if let Some(source) = part.provisioning.password_source() {

@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::instances::{instances, ObservedInstance};
 use crate::kind::Kind;
 use crate::model::{Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
-use crate::push::send::{record, send, track, Controls, Rollout, Tracked};
+use crate::push::send::{record, send, track_tag, Controls, Rollout, Tracked};
 use crate::push::{self, Prepared};
 
 /// How soon to look again at an instance that is not running yet.
@@ -79,14 +79,7 @@ impl Controller for PrometheusController {
             return Ok(Observed::default());
         }
         let instances = instances(ctx, desired).await?.as_ref().clone();
-        let tag = installed_tag();
-        let tracked = track(
-            ctx,
-            instances
-                .iter()
-                .filter_map(|i| i.tags.get(&tag).map(String::as_str)),
-        )
-        .await?;
+        let tracked = track_tag(ctx, &instances, &installed_tag()).await?;
         Ok(Observed {
             region: ctx.region.clone(),
             instances,

@@ -180,6 +180,21 @@ pub struct Verdict {
     pub failed: BTreeMap<String, String>,
 }
 
+/// [`track`] for the records instances carry in `tag`: the pushes of one bundle running on them.
+pub async fn track_tag(
+    ctx: &Context,
+    instances: &[crate::instances::ObservedInstance],
+    tag: &str,
+) -> Result<Tracked> {
+    track(
+        ctx,
+        instances
+            .iter()
+            .filter_map(|i| i.tags.get(tag).map(String::as_str)),
+    )
+    .await
+}
+
 /// Reads the verdicts of the commands named by these record tag values: one `ListCommands` per
 /// command for a few (or old) ones, else the commands sent since the oldest mark, 50 a page;
 /// only a command that failed somewhere costs a `ListCommandInvocations` for the hosts'
