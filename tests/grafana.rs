@@ -11,7 +11,7 @@ use aws_sdk_autoscaling::types::AutoScalingGroup;
 use aws_sdk_ec2::types::{Filter, IpPermission, IpRange};
 use aws_sdk_elasticloadbalancingv2::types::{Action, ActionTypeEnum, Listener, ProtocolEnum};
 use aws_sdk_ssm::types::ParameterType;
-use stackwarden_emulator::Settings;
+use stackwarden_emulator::{Fault, FaultKind, Settings};
 
 use crate::harness::{
     default_stack, edit, path_str, run_commands, script_files, stackwarden, stackwarden_with,
@@ -583,13 +583,48 @@ async fn grafana_from_empty_then_drift_corrected_and_a_template_change_rolled_ou
     }
     s.run(&["plan"]).expect(0);
 
-    // Removed from the desired state and pruned: everything of it is gone.
+    // Removed from the desired state and pruned: everything of it is gone. The load
+    // balancer's delete fails through all of the SDK's attempts in the pass that deletes the
+    // group, so the next pass must still look for it with no group left.
     std::fs::remove_file(s.dir.path().join("grafana.toml")).unwrap();
+    s.aws.emulator.inject(
+        Fault::on(
+            "elasticloadbalancing",
+            "DeleteLoadBalancer",
+            FaultKind::ServerError { status: 500 },
+        )
+        .times(5),
+    );
     s.run(&["reconcile", "--once", "--prune"]).expect(0);
+    let failed = s
+        .aws
+        .emulator
+        .calls()
+        .iter()
+        .filter(|c| c.operation == "DeleteLoadBalancer" && c.status == 500)
+        .count();
+    assert_eq!(failed, 5, "the fault hit all five attempts of one pass");
     let left = asg.describe_auto_scaling_groups().send().await.unwrap();
     assert!(left.auto_scaling_groups().is_empty());
     let left = elb.describe_load_balancers().send().await.unwrap();
     assert!(left.load_balancers().is_empty());
+    let left = elb.describe_target_groups().send().await.unwrap();
+    assert!(left.target_groups().is_empty());
+    let ec2 = s.aws.ec2().await;
+    let left = ec2.describe_launch_templates().send().await.unwrap();
+    assert!(left.launch_templates().is_empty());
+    let left = ec2
+        .describe_security_groups()
+        .filters(
+            Filter::builder()
+                .name("tag-key")
+                .values("stackwarden:stack")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(left.security_groups().is_empty(), "{left:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

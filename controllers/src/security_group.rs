@@ -217,7 +217,10 @@ pub struct ObservedGroup {
 }
 
 /// Every security group the stack owns, read once per observation for the four kinds.
-async fn stack_groups(ctx: &Context, desired: &DesiredState) -> Result<Vec<ObservedGroup>> {
+pub(crate) async fn stack_groups(
+    ctx: &Context,
+    desired: &DesiredState,
+) -> Result<Vec<ObservedGroup>> {
     let stack = desired.stack_name().to_string();
     // Groups to adopt carry no tag of the stack yet: read by id too (one more call, only while
     // one is not yet adopted).

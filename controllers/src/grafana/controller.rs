@@ -680,6 +680,28 @@ pub(crate) async fn stack_groups(
     Ok((wanted || !groups.is_empty()).then_some(groups))
 }
 
+/// Whether the stack may own load balancers, target groups, listeners or launch templates: a
+/// Grafana table is desired, a group is left, or a security group of a removed table is. A
+/// removed table's parts go in reverse dependency order, its security groups last, and AWS
+/// refuses to delete a group a load balancer or an instance still uses: so while a removed
+/// table's load balancer is left, so is a group that keeps these reads going. (A target group
+/// or template whose delete failed in the very pass its security groups went would be missed;
+/// each is deleted in the first pruning pass, long before its groups are free.) A stack that
+/// never had a Grafana table reads none of them.
+pub(crate) async fn grafana_objects_possible(
+    ctx: &Context,
+    desired: &DesiredState,
+) -> Result<bool> {
+    if stack_groups(ctx, desired).await?.is_some() {
+        return Ok(true);
+    }
+    let stack = desired.stack_name();
+    Ok(crate::security_group::stack_groups(ctx, desired)
+        .await?
+        .iter()
+        .any(|g| owner_id(&g.tags, stack).is_some_and(|id| id.kind == super::SECURITY_GROUP)))
+}
+
 async fn observe_groups(ctx: &Context, stack: &str, adopt: Vec<&str>) -> Result<Vec<ObservedAsg>> {
     let mut groups = Vec::new();
     read_groups(

@@ -13,7 +13,7 @@ use aws_sdk_elasticloadbalancingv2::types::{
     RedirectActionStatusCodeEnum, Tag as ElbTag,
 };
 
-use super::controller::stack_groups;
+use super::controller::grafana_objects_possible;
 use super::{tagged_node, BALANCER, GRAFANA, LISTENER, TARGET_GROUP};
 use crate::controller::Context;
 use crate::desired::{DesiredState, TAG_ID, TAG_STACK};
@@ -118,9 +118,9 @@ pub(crate) struct ElbObjects {
     pub target_groups: Vec<ObservedTargetGroup>,
 }
 
-/// [`ElbObjects`], empty without a Grafana table or a group left (see [`stack_groups`]).
+/// [`ElbObjects`], empty in a stack without Grafana (see [`grafana_objects_possible`]).
 pub(crate) async fn elb_objects(ctx: &Context, desired: &DesiredState) -> Result<Arc<ElbObjects>> {
-    if stack_groups(ctx, desired).await?.is_none() {
+    if !grafana_objects_possible(ctx, desired).await? {
         return Ok(Arc::default());
     }
     ctx.shared("elbv2:DescribeLoadBalancers", || list_elb(ctx, desired))

@@ -27,7 +27,7 @@ use aws_sdk_ec2::types::{
 };
 use base64::Engine as _;
 
-use super::controller::stack_groups;
+use super::controller::grafana_objects_possible;
 use super::{adopted_or_owned, tagged_node, INSTANCES, LAUNCH_TEMPLATE, SECURITY_GROUP};
 use crate::change::FieldChange;
 use crate::controller::Context;
@@ -240,8 +240,8 @@ impl ManagedObject for LaunchTemplate {
         desired: &DesiredState,
     ) -> Result<Vec<ObservedTemplate>> {
         let wanted = desired.of_kind(LAUNCH_TEMPLATE).next().is_some();
-        if !wanted && stack_groups(ctx, desired).await?.is_none() {
-            // No Grafana table and no group left: no template to look for.
+        if !wanted && !grafana_objects_possible(ctx, desired).await? {
+            // A stack without Grafana: no template to look for.
             return Ok(Vec::new());
         }
         let stack = Filter::builder()
