@@ -303,6 +303,9 @@ impl Engine {
             in_sync: Vec::new(),
         };
         let mut failed: BTreeSet<ResourceId> = BTreeSet::new();
+        // The observed values, and those a planned change gives its object's attributes
+        // (a template's next version): what references them is planned as apply will make it.
+        let mut refs = std::borrow::Cow::Borrowed(&obs.refs);
         for id in desired.apply_order() {
             if !obs.scope.resources.contains(id) {
                 continue;
@@ -322,11 +325,15 @@ impl Engine {
                         .expect("found above");
                     Err(Error::Dependency(dep.clone()))
                 }
-                Ok(o) => self.controllers[ci].diff(desired, r, o, &obs.refs),
+                Ok(o) => self.controllers[ci].diff(desired, r, o, &refs),
             };
             match result {
                 Ok(Some(mut c)) => {
                     c.observe_only = r.observe_only;
+                    if !c.outputs.is_empty() && !r.observe_only {
+                        let outputs = refs.to_mut().outputs.entry(id.clone()).or_default();
+                        outputs.extend(c.outputs.clone());
+                    }
                     plan.changes.push((ci, c));
                 }
                 Ok(None) => plan.in_sync.push(id.clone()),

@@ -6,7 +6,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::desired::{DesiredState, Resource};
-use crate::model::{Kind, ResourceId};
+use crate::model::{Kind, Outputs, ResourceId};
 use crate::tags::{owner_id, Tags};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -64,6 +64,11 @@ pub struct Change<Op> {
     pub notes: Vec<String>,
     /// Shown, never applied.
     pub observe_only: bool,
+    /// Attributes the change gives new values, as far as they are known before it is made (a
+    /// launch template's next version): a plan shows what references them with these values,
+    /// as apply will, where it would otherwise show the current ones.
+    #[serde(skip)]
+    pub outputs: Outputs,
     #[serde(skip)]
     pub ops: Vec<Op>,
 }
@@ -77,6 +82,7 @@ impl<Op> Change<Op> {
             fields: Vec::new(),
             notes: Vec::new(),
             observe_only: false,
+            outputs: Outputs::new(),
             ops: Vec::new(),
         }
     }
@@ -155,6 +161,7 @@ impl<Op> Change<Op> {
             fields: self.fields,
             notes: self.notes,
             observe_only: self.observe_only,
+            outputs: self.outputs,
             ops: self.ops.into_iter().map(f).collect(),
         }
     }

@@ -59,6 +59,13 @@ pub enum Readiness {
 /// One in-place change of an object, which also says what it changes (its plan lines).
 pub trait Describe {
     fn fields(&self) -> Vec<FieldChange>;
+
+    /// Attributes of the object this change gives new values that are known before it is
+    /// made (a launch template's next version number): the plan of what references them
+    /// shows these ([`Change::outputs`]).
+    fn outputs(&self) -> Outputs {
+        Outputs::new()
+    }
 }
 
 /// One kind of AWS object.
@@ -483,6 +490,7 @@ impl<K: ManagedObject> Controller for Managed<K> {
         c.notes.extend(self.0.notes(&want, have));
         for change in self.0.diff(&want, have) {
             c.fields.extend(change.fields());
+            c.outputs.extend(change.outputs());
             c.op(Op::Update {
                 have: have.clone(),
                 change,

@@ -125,6 +125,12 @@ impl Describe for TemplateUpdate {
         ));
         fields
     }
+
+    /// The group's plan shows its repin and refresh toward the version made.
+    fn outputs(&self) -> Outputs {
+        let TemplateUpdate::NewVersion { version, .. } = self;
+        Outputs::from([("latest_version".into(), version.to_string())])
+    }
 }
 
 /// What differs between two template versions, by field name, for the plan.
@@ -313,18 +319,6 @@ impl ManagedObject for LaunchTemplate {
             to,
             version: have.latest + 1,
         }]
-    }
-
-    /// A new version replaces the group's instances: the plan says so here, where the version
-    /// is made (the group's own change, planned before it, still shows the current version).
-    fn notes(&self, want: &TemplateWant, have: &ObservedTemplate) -> Vec<String> {
-        if self.diff(want, have).is_empty() {
-            return Vec::new();
-        }
-        vec![format!(
-            "the group is pinned to version {} and one rolling instance refresh replaces its instances",
-            have.latest + 1
-        )]
     }
 
     fn own_tags(&self, want: &TemplateWant) -> Tags {
@@ -671,10 +665,10 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
         assert_eq!((to.ami.as_str(), *version), ("ami-2", 3));
         let fields: Vec<&str> = c.fields.iter().map(|f| f.field.as_str()).collect();
         assert_eq!(fields, ["ami", "version"]);
-        assert!(
-            c.notes[0].contains("one rolling instance refresh replaces its instances"),
-            "{:?}",
-            c.notes
+        assert_eq!(
+            c.outputs,
+            Outputs::from([("latest_version".into(), "3".into())]),
+            "the group plans its repin toward the version made"
         );
     }
 
