@@ -631,6 +631,102 @@ async fn grafana_from_empty_then_drift_corrected_and_a_template_change_rolled_ou
     assert!(left.security_groups().is_empty(), "{left:?}");
 }
 
+/// A create that an earlier run made and AWS lists only a moment later (that run was killed
+/// before it saw the answer): this run read the account before the template existed, so its
+/// own `CreateLaunchTemplate` is refused as a name taken. The template carries the node's own
+/// tags, so the node looks for it again rather than parking as if the name were someone
+/// else's; the next pass finds it and uses it. One template, and the group launches from it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_create_refused_for_a_name_an_earlier_run_made_is_looked_for_again() {
+    use aws_sdk_ec2::types::{RequestLaunchTemplateData, ResourceType, Tag, TagSpecification};
+    let s = setup().await;
+    // The run's create is held at the emulator long enough for the earlier run's to land.
+    s.aws.emulator.inject(
+        Fault::on(
+            "ec2",
+            "CreateLaunchTemplate",
+            FaultKind::Latency { millis: 5000 },
+        )
+        .times(1),
+    );
+    let mut cmd = crate::harness::command(Some(&s.aws.endpoint), &["reconcile", "--once", s.dir()]);
+    // The engine logs what waits, and why, at info.
+    cmd.env("RUST_LOG", "info,aws=warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let mut polls = 0;
+    while s.aws.emulator.fault_hits() == [0] {
+        polls += 1;
+        assert!(polls < 6000, "the run never created its launch template");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let ec2 = s.aws.ec2().await;
+    let tags = [
+        ("stackwarden:stack", "monitoring"),
+        ("stackwarden:id", "grafana.main.launch_template"),
+    ]
+    .map(|(k, v)| Tag::builder().key(k).value(v).build());
+    let earlier = ec2
+        .create_launch_template()
+        .launch_template_name("monitoring-main")
+        .launch_template_data(
+            RequestLaunchTemplateData::builder()
+                .image_id("ami-12c6146b")
+                .build(),
+        )
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::LaunchTemplate)
+                .set_tags(Some(tags.to_vec()))
+                .build(),
+        )
+        .send()
+        .await
+        .expect("the earlier run's create lands before this run's");
+    let earlier = earlier
+        .launch_template()
+        .unwrap()
+        .launch_template_id()
+        .unwrap()
+        .to_string();
+    let out = child.wait_with_output().unwrap();
+    let run = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    run.expect(0);
+    let refused = s
+        .aws
+        .emulator
+        .calls()
+        .iter()
+        .filter(|c| c.operation == "CreateLaunchTemplate" && c.status == 400)
+        .count();
+    assert_eq!(refused, 1, "this run's create was refused as a name taken");
+    assert!(
+        run.stderr.contains(
+            "launch template monitoring-main was made by an earlier run and is not listed yet: looked for again"
+        ),
+        "{}",
+        run.stderr
+    );
+    let templates = ec2.describe_launch_templates().send().await.unwrap();
+    let ids: Vec<&str> = templates
+        .launch_templates()
+        .iter()
+        .filter_map(|t| t.launch_template_id())
+        .collect();
+    assert_eq!(ids, [earlier.as_str()]);
+    let group = s.group().await;
+    assert_eq!(
+        group.launch_template().unwrap().launch_template_id(),
+        Some(earlier.as_str())
+    );
+    s.run(&["plan"]).expect(0);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn http_only_is_a_plan_warning_and_the_password_can_be_a_secret() {
     let s = setup().await;

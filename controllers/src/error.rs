@@ -1,7 +1,7 @@
 //! Typed errors and the one classifier that decides whether an error is worth retrying.
 //!
 //! An AWS error retries unless it is known to be permanent: only the codes listed in
-//! [`PERMANENT_CODES`] (validation, access denied, a name already taken, a quota reached) park a
+//! [`PERMANENT_CODES`] (validation, access denied, a quota reached) and [`NAME_TAKEN_CODES`] park a
 //! resource until its desired state changes. Everything else, an error code this version has
 //! never heard of included, backs off and retries: parking on an unknown code would turn one
 //! odd answer into an outage, while retrying an unfixable call costs a few reads an hour.
@@ -121,6 +121,11 @@ impl Error {
             _ => None,
         }
     }
+
+    /// Whether AWS refused a create because an object of the name exists.
+    pub fn is_name_taken(&self) -> bool {
+        self.code().is_some_and(|c| NAME_TAKEN_CODES.contains(&c))
+    }
 }
 
 const THROTTLING_CODES: &[&str] = &[
@@ -170,17 +175,6 @@ pub const PERMANENT_CODES: &[&str] = &[
     "InvalidClientTokenId",
     "UnrecognizedClientException",
     "OptInRequired",
-    // The name is taken by an object stackwarden does not manage (discovery by tags runs
-    // before every create, so its own objects are never created twice).
-    "EntityAlreadyExists",
-    "AlreadyExists",
-    "AlreadyExistsFault",
-    "DuplicateLoadBalancerName",
-    "DuplicateTargetGroupName",
-    "DuplicateListener",
-    "InvalidGroup.Duplicate",
-    "InvalidLaunchTemplateName.AlreadyExistsException",
-    "ResourceAlreadyExistsException",
     // A quota is reached.
     "LimitExceeded",
     "ServiceQuotaExceededException",
@@ -192,6 +186,23 @@ pub const PERMANENT_CODES: &[&str] = &[
     "TooManyTargetGroups",
     "RulesPerSecurityGroupLimitExceeded",
     "SecurityGroupLimitExceeded",
+];
+
+/// Codes of a create refused because an object of the name exists: permanent when the
+/// object is someone else's. Discovery by tags runs before every create, so stackwarden's own
+/// objects are never created twice; one made by an earlier run that is not yet listed (the
+/// run was killed before it saw the answer) is told apart by its tags ([`Error::is_name_taken`]
+/// and the managed-object layer's look at the named object).
+pub const NAME_TAKEN_CODES: &[&str] = &[
+    "EntityAlreadyExists",
+    "AlreadyExists",
+    "AlreadyExistsFault",
+    "DuplicateLoadBalancerName",
+    "DuplicateTargetGroupName",
+    "DuplicateListener",
+    "InvalidGroup.Duplicate",
+    "InvalidLaunchTemplateName.AlreadyExistsException",
+    "ResourceAlreadyExistsException",
 ];
 
 /// Errors whose code is a validation code but that AWS answers for a few seconds after a
@@ -239,7 +250,8 @@ pub fn classify_service_message(
     if THROTTLING_CODES.contains(&code) {
         return ErrorClass::Throttled;
     }
-    if PERMANENT_CODES.contains(&code) && !propagating(code, message) {
+    let permanent = PERMANENT_CODES.contains(&code) || NAME_TAKEN_CODES.contains(&code);
+    if permanent && !propagating(code, message) {
         ErrorClass::Terminal
     } else {
         ErrorClass::Retryable

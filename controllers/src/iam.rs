@@ -853,6 +853,19 @@ impl ManagedObject for Role {
         want.name.clone()
     }
 
+    async fn named_tags(&self, ctx: &Context, want: &RoleWant) -> Result<Option<Tags>> {
+        match ctx.iam.get_role().role_name(&want.name).send().await {
+            Ok(out) => Ok(out.role().map(|r| tag_map(r.tags()))),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_no_such_entity_exception()) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(aws_error("iam", "GetRole")(e)),
+        }
+    }
+
     /// The role with its tags, then its inline and managed policies: a crash in between leaves
     /// a role the next pass finds and completes.
     async fn create(&self, ctx: &Context, want: &RoleWant, tags: &Tags) -> Result<Outputs> {
@@ -1206,6 +1219,36 @@ impl ManagedObject for Policy {
         want.name.clone()
     }
 
+    /// The account's policies on the policy's path, for its ARN, then its tags.
+    async fn named_tags(&self, ctx: &Context, want: &PolicyWant) -> Result<Option<Tags>> {
+        let mut pages = ctx
+            .iam
+            .list_policies()
+            .scope(aws_sdk_iam::types::PolicyScopeType::Local)
+            .path_prefix(&want.path)
+            .into_paginator()
+            .send();
+        let mut arn = None;
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(aws_error("iam", "ListPolicies"))?;
+            arn = arn.or_else(|| {
+                page.policies()
+                    .iter()
+                    .find(|p| p.policy_name() == Some(want.name.as_str()))
+                    .and_then(|p| p.arn().map(str::to_string))
+            });
+        }
+        let Some(arn) = arn else { return Ok(None) };
+        let out = ctx
+            .iam
+            .list_policy_tags()
+            .policy_arn(arn)
+            .send()
+            .await
+            .map_err(aws_error("iam", "ListPolicyTags"))?;
+        Ok(Some(tag_map(out.tags())))
+    }
+
     async fn create(&self, ctx: &Context, want: &PolicyWant, tags: &Tags) -> Result<Outputs> {
         let out = ctx
             .iam
@@ -1457,6 +1500,25 @@ impl ManagedObject for InstanceProfile {
 
     fn label(&self, want: &ProfileWant) -> String {
         want.name.clone()
+    }
+
+    async fn named_tags(&self, ctx: &Context, want: &ProfileWant) -> Result<Option<Tags>> {
+        let out = ctx
+            .iam
+            .get_instance_profile()
+            .instance_profile_name(&want.name)
+            .send()
+            .await;
+        match out {
+            Ok(out) => Ok(out.instance_profile().map(|p| tag_map(p.tags()))),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_no_such_entity_exception()) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(aws_error("iam", "GetInstanceProfile")(e)),
+        }
     }
 
     async fn create(&self, ctx: &Context, want: &ProfileWant, tags: &Tags) -> Result<Outputs> {

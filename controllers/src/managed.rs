@@ -188,6 +188,13 @@ pub trait ManagedObject: Send + Sync + 'static {
     /// The object's name in a create's plan line (`workspace <alias>`).
     fn label(&self, want: &Self::Desired) -> String;
 
+    /// The tags of the object of `want`'s name, read directly (not from the pass's listing);
+    /// `None` when there is none, or for a kind whose names are not unique. Asked only after a
+    /// create was refused as a name taken ([`name_taken`]).
+    async fn named_tags(&self, _ctx: &Context, _want: &Self::Desired) -> Result<Option<Tags>> {
+        Ok(None)
+    }
+
     /// Creates the object with its tags in the same call. Returns its attributes.
     async fn create(&self, ctx: &Context, want: &Self::Desired, tags: &Tags) -> Result<Outputs>;
 
@@ -301,6 +308,30 @@ fn deleted(noun: &str, id: &str, result: Result<()>) -> Result<()> {
             IN_USE,
         )),
         other => other,
+    }
+}
+
+/// How long before looking again for an object an earlier run made that is not yet listed.
+const NOT_YET_LISTED: Duration = Duration::from_secs(2);
+
+/// What a create refused as a name taken means, given the tags of the object of that name
+/// (`found`, read directly after the refusal): one carrying the node's own ownership tags was
+/// made by an earlier run (killed before it saw the answer) and is not yet in the listing the
+/// pass read, so it is looked for again; anyone else's, or one that could not be read, is the
+/// error.
+pub fn name_taken(what: &str, found: Option<&Tags>, tags: &Tags, e: Error) -> Error {
+    let ours = found.is_some_and(|found| {
+        [TAG_STACK, TAG_ID]
+            .iter()
+            .all(|k| found.get(*k).is_some() && found.get(*k) == tags.get(*k))
+    });
+    if ours {
+        Error::waiting(
+            format!("{what} was made by an earlier run and is not listed yet: looked for again"),
+            NOT_YET_LISTED,
+        )
+    } else {
+        e
     }
 }
 
@@ -544,7 +575,15 @@ impl<K: ManagedObject> Controller for Managed<K> {
     async fn apply(&self, ctx: &Context, op: &Op<K>) -> Result<Option<Outputs>> {
         match op {
             Op::Create { want, tags } => {
-                let outputs = self.0.create(ctx, want, tags).await?;
+                let outputs = match self.0.create(ctx, want, tags).await {
+                    Ok(outputs) => outputs,
+                    Err(e) if e.is_name_taken() => {
+                        let found = self.0.named_tags(ctx, want).await.ok().flatten();
+                        let what = format!("{} {}", K::NOUN, self.0.label(want));
+                        return Err(name_taken(&what, found.as_ref(), tags, e));
+                    }
+                    Err(e) => return Err(e),
+                };
                 tracing::info!(object = K::NOUN, "created");
                 return Ok(Some(outputs));
             }
@@ -572,6 +611,41 @@ mod tests {
             class: ErrorClass::Terminal,
             message: format!("{code}: resource sg-1 has a dependent object"),
         }
+    }
+
+    #[test]
+    fn a_name_taken_by_the_nodes_own_object_is_waiting_and_by_anyone_elses_the_error() {
+        let taken = || aws("InvalidLaunchTemplateName.AlreadyExistsException");
+        let tags = Tags::from([
+            (TAG_STACK.to_string(), "s".to_string()),
+            (
+                TAG_ID.to_string(),
+                "grafana.main.launch_template".to_string(),
+            ),
+            ("Team".to_string(), "obs".to_string()),
+        ]);
+        // Made by an earlier run: the ownership tags match (the others need not).
+        let mut found = tags.clone();
+        found.remove("Team");
+        let e = name_taken("launch template s-main", Some(&found), &tags, taken());
+        assert_eq!(e.class(), ErrorClass::Waiting);
+        assert_eq!(e.retry_after(), Some(NOT_YET_LISTED));
+        assert!(e.to_string().contains("made by an earlier run"), "{e}");
+        // Another node's, another stack's, an untagged one, or none read: the error stays.
+        for other in [(TAG_ID, "grafana.other.launch_template"), (TAG_STACK, "t")] {
+            let mut found = tags.clone();
+            found.insert(other.0.to_string(), other.1.to_string());
+            let e = name_taken("launch template s-main", Some(&found), &tags, taken());
+            assert_eq!(e.class(), ErrorClass::Terminal, "{other:?}");
+        }
+        let e = name_taken("launch template s-main", Some(&Tags::new()), &tags, taken());
+        assert_eq!(e.class(), ErrorClass::Terminal);
+        let e = name_taken("launch template s-main", None, &tags, taken());
+        assert_eq!(
+            e.code(),
+            Some("InvalidLaunchTemplateName.AlreadyExistsException")
+        );
+        assert_eq!(e.class(), ErrorClass::Terminal);
     }
 
     #[test]

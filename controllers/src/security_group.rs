@@ -236,7 +236,7 @@ pub(crate) async fn stack_groups(
                 .name(format!("tag:{TAG_STACK}"))
                 .values(stack)
                 .build();
-            let mut groups = read_groups(ctx, filter).await?;
+            let mut groups = read_groups(ctx, vec![filter]).await?;
             // Once adopted, a group carries the stack's tag: no read by id any more.
             let adopted: Vec<String> = adopted
                 .into_iter()
@@ -247,7 +247,7 @@ pub(crate) async fn stack_groups(
                     .name("group-id")
                     .set_values(Some(adopted))
                     .build();
-                for g in read_groups(ctx, by_id).await? {
+                for g in read_groups(ctx, vec![by_id]).await? {
                     if !groups.iter().any(|have| have.id == g.id) {
                         groups.push(g);
                     }
@@ -260,12 +260,12 @@ pub(crate) async fn stack_groups(
 }
 
 /// The security groups `filter` selects, with their ingress rules one source per rule.
-async fn read_groups(ctx: &Context, filter: Filter) -> Result<Vec<ObservedGroup>> {
+async fn read_groups(ctx: &Context, filters: Vec<Filter>) -> Result<Vec<ObservedGroup>> {
     let mut groups = Vec::new();
     let mut pages = ctx
         .ec2
         .describe_security_groups()
-        .filters(filter)
+        .set_filters(Some(filters))
         .into_paginator()
         .send();
     while let Some(page) = pages.next().await {
@@ -486,6 +486,18 @@ impl<T: Table> ManagedObject for SecurityGroup<T> {
 
     fn label(&self, want: &GroupWant) -> String {
         want.name.clone()
+    }
+
+    /// A group's name is unique in its VPC.
+    async fn named_tags(&self, ctx: &Context, want: &GroupWant) -> Result<Option<Tags>> {
+        let vpc = match &want.vpc {
+            Some(vpc) => vpc.clone(),
+            None => locate_subnet(ctx, want.subnet.as_deref()).await?.1,
+        };
+        let filters = [("group-name", &want.name), ("vpc-id", &vpc)]
+            .map(|(name, value)| Filter::builder().name(name).values(value).build());
+        let groups = read_groups(ctx, filters.to_vec()).await?;
+        Ok(groups.into_iter().next().map(|g| g.tags))
     }
 
     async fn create(&self, ctx: &Context, want: &GroupWant, tags: &Tags) -> Result<Outputs> {

@@ -22,7 +22,8 @@ use aws_sdk_elasticloadbalancingv2::types::{
 };
 
 use super::elb::{
-    elb_name, elb_objects, elb_tags, remove_elb_tags, set_elb_tags, ObservedBalancer,
+    elb_name, elb_objects, elb_tags, named_balancer_tags, remove_elb_tags, set_elb_tags,
+    ObservedBalancer,
 };
 use super::{adopted_or_owned, tagged_node, ALB, BALANCER, SECURITY_GROUP};
 use crate::change::FieldChange;
@@ -266,6 +267,10 @@ impl ManagedObject for LoadBalancer {
 
     fn label(&self, want: &BalancerWant) -> String {
         want.name.clone()
+    }
+
+    async fn named_tags(&self, ctx: &Context, want: &BalancerWant) -> Result<Option<Tags>> {
+        named_balancer_tags(ctx, &want.name).await
     }
 
     async fn create(&self, ctx: &Context, want: &BalancerWant, tags: &Tags) -> Result<Outputs> {

@@ -35,7 +35,7 @@ use crate::change::{removal, Action, Change};
 use crate::controller::{Context, Controller};
 use crate::desired::{parse_duration, DesiredState, Resource, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
-use crate::managed::is_gone;
+use crate::managed::{is_gone, name_taken};
 use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
 use crate::tags::{self, owner_id, Tags};
 
@@ -936,11 +936,10 @@ async fn create(ctx: &Context, c: &Create) -> Result<Outputs> {
     Ok(Outputs::from([("asg_name".into(), c.name.clone())]))
 }
 
-/// What a create answered `AlreadyExists` means: a group of the name this node made (an
-/// earlier run's create, answered after that run stopped, and not yet in the group listing
-/// the pass read) is looked for again; anyone else's is the error.
+/// What a create answered `AlreadyExists` means ([`name_taken`]): the tags of the group of
+/// the name decide.
 async fn already_made(ctx: &Context, c: &Create, e: Error) -> Error {
-    if e.code() != Some("AlreadyExists") {
+    if !e.is_name_taken() {
         return e;
     }
     let out = ctx
@@ -949,33 +948,21 @@ async fn already_made(ctx: &Context, c: &Create, e: Error) -> Error {
         .auto_scaling_group_names(&c.name)
         .send()
         .await;
-    let Ok(out) = out else { return e };
-    let ours = out.auto_scaling_groups().iter().any(|g| {
-        let tags: Tags = g
-            .tags()
-            .iter()
-            .map(|t| {
-                (
-                    t.key().unwrap_or_default().to_string(),
-                    t.value().unwrap_or_default().to_string(),
-                )
-            })
-            .collect();
-        [TAG_STACK, crate::desired::TAG_ID]
-            .iter()
-            .all(|k| tags.get(*k) == c.tags.get(*k))
-    });
-    if ours {
-        Error::waiting(
-            format!(
-                "group {} was made by an earlier run and is not listed yet: looked for again",
-                c.name
-            ),
-            std::time::Duration::from_secs(2),
+    let found: Option<Tags> = out.ok().and_then(|out| {
+        let g = out.auto_scaling_groups().first()?;
+        Some(
+            g.tags()
+                .iter()
+                .map(|t| {
+                    (
+                        t.key().unwrap_or_default().to_string(),
+                        t.value().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect(),
         )
-    } else {
-        e
-    }
+    });
+    name_taken(&format!("group {}", c.name), found.as_ref(), &c.tags, e)
 }
 
 async fn attach_target_group(ctx: &Context, group: &str, target_group: &str) -> Result<()> {

@@ -18,8 +18,8 @@ use async_trait::async_trait;
 use aws_sdk_elasticloadbalancingv2::types::{Matcher, ProtocolEnum, TargetTypeEnum};
 
 use super::elb::{
-    elb_name, elb_objects, elb_tags, remove_elb_tags, set_elb_tags, HealthCheck,
-    ObservedTargetGroup,
+    elb_name, elb_objects, elb_tags, named_target_group_tags, remove_elb_tags, set_elb_tags,
+    HealthCheck, ObservedTargetGroup,
 };
 use super::{adopted_or_owned, tagged_node, TARGET_GROUP};
 use crate::change::FieldChange;
@@ -161,6 +161,10 @@ impl ManagedObject for TargetGroup {
 
     fn label(&self, want: &TargetGroupWant) -> String {
         want.name.clone()
+    }
+
+    async fn named_tags(&self, ctx: &Context, want: &TargetGroupWant) -> Result<Option<Tags>> {
+        named_target_group_tags(ctx, &want.name).await
     }
 
     async fn create(&self, ctx: &Context, want: &TargetGroupWant, tags: &Tags) -> Result<Outputs> {

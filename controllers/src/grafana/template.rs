@@ -336,6 +336,21 @@ impl ManagedObject for LaunchTemplate {
         want.name.clone()
     }
 
+    async fn named_tags(&self, ctx: &Context, want: &TemplateWant) -> Result<Option<Tags>> {
+        let name = Filter::builder()
+            .name("launch-template-name")
+            .values(&want.name)
+            .build();
+        let out = ctx
+            .ec2
+            .describe_launch_templates()
+            .filters(name)
+            .send()
+            .await
+            .map_err(aws_error("ec2", "DescribeLaunchTemplates"))?;
+        Ok(out.launch_templates().first().map(|t| tag_map(t.tags())))
+    }
+
     async fn create(&self, ctx: &Context, want: &TemplateWant, tags: &Tags) -> Result<Outputs> {
         let mut data = want.data.clone();
         if data.ami.starts_with(RESOLVE) {

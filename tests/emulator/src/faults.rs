@@ -134,6 +134,11 @@ impl Faults {
         self.rules.iter().map(|(f, _, _)| f.clone()).collect()
     }
 
+    /// How many calls each fault has hit, in the order they were added.
+    pub fn hits(&self) -> Vec<u32> {
+        self.rules.iter().map(|(_, _, hits)| *hits).collect()
+    }
+
     /// The fault, if any, for one call: the first rule that matches and fires.
     pub fn pick(&mut self, service: &str, operation: &str, write: bool) -> Option<Outcome> {
         for (fault, skipped, hits) in &mut self.rules {

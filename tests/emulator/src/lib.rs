@@ -329,6 +329,12 @@ impl Emulator {
         lock(&self.state.faults).add(fault);
     }
 
+    /// How many calls each fault has hit so far, in the order they were added. A fault decides
+    /// as a call arrives, so a test can wait on this for a call a latency fault holds.
+    pub fn fault_hits(&self) -> Vec<u32> {
+        lock(&self.state.faults).hits()
+    }
+
     /// Removes every fault.
     pub fn clear_faults(&self) {
         lock(&self.state.faults).clear();
