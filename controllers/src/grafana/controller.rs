@@ -28,12 +28,11 @@ use aws_sdk_autoscaling::types::{
     RefreshStrategy, Tag as AsgTag,
 };
 
-use super::elb::HealthCheck;
-use super::GrafanaSpec;
+use super::{seconds, GrafanaSpec};
 use super::{GRAFANA, LAUNCH_TEMPLATE, TARGET_GROUP};
 use crate::change::{removal, Action, Change};
 use crate::controller::{Context, Controller};
-use crate::desired::{parse_duration, DesiredState, Resource, TAG_STACK};
+use crate::desired::{DesiredState, Resource, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
 use crate::managed::{is_gone, name_taken};
 use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
@@ -190,23 +189,6 @@ pub enum Refresh {
 
 // ---------------------------------------------------------------------------------------------
 // Desired values
-
-pub(super) fn seconds(d: &Option<toml::Spanned<String>>, default: u64) -> i32 {
-    d.as_ref()
-        .and_then(|d| parse_duration(d.get_ref()).ok())
-        .map_or(default, |d| d.as_secs()) as i32
-}
-
-pub(super) fn health(s: &GrafanaSpec) -> HealthCheck {
-    let tg = &s.target_group;
-    HealthCheck {
-        path: tg.health_check_path.clone(),
-        interval: seconds(&tg.health_check_interval, 30),
-        timeout: seconds(&tg.health_check_timeout, 5),
-        healthy: tg.healthy_threshold,
-        unhealthy: tg.unhealthy_threshold,
-    }
-}
 
 fn sizes(s: &GrafanaSpec, refs: &Refs) -> Sizes {
     Sizes {

@@ -2,8 +2,8 @@
 //! load balancer, listener and target group nodes ([`elb_objects`]), and the writes they share.
 //!
 //! Load balancers and target groups are listed by the stack's name prefix (and by the ARNs the
-//! tables adopt), then their tags read in one batch; each load balancer's attributes and
-//! listeners, and the listeners' tags, follow.
+//! tables adopt), each such load balancer's listeners read, then the tags of all three in one
+//! batch (20 a call); the attributes follow for the load balancers the stack owns.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use aws_sdk_elasticloadbalancingv2::types::{
 };
 
 use super::controller::grafana_objects_possible;
-use super::{tagged_node, BALANCER, GRAFANA, LISTENER, TARGET_GROUP};
+use super::{seconds, tagged_node, GrafanaSpec, BALANCER, GRAFANA, LISTENER, TARGET_GROUP};
 use crate::controller::Context;
 use crate::desired::{DesiredState, TAG_ID, TAG_STACK};
 use crate::error::{aws_error, Error, Result};
@@ -43,6 +43,20 @@ pub struct HealthCheck {
     pub timeout: i32,
     pub healthy: i32,
     pub unhealthy: i32,
+}
+
+impl HealthCheck {
+    /// The target group's health check a Grafana table asks for, with its defaults.
+    pub fn of(s: &GrafanaSpec) -> HealthCheck {
+        let tg = &s.target_group;
+        HealthCheck {
+            path: tg.health_check_path.clone(),
+            interval: seconds(&tg.health_check_interval, 30),
+            timeout: seconds(&tg.health_check_timeout, 5),
+            healthy: tg.healthy_threshold,
+            unhealthy: tg.unhealthy_threshold,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -196,10 +210,30 @@ async fn list_elb(ctx: &Context, desired: &DesiredState) -> Result<ElbObjects> {
             });
         }
     }
+    // The listeners of every load balancer of the stack's names, so one `DescribeTags` reads
+    // the tags of all three kinds (a load balancer of another stack sharing the name prefix
+    // costs one listener read more; its listeners are dropped with it below).
+    let mut listeners = Vec::new();
+    for b in &balancers {
+        listeners.extend(
+            read_listeners(ctx, &b.arn)
+                .await?
+                .into_iter()
+                .map(|(arn, spec)| ObservedListener {
+                    arn,
+                    balancer: b.arn.clone(),
+                    balancer_node: None,
+                    spec,
+                    tags: Tags::new(),
+                    claim: None,
+                }),
+        );
+    }
     let arns: Vec<String> = balancers
         .iter()
         .map(|b| b.arn.clone())
         .chain(target_groups.iter().map(|t| t.arn.clone()))
+        .chain(listeners.iter().map(|l| l.arn.clone()))
         .collect();
     let mut all_tags = elb_tags_of(ctx, &arns).await?;
     let stack = desired.stack_name();
@@ -214,28 +248,15 @@ async fn list_elb(ctx: &Context, desired: &DesiredState) -> Result<ElbObjects> {
         b.tags = all_tags.remove(&b.arn).unwrap_or_default();
         ours(&b.tags) || adopt.contains(b.arn.as_str())
     });
-    let mut listeners = Vec::new();
     for b in &mut balancers {
         read_attributes(ctx, b).await?;
-        let node = balancer_node(desired, b);
-        listeners.extend(
-            read_listeners(ctx, &b.arn)
-                .await?
-                .into_iter()
-                .map(|(arn, spec)| ObservedListener {
-                    arn,
-                    balancer: b.arn.clone(),
-                    balancer_node: node.clone(),
-                    spec,
-                    tags: Tags::new(),
-                    claim: None,
-                }),
-        );
     }
-    let arns: Vec<String> = listeners.iter().map(|l| l.arn.clone()).collect();
-    let mut listener_tags = elb_tags_of(ctx, &arns).await?;
-    for l in &mut listeners {
-        l.tags = listener_tags.remove(&l.arn).unwrap_or_default();
+    listeners.retain_mut(|l| {
+        let Some(b) = balancers.iter().find(|b| b.arn == l.balancer) else {
+            return false;
+        };
+        l.balancer_node = balancer_node(desired, b);
+        l.tags = all_tags.remove(&l.arn).unwrap_or_default();
         if !l.tags.contains_key(TAG_STACK) {
             l.claim = l.balancer_node.as_ref().map(|b| {
                 Tags::from([
@@ -247,7 +268,8 @@ async fn list_elb(ctx: &Context, desired: &DesiredState) -> Result<ElbObjects> {
                 ])
             });
         }
-    }
+        true
+    });
     Ok(ElbObjects {
         balancers,
         listeners,

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::desired::{
-    check_duration, check_tags, DesiredState, KindSpec, Resource, Spec, Validator,
+    check_duration, check_tags, parse_duration, DesiredState, KindSpec, Resource, Spec, Validator,
 };
 use crate::kind::{schema, Form, Kind, KindDef};
 use crate::managed::Managed;
@@ -366,6 +366,13 @@ fn three() -> i32 {
     3
 }
 
+/// A duration of the table in whole seconds (validated offline), or the default.
+fn seconds(d: &Option<Spanned<String>>, default: u64) -> i32 {
+    d.as_ref()
+        .and_then(|d| parse_duration(d.get_ref()).ok())
+        .map_or(default, |d| d.as_secs()) as i32
+}
+
 /// What is pushed to the instances over SSM.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -504,7 +511,7 @@ impl KindSpec for GrafanaSpec {
             observe_only: table.observe_only,
             spec: Spec::new(target_group::TargetGroupPart {
                 port: i32::from(tg.port),
-                health: controller::health(self),
+                health: elb::HealthCheck::of(self),
                 vpc: self.alb.vpc.clone(),
                 subnet: self.alb.subnets.first().cloned(),
             }),
@@ -552,7 +559,7 @@ impl KindSpec for GrafanaSpec {
             Spec::new(balancer::BalancerPart {
                 scheme: self.alb.scheme.clone(),
                 subnets: self.alb.subnets.clone(),
-                idle_timeout: controller::seconds(&self.alb.idle_timeout, 60),
+                idle_timeout: seconds(&self.alb.idle_timeout, 60),
                 deletion_protection: self.alb.deletion_protection,
                 tags: tags.clone(),
             }),
