@@ -22,8 +22,8 @@ use crate::error::Result;
 use crate::host::HostSpec;
 use crate::kind::{schema, Form, Kind, KindDef};
 use crate::model::{Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
-use crate::push::send::{record, send, track, Controls, Rollout, Tracked};
-use crate::push::{shell_quote, Bundle, Content, File, Prepared};
+use crate::push::send::{track, Controls, Op, Rollout, Tracked};
+use crate::push::{shell_quote, Bundle, Content, File};
 
 static HOST_CONFIG_KIND: KindDef = KindDef {
     path: "host_config",
@@ -240,21 +240,6 @@ pub struct Observed {
     pub tracked: Tracked,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum Op {
-    /// Sends the bundle to the instances that lack it.
-    Push {
-        push: Prepared,
-        instances: Vec<String>,
-        controls: Controls,
-    },
-    /// Records on the instances that they installed the bundle (their command succeeded).
-    Record {
-        push: Prepared,
-        instances: Vec<String>,
-    },
-}
-
 pub struct HostConfigController;
 
 #[async_trait]
@@ -428,7 +413,7 @@ impl Controller for HostConfigController {
         );
         c.op(Op::Push {
             push: prepared,
-            instances: stale,
+            instances: Some(stale),
             controls: Controls {
                 max_concurrency: s.max_concurrency.clone(),
                 max_errors: s.max_errors.clone(),
@@ -443,15 +428,7 @@ impl Controller for HostConfigController {
     }
 
     async fn apply(&self, ctx: &Context, op: &Op) -> Result<Option<Outputs>> {
-        match op {
-            Op::Push {
-                push,
-                instances,
-                controls,
-            } => send(ctx, push, instances, controls).await?,
-            Op::Record { push, instances } => record(ctx, push, instances).await?,
-        }
-        Ok(None)
+        op.apply(ctx).await.map(|()| None)
     }
 }
 
@@ -514,7 +491,9 @@ mod tests {
         instances[1].stack = Some("other".into());
         let c = diff(&o).unwrap();
         let [Op::Push {
-            instances, push, ..
+            instances: Some(instances),
+            push,
+            ..
         }] = &c.ops[..]
         else {
             panic!("{:?}", c.ops)
@@ -536,7 +515,11 @@ mod tests {
     fn only_instances_lacking_the_hash_get_the_push() {
         let hash = spec().bundle("node_exporter", &Refs::default()).hash();
         let c = diff(&fleet(&[Some(&hash), None, Some("old")])).unwrap();
-        let [Op::Push { instances, .. }] = &c.ops[..] else {
+        let [Op::Push {
+            instances: Some(instances),
+            ..
+        }] = &c.ops[..]
+        else {
             panic!()
         };
         assert_eq!(instances, &["i-1", "i-2"]);
@@ -548,7 +531,11 @@ mod tests {
     fn an_instance_a_verify_found_changed_is_pushed_again_and_plan_says_why() {
         let hash = spec().bundle("node_exporter", &Refs::default()).hash();
         let c = diff(&fleet(&[Some(&hash), Some(crate::verify::DRIFTED)])).unwrap();
-        let [Op::Push { instances, .. }] = &c.ops[..] else {
+        let [Op::Push {
+            instances: Some(instances),
+            ..
+        }] = &c.ops[..]
+        else {
             panic!("{:?}", c.ops)
         };
         assert_eq!(instances, &["i-1"]);

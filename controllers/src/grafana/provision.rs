@@ -36,8 +36,8 @@ use crate::error::{aws_error, Error, ErrorClass, Result};
 use crate::instances::{instances, ObservedInstance};
 use crate::kind::Kind;
 use crate::model::{Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
-use crate::push::send::{record, send, track_tag, Controls, Rollout, Tracked};
-use crate::push::{self, Prepared};
+use crate::push;
+use crate::push::send::{track_tag, Controls, Op, Rollout, Tracked};
 
 /// How soon to look again at a group whose instances are launching.
 const LAUNCHING: Duration = Duration::from_secs(10);
@@ -56,21 +56,6 @@ pub struct Observed {
     /// The verdicts of the pushes running on them.
     pub tracked: Tracked,
     pub passwords: BTreeMap<ResourceId, std::result::Result<PasswordVersion, Error>>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Op {
-    /// Sends the bundle to the instances; `None` while the group is not made yet (a plan made
-    /// before it): applying it then waits.
-    Push {
-        instances: Option<Vec<String>>,
-        push: Prepared,
-    },
-    /// Records on the instances that they installed the bundle (their command succeeded).
-    Record {
-        instances: Vec<String>,
-        push: Prepared,
-    },
 }
 
 pub struct ProvisioningController;
@@ -144,8 +129,9 @@ impl Controller for ProvisioningController {
             c.field("provisioning", None, Some(p.short_hash()));
             password_field(&mut c);
             c.op(Op::Push {
-                instances: None,
                 push: p,
+                instances: None,
+                controls: controls(),
             });
             return Ok(Some(c));
         };
@@ -176,8 +162,8 @@ impl Controller for ProvisioningController {
                 Some(format!("installed {}", p.short_hash())),
             );
             c.op(Op::Record {
-                instances: rollout.record.clone(),
                 push: p.clone(),
+                instances: rollout.record.clone(),
             });
         }
         if !rollout.send.is_empty() {
@@ -193,8 +179,9 @@ impl Controller for ProvisioningController {
             );
             password_field(&mut c);
             c.op(Op::Push {
-                instances: Some(rollout.send),
                 push: p,
+                instances: Some(rollout.send),
+                controls: controls(),
             });
             return Ok(Some(c));
         }
@@ -227,33 +214,15 @@ impl Controller for ProvisioningController {
     }
 
     async fn apply(&self, ctx: &Context, op: &Op) -> Result<Option<Outputs>> {
-        match op {
-            Op::Push {
-                instances: None,
-                push,
-            } => {
-                return Err(Error::waiting(
-                    format!(
-                        "provisioning {} waits for the group's instances to run",
-                        push.short_hash()
-                    ),
-                    LAUNCHING,
-                ))
-            }
-            Op::Push {
-                instances: Some(instances),
-                push,
-            } => {
-                let controls = Controls {
-                    // Grafana restarts: half the group at a time keeps it serving.
-                    max_concurrency: "50%".into(),
-                    max_errors: "0".into(),
-                };
-                send(ctx, push, instances, &controls).await?
-            }
-            Op::Record { instances, push } => record(ctx, push, instances).await?,
-        }
-        Ok(None)
+        op.apply(ctx).await.map(|()| None)
+    }
+}
+
+/// Grafana restarts as it is provisioned: half the group at a time keeps it serving.
+fn controls() -> Controls {
+    Controls {
+        max_concurrency: "50%".into(),
+        max_errors: "0".into(),
     }
 }
 

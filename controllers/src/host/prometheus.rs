@@ -23,8 +23,8 @@ use crate::error::{Error, Result};
 use crate::instances::{instances, ObservedInstance};
 use crate::kind::Kind;
 use crate::model::{Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
-use crate::push::send::{record, send, track_tag, Controls, Rollout, Tracked};
-use crate::push::{self, Prepared};
+use crate::push;
+use crate::push::send::{track_tag, Controls, Op, Rollout, Tracked};
 
 /// How soon to look again at an instance that is not running yet.
 const STARTING: std::time::Duration = std::time::Duration::from_secs(5);
@@ -43,18 +43,6 @@ pub struct Observed {
     pub instances: Vec<ObservedInstance>,
     /// The verdicts of the pushes running on the instances.
     pub tracked: Tracked,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum Op {
-    /// Sends the bundle to the instance; `None` while the instance is not known (a plan made
-    /// before the launch): applying it then waits.
-    Push {
-        instance: Option<String>,
-        push: Prepared,
-    },
-    /// Records that the instance installed the bundle (its command succeeded).
-    Record { instance: String, push: Prepared },
 }
 
 /// Instance tag: the sha256 of the bundle installed on the host.
@@ -112,8 +100,9 @@ impl Controller for PrometheusController {
             c.field("instance", None, Some(KNOWN_AFTER_APPLY.into()));
             c.field("prometheus", None, Some(p.short_hash()));
             c.op(Op::Push {
-                instance: None,
                 push: p,
+                instances: None,
+                controls: Controls::default(),
             });
             return Ok(Some(c));
         };
@@ -140,14 +129,15 @@ impl Controller for PrometheusController {
         if !rollout.record.is_empty() {
             c.field("prometheus", shown, Some(p.short_hash()));
             c.op(Op::Record {
-                instance: instance.clone(),
                 push: p,
+                instances: vec![instance.clone()],
             });
         } else if !rollout.send.is_empty() {
             c.field("prometheus", shown, Some(p.short_hash()));
             c.op(Op::Push {
-                instance: Some(instance.clone()),
                 push: p,
+                instances: Some(vec![instance.clone()]),
+                controls: Controls::default(),
             });
         } else if let Some(e) = rollout.failure(&p, 1).or_else(|| rollout.waiting(&p)) {
             return Err(e);
@@ -160,36 +150,7 @@ impl Controller for PrometheusController {
     }
 
     async fn apply(&self, ctx: &Context, op: &Op) -> Result<Option<Outputs>> {
-        match op {
-            Op::Push {
-                instance: None,
-                push,
-            } => {
-                return Err(Error::waiting(
-                    format!(
-                        "config {} waits for the host's instance to run",
-                        push.short_hash()
-                    ),
-                    STARTING,
-                ))
-            }
-            Op::Push {
-                instance: Some(instance),
-                push,
-            } => {
-                send(
-                    ctx,
-                    push,
-                    std::slice::from_ref(instance),
-                    &Controls::default(),
-                )
-                .await?
-            }
-            Op::Record { instance, push } => {
-                record(ctx, push, std::slice::from_ref(instance)).await?
-            }
-        }
-        Ok(None)
+        op.apply(ctx).await.map(|()| None)
     }
 }
 
@@ -254,13 +215,14 @@ prometheus = { scrape_interval = "30s" }
             .unwrap();
         assert_eq!(c.action, Action::Create);
         let [Op::Push {
-            instance: Some(instance),
+            instances: Some(instances),
             push,
+            ..
         }] = &c.ops[..]
         else {
             panic!("{:?}", c.ops)
         };
-        assert_eq!(instance, "i-1");
+        assert_eq!(instances, &["i-1"]);
         let installed = running([(installed_tag(), push.hash.clone())].into());
         assert!(diff(&installed, &refs()).unwrap().is_none());
         let older = running([(installed_tag(), "0".repeat(64))].into());
@@ -277,7 +239,13 @@ prometheus = { scrape_interval = "30s" }
             .unwrap();
         assert_eq!(c.action, Action::Create);
         assert!(
-            matches!(&c.ops[..], [Op::Push { instance: None, .. }]),
+            matches!(
+                &c.ops[..],
+                [Op::Push {
+                    instances: None,
+                    ..
+                }]
+            ),
             "{:?}",
             c.ops
         );

@@ -6,6 +6,9 @@
 //! to the commands sent since the oldest mark, 50 a page, and only for commands with failures
 //! `ListCommandInvocations` for the hosts' output; never one call per host), then record the
 //! bundle's hash on the instances that installed it, so later passes send them nothing.
+//!
+//! Every kind that pushes (a host's Prometheus config, a Grafana group's provisioning, a
+//! `host_config`) decides from [`Rollout`] what a pass does, and writes with one [`Op`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -40,12 +43,57 @@ impl Default for Controls {
     }
 }
 
+/// The writes of every kind that pushes files to instances.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Sends the bundle to the instances that lack it ([`send`]). `None` while they are not
+    /// known (a plan made before the host or group exists): applying it then waits for them.
+    Push {
+        push: Prepared,
+        instances: Option<Vec<String>>,
+        controls: Controls,
+    },
+    /// Records on the instances that they installed the bundle: their command succeeded.
+    Record {
+        push: Prepared,
+        instances: Vec<String>,
+    },
+}
+
+/// How soon to look again for instances a push waits for.
+const LAUNCHING: Duration = Duration::from_secs(10);
+
+impl Op {
+    pub async fn apply(&self, ctx: &Context) -> Result<()> {
+        match self {
+            Op::Push {
+                push,
+                instances: None,
+                ..
+            } => Err(Error::waiting(
+                format!(
+                    "the {} push {} waits for its instances to run",
+                    push.name,
+                    push.short_hash()
+                ),
+                LAUNCHING,
+            )),
+            Op::Push {
+                push,
+                instances: Some(instances),
+                controls,
+            } => send(ctx, push, instances, controls).await,
+            Op::Record { push, instances } => record(ctx, push, instances).await,
+        }
+    }
+}
+
 /// Sends `push` to `instances` and marks each with the command that carries it ([`Pending`]
 /// in its record tag). Nothing waits for the hosts: the push answers "waiting", and the passes
 /// after it read the commands' verdicts ([`track`]), record the hash on the instances that
 /// installed it ([`record`]) and report those that failed, with their stderr. An instance the
 /// agent does not know yet (just launched) leaves the push for the next pass.
-pub async fn send(
+async fn send(
     ctx: &Context,
     push: &Prepared,
     instances: &[String],
@@ -118,7 +166,7 @@ const PER_COMMAND: usize = 3;
 pub const RUNNING: Duration = Duration::from_secs(3);
 
 /// Records on `instances` that they installed `push` (its hash in their record tag).
-pub async fn record(ctx: &Context, push: &Prepared, instances: &[String]) -> Result<()> {
+async fn record(ctx: &Context, push: &Prepared, instances: &[String]) -> Result<()> {
     tag(ctx, &push.hash_tag(), &push.hash, instances).await
 }
 
