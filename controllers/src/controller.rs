@@ -207,6 +207,24 @@ pub trait Controller: Send + Sync + 'static {
 
     /// Executes one operation. Returns attribute values it created (a new ARN), if any.
     async fn apply(&self, ctx: &Context, op: &Self::Op) -> Result<Option<Outputs>>;
+
+    /// The bundles of files this kind pushes to instances for the desired state, as they are
+    /// recorded there: what the verify of the files on hosts looks at. None for most kinds.
+    fn pushes(&self, _desired: &DesiredState) -> Vec<Pushed> {
+        Vec::new()
+    }
+}
+
+/// A bundle of files a kind pushes to instances, and how the instances record it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pushed {
+    /// The instance tag holding the installed hash.
+    pub tag: String,
+    /// The bundle's name on the host (its manifest is `<bundle>.files`).
+    pub bundle: String,
+    /// The tag is named per stack (`host_config`); otherwise (`prometheus`, `grafana`) the
+    /// instance must carry this stack's `stackwarden:stack` tag to be this stack's.
+    pub per_stack: bool,
 }
 
 /// An operation of any controller; only the controller that made it can apply it.
@@ -242,6 +260,7 @@ pub trait DynController: Send + Sync {
         prune: bool,
     ) -> Vec<Change<AnyOp>>;
     async fn apply(&self, ctx: &Context, op: &AnyOp) -> Result<Option<Outputs>>;
+    fn pushes(&self, desired: &DesiredState) -> Vec<Pushed>;
 }
 
 fn erase<Op: fmt::Debug + Send + Sync + 'static>(op: Op) -> AnyOp {
@@ -303,5 +322,9 @@ impl<C: Controller> DynController for C {
             op.0.downcast_ref::<C::Op>()
                 .expect("operation applied by the controller that planned it");
         Controller::apply(self, ctx, op).await
+    }
+
+    fn pushes(&self, desired: &DesiredState) -> Vec<Pushed> {
+        Controller::pushes(self, desired)
     }
 }

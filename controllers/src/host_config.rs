@@ -15,7 +15,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::change::{Action, Change};
-use crate::controller::{Context, Controller};
+use crate::controller::{Context, Controller, Pushed};
 use crate::desired::{DesiredState, KindSpec, Resource, Validator, TAG_STACK};
 use crate::diag::Diagnostics;
 use crate::error::Result;
@@ -429,6 +429,18 @@ impl Controller for HostConfigController {
 
     async fn apply(&self, ctx: &Context, op: &Op) -> Result<Option<Outputs>> {
         op.apply(ctx).await.map(|()| None)
+    }
+
+    /// One bundle per `host_config`, its tag named per stack.
+    fn pushes(&self, desired: &DesiredState) -> Vec<Pushed> {
+        desired
+            .of_kind(HOST_CONFIG)
+            .map(|r| Pushed {
+                tag: record_tag(desired.stack_name(), &r.id.name),
+                bundle: bundle_name(&r.id.name),
+                per_stack: true,
+            })
+            .collect()
     }
 }
 

@@ -20,7 +20,7 @@ use crate::error::{aws_error, Result};
 use crate::model::Kind;
 pub use crate::push::send::RUNNING;
 use crate::push::send::{commands_since, stdout_of, tag, Pending, BATCH};
-use crate::push::{self, shell_quote};
+use crate::push::shell_quote;
 
 /// What a verify writes into an instance's record tag when the files of that bundle were
 /// changed on the host: no bundle hashes to it, so the next pass pushes the bundle again.
@@ -74,37 +74,22 @@ pub struct Record {
     pub per_stack: bool,
 }
 
-/// The bundles the desired state pushes.
+/// The bundles the desired state pushes: what each kind says it pushes
+/// ([`Controller::pushes`](crate::controller::Controller::pushes)).
 pub fn records(desired: &DesiredState) -> Vec<Record> {
-    let mut out = Vec::new();
-    let shared = |bundle: &str, kind| Record {
-        tag: push::hash_tag(bundle),
-        bundle: bundle.to_string(),
-        kind,
-        per_stack: false,
-    };
-    if desired.of_kind(crate::host::PROMETHEUS).next().is_some() {
-        out.push(shared(push::prometheus::NAME, crate::host::PROMETHEUS));
-    }
-    if desired
-        .of_kind(crate::grafana::PROVISIONING)
-        .next()
-        .is_some()
-    {
-        out.push(shared(
-            crate::grafana::provisioning::NAME,
-            crate::grafana::PROVISIONING,
-        ));
-    }
-    for r in desired.of_kind(crate::host_config::HOST_CONFIG) {
-        out.push(Record {
-            tag: crate::host_config::record_tag(desired.stack_name(), &r.id.name),
-            bundle: crate::host_config::bundle_name(&r.id.name),
-            kind: crate::host_config::HOST_CONFIG,
-            per_stack: true,
-        });
-    }
-    out
+    Kind::all()
+        .flat_map(|kind| {
+            kind.controller()
+                .pushes(desired)
+                .into_iter()
+                .map(move |p| Record {
+                    tag: p.tag,
+                    bundle: p.bundle,
+                    kind,
+                    per_stack: p.per_stack,
+                })
+        })
+        .collect()
 }
 
 /// Files of one bundle changed on one instance.
@@ -424,6 +409,60 @@ fn findings(instance: &str, held: &[Record], stdout: &str) -> Vec<Drift> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::push;
+
+    /// A spec for nodes whose kind is all that matters here.
+    #[derive(Debug)]
+    struct Any;
+    impl crate::desired::KindSpec for Any {}
+
+    /// Each kind says what it pushes: one shared bundle for the hosts' Prometheus configs, one
+    /// for the Grafana groups' provisioning, one per `host_config` with its tag named per
+    /// stack; nothing for a stack that pushes nothing.
+    #[test]
+    fn the_records_are_the_bundles_each_kind_pushes() {
+        use crate::testing::{desired, resource};
+        let node = |kind, name: &str| {
+            let mut r = resource(kind, name, crate::desired::Spec::new(Any));
+            if kind.part_of().is_some() {
+                r.id = crate::model::ResourceId::part(kind, name, None);
+            }
+            r
+        };
+        let d = desired(vec![
+            node(crate::host::PROMETHEUS, "a"),
+            node(crate::host::PROMETHEUS, "b"),
+            node(crate::grafana::PROVISIONING, "main"),
+            node(crate::host_config::HOST_CONFIG, "node_exporter"),
+            node(crate::host_config::HOST_CONFIG, "promtail"),
+        ]);
+        let got: Vec<(String, String, Kind, bool)> = records(&d)
+            .into_iter()
+            .map(|r| (r.tag, r.bundle, r.kind, r.per_stack))
+            .collect();
+        let shared = |bundle: &str, kind| (push::hash_tag(bundle), bundle.to_string(), kind, false);
+        let per_stack = |name: &str| {
+            (
+                crate::host_config::record_tag(crate::testing::STACK, name),
+                crate::host_config::bundle_name(name),
+                crate::host_config::HOST_CONFIG,
+                true,
+            )
+        };
+        assert_eq!(
+            got,
+            [
+                shared(push::prometheus::NAME, crate::host::PROMETHEUS),
+                shared(
+                    crate::grafana::provisioning::NAME,
+                    crate::grafana::PROVISIONING
+                ),
+                per_stack("node_exporter"),
+                per_stack("promtail"),
+            ]
+        );
+        assert!(records(&desired(vec![])).is_empty());
+    }
 
     fn record(bundle: &str) -> Record {
         Record {

@@ -30,7 +30,7 @@ use super::controller::{stack_groups, ObservedAsg};
 use super::provisioning::{self, PasswordVersion, ProvisioningPart};
 use super::{PasswordSource, GRAFANA, PROVISIONING};
 use crate::change::{Action, Change};
-use crate::controller::{Context, Controller};
+use crate::controller::{Context, Controller, Pushed};
 use crate::desired::{DesiredState, Resource};
 use crate::error::{aws_error, Error, ErrorClass, Result};
 use crate::instances::{instances, ObservedInstance};
@@ -215,6 +215,17 @@ impl Controller for ProvisioningController {
 
     async fn apply(&self, ctx: &Context, op: &Op) -> Result<Option<Outputs>> {
         op.apply(ctx).await.map(|()| None)
+    }
+
+    fn pushes(&self, desired: &DesiredState) -> Vec<Pushed> {
+        if desired.of_kind(PROVISIONING).next().is_none() {
+            return Vec::new();
+        }
+        vec![Pushed {
+            tag: installed_tag(),
+            bundle: super::provisioning::NAME.into(),
+            per_stack: false,
+        }]
     }
 }
 

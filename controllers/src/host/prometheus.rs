@@ -17,7 +17,7 @@ use async_trait::async_trait;
 
 use super::{PrometheusSpec, HOST, PROMETHEUS};
 use crate::change::{Action, Change};
-use crate::controller::{Context, Controller};
+use crate::controller::{Context, Controller, Pushed};
 use crate::desired::{DesiredState, KindSpec, Resource};
 use crate::error::{Error, Result};
 use crate::instances::{instances, ObservedInstance};
@@ -151,6 +151,17 @@ impl Controller for PrometheusController {
 
     async fn apply(&self, ctx: &Context, op: &Op) -> Result<Option<Outputs>> {
         op.apply(ctx).await.map(|()| None)
+    }
+
+    fn pushes(&self, desired: &DesiredState) -> Vec<Pushed> {
+        if desired.of_kind(PROMETHEUS).next().is_none() {
+            return Vec::new();
+        }
+        vec![Pushed {
+            tag: installed_tag(),
+            bundle: push::prometheus::NAME.into(),
+            per_stack: false,
+        }]
     }
 }
 
