@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use stackwarden_controllers::host::config;
 use stackwarden_controllers::host::PrometheusSpec;
-use stackwarden_controllers::push::{prometheus, Bundle};
+use stackwarden_controllers::push::Bundle;
 use stackwarden_controllers::Refs;
 use stackwarden_emulator::Sandbox;
 
@@ -133,7 +134,7 @@ fn a_good_push_is_live_after_reload_in_the_same_process() {
     let reloads = prom.metric("prometheus_config_last_reload_success_timestamp_seconds");
     std::thread::sleep(Duration::from_millis(1100));
 
-    let bundle = prometheus::bundle(&spec("api", RULES), &Refs::default(), "us-east-1");
+    let bundle = config::bundle(&spec("api", RULES), &Refs::default(), "us-east-1");
     let out = push(&bundle, root.path(), &prom);
     assert!(
         out.status.success(),
@@ -160,11 +161,11 @@ fn a_good_push_is_live_after_reload_in_the_same_process() {
 fn a_push_promtool_rejects_leaves_the_old_config_live() {
     let root = tempfile::tempdir().unwrap();
     let prom = Prometheus::start(root.path());
-    let good = prometheus::bundle(&spec("api", RULES), &Refs::default(), "us-east-1");
+    let good = config::bundle(&spec("api", RULES), &Refs::default(), "us-east-1");
     assert!(push(&good, root.path(), &prom).status.success());
     let before = live_config(root.path());
 
-    let bad = prometheus::bundle(&spec("web", BAD_RULES), &Refs::default(), "us-east-1");
+    let bad = config::bundle(&spec("web", BAD_RULES), &Refs::default(), "us-east-1");
     let out = push(&bad, root.path(), &prom);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -183,7 +184,7 @@ fn a_push_promtool_rejects_leaves_the_old_config_live() {
     let mut raw = spec("api", RULES);
     raw.loaded.config = Some("global:\n  scrape_interval: [15s\n".into());
     let out = push(
-        &prometheus::bundle(&raw, &Refs::default(), "us-east-1"),
+        &config::bundle(&raw, &Refs::default(), "us-east-1"),
         root.path(),
         &prom,
     );
@@ -249,7 +250,7 @@ async fn a_push_through_run_command_runs_in_the_sandbox_and_fails_with_promtools
             }
         }
     };
-    let ok = send(prometheus::bundle(
+    let ok = send(config::bundle(
         &spec("api", RULES),
         &Refs::default(),
         "us-east-1",
@@ -263,7 +264,7 @@ async fn a_push_through_run_command_runs_in_the_sandbox_and_fails_with_promtools
     );
     assert!(prom.running_config().contains("job_name: api"));
 
-    let bad = send(prometheus::bundle(
+    let bad = send(config::bundle(
         &spec("web", BAD_RULES),
         &Refs::default(),
         "us-east-1",

@@ -452,7 +452,7 @@ mod tests {
         assert_eq!(
             got,
             [
-                shared(push::prometheus::NAME, crate::host::PROMETHEUS),
+                shared(crate::host::config::NAME, crate::host::PROMETHEUS),
                 shared(
                     crate::grafana::provisioning::NAME,
                     crate::grafana::PROVISIONING

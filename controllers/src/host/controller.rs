@@ -26,12 +26,13 @@ use aws_sdk_ec2::types::{
 };
 use base64::Engine as _;
 
+use super::volume::ObservedVolume;
 use super::HostSpec;
 use super::{HOST, SECURITY_GROUP};
 use crate::change::{removal, Action, Change};
 use crate::controller::{Context, Controller};
 use crate::desired::{DesiredState, Resource};
-use crate::ec2::{locate_subnet, resolve_ami, tag_map, tag_spec};
+use crate::ec2::{locate_subnet, resolve_ami, tag_spec};
 use crate::error::{aws_error, Error, Result};
 use crate::instances::ObservedInstance;
 use crate::model::{Kind, Outputs, Refs, ResourceId};
@@ -43,22 +44,6 @@ const STATE_CHANGE: std::time::Duration = std::time::Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------------------------
 // Observed state
-
-#[derive(Debug, Clone, Default)]
-pub struct ObservedVolume {
-    pub id: String,
-    /// `creating`, `available`, `in-use`, ...
-    pub state: String,
-    pub size: i32,
-    pub volume_type: String,
-    pub iops: Option<i32>,
-    pub throughput: Option<i32>,
-    /// (instance, device) while attached.
-    pub attachment: Option<(String, String)>,
-    pub tags: Tags,
-    /// Seconds since it was created, when it was read.
-    pub age: u64,
-}
 
 #[derive(Debug, Clone, Default)]
 pub struct Observed {
@@ -494,46 +479,6 @@ impl Controller for HostController {
             }
         }
         Ok(None)
-    }
-}
-
-pub(super) fn observed_volume(v: &aws_sdk_ec2::types::Volume) -> ObservedVolume {
-    let attachment = v.attachments().iter().find(|a| {
-        !matches!(
-            a.state().map(|s| s.as_str()),
-            Some("detaching" | "detached")
-        )
-    });
-    ObservedVolume {
-        id: v.volume_id().unwrap_or_default().into(),
-        state: v
-            .state()
-            .map(|s| s.as_str().to_string())
-            .unwrap_or_default(),
-        size: v.size().unwrap_or_default(),
-        volume_type: v
-            .volume_type()
-            .map(|t| t.as_str().to_string())
-            .unwrap_or_default(),
-        iops: v.iops(),
-        throughput: v.throughput(),
-        attachment: attachment.map(|a| {
-            (
-                a.instance_id().unwrap_or_default().into(),
-                a.device().unwrap_or_default().into(),
-            )
-        }),
-        tags: tag_map(v.tags()),
-        age: v
-            .create_time()
-            .and_then(|t| {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .ok()?
-                    .as_secs() as i64;
-                u64::try_from(now - t.secs()).ok()
-            })
-            .unwrap_or(u64::MAX),
     }
 }
 

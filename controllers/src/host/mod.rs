@@ -1,6 +1,9 @@
 //! Generic EC2 hosts (the Prometheus host is one, with a `prometheus` table): the schema and its
-//! offline checks here, the controller in `controller.rs`.
+//! offline checks here, the instance's controller in `controller.rs`, its data volumes in
+//! `volume.rs`, its Prometheus config node in `prometheus.rs` and that config's files (the
+//! bundle pushed to the host) in `config.rs`.
 
+pub mod config;
 pub(crate) mod controller;
 pub mod prometheus;
 pub mod volume;

@@ -15,7 +15,7 @@
 
 use async_trait::async_trait;
 
-use super::{PrometheusSpec, HOST, PROMETHEUS};
+use super::{config, PrometheusSpec, HOST, PROMETHEUS};
 use crate::change::{Action, Change};
 use crate::controller::{Context, Controller, Pushed};
 use crate::desired::{DesiredState, KindSpec, Resource};
@@ -47,7 +47,7 @@ pub struct Observed {
 
 /// Instance tag: the sha256 of the bundle installed on the host.
 pub(crate) fn installed_tag() -> String {
-    push::hash_tag(push::prometheus::NAME)
+    push::hash_tag(config::NAME)
 }
 
 pub struct PrometheusController;
@@ -87,7 +87,7 @@ impl Controller for PrometheusController {
         refs: &Refs,
     ) -> Result<Option<Change<Op>>> {
         let part = r.spec.expect::<PrometheusPart>();
-        let p = push::prometheus::bundle(&part.spec, refs, &obs.region).prepare()?;
+        let p = config::bundle(&part.spec, refs, &obs.region).prepare()?;
         let host = ResourceId::new(HOST, r.id.name.clone());
         let name = desired.default_name(&host);
         // The host's attributes exist once its instance runs (or is stopped).
@@ -159,7 +159,7 @@ impl Controller for PrometheusController {
         }
         vec![Pushed {
             tag: installed_tag(),
-            bundle: push::prometheus::NAME.into(),
+            bundle: config::NAME.into(),
             per_stack: false,
         }]
     }

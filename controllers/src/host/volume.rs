@@ -15,12 +15,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_ec2::types::{Filter, ResourceType, VolumeType};
 
-use super::controller::ObservedVolume;
 use super::{HOST, VOLUME};
 use crate::change::FieldChange;
 use crate::controller::Context;
 use crate::desired::{DesiredState, Resource, TAG_STACK};
-use crate::ec2::{remove_tags, set_tags, tag_spec};
+use crate::ec2::{remove_tags, set_tags, tag_map, tag_spec};
 use crate::error::{aws_error, Error, Result};
 use crate::managed::{Describe, ManagedObject, Readiness};
 use crate::model::{Kind, Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
@@ -160,6 +159,63 @@ pub async fn observe(ctx: &Context, desired: &DesiredState) -> Result<Arc<Vec<Ob
 }
 
 /// The volumes `filter` selects.
+/// One data volume as read.
+#[derive(Debug, Clone, Default)]
+pub struct ObservedVolume {
+    pub id: String,
+    /// `creating`, `available`, `in-use`, ...
+    pub state: String,
+    pub size: i32,
+    pub volume_type: String,
+    pub iops: Option<i32>,
+    pub throughput: Option<i32>,
+    /// (instance, device) while attached.
+    pub attachment: Option<(String, String)>,
+    pub tags: Tags,
+    /// Seconds since it was created, when it was read.
+    pub age: u64,
+}
+
+fn observed_volume(v: &aws_sdk_ec2::types::Volume) -> ObservedVolume {
+    let attachment = v.attachments().iter().find(|a| {
+        !matches!(
+            a.state().map(|s| s.as_str()),
+            Some("detaching" | "detached")
+        )
+    });
+    ObservedVolume {
+        id: v.volume_id().unwrap_or_default().into(),
+        state: v
+            .state()
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_default(),
+        size: v.size().unwrap_or_default(),
+        volume_type: v
+            .volume_type()
+            .map(|t| t.as_str().to_string())
+            .unwrap_or_default(),
+        iops: v.iops(),
+        throughput: v.throughput(),
+        attachment: attachment.map(|a| {
+            (
+                a.instance_id().unwrap_or_default().into(),
+                a.device().unwrap_or_default().into(),
+            )
+        }),
+        tags: tag_map(v.tags()),
+        age: v
+            .create_time()
+            .and_then(|t| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()?
+                    .as_secs() as i64;
+                u64::try_from(now - t.secs()).ok()
+            })
+            .unwrap_or(u64::MAX),
+    }
+}
+
 async fn read(ctx: &Context, filter: Filter) -> Result<Vec<ObservedVolume>> {
     let mut volumes = Vec::new();
     let mut pages = ctx
@@ -170,11 +226,7 @@ async fn read(ctx: &Context, filter: Filter) -> Result<Vec<ObservedVolume>> {
         .send();
     while let Some(page) = pages.next().await {
         let page = page.map_err(aws_error("ec2", "DescribeVolumes"))?;
-        volumes.extend(
-            page.volumes()
-                .iter()
-                .map(super::controller::observed_volume),
-        );
+        volumes.extend(page.volumes().iter().map(observed_volume));
     }
     Ok(volumes)
 }

@@ -8,7 +8,6 @@
 //!
 //! This module renders text and computes hashes; `send` is the one place that sends a bundle.
 
-pub mod prometheus;
 pub mod send;
 pub mod yaml;
 

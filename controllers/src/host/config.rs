@@ -7,10 +7,10 @@
 
 use std::collections::BTreeMap;
 
-use super::yaml::{map, s, Yaml};
-use super::{shell_quote, Bundle, File};
-use crate::host::PrometheusSpec;
+use super::PrometheusSpec;
 use crate::model::Refs;
+use crate::push::yaml::{map, s, Yaml};
+use crate::push::{shell_quote, Bundle, File};
 
 /// The bundle's name on the host (its stage, backup and hash files, and its instance tag).
 pub const NAME: &str = "prometheus";
