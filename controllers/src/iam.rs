@@ -854,16 +854,14 @@ impl ManagedObject for Role {
     }
 
     async fn named_tags(&self, ctx: &Context, want: &RoleWant) -> Result<Option<Tags>> {
-        match ctx.iam.get_role().role_name(&want.name).send().await {
-            Ok(out) => Ok(out.role().map(|r| tag_map(r.tags()))),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_no_such_entity_exception()) =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(aws_error("iam", "GetRole")(e)),
-        }
+        let out = ctx
+            .iam
+            .get_role()
+            .role_name(&want.name)
+            .send()
+            .await
+            .map_err(aws_error("iam", "GetRole"))?;
+        Ok(out.role().map(|r| tag_map(r.tags())))
     }
 
     /// The role with its tags, then its inline and managed policies: a crash in between leaves
@@ -1508,17 +1506,9 @@ impl ManagedObject for InstanceProfile {
             .get_instance_profile()
             .instance_profile_name(&want.name)
             .send()
-            .await;
-        match out {
-            Ok(out) => Ok(out.instance_profile().map(|p| tag_map(p.tags()))),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_no_such_entity_exception()) =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(aws_error("iam", "GetInstanceProfile")(e)),
-        }
+            .await
+            .map_err(aws_error("iam", "GetInstanceProfile"))?;
+        Ok(out.instance_profile().map(|p| tag_map(p.tags())))
     }
 
     async fn create(&self, ctx: &Context, want: &ProfileWant, tags: &Tags) -> Result<Outputs> {

@@ -189,8 +189,9 @@ pub trait ManagedObject: Send + Sync + 'static {
     fn label(&self, want: &Self::Desired) -> String;
 
     /// The tags of the object of `want`'s name, read directly (not from the pass's listing);
-    /// `None` when there is none, or for a kind whose names are not unique. Asked only after a
-    /// create was refused as a name taken ([`name_taken`]).
+    /// `None` (or an error, such as "not found") when it cannot be read, and always for a kind
+    /// whose names are not unique. Asked only after a create was refused as a name taken
+    /// ([`name_taken`]); the refusal stands unless the object read carries the node's tags.
     async fn named_tags(&self, _ctx: &Context, _want: &Self::Desired) -> Result<Option<Tags>> {
         Ok(None)
     }

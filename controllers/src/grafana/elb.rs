@@ -358,55 +358,42 @@ async fn read_listeners(ctx: &Context, balancer: &str) -> Result<Vec<(String, Li
 }
 
 /// The tags of the load balancer of this name, if there is one
-/// ([`ManagedObject::named_tags`](crate::managed::ManagedObject::named_tags)).
+/// ([`ManagedObject::named_tags`](crate::managed::ManagedObject::named_tags); a "not found"
+/// answer is an error there, which keeps the create's own).
 pub(crate) async fn named_balancer_tags(ctx: &Context, name: &str) -> Result<Option<Tags>> {
-    let out = ctx.elb.describe_load_balancers().names(name).send().await;
-    let arn = match out {
-        Ok(out) => out
-            .load_balancers()
-            .first()
-            .and_then(|b| b.load_balancer_arn())
-            .map(str::to_string),
-        Err(e)
-            if e.as_service_error()
-                .is_some_and(|e| e.is_load_balancer_not_found_exception()) =>
-        {
-            None
-        }
-        Err(e) => {
-            return Err(aws_error("elasticloadbalancing", "DescribeLoadBalancers")(
-                e,
-            ))
-        }
-    };
+    let out = ctx
+        .elb
+        .describe_load_balancers()
+        .names(name)
+        .send()
+        .await
+        .map_err(aws_error("elasticloadbalancing", "DescribeLoadBalancers"))?;
+    let arn = out
+        .load_balancers()
+        .first()
+        .and_then(|b| b.load_balancer_arn());
     tags_of_one(ctx, arn).await
 }
 
 /// The tags of the target group of this name, if there is one.
 pub(crate) async fn named_target_group_tags(ctx: &Context, name: &str) -> Result<Option<Tags>> {
-    let out = ctx.elb.describe_target_groups().names(name).send().await;
-    let arn = match out {
-        Ok(out) => out
-            .target_groups()
-            .first()
-            .and_then(|t| t.target_group_arn())
-            .map(str::to_string),
-        Err(e)
-            if e.as_service_error()
-                .is_some_and(|e| e.is_target_group_not_found_exception()) =>
-        {
-            None
-        }
-        Err(e) => return Err(aws_error("elasticloadbalancing", "DescribeTargetGroups")(e)),
-    };
+    let out = ctx
+        .elb
+        .describe_target_groups()
+        .names(name)
+        .send()
+        .await
+        .map_err(aws_error("elasticloadbalancing", "DescribeTargetGroups"))?;
+    let arn = out
+        .target_groups()
+        .first()
+        .and_then(|t| t.target_group_arn());
     tags_of_one(ctx, arn).await
 }
 
-async fn tags_of_one(ctx: &Context, arn: Option<String>) -> Result<Option<Tags>> {
+async fn tags_of_one(ctx: &Context, arn: Option<&str>) -> Result<Option<Tags>> {
     let Some(arn) = arn else { return Ok(None) };
-    Ok(elb_tags_of(ctx, std::slice::from_ref(&arn))
-        .await?
-        .remove(&arn))
+    Ok(elb_tags_of(ctx, &[arn.to_string()]).await?.remove(arn))
 }
 
 /// The tags of these load balancing objects, read 20 at a time (`DescribeTags`' limit).
