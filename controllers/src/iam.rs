@@ -1229,12 +1229,14 @@ impl ManagedObject for Policy {
         let mut arn = None;
         while let Some(page) = pages.next().await {
             let page = page.map_err(aws_error("iam", "ListPolicies"))?;
-            arn = arn.or_else(|| {
-                page.policies()
-                    .iter()
-                    .find(|p| p.policy_name() == Some(want.name.as_str()))
-                    .and_then(|p| p.arn().map(str::to_string))
-            });
+            arn = page
+                .policies()
+                .iter()
+                .find(|p| p.policy_name() == Some(want.name.as_str()))
+                .and_then(|p| p.arn().map(str::to_string));
+            if arn.is_some() {
+                break;
+            }
         }
         let Some(arn) = arn else { return Ok(None) };
         let out = ctx

@@ -126,8 +126,8 @@ pub trait ManagedObject: Send + Sync + 'static {
             .filter(|id| id.kind == Self::KIND)
     }
 
-    /// The object `node` manages: by default the one adopted by id, or the one carrying the
-    /// node's ownership tags (and not leaving).
+    /// The object `node` manages: by default the one adopted by id, or the one whose
+    /// [`owner`](ManagedObject::owner) is the node.
     fn find<'o>(
         &self,
         desired: &DesiredState,
@@ -136,12 +136,9 @@ pub trait ManagedObject: Send + Sync + 'static {
     ) -> Option<&'o Self::Observed> {
         match &node.adopt {
             Some(id) => observed.iter().find(|o| &self.id(o) == id),
-            None => observed.iter().find(|o| {
-                !self.is_leaving(o)
-                    && self
-                        .tags(o)
-                        .is_some_and(|t| owned_by(t, desired.stack_name(), &node.id))
-            }),
+            None => observed
+                .iter()
+                .find(|o| self.owner(desired, o).as_ref() == Some(&node.id)),
         }
     }
 

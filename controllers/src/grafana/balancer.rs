@@ -25,7 +25,7 @@ use super::elb::{
     elb_name, elb_objects, elb_tags, named_balancer_tags, remove_elb_tags, set_elb_tags,
     ObservedBalancer,
 };
-use super::{adopted_or_owned, tagged_node, ALB, BALANCER, SECURITY_GROUP};
+use super::{tagged_node, ALB, BALANCER, SECURITY_GROUP};
 use crate::change::FieldChange;
 use crate::controller::Context;
 use crate::desired::{DesiredState, KindSpec, Resource};
@@ -194,15 +194,6 @@ impl ManagedObject for LoadBalancer {
     /// Its node by its tags: its own address, or (made before it was a node) its table's.
     fn owner(&self, desired: &DesiredState, o: &ObservedBalancer) -> Option<ResourceId> {
         tagged_node(desired, &o.tags, BALANCER)
-    }
-
-    fn find<'o>(
-        &self,
-        desired: &DesiredState,
-        node: &Resource,
-        observed: &'o [ObservedBalancer],
-    ) -> Option<&'o ObservedBalancer> {
-        adopted_or_owned(node, observed, |o| &o.arn, |o| self.owner(desired, o))
     }
 
     fn outputs(&self, o: &ObservedBalancer) -> Outputs {
@@ -376,10 +367,9 @@ mod tests {
     use super::*;
     use crate::change::{Action, Change};
     use crate::controller::Controller;
-    use crate::desired::Spec;
-    use crate::grafana::{GrafanaSpec, GRAFANA};
+
     use crate::managed::{Managed, Op};
-    use crate::testing::{desired, owned_tags, resource};
+    use crate::testing::owned_tags;
 
     const GRAFANA_TOML: &str = r#"
 ami = "ami-1"
@@ -392,11 +382,7 @@ alb = { subnets = ["subnet-a", "subnet-b"], idle_timeout = "120s" }
 
     /// The Grafana table and its nodes, as loading expands them.
     fn nodes() -> DesiredState {
-        let spec: GrafanaSpec = toml::from_str(GRAFANA_TOML).unwrap();
-        let table = resource(GRAFANA, "main", Spec::new(spec.clone()));
-        let (mut all, _) = spec.parts(&table).unwrap();
-        all.push(table);
-        desired(all)
+        crate::grafana::expanded(toml::from_str(GRAFANA_TOML).unwrap())
     }
 
     fn node() -> ResourceId {

@@ -924,26 +924,18 @@ async fn already_made(ctx: &Context, c: &Create, e: Error) -> Error {
     if !e.is_name_taken() {
         return e;
     }
-    let out = ctx
-        .autoscaling
-        .describe_auto_scaling_groups()
-        .auto_scaling_group_names(&c.name)
-        .send()
-        .await;
-    let found: Option<Tags> = out.ok().and_then(|out| {
-        let g = out.auto_scaling_groups().first()?;
-        Some(
-            g.tags()
-                .iter()
-                .map(|t| {
-                    (
-                        t.key().unwrap_or_default().to_string(),
-                        t.value().unwrap_or_default().to_string(),
-                    )
-                })
-                .collect(),
-        )
-    });
+    let mut found = Vec::new();
+    let read = read_groups(
+        ctx.autoscaling
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(&c.name),
+        &mut found,
+    )
+    .await;
+    let found = read
+        .ok()
+        .and_then(|()| found.into_iter().next())
+        .map(|g| g.tags);
     name_taken(&format!("group {}", c.name), found.as_ref(), &c.tags, e)
 }
 

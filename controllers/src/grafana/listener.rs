@@ -151,17 +151,6 @@ impl ManagedObject for Listener {
         }
     }
 
-    fn find<'o>(
-        &self,
-        desired: &DesiredState,
-        node: &Resource,
-        observed: &'o [ObservedListener],
-    ) -> Option<&'o ObservedListener> {
-        observed
-            .iter()
-            .find(|o| self.owner(desired, o).as_ref() == Some(&node.id))
-    }
-
     fn keeps_other_tags(&self, _desired: &DesiredState, _node: &Resource) -> bool {
         // A claimed listener keeps what its maker tagged it with.
         true
@@ -265,10 +254,10 @@ mod tests {
     use super::*;
     use crate::change::{Action, Change};
     use crate::controller::Controller;
-    use crate::desired::{Spec, TAG_ID, TAG_STACK};
-    use crate::grafana::GrafanaSpec;
+    use crate::desired::{TAG_ID, TAG_STACK};
+
     use crate::managed::{Managed, Op};
-    use crate::testing::{desired, owned_tags, resource};
+    use crate::testing::owned_tags;
 
     const GRAFANA_TOML: &str = r#"
 ami = "ami-1"
@@ -280,11 +269,7 @@ alb = { subnets = ["subnet-a", "subnet-b"], certificate_arn = "arn:cert" }
 "#;
 
     fn nodes() -> DesiredState {
-        let spec: GrafanaSpec = toml::from_str(GRAFANA_TOML).unwrap();
-        let table = resource(GRAFANA, "main", Spec::new(spec.clone()));
-        let (mut all, _) = spec.parts(&table).unwrap();
-        all.push(table);
-        desired(all)
+        crate::grafana::expanded(toml::from_str(GRAFANA_TOML).unwrap())
     }
 
     fn node(port: i32) -> ResourceId {

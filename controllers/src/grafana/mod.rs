@@ -193,21 +193,6 @@ fn tagged_node(desired: &DesiredState, tags: &Tags, kind: Kind) -> Option<Resour
     }
 }
 
-/// The object a node manages: the one it adopts by ARN, or the one that is its by `owner`.
-fn adopted_or_owned<'o, O>(
-    node: &Resource,
-    observed: &'o [O],
-    arn: impl Fn(&O) -> &str,
-    owner: impl Fn(&O) -> Option<ResourceId>,
-) -> Option<&'o O> {
-    match &node.adopt {
-        Some(a) => observed.iter().find(|o| arn(o) == a),
-        None => observed
-            .iter()
-            .find(|o| owner(o).as_ref() == Some(&node.id)),
-    }
-}
-
 /// The key of the load balancer's security group (`grafana.<name>.security_group.alb`).
 pub const ALB: &str = "alb";
 /// The key of the instances' security group.
@@ -800,4 +785,14 @@ impl KindSpec for GrafanaSpec {
             check_tags(v, tags);
         }
     }
+}
+
+/// The Grafana table `main` of a spec and the nodes loading expands it into, for the parts'
+/// unit tests.
+#[cfg(test)]
+pub(crate) fn expanded(spec: GrafanaSpec) -> DesiredState {
+    let table = crate::testing::resource(GRAFANA, "main", Spec::new(spec.clone()));
+    let (mut all, _) = spec.parts(&table).expect("a Grafana table has parts");
+    all.push(table);
+    crate::testing::desired(all)
 }

@@ -21,7 +21,7 @@ use super::elb::{
     elb_name, elb_objects, elb_tags, named_target_group_tags, remove_elb_tags, set_elb_tags,
     HealthCheck, ObservedTargetGroup,
 };
-use super::{adopted_or_owned, tagged_node, TARGET_GROUP};
+use super::{tagged_node, TARGET_GROUP};
 use crate::change::FieldChange;
 use crate::controller::Context;
 use crate::desired::{DesiredState, KindSpec, Resource};
@@ -117,15 +117,6 @@ impl ManagedObject for TargetGroup {
     /// Its node by its tags: its own address, or (made before it was a node) its table's.
     fn owner(&self, desired: &DesiredState, o: &ObservedTargetGroup) -> Option<ResourceId> {
         tagged_node(desired, &o.tags, TARGET_GROUP)
-    }
-
-    fn find<'o>(
-        &self,
-        desired: &DesiredState,
-        node: &Resource,
-        observed: &'o [ObservedTargetGroup],
-    ) -> Option<&'o ObservedTargetGroup> {
-        adopted_or_owned(node, observed, |o| &o.arn, |o| self.owner(desired, o))
     }
 
     fn outputs(&self, o: &ObservedTargetGroup) -> Outputs {
@@ -249,10 +240,10 @@ mod tests {
     use super::*;
     use crate::change::{Action, Change};
     use crate::controller::Controller;
-    use crate::desired::Spec;
-    use crate::grafana::{GrafanaSpec, GRAFANA};
+
+    use crate::grafana::GrafanaSpec;
     use crate::managed::{Managed, Op};
-    use crate::testing::{desired, owned_tags, resource};
+    use crate::testing::owned_tags;
 
     const GRAFANA_TOML: &str = r#"
 ami = "ami-1"
@@ -267,10 +258,7 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
     fn nodes(adopt: Option<&str>) -> DesiredState {
         let mut spec: GrafanaSpec = toml::from_str(GRAFANA_TOML).unwrap();
         spec.target_group.adopt = adopt.map(String::from);
-        let table = resource(GRAFANA, "main", Spec::new(spec.clone()));
-        let (mut all, _) = spec.parts(&table).unwrap();
-        all.push(table);
-        desired(all)
+        crate::grafana::expanded(spec)
     }
 
     fn node() -> ResourceId {

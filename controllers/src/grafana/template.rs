@@ -28,7 +28,7 @@ use aws_sdk_ec2::types::{
 use base64::Engine as _;
 
 use super::controller::grafana_objects_possible;
-use super::{adopted_or_owned, tagged_node, INSTANCES, LAUNCH_TEMPLATE, SECURITY_GROUP};
+use super::{tagged_node, INSTANCES, LAUNCH_TEMPLATE, SECURITY_GROUP};
 use crate::change::FieldChange;
 use crate::controller::Context;
 use crate::desired::{DesiredState, KindSpec, Resource, TAG_STACK};
@@ -283,15 +283,6 @@ impl ManagedObject for LaunchTemplate {
     /// Its node by its tags: its own address, or (made before it was a node) its table's.
     fn owner(&self, desired: &DesiredState, o: &ObservedTemplate) -> Option<ResourceId> {
         tagged_node(desired, &o.tags, LAUNCH_TEMPLATE)
-    }
-
-    fn find<'o>(
-        &self,
-        desired: &DesiredState,
-        node: &Resource,
-        observed: &'o [ObservedTemplate],
-    ) -> Option<&'o ObservedTemplate> {
-        adopted_or_owned(node, observed, |o| &o.id, |o| self.owner(desired, o))
     }
 
     fn outputs(&self, o: &ObservedTemplate) -> Outputs {
@@ -580,10 +571,10 @@ mod tests {
     use super::*;
     use crate::change::{Action, Change};
     use crate::controller::Controller;
-    use crate::desired::{Spec, TAG_ID};
-    use crate::grafana::{GrafanaSpec, GRAFANA};
+    use crate::desired::TAG_ID;
+    use crate::grafana::GrafanaSpec;
     use crate::managed::{Managed, Op};
-    use crate::testing::{desired, owned_tags, resource};
+    use crate::testing::owned_tags;
 
     const GRAFANA_TOML: &str = r#"
 ami = "resolve:ssm:/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
@@ -595,11 +586,7 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
 "#;
 
     fn nodes() -> DesiredState {
-        let spec: GrafanaSpec = toml::from_str(GRAFANA_TOML).unwrap();
-        let table = resource(GRAFANA, "main", Spec::new(spec.clone()));
-        let (mut all, _) = spec.parts(&table).unwrap();
-        all.push(table);
-        desired(all)
+        crate::grafana::expanded(toml::from_str(GRAFANA_TOML).unwrap())
     }
 
     fn node() -> ResourceId {
