@@ -207,6 +207,12 @@ impl Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(Settings::default()).await
+}
+
+/// [`setup`] with these emulator settings (the sandboxes and their environment are the
+/// setup's).
+async fn setup_with(settings: Settings) -> Setup {
     let sandboxes = tempfile::tempdir().unwrap();
     let aws = Aws::with(Settings {
         sandbox_dir: Some(sandboxes.path().to_path_buf()),
@@ -215,7 +221,7 @@ async fn setup() -> Setup {
             ("GRAFANA_HEALTH_URL".into(), "file:///dev/null".into()),
             ("GRAFANA_CLI".into(), "true".into()),
         ]),
-        ..Settings::default()
+        ..settings
     });
     let subnets = aws
         .ec2()
@@ -1418,4 +1424,62 @@ async fn a_grafana_group_made_by_terraform_is_taken_over_without_recreating_anyt
         ids,
         BTreeSet::from([tf.alb_group.as_str(), tf.instance_group.as_str()])
     );
+}
+
+/// A cold run as on AWS: Auto Scaling refuses the launch template for seconds while IAM
+/// propagates the group's new instance profile, and the admin password's parameter is listed
+/// after pages of others (DescribeParameters filters after paging, so those pages come back
+/// empty). One `reconcile --once` waits for the first and reads every page for the second:
+/// the group is made, each instance gets its provisioning with the password, plan is clean.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cold_group_waits_for_its_new_instance_profile_and_finds_its_password_past_empty_pages() {
+    let s = setup_with(Settings {
+        profile_propagation: std::time::Duration::from_secs(3),
+        ..Settings::default()
+    })
+    .await;
+    let ssm = s.aws.ssm().await;
+    ssm.delete_parameter()
+        .name("/grafana/admin")
+        .send()
+        .await
+        .unwrap();
+    for i in 0..60 {
+        ssm.put_parameter()
+            .name(format!("/app/setting-{i:02}"))
+            .value("x")
+            .r#type(ParameterType::String)
+            .send()
+            .await
+            .unwrap();
+    }
+    ssm.put_parameter()
+        .name("/grafana/admin")
+        .value(PASSWORD)
+        .r#type(ParameterType::SecureString)
+        .send()
+        .await
+        .unwrap();
+
+    let run = s.run(&["reconcile", "--once"]);
+    run.expect(0);
+    assert!(
+        run.stderr.contains("CreateAutoScalingGroup")
+            && run.stderr.contains(
+                "Invalid IAM Instance Profile name (a new object AWS is still propagating)"
+            ),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.count("DescribeParameters") >= 2,
+        "every page is read: {}",
+        run.stderr
+    );
+    let instances = s.group_instances().await;
+    assert_eq!(instances.len(), 2);
+    for id in &instances {
+        check_provisioning(&s.sandboxes.path().join(id));
+    }
+    s.run(&["plan"]).expect(0);
 }

@@ -548,8 +548,8 @@ async fn a_cold_run_waits_for_a_new_instance_profile_and_a_new_instance_to_propa
     );
     assert!(
         cold.stderr.contains(
-            "host.prometheus.prometheus: waiting: an instance is not yet reachable over SSM (InvalidInstanceId"
-        ),
+            "host.prometheus.prometheus: waiting: 1 instance(s) not reachable over SSM (SendCommand: InvalidInstanceId)"
+        ) && cold.stderr.contains("its SSM agent is most likely still registering"),
         "{}",
         cold.stderr
     );

@@ -2,7 +2,8 @@
 # Installs what the tests and benchmarks need, once: into .venv/ inside the repository, moto
 # (which the project's emulator fronts) and the AWS CLI (which scripts on emulated hosts call);
 # the Debian packages prometheus (Prometheus and promtool), prometheus-alertmanager (amtool),
-# curl, git and time. Sourced by tests/run.sh and tests/bench.sh.
+# curl, git, time and dash (the sh pushed scripts run under, as on Ubuntu hosts). Sourced by
+# tests/run.sh and tests/bench.sh.
 set -euo pipefail
 
 # .venv/requirements.txt records what the virtualenv was made from: a change reinstalls.
@@ -18,6 +19,8 @@ command -v prometheus >/dev/null && command -v promtool >/dev/null || missing+=(
 command -v amtool >/dev/null || missing+=(prometheus-alertmanager)
 command -v curl >/dev/null || missing+=(curl)
 command -v git >/dev/null || missing+=(git)
+# The emulator runs pushed scripts under dash, the sh of Ubuntu and Debian hosts.
+command -v dash >/dev/null || missing+=(dash)
 [ -x /usr/bin/time ] || missing+=(time)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"

@@ -3,6 +3,7 @@
 //! emulator's own conformance. Modules of one test binary, so the AWS SDK is linked once.
 
 mod amg;
+mod aws_behaviour;
 mod bad_input;
 mod corpus;
 mod daemon;

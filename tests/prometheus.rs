@@ -112,10 +112,16 @@ const RULES: &str = "groups:\n  - name: node\n    rules:\n      - alert: Down\n 
 const BAD_RULES: &str =
     "groups:\n  - name: node\n    rules:\n      - alert: Down\n        expr: up == (0\n";
 
+/// Runs the push as the SSM agent does on Ubuntu: the script in a file, `sh -c FILE`, dash as sh.
 fn push(bundle: &Bundle, root: &Path, prometheus: &Prometheus) -> std::process::Output {
-    Command::new("bash")
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("_script.sh");
+    std::fs::write(&file, bundle.script()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o700)).unwrap();
+    Command::new("dash")
         .arg("-c")
-        .arg(bundle.script())
+        .arg(&file)
         .env("STACKWARDEN_ROOT", root)
         .env("PROMETHEUS_URL", &prometheus.url)
         .output()

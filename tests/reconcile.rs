@@ -56,7 +56,7 @@ async fn policy_default_document(aws: &Aws, name: &str) -> serde_json::Value {
     serde_json::from_str(&decoded).unwrap()
 }
 
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::new();
     let mut i = 0;

@@ -744,6 +744,19 @@ impl ManagedObject for Workspace {
                 "Managed Grafana workspace {} failed to create; delete it and the next pass creates another",
                 have.id
             ))),
+            // UPDATE_FAILED, UPGRADE_FAILED, VERSION_UPDATE_FAILED, DELETION_FAILED,
+            // LICENSE_REMOVAL_FAILED: the workspace is there, its last change is not. Never
+            // waited for as if still converging; retried with backoff.
+            s if s.ends_with("_FAILED") => Err(Error::Aws {
+                service: "grafana",
+                operation: "DescribeWorkspace",
+                code: Some(s.to_string()),
+                class: crate::error::ErrorClass::Retryable,
+                message: format!(
+                    "Managed Grafana workspace {} is {s}: its last change failed (the workspace's events in the console say why); tried again",
+                    have.id
+                ),
+            }),
             // Managed Grafana takes minutes to create or update a workspace.
             s if !have.is_settled() || s == "UPDATING" => {
                 Ok(Readiness::Waiting(format!("still {s}"), WAIT))
@@ -1394,6 +1407,31 @@ mod tests {
             diff_ws(access(), Some("g-404"), vec![w]),
             Err(Error::Invalid(m)) if m.contains("g-404")
         ));
+    }
+
+    #[test]
+    fn a_workspace_whose_change_failed_is_an_error_and_an_upgrade_is_waited_for() {
+        for status in ["UPDATE_FAILED", "UPGRADE_FAILED", "VERSION_UPDATE_FAILED"] {
+            let mut w = workspace();
+            w.status = status.into();
+            let e = diff_ws(access(), None, vec![w]).unwrap_err();
+            assert_eq!(
+                e.class(),
+                crate::error::ErrorClass::Retryable,
+                "{status}: {e}"
+            );
+            assert!(e.to_string().contains(&format!("is {status}")), "{e}");
+        }
+        for status in ["UPGRADING", "VERSION_UPDATING"] {
+            let mut w = workspace();
+            w.status = status.into();
+            let e = diff_ws(access(), None, vec![w]).unwrap_err();
+            assert_eq!(
+                e.class(),
+                crate::error::ErrorClass::Waiting,
+                "{status}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -681,6 +681,19 @@ pub struct ObservedNamespace {
     pub arn: String,
     pub data: String,
     pub tags: Tags,
+    /// CREATING, ACTIVE, UPDATING, DELETING, CREATION_FAILED or UPDATE_FAILED.
+    pub status: String,
+    /// Why AMP failed it, for the *_FAILED statuses.
+    pub reason: String,
+}
+
+/// A namespace as `ListRuleGroupsNamespaces` answers it.
+struct Listed {
+    name: String,
+    arn: String,
+    tags: Tags,
+    status: String,
+    reason: String,
 }
 
 #[derive(Debug, Clone)]
@@ -723,53 +736,73 @@ impl ManagedObject for RuleGroups {
         ctx: &Context,
         desired: &DesiredState,
     ) -> Result<Vec<ObservedNamespace>> {
-        let reads =
-            active_workspaces(ctx, desired)
-                .await?
-                .into_iter()
-                .map(|w| async move {
-                    let mut pages = ctx
-                        .amp
-                        .list_rule_groups_namespaces()
-                        .workspace_id(&w.id)
-                        .into_paginator()
-                        .send();
-                    let mut listed = Vec::new();
-                    while let Some(page) = pages.next().await {
-                        let page = page.map_err(aws_error("aps", "ListRuleGroupsNamespaces"))?;
-                        listed.extend(page.rule_groups_namespaces().iter().map(|n| {
-                            (n.name().to_string(), n.arn().to_string(), sorted(n.tags()))
-                        }));
-                    }
-                    let reads = listed.into_iter().map(|(name, arn, tags)| {
-                        let w = w.clone();
-                        async move {
-                            let out = ctx
-                                .amp
-                                .describe_rule_groups_namespace()
-                                .workspace_id(&w.id)
-                                .name(&name)
-                                .send()
-                                .await
-                                .map_err(aws_error("aps", "DescribeRuleGroupsNamespace"))?;
-                            let data = out
-                                .rule_groups_namespace()
-                                .map(|n| String::from_utf8_lossy(n.data().as_ref()).into_owned())
-                                .unwrap_or_default();
-                            Ok::<_, Error>(ObservedNamespace {
-                                workspace: w,
-                                name,
-                                arn,
-                                data,
-                                tags,
-                            })
+        let reads = active_workspaces(ctx, desired)
+            .await?
+            .into_iter()
+            .map(|w| async move {
+                let mut pages = ctx
+                    .amp
+                    .list_rule_groups_namespaces()
+                    .workspace_id(&w.id)
+                    .into_paginator()
+                    .send();
+                let mut listed = Vec::new();
+                while let Some(page) = pages.next().await {
+                    let page = page.map_err(aws_error("aps", "ListRuleGroupsNamespaces"))?;
+                    listed.extend(page.rule_groups_namespaces().iter().map(|n| {
+                        let status = n.status();
+                        Listed {
+                            name: n.name().to_string(),
+                            arn: n.arn().to_string(),
+                            tags: sorted(n.tags()),
+                            status: status
+                                .map(|s| s.status_code().as_str().to_string())
+                                .unwrap_or_else(|| "ACTIVE".into()),
+                            reason: status
+                                .and_then(|s| s.status_reason())
+                                .unwrap_or_default()
+                                .to_string(),
                         }
-                    });
-                    futures::future::join_all(reads)
-                        .await
-                        .into_iter()
-                        .collect::<Result<Vec<_>>>()
+                    }));
+                }
+                let reads = listed.into_iter().map(|listed| {
+                    let w = w.clone();
+                    let Listed {
+                        name,
+                        arn,
+                        tags,
+                        status,
+                        reason,
+                    } = listed;
+                    async move {
+                        let out = ctx
+                            .amp
+                            .describe_rule_groups_namespace()
+                            .workspace_id(&w.id)
+                            .name(&name)
+                            .send()
+                            .await
+                            .map_err(aws_error("aps", "DescribeRuleGroupsNamespace"))?;
+                        let data = out
+                            .rule_groups_namespace()
+                            .map(|n| String::from_utf8_lossy(n.data().as_ref()).into_owned())
+                            .unwrap_or_default();
+                        Ok::<_, Error>(ObservedNamespace {
+                            workspace: w,
+                            name,
+                            arn,
+                            data,
+                            tags,
+                            status,
+                            reason,
+                        })
+                    }
                 });
+                futures::future::join_all(reads)
+                    .await
+                    .into_iter()
+                    .collect::<Result<Vec<_>>>()
+            });
         Ok(futures::future::join_all(reads)
             .await
             .into_iter()
@@ -806,6 +839,24 @@ impl ManagedObject for RuleGroups {
         observed.iter().find(|o| {
             Some(&o.name) == node.id.key.as_ref() && is_parent(desired, node, &o.workspace)
         })
+    }
+
+    /// AMP applies a namespace's rules after the call returns: CREATING or UPDATING is waited
+    /// for, and a namespace AMP failed with the very rules desired is an error with its
+    /// reason (other rules are put again by the diff).
+    fn readiness(&self, want: &RuleGroupsWant, have: &ObservedNamespace) -> Result<Readiness> {
+        let same = canonical_rules(&have.data) == canonical_rules(&want.data);
+        match have.status.as_str() {
+            "CREATING" | "UPDATING" | "DELETING" => Ok(Readiness::Waiting(
+                format!("AMP is applying the rule groups ({})", have.status),
+                LOOK_AGAIN,
+            )),
+            "CREATION_FAILED" | "UPDATE_FAILED" if same => Err(Error::Invalid(format!(
+                "AMP failed the rule groups namespace {} of workspace {} ({}): {}; fix the rule file",
+                have.name, have.workspace.id, have.status, have.reason
+            ))),
+            _ => Ok(Readiness::Ready),
+        }
     }
 
     fn diff(&self, want: &RuleGroupsWant, have: &ObservedNamespace) -> Vec<RuleGroupsUpdate> {
@@ -1149,6 +1200,9 @@ pub struct LoggingWant {
 pub struct ObservedLogging {
     pub workspace: ObservedWorkspace,
     pub log_group_arn: String,
+    /// CREATING, ACTIVE, UPDATING, DELETING, CREATION_FAILED or UPDATE_FAILED.
+    pub status: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone)]
@@ -1203,11 +1257,19 @@ impl ManagedObject for Logging {
                 {
                     Ok(out) => Ok(out
                         .logging_configuration()
-                        .map(|l| l.log_group_arn().to_string())
-                        .filter(|a| !a.is_empty())
-                        .map(|log_group_arn| ObservedLogging {
+                        .filter(|l| !l.log_group_arn().is_empty())
+                        .map(|l| ObservedLogging {
                             workspace: w,
-                            log_group_arn,
+                            log_group_arn: l.log_group_arn().to_string(),
+                            status: l
+                                .status()
+                                .map(|s| s.status_code().as_str().to_string())
+                                .unwrap_or_else(|| "ACTIVE".into()),
+                            reason: l
+                                .status()
+                                .and_then(|s| s.status_reason())
+                                .unwrap_or_default()
+                                .to_string(),
                         })),
                     Err(e) if e.code() == Some("ResourceNotFoundException") => Ok(None),
                     Err(e) => Err(aws_error("aps", "DescribeLoggingConfiguration")(e)),
@@ -1245,6 +1307,24 @@ impl ManagedObject for Logging {
         observed
             .iter()
             .find(|o| is_parent(desired, node, &o.workspace))
+    }
+
+    /// As a rule groups namespace: applying waited for, a failure of the desired log group an
+    /// error with AMP's reason.
+    fn readiness(&self, want: &LoggingWant, have: &ObservedLogging) -> Result<Readiness> {
+        match have.status.as_str() {
+            "CREATING" | "UPDATING" | "DELETING" => Ok(Readiness::Waiting(
+                format!("AMP is applying the logging configuration ({})", have.status),
+                LOOK_AGAIN,
+            )),
+            "CREATION_FAILED" | "UPDATE_FAILED" if have.log_group_arn == want.log_group_arn => {
+                Err(Error::Invalid(format!(
+                    "AMP failed the logging configuration of workspace {} ({}): {}; check the log group and its resource policy",
+                    have.workspace.id, have.status, have.reason
+                )))
+            }
+            _ => Ok(Readiness::Ready),
+        }
     }
 
     fn diff(&self, want: &LoggingWant, have: &ObservedLogging) -> Vec<LoggingUpdate> {
@@ -1514,7 +1594,43 @@ mod tests {
             arn: format!("arn:ws-1/{name}"),
             data: data.into(),
             tags,
+            status: "ACTIVE".into(),
+            reason: String::new(),
         }
+    }
+
+    #[test]
+    fn a_namespace_amp_is_applying_waits_and_one_it_failed_is_an_error_with_its_reason() {
+        let d = nodes(spec());
+        let node = part(RULE_GROUPS, Some("node"));
+        let tags = owned_tags("amp.workspace.main.rule_groups.node");
+        let mut updating = namespace("node", RULES, tags.clone());
+        updating.status = "UPDATING".into();
+        let e = diff(RuleGroups, &d, &node, vec![updating], &refs("ACTIVE")).unwrap_err();
+        assert_eq!(e.class(), crate::error::ErrorClass::Waiting, "{e}");
+        assert!(
+            e.to_string()
+                .contains("AMP is applying the rule groups (UPDATING)"),
+            "{e}"
+        );
+
+        let mut failed = namespace("node", RULES, tags.clone());
+        failed.status = "UPDATE_FAILED".into();
+        failed.reason = "rule group node: parse error".into();
+        let e = diff(RuleGroups, &d, &node, vec![failed.clone()], &refs("ACTIVE")).unwrap_err();
+        assert_eq!(e.class(), crate::error::ErrorClass::Terminal, "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("(UPDATE_FAILED): rule group node: parse error"),
+            "{text}"
+        );
+
+        // Other rules than the failed ones: put again.
+        failed.data = "groups: []\n".into();
+        let c = diff(RuleGroups, &d, &node, vec![failed], &refs("ACTIVE"))
+            .unwrap()
+            .unwrap();
+        assert!(matches!(&c.ops[..], [Op::Update { .. }]));
     }
 
     #[test]
@@ -1731,6 +1847,8 @@ mod tests {
         let other = ObservedLogging {
             workspace: workspace("ACTIVE"),
             log_group_arn: "arn:other".into(),
+            status: "ACTIVE".into(),
+            reason: String::new(),
         };
         let c = diff(Logging, &d, &node, vec![other.clone()], &refs("ACTIVE"))
             .unwrap()
@@ -1743,5 +1861,28 @@ mod tests {
         let removed = Managed(Logging).removed(&nodes(s), &vec![other], false);
         assert_eq!(removed.len(), 1);
         assert!(matches!(&removed[0].ops[..], [Op::Delete { .. }]));
+    }
+
+    #[test]
+    fn logging_amp_is_applying_waits_and_a_failed_one_is_an_error_with_its_reason() {
+        let d = nodes(spec());
+        let node = part(LOGGING, None);
+        let mut have = ObservedLogging {
+            workspace: workspace("ACTIVE"),
+            log_group_arn: "arn:lg".into(),
+            status: "CREATING".into(),
+            reason: String::new(),
+        };
+        let e = diff(Logging, &d, &node, vec![have.clone()], &refs("ACTIVE")).unwrap_err();
+        assert_eq!(e.class(), crate::error::ErrorClass::Waiting, "{e}");
+        have.status = "CREATION_FAILED".into();
+        have.reason = "the log group's resource policy does not allow AMP".into();
+        let e = diff(Logging, &d, &node, vec![have], &refs("ACTIVE")).unwrap_err();
+        assert_eq!(e.class(), crate::error::ErrorClass::Terminal, "{e}");
+        assert!(
+            e.to_string()
+                .contains("(CREATION_FAILED): the log group's resource policy"),
+            "{e}"
+        );
     }
 }

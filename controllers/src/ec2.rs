@@ -87,14 +87,17 @@ pub async fn locate_subnet(ctx: &Context, subnet: Option<&str>) -> Result<(Strin
             .values("true")
             .build(),
     };
-    let out = ctx
+    let subnets = ctx
         .ec2
         .describe_subnets()
         .filters(filter)
+        .into_paginator()
+        .items()
         .send()
+        .collect::<std::result::Result<Vec<_>, _>>()
         .await
         .map_err(aws_error("ec2", "DescribeSubnets"))?;
-    out.subnets()
+    subnets
         .iter()
         .min_by_key(|s| s.availability_zone().unwrap_or_default().to_string())
         .map(|s| {

@@ -6,8 +6,9 @@
 //! never heard of included, backs off and retries: parking on an unknown code would turn one
 //! odd answer into an outage, while retrying an unfixable call costs a few reads an hour.
 //! Throttling is recognised apart (it is counted); AWS's eventual consistency right after a
-//! create ([`EVENTUALLY_CONSISTENT`]: an instance profile RunInstances does not know yet) is
-//! retried even though its code is a validation code.
+//! create ([`EVENTUALLY_CONSISTENT`]: an instance profile RunInstances or Auto Scaling does not
+//! know yet, a principal a trust policy names) is waited for even though its code is a
+//! validation code.
 
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
@@ -208,8 +209,16 @@ pub const NAME_TAKEN_CODES: &[&str] = &[
 /// Errors whose code is a validation code but that AWS answers for a few seconds after a
 /// create, while the new object propagates: `(code, words in the message)`. They retry.
 pub const EVENTUALLY_CONSISTENT: &[(&str, &str)] = &[
-    // RunInstances with an instance profile created seconds ago.
+    // RunInstances with an instance profile created seconds ago ("Value (NAME) for parameter
+    // iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name", or "... ARN").
     ("InvalidParameterValue", "Invalid IAM Instance Profile"),
+    // CreateAutoScalingGroup and UpdateAutoScalingGroup with a launch template naming such a
+    // profile: "You must use a valid fully-formed launch template. Value (NAME) for parameter
+    // iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name".
+    ("ValidationError", "Invalid IAM Instance Profile"),
+    // A trust policy (CreateRole, UpdateAssumeRolePolicy) naming a role or user created
+    // seconds ago: "Invalid principal in policy: \"AWS\":\"arn:aws:iam::...\"".
+    ("MalformedPolicyDocument", "Invalid principal in policy"),
     // A new role not yet assumable by the service that is to assume it.
     ("InvalidParameterValue", "cannot be assumed"),
     ("ValidationError", "cannot be assumed"),
@@ -380,6 +389,48 @@ mod tests {
         );
         assert_eq!(
             classify_service_message(Some("InvalidParameterValue"), Some(400), "bad type"),
+            ErrorClass::Terminal
+        );
+    }
+
+    #[test]
+    fn a_new_instance_profile_not_yet_known_to_auto_scaling_retries_in_both_forms() {
+        for message in [
+            "You must use a valid fully-formed launch template. Value (demo-grafana) for parameter iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name",
+            "You must use a valid fully-formed launch template. Value (arn:aws:iam::123456789012:instance-profile/demo-grafana) for parameter iamInstanceProfile.arn is invalid. Invalid IAM Instance Profile ARN",
+        ] {
+            assert_eq!(
+                classify_service_message(Some("ValidationError"), Some(400), message),
+                ErrorClass::Retryable,
+                "{message}"
+            );
+        }
+        assert_eq!(
+            classify_service_message(
+                Some("ValidationError"),
+                Some(400),
+                "Max bound, 1, must be greater than or equal to min bound, 2"
+            ),
+            ErrorClass::Terminal
+        );
+    }
+
+    #[test]
+    fn a_trust_policy_naming_a_new_principal_retries_other_malformed_policies_park() {
+        assert_eq!(
+            classify_service_message(
+                Some("MalformedPolicyDocument"),
+                Some(400),
+                "Invalid principal in policy: \"AWS\":\"arn:aws:iam::123456789012:role/demo-reader\""
+            ),
+            ErrorClass::Retryable
+        );
+        assert_eq!(
+            classify_service_message(
+                Some("MalformedPolicyDocument"),
+                Some(400),
+                "Syntax errors in policy."
+            ),
             ErrorClass::Terminal
         );
     }

@@ -1096,6 +1096,22 @@ impl Policy {
     }
 }
 
+/// A customer managed policy's tags, every page of `ListPolicyTags` (IAM may answer fewer than
+/// there are and say `IsTruncated`).
+async fn policy_tags(ctx: &Context, arn: &str) -> Result<Tags> {
+    let tags = ctx
+        .iam
+        .list_policy_tags()
+        .policy_arn(arn)
+        .into_paginator()
+        .items()
+        .send()
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .await
+        .map_err(aws_error("iam", "ListPolicyTags"))?;
+    Ok(tag_map(&tags))
+}
+
 #[async_trait]
 impl ManagedObject for Policy {
     type Desired = PolicyWant;
@@ -1136,15 +1152,8 @@ impl ManagedObject for Policy {
                 || p.path.starts_with("/stackwarden/")
         });
         let reads = candidates.map(|p| async move {
-            let out = ctx
-                .iam
-                .list_policy_tags()
-                .policy_arn(&p.arn)
-                .send()
-                .await
-                .map_err(aws_error("iam", "ListPolicyTags"))?;
             Ok::<_, Error>(ObservedPolicy {
-                tags: tag_map(out.tags()),
+                tags: policy_tags(ctx, &p.arn).await?,
                 ..p.clone()
             })
         });
@@ -1239,14 +1248,7 @@ impl ManagedObject for Policy {
             }
         }
         let Some(arn) = arn else { return Ok(None) };
-        let out = ctx
-            .iam
-            .list_policy_tags()
-            .policy_arn(arn)
-            .send()
-            .await
-            .map_err(aws_error("iam", "ListPolicyTags"))?;
-        Ok(Some(tag_map(out.tags())))
+        Ok(Some(policy_tags(ctx, &arn).await?))
     }
 
     async fn create(&self, ctx: &Context, want: &PolicyWant, tags: &Tags) -> Result<Outputs> {

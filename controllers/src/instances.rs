@@ -141,12 +141,14 @@ pub async fn instances(
                         .build(),
                 )
                 .filters(live)
+                .into_paginator()
+                .items()
                 .send()
+                .collect::<std::result::Result<Vec<_>, _>>()
                 .await
                 .map_err(aws_error("ec2", "DescribeInstances"))?;
             found.extend(
-                out.reservations()
-                    .iter()
+                out.iter()
                     .flat_map(|r| r.instances())
                     .map(observed_instance),
             );

@@ -19,7 +19,9 @@ use crate::desired::{DesiredState, TAG_STACK};
 use crate::error::{aws_error, Result};
 use crate::model::Kind;
 pub use crate::push::send::RUNNING;
-use crate::push::send::{commands_since, stdout_of, tag, Pending, BATCH};
+use crate::push::send::{
+    commands_since, managed_of, stdout_of, tag, Command, Controls, Pending, BATCH,
+};
 use crate::push::shell_quote;
 
 /// What a verify writes into an instance's record tag when the files of that bundle were
@@ -155,6 +157,8 @@ pub struct Sent {
     commands: Vec<(String, Vec<String>)>,
     /// A little before the commands were sent: `ListCommands` is read from there.
     since: SystemTime,
+    /// Instances SSM does not manage (SendCommand: `InvalidInstanceId`): sent nothing.
+    unreachable: Vec<String>,
 }
 
 /// Where a verify stands.
@@ -178,47 +182,69 @@ pub async fn start(ctx: &Context, desired: &DesiredState) -> Result<Verify> {
     }
     let since = SystemTime::now() - Duration::from_secs(300);
     let mut commands: Vec<(String, Vec<String>)> = Vec::new();
+    let mut unreachable = Vec::new();
+    // One host that cannot run it does not stop the others'.
+    let controls = Controls {
+        max_concurrency: "50".into(),
+        max_errors: "100%".into(),
+    };
     for batch in targets.chunks(BATCH) {
         let bundles: BTreeSet<&str> = batch
             .iter()
             .flat_map(|t| t.records.iter().map(|r| r.bundle.as_str()))
             .collect();
-        let ids: Vec<String> = batch.iter().map(|t| t.id.clone()).collect();
-        let sent = ctx
-            .ssm
-            .send_command()
-            .document_name("AWS-RunShellScript")
-            .set_instance_ids(Some(ids.clone()))
-            .comment("stackwarden verify")
-            .parameters("commands", vec![script(&bundles)])
-            .parameters("executionTimeout", vec!["300".into()])
-            .max_concurrency("50")
-            // One host that cannot run it does not stop the others'.
-            .max_errors("100%")
-            .send()
-            .await
-            .map_err(aws_error("ssm", "SendCommand"))?;
-        let id = sent
-            .command()
-            .and_then(|c| c.command_id())
-            .unwrap_or_default()
-            .to_string();
-        commands.push((id, ids));
+        let script = script(&bundles);
+        let command = Command {
+            comment: "stackwarden verify".into(),
+            script: &script,
+            timeout: "300",
+            controls: &controls,
+        };
+        let mut ids: Vec<String> = batch.iter().map(|t| t.id.clone()).collect();
+        let mut sent = command.send(ctx, &ids).await?;
+        if sent.is_none() {
+            // An instance SSM does not manage refuses the whole batch: the others are
+            // verified, it is reported as not verified.
+            let managed = managed_of(ctx, &ids).await?;
+            let (reachable, left_out): (Vec<String>, Vec<String>) =
+                ids.into_iter().partition(|i| managed.contains(i));
+            unreachable.extend(left_out);
+            ids = reachable;
+            sent = match ids.is_empty() {
+                true => None,
+                false => command.send(ctx, &ids).await?,
+            };
+            if sent.is_none() {
+                unreachable.append(&mut ids);
+            }
+        }
+        if let Some(id) = sent {
+            commands.push((id, ids));
+        }
     }
     tracing::info!(
         instances = targets.len(),
         commands = commands.len(),
         "verify sent"
     );
-    let status = format!("sent to {} instances", targets.len());
-    Ok(Verify::Running(
-        Sent {
-            targets,
-            commands,
-            since,
-        },
-        status,
-    ))
+    let status = format!(
+        "sent to {} instances{}",
+        targets.len() - unreachable.len(),
+        match unreachable.len() {
+            0 => String::new(),
+            n => format!(", {n} not reachable over SSM"),
+        }
+    );
+    let sent = Sent {
+        targets,
+        commands,
+        since,
+        unreachable,
+    };
+    if sent.commands.is_empty() {
+        return sent.findings(ctx).await.map(Verify::Done);
+    }
+    Ok(Verify::Running(sent, status))
 }
 
 impl Sent {
@@ -261,6 +287,9 @@ impl Sent {
             instances: self.targets.len(),
             ..Verified::default()
         };
+        verified.unverified.extend(self.unreachable.iter().map(|i| {
+            format!("{i} (not reachable over SSM: is its agent running, with a role allowing SSM?)")
+        }));
         let by_id: BTreeMap<&str, &Target> =
             self.targets.iter().map(|t| (t.id.as_str(), t)).collect();
         let mut marks: BTreeMap<&str, Vec<String>> = BTreeMap::new();
@@ -509,12 +538,7 @@ mod tests {
             reload: Vec::new(),
         };
         let run = |script: String| {
-            let out = std::process::Command::new("bash")
-                .arg("-c")
-                .arg(script)
-                .env("STACKWARDEN_ROOT", dir)
-                .output()
-                .unwrap();
+            let out = crate::testing::run_as_agent(&script, dir, &[]);
             assert!(
                 out.status.success(),
                 "{}",

@@ -92,7 +92,7 @@ impl Attributes {
 
     /// AWS's values for a new load balancer.
     const DEFAULT: Attributes = Attributes {
-        idle_timeout: 60,
+        idle_timeout: super::elb::DEFAULT_IDLE_TIMEOUT,
         deletion_protection: false,
     };
 }
@@ -387,6 +387,26 @@ alb = { subnets = ["subnet-a", "subnet-b"], idle_timeout = "120s" }
 
     fn node() -> ResourceId {
         ResourceId::part(BALANCER, "main", None)
+    }
+
+    #[test]
+    fn a_load_balancer_name_aws_would_refuse_is_an_error_before_any_call() {
+        let d = nodes();
+        assert_eq!(
+            super::super::elb::elb_name(&d, &node()).unwrap(),
+            format!("{}-main", crate::testing::STACK)
+        );
+        let e = super::super::elb::elb_name(&d, &ResourceId::part(BALANCER, "main_ui", None))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("only letters, digits and hyphens"),
+            "{e}"
+        );
+        let long = ResourceId::part(BALANCER, "x".repeat(40), None);
+        assert!(super::super::elb::elb_name(&d, &long)
+            .unwrap_err()
+            .to_string()
+            .contains("over AWS's 32 characters"));
     }
 
     fn refs() -> Refs {

@@ -33,6 +33,13 @@ pub(super) fn elb_name(desired: &DesiredState, node: &ResourceId) -> Result<Stri
             "{node}: the load balancer and target group would be named `{name}`, over AWS's {MAX_ELB_NAME} characters; shorten the stack or resource name"
         )));
     }
+    // AWS takes letters, digits and hyphens only, not at either end (a table may be named
+    // with `_`, which every other object's name allows).
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') || name.ends_with('-') {
+        return Err(Error::Invalid(format!(
+            "{node}: the load balancer and target group would be named `{name}`, and AWS allows only letters, digits and hyphens (not at the end); rename the table"
+        )));
+    }
     Ok(name)
 }
 
@@ -277,6 +284,9 @@ async fn list_elb(ctx: &Context, desired: &DesiredState) -> Result<ElbObjects> {
     })
 }
 
+/// An Application Load Balancer's idle timeout when none is set, in seconds.
+pub const DEFAULT_IDLE_TIMEOUT: i32 = 60;
+
 /// The attributes stackwarden sets on a load balancer.
 async fn read_attributes(ctx: &Context, b: &mut ObservedBalancer) -> Result<()> {
     let attrs = ctx
@@ -289,9 +299,14 @@ async fn read_attributes(ctx: &Context, b: &mut ObservedBalancer) -> Result<()> 
             "elasticloadbalancing",
             "DescribeLoadBalancerAttributes",
         ))?;
+    // An attribute left out of the answer has AWS's default, never zero.
+    b.idle_timeout = DEFAULT_IDLE_TIMEOUT;
+    b.deletion_protection = false;
     for a in attrs.attributes() {
         match (a.key().unwrap_or_default(), a.value().unwrap_or_default()) {
-            ("idle_timeout.timeout_seconds", v) => b.idle_timeout = v.parse().unwrap_or_default(),
+            ("idle_timeout.timeout_seconds", v) => {
+                b.idle_timeout = v.parse().unwrap_or(DEFAULT_IDLE_TIMEOUT)
+            }
             ("deletion_protection.enabled", v) => b.deletion_protection = v == "true",
             _ => {}
         }
@@ -301,15 +316,17 @@ async fn read_attributes(ctx: &Context, b: &mut ObservedBalancer) -> Result<()> 
 
 /// A load balancer's listeners: ARN and what each is.
 async fn read_listeners(ctx: &Context, balancer: &str) -> Result<Vec<(String, ListenerSpec)>> {
-    let out = ctx
+    let listeners = ctx
         .elb
         .describe_listeners()
         .load_balancer_arn(balancer)
+        .into_paginator()
+        .items()
         .send()
+        .collect::<std::result::Result<Vec<_>, _>>()
         .await
         .map_err(aws_error("elasticloadbalancing", "DescribeListeners"))?;
-    Ok(out
-        .listeners()
+    Ok(listeners
         .iter()
         .map(|l| {
             let action = l.default_actions().first();

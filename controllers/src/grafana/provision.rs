@@ -273,7 +273,9 @@ async fn read_password(ctx: &Context, source: &PasswordSource) -> Result<Passwor
     };
     let version = match source {
         PasswordSource::SsmParameter(name) => {
-            let out = ctx
+            // DescribeParameters filters after paging: a page may hold nothing and still
+            // have a next one, so every page is read until the name turns up.
+            let mut pages = ctx
                 .ssm
                 .describe_parameters()
                 .parameter_filters(
@@ -284,21 +286,29 @@ async fn read_password(ctx: &Context, source: &PasswordSource) -> Result<Passwor
                         .build()
                         .map_err(|e| Error::Invalid(e.to_string()))?,
                 )
-                .send()
-                .await
-                .map_err(aws_error("ssm", "DescribeParameters"))?;
-            let p = out
-                .parameters()
-                .iter()
-                .find(|p| p.name() == Some(name.as_str()))
-                .ok_or_else(|| {
-                    missing(
-                        "ssm",
-                        "DescribeParameters",
-                        "ParameterNotFound",
-                        format!("the SSM parameter {name}"),
-                    )
-                })?;
+                .max_results(50)
+                .into_paginator()
+                .send();
+            let mut found = None;
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(aws_error("ssm", "DescribeParameters"))?;
+                found = page
+                    .parameters()
+                    .iter()
+                    .find(|p| p.name() == Some(name.as_str()))
+                    .cloned();
+                if found.is_some() {
+                    break;
+                }
+            }
+            let p = found.ok_or_else(|| {
+                missing(
+                    "ssm",
+                    "DescribeParameters",
+                    "ParameterNotFound",
+                    format!("the SSM parameter {name}"),
+                )
+            })?;
             p.version().to_string()
         }
         PasswordSource::Secret(name) => {

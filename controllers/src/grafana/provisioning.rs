@@ -393,12 +393,7 @@ alb = {{ subnets = ["subnet-a", "subnet-b"] }}
             validate: Vec::new(),
             reload: Vec::new(),
         };
-        let out = std::process::Command::new("bash")
-            .arg("-c")
-            .arg(bundle.script())
-            .env("STACKWARDEN_ROOT", dir)
-            .output()
-            .unwrap();
+        let out = crate::testing::run_as_agent(&bundle.script(), dir, &[]);
         assert!(
             out.status.success(),
             "{}",
@@ -419,12 +414,7 @@ alb = {{ subnets = ["subnet-a", "subnet-b"] }}
         failing
             .files
             .insert("/etc/demo/other".into(), File::new("x\n"));
-        let out = std::process::Command::new("bash")
-            .arg("-c")
-            .arg(failing.script())
-            .env("STACKWARDEN_ROOT", dir)
-            .output()
-            .unwrap();
+        let out = crate::testing::run_as_agent(&failing.script(), dir, &[]);
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -446,14 +436,14 @@ alb = {{ subnets = ["subnet-a", "subnet-b"] }}
         let old = dir.join("var/lib/grafana/dashboards/stackwarden/old.json");
         std::fs::create_dir_all(old.parent().unwrap()).unwrap();
         std::fs::write(&old, "{}").unwrap();
-        let out = std::process::Command::new("bash")
-            .arg("-c")
-            .arg(bundle(&s, &Refs::default(), "us-east-1", None).script())
-            .env("STACKWARDEN_ROOT", dir)
-            .env("GRAFANA_RESTART", "true")
-            .env("GRAFANA_HEALTH_URL", "file:///dev/null")
-            .output()
-            .unwrap();
+        let out = crate::testing::run_as_agent(
+            &bundle(&s, &Refs::default(), "us-east-1", None).script(),
+            dir,
+            &[
+                ("GRAFANA_RESTART", "true"),
+                ("GRAFANA_HEALTH_URL", "file:///dev/null"),
+            ],
+        );
         assert!(
             out.status.success(),
             "{}",

@@ -332,14 +332,17 @@ impl ManagedObject for LaunchTemplate {
             .name("launch-template-name")
             .values(&want.name)
             .build();
-        let out = ctx
+        let templates = ctx
             .ec2
             .describe_launch_templates()
             .filters(name)
+            .into_paginator()
+            .items()
             .send()
+            .collect::<std::result::Result<Vec<_>, _>>()
             .await
             .map_err(aws_error("ec2", "DescribeLaunchTemplates"))?;
-        Ok(out.launch_templates().first().map(|t| tag_map(t.tags())))
+        Ok(templates.first().map(|t| tag_map(t.tags())))
     }
 
     async fn create(&self, ctx: &Context, want: &TemplateWant, tags: &Tags) -> Result<Outputs> {

@@ -1,5 +1,5 @@
 //! Config pushed to running hosts: a bundle of files with the commands that validate and reload
-//! them, turned into one bash script for SSM Run Command (`AWS-RunShellScript`).
+//! them, turned into one POSIX sh script for SSM Run Command (`AWS-RunShellScript`).
 //!
 //! The script (`push.sh`) stages the files, validates the staged copy, swaps each live file with
 //! a rename beside it, reloads, and puts the previous files back (and reloads again) when the
@@ -197,7 +197,7 @@ impl Bundle {
     }
 }
 
-/// Quotes a word for bash.
+/// Quotes a word for POSIX sh.
 pub fn shell_quote(s: &str) -> String {
     if !s.is_empty()
         && s.chars()
@@ -243,12 +243,7 @@ mod tests {
     fn the_script_installs_exact_bytes_under_the_root() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
-        let out = std::process::Command::new("bash")
-            .arg("-c")
-            .arg(bundle().script())
-            .env("STACKWARDEN_ROOT", dir)
-            .output()
-            .unwrap();
+        let out = crate::testing::run_as_agent(&bundle().script(), dir, &[]);
         assert!(
             out.status.success(),
             "{}",
@@ -271,12 +266,7 @@ mod tests {
         std::fs::write(dir.join("etc/demo/a.conf"), "old\n").unwrap();
         let mut b = bundle();
         b.reload = vec!["grep -q old \"$STACKWARDEN_ROOT/etc/demo/a.conf\"".into()];
-        let out = std::process::Command::new("bash")
-            .arg("-c")
-            .arg(b.script())
-            .env("STACKWARDEN_ROOT", dir)
-            .output()
-            .unwrap();
+        let out = crate::testing::run_as_agent(&b.script(), dir, &[]);
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -299,12 +289,7 @@ mod tests {
         let dir = tmp.path();
         let mut b = bundle();
         b.validate = vec!["echo 'line 3: bad' >&2; false".into()];
-        let out = std::process::Command::new("bash")
-            .arg("-c")
-            .arg(b.script())
-            .env("STACKWARDEN_ROOT", dir)
-            .output()
-            .unwrap();
+        let out = crate::testing::run_as_agent(&b.script(), dir, &[]);
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(

@@ -5,7 +5,10 @@
 # rename beside it, reloads, and checks the reload took. On any failure after the swap it puts
 # the previous files back and reloads again. Every path is under $STACKWARDEN_ROOT (empty on a
 # real host), so tests run this very script in a temporary directory.
-set -uo pipefail
+#
+# POSIX sh: the SSM agent runs AWS-RunShellScript as `sh -c FILE`, which is dash on Ubuntu and
+# Debian. No arrays, no `local`, no pipefail: the file list is written out in each loop.
+set -u
 root="${STACKWARDEN_ROOT:-}"
 PROMETHEUS_URL="${PROMETHEUS_URL:-http://localhost:9090}"
 PROMTOOL="${PROMTOOL:-promtool}"
@@ -13,11 +16,13 @@ export PROMETHEUS_URL PROMTOOL
 state="$root/var/lib/stackwarden"
 stage="$state/stage/@NAME@"
 backup="$state/backup/@NAME@"
-paths=(@PATHS@)
+# A file here marks a live file that did not exist before the swap: a rollback removes it.
+created="$state/created/@NAME@"
 
 fail() { printf 'stackwarden: %s\n' "$*" >&2; exit 1; }
 
-rm -rf "$stage" "$backup" && mkdir -p "$stage" "$backup" || fail "cannot prepare $state"
+rm -rf "$stage" "$backup" "$created" && mkdir -p "$stage" "$backup" "$created" \
+  || fail "cannot prepare $state"
 
 # put PATH MODE, with the content as base64 on stdin.
 put() {
@@ -28,13 +33,13 @@ put() {
 # this host's own role (only its name and version travel in this script). Written under umask
 # 077, so it is never readable by others, not even while being written.
 fetch() {
-  local path=$1 mode=$2 value
+  fetch_path=$1 fetch_mode=$2
   shift 2
-  command -v "$1" >/dev/null || fail "cannot fetch $path: $1 is not installed on this host"
-  mkdir -p "$(dirname "$stage$path")" || fail "cannot stage $path"
-  value=$("$@") || fail "cannot fetch $path with $1 $2 $3"
-  (umask 077 && printf '%s' "$value" > "$stage$path") && chmod "$mode" "$stage$path" \
-    || fail "cannot stage $path"
+  command -v "$1" >/dev/null || fail "cannot fetch $fetch_path: $1 is not installed on this host"
+  mkdir -p "$(dirname "$stage$fetch_path")" || fail "cannot stage $fetch_path"
+  fetch_value=$("$@") || fail "cannot fetch $fetch_path with $*"
+  (umask 077 && printf '%s' "$fetch_value" > "$stage$fetch_path") \
+    && chmod "$fetch_mode" "$stage$fetch_path" || fail "cannot stage $fetch_path"
 }
 @FILES@
 
@@ -55,24 +60,29 @@ fi
 
 # Swap: each new file is copied beside the live one, then renamed over it (atomic on one file
 # system). The previous version goes to the backup first; files that did not exist are noted.
-created=()
-for f in "${paths[@]}"; do
+for f in @PATHS@; do
   live="$root$f"
-  mkdir -p "$(dirname "$live")" "$(dirname "$backup$f")" || fail "cannot create $(dirname "$live")"
-  if [ -e "$live" ]; then cp -p "$live" "$backup$f" || fail "cannot back up $f"; else created+=("$f"); fi
+  mkdir -p "$(dirname "$live")" "$(dirname "$backup$f")" "$(dirname "$created$f")" \
+    || fail "cannot create $(dirname "$live")"
+  if [ -e "$live" ]; then
+    cp -p "$live" "$backup$f" || fail "cannot back up $f"
+  else
+    : > "$created$f" || fail "cannot note $f as new"
+  fi
 done
 
 restore() {
-  for f in "${paths[@]}"; do
+  for f in @PATHS@; do
     live="$root$f"
     if [ -e "$backup$f" ]; then
       cp -p "$backup$f" "$live.stackwarden-old" && mv -f "$live.stackwarden-old" "$live"
+    elif [ -e "$created$f" ]; then
+      rm -f "$live"
     fi
   done
-  for f in "${created[@]}"; do rm -f "$root$f"; done
 }
 
-for f in "${paths[@]}"; do
+for f in @PATHS@; do
   live="$root$f"
   if ! { cp -p "$stage$f" "$live.stackwarden-new" && mv -f "$live.stackwarden-new" "$live"; }; then
     restore
@@ -91,9 +101,9 @@ $out
 $again"
 fi
 
-rm -rf "$stage" "$backup"
+rm -rf "$stage" "$backup" "$created"
 # The manifest a verify compares the live files with later: mode, sha256 and path of each.
-for f in "${paths[@]}"; do
+for f in @PATHS@; do
   printf '%s %s %s\n' "$(stat -c %a "$root$f")" "$(sha256sum < "$root$f" | cut -d' ' -f1)" "$f"
 done > "$state/@NAME@.files"
 printf '%s\n' "@HASH@" > "$state/@NAME@.sha256"

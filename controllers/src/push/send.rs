@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_ec2::types::Tag;
-use aws_sdk_ssm::types::{CommandFilter, CommandFilterKey};
+use aws_sdk_ssm::types::{CommandFilter, CommandFilterKey, InstanceInformationStringFilter};
 use aws_smithy_types::date_time::Format;
 
 use super::Prepared;
@@ -91,8 +91,13 @@ impl Op {
 /// Sends `push` to `instances` and marks each with the command that carries it ([`Pending`]
 /// in its record tag). Nothing waits for the hosts: the push answers "waiting", and the passes
 /// after it read the commands' verdicts ([`track`]), record the hash on the instances that
-/// installed it ([`record`]) and report those that failed, with their stderr. An instance the
-/// agent does not know yet (just launched) leaves the push for the next pass.
+/// installed it ([`record`]) and report those that failed, with their stderr.
+///
+/// SendCommand refuses a whole batch with `InvalidInstanceId` when any one instance is not
+/// managed by SSM. The batch is then split by what `DescribeInstanceInformation` knows: the
+/// managed instances get the push, and the others ([`Unreachable`]) are named, with what their
+/// state says of the likely cause. Other batches are sent either way; the instances left out
+/// lack the push, so a later pass sends it once SSM knows them.
 async fn send(
     ctx: &Context,
     push: &Prepared,
@@ -103,60 +108,271 @@ async fn send(
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
+    let mut left_out = Vec::new();
+    let mut sent = 0;
     for batch in instances.chunks(BATCH) {
+        match send_batch(ctx, push, batch, controls, at).await? {
+            Sent::All => sent += batch.len(),
+            Sent::Refused => {
+                let managed = managed_of(ctx, batch).await?;
+                let (reachable, unreachable): (Vec<String>, Vec<String>) =
+                    batch.iter().cloned().partition(|i| managed.contains(i));
+                // The agent of one instance can drop out between the two calls: it waits
+                // with the others for the next pass.
+                if !reachable.is_empty()
+                    && send_batch(ctx, push, &reachable, controls, at).await? == Sent::All
+                {
+                    sent += reachable.len();
+                } else {
+                    left_out.extend(reachable);
+                }
+                left_out.extend(unreachable);
+            }
+        }
+    }
+    if sent > 0 {
+        tracing::info!(
+            bundle = %push.name,
+            instances = sent,
+            "pushed files; the next passes read the hosts' verdict"
+        );
+    }
+    if !left_out.is_empty() {
+        return Err(Unreachable::of(ctx, &left_out).await?.error(push, sent));
+    }
+    Err(Error::waiting(
+        format!("the {} push to {sent} instance(s) is running", push.name),
+        RUNNING,
+    ))
+}
+
+/// How one SendCommand went.
+#[derive(Debug, PartialEq)]
+enum Sent {
+    /// Every instance got the command, and carries its mark.
+    All,
+    /// Refused as a whole: an instance SSM does not manage (`InvalidInstanceId`).
+    Refused,
+}
+
+/// What identifies a push in Run Command's history: `stackwarden NAME sha256:...`, cut to the
+/// 100 characters SendCommand takes as a `Comment` (a longer one is refused outright).
+pub fn comment(push: &Prepared) -> String {
+    let full = format!("stackwarden {} {}", push.name, push.short_hash());
+    if full.chars().count() <= MAX_COMMENT {
+        return full;
+    }
+    // The hash is what tells pushes apart: the name gives way.
+    let hash = format!(" {}", push.short_hash());
+    let room = MAX_COMMENT - "stackwarden ".len() - hash.chars().count() - 1;
+    let name: String = push.name.chars().take(room).collect();
+    format!("stackwarden {name}~{hash}")
+}
+
+/// The longest `Comment` SendCommand takes.
+const MAX_COMMENT: usize = 100;
+
+async fn send_batch(
+    ctx: &Context,
+    push: &Prepared,
+    batch: &[String],
+    controls: &Controls,
+    at: u64,
+) -> Result<Sent> {
+    let command = Command {
+        comment: comment(push),
+        script: &push.script,
+        timeout: "600",
+        controls,
+    };
+    let Some(command) = command.send(ctx, batch).await? else {
+        return Ok(Sent::Refused);
+    };
+    let pending = Pending {
+        hash: push.hash.clone(),
+        command,
+        at,
+    };
+    tag(ctx, &push.hash_tag(), &pending.to_string(), batch).await?;
+    Ok(Sent::All)
+}
+
+/// One AWS-RunShellScript command, as pushes and verifies send it.
+pub(crate) struct Command<'a> {
+    pub comment: String,
+    pub script: &'a str,
+    /// `executionTimeout`, in seconds.
+    pub timeout: &'a str,
+    pub controls: &'a Controls,
+}
+
+impl Command<'_> {
+    /// Sends the command to `instances` (at most [`BATCH`]): its id, or `None` when SSM refused
+    /// the whole call because one of them is not a managed instance (`InvalidInstanceId`).
+    pub(crate) async fn send(&self, ctx: &Context, instances: &[String]) -> Result<Option<String>> {
         let sent = ctx
             .ssm
             .send_command()
             .document_name("AWS-RunShellScript")
-            .set_instance_ids(Some(batch.to_vec()))
-            .comment(format!("stackwarden {} {}", push.name, push.short_hash()))
-            .parameters("commands", vec![push.script.clone()])
-            .parameters("executionTimeout", vec!["600".into()])
-            .max_concurrency(&controls.max_concurrency)
-            .max_errors(&controls.max_errors)
+            .set_instance_ids(Some(instances.to_vec()))
+            .comment(&self.comment)
+            .parameters("commands", vec![self.script.to_string()])
+            .parameters("executionTimeout", vec![self.timeout.to_string()])
+            .max_concurrency(&self.controls.max_concurrency)
+            .max_errors(&self.controls.max_errors)
             .send()
             .await;
-        let sent = match sent {
-            Ok(s) => s,
+        match sent {
+            Ok(s) => Ok(Some(
+                s.command()
+                    .and_then(|c| c.command_id())
+                    .unwrap_or_default()
+                    .to_string(),
+            )),
             Err(e)
                 if e.as_service_error()
                     .is_some_and(|e| e.is_invalid_instance_id()) =>
             {
-                return Err(Error::waiting(
-                    format!(
-                        "an instance is not yet reachable over SSM (InvalidInstanceId: its agent registers shortly after boot); the {} push is sent again then",
-                        push.name
-                    ),
-                    crate::error::PROPAGATION,
-                ));
+                Ok(None)
             }
-            Err(e) => return Err(aws_error("ssm", "SendCommand")(e)),
-        };
-        let command = sent
-            .command()
-            .and_then(|c| c.command_id())
-            .unwrap_or_default()
-            .to_string();
-        let pending = Pending {
-            hash: push.hash.clone(),
-            command,
-            at,
-        };
-        tag(ctx, &push.hash_tag(), &pending.to_string(), batch).await?;
+            Err(e) => Err(aws_error("ssm", "SendCommand")(e)),
+        }
     }
-    tracing::info!(
-        bundle = %push.name,
-        instances = instances.len(),
-        "pushed files; the next passes read the hosts' verdict"
-    );
-    Err(Error::waiting(
-        format!(
-            "the {} push to {} instance(s) is running",
+}
+
+/// The instances of `batch` SSM manages now (`DescribeInstanceInformation`, every page).
+pub(crate) async fn managed_of(ctx: &Context, batch: &[String]) -> Result<BTreeSet<String>> {
+    let filter = InstanceInformationStringFilter::builder()
+        .key("InstanceIds")
+        .set_values(Some(batch.to_vec()))
+        .build()
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+    let mut pages = ctx
+        .ssm
+        .describe_instance_information()
+        .filters(filter)
+        .max_results(50)
+        .into_paginator()
+        .send();
+    let mut managed = BTreeSet::new();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(aws_error("ssm", "DescribeInstanceInformation"))?;
+        managed.extend(
+            page.instance_information_list()
+                .iter()
+                .filter_map(|i| i.instance_id().map(str::to_string)),
+        );
+    }
+    Ok(managed)
+}
+
+/// How long after launch an instance SSM does not know is taken for one whose agent is still
+/// registering, not one that will never answer.
+const REGISTERING: Duration = Duration::from_secs(600);
+
+/// Instances a push could not reach over SSM, each with what EC2 says of it.
+#[derive(Debug, Default, PartialEq)]
+struct Unreachable {
+    /// `i-... (why)`, one for each instance.
+    named: Vec<String>,
+    /// Every one of them launched minutes ago, running, with an instance profile: their
+    /// agents are most likely still registering.
+    registering: bool,
+}
+
+impl Unreachable {
+    async fn of(ctx: &Context, ids: &[String]) -> Result<Unreachable> {
+        let mut pages = ctx
+            .ec2
+            .describe_instances()
+            .set_instance_ids(Some(ids.to_vec()))
+            .into_paginator()
+            .send();
+        let mut found = BTreeMap::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(aws_error("ec2", "DescribeInstances"))?;
+            for i in page.reservations().iter().flat_map(|r| r.instances()) {
+                let id = i.instance_id().unwrap_or_default().to_string();
+                let state = i
+                    .state()
+                    .and_then(|s| s.name())
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_default();
+                let age = i.launch_time().and_then(|t| {
+                    SystemTime::now()
+                        .duration_since(UNIX_EPOCH + Duration::from_secs(t.secs().max(0) as u64))
+                        .ok()
+                });
+                found.insert(id, (state, age, i.iam_instance_profile().is_some()));
+            }
+        }
+        Ok(Unreachable::from_states(ids, &found))
+    }
+
+    /// Pure: from each instance's state, age and whether it has an instance profile.
+    fn from_states(
+        ids: &[String],
+        found: &BTreeMap<String, (String, Option<Duration>, bool)>,
+    ) -> Unreachable {
+        let mut out = Unreachable {
+            named: Vec::new(),
+            registering: true,
+        };
+        for id in ids {
+            let why = match found.get(id) {
+                None => {
+                    out.registering = false;
+                    "not found".to_string()
+                }
+                Some((state, _, _)) if state != "running" => {
+                    out.registering = false;
+                    format!("{state}: SSM reaches running instances only")
+                }
+                Some((_, _, false)) => {
+                    out.registering = false;
+                    "running with no instance profile: the SSM agent needs a role allowing SSM (AmazonSSMManagedInstanceCore)".to_string()
+                }
+                Some((_, Some(age), true)) if *age < REGISTERING => {
+                    format!(
+                        "launched {} s ago: its SSM agent is most likely still registering",
+                        age.as_secs()
+                    )
+                }
+                Some(_) => {
+                    out.registering = false;
+                    "running, yet SSM does not manage it: is the SSM agent installed and running, and does its instance role allow SSM (AmazonSSMManagedInstanceCore)?".to_string()
+                }
+            };
+            out.named.push(format!("{id} ({why})"));
+        }
+        out
+    }
+
+    /// Waiting while the agents register; else an error naming each instance, retried (a
+    /// later pass sends the push to those SSM knows by then).
+    fn error(&self, push: &Prepared, sent: usize) -> Error {
+        let others = match sent {
+            0 => String::new(),
+            n => format!(" (this pass sent it to the {n} other instance(s))"),
+        };
+        let what = format!(
+            "{} instance(s) not reachable over SSM (SendCommand: InvalidInstanceId): {}; the {} push {} goes to them once SSM manages them{others}",
+            self.named.len(),
+            self.named.join("; "),
             push.name,
-            instances.len()
-        ),
-        RUNNING,
-    ))
+            push.short_hash(),
+        );
+        if self.registering {
+            return Error::waiting(what, crate::error::PROPAGATION);
+        }
+        Error::Aws {
+            service: "ssm",
+            operation: "SendCommand",
+            code: Some("InvalidInstanceId".into()),
+            class: crate::error::ErrorClass::Retryable,
+            message: what,
+        }
+    }
 }
 
 /// Up to this many running pushes are looked up one command each.
@@ -224,8 +440,22 @@ pub struct Tracked {
 pub struct Verdict {
     /// Still running on some of its instances.
     pub running: bool,
-    /// Instances it failed on, with their stderr.
+    /// Instances it failed on, with their stderr: the script's own failure.
     pub failed: BTreeMap<String, String>,
+    /// Instances it never ran on to the end for reasons of delivery, not of the script (the
+    /// agent did not pick it up in time, the instance went away, the command was cancelled):
+    /// the push is sent to them again.
+    pub lost: BTreeSet<String>,
+}
+
+/// Whether an invocation that did not succeed ended for reasons of delivery, not of the
+/// script, from its Status and StatusDetails.
+pub fn undelivered(status: &str, details: &str) -> bool {
+    status == "Cancelled"
+        || matches!(
+            details,
+            "Delivery Timed Out" | "Undeliverable" | "Terminated"
+        )
 }
 
 /// [`track`] for the records instances carry in `tag`: the pushes of one bundle running on them.
@@ -293,7 +523,7 @@ pub async fn track<'a>(
             id.to_string(),
             Verdict {
                 running,
-                failed: BTreeMap::new(),
+                ..Verdict::default()
             },
         );
     }
@@ -312,16 +542,23 @@ pub async fn track<'a>(
                 if status == "Success" {
                     continue;
                 }
+                let instance = inv.instance_id().unwrap_or_default().to_string();
+                let details = inv.status_details().unwrap_or_default();
+                if undelivered(status, details) {
+                    tracing::info!(%instance, command = %id, details, "push not delivered; it is sent again");
+                    if let Some(v) = tracked.commands.get_mut(&id) {
+                        v.lost.insert(instance);
+                    }
+                    continue;
+                }
                 let output = inv
                     .command_plugins()
                     .first()
                     .and_then(|p| p.output())
                     .unwrap_or_default();
                 if let Some(v) = tracked.commands.get_mut(&id) {
-                    v.failed.insert(
-                        inv.instance_id().unwrap_or_default().to_string(),
-                        format!("{status}: {}", stderr_of(output)),
-                    );
+                    v.failed
+                        .insert(instance, format!("{status}: {}", stderr_of(output)));
                 }
             }
         }
@@ -363,6 +600,7 @@ impl Rollout {
                 .and_then(|pending| tracked.commands.get(&pending.command));
             match verdict {
                 None => p.send.push(id.to_string()),
+                Some(v) if v.lost.contains(id) => p.send.push(id.to_string()),
                 Some(v) => match v.failed.get(id) {
                     Some(stderr) => p.failed.push(format!("{id} ({stderr})")),
                     None if v.running => p.running.push(id.to_string()),
@@ -460,6 +698,7 @@ pub(crate) fn stderr_of(output: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorClass;
 
     fn prepared(hash: &str) -> Prepared {
         Prepared {
@@ -514,7 +753,7 @@ mod tests {
                     "c-run".into(),
                     Verdict {
                         running: true,
-                        failed: BTreeMap::new(),
+                        ..Verdict::default()
                     },
                 ),
                 (
@@ -522,6 +761,7 @@ mod tests {
                     Verdict {
                         running: false,
                         failed: BTreeMap::from([("i-5".into(), "Failed: promtool: bad".into())]),
+                        lost: BTreeSet::from(["i-8".into()]),
                     },
                 ),
             ]),
@@ -535,23 +775,119 @@ mod tests {
             ("i-5", Some(failed.as_str())),
             ("i-6", Some(lost.as_str())),
             ("i-7", Some(older.as_str())),
+            ("i-8", Some(failed.as_str())),
         ];
         let r = Rollout::of(&push, fleet, &tracked);
         assert_eq!(
             r.send,
-            ["i-1", "i-2", "i-6", "i-7"],
-            "lacking, older, lost, another version's"
+            ["i-1", "i-2", "i-6", "i-7", "i-8"],
+            "lacking, older, lost, another version's, not delivered"
         );
         assert_eq!(r.record, ["i-3"]);
         assert_eq!(r.running, ["i-4"]);
         assert_eq!(r.failed, ["i-5 (Failed: promtool: bad)"]);
-        let e = r.failure(&push, 8).unwrap();
+        let e = r.failure(&push, 9).unwrap();
         assert!(e
             .to_string()
-            .contains("1 of 8 instances failed to install demo"));
+            .contains("1 of 9 instances failed to install demo"));
         assert_eq!(
             r.waiting(&push).unwrap().class(),
             crate::error::ErrorClass::Waiting
+        );
+    }
+
+    #[test]
+    fn only_the_scripts_own_failure_is_a_failure_delivery_is_retried() {
+        for (status, details) in [
+            ("TimedOut", "Delivery Timed Out"),
+            ("Failed", "Undeliverable"),
+            ("Failed", "Terminated"),
+            ("Cancelled", "Cancelled"),
+        ] {
+            assert!(undelivered(status, details), "{status} {details}");
+        }
+        for (status, details) in [("Failed", "Failed"), ("TimedOut", "Execution Timed Out")] {
+            assert!(!undelivered(status, details), "{status} {details}");
+        }
+    }
+
+    #[test]
+    fn a_long_comment_is_cut_to_what_send_command_takes_keeping_the_hash() {
+        let mut push = prepared(&"ab".repeat(32));
+        push.name = format!("host_config.{}", "x".repeat(120));
+        let c = comment(&push);
+        assert_eq!(c.chars().count(), 100, "{c}");
+        assert!(c.starts_with("stackwarden host_config.xxx"), "{c}");
+        assert!(c.ends_with(&push.short_hash()), "{c}");
+        push.name = "prometheus".into();
+        assert_eq!(
+            comment(&push),
+            format!("stackwarden prometheus {}", push.short_hash())
+        );
+    }
+
+    #[test]
+    fn unreachable_instances_are_named_with_their_likely_cause() {
+        let found = BTreeMap::from([
+            (
+                "i-new".to_string(),
+                ("running".to_string(), Some(Duration::from_secs(30)), true),
+            ),
+            (
+                "i-old".to_string(),
+                ("running".to_string(), Some(Duration::from_secs(7200)), true),
+            ),
+            (
+                "i-bare".to_string(),
+                (
+                    "running".to_string(),
+                    Some(Duration::from_secs(7200)),
+                    false,
+                ),
+            ),
+            (
+                "i-down".to_string(),
+                ("shutting-down".to_string(), None, true),
+            ),
+        ]);
+        let young = Unreachable::from_states(&["i-new".to_string()], &found);
+        assert!(young.registering);
+        assert_eq!(young.error(&prepared("h"), 2).class(), ErrorClass::Waiting);
+        let ids: Vec<String> = ["i-new", "i-old", "i-bare", "i-down", "i-gone"]
+            .map(String::from)
+            .to_vec();
+        let u = Unreachable::from_states(&ids, &found);
+        assert!(!u.registering);
+        assert_eq!(u.named.len(), 5);
+        assert!(
+            u.named[0].starts_with("i-new (launched 30 s ago"),
+            "{:?}",
+            u.named
+        );
+        assert!(
+            u.named[1].contains("is the SSM agent installed and running"),
+            "{:?}",
+            u.named
+        );
+        assert!(u.named[2].contains("no instance profile"), "{:?}", u.named);
+        assert!(
+            u.named[3].starts_with("i-down (shutting-down"),
+            "{:?}",
+            u.named
+        );
+        assert_eq!(u.named[4], "i-gone (not found)");
+        let e = u.error(&prepared("h"), 3);
+        assert_eq!(e.class(), ErrorClass::Retryable);
+        let text = e.to_string();
+        assert!(
+            text.contains("5 instance(s) not reachable over SSM"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "goes to them once SSM manages them (this pass sent it to the 3 other instance(s))"
+            ),
+            "{text}"
         );
     }
 

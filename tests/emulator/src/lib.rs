@@ -16,6 +16,7 @@
 //! no signature. It must not grow features the operator does not exercise.
 
 mod admin;
+mod agent;
 mod alertmanager;
 mod authorize;
 mod faults;
@@ -27,7 +28,7 @@ mod ssm;
 mod strict;
 mod wire;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -77,10 +78,22 @@ pub struct Settings {
     /// is eventually consistent).
     #[serde(with = "millis")]
     pub profile_propagation: Duration,
+    /// How long after `CreateRole` or `CreateUser` a trust policy naming the new ARN is
+    /// refused with `MalformedPolicyDocument` (IAM is eventually consistent).
+    #[serde(with = "millis")]
+    pub principal_propagation: Duration,
     /// How long after `RunInstances` SSM does not know the new instance (its agent has not
     /// registered): SendCommand naming it fails with `InvalidInstanceId`.
     #[serde(with = "millis")]
     pub ssm_registration: Duration,
+    /// Instances SSM does not manage (no agent, no instance role): SendCommand naming one
+    /// fails as a whole with `InvalidInstanceId`, DescribeInstanceInformation leaves them out,
+    /// and targets by tag skip them.
+    pub unmanaged: BTreeSet<String>,
+    /// Instances whose invocations end `Delivery Timed Out` (the agent never picked the
+    /// command up): status TimedOut, not counted against MaxErrors.
+    pub undelivered: BTreeSet<String>,
+
     /// Holds the calls signed with one access key to an IAM policy, evaluated as IAM does
     /// (`authorize.rs`): what it does not allow is refused with AWS's access-denied error.
     pub enforce: Option<Enforce>,
@@ -97,7 +110,10 @@ impl Default for Settings {
             unsandboxed: Unsandboxed::Succeed,
             seed: 1,
             profile_propagation: Duration::ZERO,
+            principal_propagation: Duration::ZERO,
             ssm_registration: Duration::ZERO,
+            unmanaged: BTreeSet::new(),
+            undelivered: BTreeSet::new(),
             enforce: None,
         }
     }

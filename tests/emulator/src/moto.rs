@@ -183,6 +183,38 @@ impl Moto {
         Ok(instances)
     }
 
+    /// The instance profile (its name, or the last part of its ARN) that a launch template
+    /// version names, given as Auto Scaling takes it: `LaunchTemplateId` or
+    /// `LaunchTemplateName`, and a version (`$Default`, `$Latest` or a number).
+    pub(crate) async fn template_profile(
+        &self,
+        caller: &Incoming,
+        template: (&str, &str),
+        version: &str,
+    ) -> Result<Option<String>, ApiError> {
+        let params = vec![
+            (
+                "Action".to_string(),
+                "DescribeLaunchTemplateVersions".to_string(),
+            ),
+            ("Version".to_string(), "2016-11-15".to_string()),
+            (template.0.to_string(), template.1.to_string()),
+            ("LaunchTemplateVersion.1".to_string(), version.to_string()),
+        ];
+        let Ok(text) = self.query(caller, "ec2", &params).await else {
+            // A template moto does not know: moto's own answer to the group call says so.
+            return Ok(None);
+        };
+        let doc = xml(&text)?;
+        let profile = doc
+            .root()
+            .descendants()
+            .find(|n| n.has_tag_name("iamInstanceProfile"))
+            .and_then(|p| child_text(p, "name").or_else(|| child_text(p, "arn")))
+            .map(|named| named.rsplit('/').next().unwrap_or_default().to_string());
+        Ok(profile)
+    }
+
     /// What still uses a security group, as AWS sees it before deleting one: instances not yet
     /// terminated in it, load balancers in it, other groups whose rules name it.
     pub(crate) async fn group_dependents(

@@ -12,7 +12,7 @@ use http::{HeaderMap, HeaderValue, Method, Uri};
 use serde::Serialize;
 
 use crate::wire::{ApiError, Protocol};
-use crate::{alertmanager, faults, grafana, lock, refresh, ssm, State};
+use crate::{agent, alertmanager, faults, grafana, lock, refresh, ssm, State};
 
 /// Requests larger than this are refused (the largest AWS request the operator sends is far
 /// smaller).
@@ -156,6 +156,30 @@ impl Incoming {
         )
     }
 
+    /// An awsJson1.1 request to moto on behalf of `caller`: `target` is the `X-Amz-Target`
+    /// (`AmazonSSM.DescribeParameters`).
+    pub fn internal_json(
+        caller: &Incoming,
+        service: &str,
+        target: &str,
+        body: &serde_json::Value,
+    ) -> Incoming {
+        let mut req = Incoming::internal(caller, service, "GET", "/", Bytes::new());
+        req.method = Method::POST;
+        req.body = body.to_string().into();
+        req.headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-amz-json-1.1"),
+        );
+        req.headers.insert(
+            "x-amz-target",
+            HeaderValue::from_str(target).expect("an ASCII target"),
+        );
+        req.protocol = Protocol::AwsJson;
+        req.operation = target.rsplit('.').next().unwrap_or(target).to_string();
+        req
+    }
+
     /// The form parameters of a query-protocol request.
     pub fn form(&self) -> Vec<(String, String)> {
         form_urlencoded::parse(&self.body).into_owned().collect()
@@ -267,11 +291,15 @@ async fn dispatch(state: &Arc<State>, req: &Incoming) -> Response {
         ("grafana", _) => Some(grafana::handle(state, req).await),
         ("aps", op) if alertmanager::serves(op) => Some(alertmanager::handle(state, req).await),
         ("ssm", op) if ssm::serves(op) => Some(ssm::handle(state, req).await),
+        ("ssm", op) if agent::serves(op) => Some(agent::handle(state, req).await),
         ("autoscaling", op) if refresh::serves(op) => Some(refresh::handle(state, req).await),
         ("elasticloadbalancing", "CreateLoadBalancer") => {
             crate::strict::create_load_balancer(state, req).await
         }
         ("ec2", "CreateVolume") => crate::strict::create_volume(state, req).await,
+        ("elasticloadbalancing", "DescribeLoadBalancerAttributes") => {
+            Some(crate::strict::load_balancer_attributes(state, req).await)
+        }
         ("ec2", "DescribeLaunchTemplates") => {
             Some(crate::strict::describe_launch_templates(state, req).await)
         }

@@ -1,13 +1,14 @@
 //! SSM Run Command that really runs (awsJson1.1, signing name `ssm`; the rest of SSM is moto's).
 //!
 //! `SendCommand` with `AWS-RunShellScript` resolves its targets through moto's EC2 (instance
-//! ids, or `tag:<key>` / `tag-key` targets, running instances only) and runs the commands under
-//! bash in each instance's sandbox: `$STACKWARDEN_ROOT` is the sandbox root, which is also the
+//! ids, or `tag:<key>` / `tag-key` targets, running instances only) and runs the commands as
+//! the agent does on Ubuntu (a file, `sh -c FILE`, dash as sh) in each instance's sandbox: `$STACKWARDEN_ROOT` is the sandbox root, which is also the
 //! working directory, and the sandbox environment is added. MaxConcurrency, MaxErrors and the
 //! `executionTimeout` parameter are honoured; the exit status, stdout and stderr become the
 //! invocation's status and output, truncated as AWS truncates them.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -23,6 +24,10 @@ use crate::wire::{aws_json, epoch, iso8601, paginate, ApiError};
 use crate::{lock, State, Unsandboxed};
 
 const DOCUMENT: &str = "AWS-RunShellScript";
+/// The longest `Comment` SendCommand takes.
+const MAX_COMMENT: usize = 100;
+/// The `sh` of Ubuntu and Debian hosts, where the SSM agent's `sh -c FILE` runs dash.
+const SHELL: &str = "dash";
 const PLUGIN: &str = "aws:runShellScript";
 /// The emulator's limit on the total size of a command's parameters. AWS refuses large
 /// commands too; the operator must stay under this or use another way to ship files.
@@ -61,6 +66,9 @@ enum Status {
     Cancelled,
     /// Not sent: the command's MaxErrors was exceeded first.
     Terminated,
+    /// Never reached the agent before the command expired (a stopped instance, an agent
+    /// that is down): not counted against MaxErrors.
+    DeliveryTimedOut,
 }
 
 impl Status {
@@ -74,6 +82,7 @@ impl Status {
             Status::TimedOut => ("TimedOut", "Execution Timed Out"),
             Status::Cancelled => ("Cancelled", "Cancelled"),
             Status::Terminated => ("Cancelled", "Terminated"),
+            Status::DeliveryTimedOut => ("TimedOut", "Delivery Timed Out"),
         }
     }
 
@@ -176,7 +185,7 @@ impl Command {
             "TargetCount": self.invocations.len(),
             "CompletedCount": self.invocations.iter().filter(|i| i.status.terminal()).count(),
             "ErrorCount": self.errors(),
-            "DeliveryTimedOutCount": 0,
+            "DeliveryTimedOutCount": self.invocations.iter().filter(|i| i.status == Status::DeliveryTimedOut).count(),
             "CloudWatchOutputConfig": {"CloudWatchLogGroupName": "", "CloudWatchOutputEnabled": false},
         });
         if let Some(c) = &self.comment {
@@ -211,6 +220,7 @@ impl Command {
             // Plugins have no Terminated or Cancelling of their own.
             let plugin_status = match inv.status {
                 Status::Terminated => "Cancelled",
+                Status::DeliveryTimedOut => "TimedOut",
                 s => s.words().0,
             };
             let mut output = truncate(&inv.stdout, PLUGIN_OUTPUT_LIMIT).to_string();
@@ -310,6 +320,14 @@ async fn send_command(
             ),
         ));
     }
+    if let Some(c) = body.get("Comment").and_then(Value::as_str) {
+        if c.chars().count() > MAX_COMMENT {
+            return Err(ApiError::bad_request(
+                "ValidationException",
+                format!("1 validation error detected: Value '{c}' at 'comment' failed to satisfy constraint: Member must have length less than or equal to {MAX_COMMENT}"),
+            ));
+        }
+    }
     let parameters: BTreeMap<String, Vec<String>> = match body.get("Parameters") {
         None | Some(Value::Null) => BTreeMap::new(),
         Some(v) => serde_json::from_value(v.clone())
@@ -408,9 +426,11 @@ async fn send_command(
             .moto
             .running_instances(req, &[("instance-id".to_string(), ids.clone())])
             .await?;
+        // AWS refuses the whole call when any one instance is not running or not managed.
+        let not_managed = crate::agent::unmanaged(state, &ids);
         let missing: Vec<&String> = ids
             .iter()
-            .filter(|id| !found.iter().any(|f| &f.id == *id))
+            .filter(|id| !found.iter().any(|f| &f.id == *id) || not_managed.contains(id))
             .collect();
         if !missing.is_empty() {
             let list = missing
@@ -420,7 +440,7 @@ async fn send_command(
                 .join(", ");
             return Err(ApiError::bad_request(
                 "InvalidInstanceId",
-                format!("Instances [[{list}]] not in a valid state for account 123456789012 (the emulator runs commands on running instances only)"),
+                format!("Instances [[{list}]] not in a valid state for account 123456789012 (not running, or SSM does not manage them: no agent, or no instance role)"),
             ));
         }
         // In the order given.
@@ -461,21 +481,26 @@ async fn send_command(
             filters.push(("instance-id".to_string(), ids));
         }
         let found = state.moto.running_instances(req, &filters).await?;
+        // Targets resolve to the instances SSM manages; the others are not targeted at all.
+        let ids: Vec<String> = found.iter().map(|i| i.id.clone()).collect();
+        let not_managed = crate::agent::unmanaged(state, &ids);
         found
             .into_iter()
+            .filter(|i| !not_managed.contains(&i.id))
             .map(|i| (i.id, i.name.unwrap_or_default()))
             .collect()
     };
 
     let id = uuid::Uuid::new_v4().to_string();
     let count = instances.len();
+    let comment = body
+        .get("Comment")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     let command = Command {
         id: id.clone(),
         region: req.region.clone(),
-        comment: body
-            .get("Comment")
-            .and_then(Value::as_str)
-            .map(str::to_string),
+        comment,
         parameters,
         instance_ids: ids,
         targets,
@@ -633,6 +658,14 @@ async fn run(
     instance: &str,
     mut cancel: watch::Receiver<bool>,
 ) -> Outcome {
+    if state.settings().undelivered.contains(instance) {
+        return Outcome {
+            status: Status::DeliveryTimedOut,
+            code: -1,
+            stdout: String::new(),
+            stderr: String::new(),
+        };
+    }
     let Some(sandbox) = state.sandbox(instance) else {
         return match state.settings().unsandboxed {
             Unsandboxed::Succeed => Outcome {
@@ -663,11 +696,18 @@ async fn run(
     {
         return Outcome::failed(format!("cannot write the script {}: {e}", script.display()));
     }
-    let mut command = tokio::process::Command::new("bash");
+    // As the SSM agent runs AWS-RunShellScript: the commands in an executable file, then
+    // `sh -c FILE`. The kernel honours a shebang; without one sh runs the file itself, and on
+    // Ubuntu and Debian that sh is dash, so a bashism fails here as it does on those hosts.
+    if let Err(e) = std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o700)) {
+        return Outcome::failed(format!("cannot make {} executable: {e}", script.display()));
+    }
+    let mut command = tokio::process::Command::new(SHELL);
     for name in crate::NOT_INHERITED {
         command.env_remove(name);
     }
     let spawned = command
+        .arg("-c")
         .arg(&script)
         .current_dir(&workdir)
         .env("STACKWARDEN_ROOT", &sandbox.root)
@@ -680,7 +720,12 @@ async fn run(
         .spawn();
     let mut child = match spawned {
         Ok(c) => c,
-        Err(e) => return Outcome::failed(format!("cannot run bash in {}: {e}", workdir.display())),
+        Err(e) => {
+            return Outcome::failed(format!(
+                "cannot run {SHELL} in {} (the emulator runs commands as Ubuntu's agent does, under dash: install the Debian package dash): {e}",
+                workdir.display()
+            ))
+        }
     };
     let stdout = tokio::spawn(capture(child.stdout.take()));
     let stderr = tokio::spawn(capture(child.stderr.take()));

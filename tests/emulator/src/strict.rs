@@ -12,9 +12,13 @@
 //!   `PutRuleGroupsNamespace`; moto silently replaces the namespace.
 //! - IAM is eventually consistent: for `profile_propagation` after `CreateInstanceProfile`,
 //!   `RunInstances` naming the new profile fails with `InvalidParameterValue` ("Invalid IAM
-//!   Instance Profile name"), as the first cold run of any stack with a host meets on AWS.
-//! - An instance's SSM agent registers some time after launch: for `ssm_registration` after
-//!   `RunInstances`, `SendCommand` naming the instance fails with `InvalidInstanceId`.
+//!   Instance Profile name"), as the first cold run of any stack with a host meets on AWS, and
+//!   `CreateAutoScalingGroup` / `UpdateAutoScalingGroup` with a launch template naming it fail
+//!   with `ValidationError` ("You must use a valid fully-formed launch template. ... Invalid
+//!   IAM Instance Profile name"). For `principal_propagation` after `CreateRole` or
+//!   `CreateUser`, a trust policy (`CreateRole`, `UpdateAssumeRolePolicy`) naming the new ARN
+//!   as an `AWS` principal fails with `MalformedPolicyDocument` ("Invalid principal in
+//!   policy: "AWS":"arn:...""), as IAM answers until the principal has propagated.
 //! - `CreateLoadBalancer` is idempotent on AWS: with the name and settings (scheme, type,
 //!   subnets, security groups) of a load balancer that exists it answers that load balancer,
 //!   with other settings `DuplicateLoadBalancerName`; moto makes a second load balancer of the
@@ -34,6 +38,9 @@
 //!   ("Attachment point /dev/sdf is already in use"), and of a volume already attached with
 //!   `VolumeInUse`; moto replaces the instance's device mapping, leaving two volumes attached at
 //!   one device.
+//! - `DescribeLoadBalancerAttributes` answers every attribute of an Application Load Balancer,
+//!   those never set with AWS's default (`idle_timeout.timeout_seconds` 60, ...); moto leaves
+//!   some out.
 //! - `GetAccountAuthorizationDetails` pages, at most `MaxItems` entries a page (default 100)
 //!   with `IsTruncated` and a `Marker`; moto answers everything at once.
 //!
@@ -57,9 +64,20 @@ use crate::{lock, State};
 #[derive(Default)]
 pub struct Store {
     profiles: BTreeMap<String, Instant>,
+    /// Roles and users by ARN, when created: trust policies naming them wait for IAM.
+    principals: BTreeMap<String, Instant>,
     instances: BTreeMap<String, Instant>,
     /// `CreateVolume` answers by the client token they were made with.
     volumes: BTreeMap<String, Vec<u8>>,
+}
+
+impl Store {
+    /// Whether `instance` was launched (through this emulator) less than `age` ago.
+    pub fn launched_within(&self, instance: &str, age: std::time::Duration) -> bool {
+        self.instances
+            .get(instance)
+            .is_some_and(|t| t.elapsed() < age)
+    }
 }
 
 fn param(form: &[(String, String)], key: &str) -> Option<String> {
@@ -81,6 +99,7 @@ pub async fn check(state: &Arc<State>, req: &Incoming) -> Result<(), ApiError> {
                     format!("AutoScalingGroup by this name already exists - A group with the name {group} already exists"),
                 ));
             }
+            template_profile_propagated(state, req).await?;
         }
         ("aps", "CreateRuleGroupsNamespace") => {
             let workspace = req.segments().get(1).cloned().unwrap_or_default();
@@ -138,6 +157,33 @@ pub async fn check(state: &Arc<State>, req: &Incoming) -> Result<(), ApiError> {
                 ));
             }
         }
+        ("autoscaling", "UpdateAutoScalingGroup") => {
+            template_profile_propagated(state, req).await?
+        }
+        ("iam", "CreateRole" | "UpdateAssumeRolePolicy") => {
+            let field = if req.operation == "CreateRole" {
+                "AssumeRolePolicyDocument"
+            } else {
+                "PolicyDocument"
+            };
+            let Some(document) = param(&req.form(), field) else {
+                return Ok(());
+            };
+            let young = state.settings().principal_propagation;
+            let store = lock(&state.strict);
+            let unknown = principal_arns(&document).into_iter().find(|arn| {
+                store
+                    .principals
+                    .get(arn)
+                    .is_some_and(|t| t.elapsed() < young)
+            });
+            if let Some(arn) = unknown {
+                return Err(ApiError::bad_request(
+                    "MalformedPolicyDocument",
+                    format!("Invalid principal in policy: \"AWS\":\"{arn}\""),
+                ));
+            }
+        }
         ("ec2", "RunInstances") => {
             let form = req.form();
             let named = param(&form, "IamInstanceProfile.Name").or_else(|| {
@@ -147,9 +193,7 @@ pub async fn check(state: &Arc<State>, req: &Incoming) -> Result<(), ApiError> {
             let Some(profile) = named else {
                 return Ok(());
             };
-            let young = state.settings().profile_propagation;
-            let created = lock(&state.strict).profiles.get(&profile).copied();
-            if created.is_some_and(|t| t.elapsed() < young) {
+            if young_profile(state, &profile) {
                 return Err(ApiError::new(
                     StatusCode::BAD_REQUEST,
                     "InvalidParameterValue",
@@ -157,30 +201,69 @@ pub async fn check(state: &Arc<State>, req: &Incoming) -> Result<(), ApiError> {
                 ));
             }
         }
-        ("ssm", "SendCommand") => {
-            let body = req.json()?;
-            let young = state.settings().ssm_registration;
-            let store = lock(&state.strict);
-            let unregistered: Vec<&str> = body["InstanceIds"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|i| i.as_str())
-                .filter(|i| store.instances.get(*i).is_some_and(|t| t.elapsed() < young))
-                .collect();
-            if !unregistered.is_empty() {
-                return Err(ApiError::bad_request(
-                    "InvalidInstanceId",
-                    format!(
-                        "Instances [[{}]] not in a valid state for account: the SSM agent has not registered yet",
-                        unregistered.join(", ")
-                    ),
-                ));
-            }
-        }
         _ => {}
     }
     Ok(())
+}
+
+/// Auto Scaling's refusal of a launch template naming an instance profile IAM has not
+/// propagated yet (`CreateAutoScalingGroup`, `UpdateAutoScalingGroup`).
+async fn template_profile_propagated(state: &Arc<State>, req: &Incoming) -> Result<(), ApiError> {
+    let form = req.form();
+    let template = param(&form, "LaunchTemplate.LaunchTemplateId")
+        .map(|id| ("LaunchTemplateId", id))
+        .or_else(|| {
+            param(&form, "LaunchTemplate.LaunchTemplateName")
+                .map(|name| ("LaunchTemplateName", name))
+        });
+    let Some((key, template)) = template else {
+        return Ok(());
+    };
+    let version = param(&form, "LaunchTemplate.Version").unwrap_or_else(|| "$Default".into());
+    let Some(profile) = state
+        .moto
+        .template_profile(req, (key, &template), &version)
+        .await?
+    else {
+        return Ok(());
+    };
+    if young_profile(state, &profile) {
+        return Err(ApiError::bad_request(
+            "ValidationError",
+            format!("You must use a valid fully-formed launch template. Value ({profile}) for parameter iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name"),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the instance profile `name` was created less than `profile_propagation` ago.
+fn young_profile(state: &State, name: &str) -> bool {
+    let young = state.settings().profile_propagation;
+    let created = lock(&state.strict).profiles.get(name).copied();
+    created.is_some_and(|t| t.elapsed() < young)
+}
+
+/// The role and user ARNs a policy document names as `AWS` principals.
+fn principal_arns(document: &str) -> Vec<String> {
+    let Ok(doc) = serde_json::from_str::<serde_json::Value>(document) else {
+        return Vec::new();
+    };
+    let statements = match doc.get("Statement") {
+        Some(serde_json::Value::Array(list)) => list.iter().collect::<Vec<_>>(),
+        Some(one) => vec![one],
+        None => Vec::new(),
+    };
+    let mut arns = Vec::new();
+    for statement in statements {
+        match statement.get("Principal").and_then(|p| p.get("AWS")) {
+            Some(serde_json::Value::String(one)) => arns.push(one.clone()),
+            Some(serde_json::Value::Array(list)) => {
+                arns.extend(list.iter().filter_map(|v| v.as_str().map(str::to_string)))
+            }
+            _ => {}
+        }
+    }
+    arns
 }
 
 /// Whether two device names are one attachment point: `/dev/sdf` and `sdf` are.
@@ -316,6 +399,17 @@ pub fn record(state: &Arc<State>, req: &Incoming, body: &[u8]) {
                 lock(&state.strict).profiles.insert(name, Instant::now());
             }
         }
+        ("iam", "CreateRole" | "CreateUser") => {
+            // The ARN IAM answers, as a trust policy names the new principal.
+            let text = String::from_utf8_lossy(body);
+            if let Some((_, rest)) = text.split_once("<Arn>") {
+                if let Some((arn, _)) = rest.split_once("</Arn>") {
+                    lock(&state.strict)
+                        .principals
+                        .insert(arn.to_string(), Instant::now());
+                }
+            }
+        }
         ("ec2", "RunInstances") => {
             let text = String::from_utf8_lossy(body);
             let mut store = lock(&state.strict);
@@ -327,6 +421,47 @@ pub fn record(state: &Arc<State>, req: &Incoming, body: &[u8]) {
         }
         _ => {}
     }
+}
+
+/// An Application Load Balancer's attributes as AWS sets them on a new one (those moto may
+/// leave out of `DescribeLoadBalancerAttributes`).
+const BALANCER_DEFAULTS: [(&str, &str); 8] = [
+    ("access_logs.s3.enabled", "false"),
+    ("deletion_protection.enabled", "false"),
+    ("idle_timeout.timeout_seconds", "60"),
+    ("routing.http2.enabled", "true"),
+    ("routing.http.drop_invalid_header_fields.enabled", "false"),
+    ("routing.http.desync_mitigation_mode", "defensive"),
+    ("client_keep_alive.seconds", "3600"),
+    ("load_balancing.cross_zone.enabled", "true"),
+];
+
+/// `DescribeLoadBalancerAttributes` with every attribute: moto's answer, and AWS's default for
+/// each attribute it leaves out.
+pub async fn load_balancer_attributes(
+    state: &Arc<State>,
+    req: &Incoming,
+) -> Result<Response, ApiError> {
+    let answer = state.moto.forward(req).await?;
+    let (parts, body) = answer.into_parts();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    if !parts.status.is_success() {
+        return Ok(Response::from_parts(parts, Body::from(text)));
+    }
+    let missing: String = BALANCER_DEFAULTS
+        .iter()
+        .filter(|(k, _)| !text.contains(&format!("<Key>{k}</Key>")))
+        .map(|(k, v)| format!("<member><Key>{k}</Key><Value>{v}</Value></member>"))
+        .collect();
+    let text = match text.rfind("</Attributes>") {
+        Some(at) => format!("{}{missing}{}", &text[..at], &text[at..]),
+        None => text,
+    };
+    let mut response = Response::from_parts(parts, Body::from(text));
+    response
+        .headers_mut()
+        .remove(axum::http::header::CONTENT_LENGTH);
+    Ok(response)
 }
 
 /// The lists of a `GetAccountAuthorizationDetails` answer.

@@ -1,0 +1,623 @@
+//! What AWS does that a kinder emulator would hide, each modelled by the emulator (a conformance
+//! test here) and met by the operator (an end-to-end test here or beside its kind's tests):
+//! the SSM agent's `sh -c FILE` under dash, IAM's propagation delays for trust principals and
+//! instance profiles, DescribeParameters filtering after paging, SendCommand refusing a whole
+//! call for one unmanaged instance and taking comments of at most 100 characters, invocations
+//! that time out on delivery, and load balancer attributes answered with AWS's defaults.
+
+use std::time::{Duration, Instant};
+
+use aws_sdk_ec2::types::{InstanceType, ResourceType, Tag, TagSpecification};
+use aws_sdk_ssm::types::{CommandInvocationStatus, CommandStatus, InstanceInformationStringFilter};
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+use stackwarden_emulator::Settings;
+
+use crate::harness::{default_stack, path_str, run_commands, stackwarden, Aws};
+
+const AMI: &str = "ami-12c6146b";
+
+async fn launch(aws: &Aws, count: i32, role: &str) -> Vec<String> {
+    let out = aws
+        .ec2()
+        .await
+        .run_instances()
+        .image_id(AMI)
+        .instance_type(InstanceType::T3Micro)
+        .min_count(count)
+        .max_count(count)
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Instance)
+                .tags(Tag::builder().key("Role").value(role).build())
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    out.instances()
+        .iter()
+        .map(|i| i.instance_id().unwrap().to_string())
+        .collect()
+}
+
+/// Sends `script` to `ids` and waits for the command to end.
+async fn run_shell(aws: &Aws, ids: &[String], script: &str) -> aws_sdk_ssm::types::Command {
+    let ssm = aws.ssm().await;
+    let sent = ssm
+        .send_command()
+        .document_name("AWS-RunShellScript")
+        .set_instance_ids(Some(ids.to_vec()))
+        .parameters("commands", vec![script.to_string()])
+        .send()
+        .await
+        .unwrap();
+    let id = sent.command().unwrap().command_id().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = ssm.list_commands().command_id(&id).send().await.unwrap();
+        let c = out.commands()[0].clone();
+        let open = matches!(
+            c.status(),
+            Some(CommandStatus::Pending | CommandStatus::InProgress)
+        );
+        if !open {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "command {id} still running");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn invocation(
+    aws: &Aws,
+    command: &str,
+    instance: &str,
+) -> aws_sdk_ssm::operation::get_command_invocation::GetCommandInvocationOutput {
+    aws.ssm()
+        .await
+        .get_command_invocation()
+        .command_id(command)
+        .instance_id(instance)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// The agent writes the commands to a file and runs `sh -c FILE`: dash on Ubuntu. A bashism
+/// fails there, POSIX sh runs, and a shebang is honoured.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_runs_a_script_with_sh_so_a_bashism_fails_as_on_ubuntu() {
+    let root = tempfile::tempdir().unwrap();
+    let aws = Aws::with(Settings {
+        shared_sandbox: Some(root.path().to_path_buf()),
+        ..Settings::default()
+    });
+    let ids = launch(&aws, 1, "app").await;
+    let bashism = run_shell(&aws, &ids, "set -uo pipefail\necho unreachable").await;
+    assert_eq!(bashism.status(), Some(&CommandStatus::Failed));
+    let inv = invocation(&aws, bashism.command_id().unwrap(), &ids[0]).await;
+    let stderr = inv.standard_error_content().unwrap_or_default();
+    assert!(stderr.contains("pipefail"), "{stderr}");
+    assert_eq!(inv.standard_output_content(), Some(""));
+
+    let posix = run_shell(&aws, &ids, "set -u\nx=$(printf '%s' ok)\necho \"$x $0\"").await;
+    assert_eq!(posix.status(), Some(&CommandStatus::Success));
+    let out = invocation(&aws, posix.command_id().unwrap(), &ids[0]).await;
+    let stdout = out.standard_output_content().unwrap_or_default();
+    assert!(stdout.starts_with("ok "), "{stdout}");
+    assert!(!stdout.contains("bash"), "run by sh, not bash: {stdout}");
+
+    let shebang = run_shell(
+        &aws,
+        &ids,
+        "#!/bin/bash\nset -o pipefail\nechoes=(a b)\necho \"${#echoes[@]} under bash\"",
+    )
+    .await;
+    assert_eq!(shebang.status(), Some(&CommandStatus::Success));
+    let out = invocation(&aws, shebang.command_id().unwrap(), &ids[0]).await;
+    assert_eq!(out.standard_output_content(), Some("2 under bash\n"));
+}
+
+/// Auto Scaling refuses a launch template naming a new instance profile with AWS's
+/// ValidationError until IAM has propagated it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_naming_a_new_instance_profile_is_refused_until_it_propagates() {
+    let aws = Aws::with(Settings {
+        profile_propagation: Duration::from_millis(1500),
+        ..Settings::default()
+    });
+    let iam = aws.iam().await;
+    let ec2 = aws.ec2().await;
+    iam.create_instance_profile()
+        .instance_profile_name("fresh")
+        .send()
+        .await
+        .unwrap();
+    let created = Instant::now();
+    let template = ec2
+        .create_launch_template()
+        .launch_template_name("fresh")
+        .launch_template_data(
+            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                .image_id(AMI)
+                .instance_type(InstanceType::T3Micro)
+                .iam_instance_profile(
+                    aws_sdk_ec2::types::LaunchTemplateIamInstanceProfileSpecificationRequest::builder()
+                        .name("fresh")
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let id = template
+        .launch_template()
+        .unwrap()
+        .launch_template_id()
+        .unwrap()
+        .to_string();
+    let asg = aws.autoscaling().await;
+    let create = || {
+        asg.create_auto_scaling_group()
+            .auto_scaling_group_name("fresh")
+            .launch_template(
+                aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                    .launch_template_id(&id)
+                    .version("$Latest")
+                    .build(),
+            )
+            .min_size(0)
+            .max_size(1)
+            .availability_zones("us-east-1a")
+            .send()
+    };
+    let err = create().await.unwrap_err();
+    assert_eq!(err.code(), Some("ValidationError"));
+    assert_eq!(
+        err.message(),
+        Some("You must use a valid fully-formed launch template. Value (fresh) for parameter iamInstanceProfile.name is invalid. Invalid IAM Instance Profile name")
+    );
+    let groups = asg.describe_auto_scaling_groups().send().await.unwrap();
+    assert_eq!(groups.auto_scaling_groups().len(), 0, "nothing was made");
+    loop {
+        match create().await {
+            Ok(_) => break,
+            Err(e) => assert_eq!(e.code(), Some("ValidationError")),
+        }
+        assert!(created.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(created.elapsed() >= Duration::from_millis(1500));
+    let update = asg
+        .update_auto_scaling_group()
+        .auto_scaling_group_name("fresh")
+        .max_size(2)
+        .send()
+        .await;
+    assert!(update.is_ok(), "{update:?}");
+}
+
+/// A trust policy naming a role created a moment ago is `MalformedPolicyDocument: Invalid
+/// principal in policy` until IAM has propagated the role.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trust_policy_naming_a_new_role_is_malformed_until_it_propagates() {
+    let aws = Aws::with(Settings {
+        principal_propagation: Duration::from_millis(1500),
+        ..Settings::default()
+    });
+    let iam = aws.iam().await;
+    let ec2_trust = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
+    let made = iam
+        .create_role()
+        .role_name("writer")
+        .assume_role_policy_document(ec2_trust)
+        .send()
+        .await
+        .unwrap();
+    let created = Instant::now();
+    let arn = made.role().unwrap().arn().to_string();
+    let trust = format!(
+        r#"{{"Version":"2012-10-17","Statement":[{{"Effect":"Allow","Principal":{{"AWS":"{arn}"}},"Action":"sts:AssumeRole"}}]}}"#
+    );
+    let create = || {
+        iam.create_role()
+            .role_name("reader")
+            .assume_role_policy_document(&trust)
+            .send()
+    };
+    let err = create().await.unwrap_err();
+    assert_eq!(err.code(), Some("MalformedPolicyDocument"));
+    assert_eq!(
+        err.message().unwrap_or_default(),
+        format!("Invalid principal in policy: \"AWS\":\"{arn}\"")
+    );
+    let update = iam
+        .update_assume_role_policy()
+        .role_name("writer")
+        .policy_document(&trust)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(update.code(), Some("MalformedPolicyDocument"));
+    loop {
+        match create().await {
+            Ok(_) => break,
+            Err(e) => assert_eq!(e.code(), Some("MalformedPolicyDocument")),
+        }
+        assert!(created.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(created.elapsed() >= Duration::from_millis(1500));
+}
+
+/// DescribeParameters pages through all parameters and filters each page: the one a filter
+/// names may come after empty pages that carry a NextToken.
+#[tokio::test(flavor = "multi_thread")]
+async fn describe_parameters_applies_its_filters_after_paging() {
+    let aws = Aws::start();
+    let ssm = aws.ssm().await;
+    for i in 0..12 {
+        ssm.put_parameter()
+            .name(format!("/other/p{i:02}"))
+            .value("x")
+            .r#type(aws_sdk_ssm::types::ParameterType::String)
+            .send()
+            .await
+            .unwrap();
+    }
+    ssm.put_parameter()
+        .name("/grafana/admin")
+        .value("secret")
+        .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+        .send()
+        .await
+        .unwrap();
+    let filter = aws_sdk_ssm::types::ParameterStringFilter::builder()
+        .key("Name")
+        .option("Equals")
+        .values("/grafana/admin")
+        .build()
+        .unwrap();
+    let first = ssm
+        .describe_parameters()
+        .parameter_filters(filter.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.parameters().len(), 0, "the first 10 are others");
+    let token = first.next_token().expect("a next page").to_string();
+    let second = ssm
+        .describe_parameters()
+        .parameter_filters(filter.clone())
+        .next_token(token)
+        .send()
+        .await
+        .unwrap();
+    let names: Vec<&str> = second
+        .parameters()
+        .iter()
+        .filter_map(|p| p.name())
+        .collect();
+    assert_eq!(names, ["/grafana/admin"]);
+    assert_eq!(second.next_token(), None, "the last page");
+    let all = ssm
+        .describe_parameters()
+        .max_results(50)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(all.parameters().len(), 13);
+}
+
+/// One instance SSM does not manage fails SendCommand as a whole with InvalidInstanceId;
+/// DescribeInstanceInformation lists the others; targets by tag skip it.
+#[tokio::test(flavor = "multi_thread")]
+async fn send_command_naming_an_unmanaged_instance_fails_as_a_whole() {
+    let root = tempfile::tempdir().unwrap();
+    let aws = Aws::with(Settings {
+        shared_sandbox: Some(root.path().to_path_buf()),
+        ..Settings::default()
+    });
+    let ids = launch(&aws, 3, "app").await;
+    aws.emulator.configure(|s| {
+        s.unmanaged.insert(ids[1].clone());
+    });
+    let ssm = aws.ssm().await;
+    let err = ssm
+        .send_command()
+        .document_name("AWS-RunShellScript")
+        .set_instance_ids(Some(ids.clone()))
+        .parameters(
+            "commands",
+            vec!["echo hi >> \"$STACKWARDEN_ROOT/ran\"".into()],
+        )
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("InvalidInstanceId"));
+    assert_eq!(run_commands(&ssm).await.len(), 0, "no command was made");
+    assert!(!root.path().join("ran").exists(), "nothing ran anywhere");
+
+    let info = ssm
+        .describe_instance_information()
+        .filters(
+            InstanceInformationStringFilter::builder()
+                .key("InstanceIds")
+                .set_values(Some(ids.clone()))
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut listed: Vec<&str> = info
+        .instance_information_list()
+        .iter()
+        .filter_map(|i| i.instance_id())
+        .collect();
+    listed.sort();
+    let mut managed = vec![ids[0].as_str(), ids[2].as_str()];
+    managed.sort();
+    assert_eq!(listed, managed);
+
+    let by_tag = ssm
+        .send_command()
+        .document_name("AWS-RunShellScript")
+        .targets(
+            aws_sdk_ssm::types::Target::builder()
+                .key("tag:Role")
+                .values("app")
+                .build(),
+        )
+        .parameters("commands", vec!["true".into()])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_tag.command().unwrap().target_count(), 2);
+}
+
+/// SendCommand's `Comment` takes at most 100 characters.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_send_command_comment_over_100_characters_is_refused() {
+    let aws = Aws::start();
+    let ids = launch(&aws, 1, "app").await;
+    let ssm = aws.ssm().await;
+    let send = |comment: String| {
+        ssm.send_command()
+            .document_name("AWS-RunShellScript")
+            .set_instance_ids(Some(ids.clone()))
+            .comment(comment)
+            .parameters("commands", vec!["true".into()])
+            .send()
+    };
+    let err = send("c".repeat(101)).await.unwrap_err();
+    assert_eq!(err.code(), Some("ValidationException"));
+    assert!(err
+        .message()
+        .unwrap()
+        .contains("length less than or equal to 100"));
+    assert!(send("c".repeat(100)).await.is_ok());
+}
+
+/// An invocation the agent never picks up ends `Delivery Timed Out`: not an error against
+/// MaxErrors, counted apart, and the command is not a Success.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_undelivered_invocation_times_out_on_delivery() {
+    let root = tempfile::tempdir().unwrap();
+    let aws = Aws::with(Settings {
+        shared_sandbox: Some(root.path().to_path_buf()),
+        ..Settings::default()
+    });
+    let ids = launch(&aws, 2, "app").await;
+    aws.emulator.configure(|s| {
+        s.undelivered.insert(ids[0].clone());
+    });
+    let c = run_shell(&aws, &ids, "true").await;
+    assert_eq!(c.status(), Some(&CommandStatus::Failed));
+    assert_eq!(c.status_details(), Some("Incomplete"));
+    assert_eq!(c.delivery_timed_out_count(), 1);
+    assert_eq!(c.error_count(), 0);
+    assert_eq!(c.completed_count(), 2);
+    let lost = invocation(&aws, c.command_id().unwrap(), &ids[0]).await;
+    assert_eq!(lost.status(), Some(&CommandInvocationStatus::TimedOut));
+    assert_eq!(lost.status_details(), Some("Delivery Timed Out"));
+    let ran = invocation(&aws, c.command_id().unwrap(), &ids[1]).await;
+    assert_eq!(ran.status(), Some(&CommandInvocationStatus::Success));
+}
+
+/// DescribeLoadBalancerAttributes answers the attributes never set with AWS's defaults.
+#[tokio::test(flavor = "multi_thread")]
+async fn load_balancer_attributes_never_set_are_answered_with_aws_defaults() {
+    let aws = Aws::start();
+    let ec2 = aws.ec2().await;
+    let subnets = ec2.describe_subnets().send().await.unwrap();
+    let subnets: Vec<String> = subnets
+        .subnets()
+        .iter()
+        .filter(|s| s.default_for_az() == Some(true))
+        .take(2)
+        .map(|s| s.subnet_id().unwrap().to_string())
+        .collect();
+    let elb = aws.elb().await;
+    let lb = elb
+        .create_load_balancer()
+        .name("defaults")
+        .set_subnets(Some(subnets))
+        .send()
+        .await
+        .unwrap();
+    let arn = lb.load_balancers()[0]
+        .load_balancer_arn()
+        .unwrap()
+        .to_string();
+    let attrs = elb
+        .describe_load_balancer_attributes()
+        .load_balancer_arn(&arn)
+        .send()
+        .await
+        .unwrap();
+    let get = |key: &str| {
+        let found: Vec<&str> = attrs
+            .attributes()
+            .iter()
+            .filter(|a| a.key() == Some(key))
+            .filter_map(|a| a.value())
+            .collect();
+        assert_eq!(found.len(), 1, "{key} once: {:?}", attrs.attributes());
+        found[0].to_string()
+    };
+    assert_eq!(get("idle_timeout.timeout_seconds"), "60");
+    assert_eq!(get("deletion_protection.enabled"), "false");
+    assert_eq!(get("routing.http2.enabled"), "true");
+}
+
+/// A role whose trust names another role the same pass creates: IAM refuses the trust until
+/// it has propagated the new role, and one `reconcile --once` waits for that and converges.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trust_naming_a_role_the_same_run_creates_converges_in_one_cold_run() {
+    let aws = Aws::with(Settings {
+        principal_propagation: Duration::from_secs(3),
+        ..Settings::default()
+    });
+    let dir = default_stack();
+    std::fs::write(
+        dir.path().join("reader.toml"),
+        "[iam.role.reader]\ndescription = \"Read by the Prometheus host's role\"\ntrust = { aws = [\"${iam.role.prometheus.arn}\"] }\n",
+    )
+    .unwrap();
+    let d = path_str(dir.path());
+    let run = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]);
+    run.expect(0);
+    assert!(
+        run.stderr
+            .contains("iam.role.reader: waiting: iam:CreateRole")
+            && run.stderr.contains("Invalid principal in policy"),
+        "{}",
+        run.stderr
+    );
+    let role = aws
+        .iam()
+        .await
+        .get_role()
+        .role_name("monitoring-reader")
+        .send()
+        .await;
+    let role = role.unwrap_or_else(|e| panic!("{e:?}\n{}", run.stdout));
+    let trust = role.role().unwrap().assume_role_policy_document().unwrap();
+    let trust = crate::reconcile::percent_decode(trust);
+    assert!(trust.contains(":role/monitoring-prometheus"), "{trust}");
+    stackwarden(Some(&aws.endpoint), &["plan", d]).expect(0);
+}
+
+const NODE_EXPORTER: &str = r#"[host_config.node_exporter_for_the_application_fleet_of_the_payments_team]
+targets = { Role = "app" }
+files = [{ path = "/etc/default/node_exporter", source = "hosts/node_exporter.env" }]
+reload = "echo reloaded >> \"$STACKWARDEN_ROOT/reloads\""
+"#;
+
+/// One instance SSM does not manage, among three a host_config targets: the verify reports it
+/// unverified and verifies the others; a change of the files reaches the other two in the same
+/// run, which fails naming the instance and what its state says; once SSM manages it again a
+/// run pushes to it alone. The host_config's name is long enough that a full comment would be
+/// over SendCommand's 100 characters.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_ssm_does_not_manage_is_named_and_the_others_get_the_push() {
+    let sandboxes = tempfile::tempdir().unwrap();
+    let aws = Aws::with(Settings {
+        sandbox_dir: Some(sandboxes.path().to_path_buf()),
+        ..Settings::default()
+    });
+    let apps = launch(&aws, 3, "app").await;
+    let dir = default_stack();
+    std::fs::write(dir.path().join("host_config.toml"), NODE_EXPORTER).unwrap();
+    std::fs::create_dir_all(dir.path().join("hosts")).unwrap();
+    let env = dir.path().join("hosts/node_exporter.env");
+    std::fs::write(&env, "ARGS=--collector.systemd\n").unwrap();
+    let d = path_str(dir.path());
+    let installed = |id: &str| {
+        std::fs::read_to_string(sandboxes.path().join(id).join("etc/default/node_exporter")).ok()
+    };
+    stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]).expect(0);
+    for id in &apps {
+        assert_eq!(installed(id).as_deref(), Some("ARGS=--collector.systemd\n"));
+    }
+
+    let unmanaged = apps[1].clone();
+    aws.emulator.configure(|s| {
+        s.unmanaged.insert(unmanaged.clone());
+    });
+    let verify = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", "--verify", d]);
+    verify.expect(0);
+    assert!(
+        verify.stderr.contains(&format!(
+            "not verified: {unmanaged} (not reachable over SSM"
+        )),
+        "{}",
+        verify.stderr
+    );
+    assert!(
+        verify
+            .stderr
+            .contains("verify: 3 instances, 0 with files changed"),
+        "{}",
+        verify.stderr
+    );
+    let commands = run_commands(&aws.ssm().await).await;
+    let last = commands.last().unwrap();
+    assert_eq!(last.comment(), Some("stackwarden verify"));
+    let mut verified = vec![apps[0].clone(), apps[2].clone()];
+    verified.sort();
+    assert_eq!(last.instance_ids(), verified.as_slice());
+
+    std::fs::write(&env, "ARGS=--collector.processes\n").unwrap();
+    let run = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]);
+    run.expect(1);
+    assert!(
+        run.stdout.contains(&format!(
+            "1 instance(s) not reachable over SSM (SendCommand: InvalidInstanceId): {unmanaged} (running with no instance profile"
+        )),
+        "{}\n{}",
+        run.stdout,
+        run.stderr
+    );
+    for id in [&apps[0], &apps[2]] {
+        assert_eq!(
+            installed(id).as_deref(),
+            Some("ARGS=--collector.processes\n"),
+            "{id}"
+        );
+    }
+    assert_eq!(
+        installed(&unmanaged).as_deref(),
+        Some("ARGS=--collector.systemd\n"),
+        "the unmanaged instance keeps what it had"
+    );
+    let commands = run_commands(&aws.ssm().await).await;
+    for c in &commands {
+        let comment = c.comment().unwrap_or_default();
+        assert!(comment.chars().count() <= 100, "{comment}");
+        if c.instance_ids().contains(&unmanaged) {
+            continue; // the first push, before SSM lost it
+        }
+        assert!(
+            comment.starts_with("stackwarden host_config.") || comment == "stackwarden verify",
+            "{comment}"
+        );
+    }
+
+    aws.emulator.configure(|s| {
+        s.unmanaged.clear();
+    });
+    let run = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]);
+    run.expect(0);
+    assert_eq!(run.count("SendCommand"), 1, "{}", run.stderr);
+    let commands = run_commands(&aws.ssm().await).await;
+    let last = commands.last().unwrap();
+    assert_eq!(last.instance_ids(), std::slice::from_ref(&unmanaged));
+    assert_eq!(
+        installed(&unmanaged).as_deref(),
+        Some("ARGS=--collector.processes\n")
+    );
+    stackwarden(Some(&aws.endpoint), &["plan", d]).expect(0);
+}
