@@ -34,6 +34,10 @@
 //!   ("Attachment point /dev/sdf is already in use"), and of a volume already attached with
 //!   `VolumeInUse`; moto replaces the instance's device mapping, leaving two volumes attached at
 //!   one device.
+//! - `UpdateAutoScalingGroup` changing the launch template (or launch configuration, or mixed
+//!   instances policy) while an instance refresh with a desired configuration is active fails
+//!   with `ValidationError` ("An active instance refresh with a desired configuration
+//!   exists. ..."), as the Auto Scaling user guide says; moto knows no refreshes.
 //! - `GetAccountAuthorizationDetails` pages, at most `MaxItems` entries a page (default 100)
 //!   with `IsTruncated` and a `Marker`; moto answers everything at once.
 //!
@@ -81,6 +85,9 @@ pub async fn check(state: &Arc<State>, req: &Incoming) -> Result<(), ApiError> {
                     format!("AutoScalingGroup by this name already exists - A group with the name {group} already exists"),
                 ));
             }
+        }
+        ("autoscaling", "UpdateAutoScalingGroup") => {
+            crate::refresh::blocks_launch_template_update(state, req, &req.form())?;
         }
         ("aps", "CreateRuleGroupsNamespace") => {
             let workspace = req.segments().get(1).cloned().unwrap_or_default();
