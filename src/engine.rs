@@ -440,7 +440,13 @@ impl Engine {
                     }
                     Err(e) => {
                         tracing::warn!(resource = %id, error = %e, "reconcile failed");
-                        p.failed.insert(id.clone());
+                        // A change AWS reports ended without success (an instance refresh
+                        // that failed) leaves the object as observed, with its attributes:
+                        // what references it goes on (a group's provisioning still reaches
+                        // the instances the failed refresh left).
+                        if !matches!(e, Error::Failed(_)) {
+                            p.failed.insert(id.clone());
+                        }
                         p.errors
                             .push((position[id], ResourceError::new(id.clone(), &e)));
                     }

@@ -1407,6 +1407,189 @@ async fn instance_refresh_runs_once_at_a_time_succeeds_and_replaces_instances() 
     );
 }
 
+/// A refresh with a desired configuration (a new launch template version): while it runs the
+/// group's launch template cannot be changed (AWS's `ValidationError`); when it succeeds the
+/// group is pinned to the desired version and its instances replaced from it; when it fails,
+/// or rolls back, it carries the `StatusReason` of the setting, no instance is replaced and
+/// the group keeps its version; a cancelled one ends `Cancelled`, nothing replaced either.
+#[tokio::test]
+async fn an_instance_refresh_ends_as_set_with_its_status_reason_and_blocks_a_repin_meanwhile() {
+    use aws_sdk_autoscaling::types::{DesiredConfiguration, LaunchTemplateSpecification};
+    use stackwarden_emulator::RefreshOutcome;
+
+    let aws = Aws::with(Settings {
+        refresh_polls: 2,
+        refresh_outcome: RefreshOutcome::Failed {
+            reason: "Instances failed to pass ELB health checks".into(),
+        },
+        ..Settings::default()
+    });
+    let ec2 = aws.ec2().await;
+    let asg = aws.autoscaling().await;
+    let template = launch_template(&ec2, "grafana").await;
+    let id = template.launch_template_id().unwrap().to_string();
+    ec2.create_launch_template_version()
+        .launch_template_id(&id)
+        .launch_template_data(
+            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                .image_id(AMI)
+                .instance_type(aws_sdk_ec2::types::InstanceType::T3Small)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let version = |v: &str| {
+        LaunchTemplateSpecification::builder()
+            .launch_template_id(&id)
+            .version(v)
+            .build()
+    };
+    asg.create_auto_scaling_group()
+        .auto_scaling_group_name("grafana")
+        .launch_template(version("1"))
+        .min_size(2)
+        .max_size(2)
+        .desired_capacity(2)
+        .availability_zones("us-east-1a")
+        .send()
+        .await
+        .unwrap();
+    let group = || async {
+        let groups = asg
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names("grafana")
+            .send()
+            .await
+            .unwrap();
+        let g = groups.auto_scaling_groups()[0].clone();
+        let mut ids: Vec<String> = g
+            .instances()
+            .iter()
+            .map(|i| i.instance_id().unwrap().to_string())
+            .collect();
+        ids.sort();
+        (
+            g.launch_template()
+                .and_then(|t| t.version())
+                .unwrap_or_default()
+                .to_string(),
+            ids,
+        )
+    };
+    let start = || async {
+        asg.start_instance_refresh()
+            .auto_scaling_group_name("grafana")
+            .desired_configuration(
+                DesiredConfiguration::builder()
+                    .launch_template(version("2"))
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap()
+            .instance_refresh_id
+            .unwrap()
+    };
+    let ends = || async {
+        loop {
+            let out = asg
+                .describe_instance_refreshes()
+                .auto_scaling_group_name("grafana")
+                .max_records(1)
+                .send()
+                .await
+                .unwrap();
+            let r = out.instance_refreshes()[0].clone();
+            if !matches!(r.status().unwrap().as_str(), "Pending" | "InProgress") {
+                return r;
+            }
+        }
+    };
+    let (pinned, before) = group().await;
+    assert_eq!((pinned.as_str(), before.len()), ("1", 2));
+
+    // Failed: the reason as StatusReason, nothing replaced, the group on its version.
+    let failed = start().await;
+    let repin = asg
+        .update_auto_scaling_group()
+        .auto_scaling_group_name("grafana")
+        .launch_template(version("2"))
+        .send()
+        .await;
+    let err = repin.expect_err("no repin while the refresh runs");
+    assert_eq!(err.code(), Some("ValidationError"));
+    assert_eq!(
+        err.message(),
+        Some("An active instance refresh with a desired configuration exists. All configuration options derived from the desired configuration are not available for update while the instance refresh is active.")
+    );
+    // Sizes are not the desired configuration's: they change meanwhile.
+    asg.update_auto_scaling_group()
+        .auto_scaling_group_name("grafana")
+        .max_size(3)
+        .send()
+        .await
+        .unwrap();
+    let r = ends().await;
+    assert_eq!(r.instance_refresh_id(), Some(failed.as_str()));
+    assert_eq!(r.status().unwrap().as_str(), "Failed");
+    assert_eq!(
+        r.status_reason(),
+        Some("Instances failed to pass ELB health checks")
+    );
+    assert!(r.end_time().is_some());
+    assert_eq!(group().await, ("1".to_string(), before.clone()));
+
+    // Rolled back: the same, with its own status.
+    aws.emulator.configure(|s| {
+        s.refresh_outcome = RefreshOutcome::RollbackSuccessful {
+            reason: "Rollback triggered by alarm".into(),
+        }
+    });
+    start().await;
+    let r = ends().await;
+    assert_eq!(
+        (r.status().unwrap().as_str(), r.status_reason()),
+        ("RollbackSuccessful", Some("Rollback triggered by alarm"))
+    );
+    assert_eq!(group().await, ("1".to_string(), before.clone()));
+
+    // Cancelled: nothing replaced.
+    let cancelled = start().await;
+    asg.cancel_instance_refresh()
+        .auto_scaling_group_name("grafana")
+        .send()
+        .await
+        .unwrap();
+    let r = ends().await;
+    assert_eq!(r.instance_refresh_id(), Some(cancelled.as_str()));
+    assert_eq!(r.status().unwrap().as_str(), "Cancelled");
+    assert_eq!(group().await, ("1".to_string(), before.clone()));
+
+    // Successful: pinned to the desired version, every instance replaced; the group's launch
+    // template can be changed again.
+    aws.emulator
+        .configure(|s| s.refresh_outcome = RefreshOutcome::Successful);
+    start().await;
+    let r = ends().await;
+    assert_eq!(
+        (r.status().unwrap().as_str(), r.status_reason()),
+        ("Successful", None)
+    );
+    let (pinned, after) = eventually("replacement instances", || async {
+        let (pinned, now) = group().await;
+        (now.len() == 2 && now.iter().all(|i| !before.contains(i))).then_some((pinned, now))
+    })
+    .await;
+    assert_eq!((pinned.as_str(), after.len()), ("2", 2));
+    asg.update_auto_scaling_group()
+        .auto_scaling_group_name("grafana")
+        .launch_template(version("1"))
+        .send()
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn faults_take_each_protocols_shape_and_stop_after_their_count() {
     let aws = Aws::start();

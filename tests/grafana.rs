@@ -11,7 +11,7 @@ use aws_sdk_autoscaling::types::AutoScalingGroup;
 use aws_sdk_ec2::types::{Filter, IpPermission, IpRange};
 use aws_sdk_elasticloadbalancingv2::types::{Action, ActionTypeEnum, Listener, ProtocolEnum};
 use aws_sdk_ssm::types::ParameterType;
-use stackwarden_emulator::{Fault, FaultKind, Settings};
+use stackwarden_emulator::{Fault, FaultKind, RefreshOutcome, Settings};
 
 use crate::harness::{
     default_stack, edit, path_str, run_commands, script_files, stackwarden, stackwarden_with,
@@ -67,13 +67,16 @@ impl Setup {
 
     /// Runs the CLI with debug logs, and checks the password is in none of its output.
     fn run(&self, args: &[&str]) -> Run {
+        self.run_with(args, &[])
+    }
+
+    /// [`Setup::run`] with more environment.
+    fn run_with(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
         let mut full = args.to_vec();
         full.push(self.dir());
-        let run = stackwarden_with(
-            Some(&self.aws.endpoint),
-            &full,
-            &[("RUST_LOG", "debug,aws=info,hyper=info,h2=info,rustls=info")],
-        );
+        let mut env = env.to_vec();
+        env.push(("RUST_LOG", "debug,aws=info,hyper=info,h2=info,rustls=info"));
+        let run = stackwarden_with(Some(&self.aws.endpoint), &full, &env);
         assert!(
             !run.stdout.contains(PASSWORD) && !run.stderr.contains(PASSWORD),
             "the admin password appeared in the output of {args:?}"
@@ -635,6 +638,248 @@ async fn grafana_from_empty_then_drift_corrected_and_a_template_change_rolled_ou
         .await
         .unwrap();
     assert!(left.security_groups().is_empty(), "{left:?}");
+}
+
+/// The group's record of the version its instances were refreshed to.
+fn recorded_version(group: &AutoScalingGroup) -> Option<String> {
+    group
+        .tags()
+        .iter()
+        .find(|t| t.key() == Some("stackwarden:template-version"))
+        .and_then(|t| t.value())
+        .map(str::to_string)
+}
+
+/// A template change whose instance refresh fails is not a rollout: `reconcile --once` fails
+/// naming the refresh, its status reason and the group, the old instances stay (on the old
+/// version, which the group keeps), nothing records the new version, and `plan` shows the
+/// change pending. The failed refresh is not started again by the next run; once the cause is
+/// gone and the user starts it again by hand (as the error says), a run follows it to its
+/// end, records the version, and the stack is converged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_instance_refresh_is_an_error_and_the_template_change_stays_pending() {
+    let s = setup().await;
+    s.run(&["reconcile", "--once"]).expect(0);
+    let instances = s.group_instances().await;
+    assert_eq!(instances.len(), 2);
+    let reason =
+        "Instances failed to pass ELB health checks: i-0f00 (target group monitoring-main)";
+    s.aws.emulator.configure(|e| {
+        e.refresh_outcome = RefreshOutcome::Failed {
+            reason: reason.into(),
+        }
+    });
+
+    edit(s.dir.path(), "grafana.toml", "t3.small", "t3.medium");
+    let run = s.run(&["reconcile", "--once"]);
+    run.expect(1);
+    assert_eq!(run.count("StartInstanceRefresh"), 1, "{}", run.stderr);
+    let asg = s.aws.autoscaling().await;
+    let refreshes = asg
+        .describe_instance_refreshes()
+        .auto_scaling_group_name("monitoring-main")
+        .send()
+        .await
+        .unwrap();
+    let [failed] = refreshes.instance_refreshes() else {
+        panic!("{refreshes:?}")
+    };
+    assert_eq!(failed.status().unwrap().as_str(), "Failed");
+    let id = failed.instance_refresh_id().unwrap().to_string();
+    let template = s
+        .group()
+        .await
+        .launch_template()
+        .unwrap()
+        .launch_template_id()
+        .unwrap()
+        .to_string();
+    let message = format!(
+        "instance refresh {id} of Auto Scaling group monitoring-main toward launch template {template} version 2 ended Failed: {reason}."
+    );
+    assert!(
+        run.stdout.contains(&message),
+        "{message} in\n{}\n{}",
+        run.stdout,
+        run.stderr
+    );
+    let group = s.group().await;
+    assert_eq!(group.launch_template().unwrap().version(), Some("1"));
+    assert_eq!(recorded_version(&group).as_deref(), Some("1"));
+    assert_eq!(s.group_instances().await, instances, "nothing replaced");
+
+    // The change is still pending, with what happened to it.
+    let plan = s.run(&["plan"]);
+    plan.expect(2);
+    for line in [
+        "~ grafana.main (",
+        "launch_template.version: 1 → 2",
+        "instance_refresh: 1 → 2",
+        message.as_str(),
+    ] {
+        assert!(plan.stdout.contains(line), "{line} in\n{}", plan.stdout);
+    }
+    assert_eq!(plan.count("StartInstanceRefresh"), 0);
+
+    // The next run neither starts it again nor records anything: the same error. The
+    // group's provisioning does not wait for it: a change of it reaches the instances.
+    edit(
+        s.dir.path(),
+        "grafana.toml",
+        r#"allow_sign_up = "false""#,
+        r#"allow_sign_up = "true""#,
+    );
+    let run = s.run(&["reconcile", "--once"]);
+    run.expect(1);
+    assert!(run.stdout.contains(&message), "{}", run.stdout);
+    for operation in [
+        "StartInstanceRefresh",
+        "CreateLaunchTemplateVersion",
+        "UpdateAutoScalingGroup",
+    ] {
+        assert_eq!(run.count(operation), 0, "{operation}:\n{}", run.stderr);
+    }
+    assert!(run.count("SendCommand") > 0, "{}", run.stderr);
+    for i in &instances {
+        let ini =
+            std::fs::read_to_string(s.sandboxes.path().join(i).join("etc/grafana/grafana.ini"))
+                .unwrap();
+        assert!(ini.contains("allow_sign_up = true"), "{ini}");
+    }
+    assert_eq!(
+        recorded_version(&s.group().await).as_deref(),
+        Some("1"),
+        "nothing recorded"
+    );
+
+    // The cause fixed, the refresh started again by hand, as the error says: followed to its
+    // end and recorded.
+    s.aws
+        .emulator
+        .configure(|e| e.refresh_outcome = RefreshOutcome::Successful);
+    asg.start_instance_refresh()
+        .auto_scaling_group_name("monitoring-main")
+        .desired_configuration(
+            aws_sdk_autoscaling::types::DesiredConfiguration::builder()
+                .launch_template(
+                    aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                        .launch_template_id(&template)
+                        .version("2")
+                        .build(),
+                )
+                .build(),
+        )
+        .preferences(
+            aws_sdk_autoscaling::types::RefreshPreferences::builder()
+                .skip_matching(true)
+                .min_healthy_percentage(50)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let run = s.run(&["reconcile", "--once"]);
+    run.expect(0);
+    assert_eq!(run.count("StartInstanceRefresh"), 0, "{}", run.stderr);
+    let group = s.group().await;
+    assert_eq!(group.launch_template().unwrap().version(), Some("2"));
+    assert_eq!(recorded_version(&group).as_deref(), Some("2"));
+    let replaced = s.group_instances().await;
+    assert_eq!(replaced.len(), 2, "{replaced:?}");
+    assert!(
+        replaced.iter().all(|i| !instances.contains(i)),
+        "{replaced:?}"
+    );
+    for i in &replaced {
+        check_provisioning(&s.sandboxes.path().join(i));
+    }
+    s.run(&["plan"]).expect(0);
+}
+
+/// A second template change while the refresh of the first still runs: the run waits for it
+/// and writes nothing to the group's launch template meanwhile (AWS refuses that while a
+/// refresh with a desired configuration is active); once it has ended the newest version
+/// gets its own refresh, and only the version that refresh reached is recorded.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_template_change_during_a_refresh_waits_for_it_without_repinning_the_group() {
+    let s = setup().await;
+    s.run(&["reconcile", "--once"]).expect(0);
+    s.aws.emulator.configure(|e| e.refresh_polls = 1000);
+    let quick = [("STACKWARDEN_WAIT_TIMEOUT", "3s")];
+
+    edit(s.dir.path(), "grafana.toml", "t3.small", "t3.medium");
+    let run = s.run_with(&["reconcile", "--once"], &quick);
+    assert_eq!(run.count("StartInstanceRefresh"), 1, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("(STACKWARDEN_WAIT_TIMEOUT)"),
+        "{}",
+        run.stderr
+    );
+    run.expect(1);
+    let plan = s.run(&["plan"]);
+    plan.expect(2);
+    assert!(
+        plan.stdout
+            .contains("toward launch template version 2: the version is recorded once it succeeds"),
+        "{}",
+        plan.stdout
+    );
+
+    edit(s.dir.path(), "grafana.toml", "t3.medium", "t3.large");
+    let run = s.run_with(&["reconcile", "--once"], &quick);
+    run.expect(1);
+    assert_eq!(
+        run.count("CreateLaunchTemplateVersion"),
+        1,
+        "{}",
+        run.stderr
+    );
+    for operation in ["UpdateAutoScalingGroup", "StartInstanceRefresh"] {
+        assert_eq!(run.count(operation), 0, "{operation}:\n{}", run.stderr);
+    }
+    assert!(
+        run.stderr.contains("version 3 is rolled out after it ends"),
+        "{}",
+        run.stderr
+    );
+    let group = s.group().await;
+    assert_eq!(group.launch_template().unwrap().version(), Some("1"));
+    assert_eq!(recorded_version(&group).as_deref(), Some("1"));
+
+    s.aws.emulator.configure(|e| e.refresh_polls = 2);
+    let run = s.run(&["reconcile", "--once"]);
+    run.expect(0);
+    assert_eq!(run.count("StartInstanceRefresh"), 1, "{}", run.stderr);
+    let group = s.group().await;
+    assert_eq!(group.launch_template().unwrap().version(), Some("3"));
+    assert_eq!(recorded_version(&group).as_deref(), Some("3"));
+    let refreshes = s
+        .aws
+        .autoscaling()
+        .await
+        .describe_instance_refreshes()
+        .auto_scaling_group_name("monitoring-main")
+        .send()
+        .await
+        .unwrap();
+    let outcomes: Vec<(&str, Option<&str>)> = refreshes
+        .instance_refreshes()
+        .iter()
+        .map(|r| {
+            (
+                r.status().unwrap().as_str(),
+                r.desired_configuration()
+                    .and_then(|d| d.launch_template())
+                    .and_then(|t| t.version()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [("Successful", Some("3")), ("Successful", Some("2"))],
+        "newest first"
+    );
+    s.run(&["plan"]).expect(0);
 }
 
 /// A create that an earlier run made and AWS lists only a moment later (that run was killed

@@ -56,6 +56,12 @@ pub enum Error {
     /// lost): retried by the next one.
     #[error("{0}")]
     Skipped(String),
+    /// AWS reports that a change it was carrying out for this resource ended without success
+    /// (an instance refresh that ended `Failed`): nothing is started again by itself. It is
+    /// retried with backoff, and a retry only reads the outcome again, so a fix made by hand
+    /// (a refresh started again) is seen without a change of the desired state.
+    #[error("{0}")]
+    Failed(String),
     /// Still converging, and known to be: look again after `after` (kube-runtime's
     /// `Action::requeue`). Returned instead of polling, so nothing else waits meanwhile.
     #[error("waiting: {what}")]
@@ -70,7 +76,7 @@ impl Error {
         match self {
             Error::Aws { class, .. } => *class,
             Error::NotOwned(_) | Error::Invalid(_) => ErrorClass::Terminal,
-            Error::Dependency(_) | Error::Skipped(_) => ErrorClass::Retryable,
+            Error::Dependency(_) | Error::Skipped(_) | Error::Failed(_) => ErrorClass::Retryable,
             Error::Waiting { .. } => ErrorClass::Waiting,
         }
     }
@@ -111,6 +117,7 @@ impl Error {
             Error::Invalid(_) => "invalid",
             Error::Dependency(_) => "dependency",
             Error::Skipped(_) => "skipped",
+            Error::Failed(_) => "failed",
             Error::Waiting { .. } => "waiting",
         }
     }

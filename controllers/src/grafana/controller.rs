@@ -8,11 +8,21 @@
 //! Found by its ownership tags, or adopted by name (the table's `adopt`).
 //!
 //! # Guarantees
-//! - The group is pinned to its template's latest version. A new version (made by the
-//!   template's node) repins it and starts one rolling instance refresh. The version the
-//!   group's instances were refreshed to is recorded on the group (tag
-//!   `stackwarden:template-version`), and a refresh already under way is waited for, never
-//!   doubled: a pass during a refresh starts nothing.
+//! - The group runs its template's latest version. A new version (made by the template's
+//!   node) starts one rolling instance refresh whose desired configuration is that version:
+//!   AWS pins the group to it once the refresh succeeds, and a refresh that fails leaves the
+//!   group on the version its instances run. The version is recorded on the group (tag
+//!   `stackwarden:template-version`) only once the refresh toward it is read `Successful`, so
+//!   a rollout is done when AWS says it is, not when it was asked for.
+//! - A refresh under way is waited for ("waiting", never a loop), never doubled, and nothing
+//!   changes the group's launch template meanwhile: AWS refuses that while a refresh with a
+//!   desired configuration is active ("An active instance refresh with a desired
+//!   configuration exists", Auto Scaling user guide, instance refresh limitations).
+//! - A refresh toward the latest version that ended `Failed`, `Cancelled`, `RollbackFailed`
+//!   or `RollbackSuccessful` is an error naming the refresh, its status reason and the group,
+//!   and the template change stays pending in `plan`. It is not started again by itself: a
+//!   new version (a change of the desired state, a new AMI) starts a new refresh, and one the
+//!   user starts by hand toward the version is followed and recorded when it succeeds.
 //! - A template made anew (the old one lost) is pinned and recorded as the version the
 //!   instances run: no refresh replaces them.
 //! - `desired_capacity` is enforced only when given; otherwise scaling policies own it.
@@ -47,9 +57,37 @@ const TAG_VERSION: &str = "stackwarden:template-version";
 #[derive(Debug, Clone, Default)]
 pub struct ObservedGroupRefresh {
     pub id: String,
+    /// Its `InstanceRefreshStatus` (`Pending`, `InProgress`, `Successful`, `Failed`, ...).
     pub status: String,
+    /// Its `StatusReason`: why it is where it is (why it failed, once ended).
+    pub reason: Option<String>,
     pub percentage: i32,
+    /// The launch template version of its desired configuration, when it has one.
     pub version: Option<String>,
+}
+
+/// Where an instance refresh is, from its status (the `InstanceRefreshStatus` values of the
+/// Auto Scaling API reference).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// `Pending`, `InProgress`, `Cancelling`, `RollbackInProgress`, `Baking` (waiting its bake
+    /// time after replacing the instances), or a status this version does not know: still
+    /// running, so nothing is started beside it.
+    Active,
+    Successful,
+    /// `Failed`, `Cancelled`, `RollbackFailed`, `RollbackSuccessful`: ended, the rollout not
+    /// made.
+    Unsuccessful,
+}
+
+impl ObservedGroupRefresh {
+    fn phase(&self) -> Phase {
+        match self.status.as_str() {
+            "Successful" => Phase::Successful,
+            "Failed" | "Cancelled" | "RollbackFailed" | "RollbackSuccessful" => Phase::Unsuccessful,
+            _ => Phase::Active,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -162,30 +200,43 @@ pub enum Op {
     },
 }
 
-/// The group pointed at a template version (when `repin`), then the instance refresh as
-/// `refresh` says.
+/// What the rollout toward a template version does: see [`Refresh`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Roll {
     pub group: String,
     pub template: String,
     pub version: String,
+    /// With [`Refresh::Record`]: pin the group to the version first.
     pub repin: bool,
     pub min_healthy: i32,
     pub refresh: Refresh,
 }
 
 /// What a rollout does about the instances.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refresh {
-    /// Start a rolling instance refresh toward the version, then record the version.
+    /// Start a rolling instance refresh whose desired configuration is the version. Nothing
+    /// is recorded: a later pass reads its outcome.
     Start,
-    /// Record the version as the one the instances run, starting nothing: a refresh toward it
-    /// already ran (the record was not written), or the template was made anew from the
-    /// desired state and says what they run.
+    /// Record the version as the one the instances run, starting nothing: the refresh toward
+    /// it was read `Successful`, or the template was made anew from the desired state and says
+    /// what they run.
     Record,
-    /// A refresh is under way: the next pass after it ends starts one.
-    Later,
+    /// The latest refresh toward the version ended without success: the apply is the error
+    /// that names it, and writes nothing.
+    Failed(Box<Ended>),
 }
+
+/// An instance refresh that ended without success.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    pub id: String,
+    pub status: String,
+    pub reason: Option<String>,
+}
+
+/// How long a pass waits before it looks at a running instance refresh again.
+const REFRESHING: std::time::Duration = std::time::Duration::from_secs(15);
 
 // ---------------------------------------------------------------------------------------------
 // Desired values
@@ -294,7 +345,13 @@ impl Controller for GrafanaController {
             }
         }
         diff_group(&mut c, s, refs, &live, group, &tags, r.adopt.is_none());
-        diff_rollout(&mut c, s, &live, group);
+        if let Some(waiting) = diff_rollout(&mut c, s, &live, group) {
+            // The group's other changes (sizes, tags) do not wait for the refresh.
+            if c.ops.is_empty() {
+                return Err(waiting);
+            }
+            c.notes.push(waiting.to_string());
+        }
         if c.ops.is_empty() {
             return Ok(None);
         }
@@ -523,9 +580,17 @@ fn diff_group(
     }
 }
 
-/// The rollout: the group pinned to its template's latest version, and one instance refresh
-/// toward it (the template's node makes the versions).
-fn diff_rollout(c: &mut Change<Op>, s: &GrafanaSpec, live: &Live, group: &ObservedAsg) {
+/// The rollout: the group's instances refreshed to its template's latest version, and that
+/// version recorded once the refresh toward it succeeded (the template's node makes the
+/// versions). Pure: what the group and its latest refresh say decides. Answers "waiting"
+/// while a refresh runs and the rollout is not done: nothing else is written to the launch
+/// template meanwhile.
+fn diff_rollout(
+    c: &mut Change<Op>,
+    s: &GrafanaSpec,
+    live: &Live,
+    group: &ObservedAsg,
+) -> Option<Error> {
     let (template, latest) = &live.template;
     let roll = |version: &str, repin, refresh| {
         Op::Roll(Box::new(Roll {
@@ -537,8 +602,19 @@ fn diff_rollout(c: &mut Change<Op>, s: &GrafanaSpec, live: &Live, group: &Observ
             refresh,
         }))
     };
+    let last = group.refresh.as_ref();
+    let running = last.filter(|f| f.phase() == Phase::Active);
     let pinned = group.template.as_ref();
     if pinned.map(|(t, _)| t) != Some(template) {
+        if let Some(f) = running {
+            return Some(Error::waiting(
+                format!(
+                    "instance refresh {} of group {} is {} ({}%): the group is pinned to template {template} once it ends",
+                    f.id, group.name, f.status, f.percentage
+                ),
+                REFRESHING,
+            ));
+        }
         // The template was made anew from the desired state (lost out of band), or another one
         // is adopted: the group launches from it; its instances run on, recorded as running it
         // (nothing says they differ from it), so no refresh replaces them.
@@ -548,43 +624,71 @@ fn diff_rollout(c: &mut Change<Op>, s: &GrafanaSpec, live: &Live, group: &Observ
             Some(format!("{template} version {latest}")),
         );
         c.op(roll(latest, true, Refresh::Record));
-        return;
+        return None;
     }
     let pinned = pinned.map(|(_, v)| v.clone());
-    let refreshed = group.tags.get(TAG_VERSION).cloned();
-    let active = group.refresh.as_ref().filter(|f| {
-        matches!(
-            f.status.as_str(),
-            "Pending" | "InProgress" | "Cancelling" | "RollbackInProgress"
-        )
-    });
+    let recorded = group.tags.get(TAG_VERSION).cloned();
     let behind = pinned.as_deref() != Some(latest.as_str());
-    let unrefreshed = refreshed.as_deref() != Some(latest.as_str());
-    if !(behind || unrefreshed && active.is_none()) {
-        return;
+    // The version a refresh rolls out: its desired configuration's, else the group's own.
+    let toward = |f: &ObservedGroupRefresh| f.version.clone().or_else(|| pinned.clone());
+    let toward_latest = last.filter(|f| toward(f).as_deref() == Some(latest.as_str()));
+    let failed = toward_latest.filter(|f| f.phase() == Phase::Unsuccessful);
+    let done = !behind && recorded.as_deref() == Some(latest.as_str());
+    if done && failed.is_none() {
+        // Converged; a refresh running now was started by someone else, not waited for.
+        return None;
     }
-    // A refresh toward this very version already started (the tag was not written).
-    let started = group.refresh.as_ref().is_some_and(|f| {
-        f.version.as_deref() == Some(latest.as_str())
-            && !matches!(
-                f.status.as_str(),
-                "Failed" | "Cancelled" | "RollbackSuccessful"
-            )
-    });
+    if let Some(f) = running {
+        let after = if toward(f).as_deref() == Some(latest.as_str()) {
+            "the version is recorded once it succeeds".to_string()
+        } else {
+            format!("version {latest} is rolled out after it ends")
+        };
+        return Some(Error::waiting(
+            format!(
+                "instance refresh {} of group {} is {} ({}%) toward launch template version {}: {after}",
+                f.id,
+                group.name,
+                f.status,
+                f.percentage,
+                toward(f).unwrap_or_default()
+            ),
+            REFRESHING,
+        ));
+    }
     if behind {
         c.field("launch_template.version", pinned, Some(latest.clone()));
     }
-    let refresh = match (active, started) {
-        (Some(f), _) => {
-            c.notes.push(format!(
-                "instance refresh {} is {} ({}%): the new version is rolled out after it",
-                f.id, f.status, f.percentage
+    let before = match (&recorded, failed) {
+        (Some(v), Some(f)) if v == latest => Some(format!("{v} (its refresh {})", f.status)),
+        _ => recorded.clone(),
+    };
+    c.field("instance_refresh", before, Some(latest.clone()));
+    let refresh = match (toward_latest, failed) {
+        (_, Some(f)) => {
+            let ended = Ended {
+                id: f.id.clone(),
+                status: f.status.clone(),
+                reason: f.reason.clone(),
+            };
+            c.notes.push(failure(
+                &group.name,
+                template,
+                latest,
+                s.min_healthy_percentage,
+                &ended,
             ));
-            Refresh::Later
+            Refresh::Failed(Box::new(ended))
         }
-        (None, true) => Refresh::Record,
-        (None, false) => {
-            c.field("instance_refresh", refreshed, Some(latest.clone()));
+        (Some(f), None) => {
+            // Successful (neither running nor failed): what remains is the record.
+            c.notes.push(format!(
+                "instance refresh {} toward version {latest} succeeded: the version is recorded",
+                f.id
+            ));
+            Refresh::Record
+        }
+        (None, None) => {
             c.notes.push(format!(
                 "a rolling instance refresh replaces the instances, keeping {}% healthy",
                 s.min_healthy_percentage
@@ -592,7 +696,24 @@ fn diff_rollout(c: &mut Change<Op>, s: &GrafanaSpec, live: &Live, group: &Observ
             Refresh::Start
         }
     };
-    c.op(roll(latest, behind, refresh));
+    let repin = behind && refresh == Refresh::Record;
+    c.op(roll(latest, repin, refresh));
+    None
+}
+
+/// What a refresh toward `version` that ended without success means, and what the user does.
+fn failure(group: &str, template: &str, version: &str, min_healthy: i32, f: &Ended) -> String {
+    format!(
+        "instance refresh {id} of Auto Scaling group {group} toward launch template {template} version {version} ended {status}: {reason}. \
+         The instances it did not replace keep the version they run, and stackwarden does not start it again by itself: \
+         fix the cause, then start it again (aws autoscaling start-instance-refresh --auto-scaling-group-name {group} \
+         --desired-configuration '{{\"LaunchTemplate\":{{\"LaunchTemplateId\":\"{template}\",\"Version\":\"{version}\"}}}}' \
+         --preferences '{{\"SkipMatching\":true,\"MinHealthyPercentage\":{min_healthy}}}'), \
+         or change the desired state so that the template gets a new version, which starts a new refresh",
+        id = f.id,
+        status = f.status,
+        reason = f.reason.as_deref().unwrap_or("no status reason given"),
+    )
 }
 
 /// The change that creates a missing group.
@@ -728,6 +849,7 @@ async fn observe_groups(ctx: &Context, stack: &str, adopt: Vec<&str>) -> Result<
                     .status()
                     .map(|s| s.as_str().to_string())
                     .unwrap_or_default(),
+                reason: f.status_reason().map(str::to_string),
                 percentage: f.percentage_complete().unwrap_or_default(),
                 version: f
                     .desired_configuration()
@@ -821,67 +943,73 @@ fn asg_tags(group: &str, tags: &Tags) -> Vec<AsgTag> {
         .collect()
 }
 
+/// Starts the refresh toward the version, or records it (pinning the group first when asked),
+/// or is the error of the refresh toward it that ended without success.
 async fn roll(ctx: &Context, r: &Roll) -> Result<()> {
-    let Roll {
-        group,
-        template,
-        version,
-        min_healthy,
-        ..
-    } = r;
-    let (group, template, version, min_healthy) = (
-        group.as_str(),
-        template.as_str(),
-        version.as_str(),
-        *min_healthy,
-    );
     let spec = LaunchTemplateSpecification::builder()
-        .launch_template_id(template)
-        .version(version)
+        .launch_template_id(&r.template)
+        .version(&r.version)
         .build();
-    if r.repin {
-        ctx.autoscaling
-            .update_auto_scaling_group()
-            .auto_scaling_group_name(group)
-            .launch_template(spec.clone())
-            .send()
-            .await
-            .map_err(aws_error("autoscaling", "UpdateAutoScalingGroup"))?;
-    }
-    if r.refresh == Refresh::Later {
-        return Ok(());
-    }
-    if r.refresh == Refresh::Start {
-        ctx.autoscaling
-            .start_instance_refresh()
-            .auto_scaling_group_name(group)
-            .strategy(RefreshStrategy::Rolling)
-            .desired_configuration(
-                DesiredConfiguration::builder()
+    match &r.refresh {
+        Refresh::Failed(f) => Err(Error::Failed(failure(
+            &r.group,
+            &r.template,
+            &r.version,
+            r.min_healthy,
+            f,
+        ))),
+        Refresh::Start => {
+            // The desired configuration pins the group once the refresh succeeds; a refresh
+            // that fails leaves it on the version its instances run.
+            let out = ctx
+                .autoscaling
+                .start_instance_refresh()
+                .auto_scaling_group_name(&r.group)
+                .strategy(RefreshStrategy::Rolling)
+                .desired_configuration(
+                    DesiredConfiguration::builder()
+                        .launch_template(spec)
+                        .build(),
+                )
+                .preferences(
+                    RefreshPreferences::builder()
+                        .min_healthy_percentage(r.min_healthy)
+                        .skip_matching(true)
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(aws_error("autoscaling", "StartInstanceRefresh"))?;
+            tracing::info!(
+                group = %r.group,
+                version = %r.version,
+                refresh = out.instance_refresh_id().unwrap_or_default(),
+                "instance refresh started; the version is recorded once it succeeds"
+            );
+            Ok(())
+        }
+        Refresh::Record => {
+            if r.repin {
+                ctx.autoscaling
+                    .update_auto_scaling_group()
+                    .auto_scaling_group_name(&r.group)
                     .launch_template(spec)
-                    .build(),
-            )
-            .preferences(
-                RefreshPreferences::builder()
-                    .min_healthy_percentage(min_healthy)
-                    .skip_matching(true)
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(aws_error("autoscaling", "StartInstanceRefresh"))?;
-        tracing::info!(group, version, "instance refresh started");
+                    .send()
+                    .await
+                    .map_err(aws_error("autoscaling", "UpdateAutoScalingGroup"))?;
+            }
+            ctx.autoscaling
+                .create_or_update_tags()
+                .set_tags(Some(asg_tags(
+                    &r.group,
+                    &Tags::from([(TAG_VERSION.into(), r.version.clone())]),
+                )))
+                .send()
+                .await
+                .map_err(aws_error("autoscaling", "CreateOrUpdateTags"))?;
+            Ok(())
+        }
     }
-    ctx.autoscaling
-        .create_or_update_tags()
-        .set_tags(Some(asg_tags(
-            group,
-            &Tags::from([(TAG_VERSION.into(), version.to_string())]),
-        )))
-        .send()
-        .await
-        .map_err(aws_error("autoscaling", "CreateOrUpdateTags"))?;
-    Ok(())
 }
 
 /// Creates the group, pinned to its template's latest version, recorded as the version its
@@ -977,6 +1105,7 @@ async fn detach_target_groups(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorClass;
 
     fn spec() -> GrafanaSpec {
         toml::from_str(
@@ -1002,15 +1131,22 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
         }
     }
 
-    /// The rollout of `group` when the template node says `template` is at `latest`.
-    fn rollout(group: &ObservedAsg, template: &str, latest: &str) -> Vec<Op> {
+    /// The rollout of `group` when the template node says `template` is at `latest`: its
+    /// operations, or the "waiting" it answers.
+    fn rollout(group: &ObservedAsg, template: &str, latest: &str) -> Result<Vec<Op>> {
+        rollout_change(group, template, latest).map(|c| c.ops)
+    }
+
+    fn rollout_change(group: &ObservedAsg, template: &str, latest: &str) -> Result<Change<Op>> {
         let live = Live {
             template: (template.into(), latest.into()),
             tg: "arn:tg".into(),
         };
         let mut c = Change::new(ResourceId::new(GRAFANA, "main"), Action::Update, "grafana");
-        diff_rollout(&mut c, &spec(), &live, group);
-        c.ops
+        match diff_rollout(&mut c, &spec(), &live, group) {
+            Some(waiting) => Err(waiting),
+            None => Ok(c),
+        }
     }
 
     fn the_roll(ops: &[Op]) -> &Roll {
@@ -1024,6 +1160,7 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
         Some(ObservedGroupRefresh {
             id: "r-1".into(),
             status: status.into(),
+            reason: None,
             percentage: 40,
             version: Some(version.into()),
         })
@@ -1031,17 +1168,18 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
 
     #[test]
     fn a_converged_group_rolls_nothing() {
-        assert!(rollout(&group(), "lt-1", "2").is_empty());
+        assert!(rollout(&group(), "lt-1", "2").unwrap().is_empty());
     }
 
-    /// The template node made version 3: the group is pinned to it and one refresh starts.
+    /// The template node made version 3: one refresh toward it starts, the group not repinned
+    /// (its desired configuration pins the group once it succeeds) and nothing recorded yet.
     #[test]
-    fn a_new_template_version_is_one_repin_and_one_refresh() {
-        let ops = rollout(&group(), "lt-1", "3");
+    fn a_new_template_version_is_one_refresh_toward_it_and_no_record_yet() {
+        let ops = rollout(&group(), "lt-1", "3").unwrap();
         let r = the_roll(&ops);
         assert_eq!(
             (r.version.as_str(), r.repin, r.min_healthy),
-            ("3", true, 90)
+            ("3", false, 90)
         );
         assert_eq!(r.refresh, Refresh::Start);
     }
@@ -1050,7 +1188,7 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
     /// recorded as running it, none replaced.
     #[test]
     fn a_template_made_anew_is_pinned_and_recorded_without_a_refresh() {
-        let ops = rollout(&group(), "lt-2", "1");
+        let ops = rollout(&group(), "lt-2", "1").unwrap();
         let r = the_roll(&ops);
         assert_eq!(
             (r.template.as_str(), r.version.as_str(), r.repin),
@@ -1059,32 +1197,157 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
         assert_eq!(r.refresh, Refresh::Record);
     }
 
+    /// Every status of a refresh still running (the API reference's `InstanceRefreshStatus`
+    /// values that are not an end): the pass waits, starts nothing and writes nothing to the
+    /// group's launch template, whichever version the refresh rolls out.
     #[test]
-    fn a_refresh_under_way_is_waited_for_never_doubled() {
-        // Version 3 pinned and a refresh toward it running: the pass starts nothing.
+    fn a_refresh_under_way_is_waited_for_never_doubled_and_never_repinned() {
+        for status in [
+            "Pending",
+            "InProgress",
+            "Cancelling",
+            "RollbackInProgress",
+            "Baking",
+            "SomeStatusOfLater",
+        ] {
+            let mut g = group();
+            g.refresh = refresh(status, "3");
+            let e = rollout(&g, "lt-1", "3").unwrap_err();
+            assert_eq!(e.class(), ErrorClass::Waiting, "{status}");
+            assert_eq!(
+                e.to_string(),
+                format!("waiting: instance refresh r-1 of group g is {status} (40%) toward launch template version 3: the version is recorded once it succeeds")
+            );
+            // A newer version made meanwhile: still nothing, no repin while it runs.
+            let e = rollout(&g, "lt-1", "4").unwrap_err();
+            assert!(
+                e.to_string()
+                    .ends_with("version 4 is rolled out after it ends"),
+                "{e}"
+            );
+            // A template made anew meanwhile: pinned once the refresh ends, not before.
+            let e = rollout(&g, "lt-9", "1").unwrap_err();
+            assert_eq!(e.class(), ErrorClass::Waiting, "{status}");
+        }
+    }
+
+    /// Only `Successful` records the version; the group, pinned by the refresh's desired
+    /// configuration, is not pinned again. One whose pin was undone meanwhile is repinned.
+    #[test]
+    fn a_successful_refresh_records_the_version_and_starts_nothing() {
         let mut g = group();
         g.template = Some(("lt-1".into(), "3".into()));
-        g.refresh = refresh("InProgress", "3");
-        g.tags.insert(TAG_VERSION.into(), "3".into());
-        assert!(rollout(&g, "lt-1", "3").is_empty());
-        // The operator died after starting the refresh, before recording it: still nothing new.
-        g.tags.insert(TAG_VERSION.into(), "2".into());
-        assert!(rollout(&g, "lt-1", "3").is_empty());
-        // Once it succeeded, the missing record alone is not a reason for another refresh.
         g.refresh = refresh("Successful", "3");
-        let ops = rollout(&g, "lt-1", "3");
+        let ops = rollout(&g, "lt-1", "3").unwrap();
         let r = the_roll(&ops);
-        assert!(!r.repin);
+        assert_eq!((r.version.as_str(), r.repin), ("3", false));
+        assert_eq!(r.refresh, Refresh::Record);
+        g.template = Some(("lt-1".into(), "2".into()));
+        let ops = rollout(&g, "lt-1", "3").unwrap();
+        let r = the_roll(&ops);
+        assert_eq!((r.repin, &r.refresh), (true, &Refresh::Record));
+        // Recorded: converged.
+        g.template = Some(("lt-1".into(), "3".into()));
+        g.tags.insert(TAG_VERSION.into(), "3".into());
+        assert!(rollout(&g, "lt-1", "3").unwrap().is_empty());
+    }
+
+    /// Each status a refresh ends in without success: the rollout stays pending (the version
+    /// not recorded, the template change shown) and its apply is the error naming the
+    /// refresh, its status and reason, and the group. Nothing is started again or repinned.
+    #[test]
+    fn a_refresh_that_ended_without_success_is_an_error_and_the_change_stays_pending() {
+        for status in [
+            "Failed",
+            "Cancelled",
+            "RollbackFailed",
+            "RollbackSuccessful",
+        ] {
+            let mut g = group();
+            g.refresh = refresh(status, "3");
+            g.refresh.as_mut().unwrap().reason = Some("Instances failed health checks".into());
+            let c = rollout_change(&g, "lt-1", "3").unwrap();
+            let r = the_roll(&c.ops);
+            assert!(!r.repin, "{status}");
+            let Refresh::Failed(ended) = &r.refresh else {
+                panic!("{status}: {:?}", r.refresh)
+            };
+            assert_eq!(
+                (
+                    ended.id.as_str(),
+                    ended.status.as_str(),
+                    ended.reason.as_deref()
+                ),
+                ("r-1", status, Some("Instances failed health checks"))
+            );
+            let fields: Vec<(String, Option<String>, Option<String>)> = c
+                .fields
+                .iter()
+                .map(|f| (f.field.clone(), f.before.clone(), f.after.clone()))
+                .collect();
+            assert_eq!(
+                fields,
+                [
+                    (
+                        "launch_template.version".to_string(),
+                        Some("2".to_string()),
+                        Some("3".to_string())
+                    ),
+                    (
+                        "instance_refresh".to_string(),
+                        Some("2".to_string()),
+                        Some("3".to_string())
+                    ),
+                ],
+                "{status}"
+            );
+            let message = failure("g", "lt-1", "3", 90, ended);
+            assert!(
+                message.starts_with(&format!("instance refresh r-1 of Auto Scaling group g toward launch template lt-1 version 3 ended {status}: Instances failed health checks. ")),
+                "{message}"
+            );
+            assert!(c.notes.contains(&message), "{status}: {:?}", c.notes);
+        }
+    }
+
+    /// A refresh that failed toward an older version is history: the latest version gets a
+    /// refresh of its own (a change of the desired state is how a failed rollout goes on).
+    /// One the user starts again by hand toward the version is followed like the operator's.
+    #[test]
+    fn a_new_version_after_a_failed_refresh_starts_a_new_one() {
+        let mut g = group();
+        g.refresh = refresh("Failed", "3");
+        let ops = rollout(&g, "lt-1", "4").unwrap();
+        assert_eq!(the_roll(&ops).refresh, Refresh::Start);
+        g.refresh = Some(ObservedGroupRefresh {
+            id: "r-2".into(),
+            version: None,
+            ..refresh("InProgress", "3").unwrap()
+        });
+        g.template = Some(("lt-1".into(), "3".into()));
         assert_eq!(
-            r.refresh,
-            Refresh::Record,
-            "the version is recorded, nothing restarted"
+            rollout(&g, "lt-1", "3").unwrap_err().class(),
+            ErrorClass::Waiting,
+            "a refresh without a desired configuration rolls out the group's own version"
         );
-        // A new version during a refresh: the group is pinned to it, the refresh comes after.
-        g.refresh = refresh("InProgress", "3");
-        let ops = rollout(&g, "lt-1", "4");
-        let r = the_roll(&ops);
-        assert_eq!((r.version.as_str(), r.repin), ("4", true));
-        assert_eq!(r.refresh, Refresh::Later);
+    }
+
+    /// The record written by versions that tagged the group as the refresh started, with the
+    /// refresh that then failed: the failure shows, the record does not hide it.
+    #[test]
+    fn a_record_written_before_a_failed_refresh_does_not_hide_it() {
+        let mut g = group();
+        g.template = Some(("lt-1".into(), "3".into()));
+        g.tags.insert(TAG_VERSION.into(), "3".into());
+        g.refresh = refresh("Failed", "3");
+        let c = rollout_change(&g, "lt-1", "3").unwrap();
+        assert!(matches!(the_roll(&c.ops).refresh, Refresh::Failed(_)));
+        assert_eq!(
+            c.fields
+                .iter()
+                .map(|f| (f.before.as_deref(), f.after.as_deref()))
+                .collect::<Vec<_>>(),
+            [(Some("3 (its refresh Failed)"), Some("3"))]
+        );
     }
 }

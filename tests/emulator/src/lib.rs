@@ -53,6 +53,22 @@ pub enum Unsandboxed {
     Fail,
 }
 
+/// How an instance refresh ends once it has had its `refresh_polls` looks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", deny_unknown_fields)]
+pub enum RefreshOutcome {
+    /// The group takes the refresh's desired configuration and each instance it had when the
+    /// refresh started is replaced from it.
+    #[default]
+    Successful,
+    /// Ends `Failed` with `reason` as its `StatusReason`: no instance replaced, the group's
+    /// configuration unchanged.
+    Failed { reason: String },
+    /// Ends `RollbackSuccessful` with `reason` as its `StatusReason`: the group and its
+    /// instances as before the refresh.
+    RollbackSuccessful { reason: String },
+}
+
 /// Tunables, changeable while running ([`Emulator::configure`], `PUT /_emulator/settings`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -61,8 +77,10 @@ pub struct Settings {
     /// DELETING, an alertmanager definition CREATING, UPDATING or DELETING.
     #[serde(with = "millis")]
     pub transition_delay: Duration,
-    /// How many DescribeInstanceRefreshes calls a refresh takes to reach Successful.
+    /// How many DescribeInstanceRefreshes calls a refresh takes to end.
     pub refresh_polls: u32,
+    /// How the refreshes that end from now on end (`{"status": "Failed", "reason": "..."}`).
+    pub refresh_outcome: RefreshOutcome,
     /// When set, every instance without an explicit sandbox gets `<dir>/<instance-id>`.
     pub sandbox_dir: Option<PathBuf>,
     /// When set (and `sandbox_dir` is not), every instance without an explicit sandbox runs in
@@ -104,6 +122,7 @@ impl Default for Settings {
         Settings {
             transition_delay: Duration::from_millis(200),
             refresh_polls: 3,
+            refresh_outcome: RefreshOutcome::Successful,
             sandbox_dir: None,
             shared_sandbox: None,
             sandbox_env: BTreeMap::new(),

@@ -2,9 +2,19 @@
 //! is moto's).
 //!
 //! A refresh advances one step per DescribeInstanceRefreshes call that shows it: Pending, then
-//! InProgress with a growing percentage, then Successful after `refresh_polls` calls. On
-//! success each instance the group had at the start is replaced by one launched from the
-//! group's current launch template, as a real rolling replacement ends. Only one refresh per group is active at a time, as on AWS.
+//! InProgress with a growing percentage, then, after `refresh_polls` calls, it ends as the
+//! `refresh_outcome` setting says at that moment ([`RefreshOutcome`]):
+//! - `Successful`: the group takes the refresh's desired configuration (its launch template),
+//!   as AWS updates the group's settings once a refresh with a desired configuration succeeds,
+//!   and each instance the group had at the start is replaced by one launched from it.
+//! - `Failed` or `RollbackSuccessful`, with the setting's `StatusReason`: no instance is
+//!   replaced (a rollback restores the ones a refresh replaced; the emulator's ends before it
+//!   replaces any) and the group keeps its configuration.
+//!
+//! `CancelInstanceRefresh` ends an active refresh `Cancelled`, nothing replaced. Only one
+//! refresh per group is active at a time, as on AWS, and while one with a desired
+//! configuration is active the group's launch template cannot be changed
+//! ([`blocks_launch_template_update`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,7 +24,7 @@ use axum::response::Response;
 
 use crate::route::Incoming;
 use crate::wire::{escape, iso8601, paginate, query, ApiError};
-use crate::{lock, State};
+use crate::{lock, RefreshOutcome, State};
 
 const XMLNS: &str = "http://autoscaling.amazonaws.com/doc/2011-01-01/";
 
@@ -30,7 +40,9 @@ enum Status {
     Pending,
     InProgress,
     Successful,
+    Failed,
     Cancelled,
+    RollbackSuccessful,
 }
 
 impl Status {
@@ -39,7 +51,9 @@ impl Status {
             Status::Pending => "Pending",
             Status::InProgress => "InProgress",
             Status::Successful => "Successful",
+            Status::Failed => "Failed",
             Status::Cancelled => "Cancelled",
+            Status::RollbackSuccessful => "RollbackSuccessful",
         }
     }
 
@@ -53,6 +67,8 @@ struct Refresh {
     group: String,
     region: String,
     status: Status,
+    /// `StatusReason`: why it ended as it did.
+    reason: Option<String>,
     polls: u32,
     percentage: u32,
     /// The group's instances when the refresh started: the ones it replaces.
@@ -75,6 +91,9 @@ impl Refresh {
             escape(&self.strategy),
             iso8601(self.started)
         );
+        if let Some(reason) = &self.reason {
+            x.push_str(&format!("<StatusReason>{}</StatusReason>", escape(reason)));
+        }
         if let Some(t) = self.ended {
             x.push_str(&format!("<EndTime>{}</EndTime>", iso8601(t)));
         }
@@ -201,6 +220,7 @@ pub async fn handle(state: &Arc<State>, req: &Incoming) -> Result<Response, ApiE
                 group,
                 region: req.region.clone(),
                 status: Status::Pending,
+                reason: None,
                 polls: 0,
                 percentage: 0,
                 instances,
@@ -235,10 +255,11 @@ pub async fn handle(state: &Arc<State>, req: &Incoming) -> Result<Response, ApiE
                         )
                     })?,
             };
-            let polls = state.settings().refresh_polls.max(1);
-            let (items, finished) = {
+            let settings = state.settings();
+            let polls = settings.refresh_polls.max(1);
+            let (items, succeeded) = {
                 let mut store = lock(&state.refresh);
-                let mut finished = Vec::new();
+                let mut succeeded = None;
                 let mut items = Vec::new();
                 for r in store.refreshes.iter_mut().rev().filter(|r| {
                     r.group == group
@@ -247,21 +268,37 @@ pub async fn handle(state: &Arc<State>, req: &Incoming) -> Result<Response, ApiE
                 }) {
                     if r.status.active() {
                         r.polls += 1;
-                        r.percentage = (r.polls * 100 / polls).min(100);
                         if r.polls >= polls {
-                            r.status = Status::Successful;
                             r.ended = Some(SystemTime::now());
-                            finished.append(&mut r.instances.clone());
+                            match &settings.refresh_outcome {
+                                RefreshOutcome::Successful => {
+                                    r.status = Status::Successful;
+                                    r.percentage = 100;
+                                    succeeded = Some((r.desired.clone(), r.instances.clone()));
+                                }
+                                RefreshOutcome::Failed { reason } => {
+                                    r.status = Status::Failed;
+                                    r.reason = Some(reason.clone());
+                                }
+                                RefreshOutcome::RollbackSuccessful { reason } => {
+                                    r.status = Status::RollbackSuccessful;
+                                    r.reason = Some(reason.clone());
+                                }
+                            }
                         } else {
                             r.status = Status::InProgress;
+                            r.percentage = (r.polls * 100 / polls).min(100);
                         }
                     }
                     items.push(r.xml());
                 }
-                (items, finished)
+                (items, succeeded)
             };
-            if !finished.is_empty() {
-                state.moto.replace_in_group(req, &group, &finished).await?;
+            if let Some((desired, replaced)) = succeeded {
+                take_desired_configuration(state, req, &group, &desired).await?;
+                if !replaced.is_empty() {
+                    state.moto.replace_in_group(req, &group, &replaced).await?;
+                }
             }
             let page = paginate(&items, max, param("NextToken").as_deref()).map_err(|_| {
                 ApiError::bad_request("InvalidNextToken", "the NextToken is not valid")
@@ -297,6 +334,69 @@ pub async fn handle(state: &Arc<State>, req: &Incoming) -> Result<Response, ApiE
         }
         other => Err(ApiError::internal(format!("{other} is not served here"))),
     }
+}
+
+/// The group takes a successful refresh's desired launch template (AWS: "Once the instance
+/// refresh succeeds, Amazon EC2 Auto Scaling updates the settings of the Auto Scaling group to
+/// reflect the new desired configuration").
+async fn take_desired_configuration(
+    state: &Arc<State>,
+    req: &Incoming,
+    group: &str,
+    desired: &BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    let template: Vec<(String, String)> = desired
+        .iter()
+        .filter(|(k, _)| k.starts_with("LaunchTemplate."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if template.is_empty() {
+        return Ok(());
+    }
+    let mut params: Vec<(String, String)> = [
+        ("Action", "UpdateAutoScalingGroup"),
+        ("Version", "2011-01-01"),
+        ("AutoScalingGroupName", group),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .into();
+    params.extend(template);
+    state.moto.query(req, "autoscaling", &params).await?;
+    Ok(())
+}
+
+/// Whether an `UpdateAutoScalingGroup` of `group` must be refused because it changes the
+/// group's launch template while a refresh with a desired configuration is active. The AWS
+/// user guide ("How an instance refresh works", Limitations, Update restriction) gives the
+/// error this answers.
+pub(crate) fn blocks_launch_template_update(
+    state: &Arc<State>,
+    req: &Incoming,
+    form: &[(String, String)],
+) -> Result<(), ApiError> {
+    let Some(group) = form
+        .iter()
+        .find(|(k, _)| k == "AutoScalingGroupName")
+        .map(|(_, v)| v.as_str())
+    else {
+        return Ok(());
+    };
+    let changes_template = form.iter().any(|(k, _)| {
+        k.starts_with("LaunchTemplate.")
+            || k == "LaunchConfigurationName"
+            || k.starts_with("MixedInstancesPolicy.")
+    });
+    let blocked = changes_template
+        && lock(&state.refresh).refreshes.iter().any(|r| {
+            r.group == group && r.region == req.region && r.status.active() && !r.desired.is_empty()
+        });
+    if blocked {
+        return Err(ApiError::bad_request(
+            "ValidationError",
+            "An active instance refresh with a desired configuration exists. All configuration options derived from the desired configuration are not available for update while the instance refresh is active.",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

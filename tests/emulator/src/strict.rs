@@ -41,6 +41,10 @@
 //! - `DescribeLoadBalancerAttributes` answers every attribute of an Application Load Balancer,
 //!   those never set with AWS's default (`idle_timeout.timeout_seconds` 60, ...); moto leaves
 //!   some out.
+//! - `UpdateAutoScalingGroup` changing the launch template (or launch configuration, or mixed
+//!   instances policy) while an instance refresh with a desired configuration is active fails
+//!   with `ValidationError` ("An active instance refresh with a desired configuration
+//!   exists. ..."), as the Auto Scaling user guide says; moto knows no refreshes.
 //! - `GetAccountAuthorizationDetails` pages, at most `MaxItems` entries a page (default 100)
 //!   with `IsTruncated` and a `Marker`; moto answers everything at once.
 //!
@@ -101,6 +105,10 @@ pub async fn check(state: &Arc<State>, req: &Incoming) -> Result<(), ApiError> {
             }
             template_profile_propagated(state, req).await?;
         }
+        ("autoscaling", "UpdateAutoScalingGroup") => {
+            crate::refresh::blocks_launch_template_update(state, req, &req.form())?;
+            template_profile_propagated(state, req).await?;
+        }
         ("aps", "CreateRuleGroupsNamespace") => {
             let workspace = req.segments().get(1).cloned().unwrap_or_default();
             let name = req.json()?["name"].as_str().unwrap_or_default().to_string();
@@ -156,9 +164,6 @@ pub async fn check(state: &Arc<State>, req: &Incoming) -> Result<(), ApiError> {
                     format!("Invalid value '{device}' for unixDevice. Attachment point {device} is already in use"),
                 ));
             }
-        }
-        ("autoscaling", "UpdateAutoScalingGroup") => {
-            template_profile_propagated(state, req).await?
         }
         ("iam", "CreateRole" | "UpdateAssumeRolePolicy") => {
             let field = if req.operation == "CreateRole" {
