@@ -260,6 +260,38 @@ fn conflicting_names() {
     );
 }
 
+/// An IPv6 range that is not one, one with bits past its prefix, and a prefix list id of
+/// another kind of object, each at its own value.
+#[test]
+fn ipv6_ranges_and_prefix_lists_are_checked_at_their_values() {
+    let dir = default_stack();
+    std::fs::write(
+        dir.path().join("hosts.toml"),
+        "[host.prom]\nami = \"ami-12c6146b\"\ninstance_type = \"t3.medium\"\nsecurity_group = { ingress = [\n  { port = 22, ipv6_cidrs = [\"::/0\",\n    \"2001:db8:::/48\"] },\n  { port = 9100, ipv6_cidrs = [\"2001:db8::1/32\"] },\n  { port = 9100, prefix_lists = [\"pl-63a5400a\", \"vpc-63a5400a\"] },\n] }\n",
+    )
+    .unwrap();
+    rejected(
+        dir.path(),
+        "hosts.toml",
+        6,
+        "ingress: `2001:db8:::/48` is not an IPv6 CIDR such as 2001:db8::/32 or ::/0",
+    );
+    rejected(
+        dir.path(),
+        "hosts.toml",
+        7,
+        "ingress: `2001:db8::1/32` has bits set past its /32 prefix: the network is 2001:db8::/32",
+    );
+    rejected(
+        dir.path(),
+        "hosts.toml",
+        8,
+        "ingress: `vpc-63a5400a` is not a managed prefix list id such as pl-0123456789abcdef0",
+    );
+    let run = stackwarden(None, &["validate", path_str(dir.path())]);
+    assert!(run.stderr.contains("3 error(s)"), "{}", run.stderr);
+}
+
 #[test]
 fn every_error_is_reported_at_once() {
     let dir = default_stack();

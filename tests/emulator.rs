@@ -2571,3 +2571,170 @@ async fn a_device_in_use_and_a_volume_attached_elsewhere_are_refused_as_on_aws()
         .unwrap();
     attach(second, one).await.unwrap();
 }
+
+/// A security group rule naming a prefix list that does not exist is refused
+/// (`InvalidPrefixListID.NotFound`), ingress and egress, as on AWS, and nothing is stored; one
+/// naming a managed prefix list that exists is kept and described. moto stores either.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rule_naming_a_prefix_list_that_does_not_exist_is_refused() {
+    use aws_sdk_ec2::types::{AddPrefixListEntry, IpPermission, PrefixListId};
+    let aws = Aws::start();
+    let ec2 = aws.ec2().await;
+    let group = ec2
+        .create_security_group()
+        .group_name("pl")
+        .description("pl")
+        .vpc_id(
+            ec2.describe_vpcs().send().await.unwrap().vpcs()[0]
+                .vpc_id()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .group_id()
+        .unwrap()
+        .to_string();
+    let from = |list: &str| {
+        IpPermission::builder()
+            .ip_protocol("tcp")
+            .from_port(443)
+            .to_port(443)
+            .prefix_list_ids(PrefixListId::builder().prefix_list_id(list).build())
+            .build()
+    };
+    let missing = "pl-0123456789abcdef0";
+    let e = ec2
+        .authorize_security_group_ingress()
+        .group_id(&group)
+        .ip_permissions(from(missing))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("InvalidPrefixListID.NotFound"), "{e:?}");
+    assert_eq!(
+        e.message(),
+        Some("The prefix list ID 'pl-0123456789abcdef0' does not exist")
+    );
+    let egress = ec2
+        .authorize_security_group_egress()
+        .group_id(&group)
+        .ip_permissions(from(missing))
+        .send()
+        .await;
+    assert_eq!(code(egress), "InvalidPrefixListID.NotFound");
+
+    let list = ec2
+        .create_managed_prefix_list()
+        .prefix_list_name("office")
+        .address_family("IPv4")
+        .max_entries(5)
+        .entries(AddPrefixListEntry::builder().cidr("192.0.2.0/24").build())
+        .send()
+        .await
+        .unwrap()
+        .prefix_list()
+        .unwrap()
+        .prefix_list_id()
+        .unwrap()
+        .to_string();
+    ec2.authorize_security_group_ingress()
+        .group_id(&group)
+        .ip_permissions(from(&list))
+        .send()
+        .await
+        .unwrap();
+    let described = ec2
+        .describe_security_groups()
+        .group_ids(&group)
+        .send()
+        .await
+        .unwrap();
+    let lists: Vec<&str> = described.security_groups()[0]
+        .ip_permissions()
+        .iter()
+        .flat_map(|p| p.prefix_list_ids())
+        .filter_map(|l| l.prefix_list_id())
+        .collect();
+    assert_eq!(lists, [list.as_str()], "only the rule naming a real list");
+    let egress_lists = described.security_groups()[0]
+        .ip_permissions_egress()
+        .iter()
+        .flat_map(|p| p.prefix_list_ids())
+        .count();
+    assert_eq!(egress_lists, 0);
+}
+
+/// EC2 keeps an IPv6 range in one spelling, whatever was sent: `::0/0` is read back as `::/0`,
+/// `2001:0DB8::/32` as `2001:db8::/32`, and a revoke in any spelling finds the
+/// rule. moto keeps the spelling it was sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv6_ranges_are_kept_in_the_one_spelling_ec2_writes() {
+    use aws_sdk_ec2::types::{IpPermission, Ipv6Range};
+    let aws = Aws::start();
+    let ec2 = aws.ec2().await;
+    let group = ec2
+        .create_security_group()
+        .group_name("v6")
+        .description("v6")
+        .vpc_id(
+            ec2.describe_vpcs().send().await.unwrap().vpcs()[0]
+                .vpc_id()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .group_id()
+        .unwrap()
+        .to_string();
+    let from = |cidr: &str| {
+        IpPermission::builder()
+            .ip_protocol("tcp")
+            .from_port(22)
+            .to_port(22)
+            .ipv6_ranges(Ipv6Range::builder().cidr_ipv6(cidr).build())
+            .build()
+    };
+    for cidr in ["::0/0", "2001:0DB8::/32"] {
+        ec2.authorize_security_group_ingress()
+            .group_id(&group)
+            .ip_permissions(from(cidr))
+            .send()
+            .await
+            .unwrap();
+    }
+    let ranges = || async {
+        let out = ec2
+            .describe_security_groups()
+            .group_ids(&group)
+            .send()
+            .await
+            .unwrap();
+        let mut ranges: Vec<String> = out.security_groups()[0]
+            .ip_permissions()
+            .iter()
+            .flat_map(|p| p.ipv6_ranges())
+            .filter_map(|r| r.cidr_ipv6().map(str::to_string))
+            .collect();
+        ranges.sort();
+        ranges
+    };
+    assert_eq!(ranges().await, ["2001:db8::/32", "::/0"]);
+    let duplicate = ec2
+        .authorize_security_group_ingress()
+        .group_id(&group)
+        .ip_permissions(from("0::0/0"))
+        .send()
+        .await;
+    assert_eq!(code(duplicate), "InvalidPermission.Duplicate");
+    for cidr in ["::/0", "2001:db8:0:0::/32"] {
+        ec2.revoke_security_group_ingress()
+            .group_id(&group)
+            .ip_permissions(from(cidr))
+            .send()
+            .await
+            .unwrap();
+    }
+    assert_eq!(ranges().await, Vec::<String>::new());
+}

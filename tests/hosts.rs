@@ -483,6 +483,136 @@ async fn out_of_band_drift_is_corrected_by_one_reconcile_each() {
     f.plan().expect(0);
 }
 
+/// The host group's ingress as EC2 describes it: (protocol, from port, source) for every
+/// source of every permission, IPv4 and IPv6 ranges, prefix lists and groups alike.
+async fn ingress(ec2: &aws_sdk_ec2::Client, group: &str) -> Vec<(String, i32, String)> {
+    let out = ec2
+        .describe_security_groups()
+        .group_ids(group)
+        .send()
+        .await
+        .unwrap();
+    let mut rules = Vec::new();
+    for p in out.security_groups()[0].ip_permissions() {
+        let rule = |source: Option<&str>| {
+            (
+                p.ip_protocol().unwrap().to_string(),
+                p.from_port().unwrap(),
+                source.unwrap().to_string(),
+            )
+        };
+        rules.extend(p.ip_ranges().iter().map(|r| rule(r.cidr_ip())));
+        rules.extend(p.ipv6_ranges().iter().map(|r| rule(r.cidr_ipv6())));
+        rules.extend(p.prefix_list_ids().iter().map(|l| rule(l.prefix_list_id())));
+        rules.extend(p.user_id_group_pairs().iter().map(|g| rule(g.group_id())));
+    }
+    rules.sort();
+    rules
+}
+
+/// IPv6 ranges and prefix lists are rules like any other: opened out of band, they are drift
+/// that `plan` shows and one revoke takes back, leaving the desired rule; desired, they are
+/// authorized in EC2's spelling and then in sync; a prefix list that does not exist fails the
+/// pass with EC2's refusal.
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv6_ranges_and_prefix_lists_are_kept_exactly_as_desired() {
+    use aws_sdk_ec2::types::{AddPrefixListEntry, IpPermission, Ipv6Range, PrefixListId};
+    let f = Fixture::new();
+    f.reconcile().expect(0);
+    let ec2 = f.aws.ec2().await;
+    let group = f.group_id().await;
+    let list = ec2
+        .create_managed_prefix_list()
+        .prefix_list_name("office")
+        .address_family("IPv4")
+        .max_entries(5)
+        .entries(AddPrefixListEntry::builder().cidr("192.0.2.0/24").build())
+        .send()
+        .await
+        .unwrap()
+        .prefix_list()
+        .unwrap()
+        .prefix_list_id()
+        .unwrap()
+        .to_string();
+    let managed = ("tcp".to_string(), 9090, "10.0.0.0/16".to_string());
+    assert_eq!(ingress(&ec2, &group).await, std::slice::from_ref(&managed));
+
+    // Opened out of band to the whole IPv6 internet and to a prefix list: drift, revoked.
+    let port = |p: i32| {
+        IpPermission::builder()
+            .ip_protocol("tcp")
+            .from_port(p)
+            .to_port(p)
+    };
+    ec2.authorize_security_group_ingress()
+        .group_id(&group)
+        .ip_permissions(
+            port(22)
+                .ipv6_ranges(Ipv6Range::builder().cidr_ipv6("::/0").build())
+                .build(),
+        )
+        .ip_permissions(
+            port(9090)
+                .prefix_list_ids(PrefixListId::builder().prefix_list_id(&list).build())
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ingress(&ec2, &group).await.len(), 3);
+    let plan = f.plan();
+    plan.expect(2);
+    for rule in ["tcp/22 from ::/0", &format!("tcp/9090 from {list}")] {
+        assert!(plan.stdout.contains(rule), "{rule} in\n{}", plan.stdout);
+    }
+    f.repair(&[("RevokeSecurityGroupIngress", 1)]).await;
+    assert_eq!(ingress(&ec2, &group).await, std::slice::from_ref(&managed));
+    f.plan().expect(0);
+
+    // Desired: authorized once, in EC2's spelling, then in sync.
+    edit(
+        f.dir.path(),
+        "hosts.toml",
+        "security_group = { ingress = [{ port = 9090, cidrs = [\"10.0.0.0/16\"] }] }",
+        &format!(
+            "security_group = {{ ingress = [{{ port = 9090, cidrs = [\"10.0.0.0/16\"] }},\n  {{ port = 9100, ipv6_cidrs = [\"2001:DB8::/32\"], prefix_lists = [\"{list}\"] }}] }}"
+        ),
+    );
+    f.plan().expect(2);
+    f.repair(&[("AuthorizeSecurityGroupIngress", 1)]).await;
+    let mut want = vec![
+        managed.clone(),
+        ("tcp".to_string(), 9100, "2001:db8::/32".to_string()),
+        ("tcp".to_string(), 9100, list.clone()),
+    ];
+    want.sort();
+    assert_eq!(ingress(&ec2, &group).await, want);
+    f.plan().expect(0);
+    f.repair(&[]).await;
+
+    // A prefix list that does not exist: the pass fails with EC2's refusal, nothing changes.
+    edit(f.dir.path(), "hosts.toml", &list, "pl-0123456789abcdef0");
+    let run = f.reconcile();
+    run.expect(1);
+    assert!(
+        run.stderr.contains("InvalidPrefixListID.NotFound"),
+        "{}",
+        run.stderr
+    );
+    // Revoked first (a changed source never doubles access), then refused, and not tried again
+    // in this run: EC2's answer will not change until the desired state does.
+    assert_eq!(run.count("RevokeSecurityGroupIngress"), 1);
+    assert_eq!(run.count("AuthorizeSecurityGroupIngress"), 1);
+    assert_eq!(
+        ingress(&ec2, &group).await,
+        [
+            managed,
+            ("tcp".to_string(), 9100, "2001:db8::/32".to_string())
+        ]
+    );
+}
+
 #[test]
 fn bad_host_input_is_rejected_without_aws_calls() {
     let dir = default_stack();

@@ -496,9 +496,62 @@ pub fn is_ipv4_cidr(s: &str) -> bool {
     ip.parse::<std::net::Ipv4Addr>().is_ok() && bits.parse::<u8>().is_ok_and(|b| b <= 32)
 }
 
+/// An IPv6 CIDR in the form EC2 keeps it: the address as RFC 5952 writes it (lower case, the
+/// longest run of two or more zero fields shortened to `::`), so `::0/0` is `::/0`. Refuses
+/// what is not a CIDR, and an address with bits set past the prefix (naming the network meant),
+/// as terraform-provider-aws does (`ValidateIPv6CIDRBlock`): EC2 keeps a rule's network, so the
+/// rule read back would never be the one written.
+pub fn ipv6_network(s: &str) -> Result<String, String> {
+    let not_a_cidr = || format!("`{s}` is not an IPv6 CIDR such as 2001:db8::/32 or ::/0");
+    let (ip, bits) = s.split_once('/').ok_or_else(not_a_cidr)?;
+    let ip: std::net::Ipv6Addr = ip.parse().map_err(|_| not_a_cidr())?;
+    let bits: u32 = match bits.parse() {
+        Ok(b) if b <= 128 && !bits.starts_with('+') => b,
+        _ => return Err(not_a_cidr()),
+    };
+    let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+    let network = std::net::Ipv6Addr::from(u128::from(ip) & mask);
+    if network != ip {
+        return Err(format!(
+            "`{s}` has bits set past its /{bits} prefix: the network is {network}/{bits}"
+        ));
+    }
+    Ok(format!("{network}/{bits}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_cidrs_are_written_as_ec2_keeps_them_and_host_bits_are_refused() {
+        assert_eq!(ipv6_network("::0/0").unwrap(), "::/0");
+        assert_eq!(ipv6_network("2001:DB8::/32").unwrap(), "2001:db8::/32");
+        // One zero field is written out, not shortened (RFC 5952 section 4.2.2).
+        assert_eq!(
+            ipv6_network("2001:aaaa:bbbb::cccc:dddd:fe2b:7e9f/128").unwrap(),
+            "2001:aaaa:bbbb:0:cccc:dddd:fe2b:7e9f/128"
+        );
+        assert_eq!(
+            ipv6_network("2001:db8::1/32").unwrap_err(),
+            "`2001:db8::1/32` has bits set past its /32 prefix: the network is 2001:db8::/32"
+        );
+        for bad in [
+            "10.0.0.0/8",
+            "::/129",
+            "::/+1",
+            "2001:db8::",
+            "zz::/0",
+            "::/",
+        ] {
+            assert!(
+                ipv6_network(bad)
+                    .unwrap_err()
+                    .contains("is not an IPv6 CIDR"),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn a_device_inside_the_directory_is_refused_without_being_opened() {

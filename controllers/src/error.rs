@@ -172,6 +172,8 @@ pub const PERMANENT_CODES: &[&str] = &[
     "InvalidAMIID.Malformed",
     "InvalidSubnetID.NotFound",
     "InvalidKeyPair.NotFound",
+    // A security group rule naming a managed prefix list that does not exist.
+    "InvalidPrefixListID.NotFound",
     "UnsupportedOperation",
     "ValidationErrorException",
     // Not allowed.

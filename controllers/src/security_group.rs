@@ -16,13 +16,17 @@ use std::collections::BTreeSet;
 use std::marker::PhantomData;
 
 use async_trait::async_trait;
-use aws_sdk_ec2::types::{Filter, IpPermission, IpRange, ResourceType, UserIdGroupPair};
+use aws_sdk_ec2::types::{
+    Filter, IpPermission, IpRange, Ipv6Range, PrefixListId, ResourceType, UserIdGroupPair,
+};
 use serde::Deserialize;
 use toml::Spanned;
 
 use crate::change::FieldChange;
 use crate::controller::Context;
-use crate::desired::{is_ipv4_cidr, DesiredState, Resource, Spec, Validator, TAG_STACK};
+use crate::desired::{
+    ipv6_network, is_ipv4_cidr, DesiredState, Resource, Spec, Validator, TAG_STACK,
+};
 use crate::ec2::{locate_subnet, remove_tags, set_tags, tag_map, tag_spec};
 use crate::error::{aws_error, Result};
 use crate::managed::{Describe, ManagedObject};
@@ -35,7 +39,8 @@ pub const TAG_ROLE: &str = "stackwarden:role";
 // ---------------------------------------------------------------------------------------------
 // Schema
 
-/// One ingress rule as users write it: a port (or range) from CIDRs or from security groups.
+/// One ingress rule as users write it: a port (or range) from IPv4 or IPv6 CIDRs, managed
+/// prefix lists or security groups.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IngressRule {
@@ -45,6 +50,11 @@ pub struct IngressRule {
     pub protocol: String,
     #[serde(default)]
     pub cidrs: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub ipv6_cidrs: Vec<Spanned<String>>,
+    /// Managed prefix list ids (`pl-...`), or references to them.
+    #[serde(default)]
+    pub prefix_lists: Vec<Spanned<String>>,
     /// Security group ids, usually `${host.<name>.security_group_id}`.
     #[serde(default)]
     pub security_groups: Vec<String>,
@@ -55,7 +65,18 @@ fn tcp() -> String {
     "tcp".into()
 }
 
-/// Checks a table's ingress rules: port ranges and CIDRs.
+/// Whether `s` has the shape of a managed prefix list's id: `pl-` and 8 or 17 hexadecimal
+/// digits, the two lengths EC2 gives resource ids.
+fn is_prefix_list_id(s: &str) -> bool {
+    s.strip_prefix("pl-").is_some_and(|hex| {
+        [8, 17].contains(&hex.len())
+            && hex
+                .chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    })
+}
+
+/// Checks a table's ingress rules: port ranges, CIDRs and prefix list ids.
 pub fn check_ingress(v: &mut Validator<'_>, rules: &[IngressRule]) {
     for rule in rules {
         if rule.to_port.is_some_and(|to| to < rule.port) {
@@ -76,6 +97,20 @@ pub fn check_ingress(v: &mut Validator<'_>, rules: &[IngressRule]) {
                 );
             }
         }
+        for c in &rule.ipv6_cidrs {
+            if let Err(message) = ipv6_network(c.get_ref()) {
+                v.error(&c.span(), format!("ingress: {message}"));
+            }
+        }
+        for p in &rule.prefix_lists {
+            let id = p.get_ref();
+            if !id.contains("${") && !is_prefix_list_id(id) {
+                v.error(
+                    &p.span(),
+                    format!("ingress: `{id}` is not a managed prefix list id such as pl-0123456789abcdef0"),
+                );
+            }
+        }
     }
 }
 
@@ -88,6 +123,13 @@ pub fn rule_specs(rules: &[IngressRule]) -> Vec<RuleSpec> {
             from: i32::from(r.port),
             to: i32::from(r.to_port.unwrap_or(r.port)),
             cidrs: r.cidrs.iter().map(|c| c.get_ref().clone()).collect(),
+            // As EC2 keeps them (`::/0`, not `::0/0`), so that the rule read back is this one.
+            ipv6_cidrs: r
+                .ipv6_cidrs
+                .iter()
+                .map(|c| ipv6_network(c.get_ref()).unwrap_or_else(|_| c.get_ref().clone()))
+                .collect(),
+            prefix_lists: r.prefix_lists.iter().map(|p| p.get_ref().clone()).collect(),
             groups: r.security_groups.clone(),
         })
         .collect()
@@ -100,6 +142,10 @@ pub struct RuleSpec {
     pub from: i32,
     pub to: i32,
     pub cidrs: Vec<String>,
+    /// In the form EC2 answers them ([`ipv6_network`]).
+    pub ipv6_cidrs: Vec<String>,
+    /// Prefix list ids or references to them.
+    pub prefix_lists: Vec<String>,
     /// Security group ids or references to them.
     pub groups: Vec<String>,
 }
@@ -152,7 +198,7 @@ pub fn nodes(
     let mut ingress_refs: BTreeSet<ResourceId> = ingress
         .rules
         .iter()
-        .flat_map(|r| &r.groups)
+        .flat_map(|r| r.groups.iter().chain(&r.prefix_lists))
         .flat_map(|g| references_in(g))
         .collect();
     ingress_refs.insert(group_id.clone());
@@ -182,6 +228,8 @@ pub struct Rule {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Source {
     Cidr(String),
+    Ipv6Cidr(String),
+    PrefixList(String),
     Group(String),
 }
 
@@ -193,7 +241,8 @@ impl std::fmt::Display for Rule {
             format!("{}-{}", self.from, self.to)
         };
         let source = match &self.source {
-            Source::Cidr(c) => c,
+            Source::Cidr(c) | Source::Ipv6Cidr(c) => c,
+            Source::PrefixList(p) => p,
             Source::Group(g) => g,
         };
         write!(f, "{}/{ports} from {source}", self.protocol)
@@ -259,7 +308,9 @@ pub(crate) async fn stack_groups(
     Ok(groups.as_ref().clone())
 }
 
-/// The security groups `filter` selects, with their ingress rules one source per rule.
+/// The security groups `filter` selects, with their ingress rules one source per rule: every
+/// kind of source EC2 has (IPv4 and IPv6 ranges, prefix lists, groups), so that no rule added
+/// out of band goes unseen.
 async fn read_groups(ctx: &Context, filters: Vec<Filter>) -> Result<Vec<ObservedGroup>> {
     let mut groups = Vec::new();
     let mut pages = ctx
@@ -275,15 +326,23 @@ async fn read_groups(ctx: &Context, filters: Vec<Filter>) -> Result<Vec<Observed
             for p in g.ip_permissions() {
                 let protocol = p.ip_protocol().unwrap_or_default().to_string();
                 let (from, to) = (p.from_port().unwrap_or(-1), p.to_port().unwrap_or(-1));
-                let sources = p
-                    .ip_ranges()
-                    .iter()
-                    .map(|r| Source::Cidr(r.cidr_ip().unwrap_or_default().into()))
-                    .chain(
-                        p.user_id_group_pairs()
-                            .iter()
-                            .map(|pair| Source::Group(pair.group_id().unwrap_or_default().into())),
-                    );
+                let sources =
+                    p.ip_ranges()
+                        .iter()
+                        .map(|r| Source::Cidr(r.cidr_ip().unwrap_or_default().into()))
+                        .chain(
+                            p.ipv6_ranges().iter().map(|r| {
+                                Source::Ipv6Cidr(r.cidr_ipv6().unwrap_or_default().into())
+                            }),
+                        )
+                        .chain(p.prefix_list_ids().iter().map(|l| {
+                            Source::PrefixList(l.prefix_list_id().unwrap_or_default().into())
+                        }))
+                        .chain(
+                            p.user_id_group_pairs().iter().map(|pair| {
+                                Source::Group(pair.group_id().unwrap_or_default().into())
+                            }),
+                        );
                 ingress.extend(sources.map(|source| Rule {
                     protocol: protocol.clone(),
                     from,
@@ -313,6 +372,10 @@ fn permissions(rules: &[Rule]) -> Vec<IpPermission> {
                 .to_port(r.to);
             match &r.source {
                 Source::Cidr(c) => p.ip_ranges(IpRange::builder().cidr_ip(c).build()),
+                Source::Ipv6Cidr(c) => p.ipv6_ranges(Ipv6Range::builder().cidr_ipv6(c).build()),
+                Source::PrefixList(l) => {
+                    p.prefix_list_ids(PrefixListId::builder().prefix_list_id(l).build())
+                }
                 Source::Group(g) => {
                     p.user_id_group_pairs(UserIdGroupPair::builder().group_id(g).build())
                 }
@@ -638,6 +701,12 @@ impl<T: Table> ManagedObject for Ingress<T> {
                 .cidrs
                 .iter()
                 .map(|c| Source::Cidr(c.clone()))
+                .chain(r.ipv6_cidrs.iter().map(|c| Source::Ipv6Cidr(c.clone())))
+                .chain(
+                    r.prefix_lists
+                        .iter()
+                        .map(|p| Source::PrefixList(refs.render(p).value)),
+                )
                 .chain(r.groups.iter().map(|g| Source::Group(refs.render(g).value)));
             rules.extend(sources.map(|source| Rule {
                 protocol: r.protocol.clone(),
@@ -738,6 +807,8 @@ pub fn from_group(port: i32, group: String) -> RuleSpec {
         from: port,
         to: port,
         cidrs: Vec::new(),
+        ipv6_cidrs: Vec::new(),
+        prefix_lists: Vec::new(),
         groups: vec![group],
     }
 }
@@ -925,6 +996,163 @@ provisioning = { prometheus_url = "http://${host.prom.private_ip}:9090" }
         assert_eq!(authorized.len(), 1);
         assert_eq!(authorized[0].source, Source::Group("sg-g".into()));
         assert_eq!(c.fields[0].field, "rules");
+    }
+
+    /// The host's rules as observed exactly, plus `extra`.
+    fn host_group_with(extra: &[(i32, Source)]) -> ObservedGroup {
+        let mut rules = vec![
+            (9090, Source::Cidr("10.0.0.0/16".into())),
+            (9090, Source::Group("sg-g".into())),
+        ];
+        rules.extend_from_slice(extra);
+        group("sg-h", owned_tags("host.prom.security_group"), &rules)
+    }
+
+    /// What the ingress node of `d`'s host would revoke and authorize, by the rules' display.
+    fn host_ingress_change(d: &DesiredState, have: ObservedGroup) -> (Vec<String>, Vec<String>) {
+        let refs = refs(&[
+            ("host.prom.security_group", "sg-h"),
+            ("grafana.main.security_group.instances", "sg-g"),
+        ]);
+        let k = Managed(Ingress::<OfHost>::default());
+        let node = &d.resources[&id("host.prom.ingress")];
+        let Some(c) = k.diff(d, node, &vec![have], &refs).unwrap() else {
+            return (Vec::new(), Vec::new());
+        };
+        let [Op::Update { change, .. }] = &c.ops[..] else {
+            panic!("{:?}", c.ops)
+        };
+        let show = |r: std::collections::btree_set::Difference<'_, Rule>| {
+            r.map(Rule::to_string).collect::<Vec<_>>()
+        };
+        (
+            show(change.from.difference(&change.to)),
+            show(change.to.difference(&change.from)),
+        )
+    }
+
+    #[test]
+    fn an_ipv6_range_opened_out_of_band_is_drift_and_revoked_alone() {
+        let d = stack();
+        let opened = host_group_with(&[(9090, Source::Ipv6Cidr("::/0".into()))]);
+        let (revoked, authorized) = host_ingress_change(&d, opened);
+        assert_eq!(revoked, ["tcp/9090 from ::/0"]);
+        assert_eq!(authorized, Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_prefix_list_admitted_out_of_band_is_drift_and_revoked_alone() {
+        let d = stack();
+        let opened = host_group_with(&[(22, Source::PrefixList("pl-0123456789abcdef0".into()))]);
+        let (revoked, authorized) = host_ingress_change(&d, opened);
+        assert_eq!(revoked, ["tcp/22 from pl-0123456789abcdef0"]);
+        assert_eq!(authorized, Vec::<String>::new());
+    }
+
+    /// The default stack's host with IPv6 ranges written in other spellings than EC2's, and
+    /// prefix lists by id and by reference (no kind makes prefix lists yet: an attribute of
+    /// the Grafana group stands in for one, rendered like any reference).
+    fn stack_with_ipv6_and_prefix_list() -> DesiredState {
+        let host = HOST.replace(
+            "{ port = 9090, cidrs = [\"10.0.0.0/16\"] },",
+            "{ port = 9090, cidrs = [\"10.0.0.0/16\"] },\n  { port = 9100, ipv6_cidrs = [\"2001:DB8::/32\", \"::0/0\"], prefix_lists = [\"pl-63a5400a\", \"${grafana.main.asg_name}\"] },",
+        );
+        let host: HostSpec = toml::from_str(&host).unwrap();
+        let mut h = resource(crate::host::HOST, "prom", Spec::new(host.clone()));
+        let (mut nodes, _) = host.parts(&h).unwrap();
+        h.depends_on = BTreeSet::new();
+        nodes.push(h);
+        desired(nodes)
+    }
+
+    #[test]
+    fn desired_ipv6_ranges_and_prefix_lists_are_authorized_as_ec2_keeps_them() {
+        let d = stack_with_ipv6_and_prefix_list();
+        assert!(
+            d.resources[&id("host.prom.ingress")]
+                .depends_on
+                .contains(&id("grafana.main")),
+            "a prefix list named by reference is waited for"
+        );
+        let mut refs = refs(&[
+            ("host.prom.security_group", "sg-h"),
+            ("grafana.main.security_group.instances", "sg-g"),
+        ]);
+        refs.outputs.insert(
+            id("grafana.main"),
+            Outputs::from([("asg_name".into(), "pl-0aaaaaaaaaaaaaaaa".into())]),
+        );
+        let k = Managed(Ingress::<OfHost>::default());
+        let node = &d.resources[&id("host.prom.ingress")];
+        let c = k
+            .diff(&d, node, &vec![host_group_with(&[])], &refs)
+            .unwrap()
+            .unwrap();
+        let [Op::Update { change, .. }] = &c.ops[..] else {
+            panic!("{:?}", c.ops)
+        };
+        let authorized: Vec<String> = change
+            .to
+            .difference(&change.from)
+            .map(Rule::to_string)
+            .collect();
+        assert_eq!(
+            authorized,
+            [
+                "tcp/9100 from 2001:db8::/32",
+                "tcp/9100 from ::/0",
+                "tcp/9100 from pl-0aaaaaaaaaaaaaaaa",
+                "tcp/9100 from pl-63a5400a",
+            ]
+        );
+        assert_eq!(change.from.difference(&change.to).count(), 0);
+
+        // Once EC2 has them (in its spelling), nothing is left to do.
+        let exact = host_group_with(&[
+            (9100, Source::Ipv6Cidr("2001:db8::/32".into())),
+            (9100, Source::Ipv6Cidr("::/0".into())),
+            (9100, Source::PrefixList("pl-63a5400a".into())),
+            (9100, Source::PrefixList("pl-0aaaaaaaaaaaaaaaa".into())),
+        ]);
+        assert!(k.diff(&d, node, &vec![exact], &refs).unwrap().is_none());
+    }
+
+    #[test]
+    fn each_source_is_sent_in_its_own_field() {
+        let rule = |source| Rule {
+            protocol: "tcp".into(),
+            from: 443,
+            to: 443,
+            source,
+        };
+        let sent = permissions(&[
+            rule(Source::Ipv6Cidr("::/0".into())),
+            rule(Source::PrefixList("pl-63a5400a".into())),
+        ]);
+        assert_eq!(sent.len(), 2);
+        assert_eq!(sent[0].ipv6_ranges()[0].cidr_ipv6(), Some("::/0"));
+        assert!(sent[0].ip_ranges().is_empty() && sent[0].prefix_list_ids().is_empty());
+        assert_eq!(
+            sent[1].prefix_list_ids()[0].prefix_list_id(),
+            Some("pl-63a5400a")
+        );
+        assert!(sent[1].ip_ranges().is_empty() && sent[1].ipv6_ranges().is_empty());
+    }
+
+    #[test]
+    fn prefix_list_ids_have_ec2s_shape() {
+        for good in ["pl-63a5400a", "pl-0123456789abcdef0"] {
+            assert!(is_prefix_list_id(good), "{good}");
+        }
+        for bad in [
+            "pl-",
+            "pl-63A5400A",
+            "pl-0123456789",
+            "sg-63a5400a",
+            "63a5400a",
+        ] {
+            assert!(!is_prefix_list_id(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -461,6 +461,8 @@ impl KindSpec for GrafanaSpec {
                 from: port,
                 to: port,
                 cidrs: self.alb.allowed_cidrs.clone(),
+                ipv6_cidrs: Vec::new(),
+                prefix_lists: Vec::new(),
                 groups: Vec::new(),
             })
             .collect();

@@ -215,6 +215,34 @@ impl Moto {
         Ok(profile)
     }
 
+    /// Which of `ids` name managed prefix lists that exist (not deleted), the region's AWS-managed
+    /// ones included.
+    pub(crate) async fn prefix_lists(
+        &self,
+        caller: &Incoming,
+        ids: &[String],
+    ) -> Result<BTreeSet<String>, ApiError> {
+        if ids.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let text = self
+            .query(
+                caller,
+                "ec2",
+                &ec2_query("DescribeManagedPrefixLists", &[("prefix-list-id", ids)]),
+            )
+            .await?;
+        let doc = xml(&text)?;
+        Ok(doc
+            .root()
+            .descendants()
+            .filter(|n| n.has_tag_name("prefixListSet"))
+            .flat_map(|n| n.children().filter(|n| n.has_tag_name("item")))
+            .filter(|l| !child_text(*l, "state").is_some_and(|s| s.starts_with("delete")))
+            .filter_map(|l| child_text(l, "prefixListId"))
+            .collect())
+    }
+
     /// What still uses a security group, as AWS sees it before deleting one: instances not yet
     /// terminated in it, load balancers in it, other groups whose rules name it.
     pub(crate) async fn group_dependents(

@@ -47,6 +47,13 @@
 //!   exists. ..."), as the Auto Scaling user guide says; moto knows no refreshes.
 //! - `GetAccountAuthorizationDetails` pages, at most `MaxItems` entries a page (default 100)
 //!   with `IsTruncated` and a `Marker`; moto answers everything at once.
+//! - `AuthorizeSecurityGroupIngress` and `AuthorizeSecurityGroupEgress` naming a prefix list
+//!   that does not exist fail with `InvalidPrefixListID.NotFound` ("The prefix list ID
+//!   'pl-...' does not exist"); moto stores the rule.
+//! - EC2 keeps a rule's IPv6 range in one spelling (RFC 5952: lower case, `::` for the longest
+//!   run of zero fields), whatever was sent: `::0/0` is read back as `::/0`, which is why
+//!   terraform-provider-aws (issue 15982) cannot find a rule written otherwise. Authorize and
+//!   revoke requests reach moto with their ranges so written; moto keeps what it was given.
 //!
 //! Checks run before a request is served or forwarded; what they need to remember (when a
 //! profile was created, when an instance launched) is recorded from moto's answers.
@@ -124,6 +131,21 @@ pub async fn check(state: &Arc<State>, req: &Incoming) -> Result<(), ApiError> {
                     StatusCode::CONFLICT,
                     "ConflictException",
                     format!("A rule groups namespace named {name} already exists in workspace {workspace}"),
+                ));
+            }
+        }
+        ("ec2", "AuthorizeSecurityGroupIngress" | "AuthorizeSecurityGroupEgress") => {
+            let named: Vec<String> = req
+                .form()
+                .into_iter()
+                .filter(|(k, _)| k.starts_with("IpPermissions.") && k.ends_with(".PrefixListId"))
+                .map(|(_, v)| v)
+                .collect();
+            let known = state.moto.prefix_lists(req, &named).await?;
+            if let Some(missing) = named.iter().find(|id| !known.contains(*id)) {
+                return Err(ApiError::bad_request(
+                    "InvalidPrefixListID.NotFound",
+                    format!("The prefix list ID '{missing}' does not exist"),
                 ));
             }
         }
@@ -332,6 +354,26 @@ pub fn rewrite(req: &Incoming) -> Option<Incoming> {
             }
             form.extend(missing);
         }
+        (
+            "ec2",
+            "AuthorizeSecurityGroupIngress"
+            | "AuthorizeSecurityGroupEgress"
+            | "RevokeSecurityGroupIngress"
+            | "RevokeSecurityGroupEgress",
+        ) => {
+            let mut changed = false;
+            for (k, v) in &mut form {
+                if k.starts_with("IpPermissions.") && k.ends_with(".CidrIpv6") {
+                    if let Some(stored) = stored_ipv6_cidr(v).filter(|s| s != v) {
+                        *v = stored;
+                        changed = true;
+                    }
+                }
+            }
+            if !changed {
+                return None;
+            }
+        }
         ("iam", "CreateRole" | "UpdateAssumeRolePolicy") => {
             let field = if req.operation == "CreateRole" {
                 "AssumeRolePolicyDocument"
@@ -390,6 +432,14 @@ fn stored_trust_policy(document: &str) -> Option<String> {
         }
     }
     changed.then(|| doc.to_string())
+}
+
+/// An IPv6 CIDR as EC2 writes it (the address in RFC 5952's form, as Rust's `Ipv6Addr`
+/// displays it); `None` for what is not one (moto refuses it as AWS does).
+fn stored_ipv6_cidr(cidr: &str) -> Option<String> {
+    let (ip, bits) = cidr.split_once('/')?;
+    let ip: std::net::Ipv6Addr = ip.parse().ok()?;
+    Some(format!("{ip}/{bits}"))
 }
 
 fn is_account_id(s: &str) -> bool {
