@@ -3,7 +3,10 @@
 //! the SSM agent's `sh -c FILE` under dash, IAM's propagation delays for trust principals and
 //! instance profiles, DescribeParameters filtering after paging, SendCommand refusing a whole
 //! call for one unmanaged instance and taking comments of at most 100 characters, invocations
-//! that time out on delivery, and load balancer attributes answered with AWS's defaults.
+//! that time out on delivery, load balancer attributes answered with AWS's defaults, commands
+//! over the document size, creates idempotent on their client tokens, a listing that shows a
+//! new instance late, and a deleted load balancer's network interfaces holding its security
+//! group.
 
 use std::time::{Duration, Instant};
 
@@ -398,6 +401,202 @@ async fn a_send_command_comment_over_100_characters_is_refused() {
         .unwrap()
         .contains("length less than or equal to 100"));
     assert!(send("c".repeat(100)).await.is_ok());
+}
+
+/// A command whose parameters are over the 64 KB a document may have is refused with
+/// `MaxDocumentSizeExceeded`, the one size limit AWS documents for Run Command.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_over_the_document_size_limit_is_refused() {
+    let aws = Aws::start();
+    let ids = launch(&aws, 1, "app").await;
+    let ssm = aws.ssm().await;
+    let send = |script: String| {
+        ssm.send_command()
+            .document_name("AWS-RunShellScript")
+            .set_instance_ids(Some(ids.clone()))
+            .parameters("commands", vec![script])
+            .send()
+    };
+    let err = send(format!("# {}", "x".repeat(64 * 1024)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("MaxDocumentSizeExceeded"));
+    assert_eq!(
+        err.message(),
+        Some("The size limit of a document is 64 KB.")
+    );
+    assert!(send(format!("# {}", "x".repeat(60 * 1024))).await.is_ok());
+}
+
+/// RunInstances is idempotent on its client token: a repeat answers the reservation the
+/// token made and launches nothing, with each instance in its state now, terminated included;
+/// the same token with other parameters is `IdempotentParameterMismatch`.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_instances_repeating_a_client_token_answers_its_instance_even_terminated() {
+    let aws = Aws::start();
+    let ec2 = aws.ec2().await;
+    let run = |token: &'static str, kind: InstanceType| {
+        ec2.run_instances()
+            .client_token(token)
+            .image_id(AMI)
+            .instance_type(kind)
+            .min_count(1)
+            .max_count(1)
+            .send()
+    };
+    let first = run("launch-1", InstanceType::T3Micro).await.unwrap();
+    let id = first.instances()[0].instance_id().unwrap().to_string();
+    let again = run("launch-1", InstanceType::T3Micro).await.unwrap();
+    assert_eq!(again.instances().len(), 1);
+    assert_eq!(again.instances()[0].instance_id(), Some(id.as_str()));
+    assert_eq!(again.reservation_id(), first.reservation_id());
+    let all = ec2.describe_instances().send().await.unwrap();
+    let count = all
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .count();
+    assert_eq!(count, 1, "nothing launched by the repeat");
+
+    ec2.terminate_instances()
+        .instance_ids(&id)
+        .send()
+        .await
+        .unwrap();
+    let after = run("launch-1", InstanceType::T3Micro).await.unwrap();
+    assert_eq!(after.instances()[0].instance_id(), Some(id.as_str()));
+    let state = after.instances()[0]
+        .state()
+        .unwrap()
+        .name()
+        .unwrap()
+        .as_str();
+    assert!(
+        matches!(state, "shutting-down" | "terminated"),
+        "answered in its state now: {state}"
+    );
+
+    let err = run("launch-1", InstanceType::T3Small).await.unwrap_err();
+    assert_eq!(err.code(), Some("IdempotentParameterMismatch"));
+    assert!(run("launch-2", InstanceType::T3Micro).await.is_ok());
+}
+
+/// AMP's CreateWorkspace is idempotent on its client token: a repeat answers the workspace
+/// the token made.
+#[tokio::test(flavor = "multi_thread")]
+async fn amp_create_workspace_repeating_a_client_token_makes_one_workspace() {
+    let aws = Aws::start();
+    let amp = aws.amp().await;
+    let create = || {
+        amp.create_workspace()
+            .alias("one")
+            .client_token("ws-1")
+            .send()
+    };
+    let first = create().await.unwrap();
+    let again = create().await.unwrap();
+    assert_eq!(again.workspace_id(), first.workspace_id());
+    let all = amp.list_workspaces().send().await.unwrap();
+    assert_eq!(all.workspaces().len(), 1, "{:?}", all.workspaces());
+}
+
+/// DescribeInstances is eventually consistent: an instance launched less than the listing
+/// lag ago is not in its answers yet, then is.
+#[tokio::test(flavor = "multi_thread")]
+async fn describe_instances_shows_a_new_instance_only_after_the_listing_lag() {
+    let aws = Aws::with(Settings {
+        listing_lag: Duration::from_secs(2),
+        ..Settings::default()
+    });
+    let ids = launch(&aws, 1, "app").await;
+    let ec2 = aws.ec2().await;
+    let listed = || async {
+        let out = ec2.describe_instances().send().await.unwrap();
+        out.reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .filter_map(|i| i.instance_id().map(str::to_string))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        listed().await.is_empty(),
+        "not listed right after the launch"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while listed().await.is_empty() {
+        assert!(Instant::now() < deadline, "never listed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(listed().await, ids);
+}
+
+/// A deleted load balancer's network interfaces outlive it for a while: DeleteSecurityGroup
+/// of its group fails with `DependencyViolation` ("resource sg-... has a dependent object")
+/// until they are released, then succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_load_balancer_holds_its_security_group_until_its_interfaces_go() {
+    let aws = Aws::with(Settings {
+        interface_release: Duration::from_secs(2),
+        ..Settings::default()
+    });
+    let ec2 = aws.ec2().await;
+    let subnets = ec2.describe_subnets().send().await.unwrap();
+    let subnets: Vec<String> = subnets
+        .subnets()
+        .iter()
+        .filter(|s| s.default_for_az() == Some(true))
+        .take(2)
+        .map(|s| s.subnet_id().unwrap().to_string())
+        .collect();
+    let group = ec2
+        .create_security_group()
+        .group_name("alb")
+        .description("alb")
+        .send()
+        .await
+        .unwrap()
+        .group_id()
+        .unwrap()
+        .to_string();
+    let elb = aws.elb().await;
+    let lb = elb
+        .create_load_balancer()
+        .name("held")
+        .set_subnets(Some(subnets))
+        .security_groups(&group)
+        .send()
+        .await
+        .unwrap();
+    let arn = lb.load_balancers()[0].load_balancer_arn().unwrap();
+    elb.delete_load_balancer()
+        .load_balancer_arn(arn)
+        .send()
+        .await
+        .unwrap();
+    let err = ec2
+        .delete_security_group()
+        .group_id(&group)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("DependencyViolation"));
+    assert!(
+        err.message()
+            .unwrap()
+            .starts_with(&format!("resource {group} has a dependent object")),
+        "{err:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match ec2.delete_security_group().group_id(&group).send().await {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e.code(), Some("DependencyViolation"));
+                assert!(Instant::now() < deadline, "never released");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
 }
 
 /// An invocation the agent never picks up ends `Delivery Timed Out`: not an error against

@@ -598,8 +598,13 @@ async fn grafana_from_empty_then_drift_corrected_and_a_template_change_rolled_ou
 
     // Removed from the desired state and pruned: everything of it is gone. The load
     // balancer's delete fails through all of the SDK's attempts in the pass that deletes the
-    // group, so the next pass must still look for it with no group left.
+    // group, so the next pass must still look for it with no group left. Once deleted, its
+    // network interfaces stay in its security group for three seconds, as on AWS: the
+    // group's delete waits for them within the same run.
     std::fs::remove_file(s.dir.path().join("grafana.toml")).unwrap();
+    s.aws
+        .emulator
+        .configure(|e| e.interface_release = std::time::Duration::from_secs(3));
     s.aws.emulator.inject(
         Fault::on(
             "elasticloadbalancing",
@@ -608,7 +613,15 @@ async fn grafana_from_empty_then_drift_corrected_and_a_template_change_rolled_ou
         )
         .times(5),
     );
-    s.run(&["reconcile", "--once", "--prune"]).expect(0);
+    let pruned = s.run(&["reconcile", "--once", "--prune"]);
+    pruned.expect(0);
+    assert!(
+        pruned
+            .stderr
+            .contains("has a dependent object (the network interfaces of a deleted load balancer)"),
+        "the group's delete met the interfaces:\n{}",
+        pruned.stderr
+    );
     let failed = s
         .aws
         .emulator

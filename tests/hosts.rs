@@ -688,6 +688,74 @@ async fn a_cold_run_waits_for_a_new_instance_profile_and_a_new_instance_to_propa
     f.plan().expect(0);
 }
 
+/// EC2's listings are eventually consistent: DescribeInstances leaves a new instance out for
+/// seconds after RunInstances. The passes of one `reconcile --once` that launch again meanwhile
+/// carry the first launch's client token, and EC2 answers the first instance: one instance is
+/// ever launched, none terminated. After a termination by hand the same token answers the
+/// terminated instance, and the replacement is launched with another.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_launch_repeated_while_the_listing_lags_answers_the_first_instance_and_a_stale_token_is_stepped_past(
+) {
+    let f = Fixture::with(Settings {
+        listing_lag: std::time::Duration::from_secs(5),
+        ..Settings::default()
+    });
+    let cold = f.reconcile();
+    cold.expect(0);
+    assert!(
+        cold.count("RunInstances") >= 2,
+        "a pass ran while the instance was not listed yet: {:?}",
+        cold.counts()
+    );
+    assert_eq!(cold.count("TerminateInstances"), 0, "{:?}", cold.counts());
+    let ec2 = f.aws.ec2().await;
+    let all = ec2
+        .describe_instances()
+        .filters(
+            Filter::builder()
+                .name("tag:stackwarden:id")
+                .values("host.prometheus")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let ever: Vec<_> = all
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .map(|i| {
+            (
+                i.instance_id().unwrap(),
+                i.state().unwrap().name().unwrap().as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(ever.len(), 1, "one instance ever launched: {ever:?}");
+    assert_eq!(ever[0].1, "running");
+    f.plan().expect(0);
+
+    // Terminated by hand: the replacement's request is the first launch's, and so is its
+    // token, which EC2 answers with the terminated instance. A second call, with a token of
+    // its own, launches the replacement (listed at once now, so one pass launches).
+    f.aws
+        .emulator
+        .configure(|s| s.listing_lag = std::time::Duration::ZERO);
+    let first = ever[0].0.to_string();
+    ec2.terminate_instances()
+        .instance_ids(&first)
+        .send()
+        .await
+        .unwrap();
+    let replaced = f.reconcile();
+    replaced.expect(0);
+    assert_eq!(replaced.count("RunInstances"), 2, "{:?}", replaced.counts());
+    let now = f.instances().await;
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_ne!(now[0].0, first);
+    assert_eq!(now[0].1, "running");
+}
+
 /// A Prometheus host made by Terraform, as the seed repository makes it (an instance in a
 /// security group of its own with 9090 open, a data volume at `/dev/sdf`, tags of its own),
 /// taken over by id: one `reconcile --once` launches, creates, terminates and moves nothing;

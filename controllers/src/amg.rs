@@ -682,19 +682,12 @@ impl ManagedObject for Workspace {
         refs: &Refs,
     ) -> Result<WorkspaceWant> {
         let s = node.spec.expect::<WorkspaceSpec>();
-        let token = {
-            use sha2::Digest;
-            let seed = format!(
-                "{}/{}/{}",
-                desired.stack_name(),
-                node.id,
-                desired.content_hash
-            );
-            format!(
-                "sw-{}",
-                &hex::encode(sha2::Sha256::digest(seed.as_bytes()))[..32]
-            )
-        };
+        let token = crate::managed::client_token(&[
+            desired.stack_name(),
+            &node.id.to_string(),
+            &desired.content_hash,
+            &crate::managed::token_hour(),
+        ]);
         Ok(WorkspaceWant {
             settings: desired_settings(desired, node, s, refs),
             providers: s

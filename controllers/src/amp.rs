@@ -476,6 +476,8 @@ pub struct WorkspaceWant {
     pub alias: String,
     pub kms_key_arn: Option<String>,
     pub tags: Tags,
+    /// The stack and node, for the create's client token.
+    pub owner: String,
 }
 
 #[derive(Debug, Clone)]
@@ -527,6 +529,7 @@ impl ManagedObject for Workspace {
                         .collect()
                 })
                 .unwrap_or_default(),
+            owner: format!("{}/{}", desired.stack_name(), node.id),
         })
     }
 
@@ -602,9 +605,18 @@ impl ManagedObject for Workspace {
     }
 
     async fn create(&self, ctx: &Context, want: &WorkspaceWant, tags: &Tags) -> Result<Outputs> {
+        // Tags are the request's too: the token changes with them.
+        let token = crate::managed::client_token(&[
+            &want.owner,
+            &want.alias,
+            want.kms_key_arn.as_deref().unwrap_or_default(),
+            &format!("{tags:?}"),
+            &crate::managed::token_hour(),
+        ]);
         let out = ctx
             .amp
             .create_workspace()
+            .client_token(token)
             .alias(&want.alias)
             .set_kms_key_arn(want.kms_key_arn.clone())
             .set_tags(Some(hash_map(tags)))

@@ -167,6 +167,8 @@ pub const PERMANENT_CODES: &[&str] = &[
     "InvalidRequest",
     "InvalidRequestException",
     "MissingParameter",
+    // A Run Command over the 64 KB a document may have.
+    "MaxDocumentSizeExceeded",
     "MalformedPolicyDocument",
     "MalformedPolicyDocumentException",
     "InvalidAMIID.Malformed",

@@ -309,6 +309,36 @@ fn deleted(noun: &str, id: &str, result: Result<()>) -> Result<()> {
     }
 }
 
+/// The client token of a create AWS makes idempotent (RunInstances, CreateVolume aside, the
+/// AMP and Managed Grafana workspaces): derived from what the request asks for, so the same
+/// request carries the same token. A create repeated because the pass's listing did not show
+/// the first one yet (AWS's listings are eventually consistent) then answers what the first
+/// made instead of making a second. `parts` name the object (stack and node) and everything
+/// the request sets: a changed request is a new token, never AWS's parameter mismatch.
+/// Valid wherever AWS takes one: 35 printable ASCII characters.
+pub fn client_token(parts: &[&str]) -> String {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    for part in parts {
+        hash.update(part.as_bytes());
+        hash.update([0]);
+    }
+    format!("sw-{}", &hex::encode(hash.finalize())[..32])
+}
+
+/// The hour a client token is made in, as a part of it for creates whose answer cannot tell
+/// a replay of a deleted object from a new one (the AMP and Managed Grafana workspaces): AWS
+/// documents no end to such a token, so a workspace deleted by hand and made again with the
+/// same request would be answered the deleted one. With the hour in the token, it is made
+/// again within the hour at worst, while the repeats a lagging listing causes (seconds apart)
+/// share their token.
+pub fn token_hour() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (now.as_secs() / 3600).to_string()
+}
+
 /// How long before looking again for an object an earlier run made that is not yet listed.
 const NOT_YET_LISTED: Duration = Duration::from_secs(2);
 

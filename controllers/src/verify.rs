@@ -318,7 +318,18 @@ impl Sent {
                         .first()
                         .and_then(|p| p.output())
                         .unwrap_or_default();
-                    for drift in findings(instance, &target.records, stdout_of(output)) {
+                    let mut stdout = stdout_of(output).to_string();
+                    if !covers(&stdout, &target.records) {
+                        // The listing keeps the first 2,500 characters of the output (its
+                        // `Output`); GetCommandInvocation keeps the first 24,000.
+                        stdout = full_stdout(ctx, command, instance).await?;
+                        if !covers(&stdout, &target.records) {
+                            verified.unverified.push(format!(
+                                "{instance} (its verify output is over the 24,000 characters Run Command keeps)"
+                            ));
+                        }
+                    }
+                    for drift in findings(instance, &target.records, &stdout) {
                         let record = target
                             .records
                             .iter()
@@ -404,6 +415,34 @@ async fn targets(ctx: &Context, stack: &str, records: &[Record]) -> Result<Vec<T
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
+}
+
+/// Whether a verify output has a whole line (ending in a newline) for each bundle of `held`:
+/// Run Command cuts an output at a length, so the lines of the last bundles can be missing.
+fn covers(stdout: &str, held: &[Record]) -> bool {
+    let named: BTreeSet<&str> = stdout
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.split([' ', '\n']).nth(1))
+        .collect();
+    held.iter().all(|r| named.contains(r.bundle.as_str()))
+}
+
+/// An instance's verify output as GetCommandInvocation answers it: its first 24,000
+/// characters, where the listing has 2,500.
+async fn full_stdout(ctx: &Context, command: &str, instance: &str) -> Result<String> {
+    let out = ctx
+        .ssm
+        .get_command_invocation()
+        .command_id(command)
+        .instance_id(instance)
+        .send()
+        .await
+        .map_err(aws_error("ssm", "GetCommandInvocation"))?;
+    Ok(out
+        .standard_output_content()
+        .unwrap_or_default()
+        .to_string())
 }
 
 /// The drift an instance's verify output reports for the bundles it holds (lines for bundles

@@ -13,9 +13,10 @@
 //!   again" ([`Error::Waiting`]), and the next pass takes the next step from what it observes
 //!   (launch; a type change stops the instance, then sets the type and starts it).
 //! - Every object is found by tag before anything is created, so a crash between two steps of
-//!   a launch leaves objects the next pass completes. Should a launch be repeated anyway (moto
-//!   ignores the RunInstances client token), the second instance is seen and terminated: the
-//!   one the data volumes are attached to is kept.
+//!   a launch leaves objects the next pass completes. A launch repeated because the listing
+//!   does not show the first instance yet carries the same client token, and EC2 answers the
+//!   first instance. Should a second instance exist anyway, it is seen and terminated: the one
+//!   the data volumes are attached to is kept.
 
 use std::collections::BTreeMap;
 
@@ -500,17 +501,67 @@ async fn volume_state(ctx: &Context, volume: &str) -> Result<String> {
 }
 
 /// Launches the instance; its volumes and config follow once it runs, in later passes.
+///
+/// The client token is derived from the request ([`crate::managed::client_token`]), so a
+/// launch repeated because DescribeInstances does not list the first instance yet answers
+/// that instance instead of launching a second. A token outlives its instance (EC2 keeps it
+/// at least a day after the termination): when the answer is an instance already terminated
+/// or terminating, the token is stale and the launch is made again with a token of its own.
 async fn launch(ctx: &Context, l: &Launch) -> Result<()> {
-    let ec2 = &ctx.ec2;
     let (subnet, _) = locate_subnet(ctx, l.subnet.as_deref()).await?;
     let ami = resolve_ami(ctx, &l.ami).await?;
-    let out = ec2
+    let request = format!(
+        "{ami}\n{}\n{subnet}\n{}\n{:?}\n{:?}\n{:?}\n{:?}",
+        l.instance_type, l.group, l.instance_profile, l.user_data, l.key_name, l.tags
+    );
+    // Each stale answer names an instance the next token must differ by.
+    let mut stale: Vec<String> = Vec::new();
+    let id = loop {
+        let mut parts = vec![request.as_str()];
+        parts.extend(stale.iter().map(String::as_str));
+        let token = crate::managed::client_token(&parts);
+        let (id, state) = run_instance(ctx, l, &ami, &subnet, &token).await?;
+        if !matches!(state.as_str(), "shutting-down" | "terminated") {
+            break id;
+        }
+        if stale.len() >= STALE_TOKENS {
+            return Err(Error::Invalid(format!(
+                "RunInstances answered terminated instances for {} client tokens in a row ({})",
+                stale.len() + 1,
+                stale.join(", ")
+            )));
+        }
+        tracing::info!(instance = %id, "client token answered a terminated instance: launching with another");
+        stale.push(id);
+    };
+    tracing::info!(instance = %id, "launched instance");
+    Err(Error::waiting(
+        format!("instance {id} launched; its data volumes and config follow once it runs"),
+        STATE_CHANGE,
+    ))
+}
+
+/// How many stale client tokens a launch steps past: one per instance of the same request
+/// terminated within the day EC2 keeps its token.
+const STALE_TOKENS: usize = 8;
+
+/// One RunInstances call: the instance it answers, with its state.
+async fn run_instance(
+    ctx: &Context,
+    l: &Launch,
+    ami: &str,
+    subnet: &str,
+    token: &str,
+) -> Result<(String, String)> {
+    let out = ctx
+        .ec2
         .run_instances()
+        .client_token(token)
         .image_id(ami)
         .instance_type(InstanceType::from(l.instance_type.as_str()))
         .min_count(1)
         .max_count(1)
-        .subnet_id(&subnet)
+        .subnet_id(subnet)
         .security_group_ids(&l.group)
         .set_iam_instance_profile(
             l.instance_profile
@@ -536,11 +587,12 @@ async fn launch(ctx: &Context, l: &Launch) -> Result<()> {
         .instances()
         .first()
         .ok_or_else(|| Error::Invalid("RunInstances returned no instance".into()))?;
-    let id = inst.instance_id().unwrap_or_default().to_string();
-    tracing::info!(instance = %id, "launched instance");
-    Err(Error::waiting(
-        format!("instance {id} launched; its data volumes and config follow once it runs"),
-        STATE_CHANGE,
+    Ok((
+        inst.instance_id().unwrap_or_default().to_string(),
+        inst.state()
+            .and_then(|s| s.name())
+            .map(|n| n.as_str().to_string())
+            .unwrap_or_default(),
     ))
 }
 

@@ -16,8 +16,10 @@ use std::collections::BTreeMap;
 use base64::Engine as _;
 use sha2::Digest;
 
-/// The emulator's and this tool's limit on the script sent in one command. AWS limits the size
-/// of a command's parameters too; a bundle over this is refused before anything is sent.
+/// The largest script sent in one command. AWS documents one limit that applies, the 64 KB of
+/// the document the agent runs (`MaxDocumentSizeExceeded`), of which the script is the
+/// `commands` parameter: 60 KiB leaves the rest of the document its room. A bundle over this
+/// is refused before anything is sent.
 pub const MAX_SCRIPT_BYTES: usize = 60 * 1024;
 
 /// Files for one host role, and how to check and apply them there.

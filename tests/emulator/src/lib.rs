@@ -19,6 +19,7 @@ mod admin;
 mod agent;
 mod alertmanager;
 mod authorize;
+mod consistency;
 mod faults;
 mod grafana;
 mod moto;
@@ -26,6 +27,7 @@ mod refresh;
 mod route;
 mod ssm;
 mod strict;
+mod tokens;
 mod wire;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -111,6 +113,14 @@ pub struct Settings {
     /// Instances whose invocations end `Delivery Timed Out` (the agent never picked the
     /// command up): status TimedOut, not counted against MaxErrors.
     pub undelivered: BTreeSet<String>,
+    /// How long after `RunInstances` DescribeInstances leaves the new instance out (the EC2
+    /// API is eventually consistent).
+    #[serde(with = "millis")]
+    pub listing_lag: Duration,
+    /// How long after `DeleteLoadBalancer` its network interfaces stay in its security
+    /// groups: `DeleteSecurityGroup` of one fails with `DependencyViolation` meanwhile.
+    #[serde(with = "millis")]
+    pub interface_release: Duration,
 
     /// Holds the calls signed with one access key to an IAM policy, evaluated as IAM does
     /// (`authorize.rs`): what it does not allow is refused with AWS's access-denied error.
@@ -133,6 +143,8 @@ impl Default for Settings {
             ssm_registration: Duration::ZERO,
             unmanaged: BTreeSet::new(),
             undelivered: BTreeSet::new(),
+            listing_lag: Duration::ZERO,
+            interface_release: Duration::ZERO,
             enforce: None,
         }
     }
@@ -176,9 +188,11 @@ pub(crate) struct State {
     pub(crate) ssm: ssm::RunCommand,
     pub(crate) refresh: Mutex<refresh::Store>,
     pub(crate) strict: Mutex<strict::Store>,
-    /// Held while a `CreateVolume` with a client token is served: a retry arriving while the
-    /// first attempt is still with moto waits for its answer instead of making a second volume.
-    pub(crate) volume_creates: tokio::sync::Mutex<()>,
+    pub(crate) tokens: Mutex<tokens::Store>,
+    pub(crate) consistency: Mutex<consistency::Store>,
+    /// Held while a create with a client token is served: a repeat arriving while the first
+    /// call is still with moto waits for its answer instead of making a second object.
+    pub(crate) token_creates: tokio::sync::Mutex<()>,
     pub(crate) faults: Mutex<faults::Faults>,
     pub(crate) calls: Mutex<Vec<Call>>,
 }
@@ -297,7 +311,9 @@ impl Emulator {
             ssm: ssm::RunCommand::default(),
             refresh: Mutex::default(),
             strict: Mutex::default(),
-            volume_creates: tokio::sync::Mutex::new(()),
+            tokens: Default::default(),
+            consistency: Default::default(),
+            token_creates: tokio::sync::Mutex::new(()),
             faults: Mutex::new(faults::Faults::new(config.settings.seed)),
             calls: Mutex::default(),
         });

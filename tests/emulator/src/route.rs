@@ -12,7 +12,7 @@ use http::{HeaderMap, HeaderValue, Method, Uri};
 use serde::Serialize;
 
 use crate::wire::{ApiError, Protocol};
-use crate::{agent, alertmanager, faults, grafana, lock, refresh, ssm, State};
+use crate::{agent, alertmanager, consistency, faults, grafana, lock, refresh, ssm, tokens, State};
 
 /// Requests larger than this are refused (the largest AWS request the operator sends is far
 /// smaller).
@@ -293,10 +293,11 @@ async fn dispatch(state: &Arc<State>, req: &Incoming) -> Response {
         ("ssm", op) if ssm::serves(op) => Some(ssm::handle(state, req).await),
         ("ssm", op) if agent::serves(op) => Some(agent::handle(state, req).await),
         ("autoscaling", op) if refresh::serves(op) => Some(refresh::handle(state, req).await),
+        _ if tokens::serves(req) => Some(tokens::handle(state, req).await),
+        ("ec2", "DescribeInstances") => consistency::describe_instances(state, req).await,
         ("elasticloadbalancing", "CreateLoadBalancer") => {
             crate::strict::create_load_balancer(state, req).await
         }
-        ("ec2", "CreateVolume") => crate::strict::create_volume(state, req).await,
         ("elasticloadbalancing", "DescribeLoadBalancerAttributes") => {
             Some(crate::strict::load_balancer_attributes(state, req).await)
         }

@@ -29,8 +29,10 @@ const MAX_COMMENT: usize = 100;
 /// The `sh` of Ubuntu and Debian hosts, where the SSM agent's `sh -c FILE` runs dash.
 const SHELL: &str = "dash";
 const PLUGIN: &str = "aws:runShellScript";
-/// The emulator's limit on the total size of a command's parameters. AWS refuses large
-/// commands too; the operator must stay under this or use another way to ship files.
+/// The size of a command's parameters the emulator takes. AWS documents no limit of its own
+/// for a command's parameters, but one for the document the agent runs, 64 KB
+/// (`MaxDocumentSizeExceeded`: "The size limit of a document is 64 KB."), which the commands
+/// are part of: the emulator refuses a larger command with that error.
 pub const MAX_PARAMETERS_BYTES: usize = 64 * 1024;
 /// Output kept per stream; what AWS returns is cut shorter still.
 const MAX_CAPTURE: usize = 1 << 20;
@@ -350,9 +352,10 @@ async fn send_command(
         .map(|(k, v)| k.len() + v.iter().map(String::len).sum::<usize>())
         .sum();
     if size > MAX_PARAMETERS_BYTES {
-        return Err(invalid(format!(
-            "the parameters of the command are {size} bytes, over the {MAX_PARAMETERS_BYTES}-byte limit"
-        )));
+        return Err(ApiError::bad_request(
+            "MaxDocumentSizeExceeded",
+            "The size limit of a document is 64 KB.",
+        ));
     }
     let execution_timeout = match parameters.get("executionTimeout").and_then(|v| v.first()) {
         None => 3600,

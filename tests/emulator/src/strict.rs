@@ -31,9 +31,6 @@
 //!   Balancer, and `DescribeLoadBalancers` says so; moto leaves the scheme out.
 //! - `DescribeLaunchTemplates` answers a template's tags as they are now (`CreateTags` and
 //!   `DeleteTags` on its `lt-` id included); moto answers the tags it was created with.
-//! - `CreateVolume` is idempotent on its `ClientToken`: a call repeating a token (an SDK retry
-//!   after a lost answer) answers the volume the token made, and makes no second one; moto
-//!   ignores the token.
 //! - `AttachVolume` at a device the instance already uses fails with `InvalidParameterValue`
 //!   ("Attachment point /dev/sdf is already in use"), and of a volume already attached with
 //!   `VolumeInUse`; moto replaces the instance's device mapping, leaving two volumes attached at
@@ -78,8 +75,6 @@ pub struct Store {
     /// Roles and users by ARN, when created: trust policies naming them wait for IAM.
     principals: BTreeMap<String, Instant>,
     instances: BTreeMap<String, Instant>,
-    /// `CreateVolume` answers by the client token they were made with.
-    volumes: BTreeMap<String, Vec<u8>>,
 }
 
 impl Store {
@@ -149,11 +144,17 @@ pub async fn check(state: &Arc<State>, req: &Incoming) -> Result<(), ApiError> {
                 ));
             }
         }
+        ("elasticloadbalancing", "DeleteLoadBalancer") => {
+            crate::consistency::deleting_balancer(state, req).await?;
+        }
         ("ec2", "DeleteSecurityGroup") => {
             let Some(group) = param(&req.form(), "GroupId") else {
                 return Ok(());
             };
-            let dependents = state.moto.group_dependents(req, &group).await?;
+            let mut dependents = state.moto.group_dependents(req, &group).await?;
+            if crate::consistency::interfaces_in(state, &group) {
+                dependents.push("the network interfaces of a deleted load balancer".into());
+            }
             if !dependents.is_empty() {
                 return Err(ApiError::bad_request(
                     "DependencyViolation",
@@ -685,33 +686,4 @@ pub async fn describe_launch_templates(
         .headers_mut()
         .remove(axum::http::header::CONTENT_LENGTH);
     Ok(response)
-}
-
-/// `CreateVolume` with a client token, idempotent as on AWS: a repeat of the token, even one
-/// arriving while the first is still being served, answers the volume the token made and makes
-/// no second one. `None` without a token: moto serves it.
-pub async fn create_volume(
-    state: &Arc<State>,
-    req: &Incoming,
-) -> Option<Result<Response, ApiError>> {
-    let token = param(&req.form(), "ClientToken")?;
-    let _one_at_a_time = state.volume_creates.lock().await;
-    let known = lock(&state.strict).volumes.get(&token).cloned();
-    if let Some(body) = known {
-        return Some(Ok((
-            [(axum::http::header::CONTENT_TYPE, "text/xml")],
-            Body::from(body),
-        )
-            .into_response()));
-    }
-    let response = match state.moto.forward(req).await {
-        Ok(r) => r,
-        Err(e) => return Some(Err(e)),
-    };
-    if response.status().is_success() {
-        lock(&state.strict)
-            .volumes
-            .insert(token, response.body().to_vec());
-    }
-    Some(Ok(response.map(Body::from).into_response()))
 }
