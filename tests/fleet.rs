@@ -192,6 +192,69 @@ async fn a_file_changed_on_a_host_is_found_by_verify_and_put_back_once() {
     stackwarden(Some(&aws.endpoint), &["plan", d]).expect(0);
 }
 
+/// Run Command keeps the first 2,500 characters of an output in ListCommandInvocations and
+/// the first 24,000 in GetCommandInvocation. A verify whose output is longer than the listing
+/// keeps (two bundles of thirty long paths, all changed) is read whole, so the drift of the
+/// bundle whose line comes last is found and put back too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_verify_output_longer_than_the_listing_keeps_is_read_whole() {
+    let sandboxes = tempfile::tempdir().unwrap();
+    let aws = Aws::with(Settings {
+        sandbox_dir: Some(sandboxes.path().to_path_buf()),
+        ..Settings::default()
+    });
+    let apps = launch(&aws, 1, "app").await;
+    let long = "a-directory-name-long-enough-that-thirty-paths-fill-the-listing";
+    let path = |bundle: &str, n: usize| format!("/etc/{bundle}/{long}/file-{n:02}.conf");
+    let mut toml = String::new();
+    let mut files = Vec::new();
+    for bundle in ["alpha", "beta"] {
+        let list: Vec<String> = (0..30)
+            .map(|n| {
+                files.push((format!("hosts/{bundle}-{n}.conf"), format!("{bundle} {n}\n")));
+                format!(
+                    "{{ path = \"{}\", source = \"hosts/{bundle}-{n}.conf\" }}",
+                    path(bundle, n)
+                )
+            })
+            .collect();
+        toml.push_str(&format!(
+            "[host_config.{bundle}]\ntargets = {{ Role = \"app\" }}\nfiles = [{}]\n\n",
+            list.join(", ")
+        ));
+    }
+    let mut all: Vec<(&str, &str)> = vec![("host_config.toml", toml.as_str())];
+    all.extend(files.iter().map(|(p, t)| (p.as_str(), t.as_str())));
+    let dir = stack_with(&all);
+    let d = path_str(dir.path());
+    stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]).expect(0);
+    let root = sandboxes.path().join(&apps[0]);
+    std::fs::remove_dir_all(root.join("etc")).unwrap();
+
+    let run = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", "--verify", d]);
+    run.expect(0);
+    for bundle in ["alpha", "beta"] {
+        assert!(
+            run.stderr.contains(&format!(
+                "changed: {} host_config.{bundle}: {}",
+                apps[0],
+                path(bundle, 0)
+            )),
+            "{bundle}: {}",
+            run.stderr
+        );
+        for n in 0..30 {
+            assert_eq!(
+                std::fs::read_to_string(root.join(&path(bundle, n)[1..])).unwrap(),
+                format!("{bundle} {n}\n"),
+                "put back"
+            );
+        }
+    }
+    assert_eq!(run.count("GetCommandInvocation"), 1, "{}", run.stderr);
+    assert_eq!(run.count("SendCommand"), 3, "the verify and one push each");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_file_its_validation_rejects_fails_with_the_hosts_output() {
     let sandboxes = tempfile::tempdir().unwrap();
