@@ -4,7 +4,8 @@
 //! instance profiles, DescribeParameters filtering after paging, SendCommand refusing a whole
 //! call for one unmanaged instance and taking comments of at most 100 characters, invocations
 //! that time out on delivery, load balancer attributes answered with AWS's defaults, commands
-//! over the document size, creates idempotent on their client tokens, a listing that shows a
+//! over the document size, commands to a stopped instance delayed until it runs, creates
+//! idempotent on their client tokens, a listing that shows a
 //! new instance late, and a deleted load balancer's network interfaces holding its security
 //! group.
 
@@ -597,6 +598,95 @@ async fn a_deleted_load_balancer_holds_its_security_group_until_its_interfaces_g
             }
         }
     }
+}
+
+/// SendCommand takes a stopped instance, as AWS does (its valid states are running, pending,
+/// stopping and stopped): the invocation is `Delayed` while the instance is stopped and runs
+/// once it is started again. A terminated instance fails the call with `InvalidInstanceId`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_to_a_stopped_instance_is_delayed_until_it_runs() {
+    let root = tempfile::tempdir().unwrap();
+    let aws = Aws::with(Settings {
+        shared_sandbox: Some(root.path().to_path_buf()),
+        ..Settings::default()
+    });
+    let ids = launch(&aws, 2, "app").await;
+    let ec2 = aws.ec2().await;
+    ec2.stop_instances()
+        .instance_ids(&ids[0])
+        .send()
+        .await
+        .unwrap();
+    let ssm = aws.ssm().await;
+    let sent = ssm
+        .send_command()
+        .document_name("AWS-RunShellScript")
+        .set_instance_ids(Some(ids.clone()))
+        .parameters("commands", vec!["echo ran".into()])
+        .send()
+        .await
+        .unwrap();
+    let command = sent.command().unwrap().command_id().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = invocation(&aws, &command, &ids[0]).await;
+        if out.status() == Some(&CommandInvocationStatus::Delayed) {
+            break;
+        }
+        assert_eq!(out.status(), Some(&CommandInvocationStatus::Pending));
+        assert!(Instant::now() < deadline, "never delayed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let others = invocation(&aws, &command, &ids[1]).await;
+    assert!(
+        matches!(
+            others.status(),
+            Some(CommandInvocationStatus::InProgress | CommandInvocationStatus::Success)
+        ),
+        "the running instance is not held: {:?}",
+        others.status()
+    );
+    let open = ssm
+        .list_commands()
+        .command_id(&command)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        open.commands()[0].status(),
+        Some(&CommandStatus::InProgress)
+    );
+
+    ec2.start_instances()
+        .instance_ids(&ids[0])
+        .send()
+        .await
+        .unwrap();
+    loop {
+        let out = invocation(&aws, &command, &ids[0]).await;
+        if out.status() == Some(&CommandInvocationStatus::Success) {
+            assert_eq!(out.standard_output_content(), Some("ran\n"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ran: {:?}", out.status());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    ec2.terminate_instances()
+        .instance_ids(&ids[1])
+        .send()
+        .await
+        .unwrap();
+    let err = ssm
+        .send_command()
+        .document_name("AWS-RunShellScript")
+        .set_instance_ids(Some(ids.clone()))
+        .parameters("commands", vec!["true".into()])
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some("InvalidInstanceId"));
+    assert!(err.message().unwrap().contains(&ids[1]), "{err:?}");
 }
 
 /// An invocation the agent never picks up ends `Delivery Timed Out`: not an error against

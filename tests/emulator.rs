@@ -1185,7 +1185,7 @@ async fn run_command_errors_and_unsandboxed_instances() {
     );
     assert_eq!(
         code(send("AWS-RunShellScript", ids.clone(), "#".repeat(70_000)).await),
-        "InvalidParameters"
+        "MaxDocumentSizeExceeded"
     );
     assert_eq!(
         code(

@@ -211,7 +211,10 @@ async fn a_verify_output_longer_than_the_listing_keeps_is_read_whole() {
     for bundle in ["alpha", "beta"] {
         let list: Vec<String> = (0..30)
             .map(|n| {
-                files.push((format!("hosts/{bundle}-{n}.conf"), format!("{bundle} {n}\n")));
+                files.push((
+                    format!("hosts/{bundle}-{n}.conf"),
+                    format!("{bundle} {n}\n"),
+                ));
                 format!(
                     "{{ path = \"{}\", source = \"hosts/{bundle}-{n}.conf\" }}",
                     path(bundle, n)

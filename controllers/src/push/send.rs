@@ -197,6 +197,13 @@ async fn send_batch(
     Ok(Sent::All)
 }
 
+/// How long SSM keeps trying to deliver a command to an instance that stopped after the pass
+/// saw it running (its invocation is `Delayed` meanwhile), SendCommand's `TimeoutSeconds`:
+/// then the invocation ends `Delivery Timed Out` and the push is sent again once the instance
+/// runs. Ten minutes, where AWS's default is an hour, so such a push does not hold its
+/// bundle's rollout for long.
+pub const DELIVERY_TIMEOUT_SECONDS: i32 = 600;
+
 /// One AWS-RunShellScript command, as pushes and verifies send it.
 pub(crate) struct Command<'a> {
     pub comment: String,
@@ -218,6 +225,7 @@ impl Command<'_> {
             .comment(&self.comment)
             .parameters("commands", vec![self.script.to_string()])
             .parameters("executionTimeout", vec![self.timeout.to_string()])
+            .timeout_seconds(DELIVERY_TIMEOUT_SECONDS)
             .max_concurrency(&self.controls.max_concurrency)
             .max_errors(&self.controls.max_errors)
             .send()

@@ -154,8 +154,18 @@ impl Moto {
         caller: &Incoming,
         filters: &[(String, Vec<String>)],
     ) -> Result<Vec<Instance>, ApiError> {
-        let running = ["running".to_string()];
-        let mut all: Vec<(&str, &[String])> = vec![("instance-state-name", &running)];
+        self.instances_in(caller, &["running"], filters).await
+    }
+
+    /// EC2 instances in one of `states`, optionally narrowed by EC2 filters (name, values).
+    pub(crate) async fn instances_in(
+        &self,
+        caller: &Incoming,
+        states: &[&str],
+        filters: &[(String, Vec<String>)],
+    ) -> Result<Vec<Instance>, ApiError> {
+        let states: Vec<String> = states.iter().map(|s| s.to_string()).collect();
+        let mut all: Vec<(&str, &[String])> = vec![("instance-state-name", &states)];
         all.extend(filters.iter().map(|(n, v)| (n.as_str(), v.as_slice())));
         let text = self
             .query(caller, "ec2", &ec2_query("DescribeInstances", &all))

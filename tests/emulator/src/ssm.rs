@@ -61,6 +61,9 @@ pub fn serves(operation: &str) -> bool {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Status {
     Pending,
+    /// The instance is stopped (or stopping, or still pending): the command waits for it to
+    /// run, until its delivery timeout (`TimeoutSeconds`).
+    Delayed,
     InProgress,
     Success,
     Failed,
@@ -78,6 +81,7 @@ impl Status {
     fn words(self) -> (&'static str, &'static str) {
         match self {
             Status::Pending => ("Pending", "Pending"),
+            Status::Delayed => ("Delayed", "Delayed"),
             Status::InProgress => ("InProgress", "InProgress"),
             Status::Success => ("Success", "Success"),
             Status::Failed => ("Failed", "Failed"),
@@ -89,7 +93,7 @@ impl Status {
     }
 
     fn terminal(self) -> bool {
-        !matches!(self, Status::Pending | Status::InProgress)
+        !matches!(self, Status::Pending | Status::Delayed | Status::InProgress)
     }
 
     fn error(self) -> bool {
@@ -369,6 +373,20 @@ async fn send_command(
                 ))
             })?,
     };
+    // How long an invocation waits for its instance to run: `TimeoutSeconds`, 30 s to 30
+    // days, an hour when not given.
+    let delivery_timeout = match body.get("TimeoutSeconds") {
+        None | Some(Value::Null) => 3600,
+        Some(t) => t
+            .as_u64()
+            .filter(|t| (30..=2_592_000).contains(t))
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    "ValidationException",
+                    format!("TimeoutSeconds {t} must be from 30 to 2592000"),
+                )
+            })?,
+    };
     let script = commands.join("\n");
     let working_directory = parameters
         .get("workingDirectory")
@@ -425,11 +443,17 @@ async fn send_command(
     })?;
 
     let instances = if !ids.is_empty() {
+        // AWS takes instances that are running, pending, stopping or stopped (the command
+        // waits for those not running) and refuses the whole call when any one instance is
+        // in none of these states or not managed.
         let found = state
             .moto
-            .running_instances(req, &[("instance-id".to_string(), ids.clone())])
+            .instances_in(
+                req,
+                &["pending", "running", "stopping", "stopped"],
+                &[("instance-id".to_string(), ids.clone())],
+            )
             .await?;
-        // AWS refuses the whole call when any one instance is not running or not managed.
         let not_managed = crate::agent::unmanaged(state, &ids);
         let missing: Vec<&String> = ids
             .iter()
@@ -443,7 +467,7 @@ async fn send_command(
                 .join(", ");
             return Err(ApiError::bad_request(
                 "InvalidInstanceId",
-                format!("Instances [[{list}]] not in a valid state for account 123456789012 (not running, or SSM does not manage them: no agent, or no instance role)"),
+                format!("Instances [[{list}]] not in a valid state for account 123456789012. Valid states are: Running, Pending, Stopped, Stopping. Invalid states are: Shutting-down and Terminated. (or SSM does not manage them: no agent, or no instance role)"),
             ));
         }
         // In the order given.
@@ -536,7 +560,9 @@ async fn send_command(
         script,
         working_directory,
         timeout: Duration::from_secs(execution_timeout),
+        delivery: Duration::from_secs(delivery_timeout),
         concurrency: concurrency.width(count),
+        caller: Incoming::internal(req, "ec2", "POST", "/", Default::default()),
     };
     tokio::spawn(drive(state.clone(), job));
     Ok(aws_json(answer))
@@ -584,7 +610,11 @@ struct Job {
     script: String,
     working_directory: Option<String>,
     timeout: Duration,
+    /// How long an invocation waits for its instance to run before it is Delivery Timed Out.
+    delivery: Duration,
     concurrency: usize,
+    /// Who sent the command: instance states are read from moto in its name.
+    caller: Incoming,
 }
 
 /// Sends a command to its targets, at most `concurrency` at a time, stopping once more than
@@ -611,8 +641,7 @@ async fn drive(state: Arc<State>, job: Job) {
                 inv.status = Status::Terminated;
                 return None;
             }
-            inv.status = Status::InProgress;
-            inv.started = Some(SystemTime::now());
+            // Pending until delivered ([`delivered`]).
             Some((inv.instance.clone(), inv.cancel.subscribe()))
         });
         let Some(Some((instance, cancel))) = start else {
@@ -621,7 +650,10 @@ async fn drive(state: Arc<State>, job: Job) {
         let state = state.clone();
         let job = job.clone();
         running.spawn(async move {
-            let outcome = run(&state, &job, &instance, cancel).await;
+            let outcome = match delivered(&state, &job, index, &instance).await {
+                Ok(()) => run(&state, &job, &instance, cancel).await,
+                Err(outcome) => outcome,
+            };
             state.ssm.with(&job.command, |c| {
                 let inv = &mut c.invocations[index];
                 inv.status = outcome.status;
@@ -634,6 +666,59 @@ async fn drive(state: Arc<State>, job: Job) {
         });
     }
     while running.join_next().await.is_some() {}
+}
+
+/// Waits for the instance to run, the invocation `Delayed` meanwhile: `Err` with the outcome
+/// when it does not run within the delivery timeout (or is gone).
+async fn delivered(state: &State, job: &Job, index: usize, instance: &str) -> Result<(), Outcome> {
+    let deadline = std::time::Instant::now() + job.delivery;
+    let only = [("instance-id".to_string(), vec![instance.to_string()])];
+    let cancelled = || Outcome {
+        status: Status::Cancelled,
+        code: -1,
+        stdout: String::new(),
+        stderr: String::new(),
+    };
+    loop {
+        let running = state.moto.running_instances(&job.caller, &only).await;
+        if running.as_ref().is_ok_and(|r| !r.is_empty()) {
+            break;
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(Outcome {
+                status: Status::DeliveryTimedOut,
+                code: -1,
+                stdout: String::new(),
+                stderr: String::new(),
+            });
+        }
+        // A cancel while delayed ends it.
+        let delayed = state.ssm.with(&job.command, |c| {
+            let inv = &mut c.invocations[index];
+            if inv.status == Status::Cancelled {
+                return false;
+            }
+            inv.status = Status::Delayed;
+            true
+        });
+        if delayed != Some(true) {
+            return Err(cancelled());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = state.ssm.with(&job.command, |c| {
+        let inv = &mut c.invocations[index];
+        if inv.status == Status::Cancelled {
+            return false;
+        }
+        inv.status = Status::InProgress;
+        inv.started = Some(SystemTime::now());
+        true
+    });
+    if started != Some(true) {
+        return Err(cancelled());
+    }
+    Ok(())
 }
 
 struct Outcome {
@@ -1052,7 +1137,7 @@ fn cancel(state: &State, body: &Value) -> Result<Response, ApiError> {
         .filter(|i| only.as_ref().is_none_or(|ids| ids.contains(&i.instance)))
     {
         match inv.status {
-            Status::Pending => {
+            Status::Pending | Status::Delayed => {
                 inv.status = Status::Cancelled;
                 inv.ended = Some(SystemTime::now());
             }
