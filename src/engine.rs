@@ -31,6 +31,9 @@ pub struct Engine {
     concurrency: usize,
     /// Asked right before every write: a daemon that lost its lease stops writing there.
     may_write: Option<WriteGate>,
+    /// Since when each resource has been refused as AWS refuses a call naming an object it has
+    /// not propagated yet ([`Error::Propagating`]), pass after pass.
+    propagating: std::sync::Mutex<BTreeMap<ResourceId, std::time::Instant>>,
 }
 
 pub type WriteGate = std::sync::Arc<dyn Fn() -> bool + Send + Sync>;
@@ -71,6 +74,10 @@ pub struct ResourceError {
     pub error: String,
     #[serde(skip)]
     pub retry_after: Option<std::time::Duration>,
+    /// A wait for AWS to propagate a new object ([`Error::Propagating`]), with what was
+    /// refused: bounded.
+    #[serde(skip)]
+    pub propagating: Option<String>,
 }
 
 impl ResourceError {
@@ -80,6 +87,10 @@ impl ResourceError {
             class: e.class(),
             error: e.to_string(),
             retry_after: e.retry_after(),
+            propagating: match e {
+                Error::Propagating { what } => Some(what.clone()),
+                _ => None,
+            },
         }
     }
 
@@ -165,6 +176,7 @@ impl Engine {
             ctx,
             concurrency: concurrency.max(1),
             may_write: None,
+            propagating: Default::default(),
         }
     }
 
@@ -210,14 +222,53 @@ impl Engine {
                 check,
             };
         }
-        let applied = self.apply(desired, &obs, prune).await;
-        let check = if applied.changes.is_empty() {
+        let mut applied = self.apply(desired, &obs, prune).await;
+        let mut check = if applied.changes.is_empty() {
             self.plan(desired, &obs, prune)
         } else {
-            let after = self.observe(desired, scope).await;
+            let after = self.observe(desired, scope.clone()).await;
             self.plan(desired, &after, prune)
         };
+        self.bound_propagation(&scope, &mut applied.errors, &mut check.errors);
         Pass { applied, check }
+    }
+
+    /// A propagation wait is bounded ([`stackwarden_controllers::controller::Waits::propagation`]):
+    /// AWS answers the same refusal for an object that does not exist at all (an instance
+    /// profile misspelt), which no wait mends. Refused for longer, it becomes an error, retried
+    /// with backoff, saying so.
+    fn bound_propagation(
+        &self,
+        scope: &Scope,
+        applied: &mut [ResourceError],
+        check: &mut [ResourceError],
+    ) {
+        let limit = self.ctx.waits.propagation;
+        let now = std::time::Instant::now();
+        let mut since = self.propagating.lock().unwrap_or_else(|e| e.into_inner());
+        let still: BTreeSet<ResourceId> = applied
+            .iter()
+            .chain(check.iter())
+            .filter(|e| e.propagating.is_some())
+            .map(|e| e.resource.clone())
+            .collect();
+        since.retain(|id, _| still.contains(id) || !scope.resources.contains(id));
+        for e in applied.iter_mut().chain(check.iter_mut()) {
+            let Some(what) = &e.propagating else {
+                continue;
+            };
+            let first = *since.entry(e.resource.clone()).or_insert(now);
+            if now.duration_since(first) < limit {
+                continue;
+            }
+            e.error = format!(
+                "{what}: refused for {}s, longer than AWS takes to propagate a new object: check that what it names exists",
+                now.duration_since(first).as_secs()
+            );
+            e.class = ErrorClass::Retryable;
+            e.retry_after = None;
+            e.propagating = None;
+        }
     }
 
     /// Reads what `scope` needs, all controllers at once: the controllers of its resources, of

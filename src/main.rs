@@ -242,6 +242,8 @@ fn engine_with(
     let waits = Waits {
         poll: env_interval("STACKWARDEN_POLL_INTERVAL")?.unwrap_or(Waits::default().poll),
         timeout: env_interval("STACKWARDEN_WAIT_TIMEOUT")?.unwrap_or(Waits::default().timeout),
+        propagation: env_interval("STACKWARDEN_PROPAGATION_TIMEOUT")?
+            .unwrap_or(Waits::default().propagation),
     };
     Ok(Engine::new(
         Context::new(sdk, vec![counter.interceptor()], waits),

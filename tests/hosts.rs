@@ -6,7 +6,7 @@
 use aws_sdk_ec2::types::Filter;
 use stackwarden_emulator::Settings;
 
-use crate::harness::{default_stack, edit, path_str, stackwarden, Aws};
+use crate::harness::{default_stack, edit, path_str, stackwarden, stackwarden_with, Aws};
 use crate::prometheus::Prometheus;
 
 const HOSTS: &str = r#"# The Prometheus host
@@ -686,6 +686,44 @@ async fn a_cold_run_waits_for_a_new_instance_profile_and_a_new_instance_to_propa
     let instances = f.instances().await;
     assert_eq!(instances.len(), 1, "{instances:?}");
     f.plan().expect(0);
+}
+
+/// A propagation wait is bounded: an instance profile RunInstances keeps refusing as it
+/// refuses a new one (here one that never propagates; on AWS, a name that exists nowhere) is
+/// waited for `STACKWARDEN_PROPAGATION_TIMEOUT`, then is an error naming the refusal, and the
+/// run exits 1 without launching anything.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refusal_that_outlasts_propagation_is_an_error() {
+    let f = Fixture::with(Settings {
+        profile_propagation: std::time::Duration::from_secs(3600),
+        ..Settings::default()
+    });
+    let run = stackwarden_with(
+        Some(&f.aws.endpoint),
+        &["reconcile", "--once", f.d()],
+        &[("STACKWARDEN_PROPAGATION_TIMEOUT", "3s")],
+    );
+    run.expect(1);
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.contains("refused for "))
+        .unwrap_or_else(|| panic!("{}\n{}", run.stdout, run.stderr));
+    assert!(
+        line.contains("host.prometheus")
+            && line.contains("ec2:RunInstances")
+            && line.contains("Invalid IAM Instance Profile name")
+            && line.contains(
+                "longer than AWS takes to propagate a new object: check that what it names exists"
+            ),
+        "{line}"
+    );
+    assert!(
+        run.count("RunInstances") >= 2,
+        "waited first: {:?}",
+        run.counts()
+    );
+    assert!(f.instances().await.is_empty());
 }
 
 /// EC2's listings are eventually consistent: DescribeInstances leaves a new instance out for

@@ -153,6 +153,10 @@ pub struct Waits {
     pub poll: Duration,
     /// How long to keep looking (`STACKWARDEN_WAIT_TIMEOUT`).
     pub timeout: Duration,
+    /// How long a refusal AWS also answers while a new object propagates
+    /// ([`crate::Error::Propagating`]) is waited for, in every mode: past it, it is an error,
+    /// retried with backoff (`STACKWARDEN_PROPAGATION_TIMEOUT`).
+    pub propagation: Duration,
 }
 
 impl Default for Waits {
@@ -160,6 +164,7 @@ impl Default for Waits {
         Waits {
             poll: Duration::from_secs(2),
             timeout: Duration::from_secs(600),
+            propagation: Duration::from_secs(300),
         }
     }
 }

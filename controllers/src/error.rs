@@ -62,6 +62,12 @@ pub enum Error {
     /// (a refresh started again) is seen without a change of the desired state.
     #[error("{0}")]
     Failed(String),
+    /// A call AWS refused as it refuses one naming an object it has not propagated yet
+    /// ([`EVENTUALLY_CONSISTENT`]): waited for like [`Error::Waiting`], for a bounded time
+    /// ([`crate::controller::Waits::propagation`]), since the same refusal also means the object
+    /// named does not exist at all.
+    #[error("waiting: {what} (a new object AWS is still propagating)")]
+    Propagating { what: String },
     /// Still converging, and known to be: look again after `after` (kube-runtime's
     /// `Action::requeue`). Returned instead of polling, so nothing else waits meanwhile.
     #[error("waiting: {what}")]
@@ -77,7 +83,7 @@ impl Error {
             Error::Aws { class, .. } => *class,
             Error::NotOwned(_) | Error::Invalid(_) => ErrorClass::Terminal,
             Error::Dependency(_) | Error::Skipped(_) | Error::Failed(_) => ErrorClass::Retryable,
-            Error::Waiting { .. } => ErrorClass::Waiting,
+            Error::Waiting { .. } | Error::Propagating { .. } => ErrorClass::Waiting,
         }
     }
 
@@ -93,6 +99,7 @@ impl Error {
     pub fn retry_after(&self) -> Option<std::time::Duration> {
         match self {
             Error::Waiting { after, .. } => Some(*after),
+            Error::Propagating { .. } => Some(PROPAGATION),
             _ => None,
         }
     }
@@ -118,7 +125,7 @@ impl Error {
             Error::Dependency(_) => "dependency",
             Error::Skipped(_) => "skipped",
             Error::Failed(_) => "failed",
-            Error::Waiting { .. } => "waiting",
+            Error::Waiting { .. } | Error::Propagating { .. } => "waiting",
         }
     }
 
@@ -329,12 +336,9 @@ where
         // A new object AWS has not propagated yet: the object is converging, not failing.
         if let (Some(c), Some(m)) = (err.code(), err.message()) {
             if propagating(c, m) {
-                return Error::waiting(
-                    format!(
-                        "{service}:{operation}: {message} (a new object AWS is still propagating)"
-                    ),
-                    PROPAGATION,
-                );
+                return Error::Propagating {
+                    what: format!("{service}:{operation}: {message}"),
+                };
             }
         }
         Error::Aws {
