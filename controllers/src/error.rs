@@ -242,8 +242,6 @@ pub const EVENTUALLY_CONSISTENT: &[(&str, &str)] = &[
     ("ValidationError", "cannot be assumed"),
     ("InvalidParameterValueException", "cannot be assumed"),
     ("ValidationException", "cannot be assumed"),
-    // SendCommand to an instance launched seconds ago, whose SSM agent has not registered.
-    ("InvalidInstanceId", ""),
 ];
 
 /// How long to wait before trying again a call that met AWS's eventual consistency.

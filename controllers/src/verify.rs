@@ -19,9 +19,7 @@ use crate::desired::{DesiredState, TAG_STACK};
 use crate::error::{aws_error, Result};
 use crate::model::Kind;
 pub use crate::push::send::RUNNING;
-use crate::push::send::{
-    commands_since, managed_of, stdout_of, tag, Command, Controls, Pending, BATCH,
-};
+use crate::push::send::{commands_since, stdout_of, tag, Command, Controls, Pending, BATCH};
 use crate::push::shell_quote;
 
 /// What a verify writes into an instance's record tag when the files of that bundle were
@@ -200,26 +198,12 @@ pub async fn start(ctx: &Context, desired: &DesiredState) -> Result<Verify> {
             timeout: "300",
             controls: &controls,
         };
-        let mut ids: Vec<String> = batch.iter().map(|t| t.id.clone()).collect();
-        let mut sent = command.send(ctx, &ids).await?;
-        if sent.is_none() {
-            // An instance SSM does not manage refuses the whole batch: the others are
-            // verified, it is reported as not verified.
-            let managed = managed_of(ctx, &ids).await?;
-            let (reachable, left_out): (Vec<String>, Vec<String>) =
-                ids.into_iter().partition(|i| managed.contains(i));
-            unreachable.extend(left_out);
-            ids = reachable;
-            sent = match ids.is_empty() {
-                true => None,
-                false => command.send(ctx, &ids).await?,
-            };
-            if sent.is_none() {
-                unreachable.append(&mut ids);
-            }
-        }
-        if let Some(id) = sent {
-            commands.push((id, ids));
+        let ids: Vec<String> = batch.iter().map(|t| t.id.clone()).collect();
+        // An instance SSM does not manage is reported as not verified; the others are.
+        let delivery = command.send_to_managed(ctx, &ids).await?;
+        unreachable.extend(delivery.left_out);
+        if let Some(id) = delivery.command {
+            commands.push((id, delivery.sent));
         }
     }
     tracing::info!(

@@ -110,25 +110,24 @@ async fn send(
         .unwrap_or_default();
     let mut left_out = Vec::new();
     let mut sent = 0;
+    let command = Command {
+        comment: comment(push),
+        script: &push.script,
+        timeout: "600",
+        controls,
+    };
     for batch in instances.chunks(BATCH) {
-        match send_batch(ctx, push, batch, controls, at).await? {
-            Sent::All => sent += batch.len(),
-            Sent::Refused => {
-                let managed = managed_of(ctx, batch).await?;
-                let (reachable, unreachable): (Vec<String>, Vec<String>) =
-                    batch.iter().cloned().partition(|i| managed.contains(i));
-                // The agent of one instance can drop out between the two calls: it waits
-                // with the others for the next pass.
-                if !reachable.is_empty()
-                    && send_batch(ctx, push, &reachable, controls, at).await? == Sent::All
-                {
-                    sent += reachable.len();
-                } else {
-                    left_out.extend(reachable);
-                }
-                left_out.extend(unreachable);
-            }
+        let delivery = command.send_to_managed(ctx, batch).await?;
+        if let Some(id) = delivery.command {
+            let pending = Pending {
+                hash: push.hash.clone(),
+                command: id,
+                at,
+            };
+            tag(ctx, &push.hash_tag(), &pending.to_string(), &delivery.sent).await?;
+            sent += delivery.sent.len();
         }
+        left_out.extend(delivery.left_out);
     }
     if sent > 0 {
         tracing::info!(
@@ -144,15 +143,6 @@ async fn send(
         format!("the {} push to {sent} instance(s) is running", push.name),
         RUNNING,
     ))
-}
-
-/// How one SendCommand went.
-#[derive(Debug, PartialEq)]
-enum Sent {
-    /// Every instance got the command, and carries its mark.
-    All,
-    /// Refused as a whole: an instance SSM does not manage (`InvalidInstanceId`).
-    Refused,
 }
 
 /// What identifies a push in Run Command's history: `stackwarden NAME sha256:...`, cut to the
@@ -171,31 +161,6 @@ pub fn comment(push: &Prepared) -> String {
 
 /// The longest `Comment` SendCommand takes.
 const MAX_COMMENT: usize = 100;
-
-async fn send_batch(
-    ctx: &Context,
-    push: &Prepared,
-    batch: &[String],
-    controls: &Controls,
-    at: u64,
-) -> Result<Sent> {
-    let command = Command {
-        comment: comment(push),
-        script: &push.script,
-        timeout: "600",
-        controls,
-    };
-    let Some(command) = command.send(ctx, batch).await? else {
-        return Ok(Sent::Refused);
-    };
-    let pending = Pending {
-        hash: push.hash.clone(),
-        command,
-        at,
-    };
-    tag(ctx, &push.hash_tag(), &pending.to_string(), batch).await?;
-    Ok(Sent::All)
-}
 
 /// How long SSM keeps trying to deliver a command to an instance that stopped after the pass
 /// saw it running (its invocation is `Delayed` meanwhile), SendCommand's `TimeoutSeconds`:
@@ -246,10 +211,54 @@ impl Command<'_> {
             Err(e) => Err(aws_error("ssm", "SendCommand")(e)),
         }
     }
+
+    /// [`Command::send`], splitting a batch SSM refuses as a whole (`InvalidInstanceId`: one
+    /// of them is not a managed instance) by what `DescribeInstanceInformation` knows: the
+    /// managed instances get the command, the others are left out. An agent that drops out
+    /// between the two calls leaves its batch out: it is sent to again by the next pass.
+    pub(crate) async fn send_to_managed(
+        &self,
+        ctx: &Context,
+        batch: &[String],
+    ) -> Result<Delivery> {
+        if let Some(command) = self.send(ctx, batch).await? {
+            return Ok(Delivery {
+                command: Some(command),
+                sent: batch.to_vec(),
+                left_out: Vec::new(),
+            });
+        }
+        let managed = managed_of(ctx, batch).await?;
+        let (mut reachable, mut left_out): (Vec<String>, Vec<String>) =
+            batch.iter().cloned().partition(|i| managed.contains(i));
+        let command = match reachable.is_empty() {
+            true => None,
+            false => self.send(ctx, &reachable).await?,
+        };
+        if command.is_none() {
+            left_out.append(&mut reachable);
+        }
+        Ok(Delivery {
+            command,
+            sent: reachable,
+            left_out,
+        })
+    }
+}
+
+/// Where one batch's command went.
+#[derive(Debug, Default)]
+pub(crate) struct Delivery {
+    /// The command's id, when one was sent.
+    pub command: Option<String>,
+    /// The instances it was sent to.
+    pub sent: Vec<String>,
+    /// The instances SSM does not manage (or that dropped out), sent nothing.
+    pub left_out: Vec<String>,
 }
 
 /// The instances of `batch` SSM manages now (`DescribeInstanceInformation`, every page).
-pub(crate) async fn managed_of(ctx: &Context, batch: &[String]) -> Result<BTreeSet<String>> {
+async fn managed_of(ctx: &Context, batch: &[String]) -> Result<BTreeSet<String>> {
     let filter = InstanceInformationStringFilter::builder()
         .key("InstanceIds")
         .set_values(Some(batch.to_vec()))
