@@ -255,6 +255,55 @@ async fn a_trust_policy_naming_a_new_role_is_malformed_until_it_propagates() {
     assert!(created.elapsed() >= Duration::from_millis(1500));
 }
 
+/// A trust policy naming a role or user of the account that does not exist is refused as a
+/// young one is, `MalformedPolicyDocument` ("Invalid principal in policy"); the account's root
+/// and another account's role are taken.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trust_policy_naming_a_role_that_does_not_exist_is_malformed() {
+    let aws = Aws::start();
+    let iam = aws.iam().await;
+    let trust = |principal: &str| {
+        format!(
+            r#"{{"Version":"2012-10-17","Statement":[{{"Effect":"Allow","Principal":{{"AWS":"{principal}"}},"Action":"sts:AssumeRole"}}]}}"#
+        )
+    };
+    for (n, missing) in [
+        "arn:aws:iam::123456789012:role/nobody",
+        "arn:aws:iam::123456789012:role/team/nobody",
+        "arn:aws:iam::123456789012:user/nobody",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let err = iam
+            .create_role()
+            .role_name(format!("refused-{n}"))
+            .assume_role_policy_document(trust(missing))
+            .send()
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("MalformedPolicyDocument"), "{missing}");
+        assert_eq!(
+            err.message().unwrap_or_default(),
+            format!("Invalid principal in policy: \"AWS\":\"{missing}\"")
+        );
+    }
+    for (n, taken) in [
+        "arn:aws:iam::123456789012:root",
+        "arn:aws:iam::210987654321:role/elsewhere",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        iam.create_role()
+            .role_name(format!("taken-{n}"))
+            .assume_role_policy_document(trust(taken))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{taken}: {e:?}"));
+    }
+}
+
 /// DescribeParameters pages through all parameters and filters each page: the one a filter
 /// names may come after empty pages that carry a NextToken.
 #[tokio::test(flavor = "multi_thread")]

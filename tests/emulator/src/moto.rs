@@ -193,6 +193,32 @@ impl Moto {
         Ok(instances)
     }
 
+    /// Whether an `AWS` principal a trust policy names exists, as IAM checks it: a role or
+    /// user of this account (`arn:aws:iam::123456789012:role/NAME`, with or without a path)
+    /// must exist; account roots, other accounts and other forms are taken.
+    pub(crate) async fn principal_exists(
+        &self,
+        caller: &Incoming,
+        arn: &str,
+    ) -> Result<bool, ApiError> {
+        let Some(resource) = arn.strip_prefix("arn:aws:iam::123456789012:") else {
+            return Ok(true);
+        };
+        let (action, key) = match resource.split_once('/') {
+            Some(("role", _)) => ("GetRole", "RoleName"),
+            Some(("user", _)) => ("GetUser", "UserName"),
+            _ => return Ok(true),
+        };
+        let name = resource.rsplit('/').next().unwrap_or_default();
+        let params = [("Action", action), ("Version", "2010-05-08"), (key, name)]
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+        let body: String = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(&params)
+            .finish();
+        let request = Incoming::internal(caller, "iam", "POST", "/", body.into());
+        Ok(self.forward(&request).await?.status().is_success())
+    }
+
     /// The instance profile (its name, or the last part of its ARN) that a launch template
     /// version names, given as Auto Scaling takes it: `LaunchTemplateId` or
     /// `LaunchTemplateName`, and a version (`$Default`, `$Latest` or a number).

@@ -18,7 +18,8 @@
 //!   IAM Instance Profile name"). For `principal_propagation` after `CreateRole` or
 //!   `CreateUser`, a trust policy (`CreateRole`, `UpdateAssumeRolePolicy`) naming the new ARN
 //!   as an `AWS` principal fails with `MalformedPolicyDocument` ("Invalid principal in
-//!   policy: "AWS":"arn:...""), as IAM answers until the principal has propagated.
+//!   policy: "AWS":"arn:...""), as IAM answers until the principal has propagated, and for a
+//!   role or user of the account that does not exist at all.
 //! - `CreateLoadBalancer` is idempotent on AWS: with the name and settings (scheme, type,
 //!   subnets, security groups) of a load balancer that exists it answers that load balancer,
 //!   with other settings `DuplicateLoadBalancerName`; moto makes a second load balancer of the
@@ -198,13 +199,28 @@ pub async fn check(state: &Arc<State>, req: &Incoming) -> Result<(), ApiError> {
                 return Ok(());
             };
             let young = state.settings().principal_propagation;
-            let store = lock(&state.strict);
-            let unknown = principal_arns(&document).into_iter().find(|arn| {
-                store
-                    .principals
-                    .get(arn)
-                    .is_some_and(|t| t.elapsed() < young)
-            });
+            let named = principal_arns(&document);
+            let mut unknown = {
+                let store = lock(&state.strict);
+                named
+                    .iter()
+                    .find(|arn| {
+                        store
+                            .principals
+                            .get(*arn)
+                            .is_some_and(|t| t.elapsed() < young)
+                    })
+                    .cloned()
+            };
+            // A role or user of the account that does not exist is refused alike.
+            for arn in &named {
+                if unknown.is_some() {
+                    break;
+                }
+                if !state.moto.principal_exists(req, arn).await? {
+                    unknown = Some(arn.clone());
+                }
+            }
             if let Some(arn) = unknown {
                 return Err(ApiError::bad_request(
                     "MalformedPolicyDocument",
