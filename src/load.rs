@@ -167,12 +167,15 @@ pub fn load(dir: &Path) -> Result<DesiredState, Vec<Diagnostic>> {
     let mut desired = DesiredState {
         dir: dir.to_path_buf(),
         stack,
+        stack_file: Some(stack_origin.file.clone()),
         resources,
         content_hash: content_hash(dir),
     };
     for kind in Kind::all() {
         kind.check_whole(&mut desired, &mut diags);
     }
+    // After every kind's links: a host's tag count includes the host_configs targeting it.
+    stackwarden_controllers::desired::check_tagging(&desired, &mut diags);
     check_cycles(&desired.resources, &mut diags);
     if diags.is_empty() {
         Ok(desired)
@@ -648,6 +651,34 @@ mod tests {
             .collect();
         let at = |id: &str| order.iter().position(|o| o == id).unwrap();
         assert!(at("host.loki") < at("host_config.promtail"));
+    }
+
+    /// A host's instance carries the record tag of each host_config targeting it: with the
+    /// stack's 47 tags, `Name` and the ownership tags it is at AWS's 50, and one host_config
+    /// more is one tag too many, reported at the stack's tags (the host has none of its own).
+    #[test]
+    fn host_configs_targeting_a_host_count_towards_its_fifty_tags() {
+        let tags: Vec<String> = (0..47).map(|i| format!("t{i:02} = \"x\"")).collect();
+        let stack = format!(
+            "[stack]\nname = \"s\"\ntags = {{ {} }}\n\n[host.p]\nami = \"ami-1\"\ninstance_type = \"t3.small\"\n",
+            tags.join(", ")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("stack.toml"), &stack).unwrap();
+        assert!(load(dir.path()).is_ok());
+        std::fs::write(dir.path().join("a.conf"), "x").unwrap();
+        std::fs::write(
+            dir.path().join("configs.toml"),
+            "[host_config.agent]\ntargets = { Name = \"s-p\" }\nfiles = [{ path = \"/etc/a.conf\", source = \"a.conf\" }]\n",
+        )
+        .unwrap();
+        let errors: Vec<String> = load(dir.path())
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("stack.toml:3:8: host.p: its objects would carry 51 tags, 47 of the stack and the table and 4 that stackwarden adds (`Name`, `stackwarden:s:host_config.agent`, `stackwarden:stack`, `stackwarden:id`)"), "{errors:?}");
     }
 
     /// Copies a directory tree.

@@ -37,7 +37,9 @@ use toml::Spanned;
 
 use crate::change::FieldChange;
 use crate::controller::Context;
-use crate::desired::{check_tags, DesiredState, KindSpec, Resource, Spec, Validator, TAG_STACK};
+use crate::desired::{
+    check_tags, DesiredState, KindSpec, Resource, Spec, Tagging, Validator, TAG_STACK,
+};
 use crate::error::{aws_error, Error, Result};
 use crate::kind::{schema, Form, Kind, KindDef};
 use crate::managed::{usable_parent, Describe, Managed, ManagedObject, Readiness};
@@ -139,6 +141,14 @@ const DEFAULT_PERMISSION_TYPE: &str = "SERVICE_MANAGED";
 const DEFAULT_ACCOUNT_ACCESS: &str = "CURRENT_ACCOUNT";
 
 impl KindSpec for WorkspaceSpec {
+    fn tagging(&self, _: &DesiredState, _: &ResourceId) -> Option<Tagging<'_>> {
+        Some(Tagging {
+            own: self.tags.as_ref(),
+            added: Vec::new(),
+            ec2: false,
+        })
+    }
+
     /// The workspace node keeps every reference of the table; its permissions depend on it.
     fn parts(&self, workspace: &Resource) -> Option<(Vec<Resource>, BTreeSet<ResourceId>)> {
         Some((self.part_nodes(workspace), workspace.depends_on.clone()))

@@ -44,7 +44,9 @@ use toml::Spanned;
 
 use crate::change::FieldChange;
 use crate::controller::Context;
-use crate::desired::{check_tags, DesiredState, KindSpec, Resource, Spec, Validator, TAG_STACK};
+use crate::desired::{
+    check_tags, DesiredState, KindSpec, Resource, Spec, Tagging, Validator, TAG_STACK,
+};
 use crate::error::{aws_error, Error, Result};
 use crate::kind::{schema, Form, Kind, KindDef};
 use crate::managed::{usable_parent, Describe, Managed, ManagedObject, Readiness, LOOK_AGAIN};
@@ -166,6 +168,19 @@ fn valid_namespace(name: &str) -> bool {
 }
 
 impl KindSpec for WorkspaceSpec {
+    /// The workspace records the hash of its alertmanager definition in a tag of its own.
+    fn tagging(&self, _: &DesiredState, _: &ResourceId) -> Option<Tagging<'_>> {
+        Some(Tagging {
+            own: self.tags.as_ref(),
+            added: self
+                .alertmanager
+                .iter()
+                .map(|_| TAG_ALERTMANAGER.to_string())
+                .collect(),
+            ec2: false,
+        })
+    }
+
     /// The workspace node references what its own values name; each part depends on the
     /// workspace node (and on what its own values reference).
     fn parts(&self, workspace: &Resource) -> Option<(Vec<Resource>, BTreeSet<ResourceId>)> {

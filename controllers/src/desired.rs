@@ -143,6 +143,12 @@ pub trait KindSpec: std::any::Any + std::fmt::Debug + Send + Sync {
     fn adopts_an_instance(&self) -> bool {
         false
     }
+
+    /// The tags of the most tagged AWS object the table makes, for the checks of
+    /// [`check_tagging`]; `None` for a part (its table answers for it) or an untagged kind.
+    fn tagging(&self, _desired: &DesiredState, _id: &ResourceId) -> Option<Tagging<'_>> {
+        None
+    }
 }
 
 impl Spec {
@@ -186,6 +192,10 @@ impl Spec {
 
     pub fn adopts_an_instance(&self) -> bool {
         self.0.adopts_an_instance()
+    }
+
+    pub fn tagging(&self, desired: &DesiredState, id: &ResourceId) -> Option<Tagging<'_>> {
+        self.0.tagging(desired, id)
     }
 }
 
@@ -234,6 +244,8 @@ fn debug_hash(value: &impl std::fmt::Debug) -> u64 {
 pub struct DesiredState {
     pub dir: PathBuf,
     pub stack: StackSpec,
+    /// The file `[stack]` is written in, for errors at its values (the stack name, its tags).
+    pub stack_file: Option<Arc<SourceFile>>,
     pub resources: BTreeMap<ResourceId, Resource>,
     /// Content hash of every file read (the GitOps generation when the directory is no checkout).
     pub content_hash: String,
@@ -262,6 +274,21 @@ impl DesiredState {
     pub fn specs<T: KindSpec>(&self, kind: Kind) -> impl Iterator<Item = (&Resource, &T)> {
         self.of_kind(kind)
             .filter_map(|r| r.spec.get::<T>().map(|s| (r, s)))
+    }
+
+    /// Reports a problem at a value of `[stack]` (its span in the stack's file), or at `r`
+    /// when the stack's file is unknown (a desired state built in memory).
+    pub fn error_at_stack(
+        &self,
+        diags: &mut Diagnostics,
+        span: std::ops::Range<usize>,
+        r: &Resource,
+        message: impl Into<String>,
+    ) {
+        match &self.stack_file {
+            Some(file) => diags.at(file, span.start, message),
+            None => diags.at_origin(&r.origin, message),
+        }
     }
 
     /// The AWS name of a resource that has no explicit name: `<stack>-<name>`.
@@ -464,14 +491,44 @@ pub fn check_duration(
     }
 }
 
-/// Checks AWS tag limits: keys 1..=128, values 0..=256, `aws:` reserved.
+/// Checks AWS tag limits ([`tag_problems`]).
 pub fn check_tags(v: &mut Validator<'_>, tags: &Spanned<BTreeMap<String, String>>) {
     for problem in tag_problems(tags.get_ref()) {
         v.error(&tags.span(), problem);
     }
 }
 
-/// What is wrong with a set of tags, by AWS's limits and the keys stackwarden reserves.
+/// Tags one AWS object carries at most, `aws:` tags apart ("Tagging AWS resources": 50 user
+/// tags per resource; the same in the EC2, IAM, ELB, AMP and Managed Grafana references).
+/// The ownership and bookkeeping tags stackwarden adds count: to AWS they are user tags.
+pub const MAX_TAGS: usize = 50;
+
+/// Tag keys on EC2 objects (instances, volumes, security groups, launch templates): the EC2 API
+/// reference's `Tag` takes keys of at most 127 Unicode characters, one fewer than the 128 of
+/// IAM, ELB, AMP and Managed Grafana.
+pub const MAX_EC2_TAG_KEY: usize = 127;
+
+/// Whether AWS takes a character in a tag key or value: the pattern of the IAM, ELB and AMP
+/// references, `[\p{L}\p{Z}\p{N}_.:/=+\-@]` (letters, separators such as spaces, and numbers
+/// of any script, and `_ . : / = + - @`). EC2 alone takes any character, but the stack's tags
+/// go on every object, so one set holds for all.
+fn is_tag_char(c: char) -> bool {
+    c.is_alphanumeric() || is_separator(c) || "_.:/=+-@".contains(c)
+}
+
+/// Unicode's separators (`\p{Z}`: space separators, U+2028 and U+2029). Tabs and newlines
+/// are control characters, not separators, and AWS refuses them.
+fn is_separator(c: char) -> bool {
+    matches!(
+        c,
+        ' ' | '\u{a0}' | '\u{1680}' | '\u{2000}'
+            ..='\u{200a}' | '\u{2028}' | '\u{2029}' | '\u{202f}' | '\u{205f}' | '\u{3000}'
+    )
+}
+
+/// What is wrong with a set of tags, by the limits every service stackwarden tags shares
+/// (keys 1 to 128 characters, values at most 256, AWS's characters only, `aws:` reserved in
+/// any case) and the keys stackwarden reserves (`stackwarden:`).
 pub fn tag_problems(tags: &BTreeMap<String, String>) -> Vec<String> {
     let mut problems = Vec::new();
     for (k, val) in tags {
@@ -484,8 +541,87 @@ pub fn tag_problems(tags: &BTreeMap<String, String>) -> Vec<String> {
         if k.to_ascii_lowercase().starts_with("aws:") || k.starts_with("stackwarden:") {
             problems.push(format!("tag key `{k}` is reserved"));
         }
+        for (what, text) in [("key", k), ("value", val)] {
+            if let Some(c) = text.chars().find(|c| !is_tag_char(*c)) {
+                problems.push(format!(
+                    "tag `{k}`: its {what} holds {c:?}, and AWS takes only letters, digits, spaces and `_ . : / = + - @` in tags"
+                ));
+            }
+        }
     }
     problems
+}
+
+/// The tags of a table's most tagged AWS object, as [`KindSpec::tagging`] describes them.
+pub struct Tagging<'a> {
+    /// The table's own `tags`.
+    pub own: Option<&'a Spanned<BTreeMap<String, String>>>,
+    /// The keys stackwarden adds besides the ownership tags (`Name`, a pushed bundle's hash).
+    pub added: Vec<String>,
+    /// Whether the tags go on EC2 objects, which take shorter keys ([`MAX_EC2_TAG_KEY`]).
+    pub ec2: bool,
+}
+
+/// Checks what only the whole desired state tells: that no object would carry more than
+/// [`MAX_TAGS`] tags (the stack's, the table's own, and what stackwarden adds), and that the
+/// tags going on EC2 objects have keys EC2 takes. Reported at the table's `tags` (or the
+/// stack's, when the table has none).
+pub fn check_tagging(desired: &DesiredState, diags: &mut Diagnostics) {
+    let stack_tags = desired.stack.tags();
+    let stack_at =
+        |diags: &mut Diagnostics, r: &Resource, message: String| match &desired.stack.tags {
+            Some(t) => desired.error_at_stack(diags, t.span(), r, message),
+            None => diags.at_origin(&r.origin, message),
+        };
+    for r in desired.resources.values() {
+        let Some(t) = r.spec.tagging(desired, &r.id) else {
+            continue;
+        };
+        let own = t.own.map(|o| o.get_ref().clone()).unwrap_or_default();
+        let mut keys: BTreeSet<&str> = stack_tags.keys().map(String::as_str).collect();
+        keys.extend(own.keys().map(String::as_str));
+        let users = keys.len();
+        keys.extend(t.added.iter().map(String::as_str));
+        keys.extend([TAG_STACK, TAG_ID]);
+        if keys.len() > MAX_TAGS {
+            let added: Vec<String> = t
+                .added
+                .iter()
+                .map(String::as_str)
+                .chain([TAG_STACK, TAG_ID])
+                .filter(|k| !own.contains_key(*k) && !stack_tags.contains_key(*k))
+                .map(|k| format!("`{k}`"))
+                .collect();
+            let message = format!(
+                "{}: its objects would carry {} tags, {users} of the stack and the table and {} that stackwarden adds ({}); AWS allows at most {MAX_TAGS} per resource",
+                r.id,
+                keys.len(),
+                added.len(),
+                added.join(", ")
+            );
+            match t.own {
+                Some(o) => diags.at(&r.origin.file, o.span().start, message),
+                None => stack_at(diags, r, message),
+            }
+        }
+        if !t.ec2 {
+            continue;
+        }
+        let long = |k: &String| k.chars().count() > MAX_EC2_TAG_KEY && k.chars().count() <= 128;
+        let message = |k: &str| {
+            format!(
+                "tag key `{k}` is {} characters, and EC2 takes at most {MAX_EC2_TAG_KEY} (its instances, volumes, security groups and launch templates carry these tags)",
+                k.chars().count()
+            )
+        };
+        for k in own.keys().filter(|k| long(k)) {
+            let at = t.own.map_or(r.origin.span.start, |o| o.span().start);
+            diags.at(&r.origin.file, at, message(k));
+        }
+        for k in stack_tags.keys().filter(|k| long(k)) {
+            stack_at(diags, r, message(k));
+        }
+    }
 }
 
 /// `a.b.c.d/n` with each part in range.
@@ -551,6 +687,30 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn tags_take_the_characters_aws_takes_in_any_script() {
+        let ok = BTreeMap::from([
+            ("team".to_string(), "sre".to_string()),
+            ("cost center".into(), "a_b.c:d/e=f+g-h@i".into()),
+            ("équipe".into(), "運用 2".into()),
+            ("empty".into(), String::new()),
+        ]);
+        assert_eq!(tag_problems(&ok), Vec::<String>::new());
+        for (k, v, bad) in [
+            ("team!", "sre", "key holds '!'"),
+            ("team", "a,b", "value holds ','"),
+            ("team", "tab\there", "value holds '\\t'"),
+            ("team", "line\n", "value holds '\\n'"),
+        ] {
+            let problems = tag_problems(&BTreeMap::from([(k.to_string(), v.to_string())]));
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(problems[0].contains(bad), "{problems:?}");
+            assert!(problems[0].contains("`_ . : / = + - @`"), "{problems:?}");
+        }
+        let reserved = tag_problems(&BTreeMap::from([("AWS:team".into(), "x".into())]));
+        assert_eq!(reserved, ["tag key `AWS:team` is reserved"]);
     }
 
     #[test]

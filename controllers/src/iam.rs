@@ -27,13 +27,13 @@ use toml::Spanned;
 use crate::change::FieldChange;
 use crate::controller::Context;
 use crate::desired::{
-    check_duration, check_tags, DesiredState, FileRef, KindSpec, Resource, Validator,
+    check_duration, check_tags, DesiredState, FileRef, KindSpec, Resource, Tagging, Validator,
 };
 use crate::diag::Diagnostics;
 use crate::error::{aws_error, Error, Result};
 use crate::kind::{schema, Form, Kind, KindDef};
 use crate::managed::{is_gone, Describe, Managed, ManagedObject};
-use crate::model::{Outputs, Refs, KNOWN_AFTER_APPLY};
+use crate::model::{Outputs, Refs, ResourceId, KNOWN_AFTER_APPLY};
 use crate::policy;
 use crate::tags::{owner_id, Tags};
 
@@ -215,6 +215,14 @@ fn load_policy(v: &mut Validator<'_>, path: &Spanned<String>) -> Option<Value> {
 }
 
 impl KindSpec for RoleSpec {
+    fn tagging(&self, _: &DesiredState, _: &ResourceId) -> Option<Tagging<'_>> {
+        Some(Tagging {
+            own: self.tags.as_ref(),
+            added: Vec::new(),
+            ec2: false,
+        })
+    }
+
     fn validate(&mut self, v: &mut Validator<'_>) {
         check_iam_name(v, &self.name, 64);
         check_path(v, &self.path);
@@ -273,6 +281,14 @@ fn principals_trust(t: &TrustSpec) -> Value {
 }
 
 impl KindSpec for PolicySpec {
+    fn tagging(&self, _: &DesiredState, _: &ResourceId) -> Option<Tagging<'_>> {
+        Some(Tagging {
+            own: self.tags.as_ref(),
+            added: Vec::new(),
+            ec2: false,
+        })
+    }
+
     fn validate(&mut self, v: &mut Validator<'_>) {
         check_iam_name(v, &self.name, 128);
         check_path(v, &self.path);
@@ -284,6 +300,14 @@ impl KindSpec for PolicySpec {
 }
 
 impl KindSpec for InstanceProfileSpec {
+    fn tagging(&self, _: &DesiredState, _: &ResourceId) -> Option<Tagging<'_>> {
+        Some(Tagging {
+            own: self.tags.as_ref(),
+            added: Vec::new(),
+            ec2: false,
+        })
+    }
+
     fn validate(&mut self, v: &mut Validator<'_>) {
         check_iam_name(v, &self.name, 128);
         check_path(v, &self.path);

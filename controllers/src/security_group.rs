@@ -27,6 +27,7 @@ use crate::controller::Context;
 use crate::desired::{
     ipv6_network, is_ipv4_cidr, DesiredState, Resource, Spec, Validator, TAG_STACK,
 };
+use crate::diag::Diagnostics;
 use crate::ec2::{locate_subnet, remove_tags, set_tags, tag_map, tag_spec};
 use crate::error::{aws_error, Result};
 use crate::managed::{Describe, ManagedObject};
@@ -35,6 +36,43 @@ use crate::tags::{owned_by, owner_id, Tags};
 
 /// Tag on the Grafana groups made before groups were nodes: which of the two a group is.
 pub const TAG_ROLE: &str = "stackwarden:role";
+
+/// What EC2 refuses a security group name to begin with (CreateSecurityGroup, `GroupName`:
+/// "Can't start with sg-"; the error is `InvalidParameterValue`, "Group names may not be in
+/// the format sg-*").
+const RESERVED_GROUP_PREFIX: &str = "sg-";
+
+/// The name of a table's security group: `<stack>-<table>`, and `-<key>` for one of several
+/// (a Grafana group's `alb` and `instances`).
+pub fn group_name(desired: &DesiredState, id: &ResourceId) -> String {
+    let table = desired.default_name(&id.composite());
+    match &id.key {
+        Some(key) => format!("{table}-{key}"),
+        None => table,
+    }
+}
+
+/// A security group kind's whole-state check: no group it makes is named as EC2 refuses.
+/// Every name begins with the stack's, so the stack's name (`sg`, `sg-...`) is the cause, and
+/// the error is there; an adopted group keeps its name and is not checked.
+pub fn check_group_names(kind: Kind, desired: &mut DesiredState, diags: &mut Diagnostics) {
+    let stack = desired.stack_name();
+    let Some(r) = desired
+        .of_kind(kind)
+        .filter(|r| r.adopt.is_none())
+        .find(|r| group_name(desired, &r.id).starts_with(RESERVED_GROUP_PREFIX))
+    else {
+        return;
+    };
+    desired.error_at_stack(
+        diags,
+        desired.stack.name.span(),
+        r,
+        format!(
+            "stack name `{stack}`: its security groups would be named `{stack}-...`, and EC2 refuses group names beginning with `{RESERVED_GROUP_PREFIX}` (CreateSecurityGroup: \"Group names may not be in the format sg-*\"); rename the stack"
+        ),
+    );
+}
 
 // ---------------------------------------------------------------------------------------------
 // Schema
@@ -479,11 +517,7 @@ impl<T: Table> ManagedObject for SecurityGroup<T> {
 
     fn desired(&self, desired: &DesiredState, node: &Resource, refs: &Refs) -> Result<GroupWant> {
         let s = node.spec.expect::<GroupPart>();
-        let table = desired.default_name(&node.id.composite());
-        let name = match &node.id.key {
-            Some(key) => format!("{table}-{key}"),
-            None => table,
-        };
+        let name = group_name(desired, &node.id);
         Ok(GroupWant {
             description: format!("stackwarden {}", node.id),
             name,

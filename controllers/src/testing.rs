@@ -37,6 +37,7 @@ pub fn desired(resources: Vec<Resource>) -> DesiredState {
             )),
             deletion_policy: DeletionPolicy::Orphan,
         },
+        stack_file: None,
         resources: resources.into_iter().map(|r| (r.id.clone(), r)).collect(),
         content_hash: "test".into(),
     }

@@ -406,7 +406,7 @@ alb = { subnets = ["subnet-a", "subnet-b"], idle_timeout = "120s" }
         assert!(super::super::elb::elb_name(&d, &long)
             .unwrap_err()
             .to_string()
-            .contains("over AWS's 32 characters"));
+            .contains("42 characters, and AWS allows 1 to 32"));
     }
 
     fn refs() -> Refs {

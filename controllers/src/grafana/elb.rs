@@ -22,25 +22,51 @@ use crate::model::ResourceId;
 use crate::tags::{owner_id, Tags};
 
 /// Load balancer and target group names: AWS's limit.
-const MAX_ELB_NAME: usize = 32;
+pub(super) const MAX_ELB_NAME: usize = 32;
+
+/// What a load balancer's name may not begin with (CreateLoadBalancer, `Name`).
+pub(super) const INTERNAL: &str = "internal-";
+
+/// Why ELB refuses `name` for an Application Load Balancer (`balancer`) or a target group:
+/// both CreateLoadBalancer and CreateTargetGroup take at most 32 characters, only
+/// alphanumerics and hyphens, not beginning or ending with a hyphen; a load balancer's name
+/// may not begin with `internal-`. Consecutive hyphens are allowed (the ELBv2 reference says
+/// nothing of them; VPC Lattice's target groups, another API, refuse them).
+pub(super) fn name_problem(name: &str, balancer: bool) -> Option<String> {
+    let count = name.chars().count();
+    if count == 0 || count > MAX_ELB_NAME {
+        Some(format!(
+            "{count} characters, and AWS allows 1 to {MAX_ELB_NAME}"
+        ))
+    } else if let Some(c) = name
+        .chars()
+        .find(|c| !c.is_ascii_alphanumeric() && *c != '-')
+    {
+        Some(format!(
+            "and AWS allows only letters, digits and hyphens (not {c:?})"
+        ))
+    } else if name.starts_with('-') || name.ends_with('-') {
+        Some("and AWS refuses a hyphen at either end".into())
+    } else if balancer && name.starts_with(INTERNAL) {
+        Some(format!(
+            "and AWS refuses load balancer names beginning with `{INTERNAL}`"
+        ))
+    } else {
+        None
+    }
+}
 
 /// The name of a group's load balancer and target group, `<stack>-<table name>`, or an error
-/// when it is over AWS's limit.
+/// when ELB would refuse it ([`name_problem`]): `validate` refuses those already (the
+/// Grafana kind's whole-state check), so this holds for desired states made otherwise.
 pub(super) fn elb_name(desired: &DesiredState, node: &ResourceId) -> Result<String> {
     let name = desired.default_name(&node.composite());
-    if name.len() > MAX_ELB_NAME {
-        return Err(Error::Invalid(format!(
-            "{node}: the load balancer and target group would be named `{name}`, over AWS's {MAX_ELB_NAME} characters; shorten the stack or resource name"
-        )));
+    match name_problem(&name, node.kind == BALANCER) {
+        Some(why) => Err(Error::Invalid(format!(
+            "{node}: its load balancer and target group would be named `{name}`, {why}; rename the table or the stack"
+        ))),
+        None => Ok(name),
     }
-    // AWS takes letters, digits and hyphens only, not at either end (a table may be named
-    // with `_`, which every other object's name allows).
-    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') || name.ends_with('-') {
-        return Err(Error::Invalid(format!(
-            "{node}: the load balancer and target group would be named `{name}`, and AWS allows only letters, digits and hyphens (not at the end); rename the table"
-        )));
-    }
-    Ok(name)
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -505,4 +531,32 @@ pub(super) fn certificates(l: &ListenerSpec) -> Option<Vec<Certificate>> {
 /// The listener node of a table's load balancer (`balancer`, its node) for a port.
 pub(super) fn listener_node(balancer: &ResourceId, port: i32) -> ResourceId {
     ResourceId::part(LISTENER, balancer.name.clone(), Some(port.to_string()))
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::name_problem;
+
+    #[test]
+    fn elb_names_follow_create_load_balancer_and_create_target_group() {
+        assert_eq!(name_problem("monitoring-grafana", true), None);
+        assert_eq!(name_problem(&"a".repeat(32), true), None);
+        // ELBv2 says nothing of consecutive hyphens: they are taken.
+        assert_eq!(name_problem("mon--grafana", true), None);
+        assert!(name_problem(&"a".repeat(33), true)
+            .unwrap()
+            .contains("33 characters, and AWS allows 1 to 32"));
+        assert!(name_problem("mon-main_ui", true)
+            .unwrap()
+            .contains("only letters, digits and hyphens (not '_')"));
+        assert!(name_problem("mon-main-", true)
+            .unwrap()
+            .contains("hyphen at either end"));
+        assert!(name_problem("-mon", false).is_some());
+        assert!(name_problem("internal-main", true)
+            .unwrap()
+            .contains("beginning with `internal-`"));
+        // Only a load balancer's name may not begin with `internal-`.
+        assert_eq!(name_problem("internal-main", false), None);
+    }
 }

@@ -20,8 +20,10 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::desired::{
-    check_duration, check_tags, parse_duration, DesiredState, KindSpec, Resource, Spec, Validator,
+    check_duration, check_tags, parse_duration, DesiredState, KindSpec, Resource, Spec, Tagging,
+    Validator,
 };
+use crate::diag::Diagnostics;
 use crate::kind::{schema, Form, Kind, KindDef};
 use crate::managed::Managed;
 use crate::model::{references_in, ResourceId};
@@ -56,7 +58,7 @@ static GRAFANA_KIND: KindDef = KindDef {
             "arn",
         ),
     ],
-    whole: None,
+    whole: Some(check_elb_names),
     controller: || Box::new(GrafanaController),
 };
 /// `[grafana.<name>]`: the group's Auto Scaling Group.
@@ -71,7 +73,7 @@ static SECURITY_GROUP_KIND: KindDef = KindDef {
         keyed: true,
     },
     attribute_parts: &[],
-    whole: None,
+    whole: Some(security_group::check_group_names),
     controller: || {
         Box::new(Managed(
             security_group::SecurityGroup::<OfGrafana>::default(),
@@ -179,6 +181,32 @@ static PROVISIONING_KIND: KindDef = KindDef {
 };
 /// What is pushed to a Grafana group's instances.
 pub const PROVISIONING: Kind = Kind::new(&PROVISIONING_KIND);
+
+/// The name each Grafana group's load balancer and target group take, `<stack>-<table>`,
+/// checked offline as ELB checks it ([`elb::name_problem`]), adopted or not (the nodes name
+/// them so either way). Reported at the stack's name when it alone is the cause (31 or more
+/// characters, or beginning with `internal`), at the table's name otherwise.
+fn check_elb_names(kind: Kind, desired: &mut DesiredState, diags: &mut Diagnostics) {
+    let stack = desired.stack_name();
+    for r in desired.of_kind(kind) {
+        let name = desired.default_name(&r.id);
+        let Some(why) = elb::name_problem(&name, true) else {
+            continue;
+        };
+        let message = format!(
+            "{}: its load balancer and target group would be named `{name}` (`<stack>-<table>`), {why}",
+            r.id
+        );
+        let by_stack = stack.chars().count() + 2 > elb::MAX_ELB_NAME
+            || format!("{stack}-").starts_with(elb::INTERNAL);
+        if by_stack {
+            let span = desired.stack.name.span();
+            desired.error_at_stack(diags, span, r, format!("{message}; rename the stack"));
+        } else {
+            diags.at_origin(&r.origin, format!("{message}; rename the table"));
+        }
+    }
+}
 
 /// The node an object of a group belongs to by its tags: its own address (of `kind`), or, for
 /// one made before that object was a node, its table's.
@@ -433,6 +461,16 @@ impl GrafanaSpec {
 }
 
 impl KindSpec for GrafanaSpec {
+    /// Its instances: `Name` and the hash of their provisioning (the Auto Scaling Group
+    /// carries as many: `Name` and its template version).
+    fn tagging(&self, _: &DesiredState, _: &ResourceId) -> Option<Tagging<'_>> {
+        Some(Tagging {
+            own: self.tags.as_ref(),
+            added: vec!["Name".to_string(), provision::installed_tag()],
+            ec2: true,
+        })
+    }
+
     fn warnings(&self) -> Vec<String> {
         if self.alb.certificate_arn.is_some() {
             return Vec::new();

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::desired::{
-    check_duration, check_tags, DesiredState, KindSpec, Resource, Spec, Validator,
+    check_duration, check_tags, DesiredState, KindSpec, Resource, Spec, Tagging, Validator,
 };
 use crate::kind::{schema, Form, Kind, KindDef};
 use crate::managed::Managed;
@@ -59,7 +59,7 @@ static SECURITY_GROUP_KIND: KindDef = KindDef {
         keyed: false,
     },
     attribute_parts: &[],
-    whole: None,
+    whole: Some(security_group::check_group_names),
     controller: || Box::new(Managed(security_group::SecurityGroup::<OfHost>::default())),
 };
 /// The security group of a host.
@@ -250,6 +250,26 @@ pub fn valid_device(d: &str) -> bool {
 }
 
 impl KindSpec for HostSpec {
+    /// Its instance: `Name`, the hash of its Prometheus config, and the record of each of the
+    /// stack's host_configs targeting it.
+    fn tagging(&self, desired: &DesiredState, id: &ResourceId) -> Option<Tagging<'_>> {
+        let mut added = vec!["Name".to_string()];
+        if self.prometheus.is_some() {
+            added.push(prometheus::installed_tag());
+        }
+        added.extend(
+            desired
+                .specs::<crate::host_config::HostConfigSpec>(crate::host_config::HOST_CONFIG)
+                .filter(|(_, c)| c.targeted_hosts(desired).any(|h| h == id))
+                .map(|(c, _)| crate::host_config::record_tag(desired.stack_name(), &c.id.name)),
+        );
+        Some(Tagging {
+            own: self.tags.as_ref(),
+            added,
+            ec2: true,
+        })
+    }
+
     fn adopts_an_instance(&self) -> bool {
         true
     }
