@@ -2136,6 +2136,13 @@ async fn an_account_id_principal_is_stored_as_the_accounts_root_arn() {
     assert_eq!(principal["AWS"], "arn:aws:iam::123456789012:root");
     assert_eq!(principal["Service"], "ec2.amazonaws.com");
 
+    // A role of the account a trust names must exist, as IAM checks.
+    iam.create_role()
+        .role_name("other")
+        .assume_role_policy_document(trust(r#""123456789012""#))
+        .send()
+        .await
+        .unwrap();
     iam.update_assume_role_policy()
         .role_name("r")
         .policy_document(trust(

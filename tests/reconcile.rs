@@ -299,6 +299,8 @@ async fn same_named_resources_without_our_tags_are_never_touched() {
     assert_ne!(workspace_id(&aws).await, foreign.workspace_id());
 }
 
+/// A workspace deleted out of band is made again, past the stale client token the first
+/// create left, and the policies naming its ARN follow in the same pass.
 #[tokio::test(flavor = "multi_thread")]
 async fn recreated_workspace_updates_the_policy_naming_its_arn_in_the_same_pass() {
     let aws = Aws::start();
@@ -317,6 +319,9 @@ async fn recreated_workspace_updates_the_policy_naming_its_arn_in_the_same_pass(
     stackwarden(Some(&aws.endpoint), &["plan", dir]).expect(2);
     let run = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", dir]);
     run.expect(0);
+    // The request is the first create's, and so is its client token, which AMP answers with
+    // the deleted workspace: seen gone, the create is made again with a token of its own.
+    assert_eq!(run.count("CreateWorkspace"), 2, "{:?}", run.counts());
     let new = workspace_id(&aws).await;
     assert_ne!(old, new);
     for policy in [

@@ -486,6 +486,23 @@ async fn untag(ctx: &Context, arn: &str, keys: &[String]) -> Result<()> {
 
 pub struct Workspace;
 
+/// Whether a workspace a create answered is gone or going (a stale client token's answer).
+async fn deleted(ctx: &Context, id: &str) -> Result<bool> {
+    match ctx.amp.describe_workspace().workspace_id(id).send().await {
+        Ok(out) => Ok(out
+            .workspace()
+            .and_then(|w| w.status())
+            .is_some_and(|s| s.status_code().as_str() == "DELETING")),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|e| e.is_resource_not_found_exception()) =>
+        {
+            Ok(true)
+        }
+        Err(e) => Err(aws_error("aps", "DescribeWorkspace")(e)),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct WorkspaceWant {
     pub alias: String,
@@ -619,25 +636,49 @@ impl ManagedObject for Workspace {
         want.alias.clone()
     }
 
+    /// The client token is derived from the request ([`crate::managed::client_token`]): a
+    /// create repeated because the listing does not show the workspace yet gets the one the
+    /// first made. AWS documents no end to such a token, so it may answer a workspace deleted
+    /// since: one AMP no longer knows, or knows as DELETING, is a stale answer, and the
+    /// create is made again with a token of its own.
     async fn create(&self, ctx: &Context, want: &WorkspaceWant, tags: &Tags) -> Result<Outputs> {
         // Tags are the request's too: the token changes with them.
-        let token = crate::managed::client_token(&[
-            &want.owner,
-            &want.alias,
-            want.kms_key_arn.as_deref().unwrap_or_default(),
-            &format!("{tags:?}"),
-            &crate::managed::token_hour(),
-        ]);
-        let out = ctx
-            .amp
-            .create_workspace()
-            .client_token(token)
-            .alias(&want.alias)
-            .set_kms_key_arn(want.kms_key_arn.clone())
-            .set_tags(Some(hash_map(tags)))
-            .send()
-            .await
-            .map_err(aws_error("aps", "CreateWorkspace"))?;
+        let request = format!(
+            "{}\n{}\n{}\n{tags:?}",
+            want.owner,
+            want.alias,
+            want.kms_key_arn.as_deref().unwrap_or_default()
+        );
+        let mut stale: Vec<String> = Vec::new();
+        let out = loop {
+            let mut parts = vec![request.as_str()];
+            parts.extend(stale.iter().map(String::as_str));
+            let out = ctx
+                .amp
+                .create_workspace()
+                .client_token(crate::managed::client_token(&parts))
+                .alias(&want.alias)
+                .set_kms_key_arn(want.kms_key_arn.clone())
+                .set_tags(Some(hash_map(tags)))
+                .send()
+                .await
+                .map_err(aws_error("aps", "CreateWorkspace"))?;
+            if !deleted(ctx, out.workspace_id()).await? {
+                break out;
+            }
+            if stale.len() >= crate::managed::STALE_TOKENS {
+                return Err(Error::Invalid(format!(
+                    "CreateWorkspace answered deleted workspaces for {} client tokens in a row ({})",
+                    stale.len() + 1,
+                    stale.join(", ")
+                )));
+            }
+            tracing::info!(
+                workspace = out.workspace_id(),
+                "client token answered a deleted workspace: creating with another"
+            );
+            stale.push(out.workspace_id().to_string());
+        };
         tracing::info!(workspace = out.workspace_id(), "created workspace");
         Ok(ObservedWorkspace::endpoints(
             out.workspace_id(),

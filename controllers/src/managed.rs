@@ -326,12 +326,15 @@ pub fn client_token(parts: &[&str]) -> String {
     format!("sw-{}", &hex::encode(hash.finalize())[..32])
 }
 
-/// The hour a client token is made in, as a part of it for creates whose answer cannot tell
-/// a replay of a deleted object from a new one (the AMP and Managed Grafana workspaces): AWS
-/// documents no end to such a token, so a workspace deleted by hand and made again with the
-/// same request would be answered the deleted one. With the hour in the token, it is made
-/// again within the hour at worst, while the repeats a lagging listing causes (seconds apart)
-/// share their token.
+/// How many stale client tokens a create steps past (an answer naming an object deleted
+/// since: one per object of the same request deleted while AWS keeps its token).
+pub const STALE_TOKENS: usize = 8;
+
+/// The hour a client token is made in, as a part of it for the Managed Grafana workspace,
+/// whose create is not checked for a stale answer: AWS documents no end to such a token, so a
+/// workspace deleted by hand and made again with the same request could be answered the
+/// deleted one. With the hour in the token, it is made again within the hour at worst, while
+/// the repeats a lagging listing causes (seconds apart) share their token.
 pub fn token_hour() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -524,7 +524,7 @@ async fn launch(ctx: &Context, l: &Launch) -> Result<()> {
         if !matches!(state.as_str(), "shutting-down" | "terminated") {
             break id;
         }
-        if stale.len() >= STALE_TOKENS {
+        if stale.len() >= crate::managed::STALE_TOKENS {
             return Err(Error::Invalid(format!(
                 "RunInstances answered terminated instances for {} client tokens in a row ({})",
                 stale.len() + 1,
@@ -540,10 +540,6 @@ async fn launch(ctx: &Context, l: &Launch) -> Result<()> {
         STATE_CHANGE,
     ))
 }
-
-/// How many stale client tokens a launch steps past: one per instance of the same request
-/// terminated within the day EC2 keeps its token.
-const STALE_TOKENS: usize = 8;
 
 /// One RunInstances call: the instance it answers, with its state.
 async fn run_instance(
