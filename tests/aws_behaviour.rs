@@ -650,8 +650,8 @@ async fn a_deleted_load_balancer_holds_its_security_group_until_its_interfaces_g
 }
 
 /// SendCommand takes a stopped instance, as AWS does (its valid states are running, pending,
-/// stopping and stopped): the invocation is `Delayed` while the instance is stopped and runs
-/// once it is started again. A terminated instance fails the call with `InvalidInstanceId`.
+/// stopping and stopped): the invocation is `Delayed` while the instance is stopped (listed by
+/// DescribeInstanceInformation as `ConnectionLost`) and runs once it is started again. A terminated instance fails the call with `InvalidInstanceId`.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_command_to_a_stopped_instance_is_delayed_until_it_runs() {
     let root = tempfile::tempdir().unwrap();
@@ -667,6 +667,23 @@ async fn a_command_to_a_stopped_instance_is_delayed_until_it_runs() {
         .await
         .unwrap();
     let ssm = aws.ssm().await;
+    // Still registered with SSM, its agent not heard from.
+    let ping = || async {
+        let out = ssm.describe_instance_information().send().await.unwrap();
+        out.instance_information_list()
+            .iter()
+            .map(|i| {
+                (
+                    i.instance_id().unwrap().to_string(),
+                    i.ping_status().unwrap().as_str().to_string(),
+                )
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let stopped = ping().await;
+    assert_eq!(stopped.len(), 2, "{stopped:?}");
+    assert_eq!(stopped[&ids[0]], "ConnectionLost");
+    assert_eq!(stopped[&ids[1]], "Online");
     let sent = ssm
         .send_command()
         .document_name("AWS-RunShellScript")
@@ -711,6 +728,7 @@ async fn a_command_to_a_stopped_instance_is_delayed_until_it_runs() {
         .send()
         .await
         .unwrap();
+    assert_eq!(ping().await[&ids[0]], "Online");
     loop {
         let out = invocation(&aws, &command, &ids[0]).await;
         if out.status() == Some(&CommandInvocationStatus::Success) {

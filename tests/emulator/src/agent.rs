@@ -5,7 +5,8 @@
 //!   role). `SendCommand` naming any other fails as a whole with `InvalidInstanceId`; AWS
 //!   documents that code for an instance that is not managed, whose agent is not running, or
 //!   that is shutting down. `DescribeInstanceInformation` (which moto lacks) lists the managed
-//!   ones, 5 to 50 a page.
+//!   ones, 5 to 50 a page: `Online` while running, `ConnectionLost` while stopped (or
+//!   stopping, or starting again), as an agent that is not heard from shows.
 //! - `DescribeParameters` applies its filters after paging, as AWS documents: each page is the
 //!   next `MaxResults` (default 10) of all the account's parameters, keeping those the filters
 //!   match, so a page may be empty and still carry a `NextToken`. moto filters first.
@@ -91,6 +92,14 @@ async fn instance_information(state: &Arc<State>, req: &Incoming) -> Result<Resp
     let filters: Vec<(String, Vec<String>)> = wanted
         .map(|ids| vec![("instance-id".to_string(), ids)])
         .unwrap_or_default();
+    let live = ["pending", "running", "stopping", "stopped"];
+    let registered: Vec<String> = state
+        .moto
+        .instances_in(req, &live, &filters)
+        .await?
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
     let running: Vec<String> = state
         .moto
         .running_instances(req, &filters)
@@ -98,8 +107,8 @@ async fn instance_information(state: &Arc<State>, req: &Incoming) -> Result<Resp
         .into_iter()
         .map(|i| i.id)
         .collect();
-    let not = unmanaged(state, &running);
-    let managed: Vec<&String> = running.iter().filter(|i| !not.contains(i)).collect();
+    let not = unmanaged(state, &registered);
+    let managed: Vec<&String> = registered.iter().filter(|i| !not.contains(i)).collect();
     let page = paginate(&managed, max, body.get("NextToken").and_then(Value::as_str))
         .map_err(|_| ApiError::bad_request("InvalidNextToken", "The token is not valid"))?;
     let list: Vec<Value> = page
@@ -108,7 +117,8 @@ async fn instance_information(state: &Arc<State>, req: &Incoming) -> Result<Resp
         .map(|id| {
             json!({
                 "InstanceId": id,
-                "PingStatus": "Online",
+                // A stopped instance stays registered; its agent is not heard from.
+                "PingStatus": if running.contains(id) { "Online" } else { "ConnectionLost" },
                 "PlatformType": "Linux",
                 "PlatformName": "Ubuntu",
                 "ResourceType": "EC2Instance",
