@@ -11,38 +11,14 @@
 
 use std::time::{Duration, Instant};
 
-use aws_sdk_ec2::types::{InstanceType, ResourceType, Tag, TagSpecification};
+use aws_sdk_ec2::types::InstanceType;
 use aws_sdk_ssm::types::{CommandInvocationStatus, CommandStatus, InstanceInformationStringFilter};
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 use stackwarden_emulator::Settings;
 
-use crate::harness::{default_stack, path_str, run_commands, stackwarden, Aws};
+use crate::harness::{default_stack, launch, path_str, run_commands, stackwarden, Aws};
 
 const AMI: &str = "ami-12c6146b";
-
-async fn launch(aws: &Aws, count: i32, role: &str) -> Vec<String> {
-    let out = aws
-        .ec2()
-        .await
-        .run_instances()
-        .image_id(AMI)
-        .instance_type(InstanceType::T3Micro)
-        .min_count(count)
-        .max_count(count)
-        .tag_specifications(
-            TagSpecification::builder()
-                .resource_type(ResourceType::Instance)
-                .tags(Tag::builder().key("Role").value(role).build())
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
-    out.instances()
-        .iter()
-        .map(|i| i.instance_id().unwrap().to_string())
-        .collect()
-}
 
 /// Sends `script` to `ids` and waits for the command to end.
 async fn run_shell(aws: &Aws, ids: &[String], script: &str) -> aws_sdk_ssm::types::Command {

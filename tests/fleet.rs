@@ -3,10 +3,10 @@
 //! join later; a failure on some hosts reported with their output; overlapping files refused
 //! offline; and a push to 1,000 instances in batches, tracked without a call per host.
 
-use aws_sdk_ec2::types::{Filter, InstanceType, ResourceType, Tag, TagSpecification};
+use aws_sdk_ec2::types::Filter;
 use stackwarden_emulator::Settings;
 
-use crate::harness::{default_stack, path_str, run_commands, stackwarden, Aws};
+use crate::harness::{default_stack, launch, path_str, run_commands, stackwarden, Aws};
 
 const NODE_EXPORTER: &str = r#"[host_config.node_exporter]
 targets = { Role = "app" }
@@ -15,29 +15,6 @@ reload = "echo reloaded >> \"$STACKWARDEN_ROOT/reloads\""
 max_concurrency = "10%"
 max_errors = "0"
 "#;
-
-async fn launch(aws: &Aws, count: i32, role: &str) -> Vec<String> {
-    let ec2 = aws.ec2().await;
-    let out = ec2
-        .run_instances()
-        .image_id("ami-12c6146b")
-        .instance_type(InstanceType::T3Micro)
-        .min_count(count)
-        .max_count(count)
-        .tag_specifications(
-            TagSpecification::builder()
-                .resource_type(ResourceType::Instance)
-                .tags(Tag::builder().key("Role").value(role).build())
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
-    out.instances()
-        .iter()
-        .map(|i| i.instance_id().unwrap().to_string())
-        .collect()
-}
 
 fn stack_with(files: &[(&str, &str)]) -> tempfile::TempDir {
     let dir = default_stack();

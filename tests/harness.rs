@@ -487,3 +487,32 @@ pub async fn terraform_grafana(aws: &Aws, subnets: &[String], ami: &str) -> Terr
         },
     }
 }
+
+/// Launches `count` instances of the emulator's default AMI tagged `Role = role`: their ids.
+pub async fn launch(aws: &Aws, count: i32, role: &str) -> Vec<String> {
+    let ec2 = aws.ec2().await;
+    let out = ec2
+        .run_instances()
+        .image_id("ami-12c6146b")
+        .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+        .min_count(count)
+        .max_count(count)
+        .tag_specifications(
+            aws_sdk_ec2::types::TagSpecification::builder()
+                .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
+                .tags(
+                    aws_sdk_ec2::types::Tag::builder()
+                        .key("Role")
+                        .value(role)
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    out.instances()
+        .iter()
+        .map(|i| i.instance_id().unwrap().to_string())
+        .collect()
+}
