@@ -485,3 +485,30 @@ fn symbolic_links_leading_outside_pipes_and_devices_are_refused() {
 fn rule_in(dir: &tempfile::TempDir) -> std::path::PathBuf {
     dir.path().join("rules/node.yml")
 }
+
+/// A raw config whose `rule_files` globs match every pushed rule file (a relative glob, and an
+/// absolute path) validates: the check refuses only what Prometheus would silently not load.
+#[test]
+fn a_raw_config_whose_rule_files_load_every_pushed_file_is_valid() {
+    let dir = default_stack();
+    let write = |path: &str, text: &str| {
+        let p = dir.path().join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    };
+    write(
+        "hosts.toml",
+        "[host.prom]\nami = \"ami-12c6146b\"\ninstance_type = \"t3.medium\"\n\n[host.prom.prometheus]\nconfig = \"prometheus/prometheus.yml\"\nrule_files = [\"prometheus/alert_rules/node.yml\", \"prometheus/alert_rules/disk.yml\", \"rules/extra.yml\"]\n",
+    );
+    write(
+        "prometheus/prometheus.yml",
+        "rule_files:\n  - \"prometheus/alert_rules/*.yml\"\n  - /etc/prometheus/rules/extra.yml\n",
+    );
+    let rules = "groups:\n  - name: g\n    rules:\n      - alert: Down\n        expr: up == 0\n";
+    write("prometheus/alert_rules/node.yml", rules);
+    write("prometheus/alert_rules/disk.yml", rules);
+    write("rules/extra.yml", rules);
+    let run = stackwarden(None, &["validate", path_str(dir.path())]);
+    run.expect(0);
+    assert_eq!(run.calls().0, 0);
+}

@@ -8,14 +8,105 @@
 use std::collections::BTreeMap;
 
 use super::PrometheusSpec;
+use crate::desired::{FileRef, Validator};
 use crate::model::Refs;
 use crate::push::yaml::{map, s, Yaml};
 use crate::push::{shell_quote, Bundle, File};
+use toml::Spanned;
 
 /// The bundle's name on the host (its stage, backup and hash files, and its instance tag).
 pub const NAME: &str = "prometheus";
 pub const CONFIG_DIR: &str = "/etc/prometheus";
 pub const CONFIG_FILE: &str = "/etc/prometheus/prometheus.yml";
+
+/// The part of a raw `prometheus.yml` a check reads.
+#[derive(serde::Deserialize)]
+struct RawConfig {
+    #[serde(default)]
+    rule_files: Option<Vec<marked_yaml::Spanned<String>>>,
+}
+
+/// A raw config and the rule files pushed beside it agree: each `rule_files` entry of the
+/// config (a path or glob, relative to `/etc/prometheus/` as Prometheus resolves it) matches
+/// at least one pushed rule file, and each pushed rule file (installed at
+/// `/etc/prometheus/<its path in the desired directory>`) is matched by an entry. Otherwise
+/// promtool passes and Prometheus runs without the rules, telling nobody. An entry with a
+/// `${...}` reference is rendered later and not checked.
+pub fn check_rule_files(v: &mut Validator, config: &FileRef, pushed: &[Spanned<String>]) {
+    let Some(raw) =
+        crate::rules::parse_yaml::<RawConfig>(&config.file, v.diags, "Prometheus config")
+    else {
+        return;
+    };
+    let entries = raw.rule_files.unwrap_or_default();
+    let installed: Vec<String> = pushed
+        .iter()
+        .map(|p| format!("{CONFIG_DIR}/{}", p.get_ref().trim_start_matches("./")))
+        .collect();
+    let options = glob::MatchOptions {
+        case_sensitive: true,
+        require_literal_separator: true,
+        require_literal_leading_dot: false,
+    };
+    let mut matched = vec![false; installed.len()];
+    let mut unchecked = false;
+    for e in &entries {
+        let entry = e.as_str();
+        if entry.contains("${") {
+            unchecked = true;
+            continue;
+        }
+        let full = if entry.starts_with('/') {
+            entry.to_string()
+        } else {
+            format!("{CONFIG_DIR}/{}", entry.trim_start_matches("./"))
+        };
+        let pattern = glob::Pattern::new(&full).ok();
+        let mut any = false;
+        for (i, path) in installed.iter().enumerate() {
+            let hit = match &pattern {
+                Some(p) => p.matches_with(path, options),
+                None => &full == path,
+            };
+            if hit {
+                matched[i] = true;
+                any = true;
+            }
+        }
+        if !any {
+            let offset = e
+                .span()
+                .start()
+                .map_or(0, |m| config.file.offset_of(m.line(), m.column()));
+            let listed = if installed.is_empty() {
+                "no rule files are pushed (`rule_files` of the host's `[prometheus]`)".to_string()
+            } else {
+                format!("the rule files pushed are {}", installed.join(", "))
+            };
+            v.error_in(
+                &config.file,
+                offset,
+                format!("`rule_files` entry `{entry}` ({full}) matches no rule file: {listed}; Prometheus would load no rules from it"),
+            );
+        }
+    }
+    if unchecked {
+        return;
+    }
+    for (i, f) in pushed.iter().enumerate() {
+        if !matched[i] {
+            v.error(
+                &f.span(),
+                format!(
+                    "rule file `{}` is pushed to {}, but no `rule_files` entry of the config `{}` loads it",
+                    f.get_ref(),
+                    installed[i],
+                    config.path
+                ),
+            );
+        }
+    }
+}
 
 /// `prometheus.yml` from the desired state. `region` is the stack's, the default for EC2
 /// discovery and SigV4.

@@ -334,6 +334,7 @@ impl KindSpec for HostSpec {
                 if let Some(file) = v.read(c) {
                     // Rendered with references before it is pushed, so they order the work.
                     v.scan_host_file_refs(&file);
+                    config::check_rule_files(v, &file, &p.rule_files);
                     p.loaded.config = Some(file.text().to_string());
                 }
             }
