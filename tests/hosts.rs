@@ -300,9 +300,10 @@ async fn a_config_promtool_rejects_fails_the_pass_and_the_old_one_stays_live() {
         std::fs::read_to_string(f._root.path().join("etc/prometheus/prometheus.yml")).unwrap();
 
     // A raw config with a key Prometheus does not know: only promtool, on the host, can tell.
+    // It loads the host's rule file, as a raw config must.
     std::fs::write(
         f.dir.path().join("prometheus.yml"),
-        "global:\n  scrape_interval: 15s\nscrape_configs:\n  - job_name: api\n    bogus_key: 1\n",
+        "global:\n  scrape_interval: 15s\nrule_files:\n  - rules/node.yml\nscrape_configs:\n  - job_name: api\n    bogus_key: 1\n",
     )
     .unwrap();
     edit(
