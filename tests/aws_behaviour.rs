@@ -16,7 +16,9 @@ use aws_sdk_ssm::types::{CommandInvocationStatus, CommandStatus, InstanceInforma
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 use stackwarden_emulator::Settings;
 
-use crate::harness::{default_stack, launch, path_str, run_commands, stackwarden, Aws};
+use crate::harness::{
+    default_stack, default_subnets, launch, path_str, run_commands, stackwarden, Aws,
+};
 
 const AMI: &str = "ami-12c6146b";
 
@@ -566,14 +568,7 @@ async fn a_deleted_load_balancer_holds_its_security_group_until_its_interfaces_g
         ..Settings::default()
     });
     let ec2 = aws.ec2().await;
-    let subnets = ec2.describe_subnets().send().await.unwrap();
-    let subnets: Vec<String> = subnets
-        .subnets()
-        .iter()
-        .filter(|s| s.default_for_az() == Some(true))
-        .take(2)
-        .map(|s| s.subnet_id().unwrap().to_string())
-        .collect();
+    let subnets = default_subnets(&aws, 2).await;
     let group = ec2
         .create_security_group()
         .group_name("alb")
@@ -762,15 +757,7 @@ async fn an_undelivered_invocation_times_out_on_delivery() {
 #[tokio::test(flavor = "multi_thread")]
 async fn load_balancer_attributes_never_set_are_answered_with_aws_defaults() {
     let aws = Aws::start();
-    let ec2 = aws.ec2().await;
-    let subnets = ec2.describe_subnets().send().await.unwrap();
-    let subnets: Vec<String> = subnets
-        .subnets()
-        .iter()
-        .filter(|s| s.default_for_az() == Some(true))
-        .take(2)
-        .map(|s| s.subnet_id().unwrap().to_string())
-        .collect();
+    let subnets = default_subnets(&aws, 2).await;
     let elb = aws.elb().await;
     let lb = elb
         .create_load_balancer()

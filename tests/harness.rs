@@ -516,3 +516,14 @@ pub async fn launch(aws: &Aws, count: i32, role: &str) -> Vec<String> {
         .map(|i| i.instance_id().unwrap().to_string())
         .collect()
 }
+
+/// The ids of `count` of the region's default subnets (one per zone).
+pub async fn default_subnets(aws: &Aws, count: usize) -> Vec<String> {
+    let out = aws.ec2().await.describe_subnets().send().await.unwrap();
+    out.subnets()
+        .iter()
+        .filter(|s| s.default_for_az() == Some(true))
+        .take(count)
+        .map(|s| s.subnet_id().unwrap().to_string())
+        .collect()
+}

@@ -130,6 +130,14 @@ impl Fixture {
 
     /// (instance id, state) of the stack's live instances.
     async fn instances(&self) -> Vec<(String, String)> {
+        let mut all = self.every_instance().await;
+        all.retain(|(_, s)| s != "terminated");
+        all
+    }
+
+    /// (instance id, state) of every instance the host ever had that EC2 still lists,
+    /// terminated ones included.
+    async fn every_instance(&self) -> Vec<(String, String)> {
         let ec2 = self.aws.ec2().await;
         let out = ec2
             .describe_instances()
@@ -151,7 +159,6 @@ impl Fixture {
                     i.state().unwrap().name().unwrap().as_str().to_string(),
                 )
             })
-            .filter(|(_, s)| s != "terminated")
             .collect()
     }
 
@@ -747,29 +754,7 @@ async fn a_launch_repeated_while_the_listing_lags_answers_the_first_instance_and
         cold.counts()
     );
     assert_eq!(cold.count("TerminateInstances"), 0, "{:?}", cold.counts());
-    let ec2 = f.aws.ec2().await;
-    let all = ec2
-        .describe_instances()
-        .filters(
-            Filter::builder()
-                .name("tag:stackwarden:id")
-                .values("host.prometheus")
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
-    let ever: Vec<_> = all
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances())
-        .map(|i| {
-            (
-                i.instance_id().unwrap(),
-                i.state().unwrap().name().unwrap().as_str(),
-            )
-        })
-        .collect();
+    let ever = f.every_instance().await;
     assert_eq!(ever.len(), 1, "one instance ever launched: {ever:?}");
     assert_eq!(ever[0].1, "running");
     f.plan().expect(0);
@@ -780,8 +765,11 @@ async fn a_launch_repeated_while_the_listing_lags_answers_the_first_instance_and
     f.aws
         .emulator
         .configure(|s| s.listing_lag = std::time::Duration::ZERO);
-    let first = ever[0].0.to_string();
-    ec2.terminate_instances()
+    let first = ever[0].0.clone();
+    f.aws
+        .ec2()
+        .await
+        .terminate_instances()
         .instance_ids(&first)
         .send()
         .await

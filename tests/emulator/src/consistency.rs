@@ -16,7 +16,7 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 
-use crate::moto::{child_text, xml};
+use crate::moto::{child_text, instance_items, xml};
 use crate::route::Incoming;
 use crate::wire::ApiError;
 use crate::{lock, State};
@@ -53,10 +53,7 @@ async fn hide_young_instances(
     let young: Vec<std::ops::Range<usize>> = {
         let doc = xml(&text)?;
         let strict = lock(&state.strict);
-        doc.root()
-            .descendants()
-            .filter(|n| n.has_tag_name("instancesSet"))
-            .flat_map(|n| n.children().filter(|n| n.has_tag_name("item")))
+        instance_items(&doc)
             .filter(|i| {
                 child_text(*i, "instanceId").is_some_and(|id| strict.launched_within(&id, lag))
             })

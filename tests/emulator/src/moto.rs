@@ -171,26 +171,18 @@ impl Moto {
             .query(caller, "ec2", &ec2_query("DescribeInstances", &all))
             .await?;
         let doc = xml(&text)?;
-        let mut instances = Vec::new();
-        for node in doc
-            .root()
-            .descendants()
-            .filter(|n| n.has_tag_name("instancesSet"))
-        {
-            for item in node.children().filter(|n| n.has_tag_name("item")) {
-                let Some(id) = child_text(item, "instanceId") else {
-                    continue;
-                };
+        Ok(instance_items(&doc)
+            .filter_map(|item| {
+                let id = child_text(item, "instanceId")?;
                 let name = item
                     .children()
                     .filter(|n| n.has_tag_name("tagSet"))
                     .flat_map(|s| s.children().filter(|n| n.has_tag_name("item")))
                     .find(|t| child_text(*t, "key").as_deref() == Some("Name"))
                     .and_then(|t| child_text(t, "value"));
-                instances.push(Instance { id, name });
-            }
-        }
-        Ok(instances)
+                Some(Instance { id, name })
+            })
+            .collect())
     }
 
     /// Whether an `AWS` principal a trust policy names exists, as IAM checks it: a role or
@@ -303,13 +295,7 @@ impl Moto {
             )
             .await?;
         let doc = xml(&text)?;
-        dependents.extend(
-            doc.root()
-                .descendants()
-                .filter(|n| n.has_tag_name("instancesSet"))
-                .flat_map(|n| n.children().filter(|n| n.has_tag_name("item")))
-                .filter_map(|i| child_text(i, "instanceId")),
-        );
+        dependents.extend(instance_items(&doc).filter_map(|i| child_text(i, "instanceId")));
         let text = self
             .query(
                 caller,
@@ -644,6 +630,17 @@ pub(crate) fn ec2_query<V: AsRef<str>>(
         }
     }
     params
+}
+
+/// The instances of an EC2 answer (`RunInstances`, `DescribeInstances`): each `item` of its
+/// `instancesSet`s.
+pub(crate) fn instance_items<'a, 'input>(
+    doc: &'a roxmltree::Document<'input>,
+) -> impl Iterator<Item = roxmltree::Node<'a, 'input>> {
+    doc.root()
+        .descendants()
+        .filter(|n| n.has_tag_name("instancesSet"))
+        .flat_map(|n| n.children().filter(|n| n.has_tag_name("item")))
 }
 
 pub(crate) fn child_text(node: roxmltree::Node, tag: &str) -> Option<String> {

@@ -21,7 +21,7 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
-use crate::moto::{child_text, ec2_query, xml};
+use crate::moto::{child_text, ec2_query, instance_items, xml};
 use crate::route::Incoming;
 use crate::wire::ApiError;
 use crate::{lock, State};
@@ -53,11 +53,10 @@ struct Launch {
 
 /// Whether the emulator serves this call (it carries a client token).
 pub fn serves(req: &Incoming) -> bool {
-    match (req.service.as_str(), req.operation.as_str()) {
-        ("ec2", "CreateVolume" | "RunInstances") => token(req).is_some(),
-        ("aps", "CreateWorkspace") => token(req).is_some(),
-        _ => false,
-    }
+    matches!(
+        (req.service.as_str(), req.operation.as_str()),
+        ("ec2", "CreateVolume" | "RunInstances") | ("aps", "CreateWorkspace")
+    ) && token(req).is_some()
 }
 
 fn token(req: &Incoming) -> Option<String> {
@@ -143,6 +142,17 @@ async fn run_instances(
         .into_response())
 }
 
+/// Each instance of an EC2 answer with where its `instanceState` element is in the text.
+fn instance_states(doc: &roxmltree::Document) -> Vec<(String, std::ops::Range<usize>)> {
+    instance_items(doc)
+        .filter_map(|i| {
+            let id = child_text(i, "instanceId")?;
+            let at = i.children().find(|n| n.has_tag_name("instanceState"))?;
+            Some((id, at.range()))
+        })
+        .collect()
+}
+
 /// A `RunInstances` answer with each instance's `instanceState` replaced by the one
 /// `DescribeInstances` answers now.
 async fn with_current_states(
@@ -150,18 +160,7 @@ async fn with_current_states(
     caller: &Incoming,
     answer: &str,
 ) -> Result<String, ApiError> {
-    let doc = xml(answer)?;
-    let items: Vec<(String, std::ops::Range<usize>)> = doc
-        .root()
-        .descendants()
-        .filter(|n| n.has_tag_name("instancesSet"))
-        .flat_map(|n| n.children().filter(|n| n.has_tag_name("item")))
-        .filter_map(|i| {
-            let id = child_text(i, "instanceId")?;
-            let at = i.children().find(|n| n.has_tag_name("instanceState"))?;
-            Some((id, at.range()))
-        })
-        .collect();
+    let items = instance_states(&xml(answer)?);
     let ids: Vec<&str> = items.iter().map(|(id, _)| id.as_str()).collect();
     let text = state
         .moto
@@ -171,17 +170,9 @@ async fn with_current_states(
             &ec2_query("DescribeInstances", &[("instance-id", &ids)]),
         )
         .await?;
-    let now = xml(&text)?;
-    let current: BTreeMap<String, String> = now
-        .root()
-        .descendants()
-        .filter(|n| n.has_tag_name("instancesSet"))
-        .flat_map(|n| n.children().filter(|n| n.has_tag_name("item")))
-        .filter_map(|i| {
-            let id = child_text(i, "instanceId")?;
-            let at = i.children().find(|n| n.has_tag_name("instanceState"))?;
-            Some((id, text[at.range()].to_string()))
-        })
+    let current: BTreeMap<String, String> = instance_states(&xml(&text)?)
+        .into_iter()
+        .map(|(id, range)| (id, text[range].to_string()))
         .collect();
     let mut out = answer.to_string();
     // From the last, so the earlier ranges stay where they are.
