@@ -202,7 +202,7 @@ fn dashboard_query_that_is_not_promql() {
     let dir = default_stack();
     std::fs::write(
         dir.path().join("grafana.toml"),
-        "[grafana.main]\nami = \"ami-12c6146b\"\ninstance_type = \"t3.small\"\nsubnets = [\"subnet-a\", \"subnet-b\"]\nmin_size = 2\nmax_size = 4\nalb = { subnets = [\"subnet-c\", \"subnet-d\"], allowed_cidrs = [\"0.0.0.0/0\"] }\nprovisioning = { dashboards = [\"dashboards/node.json\"] }\n",
+        "[grafana.main]\nami = \"ami-12c6146b\"\ninstance_type = \"t3.small\"\nsubnets = [\"subnet-a\", \"subnet-b\"]\nmin_size = 2\nmax_size = 4\nalb = { subnets = [\"subnet-c\", \"subnet-d\"], allowed_cidrs = [\"0.0.0.0/0\"] }\nprovisioning = { prometheus_url = \"http://10.0.0.5:9090\", dashboards = [\"dashboards/node.json\"] }\n",
     )
     .unwrap();
     edit(
@@ -359,6 +359,7 @@ fn the_default_alertmanager_definition_passes_amtool() {
 fn the_default_dashboards_are_valid_portable_and_complete() {
     use stackwarden_controllers::dashboard::check_dashboard;
     use stackwarden_controllers::diag::{Diagnostics, SourceFile};
+    use stackwarden_controllers::grafana::provisioning::{AMP, CLOUDWATCH, PROMETHEUS};
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("desired/dashboards");
     let mut titles = Vec::new();
     for name in ["node.json", "application.json", "prometheus.json"] {
@@ -366,7 +367,7 @@ fn the_default_dashboards_are_valid_portable_and_complete() {
         let text = std::fs::read_to_string(&path).unwrap();
         let file = SourceFile::new(path.clone(), name.into(), text.clone());
         let mut diags = Diagnostics::default();
-        check_dashboard(&file, &mut diags);
+        check_dashboard(&file, &[PROMETHEUS, AMP, CLOUDWATCH], &mut diags);
         let found: Vec<String> = diags.into_sorted().iter().map(|d| d.to_string()).collect();
         assert!(found.is_empty(), "{name}: {found:?}");
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();

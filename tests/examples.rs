@@ -837,3 +837,52 @@ async fn two_stacks_in_one_account_never_push_to_each_others_instances() {
         );
     }
 }
+
+/// The seed repository's own dashboards (tests/fixtures/seed-dashboards/: one names its data
+/// source `Prometheus`, one uses the default, one names the uid `prometheus`) validate in the
+/// Grafana example, whose provisioning defines that data source. Without it, the one naming it
+/// is refused at the line that names it.
+#[test]
+fn the_seed_repositorys_dashboards_validate_against_the_provisioned_prometheus() {
+    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/seed-dashboards");
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&examples().join("ec2-prometheus-grafana-alb"), dir.path());
+    let names = [
+        "aws-infrastructure.json",
+        "ec2_monitoring.json",
+        "github_monitoring.json",
+    ];
+    for name in names {
+        std::fs::copy(seed.join(name), dir.path().join("dashboards").join(name)).unwrap();
+    }
+    edit(
+        dir.path(),
+        "grafana.toml",
+        "dashboards = [\"dashboards/node.json\",",
+        "dashboards = [\"dashboards/aws-infrastructure.json\", \"dashboards/ec2_monitoring.json\", \"dashboards/github_monitoring.json\", \"dashboards/node.json\",",
+    );
+    let v = run(command(None, &["validate", path_str(dir.path())]));
+    v.expect(0);
+    assert!(v.stderr.contains("AWS API calls: 0"), "{}", v.stderr);
+
+    edit(
+        dir.path(),
+        "grafana.toml",
+        "prometheus_url = \"http://${host.prometheus.private_ip}:9090\"\n",
+        "",
+    );
+    let v = run(command(None, &["validate", path_str(dir.path())]));
+    v.expect(1);
+    let at = format!(
+        "{}:23:",
+        dir.path()
+            .join("dashboards/aws-infrastructure.json")
+            .display()
+    );
+    assert!(
+        v.stderr.lines().any(|l| l.starts_with(&at)
+            && l.contains("names the data source `Prometheus`, which the provisioning does not define (it defines `CloudWatch` (uid `cloudwatch`))")),
+        "expected {at}... in:\n{}",
+        v.stderr
+    );
+}

@@ -772,9 +772,10 @@ impl KindSpec for GrafanaSpec {
                 self.loaded_user_data = Some(file.text().to_string());
             }
         }
+        let sources = provisioning::defined(&self.provisioning);
         for d in &self.provisioning.dashboards {
             if let Some(file) = v.read(d) {
-                crate::dashboard::check_dashboard(&file.file, v.diags);
+                crate::dashboard::check_dashboard(&file.file, &sources, v.diags);
                 self.provisioning
                     .loaded_dashboards
                     .insert(d.get_ref().clone(), file.text().to_string());

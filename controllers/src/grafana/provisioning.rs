@@ -94,10 +94,45 @@ pub fn dashboard_file_name(path: &str) -> String {
         .unwrap_or_else(|| path.to_string())
 }
 
-/// Data source names, in the order they are listed.
-const PROMETHEUS: &str = "Prometheus";
-const AMP: &str = "Amazon Managed Prometheus";
-const CLOUDWATCH: &str = "CloudWatch";
+/// A data source the provisioning defines, as a dashboard can name it: by `name` (the string
+/// form `"datasource": "Prometheus"`) or by `uid` (the object form `{"uid": "prometheus"}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataSource {
+    pub name: &'static str,
+    pub uid: &'static str,
+    /// Grafana's plugin id, what a `datasource` template variable's `query` selects.
+    pub kind: &'static str,
+}
+
+/// The data sources, in the order they are listed.
+pub const PROMETHEUS: DataSource = DataSource {
+    name: "Prometheus",
+    uid: "prometheus",
+    kind: "prometheus",
+};
+pub const AMP: DataSource = DataSource {
+    name: "Amazon Managed Prometheus",
+    uid: "amp",
+    kind: "prometheus",
+};
+pub const CLOUDWATCH: DataSource = DataSource {
+    name: "CloudWatch",
+    uid: "cloudwatch",
+    kind: "cloudwatch",
+};
+
+/// The data sources `datasources` provisions, in its order: the first is Grafana's default (the
+/// one a panel without a `datasource` queries).
+pub fn defined(p: &ProvisioningSpec) -> Vec<DataSource> {
+    [
+        (p.prometheus_url.is_some(), PROMETHEUS),
+        (p.amp_url.is_some(), AMP),
+        (p.cloudwatch, CLOUDWATCH),
+    ]
+    .into_iter()
+    .filter_map(|(on, ds)| on.then_some(ds))
+    .collect()
+}
 
 /// `datasources/stackwarden.yaml`: the configured data sources, and the removal of those the
 /// desired state no longer has (Grafana keeps a provisioned data source otherwise).
@@ -108,23 +143,23 @@ pub fn datasources(p: &ProvisioningSpec, refs: &Refs, region: &str) -> String {
     let mut is_default = || !std::mem::replace(&mut default_taken, true);
     match &p.prometheus_url {
         Some(url) => list.push(map(vec![
-            ("name", s(PROMETHEUS)),
-            ("uid", s("prometheus")),
-            ("type", s("prometheus")),
+            ("name", s(PROMETHEUS.name)),
+            ("uid", s(PROMETHEUS.uid)),
+            ("type", s(PROMETHEUS.kind)),
             ("access", s("proxy")),
             ("url", s(refs.render(url).value)),
             ("isDefault", Yaml::Bool(is_default())),
             ("editable", Yaml::Bool(false)),
         ])),
-        None => gone.push(PROMETHEUS),
+        None => gone.push(PROMETHEUS.name),
     }
     match &p.amp_url {
         Some(url) => {
             let url = refs.render(url).value;
             list.push(map(vec![
-                ("name", s(AMP)),
-                ("uid", s("amp")),
-                ("type", s("prometheus")),
+                ("name", s(AMP.name)),
+                ("uid", s(AMP.uid)),
+                ("type", s(AMP.kind)),
                 ("access", s("proxy")),
                 ("url", s(url.trim_end_matches('/'))),
                 ("isDefault", Yaml::Bool(is_default())),
@@ -140,13 +175,13 @@ pub fn datasources(p: &ProvisioningSpec, refs: &Refs, region: &str) -> String {
                 ),
             ]))
         }
-        None => gone.push(AMP),
+        None => gone.push(AMP.name),
     }
     if p.cloudwatch {
         list.push(map(vec![
-            ("name", s(CLOUDWATCH)),
-            ("uid", s("cloudwatch")),
-            ("type", s("cloudwatch")),
+            ("name", s(CLOUDWATCH.name)),
+            ("uid", s(CLOUDWATCH.uid)),
+            ("type", s(CLOUDWATCH.kind)),
             ("isDefault", Yaml::Bool(is_default())),
             ("editable", Yaml::Bool(false)),
             (
@@ -158,7 +193,7 @@ pub fn datasources(p: &ProvisioningSpec, refs: &Refs, region: &str) -> String {
             ),
         ]));
     } else {
-        gone.push(CLOUDWATCH);
+        gone.push(CLOUDWATCH.name);
     }
     let mut doc = vec![("apiVersion", Yaml::Int(1))];
     if !gone.is_empty() {
@@ -302,6 +337,42 @@ alb = {{ subnets = ["subnet-a", "subnet-b"] }}
 
     fn parse(yaml: &str) -> marked_yaml::Node {
         marked_yaml::parse_yaml(0, yaml).unwrap()
+    }
+
+    /// `defined` is what dashboards are checked against: it must list what the file provisions,
+    /// by the same names and uids, the default first.
+    #[test]
+    fn defined_lists_the_provisioned_data_sources_default_first() {
+        for (text, want) in [
+            (
+                r#"provisioning = { prometheus_url = "http://10.0.0.5:9090", cloudwatch = true }"#,
+                vec![PROMETHEUS, CLOUDWATCH],
+            ),
+            (
+                r#"provisioning = { amp_url = "https://aps/workspaces/ws-1/", cloudwatch = true }"#,
+                vec![AMP, CLOUDWATCH],
+            ),
+            ("provisioning = {}", vec![]),
+        ] {
+            let s = spec(text);
+            assert_eq!(defined(&s.provisioning), want, "{text}");
+            let yaml = datasources(&s.provisioning, &Refs::default(), "eu-west-1");
+            let doc = parse(&yaml);
+            let list = doc
+                .as_mapping()
+                .unwrap()
+                .get_sequence("datasources")
+                .unwrap();
+            assert_eq!(list.len(), want.len(), "{yaml}");
+            for (i, (node, ds)) in list.iter().zip(&want).enumerate() {
+                let m = node.as_mapping().unwrap();
+                assert_eq!(m.get_scalar("name").unwrap().as_str(), ds.name);
+                assert_eq!(m.get_scalar("uid").unwrap().as_str(), ds.uid);
+                assert_eq!(m.get_scalar("type").unwrap().as_str(), ds.kind);
+                let default = if i == 0 { "true" } else { "false" };
+                assert_eq!(m.get_scalar("isDefault").unwrap().as_str(), default);
+            }
+        }
     }
 
     #[test]
