@@ -22,7 +22,9 @@ const PASSWORD: &str = "Zq9-grafana-admin-s3cret";
 
 /// The stack's Grafana: two instances in two zones behind an HTTPS load balancer, data sources
 /// for the AMP workspace and CloudWatch, the default dashboards, the password from SSM.
-fn grafana_toml(subnets: &[String], certificate: &str) -> String {
+/// Grafana runs in a container, restarted and given its password through `docker` (the
+/// stand-in at `docker`, see [`docker_stand_in`]).
+fn grafana_toml(subnets: &[String], certificate: &str, docker: &str) -> String {
     format!(
         r#"[grafana.main]
 ami = "resolve:ssm:/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
@@ -48,6 +50,9 @@ amp_url = "${{amp.workspace.main.prometheus_endpoint}}"
 cloudwatch = true
 admin_password_ssm_parameter = "/grafana/admin"
 ini = {{ server = {{ domain = "grafana.example.com" }}, users = {{ allow_sign_up = "false" }} }}
+restart = "{docker} restart grafana"
+cli = "{docker} exec -i grafana grafana cli"
+health_url = "file:///dev/null"
 "#,
         a = subnets[0],
         b = subnets[1],
@@ -58,6 +63,7 @@ struct Setup {
     aws: Aws,
     sandboxes: tempfile::TempDir,
     dir: tempfile::TempDir,
+    _bin: tempfile::TempDir,
 }
 
 impl Setup {
@@ -217,13 +223,9 @@ async fn setup() -> Setup {
 /// setup's).
 async fn setup_with(settings: Settings) -> Setup {
     let sandboxes = tempfile::tempdir().unwrap();
+    let bin = tempfile::tempdir().unwrap();
     let aws = Aws::with(Settings {
         sandbox_dir: Some(sandboxes.path().to_path_buf()),
-        sandbox_env: BTreeMap::from([
-            ("GRAFANA_RESTART".into(), "true".into()),
-            ("GRAFANA_HEALTH_URL".into(), "file:///dev/null".into()),
-            ("GRAFANA_CLI".into(), "true".into()),
-        ]),
         ..settings
     });
     let subnets = aws
@@ -278,7 +280,7 @@ async fn setup_with(settings: Settings) -> Setup {
     let dir = default_stack();
     std::fs::write(
         dir.path().join("grafana.toml"),
-        grafana_toml(&subnets, &arn),
+        grafana_toml(&subnets, &arn, &docker_stand_in(bin.path())),
     )
     .unwrap();
     std::fs::create_dir_all(dir.path().join("grafana")).unwrap();
@@ -291,7 +293,22 @@ async fn setup_with(settings: Settings) -> Setup {
         aws,
         sandboxes,
         dir,
+        _bin: bin,
     }
+}
+
+/// A `docker` for the group's instances, where no Grafana runs: each call is appended to
+/// `docker.log` in the instance's sandbox, with what `exec -i` reads on its stdin.
+fn docker_stand_in(dir: &Path) -> String {
+    let docker = dir.join("docker");
+    std::fs::write(
+        &docker,
+        "#!/bin/sh\nlog=\"$STACKWARDEN_ROOT/docker.log\"\necho \"$*\" >> \"$log\"\ncase \"$1 $2\" in\n  'exec -i') echo \"stdin: $(cat)\" >> \"$log\" ;;\n  'restart grafana') ;;\n  *) echo \"docker stand-in: unexpected $*\" >&2; exit 2 ;;\nesac\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&docker, std::fs::Permissions::from_mode(0o755)).unwrap();
+    docker.display().to_string()
 }
 
 /// The provisioning files on one instance parse, and name what the desired state says.
@@ -310,6 +327,25 @@ fn check_provisioning(root: &Path) {
     );
     assert!(!ini.contains(PASSWORD));
     assert_eq!(read("etc/grafana/admin-password"), PASSWORD);
+    // The configured commands ran (restart, then the password through the CLI), not the
+    // package's defaults, which are not on this machine.
+    let docker = read("docker.log");
+    let calls: Vec<&str> = docker.lines().collect();
+    assert!(
+        calls.len() >= 3 && calls.len().is_multiple_of(3),
+        "{docker}"
+    );
+    let push = &calls[calls.len() - 3..];
+    assert_eq!(push[0], "restart grafana", "{docker}");
+    assert_eq!(
+        push[1],
+        format!(
+            "exec -i grafana grafana cli --homepath /usr/share/grafana --config {}/etc/grafana/grafana.ini admin reset-admin-password --password-from-stdin",
+            root.display()
+        ),
+        "{docker}"
+    );
+    assert_eq!(push[2], format!("stdin: {PASSWORD}"), "{docker}");
     let datasources = read("etc/grafana/provisioning/datasources/stackwarden.yaml");
     let doc = marked_yaml::parse_yaml(0, &datasources).unwrap();
     let list = doc

@@ -45,11 +45,14 @@ impl Fixture {
         let prometheus = Prometheus::start(root.path());
         let aws = Aws::with(Settings {
             shared_sandbox: Some(root.path().to_path_buf()),
-            sandbox_env: [("PROMETHEUS_URL".to_string(), prometheus.url.clone())].into(),
             ..settings
         });
         let dir = default_stack();
-        std::fs::write(dir.path().join("hosts.toml"), HOSTS).unwrap();
+        let hosts = HOSTS.replace(
+            "scrape_interval = \"30s\"\n",
+            &format!("scrape_interval = \"30s\"\nurl = \"{}\"\n", prometheus.url),
+        );
+        std::fs::write(dir.path().join("hosts.toml"), hosts).unwrap();
         std::fs::create_dir_all(dir.path().join("userdata")).unwrap();
         std::fs::write(
             dir.path().join("userdata/prometheus.sh"),

@@ -23,6 +23,17 @@ pub struct Prometheus {
 
 impl Prometheus {
     pub fn start(root: &Path) -> Prometheus {
+        Prometheus::launch(root, true)
+    }
+
+    /// As a container runs it: no lifecycle API (a reload is a SIGHUP), and no AWS credentials
+    /// (nor instance metadata to find them), so a config with SigV4 remote_write passes promtool
+    /// and is refused by the reload.
+    fn without_lifecycle_or_credentials(root: &Path) -> Prometheus {
+        Prometheus::launch(root, false)
+    }
+
+    fn launch(root: &Path, lifecycle_and_credentials: bool) -> Prometheus {
         let config = root.join("etc/prometheus/prometheus.yml");
         std::fs::create_dir_all(config.parent().unwrap()).unwrap();
         std::fs::write(&config, "global:\n  scrape_interval: 15s\n").unwrap();
@@ -32,16 +43,27 @@ impl Prometheus {
             .unwrap()
             .port();
         let data = tempfile::tempdir().unwrap();
-        let child = Command::new("prometheus")
+        let mut command = Command::new("prometheus");
+        command
             .arg(format!("--config.file={}", config.display()))
             .arg(format!("--storage.tsdb.path={}", data.path().display()))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .arg("--web.enable-lifecycle")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+            .env("AWS_CONFIG_FILE", "/nonexistent")
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_PROFILE");
+        if lifecycle_and_credentials {
             // What an instance role gives it on EC2: remote_write with SigV4 needs credentials
             // to apply the config (sending then fails against the fake AMP URL, harmlessly).
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .env("AWS_REGION", "us-east-1")
+            command
+                .arg("--web.enable-lifecycle")
+                .env("AWS_ACCESS_KEY_ID", "testing")
+                .env("AWS_SECRET_ACCESS_KEY", "testing")
+                .env("AWS_REGION", "us-east-1");
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -99,13 +121,18 @@ fn get(url: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn spec(job: &str, rules: &str) -> PrometheusSpec {
+/// A host's `[prometheus]` table scraping `job`, with Prometheus at `url` and these extra keys.
+fn spec_with(job: &str, rules: &str, url: &str, extra: &str) -> PrometheusSpec {
     let mut p: PrometheusSpec = toml::from_str(&format!(
-        "rule_files = [\"rules/node.yml\"]\nscrape = [{{ job = \"{job}\", targets = [\"127.0.0.1:9\"] }}]\n"
+        "rule_files = [\"rules/node.yml\"]\nscrape = [{{ job = \"{job}\", targets = [\"127.0.0.1:9\"] }}]\nurl = \"{url}\"\n{extra}"
     ))
     .unwrap();
     p.loaded.rules.insert("rules/node.yml".into(), rules.into());
     p
+}
+
+fn spec(job: &str, rules: &str, url: &str) -> PrometheusSpec {
+    spec_with(job, rules, url, "")
 }
 
 const RULES: &str = "groups:\n  - name: node\n    rules:\n      - alert: Down\n        expr: up == 0\n        for: 5m\n";
@@ -113,7 +140,7 @@ const BAD_RULES: &str =
     "groups:\n  - name: node\n    rules:\n      - alert: Down\n        expr: up == (0\n";
 
 /// Runs the push as the SSM agent does on Ubuntu: the script in a file, `sh -c FILE`, dash as sh.
-fn push(bundle: &Bundle, root: &Path, prometheus: &Prometheus) -> std::process::Output {
+fn push(bundle: &Bundle, root: &Path) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("_script.sh");
     std::fs::write(&file, bundle.script()).unwrap();
@@ -123,7 +150,6 @@ fn push(bundle: &Bundle, root: &Path, prometheus: &Prometheus) -> std::process::
         .arg("-c")
         .arg(&file)
         .env("STACKWARDEN_ROOT", root)
-        .env("PROMETHEUS_URL", &prometheus.url)
         .output()
         .unwrap()
 }
@@ -140,8 +166,12 @@ fn a_good_push_is_live_after_reload_in_the_same_process() {
     let reloads = prom.metric("prometheus_config_last_reload_success_timestamp_seconds");
     std::thread::sleep(Duration::from_millis(1100));
 
-    let bundle = config::bundle(&spec("api", RULES), &Refs::default(), "us-east-1");
-    let out = push(&bundle, root.path(), &prom);
+    let bundle = config::bundle(
+        &spec("api", RULES, &prom.url),
+        &Refs::default(),
+        "us-east-1",
+    );
+    let out = push(&bundle, root.path());
     assert!(
         out.status.success(),
         "{}",
@@ -167,12 +197,20 @@ fn a_good_push_is_live_after_reload_in_the_same_process() {
 fn a_push_promtool_rejects_leaves_the_old_config_live() {
     let root = tempfile::tempdir().unwrap();
     let prom = Prometheus::start(root.path());
-    let good = config::bundle(&spec("api", RULES), &Refs::default(), "us-east-1");
-    assert!(push(&good, root.path(), &prom).status.success());
+    let good = config::bundle(
+        &spec("api", RULES, &prom.url),
+        &Refs::default(),
+        "us-east-1",
+    );
+    assert!(push(&good, root.path()).status.success());
     let before = live_config(root.path());
 
-    let bad = config::bundle(&spec("web", BAD_RULES), &Refs::default(), "us-east-1");
-    let out = push(&bad, root.path(), &prom);
+    let bad = config::bundle(
+        &spec("web", BAD_RULES, &prom.url),
+        &Refs::default(),
+        "us-east-1",
+    );
+    let out = push(&bad, root.path());
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -187,12 +225,11 @@ fn a_push_promtool_rejects_leaves_the_old_config_live() {
     assert!(prom.running_config().contains("job_name: api"));
     assert!(!prom.running_config().contains("job_name: web"));
     // Broken YAML in the rendered config's place: a raw config that does not parse.
-    let mut raw = spec("api", RULES);
+    let mut raw = spec("api", RULES, &prom.url);
     raw.loaded.config = Some("global:\n  scrape_interval: [15s\n".into());
     let out = push(
         &config::bundle(&raw, &Refs::default(), "us-east-1"),
         root.path(),
-        &prom,
     );
     assert!(!out.status.success());
     assert_eq!(live_config(root.path()), before);
@@ -220,7 +257,7 @@ async fn a_push_through_run_command_runs_in_the_sandbox_and_fails_with_promtools
         &instance,
         Sandbox {
             root: PathBuf::from(root.path()),
-            env: [("PROMETHEUS_URL".to_string(), prom.url.clone())].into(),
+            env: Default::default(),
         },
     );
     let ssm = aws.ssm().await;
@@ -257,7 +294,7 @@ async fn a_push_through_run_command_runs_in_the_sandbox_and_fails_with_promtools
         }
     };
     let ok = send(config::bundle(
-        &spec("api", RULES),
+        &spec("api", RULES, &prom.url),
         &Refs::default(),
         "us-east-1",
     ))
@@ -271,7 +308,7 @@ async fn a_push_through_run_command_runs_in_the_sandbox_and_fails_with_promtools
     assert!(prom.running_config().contains("job_name: api"));
 
     let bad = send(config::bundle(
-        &spec("web", BAD_RULES),
+        &spec("web", BAD_RULES, &prom.url),
         &Refs::default(),
         "us-east-1",
     ))
@@ -281,4 +318,125 @@ async fn a_push_through_run_command_runs_in_the_sandbox_and_fails_with_promtools
     let stderr = bad.standard_error_content.unwrap();
     assert!(stderr.contains("validation failed"), "{stderr}");
     assert!(prom.running_config().contains("job_name: api"));
+}
+
+/// A `docker` on the PATH of a containerised host's push, mapping the commands the README's
+/// containerised example configures onto the local Prometheus: `docker exec prometheus CMD` runs
+/// CMD here (the container's mounts are the same paths), `docker kill --signal HUP prometheus`
+/// signals the Prometheus process. Every call is appended to `docker.log` beside it.
+fn docker_stand_in(dir: &Path, prometheus_pid: u32) -> PathBuf {
+    let log = dir.join("docker.log");
+    let script = format!(
+        "#!/bin/sh\necho \"$*\" >> '{log}'\ncase \"$1 $2 $3 $4\" in\n  'exec prometheus '*) shift 2; exec \"$@\" ;;\n  'kill --signal HUP prometheus') exec kill -HUP {prometheus_pid} ;;\n  *) echo \"docker stand-in: unexpected $*\" >&2; exit 2 ;;\nesac\n",
+        log = log.display()
+    );
+    let docker = dir.join("docker");
+    std::fs::write(&docker, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&docker, std::fs::Permissions::from_mode(0o755)).unwrap();
+    log
+}
+
+/// [`push`] with `dir` first on the PATH.
+fn push_with_path(bundle: &Bundle, root: &Path, dir: &Path) -> std::process::Output {
+    let script = tempfile::tempdir().unwrap();
+    let file = script.path().join("_script.sh");
+    std::fs::write(&file, bundle.script()).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o700)).unwrap();
+    Command::new("dash")
+        .arg("-c")
+        .arg(&file)
+        .env("STACKWARDEN_ROOT", root)
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                dir.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .output()
+        .unwrap()
+}
+
+const CONTAINERISED: &str = "promtool = \"docker exec prometheus promtool\"\nreload = \"docker kill --signal HUP prometheus\"\n";
+
+#[test]
+fn a_containerised_prometheus_is_checked_and_reloaded_with_the_configured_commands() {
+    let root = tempfile::tempdir().unwrap();
+    let prom = Prometheus::without_lifecycle_or_credentials(root.path());
+    let pid = prom.pid();
+    let bin = tempfile::tempdir().unwrap();
+    let log = docker_stand_in(bin.path(), pid);
+    let reloads = prom.metric("prometheus_config_last_reload_success_timestamp_seconds");
+
+    let good = config::bundle(
+        &spec_with("api", RULES, &prom.url, CONTAINERISED),
+        &Refs::default(),
+        "us-east-1",
+    );
+    let out = push_with_path(&good, root.path(), bin.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The reload is verified: the same process runs the new config and rules.
+    assert!(prom.running_config().contains("job_name: api"));
+    assert_eq!(prom.metric("prometheus_config_last_reload_successful"), 1.0);
+    assert!(prom.metric("prometheus_config_last_reload_success_timestamp_seconds") > reloads);
+    assert_eq!(prom.pid(), pid);
+    let rules = get(&format!("{}/api/v1/rules", prom.url)).unwrap();
+    assert!(rules.contains("\"name\":\"Down\""), "{rules}");
+    // The configured commands ran, and only they: no lifecycle API answers here, so the default
+    // HTTP reload would have failed the push.
+    let calls = std::fs::read_to_string(&log).unwrap();
+    let calls: Vec<&str> = calls.lines().collect();
+    assert_eq!(calls.len(), 3, "{calls:?}");
+    assert!(
+        calls[0].starts_with("exec prometheus promtool check config "),
+        "{calls:?}"
+    );
+    assert!(
+        calls[0].ends_with("/etc/prometheus/prometheus.yml"),
+        "{calls:?}"
+    );
+    assert!(
+        calls[1].starts_with("exec prometheus promtool check rules "),
+        "{calls:?}"
+    );
+    assert_eq!(calls[2], "kill --signal HUP prometheus");
+
+    // A config promtool passes and Prometheus refuses (SigV4 without credentials): the reload
+    // check sees the refusal, the previous files go back and are reloaded.
+    let before = live_config(root.path());
+    let mut refused = spec_with("web", RULES, &prom.url, CONTAINERISED);
+    refused.loaded.config = Some(
+        "global:\n  scrape_interval: 15s\nrule_files: [rules/node.yml]\nremote_write:\n  - url: http://127.0.0.1:9/api/v1/remote_write\n    sigv4:\n      region: us-east-1\n".into(),
+    );
+    let out = push_with_path(
+        &config::bundle(&refused, &Refs::default(), "us-east-1"),
+        root.path(),
+        bin.path(),
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("reload failed; the previous files are back and reloaded"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("did not load the new files"), "{stderr}");
+    assert_eq!(live_config(root.path()), before);
+    assert!(prom.running_config().contains("job_name: api"));
+    assert_eq!(prom.metric("prometheus_config_last_reload_successful"), 1.0);
+    let calls = std::fs::read_to_string(&log).unwrap();
+    let hups = calls
+        .lines()
+        .filter(|l| *l == "kill --signal HUP prometheus")
+        .count();
+    assert_eq!(
+        hups, 3,
+        "one reload for the good push, two for the refused one: {calls}"
+    );
 }

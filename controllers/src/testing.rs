@@ -54,12 +54,8 @@ pub fn owned_tags(id: &str) -> BTreeMap<String, String> {
 
 /// Runs a pushed script as the SSM agent runs AWS-RunShellScript on Ubuntu and Debian: the
 /// commands in a file, `sh -c FILE`, with dash as `sh`. A bashism fails here as it would on
-/// the host. `root` becomes `$STACKWARDEN_ROOT`; `env` is added to the environment.
-pub fn run_as_agent(
-    script: &str,
-    root: &std::path::Path,
-    env: &[(&str, &str)],
-) -> std::process::Output {
+/// the host. `root` becomes `$STACKWARDEN_ROOT`.
+pub fn run_as_agent(script: &str, root: &std::path::Path) -> std::process::Output {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("_script.sh");
@@ -69,7 +65,6 @@ pub fn run_as_agent(
         .arg("-c")
         .arg(&file)
         .env("STACKWARDEN_ROOT", root)
-        .envs(env.iter().copied())
         .output()
         .expect("dash runs the pushed scripts as on Ubuntu: install the Debian package dash")
 }

@@ -561,7 +561,7 @@ mod tests {
             reload: Vec::new(),
         };
         let run = |script: String| {
-            let out = crate::testing::run_as_agent(&script, dir, &[]);
+            let out = crate::testing::run_as_agent(&script, dir);
             assert!(
                 out.status.success(),
                 "{}",

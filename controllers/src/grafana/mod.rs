@@ -27,6 +27,7 @@ use crate::diag::Diagnostics;
 use crate::kind::{schema, Form, Kind, KindDef};
 use crate::managed::Managed;
 use crate::model::{references_in, ResourceId};
+use crate::push::HostCommand;
 use crate::security_group::{self, GroupPart, IngressPart, IngressRule, RuleSpec};
 use crate::tags::{owner_id, Tags};
 
@@ -408,6 +409,16 @@ pub struct ProvisioningSpec {
     /// never the password itself.
     pub admin_password_ssm_parameter: Option<String>,
     pub admin_password_secret: Option<String>,
+    /// The command that restarts Grafana on an instance (`docker restart grafana`); default
+    /// `systemctl restart grafana-server`.
+    pub restart: Option<HostCommand>,
+    /// What answers once Grafana is back after the restart; default
+    /// `http://localhost:<target group port><health check path>`.
+    pub health_url: Option<HostCommand>,
+    /// The command prefix of Grafana's CLI, which sets the admin password
+    /// (`docker exec -i grafana grafana cli`; `-i`: the password arrives on stdin); default
+    /// `grafana cli`.
+    pub cli: Option<HostCommand>,
     /// Dashboard files' contents by path, read by `validate`.
     #[serde(skip)]
     pub loaded_dashboards: BTreeMap<String, String>,
@@ -792,6 +803,27 @@ impl KindSpec for GrafanaSpec {
                 v.error(
                     &self.provisioning.dashboards[i].span(),
                     format!("two dashboards would be installed as `{name}`: rename one file"),
+                );
+            }
+        }
+        let p = &self.provisioning;
+        for (key, c) in [
+            ("restart", &p.restart),
+            ("health_url", &p.health_url),
+            ("cli", &p.cli),
+        ] {
+            if let Some(c) = c {
+                c.check(v, &format!("provisioning.{key}"));
+            }
+        }
+        if let Some(url) = &p.health_url {
+            if !["http://", "https://", "file://"]
+                .iter()
+                .any(|s| url.as_str().starts_with(s))
+            {
+                v.error(
+                    &url.0.span(),
+                    format!("provisioning.health_url `{}` is not an http://, https:// or file:// URL that curl can poll", url.as_str()),
                 );
             }
         }

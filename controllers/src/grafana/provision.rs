@@ -111,6 +111,7 @@ impl Controller for ProvisioningController {
             None => None,
         };
         let p = provisioning::bundle(part, refs, &obs.region, password).prepare()?;
+        let commands = provisioning::Commands::of(part).describe(password.is_some());
         let table = ResourceId::new(GRAFANA, r.id.name.clone());
         let name = desired.default_name(&table);
         let password_field = |c: &mut Change<Op>| {
@@ -128,6 +129,7 @@ impl Controller for ProvisioningController {
             c.field("instances", None, Some(KNOWN_AFTER_APPLY.into()));
             c.field("provisioning", None, Some(p.short_hash()));
             password_field(&mut c);
+            c.notes.push(commands);
             c.op(Op::Push {
                 push: p,
                 instances: None,
@@ -178,6 +180,7 @@ impl Controller for ProvisioningController {
                 Some(format!("all {} ({})", fleet.len(), rollout.send.join(", "))),
             );
             password_field(&mut c);
+            c.notes.push(commands);
             c.op(Op::Push {
                 push: p,
                 instances: Some(rollout.send),

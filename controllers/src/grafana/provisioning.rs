@@ -18,7 +18,7 @@ use super::{GrafanaSpec, PasswordSource, ProvisioningSpec};
 use crate::desired::KindSpec;
 use crate::model::Refs;
 use crate::push::yaml::{map, s, Yaml};
-use crate::push::{shell_quote, Bundle, File};
+use crate::push::{self, shell_quote, Bundle, File};
 
 /// The bundle's name on the host (its stage, backup and hash files, and its instance tag).
 pub const NAME: &str = "grafana";
@@ -247,6 +247,49 @@ pub fn ini(p: &ProvisioningSpec, refs: &Refs, with_password: bool) -> String {
     out
 }
 
+/// Grafana's restart when `restart` is left out: the package's service.
+pub const DEFAULT_RESTART: &str = "systemctl restart grafana-server";
+/// Grafana's command line when `cli` is left out.
+pub const DEFAULT_CLI: &str = "grafana cli";
+
+/// The commands a group's push runs on its instances, as the desired state gives them or their
+/// defaults.
+pub struct Commands<'a> {
+    pub restart: &'a str,
+    /// Polled after the restart until it answers; default the target group's health check on
+    /// localhost.
+    pub health_url: String,
+    /// The prefix of `admin reset-admin-password` (`docker exec -i grafana grafana cli`).
+    pub cli: &'a str,
+}
+
+impl<'a> Commands<'a> {
+    pub fn of(part: &'a ProvisioningPart) -> Commands<'a> {
+        let p = &part.provisioning;
+        Commands {
+            restart: push::command_or(&p.restart, DEFAULT_RESTART),
+            health_url: p.health_url.as_ref().map_or_else(
+                || format!("http://localhost:{}{}", part.port, part.health_path),
+                |u| u.as_str().to_string(),
+            ),
+            cli: push::command_or(&p.cli, DEFAULT_CLI),
+        }
+    }
+
+    /// For a plan: what the push runs on each instance.
+    pub fn describe(&self, password: bool) -> String {
+        let cli = if password {
+            format!(", the admin password set with `{}`", self.cli)
+        } else {
+            String::new()
+        };
+        format!(
+            "on each instance: restart `{}`, then wait for {}{cli}",
+            self.restart, self.health_url
+        )
+    }
+}
+
 /// The whole bundle for one group.
 pub fn bundle(
     part: &ProvisioningPart,
@@ -298,14 +341,16 @@ pub fn bundle(
             "{{ getent group grafana >/dev/null && chgrp grafana {file} && chmod 0640 {file}; }} || true"
         ));
     }
-    reload.push("${GRAFANA_RESTART:-systemctl restart grafana-server}".into());
+    let commands = Commands::of(part);
+    reload.push(commands.restart.to_string());
     reload.push(format!(
-        "ok=; for i in $(seq 1 60); do if curl -fsS -o /dev/null \"${{GRAFANA_HEALTH_URL:-http://localhost:{}{}}}\"; then ok=1; break; fi; sleep 1; done; [ -n \"$ok\" ] || {{ echo 'grafana is not healthy 60 s after the restart' >&2; false; }}",
-        part.port, part.health_path
+        "ok=; for i in $(seq 1 60); do if curl -fsS -o /dev/null {}; then ok=1; break; fi; sleep 1; done; [ -n \"$ok\" ] || {{ echo 'grafana is not healthy 60 s after the restart' >&2; false; }}",
+        shell_quote(&commands.health_url)
     ));
     if password.is_some() {
         reload.push(format!(
-            "${{GRAFANA_CLI:-grafana}} cli --homepath /usr/share/grafana --config \"$root\"{INI} admin reset-admin-password --password-from-stdin < \"$root\"{PASSWORD_FILE} >/dev/null"
+            "{} --homepath /usr/share/grafana --config \"$root\"{INI} admin reset-admin-password --password-from-stdin < \"$root\"{PASSWORD_FILE} >/dev/null",
+            commands.cli
         ));
     }
     Bundle {
@@ -464,7 +509,7 @@ alb = {{ subnets = ["subnet-a", "subnet-b"] }}
             validate: Vec::new(),
             reload: Vec::new(),
         };
-        let out = crate::testing::run_as_agent(&bundle.script(), dir, &[]);
+        let out = crate::testing::run_as_agent(&bundle.script(), dir);
         assert!(
             out.status.success(),
             "{}",
@@ -485,7 +530,7 @@ alb = {{ subnets = ["subnet-a", "subnet-b"] }}
         failing
             .files
             .insert("/etc/demo/other".into(), File::new("x\n"));
-        let out = crate::testing::run_as_agent(&failing.script(), dir, &[]);
+        let out = crate::testing::run_as_agent(&failing.script(), dir);
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -497,7 +542,9 @@ alb = {{ subnets = ["subnet-a", "subnet-b"] }}
 
     #[test]
     fn the_script_installs_and_prunes_dashboards_under_the_root() {
-        let mut s = spec(r#"provisioning = { dashboards = ["dashboards/node.json"] }"#);
+        let mut s = spec(
+            r#"provisioning = { dashboards = ["dashboards/node.json"], restart = "true", health_url = "file:///dev/null" }"#,
+        );
         s.provisioning.loaded_dashboards.insert(
             "dashboards/node.json".into(),
             "{\"title\": \"Node\"}".into(),
@@ -510,10 +557,6 @@ alb = {{ subnets = ["subnet-a", "subnet-b"] }}
         let out = crate::testing::run_as_agent(
             &bundle(&s, &Refs::default(), "us-east-1", None).script(),
             dir,
-            &[
-                ("GRAFANA_RESTART", "true"),
-                ("GRAFANA_HEALTH_URL", "file:///dev/null"),
-            ],
         );
         assert!(
             out.status.success(),

@@ -1,5 +1,6 @@
 //! The Prometheus host's bundle: `prometheus.yml` (rendered from the desired state, or a raw file)
-//! and the rule files, validated with promtool and reloaded through `POST /-/reload`.
+//! and the rule files, validated with promtool and reloaded through `POST /-/reload`, or with the
+//! commands the host's `[prometheus]` table gives (a containerised Prometheus).
 //!
 //! Rule files are installed under `/etc/prometheus/` at their path in the desired directory and
 //! referenced relatively from `prometheus.yml`, so promtool checks the staged rules together with
@@ -11,7 +12,7 @@ use super::PrometheusSpec;
 use crate::desired::{FileRef, Validator};
 use crate::model::Refs;
 use crate::push::yaml::{map, s, Yaml};
-use crate::push::{shell_quote, Bundle, File};
+use crate::push::{self, shell_quote, Bundle, File};
 use toml::Spanned;
 
 /// The bundle's name on the host (its stage, backup and hash files, and its instance tag).
@@ -257,6 +258,66 @@ pub fn render(spec: &PrometheusSpec, refs: &Refs, region: &str) -> String {
     )
 }
 
+/// Where Prometheus answers when `url` is left out.
+pub const DEFAULT_URL: &str = "http://localhost:9090";
+/// promtool when `promtool` is left out: the host's own.
+pub const DEFAULT_PROMTOOL: &str = "promtool";
+
+/// The commands a host's push runs, as the desired state gives them or their defaults.
+pub struct Commands<'a> {
+    pub promtool: &'a str,
+    /// None: `POST <url>/-/reload`.
+    pub reload: Option<&'a str>,
+    pub url: &'a str,
+}
+
+impl<'a> Commands<'a> {
+    pub fn of(spec: &'a PrometheusSpec) -> Commands<'a> {
+        Commands {
+            promtool: push::command_or(&spec.promtool, DEFAULT_PROMTOOL),
+            reload: spec.reload.as_ref().map(push::HostCommand::as_str),
+            url: push::command_or(&spec.url, DEFAULT_URL).trim_end_matches('/'),
+        }
+    }
+
+    /// For a plan: what the push runs on the host.
+    pub fn describe(&self) -> String {
+        format!(
+            "on the host: promtool `{}`, reload {}, Prometheus at {}",
+            self.promtool,
+            self.reload
+                .map_or_else(|| "`POST /-/reload`".to_string(), |r| format!("`{r}`")),
+            self.url
+        )
+    }
+
+    /// The reload and its check. The HTTP reload answers when it is done, with an error when
+    /// Prometheus refused the files; a signal is answered by nobody, so the check waits (30 s)
+    /// for Prometheus's own record of its last successful reload to move past the one before
+    /// the signal, and fails early when a reload that had succeeded now reads as failed.
+    fn reload(&self) -> Vec<String> {
+        let url = shell_quote(self.url);
+        let metrics = format!("curl -sS --fail-with-body {url}/metrics");
+        // grep and awk read everything (no -q, no exit): an early exit would fail curl.
+        let Some(command) = self.reload else {
+            return vec![
+                format!("curl -sS --fail-with-body -X POST {url}/-/reload"),
+                format!(
+                    "{metrics} | grep -x 'prometheus_config_last_reload_successful 1' >/dev/null"
+                ),
+            ];
+        };
+        let read = "$1 == \"prometheus_config_last_reload_successful\" { s = $2 } $1 == \"prometheus_config_last_reload_success_timestamp_seconds\" { t = $2 }";
+        vec![
+            format!("before=$({metrics} | awk '{read} END {{ print s, t }}')"),
+            command.to_string(),
+            format!(
+                "r=; for i in $(seq 1 30); do r=$({metrics} | awk -v before=\"$before\" 'BEGIN {{ split(before, b, \" \") }} {read} END {{ if (s == 1 && t + 0 > b[2] + 0) print \"ok\"; else if (s == 0 && b[1] == 1) print \"refused\" }}'); [ -n \"$r\" ] && break; sleep 1; done; [ \"$r\" = ok ] || {{ echo \"prometheus at \"{url}\" did not load the new files after the reload command ($r)\" >&2; false; }}"
+            ),
+        ]
+    }
+}
+
 /// The bundle for a Prometheus host: its config and rule files, checked with promtool, applied
 /// with a reload that must leave `prometheus_config_last_reload_successful` at 1.
 pub fn bundle(spec: &PrometheusSpec, refs: &Refs, region: &str) -> Bundle {
@@ -268,8 +329,10 @@ pub fn bundle(spec: &PrometheusSpec, refs: &Refs, region: &str) -> Bundle {
     for (path, text) in &spec.loaded.rules {
         files.insert(format!("{CONFIG_DIR}/{path}"), File::new(text.clone()));
     }
+    let commands = Commands::of(spec);
+    let promtool = commands.promtool;
     let mut validate = vec![format!(
-        "\"$PROMTOOL\" check config \"$stage\"{}",
+        "{promtool} check config \"$stage\"{}",
         shell_quote(CONFIG_FILE)
     )];
     if !spec.loaded.rules.is_empty() {
@@ -279,17 +342,13 @@ pub fn bundle(spec: &PrometheusSpec, refs: &Refs, region: &str) -> Bundle {
             .keys()
             .map(|p| format!("\"$stage\"{}", shell_quote(&format!("{CONFIG_DIR}/{p}"))))
             .collect();
-        validate.push(format!("\"$PROMTOOL\" check rules {}", staged.join(" ")));
+        validate.push(format!("{promtool} check rules {}", staged.join(" ")));
     }
     Bundle {
         name: NAME.into(),
         files,
         validate,
-        reload: vec![
-            "curl -sS --fail-with-body -X POST \"$PROMETHEUS_URL/-/reload\"".into(),
-            // grep reads everything (no -q): an early exit would fail curl, and the pipe with it.
-            "curl -sS --fail-with-body \"$PROMETHEUS_URL/metrics\" | grep -x 'prometheus_config_last_reload_successful 1' >/dev/null".into(),
-        ],
+        reload: commands.reload(),
     }
 }
 

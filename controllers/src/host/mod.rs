@@ -23,6 +23,7 @@ use crate::desired::{
 use crate::kind::{schema, Form, Kind, KindDef};
 use crate::managed::Managed;
 use crate::model::{references_in, ResourceId};
+use crate::push::HostCommand;
 use crate::security_group::{self, GroupPart, IngressPart, IngressRule};
 
 static HOST_KIND: KindDef = KindDef {
@@ -193,6 +194,15 @@ pub struct PrometheusSpec {
     #[serde(default)]
     pub scrape: Vec<ScrapeJob>,
     pub remote_write: Option<RemoteWrite>,
+    /// The command prefix that runs promtool on the host (`docker exec prometheus promtool`);
+    /// default `promtool` on the host's PATH.
+    pub promtool: Option<HostCommand>,
+    /// The command that makes Prometheus read its files (`docker kill --signal HUP prometheus`);
+    /// default `POST <url>/-/reload`, which needs `--web.enable-lifecycle`.
+    pub reload: Option<HostCommand>,
+    /// Where Prometheus answers on the host, for the reload and its check; default
+    /// `http://localhost:9090`.
+    pub url: Option<HostCommand>,
     #[serde(skip)]
     pub loaded: PrometheusFiles,
 }
@@ -324,6 +334,26 @@ impl KindSpec for HostSpec {
             }
         }
         if let Some(p) = &mut self.prometheus {
+            for (key, c) in [
+                ("promtool", &p.promtool),
+                ("reload", &p.reload),
+                ("url", &p.url),
+            ] {
+                if let Some(c) = c {
+                    c.check(v, &format!("prometheus.{key}"));
+                }
+            }
+            if let Some(url) = &p.url {
+                if !(url.as_str().starts_with("http://") || url.as_str().starts_with("https://")) {
+                    v.error(
+                        &url.0.span(),
+                        format!(
+                            "prometheus.url `{}` is not an http:// or https:// URL",
+                            url.as_str()
+                        ),
+                    );
+                }
+            }
             for d in [&p.scrape_interval, &p.evaluation_interval]
                 .into_iter()
                 .flatten()

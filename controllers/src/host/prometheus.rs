@@ -88,6 +88,7 @@ impl Controller for PrometheusController {
     ) -> Result<Option<Change<Op>>> {
         let part = r.spec.expect::<PrometheusPart>();
         let p = config::bundle(&part.spec, refs, &obs.region).prepare()?;
+        let commands = config::Commands::of(&part.spec).describe();
         let host = ResourceId::new(HOST, r.id.name.clone());
         let name = desired.default_name(&host);
         // The host's attributes exist once its instance runs (or is stopped).
@@ -99,6 +100,7 @@ impl Controller for PrometheusController {
             );
             c.field("instance", None, Some(KNOWN_AFTER_APPLY.into()));
             c.field("prometheus", None, Some(p.short_hash()));
+            c.notes.push(commands);
             c.op(Op::Push {
                 push: p,
                 instances: None,
@@ -134,6 +136,7 @@ impl Controller for PrometheusController {
             });
         } else if !rollout.send.is_empty() {
             c.field("prometheus", shown, Some(p.short_hash()));
+            c.notes.push(commands);
             c.op(Op::Push {
                 push: p,
                 instances: Some(vec![instance.clone()]),

@@ -3,8 +3,9 @@
 //!
 //! The script (`push.sh`) stages the files, validates the staged copy, swaps each live file with
 //! a rename beside it, reloads, and puts the previous files back (and reloads again) when the
-//! reload fails. Paths are under `$STACKWARDEN_ROOT` and Prometheus is at `$PROMETHEUS_URL`, so
-//! tests run the very same script in a temporary directory against a real Prometheus.
+//! reload fails. Paths are under `$STACKWARDEN_ROOT`, and the commands that check and reload
+//! come from the desired state ([`HostCommand`]), so tests run the very same script in a
+//! temporary directory against a real Prometheus.
 //!
 //! This module renders text and computes hashes; `send` is the one place that sends a bundle.
 
@@ -199,6 +200,43 @@ impl Bundle {
     }
 }
 
+/// A command the push runs on the host, from the desired state (`promtool`, `reload`, `restart`,
+/// ...): one line of POSIX sh, pasted into the script as it is written. What runs the service
+/// (a package, `docker`, `podman`) is the host's business; stackwarden only needs the command.
+#[derive(Debug, Clone)]
+pub struct HostCommand(pub toml::Spanned<String>);
+
+impl<'de> serde::Deserialize<'de> for HostCommand {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        toml::Spanned::<String>::deserialize(d).map(HostCommand)
+    }
+}
+
+impl HostCommand {
+    pub fn as_str(&self) -> &str {
+        self.0.get_ref()
+    }
+
+    /// Refuses an empty command and one of more than one line: the script runs each command as
+    /// one line followed by `|| return 1`, so a second line would escape that check.
+    pub fn check(&self, v: &mut crate::desired::Validator<'_>, key: &str) {
+        let c = self.as_str();
+        if c.trim().is_empty() {
+            v.error(
+                &self.0.span(),
+                format!("`{key}` is empty: give the command, or leave the key out for the default"),
+            );
+        } else if c.contains(['\n', '\r', '\0']) {
+            v.error(&self.0.span(), format!("`{key}` is more than one line: a host command is one line of sh (join commands with `&&`)"));
+        }
+    }
+}
+
+/// The command a key names, or its default.
+pub fn command_or<'a>(c: &'a Option<HostCommand>, default: &'a str) -> &'a str {
+    c.as_ref().map_or(default, HostCommand::as_str)
+}
+
 /// Quotes a word for POSIX sh.
 pub fn shell_quote(s: &str) -> String {
     if !s.is_empty()
@@ -245,7 +283,7 @@ mod tests {
     fn the_script_installs_exact_bytes_under_the_root() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
-        let out = crate::testing::run_as_agent(&bundle().script(), dir, &[]);
+        let out = crate::testing::run_as_agent(&bundle().script(), dir);
         assert!(
             out.status.success(),
             "{}",
@@ -268,7 +306,7 @@ mod tests {
         std::fs::write(dir.join("etc/demo/a.conf"), "old\n").unwrap();
         let mut b = bundle();
         b.reload = vec!["grep -q old \"$STACKWARDEN_ROOT/etc/demo/a.conf\"".into()];
-        let out = crate::testing::run_as_agent(&b.script(), dir, &[]);
+        let out = crate::testing::run_as_agent(&b.script(), dir);
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -291,7 +329,7 @@ mod tests {
         let dir = tmp.path();
         let mut b = bundle();
         b.validate = vec!["echo 'line 3: bad' >&2; false".into()];
-        let out = crate::testing::run_as_agent(&b.script(), dir, &[]);
+        let out = crate::testing::run_as_agent(&b.script(), dir);
         assert!(!out.status.success());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(

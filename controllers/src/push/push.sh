@@ -10,9 +10,6 @@
 # Debian. No arrays, no `local`, no pipefail: the file list is written out in each loop.
 set -u
 root="${STACKWARDEN_ROOT:-}"
-PROMETHEUS_URL="${PROMETHEUS_URL:-http://localhost:9090}"
-PROMTOOL="${PROMTOOL:-promtool}"
-export PROMETHEUS_URL PROMTOOL
 state="$root/var/lib/stackwarden"
 stage="$state/stage/@NAME@"
 backup="$state/backup/@NAME@"

@@ -88,7 +88,7 @@ pub struct Settings {
     /// When set (and `sandbox_dir` is not), every instance without an explicit sandbox runs in
     /// this one directory: for tests with one host whose id is not known in advance.
     pub shared_sandbox: Option<PathBuf>,
-    /// Environment for every command run in a sandbox (such as `PROMETHEUS_URL`).
+    /// Environment for every command run in a sandbox.
     pub sandbox_env: BTreeMap<String, String>,
     /// What happens to commands sent to an instance without a sandbox.
     pub unsandboxed: Unsandboxed,
