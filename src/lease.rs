@@ -1,7 +1,8 @@
 //! `--lease TABLE`: one writer among several daemons (two management instances for high
 //! availability), by a lease item in a DynamoDB table.
 //!
-//! The item `{lease: <stack>, holder, expires}` is written only with a condition: nobody holds
+//! The item `{lease: <stack>, holder, expires}` (the key is `<account>/<stack>` for a stack
+//! acting as a role of another account: [`key`]) is written only with a condition: nobody holds
 //! it, or this daemon does, or the holder's lease has expired. A daemon holds the lease from
 //! the moment it *sent* a successful write until `duration` later, minus a safety margin, by its
 //! own monotonic clock; it renews every third of the duration. A holder that dies stops
@@ -25,10 +26,22 @@ use aws_sdk_dynamodb::types::{
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+/// The key of a stack's lease item: its name, or `<account>/<name>` when it acts as a role
+/// (`[stack] assume_role`) in that account. Ownership is by stack name within an account, so
+/// two accounts' stacks of one name are two stacks, and their daemons must not wait for each
+/// other; two daemons of one stack in one account share the item.
+pub fn key(stack: &stackwarden_controllers::desired::StackSpec) -> String {
+    let name = stack.name.get_ref();
+    match stack.role_account() {
+        Some(account) => format!("{account}/{name}"),
+        None => name.clone(),
+    }
+}
+
 pub struct Lease {
     client: aws_sdk_dynamodb::Client,
     table: String,
-    /// The lease's key: the stack name, so one table serves several stacks.
+    /// The lease's key ([`key`]), so one table serves several stacks.
     key: String,
     /// Who this daemon is: host name, process id and a random part.
     pub holder: String,
