@@ -178,8 +178,17 @@ fn main() -> ExitCode {
 
 fn init_logging(format: LogFormat, verbose: bool) {
     let default = if verbose { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // A role that cannot be assumed is reported once, by the operator, naming the stack
+    // (`aws::caller_account`); the SDK's own warning would say it again. Unless asked for.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("aws_config")) {
+        filter = filter.add_directive(
+            "aws_config::sts::assume_role=error"
+                .parse()
+                .expect("a valid directive"),
+        );
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

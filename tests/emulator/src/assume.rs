@@ -39,11 +39,7 @@ struct Caller {
 /// Refuses an AssumeRole AWS would refuse.
 pub async fn check(state: &Arc<State>, req: &Incoming) -> Result<(), ApiError> {
     let form = req.form();
-    let param = |key: &str| {
-        form.iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.clone())
-    };
+    let param = |key: &str| form.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
     let role = param("RoleArn").unwrap_or_default();
     let external_id = param("ExternalId");
     let caller = caller(state, req).await?;
@@ -141,7 +137,10 @@ async fn trust_policy(
 fn admits(trust: &Value, caller: &Caller, external_id: Option<&str>) -> bool {
     let mut context = BTreeMap::from([
         ("aws:PrincipalArn".to_string(), vec![principal_arn(caller)]),
-        ("aws:PrincipalAccount".to_string(), vec![caller.account.clone()]),
+        (
+            "aws:PrincipalAccount".to_string(),
+            vec![caller.account.clone()],
+        ),
     ]);
     if let Some(id) = external_id {
         context.insert("sts:ExternalId".into(), vec![id.to_string()]);
@@ -152,13 +151,16 @@ fn admits(trust: &Value, caller: &Caller, external_id: Option<&str>) -> bool {
         _ => Vec::new(),
     };
     let matching = |effect: &str| {
-        statements.iter().filter(|s| s["Effect"] == effect).any(|s| {
-            strings(&s["Action"])
-                .iter()
-                .any(|a| wildcard(a, "sts:AssumeRole", true))
-                && names(&s["Principal"], caller)
-                && conditions_hold(&s["Condition"], &context)
-        })
+        statements
+            .iter()
+            .filter(|s| s["Effect"] == effect)
+            .any(|s| {
+                strings(&s["Action"])
+                    .iter()
+                    .any(|a| wildcard(a, "sts:AssumeRole", true))
+                    && names(&s["Principal"], caller)
+                    && conditions_hold(&s["Condition"], &context)
+            })
     };
     matching("Allow") && !matching("Deny")
 }
@@ -224,14 +226,20 @@ mod tests {
             json!({"AWS": ["arn:aws:iam::999999999999:root", "arn:aws:iam::123456789012:user/operator"]}),
             json!("*"),
         ] {
-            assert!(admits(&trusting(p.clone(), Value::Null), &base(), None), "{p}");
+            assert!(
+                admits(&trusting(p.clone(), Value::Null), &base(), None),
+                "{p}"
+            );
         }
         for p in [
             json!({"AWS": "arn:aws:iam::999999999999:root"}),
             json!({"AWS": "arn:aws:iam::123456789012:user/someone-else"}),
             json!({"Service": "ec2.amazonaws.com"}),
         ] {
-            assert!(!admits(&trusting(p.clone(), Value::Null), &base(), None), "{p}");
+            assert!(
+                !admits(&trusting(p.clone(), Value::Null), &base(), None),
+                "{p}"
+            );
         }
     }
 
@@ -245,7 +253,10 @@ mod tests {
             "arn:aws:iam::123456789012:role/management",
             "arn:aws:iam::123456789012:role/ops/management",
         ] {
-            assert!(admits(&trusting(json!({"AWS": p}), Value::Null), &session, None), "{p}");
+            assert!(
+                admits(&trusting(json!({"AWS": p}), Value::Null), &session, None),
+                "{p}"
+            );
         }
         let other = json!({"AWS": "arn:aws:iam::123456789012:role/other"});
         assert!(!admits(&trusting(other, Value::Null), &session, None));

@@ -146,10 +146,7 @@ pub fn wildcard(pattern: &str, text: &str, ignore_case: bool) -> bool {
     go(&p, &t, ignore_case)
 }
 
-pub(crate) fn conditions_hold(
-    conditions: &Value,
-    context: &BTreeMap<String, Vec<String>>,
-) -> bool {
+pub(crate) fn conditions_hold(conditions: &Value, context: &BTreeMap<String, Vec<String>>) -> bool {
     let Value::Object(operators) = conditions else {
         return true;
     };
