@@ -281,6 +281,22 @@ pub fn default_stack() -> tempfile::TempDir {
     dir
 }
 
+/// A copy of the default stack named `name`, acting as `role` (with `external_id`).
+pub fn stack_as(name: &str, role: &str, external_id: Option<&str>) -> tempfile::TempDir {
+    let dir = default_stack();
+    let external_id = external_id
+        .map(|id| format!("external_id = \"{id}\"\n"))
+        .unwrap_or_default();
+    std::fs::write(
+        dir.path().join("stack.toml"),
+        format!(
+            "[stack]\nname = \"{name}\"\nregion = \"us-east-1\"\ntags = {{ project = \"monitoring\" }}\nassume_role = \"{role}\"\n{external_id}"
+        ),
+    )
+    .unwrap();
+    dir
+}
+
 /// Copies a directory tree.
 pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();

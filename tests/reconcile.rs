@@ -3,7 +3,7 @@
 
 use aws_sdk_amp::primitives::Blob;
 
-use crate::harness::{default_stack, edit, path_str, stackwarden, stackwarden_with, Aws};
+use crate::harness::{default_stack, edit, path_str, stack_as, stackwarden, stackwarden_with, Aws};
 
 const PROMETHEUS_ROLE: &str = "monitoring-prometheus";
 const SSM_CORE: &str = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore";
@@ -851,22 +851,6 @@ async fn a_trust_policy_and_a_managed_policy_in_iams_stored_forms_are_not_drift(
     let plan = stackwarden(Some(&aws.endpoint), &["plan", d]);
     plan.expect(0);
     assert!(plan.stdout.contains("No changes"), "{}", plan.stdout);
-}
-
-/// A copy of the default stack named `name`, acting as `role` (with `external_id`).
-fn stack_as(name: &str, role: &str, external_id: Option<&str>) -> tempfile::TempDir {
-    let dir = default_stack();
-    let external_id = external_id
-        .map(|id| format!("external_id = \"{id}\"\n"))
-        .unwrap_or_default();
-    std::fs::write(
-        dir.path().join("stack.toml"),
-        format!(
-            "[stack]\nname = \"{name}\"\nregion = \"us-east-1\"\ntags = {{ project = \"monitoring\" }}\nassume_role = \"{role}\"\n{external_id}"
-        ),
-    )
-    .unwrap();
-    dir
 }
 
 /// What one account holds of the stacks: its roles' and customer managed policies' names, and
