@@ -270,3 +270,41 @@ fn unix_millis() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use stackwarden_controllers::desired::StackSpec;
+    use toml::Spanned;
+
+    fn stack(name: &str, role: Option<&str>) -> StackSpec {
+        StackSpec {
+            name: Spanned::new(0..0, name.to_string()),
+            region: None,
+            tags: None,
+            deletion_policy: Default::default(),
+            assume_role: role.map(|r| Spanned::new(0..0, r.to_string())),
+            external_id: None,
+        }
+    }
+
+    #[test]
+    fn a_stacks_lease_item_is_its_own_in_every_account() {
+        assert_eq!(super::key(&stack("monitoring", None)), "monitoring");
+        let dev = "arn:aws:iam::111111111111:role/stackwarden";
+        let prod = "arn:aws:iam::222222222222:role/ops/stackwarden";
+        assert_eq!(
+            super::key(&stack("monitoring", Some(dev))),
+            "111111111111/monitoring"
+        );
+        assert_ne!(
+            super::key(&stack("monitoring", Some(dev))),
+            super::key(&stack("monitoring", Some(prod)))
+        );
+        // Two roles of one account act on the one stack of that name there: one item.
+        let other_role = "arn:aws:iam::111111111111:role/another";
+        assert_eq!(
+            super::key(&stack("monitoring", Some(dev))),
+            super::key(&stack("monitoring", Some(other_role)))
+        );
+    }
+}

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use aws_sdk_ec2::types::{InstanceType, ResourceType, Tag, TagSpecification};
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 use stackwarden_emulator::{Enforce, Settings};
 
@@ -516,8 +517,9 @@ fn expand(command: &str, instance: &str, env: &BTreeMap<String, String>) -> Vec<
 /// The template unit, `stackwarden@<stack>.service`: the hardening of the single unit, and
 /// per stack its own checkout and state directory, its own port (from its environment file,
 /// which must exist) and its own lease item. Its command line, as systemd expands it with the
-/// example environment file, runs the daemon of a stack acting as a role of another account:
-/// it converges there and holds the lease item of that account's stack.
+/// example environment file, runs the daemon of a stack acting as a role of another account,
+/// under the operator's policy (which lets it assume the `stackwarden` roles, no other): it
+/// converges there and holds the lease item of that account's stack in its own account.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_template_unit_runs_each_stack_with_its_own_checkout_port_and_lease_item() {
     let template = deploy_file("stackwarden@.service");
@@ -555,14 +557,27 @@ async fn the_template_unit_runs_each_stack_with_its_own_checkout_port_and_lease_
 
     // The command line of stackwarden@dev with the example environment file (on a free port),
     // its checkout at a temporary directory.
-    let aws = Aws::start();
-    aws.assumable_role("111111111111", "stackwarden-target", None)
+    let policy: serde_json::Value = serde_json::from_str(&deploy_file("iam-policy.json")).unwrap();
+    let aws = Aws::with(Settings {
+        enforce: Some(Enforce {
+            access_key: OPERATOR.into(),
+            policy,
+        }),
+        ..Settings::default()
+    });
+    aws.assumable_role("111111111111", "stackwarden", None)
         .await;
-    let desired = stack_as(
-        "dev",
-        "arn:aws:iam::111111111111:role/stackwarden-target",
-        None,
-    );
+    aws.assumable_role("111111111111", "admin", None).await;
+    let sts = aws_sdk_sts::Client::new(&aws.sdk_as("us-east-1", OPERATOR).await);
+    let other = sts
+        .assume_role()
+        .role_arn("arn:aws:iam::111111111111:role/admin")
+        .role_session_name("operator")
+        .send()
+        .await
+        .expect_err("the policy allows the stacks' roles only");
+    assert_eq!(other.code(), Some("AccessDenied"), "{other:?}");
+    let desired = stack_as("dev", "arn:aws:iam::111111111111:role/stackwarden", None);
     let mut env = environment_file(&deploy_file("stackwarden-stack.env"));
     assert!(env["STACKWARDEN_ARGS"].contains("--lease stackwarden-lease"));
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -580,12 +595,13 @@ async fn the_template_unit_runs_each_stack_with_its_own_checkout_port_and_lease_
         .arg(desired.path())
         .env("AWS_ENDPOINT_URL", &aws.endpoint)
         .env("AWS_REGION", "us-east-1")
-        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_ACCESS_KEY_ID", OPERATOR)
         .env("AWS_SECRET_ACCESS_KEY", "testing")
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("AWS_CONFIG_FILE", "/nonexistent")
         .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
         .env("RUST_LOG", "info");
+    let before = aws.emulator.calls().len();
     let mut daemon = crate::daemon::Daemon::spawn(cmd);
     assert_eq!(daemon.address(), listen, "the port of the stack's own file");
     daemon.wait_for("pass done", &[("converged", "true"), ("write", "true")]);
@@ -623,4 +639,16 @@ async fn the_template_unit_runs_each_stack_with_its_own_checkout_port_and_lease_
 
     daemon.signal("TERM");
     assert_eq!(daemon.exit_code(), Some(0));
+    // The operator's own calls (the role assumed, the lease) were all allowed; the stack's
+    // were made with the role's credentials, not the operator's.
+    let calls = aws.emulator.calls();
+    let own: Vec<_> = calls[before..]
+        .iter()
+        .filter(|c| c.caller == OPERATOR)
+        .collect();
+    assert!(own.iter().all(|c| c.status != 403), "refused: {own:?}");
+    let mut services: Vec<&str> = own.iter().map(|c| c.service.as_str()).collect();
+    services.sort();
+    services.dedup();
+    assert_eq!(services, ["dynamodb", "sts"], "{own:?}");
 }
