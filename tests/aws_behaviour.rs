@@ -6,8 +6,8 @@
 //! that time out on delivery, load balancer attributes answered with AWS's defaults, commands
 //! over the document size, commands to a stopped instance delayed until it runs, creates
 //! idempotent on their client tokens, a listing that shows a
-//! new instance late, and a deleted load balancer's network interfaces holding its security
-//! group.
+//! new instance late, a deleted load balancer's network interfaces holding its security
+//! group, and AssumeRole refused unless the role exists and trusts the caller.
 
 use std::time::{Duration, Instant};
 

@@ -4,7 +4,8 @@
 //! reported and the previous state stays enforced; out-of-band drift is corrected within one
 //! resync; the status endpoint; SIGTERM during a pass lets it finish and exits 0, a second
 //! signal exits at once. Two daemons sharing a lease, their checkouts kept up by `--git-pull`:
-//! only the holder writes, and the other takes over when it dies.
+//! only the holder writes, and the other takes over when it dies. A commit naming another role
+//! for the stack is refused until a restart.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

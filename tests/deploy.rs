@@ -2,7 +2,8 @@
 //! its resources and conditions as IAM evaluates them (a full scenario with every controller,
 //! from empty to pruned, under the lease once, with the emulator holding the operator to the
 //! policy), and the
-//! cloud-init and workflow files are valid YAML that carry the systemd unit and the commands.
+//! cloud-init and workflow files are valid YAML that carry the systemd unit and the commands;
+//! the template unit runs one stack per instance, with its own checkout, port and lease item.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

@@ -1,5 +1,6 @@
 //! `plan` and `reconcile --once` against the emulator: converging from empty, drift made out of band
-//! through the SDK, ownership, adoption, observe-only, orphaning and pruning.
+//! through the SDK, ownership, adoption, observe-only, orphaning and pruning; stacks acting as
+//! roles of other accounts, each in its own, and a role that cannot be assumed.
 
 use aws_sdk_amp::primitives::Blob;
 
