@@ -1,11 +1,12 @@
-//! AWS plumbing: the SDK configuration (standard credential chain, region, endpoint override)
-//! and the interceptor that counts every API call by service and operation.
+//! AWS plumbing: the SDK configuration (standard credential chain, region, endpoint override,
+//! the stack's assumed role) and the interceptor that counts every API call by service and operation.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use aws_config::meta::region::RegionProviderChain;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_sts::config::SharedCredentialsProvider;
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::context::{
     BeforeTransmitInterceptorContextRef, FinalizerInterceptorContextRef,
@@ -14,6 +15,8 @@ use aws_smithy_runtime_api::client::interceptors::{Intercept, SharedInterceptor}
 use aws_smithy_runtime_api::client::orchestrator::Metadata;
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::config_bag::ConfigBag;
+use aws_smithy_types::error::display::DisplayErrorContext;
+use stackwarden_controllers::desired::StackSpec;
 
 /// Where and as whom to call AWS. Unset fields fall back to the standard AWS settings
 /// (`AWS_REGION`, `AWS_PROFILE`, `AWS_ENDPOINT_URL`, `AWS_ENDPOINT_URL_<SERVICE>`, the shared
@@ -96,6 +99,74 @@ pub async fn sdk_config(
         )
         .build();
     Ok(config)
+}
+
+/// The configuration the stack's own calls use: `base` itself, or, when `[stack] assume_role`
+/// names a role, `base` with that role's credentials, assumed (`sts:AssumeRole`, session
+/// `stackwarden-<stack>`, the stack's `external_id`) with `base`'s credentials: the process's
+/// own, from the standard chain or `--profile`. Every client built from it shares `base`'s
+/// identity cache, so the role is assumed once and again only shortly before its credentials
+/// expire. What is not the stack's (the `--lease` table) keeps using `base`.
+pub async fn stack_config(base: &SdkConfig, stack: &StackSpec) -> SdkConfig {
+    let Some(role) = &stack.assume_role else {
+        return base.clone();
+    };
+    let mut provider = aws_config::sts::AssumeRoleProvider::builder(role.get_ref())
+        .session_name(format!("stackwarden-{}", stack.name.get_ref()))
+        .configure(base);
+    if let Some(id) = &stack.external_id {
+        provider = provider.external_id(id.get_ref());
+    }
+    let provider = provider.build().await;
+    base.to_builder()
+        .credentials_provider(SharedCredentialsProvider::new(provider))
+        .build()
+}
+
+/// Who the stack's calls act as (the first call a pass would make, made once before it): the
+/// account, or one message saying why the stack's role cannot be assumed (AWS's own words:
+/// `AccessDenied: User: ... is not authorized to perform: sts:AssumeRole ...`), rather than the
+/// same refusal for every resource of the pass.
+pub async fn caller_account(
+    sts: &aws_sdk_sts::Client,
+    stack: &StackSpec,
+) -> anyhow::Result<String> {
+    match sts.get_caller_identity().send().await {
+        Ok(me) => Ok(me.account().unwrap_or_default().to_string()),
+        Err(e) => {
+            let why =
+                assume_role_refusal(&e).unwrap_or_else(|| DisplayErrorContext(&e).to_string());
+            match &stack.assume_role {
+                Some(role) => anyhow::bail!(
+                    "cannot assume role {} for stack {}: {why}",
+                    role.get_ref(),
+                    stack.name.get_ref()
+                ),
+                None => anyhow::bail!("cannot call AWS for stack {}: {why}", stack.name.get_ref()),
+            }
+        }
+    }
+}
+
+/// STS's answer to the AssumeRole behind a failed call (`CODE: MESSAGE`), found in the error's
+/// sources: the credentials provider keeps it there.
+fn assume_role_refusal(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    type Refused = aws_sdk_sts::error::SdkError<
+        aws_sdk_sts::operation::assume_role::AssumeRoleError,
+        aws_smithy_runtime_api::client::orchestrator::HttpResponse,
+    >;
+    let mut source = Some(e);
+    while let Some(e) = source {
+        if let Some(refused) = e.downcast_ref::<Refused>() {
+            use aws_sdk_sts::error::ProvideErrorMetadata as _;
+            return Some(match (refused.code(), refused.message()) {
+                (Some(code), Some(message)) => format!("{code}: {message}"),
+                _ => DisplayErrorContext(refused).to_string(),
+            });
+        }
+        source = e.source();
+    }
+    None
 }
 
 /// The first retry of a call waits up to this long (a random share of it), each next one up to

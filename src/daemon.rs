@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use stackwarden_controllers::desired::StackSpec;
 use stackwarden_controllers::{verify, DesiredState, ResourceId};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::time::Instant;
@@ -179,7 +180,7 @@ pub async fn run(
             _ = tokio::time::sleep_until(wake) => {}
             _ = watch.changed(WATCH_QUIET) => {
                 tracing::info!("the desired directory changed");
-                if let Some(d) = reload(dir, &generation, &status, &engine.ctx.region) {
+                if let Some(d) = reload(dir, &generation, &status, &engine.ctx.region, &desired.stack) {
                     generation = watch::generation(dir, &d.content_hash);
                     desired = d;
                     status.retain(&desired);
@@ -301,8 +302,17 @@ async fn lease_taken(changes: &mut Option<tokio::sync::watch::Receiver<bool>>) -
 
 /// The desired state after a change; `None` (reported) when it is invalid.
 /// A stack whose `[stack] region` changed is refused like an invalid one: the operator acts in
-/// the region it started in, and moving a stack is a restart.
-fn reload(dir: &Path, enforced: &str, status: &Status, region: &str) -> Option<DesiredState> {
+/// the region it started in, and moving a stack is a restart. Likewise its `assume_role` and
+/// `external_id`: the clients of every controller were built with that role's credentials,
+/// checked once at start, and acting as another role (another account) is a restart too, so a
+/// commit never moves a running stack to another account halfway through its state.
+fn reload(
+    dir: &Path,
+    enforced: &str,
+    status: &Status,
+    region: &str,
+    stack: &StackSpec,
+) -> Option<DesiredState> {
     let loaded: Result<DesiredState, Vec<String>> =
         load::load(dir).map_err(|diags| diags.iter().map(ToString::to_string).collect());
     let loaded = loaded.and_then(|d| match d.stack.region.as_deref() {
@@ -310,6 +320,24 @@ fn reload(dir: &Path, enforced: &str, status: &Status, region: &str) -> Option<D
             "the stack's region changed from {region} to {r}: the operator acts in the region it started in; restart it to move the stack"
         )]),
         _ => Ok(d),
+    });
+    let value = |s: &Option<toml::Spanned<String>>| s.as_ref().map(|v| v.get_ref().clone());
+    let shown = |v: Option<String>| v.unwrap_or_else(|| "none".into());
+    let loaded = loaded.and_then(|d| {
+        let (was, now) = (value(&stack.assume_role), value(&d.stack.assume_role));
+        if was != now {
+            return Err(vec![format!(
+                "the stack's assume_role changed from {} to {}: the operator acts as the role it started with; restart it to act as another",
+                shown(was),
+                shown(now)
+            )]);
+        }
+        if value(&stack.external_id) != value(&d.stack.external_id) {
+            return Err(vec![
+                "the stack's external_id changed: the operator assumes its role as it started; restart it to use another external_id".to_string(),
+            ]);
+        }
+        Ok(d)
     });
     match loaded {
         Ok(d) => {

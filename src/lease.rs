@@ -1,7 +1,8 @@
 //! `--lease TABLE`: one writer among several daemons (two management instances for high
 //! availability), by a lease item in a DynamoDB table.
 //!
-//! The item `{lease: <stack>, holder, expires}` is written only with a condition: nobody holds
+//! The item `{lease: <stack>, holder, expires}` (the key is `<account>/<stack>` for a stack
+//! acting as a role of another account: [`key`]) is written only with a condition: nobody holds
 //! it, or this daemon does, or the holder's lease has expired. A daemon holds the lease from
 //! the moment it *sent* a successful write until `duration` later, minus a safety margin, by its
 //! own monotonic clock; it renews every third of the duration. A holder that dies stops
@@ -25,10 +26,22 @@ use aws_sdk_dynamodb::types::{
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+/// The key of a stack's lease item: its name, or `<account>/<name>` when it acts as a role
+/// (`[stack] assume_role`) in that account. Ownership is by stack name within an account, so
+/// two accounts' stacks of one name are two stacks, and their daemons must not wait for each
+/// other; two daemons of one stack in one account share the item.
+pub fn key(stack: &stackwarden_controllers::desired::StackSpec) -> String {
+    let name = stack.name.get_ref();
+    match stack.role_account() {
+        Some(account) => format!("{account}/{name}"),
+        None => name.clone(),
+    }
+}
+
 pub struct Lease {
     client: aws_sdk_dynamodb::Client,
     table: String,
-    /// The lease's key: the stack name, so one table serves several stacks.
+    /// The lease's key ([`key`]), so one table serves several stacks.
     key: String,
     /// Who this daemon is: host name, process id and a random part.
     pub holder: String,
@@ -256,4 +269,42 @@ fn unix_millis() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use stackwarden_controllers::desired::StackSpec;
+    use toml::Spanned;
+
+    fn stack(name: &str, role: Option<&str>) -> StackSpec {
+        StackSpec {
+            name: Spanned::new(0..0, name.to_string()),
+            region: None,
+            tags: None,
+            deletion_policy: Default::default(),
+            assume_role: role.map(|r| Spanned::new(0..0, r.to_string())),
+            external_id: None,
+        }
+    }
+
+    #[test]
+    fn a_stacks_lease_item_is_its_own_in_every_account() {
+        assert_eq!(super::key(&stack("monitoring", None)), "monitoring");
+        let dev = "arn:aws:iam::111111111111:role/stackwarden";
+        let prod = "arn:aws:iam::222222222222:role/ops/stackwarden";
+        assert_eq!(
+            super::key(&stack("monitoring", Some(dev))),
+            "111111111111/monitoring"
+        );
+        assert_ne!(
+            super::key(&stack("monitoring", Some(dev))),
+            super::key(&stack("monitoring", Some(prod)))
+        );
+        // Two roles of one account act on the one stack of that name there: one item.
+        let other_role = "arn:aws:iam::111111111111:role/another";
+        assert_eq!(
+            super::key(&stack("monitoring", Some(dev))),
+            super::key(&stack("monitoring", Some(other_role)))
+        );
+    }
 }

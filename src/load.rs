@@ -509,6 +509,84 @@ fn check_stack(stack: &StackSpec, at: &Origin, diags: &mut Diagnostics) {
             diags.at(&at.file, tags.span().start, problem);
         }
     }
+    if let Some(role) = &stack.assume_role {
+        if let Some(problem) = role_arn_problem(role.get_ref()) {
+            diags.at(&at.file, role.span().start, problem);
+        }
+    }
+    if let Some(id) = &stack.external_id {
+        if let Some(problem) = external_id_problem(id.get_ref()) {
+            diags.at(&at.file, id.span().start, problem);
+        } else if stack.assume_role.is_none() {
+            diags.at(
+                &at.file,
+                id.span().start,
+                "external_id is sent when assuming a role: it needs assume_role".to_string(),
+            );
+        }
+    }
+}
+
+/// What is wrong with an `assume_role`: it must be an IAM role's ARN,
+/// `arn:<partition>:iam::<12 digits>:role/<path/><name>`, as STS AssumeRole takes it (a name of
+/// 1 to 64 of `A-Z a-z 0-9 _ + = , . @ -`; a path of printable ASCII between slashes).
+fn role_arn_problem(arn: &str) -> Option<String> {
+    let wanted =
+        "assume_role must be an IAM role's ARN, `arn:aws:iam::<12-digit account id>:role/<name>`";
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    let [prefix, partition, service, region, account, resource] = parts[..] else {
+        return Some(format!("`{arn}`: {wanted}"));
+    };
+    let partition_ok = partition == "aws"
+        || partition.strip_prefix("aws-").is_some_and(|p| {
+            !p.is_empty() && p.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+        });
+    if prefix != "arn" || !partition_ok || service != "iam" || !region.is_empty() {
+        return Some(format!("`{arn}`: {wanted}"));
+    }
+    if account.len() != 12 || !account.chars().all(|c| c.is_ascii_digit()) {
+        return Some(format!(
+            "`{arn}`: the account id `{account}` must be 12 digits; {wanted}"
+        ));
+    }
+    let Some(path_name) = resource.strip_prefix("role/") else {
+        return Some(format!("`{arn}`: names no role; {wanted}"));
+    };
+    let (path, name) = path_name.rsplit_once('/').unwrap_or(("", path_name));
+    let name_ok = (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_+=,.@-".contains(c));
+    let path_ok = path.len() < 512
+        && path.chars().all(|c| c.is_ascii_graphic())
+        && !path_name.starts_with('/')
+        && (path.is_empty() || path.split('/').all(|p| !p.is_empty()));
+    if !name_ok || !path_ok {
+        return Some(format!(
+            "`{arn}`: the role name `{name}` must be 1 to 64 letters, digits or `_+=,.@-` (after an optional path); {wanted}"
+        ));
+    }
+    None
+}
+
+/// What is wrong with an `external_id`: STS AssumeRole takes 2 to 1224 of `A-Z a-z 0-9` and
+/// `_ + = , . @ : / -` (the API reference's `[\w+=,.@:\/-]*`).
+fn external_id_problem(id: &str) -> Option<String> {
+    if !(2..=1224).contains(&id.len()) {
+        return Some(format!(
+            "external_id must be 2 to 1224 characters (STS AssumeRole), not {}",
+            id.chars().count()
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "_+=,.@:/-".contains(*c)))
+    {
+        return Some(format!(
+            "external_id may hold only letters, digits and `_+=,.@:/-` (STS AssumeRole), not {c:?}"
+        ));
+    }
+    None
 }
 
 /// Reference cycles make an order impossible: report each resource on one.
@@ -613,6 +691,45 @@ fn content_hash(dir: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn assume_role_takes_role_arns_only() {
+        for ok in [
+            "arn:aws:iam::111122223333:role/stackwarden",
+            "arn:aws:iam::111122223333:role/ops/monitoring/stackwarden-dev",
+            "arn:aws-us-gov:iam::111122223333:role/a+b=c,d.e@f-g_h",
+            "arn:aws-cn:iam::111122223333:role/r",
+        ] {
+            assert_eq!(role_arn_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "stackwarden",
+            "arn:aws:iam::1111222233:role/short-account",
+            "arn:aws:iam::11112222333a:role/letter",
+            "arn:aws:iam::111122223333:user/stackwarden",
+            "arn:aws:sts::111122223333:role/stackwarden",
+            "arn:aws:iam:us-east-1:111122223333:role/regional",
+            "arn:aws:iam::111122223333:role/",
+            "arn:aws:iam::111122223333:role/has space",
+            "arn:AWS:iam::111122223333:role/upper-partition",
+            "arn:aws:iam::111122223333:role//empty-path-part",
+        ] {
+            assert!(role_arn_problem(bad).is_some(), "{bad}");
+        }
+        let long = format!("arn:aws:iam::111122223333:role/{}", "n".repeat(65));
+        assert!(role_arn_problem(&long).is_some());
+    }
+
+    #[test]
+    fn external_ids_are_checked_as_sts_checks_them() {
+        assert_eq!(external_id_problem("stackwarden-dev"), None);
+        assert_eq!(external_id_problem("a_+=,.@:/-Z9"), None);
+        assert_eq!(external_id_problem(&"x".repeat(1224)), None);
+        assert!(external_id_problem("x").is_some());
+        assert!(external_id_problem(&"x".repeat(1225)).is_some());
+        assert!(external_id_problem("has space").is_some());
+        assert!(external_id_problem("émoji").is_some());
+    }
 
     #[test]
     fn suggests_close_words_only() {

@@ -178,8 +178,17 @@ fn main() -> ExitCode {
 
 fn init_logging(format: LogFormat, verbose: bool) {
     let default = if verbose { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // A role that cannot be assumed is reported once, by the operator, naming the stack
+    // (`aws::caller_account`); the SDK's own warning would say it again. Unless asked for.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("aws_config")) {
+        filter = filter.add_directive(
+            "aws_config::sts::assume_role=error"
+                .parse()
+                .expect("a valid directive"),
+        );
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -207,16 +216,29 @@ fn load_or_report(dir: &Path) -> Option<DesiredState> {
     }
 }
 
-async fn engine_for(
+/// The engine of the stack, on the process's own SDK configuration `base` or, when the stack
+/// names a role, on that role's ([`aws::stack_config`]). A role is checked with one call before
+/// anything else, so one that cannot be assumed is one error for the stack, not one per
+/// resource; the account it acts in is returned then (`None` without a role: no extra call).
+async fn stack_engine(
+    base: &aws_config::SdkConfig,
     cli: &Cli,
     desired: &DesiredState,
     counter: &Arc<CallCounter>,
-) -> anyhow::Result<Engine> {
-    let sdk = sdk_for(cli, desired).await?;
-    engine_with(&sdk, cli, counter)
+) -> anyhow::Result<(Engine, Option<String>)> {
+    let sdk = aws::stack_config(base, &desired.stack).await;
+    let engine = engine_with(&sdk, cli, counter)?;
+    if desired.stack.assume_role.is_none() {
+        return Ok((engine, None));
+    }
+    let account = aws::caller_account(&engine.ctx.sts, &desired.stack).await?;
+    engine.ctx.knows_account(account.clone());
+    tracing::info!(role = %desired.stack.assume_role.as_ref().map(|r| r.get_ref().as_str()).unwrap_or_default(), %account, "acting as the stack's role");
+    Ok((engine, Some(account)))
 }
 
-/// The SDK configuration: the CLI's AWS settings, the stack's region, the rate limits.
+/// The process's own SDK configuration: the CLI's AWS settings, the stack's region, the rate
+/// limits. The stack's calls go through [`stack_engine`]; the lease uses this one as is.
 async fn sdk_for(cli: &Cli, desired: &DesiredState) -> anyhow::Result<aws_config::SdkConfig> {
     let opts = AwsOptions {
         region: cli.region.clone(),
@@ -296,7 +318,7 @@ async fn run(cli: &Cli, counter: &Arc<CallCounter>) -> anyhow::Result<u8> {
                 return Ok(EXIT_ERROR);
             };
             let sdk = sdk_for(cli, &desired).await?;
-            let engine = engine_with(&sdk, cli, counter)?;
+            let (engine, _) = stack_engine(&sdk, cli, &desired, counter).await?;
             // With --lease, a CI run and the daemon never write at once.
             let (engine, lease) = with_lease(cli, engine, &sdk, &desired, counter).await?;
             if let Some(l) = &lease {
@@ -362,7 +384,17 @@ async fn plan(
     let Some(desired) = load_or_report(dir) else {
         return Ok(EXIT_ERROR);
     };
-    let engine = engine_for(cli, &desired, counter).await?;
+    let sdk = sdk_for(cli, &desired).await?;
+    let (engine, account) = stack_engine(&sdk, cli, &desired, counter).await?;
+    let acting_as = desired
+        .stack
+        .assume_role
+        .as_ref()
+        .zip(account.as_ref())
+        .map(|(role, account)| report::ActingAs {
+            role: role.get_ref(),
+            account,
+        });
     let obs = engine
         .observe(&desired, engine::Scope::everything(&desired))
         .await;
@@ -381,9 +413,15 @@ async fn plan(
         eprintln!("{w}");
     }
     if json {
-        println!("{}", report::plan_json(&desired, &engine.ctx.region, &plan));
+        println!(
+            "{}",
+            report::plan_json(&desired, &engine.ctx.region, acting_as, &plan)
+        );
     } else {
-        print!("{}", report::plan_text(&desired, &engine.ctx.region, &plan));
+        print!(
+            "{}",
+            report::plan_text(&desired, &engine.ctx.region, acting_as, &plan)
+        );
     }
     Ok(if plan.failures().next().is_some() {
         EXIT_ERROR
@@ -562,11 +600,13 @@ async fn with_lease(
     else {
         return Ok((engine, None));
     };
+    // The process's own credentials, not the stack's role: the table is the management
+    // account's, shared by the stacks of every account it manages.
     let l = Arc::new(lease::Lease::new(
         sdk,
         counter.interceptor(),
         table,
-        desired.stack_name(),
+        &lease::key(&desired.stack),
         *lease_duration,
     ));
     l.prepare().await?;
@@ -607,7 +647,7 @@ async fn run_daemon(cli: &Cli, dir: &Path, counter: &Arc<CallCounter>) -> anyhow
     let desired =
         load_or_report(dir).context("the desired state is invalid; nothing was applied")?;
     let sdk = sdk_for(cli, &desired).await?;
-    let engine = engine_with(&sdk, cli, counter)?;
+    let (engine, _) = stack_engine(&sdk, cli, &desired, counter).await?;
     let (engine, lease) = with_lease(cli, engine, &sdk, &desired, counter).await?;
     let opts = daemon::Options {
         dir: dir.to_path_buf(),

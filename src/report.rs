@@ -70,7 +70,19 @@ pub fn unsupported_warning(ids: &[ResourceId]) -> Option<String> {
     ))
 }
 
-pub fn plan_text(desired: &DesiredState, region: &str, plan: &Plan) -> String {
+/// The role a stack acts as (`[stack] assume_role`) and the account it is in.
+#[derive(Clone, Copy, Serialize)]
+pub struct ActingAs<'a> {
+    pub role: &'a str,
+    pub account: &'a str,
+}
+
+pub fn plan_text(
+    desired: &DesiredState,
+    region: &str,
+    acting_as: Option<ActingAs<'_>>,
+    plan: &Plan,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -78,6 +90,9 @@ pub fn plan_text(desired: &DesiredState, region: &str, plan: &Plan) -> String {
         desired.stack_name(),
         desired.content_hash
     );
+    if let Some(a) = acting_as {
+        let _ = writeln!(out, "acting as {} (account {})", a.role, a.account);
+    }
     let _ = writeln!(out);
     for (_, c) in &plan.changes {
         write_change(&mut out, c);
@@ -110,6 +125,9 @@ pub fn plan_text(desired: &DesiredState, region: &str, plan: &Plan) -> String {
 struct PlanJson<'a> {
     stack: &'a str,
     region: &'a str,
+    /// `{role, account}` for a stack with `assume_role`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    acting_as: Option<ActingAs<'a>>,
     generation: &'a str,
     pending: bool,
     summary: Counts,
@@ -119,10 +137,16 @@ struct PlanJson<'a> {
     unsupported: &'a [ResourceId],
 }
 
-pub fn plan_json(desired: &DesiredState, region: &str, plan: &Plan) -> String {
+pub fn plan_json(
+    desired: &DesiredState,
+    region: &str,
+    acting_as: Option<ActingAs<'_>>,
+    plan: &Plan,
+) -> String {
     let doc = PlanJson {
         stack: desired.stack_name(),
         region,
+        acting_as,
         generation: &desired.content_hash,
         pending: plan.has_pending(),
         summary: counts(plan),

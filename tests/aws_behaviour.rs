@@ -6,8 +6,8 @@
 //! that time out on delivery, load balancer attributes answered with AWS's defaults, commands
 //! over the document size, commands to a stopped instance delayed until it runs, creates
 //! idempotent on their client tokens, a listing that shows a
-//! new instance late, and a deleted load balancer's network interfaces holding its security
-//! group.
+//! new instance late, a deleted load balancer's network interfaces holding its security
+//! group, and AssumeRole refused unless the role exists and trusts the caller.
 
 use std::time::{Duration, Instant};
 
@@ -939,4 +939,102 @@ async fn an_instance_ssm_does_not_manage_is_named_and_the_others_get_the_push() 
         Some("ARGS=--collector.processes\n")
     );
     stackwarden(Some(&aws.endpoint), &["plan", d]).expect(0);
+}
+
+/// AWS's refusal of an AssumeRole: `AccessDenied` (403) naming the caller and the role.
+#[track_caller]
+fn assume_refused<T: std::fmt::Debug>(
+    out: Result<
+        T,
+        aws_sdk_sts::error::SdkError<aws_sdk_sts::operation::assume_role::AssumeRoleError>,
+    >,
+    role: &str,
+) {
+    let e = out.expect_err("AWS refuses this AssumeRole");
+    assert_eq!(e.code(), Some("AccessDenied"), "{e:?}");
+    assert_eq!(e.raw_response().map(|r| r.status().as_u16()), Some(403));
+    let message = e.message().unwrap_or_default();
+    assert!(
+        message.starts_with("User: arn:aws:")
+            && message.ends_with(&format!(
+                "is not authorized to perform: sts:AssumeRole on resource: {role}"
+            )),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn assume_role_needs_the_role_to_exist_and_trust_the_caller_with_its_external_id() {
+    let aws = Aws::start();
+    let sts = aws_sdk_sts::Client::new(&aws.sdk().await);
+    let assume = |role: &str, external_id: Option<&str>| {
+        sts.assume_role()
+            .role_arn(role)
+            .role_session_name("conformance")
+            .set_external_id(external_id.map(str::to_string))
+            .send()
+    };
+
+    // No such role: moto would hand out credentials all the same.
+    let missing = "arn:aws:iam::111111111111:role/missing";
+    assume_refused(assume(missing, None).await, missing);
+
+    // A role trusting the caller's account, with an external id condition.
+    aws.assumable_role("111111111111", "target", Some("ext-1"))
+        .await;
+    let target = "arn:aws:iam::111111111111:role/target";
+    assume_refused(assume(target, None).await, target);
+    assume_refused(assume(target, Some("ext-2")).await, target);
+    // The role's name at another path is another role.
+    let elsewhere = "arn:aws:iam::111111111111:role/ops/target";
+    assume_refused(assume(elsewhere, Some("ext-1")).await, elsewhere);
+
+    // A role trusting another account only.
+    let trust = serde_json::json!({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Action": "sts:AssumeRole",
+        "Principal": {"AWS": "arn:aws:iam::333333333333:root"},
+    }]});
+    aws.iam_in("222222222222")
+        .await
+        .create_role()
+        .role_name("theirs")
+        .assume_role_policy_document(trust.to_string())
+        .send()
+        .await
+        .unwrap();
+    let theirs = "arn:aws:iam::222222222222:role/theirs";
+    assume_refused(assume(theirs, None).await, theirs);
+
+    // Trusted, with the external id: the credentials act in the role's account.
+    let granted = assume(target, Some("ext-1")).await.unwrap();
+    let c = granted.credentials().unwrap();
+    let assumed = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(&aws.endpoint)
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_iam::config::Credentials::new(
+            c.access_key_id(),
+            c.secret_access_key(),
+            Some(c.session_token().to_string()),
+            None,
+            "assumed",
+        ))
+        .load()
+        .await;
+    let me = aws_sdk_sts::Client::new(&assumed)
+        .get_caller_identity()
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.account(), Some("111111111111"));
+    assert_eq!(
+        me.arn(),
+        Some("arn:aws:sts::111111111111:assumed-role/target/conformance")
+    );
+    let roles = aws_sdk_iam::Client::new(&assumed)
+        .list_roles()
+        .send()
+        .await
+        .unwrap();
+    let names: Vec<&str> = roles.roles().iter().map(|r| r.role_name()).collect();
+    assert_eq!(names, ["target"], "the role's account, and only it");
 }

@@ -4,7 +4,8 @@
 //! reported and the previous state stays enforced; out-of-band drift is corrected within one
 //! resync; the status endpoint; SIGTERM during a pass lets it finish and exits 0, a second
 //! signal exits at once. Two daemons sharing a lease, their checkouts kept up by `--git-pull`:
-//! only the holder writes, and the other takes over when it dies.
+//! only the holder writes, and the other takes over when it dies. A commit naming another role
+//! for the stack is refused until a restart.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -35,7 +36,7 @@ fn git(dir: &Path, args: &[&str]) -> String {
 }
 
 /// The daemon with its JSON log lines collected as they come.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
     lines: Arc<Mutex<Vec<serde_json::Value>>>,
     /// Log lines before this were matched already: each wait looks only at what came after.
@@ -44,25 +45,32 @@ struct Daemon {
 
 impl Daemon {
     fn start(endpoint: &str, dir: &Path, args: &[&str]) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_stackwarden"))
-            .args([
-                "--endpoint-url",
-                endpoint,
-                "--region",
-                "us-east-1",
-                "--log-format",
-                "json",
-                "reconcile",
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .args(args)
-            .arg(dir)
-            .env("AWS_ACCESS_KEY_ID", "testing")
-            .env("AWS_SECRET_ACCESS_KEY", "testing")
-            .env("AWS_CONFIG_FILE", "/nonexistent")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-            .env("RUST_LOG", "info")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stackwarden"));
+        cmd.args([
+            "--endpoint-url",
+            endpoint,
+            "--region",
+            "us-east-1",
+            "--log-format",
+            "json",
+            "reconcile",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .arg(dir)
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .env("RUST_LOG", "info");
+        Daemon::spawn(cmd)
+    }
+
+    /// Runs `cmd` (a `stackwarden reconcile --log-format json ...` with its environment),
+    /// collecting its log lines.
+    pub(crate) fn spawn(mut cmd: Command) -> Daemon {
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -85,7 +93,7 @@ impl Daemon {
     }
 
     /// The status endpoint's address, from the log.
-    fn address(&self) -> String {
+    pub(crate) fn address(&self) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let found = self
@@ -109,7 +117,7 @@ impl Daemon {
 
     /// Waits for a log line after the last one matched with this message (and these fields),
     /// returning when it was seen.
-    fn wait_for(&mut self, message: &str, fields: &[(&str, &str)]) -> Instant {
+    pub(crate) fn wait_for(&mut self, message: &str, fields: &[(&str, &str)]) -> Instant {
         self.lines_until(message, fields);
         Instant::now()
     }
@@ -149,7 +157,7 @@ impl Daemon {
 }
 
 impl Daemon {
-    fn signal(&self, name: &str) {
+    pub(crate) fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
@@ -158,7 +166,7 @@ impl Daemon {
     }
 
     /// Waits for the daemon to exit.
-    fn exit_code(&mut self) -> Option<i32> {
+    pub(crate) fn exit_code(&mut self) -> Option<i32> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
@@ -707,4 +715,80 @@ async fn a_slow_object_delays_nothing_else_commits_and_drift_go_through_while_it
     }
     assert_eq!(project_tag(&aws).await.as_deref(), Some("observability"));
     assert_eq!(definition_status().await, "CREATING");
+}
+
+/// The clients of a running daemon act as the role its stack named when it started: a commit
+/// naming another role (another account) is refused like an invalid one, saying a restart is
+/// needed, and the stack stays enforced in its account; a commit back to the role is taken.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_naming_another_role_is_refused_until_a_restart() {
+    let aws = Aws::start();
+    aws.assumable_role("111111111111", "stackwarden-target", None)
+        .await;
+    aws.assumable_role("222222222222", "stackwarden-target", None)
+        .await;
+    let (dev, other) = (
+        "arn:aws:iam::111111111111:role/stackwarden-target",
+        "arn:aws:iam::222222222222:role/stackwarden-target",
+    );
+    let dir = crate::harness::stack_as("dev", dev, None);
+    let repo = dir.path();
+    git(repo, &["init", "-q", "-b", "main"]);
+    git(repo, &["add", "."]);
+    git(repo, &["commit", "-qm", "the dev stack"]);
+    let first = git(repo, &["rev-parse", "HEAD"]);
+    let mut daemon = Daemon::start(&aws.endpoint, repo, &[]);
+    daemon.wait_for(
+        "pass done",
+        &[("generation", &first), ("converged", "true")],
+    );
+
+    edit(repo, "stack.toml", dev, other);
+    git(repo, &["commit", "-qam", "move the stack"]);
+    let moved = git(repo, &["rev-parse", "HEAD"]);
+    let refused = daemon.lines_until(
+        "the desired state is invalid; still enforcing the last valid one",
+        &[("invalid", &moved), ("generation", &first)],
+    );
+    let why = format!(
+        "the stack's assume_role changed from {dev} to {other}: the operator acts as the role it started with; restart it to act as another"
+    );
+    assert!(
+        refused.iter().any(|l| l["message"] == why.as_str()),
+        "{refused:#?}"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&get(&daemon.address(), "/status")).unwrap();
+    assert_eq!(status["invalid"], moved.as_str(), "{status}");
+    let other_roles = aws.iam_in("222222222222").await.list_roles().send().await;
+    let names: Vec<&str> = other_roles
+        .as_ref()
+        .unwrap()
+        .roles()
+        .iter()
+        .map(|r| r.role_name())
+        .collect();
+    assert_eq!(
+        names,
+        ["stackwarden-target"],
+        "nothing made in the other account"
+    );
+
+    // Back to the stack's role, with a change: taken and applied.
+    edit(repo, "stack.toml", other, dev);
+    edit(
+        repo,
+        "stack.toml",
+        "project = \"monitoring\"",
+        "project = \"observability\"",
+    );
+    git(repo, &["commit", "-qam", "stay, renamed"]);
+    let back = git(repo, &["rev-parse", "HEAD"]);
+    let done = daemon.lines_until("pass done", &[("generation", &back)]);
+    let done = done.last().unwrap();
+    assert_eq!(done["converged"], true, "{done}");
+    assert_ne!(done["changes"], 0, "{done}");
+    let status: serde_json::Value =
+        serde_json::from_str(&get(&daemon.address(), "/status")).unwrap();
+    assert!(status["invalid"].is_null(), "{status}");
 }

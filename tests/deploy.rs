@@ -2,16 +2,20 @@
 //! its resources and conditions as IAM evaluates them (a full scenario with every controller,
 //! from empty to pruned, under the lease once, with the emulator holding the operator to the
 //! policy), and the
-//! cloud-init and workflow files are valid YAML that carry the systemd unit and the commands.
+//! cloud-init and workflow files are valid YAML that carry the systemd unit and the commands;
+//! the template unit runs one stack per instance, with its own checkout, port and lease item.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use aws_sdk_ec2::types::{InstanceType, ResourceType, Tag, TagSpecification};
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 use stackwarden_emulator::{Enforce, Settings};
 
-use crate::harness::{default_stack, path_str, stackwarden_with, terraform_grafana, Aws, Run};
+use crate::harness::{
+    default_stack, path_str, stack_as, stackwarden_with, terraform_grafana, Aws, Run,
+};
 
 fn deploy_file(name: &str) -> String {
     std::fs::read_to_string(
@@ -459,4 +463,193 @@ fn cloud_init_carries_the_systemd_unit_and_the_workflow_runs_the_cli() {
     assert!(text.contains("stackwarden plan --stats desired"));
     assert!(text.contains("stackwarden reconcile --once --stats desired"));
     assert!(text.contains("GITHUB_STEP_SUMMARY"));
+}
+
+/// A unit file's `[Service]` settings, `(KEY, VALUE)` in order (comments left out).
+fn service_settings(unit: &str) -> Vec<(String, String)> {
+    let mut section = "";
+    let mut out = Vec::new();
+    for line in unit.lines().map(str::trim) {
+        if line.starts_with('[') {
+            section = line;
+        } else if section == "[Service]" && !line.is_empty() && !line.starts_with('#') {
+            let (k, v) = line.split_once('=').expect("KEY=VALUE");
+            out.push((k.to_string(), v.to_string()));
+        }
+    }
+    out
+}
+
+/// An environment file's `KEY=VALUE` lines.
+fn environment_file(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l.split_once('=').expect("KEY=VALUE");
+            (k.to_string(), v.trim_matches('"').to_string())
+        })
+        .collect()
+}
+
+/// An `ExecStart` command line as systemd expands it for `instance`: `%i` is the instance,
+/// `${VAR}` one word, `$VAR` alone as a word the value split at whitespace.
+fn expand(command: &str, instance: &str, env: &BTreeMap<String, String>) -> Vec<String> {
+    let mut words = Vec::new();
+    for word in command.split_whitespace() {
+        let word = word.replace("%i", instance);
+        match word.strip_prefix('$') {
+            Some(var) if !var.starts_with('{') => {
+                words.extend(env[var].split_whitespace().map(str::to_string));
+            }
+            _ => {
+                let mut w = word.clone();
+                for (k, v) in env {
+                    w = w.replace(&format!("${{{k}}}"), v);
+                }
+                assert!(!w.contains('$'), "{word}: a variable the file does not set");
+                words.push(w);
+            }
+        }
+    }
+    words
+}
+
+/// The template unit, `stackwarden@<stack>.service`: the hardening of the single unit, and
+/// per stack its own checkout and state directory, its own port (from its environment file,
+/// which must exist) and its own lease item. Its command line, as systemd expands it with the
+/// example environment file, runs the daemon of a stack acting as a role of another account,
+/// under the operator's policy (which lets it assume the `stackwarden` roles, no other): it
+/// converges there and holds the lease item of that account's stack in its own account.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_template_unit_runs_each_stack_with_its_own_checkout_port_and_lease_item() {
+    let template = deploy_file("stackwarden@.service");
+    let settings = service_settings(&template);
+    let single = service_settings(&deploy_file("stackwarden.service"));
+    for (key, value) in &single {
+        let per_stack = matches!(key.as_str(), "ExecStart" | "StateDirectory")
+            || (key == "Environment" && value.starts_with("HOME="));
+        if !per_stack {
+            assert!(
+                settings.contains(&(key.clone(), value.clone())),
+                "the template lacks {key}={value} of stackwarden.service"
+            );
+        }
+    }
+    let setting = |key: &str| -> Vec<&str> {
+        settings
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    };
+    assert_eq!(setting("StateDirectory"), ["stackwarden/%i"]);
+    assert_eq!(
+        setting("EnvironmentFile"),
+        ["/etc/stackwarden/%i.env"],
+        "required: no `-`"
+    );
+    assert!(setting("Environment").contains(&"HOME=/var/lib/stackwarden/%i"));
+    let [exec] = setting("ExecStart")[..] else {
+        panic!("one ExecStart");
+    };
+    assert!(exec.contains("--listen ${STACKWARDEN_LISTEN}"), "{exec}");
+    assert!(exec.ends_with(" /var/lib/stackwarden/%i/desired"), "{exec}");
+
+    // The command line of stackwarden@dev with the example environment file (on a free port),
+    // its checkout at a temporary directory.
+    let policy: serde_json::Value = serde_json::from_str(&deploy_file("iam-policy.json")).unwrap();
+    let aws = Aws::with(Settings {
+        enforce: Some(Enforce {
+            access_key: OPERATOR.into(),
+            policy,
+        }),
+        ..Settings::default()
+    });
+    aws.assumable_role("111111111111", "stackwarden", None)
+        .await;
+    aws.assumable_role("111111111111", "admin", None).await;
+    let sts = aws_sdk_sts::Client::new(&aws.sdk_as("us-east-1", OPERATOR).await);
+    let other = sts
+        .assume_role()
+        .role_arn("arn:aws:iam::111111111111:role/admin")
+        .role_session_name("operator")
+        .send()
+        .await
+        .expect_err("the policy allows the stacks' roles only");
+    assert_eq!(other.code(), Some("AccessDenied"), "{other:?}");
+    let desired = stack_as("dev", "arn:aws:iam::111111111111:role/stackwarden", None);
+    let mut env = environment_file(&deploy_file("stackwarden-stack.env"));
+    assert!(env["STACKWARDEN_ARGS"].contains("--lease stackwarden-lease"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    env.insert("STACKWARDEN_LISTEN".into(), listen.clone());
+    let words = expand(exec, "dev", &env);
+    assert_eq!(words[0], "/usr/local/bin/stackwarden");
+    assert_eq!(words.last().unwrap(), "/var/lib/stackwarden/dev/desired");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_stackwarden"));
+    cmd.args(&words[1..words.len() - 1])
+        .arg(desired.path())
+        .env("AWS_ENDPOINT_URL", &aws.endpoint)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", OPERATOR)
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .env("RUST_LOG", "info");
+    let before = aws.emulator.calls().len();
+    let mut daemon = crate::daemon::Daemon::spawn(cmd);
+    assert_eq!(daemon.address(), listen, "the port of the stack's own file");
+    daemon.wait_for("pass done", &[("converged", "true"), ("write", "true")]);
+    let ready = ureq::get(&format!("http://{listen}/readyz"))
+        .call()
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+
+    // It acted in the stack's account, and holds the lease item of that account's stack.
+    let roles = aws.iam_in("111111111111").await.list_roles().send().await;
+    let names: Vec<String> = roles
+        .unwrap()
+        .roles()
+        .iter()
+        .map(|r| r.role_name().to_string())
+        .collect();
+    assert!(names.contains(&"dev-prometheus".to_string()), "{names:?}");
+    let dynamodb = aws_sdk_dynamodb::Client::new(&aws.sdk().await);
+    let items = dynamodb
+        .scan()
+        .table_name("stackwarden-lease")
+        .send()
+        .await
+        .unwrap();
+    let keys: Vec<&str> = items
+        .items()
+        .iter()
+        .filter_map(|i| i.get("lease")?.as_s().ok().map(String::as_str))
+        .collect();
+    assert_eq!(
+        keys,
+        ["111111111111/dev"],
+        "the lease table is the operator's own"
+    );
+
+    daemon.signal("TERM");
+    assert_eq!(daemon.exit_code(), Some(0));
+    // The operator's own calls (the role assumed, the lease) were all allowed; the stack's
+    // were made with the role's credentials, not the operator's.
+    let calls = aws.emulator.calls();
+    let own: Vec<_> = calls[before..]
+        .iter()
+        .filter(|c| c.caller == OPERATOR)
+        .collect();
+    assert!(own.iter().all(|c| c.status != 403), "refused: {own:?}");
+    let mut services: Vec<&str> = own.iter().map(|c| c.service.as_str()).collect();
+    services.sort();
+    services.dedup();
+    assert_eq!(services, ["dynamodb", "sts"], "{own:?}");
 }

@@ -71,6 +71,46 @@ impl Aws {
         aws_sdk_iam::Client::new(&self.sdk().await)
     }
 
+    /// IAM as another account's own administrator sees it (the account moto acts in for
+    /// `x-moto-account-id`): to make the roles a stack assumes there, and to see what it made.
+    pub async fn iam_in(&self, account: &str) -> aws_sdk_iam::Client {
+        let conf = aws_sdk_iam::config::Builder::from(&self.sdk().await)
+            .interceptor(InAccount(account.to_string()))
+            .build();
+        aws_sdk_iam::Client::from_conf(conf)
+    }
+
+    /// AMP in another account ([`Aws::iam_in`]).
+    pub async fn amp_in(&self, account: &str) -> aws_sdk_amp::Client {
+        let conf = aws_sdk_amp::config::Builder::from(&self.sdk().await)
+            .interceptor(InAccount(account.to_string()))
+            .build();
+        aws_sdk_amp::Client::from_conf(conf)
+    }
+
+    /// A role `name` in `account` that the tests' own credentials (moto's default account,
+    /// 123456789012) may assume: its trust policy admits that account, asking for
+    /// `external_id` when given.
+    pub async fn assumable_role(&self, account: &str, name: &str, external_id: Option<&str>) {
+        let mut statement = serde_json::json!({
+            "Effect": "Allow",
+            "Principal": {"AWS": "arn:aws:iam::123456789012:root"},
+            "Action": "sts:AssumeRole",
+        });
+        if let Some(id) = external_id {
+            statement["Condition"] = serde_json::json!({"StringEquals": {"sts:ExternalId": id}});
+        }
+        let trust = serde_json::json!({"Version": "2012-10-17", "Statement": [statement]});
+        self.iam_in(account)
+            .await
+            .create_role()
+            .role_name(name)
+            .assume_role_policy_document(trust.to_string())
+            .send()
+            .await
+            .unwrap();
+    }
+
     pub async fn amp(&self) -> aws_sdk_amp::Client {
         aws_sdk_amp::Client::new(&self.sdk().await)
     }
@@ -97,6 +137,30 @@ impl Aws {
 
     pub async fn secrets(&self) -> aws_sdk_secretsmanager::Client {
         aws_sdk_secretsmanager::Client::new(&self.sdk().await)
+    }
+}
+
+/// Makes every call in one account: moto's `x-moto-account-id`, which it honours over the
+/// access key's account (the way to act as an account's administrator in the emulator).
+#[derive(Debug)]
+struct InAccount(String);
+
+impl aws_smithy_runtime_api::client::interceptors::Intercept for InAccount {
+    fn name(&self) -> &'static str {
+        "tests.InAccount"
+    }
+
+    fn modify_before_signing(
+        &self,
+        context: &mut aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextMut<'_>,
+        _runtime_components: &aws_smithy_runtime_api::client::runtime_components::RuntimeComponents,
+        _cfg: &mut aws_smithy_types::config_bag::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        context
+            .request_mut()
+            .headers_mut()
+            .insert("x-moto-account-id", self.0.clone());
+        Ok(())
     }
 }
 
@@ -214,6 +278,22 @@ pub fn default_stack() -> tempfile::TempDir {
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("desired"),
         dir.path(),
     );
+    dir
+}
+
+/// A copy of the default stack named `name`, acting as `role` (with `external_id`).
+pub fn stack_as(name: &str, role: &str, external_id: Option<&str>) -> tempfile::TempDir {
+    let dir = default_stack();
+    let external_id = external_id
+        .map(|id| format!("external_id = \"{id}\"\n"))
+        .unwrap_or_default();
+    std::fs::write(
+        dir.path().join("stack.toml"),
+        format!(
+            "[stack]\nname = \"{name}\"\nregion = \"us-east-1\"\ntags = {{ project = \"monitoring\" }}\nassume_role = \"{role}\"\n{external_id}"
+        ),
+    )
+    .unwrap();
     dir
 }
 

@@ -1,9 +1,10 @@
 //! `plan` and `reconcile --once` against the emulator: converging from empty, drift made out of band
-//! through the SDK, ownership, adoption, observe-only, orphaning and pruning.
+//! through the SDK, ownership, adoption, observe-only, orphaning and pruning; stacks acting as
+//! roles of other accounts, each in its own, and a role that cannot be assumed.
 
 use aws_sdk_amp::primitives::Blob;
 
-use crate::harness::{default_stack, edit, path_str, stackwarden, stackwarden_with, Aws};
+use crate::harness::{default_stack, edit, path_str, stack_as, stackwarden, stackwarden_with, Aws};
 
 const PROMETHEUS_ROLE: &str = "monitoring-prometheus";
 const SSM_CORE: &str = "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore";
@@ -851,4 +852,214 @@ async fn a_trust_policy_and_a_managed_policy_in_iams_stored_forms_are_not_drift(
     let plan = stackwarden(Some(&aws.endpoint), &["plan", d]);
     plan.expect(0);
     assert!(plan.stdout.contains("No changes"), "{}", plan.stdout);
+}
+
+/// What one account holds of the stacks: its roles' and customer managed policies' names, and
+/// the `stackwarden:stack` tag of each AMP workspace.
+async fn account_holds(iam: &aws_sdk_iam::Client, amp: &aws_sdk_amp::Client) -> Vec<String> {
+    let mut held = Vec::new();
+    let roles = iam.list_roles().send().await.unwrap();
+    held.extend(
+        roles
+            .roles()
+            .iter()
+            .map(|r| format!("role {}", r.role_name())),
+    );
+    let policies = iam
+        .list_policies()
+        .scope(aws_sdk_iam::types::PolicyScopeType::Local)
+        .send()
+        .await
+        .unwrap();
+    held.extend(
+        policies
+            .policies()
+            .iter()
+            .map(|p| format!("policy {}", p.policy_name().unwrap())),
+    );
+    let workspaces = amp.list_workspaces().send().await.unwrap();
+    held.extend(workspaces.workspaces().iter().map(|w| {
+        let stack = w.tags().and_then(|t| t.get("stackwarden:stack"));
+        format!(
+            "workspace of {}",
+            stack.map(String::as_str).unwrap_or("none")
+        )
+    }));
+    held.sort();
+    held
+}
+
+/// The AssumeRole calls the emulator answered so far, by status.
+fn assume_role_calls(aws: &Aws) -> Vec<u16> {
+    aws.emulator
+        .calls()
+        .iter()
+        .filter(|c| c.service == "sts" && c.operation == "AssumeRole")
+        .map(|c| c.status)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stacks_acting_as_roles_of_two_accounts_each_make_only_their_own_objects_there() {
+    let aws = Aws::start();
+    let (dev_account, prod_account) = ("111111111111", "222222222222");
+    aws.assumable_role(dev_account, "stackwarden-target", None)
+        .await;
+    aws.assumable_role(prod_account, "stackwarden-target", Some("prod-ops"))
+        .await;
+    let dev_role = format!("arn:aws:iam::{dev_account}:role/stackwarden-target");
+    let prod_role = format!("arn:aws:iam::{prod_account}:role/stackwarden-target");
+    let dev = stack_as("dev", &dev_role, None);
+    let prod = stack_as("prod", &prod_role, Some("prod-ops"));
+    let (dev, prod) = (path_str(dev.path()), path_str(prod.path()));
+
+    for dir in [dev, prod] {
+        let before = assume_role_calls(&aws).len();
+        let run = stackwarden(Some(&aws.endpoint), &["reconcile", "--once", dir]);
+        run.expect(0);
+        assert!(
+            run.stdout.contains("Converged: 10 resources in sync."),
+            "{}",
+            run.stdout
+        );
+        // Every client of the run shares the one session.
+        assert_eq!(assume_role_calls(&aws)[before..], [200], "{dir}");
+    }
+
+    let holds = |iam, amp| async move { account_holds(&iam, &amp).await };
+    let expected = |stack: &str| {
+        let mut e = vec![
+            "role stackwarden-target".to_string(),
+            format!("role {stack}-prometheus"),
+            format!("role {stack}-grafana"),
+            format!("policy {stack}-prometheus_remote_write"),
+            format!("policy {stack}-grafana_query"),
+            format!("workspace of {stack}"),
+        ];
+        e.sort();
+        e
+    };
+    assert_eq!(
+        holds(aws.iam_in(dev_account).await, aws.amp_in(dev_account).await).await,
+        expected("dev"),
+        "the dev account holds the dev stack and nothing of prod's"
+    );
+    assert_eq!(
+        holds(
+            aws.iam_in(prod_account).await,
+            aws.amp_in(prod_account).await
+        )
+        .await,
+        expected("prod"),
+        "the prod account holds the prod stack and nothing of dev's"
+    );
+    assert_eq!(
+        holds(aws.iam().await, aws.amp().await).await,
+        Vec::<String>::new(),
+        "the operator's own account holds neither"
+    );
+    // References resolve to the stack's own account: the policy names its workspace there.
+    let dev_iam = aws.iam_in(dev_account).await;
+    let policy = format!("arn:aws:iam::{dev_account}:policy/dev-prometheus_remote_write");
+    let version = dev_iam
+        .get_policy_version()
+        .policy_arn(&policy)
+        .version_id("v1")
+        .send()
+        .await
+        .unwrap();
+    let document = percent_decode(version.policy_version().unwrap().document().unwrap());
+    assert!(
+        document.contains(&format!("arn:aws:aps:us-east-1:{dev_account}:workspace/")),
+        "{document}"
+    );
+
+    // plan names the role and the account in its header, and finds nothing to do.
+    let plan = stackwarden(Some(&aws.endpoint), &["plan", dev]);
+    plan.expect(0);
+    assert!(
+        plan.stdout
+            .contains(&format!("acting as {dev_role} (account {dev_account})")),
+        "{}",
+        plan.stdout
+    );
+    assert!(plan.stdout.contains("No changes"), "{}", plan.stdout);
+    let json = stackwarden(Some(&aws.endpoint), &["plan", "--json", prod]);
+    json.expect(0);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(
+        v["acting_as"],
+        serde_json::json!({"role": prod_role, "account": prod_account})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_role_that_cannot_be_assumed_is_one_error_for_its_stack_and_the_others_converge() {
+    let aws = Aws::start();
+    aws.assumable_role("111111111111", "stackwarden-target", None)
+        .await;
+    aws.assumable_role("222222222222", "stackwarden-target", Some("prod-ops"))
+        .await;
+    let dev = stack_as(
+        "dev",
+        "arn:aws:iam::111111111111:role/stackwarden-target",
+        None,
+    );
+    let prod_role = "arn:aws:iam::222222222222:role/stackwarden-target";
+    let prod = stack_as("prod", prod_role, Some("prod-ops"));
+    // No such role in the account; the right role with the wrong external id.
+    let qa_role = "arn:aws:iam::333333333333:role/stackwarden-target";
+    let qa = stack_as("qa", qa_role, None);
+    let wrong_id = stack_as("prod", prod_role, Some("dev-ops"));
+
+    for (dir, stack, role) in [(&qa, "qa", qa_role), (&wrong_id, "prod", prod_role)] {
+        let dir = path_str(dir.path());
+        for args in [vec!["reconcile", "--once", dir], vec!["plan", dir]] {
+            let before = assume_role_calls(&aws).len();
+            let refused = stackwarden(Some(&aws.endpoint), &args);
+            refused.expect(1);
+            let error = format!(
+                "cannot assume role {role} for stack {stack}: AccessDenied: User: arn:aws:"
+            );
+            assert_eq!(
+                refused.stderr.matches(&error).count(),
+                1,
+                "{args:?}: one error for the stack:\n{}",
+                refused.stderr
+            );
+            assert!(
+                refused.stderr.contains(&format!(
+                    "is not authorized to perform: sts:AssumeRole on resource: {role}"
+                )),
+                "{}",
+                refused.stderr
+            );
+            assert_eq!(
+                refused.stderr.matches("AccessDenied").count(),
+                1,
+                "{args:?}: no resource repeats it:\n{}",
+                refused.stderr
+            );
+            assert!(refused.stdout.is_empty(), "{args:?}: {}", refused.stdout);
+            // Refused at the first call, before any pass: one AssumeRole, and nothing else
+            // reached AWS (the call that needed the credentials was never sent).
+            assert_eq!(assume_role_calls(&aws)[before..], [403], "{args:?}");
+            assert_eq!(refused.calls(), (0, 0), "{args:?}: {}", refused.stderr);
+        }
+    }
+
+    for dir in [&dev, &prod] {
+        let run = stackwarden(
+            Some(&aws.endpoint),
+            &["reconcile", "--once", path_str(dir.path())],
+        );
+        run.expect(0);
+        assert!(
+            run.stdout.contains("Converged: 10 resources in sync."),
+            "{}",
+            run.stdout
+        );
+    }
+    let qa_roles = aws.iam_in("333333333333").await.list_roles().send().await;
+    assert!(qa_roles.unwrap().roles().is_empty());
 }

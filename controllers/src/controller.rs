@@ -127,6 +127,12 @@ impl Context {
             .expect("every reader of a shared read names one type"))
     }
 
+    /// Records the account the credentials belong to, when the runtime has asked already (it
+    /// checks an assumed role's credentials before a pass).
+    pub fn knows_account(&self, account: String) {
+        let _ = self.account.set(account);
+    }
+
     /// The account the credentials belong to.
     pub async fn account(&self) -> crate::error::Result<String> {
         self.account

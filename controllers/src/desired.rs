@@ -105,6 +105,11 @@ pub struct StackSpec {
     pub tags: Option<Spanned<BTreeMap<String, String>>>,
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+    /// The role the stack acts as (`arn:aws:iam::<account>:role/<name>`): every AWS call of
+    /// the stack is made with its credentials, assumed with the process's own.
+    pub assume_role: Option<Spanned<String>>,
+    /// The `sts:ExternalId` the role's trust policy asks for.
+    pub external_id: Option<Spanned<String>>,
 }
 
 /// The specification of one resource: the spec type its kind declares ([`KindSpec`]), shared
@@ -252,6 +257,12 @@ pub struct DesiredState {
 }
 
 impl StackSpec {
+    /// The account of the role the stack acts as, when it names one.
+    pub fn role_account(&self) -> Option<&str> {
+        let arn = self.assume_role.as_ref()?.get_ref();
+        arn.split(':').nth(4)
+    }
+
     /// The tags put on every resource (none when not given).
     pub fn tags(&self) -> BTreeMap<String, String> {
         self.tags

@@ -36,6 +36,8 @@ pub fn desired(resources: Vec<Resource>) -> DesiredState {
                 BTreeMap::from([("team".into(), "sre".into())]),
             )),
             deletion_policy: DeletionPolicy::Orphan,
+            assume_role: None,
+            external_id: None,
         },
         stack_file: None,
         resources: resources.into_iter().map(|r| (r.id.clone(), r)).collect(),

@@ -106,7 +106,7 @@ pub fn allowed(policy: &Value, a: &Authorization) -> bool {
     matching("Allow") && !matching("Deny")
 }
 
-fn strings(v: &Value) -> Vec<String> {
+pub(crate) fn strings(v: &Value) -> Vec<String> {
     match v {
         Value::String(s) => vec![s.clone()],
         Value::Array(list) => list.iter().flat_map(strings).collect(),
@@ -146,7 +146,7 @@ pub fn wildcard(pattern: &str, text: &str, ignore_case: bool) -> bool {
     go(&p, &t, ignore_case)
 }
 
-fn conditions_hold(conditions: &Value, context: &BTreeMap<String, Vec<String>>) -> bool {
+pub(crate) fn conditions_hold(conditions: &Value, context: &BTreeMap<String, Vec<String>>) -> bool {
     let Value::Object(operators) = conditions else {
         return true;
     };
@@ -581,6 +581,10 @@ pub async fn authorizations(
                 let context = resource_tags(&state.moto.ec2_tags(req, &id).await?);
                 out.push(on(&action, ec2_arn("instance", &id), context));
             }
+        }
+        "sts" if req.operation == "AssumeRole" => {
+            let role = param(&req.form(), "RoleArn").unwrap_or_else(|| "*".into());
+            out.push(on(&action, role, BTreeMap::new()));
         }
         "dynamodb" => {
             let body = req.json()?;

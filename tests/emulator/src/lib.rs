@@ -18,6 +18,7 @@
 mod admin;
 mod agent;
 mod alertmanager;
+mod assume;
 mod authorize;
 mod consistency;
 mod faults;

@@ -186,8 +186,10 @@ impl Moto {
     }
 
     /// Whether an `AWS` principal a trust policy names exists, as IAM checks it: a role or
-    /// user of this account (`arn:aws:iam::123456789012:role/NAME`, with or without a path)
-    /// must exist; account roots, other accounts and other forms are taken.
+    /// user of moto's default account (`arn:aws:iam::123456789012:role/NAME`, with or without
+    /// a path) must exist, looked for in that account whoever asks (a stack acting in another
+    /// account through an assumed role may name it); account roots, other accounts and other
+    /// forms are taken.
     pub(crate) async fn principal_exists(
         &self,
         caller: &Incoming,
@@ -207,7 +209,7 @@ impl Moto {
         let body: String = form_urlencoded::Serializer::new(String::new())
             .extend_pairs(&params)
             .finish();
-        let request = Incoming::internal(caller, "iam", "POST", "/", body.into());
+        let request = Incoming::internal_in(caller, "123456789012", "iam", body.into())?;
         Ok(self.forward(&request).await?.status().is_success())
     }
 

@@ -156,6 +156,21 @@ impl Incoming {
         )
     }
 
+    /// A request to moto as made in another account than `caller`'s (moto's
+    /// `x-moto-account-id`): what AWS reads itself, such as the role a caller assumes.
+    pub fn internal_in(
+        caller: &Incoming,
+        account: &str,
+        service: &str,
+        body: Bytes,
+    ) -> Result<Incoming, ApiError> {
+        let mut req = Incoming::internal(caller, service, "POST", "/", body);
+        let account = HeaderValue::from_str(account)
+            .map_err(|_| ApiError::validation(format!("`{account}` is no account id")))?;
+        req.headers.insert("x-moto-account-id", account);
+        Ok(req)
+    }
+
     /// An awsJson1.1 request to moto on behalf of `caller`: `target` is the `X-Amz-Target`
     /// (`AmazonSSM.DescribeParameters`).
     pub fn internal_json(

@@ -53,6 +53,10 @@
 //!   terraform-provider-aws (issue 15982) cannot find a rule written otherwise. Authorize and
 //!   revoke requests reach moto with their ranges so written; moto keeps what it was given.
 //!
+//! - `AssumeRole` of a role that does not exist, or whose trust policy does not admit the
+//!   caller (its `sts:ExternalId` condition included), is `AccessDenied`; moto hands out
+//!   credentials for any ARN (`assume.rs`).
+//!
 //! Checks run before a request is served or forwarded; what they need to remember (when a
 //! profile was created, when an instance launched) is recorded from moto's answers.
 
@@ -228,6 +232,7 @@ pub async fn check(state: &Arc<State>, req: &Incoming) -> Result<(), ApiError> {
                 ));
             }
         }
+        ("sts", "AssumeRole") => crate::assume::check(state, req).await?,
         ("ec2", "RunInstances") => {
             let form = req.form();
             let named = param(&form, "IamInstanceProfile.Name").or_else(|| {
