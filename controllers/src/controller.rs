@@ -30,6 +30,8 @@ pub struct Context {
     pub secrets: aws_sdk_secretsmanager::Client,
     pub region: String,
     pub waits: Waits,
+    /// The images described so far, kept for the life of the process ([`crate::ami`]).
+    pub images: std::sync::Arc<crate::ami::Images>,
     /// The account id, asked of STS the first time an ARN must be built (Managed Grafana
     /// returns none), then kept for the life of the process.
     account: std::sync::Arc<tokio::sync::OnceCell<String>>,
@@ -84,6 +86,7 @@ impl Context {
             secrets: aws_sdk_secretsmanager::Client::from_conf(secrets.build()),
             region: sdk.region().map(|r| r.to_string()).unwrap_or_default(),
             waits,
+            images: crate::ami::Images::new(),
             account: Default::default(),
             reads: Default::default(),
         }

@@ -1,5 +1,5 @@
 //! EC2 helpers every EC2-backed kind shares (hosts, Grafana groups, security groups): tags in
-//! EC2's shapes, the AMI behind a `resolve:ssm:` parameter, the subnet (and VPC) to launch into.
+//! EC2's shapes, the subnet (and VPC) to launch into.
 
 use aws_sdk_ec2::types::{Filter, ResourceType, Tag, TagSpecification};
 
@@ -57,24 +57,6 @@ pub fn tag_spec(kind: ResourceType, tags: &Tags) -> TagSpecification {
         .resource_type(kind)
         .set_tags(Some(ec2_tags(tags)))
         .build()
-}
-
-/// The AMI id, resolving `resolve:ssm:<parameter>` through SSM Parameter Store.
-pub async fn resolve_ami(ctx: &Context, ami: &str) -> Result<String> {
-    let Some(parameter) = ami.strip_prefix("resolve:ssm:") else {
-        return Ok(ami.to_string());
-    };
-    let out = ctx
-        .ssm
-        .get_parameter()
-        .name(parameter)
-        .send()
-        .await
-        .map_err(aws_error("ssm", "GetParameter"))?;
-    out.parameter()
-        .and_then(|p| p.value())
-        .map(str::to_string)
-        .ok_or_else(|| Error::Invalid(format!("SSM parameter {parameter} has no value")))
 }
 
 /// The subnet to launch into and its VPC: the named subnet, or the default VPC's default

@@ -8,6 +8,7 @@
 
 pub mod alertmanager;
 pub mod amg;
+pub mod ami;
 pub mod amp;
 pub mod change;
 pub mod controller;

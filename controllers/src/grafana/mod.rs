@@ -234,8 +234,8 @@ pub const HTTP_ONLY: &str = "no alb.certificate_arn: Grafana is served over plai
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrafanaSpec {
-    /// A literal AMI id or `resolve:ssm:<public parameter>`.
-    pub ami: String,
+    /// An AMI id, `resolve:ssm:<parameter>` or `{ owner, name }` ([`crate::ami`]).
+    pub ami: crate::ami::Ami,
     pub instance_type: String,
     /// Where the instances run: one subnet per availability zone.
     pub subnets: Vec<String>,
@@ -244,7 +244,7 @@ pub struct GrafanaSpec {
     /// First-boot script (file), part of the launch template.
     pub user_data: Option<Spanned<String>>,
     /// Size of the encrypted gp3 root volume.
-    #[serde(default = "twenty")]
+    #[serde(default = "crate::ami::default_root_size")]
     pub root_volume_size_gib: i32,
     pub key_name: Option<String>,
     pub min_size: i32,
@@ -281,9 +281,6 @@ pub struct Adopt {
     pub adopt: Option<String>,
 }
 
-fn twenty() -> i32 {
-    20
-}
 fn ninety() -> i32 {
     90
 }
@@ -637,7 +634,7 @@ impl KindSpec for GrafanaSpec {
                 root_size: self.root_volume_size_gib,
                 tags: tags.clone(),
             }),
-            [&self.ami, &self.instance_type]
+            [&self.instance_type]
                 .into_iter()
                 .chain(&self.instance_profile)
                 .chain(&self.key_name)
@@ -717,9 +714,8 @@ impl KindSpec for GrafanaSpec {
         if !(0..=100).contains(&self.min_healthy_percentage) {
             v.here("min_healthy_percentage is a percentage (0 to 100)");
         }
-        if !(8..=16384).contains(&self.root_volume_size_gib) {
-            v.here("root_volume_size_gib must be between 8 and 16384");
-        }
+        self.ami.check(v);
+        crate::ami::check_root_size(v, self.root_volume_size_gib);
         if self.subnets.is_empty() {
             v.here("`subnets` is empty: the group needs at least one subnet to launch into");
         }

@@ -10,8 +10,9 @@
 //! - A change of what the template says makes a new version of the same template (never a new
 //!   template) and makes it the default; the version's number is an attribute, so the group
 //!   pins and rolls to it in the same pass.
-//! - A `resolve:ssm:` AMI is resolved on every observation: a new AMI behind the parameter is a
-//!   new version.
+//! - The AMI is resolved on every observation ([`crate::ami`]): a new image behind a
+//!   `resolve:ssm:` parameter or an `{ owner, name }` pattern is a new version. The encrypted
+//!   root volume is mapped at the image's own root device.
 //! - Created with its tags in the same call.
 
 use std::collections::BTreeMap;
@@ -32,7 +33,8 @@ use super::{tagged_node, INSTANCES, LAUNCH_TEMPLATE, SECURITY_GROUP};
 use crate::change::FieldChange;
 use crate::controller::Context;
 use crate::desired::{DesiredState, KindSpec, Resource, TAG_STACK};
-use crate::ec2::{resolve_ami, tag_map, tag_spec};
+use crate::ami::{Ami, Image};
+use crate::ec2::{tag_map, tag_spec};
 use crate::error::{aws_error, Error, Result};
 use crate::kind::Kind;
 use crate::managed::{is_gone, Describe, ManagedObject, Readiness};
@@ -40,16 +42,11 @@ use crate::model::{Outputs, Refs, ResourceId};
 use crate::security_group::group_id;
 use crate::tags::Tags;
 
-/// Where the root volume of the AMIs stackwarden expects (Amazon Linux) is.
-const ROOT_DEVICE: &str = "/dev/xvda";
-/// The prefix of an AMI given as an SSM public parameter.
-const RESOLVE: &str = "resolve:ssm:";
 
 /// The launch template node of a Grafana table.
 #[derive(Debug, Clone)]
 pub struct TemplatePart {
-    /// A literal AMI id or `resolve:ssm:<public parameter>`.
-    pub ami: String,
+    pub ami: Ami,
     pub instance_type: String,
     pub instance_profile: Option<String>,
     /// The first-boot script's content.
@@ -65,6 +62,7 @@ impl KindSpec for TemplatePart {}
 /// What a launch template version says, as far as stackwarden sets it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TemplateData {
+    /// The image id (before it is resolved, the `ami` as written).
     pub ami: String,
     pub instance_type: String,
     pub security_groups: Vec<String>,
@@ -73,12 +71,46 @@ pub struct TemplateData {
     pub user_data: Option<String>,
     pub key_name: Option<String>,
     pub imdsv2: bool,
-    /// Size, encrypted.
-    pub root: Option<(i32, bool)>,
+    /// EBS mappings: stackwarden's templates have one, the encrypted root volume.
+    pub block_devices: Vec<BlockDevice>,
 }
 
-/// `resolve:ssm:` AMIs, resolved by the observation.
-pub type Amis = BTreeMap<String, std::result::Result<String, Error>>;
+impl TemplateData {
+    /// The data for this image: its id, the root volume at its root device.
+    fn on(&self, image: &Image) -> Result<TemplateData> {
+        let mut data = self.clone();
+        data.ami = image.id.clone();
+        for d in data.block_devices.iter_mut().filter(|d| d.device.is_empty()) {
+            image.check_root_size(d.size_gib)?;
+            d.device = image.root_device.clone();
+        }
+        Ok(data)
+    }
+}
+
+/// One EBS block device mapping of a template version.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BlockDevice {
+    /// Empty until the image, whose root device it is, is resolved.
+    pub device: String,
+    pub size_gib: i32,
+    pub encrypted: bool,
+}
+
+impl std::fmt::Display for BlockDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let device = if self.device.is_empty() {
+            "(the image's root device)"
+        } else {
+            &self.device
+        };
+        let encrypted = if self.encrypted { " encrypted" } else { "" };
+        write!(f, "{device} {} GiB{encrypted}", self.size_gib)
+    }
+}
+
+/// The desired templates' AMIs, resolved by the observation.
+pub type Amis = BTreeMap<Ami, std::result::Result<Image, Error>>;
 
 #[derive(Debug, Clone, Default)]
 pub struct ObservedTemplate {
@@ -87,7 +119,7 @@ pub struct ObservedTemplate {
     /// Its latest version's.
     pub data: TemplateData,
     pub tags: Tags,
-    /// The AMIs the desired templates resolve to, read with them.
+    /// The images the desired templates' AMIs resolve to, read with them.
     pub amis: Arc<Amis>,
 }
 
@@ -95,8 +127,9 @@ pub struct ObservedTemplate {
 pub struct TemplateWant {
     /// `<stack>-<table name>`.
     pub name: String,
-    /// `data.ami` may still be a `resolve:ssm:` parameter: resolved against the observation
-    /// (or, for a create, by the create).
+    pub ami: Ami,
+    /// Before its image is resolved ([`TemplateData::on`]): against the observation, or, for a
+    /// create, by the create.
     pub data: TemplateData,
     pub tags: Tags,
 }
@@ -169,30 +202,30 @@ fn template_fields(
         want.key_name.clone().unwrap_or_default(),
     );
     cmp("imdsv2", have.imdsv2.to_string(), want.imdsv2.to_string());
-    let root = |r: &Option<(i32, bool)>| {
-        r.map(|(size, enc)| format!("{size} GiB{}", if enc { " encrypted" } else { "" }))
-            .unwrap_or_default()
+    let devices = |d: &[BlockDevice]| {
+        d.iter()
+            .map(BlockDevice::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
     };
-    cmp("root_volume", root(&have.root), root(&want.root));
+    cmp(
+        "block_devices",
+        devices(&have.block_devices),
+        devices(&want.block_devices),
+    );
     out
 }
 
-/// The desired data with its AMI resolved as the observation found it.
-fn resolved(want: &TemplateData, amis: &Amis) -> Result<TemplateData> {
-    let mut data = want.clone();
-    if want.ami.starts_with(RESOLVE) {
-        data.ami = match amis.get(&want.ami) {
-            Some(Ok(ami)) => ami.clone(),
-            Some(Err(e)) => return Err(e.clone()),
-            None => {
-                return Err(Error::waiting(
-                    format!("AMI {} is not resolved yet", want.ami),
-                    crate::managed::LOOK_AGAIN,
-                ))
-            }
-        };
+/// The desired data on the image the observation resolved its AMI to.
+fn resolved(want: &TemplateWant, amis: &Amis) -> Result<TemplateData> {
+    match amis.get(&want.ami) {
+        Some(Ok(image)) => want.data.on(image),
+        Some(Err(e)) => Err(e.clone()),
+        None => Err(Error::waiting(
+            format!("AMI {} is not resolved yet", want.ami),
+            crate::managed::LOOK_AGAIN,
+        )),
     }
-    Ok(data)
 }
 
 pub struct LaunchTemplate;
@@ -218,8 +251,9 @@ impl ManagedObject for LaunchTemplate {
         tags.entry("Name".into()).or_insert_with(|| name.clone());
         Ok(TemplateWant {
             name,
+            ami: part.ami.clone(),
             data: TemplateData {
-                ami: refs.render(&part.ami).value,
+                ami: part.ami.to_string(),
                 instance_type: refs.render(&part.instance_type).value,
                 security_groups: vec![group_id(
                     refs,
@@ -234,7 +268,11 @@ impl ManagedObject for LaunchTemplate {
                     .map(|u| base64::engine::general_purpose::STANDARD.encode(u)),
                 key_name: part.key_name.as_ref().map(|k| refs.render(k).value),
                 imdsv2: true,
-                root: Some((part.root_size, true)),
+                block_devices: vec![BlockDevice {
+                    device: String::new(),
+                    size_gib: part.root_size,
+                    encrypted: true,
+                }],
             },
             tags,
         })
@@ -261,8 +299,8 @@ impl ManagedObject for LaunchTemplate {
         let mut templates = read_templates(ctx, stack, adopt).await?;
         let mut amis = Amis::new();
         for (_, part) in desired.specs::<TemplatePart>(LAUNCH_TEMPLATE) {
-            if part.ami.starts_with(RESOLVE) && !amis.contains_key(&part.ami) {
-                amis.insert(part.ami.clone(), resolve_ami(ctx, &part.ami).await);
+            if !amis.contains_key(&part.ami) {
+                amis.insert(part.ami.clone(), part.ami.resolve(ctx).await);
             }
         }
         let amis = Arc::new(amis);
@@ -293,13 +331,13 @@ impl ManagedObject for LaunchTemplate {
     }
 
     fn readiness(&self, want: &TemplateWant, have: &ObservedTemplate) -> Result<Readiness> {
-        resolved(&want.data, &have.amis)?;
+        resolved(want, &have.amis)?;
         Ok(Readiness::Ready)
     }
 
     fn diff(&self, want: &TemplateWant, have: &ObservedTemplate) -> Vec<TemplateUpdate> {
         // Readiness has checked the AMI resolves.
-        let Ok(to) = resolved(&want.data, &have.amis) else {
+        let Ok(to) = resolved(want, &have.amis) else {
             return Vec::new();
         };
         if to == have.data {
@@ -346,10 +384,7 @@ impl ManagedObject for LaunchTemplate {
     }
 
     async fn create(&self, ctx: &Context, want: &TemplateWant, tags: &Tags) -> Result<Outputs> {
-        let mut data = want.data.clone();
-        if data.ami.starts_with(RESOLVE) {
-            data.ami = resolve_ami(ctx, &data.ami).await?;
-        }
+        let data = want.data.on(&want.ami.resolve(ctx).await?)?;
         let out = ctx
             .ec2
             .create_launch_template()
@@ -490,17 +525,18 @@ async fn read_templates(
                 .metadata_options()
                 .and_then(|m| m.http_tokens())
                 .is_some_and(|t| *t == LaunchTemplateHttpTokensState::Required),
-            root: d
+            block_devices: d
                 .block_device_mappings()
                 .iter()
-                .find(|m| m.device_name() == Some(ROOT_DEVICE))
-                .and_then(|m| m.ebs())
-                .map(|e| {
-                    (
-                        e.volume_size().unwrap_or_default(),
-                        e.encrypted().unwrap_or_default(),
-                    )
-                }),
+                .filter_map(|m| {
+                    let ebs = m.ebs()?;
+                    Some(BlockDevice {
+                        device: m.device_name().unwrap_or_default().to_string(),
+                        size_gib: ebs.volume_size().unwrap_or_default(),
+                        encrypted: ebs.encrypted().unwrap_or_default(),
+                    })
+                })
+                .collect(),
         };
     }
     Ok(templates)
@@ -551,15 +587,15 @@ fn request_data(d: &TemplateData) -> RequestLaunchTemplateData {
             spec.name(p).build()
         });
     }
-    if let Some((size, encrypted)) = d.root {
+    for device in &d.block_devices {
         b = b.block_device_mappings(
             LaunchTemplateBlockDeviceMappingRequest::builder()
-                .device_name(ROOT_DEVICE)
+                .device_name(&device.device)
                 .ebs(
                     LaunchTemplateEbsBlockDeviceRequest::builder()
-                        .volume_size(size)
+                        .volume_size(device.size_gib)
                         .volume_type(VolumeType::Gp3)
-                        .encrypted(encrypted)
+                        .encrypted(device.encrypted)
                         .delete_on_termination(true)
                         .build(),
                 )
@@ -609,7 +645,12 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
 
     fn amis(ami: std::result::Result<&str, Error>) -> Arc<Amis> {
         let spec: GrafanaSpec = toml::from_str(GRAFANA_TOML).unwrap();
-        Arc::new(Amis::from([(spec.ami, ami.map(str::to_string))]))
+        let image = |id: &str| Image {
+            id: id.into(),
+            root_device: "/dev/sda1".into(),
+            root_size_gib: Some(8),
+        };
+        Arc::new(Amis::from([(spec.ami, ami.map(image))]))
     }
 
     /// The template as desired, on version 2, its AMI resolving to `ami-1`.
@@ -618,8 +659,7 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
         let want = LaunchTemplate
             .desired(&d, &d.resources[&node()], &refs())
             .unwrap();
-        let mut data = want.data;
-        data.ami = "ami-1".into();
+        let data = want.data.on(&amis(Ok("ami-1"))[&want.ami].clone().unwrap()).unwrap();
         let mut tags = owned_tags(id);
         tags.insert("Name".into(), "s-main".into());
         ObservedTemplate {
@@ -677,6 +717,46 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
         );
     }
 
+    /// A template made with the root volume at another device than the image's root (the
+    /// `/dev/xvda` of Amazon Linux, the image being Ubuntu's) gets a version that maps it right.
+    #[test]
+    fn the_root_volume_moves_to_the_images_root_device() {
+        let mut have = observed("grafana.main.launch_template");
+        have.data.block_devices[0].device = "/dev/xvda".into();
+        let c = diff(vec![have]).unwrap().unwrap();
+        let [Op::Update {
+            change: TemplateUpdate::NewVersion { to, .. },
+            ..
+        }] = &c.ops[..]
+        else {
+            panic!("{:?}", c.ops)
+        };
+        assert_eq!(to.block_devices.len(), 1);
+        assert_eq!(to.block_devices[0].device, "/dev/sda1");
+        let field = c.fields.iter().find(|f| f.field == "block_devices").unwrap();
+        assert_eq!(
+            (field.before.as_deref(), field.after.as_deref()),
+            (
+                Some("/dev/xvda 20 GiB encrypted"),
+                Some("/dev/sda1 20 GiB encrypted")
+            )
+        );
+    }
+
+    #[test]
+    fn a_root_volume_smaller_than_the_images_snapshot_is_the_nodes_error() {
+        let mut have = observed("grafana.main.launch_template");
+        let spec: GrafanaSpec = toml::from_str(GRAFANA_TOML).unwrap();
+        let big = Image {
+            id: "ami-1".into(),
+            root_device: "/dev/sda1".into(),
+            root_size_gib: Some(30),
+        };
+        have.amis = Arc::new(Amis::from([(spec.ami, Ok(big))]));
+        let e = diff(vec![have]).unwrap_err();
+        assert!(e.to_string().contains("smaller than the root snapshot"), "{e}");
+    }
+
     #[test]
     fn an_ami_that_does_not_resolve_is_the_nodes_error() {
         let mut have = observed("grafana.main.launch_template");
@@ -693,7 +773,16 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
             panic!("{:?}", c.ops)
         };
         assert_eq!(want.name, "s-main");
-        assert!(want.data.ami.starts_with(RESOLVE), "resolved by the create");
+        assert!(want.data.ami.starts_with("resolve:ssm:"), "resolved by the create");
+        assert_eq!(
+            want.data.block_devices,
+            [BlockDevice {
+                device: String::new(),
+                size_gib: 20,
+                encrypted: true
+            }],
+            "at the root device of the image the create resolves"
+        );
         assert_eq!(want.data.security_groups, ["sg-i"]);
         assert_eq!(
             tags.get(TAG_ID).map(String::as_str),

@@ -22,8 +22,8 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use aws_sdk_ec2::types::{
-    HttpTokensState, IamInstanceProfileSpecification, InstanceMetadataOptionsRequest, InstanceType,
-    ResourceType,
+    BlockDeviceMapping, EbsBlockDevice, HttpTokensState, IamInstanceProfileSpecification,
+    InstanceMetadataOptionsRequest, InstanceType, ResourceType, VolumeType,
 };
 use base64::Engine as _;
 
@@ -33,7 +33,8 @@ use super::{HOST, SECURITY_GROUP};
 use crate::change::{removal, Action, Change};
 use crate::controller::{Context, Controller};
 use crate::desired::{DesiredState, Resource};
-use crate::ec2::{locate_subnet, resolve_ami, tag_spec};
+use crate::ami::{Ami, Image};
+use crate::ec2::{locate_subnet, tag_spec};
 use crate::error::{aws_error, Error, Result};
 use crate::instances::ObservedInstance;
 use crate::model::{Kind, Outputs, Refs, ResourceId};
@@ -103,8 +104,11 @@ impl Observed {
 pub struct Launch {
     /// The host's security group (its own node).
     pub group: String,
-    pub ami: String,
+    /// Resolved when launching.
+    pub ami: Ami,
     pub instance_type: String,
+    /// The encrypted gp3 root volume's size, at the image's root device.
+    pub root_volume_size_gib: i32,
     /// None: the default VPC's default subnet in the region's first zone.
     pub subnet: Option<String>,
     pub instance_profile: Option<String>,
@@ -229,7 +233,12 @@ impl Controller for HostController {
                 c.notes.push("the instance is gone: a new one is launched and the existing data volumes are attached to it".into());
             }
             c.field("instance_type", None, Some(s.instance_type.clone()));
-            c.field("ami", None, Some(s.ami.clone()));
+            c.field("ami", None, Some(s.ami.to_string()));
+            c.field(
+                "root_volume",
+                None,
+                Some(format!("{} GiB encrypted", s.root_volume_size_gib)),
+            );
             c.field(
                 "subnet",
                 None,
@@ -242,8 +251,9 @@ impl Controller for HostController {
             c.field("security_group", None, Some(group.clone()));
             c.op(Op::Launch(Box::new(Launch {
                 group,
-                ami: refs.render(&s.ami).value,
+                ami: s.ami.clone(),
                 instance_type: s.instance_type.clone(),
+                root_volume_size_gib: s.root_volume_size_gib,
                 subnet,
                 instance_profile: s.instance_profile.as_ref().map(|p| refs.render(p).value),
                 user_data: s.loaded_user_data.clone(),
@@ -291,7 +301,7 @@ impl Controller for HostController {
                 "user data is first-boot only: a change to it never replaces the instance".into(),
             );
         }
-        if s.ami.starts_with("ami-") && s.ami != inst.image_id {
+        if matches!(&s.ami, Ami::Id(id) if *id != inst.image_id) {
             c.notes.push(format!(
                 "the instance runs {}; an AMI change does not replace it",
                 inst.image_id
@@ -509,10 +519,19 @@ async fn volume_state(ctx: &Context, volume: &str) -> Result<String> {
 /// or terminating, the token is stale and the launch is made again with a token of its own.
 async fn launch(ctx: &Context, l: &Launch) -> Result<()> {
     let (subnet, _) = locate_subnet(ctx, l.subnet.as_deref()).await?;
-    let ami = resolve_ami(ctx, &l.ami).await?;
+    let image = l.ami.resolve(ctx).await?;
+    image.check_root_size(l.root_volume_size_gib)?;
     let request = format!(
-        "{ami}\n{}\n{subnet}\n{}\n{:?}\n{:?}\n{:?}\n{:?}",
-        l.instance_type, l.group, l.instance_profile, l.user_data, l.key_name, l.tags
+        "{}\n{}\n{} {}\n{subnet}\n{}\n{:?}\n{:?}\n{:?}\n{:?}",
+        image.id,
+        l.instance_type,
+        image.root_device,
+        l.root_volume_size_gib,
+        l.group,
+        l.instance_profile,
+        l.user_data,
+        l.key_name,
+        l.tags
     );
     // Each stale answer names an instance the next token must differ by.
     let mut stale: Vec<String> = Vec::new();
@@ -520,7 +539,7 @@ async fn launch(ctx: &Context, l: &Launch) -> Result<()> {
         let mut parts = vec![request.as_str()];
         parts.extend(stale.iter().map(String::as_str));
         let token = crate::managed::client_token(&parts);
-        let (id, state) = run_instance(ctx, l, &ami, &subnet, &token).await?;
+        let (id, state) = run_instance(ctx, l, &image, &subnet, &token).await?;
         if !matches!(state.as_str(), "shutting-down" | "terminated") {
             break id;
         }
@@ -545,7 +564,7 @@ async fn launch(ctx: &Context, l: &Launch) -> Result<()> {
 async fn run_instance(
     ctx: &Context,
     l: &Launch,
-    ami: &str,
+    image: &Image,
     subnet: &str,
     token: &str,
 ) -> Result<(String, String)> {
@@ -553,8 +572,21 @@ async fn run_instance(
         .ec2
         .run_instances()
         .client_token(token)
-        .image_id(ami)
+        .image_id(&image.id)
         .instance_type(InstanceType::from(l.instance_type.as_str()))
+        .block_device_mappings(
+            BlockDeviceMapping::builder()
+                .device_name(&image.root_device)
+                .ebs(
+                    EbsBlockDevice::builder()
+                        .volume_size(l.root_volume_size_gib)
+                        .volume_type(VolumeType::Gp3)
+                        .encrypted(true)
+                        .delete_on_termination(true)
+                        .build(),
+                )
+                .build(),
+        )
         .min_count(1)
         .max_count(1)
         .subnet_id(subnet)
@@ -670,11 +702,18 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         assert_eq!(l.group, "sg-1", "its security group node's");
         assert_eq!(l.subnet.as_deref(), Some("subnet-1"));
         assert_eq!(l.tags.get("Name").map(String::as_str), Some("s-prom"));
-        assert!(
-            c.fields.iter().all(|f| !f.field.contains("volume")),
-            "the volume is a node of its own: {:?}",
-            c.fields
+        let fields: Vec<&str> = c.fields.iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["instance_type", "ami", "root_volume", "subnet", "security_group"],
+            "the data volume is a node of its own"
         );
+        assert_eq!(
+            c.fields[2].after.as_deref(),
+            Some("20 GiB encrypted"),
+            "at the root device of the image resolved when launching"
+        );
+        assert_eq!((l.ami.to_string(), l.root_volume_size_gib), ("ami-1".into(), 20));
     }
 
     #[test]

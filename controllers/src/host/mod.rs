@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::ami::Ami;
 use crate::desired::{
     check_duration, check_tags, DesiredState, KindSpec, Resource, Spec, Tagging, Validator,
 };
@@ -124,9 +125,12 @@ pub const PROMETHEUS: Kind = Kind::new(&PROMETHEUS_KIND);
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostSpec {
-    /// A literal AMI id or `resolve:ssm:<public parameter>`.
-    pub ami: String,
+    /// An AMI id, `resolve:ssm:<parameter>` or `{ owner, name }` ([`crate::ami`]).
+    pub ami: Ami,
     pub instance_type: String,
+    /// Size of the encrypted gp3 root volume, at the image's root device.
+    #[serde(default = "crate::ami::default_root_size")]
+    pub root_volume_size_gib: i32,
     /// Defaults to the default subnet of the region's default VPC in its first zone.
     pub subnet: Option<String>,
     /// Instance profile name, usually `${iam.instance_profile.<name>.name}`.
@@ -285,15 +289,8 @@ impl KindSpec for HostSpec {
     }
 
     fn validate(&mut self, v: &mut Validator<'_>) {
-        if !(self.ami.starts_with("ami-")
-            || self.ami.starts_with("resolve:ssm:")
-            || self.ami.contains("${"))
-        {
-            v.here(format!(
-                "ami `{}` is neither an AMI id (ami-...) nor `resolve:ssm:<parameter>`",
-                self.ami
-            ));
-        }
+        self.ami.check(v);
+        crate::ami::check_root_size(v, self.root_volume_size_gib);
         if !valid_instance_type(&self.instance_type) && !self.instance_type.contains("${") {
             v.here(format!(
                 "instance_type `{}` is not an EC2 instance type (family.size, such as t3.medium)",
@@ -405,7 +402,7 @@ impl KindSpec for HostSpec {
         );
         // The instance references what its own values name; its Prometheus config, everything
         // else the table names (its files included).
-        let mut own: BTreeSet<ResourceId> = [&self.ami, &self.instance_type]
+        let mut own: BTreeSet<ResourceId> = [&self.instance_type]
             .into_iter()
             .chain(&self.subnet)
             .chain(&self.instance_profile)
