@@ -14,7 +14,7 @@ use aws_sdk_grafana::types::{
 };
 use aws_sdk_ssm::types::{CommandInvocationStatus, CommandStatus, Target};
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
-use stackwarden_emulator::{Fault, FaultKind, Sandbox, Settings, Unsandboxed};
+use stackwarden_emulator::{Fault, FaultKind, PublicImage, Sandbox, Settings, Unsandboxed};
 
 use crate::harness::Aws;
 
@@ -2744,4 +2744,187 @@ async fn ipv6_ranges_are_kept_in_the_one_spelling_ec2_writes() {
             .unwrap();
     }
     assert_eq!(ranges().await, Vec::<String>::new());
+}
+
+/// Canonical's account, the publisher of Ubuntu's AMIs.
+const CANONICAL: &str = "099720109477";
+
+fn ubuntu(name: &str, created: &str, deprecated: bool) -> PublicImage {
+    PublicImage {
+        deprecated,
+        ..PublicImage::new(CANONICAL, name, created)
+    }
+}
+
+/// DescribeImages lists public images as AWS does: deprecated ones only when asked (or named
+/// by id), pages whose filters apply after the page is taken (so pages come short), no
+/// `MaxResults` with `ImageIds`, `*` and `?` in filter values, moto's own images beside the
+/// published ones, and a filter it does not know refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn images_list_as_aws_lists_them_deprecated_left_out_and_filtered_after_paging() {
+    let aws = Aws::start();
+    let ec2 = aws.ec2().await;
+    let jammy = "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-";
+    let mut current = Vec::new();
+    for day in 1..=4 {
+        current.push(aws.emulator.publish_image(ubuntu(
+            &format!("{jammy}2024050{day}"),
+            &format!("2024-05-0{day}T00:00:00.000Z"),
+            false,
+        )));
+    }
+    let deprecated = aws.emulator.publish_image(ubuntu(
+        &format!("{jammy}20240509"),
+        "2024-05-09T00:00:00.000Z",
+        true,
+    ));
+    aws.emulator.publish_image(ubuntu(
+        "ubuntu/images/hvm-ssd/ubuntu-focal-20.04-amd64-server-20240501",
+        "2024-05-01T00:00:00.000Z",
+        false,
+    ));
+    // Through the control API, as scripts publish: another publisher, the same name.
+    let (status, body) = control(
+        &aws,
+        "POST",
+        "/_emulator/images",
+        &format!(
+            r#"{{"owner": "111122223333", "name": "{jammy}20240601", "creation_date": "2024-06-01T00:00:00.000Z"}}"#
+        ),
+    );
+    assert_eq!(status, 201, "{body}");
+    let copy: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let copy = copy["image_id"].as_str().unwrap().to_string();
+
+    let name = |pattern: &str| {
+        aws_sdk_ec2::types::Filter::builder()
+            .name("name")
+            .values(pattern)
+            .build()
+    };
+    let listing = || {
+        ec2.describe_images()
+            .owners(CANONICAL)
+            .filters(name(&format!("{jammy}*")))
+    };
+    // Canonical's images are listed two a page (the deprecated one left out: four of jammy,
+    // one of focal, those moto has of Canonical's), and the name filter then applies to each
+    // page: four in all, with a page short of two before the last.
+    let mut token = None;
+    let (mut sizes, mut ids) = (Vec::new(), Vec::new());
+    loop {
+        let page = listing()
+            .max_results(2)
+            .set_next_token(token.take())
+            .send()
+            .await
+            .unwrap();
+        sizes.push(page.images().len());
+        ids.extend(
+            page.images()
+                .iter()
+                .map(|i| i.image_id().unwrap().to_string()),
+        );
+        match page.next_token() {
+            Some(t) => token = Some(t.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(sizes.iter().sum::<usize>(), 4, "{sizes:?}");
+    assert!(
+        sizes[..sizes.len() - 1].iter().any(|&n| n < 2),
+        "a short page with more to follow: {sizes:?}"
+    );
+    ids.sort();
+    let mut expected = current.clone();
+    expected.sort();
+    assert_eq!(ids, expected);
+
+    // What the SDK's paginator gathers is the same; asked for, the deprecated image is listed.
+    let all: Vec<_> = listing()
+        .into_paginator()
+        .page_size(2)
+        .items()
+        .send()
+        .collect::<Result<Vec<_>, _>>()
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 4);
+    let with_deprecated = listing().include_deprecated(true).send().await.unwrap();
+    assert_eq!(with_deprecated.images().len(), 5);
+    let old = with_deprecated
+        .images()
+        .iter()
+        .find(|i| i.image_id() == Some(deprecated.as_str()))
+        .unwrap();
+    assert!(old.deprecation_time().is_some());
+    assert_eq!(old.root_device_name(), Some("/dev/sda1"));
+    assert_eq!(old.creation_date(), Some("2024-05-09T00:00:00.000Z"));
+    assert_eq!(
+        old.block_device_mappings()[0]
+            .ebs()
+            .and_then(|e| e.volume_size()),
+        Some(8)
+    );
+
+    // By id: the deprecated image, a published one beside one of moto's, and nothing unknown.
+    let by_id = ec2
+        .describe_images()
+        .image_ids(&deprecated)
+        .image_ids(AMI)
+        .send()
+        .await
+        .unwrap();
+    let mut found: Vec<&str> = by_id.images().iter().filter_map(|i| i.image_id()).collect();
+    found.sort();
+    let mut want = vec![deprecated.as_str(), AMI];
+    want.sort();
+    assert_eq!(found, want);
+    assert_eq!(
+        code(
+            ec2.describe_images()
+                .image_ids("ami-0000000000000dead")
+                .send()
+                .await
+        ),
+        "InvalidAMIID.NotFound"
+    );
+    assert_eq!(
+        code(
+            ec2.describe_images()
+                .image_ids(&deprecated)
+                .max_results(5)
+                .send()
+                .await
+        ),
+        "InvalidParameterCombination"
+    );
+
+    // Owners choose whose images; `?` matches zero or one character.
+    let other = ec2
+        .describe_images()
+        .owners("111122223333")
+        .filters(name(&format!("{jammy}2024060?1")))
+        .send()
+        .await
+        .unwrap();
+    let other: Vec<&str> = other.images().iter().filter_map(|i| i.image_id()).collect();
+    assert_eq!(other, [copy.as_str()]);
+
+    let unknown = aws_sdk_ec2::types::Filter::builder()
+        .name("platform-details")
+        .values("Linux/UNIX")
+        .build();
+    let e = ec2
+        .describe_images()
+        .owners(CANONICAL)
+        .filters(unknown)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some("InvalidParameterValue"));
+    assert!(
+        e.message().unwrap_or_default().contains("platform-details"),
+        "{e:?}"
+    );
 }

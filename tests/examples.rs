@@ -608,13 +608,16 @@ async fn seed_000_001_prometheus_with_ebs_alertmanager_and_grafana_behind_an_alb
     // one DescribeInstances for the host, the Grafana group and both host_configs, one
     // DescribeSecurityGroups for the three groups. Read per object: each role with a
     // description (GetRole, which the account details lack) and each instance profile's tags.
-    // One DescribeTags reads the load balancer's, target group's and listeners' tags.
+    // One DescribeTags reads the load balancer's, target group's and listeners' tags. The
+    // Grafana template's AMI is its parameter's value (GetParameter, every pass) and that
+    // image's root device (DescribeImages, once per process: it never changes).
     let plan = ex.stackwarden(&["plan"]);
     plan.expect(0);
     let per_object: &[(&str, u64)] = &[("IAM GetRole", 2), ("IAM GetInstanceProfile", 2)];
     let expected: BTreeMap<String, u64> = [
         "Auto Scaling DescribeAutoScalingGroups",
         "Auto Scaling DescribeInstanceRefreshes",
+        "EC2 DescribeImages",
         "EC2 DescribeInstances",
         "EC2 DescribeLaunchTemplateVersions",
         "EC2 DescribeLaunchTemplates",

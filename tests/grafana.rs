@@ -11,7 +11,7 @@ use aws_sdk_autoscaling::types::AutoScalingGroup;
 use aws_sdk_ec2::types::{Filter, IpPermission, IpRange};
 use aws_sdk_elasticloadbalancingv2::types::{Action, ActionTypeEnum, Listener, ProtocolEnum};
 use aws_sdk_ssm::types::ParameterType;
-use stackwarden_emulator::{Fault, FaultKind, RefreshOutcome, Settings};
+use stackwarden_emulator::{Fault, FaultKind, PublicImage, RefreshOutcome, Settings};
 
 use crate::harness::{
     default_stack, edit, path_str, run_commands, script_files, stackwarden, stackwarden_with,
@@ -448,8 +448,15 @@ async fn grafana_from_empty_then_drift_corrected_and_a_template_change_rolled_ou
         data.iam_instance_profile().unwrap().name(),
         Some("monitoring-grafana")
     );
+    assert_eq!(data.block_device_mappings().len(), 1);
     let root = &data.block_device_mappings()[0];
+    assert_eq!(
+        root.device_name(),
+        Some("/dev/xvda"),
+        "at the root device of the image (Amazon Linux's)"
+    );
     assert_eq!(root.ebs().unwrap().encrypted(), Some(true));
+    assert_eq!(root.ebs().unwrap().volume_size(), Some(20));
 
     let elb = s.aws.elb().await;
     let lbs = elb
@@ -574,12 +581,32 @@ async fn grafana_from_empty_then_drift_corrected_and_a_template_change_rolled_ou
     );
 
     // A launch template change: one new version, one instance refresh, tracked across passes.
+    // The type changes, and the image becomes the seed's Ubuntu (the most recent of
+    // Canonical's jammy images, whose root device is /dev/sda1).
+    let ubuntu = |name: &str, created: &str| {
+        s.aws.emulator.publish_image(PublicImage::new(
+            "099720109477",
+            &format!("ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-{name}"),
+            created,
+        ))
+    };
+    ubuntu("20240501", "2024-05-01T00:00:00.000Z");
+    let jammy = ubuntu("20240502", "2024-05-02T00:00:00.000Z");
+    let amazon_linux = data.image_id().unwrap().to_string();
     edit(s.dir.path(), "grafana.toml", "t3.small", "t3.medium");
+    edit(
+        s.dir.path(),
+        "grafana.toml",
+        "ami = \"resolve:ssm:/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64\"",
+        "ami = { owner = \"099720109477\", name = \"ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-*\" }",
+    );
     let plan = s.run(&["plan"]);
     plan.expect(2);
     for line in [
         "~ grafana.main.launch_template",
         "instance_type: t3.small → t3.medium",
+        &format!("ami: {amazon_linux} → {jammy}"),
+        "block_devices: /dev/xvda 20 GiB encrypted → /dev/sda1 20 GiB encrypted",
         "version: 1 → 2",
         // The group's own change plans the version the template's makes.
         "~ grafana.main (",
@@ -609,6 +636,23 @@ async fn grafana_from_empty_then_drift_corrected_and_a_template_change_rolled_ou
         s.group().await.launch_template().unwrap().version(),
         Some("2")
     );
+    let version = ec2
+        .describe_launch_template_versions()
+        .launch_template_id(template.launch_template_id().unwrap())
+        .versions("2")
+        .send()
+        .await
+        .unwrap();
+    let data = version.launch_template_versions()[0]
+        .launch_template_data()
+        .unwrap();
+    assert_eq!(data.image_id(), Some(jammy.as_str()));
+    let devices: Vec<&str> = data
+        .block_device_mappings()
+        .iter()
+        .filter_map(|m| m.device_name())
+        .collect();
+    assert_eq!(devices, ["/dev/sda1"]);
     let refreshed = asg
         .describe_instance_refreshes()
         .auto_scaling_group_name("monitoring-main")
@@ -631,6 +675,14 @@ async fn grafana_from_empty_then_drift_corrected_and_a_template_change_rolled_ou
         check_provisioning(&s.sandboxes.path().join(id));
     }
     s.run(&["plan"]).expect(0);
+
+    // The pattern is resolved on every pass: a newer image is a new version.
+    let newer = ubuntu("20240601", "2024-06-01T00:00:00.000Z");
+    let plan = s.run(&["plan"]);
+    plan.expect(2);
+    for line in [format!("ami: {jammy} → {newer}"), "version: 2 → 3".into()] {
+        assert!(plan.stdout.contains(&line), "{line} in\n{}", plan.stdout);
+    }
 
     // Removed from the desired state and pruned: everything of it is gone. The load
     // balancer's delete fails through all of the SDK's attempts in the pass that deletes the

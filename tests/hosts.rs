@@ -4,7 +4,7 @@
 //! one live, and out-of-band drift corrected.
 
 use aws_sdk_ec2::types::Filter;
-use stackwarden_emulator::Settings;
+use stackwarden_emulator::{PublicImage, Settings};
 
 use crate::harness::{default_stack, edit, path_str, stackwarden, stackwarden_with, Aws};
 use crate::prometheus::Prometheus;
@@ -243,6 +243,11 @@ async fn a_host_is_launched_and_config_changes_reach_it_without_replacing_anythi
         Some("required"),
         "IMDSv2"
     );
+    assert_eq!(
+        root_volume(&ec2, launched).await,
+        ("/dev/xvda".to_string(), 20, true),
+        "the encrypted root volume at Amazon Linux's root device"
+    );
     let volume = f.volume().await;
     assert_eq!(volume.size(), Some(50));
     assert_eq!(
@@ -300,6 +305,187 @@ async fn a_host_is_launched_and_config_changes_reach_it_without_replacing_anythi
     run.expect(0);
     assert_eq!(&f.instances().await[0].0, instance);
     f.plan().expect(0);
+}
+
+/// The device, size and encryption of an instance's root volume: its only block device but
+/// its data volumes.
+async fn root_volume(
+    ec2: &aws_sdk_ec2::Client,
+    instance: &aws_sdk_ec2::types::Instance,
+) -> (String, i32, bool) {
+    let roots: Vec<_> = instance
+        .block_device_mappings()
+        .iter()
+        .filter(|m| {
+            let device = m.device_name().unwrap_or_default();
+            let letter = device
+                .strip_prefix("/dev/sd")
+                .or_else(|| device.strip_prefix("/dev/xvd"));
+            !matches!(letter, Some(l) if l.len() == 1 && ("f"..="p").contains(&l))
+        })
+        .collect();
+    assert_eq!(
+        roots.len(),
+        1,
+        "one root device: {:?}",
+        instance.block_device_mappings()
+    );
+    let id = roots[0].ebs().and_then(|e| e.volume_id()).unwrap();
+    let volume = ec2.describe_volumes().volume_ids(id).send().await.unwrap();
+    let volume = &volume.volumes()[0];
+    (
+        roots[0].device_name().unwrap().to_string(),
+        volume.size().unwrap(),
+        volume.encrypted().unwrap(),
+    )
+}
+
+const CANONICAL: &str = "099720109477";
+const JAMMY: &str = "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-";
+
+fn published(owner: &str, name: &str, created: &str, deprecated: bool) -> PublicImage {
+    PublicImage {
+        deprecated,
+        ..PublicImage::new(owner, name, created)
+    }
+}
+
+/// The seed's `data "aws_ami"`: the most recent of Canonical's jammy images, as Terraform picks
+/// it: not a deprecated one, not another owner's of the same name, not an arm64 one; its root
+/// volume at Ubuntu's `/dev/sda1`. A newer image later never replaces the instance.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_host_from_an_ami_name_pattern_runs_the_newest_image_with_its_root_at_its_device() {
+    let aws = Aws::start();
+    let publish = |owner: &str, name: String, created: &str, deprecated: bool| {
+        aws.emulator
+            .publish_image(published(owner, &name, created, deprecated))
+    };
+    let mut newest = String::new();
+    for day in 1..=3 {
+        newest = publish(
+            CANONICAL,
+            format!("{JAMMY}2024050{day}"),
+            &format!("2024-05-0{day}T00:00:00.000Z"),
+            false,
+        );
+    }
+    publish(
+        CANONICAL,
+        format!("{JAMMY}20240504"),
+        "2024-05-04T00:00:00.000Z",
+        true,
+    );
+    publish(
+        "111122223333",
+        format!("{JAMMY}20240505"),
+        "2024-05-05T00:00:00.000Z",
+        false,
+    );
+    publish(
+        CANONICAL,
+        "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-arm64-server-20240506".into(),
+        "2024-05-06T00:00:00.000Z",
+        false,
+    );
+    let dir = default_stack();
+    std::fs::write(
+        dir.path().join("hosts.toml"),
+        format!(
+            "[host.prometheus]\nami = {{ owner = \"{CANONICAL}\", name = \"{JAMMY}*\" }}\ninstance_type = \"t3.medium\"\nroot_volume_size_gib = 30\n"
+        ),
+    )
+    .unwrap();
+    let d = path_str(dir.path());
+    let plan = stackwarden(Some(&aws.endpoint), &["plan", d]);
+    plan.expect(2);
+    for shown in [
+        format!("the most recent image of {CANONICAL} named {JAMMY}*"),
+        "30 GiB encrypted".to_string(),
+    ] {
+        assert!(plan.stdout.contains(&shown), "{shown} in\n{}", plan.stdout);
+    }
+    stackwarden(Some(&aws.endpoint), &["reconcile", "--once", d]).expect(0);
+
+    let ec2 = aws.ec2().await;
+    let tagged = Filter::builder()
+        .name("tag:stackwarden:id")
+        .values("host.prometheus")
+        .build();
+    let out = ec2
+        .describe_instances()
+        .filters(tagged.clone())
+        .send()
+        .await
+        .unwrap();
+    let instances: Vec<_> = out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .collect();
+    assert_eq!(instances.len(), 1);
+    assert_eq!(instances[0].image_id(), Some(newest.as_str()));
+    assert_eq!(
+        root_volume(&ec2, instances[0]).await,
+        ("/dev/sda1".to_string(), 30, true)
+    );
+    let instance = instances[0].instance_id().unwrap().to_string();
+
+    publish(
+        CANONICAL,
+        format!("{JAMMY}20240601"),
+        "2024-06-01T00:00:00.000Z",
+        false,
+    );
+    stackwarden(Some(&aws.endpoint), &["plan", d]).expect(0);
+    let out = ec2
+        .describe_instances()
+        .filters(tagged)
+        .send()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter_map(|i| i.instance_id())
+        .collect();
+    assert_eq!(ids, [instance.as_str()]);
+}
+
+/// A pattern nothing matches is that host's error, and nothing is launched.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ami_pattern_matching_no_image_fails_its_host_alone() {
+    let aws = Aws::start();
+    aws.emulator.publish_image(published(
+        CANONICAL,
+        &format!("{JAMMY}20240509"),
+        "2024-05-09T00:00:00.000Z",
+        true,
+    ));
+    let dir = default_stack();
+    std::fs::write(
+        dir.path().join("hosts.toml"),
+        format!("[host.prometheus]\nami = {{ owner = \"{CANONICAL}\", name = \"{JAMMY}*\" }}\ninstance_type = \"t3.medium\"\n"),
+    )
+    .unwrap();
+    let run = stackwarden(
+        Some(&aws.endpoint),
+        &["reconcile", "--once", path_str(dir.path())],
+    );
+    run.expect(1);
+    assert!(
+        run.stderr.contains(&format!(
+            "no available image of {CANONICAL} is named like {JAMMY}*"
+        )),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(run.count("RunInstances"), 0, "{}", run.stderr);
+    assert!(
+        run.count("CreateRole") > 0,
+        "the rest of the stack is applied:\n{}",
+        run.stderr
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -351,6 +351,9 @@ mod tests {
         };
         assert!(image.check_root_size(30).is_ok());
         let e = image.check_root_size(20).unwrap_err().to_string();
-        assert!(e.contains("smaller than the root snapshot of ami-1 (30 GiB)"), "{e}");
+        assert!(
+            e.contains("smaller than the root snapshot of ami-1 (30 GiB)"),
+            "{e}"
+        );
     }
 }

@@ -30,10 +30,10 @@ use base64::Engine as _;
 
 use super::controller::grafana_objects_possible;
 use super::{tagged_node, INSTANCES, LAUNCH_TEMPLATE, SECURITY_GROUP};
+use crate::ami::{Ami, Image};
 use crate::change::FieldChange;
 use crate::controller::Context;
 use crate::desired::{DesiredState, KindSpec, Resource, TAG_STACK};
-use crate::ami::{Ami, Image};
 use crate::ec2::{tag_map, tag_spec};
 use crate::error::{aws_error, Error, Result};
 use crate::kind::Kind;
@@ -41,7 +41,6 @@ use crate::managed::{is_gone, Describe, ManagedObject, Readiness};
 use crate::model::{Outputs, Refs, ResourceId};
 use crate::security_group::group_id;
 use crate::tags::Tags;
-
 
 /// The launch template node of a Grafana table.
 #[derive(Debug, Clone)]
@@ -80,7 +79,11 @@ impl TemplateData {
     fn on(&self, image: &Image) -> Result<TemplateData> {
         let mut data = self.clone();
         data.ami = image.id.clone();
-        for d in data.block_devices.iter_mut().filter(|d| d.device.is_empty()) {
+        for d in data
+            .block_devices
+            .iter_mut()
+            .filter(|d| d.device.is_empty())
+        {
             image.check_root_size(d.size_gib)?;
             d.device = image.root_device.clone();
         }
@@ -659,7 +662,10 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
         let want = LaunchTemplate
             .desired(&d, &d.resources[&node()], &refs())
             .unwrap();
-        let data = want.data.on(&amis(Ok("ami-1"))[&want.ami].clone().unwrap()).unwrap();
+        let data = want
+            .data
+            .on(&amis(Ok("ami-1"))[&want.ami].clone().unwrap())
+            .unwrap();
         let mut tags = owned_tags(id);
         tags.insert("Name".into(), "s-main".into());
         ObservedTemplate {
@@ -733,7 +739,11 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
         };
         assert_eq!(to.block_devices.len(), 1);
         assert_eq!(to.block_devices[0].device, "/dev/sda1");
-        let field = c.fields.iter().find(|f| f.field == "block_devices").unwrap();
+        let field = c
+            .fields
+            .iter()
+            .find(|f| f.field == "block_devices")
+            .unwrap();
         assert_eq!(
             (field.before.as_deref(), field.after.as_deref()),
             (
@@ -754,7 +764,10 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
         };
         have.amis = Arc::new(Amis::from([(spec.ami, Ok(big))]));
         let e = diff(vec![have]).unwrap_err();
-        assert!(e.to_string().contains("smaller than the root snapshot"), "{e}");
+        assert!(
+            e.to_string().contains("smaller than the root snapshot"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -773,7 +786,10 @@ alb = { subnets = ["subnet-a", "subnet-b"] }
             panic!("{:?}", c.ops)
         };
         assert_eq!(want.name, "s-main");
-        assert!(want.data.ami.starts_with("resolve:ssm:"), "resolved by the create");
+        assert!(
+            want.data.ami.starts_with("resolve:ssm:"),
+            "resolved by the create"
+        );
         assert_eq!(
             want.data.block_devices,
             [BlockDevice {

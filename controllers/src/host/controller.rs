@@ -30,10 +30,10 @@ use base64::Engine as _;
 use super::volume::ObservedVolume;
 use super::HostSpec;
 use super::{HOST, SECURITY_GROUP};
+use crate::ami::{Ami, Image};
 use crate::change::{removal, Action, Change};
 use crate::controller::{Context, Controller};
 use crate::desired::{DesiredState, Resource};
-use crate::ami::{Ami, Image};
 use crate::ec2::{locate_subnet, tag_spec};
 use crate::error::{aws_error, Error, Result};
 use crate::instances::ObservedInstance;
@@ -705,7 +705,13 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         let fields: Vec<&str> = c.fields.iter().map(|f| f.field.as_str()).collect();
         assert_eq!(
             fields,
-            ["instance_type", "ami", "root_volume", "subnet", "security_group"],
+            [
+                "instance_type",
+                "ami",
+                "root_volume",
+                "subnet",
+                "security_group"
+            ],
             "the data volume is a node of its own"
         );
         assert_eq!(
@@ -713,7 +719,10 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
             Some("20 GiB encrypted"),
             "at the root device of the image resolved when launching"
         );
-        assert_eq!((l.ami.to_string(), l.root_volume_size_gib), ("ami-1".into(), 20));
+        assert_eq!(
+            (l.ami.to_string(), l.root_volume_size_gib),
+            ("ami-1".into(), 20)
+        );
     }
 
     #[test]

@@ -6,16 +6,17 @@
 //! - `PUT /_emulator/sandboxes/{instance}`: `{"root": "/dir", "env": {...}}`.
 //! - `GET|PUT /_emulator/settings`: the [`crate::Settings`] as JSON; PUT merges the fields given.
 //! - `GET|POST|DELETE /_emulator/faults`: list, add one [`crate::Fault`], remove all.
+//! - `POST /_emulator/images`: publish a [`crate::PublicImage`]; answers `{"image_id": "ami-..."}`.
 
 use std::sync::Arc;
 
 use axum::extract::{Path, State as Extract};
 use axum::http::StatusCode;
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde_json::Value;
 
-use crate::{lock, Call, Fault, Sandbox, Settings, State};
+use crate::{lock, Call, Fault, PublicImage, Sandbox, Settings, State};
 
 pub fn routes() -> Router<Arc<State>> {
     Router::new()
@@ -27,6 +28,18 @@ pub fn routes() -> Router<Arc<State>> {
             "/_emulator/faults",
             get(faults).post(add_fault).delete(clear_faults),
         )
+        .route("/_emulator/images", post(publish_image))
+}
+
+async fn publish_image(
+    Extract(state): Extract<Arc<State>>,
+    Json(image): Json<PublicImage>,
+) -> (StatusCode, Json<Value>) {
+    let id = lock(&state.images).publish(image);
+    (
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "image_id": id })),
+    )
 }
 
 async fn calls(Extract(state): Extract<Arc<State>>) -> Json<Vec<Call>> {

@@ -5,7 +5,9 @@
 //! - AMP alertmanager definitions (`aps`, restJson1; the rest of AMP is moto's);
 //! - SSM Run Command that really runs `AWS-RunShellScript` in a sandbox directory per instance
 //!   (`ssm`, awsJson1.1; the rest of SSM is moto's);
-//! - Auto Scaling instance refresh (`autoscaling`, awsQuery; the rest is moto's).
+//! - Auto Scaling instance refresh (`autoscaling`, awsQuery; the rest is moto's);
+//! - EC2 `DescribeImages`, over moto's images and the public images a test publishes
+//!   (`images.rs`).
 //!
 //! Every other request goes to moto unchanged. Requests are routed by the service named in the
 //! SigV4 credential scope (grafana and aps share paths such as `/workspaces`), then by
@@ -23,6 +25,7 @@ mod authorize;
 mod consistency;
 mod faults;
 mod grafana;
+mod images;
 mod moto;
 mod refresh;
 mod route;
@@ -42,6 +45,7 @@ use serde::{Deserialize, Serialize};
 
 pub use authorize::Enforce;
 pub use faults::{Fault, FaultKind};
+pub use images::PublicImage;
 pub use moto::Backend;
 pub use route::Call;
 
@@ -185,6 +189,7 @@ pub(crate) struct State {
     sandboxes: Mutex<BTreeMap<String, Sandbox>>,
     pub(crate) moto: moto::Moto,
     pub(crate) grafana: Mutex<grafana::Store>,
+    pub(crate) images: Mutex<images::Store>,
     pub(crate) alertmanager: Mutex<alertmanager::Store>,
     pub(crate) ssm: ssm::RunCommand,
     pub(crate) refresh: Mutex<refresh::Store>,
@@ -308,6 +313,7 @@ impl Emulator {
             sandboxes: Mutex::new(BTreeMap::new()),
             moto: moto::Moto::new(moto_url),
             grafana: Mutex::default(),
+            images: Mutex::default(),
             alertmanager: Mutex::default(),
             ssm: ssm::RunCommand::default(),
             refresh: Mutex::default(),
@@ -367,6 +373,12 @@ impl Emulator {
     /// Runs the commands sent to `instance` in `sandbox`.
     pub fn set_sandbox(&self, instance: &str, sandbox: Sandbox) {
         lock(&self.state.sandboxes).insert(instance.to_string(), sandbox);
+    }
+
+    /// Publishes a public image (as Canonical publishes Ubuntu's): DescribeImages lists it to
+    /// every account of its region. Its id.
+    pub fn publish_image(&self, image: PublicImage) -> String {
+        lock(&self.state.images).publish(image)
     }
 
     /// Changes settings while running.

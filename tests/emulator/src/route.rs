@@ -316,6 +316,7 @@ async fn dispatch(state: &Arc<State>, req: &Incoming) -> Response {
         ("elasticloadbalancing", "DescribeLoadBalancerAttributes") => {
             Some(crate::strict::load_balancer_attributes(state, req).await)
         }
+        ("ec2", "DescribeImages") => Some(crate::images::describe_images(state, req).await),
         ("ec2", "DescribeLaunchTemplates") => {
             Some(crate::strict::describe_launch_templates(state, req).await)
         }
