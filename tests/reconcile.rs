@@ -181,8 +181,13 @@ async fn out_of_band_drift_makes_plan_exit_2_and_reconcile_fixes_it() {
         "inline_policies.ec2_discovery:",
         "~ amp.workspace.main.rule_groups.node (rule groups namespace ",
         "    data: sha256:",
+        // The rules' lines: the tampered group taken out, the desired ones put back.
+        "      -- name: tampered\n",
+        "      +  - name: node\n",
+        // The policy pretty-printed, the action taken out.
+        "      -      \"Action\": \"ec2:*\",\n",
         "~ iam.role.grafana",
-        "tags:",
+        "tags.project: (none) → monitoring",
     ] {
         assert!(
             plan.stdout.contains(expected),

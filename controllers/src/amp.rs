@@ -455,10 +455,6 @@ fn short_hash(data: &str) -> String {
     hex::encode(&sha2::Sha256::digest(data.as_bytes())[..6])
 }
 
-fn shown(data: &str) -> String {
-    format!("sha256:{}", short_hash(data))
-}
-
 async fn tag(ctx: &Context, arn: &str, set: &Tags) -> Result<()> {
     ctx.amp
         .tag_resource()
@@ -772,7 +768,7 @@ pub enum RuleGroupsUpdate {
 impl Describe for RuleGroupsUpdate {
     fn fields(&self) -> Vec<FieldChange> {
         let RuleGroupsUpdate::Data { from, to } = self;
-        vec![FieldChange::new("data", Some(shown(from)), Some(shown(to)))]
+        vec![FieldChange::document("data", Some(from), Some(to))]
     }
 }
 
@@ -938,7 +934,7 @@ impl ManagedObject for RuleGroups {
     }
 
     fn create_fields(&self, want: &RuleGroupsWant) -> Vec<FieldChange> {
-        vec![FieldChange::new("data", None, Some(shown(&want.data)))]
+        vec![FieldChange::document("data", None, Some(&want.data))]
     }
 
     fn label(&self, want: &RuleGroupsWant) -> String {
@@ -1037,7 +1033,7 @@ impl Describe for AlertmanagerUpdate {
     fn fields(&self) -> Vec<FieldChange> {
         vec![match self {
             AlertmanagerUpdate::Put { from, to } => {
-                FieldChange::new("data", Some(shown(from)), Some(shown(to)))
+                FieldChange::document("data", Some(from), Some(to))
             }
             AlertmanagerUpdate::Record { data } => {
                 FieldChange::new(TAG_ALERTMANAGER, None, Some(short_hash(data)))
@@ -1152,7 +1148,7 @@ impl ManagedObject for Alertmanager {
     }
 
     fn create_fields(&self, want: &AlertmanagerWant) -> Vec<FieldChange> {
-        vec![FieldChange::new("data", None, Some(shown(&want.data)))]
+        vec![FieldChange::document("data", None, Some(&want.data))]
     }
 
     fn label(&self, want: &AlertmanagerWant) -> String {
@@ -1590,8 +1586,20 @@ mod tests {
             "tags first, so the workspace is the stack's before it changes: {:?}",
             c.ops
         );
-        let shown: Vec<&str> = c.fields.iter().map(|f| f.field.as_str()).collect();
-        assert_eq!(shown, ["alias", "tags"]);
+        let shown: Vec<(&str, Option<&str>, Option<&str>)> = c
+            .fields
+            .iter()
+            .map(|f| (f.field.as_str(), f.before.as_deref(), f.after.as_deref()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("alias", Some("renamed"), Some("main")),
+                ("tags.extra", Some("x"), None),
+                ("tags.team", None, Some("sre")),
+            ],
+            "one line per tag that differs"
+        );
     }
 
     #[test]

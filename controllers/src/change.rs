@@ -40,6 +40,10 @@ pub struct FieldChange {
     pub field: String,
     pub before: Option<String>,
     pub after: Option<String>,
+    /// For a document (rules, a policy, user data): a unified diff of its lines, the whole
+    /// document for a create; `before` and `after` are then its digests.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diff: Option<String>,
 }
 
 impl FieldChange {
@@ -48,8 +52,41 @@ impl FieldChange {
             field: field.into(),
             before,
             after,
+            diff: None,
         }
     }
+
+    /// A document's change: its digests as `before` and `after`, and the diff of its lines.
+    pub fn document(field: impl Into<String>, before: Option<&str>, after: Option<&str>) -> Self {
+        FieldChange {
+            field: field.into(),
+            before: before.map(digest),
+            after: after.map(digest),
+            diff: Some(line_diff(before.unwrap_or(""), after.unwrap_or(""))),
+        }
+    }
+}
+
+/// `sha256:` and the first 12 hex digits of the text's SHA-256: how a plan names a document.
+pub fn digest(text: &str) -> String {
+    use sha2::Digest;
+    format!(
+        "sha256:{}",
+        hex::encode(&sha2::Sha256::digest(text.as_bytes())[..6])
+    )
+}
+
+/// A unified diff of two texts' lines with three lines of context, without file headers.
+pub fn line_diff(before: &str, after: &str) -> String {
+    let diff = similar::TextDiff::from_lines(before, after);
+    let mut out = String::new();
+    for hunk in diff.unified_diff().context_radius(3).iter_hunks() {
+        out.push_str(&hunk.to_string());
+    }
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out
 }
 
 /// The change a pass makes to one resource.
@@ -100,8 +137,9 @@ impl<Op> Change<Op> {
         self.ops.push(op);
     }
 
-    /// The tag part of a change: a `tags` line when `observed` differs from `desired`, and the
-    /// operations (`set`, `remove`) for the keys to set and to remove.
+    /// The tag part of a change: a `tags.<key>` line for each tag that differs, and the
+    /// operations (`set`, `remove`) for the keys to set and to remove. stackwarden's own tags
+    /// are set without a line of their own; when they are all that differs, a note says so.
     pub fn tags(
         &mut self,
         observed: &Tags,
@@ -113,11 +151,25 @@ impl<Op> Change<Op> {
         if to_set.is_empty() && to_remove.is_empty() {
             return;
         }
-        self.field(
-            "tags",
-            Some(crate::tags::show(observed)),
-            Some(crate::tags::show(desired)),
-        );
+        let keys: std::collections::BTreeSet<&String> =
+            to_set.keys().chain(to_remove.iter()).collect();
+        let (own, chosen): (Vec<&String>, Vec<&String>) = keys
+            .into_iter()
+            .partition(|k| crate::tags::is_stackwardens(k));
+        for key in &chosen {
+            self.field(
+                format!("tags.{key}"),
+                observed.get(*key).cloned(),
+                desired.get(*key).cloned(),
+            );
+        }
+        if chosen.is_empty() {
+            let own: Vec<&str> = own.iter().map(|k| k.as_str()).collect();
+            self.notes.push(format!(
+                "stackwarden's own tags are set: {}",
+                own.join(", ")
+            ));
+        }
         if !to_set.is_empty() {
             self.op(set(to_set));
         }
@@ -140,11 +192,14 @@ impl<Op> Change<Op> {
         if missing.is_empty() {
             return;
         }
-        self.field(
-            format!("tags of {label}"),
-            None,
-            Some(crate::tags::show(&missing)),
-        );
+        let chosen = crate::tags::chosen(&missing);
+        if !chosen.is_empty() {
+            self.field(
+                format!("tags of {label}"),
+                None,
+                Some(crate::tags::show(&chosen)),
+            );
+        }
         self.op(set(missing));
     }
 
@@ -188,6 +243,9 @@ impl<Op> fmt::Display for Change<Op> {
                     show(&c.before),
                     show(&c.after)
                 )?,
+            }
+            for line in c.diff.iter().flat_map(|d| d.lines()) {
+                writeln!(f, "      {line}")?;
             }
         }
         for n in &self.notes {
@@ -240,4 +298,86 @@ pub fn removal<Op>(
         c.ops = delete();
     }
     Some(c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change() -> Change<&'static str> {
+        Change::new(
+            ResourceId::parse("iam.role.prometheus").unwrap(),
+            Action::Update,
+            "role s-prometheus",
+        )
+    }
+
+    #[test]
+    fn a_document_shows_its_digests_and_the_lines_that_differ() {
+        let before = "groups:\n- name: node\n  rules:\n  - alert: HighCpu\n    expr: cpu > 80\n";
+        let after = "groups:\n- name: node\n  rules:\n  - alert: HighCpu\n    expr: cpu > 90\n";
+        let mut c = change();
+        c.fields
+            .push(FieldChange::document("data", Some(before), Some(after)));
+        let text = c.to_string();
+        assert!(
+            text.contains(&format!(
+                "    data: {} → {}\n",
+                digest(before),
+                digest(after)
+            )),
+            "{text}"
+        );
+        assert!(text.contains("      -    expr: cpu > 80\n"), "{text}");
+        assert!(text.contains("      +    expr: cpu > 90\n"), "{text}");
+        assert!(
+            text.contains("       - alert: HighCpu\n"),
+            "context kept: {text}"
+        );
+        assert!(text.contains("      @@ -2,4 +2,4 @@"), "{text}");
+    }
+
+    #[test]
+    fn a_created_document_is_shown_whole() {
+        let f = FieldChange::document("trust", None, Some("{\n  \"a\": 1\n}\n"));
+        assert_eq!(f.before, None);
+        assert_eq!(
+            f.diff.as_deref(),
+            Some("@@ -0,0 +1,3 @@\n+{\n+  \"a\": 1\n+}\n")
+        );
+    }
+
+    #[test]
+    fn tags_are_one_line_each_and_stackwardens_own_only_a_note() {
+        let observed = Tags::from([("team".into(), "sre".into()), ("old".into(), "x".into())]);
+        let mut desired = Tags::from([
+            ("team".into(), "obs".into()),
+            ("stackwarden:id".into(), "iam.role.prometheus".into()),
+        ]);
+        let mut c = change();
+        c.tags(&observed, &desired, |_| "set", |_| "remove");
+        let fields: Vec<(&str, Option<&str>, Option<&str>)> = c
+            .fields
+            .iter()
+            .map(|f| (f.field.as_str(), f.before.as_deref(), f.after.as_deref()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("tags.old", Some("x"), None),
+                ("tags.team", Some("sre"), Some("obs"))
+            ]
+        );
+        assert!(c.notes.is_empty(), "{:?}", c.notes);
+        assert_eq!(c.ops, ["set", "remove"]);
+
+        // Only stackwarden's own tag differs: no tag line, a note, and the tag still set.
+        desired.insert("old".into(), "x".into());
+        desired.insert("team".into(), "sre".into());
+        let mut c = change();
+        c.tags(&observed, &desired, |_| "set", |_| "remove");
+        assert!(c.fields.is_empty(), "{:?}", c.fields);
+        assert_eq!(c.notes, ["stackwarden's own tags are set: stackwarden:id"]);
+        assert_eq!(c.ops, ["set"]);
+    }
 }

@@ -530,8 +530,14 @@ fn by_name<'o, O>(
 }
 
 /// A document on one line, as written (IAM's own spelling for observed ones).
-fn compact(v: &Value) -> String {
-    v.to_string()
+/// A policy document's change as a plan shows it: pretty-printed, diffed line by line.
+fn document(field: impl Into<String>, from: Option<&Value>, to: Option<&Value>) -> FieldChange {
+    let pretty = |v: &Value| format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default());
+    FieldChange::document(
+        field,
+        from.map(pretty).as_deref(),
+        to.map(pretty).as_deref(),
+    )
 }
 
 fn spec_tags(tags: &Option<Spanned<Tags>>) -> Tags {
@@ -598,11 +604,7 @@ pub enum RoleUpdate {
 impl Describe for RoleUpdate {
     fn fields(&self) -> Vec<FieldChange> {
         match self {
-            RoleUpdate::Trust { from, to } => vec![FieldChange::new(
-                "trust",
-                Some(compact(from)),
-                Some(compact(to)),
-            )],
+            RoleUpdate::Trust { from, to } => vec![document("trust", Some(from), Some(to))],
             RoleUpdate::Settings {
                 description,
                 max_session_seconds,
@@ -640,14 +642,14 @@ impl Describe for RoleUpdate {
                     None,
                 )]
             }
-            RoleUpdate::PutInline { name, from, to } => vec![FieldChange::new(
+            RoleUpdate::PutInline { name, from, to } => vec![document(
                 format!("inline_policies.{name}"),
-                from.as_ref().map(compact),
-                Some(compact(to)),
+                from.as_ref(),
+                Some(to),
             )],
-            RoleUpdate::DeleteInline { name, from } => vec![FieldChange::new(
+            RoleUpdate::DeleteInline { name, from } => vec![document(
                 format!("inline_policies.{name}"),
-                Some(compact(from)),
+                Some(from),
                 None,
             )],
             RoleUpdate::LeaveProfile(profile) => {
@@ -855,7 +857,7 @@ impl ManagedObject for Role {
     }
 
     fn create_fields(&self, want: &RoleWant) -> Vec<FieldChange> {
-        let mut f = vec![FieldChange::new("trust", None, Some(compact(&want.trust)))];
+        let mut f = vec![document("trust", None, Some(&want.trust))];
         if !want.managed.is_empty() {
             f.push(FieldChange::new(
                 "managed_policies",
@@ -864,11 +866,7 @@ impl ManagedObject for Role {
             ));
         }
         for (name, doc) in &want.inline {
-            f.push(FieldChange::new(
-                format!("inline_policies.{name}"),
-                None,
-                Some(compact(doc)),
-            ));
+            f.push(document(format!("inline_policies.{name}"), None, Some(doc)));
         }
         f
     }
@@ -1052,12 +1050,13 @@ pub struct PolicyWant {
 }
 
 impl PolicyWant {
-    fn shown(&self) -> String {
+    /// The document's change from `from`, saying when it names values not known yet.
+    fn field(&self, from: Option<&Value>) -> FieldChange {
+        let mut f = document("document", from, Some(&self.document));
         if self.unknown {
-            format!("{} {KNOWN_AFTER_APPLY}", compact(&self.document))
-        } else {
-            compact(&self.document)
+            f.after = f.after.map(|a| format!("{a} {KNOWN_AFTER_APPLY}"));
         }
+        f
     }
 }
 
@@ -1070,7 +1069,8 @@ pub enum PolicyUpdate {
     Document {
         from: Option<Value>,
         to: Value,
-        shown: String,
+        /// The desired document's field, as [`PolicyWant::field`] makes it.
+        shown: FieldChange,
         making_room: Option<String>,
     },
     /// One old version, before the policy is deleted.
@@ -1080,11 +1080,7 @@ pub enum PolicyUpdate {
 impl Describe for PolicyUpdate {
     fn fields(&self) -> Vec<FieldChange> {
         match self {
-            PolicyUpdate::Document { from, shown, .. } => vec![FieldChange::new(
-                "document",
-                from.as_ref().map(compact),
-                Some(shown.clone()),
-            )],
+            PolicyUpdate::Document { shown, .. } => vec![shown.clone()],
             PolicyUpdate::DeleteVersion(v) => {
                 vec![FieldChange::new("versions", Some(v.clone()), None)]
             }
@@ -1218,7 +1214,7 @@ impl ManagedObject for Policy {
         vec![PolicyUpdate::Document {
             from: current.cloned(),
             to: want.document.clone(),
-            shown: want.shown(),
+            shown: want.field(current),
             making_room: Policy::making_room(have),
         }]
     }
@@ -1243,7 +1239,7 @@ impl ManagedObject for Policy {
     }
 
     fn create_fields(&self, want: &PolicyWant) -> Vec<FieldChange> {
-        vec![FieldChange::new("document", None, Some(want.shown()))]
+        vec![want.field(None)]
     }
 
     fn label(&self, want: &PolicyWant) -> String {

@@ -499,7 +499,10 @@ impl<K: ManagedObject> Controller for Managed<K> {
                 format!("{} {}", K::NOUN, self.0.label(&want)),
             );
             c.fields = self.0.create_fields(&want);
-            c.field("tags", None, Some(tags::show(&tags)));
+            let chosen = tags::chosen(&tags);
+            if !chosen.is_empty() {
+                c.field("tags", None, Some(tags::show(&chosen)));
+            }
             c.op(Op::Create { want, tags });
             return Ok(Some(c));
         };

@@ -62,6 +62,20 @@ pub fn diff(observed: &Tags, desired: &Tags) -> (Tags, Vec<String>) {
     (set, remove)
 }
 
+/// Whether a plan leaves the tag out: stackwarden's own (ownership and bookkeeping), which
+/// every object it makes carries and no reviewer chose.
+pub fn is_stackwardens(key: &str) -> bool {
+    key.starts_with("stackwarden:")
+}
+
+/// The tags a plan shows: the desired ones, stackwarden's own left out.
+pub fn chosen(t: &Tags) -> Tags {
+    t.iter()
+        .filter(|(k, _)| !is_stackwardens(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 /// `{k=v, ...}` for plans.
 pub fn show(t: &Tags) -> String {
     let parts: Vec<String> = t.iter().map(|(k, v)| format!("{k}={v}")).collect();

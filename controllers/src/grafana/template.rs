@@ -150,10 +150,7 @@ pub enum TemplateUpdate {
 impl Describe for TemplateUpdate {
     fn fields(&self) -> Vec<FieldChange> {
         let TemplateUpdate::NewVersion { from, to, version } = self;
-        let mut fields: Vec<FieldChange> = template_fields(from, to)
-            .into_iter()
-            .map(|(f, a, b)| FieldChange::new(f, Some(a), Some(b)))
-            .collect();
+        let mut fields = template_fields(Some(from), to);
         fields.push(FieldChange::new(
             "version",
             Some((version - 1).to_string()),
@@ -169,15 +166,17 @@ impl Describe for TemplateUpdate {
     }
 }
 
-/// What differs between two template versions, by field name, for the plan.
-fn template_fields(
-    have: &TemplateData,
-    want: &TemplateData,
-) -> Vec<(&'static str, String, String)> {
+/// What differs between two template versions (or, with no `have`, what a new template
+/// says), by field name, for the plan.
+fn template_fields(have: Option<&TemplateData>, want: &TemplateData) -> Vec<FieldChange> {
+    let creating = have.is_none();
+    let none = TemplateData::default();
+    let have = have.unwrap_or(&none);
     let mut out = Vec::new();
     let mut cmp = |name: &'static str, a: String, b: String| {
         if a != b {
-            out.push((name, a, b));
+            let before = (!creating).then_some(a);
+            out.push(FieldChange::new(name, before, Some(b)));
         }
     };
     cmp("ami", have.ami.clone(), want.ami.clone());
@@ -196,9 +195,6 @@ fn template_fields(
         have.instance_profile.clone().unwrap_or_default(),
         want.instance_profile.clone().unwrap_or_default(),
     );
-    if have.user_data != want.user_data {
-        cmp("user_data", "(changed)".into(), "(new)".into());
-    }
     cmp(
         "key_name",
         have.key_name.clone().unwrap_or_default(),
@@ -216,6 +212,23 @@ fn template_fields(
         devices(&have.block_devices),
         devices(&want.block_devices),
     );
+    if have.user_data != want.user_data {
+        // The script's lines, as the instances will run it.
+        let script = |u: &Option<String>| {
+            u.as_ref().map(|u| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(u)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_else(|_| u.clone())
+            })
+        };
+        let (a, b) = (script(&have.user_data), script(&want.user_data));
+        out.push(FieldChange::document(
+            "user_data",
+            a.as_deref(),
+            b.as_deref(),
+        ));
+    }
     out
 }
 
@@ -358,10 +371,7 @@ impl ManagedObject for LaunchTemplate {
     }
 
     fn create_fields(&self, want: &TemplateWant) -> Vec<FieldChange> {
-        template_fields(&TemplateData::default(), &want.data)
-            .into_iter()
-            .map(|(f, _, b)| FieldChange::new(f, None, Some(b)))
-            .collect()
+        template_fields(None, &want.data)
     }
 
     fn label(&self, want: &TemplateWant) -> String {
