@@ -121,8 +121,12 @@ pub fn plan_text(
     out
 }
 
+/// The version of `plan --json`'s document: raised when a field changes meaning or goes.
+const FORMAT_VERSION: u32 = 1;
+
 #[derive(Serialize)]
 struct PlanJson<'a> {
+    format_version: u32,
     stack: &'a str,
     region: &'a str,
     /// `{role, account}` for a stack with `assume_role`.
@@ -144,6 +148,7 @@ pub fn plan_json(
     plan: &Plan,
 ) -> String {
     let doc = PlanJson {
+        format_version: FORMAT_VERSION,
         stack: desired.stack_name(),
         region,
         acting_as,

@@ -6,6 +6,8 @@
 use aws_sdk_ec2::types::Filter;
 use stackwarden_emulator::{PublicImage, Settings};
 
+use stackwarden_controllers::change::digest;
+
 use crate::harness::{default_stack, edit, path_str, stackwarden, stackwarden_with, Aws};
 use crate::prometheus::Prometheus;
 
@@ -295,14 +297,32 @@ async fn a_host_is_launched_and_config_changes_reach_it_without_replacing_anythi
     assert_eq!(f.prometheus.pid(), pid);
     assert_eq!(&f.instances().await[0].0, instance, "no new instance");
 
-    // User data changes never replace the instance.
+    // User data changes never replace the instance; plan says so in plain words, only once
+    // the file differs from what the instance booted with.
+    assert!(
+        !plan.stdout.contains("user data"),
+        "unchanged user data: nothing said\n{}",
+        plan.stdout
+    );
     std::fs::write(
         f.dir.path().join("userdata/prometheus.sh"),
         "#!/bin/bash\necho v2\n",
     )
     .unwrap();
+    let plan = f.plan();
+    plan.expect(0);
+    assert!(
+        plan.stdout.contains(&format!(
+            "user data changed ({} → {}): it runs at first boot only, so {instance} keeps what it booted with",
+            digest("#!/bin/bash\ndnf install -y prometheus\n"),
+            digest("#!/bin/bash\necho v2\n")
+        )),
+        "{}",
+        plan.stdout
+    );
     let run = f.reconcile();
     run.expect(0);
+    assert_eq!(run.count("RunInstances"), 0);
     assert_eq!(&f.instances().await[0].0, instance);
     f.plan().expect(0);
 }

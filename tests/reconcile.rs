@@ -131,6 +131,7 @@ async fn reconciles_from_empty_then_plan_is_clean_and_reads_only() {
     let json = stackwarden(Some(&aws.endpoint), &["plan", "--json", dir]);
     json.expect(0);
     let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(v["format_version"], 1);
     assert_eq!(v["pending"], false);
     assert_eq!(v["summary"]["in_sync"], 10);
 }
@@ -195,6 +196,23 @@ async fn out_of_band_drift_makes_plan_exit_2_and_reconcile_fixes_it() {
             plan.stdout
         );
     }
+
+    // The JSON plan carries the rules' diff with the digests.
+    let json = stackwarden(Some(&aws.endpoint), &["plan", "--json", dir]);
+    json.expect(2);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    let rules = v["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "amp.workspace.main.rule_groups.node")
+        .unwrap_or_else(|| panic!("{}", json.stdout));
+    let data = &rules["fields"][0];
+    assert_eq!(data["field"], "data");
+    assert!(data["before"].as_str().unwrap().starts_with("sha256:"));
+    let diff = data["diff"].as_str().unwrap();
+    assert!(diff.contains("\n-- name: tampered\n"), "{diff}");
+    assert!(diff.contains("\n+  - name: node\n"), "{diff}");
 
     stackwarden(Some(&aws.endpoint), &["reconcile", "--once", dir]).expect(0);
     stackwarden(Some(&aws.endpoint), &["plan", dir]).expect(0);

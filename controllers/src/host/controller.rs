@@ -54,6 +54,10 @@ pub struct Observed {
     pub volumes: Vec<ObservedVolume>,
 }
 
+/// The digest of the user data an instance was launched with, set at launch and never after:
+/// what it booted with, against which a changed `user_data` is told apart.
+const TAG_USER_DATA: &str = "stackwarden:user-data";
+
 fn owned(tags: &Tags, desired: &DesiredState, id: &ResourceId) -> bool {
     tags::owned_by(tags, desired.stack_name(), id)
 }
@@ -258,7 +262,14 @@ impl Controller for HostController {
                 instance_profile: s.instance_profile.as_ref().map(|p| refs.render(p).value),
                 user_data: s.loaded_user_data.clone(),
                 key_name: s.key_name.clone(),
-                tags,
+                tags: match &s.loaded_user_data {
+                    Some(u) => {
+                        let mut tags = tags;
+                        tags.insert(TAG_USER_DATA.into(), crate::change::digest(u));
+                        tags
+                    }
+                    None => tags,
+                },
             })));
             return Ok(Some(c));
         };
@@ -295,11 +306,18 @@ impl Controller for HostController {
                 inst.id
             ));
         }
-        if s.loaded_user_data.is_some() {
-            // Nothing records what user data an instance booted with cheaply; say what happens.
-            c.notes.push(
-                "user data is first-boot only: a change to it never replaces the instance".into(),
-            );
+        // Said even when nothing is to be written: the one place a reviewer learns that a
+        // user data change does nothing to a running instance.
+        let mut user_data_changed = false;
+        if let (Some(u), Some(booted)) = (&s.loaded_user_data, inst.tags.get(TAG_USER_DATA)) {
+            let now = crate::change::digest(u);
+            if *booted != now {
+                user_data_changed = true;
+                c.notes.push(format!(
+                    "user data changed ({booted} → {now}): it runs at first boot only, so {} keeps what it booted with and is not replaced for it",
+                    inst.id
+                ));
+            }
         }
         if matches!(&s.ami, Ami::Id(id) if *id != inst.image_id) {
             c.notes.push(format!(
@@ -365,7 +383,7 @@ impl Controller for HostController {
                 groups: vec![group],
             });
         }
-        if c.ops.is_empty() {
+        if c.ops.is_empty() && !user_data_changed {
             return Ok(None);
         }
         Ok(Some(c))
@@ -861,18 +879,43 @@ volumes = [{ device = "/dev/sdf", size_gib = 100 }]
         );
     }
 
+    /// A launch records the user data's digest; a later change of the file is said in plain
+    /// words (the instance keeps what it booted with), a note only: nothing is written for it.
     #[test]
-    fn user_data_changes_never_replace_the_instance() {
+    fn user_data_changes_are_said_and_never_replace_the_instance() {
+        let v1 = "#!/bin/bash\necho v1\n";
         let mut s = spec(HOST_TOML);
-        s.loaded_user_data = Some("#!/bin/bash\necho v2\n".into());
+        s.loaded_user_data = Some(v1.into());
+        let c = diff(s.clone(), &Observed::default()).unwrap().unwrap();
+        let [Op::Launch(l)] = &c.ops[..] else {
+            panic!("{:?}", c.ops)
+        };
+        assert_eq!(l.tags.get(TAG_USER_DATA), Some(&crate::change::digest(v1)));
+
         let mut o = observed();
-        o.instances[0].tags.remove("team");
+        o.instances[0]
+            .tags
+            .insert(TAG_USER_DATA.into(), crate::change::digest(v1));
+        assert_eq!(
+            diff(s.clone(), &o).unwrap().map(|c| c.notes),
+            None,
+            "the user data it booted with: nothing to say"
+        );
+
+        s.loaded_user_data = Some("#!/bin/bash\necho v2\n".into());
         let c = diff(s, &o).unwrap().unwrap();
-        assert!(c.notes.iter().any(|n| n.contains("first-boot only")));
-        assert!(!c
-            .ops
-            .iter()
-            .any(|op| matches!(op, Op::Launch(_) | Op::Terminate { .. })));
+        assert_eq!(c.notes.len(), 1, "{:?}", c.notes);
+        assert!(
+            c.notes[0].starts_with("user data changed (sha256:"),
+            "{}",
+            c.notes[0]
+        );
+        assert!(
+            c.notes[0].contains("i-1 keeps what it booted with"),
+            "{}",
+            c.notes[0]
+        );
+        assert!(c.ops.is_empty() && c.fields.is_empty(), "{:?}", c.ops);
     }
 
     #[test]
