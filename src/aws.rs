@@ -15,7 +15,6 @@ use aws_smithy_runtime_api::client::interceptors::{Intercept, SharedInterceptor}
 use aws_smithy_runtime_api::client::orchestrator::Metadata;
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::config_bag::ConfigBag;
-use aws_smithy_types::error::display::DisplayErrorContext;
 use stackwarden_controllers::desired::StackSpec;
 
 /// Where and as whom to call AWS. Unset fields fall back to the standard AWS settings
@@ -123,10 +122,11 @@ pub async fn stack_config(base: &SdkConfig, stack: &StackSpec) -> SdkConfig {
         .build()
 }
 
-/// Who the stack's calls act as (the first call a pass would make, made once before it): the
-/// account, or one message saying why the stack's role cannot be assumed (AWS's own words:
-/// `AccessDenied: User: ... is not authorized to perform: sts:AssumeRole ...`), rather than the
-/// same refusal for every resource of the pass.
+/// Who the stack's calls act as (one call, made once before anything is observed): the
+/// account, or one message saying why AWS cannot be called: no credentials, an endpoint that
+/// does not answer, a role that cannot be assumed (AWS's own words: `AccessDenied: User: ...
+/// is not authorized to perform: sts:AssumeRole ...`), rather than the same failure for every
+/// resource of the pass.
 pub async fn caller_account(
     sts: &aws_sdk_sts::Client,
     stack: &StackSpec,
@@ -134,8 +134,8 @@ pub async fn caller_account(
     match sts.get_caller_identity().send().await {
         Ok(me) => Ok(me.account().unwrap_or_default().to_string()),
         Err(e) => {
-            let why =
-                assume_role_refusal(&e).unwrap_or_else(|| DisplayErrorContext(&e).to_string());
+            let why = assume_role_refusal(&e)
+                .unwrap_or_else(|| stackwarden_controllers::error::chain(&e));
             match &stack.assume_role {
                 Some(role) => anyhow::bail!(
                     "cannot assume role {} for stack {}: {why}",
@@ -161,7 +161,7 @@ fn assume_role_refusal(e: &(dyn std::error::Error + 'static)) -> Option<String> 
             use aws_sdk_sts::error::ProvideErrorMetadata as _;
             return Some(match (refused.code(), refused.message()) {
                 (Some(code), Some(message)) => format!("{code}: {message}"),
-                _ => DisplayErrorContext(refused).to_string(),
+                _ => stackwarden_controllers::error::chain(refused),
             });
         }
         source = e.source();

@@ -217,9 +217,10 @@ fn load_or_report(dir: &Path) -> Option<DesiredState> {
 }
 
 /// The engine of the stack, on the process's own SDK configuration `base` or, when the stack
-/// names a role, on that role's ([`aws::stack_config`]). A role is checked with one call before
-/// anything else, so one that cannot be assumed is one error for the stack, not one per
-/// resource; the account it acts in is returned then (`None` without a role: no extra call).
+/// names a role, on that role's ([`aws::stack_config`]). The credentials (the role's, when it
+/// has one) are checked with one call before anything else, so missing credentials, an
+/// endpoint that does not answer or a role that cannot be assumed is one error for the stack,
+/// not one per resource. With a role, the account it acts in is returned.
 async fn stack_engine(
     base: &aws_config::SdkConfig,
     cli: &Cli,
@@ -228,11 +229,11 @@ async fn stack_engine(
 ) -> anyhow::Result<(Engine, Option<String>)> {
     let sdk = aws::stack_config(base, &desired.stack).await;
     let engine = engine_with(&sdk, cli, counter)?;
+    let account = aws::caller_account(&engine.ctx.sts, &desired.stack).await?;
+    engine.ctx.knows_account(account.clone());
     if desired.stack.assume_role.is_none() {
         return Ok((engine, None));
     }
-    let account = aws::caller_account(&engine.ctx.sts, &desired.stack).await?;
-    engine.ctx.knows_account(account.clone());
     tracing::info!(role = %desired.stack.assume_role.as_ref().map(|r| r.get_ref().as_str()).unwrap_or_default(), %account, "acting as the stack's role");
     Ok((engine, Some(account)))
 }

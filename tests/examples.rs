@@ -610,7 +610,8 @@ async fn seed_000_001_prometheus_with_ebs_alertmanager_and_grafana_behind_an_alb
     // description (GetRole, which the account details lack) and each instance profile's tags.
     // One DescribeTags reads the load balancer's, target group's and listeners' tags. The
     // Grafana template's AMI is its parameter's value (GetParameter, every pass) and that
-    // image's root device (DescribeImages, once per process: it never changes).
+    // image's root device (DescribeImages, once per process: it never changes). Before
+    // anything, one GetCallerIdentity checks that AWS can be called.
     let plan = ex.stackwarden(&["plan"]);
     plan.expect(0);
     let per_object: &[(&str, u64)] = &[("IAM GetRole", 2), ("IAM GetInstanceProfile", 2)];
@@ -631,6 +632,7 @@ async fn seed_000_001_prometheus_with_ebs_alertmanager_and_grafana_behind_an_alb
         "IAM GetAccountAuthorizationDetails",
         "SSM DescribeParameters",
         "SSM GetParameter",
+        "STS GetCallerIdentity",
         "amp ListWorkspaces",
         "grafana ListWorkspaces",
     ]

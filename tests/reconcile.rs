@@ -101,9 +101,10 @@ async fn reconciles_from_empty_then_plan_is_clean_and_reads_only() {
     // Batched reads: per kind one listing (made even for kinds the stack does not use, so
     // objects it owns there are found when removed: EC2 instances, security groups, volumes,
     // Managed Grafana workspaces, Auto Scaling groups), plus the per-object reads IAM and AMP
-    // need.
+    // need. Before them, one GetCallerIdentity checks that AWS can be called.
+    assert_eq!(plan.count("GetCallerIdentity"), 1, "{}", plan.stderr);
     assert!(
-        total <= 18,
+        total - 1 <= 18,
         "a converged plan reads in batches, got {total} calls:\n{}",
         plan.stderr
     );
@@ -1085,4 +1086,49 @@ async fn a_role_that_cannot_be_assumed_is_one_error_for_its_stack_and_the_others
     }
     let qa_roles = aws.iam_in("333333333333").await.list_roles().send().await;
     assert!(qa_roles.unwrap().roles().is_empty());
+}
+
+/// AWS that cannot be called is one error before anything is read, exit 1: an endpoint that
+/// does not answer, credentials that are not there. Never a "No changes" followed by the same
+/// failure for every resource, never the SDK's debug dump.
+#[test]
+fn aws_that_cannot_be_called_is_one_error_before_anything_is_read() {
+    let dir = default_stack();
+    let d = path_str(dir.path());
+    let unset = [("AWS_ACCESS_KEY_ID", ""), ("AWS_SECRET_ACCESS_KEY", "")];
+    for (what, env, cause) in [
+        (
+            "no answer",
+            &[][..],
+            "cannot call AWS for stack monitoring: dispatch failure: io error",
+        ),
+        (
+            "no credentials",
+            &unset[..],
+            "cannot call AWS for stack monitoring: dispatch failure: other: the credential provider was not enabled: no credentials found in chain",
+        ),
+    ] {
+        for command in [&["plan", d][..], &["reconcile", "--once", d][..]] {
+            let run = stackwarden_with(None, command, env);
+            run.expect(1);
+            let errors: Vec<&str> = run
+                .stderr
+                .lines()
+                .filter(|l| l.starts_with("error:"))
+                .collect();
+            assert_eq!(errors.len(), 1, "{what}, {command:?}:\n{}", run.stderr);
+            assert!(errors[0].contains(cause), "{what}: {}", errors[0]);
+            for absent in ["No changes", "Debug", "DispatchFailure(", "ConnectorError {"] {
+                assert!(
+                    !run.stderr.contains(absent) && !run.stdout.contains(absent),
+                    "{what}, {command:?}: {absent} in\n{}\n{}",
+                    run.stdout,
+                    run.stderr
+                );
+            }
+            assert!(run.stdout.trim().is_empty(), "{what}: {}", run.stdout);
+            let (_, writes) = run.calls();
+            assert_eq!(writes, 0);
+        }
+    }
 }

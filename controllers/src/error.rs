@@ -314,6 +314,21 @@ impl HttpStatus for aws_smithy_runtime_api::http::Response {
 }
 
 /// Converts an SDK error into an [`Error`] naming the call that failed.
+/// An error and its sources as one line, `dispatch failure: io error: ...: Connection refused
+/// (os error 111)`: each message once, never the `Debug` dump the SDK's own display appends.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut source = e.source();
+    while let Some(s) = source {
+        let message = s.to_string();
+        if !parts.iter().any(|p| p.contains(&message)) {
+            parts.push(message);
+        }
+        source = s.source();
+    }
+    parts.join(": ")
+}
+
 pub fn aws_error<E, R>(
     service: &'static str,
     operation: &'static str,
@@ -329,7 +344,7 @@ where
             (SdkError::ServiceError(_), Some(m)) => {
                 format!("{}: {m}", code.as_deref().unwrap_or("error"))
             }
-            _ => aws_smithy_types::error::display::DisplayErrorContext(&err).to_string(),
+            _ => chain(&err),
         };
         // A new object AWS has not propagated yet: the object is converging, not failing.
         if let (Some(c), Some(m)) = (err.code(), err.message()) {
