@@ -67,6 +67,19 @@ fn operator(aws: &Aws, args: &[&str]) -> Run {
     )
 }
 
+/// An emulator holding the operator's calls (signed with `OPERATOR`) to
+/// deploy/iam-policy.json, as IAM evaluates it.
+fn held_to_the_operators_policy() -> Aws {
+    let policy: serde_json::Value = serde_json::from_str(&deploy_file("iam-policy.json")).unwrap();
+    Aws::with(Settings {
+        enforce: Some(Enforce {
+            access_key: OPERATOR.into(),
+            policy,
+        }),
+        ..Settings::default()
+    })
+}
+
 /// The full deploy scenario with the emulator evaluating deploy/iam-policy.json for every call
 /// the operator makes, as IAM would: each call's action on each resource it touches, with its
 /// request tags, the tags the resource has, the tag-on-create and `iam:PassRole` authorizations
@@ -74,14 +87,7 @@ fn operator(aws: &Aws, args: &[&str]) -> Run {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_operators_policy_allows_every_call_it_makes_with_its_conditions() {
     // Without sandboxes, pushes succeed without running: this test is about the calls.
-    let policy: serde_json::Value = serde_json::from_str(&deploy_file("iam-policy.json")).unwrap();
-    let aws = Aws::with(Settings {
-        enforce: Some(Enforce {
-            access_key: OPERATOR.into(),
-            policy,
-        }),
-        ..Settings::default()
-    });
+    let aws = held_to_the_operators_policy();
     let ec2 = aws.ec2().await;
     ec2.run_instances()
         .image_id("ami-12c6146b")
@@ -558,14 +564,7 @@ async fn the_template_unit_runs_each_stack_with_its_own_checkout_port_and_lease_
 
     // The command line of stackwarden@dev with the example environment file (on a free port),
     // its checkout at a temporary directory.
-    let policy: serde_json::Value = serde_json::from_str(&deploy_file("iam-policy.json")).unwrap();
-    let aws = Aws::with(Settings {
-        enforce: Some(Enforce {
-            access_key: OPERATOR.into(),
-            policy,
-        }),
-        ..Settings::default()
-    });
+    let aws = held_to_the_operators_policy();
     aws.assumable_role("111111111111", "stackwarden", None)
         .await;
     aws.assumable_role("111111111111", "admin", None).await;

@@ -2928,3 +2928,60 @@ async fn images_list_as_aws_lists_them_deprecated_left_out_and_filtered_after_pa
         "{e:?}"
     );
 }
+
+/// RunInstances checks its image as EC2 does (moto launches anything): an image that does not
+/// exist is `InvalidAMIID.NotFound`; a volume for the image's root device smaller than its
+/// snapshot is `InvalidBlockDeviceMapping`, one that holds it launches, published images and
+/// moto's own alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_launch_needs_an_image_that_exists_and_a_root_volume_that_holds_its_snapshot() {
+    use aws_sdk_ec2::types::{BlockDeviceMapping, EbsBlockDevice, InstanceType};
+    let aws = Aws::start();
+    let ec2 = aws.ec2().await;
+    let jammy = aws.emulator.publish_image(PublicImage {
+        root_size_gib: 10,
+        ..PublicImage::new(
+            CANONICAL,
+            "ubuntu/images/jammy-1",
+            "2024-05-01T00:00:00.000Z",
+        )
+    });
+    let launch = |image: &str, device: &str, size: i32| {
+        ec2.run_instances()
+            .image_id(image)
+            .instance_type(InstanceType::T3Micro)
+            .min_count(1)
+            .max_count(1)
+            .block_device_mappings(
+                BlockDeviceMapping::builder()
+                    .device_name(device)
+                    .ebs(EbsBlockDevice::builder().volume_size(size).build())
+                    .build(),
+            )
+            .send()
+    };
+    assert_eq!(
+        code(launch("ami-0000000000000dead", "/dev/sda1", 20).await),
+        "InvalidAMIID.NotFound"
+    );
+    let small = launch(&jammy, "/dev/sda1", 8).await.unwrap_err();
+    assert_eq!(small.code(), Some("InvalidBlockDeviceMapping"));
+    assert!(
+        small
+            .message()
+            .unwrap_or_default()
+            .contains("Volume of size 8GB is smaller than  snapshot"),
+        "{small:?}"
+    );
+    // Another device than the root is a data volume: no snapshot to hold.
+    launch(&jammy, "/dev/sdf", 8).await.unwrap();
+    launch(&jammy, "/dev/sda1", 10).await.unwrap();
+    launch(AMI, "/dev/sda1", 30).await.unwrap();
+    let launched = aws
+        .emulator
+        .calls()
+        .iter()
+        .filter(|c| c.operation == "RunInstances" && c.status == 200)
+        .count();
+    assert_eq!(launched, 3);
+}

@@ -139,19 +139,21 @@ const RULES: &str = "groups:\n  - name: node\n    rules:\n      - alert: Down\n 
 const BAD_RULES: &str =
     "groups:\n  - name: node\n    rules:\n      - alert: Down\n        expr: up == (0\n";
 
-/// Runs the push as the SSM agent does on Ubuntu: the script in a file, `sh -c FILE`, dash as sh.
-fn push(bundle: &Bundle, root: &Path) -> std::process::Output {
+/// Runs the push as the SSM agent does on Ubuntu: the script in a file, `sh -c FILE`, dash as
+/// sh; with `path_first`, that directory first on the PATH (where a test puts its stand-ins).
+fn push(bundle: &Bundle, root: &Path, path_first: Option<&Path>) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("_script.sh");
     std::fs::write(&file, bundle.script()).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o700)).unwrap();
-    Command::new("dash")
-        .arg("-c")
-        .arg(&file)
-        .env("STACKWARDEN_ROOT", root)
-        .output()
-        .unwrap()
+    let mut cmd = Command::new("dash");
+    cmd.arg("-c").arg(&file).env("STACKWARDEN_ROOT", root);
+    if let Some(first) = path_first {
+        let path = std::env::var("PATH").unwrap_or_default();
+        cmd.env("PATH", format!("{}:{path}", first.display()));
+    }
+    cmd.output().unwrap()
 }
 
 fn live_config(root: &Path) -> String {
@@ -171,7 +173,7 @@ fn a_good_push_is_live_after_reload_in_the_same_process() {
         &Refs::default(),
         "us-east-1",
     );
-    let out = push(&bundle, root.path());
+    let out = push(&bundle, root.path(), None);
     assert!(
         out.status.success(),
         "{}",
@@ -202,7 +204,7 @@ fn a_push_promtool_rejects_leaves_the_old_config_live() {
         &Refs::default(),
         "us-east-1",
     );
-    assert!(push(&good, root.path()).status.success());
+    assert!(push(&good, root.path(), None).status.success());
     let before = live_config(root.path());
 
     let bad = config::bundle(
@@ -210,7 +212,7 @@ fn a_push_promtool_rejects_leaves_the_old_config_live() {
         &Refs::default(),
         "us-east-1",
     );
-    let out = push(&bad, root.path());
+    let out = push(&bad, root.path(), None);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -230,6 +232,7 @@ fn a_push_promtool_rejects_leaves_the_old_config_live() {
     let out = push(
         &config::bundle(&raw, &Refs::default(), "us-east-1"),
         root.path(),
+        None,
     );
     assert!(!out.status.success());
     assert_eq!(live_config(root.path()), before);
@@ -337,29 +340,6 @@ fn docker_stand_in(dir: &Path, prometheus_pid: u32) -> PathBuf {
     log
 }
 
-/// [`push`] with `dir` first on the PATH.
-fn push_with_path(bundle: &Bundle, root: &Path, dir: &Path) -> std::process::Output {
-    let script = tempfile::tempdir().unwrap();
-    let file = script.path().join("_script.sh");
-    std::fs::write(&file, bundle.script()).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o700)).unwrap();
-    Command::new("dash")
-        .arg("-c")
-        .arg(&file)
-        .env("STACKWARDEN_ROOT", root)
-        .env(
-            "PATH",
-            format!(
-                "{}:{}",
-                dir.display(),
-                std::env::var("PATH").unwrap_or_default()
-            ),
-        )
-        .output()
-        .unwrap()
-}
-
 const CONTAINERISED: &str = "promtool = \"docker exec prometheus promtool\"\nreload = \"docker kill --signal HUP prometheus\"\n";
 
 #[test]
@@ -376,7 +356,7 @@ fn a_containerised_prometheus_is_checked_and_reloaded_with_the_configured_comman
         &Refs::default(),
         "us-east-1",
     );
-    let out = push_with_path(&good, root.path(), bin.path());
+    let out = push(&good, root.path(), Some(bin.path()));
     assert!(
         out.status.success(),
         "{}",
@@ -415,10 +395,10 @@ fn a_containerised_prometheus_is_checked_and_reloaded_with_the_configured_comman
     refused.loaded.config = Some(
         "global:\n  scrape_interval: 15s\nrule_files: [rules/node.yml]\nremote_write:\n  - url: http://127.0.0.1:9/api/v1/remote_write\n    sigv4:\n      region: us-east-1\n".into(),
     );
-    let out = push_with_path(
+    let out = push(
         &config::bundle(&refused, &Refs::default(), "us-east-1"),
         root.path(),
-        bin.path(),
+        Some(bin.path()),
     );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);

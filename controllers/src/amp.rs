@@ -450,11 +450,6 @@ fn canonical_rules(data: &str) -> String {
     }
 }
 
-fn short_hash(data: &str) -> String {
-    use sha2::Digest;
-    hex::encode(&sha2::Sha256::digest(data.as_bytes())[..6])
-}
-
 async fn tag(ctx: &Context, arn: &str, set: &Tags) -> Result<()> {
     ctx.amp
         .tag_resource()
@@ -1035,9 +1030,11 @@ impl Describe for AlertmanagerUpdate {
             AlertmanagerUpdate::Put { from, to } => {
                 FieldChange::document("data", Some(from), Some(to))
             }
-            AlertmanagerUpdate::Record { data } => {
-                FieldChange::new(TAG_ALERTMANAGER, None, Some(short_hash(data)))
-            }
+            AlertmanagerUpdate::Record { data } => FieldChange::new(
+                TAG_ALERTMANAGER,
+                None,
+                Some(crate::change::short_digest(data)),
+            ),
         }]
     }
 }
@@ -1110,7 +1107,7 @@ impl ManagedObject for Alertmanager {
     }
 
     fn readiness(&self, want: &AlertmanagerWant, have: &ObservedDefinition) -> Result<Readiness> {
-        let hash = short_hash(&want.data);
+        let hash = crate::change::short_digest(&want.data);
         let recorded = have.recorded() == Some(&hash);
         let same = canonical_definition(&have.data) == canonical_definition(&want.data);
         match have.status.as_str() {
@@ -1138,7 +1135,7 @@ impl ManagedObject for Alertmanager {
                 from: have.data.clone(),
                 to: want.data.clone(),
             }]
-        } else if have.recorded() != Some(&short_hash(&want.data)) {
+        } else if have.recorded() != Some(&crate::change::short_digest(&want.data)) {
             vec![AlertmanagerUpdate::Record {
                 data: want.data.clone(),
             }]
@@ -1216,7 +1213,10 @@ async fn record(ctx: &Context, workspace_arn: &str, data: &str) -> Result<()> {
     tag(
         ctx,
         workspace_arn,
-        &Tags::from([(TAG_ALERTMANAGER.to_string(), short_hash(data))]),
+        &Tags::from([(
+            TAG_ALERTMANAGER.to_string(),
+            crate::change::short_digest(data),
+        )]),
     )
     .await
 }
@@ -1845,7 +1845,11 @@ mod tests {
     fn an_alertmanager_definition_differing_only_in_format_is_in_sync() {
         let reformatted =
             "alertmanager_config: |\n  route: {receiver: a}\n  receivers: [{name: a}]\n";
-        let o = definition("ACTIVE", reformatted, Some(&short_hash(AM)));
+        let o = definition(
+            "ACTIVE",
+            reformatted,
+            Some(&crate::change::short_digest(AM)),
+        );
         assert!(am(AM, vec![o]).unwrap().is_none());
     }
 
@@ -1863,13 +1867,21 @@ mod tests {
             }]
         ));
         // Recorded and being checked: waiting for the verdict, nothing written.
-        let e = am(AM, vec![definition("CREATING", AM, Some(&short_hash(AM)))]).unwrap_err();
+        let e = am(
+            AM,
+            vec![definition(
+                "CREATING",
+                AM,
+                Some(&crate::change::short_digest(AM)),
+            )],
+        )
+        .unwrap_err();
         assert_eq!(e.retry_after(), Some(LOOK_AGAIN), "{e}");
     }
 
     #[test]
     fn a_changed_alertmanager_definition_is_put() {
-        let o = definition("ACTIVE", AM, Some(&short_hash(AM)));
+        let o = definition("ACTIVE", AM, Some(&crate::change::short_digest(AM)));
         let changed = AM.replace(
             "name: a",
             "name: a\n      sns_configs: [{topic_arn: arn:t}]",
@@ -1882,7 +1894,11 @@ mod tests {
 
     #[test]
     fn a_rejected_definition_is_reported_not_put_again_until_the_file_changes() {
-        let o = definition("UPDATE_FAILED", "old", Some(&short_hash(AM)));
+        let o = definition(
+            "UPDATE_FAILED",
+            "old",
+            Some(&crate::change::short_digest(AM)),
+        );
         let e = am(AM, vec![o.clone()]).unwrap_err();
         assert!(
             matches!(e, Error::Invalid(ref m) if m.contains("undefined receiver")),
@@ -1904,7 +1920,11 @@ mod tests {
         let mut s = spec();
         s.loaded.alertmanager = None;
         let d = nodes(s);
-        let ours = vec![definition("ACTIVE", AM, Some(&short_hash(AM)))];
+        let ours = vec![definition(
+            "ACTIVE",
+            AM,
+            Some(&crate::change::short_digest(AM)),
+        )];
         let removed = Managed(Alertmanager).removed(&d, &ours, false);
         assert_eq!(removed.len(), 1);
         assert!(matches!(&removed[0].ops[..], [Op::Delete { .. }]));

@@ -69,11 +69,13 @@ impl FieldChange {
 
 /// `sha256:` and the first 12 hex digits of the text's SHA-256: how a plan names a document.
 pub fn digest(text: &str) -> String {
+    format!("sha256:{}", short_digest(text))
+}
+
+/// The first 12 hex digits of the text's SHA-256 (where a tag records a document).
+pub fn short_digest(text: &str) -> String {
     use sha2::Digest;
-    format!(
-        "sha256:{}",
-        hex::encode(&sha2::Sha256::digest(text.as_bytes())[..6])
-    )
+    hex::encode(&sha2::Sha256::digest(text.as_bytes())[..6])
 }
 
 /// A unified diff of two texts' lines with three lines of context, without file headers.

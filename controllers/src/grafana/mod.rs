@@ -803,25 +803,21 @@ impl KindSpec for GrafanaSpec {
             }
         }
         let p = &self.provisioning;
-        for (key, c) in [
-            ("restart", &p.restart),
-            ("health_url", &p.health_url),
-            ("cli", &p.cli),
-        ] {
-            if let Some(c) = c {
-                c.check(v, &format!("provisioning.{key}"));
-            }
-        }
+        crate::push::check_commands(
+            v,
+            "provisioning",
+            &[
+                ("restart", &p.restart),
+                ("health_url", &p.health_url),
+                ("cli", &p.cli),
+            ],
+        );
         if let Some(url) = &p.health_url {
-            if !["http://", "https://", "file://"]
-                .iter()
-                .any(|s| url.as_str().starts_with(s))
-            {
-                v.error(
-                    &url.0.span(),
-                    format!("provisioning.health_url `{}` is not an http://, https:// or file:// URL that curl can poll", url.as_str()),
-                );
-            }
+            url.check_url(
+                v,
+                "provisioning.health_url",
+                &["http://", "https://", "file://"],
+            );
         }
         if self.provisioning.admin_password_ssm_parameter.is_some()
             && self.provisioning.admin_password_secret.is_some()

@@ -262,13 +262,12 @@ impl Controller for HostController {
                 instance_profile: s.instance_profile.as_ref().map(|p| refs.render(p).value),
                 user_data: s.loaded_user_data.clone(),
                 key_name: s.key_name.clone(),
-                tags: match &s.loaded_user_data {
-                    Some(u) => {
-                        let mut tags = tags;
+                tags: {
+                    let mut tags = tags;
+                    if let Some(u) = &s.loaded_user_data {
                         tags.insert(TAG_USER_DATA.into(), crate::change::digest(u));
-                        tags
                     }
-                    None => tags,
+                    tags
                 },
             })));
             return Ok(Some(c));

@@ -331,25 +331,17 @@ impl KindSpec for HostSpec {
             }
         }
         if let Some(p) = &mut self.prometheus {
-            for (key, c) in [
-                ("promtool", &p.promtool),
-                ("reload", &p.reload),
-                ("url", &p.url),
-            ] {
-                if let Some(c) = c {
-                    c.check(v, &format!("prometheus.{key}"));
-                }
-            }
+            crate::push::check_commands(
+                v,
+                "prometheus",
+                &[
+                    ("promtool", &p.promtool),
+                    ("reload", &p.reload),
+                    ("url", &p.url),
+                ],
+            );
             if let Some(url) = &p.url {
-                if !(url.as_str().starts_with("http://") || url.as_str().starts_with("https://")) {
-                    v.error(
-                        &url.0.span(),
-                        format!(
-                            "prometheus.url `{}` is not an http:// or https:// URL",
-                            url.as_str()
-                        ),
-                    );
-                }
+                url.check_url(v, "prometheus.url", &["http://", "https://"]);
             }
             for d in [&p.scrape_interval, &p.evaluation_interval]
                 .into_iter()

@@ -232,6 +232,42 @@ impl HostCommand {
     }
 }
 
+/// Checks each host command of a table given (`keys`: its key and value), named
+/// `<table>.<key>` in the errors.
+pub fn check_commands(
+    v: &mut crate::desired::Validator<'_>,
+    table: &str,
+    keys: &[(&str, &Option<HostCommand>)],
+) {
+    for (key, c) in keys {
+        if let Some(c) = c {
+            c.check(v, &format!("{table}.{key}"));
+        }
+    }
+}
+
+impl HostCommand {
+    /// Refuses a URL of another scheme than `schemes` (`http://`, ...), at its value: the push
+    /// polls it with curl.
+    pub fn check_url(&self, v: &mut crate::desired::Validator<'_>, key: &str, schemes: &[&str]) {
+        if !schemes.iter().any(|s| self.as_str().starts_with(s)) {
+            let (last, rest) = schemes.split_last().unwrap_or((&"", &[]));
+            let schemes = match rest {
+                [] => last.to_string(),
+                _ => format!("{} or {last}", rest.join(", ")),
+            };
+            v.error(
+                &self.0.span(),
+                format!(
+                    "{key} `{}` is not a URL starting with {}",
+                    self.as_str(),
+                    schemes
+                ),
+            );
+        }
+    }
+}
+
 /// The command a key names, or its default.
 pub fn command_or<'a>(c: &'a Option<HostCommand>, default: &'a str) -> &'a str {
     c.as_ref().map_or(default, HostCommand::as_str)

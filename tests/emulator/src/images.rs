@@ -15,7 +15,7 @@
 //!   backslash makes either literal.
 //!
 //! A filter this emulator does not know is refused, so a test never passes on a filter that was
-//! silently ignored.
+//! silently ignored. `RunInstances` is checked against the images too ([`check_launch`]).
 
 use std::sync::Arc;
 
@@ -309,6 +309,80 @@ pub async fn describe_images(state: &Arc<State>, req: &Incoming) -> Result<Respo
         body,
     )
         .into_response())
+}
+
+/// What RunInstances checks of its image, as EC2 does and moto does not: that it exists
+/// (`InvalidAMIID.NotFound`), and that a volume given for its root device holds the root
+/// snapshot (`InvalidBlockDeviceMapping`). A launch from a template names no image here.
+pub async fn check_launch(state: &Arc<State>, req: &Incoming) -> Result<(), ApiError> {
+    let form = req.form();
+    let param = |key: &str| form.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+    let Some(id) = param("ImageId") else {
+        return Ok(());
+    };
+    let published = lock(&state.images)
+        .images
+        .iter()
+        .find(|(p, i)| *p == id && i.region == req.region)
+        .map(|(_, i)| (i.root_device_name.clone(), Some(i.root_size_gib)));
+    let (root, snapshot) = match published {
+        Some(found) => found,
+        None => {
+            let body: String = form_urlencoded::Serializer::new(String::new())
+                .extend_pairs([
+                    ("Action", "DescribeImages"),
+                    ("Version", "2016-11-15"),
+                    ("ImageId.1", id.as_str()),
+                ])
+                .finish();
+            let answer = state
+                .moto
+                .forward(&Incoming::internal(req, "ec2", "POST", "/", body.into()))
+                .await?;
+            let text = String::from_utf8_lossy(answer.body()).into_owned();
+            let doc = crate::moto::xml(&text)?;
+            let image = doc
+                .descendants()
+                .find(|n| n.has_tag_name("imagesSet"))
+                .and_then(|s| s.children().find(|n| n.has_tag_name("item")));
+            let Some(image) = image.filter(|_| answer.status().is_success()) else {
+                return Err(ApiError::bad_request(
+                    "InvalidAMIID.NotFound",
+                    format!("The image id '[{id}]' does not exist"),
+                ));
+            };
+            let root = crate::moto::child_text(image, "rootDeviceName").unwrap_or_default();
+            let size = image
+                .descendants()
+                .filter(|n| n.has_tag_name("item"))
+                .find(|m| crate::moto::child_text(*m, "deviceName").as_deref() == Some(&root))
+                .and_then(|m| m.descendants().find(|n| n.has_tag_name("volumeSize")))
+                .and_then(|n| n.text())
+                .and_then(|t| t.parse().ok());
+            (root, size)
+        }
+    };
+    let Some(snapshot) = snapshot else {
+        return Ok(());
+    };
+    for n in 1.. {
+        let Some(device) = param(&format!("BlockDeviceMapping.{n}.DeviceName")) else {
+            break;
+        };
+        let size: Option<i32> =
+            param(&format!("BlockDeviceMapping.{n}.Ebs.VolumeSize")).and_then(|s| s.parse().ok());
+        if device == root && size.is_some_and(|size| size < snapshot) {
+            return Err(ApiError::bad_request(
+                "InvalidBlockDeviceMapping",
+                format!(
+                    "Volume of size {}GB is smaller than  snapshot 'snap-{}', expect size >= {snapshot}GB",
+                    size.unwrap_or_default(),
+                    id.trim_start_matches("ami-")
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `Filter.N.Name` with its `Filter.N.Value.M`, each name one this emulator knows.

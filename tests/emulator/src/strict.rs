@@ -53,6 +53,9 @@
 //!   terraform-provider-aws (issue 15982) cannot find a rule written otherwise. Authorize and
 //!   revoke requests reach moto with their ranges so written; moto keeps what it was given.
 //!
+//! - `RunInstances` naming an image that does not exist fails with `InvalidAMIID.NotFound`, and
+//!   one mapping the image's root device to a volume smaller than its snapshot with
+//!   `InvalidBlockDeviceMapping` (`images.rs`); moto launches either.
 //! - `AssumeRole` of a role that does not exist, or whose trust policy does not admit the
 //!   caller (its `sts:ExternalId` condition included), is `AccessDenied`; moto hands out
 //!   credentials for any ARN (`assume.rs`).
@@ -234,6 +237,7 @@ pub async fn check(state: &Arc<State>, req: &Incoming) -> Result<(), ApiError> {
         }
         ("sts", "AssumeRole") => crate::assume::check(state, req).await?,
         ("ec2", "RunInstances") => {
+            crate::images::check_launch(state, req).await?;
             let form = req.form();
             let named = param(&form, "IamInstanceProfile.Name").or_else(|| {
                 param(&form, "IamInstanceProfile.Arn")
